@@ -1,0 +1,5 @@
+"""Continuity: an always-on continual-learning streaming trainer."""
+
+from continuity.errors import UsageError
+
+__all__ = ["UsageError"]

@@ -1,0 +1,57 @@
+"""The `continuity` command line: one entry point that dispatches to command modules.
+
+Each command module exposes `register(subparsers)`, adding its parsers and setting
+`handler=` on them. A handler takes the parsed arguments and returns an exit status.
+User errors (`UsageError`, and argparse's own) become one line on stderr and status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from continuity.errors import UsageError
+
+# Command modules, imported lazily so `continuity --help` does not pay for JAX.
+COMMAND_MODULES = (
+    "continuity.commands.bench",
+)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a single line and exit status 2.
+
+    argparse prints the usage block before the error; for scripts and humans alike the
+    error alone (which already names the argument and the valid choices) is clearer.
+    """
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = OneLineParser(prog="continuity", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UsageError as error:
+        print(f"continuity: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
