@@ -1,0 +1,228 @@
+"""The learner: one jitted continual-learning step over one PyTree state.
+
+`train_step(state, batch) -> (state, metrics)` does, in a single dispatch: sample a
+replay batch, compute the masked loss on fresh + replayed examples plus the EWC
+penalty, apply the Optax update (skipped when the loss or a gradient is non-finite),
+and insert the fresh examples into the replay buffer. Shapes are fixed (padding rows
+are masked), so nothing recompiles after the first call; the state is donated, so its
+buffers are reused in place.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import replay
+from learner import ewc
+from learner.config import LearnerConfig
+from learner.models import build_model
+from learner.state import Batch, LearnerState
+
+EVAL_BATCH = 512  # rows per evaluation dispatch; the last chunk is padded, never recompiled
+FISHER_CHUNK = 32
+
+
+class Evaluation(NamedTuple):
+    """Per-example results, host NumPy: paired tests compare two models row by row."""
+
+    correct: np.ndarray  # shape=(N,), bool
+    loss: np.ndarray  # shape=(N,), float32
+    predicted: np.ndarray  # shape=(N,), int32
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.mean()) if self.correct.size else float("nan")
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    total = jnp.sum(jnp.where(mask, values, 0.0))
+    return total / jnp.maximum(jnp.sum(mask), 1).astype(values.dtype)
+
+
+def _global_norm(tree) -> jax.Array:
+    return optax.global_norm(tree)
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def _make_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
+    if config.optimizer == "adam":
+        return optax.adam(config.learning_rate)
+    return optax.sgd(config.learning_rate)
+
+
+class Learner:
+    """Binds a `LearnerConfig` to a model definition, an optimizer and a replay policy.
+
+    It owns the compiled functions; the state it creates and updates is a plain PyTree.
+    Call `train_step` from one thread at a time: it donates (consumes) the state passed in.
+    """
+
+    def __init__(self, config: LearnerConfig, example_shape: tuple[int, ...], num_classes: int):
+        self.config = config
+        self.example_shape = tuple(example_shape)
+        self.num_classes = num_classes
+        graphdef, _ = nnx.split(build_model(config.model, self.example_shape, num_classes, seed=0))
+        self._graphdef = graphdef
+        self.optimizer = _make_optimizer(config)
+        self.replay = replay.make(config.replay.kind, config.replay.capacity) if config.replay.enabled else None
+        self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+        self._evaluate_chunk = jax.jit(self._evaluate_rows)
+        self._fisher = jax.jit(partial(ewc.fisher_diagonal, self.logits, chunk=FISHER_CHUNK))
+        self._consolidate = jax.jit(self._consolidate_state, donate_argnums=(0,))
+        self._consolidate_from_replay = jax.jit(self._consolidate_from_replay_state, donate_argnums=(0,))
+
+    # ---- state -------------------------------------------------------------------------
+
+    def init(self, seed: int) -> LearnerState:
+        """A fresh state: parameters from `seed`, empty replay, no consolidation yet."""
+        model = build_model(self.config.model, self.example_shape, self.num_classes, seed=seed)
+        params = nnx.to_pure_dict(nnx.state(model))
+        # Built under jit so every leaf is its own buffer: eager constructors may share one
+        # array between leaves (a zero counter, say), and donation refuses a buffer twice.
+        return jax.jit(self._fresh_state)(params, jax.random.PRNGKey(seed))
+
+    def _fresh_state(self, params, rng) -> LearnerState:
+        return LearnerState(
+            step=jnp.zeros((), jnp.int32),
+            rng=rng,
+            params=params,
+            opt_state=self.optimizer.init(params),
+            replay=self.replay.init(self.example_shape, self.num_classes) if self.replay else None,
+            ewc=ewc.init(params, self.config.ewc.strength if self.config.ewc.enabled else 0.0),
+            skipped_updates=jnp.zeros((), jnp.int32),
+        )
+
+    def logits(self, params, x: jax.Array) -> jax.Array:
+        return nnx.merge(self._graphdef, params)(x)
+
+    # ---- the step ----------------------------------------------------------------------
+
+    def _train_step(self, state: LearnerState, batch: Batch) -> tuple[LearnerState, dict]:
+        config = self.config
+        key = jax.random.fold_in(state.rng, state.step)
+        sample_key, insert_key = jax.random.split(key)
+        mask = batch.mask.astype(bool)
+        # Padding rows may hold anything; zero them so a NaN there cannot reach a gradient.
+        x = jnp.where(mask.reshape(-1, *([1] * (batch.x.ndim - 1))), batch.x, 0.0)
+        y = jnp.where(mask, batch.y, 0)
+        fresh_rows = x.shape[0]
+        if self.replay is not None:
+            replay_x, replay_y, replay_valid = self.replay.sample(state.replay, sample_key, config.replay.batch_size)
+            x_all = jnp.concatenate([x, replay_x.astype(x.dtype)])
+            y_all = jnp.concatenate([y, replay_y])
+        else:
+            x_all, y_all = x, y
+
+        def loss_fn(params):
+            logits = self.logits(params, x_all)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, y_all)
+            fresh_loss = _masked_mean(losses[:fresh_rows], mask)
+            replay_loss = (
+                _masked_mean(losses[fresh_rows:], replay_valid) if self.replay is not None else jnp.zeros(())
+            )
+            penalty = ewc.penalty(params, state.ewc) if config.ewc.enabled else jnp.zeros(())
+            correct = jnp.sum(jnp.where(mask, jnp.argmax(logits[:fresh_rows], -1) == y, False))
+            return fresh_loss + replay_loss + penalty, (fresh_loss, replay_loss, penalty, correct)
+
+        (loss, (fresh_loss, replay_loss, penalty, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A non-finite step changes nothing but the counters: not the model, not the buffer.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        params = keep(params, state.params)
+        opt_state = keep(opt_state, state.opt_state)
+        replay_state = (
+            self.replay.add(state.replay, x, y, mask & finite, insert_key) if self.replay is not None else None
+        )
+        valid = jnp.sum(mask)
+        metrics = {
+            "loss": loss,
+            "fresh_loss": fresh_loss,
+            "replay_loss": replay_loss,
+            "ewc_penalty": penalty,
+            "grad_norm": _global_norm(grads),
+            "param_norm": _global_norm(params),
+            "examples": valid,
+            "correct": correct,
+            "finite": finite,
+        }
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            replay=replay_state,
+            skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),
+        )
+        return new_state, metrics
+
+    # ---- evaluation --------------------------------------------------------------------
+
+    def _evaluate_rows(self, params, x, y):
+        logits = self.logits(params, x)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        predicted = jnp.argmax(logits, -1).astype(jnp.int32)
+        return predicted == y, loss, predicted
+
+    def evaluate(self, params, x: np.ndarray, y: np.ndarray) -> Evaluation:
+        """Per-example correctness, loss and prediction of `params` on (x, y), in fixed-size chunks."""
+        n = len(x)
+        outputs = []
+        for start in range(0, n, EVAL_BATCH):
+            xc, yc = _pad_rows(x[start:start + EVAL_BATCH], EVAL_BATCH), _pad_rows(y[start:start + EVAL_BATCH], EVAL_BATCH)
+            outputs.append(self._evaluate_chunk(params, xc, yc))
+        if not outputs:
+            return Evaluation(np.zeros(0, bool), np.zeros(0, np.float32), np.zeros(0, np.int32))
+        correct, loss, predicted = (np.concatenate([np.asarray(o[i]) for o in outputs])[:n] for i in range(3))
+        return Evaluation(correct, loss, predicted)
+
+    # ---- consolidation (online EWC) -----------------------------------------------------
+
+    def _consolidate_state(self, state: LearnerState, x, y, mask) -> LearnerState:
+        fisher = ewc.fisher_diagonal(self.logits, state.params, x, y, mask, chunk=FISHER_CHUNK)
+        return state.replace(ewc=ewc.consolidate(state.ewc, state.params, fisher, self.config.ewc.gamma))
+
+    def _consolidate_from_replay_state(self, state: LearnerState) -> LearnerState:
+        n = _round_up(self.config.ewc.fisher_samples, FISHER_CHUNK)
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x46495348)  # "FISH"
+        x, y, valid = self.replay.sample(state.replay, key, n)
+        return self._consolidate_state(state, x, y, valid)
+
+    def consolidate(self, state: LearnerState, x: np.ndarray | None = None, y: np.ndarray | None = None) -> LearnerState:
+        """Anchor EWC at the current params and fold a fresh Fisher into the running one.
+
+        The Fisher comes from (x, y) when given (up to `ewc.fisher_samples` rows), else from
+        that many replay samples. Consumes `state`.
+        """
+        if x is None:
+            if self.replay is None:
+                raise ValueError("consolidate needs examples (x, y) when replay is off.")
+            return self._consolidate_from_replay(state)
+        n = _round_up(self.config.ewc.fisher_samples, FISHER_CHUNK)
+        x, y = np.asarray(x)[:n], np.asarray(y)[:n]
+        mask = np.arange(n) < len(x)
+        return self._consolidate(state, _pad_rows(x, n), _pad_rows(y, n), mask)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return multiple * math.ceil(n / multiple)
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    a = np.asarray(a)
+    if len(a) == rows:
+        return a
+    return np.concatenate([a, np.zeros((rows - len(a), *a.shape[1:]), a.dtype)])

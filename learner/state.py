@@ -1,0 +1,35 @@
+"""The learner's whole state as one PyTree, and the batch the train step consumes."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import optax
+from flax import struct
+
+from learner.ewc import EWCState
+
+
+class Batch(NamedTuple):
+    """A fixed-shape micro-batch; rows whose `mask` is False are padding and have no effect."""
+
+    x: jax.Array  # shape=(B, *example_shape), float32
+    y: jax.Array  # shape=(B,), int32
+    mask: jax.Array  # shape=(B,), bool
+
+
+class LearnerState(struct.PyTreeNode):
+    """Everything that changes while learning, saved and restored whole.
+
+    Static parts (model graph, optimizer, replay policy) live in `Learner`, so this tree
+    holds arrays only: a checkpoint of it is complete, and jit donation reuses its buffers.
+    """
+
+    step: jax.Array  # shape=(), int32: train steps dispatched; randomness is fold_in(rng, step)
+    rng: jax.Array  # shape=(2,), uint32: the run's base key
+    params: dict  # nested dict of float32 arrays (nnx.to_pure_dict of the model)
+    opt_state: optax.OptState
+    replay: object  # replay.ReplayState, or None when replay is off
+    ewc: EWCState
+    skipped_updates: jax.Array  # shape=(), int32: steps whose loss or gradient was non-finite

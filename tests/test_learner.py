@@ -1,0 +1,160 @@
+"""The continual train step: deterministic, never retraced, masked rows inert, non-finite steps skipped."""
+
+import jax
+import numpy as np
+import pytest
+
+from learner import (
+    Batch,
+    EWCConfig,
+    Learner,
+    LearnerConfig,
+    ModelConfig,
+    ReplayConfig,
+    compilation_count,
+)
+
+SHAPE, CLASSES, B = (4, 4, 1), 5, 8
+
+
+def _learner(replay_kind="reservoir", model="mlp"):
+    config = LearnerConfig(
+        model=ModelConfig(kind=model, hidden=(16,), channels=(4,), dense=8),
+        batch_size=B,
+        replay=ReplayConfig(kind=replay_kind, capacity=24, batch_size=6),
+        ewc=EWCConfig(enabled=True, strength=10.0, fisher_samples=32),
+    )
+    return Learner(config, SHAPE, CLASSES)
+
+
+def _batches(n, seed=0, valid=None):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        rows = B if valid is None else valid(i)
+        yield Batch(rng.random((B, *SHAPE), dtype=np.float32), rng.integers(0, CLASSES, B).astype(np.int32),
+                    np.arange(B) < rows)
+
+
+def _run(learner, batches, consolidate_at=None):
+    state = learner.init(7)
+    for i, batch in enumerate(batches):
+        state, metrics = learner.train_step(state, batch)
+        if i == consolidate_at:
+            state = learner.consolidate(state)
+    return state, metrics
+
+
+def _leaves(tree):
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_train_step_is_deterministic_to_the_bit(model):
+    first, _ = _run(_learner(model=model), _batches(30), consolidate_at=10)
+    second, _ = _run(_learner(model=model), _batches(30), consolidate_at=10)
+    for a, b in zip(_leaves(first), _leaves(second)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_no_retrace_over_100_steps_with_varying_valid_rows():
+    learner = _learner()
+    state = learner.init(0)
+    state, _ = learner.train_step(state, next(_batches(1)))  # warm-up compiles once
+    before = compilation_count()
+    for batch in _batches(100, seed=1, valid=lambda i: i % (B + 1)):  # 0..B valid rows
+        state, metrics = learner.train_step(state, batch)
+    jax.block_until_ready(state)
+    assert compilation_count() == before
+    assert learner.train_step._cache_size() == 1
+    assert int(state.step) == 101
+
+
+def test_padding_rows_have_no_effect_whatever_they_hold():
+    learner = _learner()
+    clean = next(_batches(1, valid=lambda i: 5))
+    garbage_x = clean.x.copy()
+    garbage_x[5:] = np.nan  # padding can hold anything, NaN included
+    garbage = Batch(garbage_x, np.where(clean.mask, clean.y, 99).astype(np.int32), clean.mask)
+    a, metrics_a = learner.train_step(learner.init(3), clean)
+    b, metrics_b = learner.train_step(learner.init(3), garbage)
+    assert bool(metrics_b["finite"])
+    for x, y in zip(_leaves(a), _leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    assert int(a.replay.size) == 5  # only valid rows enter the buffer
+
+
+def test_non_finite_step_changes_nothing_but_the_counter():
+    learner = _learner()
+    state, _ = _run(learner, _batches(3))
+    params = _leaves(state.params)
+    opt_state = _leaves(state.opt_state)
+    replay_size = int(state.replay.size)
+    poisoned = next(_batches(1, seed=9))
+    poisoned.x[2] = np.inf
+    state, metrics = learner.train_step(state, poisoned)
+    assert not bool(metrics["finite"])
+    assert int(state.skipped_updates) == 1
+    for before, after in zip(params + opt_state, _leaves(state.params) + _leaves(state.opt_state)):
+        np.testing.assert_array_equal(before, after)
+    assert int(state.replay.size) == replay_size
+
+
+def test_replay_is_mixed_in_and_filled_from_fresh_examples():
+    learner = _learner()
+    state, metrics = _run(learner, _batches(5))
+    assert int(state.replay.size) == 24  # 40 fresh examples offered to a 24-slot buffer
+    assert float(metrics["replay_loss"]) > 0  # replayed rows contribute to the loss
+
+
+def test_ewc_penalty_is_live_after_consolidation():
+    learner = _learner()
+    state, _ = _run(learner, _batches(4), consolidate_at=1)
+    state, metrics = learner.train_step(state, next(_batches(1, seed=5)))
+    assert float(metrics["ewc_penalty"]) > 0
+
+
+def test_evaluate_in_chunks_equals_one_big_forward_pass():
+    learner = _learner()
+    params = learner.init(0).params
+    rng = np.random.default_rng(0)
+    x = rng.random((1100, *SHAPE), dtype=np.float32)  # spans three evaluation chunks
+    y = rng.integers(0, CLASSES, 1100).astype(np.int32)
+    evaluation = learner.evaluate(params, x, y)
+    predicted = np.asarray(learner.logits(params, x)).argmax(-1)
+    np.testing.assert_array_equal(evaluation.predicted, predicted)
+    np.testing.assert_array_equal(evaluation.correct, predicted == y)
+    assert evaluation.loss.shape == (1100,)
+
+
+def test_learning_reduces_the_loss():
+    learner = Learner(LearnerConfig(model=ModelConfig(hidden=(16,)), learning_rate=1e-2, batch_size=B), SHAPE, CLASSES)
+    batch = next(_batches(1))
+    state = learner.init(0)
+    state, first = learner.train_step(state, batch)
+    for _ in range(50):
+        state, last = learner.train_step(state, batch)
+    assert float(last["fresh_loss"]) < 0.5 * float(first["fresh_loss"])
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: ModelConfig(kind="transformer"), "`model.kind` must be one of 'mlp', 'cnn'. Got 'transformer'."),
+        (lambda: ModelConfig(hidden=(0,)), "`model.hidden`"),
+        (lambda: LearnerConfig(optimizer="lbfgs"), "`learner.optimizer` must be one of"),
+        (lambda: LearnerConfig(learning_rate=0), "`learner.learning_rate` must be > 0"),
+        (lambda: ReplayConfig(kind="lru"), "`replay.kind` must be one of 'reservoir', 'class_balanced', 'fifo'"),
+        (lambda: EWCConfig(strength=5.0, strength_min=10.0), "strength_min <= strength"),
+        (lambda: EWCConfig(gamma=1.5), "`ewc.gamma` must be in [0, 1]"),
+    ],
+)
+def test_bad_config_names_the_field(build, message):
+    with pytest.raises(ValueError) as error:
+        build()
+    assert message in str(error.value)
+
+
+def test_cnn_needs_image_shaped_examples():
+    config = LearnerConfig(model=ModelConfig(kind="cnn"))
+    with pytest.raises(ValueError, match="image-shaped"):
+        Learner(config, (64,), 10)
