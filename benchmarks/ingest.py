@@ -1,0 +1,185 @@
+"""Ingest throughput: a bare kafka-python poll loop vs KafkaSource + decode + batch, same topic.
+
+Three topics on one broker (the embedded Tansu unless `bootstrap` is given), each read
+to the end by both readers, `repeats` times, in one process; the median is reported:
+- `binary_single`: one 8x8x1 float32 example per binary record (records/s);
+- `binary_batched`: `examples_per_record` examples per binary record (examples/s);
+- `json`: one example per JSON record (records/s).
+Targets: binary single >= 0.8 x the bare loop; batched examples/s >= 10 x the
+single-example rate.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+
+import numpy as np
+
+SHAPE = (8, 8, 1)
+NUM_CLASSES = 10
+
+
+def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    from stream.kafka import create_topic, produce_records
+
+    create_topic(bootstrap, topic, 1)
+    produce_records(bootstrap, topic, ((None, v) for v in values))
+
+
+def _bare_loop(bootstrap: str, topic: str, expected: int, max_poll_records: int) -> float:
+    """Seconds for a plain KafkaConsumer to poll `expected` records from offset 0."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from stream.kafka import KafkaSettings  # same fetch sizes as the pipeline
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
+                             max_poll_records=max_poll_records, fetch_max_wait_ms=200,
+                             max_partition_fetch_bytes=KafkaSettings.max_partition_fetch_bytes)
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek(tp, 0)
+    seen = 0
+    started = time.perf_counter()
+    while seen < expected:
+        for messages in consumer.poll(timeout_ms=500).values():
+            seen += len(messages)
+    elapsed = time.perf_counter() - started
+    consumer.close(autocommit=False)
+    return elapsed
+
+
+def _pipeline(bootstrap: str, topic: str, codec_name: str, expected_examples: int, batch_size: int,
+              max_poll_records: int) -> float:
+    """Seconds for KafkaSource + Ingest (decode thread) + Batcher to deliver `expected_examples`."""
+    from stream.batcher import Batcher
+    from stream.codecs import FeatureSpec, make_codec
+    from stream.ingest import Ingest
+    from stream.kafka import KafkaSettings, KafkaSource
+    from stream.records import Positions
+
+    spec = FeatureSpec(SHAPE, "float32", NUM_CLASSES)
+    settings = KafkaSettings(bootstrap, (topic,), partitions=(0,), max_poll_records=max_poll_records)
+    source = KafkaSource(settings, start=Positions({(topic, 0): 0}))
+    ingest = Ingest(source, make_codec(codec_name, spec))
+    batcher = Batcher(spec, batch_size, ownership=source.ownership)
+    source.open()  # connection set-up is outside the timing, as for the bare loop
+    delivered = 0
+    started = time.perf_counter()
+    with ingest:
+        while delivered < expected_examples:
+            # The last, partial batch is flushed (padded) as soon as its examples are in.
+            batch = batcher.next_batch(flush=delivered + len(batcher) >= expected_examples)
+            if batch is not None:
+                delivered += batch.size
+                continue
+            block = ingest.get(timeout_s=1.0)
+            if block is not None:
+                batcher.add(block)
+        elapsed = time.perf_counter() - started
+    if ingest.stats.dead_letters:
+        raise RuntimeError(f"benchmark records were dead-lettered: {ingest.stats.dead_letters}")
+    return elapsed
+
+
+def run_ingest_benchmark(
+    *,
+    records: int = 50_000,
+    batched_records: int = 400,
+    examples_per_record: int = 256,
+    batch_size: int = 64,
+    repeats: int = 3,
+    max_poll_records: int = 2000,
+    bootstrap: str | None = None,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Measure and return the result dict (see the module docstring)."""
+    from stream.broker import EmbeddedBroker
+    from stream.codecs import encode_binary, encode_json
+
+    say = progress or (lambda message: None)
+    rng = np.random.default_rng(seed)
+    x = rng.random((records, *SHAPE), dtype=np.float32)
+    y = rng.integers(0, NUM_CLASSES, records).astype(np.int32)
+    xb = rng.random((examples_per_record, *SHAPE), dtype=np.float32)
+    yb = rng.integers(0, NUM_CLASSES, examples_per_record).astype(np.int32)
+    run_id = uuid.uuid4().hex[:8]
+    cases = {
+        "binary_single": ("binary", [encode_binary(x[i], y[i]) for i in range(records)], 1),
+        "binary_batched": ("binary", [encode_binary(xb, yb)] * batched_records, examples_per_record),
+        "json": ("json", [encode_json(x[i], int(y[i])) for i in range(records)], 1),
+    }
+    broker = None
+    if bootstrap is None:
+        broker = EmbeddedBroker().start()
+        bootstrap = broker.bootstrap
+    result: dict = {
+        "benchmark": "ingest",
+        "config": {"records": records, "batched_records": batched_records, "examples_per_record": examples_per_record,
+                   "batch_size": batch_size, "repeats": repeats, "max_poll_records": max_poll_records,
+                   "feature_shape": list(SHAPE), "broker": "embedded tansu" if broker else bootstrap},
+        "machine": {"python": platform.python_version(), "processor": platform.machine()},
+        "cases": {},
+    }
+    try:
+        for name, (codec, values, per_record) in cases.items():
+            topic = f"bench-{name}-{run_id}"
+            say(f"{name}: producing {len(values)} records to {topic}")
+            _produce(bootstrap, topic, values)
+            n = len(values)
+            bare, piped = [], []
+            for r in range(repeats):
+                bare.append(_bare_loop(bootstrap, topic, n, max_poll_records))
+                piped.append(_pipeline(bootstrap, topic, codec, n * per_record, batch_size, max_poll_records))
+                say(f"{name}: repeat {r + 1}/{repeats}: bare {n / bare[-1]:,.0f} records/s, "
+                    f"pipeline {n / piped[-1]:,.0f} records/s ({n * per_record / piped[-1]:,.0f} examples/s)")
+            bare_s, piped_s = statistics.median(bare), statistics.median(piped)
+            result["cases"][name] = {
+                "codec": codec,
+                "records": n,
+                "examples_per_record": per_record,
+                "record_bytes": len(values[0]),
+                "bare_records_per_s": n / bare_s,
+                "pipeline_records_per_s": n / piped_s,
+                "pipeline_examples_per_s": n * per_record / piped_s,
+                "ratio_to_bare": bare_s / piped_s,
+                "bare_seconds": bare,
+                "pipeline_seconds": piped,
+            }
+    finally:
+        if broker is not None:
+            broker.stop()
+    cases_out = result["cases"]
+    single = cases_out["binary_single"]
+    batched = cases_out["binary_batched"]
+    result["targets"] = {
+        "binary_single_ratio_to_bare": {"value": single["ratio_to_bare"], "target": 0.8,
+                                        "met": single["ratio_to_bare"] >= 0.8},
+        "batched_examples_vs_single": {
+            "value": batched["pipeline_examples_per_s"] / single["pipeline_examples_per_s"],
+            "target": 10.0,
+            "met": batched["pipeline_examples_per_s"] >= 10 * single["pipeline_examples_per_s"],
+        },
+    }
+    return result
+
+
+def format_result(result: dict) -> str:
+    lines = ["case            bare rec/s   pipeline rec/s   pipeline ex/s   x bare"]
+    for name, case in result["cases"].items():
+        lines.append(f"{name:<15} {case['bare_records_per_s']:>10,.0f}   {case['pipeline_records_per_s']:>14,.0f}   "
+                     f"{case['pipeline_examples_per_s']:>13,.0f}   {case['ratio_to_bare']:>6.2f}")
+    for name, target in result.get("targets", {}).items():
+        lines.append(f"target {name}: {target['value']:.2f} (>= {target['target']}) {'met' if target['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    out = run_ingest_benchmark(progress=lambda m: print(m, file=sys.stderr))
+    print(format_result(out))

@@ -1,0 +1,205 @@
+"""`continuity broker | produce | record` and `continuity bench ingest`: Kafka ingestion commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from continuity.errors import UsageError
+
+
+def register(subparsers) -> None:
+    broker = subparsers.add_parser("broker", help="run the embedded Kafka-compatible broker (Tansu) in the foreground")
+    broker.add_argument("--port", type=_port, default=9092, help="loopback port to listen on (default 9092)")
+    broker.add_argument("--host", default="127.0.0.1", help="address to listen on and advertise (default 127.0.0.1)")
+    broker.set_defaults(handler=run_broker)
+
+    produce = subparsers.add_parser("produce", help="write a synthetic scenario's stream to a Kafka topic")
+    produce.add_argument("--bootstrap", required=True, metavar="HOST:PORT")
+    produce.add_argument("--topic", required=True)
+    produce.add_argument("--scenario", required=True, metavar="NAME")
+    produce.add_argument("--codec", choices=("json", "binary"), default="binary", help="wire format (default binary)")
+    produce.add_argument("--rate", type=_positive_float, default=None, metavar="N/s",
+                         help="records per second (default: as fast as possible); '200/s' or '200'")
+    produce.add_argument("--poison", default=None, metavar="SEGMENT", help="poison this segment (corrupted labels)")
+    produce.add_argument("--seed", type=int, default=0)
+    produce.add_argument("--partitions", type=_positive_int, default=1, help="partitions when creating the topic (default 1)")
+    produce.add_argument("--examples-per-record", type=_positive_int, default=1,
+                         help="examples per record; > 1 needs --codec binary (default 1)")
+    produce.set_defaults(handler=run_produce)
+
+    record = subparsers.add_parser("record", help="record a topic's raw records to a Parquet file")
+    record.add_argument("--bootstrap", required=True, metavar="HOST:PORT")
+    record.add_argument("--topic", required=True)
+    record.add_argument("--out", required=True, type=Path, metavar="FILE")
+    record.add_argument("--from-beginning", action="store_true", help="start at the earliest offset (default: newest)")
+    stop = record.add_mutually_exclusive_group()
+    stop.add_argument("--until-end", action="store_true", help="stop at the end offsets seen at start")
+    stop.add_argument("--max-records", type=_positive_int, default=None, metavar="N")
+    record.set_defaults(handler=run_record)
+
+
+def add_ingest_parser(bench_subparsers) -> argparse.ArgumentParser:
+    """Adds `ingest` to the `continuity bench` group (called by continuity.commands.bench)."""
+    parser = bench_subparsers.add_parser(
+        "ingest", help="records/s: bare kafka-python poll loop vs KafkaSource + decode + batch"
+    )
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the result here")
+    parser.add_argument("--records", type=_positive_int, default=50_000, help="single-example records per topic")
+    parser.add_argument("--batched-records", type=_positive_int, default=400, help="batched records per topic")
+    parser.add_argument("--examples-per-record", type=_positive_int, default=256)
+    parser.add_argument("--batch-size", type=_positive_int, default=64)
+    parser.add_argument("--repeats", type=_positive_int, default=3)
+    parser.add_argument("--bootstrap", default=None, metavar="HOST:PORT",
+                        help="an existing broker (default: start the embedded one)")
+    parser.set_defaults(handler=run_bench_ingest)
+    return parser
+
+
+# ---------------------------------------------------------------------------- argument types
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    raw = text[:-2] if text.endswith("/s") else text
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rate like 200 or 200/s, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive rate, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value}")
+    return value
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- handlers
+
+
+def run_broker(args) -> int:
+    from stream.broker import BrokerError, EmbeddedBroker, answers_metadata
+
+    if answers_metadata(args.host, args.port, timeout_s=0.3):
+        raise UsageError(f"something already answers Kafka requests on {args.host}:{args.port}; choose another --port")
+    try:
+        with EmbeddedBroker(args.port, host=args.host, quiet=False) as broker:
+            print(f"broker listening on {broker.bootstrap} (memory storage; Ctrl-C stops it)", flush=True)
+            return broker.wait()
+    except BrokerError as error:
+        raise UsageError(str(error)) from None
+    except KeyboardInterrupt:
+        return 0
+
+
+def _poison_arg(text: str | None):
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def run_produce(args) -> int:
+    from stream.codecs import CodecError, FeatureSpec, make_codec
+    from stream.kafka import create_topic, produce_records
+    from stream.sources import ScenarioSource, SourceError
+
+    from kafka.errors import KafkaError
+
+    try:
+        from stream.scenarios import make_scenario
+
+        scenario = make_scenario(args.scenario, seed=args.seed, poison=_poison_arg(args.poison))
+        spec = FeatureSpec(tuple(scenario.example_shape), "float32", int(scenario.num_classes))
+        source = ScenarioSource(scenario, make_codec(args.codec, spec), topic=args.topic,
+                                examples_per_record=args.examples_per_record)
+    except (ValueError, KeyError, SourceError, CodecError) as error:
+        raise UsageError(str(error).strip("'\"")) from None
+    try:
+        created = create_topic(args.bootstrap, args.topic, args.partitions)
+    except KafkaError as error:
+        raise UsageError(f"cannot reach Kafka at {args.bootstrap} ({type(error).__name__}); is the broker running?") from None
+    total = len(source)
+    _err(f"{'created' if created else 'using existing'} topic {args.topic!r}; "
+         f"producing {total} {args.codec} records of scenario {scenario.name!r} "
+         f"({len(scenario.segments)} segments)")
+
+    def progress(sent: int) -> None:
+        _err(f"  {sent}/{total} records")
+
+    records = (source.encode_record(i) for i in range(total))
+    try:
+        sent = produce_records(args.bootstrap, args.topic, records, rate=args.rate, progress=progress,
+                               progress_every=max(1000, total // 10))
+    except KafkaError as error:
+        raise UsageError(f"producing to {args.bootstrap} failed ({type(error).__name__}: {error})") from None
+    print(json.dumps({"topic": args.topic, "records": sent, "codec": args.codec, "scenario": scenario.name,
+                      "segments": [s.name for s in scenario.segments]}))
+    return 0
+
+
+def run_record(args) -> int:
+    from stream.kafka import KafkaSettings, KafkaSourceError
+    from stream.recording import record_topic
+
+    from kafka.errors import KafkaError
+
+    if not args.until_end and args.max_records is None:
+        _err("recording until Ctrl-C (use --until-end or --max-records N to stop by itself)")
+    try:
+        settings = KafkaSettings(args.bootstrap, (args.topic,))
+        written = record_topic(
+            settings,
+            args.out,
+            from_beginning=args.from_beginning,
+            until_end=args.until_end,
+            max_records=args.max_records,
+            progress=None,
+        )
+    except KafkaSourceError as error:
+        raise UsageError(str(error)) from None
+    except KafkaError as error:
+        raise UsageError(f"cannot read {args.topic!r} from {args.bootstrap} ({type(error).__name__}: {error})") from None
+    print(json.dumps({"out": str(args.out), "records": written}))
+    return 0
+
+
+def run_bench_ingest(args) -> int:
+    from benchmarks.ingest import format_result, run_ingest_benchmark
+
+    result = run_ingest_benchmark(
+        records=args.records,
+        batched_records=args.batched_records,
+        examples_per_record=args.examples_per_record,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        bootstrap=args.bootstrap,
+        progress=_err,
+    )
+    print(format_result(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,492 @@
+"""Wire formats for examples (`json`, `binary`) and their validated, vectorised decoding.
+
+`json`: one example per record, UTF-8 JSON object
+    {"x": [...], "y": 3, "segment": "optional", "key": "optional"}
+`x` is a nested list of the configured feature shape (or a flat list of its size);
+`y` an integer class in [0, num_classes) (or a finite number when the spec is
+regression). `segment` and `key` are optional strings; `key` overrides the Kafka key.
+
+`binary` (version 1): one example or a batch of examples per record, all little-endian:
+
+    offset  size      field
+    0       4         magic b"CTNY"
+    4       1         version, uint8 = 1
+    5       1         x dtype code, uint8: 1 float32, 2 float16, 3 float64, 4 uint8
+    6       1         label code, uint8: 1 int32 class ids, 2 float32 regression targets
+    7       1         ndim, uint8 (0..8): rank of ONE example's features
+    8       2         flags, uint16: bit 0 segment present, bit 1 key present; others 0
+    10      2         reserved, uint16 = 0
+    12      4         count, uint32 >= 1: examples in this record
+    16      4*ndim    shape, uint32 each (one example's feature shape)
+    ...     2+S       if flags bit 0: segment length S (uint16) + S bytes UTF-8
+    ...     2+K       if flags bit 1: key length K (uint16) + K bytes (overrides the Kafka key)
+    ...     count*prod(shape)*itemsize   x, C order
+    ...     count*4   y, int32 or float32 (one label per example)
+
+The record's length must equal the header plus payload exactly. uint8 features are
+converted to float32 as they are (no scaling). A batched record shares one segment and
+key across its examples.
+
+Decoding validates every record against the configured `FeatureSpec` (shape, wire dtype,
+number of classes or regression) and rejects, as a `DeadLetter` with a one-line reason,
+records that are empty, malformed, of another shape or dtype, non-finite, or whose label
+is out of range. A batched record with one bad example is rejected whole. Binary decoding
+groups records by header layout and decodes each group with `np.frombuffer`, so the
+per-example work is NumPy only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from stream.deadletters import DeadLetter
+from stream.examples import ExampleBlock
+from stream.records import PartitionRecords
+
+MAGIC = b"CTNY"
+VERSION = 1
+_HEADER = struct.Struct("<4sBBBBHHI")  # magic, version, dtype, label, ndim, flags, reserved, count
+_FLAG_SEGMENT = 1
+_FLAG_KEY = 2
+_MAX_NDIM = 8
+
+DTYPE_CODES = {1: "float32", 2: "float16", 3: "float64", 4: "uint8"}
+_DTYPE_TO_CODE = {name: code for code, name in DTYPE_CODES.items()}
+_WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in _DTYPE_TO_CODE}
+LABEL_CLASS, LABEL_REGRESSION = 1, 2
+
+CODECS = ("json", "binary")
+
+
+class CodecError(ValueError):
+    """A codec was configured or asked to encode something invalid."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a valid example looks like: feature shape, wire dtype, classes (None: regression)."""
+
+    shape: tuple = (8, 8, 1)
+    dtype: str = "float32"
+    num_classes: int | None = 10
+
+    def __post_init__(self):
+        shape = tuple(int(d) for d in self.shape)
+        if len(shape) > _MAX_NDIM or any(d <= 0 for d in shape):
+            raise CodecError(f"`shape` must have at most {_MAX_NDIM} positive dimensions. Got {self.shape!r}")
+        object.__setattr__(self, "shape", shape)
+        if self.dtype not in _DTYPE_TO_CODE:
+            raise CodecError(f"`dtype` must be one of {sorted(_DTYPE_TO_CODE)}. Got {self.dtype!r}")
+        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
+            raise CodecError(f"`num_classes` must be a positive integer or None (regression). Got {self.num_classes!r}")
+
+    @property
+    def regression(self) -> bool:
+        return self.num_classes is None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def label_dtype(self) -> np.dtype:
+        return np.dtype(np.float32) if self.regression else np.dtype(np.int32)
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def encode_binary(
+    x,
+    y,
+    *,
+    dtype: str = "float32",
+    segment: str | None = None,
+    key: bytes | str | None = None,
+) -> bytes:
+    """One record in the binary format.
+
+    A scalar `y` makes a single-example record (x has one example's shape); a 1-D `y` of
+    length n makes a batched record (x has shape (n, *example_shape)). Integer labels are
+    written as class ids, floating labels as regression targets.
+    """
+    if dtype not in _DTYPE_TO_CODE:
+        raise CodecError(f"`dtype` must be one of {sorted(_DTYPE_TO_CODE)}. Got {dtype!r}")
+    y = np.asarray(y)
+    x = np.asarray(x)
+    if y.ndim == 0:
+        count, shape = 1, x.shape
+    elif y.ndim == 1:
+        count, shape = y.shape[0], x.shape[1:]
+        if x.shape[0] != count:
+            raise CodecError(f"x has {x.shape[0]} examples but y has {count}")
+    else:
+        raise CodecError(f"y must be a scalar or 1-D. Got shape {y.shape}")
+    if count < 1:
+        raise CodecError("a record must carry at least one example")
+    if len(shape) > _MAX_NDIM:
+        raise CodecError(f"features may have at most {_MAX_NDIM} dimensions. Got {len(shape)}")
+    label_code = LABEL_CLASS if y.dtype.kind in "iub" else LABEL_REGRESSION
+    flags = 0
+    extra = b""
+    if segment is not None:
+        raw = segment.encode("utf-8")
+        flags |= _FLAG_SEGMENT
+        extra += struct.pack("<H", len(raw)) + raw
+    if key is not None:
+        raw = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+        flags |= _FLAG_KEY
+        extra += struct.pack("<H", len(raw)) + raw
+    header = _HEADER.pack(MAGIC, VERSION, _DTYPE_TO_CODE[dtype], label_code, len(shape), flags, 0, count)
+    header += struct.pack(f"<{len(shape)}I", *shape) + extra
+    xs = np.ascontiguousarray(x, dtype=_WIRE_DTYPES[dtype]).tobytes()
+    ys = np.ascontiguousarray(y, dtype="<i4" if label_code == LABEL_CLASS else "<f4").tobytes()
+    return header + xs + ys
+
+
+def encode_json(x, y, *, segment: str | None = None, key: str | None = None) -> bytes:
+    """One record in the JSON format (x as a nested list of its shape)."""
+    y = np.asarray(y)
+    doc = {"x": np.asarray(x).tolist(), "y": y.item()}
+    if segment is not None:
+        doc["segment"] = segment
+    if key is not None:
+        doc["key"] = key
+    return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+class _Reject(Exception):
+    pass
+
+
+def _empty_block(records: PartitionRecords, spec: FeatureSpec) -> ExampleBlock:
+    return ExampleBlock(
+        records.topic,
+        records.partition,
+        np.zeros((0, *spec.shape), np.float32),
+        np.zeros((0,), spec.label_dtype),
+        np.zeros((0,), np.int32),
+        np.zeros((0,), np.int32),
+        np.zeros((0,), np.int64),
+        np.zeros((0,), np.int32),
+        [],
+        [],
+    )
+
+
+def _apply_skip(block: ExampleBlock, records: PartitionRecords) -> ExampleBlock:
+    """Drop the first `skip_first` examples of record 0 (already delivered before a restart)."""
+    if not records.skip_first or len(block) == 0 or len(block.offsets) == 0:
+        return block
+    if block.offsets[0] != records.offsets[0]:
+        return block
+    first = block.record == 0
+    drop = int(np.count_nonzero(first & (block.index < records.skip_first)))
+    return block.slice(drop, len(block))
+
+
+class Codec:
+    """Decodes a partition's records into an ExampleBlock plus dead letters."""
+
+    name = ""
+
+    def __init__(self, spec: FeatureSpec):
+        self.spec = spec
+
+    def decode(self, records: PartitionRecords) -> tuple[ExampleBlock, list[DeadLetter]]:
+        raise NotImplementedError
+
+    def encode(self, x, y, *, segment: str | None = None, key: str | None = None) -> bytes:
+        raise NotImplementedError
+
+
+class JsonCodec(Codec):
+    """The `json` codec (one example per record; per-record Python, not the fast path)."""
+
+    name = "json"
+    _FIELDS = frozenset({"x", "y", "segment", "key"})
+
+    def encode(self, x, y, *, segment=None, key=None) -> bytes:
+        return encode_json(x, y, segment=segment, key=key)
+
+    def _decode_one(self, value, kafka_key):
+        spec = self.spec
+        if not value:
+            raise _Reject("empty value")
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise _Reject(f"bad bytes: not UTF-8 ({error.reason})") from None
+        try:
+            doc = json.loads(text)
+        except ValueError as error:
+            raise _Reject(f"bad JSON: {error}") from None
+        if not isinstance(doc, dict):
+            raise _Reject(f"bad JSON: expected an object, got {type(doc).__name__}")
+        missing = {"x", "y"} - doc.keys()
+        if missing:
+            raise _Reject(f"bad JSON: missing field(s) {sorted(missing)}")
+        unknown = doc.keys() - self._FIELDS
+        if unknown:
+            raise _Reject(f"bad JSON: unknown field(s) {sorted(unknown)}")
+        try:
+            x = np.asarray(doc["x"], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise _Reject("bad shape: x is not a rectangular array of numbers") from None
+        if x.shape != spec.shape:
+            if x.ndim == 1 and x.size == spec.size:
+                x = x.reshape(spec.shape)
+            else:
+                raise _Reject(f"bad shape: {x.shape} != configured {spec.shape}")
+        if not np.isfinite(x).all():
+            raise _Reject("non-finite: x contains NaN or Inf")
+        y = doc["y"]
+        if isinstance(y, bool) or not isinstance(y, (int, float)):
+            raise _Reject(f"bad label: expected a number, got {type(y).__name__}")
+        if spec.regression:
+            if not math.isfinite(y):
+                raise _Reject("non-finite: regression target is NaN or Inf")
+        else:
+            if not isinstance(y, int):
+                raise _Reject(f"bad label: expected an integer class id, got {y!r}")
+            if not 0 <= y < spec.num_classes:
+                raise _Reject(f"label out of range: {y} not in [0, {spec.num_classes})")
+        segment = doc.get("segment")
+        if segment is not None and not isinstance(segment, str):
+            raise _Reject(f"bad JSON: segment must be a string, got {type(segment).__name__}")
+        key = doc.get("key")
+        if key is not None:
+            if not isinstance(key, str):
+                raise _Reject(f"bad JSON: key must be a string, got {type(key).__name__}")
+            kafka_key = key.encode("utf-8")
+        return x, y, segment, kafka_key
+
+    def decode(self, records: PartitionRecords) -> tuple[ExampleBlock, list[DeadLetter]]:
+        spec = self.spec
+        xs, ys, rows, segments, keys = [], [], [], [], []
+        letters = []
+        for i, value in enumerate(records.values):
+            try:
+                x, y, segment, key = self._decode_one(value, records.keys[i])
+            except _Reject as reject:
+                letters.append(DeadLetter(records.record(i), str(reject)))
+                continue
+            xs.append(x)
+            ys.append(y)
+            rows.append(i)
+            segments.append(segment)
+            keys.append(key)
+        if not rows:
+            return _empty_block(records, spec), letters
+        n = len(rows)
+        block = ExampleBlock(
+            records.topic,
+            records.partition,
+            np.asarray(xs, dtype=np.float32),
+            np.asarray(ys, dtype=spec.label_dtype),
+            np.arange(n, dtype=np.int32),
+            np.zeros(n, np.int32),
+            records.offsets[np.asarray(rows)],
+            np.ones(n, np.int32),
+            segments,
+            keys,
+        )
+        return _apply_skip(block, records), letters
+
+
+class BinaryCodec(Codec):
+    """The `binary` codec: header-described little-endian arrays, decoded with np.frombuffer."""
+
+    name = "binary"
+
+    def __init__(self, spec: FeatureSpec):
+        super().__init__(spec)
+        self._dtype_code = _DTYPE_TO_CODE[spec.dtype]
+        self._wire = _WIRE_DTYPES[spec.dtype]
+        self._label_code = LABEL_REGRESSION if spec.regression else LABEL_CLASS
+        self._label_wire = np.dtype("<f4") if spec.regression else np.dtype("<i4")
+        self._example_bytes = spec.size * self._wire.itemsize
+
+    def encode(self, x, y, *, segment=None, key=None) -> bytes:
+        y = np.asarray(y, dtype=self.spec.label_dtype)
+        return encode_binary(x, y, dtype=self.spec.dtype, segment=segment, key=key)
+
+    def _parse_header(self, value: bytes):
+        """(header length, count, segment, key) of a record, or _Reject with the reason."""
+        spec = self.spec
+        if not value:
+            raise _Reject("empty value")
+        if len(value) < _HEADER.size:
+            raise _Reject(f"bad bytes: {len(value)} bytes is shorter than the {_HEADER.size}-byte header")
+        magic, version, dtype_code, label_code, ndim, flags, reserved, count = _HEADER.unpack_from(value)
+        if magic != MAGIC:
+            raise _Reject(f"bad bytes: magic {magic!r} is not {MAGIC!r}")
+        if version != VERSION:
+            raise _Reject(f"bad header: unsupported version {version} (this reader knows {VERSION})")
+        if flags & ~(_FLAG_SEGMENT | _FLAG_KEY) or reserved:
+            raise _Reject(f"bad header: unknown flags {flags:#x} or reserved {reserved:#x}")
+        if dtype_code != self._dtype_code:
+            raise _Reject(f"bad dtype: {DTYPE_CODES.get(dtype_code, f'code {dtype_code}')} != configured {spec.dtype}")
+        if label_code != self._label_code:
+            want = "regression targets" if spec.regression else "class ids"
+            raise _Reject(f"bad label: label code {label_code}, configured {want}")
+        if count < 1:
+            raise _Reject("bad header: count is 0")
+        end = _HEADER.size + 4 * ndim
+        if len(value) < end:
+            raise _Reject("bad bytes: truncated shape")
+        shape = struct.unpack_from(f"<{ndim}I", value, _HEADER.size)
+        if shape != spec.shape:
+            raise _Reject(f"bad shape: {shape} != configured {spec.shape}")
+        segment = key = None
+        try:
+            if flags & _FLAG_SEGMENT:
+                (length,) = struct.unpack_from("<H", value, end)
+                segment = value[end + 2 : end + 2 + length].decode("utf-8")
+                end += 2 + length
+            if flags & _FLAG_KEY:
+                (length,) = struct.unpack_from("<H", value, end)
+                key = value[end + 2 : end + 2 + length]
+                end += 2 + length
+        except struct.error:
+            raise _Reject("bad bytes: truncated segment or key") from None
+        except UnicodeDecodeError:
+            raise _Reject("bad bytes: segment is not UTF-8") from None
+        expected = end + count * (self._example_bytes + 4)
+        if len(value) != expected:
+            raise _Reject(f"bad bytes: length {len(value)} != {expected} expected from the header")
+        return end, count, segment, key
+
+    def decode(self, records: PartitionRecords) -> tuple[ExampleBlock, list[DeadLetter]]:
+        spec = self.spec
+        values = records.values
+        n = len(values)
+        letters: list[DeadLetter] = []
+        # Pass 1 (per record, cheap): parse headers; group records that share a layout.
+        groups: dict[tuple, list[int]] = {}
+        counts = np.zeros(n, np.int32)
+        segments: list = [None] * n
+        keys: list = list(records.keys)
+        ok = np.zeros(n, bool)
+        last_prefix = None
+        last_len = -1
+        last_group = None
+        last_meta = None
+        for i, value in enumerate(values):
+            # Runs of records with an identical header (the usual case) skip the parse.
+            if last_prefix is not None and value is not None and len(value) == last_len and value.startswith(last_prefix):
+                last_group.append(i)
+                counts[i] = last_meta[0]
+                segments[i] = last_meta[1]
+                if last_meta[2] is not None:
+                    keys[i] = last_meta[2]
+                ok[i] = True
+                continue
+            try:
+                header_len, count, segment, key = self._parse_header(value)
+            except _Reject as reject:
+                letters.append(DeadLetter(records.record(i), str(reject)))
+                continue
+            group = groups.setdefault((header_len, count), [])
+            group.append(i)
+            counts[i] = count
+            segments[i] = segment
+            if key is not None:
+                keys[i] = key
+            ok[i] = True
+            last_prefix, last_len, last_group, last_meta = value[:header_len], len(value), group, (count, segment, key)
+        # Pass 2 (vectorised per group): payload bytes -> arrays, then value checks.
+        decoded = []
+        for (header_len, count), rows in groups.items():
+            m = len(rows)
+            if m == 1:
+                buf = values[rows[0]]
+            else:
+                buf = b"".join([values[i] for i in rows])
+            raw = np.frombuffer(buf, np.uint8).reshape(m, -1)
+            xbytes = count * self._example_bytes
+            x = np.ascontiguousarray(raw[:, header_len : header_len + xbytes]).view(self._wire)
+            x = x.reshape(m, count * spec.size)
+            y = np.ascontiguousarray(raw[:, header_len + xbytes :]).view(self._label_wire).reshape(m, count)
+            bad = np.zeros(m, bool)
+            reasons = {}
+            if self._wire.kind == "f":
+                nonfinite = ~np.isfinite(x).all(axis=1)
+                for r in np.flatnonzero(nonfinite):
+                    reasons[r] = "non-finite: x contains NaN or Inf"
+                bad |= nonfinite
+            if spec.regression:
+                nonfinite_y = ~np.isfinite(y).all(axis=1) & ~bad
+                for r in np.flatnonzero(nonfinite_y):
+                    reasons[r] = "non-finite: regression target is NaN or Inf"
+                bad |= nonfinite_y
+            else:
+                out_of_range = ((y < 0) | (y >= spec.num_classes)).any(axis=1) & ~bad
+                for r in np.flatnonzero(out_of_range):
+                    wrong = y[r][(y[r] < 0) | (y[r] >= spec.num_classes)][0]
+                    reasons[r] = f"label out of range: {int(wrong)} not in [0, {spec.num_classes})"
+                bad |= out_of_range
+            rows_arr = np.asarray(rows)
+            for r, reason in reasons.items():
+                i = int(rows_arr[r])
+                ok[i] = False
+                letters.append(DeadLetter(records.record(i), reason))
+            keep = ~bad
+            decoded.append((rows_arr[keep], count, x[keep], y[keep]))
+        if letters:
+            letters.sort(key=lambda letter: letter.record.position.offset)
+        good = np.flatnonzero(ok)
+        if len(good) == 0:
+            return _empty_block(records, spec), letters
+        # Assemble in stream order. Row r of the block's per-record columns is good[r].
+        record_counts = counts[good]
+        total = int(record_counts.sum())
+        if len(decoded) == 1 and len(decoded[0][0]) == len(good):
+            _, count, x, y = decoded[0]
+            x_out = x.reshape(total, *spec.shape).astype(np.float32, copy=False)
+            y_out = y.reshape(total).astype(spec.label_dtype, copy=False)
+        else:
+            starts = np.zeros(n, np.int64)
+            starts[good] = np.cumsum(record_counts) - record_counts
+            x_out = np.empty((total, *spec.shape), np.float32)
+            y_out = np.empty((total,), spec.label_dtype)
+            for rows_kept, count, x, y in decoded:
+                dest = (starts[rows_kept][:, None] + np.arange(count)).reshape(-1)
+                x_out[dest] = x.reshape(-1, *spec.shape)
+                y_out[dest] = y.reshape(-1)
+        record_of = np.repeat(np.arange(len(good), dtype=np.int32), record_counts)
+        if total == len(good):
+            index = np.zeros(total, np.int32)
+        else:
+            index = (np.arange(total) - np.repeat(np.cumsum(record_counts) - record_counts, record_counts)).astype(np.int32)
+        good_list = good.tolist()
+        block = ExampleBlock(
+            records.topic,
+            records.partition,
+            x_out,
+            y_out,
+            record_of,
+            index,
+            records.offsets[good],
+            record_counts,
+            [segments[i] for i in good_list],
+            [keys[i] for i in good_list],
+        )
+        return _apply_skip(block, records), letters
+
+
+def make_codec(name: str, spec: FeatureSpec) -> Codec:
+    """The codec called `name` ('json' or 'binary') for examples like `spec`."""
+    if name == "json":
+        return JsonCodec(spec)
+    if name == "binary":
+        return BinaryCodec(spec)
+    raise CodecError(f"`codec` must be one of {list(CODECS)}. Got {name!r}")

@@ -1,0 +1,193 @@
+"""Ingest: poll a Source and decode on a background thread into a bounded queue of ExampleBlocks.
+
+    ingest = Ingest(source, codec, dead_letters)
+    batcher = Batcher(spec, 64, ownership=source.ownership, start=source.start)
+    with ingest:
+        for batch in batches(ingest, batcher):
+            ...  # train; checkpoint batch.positions; source.commit(batch.positions)
+
+The thread overlaps Kafka I/O and decoding with the caller's compute. The queue is
+bounded (`queue_blocks`), so a slow consumer applies back-pressure instead of growing
+memory. Every block is stamped with the ownership generation at poll time, so blocks of
+partitions revoked meanwhile are dropped by the Batcher. Bad records go to the dead-letter
+sink and are counted; they never stop the thread. An unexpected error in the thread is
+re-raised in the caller by `get`.
+
+Threading: `get`, `batches` and `stop` are for one consumer thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+from stream.batcher import Batch, Batcher
+from stream.codecs import Codec
+from stream.deadletters import DeadLetterSink, MemoryDeadLetters
+from stream.examples import ExampleBlock
+from stream.records import PartitionPosition
+from stream.sources import Source
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+class IngestStats:
+    """Counters (written by the ingest thread; read anywhere)."""
+
+    def __init__(self):
+        self.records = 0
+        self.examples = 0
+        self.dead_letters = 0
+        self.polls = 0
+
+
+class Ingest:
+    """A background thread: Source.poll -> Codec.decode -> bounded queue of ExampleBlocks."""
+
+    def __init__(
+        self,
+        source: Source,
+        codec: Codec,
+        dead_letters: DeadLetterSink | None = None,
+        *,
+        queue_blocks: int = 32,
+        poll_timeout_s: float = 0.1,
+    ):
+        self.source = source
+        self.codec = codec
+        self.dead_letters = dead_letters if dead_letters is not None else MemoryDeadLetters()
+        self.poll_timeout_s = poll_timeout_s
+        self.stats = IngestStats()
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_blocks)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._ended = False
+
+    def start(self) -> "Ingest":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="continuity-ingest", daemon=True)
+            self._thread.start()
+        return self
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        source = self.source
+        try:
+            source.stop_requested = self._stop.is_set
+            source.open()
+            while not self._stop.is_set():
+                runs = source.poll(self.poll_timeout_s)
+                generation = source.ownership.generation
+                self.stats.polls += 1
+                for run in runs:
+                    block, letters = self.codec.decode(run)
+                    block.generation = generation
+                    block.end = PartitionPosition(int(run.offsets[-1]) + 1, 0)
+                    for letter in letters:
+                        self.dead_letters.put(letter)
+                    self.stats.records += len(run)
+                    self.stats.examples += len(block)
+                    self.stats.dead_letters += len(letters)
+                    if not self._put(block):
+                        return
+                if not runs and source.finished:
+                    self._put(_END)
+                    return
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer thread
+            log.exception("ingest thread failed")
+            self._error = error
+            self._put(_END)
+
+    def get(self, timeout_s: float | None = None) -> ExampleBlock | None:
+        """The next block; None on timeout or once the source is finished (see `ended`)."""
+        if self._thread is None:
+            self.start()
+        if self._ended:
+            return None
+        try:
+            item = self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+        if item is _END:
+            self._ended = True
+            if self._error is not None:
+                raise self._error
+            return None
+        return item
+
+    @property
+    def ended(self) -> bool:
+        """True once a finite source is exhausted and every block was taken."""
+        return self._ended
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.source.close()
+        self.dead_letters.flush()
+
+    def __enter__(self) -> "Ingest":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def batches(
+    ingest: Ingest,
+    batcher: Batcher,
+    *,
+    idle_timeout_s: float | None = None,
+    flush_idle: bool = False,
+    max_wait_s: float = 0.5,
+) -> Iterator[Batch]:
+    """Batches from an Ingest, in stream order.
+
+    Ends when a finite source is exhausted (the last batch padded) or, with
+    `idle_timeout_s`, after that long without any block. With `flush_idle`, a partial
+    batch is emitted (padded) whenever no block arrived within `max_wait_s`, so a slow
+    stream still trains promptly.
+    """
+    last_block = time.monotonic()
+    while True:
+        batch = batcher.next_batch()
+        if batch is not None:
+            yield batch
+            continue
+        block = ingest.get(timeout_s=max_wait_s)
+        if block is not None:
+            batcher.add(block)
+            last_block = time.monotonic()
+            continue
+        if ingest.ended:
+            yield from _drain(batcher)
+            return
+        if flush_idle and len(batcher):
+            yield from _drain(batcher, once=True)
+        if idle_timeout_s is not None and time.monotonic() - last_block > idle_timeout_s:
+            yield from _drain(batcher)
+            return
+
+
+def _drain(batcher: Batcher, once: bool = False) -> Iterator[Batch]:
+    # Batches of size 0 only move positions past trailing dead letters; not yielded.
+    while (batch := batcher.next_batch(flush=True)) is not None:
+        if batch.size:
+            yield batch
+        if once:
+            return

@@ -1,0 +1,267 @@
+"""Sources of raw records: the Source contract, recorded Parquet files, synthetic scenarios.
+
+A Source hands out `PartitionRecords` (columns of consecutive records of one partition)
+in stream order. Contract:
+- `open()` connects / opens files and seeks to the start Positions given at construction;
+- `poll(timeout_s)` returns a list of PartitionRecords, empty when nothing is available now;
+- `finished` is True once a finite source has handed out everything;
+- `ownership` says which partitions it owns (a KafkaSource in a group changes it);
+- `commit(positions)` records progress where the source can (Kafka groups; no-op here);
+- `close()`.
+A Source is used from one thread (the ingest thread), except `commit`, which any
+thread may call.
+
+Recorded-stream file (Parquet, written by `continuity record`), one row per record:
+    topic string, partition int32, offset int64, timestamp_ms int64,
+    key binary (nullable), value binary (nullable)
+Rows are in the order the recorder consumed them, so a file replays one order always.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from stream.batcher import Ownership
+from stream.codecs import Codec
+from stream.records import PartitionKey, PartitionPosition, PartitionRecords, Positions
+
+
+class SourceError(ValueError):
+    """A source was configured wrongly or its input cannot be read."""
+
+
+class Source:
+    """Base class; see the module docstring for the contract."""
+
+    def __init__(self, start: Positions | None = None):
+        self.start = start or Positions()
+        self.ownership = Ownership()
+        self.stop_requested = lambda: False  # set by Ingest: lets a blocking open() give up
+
+    def open(self) -> None:
+        pass
+
+    def poll(self, timeout_s: float = 0.1) -> list[PartitionRecords]:
+        raise NotImplementedError
+
+    @property
+    def finished(self) -> bool:
+        return False
+
+    def commit(self, positions: Positions) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _start_of(start: Positions, topic: str, partition: int) -> PartitionPosition | None:
+    try:
+        return start[(topic, partition)]
+    except KeyError:
+        return None
+
+
+def split_runs(
+    topics: list,
+    partitions: np.ndarray,
+    offsets: np.ndarray,
+    timestamps: np.ndarray,
+    keys: list,
+    values: list,
+    start: Positions,
+    skipped: set,
+) -> list[PartitionRecords]:
+    """Rows (in order) to runs of one partition, dropping rows before the start Positions.
+
+    `skipped` collects partitions whose within-record skip was already applied.
+    """
+    n = len(values)
+    if n == 0:
+        return []
+    names, topic_codes = np.unique(np.asarray(topics, dtype=object), return_inverse=True)
+    names = list(names)
+    keep = np.ones(n, bool)
+    for (topic, partition), position in start.items():
+        if topic in names:
+            rows = (topic_codes == names.index(topic)) & (partitions == partition)
+            keep &= ~(rows & (offsets < position.offset))
+    idx = np.flatnonzero(keep)
+    if len(idx) == 0:
+        return []
+    # Boundaries where the (topic, partition) changes between consecutive kept rows.
+    part, codes = partitions[idx], topic_codes[idx]
+    change = np.flatnonzero((np.diff(part) != 0) | (np.diff(codes) != 0)) + 1
+    runs = []
+    for lo, hi in zip(np.r_[0, change], np.r_[change, len(idx)]):
+        rows = idx[lo:hi]
+        topic, partition = topics[rows[0]], int(partitions[rows[0]])
+        run = PartitionRecords(
+            topic,
+            partition,
+            [values[i] for i in rows],
+            [keys[i] for i in rows],
+            offsets[rows],
+            timestamps[rows],
+        )
+        key = PartitionKey(topic, partition)
+        position = _start_of(start, topic, partition)
+        if key not in skipped and position is not None and position.skip and run.offsets[0] == position.offset:
+            run.skip_first = position.skip
+        skipped.add(key)
+        runs.append(run)
+    return runs
+
+
+class FileSource(Source):
+    """Replays a recorded Parquet stream in recorded order, reading one row batch at a time.
+
+    Memory is bounded by `read_rows` records. Rows before the start Positions of their
+    partition are skipped; a partition without a start position is read from its first row.
+    """
+
+    def __init__(self, path: str | Path, *, start: Positions | None = None, read_rows: int = 4096):
+        super().__init__(start)
+        self.path = Path(path)
+        self.read_rows = int(read_rows)
+        self._batches = None
+        self._file = None
+        self._finished = False
+        self._skipped: set = set()
+
+    def open(self) -> None:
+        import pyarrow.parquet as pq
+
+        if not self.path.is_file():
+            raise SourceError(f"recorded stream {str(self.path)!r} does not exist")
+        try:
+            self._file = pq.ParquetFile(self.path)
+        except Exception as error:  # pyarrow raises several types for a non-Parquet file
+            raise SourceError(f"{str(self.path)!r} is not a Parquet recording: {error}") from None
+        names = set(self._file.schema_arrow.names)
+        missing = {"topic", "partition", "offset", "timestamp_ms", "key", "value"} - names
+        if missing:
+            raise SourceError(f"{str(self.path)!r} is not a continuity recording: missing columns {sorted(missing)}")
+        self._batches = self._file.iter_batches(
+            batch_size=self.read_rows, columns=["topic", "partition", "offset", "timestamp_ms", "key", "value"]
+        )
+
+    def poll(self, timeout_s: float = 0.1) -> list[PartitionRecords]:
+        if self._batches is None:
+            self.open()
+        while not self._finished:
+            try:
+                batch = next(self._batches)
+            except StopIteration:
+                self._finished = True
+                break
+            topics = batch.column("topic").to_pylist()
+            runs = split_runs(
+                topics,
+                batch.column("partition").to_numpy(zero_copy_only=False).astype(np.int64),
+                batch.column("offset").to_numpy(zero_copy_only=False).astype(np.int64),
+                batch.column("timestamp_ms").to_numpy(zero_copy_only=False).astype(np.int64),
+                batch.column("key").to_pylist(),
+                batch.column("value").to_pylist(),
+                self.start,
+                self._skipped,
+            )
+            if runs:
+                return runs
+        return []
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._batches = None
+
+
+class ScenarioSource(Source):
+    """A synthetic scenario's training stream as records of one partition, in segment order.
+
+    Each segment's examples are encoded with `codec`, `examples_per_record` to a record
+    (1: single-example records), tagged with the segment's name. Offsets count records
+    from 0; the topic is `topic` (default `scenario.<name>`). Deterministic: same
+    scenario, seed and options give the same records.
+    """
+
+    def __init__(
+        self,
+        scenario,
+        codec: Codec,
+        *,
+        topic: str | None = None,
+        examples_per_record: int = 1,
+        start: Positions | None = None,
+        poll_records: int = 1024,
+    ):
+        super().__init__(start)
+        if examples_per_record < 1:
+            raise SourceError(f"`examples_per_record` must be >= 1. Got {examples_per_record!r}")
+        if examples_per_record > 1 and codec.name != "binary":
+            raise SourceError("only the binary codec carries several examples per record")
+        self.scenario = scenario
+        self.codec = codec
+        self.topic = topic or f"scenario.{scenario.name}"
+        self.examples_per_record = int(examples_per_record)
+        self.poll_records = int(poll_records)
+        # (segment index, first example) of every record, in order.
+        plan = []
+        for s, segment in enumerate(scenario.segments):
+            n = len(segment.train_y)
+            plan.extend((s, i) for i in range(0, n, self.examples_per_record))
+        self._plan = plan
+        first = _start_of(self.start, self.topic, 0)
+        self._next = 0 if first is None else min(first.offset, len(plan))
+        self._skip = 0 if first is None else first.skip
+
+    def __len__(self) -> int:
+        """Records in the stream."""
+        return len(self._plan)
+
+    def encode_record(self, record_index: int) -> tuple[bytes, bytes]:
+        """(key, value) of record `record_index`."""
+        s, i = self._plan[record_index]
+        segment = self.scenario.segments[s]
+        j = min(i + self.examples_per_record, len(segment.train_y))
+        if self.examples_per_record == 1:
+            x, y = segment.train_x[i], segment.train_y[i]
+        else:
+            x, y = segment.train_x[i:j], segment.train_y[i:j]
+        key = f"{segment.name}/{i}".encode("utf-8")
+        return key, self.codec.encode(x, y, segment=segment.name)
+
+    def poll(self, timeout_s: float = 0.1) -> list[PartitionRecords]:
+        if self._next >= len(self._plan):
+            return []
+        lo, hi = self._next, min(self._next + self.poll_records, len(self._plan))
+        keys, values = [], []
+        for r in range(lo, hi):
+            key, value = self.encode_record(r)
+            keys.append(key)
+            values.append(value)
+        offsets = np.arange(lo, hi, dtype=np.int64)
+        run = PartitionRecords(self.topic, 0, values, keys, offsets, offsets.copy())
+        if self._skip and lo == self._next:
+            run.skip_first, self._skip = self._skip, 0
+        self._next = hi
+        return [run]
+
+    @property
+    def finished(self) -> bool:
+        return self._next >= len(self._plan)
+

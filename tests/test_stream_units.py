@@ -1,0 +1,290 @@
+"""Pure logic of stream/: positions, codecs, batcher, holdout, file and scenario sources (no broker)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from stream import (
+    NO_SEGMENT,
+    Batcher,
+    BinaryCodec,
+    CodecError,
+    FeatureSpec,
+    FileSource,
+    Holdout,
+    JsonCodec,
+    JsonLinesDeadLetters,
+    KafkaSettings,
+    KafkaSourceError,
+    PartitionPosition,
+    PartitionRecords,
+    Positions,
+    RecordingWriter,
+    ScenarioSource,
+    encode_binary,
+    encode_json,
+    read_dead_letters,
+)
+from stream.ingest import Ingest, batches
+
+SPEC = FeatureSpec((8, 8, 1), "float32", 10)
+
+
+def _records(values, *, topic="t", partition=0, first_offset=0, keys=None):
+    n = len(values)
+    offsets = np.arange(first_offset, first_offset + n, dtype=np.int64)
+    return PartitionRecords(topic, partition, list(values), list(keys or [None] * n), offsets, offsets * 10)
+
+
+def _data(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 8, 8, 1), dtype=np.float32), rng.integers(0, 10, n).astype(np.int32)
+
+
+def test_positions_round_trip_json_and_merge():
+    positions = Positions({("b", 1): 7, ("a", 0): PartitionPosition(3, 2)})
+    text = json.dumps(positions.to_json())
+    assert json.loads(text) == [
+        {"topic": "a", "partition": 0, "offset": 3, "skip": 2},
+        {"topic": "b", "partition": 1, "offset": 7},
+    ]
+    assert Positions.from_json(text) == positions
+    assert positions.merged({("a", 0): 9})[("a", 0)] == PartitionPosition(9, 0)
+    assert positions.offset("b", 1) == 7 and positions.offset("zz", 0) is None
+    with pytest.raises(ValueError, match="offset"):
+        Positions({("a", 0): -1})
+    with pytest.raises(ValueError, match="unknown keys"):
+        Positions.from_json([{"topic": "a", "partition": 0, "offset": 1, "extra": 1}])
+
+
+def test_binary_layout_is_as_documented():
+    x = np.arange(4, dtype=np.float32).reshape(2, 2)
+    value = encode_binary(x, np.int32(3), segment="s", key=b"k")
+    magic, version, dtype, label, ndim, flags, reserved, count = struct.unpack_from("<4sBBBBHHI", value)
+    assert (magic, version, dtype, label, ndim, flags, reserved, count) == (b"CTNY", 1, 1, 1, 2, 3, 0, 1)
+    assert struct.unpack_from("<2I", value, 16) == (2, 2)
+    assert value[24:27] == b"\x01\x00s" and value[27:30] == b"\x01\x00k"
+    assert np.array_equal(np.frombuffer(value, "<f4", 4, 30), x.ravel())
+    assert struct.unpack_from("<i", value, 46) == (3,) and len(value) == 50
+
+
+@pytest.mark.parametrize("codec_cls", [BinaryCodec, JsonCodec])
+def test_codec_round_trip_single_examples(codec_cls):
+    codec = codec_cls(SPEC)
+    x, y = _data(50)
+    values = [codec.encode(x[i], y[i], segment=f"seg{i // 20}") for i in range(50)]
+    block, letters = codec.decode(_records(values, keys=[f"k{i}".encode() for i in range(50)]))
+    assert letters == []
+    np.testing.assert_allclose(block.x, x, rtol=1e-6)
+    assert block.x.dtype == np.float32 and np.array_equal(block.y, y)
+    assert block.segments[0] == "seg0" and block.segments[-1] == "seg2"
+    assert block.keys[3] == b"k3" and list(block.offsets) == list(range(50))
+
+
+def test_binary_batched_records_decode_in_order_with_skip():
+    codec = BinaryCodec(SPEC)
+    x, y = _data(300)
+    values = [codec.encode(x[i : i + 100], y[i : i + 100], segment="s") for i in range(0, 300, 100)]
+    records = _records(values)
+    block, letters = codec.decode(records)
+    assert letters == [] and len(block) == 300
+    assert np.array_equal(block.x, x) and np.array_equal(block.y, y)
+    assert block.position_after(149) == PartitionPosition(1, 50)
+    assert block.position_after(199) == PartitionPosition(2, 0)
+    records.skip_first = 40
+    resumed, _ = codec.decode(records)
+    assert np.array_equal(resumed.y, y[40:]) and int(resumed.index[0]) == 40
+
+
+def test_binary_mixed_layouts_keep_stream_order():
+    codec = BinaryCodec(SPEC)
+    x, y = _data(10)
+    values = [
+        codec.encode(x[0], y[0]),
+        codec.encode(x[1:4], y[1:4], segment="a"),
+        codec.encode(x[4], y[4], segment="bb", key="key4"),
+        codec.encode(x[5], y[5]),
+        codec.encode(x[6:10], y[6:10]),
+    ]
+    block, letters = codec.decode(_records(values))
+    assert letters == []
+    assert np.array_equal(block.y, y) and np.array_equal(block.x, x)
+    assert block.segments == [None, "a", "bb", None, None] and block.keys[2] == b"key4"
+
+
+def _bad_binary():
+    x, _ = _data(1)
+    good = encode_binary(x[0], np.int32(1))
+    nan = x[0].copy()
+    nan[0, 0, 0] = np.nan
+    return {
+        "empty value": b"",
+        "bad bytes": b"\x00not a record at all",
+        "bad header": good[:4] + b"\x09" + good[5:],
+        "bad shape": encode_binary(np.zeros((4, 4), np.float32), np.int32(1)),
+        "bad dtype": encode_binary(x[0], np.int32(1), dtype="float64"),
+        "non-finite": encode_binary(nan, np.int32(1)),
+        "label out of range": encode_binary(x[0], np.int32(10)),
+        "bad label": encode_binary(x[0], np.float32(0.5)),
+    }
+
+
+def _bad_json():
+    x, _ = _data(1)
+    row = x[0].tolist()
+    return {
+        "empty value": b"",
+        "bad bytes": b"\xff\xfe",
+        "bad JSON": b'{"x": [1, 2',
+        "bad shape": json.dumps({"x": [1.0, 2.0], "y": 1}).encode(),
+        "non-finite": json.dumps({"x": np.full((8, 8, 1), np.nan).tolist(), "y": 1}).encode(),
+        "label out of range": json.dumps({"x": row, "y": -1}).encode(),
+        "bad label": json.dumps({"x": row, "y": 1.5}).encode(),
+    }
+
+
+@pytest.mark.parametrize("codec_cls,bad", [(BinaryCodec, _bad_binary), (JsonCodec, _bad_json)])
+def test_every_kind_of_bad_record_is_a_dead_letter_and_neighbours_survive(codec_cls, bad):
+    codec = codec_cls(SPEC)
+    x, y = _data(20)
+    kinds = bad()
+    values, expected_kinds = [], {}
+    for i, (kind, value) in enumerate(kinds.items()):
+        values.append(codec.encode(x[i], y[i]))
+        expected_kinds[len(values)] = kind
+        values.append(value)
+    values.append(codec.encode(x[19], y[19]))
+    block, letters = codec.decode(_records(values))
+    assert {letter.record.position.offset: letter.kind for letter in letters} == expected_kinds
+    assert all(letter.reason for letter in letters)
+    assert np.array_equal(block.y, np.r_[y[: len(kinds)], y[19]])
+
+
+def test_feature_spec_validates_and_names_the_field():
+    with pytest.raises(CodecError, match="`dtype` must be one of"):
+        FeatureSpec((2,), "int64")
+    with pytest.raises(CodecError, match="`shape`"):
+        FeatureSpec((0, 2))
+    regression = BinaryCodec(FeatureSpec((2,), num_classes=None))
+    block, letters = regression.decode(_records([regression.encode(np.ones(2), 0.25)]))
+    assert letters == [] and block.y.dtype == np.float32 and block.y[0] == 0.25
+
+
+def _block(n, *, topic="t", partition=0, first_offset=0, segment="s", codec=None):
+    codec = codec or BinaryCodec(SPEC)
+    x, y = _data(n, seed=first_offset)
+    values = [codec.encode(x[i], y[i], segment=segment) for i in range(n)]
+    block, _ = codec.decode(_records(values, topic=topic, partition=partition, first_offset=first_offset))
+    return block, x, y
+
+
+def test_batcher_fixed_shapes_pad_mask_segments_and_positions():
+    batcher = Batcher(SPEC, 8, segment_names=["zero"])
+    block, x, y = _block(12, segment="one")
+    batcher.add(block)
+    first = batcher.next_batch()
+    assert first.x.shape == (8, 8, 8, 1) and first.mask.all() and first.size == 8
+    assert np.array_equal(first.y, y[:8]) and set(first.segment) == {1}
+    assert first.positions == Positions({("t", 0): 8})
+    assert batcher.next_batch() is None
+    last = batcher.next_batch(flush=True)
+    assert last.size == 4 and list(last.mask) == [True] * 4 + [False] * 4
+    assert np.array_equal(last.x[:4], x[8:]) and not last.x[4:].any()
+    assert list(last.segment[4:]) == [NO_SEGMENT] * 4
+    assert last.positions == Positions({("t", 0): 12})
+    assert batcher.segment_names == ["zero", "one"]
+
+
+def test_holdout_is_deterministic_and_close_to_its_fraction():
+    block, _, _ = _block(4000)
+    holdout = Holdout(0.2)
+    chosen = holdout.select(block)
+    assert np.array_equal(chosen, Holdout(0.2).select(block))
+    assert 0.17 < chosen.mean() < 0.23
+    assert not np.array_equal(chosen, Holdout(0.2, salt=1).select(block))
+    batcher = Batcher(SPEC, 64, holdout=holdout)
+    batcher.add(block)
+    held = batcher.take_held_out()
+    assert len(held.y) == chosen.sum() and batcher.examples_held_out == chosen.sum()
+    delivered = 0
+    while (batch := batcher.next_batch(flush=True)) is not None:
+        delivered += batch.size
+    assert delivered + len(held.y) == 4000
+    assert batcher.positions == Positions({("t", 0): 4000})
+
+
+def test_settings_never_show_secrets():
+    settings = KafkaSettings("h:1", ("t",), security={"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
+                                                       "sasl_plain_username": "u", "sasl_plain_password": "hunter2"})
+    assert "hunter2" not in repr(settings) and "***" in repr(settings)
+    with pytest.raises(KafkaSourceError, match="unknown security option"):
+        KafkaSettings("h:1", ("t",), security={"sasl_password": "x"})
+
+
+def test_file_source_bounded_reads_and_seek(tmp_path):
+    codec = BinaryCodec(SPEC)
+    x, y = _data(100)
+    path = tmp_path / "rec.parquet"
+    with RecordingWriter(path, row_group_records=16) as writer:
+        for lo in range(0, 100, 10):  # interleave two partitions
+            part = (lo // 10) % 2
+            writer.write(_records([codec.encode(x[i], y[i]) for i in range(lo, lo + 10)], partition=part,
+                                  first_offset=lo // 20 * 10))
+    source = FileSource(path, read_rows=7)
+    runs = []
+    while not source.finished:
+        runs.extend(source.poll())
+    assert max(len(r) for r in runs) <= 7
+    assert sum(len(r) for r in runs) == 100
+    order = [(r.partition, int(o)) for r in runs for o in r.offsets]
+    assert order[:12] == [(0, i) for i in range(10)] + [(1, 0), (1, 1)]
+    resumed = FileSource(path, start=Positions({("t", 0): 45, ("t", 1): 3}))
+    left = []
+    while not resumed.finished:
+        left.extend((r.partition, int(o)) for r in resumed.poll() for o in r.offsets)
+    assert left == [p for p in order if p[1] >= (45 if p[0] == 0 else 3)]
+
+
+def _fake_scenario():
+    rng = np.random.default_rng(3)
+    segments = tuple(
+        SimpleNamespace(name=f"task{s}", train_x=rng.random((25, 8, 8, 1), dtype=np.float32),
+                        train_y=rng.integers(0, 10, 25).astype(np.int32), poisoned=False)
+        for s in range(3)
+    )
+    return SimpleNamespace(name="fake", segments=segments, num_classes=10, example_shape=(8, 8, 1), seed=3)
+
+
+@pytest.mark.parametrize("per_record", [1, 10])
+def test_scenario_source_streams_segments_in_order_and_resumes(per_record):
+    scenario = _fake_scenario()
+    codec = BinaryCodec(SPEC)
+    source = ScenarioSource(scenario, codec, examples_per_record=per_record, poll_records=4)
+    ingest = Ingest(source, codec)
+    batcher = Batcher(SPEC, 16)
+    with ingest:
+        got = list(batches(ingest, batcher))
+    ys = np.concatenate([b.y[b.mask] for b in got])
+    assert np.array_equal(ys, np.concatenate([s.train_y for s in scenario.segments]))
+    assert batcher.segment_names == ["task0", "task1", "task2"]
+    middle = got[1].positions
+    resumed = ScenarioSource(scenario, codec, examples_per_record=per_record, start=middle)
+    with Ingest(resumed, codec) as again:
+        rest = list(batches(again, Batcher(SPEC, 16, start=middle)))
+    assert np.array_equal(np.concatenate([b.y[b.mask] for b in rest]), ys[32:])
+
+
+def test_json_lines_dead_letter_file(tmp_path):
+    sink = JsonLinesDeadLetters(tmp_path / "dlq.jsonl")
+    codec = JsonCodec(SPEC)
+    _, letters = codec.decode(_records([b"{", encode_json(np.zeros((8, 8, 1)), 99)]))
+    for letter in letters:
+        sink.put(letter)
+    sink.close()
+    rows = read_dead_letters(tmp_path / "dlq.jsonl")
+    assert [r["offset"] for r in rows] == [0, 1] and sink.counts == {"bad JSON": 1, "label out of range": 1}
