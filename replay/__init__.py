@@ -1,0 +1,22 @@
+"""Device-resident replay buffers as pure JAX functions.
+
+A policy is `init` / `add` / `sample` over a fixed-shape `ReplayState` (see
+replay/state.py for the contract every policy keeps). This package imports nothing
+else from the project.
+"""
+
+from replay.class_balanced import class_balanced
+from replay.fifo import fifo
+from replay.policies import REPLAY_KINDS, make
+from replay.reservoir import reservoir
+from replay.state import ReplayPolicy, ReplayState
+
+__all__ = [
+    "REPLAY_KINDS",
+    "ReplayPolicy",
+    "ReplayState",
+    "class_balanced",
+    "fifo",
+    "make",
+    "reservoir",
+]
