@@ -72,6 +72,7 @@ class KafkaSettings:
     fetch_max_wait_ms: int = 200
     max_partition_fetch_bytes: int = 8 * 1024 * 1024  # batched records are large: fewer round trips
     reconnect_backoff_max_ms: int = 2000
+    bootstrap_timeout_ms: int = 10000  # per connection attempt; open() retries with backoff
     client_id: str = "continuity"
     security: dict = field(default_factory=dict, repr=False)
 
@@ -179,7 +180,7 @@ class KafkaSource(Source):
             fetch_max_wait_ms=s.fetch_max_wait_ms,
             max_partition_fetch_bytes=s.max_partition_fetch_bytes,
             reconnect_backoff_max_ms=s.reconnect_backoff_max_ms,
-            bootstrap_timeout_ms=max(s.request_timeout_ms, 5000),
+            bootstrap_timeout_ms=s.bootstrap_timeout_ms,
         )
 
     def open(self) -> None:
@@ -202,20 +203,27 @@ class KafkaSource(Source):
                 time.sleep(delay)
 
     def _attach(self, consumer) -> None:
-        from kafka import ConsumerRebalanceListener, TopicPartition
+        from kafka import TopicPartition
+        from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 
         s = self.settings
         if s.group_id is not None:
             source = self
 
-            class Listener(ConsumerRebalanceListener):
-                def on_partitions_revoked(self, revoked):
-                    source._on_revoked(consumer, revoked)
+            # kafka-python 3 runs listeners on its IO loop, where a blocking commit raises;
+            # the async form awaits the commit while heartbeats keep running.
+            class Listener(AsyncConsumerRebalanceListener):
+                async def on_partitions_revoked(self, revoked):
+                    delivered = source._on_revoked(revoked)
+                    if delivered:
+                        await source._commit_on_loop(consumer, delivered)
 
-                def on_partitions_assigned(self, assigned):
-                    source._on_assigned(consumer, assigned)
+                async def on_partitions_assigned(self, assigned):
+                    later = source._on_assigned(consumer, assigned)
+                    if later:
+                        await source._resume_from_committed(consumer, later)
 
-                def on_partitions_lost(self, lost):
+                async def on_partitions_lost(self, lost):
                     source._on_lost(lost)
 
             consumer.subscribe(list(s.topics), listener=Listener())
@@ -241,11 +249,14 @@ class KafkaSource(Source):
             time.sleep(0.1)
 
     # -- rebalance (called on kafka-python's thread inside poll)
-    def _on_assigned(self, consumer, assigned) -> None:
+    def _on_assigned(self, consumer, assigned) -> list:
+        """Seek first assignments to the start Positions; returns partitions assigned again."""
         keys = [PartitionKey(tp.topic, tp.partition) for tp in assigned]
+        later = []
         for tp, key in zip(assigned, keys):
             if key in self._first_assignment_done:
-                continue  # later assignments resume from the group's committed offset
+                later.append(tp)
+                continue
             self._first_assignment_done.add(key)
             try:
                 saved = self.start[key]
@@ -259,15 +270,49 @@ class KafkaSource(Source):
             self._end_offsets = {PartitionKey(tp.topic, tp.partition): off for tp, off in ends.items()}
         self.ownership.assign(keys)
         log.info("kafka: assigned %s", sorted(f"{k.topic}/{k.partition}" for k in keys))
+        return later
 
-    def _on_revoked(self, consumer, revoked) -> None:
-        delivered = self.ownership.revoke([(tp.topic, tp.partition) for tp in revoked])
+    async def _resume_from_committed(self, consumer, partitions) -> None:
+        """A partition assigned again resumes at the group's committed offset (what was delivered).
+
+        kafka-python keeps the fetch position of a partition that comes back to the same
+        member after an eager rebalance; the records fetched past the delivered position
+        were dropped with the revocation, so that position would skip them.
+        """
+        try:
+            committed = await consumer._coordinator.fetch_committed_offsets_async(set(partitions))
+        except Exception as error:  # noqa: BLE001 - fall back to the reset policy below
+            log.warning("kafka: cannot fetch committed offsets (%s); following auto_offset_reset", type(error).__name__)
+            committed = {}
+        for tp in partitions:
+            found = committed.get(tp)
+            if found is not None and found.offset >= 0:
+                consumer.seek(tp, found.offset)
+            elif self.settings.auto_offset_reset == "earliest":
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek_to_end(tp)
+
+    def _on_revoked(self, revoked) -> Positions:
+        """Drop revoked partitions from ownership; returns their delivered positions (to commit)."""
+        delivered = Positions(self.ownership.revoke([(tp.topic, tp.partition) for tp in revoked]))
         for tp in revoked:
             self._positions.pop(PartitionKey(tp.topic, tp.partition), None)
-        if delivered:
-            self._commit_now(consumer, Positions(delivered))
         if revoked:
-            log.info("kafka: revoked %s (committed %s)", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked), Positions(delivered))
+            log.info("kafka: revoked %s (delivered %s)", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked), delivered)
+        return delivered
+
+    async def _commit_on_loop(self, consumer, positions: Positions) -> None:
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        offsets = {TopicPartition(k.topic, k.partition): OffsetAndMetadata(p.offset, "", -1) for k, p in positions.items()}
+        try:
+            # The coroutine kafka-python itself awaits for its pre-rebalance auto-commit.
+            await consumer._coordinator._commit_offsets_sync_async(offsets)
+        except Exception as error:  # noqa: BLE001 - a failed commit means duplicates, never a crash
+            log.warning("kafka: commit on revocation failed (%s); the next owner may re-read %s",
+                        type(error).__name__, positions)
 
     def _on_lost(self, lost) -> None:
         # Membership already gone: the partitions belong to someone else; commit nothing.

@@ -1,0 +1,374 @@
+"""Kafka ingestion against the real embedded broker (Tansu): round trips, seeks, groups, dead letters,
+outages through a TCP proxy, recordings."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from stream import (
+    Batcher,
+    BinaryCodec,
+    EmbeddedBroker,
+    FeatureSpec,
+    FileSource,
+    Ingest,
+    JsonCodec,
+    JsonLinesDeadLetters,
+    KafkaDeadLetters,
+    KafkaSettings,
+    KafkaSource,
+    MemoryDeadLetters,
+    Positions,
+    create_topic,
+    encode_binary,
+    free_port,
+    read_dead_letters,
+    record_topic,
+)
+
+SPEC = FeatureSpec((8, 8, 1), "float32", 10)
+ID_SPEC = FeatureSpec((2,), "float32", 10)  # x = [id, id]: lets tests follow every example
+
+
+def _produce(bootstrap, topic, values, *, keys=None, partitions=None):
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    for i, value in enumerate(values):
+        producer.send(topic, value=value, key=None if keys is None else keys[i],
+                      partition=None if partitions is None else partitions[i])
+    producer.flush()
+    producer.close()
+
+
+def _collect(ingest, batcher, expected, *, timeout_s=30.0):
+    """Batches until `expected` examples were delivered (partial batches flushed when idle)."""
+    got = []
+    delivered = 0
+    deadline = time.monotonic() + timeout_s
+    while delivered < expected and time.monotonic() < deadline:
+        batch = batcher.next_batch()
+        if batch is None:
+            block = ingest.get(timeout_s=0.2)
+            if block is not None:
+                batcher.add(block)
+                continue
+            batch = batcher.next_batch(flush=True)
+        if batch is not None and batch.size:
+            got.append(batch)
+            delivered += batch.size
+    return got
+
+
+def _ids(batches):
+    return [int(v) for b in batches for v in b.x[b.mask][:, 0]]
+
+
+@pytest.mark.parametrize("codec_cls,per_record", [(BinaryCodec, 1), (BinaryCodec, 25), (JsonCodec, 1)])
+def test_produce_consume_round_trip(broker, topic_name, codec_cls, per_record):
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 1)
+    codec = codec_cls(SPEC)
+    rng = np.random.default_rng(1)
+    x = rng.random((200, 8, 8, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 200).astype(np.int32)
+    if per_record == 1:
+        values = [codec.encode(x[i], y[i], segment=f"s{i // 100}") for i in range(200)]
+    else:
+        values = [codec.encode(x[i : i + per_record], y[i : i + per_record], segment=f"s{i // 100}")
+                  for i in range(0, 200, per_record)]
+    _produce(broker.bootstrap, topic, values)
+    source = KafkaSource(KafkaSettings(broker.bootstrap, (topic,)))
+    batcher = Batcher(SPEC, 32, ownership=source.ownership)
+    with Ingest(source, codec) as ingest:
+        got = _collect(ingest, batcher, 200)
+    np.testing.assert_allclose(np.concatenate([b.x[b.mask] for b in got]), x, rtol=1e-6)
+    assert np.array_equal(np.concatenate([b.y[b.mask] for b in got]), y)
+    assert batcher.segment_names == ["s0", "s1"]
+    assert got[-1].positions == Positions({(topic, 0): len(values)})
+
+
+def test_seek_to_saved_positions_resumes_exactly_after_the_last_record(broker, topic_name):
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 2)
+    codec = BinaryCodec(ID_SPEC)
+    # Partition 0: single-example records; partition 1: records of 10 examples.
+    single = [codec.encode(np.array([i, i]), i % 10) for i in range(60)]
+    batched = [codec.encode(np.repeat(np.arange(1000 + j, 1010 + j)[:, None], 2, 1), np.arange(10) % 10)
+               for j in range(0, 60, 10)]
+    _produce(broker.bootstrap, topic, single + batched, partitions=[0] * 60 + [1] * 6)
+    everything = set(range(60)) | set(range(1000, 1060))
+    settings = KafkaSettings(broker.bootstrap, (topic,))
+    first = KafkaSource(settings)
+    batcher = Batcher(ID_SPEC, 16, ownership=first.ownership)
+    with Ingest(first, codec) as ingest:
+        part = _collect(ingest, batcher, 53)[:3]  # 48 examples, stop mid-stream
+    saved = Positions.from_json(part[-1].positions.to_json())
+    seen = _ids(part)
+    second = KafkaSource(settings, start=saved)
+    rest_batcher = Batcher(ID_SPEC, 16, ownership=second.ownership, start=saved)
+    with Ingest(second, codec) as ingest:
+        rest = _ids(_collect(ingest, rest_batcher, 120 - len(seen)))
+    assert sorted(seen + rest) == sorted(everything)
+    assert len(seen) + len(rest) == 120  # nothing twice, even inside a half-delivered batched record
+    assert rest_batcher.positions == Positions({(topic, 0): 60, (topic, 1): 6})
+
+
+def test_two_consumers_in_a_group_split_partitions_without_loss_or_duplicates(broker, topic_name):
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 4)
+    codec = BinaryCodec(ID_SPEC)
+    n = 4000
+    _produce(broker.bootstrap, topic, [codec.encode(np.array([i, i]), i % 10) for i in range(n)],
+             partitions=[i % 4 for i in range(n)])
+    settings = KafkaSettings(broker.bootstrap, (topic,), group_id=f"g-{topic}", max_poll_records=50)
+    consumers = []
+
+    def join():
+        source = KafkaSource(settings)
+        ingest = Ingest(source, codec, queue_blocks=4).start()
+        consumers.append((source, ingest, Batcher(ID_SPEC, 16, ownership=source.ownership), []))
+
+    join()
+    delivered = []
+    deadline = time.monotonic() + 60
+    assigned_b = False
+    while len(delivered) < n and time.monotonic() < deadline:
+        if not assigned_b and len(delivered) >= 300:
+            join()  # B joins while A is mid-stream: a rebalance
+            assigned_b = True
+        for source, ingest, batcher, mine in consumers:
+            block = ingest.get(timeout_s=0.02)
+            if block is not None:
+                batcher.add(block)
+            # Slow consumer: one batch per turn, so a lot is queued when the rebalance hits.
+            batch = batcher.next_batch() or (batcher.next_batch(flush=True) if block is None else None)
+            if batch is not None and batch.size:
+                ids = _ids([batch])
+                mine.extend(ids)
+                delivered.extend(ids)
+                source.commit(batch.positions)
+    for source, ingest, _, _ in consumers:
+        ingest.stop()
+    a, b = consumers[0][3], consumers[1][3]
+    assert len(delivered) == n and sorted(delivered) == list(range(n))  # no loss, no duplicate
+    assert a and b  # both consumers took part
+    owners_b = {i % 4 for i in b[-100:]}
+    assert owners_b and not owners_b & {i % 4 for i in a[-100:]}  # split, after the rebalance
+    assert consumers[0][2].examples_dropped > 0 or consumers[1][2].examples_dropped >= 0
+
+
+class TcpProxy:
+    """A threaded TCP proxy that can be cut (all connections closed, new ones refused) and restored."""
+
+    def __init__(self, port: int, target_port: int):
+        self.port, self.target_port = port, target_port
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self._stopped = threading.Event()
+
+    def start(self):
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        listener.settimeout(0.1)
+        self._listener = listener
+        self._stopped.clear()
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener):
+        while not self._stopped.is_set():
+            try:
+                client, _ = listener.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        self._stopped.set()
+        self._listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def restore(self):
+        self.start()
+
+
+def test_source_recovers_from_a_cut_connection_and_delivers_every_record_once(topic_name):
+    proxy_port = free_port()
+    with EmbeddedBroker(advertised_port=proxy_port) as direct:
+        proxy = TcpProxy(proxy_port, direct.port).start()
+        try:
+            topic = topic_name()
+            create_topic(direct.bootstrap, topic, 2)
+            codec = BinaryCodec(ID_SPEC)
+            _produce(direct.bootstrap, topic, [codec.encode(np.array([i, i]), i % 10) for i in range(1500)],
+                     partitions=[i % 2 for i in range(1500)])
+            settings = KafkaSettings(direct.bootstrap, (topic,), max_poll_records=100, request_timeout_ms=5000,
+                                     reconnect_backoff_max_ms=500)
+            source = KafkaSource(settings)
+            batcher = Batcher(ID_SPEC, 50, ownership=source.ownership)
+            with Ingest(source, codec, queue_blocks=2) as ingest:
+                got = _ids(_collect(ingest, batcher, 400))
+                proxy.cut()
+                time.sleep(1.5)  # the outage: the source keeps retrying
+                more = _collect(ingest, batcher, 10**6, timeout_s=0.5)  # whatever was already queued
+                got += _ids(more)
+                proxy.restore()
+                _produce(direct.bootstrap, topic, [codec.encode(np.array([i, i]), i % 10) for i in range(1500, 2000)],
+                         partitions=[i % 2 for i in range(1500, 2000)])
+                got += _ids(_collect(ingest, batcher, 2000 - len(got), timeout_s=40))
+        finally:
+            proxy.cut()
+    assert sorted(got) == list(range(2000))
+    for p in (0, 1):  # each partition in order
+        ids = [i for i in got if i % 2 == p]
+        assert ids == sorted(ids)
+
+
+def test_bad_records_go_to_the_dead_letter_topic_and_file_good_ones_are_delivered(broker, topic_name, tmp_path):
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 1)
+    create_topic(broker.bootstrap, topic + ".dlq", 1)
+    codec = BinaryCodec(SPEC)
+    good = np.full((8, 8, 1), 0.5, np.float32)
+    nan = good.copy()
+    nan[1, 1, 0] = np.nan
+    bad = {
+        "bad bytes": b"\x00garbage",
+        "bad shape": encode_binary(np.zeros((3,), np.float32), np.int32(1)),
+        "non-finite": encode_binary(nan, np.int32(1)),
+        "label out of range": encode_binary(good, np.int32(42)),
+        "empty value": b"",
+        "bad JSON": b'{"x": [',
+    }
+    values = []
+    for kind, value in bad.items():
+        values.append(codec.encode(good, len(values) % 10))
+        values.append(value)
+    values.append(codec.encode(good, 3))
+    _produce(broker.bootstrap, topic, values)
+    source = KafkaSource(KafkaSettings(broker.bootstrap, (topic,)))
+    to_topic = KafkaDeadLetters(broker.bootstrap)
+    batcher = Batcher(SPEC, 4, ownership=source.ownership)
+    with Ingest(source, codec, to_topic) as ingest:
+        got = _collect(ingest, batcher, 7)
+    to_topic.close()
+    assert sum(b.size for b in got) == 7
+    assert batcher.positions == Positions({(topic, 0): len(values)})
+    expected = {"bad bytes": 1, "bad shape": 1, "non-finite": 1, "label out of range": 1, "empty value": 1}
+    expected["bad bytes"] += 1  # invalid JSON is bad bytes to the binary codec
+    assert dict(to_topic.counts) == expected
+    dlq = KafkaConsumer(bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=3000)
+    dlq.assign([TopicPartition(topic + ".dlq", 0)])
+    letters = [m for m in dlq]
+    dlq.close()
+    assert len(letters) == 6
+    reasons = [dict(m.headers)["dlq.reason"].decode() for m in letters]
+    assert all(reasons) and [int(dict(m.headers)["dlq.offset"]) for m in letters] == [1, 3, 5, 7, 9, 11]
+    # The JSON codec to a file sink, same neighbours.
+    json_topic = topic_name("-json")
+    create_topic(broker.bootstrap, json_topic, 1)
+    json_codec = JsonCodec(SPEC)
+    json_values = [json_codec.encode(good, 1), b"", b'{"x": [', json_codec.encode(good, 11),
+                   json_codec.encode(nan, 1), b"\xff", json_codec.encode(np.zeros(3), 1), json_codec.encode(good, 2)]
+    _produce(broker.bootstrap, json_topic, json_values)
+    sink = JsonLinesDeadLetters(tmp_path / "dead.jsonl")
+    source = KafkaSource(KafkaSettings(broker.bootstrap, (json_topic,)))
+    batcher = Batcher(SPEC, 4, ownership=source.ownership)
+    with Ingest(source, json_codec, sink) as ingest:
+        got = _collect(ingest, batcher, 2)
+    sink.close()
+    assert [int(v) for b in got for v in b.y[b.mask]] == [1, 2]
+    rows = read_dead_letters(tmp_path / "dead.jsonl")
+    assert [r["offset"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["reason"].split(":")[0] for r in rows] == [
+        "empty value", "bad JSON", "label out of range", "non-finite", "bad bytes", "bad shape"]
+
+
+def test_record_then_file_source_gives_the_same_records_positions_and_order(broker, topic_name, tmp_path):
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 3)
+    values = [f"value-{i}".encode() for i in range(900)]
+    _produce(broker.bootstrap, topic, values, keys=[f"k{i}".encode() for i in range(900)],
+             partitions=[i % 3 for i in range(900)])
+    from continuity.cli import main
+
+    out = tmp_path / "stream.parquet"
+    assert main(["record", "--bootstrap", broker.bootstrap, "--topic", topic, "--out", str(out),
+                 "--from-beginning", "--until-end"]) == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out)
+    assert table.num_rows == 900
+    rows = list(zip(table.column("partition").to_pylist(), table.column("offset").to_pylist(),
+                    table.column("key").to_pylist(), table.column("value").to_pylist(),
+                    table.column("timestamp_ms").to_pylist()))
+    # Against Kafka itself: every record, with its position, key, value and timestamp.
+    check = KafkaConsumer(bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=3000)
+    check.assign([TopicPartition(topic, p) for p in range(3)])
+    in_kafka = {(m.partition, m.offset, m.key, m.value, m.timestamp) for m in check}
+    check.close()
+    assert set(rows) == in_kafka
+    source = FileSource(out, read_rows=100)
+    replayed = []
+    while not source.finished:
+        for run in source.poll():
+            replayed.extend((run.partition, int(o), k, v, int(t))
+                            for o, k, v, t in zip(run.offsets, run.keys, run.values, run.timestamps_ms))
+    assert replayed == rows  # same order as recorded
+    # --max-records with the Python API
+    assert record_topic(KafkaSettings(broker.bootstrap, (topic,)), tmp_path / "part.parquet",
+                        from_beginning=True, max_records=10) == 10
+
+
+def test_unreachable_broker_is_retried_with_backoff_without_crashing(caplog):
+    port = free_port()
+    settings = KafkaSettings(f"127.0.0.1:{port}", ("nowhere",), request_timeout_ms=1000, bootstrap_timeout_ms=300)
+    source = KafkaSource(settings)
+    ingest = Ingest(source, BinaryCodec(SPEC), MemoryDeadLetters()).start()
+    try:
+        with caplog.at_level("WARNING", logger="stream.kafka"):
+            deadline = time.monotonic() + 20
+            while source.errors < 2 and time.monotonic() < deadline:
+                assert ingest.get(timeout_s=0.2) is None
+        assert source.errors >= 2
+        assert any("retry" in r.getMessage() for r in caplog.records)
+    finally:
+        ingest.stop()
