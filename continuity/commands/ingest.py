@@ -23,7 +23,8 @@ def register(subparsers) -> None:
     produce.add_argument("--codec", choices=("json", "binary"), default="binary", help="wire format (default binary)")
     produce.add_argument("--rate", type=_positive_float, default=None, metavar="N/s",
                          help="records per second (default: as fast as possible); '200/s' or '200'")
-    produce.add_argument("--poison", default=None, metavar="SEGMENT", help="poison this segment (corrupted labels)")
+    produce.add_argument("--poison", type=int, default=None, metavar="SEGMENT",
+                         help="index k >= 1 of a segment to replace by a broken-labeler copy of segment 0")
     produce.add_argument("--seed", type=int, default=0)
     produce.add_argument("--partitions", type=_positive_int, default=1, help="partitions when creating the topic (default 1)")
     produce.add_argument("--examples-per-record", type=_positive_int, default=1,
@@ -111,15 +112,6 @@ def run_broker(args) -> int:
         return 0
 
 
-def _poison_arg(text: str | None):
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
 def run_produce(args) -> int:
     from stream.codecs import CodecError, FeatureSpec, make_codec
     from stream.kafka import create_topic, produce_records
@@ -130,7 +122,7 @@ def run_produce(args) -> int:
     try:
         from stream.scenarios import make_scenario
 
-        scenario = make_scenario(args.scenario, seed=args.seed, poison=_poison_arg(args.poison))
+        scenario = make_scenario(args.scenario, seed=args.seed, poison=args.poison)
         spec = FeatureSpec(tuple(scenario.example_shape), "float32", int(scenario.num_classes))
         source = ScenarioSource(scenario, make_codec(args.codec, spec), topic=args.topic,
                                 examples_per_record=args.examples_per_record)

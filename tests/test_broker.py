@@ -1,0 +1,55 @@
+"""The embedded broker: starts on a free port, answers, stops, never outlives its parent; `continuity broker`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from stream.broker import EmbeddedBroker, answers_metadata, free_port
+
+
+def _wait(predicate, timeout_s=15.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_embedded_broker_answers_then_stops():
+    with EmbeddedBroker() as broker:
+        assert answers_metadata("127.0.0.1", broker.port)
+        port = broker.port
+    assert not answers_metadata("127.0.0.1", port, timeout_s=0.3)
+
+
+def test_broker_dies_with_the_process_that_started_it():
+    code = (
+        "import sys, os; sys.path.insert(0, os.getcwd());"
+        "from stream.broker import EmbeddedBroker;"
+        "b = EmbeddedBroker().start(); print(b._process.pid, b.port, flush=True); os._exit(0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    pid, port = map(int, out.stdout.split())
+    assert _wait(lambda: not answers_metadata("127.0.0.1", port, timeout_s=0.2))
+    assert _wait(lambda: not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2])
+
+
+def test_continuity_broker_command_runs_in_the_foreground_until_interrupted():
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "continuity.cli", "broker", "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert _wait(lambda: answers_metadata("127.0.0.1", port, timeout_s=0.2), 60)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=20)
+        assert not answers_metadata("127.0.0.1", port, timeout_s=0.3)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert f"127.0.0.1:{port}" in process.stdout.read()
