@@ -54,7 +54,11 @@ class ReplayConfig:
 
     kind: str = "reservoir"
     capacity: int = 0
-    batch_size: int = 32  # replayed examples mixed into every step
+    batch_size: int = 16  # replayed rows mixed into every step (half a default fresh batch: see BENCHMARKS.md)
+    # ER-ACE (Caccia et al. 2022): fresh rows' cross-entropy only over the classes present
+    # in the fresh batch, so learning new classes does not push old classes' logits down;
+    # replayed rows use all classes. Changes nothing when every batch holds every class.
+    asymmetric: bool = True
 
     def __post_init__(self):
         _one_of("replay.kind", self.kind, REPLAY_KINDS)

@@ -47,14 +47,6 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     return total / jnp.maximum(jnp.sum(mask), 1).astype(values.dtype)
 
 
-def _global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree)
-
-
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
-
-
 def _make_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
     if config.optimizer == "adam":
         return optax.adam(config.learning_rate)
@@ -103,6 +95,11 @@ class Learner:
             skipped_updates=jnp.zeros((), jnp.int32),
         )
 
+    @staticmethod
+    def param_norm(state: LearnerState) -> float:
+        """Global L2 norm of the parameters; read by the host when it reports, not every step."""
+        return float(optax.global_norm(state.params))
+
     def logits(self, params, x: jax.Array) -> jax.Array:
         return nnx.merge(self._graphdef, params)(x)
 
@@ -124,21 +121,33 @@ class Learner:
         else:
             x_all, y_all = x, y
 
+        if self.replay is not None and config.replay.asymmetric:
+            present = jnp.zeros(self.num_classes, bool).at[y].max(mask)  # classes in the fresh rows
+        else:
+            present = None
+
         def loss_fn(params):
             logits = self.logits(params, x_all)
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, y_all)
-            fresh_loss = _masked_mean(losses[:fresh_rows], mask)
+            fresh_logits = logits[:fresh_rows]
+            if present is not None:
+                fresh_logits = jnp.where(present, fresh_logits, jnp.finfo(fresh_logits.dtype).min)
+            fresh_loss = _masked_mean(optax.softmax_cross_entropy_with_integer_labels(fresh_logits, y), mask)
             replay_loss = (
-                _masked_mean(losses[fresh_rows:], replay_valid) if self.replay is not None else jnp.zeros(())
+                _masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits[fresh_rows:], y_all[fresh_rows:]),
+                             replay_valid)
+                if self.replay is not None else jnp.zeros(())
             )
             penalty = ewc.penalty(params, state.ewc) if config.ewc.enabled else jnp.zeros(())
-            correct = jnp.sum(jnp.where(mask, jnp.argmax(logits[:fresh_rows], -1) == y, False))
+            correct = jnp.sum(jnp.where(mask, jnp.argmax(logits[:fresh_rows], -1) == y, False))  # all classes
             return fresh_loss + replay_loss + penalty, (fresh_loss, replay_loss, penalty, correct)
 
         (loss, (fresh_loss, replay_loss, penalty, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
-        finite = jnp.isfinite(loss) & _all_finite(grads)
+        grad_norm = optax.global_norm(grads)
+        # One reduction serves both: any NaN/Inf gradient makes the global norm non-finite
+        # (so does a norm that overflows float32, an update worth skipping too).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # A non-finite step changes nothing but the counters: not the model, not the buffer.
@@ -154,8 +163,7 @@ class Learner:
             "fresh_loss": fresh_loss,
             "replay_loss": replay_loss,
             "ewc_penalty": penalty,
-            "grad_norm": _global_norm(grads),
-            "param_norm": _global_norm(params),
+            "grad_norm": grad_norm,
             "examples": valid,
             "correct": correct,
             "finite": finite,

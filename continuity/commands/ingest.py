@@ -7,12 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+from continuity.commands.arguments import port, positive_int, rate
 from continuity.errors import UsageError
 
 
 def register(subparsers) -> None:
     broker = subparsers.add_parser("broker", help="run the embedded Kafka-compatible broker (Tansu) in the foreground")
-    broker.add_argument("--port", type=_port, default=9092, help="loopback port to listen on (default 9092)")
+    broker.add_argument("--port", type=port, default=9092, help="loopback port to listen on (default 9092)")
     broker.add_argument("--host", default="127.0.0.1", help="address to listen on and advertise (default 127.0.0.1)")
     broker.set_defaults(handler=run_broker)
 
@@ -21,13 +22,13 @@ def register(subparsers) -> None:
     produce.add_argument("--topic", required=True)
     produce.add_argument("--scenario", required=True, metavar="NAME")
     produce.add_argument("--codec", choices=("json", "binary"), default="binary", help="wire format (default binary)")
-    produce.add_argument("--rate", type=_positive_float, default=None, metavar="N/s",
+    produce.add_argument("--rate", type=rate, default=None, metavar="N/s",
                          help="records per second (default: as fast as possible); '200/s' or '200'")
     produce.add_argument("--poison", type=int, default=None, metavar="SEGMENT",
                          help="index k >= 1 of a segment to replace by a broken-labeler copy of segment 0")
     produce.add_argument("--seed", type=int, default=0)
-    produce.add_argument("--partitions", type=_positive_int, default=1, help="partitions when creating the topic (default 1)")
-    produce.add_argument("--examples-per-record", type=_positive_int, default=1,
+    produce.add_argument("--partitions", type=positive_int, default=1, help="partitions when creating the topic (default 1)")
+    produce.add_argument("--examples-per-record", type=positive_int, default=1,
                          help="examples per record; > 1 needs --codec binary (default 1)")
     produce.set_defaults(handler=run_produce)
 
@@ -38,7 +39,7 @@ def register(subparsers) -> None:
     record.add_argument("--from-beginning", action="store_true", help="start at the earliest offset (default: newest)")
     stop = record.add_mutually_exclusive_group()
     stop.add_argument("--until-end", action="store_true", help="stop at the end offsets seen at start")
-    stop.add_argument("--max-records", type=_positive_int, default=None, metavar="N")
+    stop.add_argument("--max-records", type=positive_int, default=None, metavar="N")
     record.set_defaults(handler=run_record)
 
 
@@ -48,11 +49,11 @@ def add_ingest_parser(bench_subparsers) -> argparse.ArgumentParser:
         "ingest", help="records/s: bare kafka-python poll loop vs KafkaSource + decode + batch"
     )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the result here")
-    parser.add_argument("--records", type=_positive_int, default=50_000, help="single-example records per topic")
-    parser.add_argument("--batched-records", type=_positive_int, default=400, help="batched records per topic")
-    parser.add_argument("--examples-per-record", type=_positive_int, default=256)
-    parser.add_argument("--batch-size", type=_positive_int, default=64)
-    parser.add_argument("--repeats", type=_positive_int, default=3)
+    parser.add_argument("--records", type=positive_int, default=50_000, help="single-example records per topic")
+    parser.add_argument("--batched-records", type=positive_int, default=400, help="batched records per topic")
+    parser.add_argument("--examples-per-record", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--bootstrap", default=None, metavar="HOST:PORT",
                         help="an existing broker (default: start the embedded one)")
     parser.set_defaults(handler=run_bench_ingest)
@@ -60,34 +61,6 @@ def add_ingest_parser(bench_subparsers) -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------- argument types
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    raw = text[:-2] if text.endswith("/s") else text
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a rate like 200 or 200/s, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive rate, got {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value}")
-    return value
 
 
 def _err(message: str) -> None:

@@ -1,0 +1,122 @@
+"""`make bench`: run every benchmark, write raw JSON to bench-results/, print the summary tables.
+
+Learning quality is reported as mean and std over three seeds; speed as medians and
+ratios measured within one run (these machines are noisy, absolute rates are not
+comparable across runs). Usage: python -m benchmarks.run [--only cl|step|ingest] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SEEDS = (0, 1, 2)
+PASSES = 3
+from benchmarks import STRATEGIES
+
+# Replay buffer size per scenario: split-digits uses the 200 its target names; permuted-digits,
+# ten domains of ~1,440 examples, uses 1,000 (7% of its stream; 200 is reported too).
+CL_SUITES = {
+    "permuted-digits": {"replay_capacity": 1000},
+    "split-digits": {"replay_capacity": 200},
+}
+
+
+def _mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {std:.3f}"
+
+
+def run_cl(out: Path) -> list[str]:
+    from benchmarks.continual import run_continual, strategy_config
+    from stream.scenarios import make_scenario
+
+    lines = []
+    for scenario_name, options in CL_SUITES.items():
+        results = {}
+        for strategy in STRATEGIES:
+            for seed in SEEDS:
+                scenario = make_scenario(scenario_name, seed=seed)
+                config = strategy_config(strategy, replay_capacity=options["replay_capacity"])
+                result = run_continual(scenario, strategy, seed=seed, passes=PASSES, config=config)
+                results.setdefault(strategy, []).append(result)
+                (out / f"cl-{scenario_name}-{strategy}-seed{seed}.json").write_text(json.dumps(result, indent=2))
+                print(f"  {scenario_name} {strategy} seed {seed}: avg accuracy {result['avg_accuracy']:.3f}",
+                      file=sys.stderr, flush=True)
+        joint = statistics.mean(r["avg_accuracy"] for r in results["joint"])
+        naive_forgetting = statistics.mean(r["forgetting"] for r in results["naive"])
+        lines += [
+            f"### {scenario_name} ({len(scenario.segments)} segments, {PASSES} passes, seeds {list(SEEDS)}, "
+            f"replay buffer {options['replay_capacity']})",
+            "",
+            "| strategy | avg accuracy | forgetting | BWT | avg acc / joint | forgetting / naive | examples/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for strategy, runs in results.items():
+            acc = [r["avg_accuracy"] for r in runs]
+            fgt = [r["forgetting"] for r in runs]
+            rel_fgt = "n/a" if strategy == "joint" else f"{statistics.mean(fgt) / naive_forgetting:.2f}"
+            lines.append(
+                f"| {strategy} | {_mean_std(acc)} | {_mean_std(fgt)} | {_mean_std(r['bwt'] for r in runs)} | "
+                f"{statistics.mean(acc) / joint:.3f} | {rel_fgt} | "
+                f"{statistics.median(r['examples_per_second'] for r in runs):,.0f} |"
+            )
+        lines.append("")
+    return lines
+
+
+def run_step(out: Path) -> list[str]:
+    from benchmarks.step import run_step_benchmark
+
+    result = run_step_benchmark()
+    (out / "step.json").write_text(json.dumps(result, indent=2))
+    return [
+        f"### bench step (batch {result['batch_size']}, MLP 256x256, reservoir replay "
+        f"{result['replay_batch_size']} rows/step, EWC on)",
+        "",
+        "| plain step samples/s | continual step samples/s | ratio | compilations after warm-up |",
+        "|---|---|---|---|",
+        f"| {result['plain_samples_per_second']:,.0f} | {result['continual_samples_per_second']:,.0f} | "
+        f"{result['ratio']:.2f} | {result['compilations_after_warmup']} |",
+        "",
+    ]
+
+
+def run_ingest(out: Path) -> list[str]:
+    from benchmarks.ingest import format_result, run_ingest_benchmark
+
+    result = run_ingest_benchmark()
+    (out / "ingest.json").write_text(json.dumps(result, indent=2))
+    return ["### bench ingest (embedded Tansu broker)", "", "```", format_result(result), "```", ""]
+
+
+BENCHMARKS = {"cl": run_cl, "step": run_step, "ingest": run_ingest}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name in args.only or list(BENCHMARKS):
+        started = time.perf_counter()
+        print(f"bench {name} ...", file=sys.stderr, flush=True)
+        lines += BENCHMARKS[name](args.out)
+        print(f"bench {name} done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    summary = "\n".join(lines)
+    (args.out / "summary.md").write_text(summary + "\n")
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

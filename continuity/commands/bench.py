@@ -1,0 +1,94 @@
+"""`continuity bench ...`: reproducible learning-quality and speed benchmarks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from benchmarks import STRATEGIES
+from continuity.commands.arguments import positive_int
+from continuity.commands.ingest import add_ingest_parser
+from stream.scenarios import SCENARIOS
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="run a benchmark and write its JSON result")
+    kinds = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", parser_class=type(bench))
+    kinds.required = True
+
+    cl = kinds.add_parser("cl", help="continual-learning quality: accuracy matrix, forgetting, BWT")
+    cl.add_argument("--scenario", required=True, choices=SCENARIOS)
+    cl.add_argument("--strategy", required=True, choices=STRATEGIES)
+    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--passes", type=positive_int, default=1, help="epochs over each segment (default 1)")
+    cl.add_argument("--segments", type=positive_int, default=None, help="number of segments (scenario default)")
+    cl.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    cl.add_argument("--replay-capacity", type=positive_int, default=None,
+                    help="replay buffer size for replay strategies (default 200)")
+    cl.add_argument("--replay-kind", choices=("reservoir", "class_balanced", "fifo"), default="reservoir")
+    cl.add_argument("--ewc-strength", type=float, default=None,
+                    help="EWC lambda (default 1000 for ewc, 10 for ewc+replay)")
+    cl.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the result here")
+    cl.set_defaults(handler=run_cl)
+
+    step = kinds.add_parser("step", help="samples/s of the full continual step vs a plain jitted step")
+    step.add_argument("--batch-size", type=positive_int, default=32)
+    step.add_argument("--replay-batch-size", type=positive_int, default=16, help="replayed rows per step")
+    step.add_argument("--steps", type=positive_int, default=500, help="dispatches per timed repeat")
+    step.add_argument("--repeats", type=positive_int, default=5)
+    step.add_argument("--json", type=Path, default=None, metavar="PATH")
+    step.set_defaults(handler=run_step)
+
+    add_ingest_parser(kinds)
+
+
+def _write_json(path: Path | None, result: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_cl(args) -> int:
+    from benchmarks.continual import DEFAULT_REPLAY_CAPACITY, format_result, run_continual, strategy_config
+    from learner import LearnerConfig, ModelConfig
+    from stream.scenarios import make_scenario
+
+    from continuity.errors import UsageError
+
+    try:
+        scenario = make_scenario(args.scenario, seed=args.seed, segments=args.segments)
+        config = strategy_config(
+            args.strategy,
+            base=LearnerConfig(model=ModelConfig(kind=args.model)),
+            replay_capacity=args.replay_capacity or DEFAULT_REPLAY_CAPACITY,
+            replay_kind=args.replay_kind,
+            ewc_strength=args.ewc_strength,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    result = run_continual(scenario, args.strategy, seed=args.seed, passes=args.passes, config=config,
+                           progress=_progress)
+    print(format_result(result))
+    _write_json(args.json, result)
+    return 0
+
+
+def run_step(args) -> int:
+    from benchmarks.step import run_step_benchmark
+
+    result = run_step_benchmark(batch_size=args.batch_size, replay_batch_size=args.replay_batch_size,
+                                steps=args.steps, repeats=args.repeats)
+    print(
+        f"batch {result['batch_size']}: plain step {result['plain_samples_per_second']:,.0f} samples/s, "
+        f"continual step (replay + EWC) {result['continual_samples_per_second']:,.0f} samples/s, "
+        f"ratio {result['ratio']:.2f}, compilations after warm-up {result['compilations_after_warmup']}"
+    )
+    _write_json(args.json, result)
+    return 0

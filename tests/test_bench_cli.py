@@ -1,0 +1,63 @@
+"""`continuity bench cl` and `bench step` end to end through the CLI, small."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from continuity.cli import main
+
+
+def test_bench_cl_runs_end_to_end_and_writes_its_json(tmp_path, capsys):
+    out = tmp_path / "cl.json"
+    status = main(["bench", "cl", "--scenario", "permuted-digits", "--segments", "3", "--strategy", "ewc+replay",
+                   "--seed", "3", "--passes", "1", "--json", str(out)])
+    assert status == 0
+    result = json.loads(out.read_text())
+    for key in ("scenario", "strategy", "seed", "passes", "accuracy_matrix", "avg_accuracy", "forgetting", "bwt",
+                "examples_per_second", "wall_seconds"):
+        assert key in result
+    matrix = np.array(result["accuracy_matrix"])
+    assert matrix.shape == (3, 3)
+    assert ((0 <= matrix) & (matrix <= 1)).all()
+    assert result["avg_accuracy"] == pytest.approx(matrix[-1].mean())
+    assert result["examples_per_second"] > 0
+    # Each permutation is learned while it is the current segment (chance is 0.1).
+    assert np.diag(matrix).min() > 0.7
+    printed = capsys.readouterr().out
+    assert "after perm-2" in printed and "avg accuracy" in printed
+
+
+def test_bench_cl_joint_is_one_row_without_forgetting(tmp_path):
+    out = tmp_path / "joint.json"
+    assert main(["bench", "cl", "--scenario", "permuted-digits", "--segments", "2", "--strategy", "joint",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["accuracy_matrix"]) == 1 and len(result["accuracy_matrix"][0]) == 2
+    assert result["forgetting"] is None and result["bwt"] is None
+
+
+@pytest.mark.parametrize(
+    "argument, value, valid",
+    [("--scenario", "imagenet", "'permuted-digits', 'rotated-digits', 'split-digits'"),
+     ("--strategy", "magic", "'naive', 'ewc', 'replay', 'ewc+replay', 'joint'")],
+)
+def test_unknown_names_exit_2_with_one_line_listing_the_valid_ones(argument, value, valid):
+    args = {"--scenario": "split-digits", "--strategy": "naive", argument: value}
+    command = [sys.executable, "-m", "continuity.cli", "bench", "cl"] + [x for kv in args.items() for x in kv]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert value in lines[0] and valid in lines[0]
+
+
+def test_bench_step_reports_zero_compilations_after_warmup(tmp_path):
+    out = tmp_path / "step.json"
+    assert main(["bench", "step", "--steps", "20", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["compilations_after_warmup"] == 0
+    assert result["plain_samples_per_second"] > 0 and result["continual_samples_per_second"] > 0
+    assert result["ratio"] == pytest.approx(result["continual_samples_per_second"] / result["plain_samples_per_second"])
