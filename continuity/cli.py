@@ -16,6 +16,7 @@ from continuity.errors import UsageError
 # Command modules, imported lazily so `continuity --help` does not pay for JAX.
 COMMAND_MODULES = (
     "continuity.commands.bench",
+    "continuity.commands.checkpoints",
     "continuity.commands.ingest",
 )
 

@@ -1,0 +1,115 @@
+"""The ledger: an append-only JSON-lines audit trail of what happened to a store and why.
+
+One event per line (save, delete, skip, pin, unpin, rollback, and whatever the guard
+records: probe decisions, quarantines), each with its figures, so an operator can read
+back why checkpoint 12 is the one a restart restores. Lines are flushed and fsynced
+one by one: a crash loses at most the line being written, and `read` ignores a torn
+final line instead of failing on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def to_json_value(value: Any, *, where: str = "value") -> Any:
+    """`value` as plain JSON data: NumPy/JAX scalars and arrays, tuples, Paths converted.
+
+    Objects with a `to_json()` method (e.g. stream positions) are asked for their JSON
+    form, so callers can pass domain objects without this package importing them.
+    Non-finite floats become None (strict JSON has no NaN). Anything else that JSON
+    cannot hold raises TypeError naming `where`, in the caller, not later in a
+    background thread.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    to_json = getattr(value, "to_json", None)
+    if callable(to_json):
+        return to_json_value(to_json(), where=where)
+    if isinstance(value, Mapping):
+        return {str(k): to_json_value(v, where=f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(v, where=f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Path):
+        return str(value)
+    # NumPy and JAX scalars/arrays, without importing either: both offer tolist().
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):
+        return to_json_value(value.tolist(), where=where)
+    raise TypeError(f"`{where}` must be JSON-serialisable (numbers, strings, lists, dicts, arrays). "
+                    f"Got {type(value).__name__}.")
+
+
+class Ledger:
+    """Append-only JSON lines at `path` (`ledger.jsonl` in a store directory).
+
+    One writer per file (the service, or a command run while no service writes):
+    each `append` is one `write` of one line in append mode, flushed and fsynced, so
+    lines from two processes never interleave within a line on a local file system,
+    but their order is only the order the writes landed in.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def append(self, event: str, **fields: Any) -> dict:
+        """Appends one event and returns the record written ("event" and "time" added)."""
+        if not isinstance(event, str) or not event:
+            raise ValueError(f"`event` must be a non-empty string. Got {event!r}.")
+        reserved = {"event", "time"} & set(fields)
+        if reserved:
+            raise ValueError(f"ledger fields {sorted(reserved)} are set by the ledger itself; rename them.")
+        record = {"event": event, "time": time.time()}
+        record.update({name: to_json_value(value, where=name) for name, value in fields.items()})
+        line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as handle:
+            # A crash mid-write leaves a line without its newline; start on a fresh line
+            # so the torn fragment stays a line of its own that `read` can skip.
+            if handle.seek(0, os.SEEK_END) > 0:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    line = "\n" + line
+            handle.write(line.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        return record
+
+    def read(self) -> list[dict]:
+        """All events, oldest first; [] when the file does not exist.
+
+        A line that does not parse is a write torn by a crash (the last line, or one
+        that a later append started after) and is skipped, with a warning when it is
+        not the last line.
+        """
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return []
+        lines = text.split("\n")
+        events = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                final = number == len(lines) or (number == len(lines) - 1 and not lines[-1])
+                if not final:
+                    logger.warning("%s: skipping torn line %d", self.path, number)
+                continue
+            if isinstance(record, dict):
+                events.append(record)
+        return events

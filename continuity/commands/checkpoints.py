@@ -1,0 +1,257 @@
+"""`continuity checkpoints list|show|pin|unpin|export` and `continuity rollback`: a store on disk.
+
+These commands work on a checkpoint directory directly, with or without a service
+running. They open the store read-mostly: pins, head and abandoned marks go to its
+store.json, events to its ledger; they never save or delete a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+from continuity.errors import UsageError
+
+
+def register(subparsers) -> None:
+    group = subparsers.add_parser("checkpoints", help="list, inspect, pin and export checkpoints in a store")
+    commands = group.add_subparsers(dest="checkpoints_command", metavar="COMMAND", parser_class=type(group))
+    commands.required = True
+
+    listing = commands.add_parser("list", help="a table of the store's checkpoints, oldest first")
+    _add_dir(listing)
+    listing.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    listing.set_defaults(handler=run_list)
+
+    show = commands.add_parser("show", help="one checkpoint's full metadata as JSON")
+    show.add_argument("step", type=_checkpoint_number, metavar="STEP", help="checkpoint number (see `list`)")
+    _add_dir(show)
+    show.set_defaults(handler=run_show)
+
+    for name, verb in (("pin", "keep it through retention"), ("unpin", "let retention delete it again")):
+        parser = commands.add_parser(name, help=f"{name} a checkpoint: {verb}")
+        parser.add_argument("step", type=_checkpoint_number, metavar="STEP")
+        _add_dir(parser)
+        parser.set_defaults(handler=run_pin, pin=name == "pin")
+
+    export = commands.add_parser("export", help="write a checkpoint's params as .msgpack (flax) or .npz")
+    export.add_argument("step", type=_checkpoint_number, metavar="STEP")
+    _add_dir(export)
+    export.add_argument("--out", required=True, type=Path, metavar="FILE", help="FILE.msgpack or FILE.npz")
+    export.set_defaults(handler=run_export)
+
+    rollback = subparsers.add_parser("rollback", help="make a good checkpoint the one the next start restores")
+    _add_dir(rollback)
+    target = rollback.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", type=_checkpoint_number, metavar="STEP", help="this checkpoint (must be good)")
+    target.add_argument("--last-good", action="store_true", help="the newest good checkpoint not abandoned")
+    rollback.add_argument("--reason", default="manual rollback", help="recorded in the ledger")
+    rollback.set_defaults(handler=run_rollback)
+
+
+def _add_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", required=True, type=Path, metavar="DIR", help="the checkpoint store directory")
+
+
+def _checkpoint_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a checkpoint number must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a checkpoint number must be a positive integer, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------- store access
+
+
+def open_store(directory: Path):
+    """The store at `directory` for a command: never created, errors as UsageError."""
+    from checkpoints import CheckpointNotFoundError, CheckpointStore
+
+    try:
+        return CheckpointStore(directory, create=False)
+    except CheckpointNotFoundError as error:
+        raise UsageError(str(error)) from None
+    except ValueError as error:  # an unreadable store.json
+        raise UsageError(str(error)) from None
+
+
+def _require_checkpoints(store) -> None:
+    if not store.numbers():
+        raise UsageError(f"{store.directory} holds no checkpoints yet")
+
+
+def _call(function, *args, **kwargs):
+    """Runs a store operation, turning what a user can fix into one-line UsageErrors."""
+    from checkpoints import CheckpointNotFoundError, CorruptCheckpointError
+
+    try:
+        return function(*args, **kwargs)
+    except (CheckpointNotFoundError, CorruptCheckpointError, ValueError) as error:
+        raise UsageError(str(error)) from None
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def format_positions(positions) -> str:
+    """Compact positions: "t/0:1200 t/1:980" (a "+k" suffix when k examples of that record are done)."""
+    if not positions:
+        return "-"
+    entries = []
+    if isinstance(positions, dict):  # {"topic/partition": offset} or {topic: {partition: offset}}
+        for key, value in positions.items():
+            if isinstance(value, dict):
+                entries.extend((str(key), str(p), o, 0) for p, o in value.items())
+            else:
+                entries.append((str(key), None, value, 0))
+    elif isinstance(positions, list):
+        for entry in positions:
+            if isinstance(entry, dict):
+                entries.append((str(entry.get("topic", "?")), str(entry.get("partition", "?")),
+                                entry.get("offset", "?"), entry.get("skip", 0)))
+            elif isinstance(entry, (list, tuple)) and len(entry) >= 3:
+                entries.append((str(entry[0]), str(entry[1]), entry[2], 0))
+    parts = []
+    for topic, partition, offset, skip in entries:
+        where = topic if partition is None else f"{topic}/{partition}"
+        parts.append(f"{where}:{offset}" + (f"+{skip}" if skip else ""))
+    return " ".join(parts) or "-"
+
+
+def _probe_accuracy(metadata: dict) -> str:
+    probe = metadata.get("probe")
+    accuracy = probe.get("accuracy") if isinstance(probe, dict) else None
+    if isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and math.isfinite(accuracy):
+        return f"{accuracy:.4f}"
+    return "-"
+
+
+def _saved_time(metadata: dict) -> str:
+    saved_at = metadata.get("saved_at")
+    if not isinstance(saved_at, (int, float)):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(saved_at))
+
+
+def _status(info) -> str:
+    status = "abandoned" if info.abandoned else info.status
+    return f"{status} HEAD" if info.head else status
+
+
+def _info_json(info) -> dict:
+    return {"checkpoint": info.number, "status": info.status, "pinned": info.pinned,
+            "abandoned": info.abandoned, "head": info.head, "metadata": info.metadata}
+
+
+def format_table(infos) -> str:
+    header = ("CKPT", "STEP", "SAVED", "POSITIONS", "PROBE ACC", "STATUS", "PINNED")
+    rows = [header]
+    for info in infos:
+        step = info.metadata.get("learner_step")
+        rows.append((
+            str(info.number),
+            "-" if step is None else str(step),
+            _saved_time(info.metadata),
+            format_positions(info.metadata.get("positions")),
+            _probe_accuracy(info.metadata),
+            _status(info),
+            "yes" if info.pinned else "",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _describe(store, number: int) -> str:
+    info = store.info(number)
+    step = info.metadata.get("learner_step")
+    details = [f"saved {_saved_time(info.metadata)}"]
+    if step is not None:
+        details.insert(0, f"learner step {step}")
+    if info.metadata.get("positions"):
+        details.append(f"positions {format_positions(info.metadata['positions'])}")
+    return f"checkpoint {number} ({', '.join(details)})"
+
+
+# ---------------------------------------------------------------------------- handlers
+
+
+def run_list(args) -> int:
+    store = open_store(args.dir)
+    try:
+        _require_checkpoints(store)
+        infos = store.list()
+        if args.json:
+            print(json.dumps([_info_json(info) for info in infos], indent=2))
+        else:
+            print(format_table(infos))
+        return 0
+    finally:
+        store.close()
+
+
+def run_show(args) -> int:
+    store = open_store(args.dir)
+    try:
+        _require_checkpoints(store)
+        info = _call(store.info, args.step)
+        print(json.dumps(_info_json(info), indent=2))
+        return 0
+    finally:
+        store.close()
+
+
+def run_pin(args) -> int:
+    store = open_store(args.dir)
+    try:
+        _require_checkpoints(store)
+        _call(store.pin if args.pin else store.unpin, args.step)
+        print(f"checkpoint {args.step} {'pinned' if args.pin else 'unpinned'}")
+        return 0
+    finally:
+        store.close()
+
+
+def run_export(args) -> int:
+    store = open_store(args.dir)
+    try:
+        _require_checkpoints(store)
+        out = _call(store.export_params, args.step, args.out)
+        print(f"wrote the params of checkpoint {args.step} to {out}")
+        return 0
+    finally:
+        store.close()
+
+
+def run_rollback(args) -> int:
+    # A later issue asks a running service over HTTP first; on-disk is the fallback.
+    return rollback_in_directory(args.dir, to=args.to, last_good=args.last_good, reason=args.reason)
+
+
+def rollback_in_directory(directory: Path, to: int | None = None, last_good: bool = False,
+                          reason: str = "manual rollback") -> int:
+    """Sets the head of the store at `directory` and says what the next start restores."""
+    if (to is None) == (not last_good):
+        raise UsageError("rollback needs exactly one of --to STEP or --last-good")
+    store = open_store(directory)
+    try:
+        _require_checkpoints(store)
+        if last_good:
+            target = store.newest_good()
+            if target is None:
+                raise UsageError(f"{store.directory} has no good checkpoint that is not abandoned")
+            if store.head == target:
+                print(f"the next start already restores {_describe(store, target)}")
+                return 0
+        else:
+            target = to
+        _call(store.set_head, target, reason=reason)
+        print(f"the next start restores {_describe(store, target)}")
+        return 0
+    finally:
+        store.close()
