@@ -13,6 +13,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -82,7 +83,9 @@ def run_step_benchmark(
 
     state = learner.init(seed)
     plain = _plain_step(learner)
-    carry = (jax.tree.map(np.array, state.params), learner.optimizer.init(state.params))
+    # On the device from the start, like the learner's state, so its first call is its only compile.
+    carry = jax.device_put((jax.tree.map(jnp.copy, state.params), learner.optimizer.init(state.params)),
+                           jax.devices()[0])
 
     # Warm-up: compile both, fill the buffer a little, and make the EWC penalty live.
     for batch in pool:

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 from continuity.errors import UsageError
 
-# Command modules, imported lazily so `continuity --help` does not pay for JAX.
+# Command modules. Each imports its heavy dependencies (JAX, Kafka) inside its handlers,
+# so building the parser, and `continuity --help`, stays fast.
 COMMAND_MODULES = (
     "continuity.commands.bench",
     "continuity.commands.checkpoints",

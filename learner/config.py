@@ -83,7 +83,7 @@ class EWCConfig:
     strength: float = 100.0
     strength_min: float = 10.0
     strength_max: float = 10_000.0
-    decay: float = 0.9
+    decay: float = 0.5  # a boost wears off within a few accepted windows, so plasticity comes back
     boost: float = 4.0
     gamma: float = 0.9
     fisher_samples: int = 256  # examples (from replay, or given) per Fisher refresh

@@ -82,7 +82,10 @@ class Learner:
         params = nnx.to_pure_dict(nnx.state(model))
         # Built under jit so every leaf is its own buffer: eager constructors may share one
         # array between leaves (a zero counter, say), and donation refuses a buffer twice.
-        return jax.jit(self._fresh_state)(params, jax.random.PRNGKey(seed))
+        state = jax.jit(self._fresh_state)(params, jax.random.PRNGKey(seed))
+        # Committed to the device, as restored checkpoints are: jit keys its cache on that, so
+        # a fresh and a restored state share one compiled step.
+        return jax.device_put(state, jax.devices()[0])
 
     def _fresh_state(self, params, rng) -> LearnerState:
         return LearnerState(

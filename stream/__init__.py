@@ -9,7 +9,7 @@ on a background thread; `Batcher` makes fixed-shape `Batch`es (pad + mask) with 
 This package imports nothing from the rest of the project.
 """
 
-from stream.batcher import NO_SEGMENT, Batch, Batcher, HeldOut, Holdout, Ownership
+from stream.batcher import NO_SEGMENT, Batch, Batcher, Holdout, Ownership
 from stream.broker import BrokerError, EmbeddedBroker, free_port
 from stream.codecs import CODECS, BinaryCodec, Codec, CodecError, FeatureSpec, JsonCodec, encode_binary, encode_json, make_codec
 from stream.deadletters import DeadLetter, DeadLetterSink, JsonLinesDeadLetters, KafkaDeadLetters, MemoryDeadLetters, read_dead_letters
@@ -21,7 +21,7 @@ from stream.recording import RecordingWriter, record_topic
 from stream.sources import FileSource, ScenarioSource, Source, SourceError
 
 __all__ = [
-    "NO_SEGMENT", "Batch", "Batcher", "HeldOut", "Holdout", "Ownership",
+    "NO_SEGMENT", "Batch", "Batcher", "Holdout", "Ownership",
     "BrokerError", "EmbeddedBroker", "free_port",
     "CODECS", "BinaryCodec", "Codec", "CodecError", "FeatureSpec", "JsonCodec", "encode_binary", "encode_json", "make_codec",
     "DeadLetter", "DeadLetterSink", "JsonLinesDeadLetters", "KafkaDeadLetters", "MemoryDeadLetters", "read_dead_letters",

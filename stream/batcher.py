@@ -2,10 +2,12 @@
 
 `Batcher.add(block)` takes decoded `ExampleBlock`s in stream order; `next_batch()` returns
 a `Batch` of exactly `batch_size` rows once enough examples are buffered (or, with
-`flush=True`, whatever is left, padded). A `Holdout` diverts a deterministic share of
-examples to the continuity probe instead of training: the choice hashes the record key
+`flush=True`, whatever is left, padded). A `Holdout` marks a deterministic share of
+examples for the continuity probe instead of training: the choice hashes the record key
 (with the example's index inside a batched record), or, for records without a key, the
-record's position, so the same stream always holds out the same examples.
+record's position, so the same stream always holds out the same examples. Marked rows
+travel inside the batch they fall in (`Batch.held_out`), so what reaches the probe is
+tied to the positions trained, never to how far a background reader has buffered ahead.
 
 `Ownership` is shared between a KafkaSource (whose rebalance listener writes it) and the
 Batcher (which reads it): examples of partitions this consumer no longer owns, or that
@@ -21,7 +23,7 @@ from __future__ import annotations
 import threading
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
@@ -42,15 +44,12 @@ class Batch(NamedTuple):
     segment: np.ndarray  # shape=(B,), dtype=int32; NO_SEGMENT for none / padding
     positions: Positions  # where to resume once this batch is trained
     size: int  # real rows (mask.sum())
+    held_out: np.ndarray  # shape=(B,), dtype=bool: real rows for the probe, never to be trained on
 
-
-class HeldOut(NamedTuple):
-    """Examples diverted to the probe (never trained on)."""
-
-    x: np.ndarray  # shape=(n, *feature_shape), dtype=float32
-    y: np.ndarray  # shape=(n,)
-    segment: np.ndarray  # shape=(n,), dtype=int32
-    keys: list  # n entries of bytes | None (the record key)
+    @property
+    def train_mask(self) -> np.ndarray:
+        """Rows to train on: real and not held out."""
+        return self.mask & ~self.held_out
 
 
 def _mix64(h: np.ndarray) -> np.ndarray:
@@ -139,7 +138,7 @@ class Ownership:
 
 
 class Batcher:
-    """Turns ExampleBlocks into fixed-shape Batches; diverts the holdout share to the probe."""
+    """Turns ExampleBlocks into fixed-shape Batches; marks the holdout share for the probe."""
 
     def __init__(
         self,
@@ -147,7 +146,6 @@ class Batcher:
         batch_size: int,
         *,
         holdout: Holdout | None = None,
-        on_holdout: Callable[[HeldOut], None] | None = None,
         ownership: Ownership | None = None,
         start: Positions | None = None,
         segment_names: Iterable[str] = (),
@@ -157,7 +155,6 @@ class Batcher:
         self.spec = spec
         self.batch_size = batch_size
         self.holdout = holdout
-        self.on_holdout = on_holdout
         self.ownership = ownership or Ownership()
         self._positions: dict[PartitionKey, PartitionPosition] = dict(
             (PartitionKey(*k), v) for k, v in (start or Positions()).items()
@@ -165,10 +162,10 @@ class Batcher:
         self._segment_ids: dict[str, int] = {}
         for name in segment_names:
             self.segment_id(name)
-        self._buffer: deque[tuple[ExampleBlock, np.ndarray]] = deque()  # (block, segment ids per record)
+        # (block, segment ids per record, held-out flag per example)
+        self._buffer: deque[tuple[ExampleBlock, np.ndarray, np.ndarray]] = deque()
         self._buffered = 0
         self._seen_generation = self.ownership.generation
-        self._held_out: list[HeldOut] = []
         self.examples_in = 0
         self.examples_held_out = 0
         self.examples_dropped = 0
@@ -206,45 +203,18 @@ class Batcher:
         self.examples_in += len(block)
         if self.holdout is not None and len(block):
             chosen = self.holdout.select(block)
-            if chosen.any():
-                self._divert(block, chosen)
-                keep = np.flatnonzero(~chosen)
-                end = block.position_at_end()
-                block = ExampleBlock(
-                    block.topic, block.partition, block.x[keep], block.y[keep], block.record[keep], block.index[keep],
-                    block.offsets, block.counts, block.segments, block.keys, block.generation, end,
-                )
-        ids = np.fromiter((self.segment_id(s) for s in block.segments), np.int32, len(block.segments))
-        self._buffer.append((block, ids))
-        self._buffered += len(block)
-
-    def _divert(self, block: ExampleBlock, chosen: np.ndarray) -> None:
-        ids = np.fromiter((self.segment_id(s) for s in block.segments), np.int32, len(block.segments))
-        rows = block.record[chosen]
-        held = HeldOut(block.x[chosen], block.y[chosen], ids[rows], [block.keys[r] for r in rows])
-        self.examples_held_out += len(held.y)
-        if self.on_holdout is not None:
-            self.on_holdout(held)
         else:
-            self._held_out.append(held)
-
-    def take_held_out(self) -> HeldOut | None:
-        """Held-out examples accumulated since the last call (when no `on_holdout` is set)."""
-        if not self._held_out:
-            return None
-        held, self._held_out = self._held_out, []
-        return HeldOut(
-            np.concatenate([h.x for h in held]),
-            np.concatenate([h.y for h in held]),
-            np.concatenate([h.segment for h in held]),
-            [k for h in held for k in h.keys],
-        )
+            chosen = np.zeros(len(block), bool)
+        self.examples_held_out += int(chosen.sum())
+        ids = np.fromiter((self.segment_id(s) for s in block.segments), np.int32, len(block.segments))
+        self._buffer.append((block, ids, chosen))
+        self._buffered += len(block)
 
     def _drop_not_owned(self) -> None:
         kept = deque()
-        for block, ids in self._buffer:
+        for block, ids, chosen in self._buffer:
             if self.ownership.accepts(block.topic, block.partition, block.generation):
-                kept.append((block, ids))
+                kept.append((block, ids, chosen))
             else:
                 self._buffered -= len(block)
                 self.examples_dropped += len(block)
@@ -273,14 +243,16 @@ class Batcher:
         y = np.zeros((B,), spec.label_dtype)
         mask = np.zeros((B,), bool)
         segment = np.full((B,), NO_SEGMENT, np.int32)
+        held_out = np.zeros((B,), bool)
         filled = 0
         while self._buffer and (filled < B or len(self._buffer[0][0]) == 0):
-            block, ids = self._buffer[0]
+            block, ids, chosen = self._buffer[0]
             n = min(B - filled, len(block))
             if n:
                 x[filled : filled + n] = block.x[:n]
                 y[filled : filled + n] = block.y[:n]
                 segment[filled : filled + n] = ids[block.record[:n]]
+                held_out[filled : filled + n] = chosen[:n]
                 filled += n
             key = PartitionKey(block.topic, block.partition)
             if n == len(block):
@@ -290,7 +262,7 @@ class Batcher:
                     self._positions[key] = end
             else:
                 self._positions[key] = block.position_after(n - 1)
-                self._buffer[0] = (block.slice(n, len(block)), ids)
+                self._buffer[0] = (block.slice(n, len(block)), ids, chosen[n:])
             self._buffered -= n
         mask[:filled] = True
-        return Batch(x, y, mask, segment, Positions(self._positions), filled)
+        return Batch(x, y, mask, segment, Positions(self._positions), filled, held_out)

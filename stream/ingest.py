@@ -22,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from stream.batcher import Batch, Batcher
 from stream.codecs import Codec
@@ -155,16 +155,20 @@ def batches(
     idle_timeout_s: float | None = None,
     flush_idle: bool = False,
     max_wait_s: float = 0.5,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[Batch]:
     """Batches from an Ingest, in stream order.
 
     Ends when a finite source is exhausted (the last batch padded) or, with
     `idle_timeout_s`, after that long without any block. With `flush_idle`, a partial
     batch is emitted (padded) whenever no block arrived within `max_wait_s`, so a slow
-    stream still trains promptly.
+    stream still trains promptly. `stop` is checked between blocks: once it returns
+    True the generator ends, leaving what is buffered untrained (positions stay exact).
     """
     last_block = time.monotonic()
     while True:
+        if stop is not None and stop():
+            return
         batch = batcher.next_batch()
         if batch is not None:
             yield batch

@@ -209,12 +209,15 @@ def test_holdout_is_deterministic_and_close_to_its_fraction():
     assert not np.array_equal(chosen, Holdout(0.2, salt=1).select(block))
     batcher = Batcher(SPEC, 64, holdout=holdout)
     batcher.add(block)
-    held = batcher.take_held_out()
-    assert len(held.y) == chosen.sum() and batcher.examples_held_out == chosen.sum()
-    delivered = 0
+    assert batcher.examples_held_out == chosen.sum()
+    flags, real = [], 0
     while (batch := batcher.next_batch(flush=True)) is not None:
-        delivered += batch.size
-    assert delivered + len(held.y) == 4000
+        flags.append(batch.held_out[batch.mask])
+        real += batch.size
+        assert not (batch.held_out & ~batch.mask).any()  # padding is never held out
+        assert np.array_equal(batch.train_mask, batch.mask & ~batch.held_out)
+    # Every example arrives in stream order, held-out ones flagged where they fall.
+    assert real == 4000 and np.array_equal(np.concatenate(flags), chosen)
     assert batcher.positions == Positions({("t", 0): 4000})
 
 

@@ -40,6 +40,15 @@ def register(subparsers) -> None:
     step.add_argument("--json", type=Path, default=None, metavar="PATH")
     step.set_defaults(handler=run_step)
 
+    guard = kinds.add_parser("guard", help="a poisoned stream through the loop: clean vs unguarded vs guarded")
+    guard.add_argument("--scenario", choices=SCENARIOS, default="permuted-digits")
+    guard.add_argument("--poison", type=positive_int, default=5, metavar="SEGMENT",
+                       help="index of the segment a broken labeler replaces (default 5, the last of 6)")
+    guard.add_argument("--segments", type=positive_int, default=6)
+    guard.add_argument("--seed", type=int, default=0)
+    guard.add_argument("--json", type=Path, default=None, metavar="PATH")
+    guard.set_defaults(handler=run_guard)
+
     add_ingest_parser(kinds)
 
 
@@ -90,5 +99,21 @@ def run_step(args) -> int:
         f"continual step (replay + EWC) {result['continual_samples_per_second']:,.0f} samples/s, "
         f"ratio {result['ratio']:.2f}, compilations after warm-up {result['compilations_after_warmup']}"
     )
+    _write_json(args.json, result)
+    return 0
+
+
+def run_guard(args) -> int:
+    from benchmarks.guard import format_result, run_guard_benchmark
+
+    from continuity.errors import UsageError
+
+    if args.poison >= args.segments:
+        raise UsageError(f"--poison must name a segment below --segments ({args.segments}). Got {args.poison}.")
+    try:
+        result = run_guard_benchmark(args.scenario, poison=args.poison, seed=args.seed, segments=args.segments)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(format_result(result))
     _write_json(args.json, result)
     return 0

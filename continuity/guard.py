@@ -1,0 +1,123 @@
+"""The guard: keeps the last good model on the device and judges every candidate against it.
+
+Accept -> the candidate becomes the last good model: EWC is anchored at it with a Fisher
+refreshed from replay samples (F <- gamma F + F_new) and lambda decays toward its floor.
+Regress -> the state goes back to the last good copy (a device-to-device copy, no disk
+read), with lambda boosted so the retried window is held harder.
+
+Threading: NOT thread-safe; the service loop owns it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from continuity.probe import ProbeStore
+from continuity.regression import Verdict, judge
+from learner import Learner, LearnerState
+from learner import ewc as ewc_lib
+
+ON_REGRESSION = ("retry", "quarantine", "halt")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """When candidates are judged, how strictly, and what happens to a regression."""
+
+    # Defaults measured on permuted-digits (BENCHMARKS.md, "Guard"): with 1000-example windows a
+    # clean new segment dips old segments by at most ~0.13, a broken labeler by ~0.4.
+    every_examples: int = 1000  # trained examples between probe checks
+    tolerance: float = 0.2  # accuracy drop (overall or one segment) that may count as a regression
+    alpha: float = 0.01  # significance of the one-sided McNemar test, Bonferroni-corrected over scopes
+    # quarantine, not retry, by default: a retry with boosted lambda hides each poisoned window's
+    # damage just under the tolerance, and the damage compounds window after window (measured).
+    on_regression: str = "quarantine"
+    max_retries: int = 2  # retries of a window before it is quarantined
+    min_examples: int = 20  # probe examples a segment needs before it is tested
+    enabled: bool = True  # False: every candidate is accepted (to measure what the guard prevents)
+
+    def __post_init__(self):
+        if self.every_examples < 1:
+            raise ValueError(f"`probe.every_examples` must be >= 1. Got {self.every_examples!r}.")
+        if not 0 <= self.tolerance < 1:
+            raise ValueError(f"`probe.tolerance` must be in [0, 1). Got {self.tolerance!r}.")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"`probe.alpha` must be in (0, 1). Got {self.alpha!r}.")
+        if self.on_regression not in ON_REGRESSION:
+            allowed = ", ".join(map(repr, ON_REGRESSION))
+            raise ValueError(f"`probe.on_regression` must be one of {allowed}. Got {self.on_regression!r}.")
+        if self.max_retries < 0:
+            raise ValueError(f"`probe.max_retries` must be >= 0. Got {self.max_retries!r}.")
+
+
+def device_copy(state: LearnerState) -> LearnerState:
+    """A copy in fresh device buffers, safe to keep while the original is donated to train_step."""
+    return jax.tree.map(jnp.copy, state)
+
+
+class Guard:
+    """Judges candidates against the last good model and applies the reaction to the state."""
+
+    def __init__(self, learner: Learner, config: GuardConfig):
+        self.learner = learner
+        self.config = config
+        self.last_good: LearnerState | None = None
+
+    def mark_good(self, state: LearnerState) -> None:
+        self.last_good = device_copy(state)
+
+    def judge(self, candidate: LearnerState, probe: ProbeStore) -> tuple[Verdict, dict]:
+        """The verdict on `candidate`, and the probe report (accuracy overall and per segment)."""
+        x, y, ids = probe.examples()
+        names = probe.segments
+        candidate_eval = self.learner.evaluate(candidate.params, x, y)
+        good_eval = self.learner.evaluate(self.last_good.params, x, y)
+        verdict = judge(good_eval.correct, candidate_eval.correct, ids, names,
+                        tolerance=self.config.tolerance, alpha=self.config.alpha,
+                        min_examples=self.config.min_examples)
+        if not self.config.enabled:
+            verdict = Verdict(False, verdict.overall, verdict.segments, verdict.alpha, verdict.tolerance)
+        report = {
+            "examples": int(len(y)),
+            "accuracy": _mean(candidate_eval.correct),
+            "segments": {name: _mean(candidate_eval.correct[ids == i]) for i, name in enumerate(names)},
+        }
+        return verdict, report
+
+    def accept(self, candidate: LearnerState, recent: tuple[np.ndarray, np.ndarray] | None = None) -> LearnerState:
+        """Consolidate EWC at the candidate and decay lambda; it becomes the last good model.
+
+        The Fisher comes from replay samples, or from `recent` training examples when
+        replay is off. Consumes `candidate`.
+        """
+        learner = self.learner
+        ewc_config = learner.config.ewc
+        state = candidate
+        if ewc_config.enabled:
+            if learner.replay is not None:
+                state = learner.consolidate(state)
+            elif recent is not None and len(recent[1]):
+                state = learner.consolidate(state, *recent)
+            state = state.replace(ewc=ewc_lib.decay_strength(state.ewc, decay=ewc_config.decay,
+                                                             floor=ewc_config.strength_min))
+        self.mark_good(state)
+        return state
+
+    def roll_back(self) -> LearnerState:
+        """A fresh copy of the last good state with lambda boosted (the stream hurt it: hold harder)."""
+        ewc_config = self.learner.config.ewc
+        state = device_copy(self.last_good)
+        if ewc_config.enabled:
+            state = state.replace(ewc=ewc_lib.boost_strength(state.ewc, boost=ewc_config.boost,
+                                                             ceiling=ewc_config.strength_max))
+            # The boost carries over: the kept copy is the one a second rollback starts from.
+            self.last_good = device_copy(state)
+        return state
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(np.mean(values)) if len(values) else None

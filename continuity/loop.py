@@ -1,0 +1,467 @@
+"""The training loop that `serve` and `replay` share: ingest -> train -> guard -> checkpoint -> commit.
+
+One run:
+1. Restore what a restart should restore (the rollback head, else the newest good
+   checkpoint): learner state, probe store, stream positions, segment names. Or start
+   fresh.
+2. Read batches from the stream at those positions. Held-out rows go to the probe;
+   the rest are trained, one jitted step per batch.
+3. Every `guard.every_examples` trained examples (a window), judge the candidate
+   against the last good model on the probe.
+   - Accept: consolidate EWC, decay lambda, save a good checkpoint (async), commit the
+     previous checkpoint's positions to the source.
+   - Regress: go back to the last good state from its device copy, with the probe store
+     and positions that belong to it, and boost lambda. Then retry the window, or
+     quarantine its records, or halt.
+4. At the end of a finite stream, or when `stop()` turns true, judge and checkpoint
+   the last partial window the same way, wait for the save, commit, and return.
+
+Exactly-once training effect: positions are saved inside each checkpoint and the
+source is re-opened at them on restart, so in the surviving lineage every record is
+trained once. The ledger records each accepted or quarantined window with its
+positions; chained together, they cover the stream without gaps or overlaps.
+
+Threading: `run` blocks the calling thread; `stop` may be set from another one (a
+signal handler, an HTTP endpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import jax
+import numpy as np
+
+from checkpoints import CheckpointStore
+from continuity.guard import Guard, GuardConfig
+from continuity.probe import ProbeConfig, ProbeStore, load_golden
+from learner import Batch as TrainBatch
+from learner import Learner
+from stream import (
+    NO_SEGMENT,
+    Batcher,
+    Codec,
+    DeadLetter,
+    DeadLetterSink,
+    Holdout,
+    Ingest,
+    PartitionKey,
+    Positions,
+    Source,
+    batches,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class StreamInput:
+    """Where records come from and where the ones that are not trained go."""
+
+    open_source: Callable[[Positions], Source]  # a source that starts at the given positions
+    codec: Codec
+    dead_letters: DeadLetterSink  # undecodable / invalid records
+    quarantine: DeadLetterSink  # records of windows the guard quarantined
+    # Re-reads a range for quarantine. Defaults to open_source; a Kafka group consumer
+    # should pass an assign-mode reader so the copy does not rebalance the group.
+    open_reader: Callable[[Positions], Source] | None = None
+    idle_timeout_s: float | None = None  # end the run after this long without records
+    flush_idle: bool = False  # train a partial batch when the stream goes quiet (live streams)
+
+
+@dataclass
+class RunSummary:
+    """What a run did; also what `replay` prints at the end."""
+
+    examples_trained: int = 0  # this run, including windows later rolled back
+    windows: int = 0
+    accepted: int = 0
+    rollbacks: int = 0
+    retries: int = 0
+    quarantined_records: int = 0
+    dead_letters: int = 0
+    skipped_updates: int = 0
+    halted: bool = False
+    stopped: bool = False
+    restored_from: int | None = None
+    last_checkpoint: int | None = None
+    positions: dict = field(default_factory=dict)
+    probe_accuracy: float | None = None
+    ewc_strength: float | None = None
+    wall_seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Progress:
+    """A snapshot for progress lines and metrics, taken every `progress_every_s` seconds."""
+
+    examples_trained: int
+    examples_per_second: float
+    lineage_examples: int
+    rollbacks: int
+    dead_letters: int
+    quarantined_records: int
+    probe_accuracy: float | None
+    probe_segments: dict
+    ewc_strength: float | None
+    checkpoint: int | None
+    positions: Positions
+    step_seconds: list  # wall time per train dispatch since the last snapshot (host view)
+
+
+@dataclass
+class _Good:
+    """Everything that belongs to the last good model, to return to on a regression."""
+
+    number: int | None
+    probe: ProbeStore
+    positions: Positions
+    segment_names: list
+    lineage_examples: int
+
+
+def config_digest(*configs) -> str:
+    """A short stable digest of the configs that shape training, saved in every checkpoint."""
+    text = json.dumps([asdict(c) for c in configs], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class _Reader:
+    """A source opened at given positions, with its ingest thread and batcher."""
+
+    def __init__(self, stream: StreamInput, batch_size: int, holdout: Holdout, positions: Positions,
+                 segment_names: list, stop: Callable[[], bool]):
+        self.source = stream.open_source(positions)
+        self.ingest = Ingest(self.source, stream.codec, stream.dead_letters).start()
+        self.batcher = Batcher(stream.codec.spec, batch_size, holdout=holdout, ownership=self.source.ownership,
+                               start=positions, segment_names=segment_names)
+        self._batches = batches(self.ingest, self.batcher, idle_timeout_s=stream.idle_timeout_s,
+                                flush_idle=stream.flush_idle, stop=stop)
+
+    def next(self):
+        return next(self._batches, None)
+
+    def close(self) -> None:
+        self.ingest.stop()
+
+
+class TrainingLoop:
+    """One run of the loop; see the module docstring. Build it, then call `run()` once."""
+
+    def __init__(
+        self,
+        stream: StreamInput,
+        learner: Learner,
+        store: CheckpointStore,
+        *,
+        probe: ProbeConfig = ProbeConfig(),
+        guard: GuardConfig = GuardConfig(),
+        seed: int = 0,
+        stop: Callable[[], bool] = lambda: False,
+        on_progress: Callable[[Progress], None] | None = None,
+        progress_every_s: float = 5.0,
+        max_examples: int | None = None,
+    ):
+        self.stream = stream
+        self.learner = learner
+        self.store = store
+        self.probe_config = probe
+        self.guard_config = guard
+        self.seed = seed
+        self._stop = stop
+        self.on_progress = on_progress
+        self.progress_every_s = progress_every_s
+        self.max_examples = max_examples
+        self.guard = Guard(learner, guard)
+        self.holdout = Holdout(probe.holdout_fraction, salt=seed)
+        self.digest = config_digest(learner.config, probe, guard)
+        self.ledger = store.ledger
+        self.summary = RunSummary()
+        self._last_report: dict = {}
+        self._step_seconds: list[float] = []
+
+    # ---- public ----------------------------------------------------------------------------
+
+    def stopping(self) -> bool:
+        return self._stop() or (self.max_examples is not None and self.summary.examples_trained >= self.max_examples)
+
+    def run(self) -> RunSummary:
+        started = time.perf_counter()
+        state, good = self._restore_or_start()
+        probe = good.probe.copy()
+        self.guard.mark_good(state)
+        reader = self._open(good)
+        retries = 0
+        last_progress = time.monotonic()
+        progress_from = 0
+        committed: Positions | None = None
+        try:
+            while True:
+                window_start_examples = self.summary.examples_trained
+                state, positions, ended, recent = self._train_window(state, reader, probe, good)
+                trained = self.summary.examples_trained - window_start_examples
+                if trained == 0:
+                    break  # nothing new: the stream ended (or stop) exactly at a window boundary
+                self.summary.windows += 1
+                verdict, report = self.guard.judge(state, probe)
+                self._last_report = report
+                event = {
+                    "window": self.summary.windows, "learner_step": int(state.step),
+                    "from": good.positions.to_json(), "to": positions.to_json(), "examples": trained,
+                    "verdict": verdict.to_json(), "probe": report,
+                    "ewc_strength": float(state.ewc.strength),
+                }
+                self.ledger.append("probe", **event)
+                if not verdict.regressed:
+                    state = self.guard.accept(state, recent)
+                    parent = good
+                    good = _Good(None, probe.copy(), positions, list(reader.batcher.segment_names),
+                                 good.lineage_examples + trained)
+                    good.number = self._save(state, good, report, verdict, parent)
+                    self.summary.accepted += 1
+                    retries = 0
+                    if committed is not None:
+                        reader.source.commit(committed)  # the previous save is finalized by now
+                    committed = positions
+                else:
+                    self.summary.rollbacks += 1
+                    state = self.guard.roll_back()
+                    probe = good.probe.copy()
+                    self.ledger.append("rollback", window=self.summary.windows, to_checkpoint=good.number,
+                                       scopes=verdict.regressed_scopes, ewc_strength=float(state.ewc.strength),
+                                       positions=good.positions.to_json())
+                    policy = self.guard_config.on_regression
+                    if policy == "halt":
+                        self.ledger.append("halt", checkpoint=good.number, positions=good.positions.to_json())
+                        self.summary.halted = True
+                        break
+                    if policy == "retry" and retries < self.guard_config.max_retries:
+                        retries += 1
+                        self.summary.retries += 1
+                        self.ledger.append("retry", attempt=retries, **{"from": good.positions.to_json()},
+                                           to=positions.to_json())
+                        reader.close()
+                        reader = self._open(good)
+                        continue
+                    self._quarantine(good.positions, positions, verdict)
+                    retries = 0
+                    # The quarantined window is accounted for: the next window starts after it.
+                    good = _Good(good.number, good.probe, positions, list(reader.batcher.segment_names),
+                                 good.lineage_examples)
+                if self.on_progress and time.monotonic() - last_progress >= self.progress_every_s:
+                    self._report_progress(state, good, progress_from, time.monotonic() - last_progress)
+                    progress_from, last_progress = self.summary.examples_trained, time.monotonic()
+                if ended or self.stopping():
+                    break
+        finally:
+            self.store.wait()  # the last save is finalized (or its error raised) before anything is committed
+            if committed is not None:
+                reader.source.commit(committed)
+            reader.close()
+        self.summary.stopped = self._stop()
+        self.summary.dead_letters = self.stream.dead_letters.total
+        self.summary.skipped_updates = int(state.skipped_updates)
+        self.summary.positions = {f"{k.topic}/{k.partition}": v.offset for k, v in good.positions.items()}
+        self.summary.probe_accuracy = self._last_report.get("accuracy")
+        self.summary.ewc_strength = float(state.ewc.strength)
+        self.summary.wall_seconds = time.perf_counter() - started
+        self.ledger.append("stop", **{k: v for k, v in self.summary.to_json().items() if k != "positions"},
+                           positions=good.positions.to_json())
+        self.final_state = state
+        return self.summary
+
+    # ---- pieces ----------------------------------------------------------------------------
+
+    def _restore_or_start(self):
+        learner = self.learner
+        fresh = learner.init(self.seed)
+        restored = self.store.restore_latest(state_like=fresh)
+        if restored is None:
+            probe = ProbeStore(learner.example_shape, per_segment=self.probe_config.per_segment,
+                               max_segments=self.probe_config.max_segments,
+                               window_examples=self.probe_config.window_examples, seed=self.seed)
+            if self.probe_config.golden:
+                probe.add_golden(*load_golden(self.probe_config.golden))
+            self.ledger.append("start", fresh=True, seed=self.seed, config_digest=self.digest)
+            return fresh, _Good(None, probe, Positions(), [], 0)
+        meta = restored.metadata
+        if meta.get("config_digest") != self.digest:
+            log.warning("checkpoint %s was trained with another config (digest %s, now %s)",
+                        restored.number, meta.get("config_digest"), self.digest)
+        probe = ProbeStore.from_arrays(restored.probe, meta["probe_store"], learner.example_shape,
+                                       max_segments=self.probe_config.max_segments)
+        positions = Positions.from_json(meta["positions"])
+        self.summary.restored_from = restored.number
+        self.summary.last_checkpoint = restored.number
+        self.ledger.append("restore", checkpoint=restored.number, positions=meta["positions"],
+                           learner_step=meta["learner_step"], config_digest=self.digest)
+        good = _Good(restored.number, probe, positions, list(meta["segment_names"]), meta["lineage_examples"])
+        return restored.state, good
+
+    def _open(self, good: _Good) -> _Reader:
+        return _Reader(self.stream, self.learner.config.batch_size, self.holdout, good.positions,
+                       good.segment_names, self.stopping)
+
+    def _train_window(self, state, reader: _Reader, probe: ProbeStore, good: _Good):
+        """Train until a window's worth of examples, the end of the stream, or stop."""
+        trained = 0
+        positions = good.positions
+        ended = False
+        recent: list[tuple[np.ndarray, np.ndarray]] = []
+        fisher_rows = self.learner.config.ewc.fisher_samples
+        while trained < self.guard_config.every_examples:
+            batch = reader.next()
+            if batch is None:
+                ended = not self.stopping()
+                break
+            if batch.held_out.any():
+                self._hold_out(probe, reader.batcher.segment_names, batch)
+            mask = batch.train_mask
+            tick = time.perf_counter()
+            state, _ = self.learner.train_step(state, TrainBatch(batch.x, batch.y, mask))
+            self._step_seconds.append(time.perf_counter() - tick)
+            rows = int(mask.sum())
+            trained += rows
+            self.summary.examples_trained += rows
+            positions = batch.positions
+            if self.learner.replay is None and rows:
+                recent.append((batch.x[mask], batch.y[mask]))
+                while sum(len(y) for _, y in recent) - len(recent[0][1]) >= fisher_rows:
+                    recent.pop(0)
+            if self.stopping():
+                break
+        recent_examples = (np.concatenate([x for x, _ in recent]), np.concatenate([y for _, y in recent])) \
+            if recent else None
+        return state, positions, ended, recent_examples
+
+    @staticmethod
+    def _hold_out(probe: ProbeStore, segment_names: list, batch) -> None:
+        rows = np.flatnonzero(batch.held_out)
+        ids = batch.segment[rows]
+        for segment_id in np.unique(ids):
+            chosen = rows[ids == segment_id]
+            if segment_id == NO_SEGMENT:
+                probe.add_unsegmented(batch.x[chosen], batch.y[chosen])
+            else:
+                probe.add(segment_names[segment_id], batch.x[chosen], batch.y[chosen])
+
+    def _save(self, state, good: _Good, report: dict, verdict, parent: _Good) -> int:
+        arrays, probe_meta = good.probe.to_arrays()
+        metadata = {
+            "status": "good",
+            "schema": SCHEMA_VERSION,
+            "learner_step": int(state.step),
+            "positions": good.positions.to_json(),
+            "segment_names": good.segment_names,
+            "probe": report,
+            "verdict": {"p_values": {"overall": verdict.overall.p_value,
+                                     **{k: r.p_value for k, r in verdict.segments.items()}}},
+            "probe_store": probe_meta,
+            "ewc_strength": float(state.ewc.strength),
+            "lineage_examples": good.lineage_examples,
+            "parent": parent.number,
+            "window_from": parent.positions.to_json(),
+            "config_digest": self.digest,
+        }
+        number = self.store.save(state, arrays, metadata)
+        self.summary.last_checkpoint = number
+        # parent + from + positions chain the accepted windows: the lineage a restart continues.
+        self.ledger.append("accept", checkpoint=number, parent=parent.number, learner_step=int(state.step),
+                           **{"from": parent.positions.to_json()}, positions=good.positions.to_json(),
+                           lineage_examples=good.lineage_examples, ewc_strength=float(state.ewc.strength),
+                           accuracy=report.get("accuracy"))
+        return number
+
+    def _quarantine(self, start: Positions, end: Positions, verdict) -> None:
+        """Copy the window's raw records to the quarantine sink; training goes on after them."""
+        reason = f"quarantined: regression on {', '.join(verdict.regressed_scopes)}"
+        copied = copy_range(self.stream.open_reader or self.stream.open_source, start, end,
+                            self.stream.quarantine, reason)
+        self.stream.quarantine.flush()
+        self.summary.quarantined_records += copied
+        self.ledger.append("quarantine", records=copied, reason=reason,
+                           **{"from": start.to_json()}, to=end.to_json())
+
+    def _report_progress(self, state, good: _Good, since_examples: int, seconds: float) -> None:
+        steps, self._step_seconds = self._step_seconds, []
+        self.on_progress(Progress(
+            examples_trained=self.summary.examples_trained,
+            examples_per_second=(self.summary.examples_trained - since_examples) / max(seconds, 1e-9),
+            lineage_examples=good.lineage_examples,
+            rollbacks=self.summary.rollbacks,
+            dead_letters=self.stream.dead_letters.total,
+            quarantined_records=self.summary.quarantined_records,
+            probe_accuracy=self._last_report.get("accuracy"),
+            probe_segments=self._last_report.get("segments", {}),
+            ewc_strength=float(state.ewc.strength),
+            checkpoint=good.number,
+            positions=good.positions,
+            step_seconds=steps,
+        ))
+
+
+def copy_range(open_reader: Callable[[Positions], Source], start: Positions, end: Positions,
+               sink: DeadLetterSink, reason: str, *, timeout_s: float = 60.0) -> int:
+    """Copy the raw records in [start, end) of every partition to `sink`; returns how many.
+
+    A record that `end` only partly covers (a batched record cut mid-way) is copied whole.
+    """
+    stop_at = {}
+    for key, position in end.items():
+        first = start[key].offset if key in start else 0
+        last = position.offset + (1 if position.skip else 0)
+        if last > first:
+            stop_at[PartitionKey(*key)] = last
+    if not stop_at:
+        return 0
+    source = open_reader(start)
+    copied = 0
+    deadline = time.monotonic() + timeout_s
+    timed_out = False
+    try:
+        source.open()
+        while stop_at:
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
+            runs = source.poll(0.2)
+            if not runs and source.finished:
+                break  # a finite stream ended inside the range: everything there was copied
+            for run in runs:
+                key = PartitionKey(run.topic, run.partition)
+                if key not in stop_at:
+                    continue
+                for record in run.records():
+                    if record.position.offset >= stop_at[key]:
+                        del stop_at[key]
+                        break
+                    sink.put(DeadLetter(record, reason))
+                    copied += 1
+    finally:
+        source.close()
+    if timed_out:
+        log.error("quarantine copy timed out after %.0f s; partitions not fully copied: %s", timeout_s, sorted(stop_at))
+    return copied
+
+
+def run_stream(stream: StreamInput, learner: Learner, store: CheckpointStore, **options) -> RunSummary:
+    """Build a TrainingLoop and run it once (see TrainingLoop for the options)."""
+    return TrainingLoop(stream, learner, store, **options).run()
+
+
+def params_digest(state) -> str:
+    """SHA-256 over the parameter bytes: equal digests mean bit-identical models."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(state.params):
+        digest.update(np.asarray(leaf).tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,196 @@
+"""The continuity probe: held-out examples, per segment, that the model is never trained on.
+
+The batcher diverts a deterministic share of the stream here. Each segment keeps a
+bounded reservoir (Vitter 1985, algorithm R), so an old segment stays represented
+however long the stream runs, and memory is capped at `segments x per_segment`
+examples. An optional golden probe (a fixed, curated file) is a segment of its own.
+
+Reservoir decisions use a hash of (seed, segment, arrival number) instead of a random
+generator, so a probe rebuilt by re-reading the same records after a restart is
+identical, and the store is restored from a checkpoint as plain arrays.
+
+Threading: NOT thread-safe; the service loop owns it.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+GOLDEN_SEGMENT = "golden"
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How much of the stream is held out and how much of it is kept."""
+
+    holdout_fraction: float = 0.05
+    per_segment: int = 200  # examples kept per segment (reservoir)
+    max_segments: int = 64  # beyond this the oldest segment's reservoir is dropped
+    window_examples: int = 200  # held-out examples per window segment, for records without a segment
+    golden: str | None = None  # optional .npz with arrays x, y: a fixed probe segment
+
+    def __post_init__(self):
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"`probe.holdout_fraction` must be in (0, 1). Got {self.holdout_fraction!r}.")
+        if self.per_segment < 1:
+            raise ValueError(f"`probe.per_segment` must be >= 1. Got {self.per_segment!r}.")
+        if self.max_segments < 1:
+            raise ValueError(f"`probe.max_segments` must be >= 1. Got {self.max_segments!r}.")
+        if self.window_examples < 1:
+            raise ValueError(f"`probe.window_examples` must be >= 1. Got {self.window_examples!r}.")
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser (Steele et al. 2014) on uint64; a stateless, stable hash."""
+    with np.errstate(over="ignore"):
+        h = values.astype(np.uint64)
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return h ^ (h >> np.uint64(31))
+
+
+class ProbeStore:
+    """Per-segment reservoirs of held-out (x, y), addressed by segment name."""
+
+    def __init__(self, example_shape: tuple[int, ...], *, per_segment: int = 200, max_segments: int = 64,
+                 window_examples: int = 200, seed: int = 0, label_dtype=np.int32):
+        self.example_shape = tuple(example_shape)
+        self.per_segment = per_segment
+        self.max_segments = max_segments
+        self.window_examples = window_examples
+        self.unsegmented_seen = 0  # held-out examples without a segment: they form windows
+        self.seed = seed
+        self.label_dtype = np.dtype(label_dtype)
+        self._x: dict[str, np.ndarray] = {}  # segment -> [per_segment, *shape] float32
+        self._y: dict[str, np.ndarray] = {}  # segment -> [per_segment]
+        self._seen: dict[str, int] = {}  # segment -> examples offered so far
+        self._fixed: set[str] = set()  # golden segments: never replaced, never evicted
+
+    # ---- filling -------------------------------------------------------------------------
+
+    def add(self, segment: str, x: np.ndarray, y: np.ndarray) -> None:
+        """Offer held-out examples of one segment (algorithm R, one example at a time)."""
+        if segment in self._fixed:
+            raise ValueError(f"segment {segment!r} is the golden probe; stream examples cannot join it.")
+        if segment not in self._x:
+            self._open(segment)
+        bx, by = self._x[segment], self._y[segment]
+        seen = self._seen[segment]
+        n = len(y)
+        arrivals = np.arange(seen, seen + n, dtype=np.uint64)
+        # slot for arrival i (0-based): i while the reservoir fills, else hash mod (i + 1).
+        salt = np.uint64(self.seed * 0x9E3779B97F4A7C15 % 2**64) ^ np.uint64(_name_hash(segment))
+        draws = _mix(arrivals ^ salt) % (arrivals + np.uint64(1))
+        slots = np.where(arrivals < self.per_segment, arrivals, draws).astype(np.int64)
+        keep = slots < self.per_segment
+        # Later arrivals overwrite earlier ones in the same slot, as sequential algorithm R would.
+        for i in np.flatnonzero(keep):
+            bx[slots[i]] = x[i]
+            by[slots[i]] = y[i]
+        self._seen[segment] = seen + n
+
+    def add_unsegmented(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Examples whose records carry no segment: consecutive windows of `window_examples` held-out examples.
+
+        Numbered by this store's own count, which checkpoints keep, so a restart re-reading
+        the same records puts every example in the same window.
+        """
+        start = 0
+        while start < len(y):
+            window, used = divmod(self.unsegmented_seen, self.window_examples)
+            take = min(len(y) - start, self.window_examples - used)
+            self.add(f"window-{window}", x[start:start + take], y[start:start + take])
+            self.unsegmented_seen += take
+            start += take
+
+    def add_golden(self, x: np.ndarray, y: np.ndarray, name: str = GOLDEN_SEGMENT) -> None:
+        """A fixed probe segment, kept whole, never replaced or evicted."""
+        x = np.asarray(x, np.float32).reshape(len(y), *self.example_shape)
+        self._x[name], self._y[name] = x.copy(), np.asarray(y, self.label_dtype).copy()
+        self._seen[name] = len(y)
+        self._fixed.add(name)
+
+    def _open(self, segment: str) -> None:
+        streaming = [s for s in self._x if s not in self._fixed]
+        if len(streaming) >= self.max_segments:
+            oldest = streaming[0]
+            log.warning("probe: more than %d segments; dropping the oldest, %r", self.max_segments, oldest)
+            for table in (self._x, self._y, self._seen):
+                del table[oldest]
+        self._x[segment] = np.zeros((self.per_segment, *self.example_shape), np.float32)
+        self._y[segment] = np.zeros((self.per_segment,), self.label_dtype)
+        self._seen[segment] = 0
+
+    # ---- reading -------------------------------------------------------------------------
+
+    @property
+    def segments(self) -> list[str]:
+        return list(self._x)
+
+    def __len__(self) -> int:
+        return sum(self._count(s) for s in self._x)
+
+    def _count(self, segment: str) -> int:
+        return min(self._seen[segment], len(self._y[segment]))
+
+    def examples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All held examples: x, y and the index into `segments` of each row."""
+        names = self.segments
+        if not names:
+            return (np.zeros((0, *self.example_shape), np.float32), np.zeros(0, self.label_dtype),
+                    np.zeros(0, np.int32))
+        xs = [self._x[s][: self._count(s)] for s in names]
+        ys = [self._y[s][: self._count(s)] for s in names]
+        ids = [np.full(self._count(s), i, np.int32) for i, s in enumerate(names)]
+        return np.concatenate(xs), np.concatenate(ys), np.concatenate(ids)
+
+    # ---- checkpointing -------------------------------------------------------------------
+
+    def to_arrays(self) -> tuple[dict, dict]:
+        """(arrays for the checkpoint's probe item, JSON-able description for its metadata)."""
+        arrays = {f"s{i}": {"x": self._x[s], "y": self._y[s]} for i, s in enumerate(self.segments)}
+        meta = {"segments": self.segments, "seen": [self._seen[s] for s in self.segments],
+                "fixed": sorted(self._fixed), "per_segment": self.per_segment, "seed": self.seed,
+                "window_examples": self.window_examples, "unsegmented_seen": self.unsegmented_seen}
+        return arrays, meta
+
+    @classmethod
+    def from_arrays(cls, arrays: dict, meta: dict, example_shape, *, max_segments: int = 64,
+                    label_dtype=np.int32) -> "ProbeStore":
+        store = cls(example_shape, per_segment=meta["per_segment"], max_segments=max_segments, seed=meta["seed"],
+                    window_examples=meta["window_examples"], label_dtype=label_dtype)
+        store.unsegmented_seen = int(meta["unsegmented_seen"])
+        for i, (segment, seen) in enumerate(zip(meta["segments"], meta["seen"])):
+            item = arrays[f"s{i}"]
+            store._x[segment] = np.array(item["x"], np.float32)
+            store._y[segment] = np.array(item["y"], store.label_dtype)
+            store._seen[segment] = int(seen)
+        store._fixed = set(meta.get("fixed", ()))
+        return store
+
+    def copy(self) -> "ProbeStore":
+        arrays, meta = self.to_arrays()
+        return ProbeStore.from_arrays(arrays, meta, self.example_shape, max_segments=self.max_segments,
+                                      label_dtype=self.label_dtype)
+
+
+def load_golden(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A golden probe file: .npz with arrays `x` and `y`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"golden probe file {str(path)!r} does not exist.")
+    with np.load(path) as data:
+        if "x" not in data or "y" not in data:
+            raise ValueError(f"golden probe file {str(path)!r} must hold arrays 'x' and 'y'; it has {sorted(data)}.")
+        return data["x"], data["y"]
+
+
+def _name_hash(name: str) -> int:
+    return zlib.crc32(name.encode("utf-8"))

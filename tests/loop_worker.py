@@ -1,0 +1,43 @@
+"""A training-loop process over a recorded stream, for the kill-and-restart test (not a test itself).
+
+Usage: python tests/loop_worker.py RECORDING CHECKPOINT_DIR
+Prints the final params digest. `build_loop` is shared with the in-process reference run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from checkpoints import CheckpointStore
+from continuity.guard import GuardConfig
+from continuity.loop import StreamInput, TrainingLoop, params_digest
+from continuity.probe import ProbeConfig
+from learner import EWCConfig, Learner, LearnerConfig, ModelConfig, ReplayConfig
+from stream import FeatureSpec, FileSource, JsonLinesDeadLetters, make_codec
+
+SPEC = FeatureSpec((8, 8, 1), "float32", 10)
+
+
+def build_loop(recording: Path, directory: Path) -> TrainingLoop:
+    codec = make_codec("binary", SPEC)
+    stream = StreamInput(
+        open_source=lambda positions: FileSource(recording, start=positions),
+        codec=codec,
+        dead_letters=JsonLinesDeadLetters(directory / "dead-letters.jsonl"),
+        quarantine=JsonLinesDeadLetters(directory / "quarantine.jsonl"),
+    )
+    learner = Learner(
+        LearnerConfig(model=ModelConfig(hidden=(64,)),
+                      replay=ReplayConfig(capacity=256, batch_size=16),
+                      ewc=EWCConfig(enabled=True, strength=100.0, fisher_samples=64)),
+        SPEC.shape, SPEC.num_classes)
+    store = CheckpointStore(directory / "checkpoints", keep_last=2)
+    return TrainingLoop(stream, learner, store, probe=ProbeConfig(holdout_fraction=0.1),
+                        guard=GuardConfig(every_examples=400), seed=0)
+
+
+if __name__ == "__main__":
+    loop = build_loop(Path(sys.argv[1]), Path(sys.argv[2]))
+    loop.run()
+    print(params_digest(loop.final_state), flush=True)

@@ -1,0 +1,154 @@
+"""The training loop with its guard, end to end over recorded and synthetic streams."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.guard import run_scenario_through_loop
+from checkpoints import CheckpointStore
+from continuity.guard import GuardConfig
+from continuity.loop import params_digest
+from stream import Positions, RecordingWriter, ScenarioSource, make_codec
+from stream.scenarios import make_scenario
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loop_worker import SPEC, build_loop  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory) -> Path:
+    """permuted-digits, 3 segments, one partition, recorded to Parquet as `continuity record` writes it."""
+    path = tmp_path_factory.mktemp("recording") / "stream.parquet"
+    source = ScenarioSource(make_scenario("permuted-digits", segments=3, seed=4), make_codec("binary", SPEC),
+                            topic="digits")
+    writer = RecordingWriter(path)
+    while not source.finished:
+        for run in source.poll():
+            writer.write(run)
+    writer.close()
+    return path
+
+
+def _accepted_chain(ledger: list[dict], final: int) -> list[dict]:
+    """The accepted windows of the surviving lineage, oldest first, found by parent links."""
+    accepts = {e["checkpoint"]: e for e in ledger if e["event"] == "accept"}
+    chain, number = [], final
+    while number is not None:
+        chain.append(accepts[number])
+        number = accepts[number]["parent"]
+    return chain[::-1]
+
+
+def _offset(positions_json) -> int:
+    return Positions.from_json(positions_json).offset("digits", 0) or 0
+
+
+def test_killed_and_restarted_run_ends_bit_identical_with_every_record_trained_once(recording, tmp_path):
+    reference = build_loop(recording, tmp_path / "reference")
+    reference.run()
+    expected = params_digest(reference.final_state)
+
+    directory = tmp_path / "killed"
+    directory.mkdir()
+    ledger_path = directory / "checkpoints" / "ledger.jsonl"
+    command = [sys.executable, str(REPO / "tests" / "loop_worker.py"), str(recording), str(directory)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    chooser = random.Random(7)
+    kills = 0
+    for _ in range(3):
+        accepts_before = _count(ledger_path, "accept")
+        worker = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        # Let it get some way in (at least one new accepted window), then kill it without warning.
+        while _count(ledger_path, "accept") < accepts_before + 1 and worker.poll() is None:
+            assert time.monotonic() < deadline, "worker made no progress"
+            time.sleep(0.05)
+        time.sleep(chooser.uniform(0.0, 1.5))
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGKILL)
+            kills += 1
+        worker.wait()
+    assert kills >= 2
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stdout.strip().splitlines()[-1] == expected
+
+    # The ledger shows the surviving lineage trained every record exactly once.
+    ledger = CheckpointStore(directory / "checkpoints", create=False).ledger.read()
+    assert sum(e["event"] == "restore" for e in ledger) >= 2
+    final = CheckpointStore(directory / "checkpoints", create=False).last_good()
+    chain = _accepted_chain(ledger, final)
+    assert _offset(chain[0]["from"]) == 0
+    for earlier, later in zip(chain, chain[1:]):
+        assert later["from"] == earlier["positions"]  # contiguous: no gap, no overlap
+    total_records = len(ScenarioSource(make_scenario("permuted-digits", segments=3, seed=4), make_codec("binary", SPEC)))
+    assert _offset(chain[-1]["positions"]) == total_records
+    assert chain[-1]["lineage_examples"] == reference.summary.examples_trained
+
+
+def _count(ledger: Path, event: str) -> int:
+    if not ledger.exists():
+        return 0
+    count = 0
+    for line in ledger.read_text().splitlines():
+        try:
+            count += json.loads(line)["event"] == event
+        except (json.JSONDecodeError, KeyError):
+            pass  # a line being written
+    return count
+
+
+def test_restart_restores_state_positions_and_probe(recording, tmp_path):
+    first = build_loop(recording, tmp_path)
+    first.max_examples = 1500
+    first.run()
+    store = CheckpointStore(tmp_path / "checkpoints", create=False)
+    saved = store.info(store.last_good()).metadata
+    second = build_loop(recording, tmp_path)
+    state, good = second._restore_or_start()
+    assert good.positions == Positions.from_json(saved["positions"])
+    assert params_digest(state) == params_digest(first.final_state)
+    assert good.probe.segments == saved["probe_store"]["segments"]
+    assert len(good.probe) > 0
+
+
+@pytest.fixture(scope="module")
+def guard_runs():
+    """The same permuted-digits stream clean, poisoned unguarded, and poisoned guarded (default guard)."""
+    clean = make_scenario("permuted-digits", segments=6, seed=0)
+    poisoned = make_scenario("permuted-digits", segments=6, seed=0, poison=5)
+    guard = GuardConfig()
+    return {
+        "clean": run_scenario_through_loop(clean, guard=guard, seed=0),
+        "unguarded": run_scenario_through_loop(poisoned, guard=GuardConfig(enabled=False), seed=0),
+        "guarded": run_scenario_through_loop(poisoned, guard=guard, seed=0),
+    }
+
+
+def test_a_clean_drifting_stream_triggers_no_rollback(guard_runs):
+    assert guard_runs["clean"]["rollbacks"] == 0
+    assert guard_runs["clean"]["quarantined_records"] == 0
+
+
+def test_the_guard_holds_accuracy_against_a_broken_labeler(guard_runs):
+    def clean_segments(run):  # the poisoned slot (5) differs between the streams; compare the rest
+        return float(np.mean(run["test_accuracy"][:5]))
+
+    clean, unguarded, guarded = (clean_segments(guard_runs[k]) for k in ("clean", "unguarded", "guarded"))
+    assert guarded >= 0.98 * clean
+    assert guard_runs["guarded"]["rollbacks"] >= 1 and guard_runs["guarded"]["quarantined_records"] > 0
+    # Without the guard the segment whose inputs the labeler reused is wrecked.
+    assert guard_runs["unguarded"]["test_accuracy"][0] < guard_runs["clean"]["test_accuracy"][0] - 0.2
+    assert unguarded < 0.97 * clean
+    print(f"\nclean {clean:.3f}  unguarded {unguarded:.3f} ({unguarded / clean:.3f})  "
+          f"guarded {guarded:.3f} ({guarded / clean:.3f})")

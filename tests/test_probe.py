@@ -1,0 +1,99 @@
+"""The continuity probe store and the regression rule (exact one-sided McNemar)."""
+
+import numpy as np
+import pytest
+from scipy.stats import binom
+
+from continuity.probe import ProbeConfig, ProbeStore
+from continuity.regression import judge, mcnemar_one_sided
+
+SHAPE = (2,)
+
+
+def _examples(n, start=0):
+    values = np.arange(start, start + n, dtype=np.float32)
+    return np.stack([values, values], 1), (np.arange(start, start + n) % 10).astype(np.int32)
+
+
+def test_probe_reservoirs_are_bounded_per_segment_and_deterministic():
+    a, b = ProbeStore(SHAPE, per_segment=50, seed=3), ProbeStore(SHAPE, per_segment=50, seed=3)
+    for store in (a, b):
+        for chunk in range(20):
+            store.add("old", *_examples(37, chunk * 37))
+        store.add("new", *_examples(10))
+    xa, ya, ida = a.examples()
+    xb, yb, idb = b.examples()
+    assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+    assert a.segments == ["old", "new"] and list(np.bincount(ida)) == [50, 10]
+    # Reservoir, not FIFO: examples from the whole history are kept, not just the newest 50.
+    kept = xa[ida == 0, 0]
+    assert kept.min() < 200 and kept.max() > 500
+
+
+def test_probe_reservoir_is_roughly_uniform_over_the_stream():
+    counts = np.zeros(1000)
+    for seed in range(300):
+        store = ProbeStore(SHAPE, per_segment=100, seed=seed)
+        store.add("s", *_examples(1000))
+        counts[store.examples()[0][:, 0].astype(int)] += 1
+    first, last = counts[:500].sum(), counts[500:].sum()
+    assert abs(first - last) / (first + last) < 0.05  # each half holds about half the reservoir
+
+
+def test_probe_round_trips_through_checkpoint_arrays_and_keeps_window_numbering():
+    store = ProbeStore(SHAPE, per_segment=20, window_examples=15, seed=1)
+    store.add("a", *_examples(30))
+    store.add_unsegmented(*_examples(40, 100))
+    store.add_golden(*_examples(5, 900), name="golden")
+    arrays, meta = store.to_arrays()
+    restored = ProbeStore.from_arrays(arrays, meta, SHAPE)
+    assert restored.segments == ["a", "window-0", "window-1", "window-2", "golden"]
+    for got, want in zip(restored.examples(), store.examples()):
+        np.testing.assert_array_equal(got, want)
+    # The next unsegmented example continues the same window in both.
+    store.add_unsegmented(*_examples(1, 500))
+    restored.add_unsegmented(*_examples(1, 500))
+    assert store.segments == restored.segments
+    with pytest.raises(ValueError, match="golden"):
+        store.add("golden", *_examples(1))
+
+
+def test_probe_config_names_bad_values():
+    with pytest.raises(ValueError, match="`probe.holdout_fraction` must be in"):
+        ProbeConfig(holdout_fraction=1.5)
+
+
+def test_mcnemar_matches_the_binomial_tail_by_hand():
+    good = np.array([1] * 30 + [0] * 5 + [1] * 50, bool)  # 30 right before, wrong now; 5 the other way
+    cand = np.array([0] * 30 + [1] * 5 + [1] * 50, bool)
+    b, c, p = mcnemar_one_sided(good, cand)
+    assert (b, c) == (30, 5)
+    assert p == pytest.approx(binom.sf(29, 35, 0.5))  # P(X >= 30), X ~ Bin(35, 1/2)
+    assert mcnemar_one_sided(good, good)[2] == 1.0
+
+
+def test_noise_alone_does_not_trigger_regressions():
+    """Two equally good models disagreeing at random: the rule fires far less often than alpha."""
+    rng = np.random.default_rng(0)
+    names = [f"s{i}" for i in range(8)]
+    ids = np.repeat(np.arange(8), 100)
+    fired = 0
+    for _ in range(500):
+        good = rng.random(800) < 0.8
+        cand = rng.random(800) < 0.8
+        fired += judge(good, cand, ids, names, tolerance=0.0, alpha=0.01).regressed
+    assert fired / 500 <= 0.01
+
+
+def test_a_real_drop_on_one_segment_is_a_regression_and_named():
+    rng = np.random.default_rng(1)
+    ids = np.repeat(np.arange(3), 150)
+    good = rng.random(450) < 0.9
+    cand = good.copy()
+    hurt = np.flatnonzero((ids == 1) & good)[:40]  # segment 1 loses 40 right answers: 0.27 there, 0.09 overall
+    cand[hurt] = False
+    verdict = judge(good, cand, ids, ["a", "b", "c"], tolerance=0.1, alpha=0.01)
+    assert verdict.regressed and verdict.regressed_scopes == ["b"]
+    assert verdict.segments["b"].drop == pytest.approx(40 / 150)
+    # The same drop under a looser tolerance is not one.
+    assert not judge(good, cand, ids, ["a", "b", "c"], tolerance=0.5, alpha=0.01).regressed
