@@ -1,8 +1,9 @@
 """`continuity checkpoints list|show|pin|unpin|export` and `continuity rollback`: a store on disk.
 
 These commands work on a checkpoint directory directly, with or without a service
-running. They open the store read-mostly: pins, head and abandoned marks go to its
-store.json, events to its ledger; they never save or delete a checkpoint.
+running; only `rollback --url` asks a running service first, over its admin endpoint.
+They open the store read-mostly: pins, head and abandoned marks go to its store.json,
+events to its ledger; they never save or delete a checkpoint.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 from continuity.errors import UsageError
+
+DEFAULT_TOKEN_ENV = "CONTINUITY_ADMIN_TOKEN"
 
 
 def register(subparsers) -> None:
@@ -43,8 +47,17 @@ def register(subparsers) -> None:
     export.add_argument("--out", required=True, type=Path, metavar="FILE", help="FILE.msgpack or FILE.npz")
     export.set_defaults(handler=run_export)
 
-    rollback = subparsers.add_parser("rollback", help="make a good checkpoint the one the next start restores")
-    _add_dir(rollback)
+    rollback = subparsers.add_parser(
+        "rollback", help="roll a running service back (--url), or make a good checkpoint the one the next start "
+                         "restores (--dir)")
+    rollback.add_argument("--dir", type=Path, metavar="DIR",
+                          help="the checkpoint store directory; with --url, the fallback when no service runs")
+    rollback.add_argument("--url", metavar="URL",
+                          help="a running service's HTTP address (e.g. http://127.0.0.1:8080): ask it first")
+    rollback.add_argument("--token-env", default=DEFAULT_TOKEN_ENV, metavar="VAR",
+                          help=f"environment variable holding the admin token (default {DEFAULT_TOKEN_ENV})")
+    rollback.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
+                          help="how long to wait for the service to finish the rollback (default 30)")
     target = rollback.add_mutually_exclusive_group(required=True)
     target.add_argument("--to", type=_checkpoint_number, metavar="STEP", help="this checkpoint (must be good)")
     target.add_argument("--last-good", action="store_true", help="the newest good checkpoint not abandoned")
@@ -54,6 +67,16 @@ def register(subparsers) -> None:
 
 def _add_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", required=True, type=Path, metavar="DIR", help="the checkpoint store directory")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a timeout must be a positive number of seconds, got {text!r}")
+    return value
 
 
 def _checkpoint_number(text: str) -> int:
@@ -229,8 +252,46 @@ def run_export(args) -> int:
 
 
 def run_rollback(args) -> int:
-    # A later issue asks a running service over HTTP first; on-disk is the fallback.
+    """Over HTTP when --url names a service; in the directory when none runs there (or no --url)."""
+    if args.url:
+        done = rollback_via_service(args.url, to=args.to, last_good=args.last_good, reason=args.reason,
+                                    token_env=args.token_env, timeout_s=args.timeout)
+        if done:
+            return 0
+        if args.dir is None:
+            raise UsageError(f"no service is running at {args.url}; pass --dir DIR to roll back the checkpoint "
+                             "directory instead")
+        print(f"no service is running at {args.url}; rolling back the checkpoint directory {args.dir} instead")
+    elif args.dir is None:
+        raise UsageError("rollback needs --url URL (a running service) or --dir DIR (a checkpoint directory)")
     return rollback_in_directory(args.dir, to=args.to, last_good=args.last_good, reason=args.reason)
+
+
+def rollback_via_service(url: str, *, to: int | None, last_good: bool, reason: str, token_env: str,
+                         timeout_s: float) -> bool:
+    """Ask the service at `url` to roll back. True when it did; False when none runs there."""
+    from continuity.http import AdminRequestError, AdminTimeout, ServiceUnreachable, rollback_over_http
+
+    token = os.environ.get(token_env) or None  # from the environment only: argv shows up in `ps`
+    try:
+        answer = rollback_over_http(url, to=to, last_good=last_good, token=token, reason=reason,
+                                    timeout_s=timeout_s)
+    except ServiceUnreachable:
+        return False
+    except ValueError as error:  # a malformed URL
+        raise UsageError(str(error)) from None
+    except AdminTimeout as error:
+        raise UsageError(f"{error}; see `continuity checkpoints list`") from None
+    except AdminRequestError as error:
+        hint = ""
+        if error.status == 401 and token is None:
+            hint = f" (the admin token is read from ${token_env}, which is not set)"
+        status = f"HTTP {error.status}: " if error.status else ""
+        raise UsageError(f"the service at {url} refused the rollback: {status}{error.message}{hint}") from None
+    checkpoint = answer.get("checkpoint", answer.get("to"))
+    detail = f" to checkpoint {checkpoint}" if checkpoint is not None else ""
+    print(f"the service at {url} rolled back{detail}: {json.dumps(answer, default=str)}")
+    return True
 
 
 def rollback_in_directory(directory: Path, to: int | None = None, last_good: bool = False,

@@ -1,0 +1,104 @@
+"""docker-compose.yml, the Dockerfile and deploy/continuity.toml agree (no Docker engine needed)."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    with open(REPO / "deploy" / "continuity.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+@pytest.fixture(scope="module")
+def entrypoint() -> list:
+    lines = [line for line in (REPO / "Dockerfile").read_text().splitlines() if line.startswith("ENTRYPOINT")]
+    assert len(lines) == 1, "the Dockerfile needs exactly one ENTRYPOINT"
+    return json.loads(lines[0].removeprefix("ENTRYPOINT"))  # exec form: a JSON list
+
+
+def _env(service: dict) -> dict:
+    env = service.get("environment", {})
+    if isinstance(env, list):  # ["KEY=value", ...] form
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def _mounts(service: dict) -> list[dict]:
+    """Volume entries in long form: {"type", "source", "target", "read_only"}."""
+    mounts = []
+    for entry in service.get("volumes", []):
+        if isinstance(entry, str):  # short form SOURCE:TARGET[:ro]
+            source, target, *mode = entry.split(":")
+            kind = "bind" if source.startswith((".", "/")) else "volume"
+            entry = {"type": kind, "source": source, "target": target, "read_only": mode == ["ro"]}
+        mounts.append(entry)
+    return mounts
+
+
+def test_services_and_kafka_in_kraft_mode(compose):
+    assert set(compose["services"]) == {"kafka", "continuity"}
+    kafka = compose["services"]["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    env = _env(kafka)
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    node = env["KAFKA_NODE_ID"]
+    controller_port = re.search(r"CONTROLLER://[^,]*:(\d+)", env["KAFKA_LISTENERS"]).group(1)
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{node}@kafka:{controller_port}"
+    assert env["KAFKA_CONTROLLER_LISTENER_NAMES"] == "CONTROLLER"
+    assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "1"  # one node: the group offsets topic must fit
+
+
+def test_bootstrap_matches_the_kafka_service_and_its_advertised_listener(compose, config):
+    env = _env(compose["services"]["kafka"])
+    advertised = re.search(r"PLAINTEXT://([^,:]+):(\d+)", env["KAFKA_ADVERTISED_LISTENERS"])
+    listening = re.search(r"(?:^|,)PLAINTEXT://[^,:]*:(\d+)", env["KAFKA_LISTENERS"])
+    host, port = config["stream"]["bootstrap"].rsplit(":", 1)
+    assert host == "kafka" and host in compose["services"]
+    assert (host, port) == advertised.groups()
+    assert port == listening.group(1)
+
+
+def test_continuity_service_serves_the_configured_port(compose, config):
+    service = compose["services"]["continuity"]
+    assert service["build"]["dockerfile"] == "Dockerfile" and (REPO / service["build"]["dockerfile"]).is_file()
+    http_port = config["service"]["http_port"]
+    published = [str(p).rsplit(":", 1)[-1] for p in service["ports"]]
+    assert published == [str(http_port)]
+    assert f"EXPOSE {http_port}" in (REPO / "Dockerfile").read_text()
+    assert f"127.0.0.1:{http_port}/" in " ".join(service["healthcheck"]["test"])
+    # 0.0.0.0 in a container needs the admin token, which compose passes through from the host.
+    assert config["service"]["http_host"] == "0.0.0.0"
+    token_env = config["service"]["admin_token_env"]
+    assert _env(service)[token_env].startswith("${" + token_env)
+    assert "kafka" in service["depends_on"]
+
+
+def test_the_mounted_config_is_the_one_serve_reads(compose, entrypoint):
+    service = compose["services"]["continuity"]
+    assert entrypoint[:2] == ["continuity", "serve"]
+    config_path = entrypoint[entrypoint.index("--config") + 1]
+    (mount,) = [m for m in _mounts(service) if m["type"] == "bind"]
+    assert mount["target"] == config_path and mount["read_only"] is True
+    assert (REPO / mount["source"]).resolve() == REPO / "deploy" / "continuity.toml"
+
+
+def test_checkpoints_live_in_a_named_volume(compose, config):
+    (mount,) = [m for m in _mounts(compose["services"]["continuity"]) if m["type"] == "volume"]
+    assert mount["target"] == config["checkpoints"]["dir"]
+    assert mount["source"] in compose["volumes"]

@@ -1,0 +1,345 @@
+"""The service's HTTP endpoints and metrics on a real loopback server, and `continuity rollback --url`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from checkpoints import CheckpointStore
+from continuity.cli import main
+from continuity.http import (
+    AdminRequestError,
+    ServiceHTTP,
+    ServiceUnreachable,
+    is_loopback,
+    rollback_over_http,
+)
+from continuity.loop import Progress
+from continuity.metrics import ServiceMetrics
+
+TOKEN = "s3cret-token"
+
+
+class FakeController:
+    """Records admin calls; checkpoint 404s for numbers above `newest`, ValueError for a regressed one."""
+
+    def __init__(self):
+        self.is_ready = False
+        self.calls = []
+        self.newest = 5
+        self.lock = threading.Lock()
+
+    def status(self):
+        return {"checkpoint": self.newest, "positions": {"digits/0": 1200}, "ready": self.is_ready}
+
+    def ready(self):
+        return self.is_ready
+
+    def request_rollback(self, to, reason):
+        with self.lock:
+            self.calls.append(("rollback", to, reason))
+        if to == 4:
+            raise ValueError("checkpoint 4 is regressed, not good")
+        if to is not None and to > self.newest:
+            raise LookupError(f"no checkpoint {to}")
+        if to == 3:
+            raise RuntimeError("device on fire")
+        return {"checkpoint": to or self.newest, "reason": reason}
+
+    def request_checkpoint(self):
+        with self.lock:
+            self.calls.append(("checkpoint",))
+        self.newest += 1
+        return {"checkpoint": self.newest}
+
+
+def _progress(**overrides) -> Progress:
+    values = dict(examples_trained=640, examples_per_second=1234.5, lineage_examples=600, rollbacks=1,
+                  dead_letters=3, quarantined_records=0, probe_accuracy=0.91,
+                  probe_segments={"s0": 0.95, "s1": 0.87, "empty": None}, ewc_strength=12.5, checkpoint=4,
+                  positions={}, step_seconds=[0.0004, 0.002, 0.03])
+    values.update(overrides)
+    return Progress(**values)
+
+
+@pytest.fixture
+def controller():
+    return FakeController()
+
+
+@pytest.fixture
+def service(controller):
+    metrics = ServiceMetrics()
+    with ServiceHTTP(controller, metrics, port=0, admin_token=TOKEN) as http:
+        yield http
+
+
+def _get(url: str) -> tuple[int, dict, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def _post(url: str, body=None, token: str | None = None, raw: bytes | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def _samples(registry) -> dict:
+    from prometheus_client.exposition import generate_latest
+
+    families = text_string_to_metric_families(generate_latest(registry).decode())
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
+def test_metrics_counters_stay_monotonic_and_gauges_follow():
+    metrics = ServiceMetrics()
+    metrics.observe(_progress())
+    metrics.observe(_progress(examples_trained=1000, rollbacks=1, dead_letters=5, step_seconds=[]))
+    samples = _samples(metrics.registry)
+    assert samples[("continuity_examples_trained_total", ())] == 1000
+    assert samples[("continuity_dead_letters_total", ())] == 5
+    assert samples[("continuity_rollbacks_total", ())] == 1
+    assert samples[("continuity_step_seconds_count", ())] == 3
+
+    # A new run reports totals from zero again: its work adds on, nothing goes down.
+    metrics.observe(_progress(examples_trained=64, rollbacks=0, dead_letters=0, probe_accuracy=0.5,
+                              probe_segments={"s0": 0.4}, checkpoint=7, step_seconds=[]))
+    samples = _samples(metrics.registry)
+    assert samples[("continuity_examples_trained_total", ())] == 1064
+    assert samples[("continuity_rollbacks_total", ())] == 1
+    assert samples[("continuity_probe_accuracy", (("segment", "overall"),))] == 0.5
+    assert samples[("continuity_probe_accuracy", (("segment", "s0"),))] == 0.4
+    assert samples[("continuity_probe_accuracy", (("segment", "s1"),))] == 0.87  # last known value
+    assert ("continuity_probe_accuracy", (("segment", "empty"),)) not in samples
+    assert samples[("continuity_checkpoint", ())] == 7
+
+    metrics.set_lag({"digits/0": 10, "digits/1": 0})
+    metrics.set_lag({"digits/1": 4})  # partition 0 was revoked: its series goes
+    samples = _samples(metrics.registry)
+    assert samples[("continuity_consumer_lag", (("partition", "digits/1"),))] == 4
+    assert ("continuity_consumer_lag", (("partition", "digits/0"),)) not in samples
+
+
+def test_metrics_registries_are_independent():
+    a, b = ServiceMetrics(), ServiceMetrics()  # same names, no "Duplicated timeseries" error
+    a.observe(_progress())
+    assert _samples(b.registry)[("continuity_examples_trained_total", ())] == 0
+
+
+# ---------------------------------------------------------------------------- read-only endpoints
+
+
+def test_health_ready_status_and_unknown_paths(service, controller):
+    status, _, body = _get(service.url + "/healthz")
+    assert (status, body) == (200, b"ok\n")
+    assert _get(service.url + "/readyz")[0] == 503
+    controller.is_ready = True
+    assert _get(service.url + "/readyz")[:3:2] == (200, b"ready\n")
+
+    status, headers, body = _get(service.url + "/status")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert json.loads(body) == {"checkpoint": 5, "positions": {"digits/0": 1200}, "ready": True}
+
+    status, headers, body = _get(service.url + "/nope")
+    assert status == 404 and "no endpoint /nope" in json.loads(body)["error"]
+    status, headers, body = _get(service.url + "/admin/rollback")  # GET on an admin endpoint
+    assert status == 405 and headers["Allow"] == "POST"
+    assert controller.calls == []
+
+
+def test_metrics_endpoint_is_prometheus_text(service):
+    service.metrics.observe(_progress())
+    service.metrics.set_lag({"digits/0": 17})
+    status, headers, body = _get(service.url + "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    # The parser drops counters' `_total` suffix from family names; samples keep it.
+    assert {"continuity_examples_trained", "continuity_dead_letters", "continuity_rollbacks",
+            "continuity_quarantined_records", "continuity_probe_accuracy", "continuity_ewc_lambda",
+            "continuity_consumer_lag", "continuity_checkpoint", "continuity_examples_per_second",
+            "continuity_step_seconds"} <= set(families)
+    assert families["continuity_examples_trained"].type == "counter"
+    assert families["continuity_step_seconds"].type == "histogram"
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("continuity_examples_trained_total", ())] == 640
+    assert samples[("continuity_probe_accuracy", (("segment", "s1"),))] == 0.87
+    assert samples[("continuity_consumer_lag", (("partition", "digits/0"),))] == 17
+    assert samples[("continuity_ewc_lambda", ())] == 12.5
+    assert samples[("continuity_step_seconds_bucket", (("le", "0.0005"),))] == 1
+    assert samples[("continuity_step_seconds_bucket", (("le", "+Inf"),))] == 3
+
+
+# ---------------------------------------------------------------------------- admin endpoints
+
+
+def test_admin_rollback_with_the_right_token(service, controller):
+    status, answer = _post(service.url + "/admin/rollback", {"to": 2, "reason": "bad labels"}, TOKEN)
+    assert (status, answer) == (200, {"checkpoint": 2, "reason": "bad labels"})
+    status, answer = _post(service.url + "/admin/rollback", {"last_good": True}, TOKEN)
+    assert status == 200 and answer["checkpoint"] == 5
+    status, answer = _post(service.url + "/admin/checkpoint", None, TOKEN)
+    assert (status, answer) == (200, {"checkpoint": 6})
+    assert controller.calls == [("rollback", 2, "bad labels"), ("rollback", None, "rollback over HTTP"),
+                                ("checkpoint",)]
+
+
+def test_admin_without_or_with_a_wrong_token_is_refused(service, controller):
+    status, answer = _post(service.url + "/admin/rollback", {"to": 2})
+    assert status == 401 and "Bearer" in answer["error"]
+    status, answer = _post(service.url + "/admin/rollback", {"to": 2}, "not-the-token")
+    assert (status, answer) == (403, {"error": "wrong admin token"})
+    status, answer = _post(service.url + "/admin/checkpoint", None, TOKEN + "x")
+    assert status == 403
+    assert controller.calls == []
+
+
+def test_admin_disabled_without_a_configured_token(controller):
+    with ServiceHTTP(controller, ServiceMetrics(), port=0) as http:
+        status, answer = _post(http.url + "/admin/rollback", {"to": 2}, "anything")
+        assert status == 403 and "disabled" in answer["error"]
+        assert _get(http.url + "/healthz")[0] == 200
+    assert controller.calls == []
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"to": 4}, 400, "regressed"),             # controller ValueError
+    ({"to": 99}, 404, "no checkpoint 99"),      # controller LookupError
+    ({"to": 3}, 500, "device on fire"),         # anything else
+    ({}, 400, "exactly one"),
+    ({"to": 2, "last_good": True}, 400, "exactly one"),
+    ({"to": "2"}, 400, "positive integer"),
+    ({"to": 2, "force": True}, 400, "unknown keys"),
+    ({"last_good": True, "reason": ""}, 400, "reason"),
+])
+def test_admin_rollback_errors_are_json(service, body, status, words):
+    got, answer = _post(service.url + "/admin/rollback", body, TOKEN)
+    assert got == status and words in answer["error"]
+
+
+def test_admin_rejects_bad_bodies(service, controller):
+    assert _post(service.url + "/admin/rollback", token=TOKEN, raw=b"{not json")[0] == 400
+    assert _post(service.url + "/admin/rollback", token=TOKEN, raw=b"[1]")[0] == 400
+    assert _post(service.url + "/admin/rollback", token=TOKEN, raw=b" " * 70_000)[0] == 413
+    assert _post(service.url + "/admin/checkpoint", {"now": True}, TOKEN)[0] == 400
+    assert controller.calls == []
+
+
+def test_the_token_is_never_logged(service, caplog):
+    caplog.set_level("DEBUG", logger="continuity.http")
+    _post(service.url + "/admin/rollback", {"to": 2}, TOKEN)
+    _post(service.url + "/admin/rollback", {"to": 2}, "wrong-" + TOKEN)
+    _get(service.url + "/healthz")
+    assert caplog.records and TOKEN not in caplog.text and TOKEN not in repr(service)
+
+
+# ---------------------------------------------------------------------------- binding
+
+
+def test_non_loopback_bind_needs_a_token(controller):
+    for host in ("0.0.0.0", "", "::", "10.1.2.3", "example.org"):
+        with pytest.raises(ValueError, match="refusing to expose admin endpoints"):
+            ServiceHTTP(controller, ServiceMetrics(), host=host, port=0)
+    ServiceHTTP(controller, ServiceMetrics(), host="0.0.0.0", port=0, admin_token=TOKEN)  # allowed
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    with pytest.raises(ValueError, match="port"):
+        ServiceHTTP(controller, ServiceMetrics(), port=70000)
+
+
+def test_wildcard_bind_with_token_serves_on_loopback(controller):
+    with ServiceHTTP(controller, ServiceMetrics(), host="0.0.0.0", port=0, admin_token=TOKEN) as http:
+        assert http.port != 0 and http.url == f"http://127.0.0.1:{http.port}"
+        assert _get(http.url + "/healthz")[0] == 200
+    with pytest.raises(urllib.error.URLError):  # stopped means closed
+        urllib.request.urlopen(http.url + "/healthz", timeout=2)
+
+
+# ---------------------------------------------------------------------------- client
+
+
+def test_rollback_over_http(service, controller):
+    answer = rollback_over_http(service.url, to=2, last_good=False, token=TOKEN, reason="r")
+    assert answer == {"checkpoint": 2, "reason": "r"}
+    with pytest.raises(AdminRequestError) as refused:
+        rollback_over_http(service.url, to=2, last_good=False, token="bad", reason="r")
+    assert (refused.value.status, refused.value.message) == (403, "wrong admin token")
+    with pytest.raises(AdminRequestError) as missing:
+        rollback_over_http(service.url, to=99, last_good=False, token=TOKEN, reason="r")
+    assert missing.value.status == 404
+    assert controller.calls == [("rollback", 2, "r"), ("rollback", 99, "r")]
+
+
+def test_rollback_over_http_to_a_closed_port_is_unreachable():
+    with pytest.raises(ServiceUnreachable) as error:
+        rollback_over_http(f"http://127.0.0.1:{_closed_port()}", to=None, last_good=True, token=TOKEN, reason="r")
+    assert isinstance(error.value, ConnectionError)
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture
+def store_dir(tmp_path):
+    directory = tmp_path / "ckpts"
+    with CheckpointStore(directory, keep_last=10) as store:
+        for i, status in enumerate(["good", "good", "regressed"]):
+            store.save({"w": np.full(3, i, np.float32)}, {}, {"status": status, "learner_step": 10 * (i + 1)})
+    return directory
+
+
+def test_cli_rollback_over_http(service, controller, monkeypatch, capsys, store_dir):
+    monkeypatch.setenv("CONTINUITY_ADMIN_TOKEN", TOKEN)
+    assert main(["rollback", "--url", service.url, "--to", "2", "--reason", "ops", "--dir", str(store_dir)]) == 0
+    assert "rolled back to checkpoint 2" in capsys.readouterr().out
+    assert controller.calls == [("rollback", 2, "ops")]
+    with CheckpointStore(store_dir, create=False) as store:
+        assert store.head is None  # the service did it; the directory was not touched
+
+    monkeypatch.setenv("OTHER_TOKEN", "wrong")
+    assert main(["rollback", "--url", service.url, "--last-good", "--token-env", "OTHER_TOKEN"]) == 2
+    assert "wrong admin token" in capsys.readouterr().err
+    monkeypatch.delenv("CONTINUITY_ADMIN_TOKEN")
+    assert main(["rollback", "--url", service.url, "--last-good"]) == 2
+    assert "$CONTINUITY_ADMIN_TOKEN, which is not set" in capsys.readouterr().err
+    assert len(controller.calls) == 1
+
+
+def test_cli_rollback_falls_back_to_the_directory(store_dir, capsys):
+    url = f"http://127.0.0.1:{_closed_port()}"
+    assert main(["rollback", "--url", url, "--to", "1", "--dir", str(store_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"no service is running at {url}")
+    assert out[1].startswith("the next start restores checkpoint 1")
+    with CheckpointStore(store_dir, create=False) as store:
+        assert store.head == 1
+
+    assert main(["rollback", "--url", url, "--last-good"]) == 2
+    assert "pass --dir DIR" in capsys.readouterr().err
+    assert main(["rollback", "--last-good"]) == 2
+    assert "--url URL" in capsys.readouterr().err
