@@ -102,3 +102,12 @@ def test_checkpoints_live_in_a_named_volume(compose, config):
     (mount,) = [m for m in _mounts(compose["services"]["continuity"]) if m["type"] == "volume"]
     assert mount["target"] == config["checkpoints"]["dir"]
     assert mount["source"] in compose["volumes"]
+
+
+def test_the_deploy_config_loads_with_the_token_from_the_environment():
+    config_module = pytest.importorskip("continuity.config")
+    path = REPO / "deploy" / "continuity.toml"
+    config = config_module.load_config(path, environ={"CONTINUITY_ADMIN_TOKEN": "t0ken"})
+    assert config.service.admin_token == "t0ken" and config.stream.bootstrap == "kafka:9092"
+    with pytest.raises(config_module.ConfigError, match="CONTINUITY_ADMIN_TOKEN"):
+        config_module.load_config(path, environ={})  # 0.0.0.0 without a token does not start

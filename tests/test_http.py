@@ -343,3 +343,24 @@ def test_cli_rollback_falls_back_to_the_directory(store_dir, capsys):
     assert "pass --dir DIR" in capsys.readouterr().err
     assert main(["rollback", "--last-good"]) == 2
     assert "--url URL" in capsys.readouterr().err
+
+
+def test_cli_rollback_finds_the_service_and_directory_in_the_config(service, controller, tmp_path, monkeypatch,
+                                                                     capsys, store_dir):
+    pytest.importorskip("continuity.config")
+    monkeypatch.delenv("CONTINUITY_ADMIN_TOKEN", raising=False)
+    monkeypatch.setenv("SERVICE_TOKEN", TOKEN)
+    config = tmp_path / "continuity.toml"
+    config.write_text(f'[checkpoints]\ndir = "{store_dir}"\n\n[service]\nhttp_host = "127.0.0.1"\n'
+                      f'http_port = {service.port}\nadmin_token_env = "SERVICE_TOKEN"\n')
+    assert main(["rollback", "--config", str(config), "--to", "2"]) == 0
+    assert f"the service at {service.url} rolled back to checkpoint 2" in capsys.readouterr().out
+    assert controller.calls == [("rollback", 2, "manual rollback")]
+
+    # No service at the configured port: the config's checkpoint directory instead.
+    port = _closed_port()
+    assert main(["rollback", "--config", str(config), "--set", f"service.http_port={port}", "--to", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"no service is running at http://127.0.0.1:{port}" in out and f"directory {store_dir}" in out
+    with CheckpointStore(store_dir, create=False) as store:
+        assert store.head == 1

@@ -54,8 +54,14 @@ def register(subparsers) -> None:
                           help="the checkpoint store directory; with --url, the fallback when no service runs")
     rollback.add_argument("--url", metavar="URL",
                           help="a running service's HTTP address (e.g. http://127.0.0.1:8080): ask it first")
+    rollback.add_argument("--config", metavar="FILE",
+                          help="the service's config: its [service] http_host/http_port give --url, its admin "
+                               "token the token, its [checkpoints] dir the --dir (explicit options win)")
+    rollback.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
+                          help="override one config value (repeatable)")
     rollback.add_argument("--token-env", default=DEFAULT_TOKEN_ENV, metavar="VAR",
-                          help=f"environment variable holding the admin token (default {DEFAULT_TOKEN_ENV})")
+                          help=f"environment variable holding the admin token (default {DEFAULT_TOKEN_ENV}); "
+                               "never given on the command line")
     rollback.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
                           help="how long to wait for the service to finish the rollback (default 30)")
     target = rollback.add_mutually_exclusive_group(required=True)
@@ -252,27 +258,47 @@ def run_export(args) -> int:
 
 
 def run_rollback(args) -> int:
-    """Over HTTP when --url names a service; in the directory when none runs there (or no --url)."""
-    if args.url:
-        done = rollback_via_service(args.url, to=args.to, last_good=args.last_good, reason=args.reason,
-                                    token_env=args.token_env, timeout_s=args.timeout)
+    """Over HTTP when --url (or --config) names a service; in the directory when none runs there."""
+    url, directory, config_token = args.url, args.dir, None
+    if args.config is not None or args.set:
+        from continuity.config import load_config
+
+        config = load_config(args.config, args.set or ())  # ConfigError is a UsageError
+        service = config.service
+        if url is None and service.http_port != 0:  # port 0: a free port, not knowable from the file
+            url = f"http://{_client_host(service.http_host)}:{service.http_port}"
+        directory = directory if directory is not None else Path(config.checkpoints.dir)
+        config_token = service.admin_token
+    if url:
+        token = os.environ.get(args.token_env) or config_token  # never from argv: it shows up in `ps`
+        done = rollback_via_service(url, to=args.to, last_good=args.last_good, reason=args.reason,
+                                    token=token, token_env=args.token_env, timeout_s=args.timeout)
         if done:
             return 0
-        if args.dir is None:
-            raise UsageError(f"no service is running at {args.url}; pass --dir DIR to roll back the checkpoint "
+        if directory is None:
+            raise UsageError(f"no service is running at {url}; pass --dir DIR to roll back the checkpoint "
                              "directory instead")
-        print(f"no service is running at {args.url}; rolling back the checkpoint directory {args.dir} instead")
-    elif args.dir is None:
-        raise UsageError("rollback needs --url URL (a running service) or --dir DIR (a checkpoint directory)")
-    return rollback_in_directory(args.dir, to=args.to, last_good=args.last_good, reason=args.reason)
+        print(f"no service is running at {url}; rolling back the checkpoint directory {directory} instead")
+    elif directory is None:
+        raise UsageError("rollback needs --url URL or --config FILE (a running service), or --dir DIR "
+                         "(a checkpoint directory)")
+    return rollback_in_directory(directory, to=args.to, last_good=args.last_good, reason=args.reason)
 
 
-def rollback_via_service(url: str, *, to: int | None, last_good: bool, reason: str, token_env: str,
-                         timeout_s: float) -> bool:
+def _client_host(host: str) -> str:
+    """Where this machine reaches a service bound to `host` (a wildcard bind is reached via loopback)."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        host = "::1"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def rollback_via_service(url: str, *, to: int | None, last_good: bool, reason: str, token: str | None,
+                         token_env: str, timeout_s: float) -> bool:
     """Ask the service at `url` to roll back. True when it did; False when none runs there."""
     from continuity.http import AdminRequestError, AdminTimeout, ServiceUnreachable, rollback_over_http
 
-    token = os.environ.get(token_env) or None  # from the environment only: argv shows up in `ps`
     try:
         answer = rollback_over_http(url, to=to, last_good=last_good, token=token, reason=reason,
                                     timeout_s=timeout_s)
