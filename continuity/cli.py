@@ -18,6 +18,7 @@ from continuity.errors import UsageError
 COMMAND_MODULES = (
     "continuity.commands.bench",
     "continuity.commands.checkpoints",
+    "continuity.commands.config",
     "continuity.commands.ingest",
 )
 
