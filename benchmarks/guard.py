@@ -33,13 +33,16 @@ GUARD_PROBE = ProbeConfig(holdout_fraction=0.1)
 
 
 def run_scenario_through_loop(scenario, *, guard: GuardConfig, seed: int, learner_config: LearnerConfig = GUARD_LEARNER,
-                              probe: ProbeConfig = GUARD_PROBE, directory=None) -> dict:
-    """One scenario through the real loop (in-memory source, real Orbax store); final test accuracies."""
+                              probe: ProbeConfig = GUARD_PROBE, directory=None, learner: Learner | None = None) -> dict:
+    """One scenario through the real loop (in-memory source, real Orbax store); final test accuracies.
+
+    Pass a `learner` already used once to measure without its compilations.
+    """
     codec = make_codec("binary", FeatureSpec(scenario.example_shape, "float32", scenario.num_classes))
     quarantine = MemoryDeadLetters()
     stream = StreamInput(open_source=lambda positions: ScenarioSource(scenario, codec, start=positions), codec=codec,
                          dead_letters=MemoryDeadLetters(), quarantine=quarantine)
-    learner = Learner(learner_config, scenario.example_shape, scenario.num_classes)
+    learner = learner or Learner(learner_config, scenario.example_shape, scenario.num_classes)
     with tempfile.TemporaryDirectory(prefix="continuity-bench-guard-") as scratch:
         store = CheckpointStore(directory or scratch)
         loop = TrainingLoop(stream, learner, store, probe=probe, guard=guard, seed=seed)
@@ -58,6 +61,7 @@ def run_scenario_through_loop(scenario, *, guard: GuardConfig, seed: int, learne
         "windows": summary.windows,
         "examples_trained": summary.examples_trained,
         "wall_seconds": seconds,
+        "guard_seconds": summary.guard_seconds,
     }
 
 

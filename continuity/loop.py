@@ -30,6 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -42,19 +44,8 @@ from continuity.guard import Guard, GuardConfig
 from continuity.probe import ProbeConfig, ProbeStore, load_golden
 from learner import Batch as TrainBatch
 from learner import Learner
-from stream import (
-    NO_SEGMENT,
-    Batcher,
-    Codec,
-    DeadLetter,
-    DeadLetterSink,
-    Holdout,
-    Ingest,
-    PartitionKey,
-    Positions,
-    Source,
-    batches,
-)
+from stream import NO_SEGMENT, Batcher, Codec, DeadLetter, DeadLetterSink, Holdout, Ingest, PartitionKey, Positions, Source
+from stream.ingest import IDLE, BatchStream
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +87,7 @@ class RunSummary:
     probe_accuracy: float | None = None
     ewc_strength: float | None = None
     wall_seconds: float = 0.0
+    guard_seconds: float = 0.0  # judging, consolidating, rolling back and starting saves: the guard's cost
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -140,19 +132,34 @@ class _Reader:
     """A source opened at given positions, with its ingest thread and batcher."""
 
     def __init__(self, stream: StreamInput, batch_size: int, holdout: Holdout, positions: Positions,
-                 segment_names: list, stop: Callable[[], bool]):
+                 segment_names: list):
         self.source = stream.open_source(positions)
         self.ingest = Ingest(self.source, stream.codec, stream.dead_letters).start()
         self.batcher = Batcher(stream.codec.spec, batch_size, holdout=holdout, ownership=self.source.ownership,
                                start=positions, segment_names=segment_names)
-        self._batches = batches(self.ingest, self.batcher, idle_timeout_s=stream.idle_timeout_s,
-                                flush_idle=stream.flush_idle, stop=stop)
+        self.batches = BatchStream(self.ingest, self.batcher, idle_timeout_s=stream.idle_timeout_s,
+                                   flush_idle=stream.flush_idle, max_wait_s=0.2)
 
     def next(self):
-        return next(self._batches, None)
+        """A Batch, IDLE on a quiet live stream, or None at the end."""
+        return self.batches.next()
 
     def close(self) -> None:
         self.ingest.stop()
+
+
+class _Request:
+    """An operator request (rollback, checkpoint) handed from another thread to the loop's thread."""
+
+    def __init__(self, kind: str, **args):
+        self.kind, self.args = kind, args
+        self.done = threading.Event()
+        self.result: dict | None = None
+        self.error: BaseException | None = None
+
+    def finish(self, result: dict | None = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
 
 
 class TrainingLoop:
@@ -189,6 +196,24 @@ class TrainingLoop:
         self.summary = RunSummary()
         self._last_report: dict = {}
         self._step_seconds: list[float] = []
+        self._requests: queue.Queue[_Request] = queue.Queue()
+        self.ready = threading.Event()  # set once restored and reading
+        self.good_number: int | None = None
+        self.reader: _Reader | None = None
+
+    def request(self, kind: str, *, timeout_s: float = 60.0, **args) -> dict:
+        """Ask the loop, from another thread, to `rollback` (to=N | None) or `checkpoint` now; waits for it.
+
+        Handled between batches. Raises what handling raised (ValueError for a bad step,
+        TimeoutError when the loop did not get to it in time).
+        """
+        request = _Request(kind, **args)
+        self._requests.put(request)
+        if not request.done.wait(timeout_s):
+            raise TimeoutError(f"the training loop did not handle the {kind} request within {timeout_s:.0f} s")
+        if request.error is not None:
+            raise request.error
+        return request.result
 
     # ---- public ----------------------------------------------------------------------------
 
@@ -198,9 +223,11 @@ class TrainingLoop:
     def run(self) -> RunSummary:
         started = time.perf_counter()
         state, good = self._restore_or_start()
+        self.good_number = good.number
         probe = good.probe.copy()
         self.guard.mark_good(state)
-        reader = self._open(good)
+        reader = self.reader = self._open(good)
+        self.ready.set()
         retries = 0
         last_progress = time.monotonic()
         progress_from = 0
@@ -210,54 +237,15 @@ class TrainingLoop:
                 window_start_examples = self.summary.examples_trained
                 state, positions, ended, recent = self._train_window(state, reader, probe, good)
                 trained = self.summary.examples_trained - window_start_examples
-                if trained == 0:
-                    break  # nothing new: the stream ended (or stop) exactly at a window boundary
-                self.summary.windows += 1
-                verdict, report = self.guard.judge(state, probe)
-                self._last_report = report
-                event = {
-                    "window": self.summary.windows, "learner_step": int(state.step),
-                    "from": good.positions.to_json(), "to": positions.to_json(), "examples": trained,
-                    "verdict": verdict.to_json(), "probe": report,
-                    "ewc_strength": float(state.ewc.strength),
-                }
-                self.ledger.append("probe", **event)
-                if not verdict.regressed:
-                    state = self.guard.accept(state, recent)
-                    parent = good
-                    good = _Good(None, probe.copy(), positions, list(reader.batcher.segment_names),
-                                 good.lineage_examples + trained)
-                    good.number = self._save(state, good, report, verdict, parent)
-                    self.summary.accepted += 1
-                    retries = 0
-                    if committed is not None:
-                        reader.source.commit(committed)  # the previous save is finalized by now
-                    committed = positions
-                else:
-                    self.summary.rollbacks += 1
-                    state = self.guard.roll_back()
-                    probe = good.probe.copy()
-                    self.ledger.append("rollback", window=self.summary.windows, to_checkpoint=good.number,
-                                       scopes=verdict.regressed_scopes, ewc_strength=float(state.ewc.strength),
-                                       positions=good.positions.to_json())
-                    policy = self.guard_config.on_regression
-                    if policy == "halt":
-                        self.ledger.append("halt", checkpoint=good.number, positions=good.positions.to_json())
-                        self.summary.halted = True
+                if trained:
+                    state, good, probe, reader, retries, committed, halt = self._judge_window(
+                        state, good, probe, reader, positions, trained, recent, retries, committed)
+                    self.good_number = good.number
+                    if halt:
                         break
-                    if policy == "retry" and retries < self.guard_config.max_retries:
-                        retries += 1
-                        self.summary.retries += 1
-                        self.ledger.append("retry", attempt=retries, **{"from": good.positions.to_json()},
-                                           to=positions.to_json())
-                        reader.close()
-                        reader = self._open(good)
-                        continue
-                    self._quarantine(good.positions, positions, verdict)
-                    retries = 0
-                    # The quarantined window is accounted for: the next window starts after it.
-                    good = _Good(good.number, good.probe, positions, list(reader.batcher.segment_names),
-                                 good.lineage_examples)
+                if not self._requests.empty():
+                    state, good, probe, reader = self._handle_requests(state, good, probe, reader)
+                    self.good_number = good.number
                 if self.on_progress and time.monotonic() - last_progress >= self.progress_every_s:
                     self._report_progress(state, good, progress_from, time.monotonic() - last_progress)
                     progress_from, last_progress = self.summary.examples_trained, time.monotonic()
@@ -268,6 +256,7 @@ class TrainingLoop:
             if committed is not None:
                 reader.source.commit(committed)
             reader.close()
+            self._fail_pending_requests()
         self.summary.stopped = self._stop()
         self.summary.dead_letters = self.stream.dead_letters.total
         self.summary.skipped_updates = int(state.skipped_updates)
@@ -279,6 +268,96 @@ class TrainingLoop:
                            positions=good.positions.to_json())
         self.final_state = state
         return self.summary
+
+    def _judge_window(self, state, good: _Good, probe: ProbeStore, reader: _Reader, positions: Positions,
+                      trained: int, recent, retries: int, committed: Positions | None):
+        """Judge the candidate after a window, then accept, retry, quarantine or halt."""
+        self.summary.windows += 1
+        guard_started = time.perf_counter()
+        verdict, report = self.guard.judge(state, probe)
+        self._last_report = report
+        self.ledger.append("probe", window=self.summary.windows, learner_step=int(state.step),
+                           **{"from": good.positions.to_json()}, to=positions.to_json(), examples=trained,
+                           verdict=verdict.to_json(), probe=report, ewc_strength=float(state.ewc.strength))
+        halt = False
+        if not verdict.regressed:
+            state = self.guard.accept(state, recent)
+            parent = good
+            good = _Good(None, probe.copy(), positions, list(reader.batcher.segment_names),
+                         good.lineage_examples + trained)
+            good.number = self._save(state, good, report, verdict, parent)
+            self.summary.accepted += 1
+            retries = 0
+            if committed is not None:
+                reader.source.commit(committed)  # the previous save is finalized by now
+            committed = positions
+        else:
+            self.summary.rollbacks += 1
+            state = self.guard.roll_back()
+            probe = good.probe.copy()
+            self.ledger.append("rollback", window=self.summary.windows, to_checkpoint=good.number,
+                               scopes=verdict.regressed_scopes, ewc_strength=float(state.ewc.strength),
+                               positions=good.positions.to_json())
+            policy = self.guard_config.on_regression
+            if policy == "halt":
+                self.ledger.append("halt", checkpoint=good.number, positions=good.positions.to_json())
+                self.summary.halted = True
+                halt = True
+            elif policy == "retry" and retries < self.guard_config.max_retries:
+                retries += 1
+                self.summary.retries += 1
+                self.ledger.append("retry", attempt=retries, **{"from": good.positions.to_json()},
+                                   to=positions.to_json())
+                reader.close()
+                reader = self.reader = self._open(good)
+            else:
+                self._quarantine(good.positions, positions, verdict)
+                retries = 0
+                # The quarantined window is accounted for: the next window starts after it.
+                good = _Good(good.number, good.probe, positions, list(reader.batcher.segment_names),
+                             good.lineage_examples)
+        jax.block_until_ready(state)
+        self.summary.guard_seconds += time.perf_counter() - guard_started
+        return state, good, probe, reader, retries, committed, halt
+
+    def _handle_requests(self, state, good: _Good, probe: ProbeStore, reader: _Reader):
+        """Operator requests, between windows: the window in progress was already judged."""
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return state, good, probe, reader
+            try:
+                if request.kind == "checkpoint":
+                    # Any trained examples were just judged; report the newest good checkpoint.
+                    request.finish({"checkpoint": good.number, "positions": good.positions.to_json()})
+                elif request.kind == "rollback":
+                    state, good, probe, reader = self._operator_rollback(request.args.get("to"),
+                                                                         request.args.get("reason", "operator"),
+                                                                         reader)
+                    request.finish({"checkpoint": good.number, "positions": good.positions.to_json()})
+                else:
+                    raise ValueError(f"unknown request {request.kind!r}")
+            except Exception as error:  # noqa: BLE001 - handed back to the requesting thread
+                request.finish(error=error)
+
+    def _operator_rollback(self, to: int | None, reason: str, reader: _Reader):
+        """Make checkpoint `to` (default: the last good one) current: restore it and read on from its positions."""
+        number = to if to is not None else self.store.last_good()
+        if number is None:
+            raise LookupError("there is no good checkpoint to roll back to")
+        self.store.wait()
+        self.store.set_head(number, reason=reason)
+        restored = self.store.restore(number, state_like=self.learner.init(self.seed))
+        state, good = self._from_restored(restored)
+        self.guard.mark_good(state)
+        reader.close()
+        reader = self.reader = self._open(good)
+        return state, good, good.probe.copy(), reader
+
+    def _fail_pending_requests(self) -> None:
+        while not self._requests.empty():
+            self._requests.get_nowait().finish(error=RuntimeError("the training loop stopped"))
 
     # ---- pieces ----------------------------------------------------------------------------
 
@@ -294,15 +373,19 @@ class TrainingLoop:
                 probe.add_golden(*load_golden(self.probe_config.golden))
             self.ledger.append("start", fresh=True, seed=self.seed, config_digest=self.digest)
             return fresh, _Good(None, probe, Positions(), [], 0)
+        state, good = self._from_restored(restored)
+        self.summary.restored_from = restored.number
+        self.summary.last_checkpoint = restored.number
+        return state, good
+
+    def _from_restored(self, restored):
         meta = restored.metadata
         if meta.get("config_digest") != self.digest:
             log.warning("checkpoint %s was trained with another config (digest %s, now %s)",
                         restored.number, meta.get("config_digest"), self.digest)
-        probe = ProbeStore.from_arrays(restored.probe, meta["probe_store"], learner.example_shape,
+        probe = ProbeStore.from_arrays(restored.probe, meta["probe_store"], self.learner.example_shape,
                                        max_segments=self.probe_config.max_segments)
         positions = Positions.from_json(meta["positions"])
-        self.summary.restored_from = restored.number
-        self.summary.last_checkpoint = restored.number
         self.ledger.append("restore", checkpoint=restored.number, positions=meta["positions"],
                            learner_step=meta["learner_step"], config_digest=self.digest)
         good = _Good(restored.number, probe, positions, list(meta["segment_names"]), meta["lineage_examples"])
@@ -310,7 +393,7 @@ class TrainingLoop:
 
     def _open(self, good: _Good) -> _Reader:
         return _Reader(self.stream, self.learner.config.batch_size, self.holdout, good.positions,
-                       good.segment_names, self.stopping)
+                       good.segment_names)
 
     def _train_window(self, state, reader: _Reader, probe: ProbeStore, good: _Good):
         """Train until a window's worth of examples, the end of the stream, or stop."""
@@ -320,10 +403,14 @@ class TrainingLoop:
         recent: list[tuple[np.ndarray, np.ndarray]] = []
         fisher_rows = self.learner.config.ewc.fisher_samples
         while trained < self.guard_config.every_examples:
+            if self.stopping() or not self._requests.empty():
+                break
             batch = reader.next()
             if batch is None:
-                ended = not self.stopping()
+                ended = True
                 break
+            if batch is IDLE:
+                continue  # a quiet live stream: wait on, checking for stop and requests
             if batch.held_out.any():
                 self._hold_out(probe, reader.batcher.segment_names, batch)
             mask = batch.train_mask
@@ -338,8 +425,6 @@ class TrainingLoop:
                 recent.append((batch.x[mask], batch.y[mask]))
                 while sum(len(y) for _, y in recent) - len(recent[0][1]) >= fisher_rows:
                     recent.pop(0)
-            if self.stopping():
-                break
         recent_examples = (np.concatenate([x for x, _ in recent]), np.concatenate([y for _, y in recent])) \
             if recent else None
         return state, positions, ended, recent_examples

@@ -148,6 +148,55 @@ class Ingest:
         self.stop()
 
 
+IDLE = object()  # BatchStream.next(): nothing arrived within the wait; the stream goes on
+
+
+class BatchStream:
+    """Batches from an Ingest in stream order, one `next()` at a time.
+
+    `next()` returns a Batch, `IDLE` when no record arrived within `max_wait_s` (so a
+    caller can do other work on a quiet live stream), or None once the stream has ended:
+    a finite source exhausted (the last batch padded) or, with `idle_timeout_s`, that long
+    without any block. With `flush_idle`, a partial batch is emitted (padded) whenever no
+    block arrived within `max_wait_s`, so a slow stream still trains promptly.
+    Threading: one consumer thread.
+    """
+
+    def __init__(self, ingest: Ingest, batcher: Batcher, *, idle_timeout_s: float | None = None,
+                 flush_idle: bool = False, max_wait_s: float = 0.5):
+        self.ingest = ingest
+        self.batcher = batcher
+        self.idle_timeout_s = idle_timeout_s
+        self.flush_idle = flush_idle
+        self.max_wait_s = max_wait_s
+        self._last_block = time.monotonic()
+        self._draining = False
+
+    def next(self):
+        batcher = self.batcher
+        while True:
+            if self._draining:
+                return _drained(batcher)
+            batch = batcher.next_batch()
+            if batch is not None:
+                return batch
+            block = self.ingest.get(timeout_s=self.max_wait_s)
+            if block is not None:
+                batcher.add(block)
+                self._last_block = time.monotonic()
+                continue
+            if self.ingest.ended or (
+                self.idle_timeout_s is not None and time.monotonic() - self._last_block > self.idle_timeout_s
+            ):
+                self._draining = True
+                continue
+            if self.flush_idle and len(batcher):
+                batch = _drained(batcher)
+                if batch is not None:
+                    return batch
+            return IDLE
+
+
 def batches(
     ingest: Ingest,
     batcher: Batcher,
@@ -157,41 +206,26 @@ def batches(
     max_wait_s: float = 0.5,
     stop: Callable[[], bool] | None = None,
 ) -> Iterator[Batch]:
-    """Batches from an Ingest, in stream order.
+    """Batches from an Ingest, in stream order, until the stream ends (see BatchStream).
 
-    Ends when a finite source is exhausted (the last batch padded) or, with
-    `idle_timeout_s`, after that long without any block. With `flush_idle`, a partial
-    batch is emitted (padded) whenever no block arrived within `max_wait_s`, so a slow
-    stream still trains promptly. `stop` is checked between blocks: once it returns
-    True the generator ends, leaving what is buffered untrained (positions stay exact).
+    `stop` is checked between blocks: once it returns True the generator ends, leaving what
+    is buffered untrained (positions stay exact).
     """
-    last_block = time.monotonic()
-    while True:
-        if stop is not None and stop():
+    stream = BatchStream(ingest, batcher, idle_timeout_s=idle_timeout_s, flush_idle=flush_idle, max_wait_s=max_wait_s)
+    while not (stop is not None and stop()):
+        batch = stream.next()
+        if batch is None:
             return
-        batch = batcher.next_batch()
-        if batch is not None:
+        if batch is not IDLE:
             yield batch
-            continue
-        block = ingest.get(timeout_s=max_wait_s)
-        if block is not None:
-            batcher.add(block)
-            last_block = time.monotonic()
-            continue
-        if ingest.ended:
-            yield from _drain(batcher)
-            return
-        if flush_idle and len(batcher):
-            yield from _drain(batcher, once=True)
-        if idle_timeout_s is not None and time.monotonic() - last_block > idle_timeout_s:
-            yield from _drain(batcher)
-            return
 
 
-def _drain(batcher: Batcher, once: bool = False) -> Iterator[Batch]:
-    # Batches of size 0 only move positions past trailing dead letters; not yielded.
+def _drained(batcher: Batcher) -> Batch | None:
+    """The next (padded) batch of what is buffered, or None when nothing is left.
+
+    Batches of size 0 only move positions past trailing dead letters; they are skipped.
+    """
     while (batch := batcher.next_batch(flush=True)) is not None:
         if batch.size:
-            yield batch
-        if once:
-            return
+            return batch
+    return None

@@ -415,6 +415,25 @@ class KafkaSource(Source):
         except Exception:  # noqa: BLE001 - position unknown yet: not reached
             return False
 
+    def highwater(self) -> dict[PartitionKey, int]:
+        """Last known end offset of each owned partition, from fetch responses (no network call).
+
+        Safe to call from another thread than the poller: it only reads kafka-python's cached
+        highwater marks. Partitions not fetched yet are absent.
+        """
+        consumer = self._consumer
+        owned = self.ownership.owned()
+        if consumer is None:
+            return {}
+        from kafka import TopicPartition
+
+        marks = {}
+        for key in owned if owned is not None else ():
+            mark = consumer.highwater(TopicPartition(key.topic, key.partition))
+            if mark is not None:
+                marks[PartitionKey(key.topic, key.partition)] = int(mark)
+        return marks
+
     def close(self) -> None:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
