@@ -222,7 +222,7 @@ class Config:
     """The whole resolved configuration; `load_config` builds it, `Config()` is the defaults."""
 
     stream: StreamConfig = field(default_factory=StreamConfig)
-    learner: LearnerConfig = field(default_factory=lambda: _jax_configs().LearnerConfig())  # [model] [learner] [replay] [ewc]
+    learner: LearnerConfig = field(default_factory=lambda: _service_learner())  # [model] [learner] [replay] [ewc]
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # [probe]: what is held out
     guard: GuardConfig = field(default_factory=lambda: _jax_configs().GuardConfig())  # [probe]: how candidates are judged
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
@@ -324,6 +324,23 @@ def _section_classes() -> dict[str, tuple[type, ...]]:
         "service": (ServiceConfig,),
     }
 
+# Where the service's defaults differ from the learner library's neutral ones (which leave
+# replay and EWC off): the settings the guard was measured with (BENCHMARKS.md, "Guard").
+SERVICE_DEFAULTS = {
+    ("replay", "capacity"): 1000,
+    ("replay", "batch_size"): 32,
+    ("ewc", "enabled"): True,
+    ("ewc", "strength"): 100.0,
+    ("ewc", "strength_min"): 10.0,
+}
+
+
+def _service_learner():
+    lib = _jax_configs()
+    table = {section: {k: v for (s, k), v in SERVICE_DEFAULTS.items() if s == section} for section in ("replay", "ewc")}
+    return lib.LearnerConfig(replay=lib.ReplayConfig(**table["replay"]), ewc=lib.EWCConfig(**table["ewc"]))
+
+
 _SECRET_KEYS = {("service", "admin_token")}
 _ENV_KEYS = {("service", "admin_token")}  # keys (besides [stream.security]'s) that may be given as <key>_env
 
@@ -372,6 +389,7 @@ def _specs() -> dict[str, dict[str, _KeySpec]]:
                     continue
                 kind, optional = _kind_of(hints[f.name])
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                default = SERVICE_DEFAULTS.get((section, f.name), default)
                 specs[section][f.name] = _KeySpec(section, f.name, cls, kind, optional, default,
                                                   (section, f.name) in _SECRET_KEYS)
     return specs
@@ -552,6 +570,9 @@ class _Loader:
         specs = _specs()[section]
         allowed = self._allowed(section)
         out: dict[type, dict] = {cls: {} for cls in _section_classes()[section]}
+        for (default_section, key), value in SERVICE_DEFAULTS.items():
+            if default_section == section:
+                out[specs[key].owner][key] = value
         for key in table:
             if key not in allowed:
                 raise self.error(section, key, f"unknown key; expected one of: {', '.join(allowed)}{_suggest(key, allowed)}")

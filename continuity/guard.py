@@ -10,7 +10,7 @@ Threading: NOT thread-safe; the service loop owns it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,9 @@ class GuardConfig:
     on_regression: str = "quarantine"
     max_retries: int = 2  # retries of a window before it is quarantined
     min_examples: int = 20  # probe examples a segment needs before it is tested
+    # Also judge against the good model of up to this many accepted windows ago, so damage
+    # that seeps in a little per window (each step under the tolerance) adds up and is caught.
+    anchor_windows: int = 3  # 0: compare with the last good model only
     enabled: bool = True  # False: every candidate is accepted (to measure what the guard prevents)
 
     def __post_init__(self):
@@ -52,6 +55,8 @@ class GuardConfig:
             raise ValueError(f"`probe.on_regression` must be one of {allowed}. Got {self.on_regression!r}.")
         if self.max_retries < 0:
             raise ValueError(f"`probe.max_retries` must be >= 0. Got {self.max_retries!r}.")
+        if self.anchor_windows < 0:
+            raise ValueError(f"`probe.anchor_windows` must be >= 0. Got {self.anchor_windows!r}.")
 
 
 def device_copy(state: LearnerState) -> LearnerState:
@@ -66,21 +71,34 @@ class Guard:
         self.learner = learner
         self.config = config
         self.last_good: LearnerState | None = None
+        self.anchor: dict | None = None  # params of an older good model
+        self._accepted_since_anchor = 0
 
-    def mark_good(self, state: LearnerState) -> None:
+    def mark_good(self, state: LearnerState, *, reset_anchor: bool = True) -> None:
         self.last_good = device_copy(state)
+        if reset_anchor:  # a fresh start or an operator rollback: history begins here
+            self.anchor = jax.tree.map(jnp.copy, state.params) if self.config.anchor_windows else None
+            self._accepted_since_anchor = 0
 
     def judge(self, candidate: LearnerState, probe: ProbeStore) -> tuple[Verdict, dict]:
-        """The verdict on `candidate`, and the probe report (accuracy overall and per segment)."""
+        """The verdict on `candidate`, and the probe report (accuracy overall and per segment).
+
+        Judged against the last good model and, when kept, the older anchor; a regression
+        against either is a regression (the last good model's figures are reported first).
+        """
         x, y, ids = probe.examples()
         names = probe.segments
         candidate_eval = self.learner.evaluate(candidate.params, x, y)
+        options = dict(tolerance=self.config.tolerance, alpha=self.config.alpha, min_examples=self.config.min_examples)
         good_eval = self.learner.evaluate(self.last_good.params, x, y)
-        verdict = judge(good_eval.correct, candidate_eval.correct, ids, names,
-                        tolerance=self.config.tolerance, alpha=self.config.alpha,
-                        min_examples=self.config.min_examples)
+        verdict = judge(good_eval.correct, candidate_eval.correct, ids, names, **options)
+        if not verdict.regressed and self.anchor is not None:
+            anchor_eval = self.learner.evaluate(self.anchor, x, y)
+            against_anchor = judge(anchor_eval.correct, candidate_eval.correct, ids, names, **options)
+            if against_anchor.regressed:
+                verdict = replace(against_anchor, against="anchor")
         if not self.config.enabled:
-            verdict = Verdict(False, verdict.overall, verdict.segments, verdict.alpha, verdict.tolerance)
+            verdict = replace(verdict, regressed=False)
         report = {
             "examples": int(len(y)),
             "accuracy": _mean(candidate_eval.correct),
@@ -104,7 +122,12 @@ class Guard:
                 state = learner.consolidate(state, *recent)
             state = state.replace(ewc=ewc_lib.decay_strength(state.ewc, decay=ewc_config.decay,
                                                              floor=ewc_config.strength_min))
-        self.mark_good(state)
+        self._accepted_since_anchor += 1
+        if self.anchor is not None and self._accepted_since_anchor >= self.config.anchor_windows:
+            # The anchor moves up to the previous good model: it always trails by 1..K windows.
+            self.anchor = self.last_good.params
+            self._accepted_since_anchor = 1
+        self.mark_good(state, reset_anchor=False)
         return state
 
     def roll_back(self) -> LearnerState:

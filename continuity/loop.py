@@ -65,6 +65,9 @@ class StreamInput:
     open_reader: Callable[[Positions], Source] | None = None
     idle_timeout_s: float | None = None  # end the run after this long without records
     flush_idle: bool = False  # train a partial batch when the stream goes quiet (live streams)
+    # A live stream that goes quiet closes its window after this long, so what was trained is
+    # judged, checkpointed and committed instead of waiting for the next record. None: never.
+    judge_idle_s: float | None = None
 
 
 @dataclass
@@ -229,8 +232,7 @@ class TrainingLoop:
         reader = self.reader = self._open(good)
         self.ready.set()
         retries = 0
-        last_progress = time.monotonic()
-        progress_from = 0
+        self._progress_clock = (time.monotonic(), 0)  # (when, examples trained) of the last report
         committed: Positions | None = None
         try:
             while True:
@@ -246,9 +248,7 @@ class TrainingLoop:
                 if not self._requests.empty():
                     state, good, probe, reader = self._handle_requests(state, good, probe, reader)
                     self.good_number = good.number
-                if self.on_progress and time.monotonic() - last_progress >= self.progress_every_s:
-                    self._report_progress(state, good, progress_from, time.monotonic() - last_progress)
-                    progress_from, last_progress = self.summary.examples_trained, time.monotonic()
+                self._maybe_report(state, good)
                 if ended or self.stopping():
                     break
         finally:
@@ -402,6 +402,8 @@ class TrainingLoop:
         ended = False
         recent: list[tuple[np.ndarray, np.ndarray]] = []
         fisher_rows = self.learner.config.ewc.fisher_samples
+        last_batch = time.monotonic()
+        judge_idle_s = self.stream.judge_idle_s
         while trained < self.guard_config.every_examples:
             if self.stopping() or not self._requests.empty():
                 break
@@ -409,8 +411,11 @@ class TrainingLoop:
             if batch is None:
                 ended = True
                 break
-            if batch is IDLE:
-                continue  # a quiet live stream: wait on, checking for stop and requests
+            if batch is IDLE:  # a quiet live stream: wait on, checking for stop and requests
+                if trained and judge_idle_s is not None and time.monotonic() - last_batch > judge_idle_s:
+                    break
+                continue
+            last_batch = time.monotonic()
             if batch.held_out.any():
                 self._hold_out(probe, reader.batcher.segment_names, batch)
             mask = batch.train_mask
@@ -421,6 +426,7 @@ class TrainingLoop:
             trained += rows
             self.summary.examples_trained += rows
             positions = batch.positions
+            self._maybe_report(state, good)
             if self.learner.replay is None and rows:
                 recent.append((batch.x[mask], batch.y[mask]))
                 while sum(len(y) for _, y in recent) - len(recent[0][1]) >= fisher_rows:
@@ -477,6 +483,16 @@ class TrainingLoop:
         self.ledger.append("quarantine", records=copied, reason=reason,
                            **{"from": start.to_json()}, to=end.to_json())
 
+    def _maybe_report(self, state, good: _Good) -> None:
+        """A Progress snapshot every `progress_every_s` seconds (reading lambda syncs with the device)."""
+        if self.on_progress is None:
+            return
+        when, since_examples = self._progress_clock
+        seconds = time.monotonic() - when
+        if seconds >= self.progress_every_s:
+            self._report_progress(state, good, since_examples, seconds)
+            self._progress_clock = (time.monotonic(), self.summary.examples_trained)
+
     def _report_progress(self, state, good: _Good, since_examples: int, seconds: float) -> None:
         steps, self._step_seconds = self._step_seconds, []
         self.on_progress(Progress(
@@ -527,11 +543,13 @@ def copy_range(open_reader: Callable[[Positions], Source], start: Positions, end
                 if key not in stop_at:
                     continue
                 for record in run.records():
-                    if record.position.offset >= stop_at[key]:
+                    offset = record.position.offset
+                    if offset < stop_at[key]:
+                        sink.put(DeadLetter(record, reason))
+                        copied += 1
+                    if offset >= stop_at[key] - 1:  # the range's last record: done, even on a live topic
                         del stop_at[key]
                         break
-                    sink.put(DeadLetter(record, reason))
-                    copied += 1
     finally:
         source.close()
     if timed_out:

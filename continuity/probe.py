@@ -30,7 +30,7 @@ GOLDEN_SEGMENT = "golden"
 class ProbeConfig:
     """How much of the stream is held out and how much of it is kept."""
 
-    holdout_fraction: float = 0.05
+    holdout_fraction: float = 0.1  # ~140 probe examples per digits segment: enough for the paired test
     per_segment: int = 200  # examples kept per segment (reservoir)
     max_segments: int = 64  # beyond this the oldest segment's reservoir is dropped
     window_examples: int = 200  # held-out examples per window segment, for records without a segment

@@ -70,6 +70,7 @@ class Verdict:
     segments: dict[str, ScopeReport] = field(default_factory=dict)
     alpha: float = 0.01
     tolerance: float = 0.02
+    against: str = "last_good"  # which reference model the figures compare with: last_good | anchor
 
     @property
     def regressed_scopes(self) -> list[str]:
@@ -80,6 +81,7 @@ class Verdict:
         return {
             "regressed": self.regressed,
             "regressed_scopes": self.regressed_scopes,
+            "against": self.against,
             "alpha": self.alpha,
             "tolerance": self.tolerance,
             "overall": self.overall.to_json(),

@@ -153,6 +153,8 @@ class KafkaSource(Source):
         self.until_end = until_end
         self.stop_requested = stop_requested or (lambda: False)
         self._consumer = None
+        self._closed = False
+        self._open_lock = threading.Lock()
         self._first_assignment_done: set = set()
         self._pending_skip: dict[PartitionKey, PartitionPosition] = {}
         self._end_offsets: dict[PartitionKey, int] | None = None
@@ -187,11 +189,17 @@ class KafkaSource(Source):
         """Connect, retrying with backoff until the broker answers (or a stop is requested)."""
         from kafka.errors import KafkaError
 
-        while self._consumer is None:
+        while self._consumer is None and not self._closed:
             try:
                 consumer = self._make_consumer()
                 self._attach(consumer)
-                self._consumer = consumer
+                with self._open_lock:
+                    if self._closed:
+                        # close() ran while this consumer was being made: it must not live on
+                        # as a group member nobody polls (it would hold its partitions).
+                        consumer.close(autocommit=False)
+                        return
+                    self._consumer = consumer
                 self._backoff.reset()
             except (KafkaError, OSError) as error:
                 self.errors += 1
@@ -435,7 +443,9 @@ class KafkaSource(Source):
         return marks
 
     def close(self) -> None:
-        consumer, self._consumer = self._consumer, None
+        with self._open_lock:
+            self._closed = True
+            consumer, self._consumer = self._consumer, None
         if consumer is not None:
             try:
                 self._flush_commit_on(consumer)

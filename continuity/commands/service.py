@@ -1,0 +1,129 @@
+"""`continuity serve | replay | demo`: the always-on service, a recorded stream through it, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from continuity.commands.arguments import positive_int
+from continuity.config import add_config_arguments, config_from_args
+from continuity.errors import UsageError
+
+HALTED_EXIT_STATUS = 3  # a regression with on_regression = "halt": the last good checkpoint is newest
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="run the always-on service: Kafka -> train -> guard -> checkpoint")
+    add_config_arguments(serve)
+    serve.set_defaults(handler=run_serve)
+
+    replay = subparsers.add_parser("replay", help="run a recorded stream (Parquet) through the same loop")
+    replay.add_argument("recording", type=Path, metavar="FILE", help="a recording made by `continuity record`")
+    add_config_arguments(replay)
+    replay.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="checkpoint directory (default: [checkpoints] dir of the config)")
+    replay.set_defaults(handler=run_replay)
+
+    demo = subparsers.add_parser("demo", help="the whole idea in a minute: a poisoned drifting stream, guarded")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"), metavar="DIR",
+                      help="where the checkpoints and report go (default demo-out)")
+    demo.add_argument("--seconds", type=positive_int, default=300,
+                      help="stop the service after this long even if the stream is not finished (default 300)")
+    demo.add_argument("--segments", type=positive_int, default=6, help="permuted-digits segments (default 6)")
+    demo.set_defaults(handler=run_demo)
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("kafka", "absl", "jax"):  # their INFO lines would drown the progress report
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_serve(args) -> int:
+    from continuity.service import Service, format_progress, format_summary
+
+    config = config_from_args(args)
+    _logging()
+
+    def progress(p, lag):
+        print(format_progress(p, lag), file=sys.stderr, flush=True)
+
+    service = Service(config, progress=progress)
+
+    def announce(url):
+        print(f"continuity serve: {', '.join(config.stream.topics)} at {config.stream.bootstrap}; "
+              f"checkpoints in {config.checkpoints.dir}; HTTP on {url}", file=sys.stderr, flush=True)
+
+    summary = service.run(announce)
+    print(format_summary(summary))
+    return HALTED_EXIT_STATUS if summary.halted else 0
+
+
+def run_replay(args) -> int:
+    from continuity.service import Service, format_summary
+
+    config = config_from_args(args)
+    if args.out is not None:
+        config = dataclasses.replace(config, checkpoints=dataclasses.replace(config.checkpoints, dir=str(args.out)))
+    total = _recorded_ends(args.recording)
+    bar = _ProgressBar(total)
+    service = Service(config, recording=args.recording, http=False, progress=bar, progress_every_s=0.5)
+    summary = service.run()
+    bar.finish(summary)
+    print(format_summary(summary))
+    return HALTED_EXIT_STATUS if summary.halted else 0
+
+
+def _recorded_ends(path: Path) -> dict:
+    """{(topic, partition): (first offset, end offset)} of a recording, for the progress bar."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise UsageError(f"recorded stream {str(path)!r} does not exist")
+    try:
+        table = pq.read_table(path, columns=["topic", "partition", "offset"])
+    except Exception as error:  # pyarrow raises several types for a file that is not Parquet
+        raise UsageError(f"{str(path)!r} is not a Parquet recording ({type(error).__name__})") from None
+    ends = {}
+    grouped = table.group_by(["topic", "partition"]).aggregate([("offset", "min"), ("offset", "max")])
+    for row in grouped.to_pylist():
+        ends[(row["topic"], row["partition"])] = (row["offset_min"], row["offset_max"] + 1)
+    return ends
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr, redrawn in place."""
+
+    def __init__(self, ends: dict):
+        self.ends = ends
+        self.total = sum(end - first for first, end in ends.values()) or 1
+
+    def _done(self, positions) -> int:
+        done = 0
+        for (topic, partition), (first, end) in self.ends.items():
+            offset = positions.offset(topic, partition)
+            done += 0 if offset is None else min(end, offset) - first
+        return done
+
+    def __call__(self, progress, _lag) -> None:
+        done = self._done(progress.positions)
+        fraction = done / self.total
+        filled = int(30 * fraction)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {100 * fraction:5.1f}%  {done:,}/{self.total:,} "
+                         f"records  {progress.examples_per_second:,.0f} examples/s  rollbacks {progress.rollbacks}  ")
+        sys.stderr.flush()
+
+    def finish(self, summary) -> None:
+        sys.stderr.write(f"\r[{'#' * 30}] done: {summary.examples_trained:,} examples trained"
+                         f" in {summary.wall_seconds:.1f} s{' ' * 30}\n")
+        sys.stderr.flush()
+
+
+def run_demo(args) -> int:
+    from continuity.demo import run_demo as demo
+
+    return demo(out=args.out, seconds=args.seconds, segments=args.segments)

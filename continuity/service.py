@@ -1,0 +1,225 @@
+"""The service around the training loop: built from a Config, with signals, progress, HTTP and metrics.
+
+`continuity serve` and `continuity replay` both run a `Service`; they differ only in the
+source (a Kafka topic or a recorded Parquet file) and in what they print. The loop
+itself (continuity/loop.py) is the same code.
+
+Shutdown: SIGTERM or SIGINT sets the stop flag. The loop finishes the batch in hand,
+judges and checkpoints the partial window (if good), waits for the save, commits the
+offsets and returns; the HTTP server stops last. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from continuity.config import Config
+from continuity.loop import Progress, RunSummary, StreamInput, TrainingLoop
+from continuity.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+
+def build_learner(config: Config):
+    from learner import Learner
+
+    return Learner(config.learner, config.stream.feature_shape, config.stream.num_classes)
+
+
+def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_s: float | None = None) -> StreamInput:
+    """The StreamInput a config describes; `recording` reads a recorded file instead of Kafka."""
+    from stream import FileSource, JsonLinesDeadLetters, KafkaDeadLetters, KafkaSource, make_codec
+
+    codec = make_codec(config.stream.codec, config.stream.feature_spec())
+    Path(config.checkpoints.dir).mkdir(parents=True, exist_ok=True)
+    if config.stream.dead_letters == "topic":
+        settings = config.stream.kafka_settings()
+        dead_letters = KafkaDeadLetters(settings.bootstrap, **settings.security)
+    else:
+        dead_letters = JsonLinesDeadLetters(config.dead_letter_file)
+    quarantine = JsonLinesDeadLetters(config.quarantine_file)
+    if recording is not None:
+        def open_file(positions):
+            return FileSource(recording, start=positions)
+
+        return StreamInput(open_source=open_file, codec=codec, dead_letters=dead_letters, quarantine=quarantine,
+                           idle_timeout_s=idle_timeout_s)
+    settings = config.stream.kafka_settings()
+    assigned = config.stream.kafka_settings(group=None)  # re-reading a range must not join the group
+
+    def open_kafka(positions):
+        return KafkaSource(settings, start=positions)
+
+    def open_range(positions):
+        return KafkaSource(assigned, start=positions)
+
+    return StreamInput(open_source=open_kafka, open_reader=open_range, codec=codec, dead_letters=dead_letters,
+                       quarantine=quarantine, idle_timeout_s=idle_timeout_s, flush_idle=True, judge_idle_s=3.0)
+
+
+class Service:
+    """One run of the loop with signals, a progress line, metrics and (optionally) HTTP endpoints.
+
+    Implements the HTTP server's controller (status, ready, request_rollback,
+    request_checkpoint); those are called from HTTP threads and hand work to the loop.
+    """
+
+    def __init__(self, config: Config, *, recording: Path | None = None, idle_timeout_s: float | None = None,
+                 max_seconds: float | None = None, max_examples: int | None = None, http: bool = True,
+                 progress=None, progress_every_s: float | None = None):
+        from checkpoints import CheckpointStore
+
+        self.config = config
+        self.stop_event = threading.Event()
+        self.metrics = ServiceMetrics()
+        self._deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        self._progress_printer = progress
+        self._last_progress: Progress | None = None
+        self.learner = build_learner(config)
+        self.stream = build_stream(config, recording=recording, idle_timeout_s=idle_timeout_s)
+        self.store = CheckpointStore(config.checkpoints.dir, keep_last=config.checkpoints.keep_last)
+        self.loop = TrainingLoop(
+            self.stream, self.learner, self.store, probe=config.probe, guard=config.guard, seed=config.service.seed,
+            stop=self._should_stop, on_progress=self._on_progress,
+            progress_every_s=config.service.progress_every_s if progress_every_s is None else progress_every_s,
+            max_examples=max_examples,
+        )
+        self.http = None
+        if http:
+            from continuity.http import ServiceHTTP
+
+            self.http = ServiceHTTP(self, self.metrics, host=config.service.http_host,
+                                    port=config.service.http_port, admin_token=config.service.admin_token)
+
+    # ---- running ---------------------------------------------------------------------------
+
+    def _should_stop(self) -> bool:
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            self.stop_event.set()
+        return self.stop_event.is_set()
+
+    def run(self, announce=None) -> RunSummary:
+        """Run until the stream ends, a stop signal, or the time limit; `announce(url)` once HTTP is up."""
+        restore = self._install_signal_handlers()
+        if self.http is not None:
+            self.http.start()
+            log.info("HTTP on %s", self.http.url)
+            if announce is not None:
+                announce(self.http.url)
+        try:
+            return self.loop.run()
+        finally:
+            if self.http is not None:
+                self.http.stop()
+            self.store.close()
+            restore()
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def on_signal(signum, _frame):
+            if self.stop_event.is_set():
+                raise SystemExit(128 + signum)  # a second signal: stop now
+            print(f"continuity: {signal.Signals(signum).name}: finishing the batch, judging and checkpointing",
+                  file=sys.stderr, flush=True)
+            self.stop_event.set()
+
+        for sig in previous:
+            signal.signal(sig, on_signal)
+
+        def restore():
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    def _on_progress(self, progress: Progress) -> None:
+        self._last_progress = progress
+        self.metrics.observe(progress)
+        lag = self.lag(progress)
+        self.metrics.set_lag(lag)
+        if self._progress_printer is not None:
+            self._progress_printer(progress, sum(lag.values()) if lag else None)
+
+    def lag(self, progress: Progress) -> dict[str, int]:
+        """Records between the newest good checkpoint and each partition's end (Kafka only)."""
+        reader = self.loop.reader
+        highwater = getattr(reader.source, "highwater", None) if reader is not None else None
+        if highwater is None:
+            return {}
+        return {f"{key.topic}/{key.partition}": max(0, mark - (progress.positions.offset(key.topic, key.partition) or 0))
+                for key, mark in highwater().items()}
+
+    # ---- the HTTP controller ---------------------------------------------------------------
+
+    def status(self) -> dict:
+        progress = self._last_progress
+        summary = self.loop.summary
+        return {
+            "ready": self.ready(),
+            "checkpoint": self.loop.good_number,
+            "examples_trained": summary.examples_trained,
+            "windows": summary.windows,
+            "rollbacks": summary.rollbacks,
+            "quarantined_records": summary.quarantined_records,
+            "dead_letters": self.stream.dead_letters.total,
+            "probe_accuracy": None if progress is None else progress.probe_accuracy,
+            "probe_segments": {} if progress is None else progress.probe_segments,
+            "ewc_lambda": None if progress is None else progress.ewc_strength,
+            "examples_per_second": None if progress is None else progress.examples_per_second,
+            "positions": None if progress is None else progress.positions.to_json(),
+            "stopping": self.stop_event.is_set(),
+        }
+
+    def ready(self) -> bool:
+        return self.loop.ready.is_set() and not self.stop_event.is_set()
+
+    def request_rollback(self, to: int | None, reason: str) -> dict:
+        from checkpoints import CheckpointNotFoundError
+
+        try:
+            return self.loop.request("rollback", to=to, reason=reason)
+        except CheckpointNotFoundError as error:
+            raise LookupError(str(error)) from None
+
+    def request_checkpoint(self) -> dict:
+        return self.loop.request("checkpoint")
+
+
+def format_progress(progress: Progress, lag: int | None) -> str:
+    """The one-line progress report of `serve`."""
+    def fmt(value, pattern):
+        return "n/a" if value is None else pattern.format(value)
+
+    return (f"{progress.examples_trained:>9,} examples  {progress.examples_per_second:>7,.0f}/s  "
+            f"lag {fmt(lag, '{:,}')}  probe {fmt(progress.probe_accuracy, '{:.3f}')}  "
+            f"lambda {fmt(progress.ewc_strength, '{:.3g}')}  rollbacks {progress.rollbacks}  "
+            f"quarantined {progress.quarantined_records}  dead letters {progress.dead_letters}  "
+            f"checkpoint {fmt(progress.checkpoint, '{}')}")
+
+
+def format_summary(summary: RunSummary) -> str:
+    rows = [
+        ("examples trained", f"{summary.examples_trained:,}"),
+        ("windows judged", f"{summary.windows} ({summary.accepted} accepted)"),
+        ("rollbacks", f"{summary.rollbacks} ({summary.retries} retried)"),
+        ("quarantined records", f"{summary.quarantined_records:,}"),
+        ("dead letters", f"{summary.dead_letters:,}"),
+        ("skipped updates (non-finite)", f"{summary.skipped_updates:,}"),
+        ("last good checkpoint", str(summary.last_checkpoint)),
+        ("positions", ", ".join(f"{k}@{v}" for k, v in summary.positions.items()) or "-"),
+        ("probe accuracy", "n/a" if summary.probe_accuracy is None else f"{summary.probe_accuracy:.3f}"),
+        ("EWC lambda", "n/a" if summary.ewc_strength is None else f"{summary.ewc_strength:.3g}"),
+        ("wall time", f"{summary.wall_seconds:.1f} s"),
+    ]
+    if summary.halted:
+        rows.append(("halted", "yes: a regression with on_regression = 'halt'"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
