@@ -17,5 +17,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) -m benchmarks.run
 
+demo: $(STAMP)
+	$(VENV)/bin/continuity demo --out demo-out
+
 clean:
-	rm -rf $(VENV) .pytest_cache bench-results
+	rm -rf $(VENV) .pytest_cache bench-results demo-out

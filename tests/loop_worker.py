@@ -40,4 +40,5 @@ def build_loop(recording: Path, directory: Path) -> TrainingLoop:
 if __name__ == "__main__":
     loop = build_loop(Path(sys.argv[1]), Path(sys.argv[2]))
     loop.run()
+    loop.store.close()
     print(params_digest(loop.final_state), flush=True)

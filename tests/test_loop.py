@@ -56,6 +56,7 @@ def _offset(positions_json) -> int:
 def test_killed_and_restarted_run_ends_bit_identical_with_every_record_trained_once(recording, tmp_path):
     reference = build_loop(recording, tmp_path / "reference")
     reference.run()
+    reference.store.close()
     expected = params_digest(reference.final_state)
 
     directory = tmp_path / "killed"
@@ -112,6 +113,7 @@ def test_restart_restores_state_positions_and_probe(recording, tmp_path):
     first = build_loop(recording, tmp_path)
     first.max_examples = 1500
     first.run()
+    first.store.close()  # its retention deletes in the background; a second store must not race it
     store = CheckpointStore(tmp_path / "checkpoints", create=False)
     saved = store.info(store.last_good()).metadata
     second = build_loop(recording, tmp_path)
