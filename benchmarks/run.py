@@ -97,7 +97,45 @@ def run_ingest(out: Path) -> list[str]:
     return ["### bench ingest (embedded Tansu broker)", "", "```", format_result(result), "```", ""]
 
 
-BENCHMARKS = {"cl": run_cl, "step": run_step, "ingest": run_ingest}
+def run_guard(out: Path) -> list[str]:
+    from benchmarks.guard import run_guard_benchmark
+    from benchmarks.guard_costs import run_guard_costs
+
+    results = []
+    for seed in SEEDS:
+        result = run_guard_benchmark(seed=seed)
+        results.append(result)
+        (out / f"guard-seed{seed}.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        "### bench guard (permuted-digits, 6 segments, segment 5 a broken labeler, default guard)",
+        "",
+        "| run | clean-segment accuracy | ratio to clean | rollbacks | quarantined records |",
+        "|---|---|---|---|---|",
+    ]
+    for run in results[0]["runs"]:
+        acc = [r["runs"][run]["clean_segments_accuracy"] for r in results]
+        ratio = [r["runs"][run]["clean_segments_accuracy"] / r["runs"]["clean"]["clean_segments_accuracy"] for r in results]
+        lines.append(f"| {run} | {_mean_std(acc)} | {_mean_std(ratio)} | "
+                     f"{[r['runs'][run]['rollbacks'] for r in results]} | "
+                     f"{[r['runs'][run]['quarantined_records'] for r in results]} |")
+    costs = run_guard_costs()
+    (out / "guard-costs.json").write_text(json.dumps(costs, indent=2))
+    lines += [
+        "",
+        f"- rollback from the on-device copy ({costs['parameters']:,} parameters): median "
+        f"{costs['rollback_ms_median']:.1f} ms, max {costs['rollback_ms_max']:.1f} ms",
+        f"- blocking time of an async save (same state): median {costs['save_blocking_ms_median']:.1f} ms, "
+        f"max {costs['save_blocking_ms_max']:.1f} ms",
+    ]
+    for overhead in costs["overhead"]:
+        lines.append(f"- guard share of wall time, windows of {overhead['every_examples']:,} examples: "
+                     f"{100 * overhead['guard_overhead_fraction']:.1f}% ({overhead['windows']} windows, "
+                     f"{overhead['guard_seconds']:.2f} s of {overhead['wall_seconds']:.2f} s)")
+    lines.append("")
+    return lines
+
+
+BENCHMARKS = {"cl": run_cl, "step": run_step, "guard": run_guard, "ingest": run_ingest}
 
 
 def main(argv=None) -> int:
