@@ -275,12 +275,12 @@ class TrainingLoop:
         self.summary.windows += 1
         guard_started = time.perf_counter()
         verdict, report = self.guard.judge(state, probe)
-        self._last_report = report
         self.ledger.append("probe", window=self.summary.windows, learner_step=int(state.step),
                            **{"from": good.positions.to_json()}, to=positions.to_json(), examples=trained,
                            verdict=verdict.to_json(), probe=report, ewc_strength=float(state.ewc.strength))
         halt = False
         if not verdict.regressed:
+            self._last_report = report  # the good model's figures: what progress and status show
             state = self.guard.accept(state, recent)
             parent = good
             good = _Good(None, probe.copy(), positions, list(reader.batcher.segment_names),
@@ -311,11 +311,17 @@ class TrainingLoop:
                 reader.close()
                 reader = self.reader = self._open(good)
             else:
-                self._quarantine(good.positions, positions, verdict)
+                copied = self._quarantine(good.positions, positions, verdict)
                 retries = 0
-                # The quarantined window is accounted for: the next window starts after it.
-                good = _Good(good.number, good.probe, positions, list(reader.batcher.segment_names),
+                # The quarantined window is accounted for: the last good model, checkpointed at the
+                # positions after it, so a restart does not read the quarantined records again.
+                parent = good
+                good = _Good(None, good.probe, positions, list(reader.batcher.segment_names),
                              good.lineage_examples)
+                good.number = self._save(state, good, self._last_report, None, parent, quarantined=copied)
+                if committed is not None:
+                    reader.source.commit(committed)
+                committed = positions
         jax.block_until_ready(state)
         self.summary.guard_seconds += time.perf_counter() - guard_started
         return state, good, probe, reader, retries, committed, halt
@@ -446,7 +452,8 @@ class TrainingLoop:
             else:
                 probe.add(segment_names[segment_id], batch.x[chosen], batch.y[chosen])
 
-    def _save(self, state, good: _Good, report: dict, verdict, parent: _Good) -> int:
+    def _save(self, state, good: _Good, report: dict, verdict, parent: _Good, *, quarantined: int = 0) -> int:
+        """Checkpoint `state` as the good model at `good.positions`; `quarantined`: the window was skipped."""
         arrays, probe_meta = good.probe.to_arrays()
         metadata = {
             "status": "good",
@@ -455,8 +462,9 @@ class TrainingLoop:
             "positions": good.positions.to_json(),
             "segment_names": good.segment_names,
             "probe": report,
-            "verdict": {"p_values": {"overall": verdict.overall.p_value,
-                                     **{k: r.p_value for k, r in verdict.segments.items()}}},
+            "verdict": None if verdict is None else {
+                "p_values": {"overall": verdict.overall.p_value, **{k: r.p_value for k, r in verdict.segments.items()}}},
+            "quarantined_records": quarantined,
             "probe_store": probe_meta,
             "ewc_strength": float(state.ewc.strength),
             "lineage_examples": good.lineage_examples,
@@ -470,10 +478,10 @@ class TrainingLoop:
         self.ledger.append("accept", checkpoint=number, parent=parent.number, learner_step=int(state.step),
                            **{"from": parent.positions.to_json()}, positions=good.positions.to_json(),
                            lineage_examples=good.lineage_examples, ewc_strength=float(state.ewc.strength),
-                           accuracy=report.get("accuracy"))
+                           accuracy=report.get("accuracy"), quarantined=quarantined)
         return number
 
-    def _quarantine(self, start: Positions, end: Positions, verdict) -> None:
+    def _quarantine(self, start: Positions, end: Positions, verdict) -> int:
         """Copy the window's raw records to the quarantine sink; training goes on after them."""
         reason = f"quarantined: regression on {', '.join(verdict.regressed_scopes)}"
         copied = copy_range(self.stream.open_reader or self.stream.open_source, start, end,
@@ -482,6 +490,7 @@ class TrainingLoop:
         self.summary.quarantined_records += copied
         self.ledger.append("quarantine", records=copied, reason=reason,
                            **{"from": start.to_json()}, to=end.to_json())
+        return copied
 
     def _maybe_report(self, state, good: _Good) -> None:
         """A Progress snapshot every `progress_every_s` seconds (reading lambda syncs with the device)."""

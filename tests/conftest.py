@@ -24,3 +24,18 @@ def topic_name(request):
         return f"{base}{suffix}-{uuid.uuid4().hex[:8]}"
 
     return make
+
+
+def record_scenario(path, *, segments: int, seed: int, topic: str = "digits"):
+    """A permuted-digits stream written to Parquet exactly as `continuity record` writes one."""
+    from stream import FeatureSpec, RecordingWriter, ScenarioSource, make_codec
+    from stream.scenarios import make_scenario
+
+    source = ScenarioSource(make_scenario("permuted-digits", segments=segments, seed=seed),
+                            make_codec("binary", FeatureSpec((8, 8, 1), "float32", 10)), topic=topic)
+    writer = RecordingWriter(path)
+    while not source.finished:
+        for run in source.poll():
+            writer.write(run)
+    writer.close()
+    return path

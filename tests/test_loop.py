@@ -16,7 +16,8 @@ from benchmarks.guard import run_scenario_through_loop
 from checkpoints import CheckpointStore
 from continuity.guard import GuardConfig
 from continuity.loop import params_digest
-from stream import Positions, RecordingWriter, ScenarioSource, make_codec
+from conftest import record_scenario
+from stream import Positions, ScenarioSource, make_codec
 from stream.scenarios import make_scenario
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -27,16 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory) -> Path:
-    """permuted-digits, 3 segments, one partition, recorded to Parquet as `continuity record` writes it."""
-    path = tmp_path_factory.mktemp("recording") / "stream.parquet"
-    source = ScenarioSource(make_scenario("permuted-digits", segments=3, seed=4), make_codec("binary", SPEC),
-                            topic="digits")
-    writer = RecordingWriter(path)
-    while not source.finished:
-        for run in source.poll():
-            writer.write(run)
-    writer.close()
-    return path
+    """permuted-digits, 3 segments, one partition, recorded to Parquet."""
+    return record_scenario(tmp_path_factory.mktemp("recording") / "stream.parquet", segments=3, seed=4)
 
 
 def _accepted_chain(ledger: list[dict], final: int) -> list[dict]:

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from checkpoints import CheckpointStore
 from continuity.cli import main
-from stream import FeatureSpec, Positions, RecordingWriter, ScenarioSource, create_topic, free_port, make_codec, produce_records
+from conftest import record_scenario
+from stream import FeatureSpec, Positions, ScenarioSource, create_topic, free_port, make_codec, produce_records
 from stream.scenarios import make_scenario
 
 REPO = Path(__file__).resolve().parent.parent
@@ -171,15 +172,8 @@ def test_serve_trains_checkpoints_exposes_metrics_stops_cleanly_and_resumes(brok
 
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("replay") / "stream.parquet"
-    source = ScenarioSource(make_scenario("permuted-digits", segments=2, seed=2), make_codec("binary", SPEC),
-                            topic="digits")
-    writer = RecordingWriter(path)
-    while not source.finished:
-        for run in source.poll():
-            writer.write(run)
-    writer.close()
-    return path
+    """permuted-digits, 2 segments, one partition, recorded to Parquet."""
+    return record_scenario(tmp_path_factory.mktemp("replay") / "stream.parquet", segments=2, seed=2)
 
 
 def test_replay_twice_gives_identical_checkpoints(recording, tmp_path, capsys):
@@ -217,3 +211,9 @@ def test_demo_runs_headless_and_writes_its_report(tmp_path):
     assert "## Regressions caught" in report  # the poisoned last segment is caught
     png = (tmp_path / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # The quarantined window is durable: the newest checkpoint is past it, so a restart
+    # does not read those records again.
+    store = CheckpointStore(tmp_path / "checkpoints", create=False)
+    last_quarantine = [e for e in store.ledger.read() if e["event"] == "quarantine"][-1]
+    newest = store.info(store.last_good()).metadata
+    assert newest["positions"] == last_quarantine["to"] and newest["quarantined_records"] > 0
