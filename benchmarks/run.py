@@ -135,7 +135,15 @@ def run_guard(out: Path) -> list[str]:
     return lines
 
 
-BENCHMARKS = {"cl": run_cl, "step": run_step, "guard": run_guard, "ingest": run_ingest}
+def run_pipeline(out: Path) -> list[str]:
+    from benchmarks.pipeline import format_result, run_pipeline_benchmark
+
+    result = run_pipeline_benchmark()
+    (out / "pipeline.json").write_text(json.dumps(result, indent=2))
+    return ["### bench pipeline (serve from Kafka, 1M examples)", "", "```", format_result(result), "```", ""]
+
+
+BENCHMARKS = {"cl": run_cl, "step": run_step, "guard": run_guard, "ingest": run_ingest, "pipeline": run_pipeline}
 
 
 def main(argv=None) -> int:

@@ -49,6 +49,11 @@ def register(subparsers) -> None:
     guard.add_argument("--json", type=Path, default=None, metavar="PATH")
     guard.set_defaults(handler=run_guard)
 
+    pipeline = kinds.add_parser("pipeline", help="examples/s through serve vs the ingest and compute limits; RSS growth")
+    pipeline.add_argument("--examples", type=positive_int, default=1_000_000)
+    pipeline.add_argument("--json", type=Path, default=None, metavar="PATH")
+    pipeline.set_defaults(handler=run_pipeline)
+
     add_ingest_parser(kinds)
 
 
@@ -114,6 +119,15 @@ def run_guard(args) -> int:
         result = run_guard_benchmark(args.scenario, poison=args.poison, seed=args.seed, segments=args.segments)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    print(format_result(result))
+    _write_json(args.json, result)
+    return 0
+
+
+def run_pipeline(args) -> int:
+    from benchmarks.pipeline import format_result, run_pipeline_benchmark
+
+    result = run_pipeline_benchmark(examples=args.examples, progress=_progress)
     print(format_result(result))
     _write_json(args.json, result)
     return 0

@@ -1,0 +1,122 @@
+"""`bench pipeline`: examples trained per second through the service, against its two limits.
+
+On one topic of the embedded broker (batched binary records, uint8 features):
+- the ingest limit: a bare kafka-python poll loop reading the topic (examples/s);
+- the compute limit: the service's own jitted train step on host batches, alone (examples/s);
+- the pipeline: `Service` (the code `continuity serve` runs: Kafka source, decode thread,
+  batcher, train step, guard, checkpoints) training the whole topic, its steady-state rate
+  measured from the first progress snapshot past `warmup_examples` to the last one.
+Target: pipeline >= 0.7 x the lower limit. Memory: resident set size when `rss_from`
+examples are trained vs at the end; target growth under 5%.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPE = (8, 8, 1)
+EXAMPLES_PER_RECORD = 256
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _step_rate(config, steps: int = 300) -> float:
+    from learner import Batch
+
+    from continuity.service import build_learner
+
+    learner = build_learner(config)
+    state = learner.init(0)
+    rng = np.random.default_rng(0)
+    batch_size = config.learner.batch_size
+    pool = [Batch(rng.integers(0, 17, (batch_size, *SHAPE)).astype(np.float32),
+                  rng.integers(0, 10, batch_size).astype(np.int32), np.ones(batch_size, bool)) for _ in range(8)]
+    for batch in pool:
+        state, _ = learner.train_step(state, batch)
+    import jax
+
+    jax.block_until_ready(state)
+    started = time.perf_counter()
+    for i in range(steps):
+        state, _ = learner.train_step(state, pool[i % len(pool)])
+    jax.block_until_ready(state)
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def run_pipeline_benchmark(*, examples: int = 1_000_000, warmup_examples: int = 50_000,
+                           rss_from: int = 100_000, progress=None) -> dict:
+    from benchmarks.ingest import _bare_loop
+    from continuity.config import load_config
+    from continuity.service import Service
+    from stream import EmbeddedBroker, create_topic, encode_binary, produce_records
+
+    say = progress or (lambda message: None)
+    records = max(1, examples // EXAMPLES_PER_RECORD)
+    rng = np.random.default_rng(0)
+    blocks = [encode_binary(rng.integers(0, 17, (EXAMPLES_PER_RECORD, *SHAPE)).astype(np.uint8),
+                            rng.integers(0, 10, EXAMPLES_PER_RECORD).astype(np.int32), dtype="uint8")
+              for _ in range(16)]
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="continuity-bench-pipeline-") as scratch:
+        topic = "pipeline"
+        create_topic(broker.bootstrap, topic, 1)
+        say(f"producing {records:,} records of {EXAMPLES_PER_RECORD} examples")
+        produce_records(broker.bootstrap, topic, ((None, blocks[i % len(blocks)]) for i in range(records)))
+        bare_seconds = _bare_loop(broker.bootstrap, topic, records, 2000)
+        ingest_rate = records * EXAMPLES_PER_RECORD / bare_seconds
+        config = load_config(None, [f'stream.bootstrap="{broker.bootstrap}"', f'stream.topics=["{topic}"]',
+                                    'stream.dtype="uint8"', f'checkpoints.dir="{Path(scratch) / "ck"}"',
+                                    "service.progress_every_s=1.0"])
+        say("timing the bare train step")
+        step_rate = _step_rate(config)
+        snapshots: list[tuple[float, int, int]] = []  # (time, examples trained, rss)
+
+        def on_progress(p, _lag):
+            snapshots.append((time.perf_counter(), p.examples_trained, _rss_bytes()))
+            say(f"  {p.examples_trained:,} examples, {p.examples_per_second:,.0f}/s, rss {_rss_bytes() / 2**20:,.0f} MiB")
+
+        service = Service(config, http=False, idle_timeout_s=10.0, progress=on_progress)
+        summary = service.run()
+        snapshots.append((time.perf_counter(), summary.examples_trained, _rss_bytes()))
+    steady = [s for s in snapshots if s[1] >= warmup_examples]
+    pipeline_rate = ((steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0])
+                     if len(steady) >= 2 and steady[-1][0] > steady[0][0] else float("nan"))
+    rss_start = next((s[2] for s in snapshots if s[1] >= rss_from), None)
+    rss_end = snapshots[-1][2]
+    limit = min(ingest_rate, step_rate)
+    return {
+        "examples": summary.examples_trained,
+        "records": records,
+        "ingest_limit_examples_per_s": ingest_rate,
+        "step_limit_examples_per_s": step_rate,
+        "pipeline_examples_per_s": pipeline_rate,
+        "ratio_to_lower_limit": pipeline_rate / limit,
+        "guard_seconds": summary.guard_seconds,
+        "wall_seconds": summary.wall_seconds,
+        "windows": summary.windows,
+        "rss_at_rss_from_mib": None if rss_start is None else rss_start / 2**20,
+        "rss_at_end_mib": rss_end / 2**20,
+        "rss_growth": None if rss_start is None else rss_end / rss_start - 1,
+    }
+
+
+def format_result(result: dict) -> str:
+    growth = result["rss_growth"]
+    return "\n".join([
+        f"ingest limit   {result['ingest_limit_examples_per_s']:>12,.0f} examples/s (bare kafka-python poll loop)",
+        f"compute limit  {result['step_limit_examples_per_s']:>12,.0f} examples/s (train step alone)",
+        f"pipeline       {result['pipeline_examples_per_s']:>12,.0f} examples/s through the service "
+        f"(ratio to the lower limit {result['ratio_to_lower_limit']:.2f}; target >= 0.7)",
+        f"guard          {result['guard_seconds']:.1f} s of {result['wall_seconds']:.1f} s over {result['windows']} windows",
+        f"memory         rss {result['rss_at_rss_from_mib'] or float('nan'):,.0f} MiB -> {result['rss_at_end_mib']:,.0f} MiB "
+        f"({'n/a' if growth is None else f'{100 * growth:+.1f}%'}; target < +5%)",
+    ])
