@@ -61,3 +61,13 @@ def test_bench_step_reports_zero_compilations_after_warmup(tmp_path):
     assert result["compilations_after_warmup"] == 0
     assert result["plain_samples_per_second"] > 0 and result["continual_samples_per_second"] > 0
     assert result["ratio"] == pytest.approx(result["continual_samples_per_second"] / result["plain_samples_per_second"])
+
+
+def test_bench_pipeline_trains_everything_it_produced():
+    from benchmarks.pipeline import EXAMPLES_PER_RECORD, format_result, run_pipeline_benchmark
+
+    result = run_pipeline_benchmark(examples=16 * EXAMPLES_PER_RECORD, warmup_examples=0, rss_from=0)
+    held_out = 0.1  # the default holdout share goes to the probe, not to training
+    assert result["examples"] == pytest.approx(16 * EXAMPLES_PER_RECORD * (1 - held_out), rel=0.05)
+    assert result["ingest_limit_examples_per_s"] > 0 and result["step_limit_examples_per_s"] > 0
+    assert "ratio to the lower limit" in format_result(result)
