@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hmac
 import http.client
-import ipaddress
 import json
 import logging
 import socket
@@ -38,6 +37,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from continuity.config import is_loopback  # the one definition; re-exported here
 from continuity.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -82,16 +82,6 @@ class AdminRequestError(RuntimeError):
 
 class AdminTimeout(TimeoutError):
     """The service accepted the request but gave no answer in time; the action may still happen."""
-
-
-def is_loopback(host: str) -> bool:
-    """True for names and addresses that only this machine can reach."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # "" (all interfaces), a hostname or anything else reaches a network
 
 
 class ServiceHTTP:

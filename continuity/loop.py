@@ -566,11 +566,6 @@ def copy_range(open_reader: Callable[[Positions], Source], start: Positions, end
     return copied
 
 
-def run_stream(stream: StreamInput, learner: Learner, store: CheckpointStore, **options) -> RunSummary:
-    """Build a TrainingLoop and run it once (see TrainingLoop for the options)."""
-    return TrainingLoop(stream, learner, store, **options).run()
-
-
 def params_digest(state) -> str:
     """SHA-256 over the parameter bytes: equal digests mean bit-identical models."""
     digest = hashlib.sha256()

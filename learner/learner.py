@@ -98,11 +98,6 @@ class Learner:
             skipped_updates=jnp.zeros((), jnp.int32),
         )
 
-    @staticmethod
-    def param_norm(state: LearnerState) -> float:
-        """Global L2 norm of the parameters; read by the host when it reports, not every step."""
-        return float(optax.global_norm(state.params))
-
     def logits(self, params, x: jax.Array) -> jax.Array:
         return nnx.merge(self._graphdef, params)(x)
 
