@@ -90,10 +90,13 @@ class ProbeStore:
         draws = _mix(arrivals ^ salt) % (arrivals + np.uint64(1))
         slots = np.where(arrivals < self.per_segment, arrivals, draws).astype(np.int64)
         keep = slots < self.per_segment
-        # Later arrivals overwrite earlier ones in the same slot, as sequential algorithm R would.
-        for i in np.flatnonzero(keep):
-            bx[slots[i]] = x[i]
-            by[slots[i]] = y[i]
+        # Later arrivals overwrite earlier ones in the same slot, as sequential algorithm R would:
+        # of each slot's arrivals only the last is written (one vectorised scatter).
+        kept = np.flatnonzero(keep)[::-1]
+        _, last = np.unique(slots[kept], return_index=True)
+        winners = kept[last]
+        bx[slots[winners]] = x[winners]
+        by[slots[winners]] = y[winners]
         self._seen[segment] = seen + n
 
     def add_unsegmented(self, x: np.ndarray, y: np.ndarray) -> None:

@@ -69,6 +69,7 @@ class Learner:
         self.optimizer = _make_optimizer(config)
         self.replay = replay.make(config.replay.kind, config.replay.capacity) if config.replay.enabled else None
         self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+        self._fresh = jax.jit(self._fresh_state)  # built once: a new jit per init() would recompile
         self._evaluate_chunk = jax.jit(self._evaluate_rows)
         self._fisher = jax.jit(partial(ewc.fisher_diagonal, self.logits, chunk=FISHER_CHUNK))
         self._consolidate = jax.jit(self._consolidate_state, donate_argnums=(0,))
@@ -82,7 +83,7 @@ class Learner:
         params = nnx.to_pure_dict(nnx.state(model))
         # Built under jit so every leaf is its own buffer: eager constructors may share one
         # array between leaves (a zero counter, say), and donation refuses a buffer twice.
-        state = jax.jit(self._fresh_state)(params, jax.random.PRNGKey(seed))
+        state = self._fresh(params, jax.random.PRNGKey(seed))
         # Committed to the device, as restored checkpoints are: jit keys its cache on that, so
         # a fresh and a restored state share one compiled step.
         return jax.device_put(state, jax.devices()[0])
