@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.special import bdtrc
 
 
 def mcnemar_one_sided(good_correct: np.ndarray, candidate_correct: np.ndarray) -> tuple[int, int, float]:
@@ -27,9 +27,17 @@ def mcnemar_one_sided(good_correct: np.ndarray, candidate_correct: np.ndarray) -
     candidate_correct = np.asarray(candidate_correct, bool)
     b = int(np.sum(good_correct & ~candidate_correct))
     c = int(np.sum(candidate_correct & ~good_correct))
-    if b + c == 0:
-        return b, c, 1.0
-    return b, c, float(binomtest(b, b + c, 0.5, alternative="greater").pvalue)
+    return b, c, _upper_tail(b, b + c)
+
+
+def _upper_tail(b: int, n: int) -> float:
+    """P(X >= b), X ~ Binomial(n, 1/2): the exact one-sided McNemar p-value; 1.0 when n == 0.
+
+    `bdtrc(k, n, p)` is P(X > k) as a plain ufunc: about 1 microsecond, where
+    `scipy.stats.binomtest` takes ~0.25 ms, which over tens of scopes per window made
+    the test itself most of the guard's judging time.
+    """
+    return 1.0 if n == 0 else float(bdtrc(b - 1, n, 0.5))
 
 
 @dataclass(frozen=True)
