@@ -281,11 +281,15 @@ class KafkaSource(Source):
         return later
 
     async def _resume_from_committed(self, consumer, partitions) -> None:
-        """A partition assigned again resumes at the group's committed offset (what was delivered).
+        """A partition assigned again resumes where this member's delivery stopped, or at the
+        group's committed offset when that is further on (another member read on meanwhile).
 
         kafka-python keeps the fetch position of a partition that comes back to the same
         member after an eager rebalance; the records fetched past the delivered position
-        were dropped with the revocation, so that position would skip them.
+        were dropped with the revocation, so that position would skip them. The committed
+        offset alone can lag what was delivered: a member evicted during a broker outage
+        loses its partitions without committing, and the loop commits only checkpointed
+        positions, so resuming there would deliver records a second time.
         """
         try:
             committed = await consumer._coordinator.fetch_committed_offsets_async(set(partitions))
@@ -293,8 +297,16 @@ class KafkaSource(Source):
             log.warning("kafka: cannot fetch committed offsets (%s); following auto_offset_reset", type(error).__name__)
             committed = {}
         for tp in partitions:
+            key = PartitionKey(tp.topic, tp.partition)
+            self._pending_skip.pop(key, None)
             found = committed.get(tp)
-            if found is not None and found.offset >= 0:
+            with self.ownership.lock:
+                ours = self.ownership.delivered.get(key, self.start.get(key))
+            if ours is not None and (found is None or found.offset < 0 or found.offset <= ours.offset):
+                consumer.seek(tp, ours.offset)
+                if ours.skip:
+                    self._pending_skip[key] = ours
+            elif found is not None and found.offset >= 0:
                 consumer.seek(tp, found.offset)
             elif self.settings.auto_offset_reset == "earliest":
                 consumer.seek_to_beginning(tp)

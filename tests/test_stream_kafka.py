@@ -3,8 +3,6 @@ outages through a TCP proxy, recordings."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import numpy as np
@@ -31,6 +29,7 @@ from stream import (
     read_dead_letters,
     record_topic,
 )
+from tcp_proxy import TcpProxy
 
 SPEC = FeatureSpec((8, 8, 1), "float32", 10)
 ID_SPEC = FeatureSpec((2,), "float32", 10)  # x = [id, id]: lets tests follow every example
@@ -160,74 +159,6 @@ def test_two_consumers_in_a_group_split_partitions_without_loss_or_duplicates(br
     owners_b = {i % 4 for i in b[-100:]}
     assert owners_b and not owners_b & {i % 4 for i in a[-100:]}  # split, after the rebalance
     assert consumers[0][2].examples_dropped > 0 or consumers[1][2].examples_dropped >= 0
-
-
-class TcpProxy:
-    """A threaded TCP proxy that can be cut (all connections closed, new ones refused) and restored."""
-
-    def __init__(self, port: int, target_port: int):
-        self.port, self.target_port = port, target_port
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._listener: socket.socket | None = None
-        self._stopped = threading.Event()
-
-    def start(self):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        listener.settimeout(0.1)
-        self._listener = listener
-        self._stopped.clear()
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-        return self
-
-    def _accept(self, listener):
-        while not self._stopped.is_set():
-            try:
-                client, _ = listener.accept()
-            except (TimeoutError, socket.timeout):
-                continue
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src, dst):
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self):
-        self._stopped.set()
-        self._listener.close()
-        with self._lock:
-            sockets, self._sockets = self._sockets, []
-        for s in sockets:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def restore(self):
-        self.start()
 
 
 def test_source_recovers_from_a_cut_connection_and_delivers_every_record_once(topic_name):
