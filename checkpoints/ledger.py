@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,11 +59,13 @@ class Ledger:
     One writer per file (the service, or a command run while no service writes):
     each `append` is one `write` of one line in append mode, flushed and fsynced, so
     lines from two processes never interleave within a line on a local file system,
-    but their order is only the order the writes landed in.
+    but their order is only the order the writes landed in. Thread-safe: the
+    service loop and the checkpoint store's writer thread both append.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock = threading.Lock()
 
     def append(self, event: str, **fields: Any) -> dict:
         """Appends one event and returns the record written ("event" and "time" added)."""
@@ -75,7 +78,7 @@ class Ledger:
         record.update({name: to_json_value(value, where=name) for name, value in fields.items()})
         line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+b") as handle:
+        with self._lock, open(self.path, "a+b") as handle:
             # A crash mid-write leaves a line without its newline; start on a fresh line
             # so the torn fragment stays a line of its own that `read` can skip.
             if handle.seek(0, os.SEEK_END) > 0:
