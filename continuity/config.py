@@ -113,7 +113,7 @@ class StreamConfig:
     codec: str = "binary"
     feature_shape: tuple[int, ...] = (8, 8, 1)
     dtype: str = "float32"
-    num_classes: int = 10
+    num_classes: int | None = 10  # None: float regression targets (learner.task = "regression")
     auto_offset_reset: str = "earliest"
     # The embedded broker holds a group join for about half the session timeout, hence short.
     session_timeout_ms: int = 6000
@@ -137,7 +137,8 @@ class StreamConfig:
         _require(0 < len(self.feature_shape) <= 8 and all(isinstance(d, int) and d > 0 for d in self.feature_shape),
                  f"`stream.feature_shape` must be a list of 1 to 8 positive integers. Got {list(self.feature_shape)!r}.")
         _one_of("stream.dtype", self.dtype, WIRE_DTYPES)
-        _require(self.num_classes >= 1, f"`stream.num_classes` must be >= 1. Got {self.num_classes!r}.")
+        _require(self.num_classes is None or self.num_classes >= 1,
+                 f"`stream.num_classes` must be >= 1, or left out for regression. Got {self.num_classes!r}.")
         _one_of("stream.auto_offset_reset", self.auto_offset_reset, OFFSET_RESETS)
         _require(self.session_timeout_ms >= 1000,
                  f"`stream.session_timeout_ms` must be >= 1000. Got {self.session_timeout_ms!r}.")
@@ -237,6 +238,9 @@ class Config:
         """A path from the config: relative ones are relative to the checkpoint directory."""
         return Path(self.checkpoints.dir) / Path(path)
 
+    def __post_init__(self):
+        _check_task(self.stream, self.learner)
+
     @property
     def dead_letter_file(self) -> Path:
         return self.resolve(self.stream.dead_letter_path)
@@ -300,6 +304,17 @@ class Config:
         }
         text = json.dumps(training, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_task(stream: StreamConfig, learner: LearnerConfig) -> None:
+    """The stream's labels must be what the learner's task learns from."""
+    if learner.regression:
+        _require(stream.num_classes is None,
+                 '`stream.num_classes` must be left out when learner.task is "regression" (labels are float '
+                 f"targets, not classes). Got {stream.num_classes!r}.")
+    else:
+        _require(stream.num_classes is not None,
+                 '`stream.num_classes` is required when learner.task is "classification". Got None.')
 
 
 # ---- the file's schema, derived from the dataclasses -------------------------------------------
@@ -449,6 +464,8 @@ class _Mismatch(Exception):
 
 def _coerce(kind: str, value, optional: bool):
     """The value as the dataclass field wants it, or _Mismatch naming what was expected."""
+    if optional and kind in ("int", "float") and value == "" and isinstance(value, str):
+        return None  # how to_toml writes an unset optional number
     if kind == "bool" and isinstance(value, bool):
         return value
     if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
@@ -467,7 +484,7 @@ def _coerce(kind: str, value, optional: bool):
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
     expected = _EXPECTED[kind]
-    if optional and kind == "str":
+    if optional and kind in ("str", "int", "float"):
         expected += ' ("" for none)'
     raise _Mismatch(expected)
 
@@ -690,8 +707,16 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), *,
     ewc = loader.build(lib.EWCConfig, values[lib.EWCConfig], "ewc")
     learner = loader.build(lib.LearnerConfig,
                            {**values[lib.LearnerConfig], "model": model, "replay": replay, "ewc": ewc}, "learner")
+    stream_values = values[StreamConfig]
+    if learner.regression and "num_classes" not in raw.get("stream", {}):
+        stream_values = {**stream_values, "num_classes": None}  # regression: targets, no classes
+    stream = loader.build(StreamConfig, stream_values, "stream")
+    try:
+        _check_task(stream, learner)
+    except ValueError as error:
+        raise loader.wrap(error, "stream") from None
     return Config(
-        stream=loader.build(StreamConfig, values[StreamConfig], "stream"),
+        stream=stream,
         learner=learner,
         probe=loader.build(ProbeConfig, values[ProbeConfig], "probe"),
         guard=loader.build(lib.GuardConfig, values[lib.GuardConfig], "probe"),
@@ -736,8 +761,8 @@ def _toml_value(value) -> str:
 # field added to a config dataclass fails the example tests until it is documented here.
 _SECTION_NOTES = {
     "stream": "Where records come from, and what a valid example looks like.",
-    "model": "The network: an MLP or a small CNN mapping an example to class logits.",
-    "learner": "The optimizer and the micro-batch of fresh examples per step.",
+    "model": "The network: an MLP or a small CNN mapping an example to class logits (regression: one number).",
+    "learner": "The task, the optimizer and the micro-batch of fresh examples per step.",
     "replay": "Rehearsal: stored examples mixed into every step (capacity 0 turns it off).",
     "ewc": "Online EWC (Schwarz et al. 2018): holds important weights near the last good model,\n"
            "# with a strength lambda that decays on accepted checkpoints and is boosted on regressions.",
@@ -754,7 +779,7 @@ _COMMENTS = {
     ("stream", "codec"): '"binary" or "json" (wire formats: see README)',
     ("stream", "feature_shape"): "one example's features",
     ("stream", "dtype"): "wire dtype of the features: " + ", ".join(f'"{d}"' for d in WIRE_DTYPES),
-    ("stream", "num_classes"): "labels are integers in [0, num_classes)",
+    ("stream", "num_classes"): 'labels are integers in [0, num_classes); leave it out for learner.task = "regression"',
     ("stream", "auto_offset_reset"): 'where a partition without a checkpointed position starts: "earliest" or "latest"',
     ("stream", "session_timeout_ms"): "short for the embedded broker (it holds a group join ~half of it); 45000 is Kafka's default",
     ("stream", "dead_letters"): 'undecodable records go to "file" (dead_letter_path) or "topic" (<topic>.dlq)',
@@ -767,6 +792,7 @@ _COMMENTS = {
     ("learner", "optimizer"): '"adam" or "sgd"',
     ("learner", "learning_rate"): "",
     ("learner", "batch_size"): "fresh examples per step (fixed shape: a short batch is padded and masked)",
+    ("learner", "task"): '"classification" (integer labels) or "regression" (float targets, squared error loss)',
     ("replay", "kind"): '"reservoir", "class_balanced" or "fifo"',
     ("replay", "capacity"): "examples kept; 0 = no replay",
     ("replay", "batch_size"): "replayed examples mixed into every step",
@@ -786,7 +812,8 @@ _COMMENTS = {
     ("probe", "golden"): "optional .npz with arrays x, y: a fixed probe segment",
     ("probe", "every_examples"): "trained examples between probe checks (a candidate checkpoint each time)",
     ("probe", "tolerance"): "accuracy drop (overall or one segment) that may count as a regression",
-    ("probe", "alpha"): "significance of the one-sided McNemar test on paired predictions",
+    ("probe", "loss_tolerance"): "regression: relative rise of the mean probe loss that may count as one (0.2 = +20%)",
+    ("probe", "alpha"): "significance of the one-sided paired test (McNemar on predictions; Wilcoxon on regression losses)",
     ("probe", "on_regression"): '"quarantine", "retry" (stronger lambda, then quarantine) or "halt"',
     ("probe", "max_retries"): "retries of a window before it is quarantined",
     ("probe", "min_examples"): "probe examples a segment needs before it is tested",

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from continuity.probe import ProbeStore
-from continuity.regression import Verdict, judge
+from continuity.regression import Verdict, judge, judge_losses
 from learner import Learner, LearnerState
 from learner import ewc as ewc_lib
 
@@ -32,7 +32,12 @@ class GuardConfig:
     # clean new segment dips old segments by at most ~0.13, a broken labeler by ~0.4.
     every_examples: int = 1000  # trained examples between probe checks
     tolerance: float = 0.2  # accuracy drop (overall or one segment) that may count as a regression
-    alpha: float = 0.01  # significance of the one-sided McNemar test, Bonferroni-corrected over scopes
+    # Regression targets: relative rise of the mean probe loss that may count as a regression
+    # (candidate mean > good mean * (1 + loss_tolerance)).
+    loss_tolerance: float = 0.2
+    # Significance of the one-sided paired test (McNemar on predictions; Wilcoxon signed-rank on
+    # losses for regression targets), Bonferroni-corrected over scopes.
+    alpha: float = 0.01
     # quarantine, not retry, by default: a retry with boosted lambda hides each poisoned window's
     # damage just under the tolerance, and the damage compounds window after window (measured).
     on_regression: str = "quarantine"
@@ -48,6 +53,8 @@ class GuardConfig:
             raise ValueError(f"`probe.every_examples` must be >= 1. Got {self.every_examples!r}.")
         if not 0 <= self.tolerance < 1:
             raise ValueError(f"`probe.tolerance` must be in [0, 1). Got {self.tolerance!r}.")
+        if not (isinstance(self.loss_tolerance, (int, float)) and 0 <= self.loss_tolerance < float("inf")):
+            raise ValueError(f"`probe.loss_tolerance` must be a finite number >= 0. Got {self.loss_tolerance!r}.")
         if not 0 < self.alpha < 1:
             raise ValueError(f"`probe.alpha` must be in (0, 1). Got {self.alpha!r}.")
         if self.on_regression not in ON_REGRESSION:
@@ -81,28 +88,43 @@ class Guard:
             self._accepted_since_anchor = 0
 
     def judge(self, candidate: LearnerState, probe: ProbeStore) -> tuple[Verdict, dict]:
-        """The verdict on `candidate`, and the probe report (accuracy overall and per segment).
+        """The verdict on `candidate`, and the probe report.
+
+        Classification: paired predictions (McNemar), and the report holds accuracy
+        overall and per segment: {"examples", "accuracy", "segments": {name: accuracy}}.
+        Regression: paired per-example squared errors (Wilcoxon signed-rank, relative
+        `loss_tolerance`), and the report holds mean loss instead:
+        {"examples", "loss", "segments": {name: mean loss}} (no "accuracy").
 
         Judged against the last good model and, when kept, the older anchor; a regression
         against either is a regression (the last good model's figures are reported first).
         """
         x, y, ids = probe.examples()
         names = probe.segments
+        regression = self.learner.regression
         candidate_eval = self.learner.evaluate(candidate.params, x, y)
-        options = dict(tolerance=self.config.tolerance, alpha=self.config.alpha, min_examples=self.config.min_examples)
-        good_eval = self.learner.evaluate(self.last_good.params, x, y)
-        verdict = judge(good_eval.correct, candidate_eval.correct, ids, names, **options)
+
+        def compare(reference) -> Verdict:
+            reference_eval = self.learner.evaluate(reference, x, y)
+            options = dict(alpha=self.config.alpha, min_examples=self.config.min_examples)
+            if regression:
+                return judge_losses(reference_eval.loss, candidate_eval.loss, ids, names,
+                                    tolerance=self.config.loss_tolerance, **options)
+            return judge(reference_eval.correct, candidate_eval.correct, ids, names,
+                         tolerance=self.config.tolerance, **options)
+
+        verdict = compare(self.last_good.params)
         if not verdict.regressed and self.anchor is not None:
-            anchor_eval = self.learner.evaluate(self.anchor, x, y)
-            against_anchor = judge(anchor_eval.correct, candidate_eval.correct, ids, names, **options)
+            against_anchor = compare(self.anchor)
             if against_anchor.regressed:
                 verdict = replace(against_anchor, against="anchor")
         if not self.config.enabled:
             verdict = replace(verdict, regressed=False)
+        figure, per_example = ("loss", candidate_eval.loss) if regression else ("accuracy", candidate_eval.correct)
         report = {
             "examples": int(len(y)),
-            "accuracy": _mean(candidate_eval.correct),
-            "segments": {name: _mean(candidate_eval.correct[ids == i]) for i, name in enumerate(names)},
+            figure: _mean(per_example),
+            "segments": {name: _mean(per_example[ids == i]) for i, name in enumerate(names)},
         }
         return verdict, report
 

@@ -88,6 +88,7 @@ class RunSummary:
     last_checkpoint: int | None = None
     positions: dict = field(default_factory=dict)
     probe_accuracy: float | None = None
+    probe_loss: float | None = None  # regression tasks: the probe's mean loss, in place of accuracy
     ewc_strength: float | None = None
     wall_seconds: float = 0.0
     guard_seconds: float = 0.0  # judging, consolidating, rolling back and starting saves: the guard's cost
@@ -112,6 +113,7 @@ class Progress:
     checkpoint: int | None
     positions: Positions
     step_seconds: list  # wall time per train dispatch since the last snapshot (host view)
+    probe_loss: float | None = None  # regression tasks: probe mean loss; probe_segments then hold losses
 
 
 @dataclass
@@ -262,6 +264,7 @@ class TrainingLoop:
         self.summary.skipped_updates = int(state.skipped_updates)
         self.summary.positions = {f"{k.topic}/{k.partition}": v.offset for k, v in good.positions.items()}
         self.summary.probe_accuracy = self._last_report.get("accuracy")
+        self.summary.probe_loss = self._last_report.get("loss")
         self.summary.ewc_strength = float(state.ewc.strength)
         self.summary.wall_seconds = time.perf_counter() - started
         self.ledger.append("stop", **{k: v for k, v in self.summary.to_json().items() if k != "positions"},
@@ -374,7 +377,8 @@ class TrainingLoop:
         if restored is None:
             probe = ProbeStore(learner.example_shape, per_segment=self.probe_config.per_segment,
                                max_segments=self.probe_config.max_segments,
-                               window_examples=self.probe_config.window_examples, seed=self.seed)
+                               window_examples=self.probe_config.window_examples, seed=self.seed,
+                               label_dtype=learner.label_dtype)
             if self.probe_config.golden:
                 probe.add_golden(*load_golden(self.probe_config.golden))
             self.ledger.append("start", fresh=True, seed=self.seed, config_digest=self.digest)
@@ -390,7 +394,8 @@ class TrainingLoop:
             log.warning("checkpoint %s was trained with another config (digest %s, now %s)",
                         restored.number, meta.get("config_digest"), self.digest)
         probe = ProbeStore.from_arrays(restored.probe, meta["probe_store"], self.learner.example_shape,
-                                       max_segments=self.probe_config.max_segments)
+                                       max_segments=self.probe_config.max_segments,
+                                       label_dtype=self.learner.label_dtype)
         positions = Positions.from_json(meta["positions"])
         self.ledger.append("restore", checkpoint=restored.number, positions=meta["positions"],
                            learner_step=meta["learner_step"], config_digest=self.digest)
@@ -517,6 +522,7 @@ class TrainingLoop:
             checkpoint=good.number,
             positions=good.positions,
             step_seconds=steps,
+            probe_loss=self._last_report.get("loss"),
         ))
 
 

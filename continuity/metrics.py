@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                         0.1, 0.25, 0.5, 1.0, 2.5)
 
-OVERALL = "overall"  # the `segment` label of the whole-probe accuracy
+OVERALL = "overall"  # the `segment` label of the whole-probe accuracy (or loss)
 
 # (metric attribute, Progress field) of every counter fed from running totals.
 _COUNTED = (
@@ -55,6 +55,9 @@ class ServiceMetrics:
         self.probe_accuracy = Gauge(
             "continuity_probe_accuracy", "Continuity-probe accuracy of the last judged model, per segment "
             f"(segment=\"{OVERALL}\" for the whole probe).", ["segment"], registry=r)
+        self.probe_loss = Gauge(
+            "continuity_probe_loss", "Continuity-probe mean loss of the last judged model, per segment, for "
+            f"regression tasks (segment=\"{OVERALL}\" for the whole probe).", ["segment"], registry=r)
         self.ewc_lambda = Gauge("continuity_ewc_lambda", "Current EWC regularization strength.", registry=r)
         self.consumer_lag = Gauge(
             "continuity_consumer_lag", "Records behind the end of each partition (topic/partition).",
@@ -79,11 +82,14 @@ class ServiceMetrics:
                 if delta > 0:
                     getattr(self, name).inc(delta)
                 self._totals[name] = total
-        if _finite(progress.probe_accuracy):
-            self.probe_accuracy.labels(segment=OVERALL).set(progress.probe_accuracy)
-        for segment, accuracy in (progress.probe_segments or {}).items():
-            if _finite(accuracy):
-                self.probe_accuracy.labels(segment=str(segment)).set(accuracy)
+        # A regression task reports the probe's mean loss, and its per-segment figures are losses too.
+        loss = getattr(progress, "probe_loss", None)
+        gauge, overall = (self.probe_loss, loss) if loss is not None else (self.probe_accuracy, progress.probe_accuracy)
+        if _finite(overall):
+            gauge.labels(segment=OVERALL).set(overall)
+        for segment, figure in (progress.probe_segments or {}).items():
+            if _finite(figure):
+                gauge.labels(segment=str(segment)).set(figure)
         if _finite(progress.ewc_strength):
             self.ewc_lambda.set(progress.ewc_strength)
         if progress.checkpoint is not None:

@@ -57,7 +57,11 @@ def _mix(values: np.ndarray) -> np.ndarray:
 
 
 class ProbeStore:
-    """Per-segment reservoirs of held-out (x, y), addressed by segment name."""
+    """Per-segment reservoirs of held-out (x, y), addressed by segment name.
+
+    `label_dtype`: int32 class labels, or float32 targets for a regression task. It is
+    saved with the store's metadata, so a restored store keeps it.
+    """
 
     def __init__(self, example_shape: tuple[int, ...], *, per_segment: int = 200, max_segments: int = 64,
                  window_examples: int = 200, seed: int = 0, label_dtype=np.int32):
@@ -161,12 +165,17 @@ class ProbeStore:
         arrays = {f"s{i}": {"x": self._x[s], "y": self._y[s]} for i, s in enumerate(self.segments)}
         meta = {"segments": self.segments, "seen": [self._seen[s] for s in self.segments],
                 "fixed": sorted(self._fixed), "per_segment": self.per_segment, "seed": self.seed,
-                "window_examples": self.window_examples, "unsegmented_seen": self.unsegmented_seen}
+                "window_examples": self.window_examples, "unsegmented_seen": self.unsegmented_seen,
+                "label_dtype": self.label_dtype.name}
         return arrays, meta
 
     @classmethod
     def from_arrays(cls, arrays: dict, meta: dict, example_shape, *, max_segments: int = 64,
-                    label_dtype=np.int32) -> "ProbeStore":
+                    label_dtype=None) -> "ProbeStore":
+        """The store `to_arrays` described; labels as `label_dtype`, by default the saved one
+        (int32 for checkpoints written before the dtype was saved)."""
+        if label_dtype is None:
+            label_dtype = meta.get("label_dtype", "int32")
         store = cls(example_shape, per_segment=meta["per_segment"], max_segments=max_segments, seed=meta["seed"],
                     window_examples=meta["window_examples"], label_dtype=label_dtype)
         store.unsegmented_seen = int(meta["unsegmented_seen"])

@@ -8,17 +8,31 @@ and an exact one-sided McNemar test (McNemar 1947; exact binomial form) asks whe
 b is larger than chance allows: p = P(X >= b), X ~ Binomial(b + c, 1/2).
 
 A scope (overall, or one segment) regresses when its accuracy drops by more than
-`tolerance` AND the test is significant. Because overall and every segment are tested,
-the significance level is Bonferroni-corrected over the scopes tested, so that noise
-alone on many segments does not trigger rollbacks.
+`tolerance` AND the test is significant.
+
+For regression targets there is no right or wrong, only a per-example loss (squared
+error). The paired differences d = candidate loss - good loss go to a one-sided
+Wilcoxon signed-rank test (Wilcoxon 1945) of H1: the candidate's losses are larger. It
+uses the size of each difference, not just its sign (as a sign test would), so a few
+badly broken examples weigh more than many negligible changes; squared errors are far
+from normal, which rules out a paired t-test. A scope regresses when its mean loss rises
+by more than the relative `tolerance` (candidate mean > good mean * (1 + tolerance)) AND
+the test is significant. Examples whose losses are equal carry no evidence and are
+dropped; when all are, p = 1.
+
+Either way, because overall and every segment are tested, the significance level is
+Bonferroni-corrected over the scopes tested, so that noise alone on many segments does
+not trigger rollbacks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.special import bdtrc
+from scipy.stats import wilcoxon
 
 
 def mcnemar_one_sided(good_correct: np.ndarray, candidate_correct: np.ndarray) -> tuple[int, int, float]:
@@ -40,28 +54,46 @@ def _upper_tail(b: int, n: int) -> float:
     return 1.0 if n == 0 else float(bdtrc(b - 1, n, 0.5))
 
 
+def wilcoxon_one_sided(good_loss: np.ndarray, candidate_loss: np.ndarray) -> tuple[int, int, float]:
+    """(worse, better, p) for H1: the candidate's losses are larger (one-sided signed-rank test).
+
+    worse / better count the examples whose loss rose / fell. p is 1.0 when no loss changed.
+    """
+    differences = np.asarray(candidate_loss, np.float64) - np.asarray(good_loss, np.float64)
+    worse, better = int(np.sum(differences > 0)), int(np.sum(differences < 0))
+    if worse + better == 0:
+        return worse, better, 1.0
+    return worse, better, float(wilcoxon(differences, alternative="greater").pvalue)
+
+
 @dataclass(frozen=True)
 class ScopeReport:
-    """One scope's paired comparison: accuracies, discordant counts, p-value, verdict."""
+    """One scope's paired comparison: the two models' figures, changed examples, p-value, verdict.
+
+    `metric` says what `good` and `candidate` are: "accuracy" (higher is better; McNemar)
+    or "loss", the mean per-example loss (lower is better; Wilcoxon signed-rank).
+    """
 
     name: str
     examples: int
-    good_accuracy: float
-    candidate_accuracy: float
-    worse: int  # b: right before, wrong now
-    better: int  # c: wrong before, right now
+    good: float  # the reference model's accuracy or mean loss on the scope
+    candidate: float
+    worse: int  # accuracy: b, right before and wrong now; loss: examples whose loss rose
+    better: int  # accuracy: c, wrong before and right now; loss: examples whose loss fell
     p_value: float
     regressed: bool
+    metric: str = "accuracy"
 
     @property
     def drop(self) -> float:
-        return self.good_accuracy - self.candidate_accuracy
+        """How much worse the candidate is: accuracy lost, or mean loss gained."""
+        return self.candidate - self.good if self.metric == "loss" else self.good - self.candidate
 
     def to_json(self) -> dict:
         return {
             "examples": self.examples,
-            "good_accuracy": round(self.good_accuracy, 6),
-            "candidate_accuracy": round(self.candidate_accuracy, 6),
+            f"good_{self.metric}": round(self.good, 6),
+            f"candidate_{self.metric}": round(self.candidate, 6),
             "worse": self.worse,
             "better": self.better,
             "p_value": self.p_value,
@@ -71,7 +103,11 @@ class ScopeReport:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The guard's decision with every figure behind it."""
+    """The guard's decision with every figure behind it.
+
+    `metric` "accuracy": `tolerance` is an absolute accuracy drop. "loss" (regression
+    targets): `tolerance` is a relative rise of the mean loss.
+    """
 
     regressed: bool
     overall: ScopeReport
@@ -79,6 +115,7 @@ class Verdict:
     alpha: float = 0.01
     tolerance: float = 0.02
     against: str = "last_good"  # which reference model the figures compare with: last_good | anchor
+    metric: str = "accuracy"
 
     @property
     def regressed_scopes(self) -> list[str]:
@@ -86,7 +123,9 @@ class Verdict:
         return [name for name, report in scopes if report.regressed]
 
     def to_json(self) -> dict:
+        metric = {} if self.metric == "accuracy" else {"metric": self.metric}  # classification JSON as before
         return {
+            **metric,
             "regressed": self.regressed,
             "regressed_scopes": self.regressed_scopes,
             "against": self.against,
@@ -112,25 +151,62 @@ def judge(
     Segments with fewer than `min_examples` probe examples are reported but not tested
     (too few to tell anything from noise).
     """
-    good_correct = np.asarray(good_correct, bool)
-    candidate_correct = np.asarray(candidate_correct, bool)
+    def worse_by_more_than_tolerance(good: float, candidate: float) -> bool:
+        return good - candidate > tolerance
+
+    return _judge_scopes(np.asarray(good_correct, bool), np.asarray(candidate_correct, bool), segment_ids,
+                         segment_names, metric="accuracy", test=mcnemar_one_sided,
+                         worse_enough=worse_by_more_than_tolerance, tolerance=tolerance, alpha=alpha,
+                         min_examples=min_examples)
+
+
+def judge_losses(
+    good_loss: np.ndarray,
+    candidate_loss: np.ndarray,
+    segment_ids: np.ndarray,
+    segment_names: list[str],
+    *,
+    tolerance: float,
+    alpha: float,
+    min_examples: int = 20,
+) -> Verdict:
+    """Compare paired per-example losses (regression targets) overall and per segment.
+
+    A scope regresses when candidate mean loss > good mean loss * (1 + tolerance) and the
+    one-sided Wilcoxon signed-rank test gives p < alpha / scopes tested (module docstring).
+    """
+    def worse_by_more_than_tolerance(good: float, candidate: float) -> bool:
+        return candidate > good * (1 + tolerance)
+
+    return _judge_scopes(np.asarray(good_loss, np.float64), np.asarray(candidate_loss, np.float64), segment_ids,
+                         segment_names, metric="loss", test=wilcoxon_one_sided,
+                         worse_enough=worse_by_more_than_tolerance, tolerance=tolerance, alpha=alpha,
+                         min_examples=min_examples)
+
+
+def _judge_scopes(good: np.ndarray, candidate: np.ndarray, segment_ids, segment_names: list[str], *, metric: str,
+                  test: Callable[[np.ndarray, np.ndarray], tuple[int, int, float]],
+                  worse_enough: Callable[[float, float], bool], tolerance: float, alpha: float,
+                  min_examples: int) -> Verdict:
+    """The rule both metrics share: per scope, a paired `test` and a tolerance; Bonferroni over scopes."""
     segment_ids = np.asarray(segment_ids)
     testable = [i for i in range(len(segment_names)) if np.sum(segment_ids == i) >= min_examples]
     tests = 1 + len(testable)
     level = alpha / tests
 
     def scope(name: str, rows: np.ndarray, tested: bool) -> ScopeReport:
-        g, c = good_correct[rows], candidate_correct[rows]
-        worse, better, p = mcnemar_one_sided(g, c)
-        good_acc = float(g.mean()) if len(g) else float("nan")
-        cand_acc = float(c.mean()) if len(c) else float("nan")
-        regressed = tested and (good_acc - cand_acc) > tolerance and p < level
-        return ScopeReport(name, int(len(g)), good_acc, cand_acc, worse, better, p, bool(regressed))
+        g, c = good[rows], candidate[rows]
+        worse, better, p = test(g, c)
+        good_figure = float(g.mean()) if len(g) else float("nan")
+        candidate_figure = float(c.mean()) if len(c) else float("nan")
+        regressed = tested and worse_enough(good_figure, candidate_figure) and p < level
+        return ScopeReport(name, int(len(g)), good_figure, candidate_figure, worse, better, p, bool(regressed),
+                           metric)
 
-    everything = np.ones(len(good_correct), bool)
-    overall = scope("overall", everything, len(good_correct) >= min_examples)
+    everything = np.ones(len(good), bool)
+    overall = scope("overall", everything, len(good) >= min_examples)
     segments = {
         name: scope(name, segment_ids == i, i in testable) for i, name in enumerate(segment_names)
     }
     regressed = overall.regressed or any(r.regressed for r in segments.values())
-    return Verdict(regressed, overall, segments, alpha, tolerance)
+    return Verdict(regressed, overall, segments, alpha, tolerance, metric=metric)

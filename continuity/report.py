@@ -1,6 +1,9 @@
 """A run's report from its ledger: report.png (probe accuracy per segment over the stream, with
 rollbacks, quarantines and lambda marked) and report.md (what happened, in numbers).
 
+A regression task's probe reports mean loss instead of accuracy; the report plots and
+tabulates that figure instead.
+
 Everything comes from the ledger, so a report can be made for any checkpoint directory.
 """
 
@@ -14,8 +17,13 @@ def _offset(positions_json) -> int:
 
 
 def ledger_timeline(events: list[dict]) -> dict:
-    """The probe decisions of a ledger as series: x = records consumed at each judged window."""
+    """The probe decisions of a ledger as series: x = records consumed at each judged window.
+
+    `metric` is "accuracy", or "loss" for a regression task; `segments` and `overall`
+    hold that figure.
+    """
     windows = [e for e in events if e["event"] == "probe"]
+    metric = "loss" if any("loss" in e["probe"] for e in windows) else "accuracy"
     segments: list[str] = []
     for e in windows:
         for name in e["probe"]["segments"]:
@@ -23,8 +31,9 @@ def ledger_timeline(events: list[dict]) -> dict:
                 segments.append(name)
     return {
         "x": [_offset(e["to"]) for e in windows],
-        "accuracy": {s: [e["probe"]["segments"].get(s) for e in windows] for s in segments},
-        "overall": [e["probe"]["accuracy"] for e in windows],
+        "metric": metric,
+        "segments": {s: [e["probe"]["segments"].get(s) for e in windows] for s in segments},
+        "overall": [e["probe"].get(metric) for e in windows],
         "lambda": [e["ewc_strength"] for e in windows],
         "regressed": [e["verdict"]["regressed"] for e in windows],
         "quarantines": [(_offset(e["from"]), _offset(e["to"]), e["records"]) for e in events if e["event"] == "quarantine"],
@@ -39,7 +48,7 @@ def write_png(events: list[dict], path: Path, title: str) -> Path:
 
     t = ledger_timeline(events)
     fig, ax = plt.subplots(figsize=(11, 5.5), dpi=110)
-    for name, values in t["accuracy"].items():
+    for name, values in t["segments"].items():
         points = [(x, v) for x, v in zip(t["x"], values) if v is not None]
         if points:
             xs, ys = zip(*points)
@@ -50,8 +59,9 @@ def write_png(events: list[dict], path: Path, title: str) -> Path:
     for x in rollbacks:
         ax.axvline(x, color="red", linestyle="--", linewidth=1)
     ax.set_xlabel("records consumed")
-    ax.set_ylabel("probe accuracy (candidate, per segment)")
-    ax.set_ylim(0, 1.02)
+    ax.set_ylabel(f"probe {t['metric']} (candidate, per segment)")
+    if t["metric"] == "accuracy":
+        ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     twin = ax.twinx()
     twin.step(t["x"], t["lambda"], where="post", color="black", alpha=0.5, linewidth=1, label="EWC lambda")
@@ -98,18 +108,22 @@ def write_markdown(events: list[dict], path: Path, *, title: str, summary: dict,
         for event, action in zip(regressions, actions):
             probe = probes.get(event["window"], {})
             drops = []
+            metric = probe.get("verdict", {}).get("metric", "accuracy")
             for scope in event["scopes"]:
                 figures = (probe.get("verdict", {}).get("segments", {}).get(scope)
                            or probe.get("verdict", {}).get("overall"))
                 if figures:
-                    drops.append(f"{scope} {figures['good_accuracy']:.2f} -> {figures['candidate_accuracy']:.2f} "
-                                 f"(p={figures['p_value']:.1e})")
+                    good, candidate = figures[f"good_{metric}"], figures[f"candidate_{metric}"]
+                    shown = f"{good:.2f} -> {candidate:.2f}" if metric == "accuracy" else \
+                        f"loss {good:.3g} -> {candidate:.3g}"
+                    drops.append(f"{scope} {shown} (p={figures['p_value']:.1e})")
             what = action["event"] + (f" ({action['records']} records)" if action["event"] == "quarantine" else "")
             lines.append(f"| {event['window']} | {_offset(probe.get('to')):,} | {'; '.join(drops)} | {what} |")
         lines.append("")
-    if t["accuracy"]:
-        lines += ["## Probe accuracy at the last judged window", "", "| segment | accuracy |", "|---|---|"]
-        for name, values in t["accuracy"].items():
+    if t["segments"]:
+        metric = t["metric"]
+        lines += [f"## Probe {metric} at the last judged window", "", f"| segment | {metric} |", "|---|---|"]
+        for name, values in t["segments"].items():
             value = next((v for v in reversed(values) if v is not None), None)
             lines.append(f"| {name} | {'n/a' if value is None else f'{value:.3f}'} |")
         lines.append("")
@@ -119,6 +133,6 @@ def write_markdown(events: list[dict], path: Path, *, title: str, summary: dict,
         lines.append("")
     if checkpoint_table:
         lines += ["## Checkpoints", "", "```", checkpoint_table, "```", ""]
-    lines += ["![probe accuracy over the stream](report.png)", ""]
+    lines += [f"![probe {t['metric']} over the stream](report.png)", ""]
     path.write_text("\n".join(line for line in lines if line is not None) + "\n")
     return path

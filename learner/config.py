@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 MODEL_KINDS = ("mlp", "cnn")
 OPTIMIZERS = ("adam", "sgd")
 REPLAY_KINDS = ("reservoir", "class_balanced", "fifo")
+TASKS = ("classification", "regression")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -32,7 +33,7 @@ def _positive_ints(name: str, values: tuple[int, ...]) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which network maps an example to class logits."""
+    """Which network maps an example to class logits (or, for regression, to one number)."""
 
     kind: str = "mlp"
     hidden: tuple[int, ...] = (256, 256)  # mlp: widths of the hidden layers
@@ -58,6 +59,7 @@ class ReplayConfig:
     # ER-ACE (Caccia et al. 2022): fresh rows' cross-entropy only over the classes present
     # in the fresh batch, so learning new classes does not push old classes' logits down;
     # replayed rows use all classes. Changes nothing when every batch holds every class.
+    # Regression has no classes: ignored there.
     asymmetric: bool = True
 
     def __post_init__(self):
@@ -102,7 +104,13 @@ class EWCConfig:
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    """Everything that decides the compiled train step; equal configs give equal programs."""
+    """Everything that decides the compiled train step; equal configs give equal programs.
+
+    `task` "classification": integer labels, softmax cross-entropy over `num_classes`
+    logits. "regression": float32 targets, one output, masked mean squared error; replay
+    stores the targets, ER-ACE (`replay.asymmetric`) does not apply, and class-balanced
+    replay, which shares memory out by class, is an error.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: str = "adam"
@@ -110,8 +118,19 @@ class LearnerConfig:
     batch_size: int = 32
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     ewc: EWCConfig = field(default_factory=EWCConfig)
+    task: str = "classification"
 
     def __post_init__(self):
+        _one_of("learner.task", self.task, TASKS)
         _one_of("learner.optimizer", self.optimizer, OPTIMIZERS)
         _require(self.learning_rate > 0, f"`learner.learning_rate` must be > 0. Got {self.learning_rate!r}.")
         _require(self.batch_size >= 1, f"`learner.batch_size` must be >= 1. Got {self.batch_size!r}.")
+        _require(
+            not (self.regression and self.replay.kind == "class_balanced"),
+            "`replay.kind` 'class_balanced' shares memory out by class, and learner.task 'regression' has no "
+            "classes: use 'reservoir' or 'fifo'. Got 'class_balanced'.",
+        )
+
+    @property
+    def regression(self) -> bool:
+        return self.task == "regression"

@@ -47,6 +47,9 @@ def penalty(params: Params, ewc: EWCState) -> jax.Array:
     return 0.5 * ewc.strength * sum(jax.tree.leaves(terms))
 
 
+LIKELIHOODS = ("categorical", "gaussian")
+
+
 def fisher_diagonal(
     logits_fn: Callable[[Params, jax.Array], jax.Array],
     params: Params,
@@ -55,10 +58,18 @@ def fisher_diagonal(
     mask: jax.Array,
     *,
     chunk: int = 32,
+    likelihood: str = "categorical",
 ) -> Params:
     """Empirical Fisher diagonal: the mean over valid examples of squared per-example gradients.
 
-    Per-example gradients of the log-likelihood come from `vmap(grad)`. They are taken
+    The gradients are of the negative log-likelihood of the observed label (Kirkpatrick
+    2017; Schwarz 2018 keep the same empirical Fisher online). `likelihood` says which:
+    "categorical" (integer labels `y`, softmax over the logits): cross-entropy;
+    "gaussian" (float targets `y`, regression on the first output f(x)): with unit
+    variance the negative log-likelihood is 0.5 * (f(x) - y)^2 up to a constant, so the
+    per-example gradient is (f(x) - y) * grad f(x).
+
+    Per-example gradients come from `vmap(grad)`. They are taken
     `chunk` examples at a time under `lax.scan`, so memory is chunk x params rather than
     examples x params (a 1M-parameter model and 1000 examples would otherwise need 4 GB).
     `x` must hold a multiple of `chunk` rows (pad and mask the rest).
@@ -66,10 +77,14 @@ def fisher_diagonal(
     n = x.shape[0]
     if n % chunk:
         raise ValueError(f"fisher_diagonal needs a multiple of {chunk} examples (pad and mask). Got {n}.")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"`likelihood` must be one of {', '.join(map(repr, LIKELIHOODS))}. Got {likelihood!r}.")
 
     def example_nll(p, xi, yi):
-        logits = logits_fn(p, xi[None])[0]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yi)
+        outputs = logits_fn(p, xi[None])[0]
+        if likelihood == "gaussian":
+            return 0.5 * jnp.square(outputs[0] - yi)
+        return optax.softmax_cross_entropy_with_integer_labels(outputs, yi)
 
     per_example_grads = jax.vmap(jax.grad(example_nll), in_axes=(None, 0, 0))
 

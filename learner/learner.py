@@ -1,17 +1,16 @@
 """The learner: one jitted continual-learning step over one PyTree state.
 
 `train_step(state, batch) -> (state, metrics)` does, in a single dispatch: sample a
-replay batch, compute the masked loss on fresh + replayed examples plus the EWC
-penalty, apply the Optax update (skipped when the loss or a gradient is non-finite),
-and insert the fresh examples into the replay buffer. Shapes are fixed (padding rows
-are masked), so nothing recompiles after the first call; the state is donated, so its
-buffers are reused in place.
+replay batch, compute the masked loss (cross-entropy for classification, squared error
+for regression) on fresh + replayed examples plus the EWC penalty, apply the Optax
+update (skipped when the loss or a gradient is non-finite), and insert the fresh
+examples into the replay buffer. Shapes are fixed (padding rows are masked), so nothing
+recompiles after the first call; the state is donated, so its buffers are reused in place.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -31,15 +30,25 @@ FISHER_CHUNK = 32
 
 
 class Evaluation(NamedTuple):
-    """Per-example results, host NumPy: paired tests compare two models row by row."""
+    """Per-example results, host NumPy: paired tests compare two models row by row.
 
-    correct: np.ndarray  # shape=(N,), bool
-    loss: np.ndarray  # shape=(N,), float32
-    predicted: np.ndarray  # shape=(N,), int32
+    Regression has no right or wrong answer: there `correct` is None, `loss` is the
+    squared error (f(x) - y)^2 and `predicted` the model's output f(x), float32.
+    """
+
+    correct: np.ndarray | None  # shape=(N,), bool; None for regression
+    loss: np.ndarray  # shape=(N,), float32: cross-entropy, or squared error for regression
+    predicted: np.ndarray  # shape=(N,), int32 class; float32 output for regression
 
     @property
     def accuracy(self) -> float:
+        if self.correct is None:
+            raise ValueError("accuracy is undefined for regression; use `mean_loss`.")
         return float(self.correct.mean()) if self.correct.size else float("nan")
+
+    @property
+    def mean_loss(self) -> float:
+        return float(self.loss.mean()) if self.loss.size else float("nan")
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -56,22 +65,34 @@ def _make_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
 class Learner:
     """Binds a `LearnerConfig` to a model definition, an optimizer and a replay policy.
 
+    `num_classes`: the number of classes for `config.task` "classification" (>= 2); None
+    for "regression" (one output; labels are float32 targets, see `label_dtype`).
+
     It owns the compiled functions; the state it creates and updates is a plain PyTree.
     Call `train_step` from one thread at a time: it donates (consumes) the state passed in.
     """
 
-    def __init__(self, config: LearnerConfig, example_shape: tuple[int, ...], num_classes: int):
+    def __init__(self, config: LearnerConfig, example_shape: tuple[int, ...], num_classes: int | None = None):
+        if config.regression and num_classes is not None:
+            raise ValueError(f"`num_classes` must be None for learner.task 'regression' (targets are numbers, "
+                             f"not classes). Got {num_classes!r}.")
+        if not config.regression and (not isinstance(num_classes, (int, np.integer)) or num_classes < 2):
+            raise ValueError(f"`num_classes` must be an integer >= 2 for learner.task 'classification'. "
+                             f"Got {num_classes!r}.")
         self.config = config
+        self.regression = config.regression
         self.example_shape = tuple(example_shape)
-        self.num_classes = num_classes
-        graphdef, _ = nnx.split(build_model(config.model, self.example_shape, num_classes, seed=0))
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.label_dtype = np.dtype(np.float32 if self.regression else np.int32)  # of Batch.y and evaluate's y
+        self.outputs = 1 if self.regression else self.num_classes
+        self._likelihood = "gaussian" if self.regression else "categorical"  # for the EWC Fisher
+        graphdef, _ = nnx.split(build_model(config.model, self.example_shape, self.outputs, seed=0))
         self._graphdef = graphdef
         self.optimizer = _make_optimizer(config)
         self.replay = replay.make(config.replay.kind, config.replay.capacity) if config.replay.enabled else None
         self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
         self._fresh = jax.jit(self._fresh_state)  # built once: a new jit per init() would recompile
         self._evaluate_chunk = jax.jit(self._evaluate_rows)
-        self._fisher = jax.jit(partial(ewc.fisher_diagonal, self.logits, chunk=FISHER_CHUNK))
         self._consolidate = jax.jit(self._consolidate_state, donate_argnums=(0,))
         self._consolidate_from_replay = jax.jit(self._consolidate_from_replay_state, donate_argnums=(0,))
 
@@ -79,7 +100,7 @@ class Learner:
 
     def init(self, seed: int) -> LearnerState:
         """A fresh state: parameters from `seed`, empty replay, no consolidation yet."""
-        model = build_model(self.config.model, self.example_shape, self.num_classes, seed=seed)
+        model = build_model(self.config.model, self.example_shape, self.outputs, seed=seed)
         params = nnx.to_pure_dict(nnx.state(model))
         # Built under jit so every leaf is its own buffer: eager constructors may share one
         # array between leaves (a zero counter, say), and donation refuses a buffer twice.
@@ -94,7 +115,7 @@ class Learner:
             rng=rng,
             params=params,
             opt_state=self.optimizer.init(params),
-            replay=self.replay.init(self.example_shape, self.num_classes) if self.replay else None,
+            replay=self.replay.init(self.example_shape, self.num_classes) if self.replay else None,  # None: targets
             ewc=ewc.init(params, self.config.ewc.strength if self.config.ewc.enabled else 0.0),
             skipped_updates=jnp.zeros((), jnp.int32),
         )
@@ -105,13 +126,17 @@ class Learner:
     # ---- the step ----------------------------------------------------------------------
 
     def _train_step(self, state: LearnerState, batch: Batch) -> tuple[LearnerState, dict]:
+        """One update. Metrics (device scalars): loss, fresh_loss, replay_loss, ewc_penalty,
+        grad_norm, examples (valid fresh rows), finite, and for classification `correct`
+        (fresh rows predicted right, before the update) or for regression `squared_error`
+        (the sum of (f(x) - y)^2 over the fresh rows, before the update)."""
         config = self.config
         key = jax.random.fold_in(state.rng, state.step)
         sample_key, insert_key = jax.random.split(key)
         mask = batch.mask.astype(bool)
         # Padding rows may hold anything; zero them so a NaN there cannot reach a gradient.
         x = jnp.where(mask.reshape(-1, *([1] * (batch.x.ndim - 1))), batch.x, 0.0)
-        y = jnp.where(mask, batch.y, 0)
+        y = jnp.where(mask, batch.y.astype(self.label_dtype), 0)
         fresh_rows = x.shape[0]
         if self.replay is not None:
             replay_x, replay_y, replay_valid = self.replay.sample(state.replay, sample_key, config.replay.batch_size)
@@ -120,12 +145,15 @@ class Learner:
         else:
             x_all, y_all = x, y
 
-        if self.replay is not None and config.replay.asymmetric:
+        if self.replay is not None and config.replay.asymmetric and not self.regression:
             present = jnp.zeros(self.num_classes, bool).at[y].max(mask)  # classes in the fresh rows
         else:
             present = None
 
         def loss_fn(params):
+            if self.regression:
+                valid = replay_valid if self.replay is not None else None
+                return self._regression_loss(params, x_all, y_all, mask, valid, state.ewc)
             logits = self.logits(params, x_all)
             fresh_logits = logits[:fresh_rows]
             if present is not None:
@@ -164,7 +192,7 @@ class Learner:
             "ewc_penalty": penalty,
             "grad_norm": grad_norm,
             "examples": valid,
-            "correct": correct,
+            ("squared_error" if self.regression else "correct"): correct,
             "finite": finite,
         }
         new_state = state.replace(
@@ -176,30 +204,50 @@ class Learner:
         )
         return new_state, metrics
 
+    def _regression_loss(self, params, x_all, y_all, mask, replay_valid, ewc_state):
+        """Masked mean squared error on the fresh rows, plus the replayed rows' and the EWC penalty."""
+        fresh_rows = mask.shape[0]
+        squared = jnp.square(self.logits(params, x_all)[:, 0] - y_all)
+        fresh_loss = _masked_mean(squared[:fresh_rows], mask)
+        replay_loss = _masked_mean(squared[fresh_rows:], replay_valid) if replay_valid is not None else jnp.zeros(())
+        penalty = ewc.penalty(params, ewc_state) if self.config.ewc.enabled else jnp.zeros(())
+        squared_error = jnp.sum(jnp.where(mask, squared[:fresh_rows], 0.0))
+        return fresh_loss + replay_loss + penalty, (fresh_loss, replay_loss, penalty, squared_error)
+
     # ---- evaluation --------------------------------------------------------------------
 
     def _evaluate_rows(self, params, x, y):
+        if self.regression:
+            predicted = self.logits(params, x)[:, 0]
+            return None, jnp.square(predicted - y), predicted
         logits = self.logits(params, x)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         predicted = jnp.argmax(logits, -1).astype(jnp.int32)
         return predicted == y, loss, predicted
 
     def evaluate(self, params, x: np.ndarray, y: np.ndarray) -> Evaluation:
-        """Per-example correctness, loss and prediction of `params` on (x, y), in fixed-size chunks."""
+        """Per-example correctness, loss and prediction of `params` on (x, y), in fixed-size chunks.
+
+        For regression `correct` is None and the loss is the squared error (see `Evaluation`).
+        """
         n = len(x)
+        y = np.asarray(y, self.label_dtype)
         outputs = []
         for start in range(0, n, EVAL_BATCH):
             xc, yc = _pad_rows(x[start:start + EVAL_BATCH], EVAL_BATCH), _pad_rows(y[start:start + EVAL_BATCH], EVAL_BATCH)
             outputs.append(self._evaluate_chunk(params, xc, yc))
         if not outputs:
-            return Evaluation(np.zeros(0, bool), np.zeros(0, np.float32), np.zeros(0, np.int32))
-        correct, loss, predicted = (np.concatenate([np.asarray(o[i]) for o in outputs])[:n] for i in range(3))
+            return Evaluation(None if self.regression else np.zeros(0, bool), np.zeros(0, np.float32),
+                              np.zeros(0, self.label_dtype))
+        loss, predicted = (np.concatenate([np.asarray(o[i]) for o in outputs])[:n] for i in (1, 2))
+        correct = None if self.regression else np.concatenate([np.asarray(o[0]) for o in outputs])[:n]
         return Evaluation(correct, loss, predicted)
 
     # ---- consolidation (online EWC) -----------------------------------------------------
 
     def _consolidate_state(self, state: LearnerState, x, y, mask) -> LearnerState:
-        fisher = ewc.fisher_diagonal(self.logits, state.params, x, y, mask, chunk=FISHER_CHUNK)
+        fisher = ewc.fisher_diagonal(self.logits, state.params, x, y, mask, chunk=FISHER_CHUNK,
+                                     likelihood=self._likelihood)
         return state.replace(ewc=ewc.consolidate(state.ewc, state.params, fisher, self.config.ewc.gamma))
 
     def _consolidate_from_replay_state(self, state: LearnerState) -> LearnerState:
@@ -219,7 +267,7 @@ class Learner:
                 raise ValueError("consolidate needs examples (x, y) when replay is off.")
             return self._consolidate_from_replay(state)
         n = _round_up(self.config.ewc.fisher_samples, FISHER_CHUNK)
-        x, y = np.asarray(x)[:n], np.asarray(y)[:n]
+        x, y = np.asarray(x)[:n], np.asarray(y, self.label_dtype)[:n]
         mask = np.arange(n) < len(x)
         return self._consolidate(state, _pad_rows(x, n), _pad_rows(y, n), mask)
 

@@ -1,4 +1,4 @@
-"""Flax NNX classifiers chosen by config: an MLP over flattened features and a small CNN.
+"""Flax NNX networks chosen by config: an MLP over flattened features and a small CNN.
 
 Models are built once and split (`nnx.split`) into a static graph definition and a plain
 dict of parameters; the jitted step merges them back. The functional form dispatches
@@ -19,10 +19,10 @@ from learner.config import ModelConfig
 class MLP(nnx.Module):
     """ReLU MLP over the flattened example."""
 
-    def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int, *, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, hidden: tuple[int, ...], outputs: int, *, rngs: nnx.Rngs):
         widths = (in_features, *hidden)
         self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
-        self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
+        self.head = nnx.Linear(widths[-1], outputs, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], -1)
@@ -35,7 +35,7 @@ class CNN(nnx.Module):
     """3x3 convolutions with 2x2 average pooling, then one dense layer; for (H, W, C) examples."""
 
     def __init__(self, example_shape: tuple[int, ...], channels: tuple[int, ...], dense: int,
-                 num_classes: int, *, rngs: nnx.Rngs):
+                 outputs: int, *, rngs: nnx.Rngs):
         if len(example_shape) != 3:
             raise ValueError(
                 f"`model.kind` 'cnn' needs image-shaped examples (height, width, channels). Got shape {example_shape}."
@@ -48,7 +48,7 @@ class CNN(nnx.Module):
         for _ in channels:  # pooling stops at 1x1 so small inputs still work
             height, width = max(1, height // 2), max(1, width // 2)
         self.dense = nnx.Linear(height * width * channels[-1], dense, rngs=rngs)
-        self.head = nnx.Linear(dense, num_classes, rngs=rngs)
+        self.head = nnx.Linear(dense, outputs, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for conv in self.convs:
@@ -59,14 +59,15 @@ class CNN(nnx.Module):
         return self.head(jax.nn.relu(self.dense(x)))
 
 
-def build_model(config: ModelConfig, example_shape: tuple[int, ...], num_classes: int, seed: int) -> nnx.Module:
-    """The model `config` names, for examples of `example_shape` and `num_classes` outputs."""
-    if num_classes < 2:
-        raise ValueError(f"`num_classes` must be >= 2. Got {num_classes!r}.")
+def build_model(config: ModelConfig, example_shape: tuple[int, ...], outputs: int, seed: int) -> nnx.Module:
+    """The model `config` names, for examples of `example_shape`, with `outputs` output units
+    (one logit per class for classification, 1 for regression)."""
+    if not isinstance(outputs, int) or outputs < 1:
+        raise ValueError(f"`outputs` must be an integer >= 1. Got {outputs!r}.")
     rngs = nnx.Rngs(seed)
     if config.kind == "mlp":
-        return MLP(math.prod(example_shape), config.hidden, num_classes, rngs=rngs)
-    return CNN(tuple(example_shape), config.channels, config.dense, num_classes, rngs=rngs)
+        return MLP(math.prod(example_shape), config.hidden, outputs, rngs=rngs)
+    return CNN(tuple(example_shape), config.channels, config.dense, outputs, rngs=rngs)
 
 
 def count_parameters(params) -> int:

@@ -15,7 +15,7 @@ class Batch(NamedTuple):
     """A fixed-shape micro-batch; rows whose `mask` is False are padding and have no effect."""
 
     x: jax.Array  # shape=(B, *example_shape), float32
-    y: jax.Array  # shape=(B,), int32
+    y: jax.Array  # shape=(B,), int32 class; float32 target for regression (Learner.label_dtype)
     mask: jax.Array  # shape=(B,), bool
 
 

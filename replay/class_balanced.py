@@ -102,4 +102,4 @@ def class_balanced(capacity: int) -> ReplayPolicy:
         state, _ = jax.lax.scan(offer, state, (x, y, valid, row_keys))
         return state._replace(seen=saturating_add(state.seen, jnp.sum(valid, dtype=jnp.int32)))
 
-    return ReplayPolicy(init=make_init(capacity), add=add, sample=sample_uniform, capacity=capacity)
+    return ReplayPolicy(init=make_init(capacity, needs_classes=True), add=add, sample=sample_uniform, capacity=capacity)

@@ -10,6 +10,11 @@ style of `optax.GradientTransformation`:
     state = policy.add(state, x, y, mask, key)      # inside the jitted train step
     x, y, valid = policy.sample(state, key, n=32)   # n is static
 
+Labels are integer classes, or float32 regression targets when `init` gets
+num_classes=None: then the class counters have one entry, a single bucket that every
+target falls in (length 1, not 0: Orbax refuses to save empty arrays), and only
+reservoir and FIFO apply (class-balanced replay needs classes).
+
 Invariants every policy keeps (the shared contract suite in tests/test_replay.py checks
 them): the filled slots are always the prefix [0, size), so sampling needs no occupancy
 mask; `class_counts` equals the label histogram of the filled prefix; randomness comes
@@ -38,10 +43,10 @@ class ReplayState(NamedTuple):
     """A replay buffer: fixed-capacity example storage plus the counters policies need."""
 
     x: jax.Array  # shape=(capacity, *example_shape), example dtype. Slots >= size are zeros.
-    y: jax.Array  # shape=(capacity,), dtype=int32.
+    y: jax.Array  # shape=(capacity,), dtype=int32 (classes) or float32 (regression targets).
     size: jax.Array  # shape=(), dtype=int32: filled slots, always the prefix [0, size).
     seen: jax.Array  # shape=(), dtype=int32: valid examples offered so far, saturating at COUNT_LIMIT.
-    class_counts: jax.Array  # shape=(num_classes,), dtype=int32: examples of each class held.
+    class_counts: jax.Array  # shape=(num_classes,), dtype=int32: examples of each class held; (1,) for targets.
     class_seen: jax.Array  # shape=(num_classes,), dtype=int32: valid examples offered per class, saturating.
     cursor: jax.Array  # shape=(), dtype=int32: FIFO's next slot to write (its oldest example once full); 0 for others.
     full_classes: jax.Array  # shape=(num_classes,), dtype=bool: class-balanced's "full" classes; False for others.
@@ -51,13 +56,15 @@ class ReplayPolicy(NamedTuple):
     """A replay policy as a bundle of pure, jit-able functions (like optax's transforms).
 
     init(example_shape, num_classes, dtype=jnp.float32) -> ReplayState
-    add(state, x[B, ...], y[B] int32, mask[B] bool, key) -> ReplayState
-        Rows whose mask is False, or whose label is outside [0, num_classes), are ignored.
+        num_classes None: labels are float32 regression targets (not for class-balanced).
+    add(state, x[B, ...], y[B] int32 (or float32 targets), mask[B] bool, key) -> ReplayState
+        Rows whose mask is False, or whose label is outside [0, num_classes) (a target:
+        not finite), are ignored.
         B may be any static size; different mask contents never recompile. Row i's
         randomness is fold_in(key, n_i) for its stream position n_i, so adding a batch
         equals adding its rows one at a time with the same key; still pass a fresh key
         per call (fold_in(rng, step)), as positions repeat once `seen` saturates.
-    sample(state, key, n) -> (x[n, ...], y[n] int32, valid[n] bool)
+    sample(state, key, n) -> (x[n, ...], y[n] int32 or float32, valid[n] bool)
         n is a static Python int. Uniform with replacement over the filled slots; never
         returns an empty slot. An empty buffer gives zeros with valid all False.
     """
@@ -80,31 +87,50 @@ def _is_static_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def make_init(capacity: int) -> Callable[..., ReplayState]:
-    """Build the `init` shared by all policies: an empty buffer of `capacity` slots."""
+def make_init(capacity: int, *, needs_classes: bool = False) -> Callable[..., ReplayState]:
+    """Build the `init` shared by all policies: an empty buffer of `capacity` slots.
 
-    def init(example_shape: tuple[int, ...], num_classes: int, dtype=jnp.float32) -> ReplayState:
+    `needs_classes`: the policy works per class, so num_classes=None (regression
+    targets) is refused.
+    """
+
+    def init(example_shape: tuple[int, ...], num_classes: int | None, dtype=jnp.float32) -> ReplayState:
         shape = tuple(example_shape)
         if not all(_is_static_int(d) and d >= 0 for d in shape):
             raise ValueError(
                 f"`example_shape` must be a tuple of non-negative integers. Got {example_shape!r}."
             )
-        if not _is_static_int(num_classes) or num_classes < 1:
-            raise ValueError(f"`num_classes` must be an integer >= 1. Got {num_classes!r}.")
+        if num_classes is None and needs_classes:
+            raise ValueError("this replay policy shares memory out by class and needs `num_classes`; "
+                             "regression targets (num_classes=None) need 'reservoir' or 'fifo'. Got None.")
+        if num_classes is not None and (not _is_static_int(num_classes) or num_classes < 1):
+            raise ValueError(f"`num_classes` must be an integer >= 1, or None for regression targets. "
+                             f"Got {num_classes!r}.")
         zero = jnp.zeros((), jnp.int32)
         shape = tuple(int(d) for d in shape)
+        classes = 1 if num_classes is None else int(num_classes)  # targets: one bucket
         return ReplayState(
             x=jnp.zeros((capacity, *shape), dtype),
-            y=jnp.zeros((capacity,), jnp.int32),
+            y=jnp.zeros((capacity,), jnp.int32 if num_classes is not None else jnp.float32),
             size=zero,
             seen=zero,
-            class_counts=jnp.zeros((int(num_classes),), jnp.int32),
-            class_seen=jnp.zeros((int(num_classes),), jnp.int32),
+            class_counts=jnp.zeros((classes,), jnp.int32),
+            class_seen=jnp.zeros((classes,), jnp.int32),
             cursor=zero,
-            full_classes=jnp.zeros((int(num_classes),), bool),
+            full_classes=jnp.zeros((classes,), bool),
         )
 
     return init
+
+
+def holds_classes(state: ReplayState) -> bool:
+    """True when labels are integer classes; False for float regression targets (static)."""
+    return jnp.issubdtype(state.y.dtype, jnp.integer)
+
+
+def _buckets(labels: jax.Array) -> jax.Array:
+    """The class counter each label counts in: the class itself, or bucket 0 for every target."""
+    return labels if jnp.issubdtype(labels.dtype, jnp.integer) else jnp.zeros(labels.shape, jnp.int32)
 
 
 def valid_rows(state: ReplayState, x, y, mask) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -115,6 +141,7 @@ def valid_rows(state: ReplayState, x, y, mask) -> tuple[jax.Array, jax.Array, ja
     A row is valid when its mask is set and its label indexes `class_counts`: the codec
     dead-letters bad labels before they get here, and dropping any that slip through
     keeps `class_counts` equal to the held labels (a scatter-add would silently lose them).
+    A regression target is valid when it is finite.
     """
     x = jnp.asarray(x)
     y = jnp.asarray(y)
@@ -130,6 +157,9 @@ def valid_rows(state: ReplayState, x, y, mask) -> tuple[jax.Array, jax.Array, ja
             f"Replay `y` and `mask` must have shape ({batch},) to match `x`. "
             f"Got y {y.shape} and mask {mask.shape}."
         )
+    if not holds_classes(state):
+        y = y.astype(state.y.dtype)
+        return x.astype(state.x.dtype), y, mask.astype(bool) & jnp.isfinite(y)
     num_classes = state.class_counts.shape[0]
     y = y.astype(jnp.int32)
     valid = mask.astype(bool) & (y >= 0) & (y < num_classes)
@@ -152,8 +182,8 @@ def saturating_add(count: jax.Array, increment: jax.Array) -> jax.Array:
 
 
 def class_histogram(y: jax.Array, valid: jax.Array, num_classes: int) -> jax.Array:
-    """Count the valid rows of each class: shape=(num_classes,), int32."""
-    labels = jnp.where(valid, y, num_classes)
+    """Count the valid rows of each class: shape=(num_classes,), int32 (targets: all in bucket 0)."""
+    labels = jnp.where(valid, _buckets(y), num_classes)
     return jnp.zeros((num_classes,), jnp.int32).at[labels].add(1, mode="drop")
 
 
@@ -170,9 +200,9 @@ def write_rows(state: ReplayState, slots: jax.Array, x: jax.Array, y: jax.Array)
     written = slots < capacity
     # A written slot below the old size held an example that is now evicted.
     evicted = written & (slots < state.size)
-    evicted_labels = state.y[jnp.minimum(slots, capacity - 1)]
+    evicted_labels = _buckets(state.y[jnp.minimum(slots, capacity - 1)])
     counts = state.class_counts.at[jnp.where(evicted, evicted_labels, num_classes)].add(-1, mode="drop")
-    counts = counts.at[jnp.where(written, y, num_classes)].add(1, mode="drop")
+    counts = counts.at[jnp.where(written, _buckets(y), num_classes)].add(1, mode="drop")
     return state._replace(
         x=state.x.at[slots].set(x, mode="drop", unique_indices=True),
         y=state.y.at[slots].set(y, mode="drop", unique_indices=True),

@@ -16,12 +16,18 @@ One stratified train/test split of the base images is drawn per seed and shared 
 segments, so no test image is ever trained on in any segment: a test accuracy on an
 old segment measures retention, not memorisation.
 
+- drifting-regression: regression targets (num_classes None, float32 labels) generated
+  from the seed, no data set: 8 features, y = sin(2 w.x) + a.x + small noise with w, a
+  fixed by the seed. Segment k draws its inputs around its own centre (covariate
+  drift): a model must keep fitting every region it has seen.
+
 `poison=k` replaces segment k by the failure DESIGN.md ("What poison looks like") asks
 the guard to catch: a broken upstream labeler. Its inputs come from a distribution the
 model already knows (segment `poison_source`'s transform and classes), its train labels
 are corrupted, and its test split keeps the true labels. Corrupted labels on a new
 distribution look like ordinary drift to any probe; on a known one they do damage a
-guard must stop.
+guard must stop. For drifting-regression the labeler's targets are corrupted instead:
+"shuffle" permutes them across the segment, "flip" negates them.
 """
 
 from __future__ import annotations
@@ -32,13 +38,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SCENARIOS = ("permuted-digits", "rotated-digits", "split-digits")
+SCENARIOS = ("permuted-digits", "rotated-digits", "split-digits")  # classification, from the digits
+REGRESSION_SCENARIOS = ("drifting-regression",)  # float targets, generated from the seed
 POISON_MODES = ("shuffle", "flip")
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
 EXAMPLE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
-_DEFAULT_SEGMENTS = {"permuted-digits": 10, "rotated-digits": 5, "split-digits": 5}
+_DEFAULT_SEGMENTS = {"permuted-digits": 10, "rotated-digits": 5, "split-digits": 5, "drifting-regression": 4}
+REGRESSION_FEATURES = 8
+REGRESSION_EXAMPLES = 1000  # per segment, before the test split
+_REGRESSION_SPREAD = 0.6  # standard deviation of a segment's inputs around its centre
+_REGRESSION_DISTANCE = 2.5  # how far each segment's centre lies from the origin
+_REGRESSION_NOISE = 0.05  # standard deviation of the observation noise on the targets
 
 # Independent random streams, one per purpose, each keyed by (seed, purpose, segment):
 # a segment's permutation or order never depends on how many segments were asked for
@@ -55,11 +67,11 @@ class Segment:
     it in place would silently change every later use.
     """
 
-    name: str  # e.g. "perm-3", "rot-72", "classes-4-5"; a poisoned one ends in "-poisoned"
-    train_x: np.ndarray  # float32, shape=(N, 8, 8, 1), values in [0, 1] (pixels / 16)
-    train_y: np.ndarray  # int32, shape=(N,): the labels trained on (corrupted when poisoned)
-    test_x: np.ndarray  # float32, shape=(M, 8, 8, 1)
-    test_y: np.ndarray  # int32, shape=(M,): always the true labels
+    name: str  # e.g. "perm-3", "rot-72", "classes-4-5", "region-2"; a poisoned one ends in "-poisoned"
+    train_x: np.ndarray  # float32, shape=(N, 8, 8, 1), values in [0, 1] (pixels / 16); regression: (N, 8)
+    train_y: np.ndarray  # int32, shape=(N,): the labels trained on (corrupted when poisoned); regression: float32
+    test_x: np.ndarray  # float32, shape=(M, 8, 8, 1); regression: (M, 8)
+    test_y: np.ndarray  # int32 (regression: float32), shape=(M,): always the true labels
     poisoned: bool = False
     train_index: np.ndarray | None = None  # int64, shape=(N,): load_digits() row of each train example
     test_index: np.ndarray | None = None  # int64, shape=(M,): load_digits() row of each test example
@@ -69,9 +81,9 @@ class Segment:
 class Scenario:
     """A named sequence of segments over one shared train/test split of the digits."""
 
-    name: str  # one of SCENARIOS
+    name: str  # one of SCENARIOS or REGRESSION_SCENARIOS
     segments: tuple[Segment, ...]
-    num_classes: int  # 10 for all three scenarios
+    num_classes: int | None  # 10 for the digits scenarios; None for regression targets
     example_shape: tuple[int, ...]  # (8, 8, 1)
     seed: int
 
@@ -95,7 +107,8 @@ def make_scenario(
     poison_source: int = 0,
     test_fraction: float = 0.2,
 ) -> Scenario:
-    """Build the scenario `name` (one of SCENARIOS); the same arguments give identical arrays.
+    """Build the scenario `name` (one of SCENARIOS or REGRESSION_SCENARIOS); the same arguments
+    give identical arrays.
 
     segments: how many segments (default 10 for permuted, 5 for rotated; split-digits has
         exactly 5, one per digit pair, so it accepts only None or 5).
@@ -109,6 +122,8 @@ def make_scenario(
     Raises ValueError naming the option, what is allowed and the value received.
     """
     count = _check_arguments(name, seed, segments, poison, poison_mode, poison_source, test_fraction)
+    if name in REGRESSION_SCENARIOS:
+        return _regression_scenario(name, seed, count, poison, poison_mode, poison_source, test_fraction)
     images, labels = _digits()
     train_index, test_index = _stratified_split(labels, seed, test_fraction)
     distributions = _distributions(name, seed, count)
@@ -151,8 +166,8 @@ def make_scenario(
 
 def _check_arguments(name, seed, segments, poison, poison_mode, poison_source, test_fraction) -> int:
     """Validate make_scenario's options; return the number of segments."""
-    if name not in SCENARIOS:
-        raise ValueError(f"scenario must be one of {_listing(SCENARIOS)}. Got {name!r}.")
+    if name not in SCENARIOS + REGRESSION_SCENARIOS:
+        raise ValueError(f"scenario must be one of {_listing(SCENARIOS + REGRESSION_SCENARIOS)}. Got {name!r}.")
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer. Got {seed!r}.")
     if name == "split-digits":
@@ -323,3 +338,37 @@ def _corrupt(labels: np.ndarray, mode: str, rng: np.random.Generator) -> np.ndar
     lookup = np.zeros(NUM_CLASSES, np.int32)
     lookup[label_set] = np.roll(label_set, -1)
     return lookup[labels]
+
+
+def _regression_scenario(name, seed, count, poison, poison_mode, poison_source, test_fraction) -> Scenario:
+    """drifting-regression: one smooth target function, inputs drifting from region to region."""
+    function_rng = _rng(seed, _PERMUTATION)  # the target function, shared by every segment
+    w = function_rng.normal(size=REGRESSION_FEATURES) / np.sqrt(REGRESSION_FEATURES)
+    a = function_rng.normal(size=REGRESSION_FEATURES) / np.sqrt(REGRESSION_FEATURES)
+    tests = int(np.clip(round(test_fraction * REGRESSION_EXAMPLES), 1, REGRESSION_EXAMPLES - 1))
+
+    def draw(region: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        # A region's centre depends only on (seed, region), so a poisoned segment can reuse one.
+        direction = _rng(seed, _SPLIT, region).normal(size=REGRESSION_FEATURES)
+        centre = _REGRESSION_DISTANCE * direction / np.linalg.norm(direction)
+        x = centre + _REGRESSION_SPREAD * rng.normal(size=(REGRESSION_EXAMPLES, REGRESSION_FEATURES))
+        y = np.sin(2 * x @ w) + x @ a + _REGRESSION_NOISE * rng.normal(size=REGRESSION_EXAMPLES)
+        return x.astype(np.float32), y.astype(np.float32)
+
+    built = []
+    for k in range(count):
+        region = poison_source if k == poison else k
+        x, y = draw(region, _rng(seed, _ORDER, k))
+        train_y = y[tests:]
+        if k == poison:
+            train_y = _rng(seed, _POISON, k).permutation(train_y) if poison_mode == "shuffle" else -train_y
+        built.append(Segment(
+            name=f"region-{region}" + ("-poisoned" if k == poison else ""),
+            train_x=_read_only(np.ascontiguousarray(x[tests:])),
+            train_y=_read_only(np.ascontiguousarray(train_y, np.float32)),
+            test_x=_read_only(np.ascontiguousarray(x[:tests])),
+            test_y=_read_only(np.ascontiguousarray(y[:tests])),
+            poisoned=k == poison,
+        ))
+    return Scenario(name=name, segments=tuple(built), num_classes=None, example_shape=(REGRESSION_FEATURES,),
+                    seed=seed)

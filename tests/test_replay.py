@@ -4,6 +4,7 @@ The contract (river style): pure, deterministic under a key, jit-compatible with
 recompiling for new mask contents, bounded memory, survives a save/restore round trip,
 never samples an empty slot, keeps `class_counts` equal to the held labels, ignores
 masked rows, and adding a batch equals adding its rows one at a time with the same key.
+Reservoir and FIFO also run the contract with float32 regression targets as labels.
 """
 
 from __future__ import annotations
@@ -28,33 +29,43 @@ DRAWS = 512  # one static sample size for the whole module: each new size is a c
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(kind: str):
+def compiled(kind: str, targets: bool = False):
     """(policy, jitted add, jitted sample) for CAPACITY slots, compiled once for the module.
 
     Compiling is most of this module's run time, so tests share these: one `add` shape
-    (BATCH rows) per policy and one `sample` size (DRAWS).
+    (BATCH rows) per policy and label kind and one `sample` size (DRAWS).
     """
     policy = replay.make(kind, CAPACITY)
     return policy, jax.jit(policy.add), jax.jit(policy.sample, static_argnums=2)
 
 
-def stream_batch(first_id: int, batch: int = BATCH, *, mask=None, labels=None):
+def classes(targets: bool) -> int | None:
+    """`num_classes` for init: None stores float32 regression targets."""
+    return None if targets else NUM_CLASSES
+
+
+def expected_labels(ids: np.ndarray, targets: bool = False) -> np.ndarray:
+    """The label stream_batch gives example `ids`: id % NUM_CLASSES, or the target id / 4."""
+    return (ids / 4).astype(np.float32) if targets else (ids % NUM_CLASSES).astype(np.int32)
+
+
+def stream_batch(first_id: int, batch: int = BATCH, *, mask=None, labels=None, targets: bool = False):
     """A batch whose row i is example `first_id + i`: x = the id in every feature (so a held
-    row can be traced back to its example), y = id % NUM_CLASSES unless given."""
+    row can be traced back to its example), y = expected_labels(id) unless given."""
     ids = np.arange(first_id, first_id + batch)
     x = np.repeat(ids[:, None], EXAMPLE_SHAPE[0], axis=1).astype(np.float32)
-    y = (ids % NUM_CLASSES).astype(np.int32) if labels is None else np.asarray(labels, np.int32)
+    y = expected_labels(ids, targets) if labels is None else np.asarray(labels, np.int32)
     mask = np.ones(batch, bool) if mask is None else np.asarray(mask, bool)
     return x, y, mask
 
 
-def fill(kind: str, batches: int, *, seed: int = 0, mask_rate: float = 0.0):
+def fill(kind: str, batches: int, *, seed: int = 0, mask_rate: float = 0.0, targets: bool = False):
     """Offer `batches` batches of the id stream (randomly masked at `mask_rate`)."""
-    policy, add, _ = compiled(kind)
-    state = policy.init(EXAMPLE_SHAPE, NUM_CLASSES)
+    policy, add, _ = compiled(kind, targets)
+    state = policy.init(EXAMPLE_SHAPE, classes(targets))
     rng = np.random.default_rng(seed)
     for b in range(batches):
-        x, y, mask = stream_batch(1 + b * BATCH, mask=rng.random(BATCH) >= mask_rate)
+        x, y, mask = stream_batch(1 + b * BATCH, mask=rng.random(BATCH) >= mask_rate, targets=targets)
         state = add(state, x, y, mask, jax.random.fold_in(jax.random.key(seed), b))
     return state
 
@@ -73,6 +84,14 @@ def held_ids(state: replay.ReplayState) -> np.ndarray:
 
 
 KINDS = pytest.mark.parametrize("kind", replay.REPLAY_KINDS)
+# The shared contract: every policy with class labels, and the policies that take float
+# regression targets (all but class-balanced, which shares memory out by class) with those.
+TARGET_KINDS = ("reservoir", "fifo")
+CONTRACT = pytest.mark.parametrize(
+    ("kind", "targets"),
+    [(kind, False) for kind in replay.REPLAY_KINDS] + [(kind, True) for kind in TARGET_KINDS],
+    ids=[*replay.REPLAY_KINDS, *(f"{kind}-targets" for kind in TARGET_KINDS)],
+)
 
 
 # --- construction ------------------------------------------------------------------
@@ -140,35 +159,36 @@ def test_init_is_empty_with_documented_shapes(kind):
     assert policy.init((2, 2), 3, jnp.bfloat16).x.dtype == jnp.bfloat16
 
 
-@KINDS
-def test_add_is_pure(kind):
-    policy, add, _ = compiled(kind)
-    state = fill(kind, 1)
+@CONTRACT
+def test_add_is_pure(kind, targets):
+    policy, add, _ = compiled(kind, targets)
+    state = fill(kind, 1, targets=targets)
     before = as_numpy(state)
-    x, y, mask = stream_batch(100)
+    x, y, mask = stream_batch(100, targets=targets)
     after = add(state, x, y, mask, jax.random.key(1))
     assert_states_equal(state, before)  # the input state is untouched
     assert not np.array_equal(np.asarray(after.x), before.x)
 
 
-@KINDS
-def test_deterministic_under_a_key(kind):
-    assert_states_equal(fill(kind, 4, seed=3, mask_rate=0.3), fill(kind, 4, seed=3, mask_rate=0.3))
+@CONTRACT
+def test_deterministic_under_a_key(kind, targets):
+    first = fill(kind, 4, seed=3, mask_rate=0.3, targets=targets)
+    assert_states_equal(first, fill(kind, 4, seed=3, mask_rate=0.3, targets=targets))
 
 
-@KINDS
-def test_no_recompilation_across_masks_and_sizes(kind):
+@CONTRACT
+def test_no_recompilation_across_masks_and_sizes(kind, targets):
     """After the first call, new mask contents and a growing buffer reuse the one executable.
 
     (The check is on growth, not on == 1: every policy's `sample` is the same function,
     and jit shares one cache between wrappers of one function.)
     """
-    policy, add, sample = compiled(kind)
-    state = policy.init(EXAMPLE_SHAPE, NUM_CLASSES)
+    policy, add, sample = compiled(kind, targets)
+    state = policy.init(EXAMPLE_SHAPE, classes(targets))
     masks = [np.zeros(BATCH, bool), np.ones(BATCH, bool), np.arange(BATCH) % 3 == 0, np.arange(BATCH) < 2]
     sizes = None
     for step, mask in enumerate(masks):
-        x, y, _ = stream_batch(step * BATCH)
+        x, y, _ = stream_batch(step * BATCH, targets=targets)
         state = add(state, x, y, mask, jax.random.key(step))
         sample(state, jax.random.key(step), DRAWS)
         if sizes is None:
@@ -177,33 +197,33 @@ def test_no_recompilation_across_masks_and_sizes(kind):
     assert add._cache_size() == 1
 
 
-@KINDS
-def test_memory_is_bounded(kind):
-    policy, add, _ = compiled(kind)
-    initial = policy.init(EXAMPLE_SHAPE, NUM_CLASSES)
-    state = fill(kind, 6)
+@CONTRACT
+def test_memory_is_bounded(kind, targets):
+    policy, add, _ = compiled(kind, targets)
+    initial = policy.init(EXAMPLE_SHAPE, classes(targets))
+    state = fill(kind, 6, targets=targets)
     assert int(state.size) == CAPACITY and int(state.seen) == 6 * BATCH
     for name, a, b in zip(replay.ReplayState._fields, initial, state):
         assert (a.shape, a.dtype) == (b.shape, b.dtype), name
 
 
-@KINDS
-def test_survives_save_and_restore(kind):
+@CONTRACT
+def test_survives_save_and_restore(kind, targets):
     """A state written out as plain arrays (as Orbax does) and read back carries on identically."""
-    _, add, _ = compiled(kind)
-    state = fill(kind, 3, mask_rate=0.2)
+    _, add, _ = compiled(kind, targets)
+    state = fill(kind, 3, mask_rate=0.2, targets=targets)
     restored = jax.tree.map(jnp.asarray, as_numpy(state))
-    x, y, mask = stream_batch(500)
+    x, y, mask = stream_batch(500, targets=targets)
     key = jax.random.key(9)
     assert_states_equal(add(state, x, y, mask, key), add(restored, x, y, mask, key))
 
 
-@KINDS
-def test_filled_slots_are_a_prefix(kind):
-    policy, add, _ = compiled(kind)
-    state = policy.init(EXAMPLE_SHAPE, NUM_CLASSES)
+@CONTRACT
+def test_filled_slots_are_a_prefix(kind, targets):
+    policy, add, _ = compiled(kind, targets)
+    state = policy.init(EXAMPLE_SHAPE, classes(targets))
     for step, count in enumerate([0, 3, 2, 5]):
-        x, y, _ = stream_batch(1 + step * BATCH)
+        x, y, _ = stream_batch(1 + step * BATCH, targets=targets)
         state = add(state, x, y, np.arange(BATCH) < count, jax.random.key(step))
         size = int(state.size)
         assert size == min(CAPACITY, int(state.seen))
@@ -211,25 +231,25 @@ def test_filled_slots_are_a_prefix(kind):
         assert np.all(np.asarray(state.x)[size:] == 0)
 
 
-@KINDS
-def test_sample_never_returns_an_empty_slot(kind):
-    policy, add, sample = compiled(kind)
-    state = policy.init(EXAMPLE_SHAPE, NUM_CLASSES)
-    x, y, _ = stream_batch(1)
+@CONTRACT
+def test_sample_never_returns_an_empty_slot(kind, targets):
+    policy, add, sample = compiled(kind, targets)
+    state = policy.init(EXAMPLE_SHAPE, classes(targets))
+    x, y, _ = stream_batch(1, targets=targets)
     state = add(state, x, y, np.arange(BATCH) < 3, jax.random.key(0))  # 3 of 8 slots filled
     xs, ys, valid = sample(state, jax.random.key(1), DRAWS)
     assert np.all(np.asarray(valid))
     ids = np.asarray(xs)[:, 0].astype(int)
     assert set(ids) == {1, 2, 3}  # only inserted examples, and (DRAWS draws) each of them
-    np.testing.assert_array_equal(np.asarray(ys), ids % NUM_CLASSES)
+    np.testing.assert_array_equal(np.asarray(ys), expected_labels(ids, targets))
     np.testing.assert_array_equal(np.asarray(xs), np.repeat(ids[:, None], 3, axis=1))
 
 
-@KINDS
-def test_sample_from_an_empty_buffer_is_all_invalid_zeros(kind):
-    policy, add, sample = compiled(kind)
-    state = policy.init(EXAMPLE_SHAPE, NUM_CLASSES)
-    x, y, _ = stream_batch(1)
+@CONTRACT
+def test_sample_from_an_empty_buffer_is_all_invalid_zeros(kind, targets):
+    policy, add, sample = compiled(kind, targets)
+    state = policy.init(EXAMPLE_SHAPE, classes(targets))
+    x, y, _ = stream_batch(1, targets=targets)
     state = add(state, x, y, np.zeros(BATCH, bool), jax.random.key(0))  # all masked: still empty
     xs, ys, valid = sample(state, jax.random.key(1), DRAWS)
     assert xs.shape == (DRAWS, *EXAMPLE_SHAPE) and ys.shape == (DRAWS,) and valid.shape == (DRAWS,)
@@ -257,35 +277,35 @@ def test_class_counts_match_held_labels(kind):
         assert int(state.seen) == offered.sum()
 
 
-@KINDS
-def test_masked_rows_are_never_inserted(kind):
-    policy, add, _ = compiled(kind)
-    state = policy.init(EXAMPLE_SHAPE, NUM_CLASSES)
+@CONTRACT
+def test_masked_rows_are_never_inserted(kind, targets):
+    policy, add, _ = compiled(kind, targets)
+    state = policy.init(EXAMPLE_SHAPE, classes(targets))
     rng = np.random.default_rng(5)
     offered: set[int] = set()
     for step in range(10):
-        x, y, mask = stream_batch(1 + step * BATCH, mask=rng.random(BATCH) < 0.4)
+        x, y, mask = stream_batch(1 + step * BATCH, mask=rng.random(BATCH) < 0.4, targets=targets)
         state = add(state, x, y, mask, jax.random.key(step))
         offered |= set(x[mask, 0].astype(int))
         assert set(held_ids(state)) <= offered
     assert int(state.seen) == len(offered)
 
 
-@KINDS
-def test_a_batch_equals_its_rows_added_one_at_a_time(kind):
+@CONTRACT
+def test_a_batch_equals_its_rows_added_one_at_a_time(kind, targets):
     """Same key, same result, even where several rows of one batch land in one slot.
 
     Each row's randomness is fold_in(key, n) for its stream position n, so this is
     exact, not just equal in distribution. Rows colliding in a slot must resolve as
     Algorithm R does sequentially: the later row wins.
     """
-    policy, add, _ = compiled(kind)
-    state = policy.init(EXAMPLE_SHAPE, NUM_CLASSES)
+    policy, add, _ = compiled(kind, targets)
+    state = policy.init(EXAMPLE_SHAPE, classes(targets))
     rng = np.random.default_rng(6)
     key = jax.random.key(11)
     rewritten = 0  # writes to a slot that an earlier row of the same batch wrote
     for step in range(5):
-        x, y, mask = stream_batch(1 + step * BATCH, mask=rng.random(BATCH) < 0.8)
+        x, y, mask = stream_batch(1 + step * BATCH, mask=rng.random(BATCH) < 0.8, targets=targets)
         batched = add(state, x, y, mask, key)
         # One row at a time: the same batch with every other row masked out.
         sequential, written = state, set()
@@ -315,6 +335,45 @@ def test_counters_saturate_instead_of_overflowing(kind):
     assert np.all(np.asarray(state.class_seen) == COUNT_LIMIT)
     held = np.asarray(state.y)[: int(state.size)]
     np.testing.assert_array_equal(np.asarray(state.class_counts), np.bincount(held, minlength=NUM_CLASSES))
+
+
+@pytest.mark.parametrize("kind", TARGET_KINDS)
+def test_targets_are_stored_as_float32_and_counted_in_one_bucket(kind):
+    """No classes: the counters hold one bucket (Orbax cannot save empty arrays) counting every target."""
+    policy, _, _ = compiled(kind, True)
+    state = policy.init(EXAMPLE_SHAPE, None)
+    assert state.y.shape == (CAPACITY,) and state.y.dtype == jnp.float32
+    for counter in (state.class_counts, state.class_seen, state.full_classes):
+        assert counter.shape == (1,)
+    state = fill(kind, 3, mask_rate=0.3, targets=True)
+    held = np.asarray(state.x)[: int(state.size), 0]
+    np.testing.assert_array_equal(np.asarray(state.y)[: int(state.size)], expected_labels(held, True))
+    assert np.asarray(state.class_counts).tolist() == [int(state.size)] == [CAPACITY]
+    assert np.asarray(state.class_seen).tolist() == [int(state.seen)]
+
+
+@pytest.mark.parametrize("kind", TARGET_KINDS)
+def test_targets_make_the_same_slot_decisions_as_classes(kind):
+    """Where an example goes never depends on its label, so both label kinds hold the same ids."""
+    assert held_ids(fill(kind, 6, seed=2, mask_rate=0.3, targets=True)).tolist() == \
+        held_ids(fill(kind, 6, seed=2, mask_rate=0.3)).tolist()
+
+
+@pytest.mark.parametrize("kind", TARGET_KINDS)
+def test_non_finite_targets_are_ignored_like_masked_rows(kind):
+    policy, add, _ = compiled(kind, True)
+    state = policy.init(EXAMPLE_SHAPE, None)
+    x, y, mask = stream_batch(1, targets=True)
+    y[[2, 5, 9]] = [np.nan, np.inf, -np.inf]
+    state = add(state, x, y, mask, jax.random.key(0))
+    assert int(state.seen) == BATCH - 3
+    assert not {3, 6, 10} & set(held_ids(state))
+    assert np.all(np.isfinite(np.asarray(state.y)))
+
+
+def test_class_balanced_refuses_regression_targets():
+    with pytest.raises(ValueError, match="needs `num_classes`.*'reservoir' or 'fifo'"):
+        replay.class_balanced(4).init(EXAMPLE_SHAPE, None)
 
 
 # --- reservoir -----------------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import rotate
 
-from stream.scenarios import POISON_MODES, SCENARIOS, Segment, make_scenario
+from stream.scenarios import POISON_MODES, REGRESSION_SCENARIOS, SCENARIOS, Segment, make_scenario
 
 
 def base_images() -> np.ndarray:
@@ -201,3 +201,43 @@ def test_bad_options_raise_a_value_error_naming_them(kwargs, pieces):
         make_scenario(name, **kwargs)
     for piece in pieces:
         assert piece in str(error.value)
+
+
+# --- regression targets ------------------------------------------------------------------
+
+
+def test_drifting_regression_has_float_targets_drifting_regions_and_is_seeded():
+    scenario = make_scenario("drifting-regression", seed=1)
+    assert scenario.name in REGRESSION_SCENARIOS and scenario.num_classes is None
+    assert scenario.example_shape == (8,) and [s.name for s in scenario.segments] == [f"region-{k}" for k in range(4)]
+    for segment in scenario.segments:
+        for x, y in ((segment.train_x, segment.train_y), (segment.test_x, segment.test_y)):
+            assert x.dtype == np.float32 and y.dtype == np.float32 and x.shape == (len(y), 8) and len(y) > 0
+            assert np.all(np.isfinite(y)) and not x.flags.writeable and not y.flags.writeable
+    centres = np.stack([s.train_x.mean(0) for s in scenario.segments])
+    distances = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    assert distances[~np.eye(4, dtype=bool)].min() > 1.0  # each segment is a region of its own
+    again = make_scenario("drifting-regression", seed=1)
+    for a, b in zip(scenario.segments, again.segments):
+        np.testing.assert_array_equal(a.train_y, b.train_y)
+    assert not np.array_equal(scenario.segments[0].train_y, make_scenario("drifting-regression", seed=2).segments[0].train_y)
+
+
+def test_poisoned_regression_segment_reuses_an_earlier_region_with_corrupted_targets():
+    """Both modes draw the same inputs: "flip" negates the true targets, "shuffle" permutes them."""
+    clean = make_scenario("drifting-regression", seed=0)
+    flipped, shuffled = (make_scenario("drifting-regression", seed=0, poison=3, poison_source=1, poison_mode=mode)
+                         for mode in ("flip", "shuffle"))
+    source = clean.segments[1]
+    for scenario in (flipped, shuffled):
+        poisoned = scenario.segments[3]
+        assert poisoned.poisoned and poisoned.name == "region-1-poisoned"
+        assert np.linalg.norm(poisoned.train_x.mean(0) - source.train_x.mean(0)) < 0.2  # drawn like region 1
+        assert abs(poisoned.test_y.mean() - source.test_y.mean()) < 0.3  # test targets stay true
+        for k in (0, 1, 2):
+            np.testing.assert_array_equal(clean.segments[k].train_y, scenario.segments[k].train_y)
+    np.testing.assert_array_equal(flipped.segments[3].train_x, shuffled.segments[3].train_x)
+    truth = -flipped.segments[3].train_y
+    np.testing.assert_array_equal(np.sort(shuffled.segments[3].train_y), np.sort(truth))
+    assert np.mean(shuffled.segments[3].train_y == truth) < 0.05
+    assert abs(truth.mean() - source.train_y.mean()) < 0.3  # the true targets follow region 1's function
