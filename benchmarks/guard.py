@@ -33,7 +33,8 @@ GUARD_PROBE = ProbeConfig(holdout_fraction=0.1)
 
 
 def run_scenario_through_loop(scenario, *, guard: GuardConfig, seed: int, learner_config: LearnerConfig = GUARD_LEARNER,
-                              probe: ProbeConfig = GUARD_PROBE, directory=None, learner: Learner | None = None) -> dict:
+                              probe: ProbeConfig = GUARD_PROBE, directory=None, learner: Learner | None = None,
+                              checkpoint_every_s: float = 0.0) -> dict:
     """One scenario through the real loop (in-memory source, real Orbax store); final test accuracies.
 
     Pass a `learner` already used once to measure without its compilations.
@@ -45,7 +46,8 @@ def run_scenario_through_loop(scenario, *, guard: GuardConfig, seed: int, learne
     learner = learner or Learner(learner_config, scenario.example_shape, scenario.num_classes)
     with tempfile.TemporaryDirectory(prefix="continuity-bench-guard-") as scratch:
         store = CheckpointStore(directory or scratch)
-        loop = TrainingLoop(stream, learner, store, probe=probe, guard=guard, seed=seed)
+        loop = TrainingLoop(stream, learner, store, probe=probe, guard=guard, seed=seed,
+                            checkpoint_every_s=checkpoint_every_s)
         started = time.perf_counter()
         summary = loop.run()
         seconds = time.perf_counter() - started

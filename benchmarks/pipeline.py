@@ -54,7 +54,7 @@ def _step_rate(config, steps: int = 300) -> float:
 
 
 def run_pipeline_benchmark(*, examples: int = 1_000_000, warmup_examples: int = 50_000,
-                           rss_from: int = 100_000, progress=None) -> dict:
+                           rss_from: int = 100_000, progress=None, overrides: tuple[str, ...] = ()) -> dict:
     from benchmarks.ingest import _bare_loop
     from continuity.config import load_config
     from continuity.service import Service
@@ -75,19 +75,24 @@ def run_pipeline_benchmark(*, examples: int = 1_000_000, warmup_examples: int = 
         ingest_rate = records * EXAMPLES_PER_RECORD / bare_seconds
         config = load_config(None, [f'stream.bootstrap="{broker.bootstrap}"', f'stream.topics=["{topic}"]',
                                     'stream.dtype="uint8"', f'checkpoints.dir="{Path(scratch) / "ck"}"',
-                                    "service.progress_every_s=1.0"])
+                                    "service.progress_every_s=0.25", *overrides])
         say("timing the bare train step")
         step_rate = _step_rate(config)
         snapshots: list[tuple[float, int, int]] = []  # (time, examples trained, rss)
 
         def on_progress(p, _lag):
             snapshots.append((time.perf_counter(), p.examples_trained, _rss_bytes()))
-            say(f"  {p.examples_trained:,} examples, {p.examples_per_second:,.0f}/s, rss {_rss_bytes() / 2**20:,.0f} MiB")
+            if len(snapshots) % 8 == 1:  # snapshots every 0.25 s for the rate; a line every 2 s
+                say(f"  {p.examples_trained:,} examples, {p.examples_per_second:,.0f}/s, "
+                    f"rss {_rss_bytes() / 2**20:,.0f} MiB")
 
         service = Service(config, http=False, idle_timeout_s=10.0, progress=on_progress)
         summary = service.run()
         snapshots.append((time.perf_counter(), summary.examples_trained, _rss_bytes()))
-    steady = [s for s in snapshots if s[1] >= warmup_examples]
+    # Steady state: past the warm-up, up to the first snapshot that saw the last example trained
+    # (after it the service only waits out its idle timeout, which is no part of the rate).
+    finished = next(i for i, s in enumerate(snapshots) if s[1] >= summary.examples_trained)
+    steady = [s for s in snapshots[:finished + 1] if s[1] >= warmup_examples]
     pipeline_rate = ((steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0])
                      if len(steady) >= 2 and steady[-1][0] > steady[0][0] else float("nan"))
     rss_start = next((s[2] for s in snapshots if s[1] >= rss_from), None)

@@ -177,10 +177,14 @@ class CheckpointsConfig:
 
     dir: str = "runs/continuity"
     keep_last: int = 3
+    # Every window is judged; this only bounds how much a crash re-trains. Saving every
+    # window of a fast stream would spend the service's time writing checkpoints.
+    every_seconds: float = 10.0
 
     def __post_init__(self):
         _require(bool(self.dir), "`checkpoints.dir` must be a directory path. Got ''.")
         _require(self.keep_last >= 1, f"`checkpoints.keep_last` must be >= 1. Got {self.keep_last!r}.")
+        _require(self.every_seconds >= 0, f"`checkpoints.every_seconds` must be >= 0. Got {self.every_seconds!r}.")
 
 
 def is_loopback(host: str) -> bool:
@@ -230,6 +234,9 @@ class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     source_path: str | None = field(default=None, compare=False)  # the file it came from
 
+    def __post_init__(self):
+        _check_task(self.stream, self.learner)
+
     @property
     def model(self) -> ModelConfig:
         return self.learner.model
@@ -237,9 +244,6 @@ class Config:
     def resolve(self, path: str | Path) -> Path:
         """A path from the config: relative ones are relative to the checkpoint directory."""
         return Path(self.checkpoints.dir) / Path(path)
-
-    def __post_init__(self):
-        _check_task(self.stream, self.learner)
 
     @property
     def dead_letter_file(self) -> Path:
@@ -821,6 +825,7 @@ _COMMENTS = {
     ("probe", "enabled"): "false: accept every candidate (to measure what the guard prevents)",
     ("checkpoints", "dir"): "checkpoint store directory",
     ("checkpoints", "keep_last"): "ordinary checkpoints kept (pinned ones are kept too)",
+    ("checkpoints", "every_seconds"): "at most one checkpoint per this many seconds (every window is still judged); 0 = every accepted window",
     ("service", "http_host"): "a non-loopback address requires an admin token",
     ("service", "http_port"): "0 = pick a free port",
     ("service", "admin_token"): 'bearer token for POST /admin/*; give it as admin_token_env = "VAR"',

@@ -43,6 +43,7 @@ def run_demo(*, out: Path, seconds: int, segments: int = 6, seed: int = 0) -> in
         config = load_config(None, [
             f'stream.bootstrap="{broker.bootstrap}"', f'stream.topics=["{TOPIC}"]',
             f'checkpoints.dir="{checkpoints}"', "service.http_port=0", "service.progress_every_s=2",
+            "checkpoints.every_seconds=2",  # a short stream: checkpoint often enough to show a few
             f"service.seed={seed}",
         ])
         codec = make_codec("binary", config.stream.feature_spec())

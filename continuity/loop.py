@@ -8,13 +8,21 @@ One run:
    the rest are trained, one jitted step per batch.
 3. Every `guard.every_examples` trained examples (a window), judge the candidate
    against the last good model on the probe.
-   - Accept: consolidate EWC, decay lambda, save a good checkpoint (async), commit the
-     previous checkpoint's positions to the source.
+   - Accept: consolidate EWC, decay lambda; it is the new last good model. Save it as a
+     checkpoint (async) when `checkpoint_every_s` has passed since the last one; once a
+     save is finalized, commit its positions to the source.
    - Regress: go back to the last good state from its device copy, with the probe store
      and positions that belong to it, and boost lambda. Then retry the window, or
      quarantine its records, or halt.
-4. At the end of a finite stream, or when `stop()` turns true, judge and checkpoint
-   the last partial window the same way, wait for the save, commit, and return.
+4. At the end of a finite stream, or when `stop()` turns true, judge the last partial
+   window the same way, checkpoint the last good model if it is not saved yet, wait
+   for the save, commit, and return.
+
+Judging and checkpointing are decoupled on purpose: every window is judged (and EWC
+consolidated), which is what decides the model, while checkpoints, which only decide
+how much a crash re-trains, are written at most every `checkpoint_every_s`. The state
+never depends on when saves happened, so determinism and exactly-once hold for any
+interval: a checkpoint always sits on a window boundary of the surviving lineage.
 
 Exactly-once training effect: positions are saved inside each checkpoint and the
 source is re-opened at them on restart, so in the surviving lineage every record is
@@ -120,11 +128,13 @@ class Progress:
 class _Good:
     """Everything that belongs to the last good model, to return to on a regression."""
 
-    number: int | None
+    number: int | None  # its checkpoint; None while it is not saved yet
     probe: ProbeStore
     positions: Positions
     segment_names: list
     lineage_examples: int
+    report: dict = field(default_factory=dict)  # its probe figures, for its checkpoint
+    verdict: object = None  # the verdict that accepted it
 
 
 def config_digest(*configs) -> str:
@@ -183,6 +193,7 @@ class TrainingLoop:
         on_progress: Callable[[Progress], None] | None = None,
         progress_every_s: float = 5.0,
         max_examples: int | None = None,
+        checkpoint_every_s: float = 0.0,
     ):
         self.stream = stream
         self.learner = learner
@@ -194,6 +205,7 @@ class TrainingLoop:
         self.on_progress = on_progress
         self.progress_every_s = progress_every_s
         self.max_examples = max_examples
+        self.checkpoint_every_s = checkpoint_every_s  # 0: checkpoint every accepted window
         self.guard = Guard(learner, guard)
         self.holdout = Holdout(probe.holdout_fraction, salt=seed)
         self.digest = config_digest(learner.config, probe, guard)
@@ -203,8 +215,11 @@ class TrainingLoop:
         self._step_seconds: list[float] = []
         self._requests: queue.Queue[_Request] = queue.Queue()
         self.ready = threading.Event()  # set once restored and reading
-        self.good_number: int | None = None
+        self.good_number: int | None = None  # the newest good checkpoint (what a restart restores)
         self.reader: _Reader | None = None
+        self._saved: _Good | None = None  # the good model last checkpointed (or restored): lineage parent
+        self._last_save = time.monotonic()
+        self._uncommitted: Positions | None = None  # positions of a save not yet known to be finalized
 
     def request(self, kind: str, *, timeout_s: float = 60.0, **args) -> dict:
         """Ask the loop, from another thread, to `rollback` (to=N | None) or `checkpoint` now; waits for it.
@@ -228,6 +243,7 @@ class TrainingLoop:
     def run(self) -> RunSummary:
         started = time.perf_counter()
         state, good = self._restore_or_start()
+        self._saved = good
         self.good_number = good.number
         probe = good.probe.copy()
         self.guard.mark_good(state)
@@ -235,28 +251,28 @@ class TrainingLoop:
         self.ready.set()
         retries = 0
         self._progress_clock = (time.monotonic(), 0)  # (when, examples trained) of the last report
-        committed: Positions | None = None
         try:
             while True:
                 window_start_examples = self.summary.examples_trained
                 state, positions, ended, recent = self._train_window(state, reader, probe, good)
                 trained = self.summary.examples_trained - window_start_examples
                 if trained:
-                    state, good, probe, reader, retries, committed, halt = self._judge_window(
-                        state, good, probe, reader, positions, trained, recent, retries, committed)
-                    self.good_number = good.number
+                    state, good, probe, reader, retries, halt = self._judge_window(
+                        state, good, probe, reader, positions, trained, recent, retries)
                     if halt:
                         break
                 if not self._requests.empty():
                     state, good, probe, reader = self._handle_requests(state, good, probe, reader)
-                    self.good_number = good.number
+                if self._checkpoint_due(good):  # a quiet stream: what was accepted is saved all the same
+                    self._checkpoint(good)
+                self._commit_finalized()
                 self._maybe_report(state, good)
                 if ended or self.stopping():
                     break
+            self._checkpoint(good)  # the last good model, if accepted since the last checkpoint
         finally:
             self.store.wait()  # the last save is finalized (or its error raised) before anything is committed
-            if committed is not None:
-                reader.source.commit(committed)
+            self._commit_finalized()
             reader.close()
             self._fail_pending_requests()
         self.summary.stopped = self._stop()
@@ -273,9 +289,12 @@ class TrainingLoop:
         return self.summary
 
     def _judge_window(self, state, good: _Good, probe: ProbeStore, reader: _Reader, positions: Positions,
-                      trained: int, recent, retries: int, committed: Positions | None):
+                      trained: int, recent, retries: int):
         """Judge the candidate after a window, then accept, retry, quarantine or halt."""
         self.summary.windows += 1
+        # Train steps are dispatched asynchronously: wait for them here, so the time they take
+        # is not counted as the guard's (judging reads results back and would wait for them).
+        jax.block_until_ready(state)
         guard_started = time.perf_counter()
         verdict, report = self.guard.judge(state, probe)
         self.ledger.append("probe", window=self.summary.windows, learner_step=int(state.step),
@@ -285,15 +304,12 @@ class TrainingLoop:
         if not verdict.regressed:
             self._last_report = report  # the good model's figures: what progress and status show
             state = self.guard.accept(state, recent)
-            parent = good
             good = _Good(None, probe.copy(), positions, list(reader.batcher.segment_names),
-                         good.lineage_examples + trained)
-            good.number = self._save(state, good, report, verdict, parent)
+                         good.lineage_examples + trained, report, verdict)
+            if self._checkpoint_due(good):
+                self._checkpoint(good)
             self.summary.accepted += 1
             retries = 0
-            if committed is not None:
-                reader.source.commit(committed)  # the previous save is finalized by now
-            committed = positions
         else:
             self.summary.rollbacks += 1
             state = self.guard.roll_back()
@@ -303,6 +319,7 @@ class TrainingLoop:
                                positions=good.positions.to_json())
             policy = self.guard_config.on_regression
             if policy == "halt":
+                self._checkpoint(good)  # the last good model is the newest checkpoint
                 self.ledger.append("halt", checkpoint=good.number, positions=good.positions.to_json())
                 self.summary.halted = True
                 halt = True
@@ -316,18 +333,14 @@ class TrainingLoop:
             else:
                 copied = self._quarantine(good.positions, positions, verdict)
                 retries = 0
-                # The quarantined window is accounted for: the last good model, checkpointed at the
-                # positions after it, so a restart does not read the quarantined records again.
-                parent = good
+                # The quarantined window is accounted for: the last good model, checkpointed at once
+                # at the positions after it, so a restart does not read the quarantined records again.
                 good = _Good(None, good.probe, positions, list(reader.batcher.segment_names),
-                             good.lineage_examples)
-                good.number = self._save(state, good, self._last_report, None, parent, quarantined=copied)
-                if committed is not None:
-                    reader.source.commit(committed)
-                committed = positions
+                             good.lineage_examples, good.report)
+                self._checkpoint(good, quarantined=copied)
         jax.block_until_ready(state)
         self.summary.guard_seconds += time.perf_counter() - guard_started
-        return state, good, probe, reader, retries, committed, halt
+        return state, good, probe, reader, retries, halt
 
     def _handle_requests(self, state, good: _Good, probe: ProbeStore, reader: _Reader):
         """Operator requests, between windows: the window in progress was already judged."""
@@ -338,7 +351,8 @@ class TrainingLoop:
                 return state, good, probe, reader
             try:
                 if request.kind == "checkpoint":
-                    # Any trained examples were just judged; report the newest good checkpoint.
+                    # Any trained examples were just judged: checkpoint the last good model now.
+                    self._checkpoint(good)
                     request.finish({"checkpoint": good.number, "positions": good.positions.to_json()})
                 elif request.kind == "rollback":
                     state, good, probe, reader = self._operator_rollback(request.args.get("to"),
@@ -359,6 +373,9 @@ class TrainingLoop:
         self.store.set_head(number, reason=reason)
         restored = self.store.restore(number, state_like=self.learner.init(self.seed))
         state, good = self._from_restored(restored)
+        self._saved = good
+        self.good_number = good.number
+        self._uncommitted = None  # newer than the checkpoint rolled back to: committing it would skip records
         self.guard.mark_good(state)
         reader.close()
         reader = self.reader = self._open(good)
@@ -422,8 +439,10 @@ class TrainingLoop:
             if batch is None:
                 ended = True
                 break
-            if batch is IDLE:  # a quiet live stream: wait on, checking for stop and requests
+            if batch is IDLE:  # a quiet live stream: wait on, checking for stop, requests and saves due
                 if trained and judge_idle_s is not None and time.monotonic() - last_batch > judge_idle_s:
+                    break
+                if not trained and self._checkpoint_due(good):
                     break
                 continue
             last_batch = time.monotonic()
@@ -457,8 +476,20 @@ class TrainingLoop:
             else:
                 probe.add(segment_names[segment_id], batch.x[chosen], batch.y[chosen])
 
-    def _save(self, state, good: _Good, report: dict, verdict, parent: _Good, *, quarantined: int = 0) -> int:
-        """Checkpoint `state` as the good model at `good.positions`; `quarantined`: the window was skipped."""
+    def _checkpoint_due(self, good: _Good) -> bool:
+        """True when `good` is not checkpointed yet and `checkpoint_every_s` has passed since the last save."""
+        return good is not self._saved and time.monotonic() - self._last_save >= self.checkpoint_every_s
+
+    def _checkpoint(self, good: _Good, *, quarantined: int = 0) -> None:
+        """Checkpoint the last good model (the guard's copy) as `good`, unless it already is.
+
+        `quarantined`: the window before `good.positions` was skipped, not trained.
+        """
+        if good is self._saved:
+            return
+        self._commit_finalized(wait=True)  # the previous save's positions, before its slot is reused
+        state, parent = self.guard.last_good, self._saved
+        report, verdict = good.report, good.verdict
         arrays, probe_meta = good.probe.to_arrays()
         metadata = {
             "status": "good",
@@ -477,14 +508,25 @@ class TrainingLoop:
             "window_from": parent.positions.to_json(),
             "config_digest": self.digest,
         }
-        number = self.store.save(state, arrays, metadata)
-        self.summary.last_checkpoint = number
-        # parent + from + positions chain the accepted windows: the lineage a restart continues.
-        self.ledger.append("accept", checkpoint=number, parent=parent.number, learner_step=int(state.step),
+        good.number = self.store.save(state, arrays, metadata)
+        self._saved, self._uncommitted, self._last_save = good, good.positions, time.monotonic()
+        self.good_number = self.summary.last_checkpoint = good.number
+        # parent + from + positions chain the checkpoints: the lineage a restart continues.
+        self.ledger.append("accept", checkpoint=good.number, parent=parent.number, learner_step=int(state.step),
                            **{"from": parent.positions.to_json()}, positions=good.positions.to_json(),
                            lineage_examples=good.lineage_examples, ewc_strength=float(state.ewc.strength),
                            accuracy=report.get("accuracy"), quarantined=quarantined)
-        return number
+
+    def _commit_finalized(self, *, wait: bool = False) -> None:
+        """Commit the newest checkpoint's positions to the source once its save is finalized.
+
+        Without `wait`, a save still being written is left for a later call.
+        """
+        if self._uncommitted is None or (self.store.saving and not wait):
+            return
+        self.store.wait()  # raises the save's error instead of committing past a lost checkpoint
+        self.reader.source.commit(self._uncommitted)
+        self._uncommitted = None
 
     def _quarantine(self, start: Positions, end: Positions, verdict) -> int:
         """Copy the window's raw records to the quarantine sink; training goes on after them."""
@@ -519,7 +561,7 @@ class TrainingLoop:
             probe_accuracy=self._last_report.get("accuracy"),
             probe_segments=self._last_report.get("segments", {}),
             ewc_strength=float(state.ewc.strength),
-            checkpoint=good.number,
+            checkpoint=self._saved.number,
             positions=good.positions,
             step_seconds=steps,
             probe_loss=self._last_report.get("loss"),

@@ -87,7 +87,7 @@ class Service:
             self.stream, self.learner, self.store, probe=config.probe, guard=config.guard, seed=config.service.seed,
             stop=self._should_stop, on_progress=self._on_progress,
             progress_every_s=config.service.progress_every_s if progress_every_s is None else progress_every_s,
-            max_examples=max_examples,
+            max_examples=max_examples, checkpoint_every_s=config.checkpoints.every_seconds,
         )
         self.http = None
         if http:

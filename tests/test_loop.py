@@ -117,6 +117,30 @@ def test_restart_restores_state_positions_and_probe(recording, tmp_path):
     assert len(good.probe) > 0
 
 
+def test_checkpoint_cadence_changes_what_is_saved_never_the_model(recording, tmp_path):
+    """Every window is judged either way; a long interval saves only the final checkpoint, and
+    that checkpoint still covers the whole stream and holds the same model."""
+    every_window = build_loop(recording, tmp_path / "every-window")
+    every_window.run()
+    every_window.store.close()
+    sparse = build_loop(recording, tmp_path / "sparse")
+    sparse.checkpoint_every_s = 3600.0
+    summary = sparse.run()
+    sparse.store.close()
+
+    assert params_digest(sparse.final_state) == params_digest(every_window.final_state)
+    assert summary.windows == every_window.summary.windows > 2
+    ledger = CheckpointStore(tmp_path / "sparse" / "checkpoints", create=False).ledger.read()
+    accepts = [e for e in ledger if e["event"] == "accept"]
+    assert len(accepts) == 1  # the stream end: the only save
+    assert _offset(accepts[0]["from"]) == 0 and accepts[0]["positions"] == summary_positions(every_window)
+    assert sum(e["event"] == "probe" for e in ledger) == summary.windows
+
+
+def summary_positions(loop) -> dict:
+    return CheckpointStore(loop.store.directory, create=False).info(loop.good_number).metadata["positions"]
+
+
 @pytest.fixture(scope="module")
 def guard_runs():
     """The same permuted-digits stream clean, poisoned unguarded, and poisoned guarded (default guard)."""

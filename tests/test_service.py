@@ -45,6 +45,7 @@ every_examples = 500
 
 [checkpoints]
 dir = "{directory}"
+every_seconds = 0  # every accepted window: the rollback below needs later windows to go back over
 
 [service]
 http_port = {port}
@@ -107,7 +108,7 @@ def test_serve_trains_checkpoints_exposes_metrics_stops_cleanly_and_resumes(brok
     scenario = make_scenario("permuted-digits", segments=2, seed=1)
     source = ScenarioSource(scenario, make_codec("binary", SPEC), topic=topic)
     create_topic(broker.bootstrap, topic, 1)
-    half = len(source) // 2
+    half, three_quarters = len(source) // 2, 3 * len(source) // 4
     produce_records(broker.bootstrap, topic, (source.encode_record(i) for i in range(half)))
     directory = tmp_path / "run"
     port = free_port()
@@ -133,6 +134,8 @@ def test_serve_trains_checkpoints_exposes_metrics_stops_cleanly_and_resumes(brok
         assert rolled_back_to is not None and store_head(directory) == rolled_back_to
         # Let the re-opened reader rejoin the group and train past the rollback before stopping:
         # a group consumer closed mid-join lingers in the group (a known limitation, see README).
+        # More records arrive, so there is something past the rollback however fast the first half went.
+        produce_records(broker.bootstrap, topic, (source.encode_record(i) for i in range(half, three_quarters)))
         _wait(lambda: ((_status(url) or {}).get("checkpoint") or 0) > rolled_back_to, 90,
               "a checkpoint after the rollback", first)
     finally:
@@ -145,7 +148,7 @@ def test_serve_trains_checkpoints_exposes_metrics_stops_cleanly_and_resumes(brok
     stopped_at = [e for e in ledger if e["event"] == "stop"][-1]["positions"]
 
     # The rest of the stream arrives; a restart resumes exactly where the first run's checkpoint left off.
-    produce_records(broker.bootstrap, topic, (source.encode_record(i) for i in range(half, len(source))))
+    produce_records(broker.bootstrap, topic, (source.encode_record(i) for i in range(three_quarters, len(source))))
     second = _serve(config)
     try:
         _wait(lambda: any(e["event"] == "accept" and Positions.from_json(e["positions"]).offset(topic, 0) == len(source)
