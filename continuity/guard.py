@@ -5,6 +5,11 @@ refreshed from replay samples (F <- gamma F + F_new) and lambda decays toward it
 Regress -> the state goes back to the last good copy (a device-to-device copy, no disk
 read), with lambda boosted so the retried window is held harder.
 
+What a judgement costs: the candidate is evaluated on the whole probe, but the last good
+and the anchor models only on probe examples they have not seen yet. Their per-example
+results are cached by the probe's serial numbers; an accepted candidate's results become
+the last good model's, and the last good model's become the anchor's, as the models move.
+
 Threading: NOT thread-safe; the service loop owns it.
 """
 
@@ -18,7 +23,7 @@ import numpy as np
 
 from continuity.probe import ProbeStore
 from continuity.regression import Verdict, judge, judge_losses
-from learner import Learner, LearnerState
+from learner import Evaluation, Learner, LearnerState
 from learner import ewc as ewc_lib
 
 ON_REGRESSION = ("retry", "quarantine", "halt")
@@ -66,9 +71,29 @@ class GuardConfig:
             raise ValueError(f"`probe.anchor_windows` must be >= 0. Got {self.anchor_windows!r}.")
 
 
+@jax.jit
 def device_copy(state: LearnerState) -> LearnerState:
-    """A copy in fresh device buffers, safe to keep while the original is donated to train_step."""
+    """A copy in fresh device buffers, safe to keep while the original is donated to train_step.
+
+    One jitted dispatch (an explicit copy, which jit does not forward to its input):
+    copying leaf by leaf costs a dispatch per leaf.
+    """
     return jax.tree.map(jnp.copy, state)
+
+
+class _Results:
+    """A model's per-example results on the probe, by the probe rows' serial numbers."""
+
+    def __init__(self, serials: np.ndarray, evaluation: Evaluation):
+        order = np.argsort(serials, kind="stable")
+        self.serials, self.evaluation = serials[order], Evaluation(*(None if a is None else a[order]
+                                                                     for a in evaluation))
+
+    def lookup(self, serials: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found mask, index into the cached rows) for each of `serials`."""
+        at = np.minimum(np.searchsorted(self.serials, serials), max(len(self.serials) - 1, 0))
+        found = (self.serials[at] == serials) if len(self.serials) else np.zeros(len(serials), bool)
+        return found, at
 
 
 class Guard:
@@ -80,12 +105,16 @@ class Guard:
         self.last_good: LearnerState | None = None
         self.anchor: dict | None = None  # params of an older good model
         self._accepted_since_anchor = 0
+        self._good_results: _Results | None = None  # cached per-example results of last_good
+        self._anchor_results: _Results | None = None  # ... and of the anchor
+        self._judged: tuple[LearnerState, _Results] | None = None  # the last candidate judged
 
     def mark_good(self, state: LearnerState, *, reset_anchor: bool = True) -> None:
         self.last_good = device_copy(state)
         if reset_anchor:  # a fresh start or an operator rollback: history begins here
-            self.anchor = jax.tree.map(jnp.copy, state.params) if self.config.anchor_windows else None
+            self.anchor = device_copy(state.params) if self.config.anchor_windows else None
             self._accepted_since_anchor = 0
+            self._good_results = self._anchor_results = None
 
     def judge(self, candidate: LearnerState, probe: ProbeStore) -> tuple[Verdict, dict]:
         """The verdict on `candidate`, and the probe report.
@@ -100,12 +129,19 @@ class Guard:
         against either is a regression (the last good model's figures are reported first).
         """
         x, y, ids = probe.examples()
+        serials = probe.serials()
         names = probe.segments
         regression = self.learner.regression
         candidate_eval = self.learner.evaluate(candidate.params, x, y)
+        self._judged = (candidate, _Results(serials, candidate_eval))
 
         def compare(reference) -> Verdict:
-            reference_eval = self.learner.evaluate(reference, x, y)
+            if reference is self.anchor:
+                reference_eval, self._anchor_results = self._evaluate_cached(reference, self._anchor_results,
+                                                                            x, y, serials)
+            else:
+                reference_eval, self._good_results = self._evaluate_cached(reference, self._good_results,
+                                                                          x, y, serials)
             options = dict(alpha=self.config.alpha, min_examples=self.config.min_examples)
             if regression:
                 return judge_losses(reference_eval.loss, candidate_eval.loss, ids, names,
@@ -128,6 +164,25 @@ class Guard:
         }
         return verdict, report
 
+    def _evaluate_cached(self, params, cached: _Results | None, x, y, serials) -> tuple[Evaluation, _Results]:
+        """`params`' results on the probe rows, evaluating only the rows `cached` lacks."""
+        if cached is None:
+            evaluation = self.learner.evaluate(params, x, y)
+        else:
+            found, at = cached.lookup(serials)
+            missing = np.flatnonzero(~found)
+            fresh = self.learner.evaluate(params, x[missing], y[missing])
+            parts = []
+            for old, new in zip(cached.evaluation, fresh):
+                if old is None:
+                    parts.append(None)
+                    continue
+                merged = old[at]  # a copy (fancy indexing); rows not found are overwritten next
+                merged[missing] = new
+                parts.append(merged)
+            evaluation = Evaluation(*parts)
+        return evaluation, _Results(serials, evaluation)
+
     def accept(self, candidate: LearnerState, recent: tuple[np.ndarray, np.ndarray] | None = None) -> LearnerState:
         """Consolidate EWC at the candidate and decay lambda; it becomes the last good model.
 
@@ -147,8 +202,11 @@ class Guard:
         self._accepted_since_anchor += 1
         if self.anchor is not None and self._accepted_since_anchor >= self.config.anchor_windows:
             # The anchor moves up to the previous good model: it always trails by 1..K windows.
-            self.anchor = self.last_good.params
+            self.anchor, self._anchor_results = self.last_good.params, self._good_results
             self._accepted_since_anchor = 1
+        # Consolidation leaves the params as they were judged: their results carry over.
+        judged, self._judged = self._judged, None
+        self._good_results = judged[1] if judged is not None and judged[0] is candidate else None
         self.mark_good(state, reset_anchor=False)
         return state
 

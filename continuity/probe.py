@@ -15,6 +15,7 @@ Threading: NOT thread-safe; the service loop owns it.
 from __future__ import annotations
 
 import logging
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,18 @@ class ProbeConfig:
             raise ValueError(f"`probe.window_examples` must be >= 1. Got {self.window_examples!r}.")
 
 
+_serial_lock = threading.Lock()
+_next_serial = 1
+
+
+def _new_serials(n: int) -> np.ndarray:
+    """`n` numbers never handed out before in this process: one per example written to a slot."""
+    global _next_serial
+    with _serial_lock:
+        start, _next_serial = _next_serial, _next_serial + n
+    return np.arange(start, start + n, dtype=np.int64)
+
+
 def _mix(values: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser (Steele et al. 2014) on uint64; a stateless, stable hash."""
     with np.errstate(over="ignore"):
@@ -75,6 +88,10 @@ class ProbeStore:
         self._x: dict[str, np.ndarray] = {}  # segment -> [per_segment, *shape] float32
         self._y: dict[str, np.ndarray] = {}  # segment -> [per_segment]
         self._seen: dict[str, int] = {}  # segment -> examples offered so far
+        # segment -> [per_segment] int64: a process-wide unique number per example written, so a
+        # model's results on the probe can be cached by row (the guard's) and reused while the
+        # example stays; 0 for an empty slot. Not saved: a restored store numbers its rows anew.
+        self._serial: dict[str, np.ndarray] = {}
         self._fixed: set[str] = set()  # golden segments: never replaced, never evicted
 
     # ---- filling -------------------------------------------------------------------------
@@ -101,6 +118,7 @@ class ProbeStore:
         winners = kept[last]
         bx[slots[winners]] = x[winners]
         by[slots[winners]] = y[winners]
+        self._serial[segment][slots[winners]] = _new_serials(len(winners))
         self._seen[segment] = seen + n
 
     def add_unsegmented(self, x: np.ndarray, y: np.ndarray) -> None:
@@ -122,6 +140,7 @@ class ProbeStore:
         x = np.asarray(x, np.float32).reshape(len(y), *self.example_shape)
         self._x[name], self._y[name] = x.copy(), np.asarray(y, self.label_dtype).copy()
         self._seen[name] = len(y)
+        self._serial[name] = _new_serials(len(y))
         self._fixed.add(name)
 
     def _open(self, segment: str) -> None:
@@ -129,11 +148,12 @@ class ProbeStore:
         if len(streaming) >= self.max_segments:
             oldest = streaming[0]
             log.warning("probe: more than %d segments; dropping the oldest, %r", self.max_segments, oldest)
-            for table in (self._x, self._y, self._seen):
+            for table in (self._x, self._y, self._seen, self._serial):
                 del table[oldest]
         self._x[segment] = np.zeros((self.per_segment, *self.example_shape), np.float32)
         self._y[segment] = np.zeros((self.per_segment,), self.label_dtype)
         self._seen[segment] = 0
+        self._serial[segment] = np.zeros((self.per_segment,), np.int64)
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -157,6 +177,13 @@ class ProbeStore:
         ys = [self._y[s][: self._count(s)] for s in names]
         ids = [np.full(self._count(s), i, np.int32) for i, s in enumerate(names)]
         return np.concatenate(xs), np.concatenate(ys), np.concatenate(ids)
+
+    def serials(self) -> np.ndarray:
+        """Each row of `examples()`'s unique number: equal numbers mean the same example."""
+        names = self.segments
+        if not names:
+            return np.zeros(0, np.int64)
+        return np.concatenate([self._serial[s][: self._count(s)] for s in names])
 
     # ---- checkpointing -------------------------------------------------------------------
 
@@ -184,13 +211,17 @@ class ProbeStore:
             store._x[segment] = np.array(item["x"], np.float32)
             store._y[segment] = np.array(item["y"], store.label_dtype)
             store._seen[segment] = int(seen)
+            store._serial[segment] = _new_serials(len(store._y[segment]))
         store._fixed = set(meta.get("fixed", ()))
         return store
 
     def copy(self) -> "ProbeStore":
+        """An independent store with the same examples, under the same serial numbers."""
         arrays, meta = self.to_arrays()
-        return ProbeStore.from_arrays(arrays, meta, self.example_shape, max_segments=self.max_segments,
+        twin = ProbeStore.from_arrays(arrays, meta, self.example_shape, max_segments=self.max_segments,
                                       label_dtype=self.label_dtype)
+        twin._serial = {segment: serial.copy() for segment, serial in self._serial.items()}
+        return twin
 
 
 def load_golden(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -63,11 +63,13 @@ def test_killed_and_restarted_run_ends_bit_identical_with_every_record_trained_o
         accepts_before = _count(ledger_path, "accept")
         worker = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
-        # Let it get some way in (at least one new accepted window), then kill it without warning.
-        while _count(ledger_path, "accept") < accepts_before + 1 and worker.poll() is None:
+        # Let it get some way in (one to three new accepted windows), then kill it without warning,
+        # at a random moment of the window in progress.
+        target = accepts_before + chooser.randint(1, 3)
+        while _count(ledger_path, "accept") < target and worker.poll() is None:
             assert time.monotonic() < deadline, "worker made no progress"
-            time.sleep(0.05)
-        time.sleep(chooser.uniform(0.0, 1.5))
+            time.sleep(0.01)
+        time.sleep(chooser.uniform(0.0, 0.05))
         if worker.poll() is None:
             worker.send_signal(signal.SIGKILL)
             kills += 1

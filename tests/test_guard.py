@@ -1,0 +1,52 @@
+"""The guard's cached judgements: reused results must equal a fresh evaluation, row for row."""
+
+import numpy as np
+
+from continuity.guard import Guard, GuardConfig
+from continuity.probe import ProbeStore
+from learner import Batch, Learner, LearnerConfig, ModelConfig
+
+SHAPE, CLASSES = (6,), 3
+
+
+def _stream(rng, n):
+    x = rng.normal(size=(n, *SHAPE)).astype(np.float32)
+    return x, (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 1).astype(np.int32)
+
+
+def _train(learner, state, rng, steps=5):
+    for _ in range(steps):
+        x, y = _stream(rng, 16)
+        state, _ = learner.train_step(state, Batch(x, y, np.ones(16, bool)))
+    return state
+
+
+def test_cached_results_match_a_fresh_evaluation_and_only_new_rows_are_evaluated():
+    rng = np.random.default_rng(0)
+    learner = Learner(LearnerConfig(model=ModelConfig(hidden=(16,)), learning_rate=1e-2, batch_size=16), SHAPE, CLASSES)
+    guard = Guard(learner, GuardConfig(anchor_windows=2))
+    probe = ProbeStore(SHAPE, per_segment=40, seed=0)
+    state = learner.init(0)
+    guard.mark_good(state)
+    rows_evaluated = []
+    evaluate = learner.evaluate
+    learner.evaluate = lambda params, x, y: rows_evaluated.append(len(x)) or evaluate(params, x, y)
+
+    for window in range(6):
+        probe.add("a", *_stream(rng, 30))  # the reservoir fills, then replaces rows at random
+        probe.add(f"s{window}", *_stream(rng, 25))
+        state = _train(learner, state, rng)
+        rows_evaluated.clear()
+        verdict, _ = guard.judge(state, probe)
+        x, y, _ = probe.examples()
+        for params, results in ((guard.last_good.params, guard._good_results),
+                                (guard.anchor, guard._anchor_results)):
+            fresh = evaluate(params, x, y)
+            found, at = results.lookup(probe.serials())
+            assert found.all()
+            np.testing.assert_array_equal(results.evaluation.correct[at], fresh.correct)
+            np.testing.assert_allclose(results.evaluation.loss[at], fresh.loss, rtol=1e-6)
+        if window >= 1:
+            # The candidate sees every row; the reference models only rows new since they last judged.
+            assert rows_evaluated[0] == len(y) and sum(rows_evaluated[1:]) < len(y)
+        state = guard.accept(state)
