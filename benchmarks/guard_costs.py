@@ -67,23 +67,29 @@ def measure_save_blocking(repeats: int = 10) -> dict:
     return {"save_blocking_ms_median": 1000 * statistics.median(seconds), "save_blocking_ms_max": 1000 * max(seconds)}
 
 
-def measure_overhead(every_examples: int = GuardConfig().every_examples, *, segments: int = 20, seed: int = 0) -> dict:
-    """Guard share of wall time over a long permuted-digits stream, after a warm-up run."""
+def measure_overhead(every_examples: int | None = None, *, segments: int = 60, seed: int = 0) -> dict:
+    """Guard share of wall time over a long permuted-digits stream, after a warm-up run.
+
+    The service's defaults: judge every `probe.every_examples` trained examples (unless
+    `every_examples` is given), checkpoint at most every `checkpoints.every_seconds`.
+    60 segments fill the probe to ~8,000 examples, as a long-running service's would be.
+    """
     from dataclasses import replace
 
-    from benchmarks.guard import run_scenario_through_loop
+    from benchmarks.guard import GUARD_LEARNER, run_scenario_through_loop
+    from continuity.config import CheckpointsConfig
     from stream.scenarios import make_scenario
 
-    from benchmarks.guard import GUARD_LEARNER
-
-    guard = replace(GuardConfig(), every_examples=every_examples)
+    guard = GuardConfig() if every_examples is None else replace(GuardConfig(), every_examples=every_examples)
+    checkpoint_every_s = CheckpointsConfig().every_seconds
     learner = Learner(GUARD_LEARNER, (8, 8, 1), 10)
     # Warm-up on a short stream: compiles the step, evaluation and Fisher, as a service does once.
-    run_scenario_through_loop(make_scenario("permuted-digits", segments=1, seed=seed), guard=guard, seed=seed,
-                              learner=learner)
+    run_scenario_through_loop(make_scenario("permuted-digits", segments=2, seed=seed), guard=guard, seed=seed,
+                              learner=learner, checkpoint_every_s=checkpoint_every_s)
     run = run_scenario_through_loop(make_scenario("permuted-digits", segments=segments, seed=seed), guard=guard,
-                                    seed=seed, learner=learner)
-    return {"every_examples": every_examples, "guard_overhead_fraction": run["guard_seconds"] / run["wall_seconds"],
+                                    seed=seed, learner=learner, checkpoint_every_s=checkpoint_every_s)
+    return {"every_examples": guard.every_examples, "checkpoint_every_s": checkpoint_every_s,
+            "guard_overhead_fraction": run["guard_seconds"] / run["wall_seconds"],
             "windows": run["windows"], "guard_seconds": run["guard_seconds"], "wall_seconds": run["wall_seconds"],
             "examples_trained": run["examples_trained"]}
 

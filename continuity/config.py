@@ -814,7 +814,7 @@ _COMMENTS = {
     ("probe", "max_segments"): "beyond this the oldest segment is dropped",
     ("probe", "window_examples"): "records without a segment: held-out examples per window segment",
     ("probe", "golden"): "optional .npz with arrays x, y: a fixed probe segment",
-    ("probe", "every_examples"): "trained examples between probe checks (a candidate checkpoint each time)",
+    ("probe", "every_examples"): "trained examples between probe checks (a window: judged, EWC consolidated on accept)",
     ("probe", "tolerance"): "accuracy drop (overall or one segment) that may count as a regression",
     ("probe", "loss_tolerance"): "regression: relative rise of the mean probe loss that may count as one (0.2 = +20%)",
     ("probe", "alpha"): "significance of the one-sided paired test (McNemar on predictions; Wilcoxon on regression losses)",
