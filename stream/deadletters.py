@@ -51,8 +51,13 @@ class DeadLetterSink:
         with self._lock:
             self.total += 1
             self.counts[letter.kind] += 1
-        position = letter.record.position
-        log.warning("dead letter %s/%d@%d: %s", position.topic, position.partition, position.offset, letter.reason)
+            seen = self.counts[letter.kind]
+        # A few lines per kind, then one per thousand: a quarantined window or a broken producer
+        # sends thousands, and the sink (not the log) is where each one is kept.
+        if seen <= 10 or seen % 1000 == 0:
+            position = letter.record.position
+            log.warning("dead letter %s/%d@%d (%s #%d): %s", position.topic, position.partition, position.offset,
+                        letter.kind, seen, letter.reason)
         self._write(letter)
 
     def _write(self, letter: DeadLetter) -> None:  # pragma: no cover - overridden
