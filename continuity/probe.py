@@ -147,7 +147,10 @@ class ProbeStore:
         streaming = [s for s in self._x if s not in self._fixed]
         if len(streaming) >= self.max_segments:
             oldest = streaming[0]
-            log.warning("probe: more than %d segments; dropping the oldest, %r", self.max_segments, oldest)
+            # Routine for window segments (a stream without segment fields opens one every
+            # `window_examples` held-out examples); worth a warning for named ones.
+            level = logging.INFO if oldest.startswith("window-") else logging.WARNING
+            log.log(level, "probe: more than %d segments; dropping the oldest, %r", self.max_segments, oldest)
             for table in (self._x, self._y, self._seen, self._serial):
                 del table[oldest]
         self._x[segment] = np.zeros((self.per_segment, *self.example_shape), np.float32)

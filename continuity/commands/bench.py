@@ -52,6 +52,8 @@ def register(subparsers) -> None:
     pipeline = kinds.add_parser("pipeline", help="examples/s through serve vs the ingest and compute limits; RSS growth")
     pipeline.add_argument("--examples", type=positive_int, default=1_000_000)
     pipeline.add_argument("--json", type=Path, default=None, metavar="PATH")
+    pipeline.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                          help="override the service config, e.g. --set probe.every_examples=1000000 (guard off)")
     pipeline.set_defaults(handler=run_pipeline)
 
     add_ingest_parser(kinds)
@@ -127,7 +129,7 @@ def run_guard(args) -> int:
 def run_pipeline(args) -> int:
     from benchmarks.pipeline import format_result, run_pipeline_benchmark
 
-    result = run_pipeline_benchmark(examples=args.examples, progress=_progress)
+    result = run_pipeline_benchmark(examples=args.examples, progress=_progress, overrides=tuple(args.overrides))
     print(format_result(result))
     _write_json(args.json, result)
     return 0
