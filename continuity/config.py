@@ -769,7 +769,7 @@ _SECTION_NOTES = {
     "learner": "The task, the optimizer and the micro-batch of fresh examples per step.",
     "replay": "Rehearsal: stored examples mixed into every step (capacity 0 turns it off).",
     "ewc": "Online EWC (Schwarz et al. 2018): holds important weights near the last good model,\n"
-           "# with a strength lambda that decays on accepted checkpoints and is boosted on regressions.",
+           "# with a strength lambda that decays on accepted windows and is boosted on regressions.",
     "probe": "The continuity probe: held-out examples (never trained on), and how every candidate\n"
              "# model is judged against the last good one.",
     "checkpoints": "The Orbax checkpoint store (the ledger of decisions lives inside it).",
@@ -803,9 +803,9 @@ _COMMENTS = {
     ("replay", "asymmetric"): "ER-ACE (Caccia et al. 2022): fresh rows' loss only over the classes they contain",
     ("ewc", "enabled"): "",
     ("ewc", "strength"): "lambda at start",
-    ("ewc", "strength_min"): "lambda decays toward this on accepted checkpoints",
+    ("ewc", "strength_min"): "lambda decays toward this on accepted windows",
     ("ewc", "strength_max"): "and is boosted up to this on regressions",
-    ("ewc", "decay"): "lambda <- max(strength_min, lambda * decay) on each accepted checkpoint",
+    ("ewc", "decay"): "lambda <- max(strength_min, lambda * decay) on each accepted window",
     ("ewc", "boost"): "lambda <- min(strength_max, lambda * boost) on each regression",
     ("ewc", "gamma"): "Fisher discount: F <- gamma F + F_new",
     ("ewc", "fisher_samples"): "examples per Fisher refresh",

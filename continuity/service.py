@@ -199,10 +199,17 @@ def format_progress(progress: Progress, lag: int | None) -> str:
         return "n/a" if value is None else pattern.format(value)
 
     return (f"{progress.examples_trained:>9,} examples  {progress.examples_per_second:>7,.0f}/s  "
-            f"lag {fmt(lag, '{:,}')}  probe {fmt(progress.probe_accuracy, '{:.3f}')}  "
+            f"lag {fmt(lag, '{:,}')}  {_probe_figure(progress.probe_accuracy, progress.probe_loss)}  "
             f"lambda {fmt(progress.ewc_strength, '{:.3g}')}  rollbacks {progress.rollbacks}  "
             f"quarantined {progress.quarantined_records}  dead letters {progress.dead_letters}  "
             f"checkpoint {fmt(progress.checkpoint, '{}')}")
+
+
+def _probe_figure(accuracy: float | None, loss: float | None) -> str:
+    """"probe 0.912" for classification, "probe loss 0.0412" for a regression task."""
+    if accuracy is None and loss is not None:
+        return f"probe loss {loss:.4g}"
+    return f"probe {'n/a' if accuracy is None else f'{accuracy:.3f}'}"
 
 
 def format_summary(summary: RunSummary) -> str:
@@ -215,7 +222,8 @@ def format_summary(summary: RunSummary) -> str:
         ("skipped updates (non-finite)", f"{summary.skipped_updates:,}"),
         ("last good checkpoint", str(summary.last_checkpoint)),
         ("positions", ", ".join(f"{k}@{v}" for k, v in summary.positions.items()) or "-"),
-        ("probe accuracy", "n/a" if summary.probe_accuracy is None else f"{summary.probe_accuracy:.3f}"),
+        ("probe accuracy", "n/a" if summary.probe_accuracy is None else f"{summary.probe_accuracy:.3f}")
+        if summary.probe_loss is None else ("probe loss", f"{summary.probe_loss:.4g}"),
         ("EWC lambda", "n/a" if summary.ewc_strength is None else f"{summary.ewc_strength:.3g}"),
         ("wall time", f"{summary.wall_seconds:.1f} s"),
     ]

@@ -76,7 +76,7 @@ class ReplayConfig:
 class EWCConfig:
     """Online EWC (Schwarz et al. 2018): one penalty, a running Fisher, an adaptive strength.
 
-    `strength` is lambda at start. On an accepted checkpoint lambda decays toward
+    `strength` is lambda at start. On an accepted window lambda decays toward
     `strength_min` by `decay`; on a regression it is multiplied by `boost` up to
     `strength_max`. `gamma` discounts the old Fisher: F <- gamma F + F_new.
     """

@@ -42,7 +42,7 @@ def store_dir(tmp_path):
 def test_list_prints_a_table_and_json(store_dir, capsys):
     assert main(["checkpoints", "list", "--dir", str(store_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["CKPT", "STEP", "SAVED", "POSITIONS", "PROBE", "ACC", "STATUS", "PINNED"]
+    assert lines[0].split() == ["CKPT", "STEP", "SAVED", "POSITIONS", "PROBE", "STATUS", "PINNED"]
     assert len(lines) == 5
     assert lines[1].split()[:2] == ["1", "100"] and "t/0:1200 t/1:980+2" in lines[1] and "0.9000" in lines[1]
     assert lines[4].split()[-1] == "regressed"

@@ -335,3 +335,24 @@ def test_reports_and_metrics_show_losses_for_a_regression_run(runs, tmp_path):
     assert sample("continuity_probe_loss", {"segment": "region-0"}) == 0.25
     assert sample("continuity_probe_loss", {"segment": "overall"}) == 0.2
     assert sample("continuity_probe_accuracy", {"segment": "region-0"}) is None
+
+
+def test_progress_summary_and_checkpoint_table_show_the_probe_loss_for_regression():
+    import dataclasses
+
+    from continuity.commands.checkpoints import format_table
+    from continuity.loop import Progress, RunSummary
+    from continuity.service import format_progress, format_summary
+    from checkpoints import CheckpointInfo
+    from stream import Positions
+
+    progress = Progress(examples_trained=10, examples_per_second=5.0, lineage_examples=10, rollbacks=0,
+                        dead_letters=0, quarantined_records=0, probe_accuracy=None, probe_segments={},
+                        ewc_strength=1.0, checkpoint=3, positions=Positions(), step_seconds=[], probe_loss=0.04125)
+    assert "probe loss 0.04125" in format_progress(progress, None)
+    classification = dataclasses.replace(progress, probe_accuracy=0.9, probe_loss=None)
+    assert "probe 0.900" in format_progress(classification, None)
+    assert "probe loss" in format_summary(RunSummary(probe_loss=0.5))
+    table = format_table([CheckpointInfo(number=1, metadata={"probe": {"loss": 0.25}}, pinned=False, abandoned=False),
+                          CheckpointInfo(number=2, metadata={"probe": {"accuracy": 0.5}}, pinned=False, abandoned=False)])
+    assert "loss 0.25" in table and "0.5000" in table

@@ -153,11 +153,13 @@ def format_positions(positions) -> str:
     return " ".join(parts) or "-"
 
 
-def _probe_accuracy(metadata: dict) -> str:
+def _probe_figure(metadata: dict) -> str:
+    """The probe accuracy, or "loss X" for a regression task's checkpoint; "-" when neither."""
     probe = metadata.get("probe")
-    accuracy = probe.get("accuracy") if isinstance(probe, dict) else None
-    if isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and math.isfinite(accuracy):
-        return f"{accuracy:.4f}"
+    for key, pattern in (("accuracy", "{:.4f}"), ("loss", "loss {:.4g}")):
+        value = probe.get(key) if isinstance(probe, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return pattern.format(value)
     return "-"
 
 
@@ -179,7 +181,7 @@ def _info_json(info) -> dict:
 
 
 def format_table(infos) -> str:
-    header = ("CKPT", "STEP", "SAVED", "POSITIONS", "PROBE ACC", "STATUS", "PINNED")
+    header = ("CKPT", "STEP", "SAVED", "POSITIONS", "PROBE", "STATUS", "PINNED")
     rows = [header]
     for info in infos:
         step = info.metadata.get("learner_step")
@@ -188,7 +190,7 @@ def format_table(infos) -> str:
             "-" if step is None else str(step),
             _saved_time(info.metadata),
             format_positions(info.metadata.get("positions")),
-            _probe_accuracy(info.metadata),
+            _probe_figure(info.metadata),
             _status(info),
             "yes" if info.pinned else "",
         ))
