@@ -148,12 +148,26 @@ class _Reader:
 
     def __init__(self, stream: StreamInput, batch_size: int, holdout: Holdout, positions: Positions,
                  segment_names: list):
+        self.stream, self.batch_size, self.holdout = stream, batch_size, holdout
         self.source = stream.open_source(positions)
+        self._start(positions, segment_names)
+
+    def _start(self, positions: Positions, segment_names: list) -> None:
+        stream = self.stream
         self.ingest = Ingest(self.source, stream.codec, stream.dead_letters).start()
-        self.batcher = Batcher(stream.codec.spec, batch_size, holdout=holdout, ownership=self.source.ownership,
-                               start=positions, segment_names=segment_names)
+        self.batcher = Batcher(stream.codec.spec, self.batch_size, holdout=self.holdout,
+                               ownership=self.source.ownership, start=positions, segment_names=segment_names)
         self.batches = BatchStream(self.ingest, self.batcher, idle_timeout_s=stream.idle_timeout_s,
                                    flush_idle=stream.flush_idle, max_wait_s=0.2)
+
+    def rewind(self, positions: Positions, segment_names: list) -> bool:
+        """Read again from `positions` on the same source (see Source.rewind); False: closed, re-open it."""
+        self.ingest.stop(close_source=False)  # what it buffered belongs to the abandoned reading
+        if not self.source.rewind(positions):
+            self.source.close()
+            return False
+        self._start(positions, segment_names)
+        return True
 
     def next(self):
         """A Batch, IDLE on a quiet live stream, or None at the end."""
@@ -328,8 +342,7 @@ class TrainingLoop:
                 self.summary.retries += 1
                 self.ledger.append("retry", attempt=retries, **{"from": good.positions.to_json()},
                                    to=positions.to_json())
-                reader.close()
-                reader = self.reader = self._open(good)
+                reader = self.reader = self._reopen(reader, good)
             else:
                 copied = self._quarantine(good.positions, positions, verdict)
                 retries = 0
@@ -377,8 +390,7 @@ class TrainingLoop:
         self.good_number = good.number
         self._uncommitted = None  # newer than the checkpoint rolled back to: committing it would skip records
         self.guard.mark_good(state)
-        reader.close()
-        reader = self.reader = self._open(good)
+        reader = self.reader = self._reopen(reader, good)
         return state, good, good.probe.copy(), reader
 
     def _fail_pending_requests(self) -> None:
@@ -422,6 +434,12 @@ class TrainingLoop:
     def _open(self, good: _Good) -> _Reader:
         return _Reader(self.stream, self.learner.config.batch_size, self.holdout, good.positions,
                        good.segment_names)
+
+    def _reopen(self, reader: _Reader, good: _Good) -> _Reader:
+        """The reader, moved back to `good`'s positions: the same source when it can seek, else a new one."""
+        if reader.rewind(good.positions, good.segment_names):
+            return reader
+        return self._open(good)
 
     def _train_window(self, state, reader: _Reader, probe: ProbeStore, good: _Good):
         """Train until a window's worth of examples, the end of the stream, or stop."""

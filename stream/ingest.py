@@ -134,11 +134,13 @@ class Ingest:
         """True once a finite source is exhausted and every block was taken."""
         return self._ended
 
-    def stop(self) -> None:
+    def stop(self, *, close_source: bool = True) -> None:
+        """Stops the thread; `close_source=False` leaves the source open for another Ingest."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self.source.close()
+        if close_source:
+            self.source.close()
         self.dead_letters.flush()
 
     def __enter__(self) -> "Ingest":

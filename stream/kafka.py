@@ -313,6 +313,36 @@ class KafkaSource(Source):
             else:
                 consumer.seek_to_end(tp)
 
+    def rewind(self, positions: Positions) -> bool:
+        """Seek the live consumer to `positions` (a rollback or a retried window).
+
+        Re-opening would close a group member and make a new one, and a member closed
+        while it is still joining lingers in the group until the broker's rebalance
+        timeout, holding the partitions. False (re-open instead) when the consumer is not
+        open or an assigned partition has no position to go to.
+        """
+        consumer = self._consumer
+        if consumer is None or self._closed:
+            return False
+        assigned = {PartitionKey(tp.topic, tp.partition): tp for tp in consumer.assignment()}
+        targets = dict(positions.items())
+        if any(key not in targets for key in assigned):
+            return False
+        self.start = positions
+        self._pending_skip.clear()
+        with self.ownership.lock:
+            # A partition assigned again later resumes at what was delivered (see
+            # _resume_from_committed): that is now `positions`, not what was read before.
+            self.ownership.delivered = {PartitionKey(*key): position for key, position in targets.items()}
+        for key, tp in assigned.items():
+            saved = targets[key]
+            consumer.seek(tp, saved.offset)
+            if saved.skip:
+                self._pending_skip[key] = saved
+            self._positions[key] = saved.offset
+        log.info("kafka: rewound to %s", positions)
+        return True
+
     def _on_revoked(self, revoked) -> Positions:
         """Drop revoked partitions from ownership; returns their delivered positions (to commit)."""
         delivered = Positions(self.ownership.revoke([(tp.topic, tp.partition) for tp in revoked]))

@@ -53,6 +53,13 @@ class Source:
     def commit(self, positions: Positions) -> None:
         pass
 
+    def rewind(self, positions: Positions) -> bool:
+        """Read on from `positions` without re-opening; False when this source cannot (re-open it).
+
+        Call it only while nothing polls the source (its ingest thread stopped).
+        """
+        return False
+
     def close(self) -> None:
         pass
 

@@ -117,6 +117,34 @@ def test_seek_to_saved_positions_resumes_exactly_after_the_last_record(broker, t
     assert rest_batcher.positions == Positions({(topic, 0): 60, (topic, 1): 6})
 
 
+def test_a_group_member_rewinds_in_place_to_saved_positions(broker, topic_name):
+    """A rollback or retry moves the live consumer back (no new group member): every example
+    from the saved positions on is delivered again, inside a half-delivered batched record too."""
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 1)
+    codec = BinaryCodec(ID_SPEC)
+    records = [codec.encode(np.repeat(np.arange(10 * j, 10 * j + 10)[:, None], 2, 1), np.arange(10) % 10)
+               for j in range(8)]
+    _produce(broker.bootstrap, topic, records)
+    source = KafkaSource(KafkaSettings(broker.bootstrap, (topic,), group_id="rewind", session_timeout_ms=6000))
+    batcher = Batcher(ID_SPEC, 16, ownership=source.ownership)
+    ingest = Ingest(source, codec).start()
+    first = _collect(ingest, batcher, 32)[:2]  # 32 examples: record 3 is cut after 2 of its 10
+    saved = first[-1].positions
+    assert saved == Positions({(topic, 0): (3, 2)})
+    _collect(ingest, batcher, 80 - 32)  # read on to the end, as a window that then regressed would
+    consumer = source._consumer
+    ingest.stop(close_source=False)
+
+    assert source.rewind(saved)
+    assert source._consumer is consumer  # the same member: no re-join
+    again = Batcher(ID_SPEC, 16, ownership=source.ownership, start=saved)
+    with Ingest(source, codec) as ingest:
+        replayed = _ids(_collect(ingest, again, 80 - 32))
+    assert replayed == list(range(32, 80))
+    assert again.positions == Positions({(topic, 0): 8})
+
+
 def test_two_consumers_in_a_group_split_partitions_without_loss_or_duplicates(broker, topic_name):
     topic = topic_name()
     create_topic(broker.bootstrap, topic, 4)
