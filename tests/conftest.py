@@ -39,3 +39,14 @@ def record_scenario(path, *, segments: int, seed: int, topic: str = "digits"):
             writer.write(run)
     writer.close()
     return path
+
+
+def accepted_chain(ledger: list[dict], final: int | None) -> list[dict]:
+    """The checkpoints of the surviving lineage, oldest first: "accept" events followed by parent
+    links back from checkpoint `final`."""
+    accepts = {e["checkpoint"]: e for e in ledger if e["event"] == "accept"}
+    chain, number = [], final
+    while number is not None:
+        chain.append(accepts[number])
+        number = accepts[number]["parent"]
+    return chain[::-1]

@@ -16,7 +16,7 @@ from benchmarks.guard import run_scenario_through_loop
 from checkpoints import CheckpointStore
 from continuity.guard import GuardConfig
 from continuity.loop import params_digest
-from conftest import record_scenario
+from conftest import accepted_chain, record_scenario
 from stream import Positions, ScenarioSource, make_codec
 from stream.scenarios import make_scenario
 
@@ -30,16 +30,6 @@ REPO = Path(__file__).resolve().parent.parent
 def recording(tmp_path_factory) -> Path:
     """permuted-digits, 3 segments, one partition, recorded to Parquet."""
     return record_scenario(tmp_path_factory.mktemp("recording") / "stream.parquet", segments=3, seed=4)
-
-
-def _accepted_chain(ledger: list[dict], final: int) -> list[dict]:
-    """The accepted windows of the surviving lineage, oldest first, found by parent links."""
-    accepts = {e["checkpoint"]: e for e in ledger if e["event"] == "accept"}
-    chain, number = [], final
-    while number is not None:
-        chain.append(accepts[number])
-        number = accepts[number]["parent"]
-    return chain[::-1]
 
 
 def _offset(positions_json) -> int:
@@ -83,7 +73,7 @@ def test_killed_and_restarted_run_ends_bit_identical_with_every_record_trained_o
     ledger = CheckpointStore(directory / "checkpoints", create=False).ledger.read()
     assert sum(e["event"] == "restore" for e in ledger) >= 2
     final = CheckpointStore(directory / "checkpoints", create=False).last_good()
-    chain = _accepted_chain(ledger, final)
+    chain = accepted_chain(ledger, final)
     assert _offset(chain[0]["from"]) == 0
     for earlier, later in zip(chain, chain[1:]):
         assert later["from"] == earlier["positions"]  # contiguous: no gap, no overlap

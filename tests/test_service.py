@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from checkpoints import CheckpointStore
 from continuity.cli import main
-from conftest import record_scenario
+from conftest import accepted_chain, record_scenario
 from stream import FeatureSpec, Positions, ScenarioSource, create_topic, free_port, make_codec, produce_records
 from stream.scenarios import make_scenario
 
@@ -161,12 +161,7 @@ def test_serve_trains_checkpoints_exposes_metrics_stops_cleanly_and_resumes(brok
     restore = [e for e in ledger if e["event"] == "restore"][-1]
     assert restore["positions"] == stopped_at
     # The surviving lineage: accepted windows chained by parent, contiguous from 0 to the end.
-    accepts = {e["checkpoint"]: e for e in ledger if e["event"] == "accept"}
-    chain, number = [], store.last_good()
-    while number is not None:
-        chain.append(accepts[number])
-        number = accepts[number]["parent"]
-    chain.reverse()
+    chain = accepted_chain(ledger, store.last_good())
     assert Positions.from_json(chain[0]["from"]).offset(topic, 0) in (None, 0)
     for earlier, later in zip(chain, chain[1:]):
         assert later["from"] == earlier["positions"]

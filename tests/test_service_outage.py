@@ -31,6 +31,7 @@ from stream import (
     produce_records,
 )
 from stream.scenarios import make_scenario
+from conftest import accepted_chain
 from tcp_proxy import TcpProxy
 
 SPEC = FeatureSpec((8, 8, 1), "float32", 10)
@@ -186,12 +187,7 @@ def test_serve_rides_out_a_broker_outage_and_trains_every_record_once(topic_name
     # The surviving lineage: accepted windows chained by parent, contiguous from 0 to the end.
     store = service.store
     events = store.ledger.read()
-    accepts = {e["checkpoint"]: e for e in events if e["event"] == "accept"}
-    chain, number = [], store.last_good()
-    while number is not None:
-        chain.append(accepts[number])
-        number = accepts[number]["parent"]
-    chain.reverse()
+    chain = accepted_chain(events, store.last_good())
     assert Positions.from_json(chain[0]["from"]).offset(topic, 0) in (None, 0)
     for earlier, later in zip(chain, chain[1:]):
         assert later["from"] == earlier["positions"]
