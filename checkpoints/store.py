@@ -350,10 +350,10 @@ class CheckpointStore:
 
     # ---- reading ---------------------------------------------------------------------
 
+    @_locked
     def numbers(self) -> list[int]:
-        """Finalized checkpoint numbers, oldest first (a save still being written is left out)."""
-        with self._lock:
-            return sorted(self._manager.all_steps())
+        """Finalized checkpoint numbers, oldest first (called while a save is written, waits for it)."""
+        return sorted(self._manager.all_steps())
 
     @_locked
     def list(self) -> list[CheckpointInfo]:

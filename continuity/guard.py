@@ -135,13 +135,7 @@ class Guard:
         candidate_eval = self.learner.evaluate(candidate.params, x, y)
         self._judged = (candidate, _Results(serials, candidate_eval))
 
-        def compare(reference) -> Verdict:
-            if reference is self.anchor:
-                reference_eval, self._anchor_results = self._evaluate_cached(reference, self._anchor_results,
-                                                                            x, y, serials)
-            else:
-                reference_eval, self._good_results = self._evaluate_cached(reference, self._good_results,
-                                                                          x, y, serials)
+        def compare(reference_eval: Evaluation) -> Verdict:
             options = dict(alpha=self.config.alpha, min_examples=self.config.min_examples)
             if regression:
                 return judge_losses(reference_eval.loss, candidate_eval.loss, ids, names,
@@ -149,9 +143,13 @@ class Guard:
             return judge(reference_eval.correct, candidate_eval.correct, ids, names,
                          tolerance=self.config.tolerance, **options)
 
-        verdict = compare(self.last_good.params)
+        good_eval, self._good_results = self._evaluate_cached(self.last_good.params, self._good_results,
+                                                              x, y, serials)
+        verdict = compare(good_eval)
         if not verdict.regressed and self.anchor is not None:
-            against_anchor = compare(self.anchor)
+            anchor_eval, self._anchor_results = self._evaluate_cached(self.anchor, self._anchor_results,
+                                                                      x, y, serials)
+            against_anchor = compare(anchor_eval)
             if against_anchor.regressed:
                 verdict = replace(against_anchor, against="anchor")
         if not self.config.enabled:
@@ -168,19 +166,17 @@ class Guard:
         """`params`' results on the probe rows, evaluating only the rows `cached` lacks."""
         if cached is None:
             evaluation = self.learner.evaluate(params, x, y)
-        else:
-            found, at = cached.lookup(serials)
-            missing = np.flatnonzero(~found)
-            fresh = self.learner.evaluate(params, x[missing], y[missing])
-            parts = []
-            for old, new in zip(cached.evaluation, fresh):
-                if old is None:
-                    parts.append(None)
-                    continue
-                merged = old[at]  # a copy (fancy indexing); rows not found are overwritten next
-                merged[missing] = new
-                parts.append(merged)
-            evaluation = Evaluation(*parts)
+            return evaluation, _Results(serials, evaluation)
+        found, at = cached.lookup(serials)
+        missing = np.flatnonzero(~found)
+        fresh = self.learner.evaluate(params, x[missing], y[missing])
+        merged = []
+        for old, new in zip(cached.evaluation, fresh):
+            if old is not None:
+                old = old[at]  # a copy (fancy indexing); the rows not found are overwritten next
+                old[missing] = new
+            merged.append(old)
+        evaluation = Evaluation(*merged)
         return evaluation, _Results(serials, evaluation)
 
     def accept(self, candidate: LearnerState, recent: tuple[np.ndarray, np.ndarray] | None = None) -> LearnerState:

@@ -229,7 +229,6 @@ class TrainingLoop:
         self._step_seconds: list[float] = []
         self._requests: queue.Queue[_Request] = queue.Queue()
         self.ready = threading.Event()  # set once restored and reading
-        self.good_number: int | None = None  # the newest good checkpoint (what a restart restores)
         self.reader: _Reader | None = None
         self._saved: _Good | None = None  # the good model last checkpointed (or restored): lineage parent
         self._last_save = time.monotonic()
@@ -251,6 +250,11 @@ class TrainingLoop:
 
     # ---- public ----------------------------------------------------------------------------
 
+    @property
+    def good_number(self) -> int | None:
+        """The newest good checkpoint: what a restart restores (read from other threads too)."""
+        return None if self._saved is None else self._saved.number
+
     def stopping(self) -> bool:
         return self._stop() or (self.max_examples is not None and self.summary.examples_trained >= self.max_examples)
 
@@ -258,7 +262,6 @@ class TrainingLoop:
         started = time.perf_counter()
         state, good = self._restore_or_start()
         self._saved = good
-        self.good_number = good.number
         probe = good.probe.copy()
         self.guard.mark_good(state)
         reader = self.reader = self._open(good)
@@ -387,7 +390,6 @@ class TrainingLoop:
         restored = self.store.restore(number, state_like=self.learner.init(self.seed))
         state, good = self._from_restored(restored)
         self._saved = good
-        self.good_number = good.number
         self._uncommitted = None  # newer than the checkpoint rolled back to: committing it would skip records
         self.guard.mark_good(state)
         reader = self.reader = self._reopen(reader, good)
@@ -528,7 +530,7 @@ class TrainingLoop:
         }
         good.number = self.store.save(state, arrays, metadata)
         self._saved, self._uncommitted, self._last_save = good, good.positions, time.monotonic()
-        self.good_number = self.summary.last_checkpoint = good.number
+        self.summary.last_checkpoint = good.number
         # parent + from + positions chain the checkpoints: the lineage a restart continues.
         self.ledger.append("accept", checkpoint=good.number, parent=parent.number, learner_step=int(state.step),
                            **{"from": parent.positions.to_json()}, positions=good.positions.to_json(),

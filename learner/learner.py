@@ -151,24 +151,24 @@ class Learner:
             present = None
 
         def loss_fn(params):
-            if self.regression:
-                valid = replay_valid if self.replay is not None else None
-                return self._regression_loss(params, x_all, y_all, mask, valid, state.ewc)
-            logits = self.logits(params, x_all)
-            fresh_logits = logits[:fresh_rows]
+            outputs = self.logits(params, x_all)
+            fresh_outputs = outputs[:fresh_rows]
             if present is not None:
-                fresh_logits = jnp.where(present, fresh_logits, jnp.finfo(fresh_logits.dtype).min)
-            fresh_loss = _masked_mean(optax.softmax_cross_entropy_with_integer_labels(fresh_logits, y), mask)
+                fresh_outputs = jnp.where(present, fresh_outputs, jnp.finfo(fresh_outputs.dtype).min)
+            fresh_losses = self._example_losses(fresh_outputs, y)
+            fresh_loss = _masked_mean(fresh_losses, mask)
             replay_loss = (
-                _masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits[fresh_rows:], y_all[fresh_rows:]),
-                             replay_valid)
+                _masked_mean(self._example_losses(outputs[fresh_rows:], y_all[fresh_rows:]), replay_valid)
                 if self.replay is not None else jnp.zeros(())
             )
             penalty = ewc.penalty(params, state.ewc) if config.ewc.enabled else jnp.zeros(())
-            correct = jnp.sum(jnp.where(mask, jnp.argmax(logits[:fresh_rows], -1) == y, False))  # all classes
-            return fresh_loss + replay_loss + penalty, (fresh_loss, replay_loss, penalty, correct)
+            if self.regression:
+                score = jnp.sum(jnp.where(mask, fresh_losses, 0.0))  # squared error
+            else:
+                score = jnp.sum(jnp.where(mask, jnp.argmax(outputs[:fresh_rows], -1) == y, False))  # all classes
+            return fresh_loss + replay_loss + penalty, (fresh_loss, replay_loss, penalty, score)
 
-        (loss, (fresh_loss, replay_loss, penalty, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (fresh_loss, replay_loss, penalty, score)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
         grad_norm = optax.global_norm(grads)
@@ -192,7 +192,7 @@ class Learner:
             "ewc_penalty": penalty,
             "grad_norm": grad_norm,
             "examples": valid,
-            ("squared_error" if self.regression else "correct"): correct,
+            ("squared_error" if self.regression else "correct"): score,
             "finite": finite,
         }
         new_state = state.replace(
@@ -204,25 +204,20 @@ class Learner:
         )
         return new_state, metrics
 
-    def _regression_loss(self, params, x_all, y_all, mask, replay_valid, ewc_state):
-        """Masked mean squared error on the fresh rows, plus the replayed rows' and the EWC penalty."""
-        fresh_rows = mask.shape[0]
-        squared = jnp.square(self.logits(params, x_all)[:, 0] - y_all)
-        fresh_loss = _masked_mean(squared[:fresh_rows], mask)
-        replay_loss = _masked_mean(squared[fresh_rows:], replay_valid) if replay_valid is not None else jnp.zeros(())
-        penalty = ewc.penalty(params, ewc_state) if self.config.ewc.enabled else jnp.zeros(())
-        squared_error = jnp.sum(jnp.where(mask, squared[:fresh_rows], 0.0))
-        return fresh_loss + replay_loss + penalty, (fresh_loss, replay_loss, penalty, squared_error)
+    def _example_losses(self, outputs: jax.Array, y: jax.Array) -> jax.Array:
+        """The task's loss per example: squared error of the one output, or softmax cross-entropy."""
+        if self.regression:
+            return jnp.square(outputs[:, 0] - y)
+        return optax.softmax_cross_entropy_with_integer_labels(outputs, y)
 
     # ---- evaluation --------------------------------------------------------------------
 
     def _evaluate_rows(self, params, x, y):
+        outputs = self.logits(params, x)
+        loss = self._example_losses(outputs, y)
         if self.regression:
-            predicted = self.logits(params, x)[:, 0]
-            return None, jnp.square(predicted - y), predicted
-        logits = self.logits(params, x)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        predicted = jnp.argmax(logits, -1).astype(jnp.int32)
+            return None, loss, outputs[:, 0]
+        predicted = jnp.argmax(outputs, -1).astype(jnp.int32)
         return predicted == y, loss, predicted
 
     def evaluate(self, params, x: np.ndarray, y: np.ndarray) -> Evaluation:
