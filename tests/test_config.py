@@ -161,6 +161,7 @@ def test_wrong_type(tmp_path, text, key, expected, received):
     ("[stream]\nfeature_shape = [8, 0]\n", "[stream] feature_shape", "positive integers"),
     ("[service]\nhttp_port = 70000\n", "[service] http_port", "must be in 0..65535. Got 70000."),
     ("[checkpoints]\nkeep_last = 0\n", "[checkpoints] keep_last", "must be >= 1"),
+    ("[checkpoints]\nevery_seconds = -1\n", "[checkpoints] every_seconds", "must be >= 0"),
     ("[ewc]\nstrength = 1.0\n", "[ewc]", "strength_min <= strength"),
 ])
 def test_out_of_range(tmp_path, text, key, detail):
