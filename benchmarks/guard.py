@@ -22,7 +22,7 @@ from continuity.loop import StreamInput, TrainingLoop
 from continuity.probe import ProbeConfig
 from learner import EWCConfig, Learner, LearnerConfig, ReplayConfig
 from stream import FeatureSpec, MemoryDeadLetters, ScenarioSource, make_codec
-from stream.scenarios import make_scenario
+from stream.scenarios import GUARD_EVERY_EXAMPLES, make_scenario
 
 # The learner and guard settings the demo uses (see BENCHMARKS.md for why these).
 GUARD_LEARNER = LearnerConfig(
@@ -30,19 +30,25 @@ GUARD_LEARNER = LearnerConfig(
     ewc=EWCConfig(enabled=True, strength=100.0, strength_min=10.0),
 )
 GUARD_PROBE = ProbeConfig(holdout_fraction=0.1)
+# The guard at the digits scenarios' cadence (their segments last ~1,400 examples).
+DIGITS_GUARD = GuardConfig(every_examples=GUARD_EVERY_EXAMPLES)
 
 
 def run_scenario_through_loop(scenario, *, guard: GuardConfig, seed: int, learner_config: LearnerConfig = GUARD_LEARNER,
                               probe: ProbeConfig = GUARD_PROBE, directory=None, learner: Learner | None = None,
-                              checkpoint_every_s: float = 0.0) -> dict:
+                              checkpoint_every_s: float = 0.0, examples_per_record: int = 1) -> dict:
     """One scenario through the real loop (in-memory source, real Orbax store); final test accuracies.
 
     Pass a `learner` already used once to measure without its compilations.
     """
     codec = make_codec("binary", FeatureSpec(scenario.example_shape, "float32", scenario.num_classes))
     quarantine = MemoryDeadLetters()
-    stream = StreamInput(open_source=lambda positions: ScenarioSource(scenario, codec, start=positions), codec=codec,
-                         dead_letters=MemoryDeadLetters(), quarantine=quarantine)
+
+    def open_source(positions):
+        return ScenarioSource(scenario, codec, start=positions, examples_per_record=examples_per_record)
+
+    stream = StreamInput(open_source=open_source, codec=codec, dead_letters=MemoryDeadLetters(),
+                         quarantine=quarantine)
     learner = learner or Learner(learner_config, scenario.example_shape, scenario.num_classes)
     with tempfile.TemporaryDirectory(prefix="continuity-bench-guard-") as scratch:
         store = CheckpointStore(directory or scratch)
@@ -70,7 +76,7 @@ def run_scenario_through_loop(scenario, *, guard: GuardConfig, seed: int, learne
 def run_guard_benchmark(scenario_name: str = "permuted-digits", *, poison: int = 5, seed: int = 0,
                         segments: int | None = 6, guard: GuardConfig | None = None) -> dict:
     """Three runs (four with the retry comparison); the poison should sit late, so its damage lasts to the end."""
-    guard = guard or GuardConfig()
+    guard = guard or DIGITS_GUARD
     clean = make_scenario(scenario_name, seed=seed, segments=segments)
     poisoned = make_scenario(scenario_name, seed=seed, segments=segments, poison=poison)
     runs = {

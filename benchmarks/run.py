@@ -107,7 +107,7 @@ def run_guard(out: Path) -> list[str]:
         results.append(result)
         (out / f"guard-seed{seed}.json").write_text(json.dumps(result, indent=2))
     lines = [
-        "### bench guard (permuted-digits, 6 segments, segment 5 a broken labeler, default guard)",
+        "### bench guard (permuted-digits, 6 segments, segment 5 a broken labeler, windows of 1,000)",
         "",
         "| run | clean-segment accuracy | ratio to clean | rollbacks | quarantined records |",
         "|---|---|---|---|---|",
@@ -128,9 +128,11 @@ def run_guard(out: Path) -> list[str]:
         f"max {costs['save_blocking_ms_max']:.1f} ms",
     ]
     for overhead in costs["overhead"]:
-        lines.append(f"- guard share of wall time, windows of {overhead['every_examples']:,} examples: "
+        lines.append(f"- guard share of wall time, {overhead['stream']} stream ({overhead['segments']} segments), "
+                     f"windows of {overhead['every_examples']:,} examples: "
                      f"{100 * overhead['guard_overhead_fraction']:.1f}% ({overhead['windows']} windows, "
-                     f"{overhead['guard_seconds']:.2f} s of {overhead['wall_seconds']:.2f} s)")
+                     f"{overhead['guard_seconds']:.2f} s of {overhead['wall_seconds']:.2f} s; "
+                     f"{overhead['rollbacks']} rollbacks, {overhead['quarantined_records']:,} records quarantined)")
     lines.append("")
     return lines
 

@@ -812,9 +812,11 @@ _COMMENTS = {
     ("probe", "holdout_fraction"): "share of the stream held out for the probe (chosen by hashing the record key)",
     ("probe", "per_segment"): "probe examples kept per segment (reservoir)",
     ("probe", "max_segments"): "beyond this the oldest segment is dropped",
-    ("probe", "window_examples"): "records without a segment: held-out examples per window segment",
+    ("probe", "window_examples"): "records without a segment: held-out examples per window segment "
+                                  "(5,000: one per default window)",
     ("probe", "golden"): "optional .npz with arrays x, y: a fixed probe segment",
-    ("probe", "every_examples"): "trained examples between probe checks (a window: judged, EWC consolidated on accept)",
+    ("probe", "every_examples"): "trained examples per window (judged, EWC consolidated on accept); "
+                                 "judging costs about what training 1,000 does",
     ("probe", "tolerance"): "accuracy drop (overall or one segment) that may count as a regression",
     ("probe", "loss_tolerance"): "regression: relative rise of the mean probe loss that may count as one (0.2 = +20%)",
     ("probe", "alpha"): "significance of the one-sided paired test (McNemar on predictions; Wilcoxon on regression losses)",
@@ -864,7 +866,8 @@ def example_config() -> str:
         "# Check a file with `continuity config check --config FILE`; override one value on any",
         "# command that takes --config with `--set section.key=value` (e.g. --set learner.batch_size=64).",
         "# Try it: `continuity broker --port 9092`, then",
-        "# `continuity produce --bootstrap 127.0.0.1:9092 --topic digits --scenario permuted-digits`.",
+        "# `continuity produce --bootstrap 127.0.0.1:9092 --topic digits --scenario permuted-digits`,",
+        "# and serve with --set probe.every_examples=1000 (digits segments last ~1,400 examples).",
     ]
     for section in SECTIONS:
         lines += ["", f"# {_SECTION_NOTES[section]}", f"[{section}]"]

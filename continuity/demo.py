@@ -23,7 +23,7 @@ def run_demo(*, out: Path, seconds: int, segments: int = 6, seed: int = 0) -> in
     from continuity.report import write_markdown, write_png
     from continuity.service import Service, format_progress, format_summary
     from stream import EmbeddedBroker, ScenarioSource, create_topic, make_codec, produce_records
-    from stream.scenarios import make_scenario
+    from stream.scenarios import GUARD_EVERY_EXAMPLES, make_scenario
 
     if segments < 2:
         from continuity.errors import UsageError
@@ -44,6 +44,9 @@ def run_demo(*, out: Path, seconds: int, segments: int = 6, seed: int = 0) -> in
             f'stream.bootstrap="{broker.bootstrap}"', f'stream.topics=["{TOPIC}"]',
             f'checkpoints.dir="{checkpoints}"', "service.http_port=0", "service.progress_every_s=2",
             "checkpoints.every_seconds=2",  # a short stream: checkpoint often enough to show a few
+            # Judge within each segment: digits segments last ~1,400 examples (the service
+            # default, 50,000, is for streams that drift over far more).
+            f"probe.every_examples={GUARD_EVERY_EXAMPLES}",
             f"service.seed={seed}",
         ])
         codec = make_codec("binary", config.stream.feature_spec())

@@ -57,6 +57,8 @@ from stream.ingest import IDLE, BatchStream
 
 log = logging.getLogger(__name__)
 
+REGRESSION_STREAK = 3  # windows regressed in a row before the first warning
+
 SCHEMA_VERSION = 1
 
 
@@ -233,6 +235,7 @@ class TrainingLoop:
         self._saved: _Good | None = None  # the good model last checkpointed (or restored): lineage parent
         self._last_save = time.monotonic()
         self._uncommitted: Positions | None = None  # positions of a save not yet known to be finalized
+        self._regressed_in_a_row = 0  # windows judged regressed since the last accepted one
 
     def request(self, kind: str, *, timeout_s: float = 60.0, **args) -> dict:
         """Ask the loop, from another thread, to `rollback` (to=N | None) or `checkpoint` now; waits for it.
@@ -326,9 +329,10 @@ class TrainingLoop:
             if self._checkpoint_due(good):
                 self._checkpoint(good)
             self.summary.accepted += 1
-            retries = 0
+            self._regressed_in_a_row = retries = 0
         else:
             self.summary.rollbacks += 1
+            self._warn_of_a_streak(verdict)
             state = self.guard.roll_back()
             probe = good.probe.copy()
             self.ledger.append("rollback", window=self.summary.windows, to_checkpoint=good.number,
@@ -357,6 +361,22 @@ class TrainingLoop:
         jax.block_until_ready(state)
         self.summary.guard_seconds += time.perf_counter() - guard_started
         return state, good, probe, reader, retries, halt
+
+    def _warn_of_a_streak(self, verdict) -> None:
+        """Say so when windows keep regressing: the guard may be holding off drift, not damage.
+
+        A stream that drifts further per window than `probe.tolerance` lets old segments
+        forget is judged regressed window after window, and (quarantine) none of it is
+        learned. Only an operator can tell that from a long-broken upstream.
+        """
+        self._regressed_in_a_row += 1
+        streaks, rest = divmod(self._regressed_in_a_row, REGRESSION_STREAK)
+        if rest == 0 and streaks & (streaks - 1) == 0:  # at 3, 6, 12, 24, ... windows: loud, not spammy
+            log.warning("%d windows in a row regressed (now on %s, against the %s); nothing has been learned "
+                        "since checkpoint %s. If the stream has drifted for good rather than broken, raise "
+                        "probe.tolerance, the model's capacity or replay.capacity.",
+                        self._regressed_in_a_row, ", ".join(verdict.regressed_scopes) or "overall",
+                        "anchor" if verdict.against == "anchor" else "last good model", self.good_number)
 
     def _handle_requests(self, state, good: _Good, probe: ProbeStore, reader: _Reader):
         """Operator requests, between windows: the window in progress was already judged."""

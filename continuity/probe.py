@@ -34,7 +34,10 @@ class ProbeConfig:
     holdout_fraction: float = 0.1  # ~140 probe examples per digits segment: enough for the paired test
     per_segment: int = 200  # examples kept per segment (reservoir)
     max_segments: int = 64  # beyond this the oldest segment's reservoir is dropped
-    window_examples: int = 200  # held-out examples per window segment, for records without a segment
+    # Records without a segment: held-out examples per window segment. At the default holdout
+    # (10%) and cadence (probe.every_examples 50,000) that is one segment per judged window, so
+    # the probe reaches back 64 windows and the reference models meet few rows they have not seen.
+    window_examples: int = 5_000
     golden: str | None = None  # optional .npz with arrays x, y: a fixed probe segment
 
     def __post_init__(self):
@@ -77,7 +80,7 @@ class ProbeStore:
     """
 
     def __init__(self, example_shape: tuple[int, ...], *, per_segment: int = 200, max_segments: int = 64,
-                 window_examples: int = 200, seed: int = 0, label_dtype=np.int32):
+                 window_examples: int = 5_000, seed: int = 0, label_dtype=np.int32):
         self.example_shape = tuple(example_shape)
         self.per_segment = per_segment
         self.max_segments = max_segments

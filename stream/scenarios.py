@@ -43,6 +43,10 @@ REGRESSION_SCENARIOS = ("drifting-regression",)  # float targets, generated from
 POISON_MODES = ("shuffle", "flip")
 
 NUM_CLASSES = 10
+# How often a guard judges these scenarios: their segments last ~1,400 training examples,
+# so windows of 1,000 examples judge every segment at least once. The service's default
+# (`probe.every_examples`, 50,000) is for streams that drift over far more examples.
+GUARD_EVERY_EXAMPLES = 1000
 IMAGE_SIZE = 8
 EXAMPLE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
 _DEFAULT_SEGMENTS = {"permuted-digits": 10, "rotated-digits": 5, "split-digits": 5, "drifting-regression": 4}

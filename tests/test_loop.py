@@ -1,21 +1,22 @@
 """The training loop with its guard, end to end over recorded and synthetic streams."""
 
 import json
+import logging
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks.guard import run_scenario_through_loop
+from benchmarks.guard import DIGITS_GUARD, run_scenario_through_loop
 from checkpoints import CheckpointStore
-from continuity.guard import GuardConfig
-from continuity.loop import params_digest
+from continuity.loop import REGRESSION_STREAK, params_digest
 from conftest import accepted_chain, record_scenario
 from stream import Positions, ScenarioSource, make_codec
 from stream.scenarios import make_scenario
@@ -135,13 +136,13 @@ def summary_positions(loop) -> dict:
 
 @pytest.fixture(scope="module")
 def guard_runs():
-    """The same permuted-digits stream clean, poisoned unguarded, and poisoned guarded (default guard)."""
+    """The same permuted-digits stream clean, poisoned unguarded, and poisoned guarded (digits cadence)."""
     clean = make_scenario("permuted-digits", segments=6, seed=0)
     poisoned = make_scenario("permuted-digits", segments=6, seed=0, poison=5)
-    guard = GuardConfig()
+    guard = DIGITS_GUARD
     return {
         "clean": run_scenario_through_loop(clean, guard=guard, seed=0),
-        "unguarded": run_scenario_through_loop(poisoned, guard=GuardConfig(enabled=False), seed=0),
+        "unguarded": run_scenario_through_loop(poisoned, guard=replace(guard, enabled=False), seed=0),
         "guarded": run_scenario_through_loop(poisoned, guard=guard, seed=0),
     }
 
@@ -163,3 +164,15 @@ def test_the_guard_holds_accuracy_against_a_broken_labeler(guard_runs):
     assert unguarded < 0.97 * clean
     print(f"\nclean {clean:.3f}  unguarded {unguarded:.3f} ({unguarded / clean:.3f})  "
           f"guarded {guarded:.3f} ({guarded / clean:.3f})")
+
+
+def test_windows_that_keep_regressing_are_reported_to_the_operator(caplog):
+    # A broken labeler (every label wrong) over the last segment, judged every 200 examples:
+    # its windows regress one after another, and a quarantine learns nothing from them.
+    poisoned = make_scenario("permuted-digits", segments=2, seed=0, poison=1, poison_mode="flip")
+    with caplog.at_level(logging.WARNING, logger="continuity.loop"):
+        run = run_scenario_through_loop(poisoned, guard=replace(DIGITS_GUARD, every_examples=200), seed=0)
+    streaks = [r.getMessage() for r in caplog.records if "windows in a row regressed" in r.getMessage()]
+    assert run["rollbacks"] >= REGRESSION_STREAK
+    assert streaks and streaks[0].startswith(f"{REGRESSION_STREAK} windows in a row regressed")
+    assert "nothing has been learned since checkpoint" in streaks[0]

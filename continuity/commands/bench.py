@@ -9,7 +9,7 @@ from pathlib import Path
 from benchmarks import STRATEGIES
 from continuity.commands.arguments import positive_int
 from continuity.commands.ingest import add_ingest_parser
-from stream.scenarios import SCENARIOS
+from stream.scenarios import GUARD_EVERY_EXAMPLES, SCENARIOS
 
 
 def register(subparsers) -> None:
@@ -46,6 +46,9 @@ def register(subparsers) -> None:
                        help="index of the segment a broken labeler replaces (default 5, the last of 6)")
     guard.add_argument("--segments", type=positive_int, default=6)
     guard.add_argument("--seed", type=int, default=0)
+    guard.add_argument("--every-examples", type=positive_int, default=GUARD_EVERY_EXAMPLES, metavar="N",
+                       help=f"judge every N trained examples (default {GUARD_EVERY_EXAMPLES:,}: the digits' segments "
+                            f"last ~1,400)")
     guard.add_argument("--json", type=Path, default=None, metavar="PATH")
     guard.set_defaults(handler=run_guard)
 
@@ -111,14 +114,18 @@ def run_step(args) -> int:
 
 
 def run_guard(args) -> int:
-    from benchmarks.guard import format_result, run_guard_benchmark
+    from dataclasses import replace
+
+    from benchmarks.guard import DIGITS_GUARD, format_result, run_guard_benchmark
 
     from continuity.errors import UsageError
 
     if args.poison >= args.segments:
         raise UsageError(f"--poison must name a segment below --segments ({args.segments}). Got {args.poison}.")
+    guard = replace(DIGITS_GUARD, every_examples=args.every_examples)
     try:
-        result = run_guard_benchmark(args.scenario, poison=args.poison, seed=args.seed, segments=args.segments)
+        result = run_guard_benchmark(args.scenario, poison=args.poison, seed=args.seed, segments=args.segments,
+                                     guard=guard)
     except ValueError as error:
         raise UsageError(str(error)) from None
     print(format_result(result))
