@@ -124,6 +124,7 @@ class Progress:
     positions: Positions
     step_seconds: list  # wall time per train dispatch since the last snapshot (host view)
     probe_loss: float | None = None  # regression tasks: probe mean loss; probe_segments then hold losses
+    regressed_in_a_row: int = 0  # windows judged regressed since the last accepted one
 
 
 @dataclass
@@ -605,6 +606,7 @@ class TrainingLoop:
             positions=good.positions,
             step_seconds=steps,
             probe_loss=self._last_report.get("loss"),
+            regressed_in_a_row=self._regressed_in_a_row,
         ))
 
 

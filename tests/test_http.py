@@ -127,10 +127,11 @@ def test_metrics_counters_stay_monotonic_and_gauges_follow():
     assert samples[("continuity_dead_letters_total", ())] == 5
     assert samples[("continuity_rollbacks_total", ())] == 1
     assert samples[("continuity_step_seconds_count", ())] == 3
+    assert samples[("continuity_regressions_in_a_row", ())] == 0
 
     # A new run reports totals from zero again: its work adds on, nothing goes down.
     metrics.observe(_progress(examples_trained=64, rollbacks=0, dead_letters=0, probe_accuracy=0.5,
-                              probe_segments={"s0": 0.4}, checkpoint=7, step_seconds=[]))
+                              probe_segments={"s0": 0.4}, checkpoint=7, step_seconds=[], regressed_in_a_row=2))
     samples = _samples(metrics.registry)
     assert samples[("continuity_examples_trained_total", ())] == 1064
     assert samples[("continuity_rollbacks_total", ())] == 1
@@ -139,6 +140,7 @@ def test_metrics_counters_stay_monotonic_and_gauges_follow():
     assert samples[("continuity_probe_accuracy", (("segment", "s1"),))] == 0.87  # last known value
     assert ("continuity_probe_accuracy", (("segment", "empty"),)) not in samples
     assert samples[("continuity_checkpoint", ())] == 7
+    assert samples[("continuity_regressions_in_a_row", ())] == 2
 
     metrics.set_lag({"digits/0": 10, "digits/1": 0})
     metrics.set_lag({"digits/1": 4})  # partition 0 was revoked: its series goes
