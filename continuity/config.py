@@ -823,6 +823,8 @@ _COMMENTS = {
     ("probe", "on_regression"): '"quarantine", "retry" (stronger lambda, then quarantine) or "halt"',
     ("probe", "max_retries"): "retries of a window before it is quarantined",
     ("probe", "min_examples"): "probe examples a segment needs before it is tested",
+    ("probe", "every_seconds"): "serve: a window also closes after this long, so a slow stream is judged "
+                                "regularly (replay: by count only); 0 = by count only",
     ("probe", "anchor_windows"): "also judge against the good model of up to this many windows ago (catches slow seepage); 0 = off",
     ("probe", "enabled"): "false: accept every candidate (to measure what the guard prevents)",
     ("checkpoints", "dir"): "checkpoint store directory",

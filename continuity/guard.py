@@ -39,6 +39,10 @@ class GuardConfig:
     # costs"). Smaller windows catch damage sooner and quarantine less with it, at that
     # price: the digits scenarios, whose segments last ~1,400 examples, use 1,000.
     every_examples: int = 50_000  # trained examples between probe checks
+    # A live stream (serve) also closes a window after this many seconds, so a slow one is still
+    # judged and checkpointed regularly. Recorded streams (replay) close windows by count only,
+    # so the same records always make the same windows. 0: by count only.
+    every_seconds: float = 60.0
     # tolerance and alpha were measured on permuted-digits (BENCHMARKS.md, "Guard"): with
     # 1000-example windows a clean new segment dips old segments by at most ~0.13, a broken
     # labeler by ~0.4.
@@ -62,6 +66,8 @@ class GuardConfig:
     def __post_init__(self):
         if self.every_examples < 1:
             raise ValueError(f"`probe.every_examples` must be >= 1. Got {self.every_examples!r}.")
+        if not (isinstance(self.every_seconds, (int, float)) and 0 <= self.every_seconds < float("inf")):
+            raise ValueError(f"`probe.every_seconds` must be a finite number >= 0. Got {self.every_seconds!r}.")
         if not 0 <= self.tolerance < 1:
             raise ValueError(f"`probe.tolerance` must be in [0, 1). Got {self.tolerance!r}.")
         if not (isinstance(self.loss_tolerance, (int, float)) and 0 <= self.loss_tolerance < float("inf")):

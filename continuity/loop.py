@@ -78,6 +78,9 @@ class StreamInput:
     # A live stream that goes quiet closes its window after this long, so what was trained is
     # judged, checkpointed and committed instead of waiting for the next record. None: never.
     judge_idle_s: float | None = None
+    # Records arrive in real time (Kafka): a window also closes after `probe.every_seconds`.
+    # False for recorded streams, whose windows close by count only (replays are bit-identical).
+    live: bool = False
 
 
 @dataclass
@@ -471,10 +474,13 @@ class TrainingLoop:
         ended = False
         recent: list[tuple[np.ndarray, np.ndarray]] = []
         fisher_rows = self.learner.config.ewc.fisher_samples
-        last_batch = time.monotonic()
+        last_batch = started = time.monotonic()
         judge_idle_s = self.stream.judge_idle_s
+        every_s = self.guard_config.every_seconds if self.stream.live else 0
         while trained < self.guard_config.every_examples:
             if self.stopping() or not self._requests.empty():
+                break
+            if trained and every_s and time.monotonic() - started >= every_s:
                 break
             batch = reader.next()
             if batch is None:

@@ -59,7 +59,8 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
         return KafkaSource(assigned, start=positions)
 
     return StreamInput(open_source=open_kafka, open_reader=open_range, codec=codec, dead_letters=dead_letters,
-                       quarantine=quarantine, idle_timeout_s=idle_timeout_s, flush_idle=True, judge_idle_s=3.0)
+                       quarantine=quarantine, idle_timeout_s=idle_timeout_s, flush_idle=True, judge_idle_s=3.0,
+                       live=True)
 
 
 class Service:

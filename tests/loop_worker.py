@@ -19,13 +19,15 @@ from stream import FeatureSpec, FileSource, JsonLinesDeadLetters, make_codec
 SPEC = FeatureSpec((8, 8, 1), "float32", 10)
 
 
-def build_loop(recording: Path, directory: Path) -> TrainingLoop:
+def build_loop(recording: Path, directory: Path, *, guard: GuardConfig = GuardConfig(every_examples=400),
+               live: bool = False) -> TrainingLoop:
     codec = make_codec("binary", SPEC)
     stream = StreamInput(
         open_source=lambda positions: FileSource(recording, start=positions),
         codec=codec,
         dead_letters=JsonLinesDeadLetters(directory / "dead-letters.jsonl"),
         quarantine=JsonLinesDeadLetters(directory / "quarantine.jsonl"),
+        live=live,
     )
     learner = Learner(
         LearnerConfig(model=ModelConfig(hidden=(64,)),
@@ -34,7 +36,7 @@ def build_loop(recording: Path, directory: Path) -> TrainingLoop:
         SPEC.shape, SPEC.num_classes)
     store = CheckpointStore(directory / "checkpoints", keep_last=2)
     return TrainingLoop(stream, learner, store, probe=ProbeConfig(holdout_fraction=0.1),
-                        guard=GuardConfig(every_examples=400), seed=0)
+                        guard=guard, seed=0)
 
 
 if __name__ == "__main__":

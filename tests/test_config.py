@@ -162,6 +162,7 @@ def test_wrong_type(tmp_path, text, key, expected, received):
     ("[service]\nhttp_port = 70000\n", "[service] http_port", "must be in 0..65535. Got 70000."),
     ("[checkpoints]\nkeep_last = 0\n", "[checkpoints] keep_last", "must be >= 1"),
     ("[checkpoints]\nevery_seconds = -1\n", "[checkpoints] every_seconds", "must be >= 0"),
+    ("[probe]\nevery_seconds = -5\n", "[probe] every_seconds", "must be a finite number >= 0. Got -5."),
     ("[ewc]\nstrength = 1.0\n", "[ewc]", "strength_min <= strength"),
 ])
 def test_out_of_range(tmp_path, text, key, detail):

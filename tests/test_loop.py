@@ -16,6 +16,7 @@ import pytest
 
 from benchmarks.guard import DIGITS_GUARD, run_scenario_through_loop
 from checkpoints import CheckpointStore
+from continuity.guard import GuardConfig
 from continuity.loop import REGRESSION_STREAK, params_digest
 from conftest import accepted_chain, record_scenario
 from stream import Positions, ScenarioSource, make_codec
@@ -93,6 +94,19 @@ def _count(ledger: Path, event: str) -> int:
         except (json.JSONDecodeError, KeyError):
             pass  # a line being written
     return count
+
+
+def test_a_live_stream_closes_windows_on_time_a_recorded_one_by_count_only(recording, tmp_path):
+    # probe.every_seconds: a slow live stream is still judged regularly, while a replay's
+    # windows depend on its records alone (so replays stay bit-identical).
+    by_time = GuardConfig(every_examples=10**9, every_seconds=0.05)
+    windows = {}
+    for live in (False, True):
+        loop = build_loop(recording, tmp_path / f"live-{live}", guard=by_time, live=live)
+        windows[live] = loop.run().windows
+        loop.store.close()
+    assert windows[False] == 1  # the end of the stream closes the only window
+    assert windows[True] > 1
 
 
 def test_restart_restores_state_positions_and_probe(recording, tmp_path):
