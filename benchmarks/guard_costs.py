@@ -7,6 +7,9 @@
 - overhead: share of a loop run's wall time spent judging, consolidating and starting
   saves, through the real loop: at the default cadence on a steady stream with a full
   probe (the target's figure), and at the digits' cadence of 1,000 for comparison.
+- judgement in training examples: a judgement's own compute (the candidate on a full
+  probe, the Fisher refresh) over that of training one example, for three models: the
+  overhead at windows of N is about this / N, whatever the hardware.
 """
 
 from __future__ import annotations
@@ -35,6 +38,49 @@ def _million_parameter_state():
                       np.ones(32, bool))
         state, _ = learner.train_step(state, batch)
     return learner, jax.block_until_ready(state)
+
+
+def _median_ms(work, repeats: int = 5) -> float:
+    work()  # compiles
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        seconds.append(time.perf_counter() - started)
+    return 1000 * statistics.median(seconds)
+
+
+def measure_judgement_cost(model: ModelConfig, *, probe_rows: int = 64 * 200, steps: int = 32) -> dict:
+    """How many examples' training one judgement costs: the candidate on a full probe plus the Fisher refresh.
+
+    The service's learner otherwise (32 fresh + 32 replayed rows per step, EWC, 256 Fisher samples).
+    """
+    from benchmarks.guard import GUARD_LEARNER
+
+    learner = Learner(LearnerConfig(model=model, replay=GUARD_LEARNER.replay, ewc=GUARD_LEARNER.ewc), (8, 8, 1), 10)
+    rng = np.random.default_rng(0)
+    x = rng.random((probe_rows, 8, 8, 1), dtype=np.float32)
+    y = rng.integers(0, 10, probe_rows).astype(np.int32)
+    rows = learner.config.batch_size
+    batches = [Batch(x[i * rows:(i + 1) * rows], y[i * rows:(i + 1) * rows], np.ones(rows, bool)) for i in range(steps)]
+    held = {"state": learner.init(0)}
+
+    def train():
+        for batch in batches:
+            held["state"], _ = learner.train_step(held["state"], batch)
+        jax.block_until_ready(held["state"])
+
+    def consolidate():
+        held["state"] = jax.block_until_ready(learner.consolidate(held["state"]))
+
+    train_ms = _median_ms(train)
+    evaluate_ms = _median_ms(lambda: learner.evaluate(held["state"].params, x, y))
+    fisher_ms = _median_ms(consolidate)
+    per_example_ms = train_ms / (steps * rows)
+    return {"model": model.kind if model.kind == "cnn" else "mlp " + "x".join(map(str, model.hidden)),
+            "parameters": count_parameters(held["state"].params), "probe_rows": probe_rows,
+            "evaluate_ms": evaluate_ms, "fisher_ms": fisher_ms, "train_example_us": 1000 * per_example_ms,
+            "judgement_in_training_examples": (evaluate_ms + fisher_ms) / per_example_ms}
 
 
 def measure_rollback(repeats: int = 20) -> dict:
@@ -125,4 +171,6 @@ def run_guard_costs() -> dict:
             # The target's figure (the default cadence), then what finer windows cost: on the
             # same stream, and on drifting digits at the demo's cadence (with its reactions).
             "overhead": [measure_overhead(steady), measure_overhead(steady, GUARD_EVERY_EXAMPLES),
-                         measure_overhead(make_scenario("permuted-digits", segments=60), GUARD_EVERY_EXAMPLES)]}
+                         measure_overhead(make_scenario("permuted-digits", segments=60), GUARD_EVERY_EXAMPLES)],
+            "judgement": [measure_judgement_cost(model) for model in
+                          (ModelConfig(), ModelConfig(kind="cnn"), ModelConfig(hidden=(1024, 896)))]}

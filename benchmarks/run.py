@@ -133,6 +133,11 @@ def run_guard(out: Path) -> list[str]:
                      f"{100 * overhead['guard_overhead_fraction']:.1f}% ({overhead['windows']} windows, "
                      f"{overhead['guard_seconds']:.2f} s of {overhead['wall_seconds']:.2f} s; "
                      f"{overhead['rollbacks']} rollbacks, {overhead['quarantined_records']:,} records quarantined)")
+    for cost in costs["judgement"]:
+        lines.append(f"- one judgement, {cost['model']} ({cost['parameters']:,} parameters): candidate on "
+                     f"{cost['probe_rows']:,} probe rows {cost['evaluate_ms']:.1f} ms + Fisher {cost['fisher_ms']:.1f} ms "
+                     f"= training {cost['judgement_in_training_examples']:,.0f} examples "
+                     f"({cost['train_example_us']:.1f} us each)")
     lines.append("")
     return lines
 
