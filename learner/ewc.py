@@ -50,6 +50,18 @@ def penalty(params: Params, ewc: EWCState) -> jax.Array:
 LIKELIHOODS = ("categorical", "gaussian")
 
 
+def _example_nll(outputs: jax.Array, y: jax.Array, likelihood: str) -> jax.Array:
+    """Each row's negative log-likelihood of its label, up to a constant (see `fisher_diagonal`)."""
+    if likelihood == "gaussian":
+        return 0.5 * jnp.square(outputs[..., 0] - y)
+    return optax.softmax_cross_entropy_with_integer_labels(outputs, y)
+
+
+def _check_likelihood(likelihood: str) -> None:
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"`likelihood` must be one of {', '.join(map(repr, LIKELIHOODS))}. Got {likelihood!r}.")
+
+
 def fisher_diagonal(
     logits_fn: Callable[[Params, jax.Array], jax.Array],
     params: Params,
@@ -77,14 +89,10 @@ def fisher_diagonal(
     n = x.shape[0]
     if n % chunk:
         raise ValueError(f"fisher_diagonal needs a multiple of {chunk} examples (pad and mask). Got {n}.")
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"`likelihood` must be one of {', '.join(map(repr, LIKELIHOODS))}. Got {likelihood!r}.")
+    _check_likelihood(likelihood)
 
     def example_nll(p, xi, yi):
-        outputs = logits_fn(p, xi[None])[0]
-        if likelihood == "gaussian":
-            return 0.5 * jnp.square(outputs[0] - yi)
-        return optax.softmax_cross_entropy_with_integer_labels(outputs, yi)
+        return _example_nll(logits_fn(p, xi[None])[0], yi, likelihood)
 
     per_example_grads = jax.vmap(jax.grad(example_nll), in_axes=(None, 0, 0))
 
@@ -106,6 +114,61 @@ def fisher_diagonal(
     total, _ = jax.lax.scan(accumulate, zeros, rows)
     count = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
     return jax.tree.map(lambda t: t / count, total)
+
+
+@jax.custom_vjp
+def squared_grad_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """`x @ kernel + bias` whose gradient is the Fisher's: squared per-example gradients, summed.
+
+    For a dense layer, example i's gradient w.r.t. the kernel is the outer product
+    x_i^T d_i (d_i: its loss's gradient w.r.t. the layer's output row), so the sum over
+    examples of its square is (x^2)^T (d^2), and for the bias sum(d^2): one matmul instead
+    of one gradient per example. The backward pass returns those for kernel and bias, and
+    the ordinary gradient for x, so the layers below see true output gradients. Exact when
+    the loss is a sum of per-example losses and each parameter acts on each example once
+    (an MLP; not a convolution, whose kernel is shared across positions).
+    """
+    return x @ kernel + bias
+
+
+def _squared_grad_linear_forward(x, kernel, bias):
+    return x @ kernel + bias, (x, kernel)
+
+
+def _squared_grad_linear_backward(saved, d):
+    x, kernel = saved
+    return d @ kernel.T, jnp.square(x).T @ jnp.square(d), jnp.sum(jnp.square(d), axis=0)
+
+
+squared_grad_linear.defvjp(_squared_grad_linear_forward, _squared_grad_linear_backward)
+
+
+def fisher_diagonal_dense(
+    squared_grad_logits_fn: Callable[[Params, jax.Array], jax.Array],
+    params: Params,
+    x: jax.Array,
+    y: jax.Array,
+    mask: jax.Array,
+    *,
+    likelihood: str = "categorical",
+) -> Params:
+    """`fisher_diagonal`'s result in one backward pass, for networks of dense layers only.
+
+    `squared_grad_logits_fn` must route every layer through `squared_grad_linear`; the
+    gradient of the masked summed negative log-likelihood is then the sum over valid
+    examples of squared per-example gradients, and the mean is taken here. ~10x faster
+    than per-example gradients for the default MLP, ~20x for a 1M-parameter one
+    (BENCHMARKS.md, "Guard costs"), and the same figures up to float rounding.
+    """
+    _check_likelihood(likelihood)
+
+    def summed_nll(p):
+        nll = _example_nll(squared_grad_logits_fn(p, x), y, likelihood)
+        return jnp.sum(jnp.where(mask, nll, 0.0))
+
+    squared = jax.grad(summed_nll)(params)
+    count = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+    return jax.tree.map(lambda s: s / count, squared)
 
 
 def consolidate(ewc: EWCState, params: Params, new_fisher: Params, gamma: float) -> EWCState:

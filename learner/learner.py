@@ -240,9 +240,22 @@ class Learner:
 
     # ---- consolidation (online EWC) -----------------------------------------------------
 
+    def fisher(self, params, x, y, mask):
+        """The empirical Fisher diagonal at `params` over the rows of (x, y) where `mask` is set.
+
+        An MLP (dense layers only) gets it in one backward pass (`ewc.fisher_diagonal_dense`);
+        other models from per-example gradients. Same figures up to float rounding.
+        """
+        if self.config.model.kind == "mlp":
+            return ewc.fisher_diagonal_dense(self._squared_grad_logits, params, x, y, mask,
+                                             likelihood=self._likelihood)
+        return ewc.fisher_diagonal(self.logits, params, x, y, mask, chunk=FISHER_CHUNK, likelihood=self._likelihood)
+
+    def _squared_grad_logits(self, params, x: jax.Array) -> jax.Array:
+        return nnx.merge(self._graphdef, params)(x, linear=ewc.squared_grad_linear)
+
     def _consolidate_state(self, state: LearnerState, x, y, mask) -> LearnerState:
-        fisher = ewc.fisher_diagonal(self.logits, state.params, x, y, mask, chunk=FISHER_CHUNK,
-                                     likelihood=self._likelihood)
+        fisher = self.fisher(state.params, x, y, mask)
         return state.replace(ewc=ewc.consolidate(state.ewc, state.params, fisher, self.config.ewc.gamma))
 
     def _consolidate_from_replay_state(self, state: LearnerState) -> LearnerState:

@@ -17,18 +17,26 @@ from learner.config import ModelConfig
 
 
 class MLP(nnx.Module):
-    """ReLU MLP over the flattened example."""
+    """ReLU MLP over the flattened example.
+
+    `linear(x, kernel, bias)`, when given, replaces every layer's affine map: the EWC
+    Fisher passes `ewc.squared_grad_linear` to get per-example squared gradients in one
+    backward pass (an MLP is dense layers only, which that needs).
+    """
 
     def __init__(self, in_features: int, hidden: tuple[int, ...], outputs: int, *, rngs: nnx.Rngs):
         widths = (in_features, *hidden)
         self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
         self.head = nnx.Linear(widths[-1], outputs, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, linear=None) -> jax.Array:
+        def affine(layer, x):
+            return layer(x) if linear is None else linear(x, layer.kernel[...], layer.bias[...])
+
         x = x.reshape(x.shape[0], -1)
         for layer in self.hidden:
-            x = jax.nn.relu(layer(x))
-        return self.head(x)
+            x = jax.nn.relu(affine(layer, x))
+        return affine(self.head, x)
 
 
 class CNN(nnx.Module):
