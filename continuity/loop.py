@@ -127,7 +127,7 @@ class Progress:
     positions: Positions
     step_seconds: list  # wall time per train dispatch since the last snapshot (host view)
     probe_loss: float | None = None  # regression tasks: probe mean loss; probe_segments then hold losses
-    regressed_in_a_row: int = 0  # windows judged regressed since the last accepted one
+    regressions_in_a_row: int = 0  # windows judged regressed since the last accepted one
 
 
 @dataclass
@@ -239,7 +239,7 @@ class TrainingLoop:
         self._saved: _Good | None = None  # the good model last checkpointed (or restored): lineage parent
         self._last_save = time.monotonic()
         self._uncommitted: Positions | None = None  # positions of a save not yet known to be finalized
-        self._regressed_in_a_row = 0  # windows judged regressed since the last accepted one
+        self._regressions_in_a_row = 0  # windows judged regressed since the last accepted one
 
     def request(self, kind: str, *, timeout_s: float = 60.0, **args) -> dict:
         """Ask the loop, from another thread, to `rollback` (to=N | None) or `checkpoint` now; waits for it.
@@ -333,7 +333,7 @@ class TrainingLoop:
             if self._checkpoint_due(good):
                 self._checkpoint(good)
             self.summary.accepted += 1
-            self._regressed_in_a_row = retries = 0
+            self._regressions_in_a_row = retries = 0
         else:
             self.summary.rollbacks += 1
             self._warn_of_a_streak(verdict)
@@ -373,13 +373,13 @@ class TrainingLoop:
         forget is judged regressed window after window, and (quarantine) none of it is
         learned. Only an operator can tell that from a long-broken upstream.
         """
-        self._regressed_in_a_row += 1
-        streaks, rest = divmod(self._regressed_in_a_row, REGRESSION_STREAK)
+        self._regressions_in_a_row += 1
+        streaks, rest = divmod(self._regressions_in_a_row, REGRESSION_STREAK)
         if rest == 0 and streaks & (streaks - 1) == 0:  # at 3, 6, 12, 24, ... windows: loud, not spammy
             log.warning("%d windows in a row regressed (now on %s, against the %s); nothing has been learned "
                         "since checkpoint %s. If the stream has drifted for good rather than broken, raise "
                         "probe.tolerance, the model's capacity or replay.capacity.",
-                        self._regressed_in_a_row, ", ".join(verdict.regressed_scopes) or "overall",
+                        self._regressions_in_a_row, ", ".join(verdict.regressed_scopes) or "overall",
                         "anchor" if verdict.against == "anchor" else "last good model", self.good_number)
 
     def _handle_requests(self, state, good: _Good, probe: ProbeStore, reader: _Reader):
@@ -415,6 +415,7 @@ class TrainingLoop:
         state, good = self._from_restored(restored)
         self._saved = good
         self._uncommitted = None  # newer than the checkpoint rolled back to: committing it would skip records
+        self._regressions_in_a_row = 0  # the operator chose where history begins
         self.guard.mark_good(state)
         reader = self.reader = self._reopen(reader, good)
         return state, good, good.probe.copy(), reader
@@ -612,7 +613,7 @@ class TrainingLoop:
             positions=good.positions,
             step_seconds=steps,
             probe_loss=self._last_report.get("loss"),
-            regressed_in_a_row=self._regressed_in_a_row,
+            regressions_in_a_row=self._regressions_in_a_row,
         ))
 
 

@@ -63,7 +63,7 @@ class ServiceMetrics:
             "continuity_consumer_lag", "Records behind the end of each partition (topic/partition).",
             ["partition"], registry=r)
         self.checkpoint = Gauge("continuity_checkpoint", "Number of the newest good checkpoint.", registry=r)
-        self.regressed_in_a_row = Gauge(
+        self.regressions_in_a_row = Gauge(
             "continuity_regressions_in_a_row", "Windows judged regressed since the last accepted one: nothing "
             "learned meanwhile (alert on a few: drift the tolerance will not follow, or a broken upstream).",
             registry=r)
@@ -98,7 +98,7 @@ class ServiceMetrics:
             self.ewc_lambda.set(progress.ewc_strength)
         if progress.checkpoint is not None:
             self.checkpoint.set(progress.checkpoint)
-        self.regressed_in_a_row.set(progress.regressed_in_a_row)
+        self.regressions_in_a_row.set(progress.regressions_in_a_row)
         if _finite(progress.examples_per_second):
             self.examples_per_second.set(progress.examples_per_second)
         for seconds in progress.step_seconds or ():

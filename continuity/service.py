@@ -169,7 +169,7 @@ class Service:
             "examples_trained": summary.examples_trained,
             "windows": summary.windows,
             "rollbacks": summary.rollbacks,
-            "regressions_in_a_row": None if progress is None else progress.regressed_in_a_row,
+            "regressions_in_a_row": None if progress is None else progress.regressions_in_a_row,
             "quarantined_records": summary.quarantined_records,
             "dead_letters": self.stream.dead_letters.total,
             "probe_accuracy": None if progress is None else progress.probe_accuracy,

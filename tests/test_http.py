@@ -131,7 +131,7 @@ def test_metrics_counters_stay_monotonic_and_gauges_follow():
 
     # A new run reports totals from zero again: its work adds on, nothing goes down.
     metrics.observe(_progress(examples_trained=64, rollbacks=0, dead_letters=0, probe_accuracy=0.5,
-                              probe_segments={"s0": 0.4}, checkpoint=7, step_seconds=[], regressed_in_a_row=2))
+                              probe_segments={"s0": 0.4}, checkpoint=7, step_seconds=[], regressions_in_a_row=2))
     samples = _samples(metrics.registry)
     assert samples[("continuity_examples_trained_total", ())] == 1064
     assert samples[("continuity_rollbacks_total", ())] == 1
