@@ -25,7 +25,10 @@ from learner.config import LearnerConfig
 from learner.models import build_model
 from learner.state import Batch, LearnerState
 
-EVAL_BATCH = 512  # rows per evaluation dispatch; the last chunk is padded, never recompiled
+# Rows per evaluation dispatch: whole probes in large chunks (~20% faster than 512 on the
+# CPU), the rest, and the few new rows the guard's cached models see, in small ones. Two
+# compiled shapes; the last chunk is padded, never recompiled.
+EVAL_BATCH, EVAL_BATCH_SMALL = 2048, 512
 FISHER_CHUNK = 32
 
 
@@ -228,9 +231,12 @@ class Learner:
         n = len(x)
         y = np.asarray(y, self.label_dtype)
         outputs = []
-        for start in range(0, n, EVAL_BATCH):
-            xc, yc = _pad_rows(x[start:start + EVAL_BATCH], EVAL_BATCH), _pad_rows(y[start:start + EVAL_BATCH], EVAL_BATCH)
+        start = 0
+        while start < n:
+            rows = EVAL_BATCH if n - start >= EVAL_BATCH else EVAL_BATCH_SMALL
+            xc, yc = _pad_rows(x[start:start + rows], rows), _pad_rows(y[start:start + rows], rows)
             outputs.append(self._evaluate_chunk(params, xc, yc))
+            start += rows
         if not outputs:
             return Evaluation(None if self.regression else np.zeros(0, bool), np.zeros(0, np.float32),
                               np.zeros(0, self.label_dtype))
