@@ -816,7 +816,7 @@ _COMMENTS = {
                                   "(5,000: one per default window)",
     ("probe", "golden"): "optional .npz with arrays x, y: a fixed probe segment",
     ("probe", "every_examples"): "trained examples per window (judged, EWC consolidated on accept); "
-                                 "judging costs what training 700-2,000 examples does",
+                                 "judging costs what training 600-1,700 examples does",
     ("probe", "tolerance"): "accuracy drop (overall or one segment) that may count as a regression",
     ("probe", "loss_tolerance"): "regression: relative rise of the mean probe loss that may count as one (0.2 = +20%)",
     ("probe", "alpha"): "significance of the one-sided paired test (McNemar on predictions; Wilcoxon on regression losses)",

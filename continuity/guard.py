@@ -34,8 +34,8 @@ class GuardConfig:
     """When candidates are judged, how strictly, and what happens to a regression."""
 
     # A judgement (the candidate on the whole probe, up to 64 x 200 examples, plus a Fisher
-    # refresh) costs about as much as training 700-2,000 examples (MLPs to the CNN):
-    # judging every 50,000 keeps the guard at 1.5-4% of wall time (BENCHMARKS.md, "Guard
+    # refresh) costs about as much as training 600-1,700 examples (MLPs to the CNN):
+    # judging every 50,000 keeps the guard under 3% of wall time (BENCHMARKS.md, "Guard
     # costs"). Smaller windows catch damage sooner and quarantine less with it, at that
     # price: the digits scenarios, whose segments last ~1,400 examples, use 1,000.
     every_examples: int = 50_000  # trained examples between probe checks
