@@ -714,20 +714,18 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), *,
     stream_values = values[StreamConfig]
     if learner.regression and "num_classes" not in raw.get("stream", {}):
         stream_values = {**stream_values, "num_classes": None}  # regression: targets, no classes
-    stream = loader.build(StreamConfig, stream_values, "stream")
-    try:
-        _check_task(stream, learner)
-    except ValueError as error:
-        raise loader.wrap(error, "stream") from None
-    return Config(
-        stream=stream,
+    sections = dict(
+        stream=loader.build(StreamConfig, stream_values, "stream"),
         learner=learner,
         probe=loader.build(ProbeConfig, values[ProbeConfig], "probe"),
         guard=loader.build(lib.GuardConfig, values[lib.GuardConfig], "probe"),
         checkpoints=loader.build(CheckpointsConfig, values[CheckpointsConfig], "checkpoints"),
         service=loader.build(ServiceConfig, values[ServiceConfig], "service"),
-        source_path=str(path) if path is not None else None,
     )
+    try:
+        return Config(**sections, source_path=str(path) if path is not None else None)
+    except ValueError as error:  # Config's own check (_check_task): the stream's labels vs the learner's task
+        raise loader.wrap(error, "stream") from None
 
 
 # ---- rendering ----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from continuity.probe import ProbeStore
-from continuity.regression import Verdict, judge, judge_losses
+from continuity.regression import Verdict, judge, judge_losses, segment_rows
 from learner import Evaluation, Learner, LearnerState
 from learner import ewc as ewc_lib
 
@@ -167,10 +167,11 @@ class Guard:
         if not self.config.enabled:
             verdict = replace(verdict, regressed=False)
         figure, per_example = ("loss", candidate_eval.loss) if regression else ("accuracy", candidate_eval.correct)
+        rows_of = segment_rows(ids, len(names))
         report = {
             "examples": int(len(y)),
             figure: _mean(per_example),
-            "segments": {name: _mean(per_example[ids == i]) for i, name in enumerate(names)},
+            "segments": {name: _mean(per_example[rows]) for name, rows in zip(names, rows_of)},
         }
         return verdict, report
 

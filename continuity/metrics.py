@@ -87,7 +87,7 @@ class ServiceMetrics:
                     getattr(self, name).inc(delta)
                 self._totals[name] = total
         # A regression task reports the probe's mean loss, and its per-segment figures are losses too.
-        loss = getattr(progress, "probe_loss", None)
+        loss = progress.probe_loss
         gauge, overall = (self.probe_loss, loss) if loss is not None else (self.probe_accuracy, progress.probe_accuracy)
         if _finite(overall):
             gauge.labels(segment=OVERALL).set(overall)

@@ -223,10 +223,12 @@ class ProbeStore:
 
     def copy(self) -> "ProbeStore":
         """An independent store with the same examples, under the same serial numbers."""
-        arrays, meta = self.to_arrays()
-        twin = ProbeStore.from_arrays(arrays, meta, self.example_shape, max_segments=self.max_segments,
-                                      label_dtype=self.label_dtype)
-        twin._serial = {segment: serial.copy() for segment, serial in self._serial.items()}
+        twin = ProbeStore(self.example_shape, per_segment=self.per_segment, max_segments=self.max_segments,
+                          window_examples=self.window_examples, seed=self.seed, label_dtype=self.label_dtype)
+        twin.unsegmented_seen = self.unsegmented_seen
+        for table, source in ((twin._x, self._x), (twin._y, self._y), (twin._serial, self._serial)):
+            table.update((segment, array.copy()) for segment, array in source.items())
+        twin._seen, twin._fixed = dict(self._seen), set(self._fixed)
         return twin
 
 

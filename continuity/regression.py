@@ -184,14 +184,22 @@ def judge_losses(
                          min_examples=min_examples)
 
 
+def segment_rows(segment_ids: np.ndarray, segments: int) -> list[np.ndarray]:
+    """The row indices of each segment 0..segments-1, in row order: one sort instead of a
+    comparison over every row per segment (64 segments x 12,800 probe rows per judgement)."""
+    segment_ids = np.asarray(segment_ids)
+    counts = np.bincount(segment_ids, minlength=segments)[:segments]
+    return np.split(np.argsort(segment_ids, kind="stable"), np.cumsum(counts)[:-1])
+
+
 def _judge_scopes(good: np.ndarray, candidate: np.ndarray, segment_ids, segment_names: list[str], *, metric: str,
                   test: Callable[[np.ndarray, np.ndarray], tuple[int, int, float]],
                   worse_enough: Callable[[float, float], bool], tolerance: float, alpha: float,
                   min_examples: int) -> Verdict:
     """The rule both metrics share: per scope, a paired `test` and a tolerance; Bonferroni over scopes."""
-    segment_ids = np.asarray(segment_ids)
-    testable = [i for i in range(len(segment_names)) if np.sum(segment_ids == i) >= min_examples]
-    tests = 1 + len(testable)
+    rows_of = segment_rows(segment_ids, len(segment_names))
+    testable = [len(rows) >= min_examples for rows in rows_of]
+    tests = 1 + sum(testable)
     level = alpha / tests
 
     def scope(name: str, rows: np.ndarray, tested: bool) -> ScopeReport:
@@ -203,10 +211,10 @@ def _judge_scopes(good: np.ndarray, candidate: np.ndarray, segment_ids, segment_
         return ScopeReport(name, int(len(g)), good_figure, candidate_figure, worse, better, p, bool(regressed),
                            metric)
 
-    everything = np.ones(len(good), bool)
+    everything = np.arange(len(good))
     overall = scope("overall", everything, len(good) >= min_examples)
     segments = {
-        name: scope(name, segment_ids == i, i in testable) for i, name in enumerate(segment_names)
+        name: scope(name, rows_of[i], testable[i]) for i, name in enumerate(segment_names)
     }
     regressed = overall.regressed or any(r.regressed for r in segments.values())
     return Verdict(regressed, overall, segments, alpha, tolerance, metric=metric)
