@@ -15,7 +15,7 @@ test: $(STAMP)
 	$(PYTHON) -m pytest
 
 bench: $(STAMP)
-	$(PYTHON) -m benchmarks.run
+	$(PYTHON) -m continuity.benchmarks.run
 
 demo: $(STAMP)
 	$(VENV)/bin/continuity demo --out demo-out

@@ -14,12 +14,10 @@ from dataclasses import replace
 
 import jax
 import numpy as np
-
-from benchmarks import STRATEGIES
-from learner import Batch, Learner, LearnerConfig
-from learner.cl_metrics import continual_metrics
-from stream.scenarios import Scenario
-
+from continuity.benchmarks import STRATEGIES
+from continuity.learner import Batch, Learner, LearnerConfig
+from continuity.learner.cl_metrics import continual_metrics
+from continuity.stream.scenarios import Scenario
 
 # Defaults chosen on permuted- and split-digits (see BENCHMARKS.md); overridable per run.
 DEFAULT_REPLAY_CAPACITY = 200
@@ -47,16 +45,20 @@ def strategy_config(
     return replace(
         base,
         replay=replace(base.replay, kind=replay_kind, capacity=replay_capacity if use_replay else 0),
-        ewc=replace(base.ewc, enabled=use_ewc, strength=ewc_strength,
-                    strength_min=min(base.ewc.strength_min, ewc_strength),
-                    strength_max=max(base.ewc.strength_max, ewc_strength)),
+        ewc=replace(
+            base.ewc,
+            enabled=use_ewc,
+            strength=ewc_strength,
+            strength_min=min(base.ewc.strength_min, ewc_strength),
+            strength_max=max(base.ewc.strength_max, ewc_strength),
+        ),
     )
 
 
 def batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[Batch]:
     """Fixed-shape batches over (x, y); the last one is padded and masked, never smaller."""
     for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         valid = len(xb)
         if valid < batch_size:
             xb = np.concatenate([xb, np.zeros((batch_size - valid, *xb.shape[1:]), xb.dtype)])
@@ -121,8 +123,10 @@ def run_continual(
             train_seconds += time.perf_counter() - t0
             trained += n
             rows.append(evaluate_all(state))
-            say(f"segment {index + 1}/{len(scenario.segments)} {segment.name}: "
-                f"accuracy on it {rows[-1][index]:.3f}, mean so far {np.mean(rows[-1][:index + 1]):.3f}")
+            say(
+                f"segment {index + 1}/{len(scenario.segments)} {segment.name}: "
+                f"accuracy on it {rows[-1][index]:.3f}, mean so far {np.mean(rows[-1][: index + 1]):.3f}"
+            )
 
     if strategy == "joint":
         avg_accuracy, forgetting, bwt = float(np.mean(rows[0])), None, None

@@ -15,14 +15,14 @@ import time
 from dataclasses import replace
 
 import numpy as np
+from continuity.checkpoints import CheckpointStore
+from continuity.learner import EWCConfig, Learner, LearnerConfig, ReplayConfig
+from continuity.stream import FeatureSpec, MemoryDeadLetters, ScenarioSource, make_codec
+from continuity.stream.scenarios import GUARD_EVERY_EXAMPLES, make_scenario
 
-from checkpoints import CheckpointStore
 from continuity.guard import GuardConfig
 from continuity.loop import StreamInput, TrainingLoop
 from continuity.probe import ProbeConfig
-from learner import EWCConfig, Learner, LearnerConfig, ReplayConfig
-from stream import FeatureSpec, MemoryDeadLetters, ScenarioSource, make_codec
-from stream.scenarios import GUARD_EVERY_EXAMPLES, make_scenario
 
 # The learner and guard settings the demo uses (see BENCHMARKS.md for why these).
 GUARD_LEARNER = LearnerConfig(
@@ -34,9 +34,18 @@ GUARD_PROBE = ProbeConfig(holdout_fraction=0.1)
 DIGITS_GUARD = GuardConfig(every_examples=GUARD_EVERY_EXAMPLES)
 
 
-def run_scenario_through_loop(scenario, *, guard: GuardConfig, seed: int, learner_config: LearnerConfig = GUARD_LEARNER,
-                              probe: ProbeConfig = GUARD_PROBE, directory=None, learner: Learner | None = None,
-                              checkpoint_every_s: float = 0.0, examples_per_record: int = 1) -> dict:
+def run_scenario_through_loop(
+    scenario,
+    *,
+    guard: GuardConfig,
+    seed: int,
+    learner_config: LearnerConfig = GUARD_LEARNER,
+    probe: ProbeConfig = GUARD_PROBE,
+    directory=None,
+    learner: Learner | None = None,
+    checkpoint_every_s: float = 0.0,
+    examples_per_record: int = 1,
+) -> dict:
     """One scenario through the real loop (in-memory source, real Orbax store); final test accuracies.
 
     Pass a `learner` already used once to measure without its compilations.
@@ -47,13 +56,13 @@ def run_scenario_through_loop(scenario, *, guard: GuardConfig, seed: int, learne
     def open_source(positions):
         return ScenarioSource(scenario, codec, start=positions, examples_per_record=examples_per_record)
 
-    stream = StreamInput(open_source=open_source, codec=codec, dead_letters=MemoryDeadLetters(),
-                         quarantine=quarantine)
+    stream = StreamInput(open_source=open_source, codec=codec, dead_letters=MemoryDeadLetters(), quarantine=quarantine)
     learner = learner or Learner(learner_config, scenario.example_shape, scenario.num_classes)
     with tempfile.TemporaryDirectory(prefix="continuity-bench-guard-") as scratch:
         store = CheckpointStore(directory or scratch)
-        loop = TrainingLoop(stream, learner, store, probe=probe, guard=guard, seed=seed,
-                            checkpoint_every_s=checkpoint_every_s)
+        loop = TrainingLoop(
+            stream, learner, store, probe=probe, guard=guard, seed=seed, checkpoint_every_s=checkpoint_every_s
+        )
         started = time.perf_counter()
         summary = loop.run()
         seconds = time.perf_counter() - started
@@ -73,8 +82,14 @@ def run_scenario_through_loop(scenario, *, guard: GuardConfig, seed: int, learne
     }
 
 
-def run_guard_benchmark(scenario_name: str = "permuted-digits", *, poison: int = 5, seed: int = 0,
-                        segments: int | None = 6, guard: GuardConfig | None = None) -> dict:
+def run_guard_benchmark(
+    scenario_name: str = "permuted-digits",
+    *,
+    poison: int = 5,
+    seed: int = 0,
+    segments: int | None = 6,
+    guard: GuardConfig | None = None,
+) -> dict:
     """Three runs (four with the retry comparison); the poison should sit late, so its damage lasts to the end."""
     guard = guard or DIGITS_GUARD
     clean = make_scenario(scenario_name, seed=seed, segments=segments)
@@ -87,7 +102,8 @@ def run_guard_benchmark(scenario_name: str = "permuted-digits", *, poison: int =
     if guard.on_regression != "retry":
         # The other reaction, for comparison: retry the window with a boosted lambda first.
         runs["poisoned_guarded_retry"] = run_scenario_through_loop(
-            poisoned, guard=replace(guard, on_regression="retry"), seed=seed)
+            poisoned, guard=replace(guard, on_regression="retry"), seed=seed
+        )
     shared = [i for i in range(len(clean.segments)) if i != poison]
     for run in runs.values():
         run["clean_segments_accuracy"] = float(np.mean([run["test_accuracy"][i] for i in shared]))
@@ -97,8 +113,13 @@ def run_guard_benchmark(scenario_name: str = "permuted-digits", *, poison: int =
         "poison": poison,
         "poisoned_segment": poisoned.segments[poison].name,
         "seed": seed,
-        "guard": {"every_examples": guard.every_examples, "tolerance": guard.tolerance, "alpha": guard.alpha,
-                  "on_regression": guard.on_regression, "max_retries": guard.max_retries},
+        "guard": {
+            "every_examples": guard.every_examples,
+            "tolerance": guard.tolerance,
+            "alpha": guard.alpha,
+            "on_regression": guard.on_regression,
+            "max_retries": guard.max_retries,
+        },
         "runs": runs,
         "guarded_vs_clean": runs["poisoned_guarded"]["clean_segments_accuracy"] / base,
         "unguarded_vs_clean": runs["poisoned_unguarded"]["clean_segments_accuracy"] / base,
@@ -106,12 +127,18 @@ def run_guard_benchmark(scenario_name: str = "permuted-digits", *, poison: int =
 
 
 def format_result(result: dict) -> str:
-    lines = [f"{result['scenario']}, poisoned segment {result['poison']} ({result['poisoned_segment']}), "
-             f"seed {result['seed']}"]
+    lines = [
+        f"{result['scenario']}, poisoned segment {result['poison']} ({result['poisoned_segment']}), "
+        f"seed {result['seed']}"
+    ]
     lines.append(f"{'run':<20} {'clean-segment acc':>17} {'probe acc':>9} {'rollbacks':>9} {'quarantined':>11}")
     for name, run in result["runs"].items():
         probe = "n/a" if run["probe_accuracy"] is None else f"{run['probe_accuracy']:.3f}"
-        lines.append(f"{name:<20} {run['clean_segments_accuracy']:>17.3f} {probe:>9} {run['rollbacks']:>9} "
-                     f"{run['quarantined_records']:>11}")
-    lines.append(f"guarded_vs_clean {result['guarded_vs_clean']:.3f}   unguarded_vs_clean {result['unguarded_vs_clean']:.3f}")
+        lines.append(
+            f"{name:<20} {run['clean_segments_accuracy']:>17.3f} {probe:>9} {run['rollbacks']:>9} "
+            f"{run['quarantined_records']:>11}"
+        )
+    lines.append(
+        f"guarded_vs_clean {result['guarded_vs_clean']:.3f}   unguarded_vs_clean {result['unguarded_vs_clean']:.3f}"
+    )
     return "\n".join(lines)

@@ -20,22 +20,25 @@ import time
 
 import jax
 import numpy as np
+from continuity.checkpoints import CheckpointStore
+from continuity.learner import Batch, EWCConfig, Learner, LearnerConfig, ModelConfig, ReplayConfig, count_parameters
 
-from checkpoints import CheckpointStore
 from continuity.guard import Guard, GuardConfig
-from learner import Batch, EWCConfig, Learner, LearnerConfig, ModelConfig, ReplayConfig, count_parameters
 
 
 def _million_parameter_state():
-    config = LearnerConfig(model=ModelConfig(hidden=(1024, 896)),
-                           replay=ReplayConfig(capacity=1000, batch_size=16),
-                           ewc=EWCConfig(enabled=True))
+    config = LearnerConfig(
+        model=ModelConfig(hidden=(1024, 896)),
+        replay=ReplayConfig(capacity=1000, batch_size=16),
+        ewc=EWCConfig(enabled=True),
+    )
     learner = Learner(config, (8, 8, 1), 10)
     state = learner.init(0)
     rng = np.random.default_rng(0)
     for _ in range(4):
-        batch = Batch(rng.random((32, 8, 8, 1), dtype=np.float32), rng.integers(0, 10, 32).astype(np.int32),
-                      np.ones(32, bool))
+        batch = Batch(
+            rng.random((32, 8, 8, 1), dtype=np.float32), rng.integers(0, 10, 32).astype(np.int32), np.ones(32, bool)
+        )
         state, _ = learner.train_step(state, batch)
     return learner, jax.block_until_ready(state)
 
@@ -55,14 +58,16 @@ def measure_judgement_cost(model: ModelConfig, *, probe_rows: int = 64 * 200, st
 
     The service's learner otherwise (32 fresh + 32 replayed rows per step, EWC, 256 Fisher samples).
     """
-    from benchmarks.guard import GUARD_LEARNER
+    from continuity.benchmarks.guard import GUARD_LEARNER
 
     learner = Learner(LearnerConfig(model=model, replay=GUARD_LEARNER.replay, ewc=GUARD_LEARNER.ewc), (8, 8, 1), 10)
     rng = np.random.default_rng(0)
     x = rng.random((probe_rows, 8, 8, 1), dtype=np.float32)
     y = rng.integers(0, 10, probe_rows).astype(np.int32)
     rows = learner.config.batch_size
-    batches = [Batch(x[i * rows:(i + 1) * rows], y[i * rows:(i + 1) * rows], np.ones(rows, bool)) for i in range(steps)]
+    batches = [
+        Batch(x[i * rows : (i + 1) * rows], y[i * rows : (i + 1) * rows], np.ones(rows, bool)) for i in range(steps)
+    ]
     held = {"state": learner.init(0)}
 
     def train():
@@ -77,10 +82,15 @@ def measure_judgement_cost(model: ModelConfig, *, probe_rows: int = 64 * 200, st
     evaluate_ms = _median_ms(lambda: learner.evaluate(held["state"].params, x, y))
     fisher_ms = _median_ms(consolidate)
     per_example_ms = train_ms / (steps * rows)
-    return {"model": model.kind if model.kind == "cnn" else "mlp " + "x".join(map(str, model.hidden)),
-            "parameters": count_parameters(held["state"].params), "probe_rows": probe_rows,
-            "evaluate_ms": evaluate_ms, "fisher_ms": fisher_ms, "train_example_us": 1000 * per_example_ms,
-            "judgement_in_training_examples": (evaluate_ms + fisher_ms) / per_example_ms}
+    return {
+        "model": model.kind if model.kind == "cnn" else "mlp " + "x".join(map(str, model.hidden)),
+        "parameters": count_parameters(held["state"].params),
+        "probe_rows": probe_rows,
+        "evaluate_ms": evaluate_ms,
+        "fisher_ms": fisher_ms,
+        "train_example_us": 1000 * per_example_ms,
+        "judgement_in_training_examples": (evaluate_ms + fisher_ms) / per_example_ms,
+    }
 
 
 def measure_rollback(repeats: int = 20) -> dict:
@@ -93,8 +103,11 @@ def measure_rollback(repeats: int = 20) -> dict:
         started = time.perf_counter()
         jax.block_until_ready(guard.roll_back())
         seconds.append(time.perf_counter() - started)
-    return {"parameters": count_parameters(state.params), "rollback_ms_median": 1000 * statistics.median(seconds),
-            "rollback_ms_max": 1000 * max(seconds)}
+    return {
+        "parameters": count_parameters(state.params),
+        "rollback_ms_median": 1000 * statistics.median(seconds),
+        "rollback_ms_max": 1000 * max(seconds),
+    }
 
 
 def measure_save_blocking(repeats: int = 10) -> dict:
@@ -122,8 +135,8 @@ def steady_scenario(*, segments: int = 64, examples_per_segment: int = 8_000, se
     largest at the defaults, so a judgement costs its most; nothing drifts, so every window
     is accepted and what is measured is the guard's price, not a reaction's.
     """
-    from benchmarks.pipeline import teacher_examples
-    from stream.scenarios import Scenario, Segment
+    from continuity.benchmarks.pipeline import teacher_examples
+    from continuity.stream.scenarios import Scenario, Segment
 
     x, y = teacher_examples(segments * examples_per_segment, seed)
     x = (x / np.float32(16)).astype(np.float32)
@@ -144,33 +157,51 @@ def measure_overhead(scenario, every_examples: int | None = None, *, seed: int =
     """
     from dataclasses import replace
 
-    from benchmarks.guard import GUARD_LEARNER, run_scenario_through_loop
+    from continuity.benchmarks.guard import GUARD_LEARNER, run_scenario_through_loop
+
     from continuity.config import CheckpointsConfig
 
     guard = GuardConfig() if every_examples is None else replace(GuardConfig(), every_examples=every_examples)
     checkpoint_every_s = CheckpointsConfig().every_seconds
     learner = Learner(GUARD_LEARNER, scenario.example_shape, scenario.num_classes)
-    options = dict(guard=guard, seed=seed, learner=learner, checkpoint_every_s=checkpoint_every_s,
-                   examples_per_record=256)
+    options = dict(
+        guard=guard, seed=seed, learner=learner, checkpoint_every_s=checkpoint_every_s, examples_per_record=256
+    )
     # Warm-up: compiles the step, evaluation and Fisher, as a service does once.
     run_scenario_through_loop(replace(scenario, segments=scenario.segments[:2]), **options)
     run = run_scenario_through_loop(scenario, **options)
-    return {"stream": scenario.name, "segments": len(scenario.segments), "every_examples": guard.every_examples,
-            "checkpoint_every_s": checkpoint_every_s,
-            "guard_overhead_fraction": run["guard_seconds"] / run["wall_seconds"],
-            "windows": run["windows"], "rollbacks": run["rollbacks"], "quarantined_records": run["quarantined_records"],
-            "guard_seconds": run["guard_seconds"], "wall_seconds": run["wall_seconds"],
-            "examples_trained": run["examples_trained"]}
+    return {
+        "stream": scenario.name,
+        "segments": len(scenario.segments),
+        "every_examples": guard.every_examples,
+        "checkpoint_every_s": checkpoint_every_s,
+        "guard_overhead_fraction": run["guard_seconds"] / run["wall_seconds"],
+        "windows": run["windows"],
+        "rollbacks": run["rollbacks"],
+        "quarantined_records": run["quarantined_records"],
+        "guard_seconds": run["guard_seconds"],
+        "wall_seconds": run["wall_seconds"],
+        "examples_trained": run["examples_trained"],
+    }
 
 
 def run_guard_costs() -> dict:
-    from stream.scenarios import GUARD_EVERY_EXAMPLES, make_scenario
+    from continuity.stream.scenarios import GUARD_EVERY_EXAMPLES, make_scenario
 
     steady = steady_scenario()
-    return {**measure_rollback(), **measure_save_blocking(), "backend": jax.default_backend(),
-            # The target's figure (the default cadence), then what finer windows cost: on the
-            # same stream, and on drifting digits at the demo's cadence (with its reactions).
-            "overhead": [measure_overhead(steady), measure_overhead(steady, GUARD_EVERY_EXAMPLES),
-                         measure_overhead(make_scenario("permuted-digits", segments=60), GUARD_EVERY_EXAMPLES)],
-            "judgement": [measure_judgement_cost(model) for model in
-                          (ModelConfig(), ModelConfig(kind="cnn"), ModelConfig(hidden=(1024, 896)))]}
+    return {
+        **measure_rollback(),
+        **measure_save_blocking(),
+        "backend": jax.default_backend(),
+        # The target's figure (the default cadence), then what finer windows cost: on the
+        # same stream, and on drifting digits at the demo's cadence (with its reactions).
+        "overhead": [
+            measure_overhead(steady),
+            measure_overhead(steady, GUARD_EVERY_EXAMPLES),
+            measure_overhead(make_scenario("permuted-digits", segments=60), GUARD_EVERY_EXAMPLES),
+        ],
+        "judgement": [
+            measure_judgement_cost(model)
+            for model in (ModelConfig(), ModelConfig(kind="cnn"), ModelConfig(hidden=(1024, 896)))
+        ],
+    }

@@ -24,7 +24,7 @@ NUM_CLASSES = 10
 
 
 def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
-    from stream.kafka import create_topic, produce_records
+    from continuity.stream.kafka import create_topic, produce_records
 
     create_topic(bootstrap, topic, 1)
     produce_records(bootstrap, topic, ((None, v) for v in values))
@@ -32,13 +32,17 @@ def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
 
 def _bare_loop(bootstrap: str, topic: str, expected: int, max_poll_records: int) -> float:
     """Seconds for a plain KafkaConsumer to poll `expected` records from offset 0."""
+    from continuity.stream.kafka import KafkaSettings  # same fetch sizes as the pipeline
     from kafka import KafkaConsumer, TopicPartition
 
-    from stream.kafka import KafkaSettings  # same fetch sizes as the pipeline
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest",
-                             max_poll_records=max_poll_records, fetch_max_wait_ms=200,
-                             max_partition_fetch_bytes=KafkaSettings.max_partition_fetch_bytes)
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=max_poll_records,
+        fetch_max_wait_ms=200,
+        max_partition_fetch_bytes=KafkaSettings.max_partition_fetch_bytes,
+    )
     tp = TopicPartition(topic, 0)
     consumer.assign([tp])
     consumer.seek(tp, 0)
@@ -52,14 +56,21 @@ def _bare_loop(bootstrap: str, topic: str, expected: int, max_poll_records: int)
     return elapsed
 
 
-def _pipeline(bootstrap: str, topic: str, codec_name: str, expected_examples: int, batch_size: int,
-              max_poll_records: int, dtype: str = "float32") -> float:
+def _pipeline(
+    bootstrap: str,
+    topic: str,
+    codec_name: str,
+    expected_examples: int,
+    batch_size: int,
+    max_poll_records: int,
+    dtype: str = "float32",
+) -> float:
     """Seconds for KafkaSource + Ingest (decode thread) + Batcher to deliver `expected_examples`."""
-    from stream.batcher import Batcher
-    from stream.codecs import FeatureSpec, make_codec
-    from stream.ingest import Ingest
-    from stream.kafka import KafkaSettings, KafkaSource
-    from stream.records import Positions
+    from continuity.stream.batcher import Batcher
+    from continuity.stream.codecs import FeatureSpec, make_codec
+    from continuity.stream.ingest import Ingest
+    from continuity.stream.kafka import KafkaSettings, KafkaSource
+    from continuity.stream.records import Positions
 
     spec = FeatureSpec(SHAPE, dtype, NUM_CLASSES)
     settings = KafkaSettings(bootstrap, (topic,), partitions=(0,), max_poll_records=max_poll_records)
@@ -98,8 +109,8 @@ def run_ingest_benchmark(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Measure and return the result dict (see the module docstring)."""
-    from stream.broker import EmbeddedBroker
-    from stream.codecs import encode_binary, encode_json
+    from continuity.stream.broker import EmbeddedBroker
+    from continuity.stream.codecs import encode_binary, encode_json
 
     say = progress or (lambda message: None)
     rng = np.random.default_rng(seed)
@@ -115,10 +126,18 @@ def run_ingest_benchmark(
     cases = {
         "binary_single": ("binary", [encode_binary(x[i], y[i]) for i in range(records)], 1, "float32"),
         "binary_batched": ("binary", [encode_binary(xb, yb)] * batched_records, examples_per_record, "float32"),
-        "binary_single_uint8": ("binary", [encode_binary(x8[i], y[i], dtype="uint8") for i in range(records)], 1,
-                                "uint8"),
-        "binary_batched_uint8": ("binary", [encode_binary(xb8, yb, dtype="uint8")] * batched_records,
-                                 examples_per_record, "uint8"),
+        "binary_single_uint8": (
+            "binary",
+            [encode_binary(x8[i], y[i], dtype="uint8") for i in range(records)],
+            1,
+            "uint8",
+        ),
+        "binary_batched_uint8": (
+            "binary",
+            [encode_binary(xb8, yb, dtype="uint8")] * batched_records,
+            examples_per_record,
+            "uint8",
+        ),
         "json": ("json", [encode_json(x[i], int(y[i])) for i in range(records)], 1, "float32"),
     }
     broker = None
@@ -127,9 +146,16 @@ def run_ingest_benchmark(
         bootstrap = broker.bootstrap
     result: dict = {
         "benchmark": "ingest",
-        "config": {"records": records, "batched_records": batched_records, "examples_per_record": examples_per_record,
-                   "batch_size": batch_size, "repeats": repeats, "max_poll_records": max_poll_records,
-                   "feature_shape": list(SHAPE), "broker": "embedded tansu" if broker else bootstrap},
+        "config": {
+            "records": records,
+            "batched_records": batched_records,
+            "examples_per_record": examples_per_record,
+            "batch_size": batch_size,
+            "repeats": repeats,
+            "max_poll_records": max_poll_records,
+            "feature_shape": list(SHAPE),
+            "broker": "embedded tansu" if broker else bootstrap,
+        },
         "machine": {"python": platform.python_version(), "processor": platform.machine()},
         "cases": {},
     }
@@ -143,8 +169,10 @@ def run_ingest_benchmark(
             for r in range(repeats):
                 bare.append(_bare_loop(bootstrap, topic, n, max_poll_records))
                 piped.append(_pipeline(bootstrap, topic, codec, n * per_record, batch_size, max_poll_records, dtype))
-                say(f"{name}: repeat {r + 1}/{repeats}: bare {n / bare[-1]:,.0f} records/s, "
-                    f"pipeline {n / piped[-1]:,.0f} records/s ({n * per_record / piped[-1]:,.0f} examples/s)")
+                say(
+                    f"{name}: repeat {r + 1}/{repeats}: bare {n / bare[-1]:,.0f} records/s, "
+                    f"pipeline {n / piped[-1]:,.0f} records/s ({n * per_record / piped[-1]:,.0f} examples/s)"
+                )
             bare_s, piped_s = statistics.median(bare), statistics.median(piped)
             result["cases"][name] = {
                 "codec": codec,
@@ -166,8 +194,11 @@ def run_ingest_benchmark(
     single = cases_out["binary_single"]
     batched = cases_out["binary_batched"]
     result["targets"] = {
-        "binary_single_ratio_to_bare": {"value": single["ratio_to_bare"], "target": 0.8,
-                                        "met": single["ratio_to_bare"] >= 0.8},
+        "binary_single_ratio_to_bare": {
+            "value": single["ratio_to_bare"],
+            "target": 0.8,
+            "met": single["ratio_to_bare"] >= 0.8,
+        },
         "batched_examples_vs_single": {
             "value": batched["pipeline_examples_per_s"] / single["pipeline_examples_per_s"],
             "target": 10.0,
@@ -187,10 +218,14 @@ def run_ingest_benchmark(
 def format_result(result: dict) -> str:
     lines = ["case                   bare rec/s   pipeline rec/s   pipeline ex/s   x bare"]
     for name, case in result["cases"].items():
-        lines.append(f"{name:<21} {case['bare_records_per_s']:>10,.0f}   {case['pipeline_records_per_s']:>14,.0f}   "
-                     f"{case['pipeline_examples_per_s']:>13,.0f}   {case['ratio_to_bare']:>6.2f}")
+        lines.append(
+            f"{name:<21} {case['bare_records_per_s']:>10,.0f}   {case['pipeline_records_per_s']:>14,.0f}   "
+            f"{case['pipeline_examples_per_s']:>13,.0f}   {case['ratio_to_bare']:>6.2f}"
+        )
     for name, target in result.get("targets", {}).items():
-        lines.append(f"target {name}: {target['value']:.2f} (>= {target['target']}) {'met' if target['met'] else 'NOT met'}")
+        lines.append(
+            f"target {name}: {target['value']:.2f} (>= {target['target']}) {'met' if target['met'] else 'NOT met'}"
+        )
     return "\n".join(lines)
 
 

@@ -43,7 +43,7 @@ def _rss_bytes() -> int:
 
 
 def _step_rate(config, steps: int = 300) -> float:
-    from learner import Batch
+    from continuity.learner import Batch
 
     from continuity.service import build_learner
 
@@ -51,8 +51,14 @@ def _step_rate(config, steps: int = 300) -> float:
     state = learner.init(0)
     rng = np.random.default_rng(0)
     batch_size = config.learner.batch_size
-    pool = [Batch(rng.integers(0, 17, (batch_size, *SHAPE)).astype(np.float32),
-                  rng.integers(0, 10, batch_size).astype(np.int32), np.ones(batch_size, bool)) for _ in range(8)]
+    pool = [
+        Batch(
+            rng.integers(0, 17, (batch_size, *SHAPE)).astype(np.float32),
+            rng.integers(0, 10, batch_size).astype(np.int32),
+            np.ones(batch_size, bool),
+        )
+        for _ in range(8)
+    ]
     for batch in pool:
         state, _ = learner.train_step(state, batch)
     import jax
@@ -65,12 +71,19 @@ def _step_rate(config, steps: int = 300) -> float:
     return steps * batch_size / (time.perf_counter() - started)
 
 
-def run_pipeline_benchmark(*, examples: int = 1_000_000, warmup_examples: int = 50_000,
-                           rss_from: int = 100_000, progress=None, overrides: tuple[str, ...] = ()) -> dict:
-    from benchmarks.ingest import _bare_loop
+def run_pipeline_benchmark(
+    *,
+    examples: int = 1_000_000,
+    warmup_examples: int = 50_000,
+    rss_from: int = 100_000,
+    progress=None,
+    overrides: tuple[str, ...] = (),
+) -> dict:
+    from continuity.benchmarks.ingest import _bare_loop
+    from continuity.stream import EmbeddedBroker, create_topic, encode_binary, produce_records
+
     from continuity.config import load_config
     from continuity.service import Service
-    from stream import EmbeddedBroker, create_topic, encode_binary, produce_records
 
     say = progress or (lambda message: None)
     records = max(1, examples // EXAMPLES_PER_RECORD)
@@ -86,9 +99,17 @@ def run_pipeline_benchmark(*, examples: int = 1_000_000, warmup_examples: int = 
         produce_records(broker.bootstrap, topic, ((None, blocks[i % len(blocks)]) for i in range(records)))
         bare_seconds = _bare_loop(broker.bootstrap, topic, records, 2000)
         ingest_rate = records * EXAMPLES_PER_RECORD / bare_seconds
-        config = load_config(None, [f'stream.bootstrap="{broker.bootstrap}"', f'stream.topics=["{topic}"]',
-                                    'stream.dtype="uint8"', f'checkpoints.dir="{Path(scratch) / "ck"}"',
-                                    "service.progress_every_s=0.25", *overrides])
+        config = load_config(
+            None,
+            [
+                f'stream.bootstrap="{broker.bootstrap}"',
+                f'stream.topics=["{topic}"]',
+                'stream.dtype="uint8"',
+                f'checkpoints.dir="{Path(scratch) / "ck"}"',
+                "service.progress_every_s=0.25",
+                *overrides,
+            ],
+        )
         say("timing the bare train step")
         step_rate = _step_rate(config)
         snapshots: list[tuple[float, int, int]] = []  # (time, examples trained, rss)
@@ -96,8 +117,10 @@ def run_pipeline_benchmark(*, examples: int = 1_000_000, warmup_examples: int = 
         def on_progress(p, _lag):
             snapshots.append((time.perf_counter(), p.examples_trained, _rss_bytes()))
             if len(snapshots) % 8 == 1:  # snapshots every 0.25 s for the rate; a line every 2 s
-                say(f"  {p.examples_trained:,} examples, {p.examples_per_second:,.0f}/s, "
-                    f"rss {_rss_bytes() / 2**20:,.0f} MiB")
+                say(
+                    f"  {p.examples_trained:,} examples, {p.examples_per_second:,.0f}/s, "
+                    f"rss {_rss_bytes() / 2**20:,.0f} MiB"
+                )
 
         service = Service(config, http=False, idle_timeout_s=IDLE_TIMEOUT_S, progress=on_progress)
         summary = service.run()
@@ -106,8 +129,11 @@ def run_pipeline_benchmark(*, examples: int = 1_000_000, warmup_examples: int = 
     # taken between batches, so the one that saw the final count may come only after the
     # service waited out its idle timeout, which is no part of the rate.
     steady = [s for s in snapshots if warmup_examples <= s[1] < summary.examples_trained]
-    pipeline_rate = ((steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0])
-                     if len(steady) >= 2 and steady[-1][0] > steady[0][0] else float("nan"))
+    pipeline_rate = (
+        (steady[-1][1] - steady[0][1]) / (steady[-1][0] - steady[0][0])
+        if len(steady) >= 2 and steady[-1][0] > steady[0][0]
+        else float("nan")
+    )
     rss_start = next((s[2] for s in snapshots if s[1] >= rss_from), None)
     rss_end = snapshots[-1][2]
     limit = min(ingest_rate, step_rate)
@@ -129,13 +155,16 @@ def run_pipeline_benchmark(*, examples: int = 1_000_000, warmup_examples: int = 
 
 def format_result(result: dict) -> str:
     growth = result["rss_growth"]
-    return "\n".join([
-        f"ingest limit   {result['ingest_limit_examples_per_s']:>12,.0f} examples/s (bare kafka-python poll loop)",
-        f"compute limit  {result['step_limit_examples_per_s']:>12,.0f} examples/s (train step alone)",
-        f"pipeline       {result['pipeline_examples_per_s']:>12,.0f} examples/s through the service "
-        f"(ratio to the lower limit {result['ratio_to_lower_limit']:.2f}; target >= 0.7)",
-        f"guard          {result['guard_seconds']:.1f} s over {result['windows']} windows, the first with its "
-        f"compilations ({result['wall_seconds']:.1f} s in all, with the {IDLE_TIMEOUT_S:.0f} s idle timeout)",
-        f"memory         rss {result['rss_at_rss_from_mib'] or float('nan'):,.0f} MiB -> {result['rss_at_end_mib']:,.0f} MiB "
-        f"({'n/a' if growth is None else f'{100 * growth:+.1f}%'}; target < +5%)",
-    ])
+    return "\n".join(
+        [
+            f"ingest limit   {result['ingest_limit_examples_per_s']:>12,.0f} examples/s (bare kafka-python poll loop)",
+            f"compute limit  {result['step_limit_examples_per_s']:>12,.0f} examples/s (train step alone)",
+            f"pipeline       {result['pipeline_examples_per_s']:>12,.0f} examples/s through the service "
+            f"(ratio to the lower limit {result['ratio_to_lower_limit']:.2f}; target >= 0.7)",
+            f"guard          {result['guard_seconds']:.1f} s over {result['windows']} windows, the first with its "
+            f"compilations ({result['wall_seconds']:.1f} s in all, with the {IDLE_TIMEOUT_S:.0f} s idle timeout)",
+            f"memory         rss {result['rss_at_rss_from_mib'] or float('nan'):,.0f} MiB"
+            f" -> {result['rss_at_end_mib']:,.0f} MiB "
+            f"({'n/a' if growth is None else f'{100 * growth:+.1f}%'}; target < +5%)",
+        ]
+    )

@@ -14,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+from continuity.benchmarks import STRATEGIES
+
 SEEDS = (0, 1, 2)
 PASSES = 3
-from benchmarks import STRATEGIES
 
 # Replay buffer size per scenario: split-digits uses the 200 its target names; permuted-digits,
 # ten domains of ~1,440 examples, uses 1,000 (7% of its stream; 200 is reported too).
@@ -35,8 +36,8 @@ def _mean_std(values) -> str:
 
 
 def run_cl(out: Path) -> list[str]:
-    from benchmarks.continual import run_continual, strategy_config
-    from stream.scenarios import make_scenario
+    from continuity.benchmarks.continual import run_continual, strategy_config
+    from continuity.stream.scenarios import make_scenario
 
     lines = []
     for scenario_name, options in CL_SUITES.items():
@@ -48,8 +49,11 @@ def run_cl(out: Path) -> list[str]:
                 result = run_continual(scenario, strategy, seed=seed, passes=PASSES, config=config)
                 results.setdefault(strategy, []).append(result)
                 (out / f"cl-{scenario_name}-{strategy}-seed{seed}.json").write_text(json.dumps(result, indent=2))
-                print(f"  {scenario_name} {strategy} seed {seed}: avg accuracy {result['avg_accuracy']:.3f}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {scenario_name} {strategy} seed {seed}: avg accuracy {result['avg_accuracy']:.3f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         joint = statistics.mean(r["avg_accuracy"] for r in results["joint"])
         naive_forgetting = statistics.mean(r["forgetting"] for r in results["naive"])
         lines += [
@@ -73,7 +77,7 @@ def run_cl(out: Path) -> list[str]:
 
 
 def run_step(out: Path) -> list[str]:
-    from benchmarks.step import run_step_benchmark
+    from continuity.benchmarks.step import run_step_benchmark
 
     result = run_step_benchmark()
     (out / "step.json").write_text(json.dumps(result, indent=2))
@@ -90,7 +94,7 @@ def run_step(out: Path) -> list[str]:
 
 
 def run_ingest(out: Path) -> list[str]:
-    from benchmarks.ingest import format_result, run_ingest_benchmark
+    from continuity.benchmarks.ingest import format_result, run_ingest_benchmark
 
     result = run_ingest_benchmark()
     (out / "ingest.json").write_text(json.dumps(result, indent=2))
@@ -98,8 +102,8 @@ def run_ingest(out: Path) -> list[str]:
 
 
 def run_guard(out: Path) -> list[str]:
-    from benchmarks.guard import run_guard_benchmark
-    from benchmarks.guard_costs import run_guard_costs
+    from continuity.benchmarks.guard import run_guard_benchmark
+    from continuity.benchmarks.guard_costs import run_guard_costs
 
     results = []
     for seed in SEEDS:
@@ -114,10 +118,14 @@ def run_guard(out: Path) -> list[str]:
     ]
     for run in results[0]["runs"]:
         acc = [r["runs"][run]["clean_segments_accuracy"] for r in results]
-        ratio = [r["runs"][run]["clean_segments_accuracy"] / r["runs"]["clean"]["clean_segments_accuracy"] for r in results]
-        lines.append(f"| {run} | {_mean_std(acc)} | {_mean_std(ratio)} | "
-                     f"{[r['runs'][run]['rollbacks'] for r in results]} | "
-                     f"{[r['runs'][run]['quarantined_records'] for r in results]} |")
+        ratio = [
+            r["runs"][run]["clean_segments_accuracy"] / r["runs"]["clean"]["clean_segments_accuracy"] for r in results
+        ]
+        lines.append(
+            f"| {run} | {_mean_std(acc)} | {_mean_std(ratio)} | "
+            f"{[r['runs'][run]['rollbacks'] for r in results]} | "
+            f"{[r['runs'][run]['quarantined_records'] for r in results]} |"
+        )
     costs = run_guard_costs()
     (out / "guard-costs.json").write_text(json.dumps(costs, indent=2))
     lines += [
@@ -128,22 +136,26 @@ def run_guard(out: Path) -> list[str]:
         f"max {costs['save_blocking_ms_max']:.1f} ms",
     ]
     for overhead in costs["overhead"]:
-        lines.append(f"- guard share of wall time, {overhead['stream']} stream ({overhead['segments']} segments), "
-                     f"windows of {overhead['every_examples']:,} examples: "
-                     f"{100 * overhead['guard_overhead_fraction']:.1f}% ({overhead['windows']} windows, "
-                     f"{overhead['guard_seconds']:.2f} s of {overhead['wall_seconds']:.2f} s; "
-                     f"{overhead['rollbacks']} rollbacks, {overhead['quarantined_records']:,} records quarantined)")
+        lines.append(
+            f"- guard share of wall time, {overhead['stream']} stream ({overhead['segments']} segments), "
+            f"windows of {overhead['every_examples']:,} examples: "
+            f"{100 * overhead['guard_overhead_fraction']:.1f}% ({overhead['windows']} windows, "
+            f"{overhead['guard_seconds']:.2f} s of {overhead['wall_seconds']:.2f} s; "
+            f"{overhead['rollbacks']} rollbacks, {overhead['quarantined_records']:,} records quarantined)"
+        )
     for cost in costs["judgement"]:
-        lines.append(f"- one judgement, {cost['model']} ({cost['parameters']:,} parameters): candidate on "
-                     f"{cost['probe_rows']:,} probe rows {cost['evaluate_ms']:.1f} ms + Fisher {cost['fisher_ms']:.1f} ms "
-                     f"= training {cost['judgement_in_training_examples']:,.0f} examples "
-                     f"({cost['train_example_us']:.1f} us each)")
+        lines.append(
+            f"- one judgement, {cost['model']} ({cost['parameters']:,} parameters): candidate on "
+            f"{cost['probe_rows']:,} probe rows {cost['evaluate_ms']:.1f} ms + Fisher {cost['fisher_ms']:.1f} ms "
+            f"= training {cost['judgement_in_training_examples']:,.0f} examples "
+            f"({cost['train_example_us']:.1f} us each)"
+        )
     lines.append("")
     return lines
 
 
 def run_pipeline(out: Path) -> list[str]:
-    from benchmarks.pipeline import format_result, run_pipeline_benchmark
+    from continuity.benchmarks.pipeline import format_result, run_pipeline_benchmark
 
     result = run_pipeline_benchmark()
     (out / "pipeline.json").write_text(json.dumps(result, indent=2))

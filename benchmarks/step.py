@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-from learner import (
+from continuity.learner import (
     Batch,
     EWCConfig,
     Learner,
@@ -75,17 +74,20 @@ def run_step_benchmark(
     rng = np.random.default_rng(seed)
     # A pool of distinct host batches, so the buffer sees varied data; cycled during timing.
     pool = [
-        Batch(rng.random((batch_size, *example_shape), dtype=np.float32),
-              rng.integers(0, num_classes, batch_size).astype(np.int32),
-              np.ones(batch_size, bool))
+        Batch(
+            rng.random((batch_size, *example_shape), dtype=np.float32),
+            rng.integers(0, num_classes, batch_size).astype(np.int32),
+            np.ones(batch_size, bool),
+        )
         for _ in range(16)
     ]
 
     state = learner.init(seed)
     plain = _plain_step(learner)
     # On the device from the start, like the learner's state, so its first call is its only compile.
-    carry = jax.device_put((jax.tree.map(jnp.copy, state.params), learner.optimizer.init(state.params)),
-                           jax.devices()[0])
+    carry = jax.device_put(
+        (jax.tree.map(jnp.copy, state.params), learner.optimizer.init(state.params)), jax.devices()[0]
+    )
 
     # Warm-up: compile both, fill the buffer a little, and make the EWC penalty live.
     for batch in pool:

@@ -1,8 +1,8 @@
 """The Orbax-backed checkpoint store, its retention rule, and the ledger of what happened."""
 
-from checkpoints.ledger import Ledger, to_json_value
-from checkpoints.retention import checkpoints_to_delete
-from checkpoints.store import (
+from continuity.checkpoints.ledger import Ledger, to_json_value
+from continuity.checkpoints.retention import checkpoints_to_delete
+from continuity.checkpoints.store import (
     EXPORT_SUFFIXES,
     SCHEMA_VERSION,
     STATUSES,

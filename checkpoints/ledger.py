@@ -49,8 +49,9 @@ def to_json_value(value: Any, *, where: str = "value") -> Any:
     # NumPy and JAX scalars/arrays, without importing either: both offer tolist().
     if hasattr(value, "tolist") and hasattr(value, "dtype"):
         return to_json_value(value.tolist(), where=where)
-    raise TypeError(f"`{where}` must be JSON-serialisable (numbers, strings, lists, dicts, arrays). "
-                    f"Got {type(value).__name__}.")
+    raise TypeError(
+        f"`{where}` must be JSON-serialisable (numbers, strings, lists, dicts, arrays). Got {type(value).__name__}."
+    )
 
 
 class Ledger:

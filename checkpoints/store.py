@@ -38,9 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from checkpoints.ledger import Ledger, to_json_value
-from checkpoints.retention import checkpoints_to_delete
+from continuity.checkpoints.ledger import Ledger, to_json_value
+from continuity.checkpoints.retention import checkpoints_to_delete
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class CheckpointInfo:
 
     @property
     def status(self) -> str:
-        """"good" or "regressed" as saved; "corrupt" when the JSON item cannot be read."""
+        """ "good" or "regressed" as saved; "corrupt" when the JSON item cannot be read."""
         return str(self.metadata.get("status", "unknown"))
 
     @property
@@ -121,7 +120,7 @@ class _StoreFile:
         }
 
     @classmethod
-    def read(cls, path: Path) -> "_StoreFile":
+    def read(cls, path: Path) -> _StoreFile:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             head = data.get("head")
@@ -132,8 +131,10 @@ class _StoreFile:
                 reserved=int(data.get("reserved", 0)),
             )
         except (OSError, ValueError, TypeError, AttributeError) as error:
-            raise ValueError(f"{path} is not a readable store file ({_first_line(str(error))}); "
-                             f"fix or remove it (pins, head and abandoned marks live there)") from None
+            raise ValueError(
+                f"{path} is not a readable store file ({_first_line(str(error))}); "
+                f"fix or remove it (pins, head and abandoned marks live there)"
+            ) from None
 
     def write(self, path: Path) -> None:
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -157,10 +158,12 @@ def _locked(method):
 
     A locked method must not call `wait`: the writer it would wait for needs the lock.
     """
+
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
         with self._lock:
             return method(self, *args, **kwargs)
+
     return locked
 
 
@@ -260,7 +263,7 @@ class CheckpointStore:
         """The rollback target the next restore_latest() returns, or None."""
         return self._file.head
 
-    def __enter__(self) -> "CheckpointStore":
+    def __enter__(self) -> CheckpointStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -334,8 +337,10 @@ class CheckpointStore:
             with self._lock:
                 self._metadata.pop(number, None)
             self._ledger.append("save_failed", checkpoint=number, error=_first_line(str(error)))
-            raise CheckpointSaveError(f"saving checkpoint {number} in {self.directory} failed: "
-                                      f"{type(error).__name__}: {_first_line(str(error))}") from error
+            raise CheckpointSaveError(
+                f"saving checkpoint {number} in {self.directory} failed: "
+                f"{type(error).__name__}: {_first_line(str(error))}"
+            ) from error
 
     def close(self) -> None:
         """Waits for the pending save (raising its error) and releases Orbax's threads."""
@@ -477,8 +482,9 @@ class CheckpointStore:
         self._require(number)
         status = self._status(number)
         if status != "good":
-            raise ValueError(f"checkpoint {number} has status {status!r}; only a good checkpoint can be "
-                             f"the one a restart restores")
+            raise ValueError(
+                f"checkpoint {number} has status {status!r}; only a good checkpoint can be the one a restart restores"
+            )
         newly = [n for n in self.numbers() if n > number and n not in self._file.abandoned]
         previous = self._file.head
         self._file.abandoned.update(newly)
@@ -511,8 +517,10 @@ class CheckpointStore:
         for depth, key in enumerate(params_path):
             if not isinstance(tree, Mapping) or key not in tree:
                 available = sorted(tree) if isinstance(tree, Mapping) else []
-                raise ValueError(f"checkpoint {number} has no state subtree {'/'.join(params_path[:depth + 1])!r}; "
-                                 f"keys there: {available}")
+                raise ValueError(
+                    f"checkpoint {number} has no state subtree {'/'.join(params_path[: depth + 1])!r}; "
+                    f"keys there: {available}"
+                )
             tree = tree[key]
 
         import jax
@@ -544,8 +552,10 @@ class CheckpointStore:
 
                 handle.write(serialization.msgpack_serialize(params))
             else:
-                flat = {"/".join(_key_name(e) for e in path): leaf
-                        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+                flat = {
+                    "/".join(_key_name(e) for e in path): leaf
+                    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+                }
                 np.savez(handle, **flat)
         os.replace(temporary, out)
         return out
@@ -571,7 +581,9 @@ class CheckpointStore:
         """The JSON item of `number`; CorruptCheckpointError when it cannot be read."""
         if number not in self._metadata:
             try:
-                restored = self._manager.restore(number, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
+                restored = self._manager.restore(
+                    number, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())
+                )
                 metadata = restored["meta"]
             except Exception as error:
                 raise CorruptCheckpointError(number, error) from error
@@ -649,8 +661,9 @@ class CheckpointStore:
     def _retain(self, *, finalized: int) -> None:
         """Retention after checkpoint `finalized` committed: delete what the rule lets go."""
         numbers = self.numbers()
-        doomed = checkpoints_to_delete(numbers, keep_last=self.keep_last, last_good=self.last_good(),
-                                       pinned=self._file.pinned)
+        doomed = checkpoints_to_delete(
+            numbers, keep_last=self.keep_last, last_good=self.last_good(), pinned=self._file.pinned
+        )
         for number in doomed:
             status = self._status(number)
             self._manager.delete(number)

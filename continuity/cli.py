@@ -31,7 +31,7 @@ class OneLineParser(argparse.ArgumentParser):
     error alone (which already names the argument and the valid choices) is clearer.
     """
 
-    def error(self, message: str):  # noqa: D102 - argparse API
+    def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

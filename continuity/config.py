@@ -36,18 +36,17 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from continuity.errors import UsageError
 from continuity.probe import ProbeConfig
-from stream.codecs import CODECS, DTYPE_CODES, FeatureSpec
-from stream.kafka import SECURITY_OPTIONS, KafkaSettings, redact
+from continuity.stream.codecs import CODECS, DTYPE_CODES, FeatureSpec
+from continuity.stream.kafka import SECURITY_OPTIONS, KafkaSettings, redact
 
 if TYPE_CHECKING:
     from continuity.guard import GuardConfig
-    from learner.config import LearnerConfig, ModelConfig
+    from continuity.learner.config import LearnerConfig, ModelConfig
 
 
 @functools.cache
@@ -58,10 +57,15 @@ def _jax_configs() -> SimpleNamespace:
     it (`continuity --help`) must not pay the seconds a JAX import costs.
     """
     from continuity.guard import GuardConfig
-    from learner.config import EWCConfig, LearnerConfig, ModelConfig, ReplayConfig
+    from continuity.learner.config import EWCConfig, LearnerConfig, ModelConfig, ReplayConfig
 
-    return SimpleNamespace(GuardConfig=GuardConfig, LearnerConfig=LearnerConfig, ModelConfig=ModelConfig,
-                           ReplayConfig=ReplayConfig, EWCConfig=EWCConfig)
+    return SimpleNamespace(
+        GuardConfig=GuardConfig,
+        LearnerConfig=LearnerConfig,
+        ModelConfig=ModelConfig,
+        ReplayConfig=ReplayConfig,
+        EWCConfig=EWCConfig,
+    )
 
 
 SOURCES = ("kafka", "file")
@@ -129,27 +133,41 @@ class StreamConfig:
         if self.group == "":
             object.__setattr__(self, "group", None)
         _one_of("stream.source", self.source, SOURCES)
-        _require(isinstance(self.bootstrap, str) and bool(self.bootstrap.strip()),
-                 f"`stream.bootstrap` must be 'host:port' (comma-separated for several). Got {self.bootstrap!r}.")
-        _require(len(self.topics) > 0 and all(isinstance(t, str) and t for t in self.topics),
-                 f"`stream.topics` must be a non-empty list of topic names. Got {list(self.topics)!r}.")
+        _require(
+            isinstance(self.bootstrap, str) and bool(self.bootstrap.strip()),
+            f"`stream.bootstrap` must be 'host:port' (comma-separated for several). Got {self.bootstrap!r}.",
+        )
+        _require(
+            len(self.topics) > 0 and all(isinstance(t, str) and t for t in self.topics),
+            f"`stream.topics` must be a non-empty list of topic names. Got {list(self.topics)!r}.",
+        )
         _one_of("stream.codec", self.codec, CODECS)
-        _require(0 < len(self.feature_shape) <= 8 and all(isinstance(d, int) and d > 0 for d in self.feature_shape),
-                 f"`stream.feature_shape` must be a list of 1 to 8 positive integers. Got {list(self.feature_shape)!r}.")
+        _require(
+            0 < len(self.feature_shape) <= 8 and all(isinstance(d, int) and d > 0 for d in self.feature_shape),
+            f"`stream.feature_shape` must be a list of 1 to 8 positive integers. Got {list(self.feature_shape)!r}.",
+        )
         _one_of("stream.dtype", self.dtype, WIRE_DTYPES)
-        _require(self.num_classes is None or self.num_classes >= 1,
-                 f"`stream.num_classes` must be >= 1, or left out for regression. Got {self.num_classes!r}.")
+        _require(
+            self.num_classes is None or self.num_classes >= 1,
+            f"`stream.num_classes` must be >= 1, or left out for regression. Got {self.num_classes!r}.",
+        )
         _one_of("stream.auto_offset_reset", self.auto_offset_reset, OFFSET_RESETS)
-        _require(self.session_timeout_ms >= 1000,
-                 f"`stream.session_timeout_ms` must be >= 1000. Got {self.session_timeout_ms!r}.")
+        _require(
+            self.session_timeout_ms >= 1000,
+            f"`stream.session_timeout_ms` must be >= 1000. Got {self.session_timeout_ms!r}.",
+        )
         _one_of("stream.dead_letters", self.dead_letters, DEAD_LETTER_SINKS)
         _require(bool(self.dead_letter_path), "`stream.dead_letter_path` must be a file path. Got ''.")
         _require(bool(self.quarantine_path), "`stream.quarantine_path` must be a file path. Got ''.")
         unknown = sorted(set(self.security) - SECURITY_OPTIONS)
-        _require(not unknown, f"`stream.security` has unknown option(s) {unknown}; allowed: {sorted(SECURITY_OPTIONS)}.")
+        _require(
+            not unknown, f"`stream.security` has unknown option(s) {unknown}; allowed: {sorted(SECURITY_OPTIONS)}."
+        )
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name != "security")
+        fields = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name != "security"
+        )
         return f"StreamConfig({fields}, security={redact(self.security)!r})"
 
     def feature_spec(self) -> FeatureSpec:
@@ -214,12 +232,16 @@ class ServiceConfig:
         _require(bool(self.http_host), "`service.http_host` must be a host or address. Got ''.")
         _require(0 <= self.http_port <= 65535, f"`service.http_port` must be in 0..65535. Got {self.http_port!r}.")
         _require(self.progress_every_s > 0, f"`service.progress_every_s` must be > 0. Got {self.progress_every_s!r}.")
-        _require(self.shutdown_timeout_s > 0, f"`service.shutdown_timeout_s` must be > 0. Got {self.shutdown_timeout_s!r}.")
+        _require(
+            self.shutdown_timeout_s > 0, f"`service.shutdown_timeout_s` must be > 0. Got {self.shutdown_timeout_s!r}."
+        )
         _require(0 <= self.seed < 2**32, f"`service.seed` must be in 0..2**32-1. Got {self.seed!r}.")
         # The admin endpoints roll the model back: anyone who can reach them controls the service.
-        _require(self.admin_token is not None or is_loopback(self.http_host),
-                 f"`service.http_host` refusing to expose admin endpoints on {self.http_host} without "
-                 "service.admin_token (set admin_token_env = \"VAR\" in [service], or bind 127.0.0.1).")
+        _require(
+            self.admin_token is not None or is_loopback(self.http_host),
+            f"`service.http_host` refusing to expose admin endpoints on {self.http_host} without "
+            'service.admin_token (set admin_token_env = "VAR" in [service], or bind 127.0.0.1).',
+        )
 
 
 @dataclass(frozen=True)
@@ -229,7 +251,9 @@ class Config:
     stream: StreamConfig = field(default_factory=StreamConfig)
     learner: LearnerConfig = field(default_factory=lambda: _service_learner())  # [model] [learner] [replay] [ewc]
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # [probe]: what is held out
-    guard: GuardConfig = field(default_factory=lambda: _jax_configs().GuardConfig())  # [probe]: how candidates are judged
+    guard: GuardConfig = field(
+        default_factory=lambda: _jax_configs().GuardConfig()
+    )  # [probe]: how candidates are judged
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     source_path: str | None = field(default=None, compare=False)  # the file it came from
@@ -261,7 +285,9 @@ class Config:
             for spec in _specs()[section].values():
                 value = getattr(_section_object(self, spec), spec.name)
                 if spec.kind == "security":
-                    security = {k: (REDACTED if redact and (k in SECRET_SECURITY_OPTIONS) else v) for k, v in value.items()}
+                    security = {
+                        k: (REDACTED if redact and (k in SECRET_SECURITY_OPTIONS) else v) for k, v in value.items()
+                    }
                     if security:
                         values["security"] = security
                     continue
@@ -299,8 +325,12 @@ class Config:
         digest (and, with it, bit-identical checkpoint metadata).
         """
         training = {
-            "stream": {"codec": self.stream.codec, "feature_shape": list(self.stream.feature_shape),
-                       "dtype": self.stream.dtype, "num_classes": self.stream.num_classes},
+            "stream": {
+                "codec": self.stream.codec,
+                "feature_shape": list(self.stream.feature_shape),
+                "dtype": self.stream.dtype,
+                "num_classes": self.stream.num_classes,
+            },
             "learner": dataclasses.asdict(self.learner),
             "probe": dataclasses.asdict(self.probe),
             "guard": dataclasses.asdict(self.guard),
@@ -313,18 +343,21 @@ class Config:
 def _check_task(stream: StreamConfig, learner: LearnerConfig) -> None:
     """The stream's labels must be what the learner's task learns from."""
     if learner.regression:
-        _require(stream.num_classes is None,
-                 '`stream.num_classes` must be left out when learner.task is "regression" (labels are float '
-                 f"targets, not classes). Got {stream.num_classes!r}.")
+        _require(
+            stream.num_classes is None,
+            '`stream.num_classes` must be left out when learner.task is "regression" (labels are float '
+            f"targets, not classes). Got {stream.num_classes!r}.",
+        )
     else:
-        _require(stream.num_classes is not None,
-                 '`stream.num_classes` is required when learner.task is "classification". Got None.')
+        _require(
+            stream.num_classes is not None,
+            '`stream.num_classes` is required when learner.task is "classification". Got None.',
+        )
 
 
 # ---- the file's schema, derived from the dataclasses -------------------------------------------
 
 SECTIONS = ("stream", "model", "learner", "replay", "ewc", "probe", "checkpoints", "service")
-
 
 
 @functools.cache
@@ -342,6 +375,7 @@ def _section_classes() -> dict[str, tuple[type, ...]]:
         "checkpoints": (CheckpointsConfig,),
         "service": (ServiceConfig,),
     }
+
 
 # Where the service's defaults differ from the learner library's neutral ones (which leave
 # replay and EWC off): the settings the guard was measured with (BENCHMARKS.md, "Guard").
@@ -396,8 +430,11 @@ def _kind_of(hint) -> tuple[str, bool]:
 def _specs() -> dict[str, dict[str, _KeySpec]]:
     """{section: {key: spec}}, from the dataclasses' fields and type hints, in field order."""
     LearnerConfig = _jax_configs().LearnerConfig  # noqa: N806 - a class
-    nested = {f.name for f in dataclasses.fields(LearnerConfig)
-              if dataclasses.is_dataclass(typing.get_type_hints(LearnerConfig)[f.name])}
+    nested = {
+        f.name
+        for f in dataclasses.fields(LearnerConfig)
+        if dataclasses.is_dataclass(typing.get_type_hints(LearnerConfig)[f.name])
+    }
     specs: dict[str, dict[str, _KeySpec]] = {}
     for section, classes in _section_classes().items():
         specs[section] = {}
@@ -409,17 +446,24 @@ def _specs() -> dict[str, dict[str, _KeySpec]]:
                 kind, optional = _kind_of(hints[f.name])
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 default = SERVICE_DEFAULTS.get((section, f.name), default)
-                specs[section][f.name] = _KeySpec(section, f.name, cls, kind, optional, default,
-                                                  (section, f.name) in _SECRET_KEYS)
+                specs[section][f.name] = _KeySpec(
+                    section, f.name, cls, kind, optional, default, (section, f.name) in _SECRET_KEYS
+                )
     return specs
 
 
 def _section_object(config: Config, spec: _KeySpec):
     """The dataclass instance inside `config` that holds `spec`'s field."""
-    return {"stream": config.stream, "model": config.learner.model, "learner": config.learner,
-            "replay": config.learner.replay, "ewc": config.learner.ewc,
-            "probe": config.probe if spec.owner is ProbeConfig else config.guard,
-            "checkpoints": config.checkpoints, "service": config.service}[spec.section]
+    return {
+        "stream": config.stream,
+        "model": config.learner.model,
+        "learner": config.learner,
+        "replay": config.learner.replay,
+        "ewc": config.learner.ewc,
+        "probe": config.probe if spec.owner is ProbeConfig else config.guard,
+        "checkpoints": config.checkpoints,
+        "service": config.service,
+    }[spec.section]
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -480,7 +524,11 @@ def _coerce(kind: str, value, optional: bool):
         return float(value)  # TOML's `1` where a float is expected is fine
     if kind == "str" and isinstance(value, str):
         return (value or None) if optional else value
-    if kind == "ints" and isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if (
+        kind == "ints"
+        and isinstance(value, list)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         return tuple(value)
     if kind == "strs":
         if isinstance(value, str):  # `--set stream.topics=digits` means one topic
@@ -541,10 +589,14 @@ class _Loader:
     def check_sections(self, raw: dict) -> None:
         for section, table in raw.items():
             if section not in SECTIONS:
-                raise ConfigError(f"{self.prefix}: [{section}]: unknown section; expected one of: "
-                                  f"{', '.join(SECTIONS)}{_suggest(section, SECTIONS)}")
+                raise ConfigError(
+                    f"{self.prefix}: [{section}]: unknown section; expected one of: "
+                    f"{', '.join(SECTIONS)}{_suggest(section, SECTIONS)}"
+                )
             if not isinstance(table, dict):
-                raise ConfigError(f"{self.prefix}: {section}: expected a [{section}] table, got {_received(table, True)}")
+                raise ConfigError(
+                    f"{self.prefix}: {section}: expected a [{section}] table, got {_received(table, True)}"
+                )
 
     # -- overrides
     def apply(self, raw: dict, overrides: Sequence[str]) -> None:
@@ -552,12 +604,15 @@ class _Loader:
             key_path, sep, text = item.partition("=")
             parts = key_path.strip().split(".")
             if not sep or not all(parts) or len(parts) not in (2, 3):
-                raise ConfigError(f"--set {_one_line(key_path)}: expected SECTION.KEY=VALUE "
-                                  "(e.g. learner.batch_size=64)")
+                raise ConfigError(
+                    f"--set {_one_line(key_path)}: expected SECTION.KEY=VALUE (e.g. learner.batch_size=64)"
+                )
             section, key = parts[0], parts[1]
             if section not in _specs():
-                raise ConfigError(f"--set {key_path}: [{section}]: unknown section; expected one of: "
-                                  f"{', '.join(SECTIONS)}{_suggest(section, SECTIONS)}")
+                raise ConfigError(
+                    f"--set {key_path}: [{section}]: unknown section; expected one of: "
+                    f"{', '.join(SECTIONS)}{_suggest(section, SECTIONS)}"
+                )
             value = _parse_value(text)
             table = raw.setdefault(section, {})
             if not isinstance(table, dict):
@@ -571,8 +626,10 @@ class _Loader:
                 section, key = "stream.security", parts[2]
             elif key not in self._allowed(section):
                 allowed = self._allowed(section)
-                raise ConfigError(f"--set {key_path}: [{section}] {key}: unknown key; expected one of: "
-                                  f"{', '.join(allowed)}{_suggest(key, allowed)}")
+                raise ConfigError(
+                    f"--set {key_path}: [{section}] {key}: unknown key; expected one of: "
+                    f"{', '.join(allowed)}{_suggest(key, allowed)}"
+                )
             # A value replaces its environment indirection, and the other way round.
             other = key[: -len(ENV_SUFFIX)] if key.endswith(ENV_SUFFIX) else key + ENV_SUFFIX
             table.pop(other, None)
@@ -596,7 +653,9 @@ class _Loader:
                 out[specs[key].owner][key] = value
         for key in table:
             if key not in allowed:
-                raise self.error(section, key, f"unknown key; expected one of: {', '.join(allowed)}{_suggest(key, allowed)}")
+                raise self.error(
+                    section, key, f"unknown key; expected one of: {', '.join(allowed)}{_suggest(key, allowed)}"
+                )
         for key, value in table.items():
             if key.endswith(ENV_SUFFIX) and key not in specs:
                 name = key[: -len(ENV_SUFFIX)]
@@ -611,13 +670,17 @@ class _Loader:
                 try:
                     value = _coerce(spec.kind, value, spec.optional)
                 except _Mismatch as mismatch:
-                    raise self.error(section, key, f"expected {mismatch.expected}, got {_received(value, spec.secret)}")
+                    raise self.error(
+                        section, key, f"expected {mismatch.expected}, got {_received(value, spec.secret)}"
+                    ) from None
             out[spec.owner][key] = value
         return out
 
     def from_env(self, section: str, key: str, variable) -> str:
         if not isinstance(variable, str) or not variable:
-            raise self.error(section, key, f"expected the name of an environment variable, got {_received(variable, False)}")
+            raise self.error(
+                section, key, f"expected the name of an environment variable, got {_received(variable, False)}"
+            )
         value = self.environ.get(variable)
         if not value:
             state = "is empty" if value == "" else "is not set"
@@ -634,8 +697,12 @@ class _Loader:
         for key, value in table.items():
             if key not in allowed:
                 hint = " (a Python object: it cannot be given in a file)" if key in _OBJECT_SECURITY_OPTIONS else ""
-                raise self.error(section, key, f"unknown security option{hint}; expected one of: "
-                                 f"{', '.join(options)} (or <option>{ENV_SUFFIX} = \"VAR\"){_suggest(key, allowed)}")
+                raise self.error(
+                    section,
+                    key,
+                    f"unknown security option{hint}; expected one of: "
+                    f'{", ".join(options)} (or <option>{ENV_SUFFIX} = "VAR"){_suggest(key, allowed)}',
+                )
             name = key
             if key.endswith(ENV_SUFFIX):
                 name = key[: -len(ENV_SUFFIX)]
@@ -645,14 +712,19 @@ class _Loader:
                 if name in _BOOL_SECURITY_OPTIONS:
                     lowered = value.strip().lower()
                     if lowered not in ("true", "false"):
-                        raise self.error(section, key, f"expected true or false in the environment variable, got {value!r}")
+                        raise self.error(
+                            section, key, f"expected true or false in the environment variable, got {value!r}"
+                        )
                     value = lowered == "true"
             expected = "bool" if name in _BOOL_SECURITY_OPTIONS else "str"
             try:
                 value = _coerce(expected, value, False)
             except _Mismatch as mismatch:
-                raise self.error(section, key, f"expected {mismatch.expected}, "
-                                 f"got {_received(value, name in SECRET_SECURITY_OPTIONS)}")
+                raise self.error(
+                    section,
+                    key,
+                    f"expected {mismatch.expected}, got {_received(value, name in SECRET_SECURITY_OPTIONS)}",
+                ) from None
             out[name] = value
         return out
 
@@ -668,10 +740,10 @@ class _Loader:
         message = _one_line(str(error))
         named = re.match(r"`(\w+)\.(\w+)` ", message)
         if named and named.group(2) in _specs().get(named.group(1), {}):
-            return self.error(named.group(1), named.group(2), message[named.end():])
+            return self.error(named.group(1), named.group(2), message[named.end() :])
         named = re.match(r"`(\w+)` ", message)
         if named and named.group(1) in _specs():
-            return self.error(named.group(1), None, message[named.end():])
+            return self.error(named.group(1), None, message[named.end() :])
         return self.error(section, None, message)
 
 
@@ -690,8 +762,9 @@ def _parse_value(text: str):
     return parsed["value"]
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = (), *,
-                environ: Mapping[str, str] = os.environ) -> Config:
+def load_config(
+    path: str | Path | None, overrides: Sequence[str] = (), *, environ: Mapping[str, str] = os.environ
+) -> Config:
     """Read, override, type-check and validate a config; path None -> the defaults (plus overrides).
 
     Raises ConfigError (a UsageError: one line, exit status 2) naming the key, what was
@@ -709,8 +782,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), *,
     model = loader.build(lib.ModelConfig, values[lib.ModelConfig], "model")
     replay = loader.build(lib.ReplayConfig, values[lib.ReplayConfig], "replay")
     ewc = loader.build(lib.EWCConfig, values[lib.EWCConfig], "ewc")
-    learner = loader.build(lib.LearnerConfig,
-                           {**values[lib.LearnerConfig], "model": model, "replay": replay, "ewc": ewc}, "learner")
+    learner = loader.build(
+        lib.LearnerConfig, {**values[lib.LearnerConfig], "model": model, "replay": replay, "ewc": ewc}, "learner"
+    )
     stream_values = values[StreamConfig]
     if learner.regression and "num_classes" not in raw.get("stream", {}):
         stream_values = {**stream_values, "num_classes": None}  # regression: targets, no classes
@@ -767,9 +841,9 @@ _SECTION_NOTES = {
     "learner": "The task, the optimizer and the micro-batch of fresh examples per step.",
     "replay": "Rehearsal: stored examples mixed into every step (capacity 0 turns it off).",
     "ewc": "Online EWC (Schwarz et al. 2018): holds important weights near the last good model,\n"
-           "# with a strength lambda that decays on accepted windows and is boosted on regressions.",
+    "# with a strength lambda that decays on accepted windows and is boosted on regressions.",
     "probe": "The continuity probe: held-out examples (never trained on), and how every candidate\n"
-             "# model is judged against the last good one.",
+    "# model is judged against the last good one.",
     "checkpoints": "The Orbax checkpoint store (the ledger of decisions lives inside it).",
     "service": "The running service: HTTP endpoints (/healthz, /readyz, /metrics, /status, /admin/*).",
 }
@@ -777,13 +851,19 @@ _COMMENTS = {
     ("stream", "source"): '"kafka", or "file" for a recorded Parquet stream (`continuity replay FILE`)',
     ("stream", "bootstrap"): "host:port[,host:port]; `continuity broker --port 9092` runs the embedded broker",
     ("stream", "topics"): "`continuity produce --bootstrap 127.0.0.1:9092 --topic digits --scenario permuted-digits`",
-    ("stream", "group"): 'consumer group: offsets are committed after each checkpoint; "" = no group, read every partition',
+    (
+        "stream",
+        "group",
+    ): 'consumer group: offsets are committed after each checkpoint; "" = no group, read every partition',
     ("stream", "codec"): '"binary" or "json" (wire formats: see README)',
     ("stream", "feature_shape"): "one example's features",
     ("stream", "dtype"): "wire dtype of the features: " + ", ".join(f'"{d}"' for d in WIRE_DTYPES),
     ("stream", "num_classes"): 'labels are integers in [0, num_classes); leave it out for learner.task = "regression"',
     ("stream", "auto_offset_reset"): 'where a partition without a checkpointed position starts: "earliest" or "latest"',
-    ("stream", "session_timeout_ms"): "short for the embedded broker (it holds a group join ~half of it); 45000 is Kafka's default",
+    (
+        "stream",
+        "session_timeout_ms",
+    ): "short for the embedded broker (it holds a group join ~half of it); 45000 is Kafka's default",
     ("stream", "dead_letters"): 'undecodable records go to "file" (dead_letter_path) or "topic" (<topic>.dlq)',
     ("stream", "dead_letter_path"): "JSON lines; a relative path is relative to checkpoints.dir",
     ("stream", "quarantine_path"): "records of quarantined windows, JSON lines; relative to checkpoints.dir",
@@ -811,23 +891,32 @@ _COMMENTS = {
     ("probe", "per_segment"): "probe examples kept per segment (reservoir)",
     ("probe", "max_segments"): "beyond this the oldest segment is dropped",
     ("probe", "window_examples"): "records without a segment: held-out examples per window segment "
-                                  "(5,000: one per default window)",
+    "(5,000: one per default window)",
     ("probe", "golden"): "optional .npz with arrays x, y: a fixed probe segment",
     ("probe", "every_examples"): "trained examples per window (judged, EWC consolidated on accept); "
-                                 "judging costs what training 600-1,700 examples does",
+    "judging costs what training 600-1,700 examples does",
     ("probe", "tolerance"): "accuracy drop (overall or one segment) that may count as a regression",
     ("probe", "loss_tolerance"): "regression: relative rise of the mean probe loss that may count as one (0.2 = +20%)",
-    ("probe", "alpha"): "significance of the one-sided paired test (McNemar on predictions; Wilcoxon on regression losses)",
+    (
+        "probe",
+        "alpha",
+    ): "significance of the one-sided paired test (McNemar on predictions; Wilcoxon on regression losses)",
     ("probe", "on_regression"): '"quarantine", "retry" (stronger lambda, then quarantine) or "halt"',
     ("probe", "max_retries"): "retries of a window before it is quarantined",
     ("probe", "min_examples"): "probe examples a segment needs before it is tested",
     ("probe", "every_seconds"): "serve: a window also closes after this long, so a slow stream is judged "
-                                "regularly (replay: by count only); 0 = by count only",
-    ("probe", "anchor_windows"): "also judge against the good model of up to this many windows ago (catches slow seepage); 0 = off",
+    "regularly (replay: by count only); 0 = by count only",
+    (
+        "probe",
+        "anchor_windows",
+    ): "also judge against the good model of up to this many windows ago (catches slow seepage); 0 = off",
     ("probe", "enabled"): "false: accept every candidate (to measure what the guard prevents)",
     ("checkpoints", "dir"): "checkpoint store directory",
     ("checkpoints", "keep_last"): "ordinary checkpoints kept (pinned ones are kept too)",
-    ("checkpoints", "every_seconds"): "at most one checkpoint per this many seconds (every window is still judged); 0 = every accepted window",
+    (
+        "checkpoints",
+        "every_seconds",
+    ): "at most one checkpoint per this many seconds (every window is still judged); 0 = every accepted window",
     ("service", "http_host"): "a non-loopback address requires an admin token",
     ("service", "http_port"): "0 = pick a free port",
     ("service", "admin_token"): 'bearer token for POST /admin/*; give it as admin_token_env = "VAR"',
@@ -890,10 +979,19 @@ def example_config() -> str:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--config FILE and repeatable --set SECTION.KEY=VALUE, for every command that takes a config."""
-    parser.add_argument("--config", default=None, metavar="FILE",
-                        help="TOML config file (`continuity config example` prints one); default: built-in defaults")
-    parser.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
-                        help="override one config value, e.g. --set learner.batch_size=64 (repeatable)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="TOML config file (`continuity config example` prints one); default: built-in defaults",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=None,
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. --set learner.batch_size=64 (repeatable)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

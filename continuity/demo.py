@@ -17,13 +17,13 @@ TOPIC = "digits"
 
 
 def run_demo(*, out: Path, seconds: int, segments: int = 6, seed: int = 0) -> int:
-    from checkpoints import CheckpointStore
+    from continuity.checkpoints import CheckpointStore
     from continuity.commands.checkpoints import format_table
     from continuity.config import load_config
     from continuity.report import write_markdown, write_png
     from continuity.service import Service, format_progress, format_summary
-    from stream import EmbeddedBroker, ScenarioSource, create_topic, make_codec, produce_records
-    from stream.scenarios import GUARD_EVERY_EXAMPLES, make_scenario
+    from continuity.stream import EmbeddedBroker, ScenarioSource, create_topic, make_codec, produce_records
+    from continuity.stream.scenarios import GUARD_EVERY_EXAMPLES, make_scenario
 
     if segments < 2:
         from continuity.errors import UsageError
@@ -40,28 +40,37 @@ def run_demo(*, out: Path, seconds: int, segments: int = 6, seed: int = 0) -> in
 
     say("starting the embedded broker (Tansu) ...")
     with EmbeddedBroker() as broker:
-        config = load_config(None, [
-            f'stream.bootstrap="{broker.bootstrap}"', f'stream.topics=["{TOPIC}"]',
-            f'checkpoints.dir="{checkpoints}"', "service.http_port=0", "service.progress_every_s=2",
-            "checkpoints.every_seconds=2",  # a short stream: checkpoint often enough to show a few
-            # Judge within each segment: digits segments last ~1,400 examples (the service
-            # default, 50,000, is for streams that drift over far more).
-            f"probe.every_examples={GUARD_EVERY_EXAMPLES}",
-            f"service.seed={seed}",
-        ])
+        config = load_config(
+            None,
+            [
+                f'stream.bootstrap="{broker.bootstrap}"',
+                f'stream.topics=["{TOPIC}"]',
+                f'checkpoints.dir="{checkpoints}"',
+                "service.http_port=0",
+                "service.progress_every_s=2",
+                "checkpoints.every_seconds=2",  # a short stream: checkpoint often enough to show a few
+                # Judge within each segment: digits segments last ~1,400 examples (the service
+                # default, 50,000, is for streams that drift over far more).
+                f"probe.every_examples={GUARD_EVERY_EXAMPLES}",
+                f"service.seed={seed}",
+            ],
+        )
         codec = make_codec("binary", config.stream.feature_spec())
         source = ScenarioSource(scenario, codec, topic=TOPIC)
         create_topic(broker.bootstrap, TOPIC, 1)
-        say(f"producing {len(source):,} records to {TOPIC!r}: permuted-digits, {segments} segments; segment "
-            f"{poison} is a broken labeler ({scenario.segments[poison].name}: segment 0's inputs, shuffled labels)")
+        say(
+            f"producing {len(source):,} records to {TOPIC!r}: permuted-digits, {segments} segments; segment "
+            f"{poison} is a broken labeler ({scenario.segments[poison].name}: segment 0's inputs, shuffled labels)"
+        )
         produce_records(broker.bootstrap, TOPIC, (source.encode_record(i) for i in range(len(source))))
 
         def progress(p, lag):
             print("  " + format_progress(p, lag), file=sys.stderr, flush=True)
 
         service = Service(config, idle_timeout_s=6.0, max_seconds=seconds, progress=progress)
-        summary = service.run(lambda url: say(f"serving: HTTP on {url} (try {url}/metrics while it runs); "
-                                              f"checkpoints in {checkpoints}"))
+        summary = service.run(
+            lambda url: say(f"serving: HTTP on {url} (try {url}/metrics while it runs); checkpoints in {checkpoints}")
+        )
     say("done.\n" + format_summary(summary))
 
     store = CheckpointStore(checkpoints, create=False)
@@ -70,20 +79,30 @@ def run_demo(*, out: Path, seconds: int, segments: int = 6, seed: int = 0) -> in
     restored = store.restore_latest(state_like=service.learner.init(seed))
     if restored is not None:
         for segment in scenario.segments:
-            final[segment.name + (" (poisoned in the stream)" if segment.poisoned else "")] = \
-                service.learner.evaluate(restored.state.params, segment.test_x, segment.test_y).accuracy
+            final[segment.name + (" (poisoned in the stream)" if segment.poisoned else "")] = service.learner.evaluate(
+                restored.state.params, segment.test_x, segment.test_y
+            ).accuracy
     table = format_table(store.list())
     store.close()
     title = f"Continuity demo: permuted-digits, {segments} segments, segment {poison} poisoned"
     write_png(events, out / "report.png", title)
-    intro = (f"A drifting stream of {len(source):,} records (one new pixel permutation per segment) was produced "
-             f"to an embedded Kafka-compatible broker. Segment {poison} is a broken upstream labeler: inputs drawn "
-             f"like segment 0's, labels shuffled. The service trained on the stream with replay and online EWC; "
-             f"every {config.guard.every_examples:,} trained examples the continuity probe compared the candidate "
-             f"with the last good model (tolerance {config.guard.tolerance}, one-sided McNemar, alpha "
-             f"{config.guard.alpha}), and on a regression it rolled back and reacted ({config.guard.on_regression}).")
-    write_markdown(events, out / "report.md", title=title, summary=summary.to_json(), intro=intro,
-                   final_accuracy=final, checkpoint_table=table)
+    intro = (
+        f"A drifting stream of {len(source):,} records (one new pixel permutation per segment) was produced "
+        f"to an embedded Kafka-compatible broker. Segment {poison} is a broken upstream labeler: inputs drawn "
+        f"like segment 0's, labels shuffled. The service trained on the stream with replay and online EWC; "
+        f"every {config.guard.every_examples:,} trained examples the continuity probe compared the candidate "
+        f"with the last good model (tolerance {config.guard.tolerance}, one-sided McNemar, alpha "
+        f"{config.guard.alpha}), and on a regression it rolled back and reacted ({config.guard.on_regression})."
+    )
+    write_markdown(
+        events,
+        out / "report.md",
+        title=title,
+        summary=summary.to_json(),
+        intro=intro,
+        final_accuracy=final,
+        checkpoint_table=table,
+    )
     print(table)
     say(f"wrote {out / 'report.md'} and {out / 'report.png'}")
     return 0

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from continuity.learner import Evaluation, Learner, LearnerState
+from continuity.learner import ewc as ewc_lib
 from continuity.probe import ProbeStore
 from continuity.regression import Verdict, judge, judge_losses, segment_rows
-from learner import Evaluation, Learner, LearnerState
-from learner import ewc as ewc_lib
 
 ON_REGRESSION = ("retry", "quarantine", "halt")
 
@@ -98,8 +98,10 @@ class _Results:
 
     def __init__(self, serials: np.ndarray, evaluation: Evaluation):
         order = np.argsort(serials, kind="stable")
-        self.serials, self.evaluation = serials[order], Evaluation(*(None if a is None else a[order]
-                                                                     for a in evaluation))
+        self.serials, self.evaluation = (
+            serials[order],
+            Evaluation(*(None if a is None else a[order] for a in evaluation)),
+        )
 
     def lookup(self, serials: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found mask, index into the cached rows) for each of `serials`."""
@@ -150,17 +152,22 @@ class Guard:
         def compare(reference_eval: Evaluation) -> Verdict:
             options = dict(alpha=self.config.alpha, min_examples=self.config.min_examples)
             if regression:
-                return judge_losses(reference_eval.loss, candidate_eval.loss, ids, names,
-                                    tolerance=self.config.loss_tolerance, **options)
-            return judge(reference_eval.correct, candidate_eval.correct, ids, names,
-                         tolerance=self.config.tolerance, **options)
+                return judge_losses(
+                    reference_eval.loss,
+                    candidate_eval.loss,
+                    ids,
+                    names,
+                    tolerance=self.config.loss_tolerance,
+                    **options,
+                )
+            return judge(
+                reference_eval.correct, candidate_eval.correct, ids, names, tolerance=self.config.tolerance, **options
+            )
 
-        good_eval, self._good_results = self._evaluate_cached(self.last_good.params, self._good_results,
-                                                              x, y, serials)
+        good_eval, self._good_results = self._evaluate_cached(self.last_good.params, self._good_results, x, y, serials)
         verdict = compare(good_eval)
         if not verdict.regressed and self.anchor is not None:
-            anchor_eval, self._anchor_results = self._evaluate_cached(self.anchor, self._anchor_results,
-                                                                      x, y, serials)
+            anchor_eval, self._anchor_results = self._evaluate_cached(self.anchor, self._anchor_results, x, y, serials)
             against_anchor = compare(anchor_eval)
             if against_anchor.regressed:
                 verdict = replace(against_anchor, against="anchor")
@@ -169,7 +176,7 @@ class Guard:
         figure, per_example = ("loss", candidate_eval.loss) if regression else ("accuracy", candidate_eval.correct)
         rows_of = segment_rows(ids, len(names))
         report = {
-            "examples": int(len(y)),
+            "examples": len(y),
             figure: _mean(per_example),
             "segments": {name: _mean(per_example[rows]) for name, rows in zip(names, rows_of)},
         }
@@ -206,8 +213,9 @@ class Guard:
                 state = learner.consolidate(state)
             elif recent is not None and len(recent[1]):
                 state = learner.consolidate(state, *recent)
-            state = state.replace(ewc=ewc_lib.decay_strength(state.ewc, decay=ewc_config.decay,
-                                                             floor=ewc_config.strength_min))
+            state = state.replace(
+                ewc=ewc_lib.decay_strength(state.ewc, decay=ewc_config.decay, floor=ewc_config.strength_min)
+            )
         self._accepted_since_anchor += 1
         if self.anchor is not None and self._accepted_since_anchor >= self.config.anchor_windows:
             # The anchor moves up to the previous good model: it always trails by 1..K windows.
@@ -224,8 +232,9 @@ class Guard:
         ewc_config = self.learner.config.ewc
         state = device_copy(self.last_good)
         if ewc_config.enabled:
-            state = state.replace(ewc=ewc_lib.boost_strength(state.ewc, boost=ewc_config.boost,
-                                                             ceiling=ewc_config.strength_max))
+            state = state.replace(
+                ewc=ewc_lib.boost_strength(state.ewc, boost=ewc_config.boost, ceiling=ewc_config.strength_max)
+            )
             # The boost carries over: the kept copy is the one a second rollback starts from.
             self.last_good = device_copy(state)
         return state

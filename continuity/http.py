@@ -91,14 +91,23 @@ class ServiceHTTP:
     With `port=0` the system picks a free port; `port` holds the actual one once started.
     """
 
-    def __init__(self, controller: ServiceController, metrics: ServiceMetrics, *, host: str = "127.0.0.1",
-                 port: int = 8080, admin_token: str | None = None):
+    def __init__(
+        self,
+        controller: ServiceController,
+        metrics: ServiceMetrics,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        admin_token: str | None = None,
+    ):
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
             raise ValueError(f"`port` must be an integer from 0 to 65535 (0: a free port). Got {port!r}.")
         admin_token = admin_token or None  # an empty token is no token
         if admin_token is None and not is_loopback(host):
-            raise ValueError(f"refusing to expose admin endpoints on {host or 'all interfaces'} without an "
-                             "admin token: set one, or bind to 127.0.0.1")
+            raise ValueError(
+                f"refusing to expose admin endpoints on {host or 'all interfaces'} without an "
+                "admin token: set one, or bind to 127.0.0.1"
+            )
         self.controller = controller
         self.metrics = metrics
         self.host = host
@@ -133,8 +142,9 @@ class ServiceHTTP:
         server.service = self
         self._server = server
         self.port = server.server_address[1]
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="continuity-http", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="continuity-http", daemon=True
+        )
         self._thread.start()
         log.info("HTTP endpoints at %s (admin %s)", self.url, "enabled" if self._token else "disabled")
         return self
@@ -187,9 +197,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ---------------------------------------------------------------- routing
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
-        routes = {"/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._metrics,
-                  "/status": self._status}
+    def do_GET(self) -> None:
+        routes = {
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/metrics": self._metrics,
+            "/status": self._status,
+        }
         path = self.path.split("?", 1)[0]
         if path in routes:
             routes[path]()
@@ -198,7 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._not_found(path)
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server API
+    def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
         if path in _ADMIN:
             self._admin(path)
@@ -292,8 +306,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise _BadRequest("Content-Length must be an integer") from None
         if length < 0 or length > MAX_BODY_BYTES:
             self.close_connection = True
-            raise _BadRequest(f"the request body must be at most {MAX_BODY_BYTES} bytes, got {length}",
-                              HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            raise _BadRequest(
+                f"the request body must be at most {MAX_BODY_BYTES} bytes, got {length}",
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            )
         return length
 
     def _discard_body(self) -> None:
@@ -309,13 +325,19 @@ class _Handler(BaseHTTPRequestHandler):
     # ---------------------------------------------------------------- responses
 
     def _not_found(self, path: str) -> None:
-        self._send_json(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {path}; try /healthz, /readyz, /metrics, "
-                                                        "/status, POST /admin/rollback or /admin/checkpoint"})
+        self._send_json(
+            HTTPStatus.NOT_FOUND,
+            {
+                "error": f"no endpoint {path}; try /healthz, /readyz, /metrics, "
+                "/status, POST /admin/rollback or /admin/checkpoint"
+            },
+        )
 
     def _method_not_allowed(self, allowed: str) -> None:
         self._discard_body()
-        self._send_json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.path} accepts {allowed} only"},
-                        {"Allow": allowed})
+        self._send_json(
+            HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"{self.path} accepts {allowed} only"}, {"Allow": allowed}
+        )
 
     def _send_json(self, status: HTTPStatus, payload, headers: dict | None = None) -> None:
         body = (json.dumps(payload, default=str) + "\n").encode()
@@ -340,10 +362,10 @@ class _Handler(BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-") -> None:
         log.debug('%s "%s" %s', self.client_address[0], self.requestline, code)
 
-    def log_error(self, format, *args) -> None:  # noqa: A002 - http.server API
+    def log_error(self, format, *args) -> None:
         log.info("%s: " + format, self.client_address[0], *args)
 
-    def log_message(self, format, *args) -> None:  # noqa: A002 - http.server API
+    def log_message(self, format, *args) -> None:
         log.debug("%s: " + format, self.client_address[0], *args)
 
 
@@ -356,17 +378,17 @@ class _BadRequest(Exception):
 def _rollback(controller: ServiceController, body: dict) -> dict:
     unknown = sorted(set(body) - {"to", "last_good", "reason"})
     if unknown:
-        raise _BadRequest(f"unknown keys {unknown}; a rollback takes \"to\" or \"last_good\", and \"reason\"")
+        raise _BadRequest(f'unknown keys {unknown}; a rollback takes "to" or "last_good", and "reason"')
     to, last_good = body.get("to"), body.get("last_good", False)
     if last_good not in (True, False):
-        raise _BadRequest(f"\"last_good\" must be true or false, got {last_good!r}")
+        raise _BadRequest(f'"last_good" must be true or false, got {last_good!r}')
     if (to is None) == (not last_good):
-        raise _BadRequest("a rollback needs exactly one of {\"to\": CHECKPOINT} or {\"last_good\": true}")
+        raise _BadRequest('a rollback needs exactly one of {"to": CHECKPOINT} or {"last_good": true}')
     if to is not None and (not isinstance(to, int) or isinstance(to, bool) or to < 1):
-        raise _BadRequest(f"\"to\" must be a checkpoint number (a positive integer), got {to!r}")
+        raise _BadRequest(f'"to" must be a checkpoint number (a positive integer), got {to!r}')
     reason = body.get("reason", DEFAULT_REASON)
     if not isinstance(reason, str) or not reason.strip():
-        raise _BadRequest(f"\"reason\" must be a non-empty string, got {reason!r}")
+        raise _BadRequest(f'"reason" must be a non-empty string, got {reason!r}')
     return controller.request_rollback(to, reason)
 
 
@@ -382,8 +404,9 @@ _ADMIN = {"/admin/rollback": _rollback, "/admin/checkpoint": _checkpoint}
 # -------------------------------------------------------------------- client
 
 
-def rollback_over_http(url: str, *, to: int | None, last_good: bool, token: str | None, reason: str,
-                       timeout_s: float = 10) -> dict:
+def rollback_over_http(
+    url: str, *, to: int | None, last_good: bool, token: str | None, reason: str, timeout_s: float = 10
+) -> dict:
     """Ask the service at `url` to roll back; returns its answer.
 
     Raises ServiceUnreachable when nothing answers at `url` (nothing was asked, so
@@ -419,11 +442,16 @@ def admin_request(url: str, path: str, body: dict, *, token: str | None, timeout
             response = connection.getresponse()
             raw = response.read()
         except TimeoutError:
-            raise AdminTimeout(f"the service at {where} took the request but did not answer within {timeout_s:g} s; "
-                               "the action may still complete") from None
+            raise AdminTimeout(
+                f"the service at {where} took the request but did not answer within {timeout_s:g} s; "
+                "the action may still complete"
+            ) from None
         except OSError as error:
-            raise AdminRequestError(0, f"the connection to {where} broke during the request ({error}); "
-                                       "the action may or may not have happened") from None
+            raise AdminRequestError(
+                0,
+                f"the connection to {where} broke during the request ({error}); "
+                "the action may or may not have happened",
+            ) from None
     finally:
         connection.close()
     try:
@@ -437,6 +465,7 @@ def admin_request(url: str, path: str, body: dict, *, token: str | None, timeout
             message = raw[:200].decode(errors="replace").strip() or response.reason
         raise AdminRequestError(response.status, message)
     if not isinstance(answer, dict):
-        raise AdminRequestError(response.status, f"{where} answered with something that is not a JSON object; "
-                                                  "is it a continuity service?")
+        raise AdminRequestError(
+            response.status, f"{where} answered with something that is not a JSON object; is it a continuity service?"
+        )
     return answer

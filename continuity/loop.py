@@ -47,13 +47,24 @@ from dataclasses import asdict, dataclass, field
 import jax
 import numpy as np
 
-from checkpoints import CheckpointStore
+from continuity.checkpoints import CheckpointStore
 from continuity.guard import Guard, GuardConfig
+from continuity.learner import Batch as TrainBatch
+from continuity.learner import Learner
 from continuity.probe import ProbeConfig, ProbeStore, load_golden
-from learner import Batch as TrainBatch
-from learner import Learner
-from stream import NO_SEGMENT, Batcher, Codec, DeadLetter, DeadLetterSink, Holdout, Ingest, PartitionKey, Positions, Source
-from stream.ingest import IDLE, BatchStream
+from continuity.stream import (
+    NO_SEGMENT,
+    Batcher,
+    Codec,
+    DeadLetter,
+    DeadLetterSink,
+    Holdout,
+    Ingest,
+    PartitionKey,
+    Positions,
+    Source,
+)
+from continuity.stream.ingest import IDLE, BatchStream
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +163,9 @@ def config_digest(*configs) -> str:
 class _Reader:
     """A source opened at given positions, with its ingest thread and batcher."""
 
-    def __init__(self, stream: StreamInput, batch_size: int, holdout: Holdout, positions: Positions,
-                 segment_names: list):
+    def __init__(
+        self, stream: StreamInput, batch_size: int, holdout: Holdout, positions: Positions, segment_names: list
+    ):
         self.stream, self.batch_size, self.holdout = stream, batch_size, holdout
         self.source = stream.open_source(positions)
         self._start(positions, segment_names)
@@ -161,10 +173,21 @@ class _Reader:
     def _start(self, positions: Positions, segment_names: list) -> None:
         stream = self.stream
         self.ingest = Ingest(self.source, stream.codec, stream.dead_letters).start()
-        self.batcher = Batcher(stream.codec.spec, self.batch_size, holdout=self.holdout,
-                               ownership=self.source.ownership, start=positions, segment_names=segment_names)
-        self.batches = BatchStream(self.ingest, self.batcher, idle_timeout_s=stream.idle_timeout_s,
-                                   flush_idle=stream.flush_idle, max_wait_s=0.2)
+        self.batcher = Batcher(
+            stream.codec.spec,
+            self.batch_size,
+            holdout=self.holdout,
+            ownership=self.source.ownership,
+            start=positions,
+            segment_names=segment_names,
+        )
+        self.batches = BatchStream(
+            self.ingest,
+            self.batcher,
+            idle_timeout_s=stream.idle_timeout_s,
+            flush_idle=stream.flush_idle,
+            max_wait_s=0.2,
+        )
 
     def rewind(self, positions: Positions, segment_names: list) -> bool:
         """Read again from `positions` on the same source (see Source.rewind); False: closed, re-open it."""
@@ -282,7 +305,8 @@ class TrainingLoop:
                 trained = self.summary.examples_trained - window_start_examples
                 if trained:
                     state, good, probe, reader, retries, halt = self._judge_window(
-                        state, good, probe, reader, positions, trained, recent, retries)
+                        state, good, probe, reader, positions, trained, recent, retries
+                    )
                     if halt:
                         break
                 if not self._requests.empty():
@@ -307,13 +331,25 @@ class TrainingLoop:
         self.summary.probe_loss = self._last_report.get("loss")
         self.summary.ewc_strength = float(state.ewc.strength)
         self.summary.wall_seconds = time.perf_counter() - started
-        self.ledger.append("stop", **{k: v for k, v in self.summary.to_json().items() if k != "positions"},
-                           positions=good.positions.to_json())
+        self.ledger.append(
+            "stop",
+            **{k: v for k, v in self.summary.to_json().items() if k != "positions"},
+            positions=good.positions.to_json(),
+        )
         self.final_state = state
         return self.summary
 
-    def _judge_window(self, state, good: _Good, probe: ProbeStore, reader: _Reader, positions: Positions,
-                      trained: int, recent, retries: int):
+    def _judge_window(
+        self,
+        state,
+        good: _Good,
+        probe: ProbeStore,
+        reader: _Reader,
+        positions: Positions,
+        trained: int,
+        recent,
+        retries: int,
+    ):
         """Judge the candidate after a window, then accept, retry, quarantine or halt."""
         self.summary.windows += 1
         # Train steps are dispatched asynchronously: wait for them here, so the time they take
@@ -321,15 +357,30 @@ class TrainingLoop:
         jax.block_until_ready(state)
         guard_started = time.perf_counter()
         verdict, report = self.guard.judge(state, probe)
-        self.ledger.append("probe", window=self.summary.windows, learner_step=int(state.step),
-                           **{"from": good.positions.to_json()}, to=positions.to_json(), examples=trained,
-                           verdict=verdict.to_json(), probe=report, ewc_strength=float(state.ewc.strength))
+        self.ledger.append(
+            "probe",
+            window=self.summary.windows,
+            learner_step=int(state.step),
+            **{"from": good.positions.to_json()},
+            to=positions.to_json(),
+            examples=trained,
+            verdict=verdict.to_json(),
+            probe=report,
+            ewc_strength=float(state.ewc.strength),
+        )
         halt = False
         if not verdict.regressed:
             self._last_report = report  # the good model's figures: what progress and status show
             state = self.guard.accept(state, recent)
-            good = _Good(None, probe.copy(), positions, list(reader.batcher.segment_names),
-                         good.lineage_examples + trained, report, verdict)
+            good = _Good(
+                None,
+                probe.copy(),
+                positions,
+                list(reader.batcher.segment_names),
+                good.lineage_examples + trained,
+                report,
+                verdict,
+            )
             if self._checkpoint_due(good):
                 self._checkpoint(good)
             self.summary.accepted += 1
@@ -339,9 +390,14 @@ class TrainingLoop:
             self._warn_of_a_streak(verdict)
             state = self.guard.roll_back()
             probe = good.probe.copy()
-            self.ledger.append("rollback", window=self.summary.windows, to_checkpoint=good.number,
-                               scopes=verdict.regressed_scopes, ewc_strength=float(state.ewc.strength),
-                               positions=good.positions.to_json())
+            self.ledger.append(
+                "rollback",
+                window=self.summary.windows,
+                to_checkpoint=good.number,
+                scopes=verdict.regressed_scopes,
+                ewc_strength=float(state.ewc.strength),
+                positions=good.positions.to_json(),
+            )
             policy = self.guard_config.on_regression
             if policy == "halt":
                 self._checkpoint(good)  # the last good model is the newest checkpoint
@@ -351,16 +407,18 @@ class TrainingLoop:
             elif policy == "retry" and retries < self.guard_config.max_retries:
                 retries += 1
                 self.summary.retries += 1
-                self.ledger.append("retry", attempt=retries, **{"from": good.positions.to_json()},
-                                   to=positions.to_json())
+                self.ledger.append(
+                    "retry", attempt=retries, **{"from": good.positions.to_json()}, to=positions.to_json()
+                )
                 reader = self.reader = self._reopen(reader, good)
             else:
                 copied = self._quarantine(good.positions, positions, verdict)
                 retries = 0
                 # The quarantined window is accounted for: the last good model, checkpointed at once
                 # at the positions after it, so a restart does not read the quarantined records again.
-                good = _Good(None, good.probe, positions, list(reader.batcher.segment_names),
-                             good.lineage_examples, good.report)
+                good = _Good(
+                    None, good.probe, positions, list(reader.batcher.segment_names), good.lineage_examples, good.report
+                )
                 self._checkpoint(good, quarantined=copied)
         jax.block_until_ready(state)
         self.summary.guard_seconds += time.perf_counter() - guard_started
@@ -376,11 +434,15 @@ class TrainingLoop:
         self._regressions_in_a_row += 1
         streaks, rest = divmod(self._regressions_in_a_row, REGRESSION_STREAK)
         if rest == 0 and streaks & (streaks - 1) == 0:  # at 3, 6, 12, 24, ... windows: loud, not spammy
-            log.warning("%d windows in a row regressed (now on %s, against the %s); nothing has been learned "
-                        "since checkpoint %s. If the stream has drifted for good rather than broken, raise "
-                        "probe.tolerance, the model's capacity or replay.capacity.",
-                        self._regressions_in_a_row, ", ".join(verdict.regressed_scopes) or "overall",
-                        "anchor" if verdict.against == "anchor" else "last good model", self.good_number)
+            log.warning(
+                "%d windows in a row regressed (now on %s, against the %s); nothing has been learned "
+                "since checkpoint %s. If the stream has drifted for good rather than broken, raise "
+                "probe.tolerance, the model's capacity or replay.capacity.",
+                self._regressions_in_a_row,
+                ", ".join(verdict.regressed_scopes) or "overall",
+                "anchor" if verdict.against == "anchor" else "last good model",
+                self.good_number,
+            )
 
     def _handle_requests(self, state, good: _Good, probe: ProbeStore, reader: _Reader):
         """Operator requests, between windows: the window in progress was already judged."""
@@ -395,9 +457,9 @@ class TrainingLoop:
                     self._checkpoint(good)
                     request.finish({"checkpoint": good.number, "positions": good.positions.to_json()})
                 elif request.kind == "rollback":
-                    state, good, probe, reader = self._operator_rollback(request.args.get("to"),
-                                                                         request.args.get("reason", "operator"),
-                                                                         reader)
+                    state, good, probe, reader = self._operator_rollback(
+                        request.args.get("to"), request.args.get("reason", "operator"), reader
+                    )
                     request.finish({"checkpoint": good.number, "positions": good.positions.to_json()})
                 else:
                     raise ValueError(f"unknown request {request.kind!r}")
@@ -431,10 +493,14 @@ class TrainingLoop:
         fresh = learner.init(self.seed)
         restored = self.store.restore_latest(state_like=fresh)
         if restored is None:
-            probe = ProbeStore(learner.example_shape, per_segment=self.probe_config.per_segment,
-                               max_segments=self.probe_config.max_segments,
-                               window_examples=self.probe_config.window_examples, seed=self.seed,
-                               label_dtype=learner.label_dtype)
+            probe = ProbeStore(
+                learner.example_shape,
+                per_segment=self.probe_config.per_segment,
+                max_segments=self.probe_config.max_segments,
+                window_examples=self.probe_config.window_examples,
+                seed=self.seed,
+                label_dtype=learner.label_dtype,
+            )
             if self.probe_config.golden:
                 probe.add_golden(*load_golden(self.probe_config.golden))
             self.ledger.append("start", fresh=True, seed=self.seed, config_digest=self.digest)
@@ -447,20 +513,32 @@ class TrainingLoop:
     def _from_restored(self, restored):
         meta = restored.metadata
         if meta.get("config_digest") != self.digest:
-            log.warning("checkpoint %s was trained with another config (digest %s, now %s)",
-                        restored.number, meta.get("config_digest"), self.digest)
-        probe = ProbeStore.from_arrays(restored.probe, meta["probe_store"], self.learner.example_shape,
-                                       max_segments=self.probe_config.max_segments,
-                                       label_dtype=self.learner.label_dtype)
+            log.warning(
+                "checkpoint %s was trained with another config (digest %s, now %s)",
+                restored.number,
+                meta.get("config_digest"),
+                self.digest,
+            )
+        probe = ProbeStore.from_arrays(
+            restored.probe,
+            meta["probe_store"],
+            self.learner.example_shape,
+            max_segments=self.probe_config.max_segments,
+            label_dtype=self.learner.label_dtype,
+        )
         positions = Positions.from_json(meta["positions"])
-        self.ledger.append("restore", checkpoint=restored.number, positions=meta["positions"],
-                           learner_step=meta["learner_step"], config_digest=self.digest)
+        self.ledger.append(
+            "restore",
+            checkpoint=restored.number,
+            positions=meta["positions"],
+            learner_step=meta["learner_step"],
+            config_digest=self.digest,
+        )
         good = _Good(restored.number, probe, positions, list(meta["segment_names"]), meta["lineage_examples"])
         return restored.state, good
 
     def _open(self, good: _Good) -> _Reader:
-        return _Reader(self.stream, self.learner.config.batch_size, self.holdout, good.positions,
-                       good.segment_names)
+        return _Reader(self.stream, self.learner.config.batch_size, self.holdout, good.positions, good.segment_names)
 
     def _reopen(self, reader: _Reader, good: _Good) -> _Reader:
         """The reader, moved back to `good`'s positions: the same source when it can seek, else a new one."""
@@ -509,8 +587,9 @@ class TrainingLoop:
                 recent.append((batch.x[mask], batch.y[mask]))
                 while sum(len(y) for _, y in recent) - len(recent[0][1]) >= fisher_rows:
                     recent.pop(0)
-        recent_examples = (np.concatenate([x for x, _ in recent]), np.concatenate([y for _, y in recent])) \
-            if recent else None
+        recent_examples = (
+            (np.concatenate([x for x, _ in recent]), np.concatenate([y for _, y in recent])) if recent else None
+        )
         return state, positions, ended, recent_examples
 
     @staticmethod
@@ -546,8 +625,11 @@ class TrainingLoop:
             "positions": good.positions.to_json(),
             "segment_names": good.segment_names,
             "probe": report,
-            "verdict": None if verdict is None else {
-                "p_values": {"overall": verdict.overall.p_value, **{k: r.p_value for k, r in verdict.segments.items()}}},
+            "verdict": None
+            if verdict is None
+            else {
+                "p_values": {"overall": verdict.overall.p_value, **{k: r.p_value for k, r in verdict.segments.items()}}
+            },
             "quarantined_records": quarantined,
             "probe_store": probe_meta,
             "ewc_strength": float(state.ewc.strength),
@@ -560,10 +642,18 @@ class TrainingLoop:
         self._saved, self._uncommitted, self._last_save = good, good.positions, time.monotonic()
         self.summary.last_checkpoint = good.number
         # parent + from + positions chain the checkpoints: the lineage a restart continues.
-        self.ledger.append("accept", checkpoint=good.number, parent=parent.number, learner_step=int(state.step),
-                           **{"from": parent.positions.to_json()}, positions=good.positions.to_json(),
-                           lineage_examples=good.lineage_examples, ewc_strength=float(state.ewc.strength),
-                           accuracy=report.get("accuracy"), quarantined=quarantined)
+        self.ledger.append(
+            "accept",
+            checkpoint=good.number,
+            parent=parent.number,
+            learner_step=int(state.step),
+            **{"from": parent.positions.to_json()},
+            positions=good.positions.to_json(),
+            lineage_examples=good.lineage_examples,
+            ewc_strength=float(state.ewc.strength),
+            accuracy=report.get("accuracy"),
+            quarantined=quarantined,
+        )
 
     def _commit_finalized(self, *, wait: bool = False) -> None:
         """Commit the newest checkpoint's positions to the source once its save is finalized.
@@ -579,12 +669,12 @@ class TrainingLoop:
     def _quarantine(self, start: Positions, end: Positions, verdict) -> int:
         """Copy the window's raw records to the quarantine sink; training goes on after them."""
         reason = f"quarantined: regression on {', '.join(verdict.regressed_scopes)}"
-        copied = copy_range(self.stream.open_reader or self.stream.open_source, start, end,
-                            self.stream.quarantine, reason)
+        copied = copy_range(
+            self.stream.open_reader or self.stream.open_source, start, end, self.stream.quarantine, reason
+        )
         self.stream.quarantine.flush()
         self.summary.quarantined_records += copied
-        self.ledger.append("quarantine", records=copied, reason=reason,
-                           **{"from": start.to_json()}, to=end.to_json())
+        self.ledger.append("quarantine", records=copied, reason=reason, **{"from": start.to_json()}, to=end.to_json())
         return copied
 
     def _maybe_report(self, state, good: _Good) -> None:
@@ -599,26 +689,35 @@ class TrainingLoop:
 
     def _report_progress(self, state, good: _Good, since_examples: int, seconds: float) -> None:
         steps, self._step_seconds = self._step_seconds, []
-        self.on_progress(Progress(
-            examples_trained=self.summary.examples_trained,
-            examples_per_second=(self.summary.examples_trained - since_examples) / max(seconds, 1e-9),
-            lineage_examples=good.lineage_examples,
-            rollbacks=self.summary.rollbacks,
-            dead_letters=self.stream.dead_letters.total,
-            quarantined_records=self.summary.quarantined_records,
-            probe_accuracy=self._last_report.get("accuracy"),
-            probe_segments=self._last_report.get("segments", {}),
-            ewc_strength=float(state.ewc.strength),
-            checkpoint=self._saved.number,
-            positions=good.positions,
-            step_seconds=steps,
-            probe_loss=self._last_report.get("loss"),
-            regressions_in_a_row=self._regressions_in_a_row,
-        ))
+        self.on_progress(
+            Progress(
+                examples_trained=self.summary.examples_trained,
+                examples_per_second=(self.summary.examples_trained - since_examples) / max(seconds, 1e-9),
+                lineage_examples=good.lineage_examples,
+                rollbacks=self.summary.rollbacks,
+                dead_letters=self.stream.dead_letters.total,
+                quarantined_records=self.summary.quarantined_records,
+                probe_accuracy=self._last_report.get("accuracy"),
+                probe_segments=self._last_report.get("segments", {}),
+                ewc_strength=float(state.ewc.strength),
+                checkpoint=self._saved.number,
+                positions=good.positions,
+                step_seconds=steps,
+                probe_loss=self._last_report.get("loss"),
+                regressions_in_a_row=self._regressions_in_a_row,
+            )
+        )
 
 
-def copy_range(open_reader: Callable[[Positions], Source], start: Positions, end: Positions,
-               sink: DeadLetterSink, reason: str, *, timeout_s: float = 60.0) -> int:
+def copy_range(
+    open_reader: Callable[[Positions], Source],
+    start: Positions,
+    end: Positions,
+    sink: DeadLetterSink,
+    reason: str,
+    *,
+    timeout_s: float = 60.0,
+) -> int:
     """Copy the raw records in [start, end) of every partition to `sink`; returns how many.
 
     A record that `end` only partly covers (a batched record cut mid-way) is copied whole.

@@ -23,8 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Train-step wall times run from ~0.1 ms (tiny MLP, warm, on a GPU) to ~1 s (a big batch on
 # CPU); roughly x2.5 apart so the quantiles stay readable across that whole range.
-STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                        0.1, 0.25, 0.5, 1.0, 2.5)
+STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 OVERALL = "overall"  # the `segment` label of the whole-probe accuracy (or loss)
 
@@ -45,33 +44,54 @@ class ServiceMetrics:
         r = self.registry
         # prometheus_client appends `_total` to counter names itself.
         self.examples_trained = Counter(
-            "continuity_examples_trained", "Examples trained, including windows later rolled back.", registry=r)
+            "continuity_examples_trained", "Examples trained, including windows later rolled back.", registry=r
+        )
         self.dead_letters = Counter(
-            "continuity_dead_letters", "Records that could not be decoded or validated.", registry=r)
+            "continuity_dead_letters", "Records that could not be decoded or validated.", registry=r
+        )
         self.rollbacks = Counter(
-            "continuity_rollbacks", "Returns to the last good checkpoint after a regression.", registry=r)
+            "continuity_rollbacks", "Returns to the last good checkpoint after a regression.", registry=r
+        )
         self.quarantined_records = Counter(
-            "continuity_quarantined_records", "Records of quarantined windows.", registry=r)
+            "continuity_quarantined_records", "Records of quarantined windows.", registry=r
+        )
         self.probe_accuracy = Gauge(
-            "continuity_probe_accuracy", "Continuity-probe accuracy of the last judged model, per segment "
-            f"(segment=\"{OVERALL}\" for the whole probe).", ["segment"], registry=r)
+            "continuity_probe_accuracy",
+            "Continuity-probe accuracy of the last judged model, per segment "
+            f'(segment="{OVERALL}" for the whole probe).',
+            ["segment"],
+            registry=r,
+        )
         self.probe_loss = Gauge(
-            "continuity_probe_loss", "Continuity-probe mean loss of the last judged model, per segment, for "
-            f"regression tasks (segment=\"{OVERALL}\" for the whole probe).", ["segment"], registry=r)
+            "continuity_probe_loss",
+            "Continuity-probe mean loss of the last judged model, per segment, for "
+            f'regression tasks (segment="{OVERALL}" for the whole probe).',
+            ["segment"],
+            registry=r,
+        )
         self.ewc_lambda = Gauge("continuity_ewc_lambda", "Current EWC regularization strength.", registry=r)
         self.consumer_lag = Gauge(
-            "continuity_consumer_lag", "Records behind the end of each partition (topic/partition).",
-            ["partition"], registry=r)
+            "continuity_consumer_lag",
+            "Records behind the end of each partition (topic/partition).",
+            ["partition"],
+            registry=r,
+        )
         self.checkpoint = Gauge("continuity_checkpoint", "Number of the newest good checkpoint.", registry=r)
         self.regressions_in_a_row = Gauge(
-            "continuity_regressions_in_a_row", "Windows judged regressed since the last accepted one: nothing "
+            "continuity_regressions_in_a_row",
+            "Windows judged regressed since the last accepted one: nothing "
             "learned meanwhile (alert on a few: drift the tolerance will not follow, or a broken upstream).",
-            registry=r)
+            registry=r,
+        )
         self.examples_per_second = Gauge(
-            "continuity_examples_per_second", "Training rate since the previous progress report.", registry=r)
+            "continuity_examples_per_second", "Training rate since the previous progress report.", registry=r
+        )
         self.step_seconds = Histogram(
-            "continuity_step_seconds", "Wall time of one train-step dispatch, host view.",
-            buckets=STEP_SECONDS_BUCKETS, registry=r)
+            "continuity_step_seconds",
+            "Wall time of one train-step dispatch, host view.",
+            buckets=STEP_SECONDS_BUCKETS,
+            registry=r,
+        )
         self._lock = threading.Lock()
         self._totals = {name: 0 for name, _ in _COUNTED}
         self._lag_partitions: set[str] = set()

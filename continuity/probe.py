@@ -79,8 +79,16 @@ class ProbeStore:
     saved with the store's metadata, so a restored store keeps it.
     """
 
-    def __init__(self, example_shape: tuple[int, ...], *, per_segment: int = 200, max_segments: int = 64,
-                 window_examples: int = 5_000, seed: int = 0, label_dtype=np.int32):
+    def __init__(
+        self,
+        example_shape: tuple[int, ...],
+        *,
+        per_segment: int = 200,
+        max_segments: int = 64,
+        window_examples: int = 5_000,
+        seed: int = 0,
+        label_dtype=np.int32,
+    ):
         self.example_shape = tuple(example_shape)
         self.per_segment = per_segment
         self.max_segments = max_segments
@@ -134,7 +142,7 @@ class ProbeStore:
         while start < len(y):
             window, used = divmod(self.unsegmented_seen, self.window_examples)
             take = min(len(y) - start, self.window_examples - used)
-            self.add(f"window-{window}", x[start:start + take], y[start:start + take])
+            self.add(f"window-{window}", x[start : start + take], y[start : start + take])
             self.unsegmented_seen += take
             start += take
 
@@ -177,8 +185,11 @@ class ProbeStore:
         """All held examples: x, y and the index into `segments` of each row."""
         names = self.segments
         if not names:
-            return (np.zeros((0, *self.example_shape), np.float32), np.zeros(0, self.label_dtype),
-                    np.zeros(0, np.int32))
+            return (
+                np.zeros((0, *self.example_shape), np.float32),
+                np.zeros(0, self.label_dtype),
+                np.zeros(0, np.int32),
+            )
         xs = [self._x[s][: self._count(s)] for s in names]
         ys = [self._y[s][: self._count(s)] for s in names]
         ids = [np.full(self._count(s), i, np.int32) for i, s in enumerate(names)]
@@ -196,21 +207,34 @@ class ProbeStore:
     def to_arrays(self) -> tuple[dict, dict]:
         """(arrays for the checkpoint's probe item, JSON-able description for its metadata)."""
         arrays = {f"s{i}": {"x": self._x[s], "y": self._y[s]} for i, s in enumerate(self.segments)}
-        meta = {"segments": self.segments, "seen": [self._seen[s] for s in self.segments],
-                "fixed": sorted(self._fixed), "per_segment": self.per_segment, "seed": self.seed,
-                "window_examples": self.window_examples, "unsegmented_seen": self.unsegmented_seen,
-                "label_dtype": self.label_dtype.name}
+        meta = {
+            "segments": self.segments,
+            "seen": [self._seen[s] for s in self.segments],
+            "fixed": sorted(self._fixed),
+            "per_segment": self.per_segment,
+            "seed": self.seed,
+            "window_examples": self.window_examples,
+            "unsegmented_seen": self.unsegmented_seen,
+            "label_dtype": self.label_dtype.name,
+        }
         return arrays, meta
 
     @classmethod
-    def from_arrays(cls, arrays: dict, meta: dict, example_shape, *, max_segments: int = 64,
-                    label_dtype=None) -> "ProbeStore":
+    def from_arrays(
+        cls, arrays: dict, meta: dict, example_shape, *, max_segments: int = 64, label_dtype=None
+    ) -> ProbeStore:
         """The store `to_arrays` described; labels as `label_dtype`, by default the saved one
         (int32 for checkpoints written before the dtype was saved)."""
         if label_dtype is None:
             label_dtype = meta.get("label_dtype", "int32")
-        store = cls(example_shape, per_segment=meta["per_segment"], max_segments=max_segments, seed=meta["seed"],
-                    window_examples=meta["window_examples"], label_dtype=label_dtype)
+        store = cls(
+            example_shape,
+            per_segment=meta["per_segment"],
+            max_segments=max_segments,
+            seed=meta["seed"],
+            window_examples=meta["window_examples"],
+            label_dtype=label_dtype,
+        )
         store.unsegmented_seen = int(meta["unsegmented_seen"])
         for i, (segment, seen) in enumerate(zip(meta["segments"], meta["seen"])):
             item = arrays[f"s{i}"]
@@ -221,10 +245,16 @@ class ProbeStore:
         store._fixed = set(meta.get("fixed", ()))
         return store
 
-    def copy(self) -> "ProbeStore":
+    def copy(self) -> ProbeStore:
         """An independent store with the same examples, under the same serial numbers."""
-        twin = ProbeStore(self.example_shape, per_segment=self.per_segment, max_segments=self.max_segments,
-                          window_examples=self.window_examples, seed=self.seed, label_dtype=self.label_dtype)
+        twin = ProbeStore(
+            self.example_shape,
+            per_segment=self.per_segment,
+            max_segments=self.max_segments,
+            window_examples=self.window_examples,
+            seed=self.seed,
+            label_dtype=self.label_dtype,
+        )
         twin.unsegmented_seen = self.unsegmented_seen
         for table, source in ((twin._x, self._x), (twin._y, self._y), (twin._serial, self._serial)):
             table.update((segment, array.copy()) for segment, array in source.items())

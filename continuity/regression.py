@@ -151,13 +151,22 @@ def judge(
     Segments with fewer than `min_examples` probe examples are reported but not tested
     (too few to tell anything from noise).
     """
+
     def worse_by_more_than_tolerance(good: float, candidate: float) -> bool:
         return good - candidate > tolerance
 
-    return _judge_scopes(np.asarray(good_correct, bool), np.asarray(candidate_correct, bool), segment_ids,
-                         segment_names, metric="accuracy", test=mcnemar_one_sided,
-                         worse_enough=worse_by_more_than_tolerance, tolerance=tolerance, alpha=alpha,
-                         min_examples=min_examples)
+    return _judge_scopes(
+        np.asarray(good_correct, bool),
+        np.asarray(candidate_correct, bool),
+        segment_ids,
+        segment_names,
+        metric="accuracy",
+        test=mcnemar_one_sided,
+        worse_enough=worse_by_more_than_tolerance,
+        tolerance=tolerance,
+        alpha=alpha,
+        min_examples=min_examples,
+    )
 
 
 def judge_losses(
@@ -175,13 +184,22 @@ def judge_losses(
     A scope regresses when candidate mean loss > good mean loss * (1 + tolerance) and the
     one-sided Wilcoxon signed-rank test gives p < alpha / scopes tested (module docstring).
     """
+
     def worse_by_more_than_tolerance(good: float, candidate: float) -> bool:
         return candidate > good * (1 + tolerance)
 
-    return _judge_scopes(np.asarray(good_loss, np.float64), np.asarray(candidate_loss, np.float64), segment_ids,
-                         segment_names, metric="loss", test=wilcoxon_one_sided,
-                         worse_enough=worse_by_more_than_tolerance, tolerance=tolerance, alpha=alpha,
-                         min_examples=min_examples)
+    return _judge_scopes(
+        np.asarray(good_loss, np.float64),
+        np.asarray(candidate_loss, np.float64),
+        segment_ids,
+        segment_names,
+        metric="loss",
+        test=wilcoxon_one_sided,
+        worse_enough=worse_by_more_than_tolerance,
+        tolerance=tolerance,
+        alpha=alpha,
+        min_examples=min_examples,
+    )
 
 
 def segment_rows(segment_ids: np.ndarray, segments: int) -> list[np.ndarray]:
@@ -192,10 +210,19 @@ def segment_rows(segment_ids: np.ndarray, segments: int) -> list[np.ndarray]:
     return np.split(np.argsort(segment_ids, kind="stable"), np.cumsum(counts)[:-1])
 
 
-def _judge_scopes(good: np.ndarray, candidate: np.ndarray, segment_ids, segment_names: list[str], *, metric: str,
-                  test: Callable[[np.ndarray, np.ndarray], tuple[int, int, float]],
-                  worse_enough: Callable[[float, float], bool], tolerance: float, alpha: float,
-                  min_examples: int) -> Verdict:
+def _judge_scopes(
+    good: np.ndarray,
+    candidate: np.ndarray,
+    segment_ids,
+    segment_names: list[str],
+    *,
+    metric: str,
+    test: Callable[[np.ndarray, np.ndarray], tuple[int, int, float]],
+    worse_enough: Callable[[float, float], bool],
+    tolerance: float,
+    alpha: float,
+    min_examples: int,
+) -> Verdict:
     """The rule both metrics share: per scope, a paired `test` and a tolerance; Bonferroni over scopes."""
     rows_of = segment_rows(segment_ids, len(segment_names))
     testable = [len(rows) >= min_examples for rows in rows_of]
@@ -208,13 +235,10 @@ def _judge_scopes(good: np.ndarray, candidate: np.ndarray, segment_ids, segment_
         good_figure = float(g.mean()) if len(g) else float("nan")
         candidate_figure = float(c.mean()) if len(c) else float("nan")
         regressed = tested and worse_enough(good_figure, candidate_figure) and p < level
-        return ScopeReport(name, int(len(g)), good_figure, candidate_figure, worse, better, p, bool(regressed),
-                           metric)
+        return ScopeReport(name, len(g), good_figure, candidate_figure, worse, better, p, bool(regressed), metric)
 
     everything = np.arange(len(good))
     overall = scope("overall", everything, len(good) >= min_examples)
-    segments = {
-        name: scope(name, rows_of[i], testable[i]) for i, name in enumerate(segment_names)
-    }
+    segments = {name: scope(name, rows_of[i], testable[i]) for i, name in enumerate(segment_names)}
     regressed = overall.regressed or any(r.regressed for r in segments.values())
     return Verdict(regressed, overall, segments, alpha, tolerance, metric=metric)

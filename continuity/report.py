@@ -36,7 +36,9 @@ def ledger_timeline(events: list[dict]) -> dict:
         "overall": [e["probe"].get(metric) for e in windows],
         "lambda": [e["ewc_strength"] for e in windows],
         "regressed": [e["verdict"]["regressed"] for e in windows],
-        "quarantines": [(_offset(e["from"]), _offset(e["to"]), e["records"]) for e in events if e["event"] == "quarantine"],
+        "quarantines": [
+            (_offset(e["from"]), _offset(e["to"]), e["records"]) for e in events if e["event"] == "quarantine"
+        ],
     }
 
 
@@ -71,8 +73,11 @@ def write_png(events: list[dict], path: Path, title: str) -> Path:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    handles += [Line2D([], [], color="red", linestyle="--"), Patch(color="red", alpha=0.12),
-                Line2D([], [], color="black", alpha=0.5)]
+    handles += [
+        Line2D([], [], color="red", linestyle="--"),
+        Patch(color="red", alpha=0.12),
+        Line2D([], [], color="black", alpha=0.5),
+    ]
     labels += ["regression -> rollback", "quarantined records", "EWC lambda (right axis)"]
     ax.legend(handles, labels, loc="lower left", fontsize=8, ncol=2)
     ax.set_title(title)
@@ -82,14 +87,23 @@ def write_png(events: list[dict], path: Path, title: str) -> Path:
     return path
 
 
-def write_markdown(events: list[dict], path: Path, *, title: str, summary: dict, intro: str = "",
-                   final_accuracy: dict | None = None, checkpoint_table: str = "") -> Path:
+def write_markdown(
+    events: list[dict],
+    path: Path,
+    *,
+    title: str,
+    summary: dict,
+    intro: str = "",
+    final_accuracy: dict | None = None,
+    checkpoint_table: str = "",
+) -> Path:
     t = ledger_timeline(events)
     lines = [f"# {title}", ""]
     if intro:
         lines += [intro, ""]
     lines += [
-        "## In numbers", "",
+        "## In numbers",
+        "",
         f"- examples trained: {summary['examples_trained']:,} in {summary['windows']} judged windows "
         f"({summary['accepted']} accepted)",
         f"- rollbacks: {summary['rollbacks']} (retried {summary['retries']})",
@@ -102,7 +116,12 @@ def write_markdown(events: list[dict], path: Path, *, title: str, summary: dict,
     ]
     regressions = [e for e in events if e["event"] == "rollback"]
     if regressions:
-        lines += ["## Regressions caught", "", "| window | records consumed | regressed on | action |", "|---|---|---|---|"]
+        lines += [
+            "## Regressions caught",
+            "",
+            "| window | records consumed | regressed on | action |",
+            "|---|---|---|---|",
+        ]
         probes = {e["window"]: e for e in events if e["event"] == "probe"}
         actions = [e for e in events if e["event"] in ("retry", "quarantine", "halt")]
         for event, action in zip(regressions, actions):
@@ -110,12 +129,16 @@ def write_markdown(events: list[dict], path: Path, *, title: str, summary: dict,
             drops = []
             metric = probe.get("verdict", {}).get("metric", "accuracy")
             for scope in event["scopes"]:
-                figures = (probe.get("verdict", {}).get("segments", {}).get(scope)
-                           or probe.get("verdict", {}).get("overall"))
+                figures = probe.get("verdict", {}).get("segments", {}).get(scope) or probe.get("verdict", {}).get(
+                    "overall"
+                )
                 if figures:
                     good, candidate = figures[f"good_{metric}"], figures[f"candidate_{metric}"]
-                    shown = f"{good:.2f} -> {candidate:.2f}" if metric == "accuracy" else \
-                        f"loss {good:.3g} -> {candidate:.3g}"
+                    shown = (
+                        f"{good:.2f} -> {candidate:.2f}"
+                        if metric == "accuracy"
+                        else f"loss {good:.3g} -> {candidate:.3g}"
+                    )
                     drops.append(f"{scope} {shown} (p={figures['p_value']:.1e})")
             what = action["event"] + (f" ({action['records']} records)" if action["event"] == "quarantine" else "")
             lines.append(f"| {event['window']} | {_offset(probe.get('to')):,} | {'; '.join(drops)} | {what} |")

@@ -26,14 +26,14 @@ log = logging.getLogger(__name__)
 
 
 def build_learner(config: Config):
-    from learner import Learner
+    from continuity.learner import Learner
 
     return Learner(config.learner, config.stream.feature_shape, config.stream.num_classes)
 
 
 def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_s: float | None = None) -> StreamInput:
     """The StreamInput a config describes; `recording` reads a recorded file instead of Kafka."""
-    from stream import FileSource, JsonLinesDeadLetters, KafkaDeadLetters, KafkaSource, make_codec
+    from continuity.stream import FileSource, JsonLinesDeadLetters, KafkaDeadLetters, KafkaSource, make_codec
 
     codec = make_codec(config.stream.codec, config.stream.feature_spec())
     Path(config.checkpoints.dir).mkdir(parents=True, exist_ok=True)
@@ -44,11 +44,17 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
         dead_letters = JsonLinesDeadLetters(config.dead_letter_file)
     quarantine = JsonLinesDeadLetters(config.quarantine_file)
     if recording is not None:
+
         def open_file(positions):
             return FileSource(recording, start=positions)
 
-        return StreamInput(open_source=open_file, codec=codec, dead_letters=dead_letters, quarantine=quarantine,
-                           idle_timeout_s=idle_timeout_s)
+        return StreamInput(
+            open_source=open_file,
+            codec=codec,
+            dead_letters=dead_letters,
+            quarantine=quarantine,
+            idle_timeout_s=idle_timeout_s,
+        )
     settings = config.stream.kafka_settings()
     assigned = config.stream.kafka_settings(group=None)  # re-reading a range must not join the group
 
@@ -58,9 +64,17 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
     def open_range(positions):
         return KafkaSource(assigned, start=positions)
 
-    return StreamInput(open_source=open_kafka, open_reader=open_range, codec=codec, dead_letters=dead_letters,
-                       quarantine=quarantine, idle_timeout_s=idle_timeout_s, flush_idle=True, judge_idle_s=3.0,
-                       live=True)
+    return StreamInput(
+        open_source=open_kafka,
+        open_reader=open_range,
+        codec=codec,
+        dead_letters=dead_letters,
+        quarantine=quarantine,
+        idle_timeout_s=idle_timeout_s,
+        flush_idle=True,
+        judge_idle_s=3.0,
+        live=True,
+    )
 
 
 class Service:
@@ -70,10 +84,19 @@ class Service:
     request_checkpoint); those are called from HTTP threads and hand work to the loop.
     """
 
-    def __init__(self, config: Config, *, recording: Path | None = None, idle_timeout_s: float | None = None,
-                 max_seconds: float | None = None, max_examples: int | None = None, http: bool = True,
-                 progress=None, progress_every_s: float | None = None):
-        from checkpoints import CheckpointStore
+    def __init__(
+        self,
+        config: Config,
+        *,
+        recording: Path | None = None,
+        idle_timeout_s: float | None = None,
+        max_seconds: float | None = None,
+        max_examples: int | None = None,
+        http: bool = True,
+        progress=None,
+        progress_every_s: float | None = None,
+    ):
+        from continuity.checkpoints import CheckpointStore
 
         self.config = config
         self.stop_event = threading.Event()
@@ -85,17 +108,29 @@ class Service:
         self.stream = build_stream(config, recording=recording, idle_timeout_s=idle_timeout_s)
         self.store = CheckpointStore(config.checkpoints.dir, keep_last=config.checkpoints.keep_last)
         self.loop = TrainingLoop(
-            self.stream, self.learner, self.store, probe=config.probe, guard=config.guard, seed=config.service.seed,
-            stop=self._should_stop, on_progress=self._on_progress,
+            self.stream,
+            self.learner,
+            self.store,
+            probe=config.probe,
+            guard=config.guard,
+            seed=config.service.seed,
+            stop=self._should_stop,
+            on_progress=self._on_progress,
             progress_every_s=config.service.progress_every_s if progress_every_s is None else progress_every_s,
-            max_examples=max_examples, checkpoint_every_s=config.checkpoints.every_seconds,
+            max_examples=max_examples,
+            checkpoint_every_s=config.checkpoints.every_seconds,
         )
         self.http = None
         if http:
             from continuity.http import ServiceHTTP
 
-            self.http = ServiceHTTP(self, self.metrics, host=config.service.http_host,
-                                    port=config.service.http_port, admin_token=config.service.admin_token)
+            self.http = ServiceHTTP(
+                self,
+                self.metrics,
+                host=config.service.http_host,
+                port=config.service.http_port,
+                admin_token=config.service.admin_token,
+            )
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -128,8 +163,11 @@ class Service:
         def on_signal(signum, _frame):
             if self.stop_event.is_set():
                 raise SystemExit(128 + signum)  # a second signal: stop now
-            print(f"continuity: {signal.Signals(signum).name}: finishing the batch, judging and checkpointing",
-                  file=sys.stderr, flush=True)
+            print(
+                f"continuity: {signal.Signals(signum).name}: finishing the batch, judging and checkpointing",
+                file=sys.stderr,
+                flush=True,
+            )
             self.stop_event.set()
 
         for sig in previous:
@@ -155,8 +193,10 @@ class Service:
         highwater = getattr(reader.source, "highwater", None) if reader is not None else None
         if highwater is None:
             return {}
-        return {f"{key.topic}/{key.partition}": max(0, mark - (progress.positions.offset(key.topic, key.partition) or 0))
-                for key, mark in highwater().items()}
+        return {
+            f"{key.topic}/{key.partition}": max(0, mark - (progress.positions.offset(key.topic, key.partition) or 0))
+            for key, mark in highwater().items()
+        }
 
     # ---- the HTTP controller ---------------------------------------------------------------
 
@@ -184,7 +224,7 @@ class Service:
         return self.loop.ready.is_set() and not self.stop_event.is_set()
 
     def request_rollback(self, to: int | None, reason: str) -> dict:
-        from checkpoints import CheckpointNotFoundError
+        from continuity.checkpoints import CheckpointNotFoundError
 
         try:
             return self.loop.request("rollback", to=to, reason=reason)
@@ -197,18 +237,21 @@ class Service:
 
 def format_progress(progress: Progress, lag: int | None) -> str:
     """The one-line progress report of `serve`."""
+
     def fmt(value, pattern):
         return "n/a" if value is None else pattern.format(value)
 
-    return (f"{progress.examples_trained:>9,} examples  {progress.examples_per_second:>7,.0f}/s  "
-            f"lag {fmt(lag, '{:,}')}  {_probe_figure(progress.probe_accuracy, progress.probe_loss)}  "
-            f"lambda {fmt(progress.ewc_strength, '{:.3g}')}  rollbacks {progress.rollbacks}  "
-            f"quarantined {progress.quarantined_records}  dead letters {progress.dead_letters}  "
-            f"checkpoint {fmt(progress.checkpoint, '{}')}")
+    return (
+        f"{progress.examples_trained:>9,} examples  {progress.examples_per_second:>7,.0f}/s  "
+        f"lag {fmt(lag, '{:,}')}  {_probe_figure(progress.probe_accuracy, progress.probe_loss)}  "
+        f"lambda {fmt(progress.ewc_strength, '{:.3g}')}  rollbacks {progress.rollbacks}  "
+        f"quarantined {progress.quarantined_records}  dead letters {progress.dead_letters}  "
+        f"checkpoint {fmt(progress.checkpoint, '{}')}"
+    )
 
 
 def _probe_figure(accuracy: float | None, loss: float | None) -> str:
-    """"probe 0.912" for classification, "probe loss 0.0412" for a regression task."""
+    """ "probe 0.912" for classification, "probe loss 0.0412" for a regression task."""
     if accuracy is None and loss is not None:
         return f"probe loss {loss:.4g}"
     return f"probe {'n/a' if accuracy is None else f'{accuracy:.3f}'}"
@@ -225,7 +268,8 @@ def format_summary(summary: RunSummary) -> str:
         ("last good checkpoint", str(summary.last_checkpoint)),
         ("positions", ", ".join(f"{k}@{v}" for k, v in summary.positions.items()) or "-"),
         ("probe accuracy", "n/a" if summary.probe_accuracy is None else f"{summary.probe_accuracy:.3f}")
-        if summary.probe_loss is None else ("probe loss", f"{summary.probe_loss:.4g}"),
+        if summary.probe_loss is None
+        else ("probe loss", f"{summary.probe_loss:.4g}"),
         ("EWC lambda", "n/a" if summary.ewc_strength is None else f"{summary.ewc_strength:.3g}"),
         ("wall time", f"{summary.wall_seconds:.1f} s"),
     ]

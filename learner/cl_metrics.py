@@ -59,6 +59,4 @@ def continual_metrics(accuracy_matrix) -> ContinualMetrics:
         earlier = np.arange(segments - 1)
         forgetting = float(np.mean(matrix[:-1, :-1].max(axis=0) - final[:-1]))
         bwt = float(np.mean(final[:-1] - matrix[earlier, earlier]))
-    return ContinualMetrics(
-        accuracy_matrix=matrix, avg_accuracy=float(final.mean()), forgetting=forgetting, bwt=bwt
-    )
+    return ContinualMetrics(accuracy_matrix=matrix, avg_accuracy=float(final.mean()), forgetting=forgetting, bwt=bwt)

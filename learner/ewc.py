@@ -100,9 +100,7 @@ def fisher_diagonal(
         xc, yc, mc = rows
         grads = per_example_grads(params, xc, yc)
         weight = mc.astype(jnp.float32)
-        squared = jax.tree.map(
-            lambda g: jnp.einsum("n,n...->...", weight, jnp.square(g)), grads
-        )
+        squared = jax.tree.map(lambda g: jnp.einsum("n,n...->...", weight, jnp.square(g)), grads)
         return jax.tree.map(jnp.add, total, squared), None
 
     rows = (

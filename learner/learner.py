@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from continuity.learner import ewc
+from continuity.learner.config import LearnerConfig
+from continuity.learner.models import build_model
+from continuity.learner.state import Batch, LearnerState
 from flax import nnx
 
-import replay
-from learner import ewc
-from learner.config import LearnerConfig
-from learner.models import build_model
-from learner.state import Batch, LearnerState
+from continuity import replay
 
 # Rows per evaluation dispatch: whole probes in large chunks (~20% faster than 512 on the
 # CPU), the rest, and the few new rows the guard's cached models see, in small ones. Two
@@ -77,11 +77,14 @@ class Learner:
 
     def __init__(self, config: LearnerConfig, example_shape: tuple[int, ...], num_classes: int | None = None):
         if config.regression and num_classes is not None:
-            raise ValueError(f"`num_classes` must be None for learner.task 'regression' (targets are numbers, "
-                             f"not classes). Got {num_classes!r}.")
+            raise ValueError(
+                f"`num_classes` must be None for learner.task 'regression' (targets are numbers, "
+                f"not classes). Got {num_classes!r}."
+            )
         if not config.regression and (not isinstance(num_classes, (int, np.integer)) or num_classes < 2):
-            raise ValueError(f"`num_classes` must be an integer >= 2 for learner.task 'classification'. "
-                             f"Got {num_classes!r}.")
+            raise ValueError(
+                f"`num_classes` must be an integer >= 2 for learner.task 'classification'. Got {num_classes!r}."
+            )
         self.config = config
         self.regression = config.regression
         self.example_shape = tuple(example_shape)
@@ -162,7 +165,8 @@ class Learner:
             fresh_loss = _masked_mean(fresh_losses, mask)
             replay_loss = (
                 _masked_mean(self._example_losses(outputs[fresh_rows:], y_all[fresh_rows:]), replay_valid)
-                if self.replay is not None else jnp.zeros(())
+                if self.replay is not None
+                else jnp.zeros(())
             )
             penalty = ewc.penalty(params, state.ewc) if config.ewc.enabled else jnp.zeros(())
             if self.regression:
@@ -234,12 +238,13 @@ class Learner:
         start = 0
         while start < n:
             rows = EVAL_BATCH if n - start >= EVAL_BATCH else EVAL_BATCH_SMALL
-            xc, yc = _pad_rows(x[start:start + rows], rows), _pad_rows(y[start:start + rows], rows)
+            xc, yc = _pad_rows(x[start : start + rows], rows), _pad_rows(y[start : start + rows], rows)
             outputs.append(self._evaluate_chunk(params, xc, yc))
             start += rows
         if not outputs:
-            return Evaluation(None if self.regression else np.zeros(0, bool), np.zeros(0, np.float32),
-                              np.zeros(0, self.label_dtype))
+            return Evaluation(
+                None if self.regression else np.zeros(0, bool), np.zeros(0, np.float32), np.zeros(0, self.label_dtype)
+            )
         loss, predicted = (np.concatenate([np.asarray(o[i]) for o in outputs])[:n] for i in (1, 2))
         correct = None if self.regression else np.concatenate([np.asarray(o[0]) for o in outputs])[:n]
         return Evaluation(correct, loss, predicted)
@@ -253,8 +258,7 @@ class Learner:
         other models from per-example gradients. Same figures up to float rounding.
         """
         if self.config.model.kind == "mlp":
-            return ewc.fisher_diagonal_dense(self._squared_grad_logits, params, x, y, mask,
-                                             likelihood=self._likelihood)
+            return ewc.fisher_diagonal_dense(self._squared_grad_logits, params, x, y, mask, likelihood=self._likelihood)
         return ewc.fisher_diagonal(self.logits, params, x, y, mask, chunk=FISHER_CHUNK, likelihood=self._likelihood)
 
     def _squared_grad_logits(self, params, x: jax.Array) -> jax.Array:
@@ -270,7 +274,9 @@ class Learner:
         x, y, valid = self.replay.sample(state.replay, key, n)
         return self._consolidate_state(state, x, y, valid)
 
-    def consolidate(self, state: LearnerState, x: np.ndarray | None = None, y: np.ndarray | None = None) -> LearnerState:
+    def consolidate(
+        self, state: LearnerState, x: np.ndarray | None = None, y: np.ndarray | None = None
+    ) -> LearnerState:
         """Anchor EWC at the current params and fold a fresh Fisher into the running one.
 
         The Fisher comes from (x, y) when given (up to `ewc.fisher_samples` rows), else from

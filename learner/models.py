@@ -11,9 +11,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+from continuity.learner.config import ModelConfig
 from flax import nnx
-
-from learner.config import ModelConfig
 
 
 class MLP(nnx.Module):
@@ -42,17 +41,16 @@ class MLP(nnx.Module):
 class CNN(nnx.Module):
     """3x3 convolutions with 2x2 average pooling, then one dense layer; for (H, W, C) examples."""
 
-    def __init__(self, example_shape: tuple[int, ...], channels: tuple[int, ...], dense: int,
-                 outputs: int, *, rngs: nnx.Rngs):
+    def __init__(
+        self, example_shape: tuple[int, ...], channels: tuple[int, ...], dense: int, outputs: int, *, rngs: nnx.Rngs
+    ):
         if len(example_shape) != 3:
             raise ValueError(
                 f"`model.kind` 'cnn' needs image-shaped examples (height, width, channels). Got shape {example_shape}."
             )
         height, width, in_channels = example_shape
         widths = (in_channels, *channels)
-        self.convs = nnx.List([
-            nnx.Conv(a, b, kernel_size=(3, 3), rngs=rngs) for a, b in zip(widths[:-1], widths[1:])
-        ])
+        self.convs = nnx.List([nnx.Conv(a, b, kernel_size=(3, 3), rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
         for _ in channels:  # pooling stops at 1x1 so small inputs still work
             height, width = max(1, height // 2), max(1, width // 2)
         self.dense = nnx.Linear(height * width * channels[-1], dense, rngs=rngs)

@@ -6,9 +6,8 @@ from typing import NamedTuple
 
 import jax
 import optax
+from continuity.learner.ewc import EWCState
 from flax import struct
-
-from learner.ewc import EWCState
 
 
 class Batch(NamedTuple):

@@ -5,11 +5,11 @@ replay/state.py for the contract every policy keeps). This package imports nothi
 else from the project.
 """
 
-from replay.class_balanced import class_balanced
-from replay.fifo import fifo
-from replay.policies import REPLAY_KINDS, make
-from replay.reservoir import reservoir
-from replay.state import ReplayPolicy, ReplayState
+from continuity.replay.class_balanced import class_balanced
+from continuity.replay.fifo import fifo
+from continuity.replay.policies import REPLAY_KINDS, make
+from continuity.replay.reservoir import reservoir
+from continuity.replay.state import ReplayPolicy, ReplayState
 
 __all__ = [
     "REPLAY_KINDS",

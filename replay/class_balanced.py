@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-from replay.state import (
+from continuity.replay.state import (
     ReplayPolicy,
     ReplayState,
     check_capacity,

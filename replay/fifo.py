@@ -8,8 +8,7 @@ failure replay exists to prevent, but it tracks the current distribution closely
 from __future__ import annotations
 
 import jax.numpy as jnp
-
-from replay.state import (
+from continuity.replay.state import (
     ReplayPolicy,
     ReplayState,
     check_capacity,
@@ -42,9 +41,7 @@ def fifo(capacity: int) -> ReplayPolicy:
         return state._replace(
             size=jnp.minimum(state.size + total, capacity),
             seen=saturating_add(state.seen, total),
-            class_seen=saturating_add(
-                state.class_seen, class_histogram(y, valid, state.class_seen.shape[0])
-            ),
+            class_seen=saturating_add(state.class_seen, class_histogram(y, valid, state.class_seen.shape[0])),
             cursor=(state.cursor + total) % capacity,
         )
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from replay.class_balanced import class_balanced
-from replay.fifo import fifo
-from replay.reservoir import reservoir
-from replay.state import ReplayPolicy, check_capacity
+from continuity.replay.class_balanced import class_balanced
+from continuity.replay.fifo import fifo
+from continuity.replay.reservoir import reservoir
+from continuity.replay.state import ReplayPolicy, check_capacity
 
 REPLAY_KINDS = ("reservoir", "class_balanced", "fifo")
 

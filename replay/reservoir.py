@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-from replay.state import (
+from continuity.replay.state import (
     ReplayPolicy,
     ReplayState,
     check_capacity,
@@ -54,9 +53,7 @@ def reservoir(capacity: int) -> ReplayPolicy:
         return state._replace(
             size=jnp.minimum(state.size + total, capacity),
             seen=saturating_add(state.seen, total),
-            class_seen=saturating_add(
-                state.class_seen, class_histogram(y, valid, state.class_seen.shape[0])
-            ),
+            class_seen=saturating_add(state.class_seen, class_histogram(y, valid, state.class_seen.shape[0])),
         )
 
     return ReplayPolicy(init=make_init(capacity), add=add, sample=sample_uniform, capacity=capacity)

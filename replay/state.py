@@ -97,15 +97,16 @@ def make_init(capacity: int, *, needs_classes: bool = False) -> Callable[..., Re
     def init(example_shape: tuple[int, ...], num_classes: int | None, dtype=jnp.float32) -> ReplayState:
         shape = tuple(example_shape)
         if not all(_is_static_int(d) and d >= 0 for d in shape):
-            raise ValueError(
-                f"`example_shape` must be a tuple of non-negative integers. Got {example_shape!r}."
-            )
+            raise ValueError(f"`example_shape` must be a tuple of non-negative integers. Got {example_shape!r}.")
         if num_classes is None and needs_classes:
-            raise ValueError("this replay policy shares memory out by class and needs `num_classes`; "
-                             "regression targets (num_classes=None) need 'reservoir' or 'fifo'. Got None.")
+            raise ValueError(
+                "this replay policy shares memory out by class and needs `num_classes`; "
+                "regression targets (num_classes=None) need 'reservoir' or 'fifo'. Got None."
+            )
         if num_classes is not None and (not _is_static_int(num_classes) or num_classes < 1):
-            raise ValueError(f"`num_classes` must be an integer >= 1, or None for regression targets. "
-                             f"Got {num_classes!r}.")
+            raise ValueError(
+                f"`num_classes` must be an integer >= 1, or None for regression targets. Got {num_classes!r}."
+            )
         zero = jnp.zeros((), jnp.int32)
         shape = tuple(int(d) for d in shape)
         classes = 1 if num_classes is None else int(num_classes)  # targets: one bucket
@@ -148,14 +149,11 @@ def valid_rows(state: ReplayState, x, y, mask) -> tuple[jax.Array, jax.Array, ja
     mask = jnp.asarray(mask)
     example_shape = state.x.shape[1:]
     if x.ndim < 1 or x.shape[1:] != example_shape:
-        raise ValueError(
-            f"Replay `x` must have shape (batch, *{example_shape}) to match the buffer. Got {x.shape}."
-        )
+        raise ValueError(f"Replay `x` must have shape (batch, *{example_shape}) to match the buffer. Got {x.shape}.")
     batch = x.shape[0]
     if y.shape != (batch,) or mask.shape != (batch,):
         raise ValueError(
-            f"Replay `y` and `mask` must have shape ({batch},) to match `x`. "
-            f"Got y {y.shape} and mask {mask.shape}."
+            f"Replay `y` and `mask` must have shape ({batch},) to match `x`. Got y {y.shape} and mask {mask.shape}."
         )
     if not holds_classes(state):
         y = y.astype(state.y.dtype)

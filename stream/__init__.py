@@ -9,26 +9,77 @@ on a background thread; `Batcher` makes fixed-shape `Batch`es (pad + mask) with 
 This package imports nothing from the rest of the project.
 """
 
-from stream.batcher import NO_SEGMENT, Batch, Batcher, Holdout, Ownership
-from stream.broker import BrokerError, EmbeddedBroker, free_port
-from stream.codecs import CODECS, BinaryCodec, Codec, CodecError, FeatureSpec, JsonCodec, encode_binary, encode_json, make_codec
-from stream.deadletters import DeadLetter, DeadLetterSink, JsonLinesDeadLetters, KafkaDeadLetters, MemoryDeadLetters, read_dead_letters
-from stream.examples import Example, ExampleBlock
-from stream.ingest import Ingest, batches
-from stream.kafka import KafkaSettings, KafkaSource, KafkaSourceError, create_topic, produce_records
-from stream.records import PartitionKey, PartitionPosition, PartitionRecords, Position, Positions, Record
-from stream.recording import RecordingWriter, record_topic
-from stream.sources import FileSource, ScenarioSource, Source, SourceError
+from continuity.stream.batcher import NO_SEGMENT, Batch, Batcher, Holdout, Ownership
+from continuity.stream.broker import BrokerError, EmbeddedBroker, free_port
+from continuity.stream.codecs import (
+    CODECS,
+    BinaryCodec,
+    Codec,
+    CodecError,
+    FeatureSpec,
+    JsonCodec,
+    encode_binary,
+    encode_json,
+    make_codec,
+)
+from continuity.stream.deadletters import (
+    DeadLetter,
+    DeadLetterSink,
+    JsonLinesDeadLetters,
+    KafkaDeadLetters,
+    MemoryDeadLetters,
+    read_dead_letters,
+)
+from continuity.stream.examples import Example, ExampleBlock
+from continuity.stream.ingest import Ingest, batches
+from continuity.stream.kafka import KafkaSettings, KafkaSource, KafkaSourceError, create_topic, produce_records
+from continuity.stream.recording import RecordingWriter, record_topic
+from continuity.stream.records import PartitionKey, PartitionPosition, PartitionRecords, Position, Positions, Record
+from continuity.stream.sources import FileSource, ScenarioSource, Source, SourceError
 
 __all__ = [
-    "NO_SEGMENT", "Batch", "Batcher", "Holdout", "Ownership",
-    "BrokerError", "EmbeddedBroker", "free_port",
-    "CODECS", "BinaryCodec", "Codec", "CodecError", "FeatureSpec", "JsonCodec", "encode_binary", "encode_json", "make_codec",
-    "DeadLetter", "DeadLetterSink", "JsonLinesDeadLetters", "KafkaDeadLetters", "MemoryDeadLetters", "read_dead_letters",
-    "Example", "ExampleBlock",
-    "Ingest", "batches",
-    "KafkaSettings", "KafkaSource", "KafkaSourceError", "create_topic", "produce_records",
-    "PartitionKey", "PartitionPosition", "PartitionRecords", "Position", "Positions", "Record",
-    "RecordingWriter", "record_topic",
-    "FileSource", "ScenarioSource", "Source", "SourceError",
+    "CODECS",
+    "NO_SEGMENT",
+    "Batch",
+    "Batcher",
+    "BinaryCodec",
+    "BrokerError",
+    "Codec",
+    "CodecError",
+    "DeadLetter",
+    "DeadLetterSink",
+    "EmbeddedBroker",
+    "Example",
+    "ExampleBlock",
+    "FeatureSpec",
+    "FileSource",
+    "Holdout",
+    "Ingest",
+    "JsonCodec",
+    "JsonLinesDeadLetters",
+    "KafkaDeadLetters",
+    "KafkaSettings",
+    "KafkaSource",
+    "KafkaSourceError",
+    "MemoryDeadLetters",
+    "Ownership",
+    "PartitionKey",
+    "PartitionPosition",
+    "PartitionRecords",
+    "Position",
+    "Positions",
+    "Record",
+    "RecordingWriter",
+    "ScenarioSource",
+    "Source",
+    "SourceError",
+    "batches",
+    "create_topic",
+    "encode_binary",
+    "encode_json",
+    "free_port",
+    "make_codec",
+    "produce_records",
+    "read_dead_letters",
+    "record_topic",
 ]

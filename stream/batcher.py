@@ -27,10 +27,9 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
-
-from stream.codecs import FeatureSpec
-from stream.examples import ExampleBlock
-from stream.records import PartitionKey, PartitionPosition, Positions
+from continuity.stream.codecs import FeatureSpec
+from continuity.stream.examples import ExampleBlock
+from continuity.stream.records import PartitionKey, PartitionPosition, Positions
 
 NO_SEGMENT = -1  # segment id of examples without a segment, and of padding rows
 
@@ -93,7 +92,11 @@ class Holdout:
                 ^ (np.uint64(topic_hash) << np.uint64(20))
             )
             base[unkeyed] = by_position[unkeyed]
-            h = _mix64(base[block.record] + block.index.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(self.salt))
+            h = _mix64(
+                base[block.record]
+                + block.index.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+                + np.uint64(self.salt)
+            )
         return h < self._threshold
 
 
@@ -237,7 +240,7 @@ class Batcher:
             return batch
 
     def _take(self) -> Batch:
-        B = self.batch_size
+        B = self.batch_size  # noqa: N806 - the batch dimension, as in the shapes below
         spec = self.spec
         x = np.zeros((B, *spec.shape), np.float32)
         y = np.zeros((B,), spec.label_dtype)

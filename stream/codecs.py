@@ -43,10 +43,9 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-
-from stream.deadletters import DeadLetter
-from stream.examples import ExampleBlock
-from stream.records import PartitionRecords
+from continuity.stream.deadletters import DeadLetter
+from continuity.stream.examples import ExampleBlock
+from continuity.stream.records import PartitionRecords
 
 MAGIC = b"CTNY"
 VERSION = 1
@@ -382,7 +381,12 @@ class BinaryCodec(Codec):
         last_meta = None
         for i, value in enumerate(values):
             # Runs of records with an identical header (the usual case) skip the parse.
-            if last_prefix is not None and value is not None and len(value) == last_len and value.startswith(last_prefix):
+            if (
+                last_prefix is not None
+                and value is not None
+                and len(value) == last_len
+                and value.startswith(last_prefix)
+            ):
                 last_group.append(i)
                 counts[i] = last_meta[0]
                 segments[i] = last_meta[1]
@@ -466,7 +470,9 @@ class BinaryCodec(Codec):
         if total == len(good):
             index = np.zeros(total, np.int32)
         else:
-            index = (np.arange(total) - np.repeat(np.cumsum(record_counts) - record_counts, record_counts)).astype(np.int32)
+            index = (np.arange(total) - np.repeat(np.cumsum(record_counts) - record_counts, record_counts)).astype(
+                np.int32
+            )
         good_list = good.tolist()
         block = ExampleBlock(
             records.topic,

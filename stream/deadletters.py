@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
-from stream.records import Record
+from continuity.stream.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,15 @@ class DeadLetterSink:
         # sends thousands, and the sink (not the log) is where each one is kept.
         if seen <= 10 or seen % 1000 == 0:
             position = letter.record.position
-            log.warning("dead letter %s/%d@%d (%s #%d): %s", position.topic, position.partition, position.offset,
-                        letter.kind, seen, letter.reason)
+            log.warning(
+                "dead letter %s/%d@%d (%s #%d): %s",
+                position.topic,
+                position.partition,
+                position.offset,
+                letter.kind,
+                seen,
+                letter.reason,
+            )
         self._write(letter)
 
     def _write(self, letter: DeadLetter) -> None:  # pragma: no cover - overridden

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-
-from stream.records import PartitionPosition, Position
+from continuity.stream.records import PartitionPosition, Position
 
 
 class Example(NamedTuple):
@@ -50,7 +49,7 @@ class ExampleBlock:
     def __len__(self) -> int:
         return len(self.y)
 
-    def slice(self, start: int, stop: int) -> "ExampleBlock":
+    def slice(self, start: int, stop: int) -> ExampleBlock:
         """Examples [start, stop) of this block (shares the per-record columns)."""
         return ExampleBlock(
             self.topic,
@@ -99,7 +98,7 @@ class ExampleBlock:
         return self.position_after(len(self) - 1) if len(self) else None
 
     @staticmethod
-    def concatenate(blocks: list["ExampleBlock"]) -> "ExampleBlock":
+    def concatenate(blocks: list[ExampleBlock]) -> ExampleBlock:
         """Blocks of one partition joined in order (per-record rows renumbered)."""
         if len(blocks) == 1:
             return blocks[0]

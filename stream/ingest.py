@@ -24,12 +24,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from stream.batcher import Batch, Batcher
-from stream.codecs import Codec
-from stream.deadletters import DeadLetterSink, MemoryDeadLetters
-from stream.examples import ExampleBlock
-from stream.records import PartitionPosition
-from stream.sources import Source
+from continuity.stream.batcher import Batch, Batcher
+from continuity.stream.codecs import Codec
+from continuity.stream.deadletters import DeadLetterSink, MemoryDeadLetters
+from continuity.stream.examples import ExampleBlock
+from continuity.stream.records import PartitionPosition
+from continuity.stream.sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Ingest:
         self._error: BaseException | None = None
         self._ended = False
 
-    def start(self) -> "Ingest":
+    def start(self) -> Ingest:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="continuity-ingest", daemon=True)
             self._thread.start()
@@ -107,7 +107,7 @@ class Ingest:
                 if not runs and source.finished:
                     self._put(_END)
                     return
-        except BaseException as error:  # noqa: BLE001 - handed to the consumer thread
+        except BaseException as error:
             log.exception("ingest thread failed")
             self._error = error
             self._put(_END)
@@ -143,7 +143,7 @@ class Ingest:
             self.source.close()
         self.dead_letters.flush()
 
-    def __enter__(self) -> "Ingest":
+    def __enter__(self) -> Ingest:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -164,8 +164,15 @@ class BatchStream:
     Threading: one consumer thread.
     """
 
-    def __init__(self, ingest: Ingest, batcher: Batcher, *, idle_timeout_s: float | None = None,
-                 flush_idle: bool = False, max_wait_s: float = 0.5):
+    def __init__(
+        self,
+        ingest: Ingest,
+        batcher: Batcher,
+        *,
+        idle_timeout_s: float | None = None,
+        flush_idle: bool = False,
+        max_wait_s: float = 0.5,
+    ):
         self.ingest = ingest
         self.batcher = batcher
         self.idle_timeout_s = idle_timeout_s

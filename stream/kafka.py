@@ -31,19 +31,31 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from stream.broker import SHORT_HEARTBEAT_INTERVAL_MS, SHORT_SESSION_TIMEOUT_MS
-from stream.records import PartitionKey, PartitionPosition, PartitionRecords, Positions
-from stream.sources import Source, SourceError
+from continuity.stream.broker import SHORT_HEARTBEAT_INTERVAL_MS, SHORT_SESSION_TIMEOUT_MS
+from continuity.stream.records import PartitionKey, PartitionPosition, PartitionRecords, Positions
+from continuity.stream.sources import Source, SourceError
 
 log = logging.getLogger(__name__)
 
-SECURITY_OPTIONS = frozenset({
-    "security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password",
-    "sasl_kerberos_service_name", "sasl_kerberos_domain_name", "sasl_oauth_token_provider",
-    "ssl_context", "ssl_check_hostname", "ssl_cafile", "ssl_certfile", "ssl_keyfile",
-    "ssl_password", "ssl_crlfile", "ssl_ciphers",
-})
+SECURITY_OPTIONS = frozenset(
+    {
+        "security_protocol",
+        "sasl_mechanism",
+        "sasl_plain_username",
+        "sasl_plain_password",
+        "sasl_kerberos_service_name",
+        "sasl_kerberos_domain_name",
+        "sasl_oauth_token_provider",
+        "ssl_context",
+        "ssl_check_hostname",
+        "ssl_cafile",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_password",
+        "ssl_crlfile",
+        "ssl_ciphers",
+    }
+)
 _SECRET_OPTIONS = frozenset({"sasl_plain_password", "ssl_password", "sasl_oauth_token_provider", "ssl_context"})
 
 
@@ -82,7 +94,9 @@ class KafkaSettings:
         topics = (self.topics,) if isinstance(self.topics, str) else tuple(self.topics)
         object.__setattr__(self, "topics", topics)
         if self.auto_offset_reset not in ("earliest", "latest"):
-            raise KafkaSourceError(f"`auto_offset_reset` must be 'earliest' or 'latest'. Got {self.auto_offset_reset!r}")
+            raise KafkaSourceError(
+                f"`auto_offset_reset` must be 'earliest' or 'latest'. Got {self.auto_offset_reset!r}"
+            )
         if self.group_id is not None and self.partitions is not None:
             raise KafkaSourceError("give either `group_id` (group assignment) or `partitions` (explicit), not both")
         unknown = set(self.security) - SECURITY_OPTIONS
@@ -204,8 +218,13 @@ class KafkaSource(Source):
             except (KafkaError, OSError) as error:
                 self.errors += 1
                 delay = self._backoff.next_delay()
-                log.warning("kafka: cannot connect to %s (%s); retry %d in %.1f s",
-                            self.settings.bootstrap, type(error).__name__, self._backoff.attempt, delay)
+                log.warning(
+                    "kafka: cannot connect to %s (%s); retry %d in %.1f s",
+                    self.settings.bootstrap,
+                    type(error).__name__,
+                    self._backoff.attempt,
+                    delay,
+                )
                 if self.stop_requested():
                     raise
                 time.sleep(delay)
@@ -253,7 +272,9 @@ class KafkaSource(Source):
             if found:
                 return sorted(found)
             if time.monotonic() > deadline:
-                raise KafkaSourceError(f"topic {topic!r} has no partitions on {self.settings.bootstrap} (does it exist?)")
+                raise KafkaSourceError(
+                    f"topic {topic!r} has no partitions on {self.settings.bootstrap} (does it exist?)"
+                )
             time.sleep(0.1)
 
     # -- rebalance (called on kafka-python's thread inside poll)
@@ -349,20 +370,27 @@ class KafkaSource(Source):
         for tp in revoked:
             self._positions.pop(PartitionKey(tp.topic, tp.partition), None)
         if revoked:
-            log.info("kafka: revoked %s (delivered %s)", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked), delivered)
+            log.info(
+                "kafka: revoked %s (delivered %s)", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked), delivered
+            )
         return delivered
 
     async def _commit_on_loop(self, consumer, positions: Positions) -> None:
         from kafka import TopicPartition
         from kafka.structs import OffsetAndMetadata
 
-        offsets = {TopicPartition(k.topic, k.partition): OffsetAndMetadata(p.offset, "", -1) for k, p in positions.items()}
+        offsets = {
+            TopicPartition(k.topic, k.partition): OffsetAndMetadata(p.offset, "", -1) for k, p in positions.items()
+        }
         try:
             # The coroutine kafka-python itself awaits for its pre-rebalance auto-commit.
             await consumer._coordinator._commit_offsets_sync_async(offsets)
         except Exception as error:  # noqa: BLE001 - a failed commit means duplicates, never a crash
-            log.warning("kafka: commit on revocation failed (%s); the next owner may re-read %s",
-                        type(error).__name__, positions)
+            log.warning(
+                "kafka: commit on revocation failed (%s); the next owner may re-read %s",
+                type(error).__name__,
+                positions,
+            )
 
     def _on_lost(self, lost) -> None:
         # Membership already gone: the partitions belong to someone else; commit nothing.
@@ -382,14 +410,18 @@ class KafkaSource(Source):
         from kafka.errors import KafkaError
         from kafka.structs import OffsetAndMetadata
 
-        offsets = {TopicPartition(k.topic, k.partition): OffsetAndMetadata(p.offset, "", -1) for k, p in positions.items()}
+        offsets = {
+            TopicPartition(k.topic, k.partition): OffsetAndMetadata(p.offset, "", -1) for k, p in positions.items()
+        }
         if not offsets:
             return True
         try:
             consumer.commit(offsets)
             return True
         except KafkaError as error:
-            log.warning("kafka: commit of %s failed (%s); will retry with the next commit", positions, type(error).__name__)
+            log.warning(
+                "kafka: commit of %s failed (%s); will retry with the next commit", positions, type(error).__name__
+            )
             return False
 
     def _flush_commit(self) -> None:
@@ -417,8 +449,13 @@ class KafkaSource(Source):
         except KafkaError as error:
             self.errors += 1
             delay = self._backoff.next_delay()
-            log.warning("kafka: poll failed (%s: %s); retry %d in %.1f s",
-                        type(error).__name__, error, self._backoff.attempt, delay)
+            log.warning(
+                "kafka: poll failed (%s: %s); retry %d in %.1f s",
+                type(error).__name__,
+                error,
+                self._backoff.attempt,
+                delay,
+            )
             time.sleep(delay)
             return []
         self._backoff.reset()

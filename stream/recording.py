@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from stream.kafka import KafkaSettings, KafkaSource
-from stream.records import PartitionRecords
+from continuity.stream.kafka import KafkaSettings, KafkaSource
+from continuity.stream.records import PartitionRecords
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +21,16 @@ log = logging.getLogger(__name__)
 def recording_schema():
     import pyarrow as pa
 
-    return pa.schema([
-        ("topic", pa.string()),
-        ("partition", pa.int32()),
-        ("offset", pa.int64()),
-        ("timestamp_ms", pa.int64()),
-        ("key", pa.binary()),
-        ("value", pa.binary()),
-    ])
+    return pa.schema(
+        [
+            ("topic", pa.string()),
+            ("partition", pa.int32()),
+            ("offset", pa.int64()),
+            ("timestamp_ms", pa.int64()),
+            ("key", pa.binary()),
+            ("value", pa.binary()),
+        ]
+    )
 
 
 class RecordingWriter:
@@ -114,8 +116,14 @@ def record_topic(
                 for run in runs:
                     if max_records is not None and written + len(run) > max_records:
                         keep = max_records - written
-                        run = PartitionRecords(run.topic, run.partition, run.values[:keep], run.keys[:keep],
-                                               run.offsets[:keep], run.timestamps_ms[:keep])
+                        run = PartitionRecords(
+                            run.topic,
+                            run.partition,
+                            run.values[:keep],
+                            run.keys[:keep],
+                            run.offsets[:keep],
+                            run.timestamps_ms[:keep],
+                        )
                     writer.write(run)
                     written += len(run)
                 if runs:

@@ -85,7 +85,8 @@ class Positions(Mapping):
 
     def __repr__(self) -> str:
         inner = ", ".join(
-            f"{k.topic}/{k.partition}: {v.offset}" + (f"+{v.skip}" if v.skip else "") for k, v in sorted(self._data.items())
+            f"{k.topic}/{k.partition}: {v.offset}" + (f"+{v.skip}" if v.skip else "")
+            for k, v in sorted(self._data.items())
         )
         return f"Positions({{{inner}}})"
 
@@ -102,13 +103,13 @@ class Positions(Mapping):
         position = self._data.get(PartitionKey(topic, partition))
         return None if position is None else position.offset
 
-    def merged(self, other: Mapping) -> "Positions":
+    def merged(self, other: Mapping) -> Positions:
         """These positions updated by `other` (other wins per partition)."""
         data = dict(self._data)
         data.update(Positions(other)._data)
         return Positions(data)
 
-    def only(self, partitions: Iterable) -> "Positions":
+    def only(self, partitions: Iterable) -> Positions:
         """The positions of the given (topic, partition) pairs only."""
         wanted = {PartitionKey(*p) for p in partitions}
         return Positions({k: v for k, v in self._data.items() if k in wanted})
@@ -125,11 +126,13 @@ class Positions(Mapping):
         return out
 
     @classmethod
-    def from_json(cls, data: list[dict] | str) -> "Positions":
+    def from_json(cls, data: list[dict] | str) -> Positions:
         if isinstance(data, str):
             data = json.loads(data)
         if not isinstance(data, list):
-            raise ValueError(f"positions must be a JSON list of {{topic, partition, offset[, skip]}}. Got {type(data).__name__}")
+            raise ValueError(
+                f"positions must be a JSON list of {{topic, partition, offset[, skip]}}. Got {type(data).__name__}"
+            )
         items = []
         for entry in data:
             unknown = set(entry) - {"topic", "partition", "offset", "skip"}
@@ -172,7 +175,7 @@ class PartitionRecords:
             yield self.record(i)
 
     @classmethod
-    def from_records(cls, records: list[Record]) -> "PartitionRecords":
+    def from_records(cls, records: list[Record]) -> PartitionRecords:
         """Columns from Record objects, all of one partition (convenience for tests and tools)."""
         if not records:
             raise ValueError("from_records needs at least one record")

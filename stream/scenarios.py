@@ -163,9 +163,7 @@ def make_scenario(
                 test_index=test_index,
             )
         built.append(segment)
-    return Scenario(
-        name=name, segments=tuple(built), num_classes=NUM_CLASSES, example_shape=EXAMPLE_SHAPE, seed=seed
-    )
+    return Scenario(name=name, segments=tuple(built), num_classes=NUM_CLASSES, example_shape=EXAMPLE_SHAPE, seed=seed)
 
 
 def _check_arguments(name, seed, segments, poison, poison_mode, poison_source, test_fraction) -> int:
@@ -176,9 +174,7 @@ def _check_arguments(name, seed, segments, poison, poison_mode, poison_source, t
         raise ValueError(f"seed must be a non-negative integer. Got {seed!r}.")
     if name == "split-digits":
         if segments is not None and (not _is_int(segments) or segments != 5):
-            raise ValueError(
-                f"segments for 'split-digits' must be None or 5 (one per digit pair). Got {segments!r}."
-            )
+            raise ValueError(f"segments for 'split-digits' must be None or 5 (one per digit pair). Got {segments!r}.")
     elif segments is not None and (not _is_int(segments) or segments < 1):
         raise ValueError(f"segments for {name!r} must be None or an integer >= 1. Got {segments!r}.")
     count = _DEFAULT_SEGMENTS[name] if segments is None else segments
@@ -268,9 +264,7 @@ def _distributions(name: str, seed: int, count: int) -> list[_Distribution]:
         ]
     if name == "rotated-digits":
         return [_Distribution(f"rot-{k * 180 / count:g}", _rotate(k * 180 / count), None) for k in range(count)]
-    return [
-        _Distribution(f"classes-{2 * k}-{2 * k + 1}", _identity, (2 * k, 2 * k + 1)) for k in range(count)
-    ]
+    return [_Distribution(f"classes-{2 * k}-{2 * k + 1}", _identity, (2 * k, 2 * k + 1)) for k in range(count)]
 
 
 def _identity(images: np.ndarray) -> np.ndarray:
@@ -366,13 +360,14 @@ def _regression_scenario(name, seed, count, poison, poison_mode, poison_source, 
         train_y = y[tests:]
         if k == poison:
             train_y = _rng(seed, _POISON, k).permutation(train_y) if poison_mode == "shuffle" else -train_y
-        built.append(Segment(
-            name=f"region-{region}" + ("-poisoned" if k == poison else ""),
-            train_x=_read_only(np.ascontiguousarray(x[tests:])),
-            train_y=_read_only(np.ascontiguousarray(train_y, np.float32)),
-            test_x=_read_only(np.ascontiguousarray(x[:tests])),
-            test_y=_read_only(np.ascontiguousarray(y[:tests])),
-            poisoned=k == poison,
-        ))
-    return Scenario(name=name, segments=tuple(built), num_classes=None, example_shape=(REGRESSION_FEATURES,),
-                    seed=seed)
+        built.append(
+            Segment(
+                name=f"region-{region}" + ("-poisoned" if k == poison else ""),
+                train_x=_read_only(np.ascontiguousarray(x[tests:])),
+                train_y=_read_only(np.ascontiguousarray(train_y, np.float32)),
+                test_x=_read_only(np.ascontiguousarray(x[:tests])),
+                test_y=_read_only(np.ascontiguousarray(y[:tests])),
+                poisoned=k == poison,
+            )
+        )
+    return Scenario(name=name, segments=tuple(built), num_classes=None, example_shape=(REGRESSION_FEATURES,), seed=seed)

@@ -22,10 +22,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from stream.batcher import Ownership
-from stream.codecs import Codec
-from stream.records import PartitionKey, PartitionPosition, PartitionRecords, Positions
+from continuity.stream.batcher import Ownership
+from continuity.stream.codecs import Codec
+from continuity.stream.records import PartitionKey, PartitionPosition, PartitionRecords, Positions
 
 
 class SourceError(ValueError):
@@ -152,7 +151,7 @@ class FileSource(Source):
             raise SourceError(f"recorded stream {str(self.path)!r} does not exist")
         try:
             self._file = pq.ParquetFile(self.path)
-        except Exception as error:  # pyarrow raises several types for a non-Parquet file
+        except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a non-Parquet file
             raise SourceError(f"{str(self.path)!r} is not a Parquet recording: {error}") from None
         names = set(self._file.schema_arrow.names)
         missing = {"topic", "partition", "offset", "timestamp_ms", "key", "value"} - names
@@ -249,7 +248,7 @@ class ScenarioSource(Source):
             x, y = segment.train_x[i], segment.train_y[i]
         else:
             x, y = segment.train_x[i:j], segment.train_y[i:j]
-        key = f"{segment.name}/{i}".encode("utf-8")
+        key = f"{segment.name}/{i}".encode()
         return key, self.codec.encode(x, y, segment=segment.name)
 
     def poll(self, timeout_s: float = 0.1) -> list[PartitionRecords]:
@@ -271,4 +270,3 @@ class ScenarioSource(Source):
     @property
     def finished(self) -> bool:
         return self._next >= len(self._plan)
-

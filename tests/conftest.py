@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def broker():
-    from stream.broker import EmbeddedBroker
+    from continuity.stream.broker import EmbeddedBroker
 
     with EmbeddedBroker() as running:
         yield running
@@ -28,11 +28,14 @@ def topic_name(request):
 
 def record_scenario(path, *, segments: int, seed: int, topic: str = "digits"):
     """A permuted-digits stream written to Parquet exactly as `continuity record` writes one."""
-    from stream import FeatureSpec, RecordingWriter, ScenarioSource, make_codec
-    from stream.scenarios import make_scenario
+    from continuity.stream import FeatureSpec, RecordingWriter, ScenarioSource, make_codec
+    from continuity.stream.scenarios import make_scenario
 
-    source = ScenarioSource(make_scenario("permuted-digits", segments=segments, seed=seed),
-                            make_codec("binary", FeatureSpec((8, 8, 1), "float32", 10)), topic=topic)
+    source = ScenarioSource(
+        make_scenario("permuted-digits", segments=segments, seed=seed),
+        make_codec("binary", FeatureSpec((8, 8, 1), "float32", 10)),
+        topic=topic,
+    )
     writer = RecordingWriter(path)
     while not source.finished:
         for run in source.poll():

@@ -9,18 +9,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from checkpoints import CheckpointStore
+from continuity.checkpoints import CheckpointStore
+from continuity.learner import EWCConfig, Learner, LearnerConfig, ModelConfig, ReplayConfig
+from continuity.stream import FeatureSpec, FileSource, JsonLinesDeadLetters, make_codec
+
 from continuity.guard import GuardConfig
 from continuity.loop import StreamInput, TrainingLoop, params_digest
 from continuity.probe import ProbeConfig
-from learner import EWCConfig, Learner, LearnerConfig, ModelConfig, ReplayConfig
-from stream import FeatureSpec, FileSource, JsonLinesDeadLetters, make_codec
 
 SPEC = FeatureSpec((8, 8, 1), "float32", 10)
 
 
-def build_loop(recording: Path, directory: Path, *, guard: GuardConfig = GuardConfig(every_examples=400),
-               live: bool = False) -> TrainingLoop:
+def build_loop(
+    recording: Path, directory: Path, *, guard: GuardConfig = GuardConfig(every_examples=400), live: bool = False
+) -> TrainingLoop:
     codec = make_codec("binary", SPEC)
     stream = StreamInput(
         open_source=lambda positions: FileSource(recording, start=positions),
@@ -30,13 +32,16 @@ def build_loop(recording: Path, directory: Path, *, guard: GuardConfig = GuardCo
         live=live,
     )
     learner = Learner(
-        LearnerConfig(model=ModelConfig(hidden=(64,)),
-                      replay=ReplayConfig(capacity=256, batch_size=16),
-                      ewc=EWCConfig(enabled=True, strength=100.0, fisher_samples=64)),
-        SPEC.shape, SPEC.num_classes)
+        LearnerConfig(
+            model=ModelConfig(hidden=(64,)),
+            replay=ReplayConfig(capacity=256, batch_size=16),
+            ewc=EWCConfig(enabled=True, strength=100.0, fisher_samples=64),
+        ),
+        SPEC.shape,
+        SPEC.num_classes,
+    )
     store = CheckpointStore(directory / "checkpoints", keep_last=2)
-    return TrainingLoop(stream, learner, store, probe=ProbeConfig(holdout_fraction=0.1),
-                        guard=guard, seed=0)
+    return TrainingLoop(stream, learner, store, probe=ProbeConfig(holdout_fraction=0.1), guard=guard, seed=0)
 
 
 if __name__ == "__main__":

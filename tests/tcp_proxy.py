@@ -48,7 +48,7 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._stopped = threading.Event()
 
-    def start(self) -> "TcpProxy":
+    def start(self) -> TcpProxy:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -63,7 +63,7 @@ class TcpProxy:
         while not self._stopped.is_set():
             try:
                 client, _ = listener.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return

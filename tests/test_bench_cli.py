@@ -12,12 +12,38 @@ from continuity.cli import main
 
 def test_bench_cl_runs_end_to_end_and_writes_its_json(tmp_path, capsys):
     out = tmp_path / "cl.json"
-    status = main(["bench", "cl", "--scenario", "permuted-digits", "--segments", "3", "--strategy", "ewc+replay",
-                   "--seed", "3", "--passes", "1", "--json", str(out)])
+    status = main(
+        [
+            "bench",
+            "cl",
+            "--scenario",
+            "permuted-digits",
+            "--segments",
+            "3",
+            "--strategy",
+            "ewc+replay",
+            "--seed",
+            "3",
+            "--passes",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert status == 0
     result = json.loads(out.read_text())
-    for key in ("scenario", "strategy", "seed", "passes", "accuracy_matrix", "avg_accuracy", "forgetting", "bwt",
-                "examples_per_second", "wall_seconds"):
+    for key in (
+        "scenario",
+        "strategy",
+        "seed",
+        "passes",
+        "accuracy_matrix",
+        "avg_accuracy",
+        "forgetting",
+        "bwt",
+        "examples_per_second",
+        "wall_seconds",
+    ):
         assert key in result
     matrix = np.array(result["accuracy_matrix"])
     assert matrix.shape == (3, 3)
@@ -32,8 +58,23 @@ def test_bench_cl_runs_end_to_end_and_writes_its_json(tmp_path, capsys):
 
 def test_bench_cl_joint_is_one_row_without_forgetting(tmp_path):
     out = tmp_path / "joint.json"
-    assert main(["bench", "cl", "--scenario", "permuted-digits", "--segments", "2", "--strategy", "joint",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "cl",
+                "--scenario",
+                "permuted-digits",
+                "--segments",
+                "2",
+                "--strategy",
+                "joint",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert len(result["accuracy_matrix"]) == 1 and len(result["accuracy_matrix"][0]) == 2
     assert result["forgetting"] is None and result["bwt"] is None
@@ -41,8 +82,10 @@ def test_bench_cl_joint_is_one_row_without_forgetting(tmp_path):
 
 @pytest.mark.parametrize(
     "argument, value, valid",
-    [("--scenario", "imagenet", "'permuted-digits', 'rotated-digits', 'split-digits'"),
-     ("--strategy", "magic", "'naive', 'ewc', 'replay', 'ewc+replay', 'joint'")],
+    [
+        ("--scenario", "imagenet", "'permuted-digits', 'rotated-digits', 'split-digits'"),
+        ("--strategy", "magic", "'naive', 'ewc', 'replay', 'ewc+replay', 'joint'"),
+    ],
 )
 def test_unknown_names_exit_2_with_one_line_listing_the_valid_ones(argument, value, valid):
     args = {"--scenario": "split-digits", "--strategy": "naive", argument: value}
@@ -64,7 +107,7 @@ def test_bench_step_reports_zero_compilations_after_warmup(tmp_path):
 
 
 def test_bench_pipeline_trains_everything_it_produced():
-    from benchmarks.pipeline import EXAMPLES_PER_RECORD, format_result, run_pipeline_benchmark
+    from continuity.benchmarks.pipeline import EXAMPLES_PER_RECORD, format_result, run_pipeline_benchmark
 
     result = run_pipeline_benchmark(examples=16 * EXAMPLES_PER_RECORD, warmup_examples=0, rss_from=0)
     held_out = 0.1  # the default holdout share goes to the probe, not to training

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from stream.broker import EmbeddedBroker, answers_metadata, free_port
+from continuity.stream.broker import EmbeddedBroker, answers_metadata, free_port
 
 
 def _wait(predicate, timeout_s=15.0):
@@ -41,8 +41,12 @@ def test_broker_dies_with_the_process_that_started_it():
 
 def test_continuity_broker_command_runs_in_the_foreground_until_interrupted():
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "continuity.cli", "broker", "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "continuity.cli", "broker", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert _wait(lambda: answers_metadata("127.0.0.1", port, timeout_s=0.2), 60)
         process.send_signal(signal.SIGINT)

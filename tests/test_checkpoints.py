@@ -12,8 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
-from checkpoints import (
+from continuity.checkpoints import (
     CheckpointNotFoundError,
     CheckpointStore,
     CorruptCheckpointError,
@@ -29,13 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def learner():
-    from learner import EWCConfig, Learner, LearnerConfig, ReplayConfig
+    from continuity.learner import EWCConfig, Learner, LearnerConfig, ReplayConfig
 
     return Learner(LearnerConfig(replay=ReplayConfig(capacity=64), ewc=EWCConfig(enabled=True)), (8, 8, 1), 10)
 
 
 def _batch(seed: int):
-    from learner import Batch
+    from continuity.learner import Batch
 
     rng = np.random.default_rng(seed)
     return Batch(
@@ -55,8 +54,10 @@ def trained(learner):
 
 
 def _small_state(value: float) -> dict:
-    return {"params": {"w": np.full((4, 3), value, np.float32), "b": np.arange(3, dtype=np.float32)},
-            "step": np.int32(value)}
+    return {
+        "params": {"w": np.full((4, 3), value, np.float32), "b": np.arange(3, dtype=np.float32)},
+        "step": np.int32(value),
+    }
 
 
 def _small_like() -> dict:
@@ -80,11 +81,17 @@ def _assert_identical(expected, actual):
 
 
 def test_ledger_appends_json_lines_with_numpy_values_and_domain_objects(tmp_path):
-    from stream import Positions
+    from continuity.stream import Positions
 
     ledger = Ledger(tmp_path / "ledger.jsonl")
-    record = ledger.append("probe", accuracy=np.float32(0.5), per_segment=np.array([0.25, 1.0]),
-                           positions=Positions({("t", 0): 12}), p_value=float("nan"), step=np.int64(7))
+    record = ledger.append(
+        "probe",
+        accuracy=np.float32(0.5),
+        per_segment=np.array([0.25, 1.0]),
+        positions=Positions({("t", 0): 12}),
+        p_value=float("nan"),
+        step=np.int64(7),
+    )
     assert record["event"] == "probe" and isinstance(record["time"], float)
     events = ledger.read()
     assert events == [json.loads(json.dumps(record))]
@@ -155,16 +162,21 @@ def test_save_validates_status_and_metadata_in_the_caller(tmp_path):
 
 
 def test_save_then_restore_a_learner_state_bit_exactly_even_after_donation(tmp_path, learner, trained):
-    from stream import Positions
+    from continuity.stream import Positions
 
     state = jax.tree.map(lambda a: a.copy(), trained)  # our own buffers: train_step donates them
     expected = _host_copy(state)
-    probe = {"x": np.random.default_rng(0).normal(size=(5, 8, 8, 1)).astype(np.float32),
-             "y": np.arange(5, dtype=np.int32)}
+    probe = {
+        "x": np.random.default_rng(0).normal(size=(5, 8, 8, 1)).astype(np.float32),
+        "y": np.arange(5, dtype=np.int32),
+    }
     positions = Positions({("t", 0): 1200, ("t", 1): 980})
     with CheckpointStore(tmp_path) as store:
-        number = store.save(state, probe, {"status": "good", "learner_step": 3, "positions": positions,
-                                           "probe": {"accuracy": np.float64(0.75)}})
+        number = store.save(
+            state,
+            probe,
+            {"status": "good", "learner_step": 3, "positions": positions, "probe": {"accuracy": np.float64(0.75)}},
+        )
         # The caller donates the state right after save returns: the checkpoint must not see it.
         state, _ = learner.train_step(state, _batch(99))
         state, _ = learner.train_step(state, _batch(98))
@@ -199,13 +211,20 @@ def test_host_arrays_mutated_in_place_after_save_do_not_reach_the_checkpoint(tmp
 
 def test_a_target_that_does_not_match_is_a_value_error_not_corruption(tmp_path, learner, trained):
     like = jax.eval_shape(lambda: learner.init(0))
-    narrower = like.replace(params={**like.params, "head": {"bias": jax.ShapeDtypeStruct((7,), np.float32),
-                                                            "kernel": like.params["head"]["kernel"]}})
+    narrower = like.replace(
+        params={
+            **like.params,
+            "head": {"bias": jax.ShapeDtypeStruct((7,), np.float32), "kernel": like.params["head"]["kernel"]},
+        }
+    )
     with CheckpointStore(tmp_path) as store:
         store.save(trained, {}, {"status": "good"})
         store.wait()
-        with pytest.raises(ValueError, match=r"`state_like` does not match checkpoint 1: params/head/bias: "
-                                             r"checkpoint shape \(10,\), state_like \(7,\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"`state_like` does not match checkpoint 1: params/head/bias: "
+            r"checkpoint shape \(10,\), state_like \(7,\)",
+        ):
             store.restore(1, state_like=narrower)
         with pytest.raises(ValueError, match="not in state_like: step"):
             store.restore(1, state_like={k: v for k, v in vars(like).items() if k != "step"})
@@ -223,7 +242,10 @@ def test_empty_probe_and_numbers_listing(tmp_path):
         assert restored.probe == {}
         _assert_identical(_small_state(2), restored.state)
         infos = store.list()
-        assert [(i.number, i.status, i.metadata["learner_step"]) for i in infos] == [(1, "good", 10), (2, "regressed", 20)]
+        assert [(i.number, i.status, i.metadata["learner_step"]) for i in infos] == [
+            (1, "good", 10),
+            (2, "regressed", 20),
+        ]
         assert store.last_good() == 1
     # Another process sees the same, from the JSON items alone.
     reopened = CheckpointStore(tmp_path, create=False)
@@ -273,7 +295,11 @@ def test_rollback_head_abandons_newer_checkpoints_and_numbers_keep_increasing(tm
         store.set_head(2, reason="bad data after 2")
         assert store.head == 2 and store.last_good() == 2
         assert [(i.number, i.abandoned, i.head) for i in store.list()] == [
-            (1, False, False), (2, False, True), (3, True, False), (4, True, False)]
+            (1, False, False),
+            (2, False, True),
+            (3, True, False),
+            (4, True, False),
+        ]
         assert store.restore_latest(state_like=_small_like()).number == 2
         rollback = store.ledger.read()[-1]
         assert rollback["event"] == "rollback" and rollback["checkpoint"] == 2 and rollback["abandoned"] == [3, 4]
@@ -297,7 +323,9 @@ def _data_files(step_dir: Path) -> list[Path]:
     return [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax: "Event loop is closed" after a failed read
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)  # Orbax: "Event loop is closed" after a failed read
 def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_good_one(tmp_path):
     with CheckpointStore(tmp_path) as store:
         store.save(_small_state(1), {}, {"status": "good"})
@@ -320,7 +348,9 @@ def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_good_one(tmp_pa
         assert store.numbers() == [1, 2]
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax: "Event loop is closed" after a failed read
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)  # Orbax: "Event loop is closed" after a failed read
 def test_deleted_data_files_and_bad_json_are_corruption_too(tmp_path):
     with CheckpointStore(tmp_path) as store:
         for i in range(3):
@@ -358,7 +388,7 @@ def test_a_process_killed_mid_save_leaves_only_finalized_checkpoints(tmp_path):
         import os, signal, sys
         import numpy as np
         sys.path.insert(0, {str(REPO)!r})
-        from checkpoints import CheckpointStore
+        from continuity.checkpoints import CheckpointStore
         store = CheckpointStore(sys.argv[1])
         store.save({{"w": np.ones(8, np.float32)}}, {{}}, {{"status": "good"}})
         store.wait()
@@ -373,12 +403,16 @@ def test_a_process_killed_mid_save_leaves_only_finalized_checkpoints(tmp_path):
         numbers = store.numbers()
         assert numbers == [1] or (numbers == [1, 2] and not partial.exists())
         for number in numbers:  # whatever is listed was committed whole
-            like = {"w": jax.ShapeDtypeStruct((8,), np.float32)} if number == 1 else {
-                f"w{i}": jax.ShapeDtypeStruct((2_000_000,), np.float32) for i in range(8)}
+            like = (
+                {"w": jax.ShapeDtypeStruct((8,), np.float32)}
+                if number == 1
+                else {f"w{i}": jax.ShapeDtypeStruct((2_000_000,), np.float32) for i in range(8)}
+            )
             store.restore(number, state_like=like)
     with CheckpointStore(tmp_path) as store:  # the writer restarts
-        assert store.restore_latest(state_like={"w": jax.ShapeDtypeStruct((8,), np.float32)}).number == 1 or \
-            numbers == [1, 2]
+        assert store.restore_latest(
+            state_like={"w": jax.ShapeDtypeStruct((8,), np.float32)}
+        ).number == 1 or numbers == [1, 2]
         assert store.save({"w": np.zeros(8, np.float32)}, {}, {"status": "good"}) == 3
         store.wait()
     assert not partial.exists()
@@ -402,8 +436,14 @@ def test_export_params_as_msgpack_and_npz_loadable_without_the_project(tmp_path,
 
         out = store.export_params(1, tmp_path / "params.npz")
         with np.load(out) as npz:
-            assert sorted(npz.files) == ["head/bias", "head/kernel", "hidden/0/bias", "hidden/0/kernel",
-                                         "hidden/1/bias", "hidden/1/kernel"]
+            assert sorted(npz.files) == [
+                "head/bias",
+                "head/kernel",
+                "hidden/0/bias",
+                "hidden/0/kernel",
+                "hidden/1/bias",
+                "hidden/1/kernel",
+            ]
             np.testing.assert_array_equal(npz["hidden/1/kernel"], expected["hidden"]["1"]["kernel"])
 
         with pytest.raises(ValueError, match=r"`out` must end in one of \.msgpack, \.npz. Got .*params\.pt"):

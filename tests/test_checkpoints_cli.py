@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from continuity.checkpoints import CheckpointStore
 
-from checkpoints import CheckpointStore
 from continuity.cli import main
 from continuity.commands.checkpoints import format_positions, rollback_in_directory
 from continuity.errors import UsageError
@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _state(value: float) -> dict:
-    return {"params": {"dense": {"w": np.full((3, 2), value, np.float32), "b": np.zeros(2, np.float32)}},
-            "step": np.int32(value)}
+    return {
+        "params": {"dense": {"w": np.full((3, 2), value, np.float32), "b": np.zeros(2, np.float32)}},
+        "step": np.int32(value),
+    }
 
 
 @pytest.fixture
@@ -29,13 +31,19 @@ def store_dir(tmp_path):
     directory = tmp_path / "ckpts"
     with CheckpointStore(directory, keep_last=10) as store:
         for i, status in enumerate(["good", "good", "good", "regressed"]):
-            store.save(_state(i), {}, {
-                "status": status,
-                "learner_step": 100 * (i + 1),
-                "positions": [{"topic": "t", "partition": 0, "offset": 1200 + i},
-                              {"topic": "t", "partition": 1, "offset": 980, "skip": 2}],
-                "probe": {"accuracy": 0.9 - 0.1 * (i == 3)},
-            })
+            store.save(
+                _state(i),
+                {},
+                {
+                    "status": status,
+                    "learner_step": 100 * (i + 1),
+                    "positions": [
+                        {"topic": "t", "partition": 0, "offset": 1200 + i},
+                        {"topic": "t", "partition": 1, "offset": 980, "skip": 2},
+                    ],
+                    "probe": {"accuracy": 0.9 - 0.1 * (i == 3)},
+                },
+            )
     return directory
 
 
@@ -50,7 +58,11 @@ def test_list_prints_a_table_and_json(store_dir, capsys):
     assert main(["checkpoints", "list", "--dir", str(store_dir), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [(c["checkpoint"], c["status"], c["pinned"]) for c in listed] == [
-        (1, "good", False), (2, "good", False), (3, "good", False), (4, "regressed", False)]
+        (1, "good", False),
+        (2, "good", False),
+        (3, "good", False),
+        (4, "regressed", False),
+    ]
     assert listed[0]["metadata"]["learner_step"] == 100
 
 
@@ -102,17 +114,20 @@ def test_rollback_last_good_skips_regressed(store_dir, capsys):
         assert store.head == 3 and store.info(4).abandoned
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["checkpoints", "list", "--dir", "{missing}"], "no checkpoint store at"),
-    (["checkpoints", "list", "--dir", "{empty}"], "holds no checkpoints yet"),
-    (["checkpoints", "show", "7", "--dir", "{store}"], r"no checkpoint 7 in .* \(checkpoints: 1, 2, 3, 4\)"),
-    (["checkpoints", "pin", "7", "--dir", "{store}"], "no checkpoint 7"),
-    (["checkpoints", "export", "7", "--dir", "{store}", "--out", "{tmp}/p.npz"], "no checkpoint 7"),
-    (["checkpoints", "export", "1", "--dir", "{store}", "--out", "{tmp}/p.pt"], r"\.msgpack, \.npz"),
-    (["rollback", "--dir", "{store}", "--to", "4"], "status 'regressed'"),
-    (["rollback", "--dir", "{store}", "--to", "9"], "no checkpoint 9"),
-    (["rollback", "--dir", "{empty}", "--last-good"], "holds no checkpoints yet"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["checkpoints", "list", "--dir", "{missing}"], "no checkpoint store at"),
+        (["checkpoints", "list", "--dir", "{empty}"], "holds no checkpoints yet"),
+        (["checkpoints", "show", "7", "--dir", "{store}"], r"no checkpoint 7 in .* \(checkpoints: 1, 2, 3, 4\)"),
+        (["checkpoints", "pin", "7", "--dir", "{store}"], "no checkpoint 7"),
+        (["checkpoints", "export", "7", "--dir", "{store}", "--out", "{tmp}/p.npz"], "no checkpoint 7"),
+        (["checkpoints", "export", "1", "--dir", "{store}", "--out", "{tmp}/p.pt"], r"\.msgpack, \.npz"),
+        (["rollback", "--dir", "{store}", "--to", "4"], "status 'regressed'"),
+        (["rollback", "--dir", "{store}", "--to", "9"], "no checkpoint 9"),
+        (["rollback", "--dir", "{empty}", "--last-good"], "holds no checkpoints yet"),
+    ],
+)
 def test_user_errors_are_one_line_and_status_2(store_dir, tmp_path, capsys, argv, message):
     empty = tmp_path / "empty"
     CheckpointStore(empty).close()
@@ -123,12 +138,15 @@ def test_user_errors_are_one_line_and_status_2(store_dir, tmp_path, capsys, argv
     assert __import__("re").search(message, err), err
 
 
-@pytest.mark.parametrize("argv", [
-    ["checkpoints", "show", "two", "--dir", "x"],
-    ["checkpoints", "pin", "0", "--dir", "x"],
-    ["rollback", "--dir", "x"],
-    ["rollback", "--dir", "x", "--to", "1", "--last-good"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["checkpoints", "show", "two", "--dir", "x"],
+        ["checkpoints", "pin", "0", "--dir", "x"],
+        ["rollback", "--dir", "x"],
+        ["rollback", "--dir", "x", "--to", "1", "--last-good"],
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -143,8 +161,12 @@ def test_rollback_in_directory_needs_exactly_one_target(store_dir):
 
 
 def test_format_positions():
-    assert format_positions([{"topic": "t", "partition": 0, "offset": 1200},
-                             {"topic": "t", "partition": 1, "offset": 980}]) == "t/0:1200 t/1:980"
+    assert (
+        format_positions(
+            [{"topic": "t", "partition": 0, "offset": 1200}, {"topic": "t", "partition": 1, "offset": 980}]
+        )
+        == "t/0:1200 t/1:980"
+    )
     assert format_positions({"t/0": 5}) == "t/0:5"
     assert format_positions({"t": {"0": 5, "1": 6}}) == "t/0:5 t/1:6"
     assert format_positions(None) == "-"
@@ -153,8 +175,9 @@ def test_format_positions():
 def test_installed_command_exits_2_with_one_stderr_line(store_dir):
     executable = REPO / ".venv" / "bin" / "continuity"
     command = [str(executable)] if executable.exists() else [sys.executable, "-m", "continuity.cli"]
-    result = subprocess.run(command + ["checkpoints", "show", "12", "--dir", str(store_dir)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        command + ["checkpoints", "show", "12", "--dir", str(store_dir)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "no checkpoint 12" in result.stderr, result.stderr
     assert result.stdout == ""

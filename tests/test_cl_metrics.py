@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from learner.cl_metrics import ContinualMetrics, continual_metrics
+from continuity.learner.cl_metrics import ContinualMetrics, continual_metrics
 
 
 def test_hand_computed_three_segments():

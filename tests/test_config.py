@@ -77,7 +77,9 @@ def test_example_config_targets_the_embedded_broker_and_the_produce_scenario():
 
 
 def test_resolved_sections_map_onto_the_library_configs(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [model]
 kind = "cnn"
 [learner]
@@ -94,7 +96,8 @@ on_regression = "retry"
 group = ""
 [checkpoints]
 dir = "out/ckpt"
-""")
+""",
+    )
     config = load_config(path, environ={})
     assert config.learner.model.kind == "cnn" and config.model.kind == "cnn"
     assert config.learner.learning_rate == 1.0 and isinstance(config.learner.learning_rate, float)
@@ -107,8 +110,11 @@ dir = "out/ckpt"
 
 
 def test_to_toml_reads_back_to_the_same_config(tmp_path):
-    config = load_config(None, ["model.hidden=[64]", "stream.group=", "learner.learning_rate=0.0005",
-                                "stream.topics=[\"a\", \"b\"]"], environ={})
+    config = load_config(
+        None,
+        ["model.hidden=[64]", "stream.group=", "learner.learning_rate=0.0005", 'stream.topics=["a", "b"]'],
+        environ={},
+    )
     assert load_config(write(tmp_path, config.to_toml()), environ={}) == config
 
 
@@ -137,41 +143,47 @@ def test_top_level_key_is_an_unknown_section(tmp_path):
     assert "seed" in error_of(write(tmp_path, "seed = 3\n"))
 
 
-@pytest.mark.parametrize(("text", "key", "expected", "received"), [
-    ('[learner]\nbatch_size = "32"\n', "[learner] batch_size", "expected an integer", "'32' (a string)"),
-    ('[learner]\nlearning_rate = "fast"\n', "[learner] learning_rate", "expected a number", "'fast' (a string)"),
-    ("[ewc]\nenabled = 1\n", "[ewc] enabled", "expected a boolean", "1 (an integer)"),
-    ("[model]\nhidden = 256\n", "[model] hidden", "expected an array of integers", "256 (an integer)"),
-    ("[stream]\ntopics = [1, 2]\n", "[stream] topics", "expected an array of strings", "[1, 2] (an array)"),
-    ("[service]\nhttp_port = 80.5\n", "[service] http_port", "expected an integer", "80.5 (a float)"),
-    ("[learner]\nbatch_size = true\n", "[learner] batch_size", "expected an integer", "True (a boolean)"),
-])
+@pytest.mark.parametrize(
+    ("text", "key", "expected", "received"),
+    [
+        ('[learner]\nbatch_size = "32"\n', "[learner] batch_size", "expected an integer", "'32' (a string)"),
+        ('[learner]\nlearning_rate = "fast"\n', "[learner] learning_rate", "expected a number", "'fast' (a string)"),
+        ("[ewc]\nenabled = 1\n", "[ewc] enabled", "expected a boolean", "1 (an integer)"),
+        ("[model]\nhidden = 256\n", "[model] hidden", "expected an array of integers", "256 (an integer)"),
+        ("[stream]\ntopics = [1, 2]\n", "[stream] topics", "expected an array of strings", "[1, 2] (an array)"),
+        ("[service]\nhttp_port = 80.5\n", "[service] http_port", "expected an integer", "80.5 (a float)"),
+        ("[learner]\nbatch_size = true\n", "[learner] batch_size", "expected an integer", "True (a boolean)"),
+    ],
+)
 def test_wrong_type(tmp_path, text, key, expected, received):
     message = error_of(write(tmp_path, text))
     assert f"{key}: {expected}" in message and f"got {received}" in message
 
 
-@pytest.mark.parametrize(("text", "key", "detail"), [
-    ("[learner]\nbatch_size = 0\n", "[learner] batch_size", "must be >= 1. Got 0."),
-    ("[probe]\nholdout_fraction = 1.5\n", "[probe] holdout_fraction", "must be in (0, 1). Got 1.5."),
-    ("[probe]\ntolerance = 2.0\n", "[probe] tolerance", "must be in [0, 1). Got 2.0."),
-    ('[probe]\non_regression = "panic"\n', "[probe] on_regression", "'retry', 'quarantine', 'halt'. Got 'panic'."),
-    ('[model]\nkind = "rnn"\n', "[model] kind", "must be one of 'mlp', 'cnn'. Got 'rnn'."),
-    ('[stream]\ncodec = "xml"\n', "[stream] codec", "Got 'xml'."),
-    ("[stream]\nfeature_shape = [8, 0]\n", "[stream] feature_shape", "positive integers"),
-    ("[service]\nhttp_port = 70000\n", "[service] http_port", "must be in 0..65535. Got 70000."),
-    ("[checkpoints]\nkeep_last = 0\n", "[checkpoints] keep_last", "must be >= 1"),
-    ("[checkpoints]\nevery_seconds = -1\n", "[checkpoints] every_seconds", "must be >= 0"),
-    ("[probe]\nevery_seconds = -5\n", "[probe] every_seconds", "must be a finite number >= 0. Got -5."),
-    ("[ewc]\nstrength = 1.0\n", "[ewc]", "strength_min <= strength"),
-])
+@pytest.mark.parametrize(
+    ("text", "key", "detail"),
+    [
+        ("[learner]\nbatch_size = 0\n", "[learner] batch_size", "must be >= 1. Got 0."),
+        ("[probe]\nholdout_fraction = 1.5\n", "[probe] holdout_fraction", "must be in (0, 1). Got 1.5."),
+        ("[probe]\ntolerance = 2.0\n", "[probe] tolerance", "must be in [0, 1). Got 2.0."),
+        ('[probe]\non_regression = "panic"\n', "[probe] on_regression", "'retry', 'quarantine', 'halt'. Got 'panic'."),
+        ('[model]\nkind = "rnn"\n', "[model] kind", "must be one of 'mlp', 'cnn'. Got 'rnn'."),
+        ('[stream]\ncodec = "xml"\n', "[stream] codec", "Got 'xml'."),
+        ("[stream]\nfeature_shape = [8, 0]\n", "[stream] feature_shape", "positive integers"),
+        ("[service]\nhttp_port = 70000\n", "[service] http_port", "must be in 0..65535. Got 70000."),
+        ("[checkpoints]\nkeep_last = 0\n", "[checkpoints] keep_last", "must be >= 1"),
+        ("[checkpoints]\nevery_seconds = -1\n", "[checkpoints] every_seconds", "must be >= 0"),
+        ("[probe]\nevery_seconds = -5\n", "[probe] every_seconds", "must be a finite number >= 0. Got -5."),
+        ("[ewc]\nstrength = 1.0\n", "[ewc]", "strength_min <= strength"),
+    ],
+)
 def test_out_of_range(tmp_path, text, key, detail):
     message = error_of(write(tmp_path, text))
     assert f"{key}: " in message and detail in message
 
 
 def test_bad_toml_names_the_line(tmp_path):
-    message = error_of(write(tmp_path, '[learner]\nbatch_size = 32\nlearning_rate = fast\n'))
+    message = error_of(write(tmp_path, "[learner]\nbatch_size = 32\nlearning_rate = fast\n"))
     assert "invalid TOML" in message and "line 3" in message
 
 
@@ -197,8 +209,9 @@ def test_unknown_security_option(tmp_path):
 def test_non_loopback_bind_without_token_is_refused(tmp_path):
     message = error_of(write(tmp_path, '[service]\nhttp_host = "0.0.0.0"\n'))
     assert "[service] http_host: refusing to expose admin endpoints on 0.0.0.0 without service.admin_token" in message
-    config = load_config(write(tmp_path, '[service]\nhttp_host = "0.0.0.0"\nadmin_token_env = "T"\n', "ok.toml"),
-                         environ={"T": TOKEN})
+    config = load_config(
+        write(tmp_path, '[service]\nhttp_host = "0.0.0.0"\nadmin_token_env = "T"\n', "ok.toml"), environ={"T": TOKEN}
+    )
     assert config.service.admin_token == TOKEN
     for host in ("127.0.0.1", "127.5.0.1", "::1", "localhost"):
         assert ServiceConfig(http_host=host).admin_token is None
@@ -215,16 +228,20 @@ def test_config_error_is_a_usage_error():
 
 def test_set_overrides_numbers_booleans_lists_and_strings(tmp_path):
     path = write(tmp_path, "[learner]\nbatch_size = 8\n")
-    config = load_config(path, [
-        "learner.batch_size=64",  # beats the file
-        "learner.learning_rate=3e-4",
-        "ewc.enabled=true",
-        "model.hidden=[32, 16]",
-        "stream.bootstrap=10.0.0.5:9093",  # not TOML: a bare string
-        'stream.group="team-a"',
-        "stream.topics=events",  # one string for a list of strings: one topic
-        "service.http_port=0",
-    ], environ={})
+    config = load_config(
+        path,
+        [
+            "learner.batch_size=64",  # beats the file
+            "learner.learning_rate=3e-4",
+            "ewc.enabled=true",
+            "model.hidden=[32, 16]",
+            "stream.bootstrap=10.0.0.5:9093",  # not TOML: a bare string
+            'stream.group="team-a"',
+            "stream.topics=events",  # one string for a list of strings: one topic
+            "service.http_port=0",
+        ],
+        environ={},
+    )
     assert config.learner.batch_size == 64 and config.learner.learning_rate == 3e-4
     assert config.learner.ewc.enabled is True and config.model.hidden == (32, 16)
     assert config.stream.bootstrap == "10.0.0.5:9093" and config.stream.group == "team-a"
@@ -261,7 +278,9 @@ def test_config_arguments_on_a_parser(tmp_path):
 
 def test_secrets_never_appear_in_output_or_errors(tmp_path):
     environ = {"KAFKA_PW": SECRET, "ADMIN": TOKEN}
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [stream.security]
 security_protocol = "SASL_SSL"
 sasl_mechanism = "PLAIN"
@@ -270,7 +289,8 @@ sasl_plain_password_env = "KAFKA_PW"
 [service]
 http_host = "0.0.0.0"
 admin_token_env = "ADMIN"
-""")
+""",
+    )
     config = load_config(path, environ=environ)
     assert config.stream.security["sasl_plain_password"] == SECRET and config.service.admin_token == TOKEN
     assert config.stream.kafka_settings().security["sasl_plain_password"] == SECRET
@@ -280,8 +300,11 @@ admin_token_env = "ADMIN"
     assert 'sasl_plain_password = "***"' in config.to_toml() and 'admin_token = "***"' in config.to_toml()
     assert SECRET in config.to_toml(redact=False)
     # A wrong type given to a secret names the type, never the value; so does an error elsewhere.
-    for overrides in (["stream.security.sasl_plain_password=[\"" + SECRET + "\"]"], ["service.admin_token=[1]"],
-                      ["learner.batch_size=0"]):
+    for overrides in (
+        ['stream.security.sasl_plain_password=["' + SECRET + '"]'],
+        ["service.admin_token=[1]"],
+        ["learner.batch_size=0"],
+    ):
         message = error_of(path, overrides, environ)
         assert SECRET not in message and TOKEN not in message
 
@@ -311,16 +334,18 @@ def test_cli_config_check_on_a_bad_file_exits_2_with_one_line(tmp_path, capsys):
     assert main(["config", "check", "--config", str(path)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == (f"continuity: error: config {path}: [learner] batch_size: "
-                            "expected an integer, got 'many' (a string)\n")
+    assert captured.err == (
+        f"continuity: error: config {path}: [learner] batch_size: expected an integer, got 'many' (a string)\n"
+    )
 
 
 def test_installed_command_on_a_bad_file_exits_2_with_one_line(tmp_path):
     # An unknown section fails before JAX is imported, which keeps this subprocess quick.
     path = write(tmp_path, "[learner]\nbatch_size = 8\n[servce]\nhttp_port = 1\n")
     executable = Path(sys.executable).parent / "continuity"
-    done = subprocess.run([str(executable), "config", "check", "--config", str(path)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [str(executable), "config", "check", "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.splitlines() == [

@@ -5,14 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from learner import ewc
-from learner.config import EWCConfig, LearnerConfig, ModelConfig
-from learner.learner import Learner
+from continuity.learner import ewc
+from continuity.learner.config import EWCConfig, LearnerConfig, ModelConfig
+from continuity.learner.learner import Learner
 
 
 def _tiny_tree(rng):
-    return {"w": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+    return {
+        "w": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32),
+    }
 
 
 def test_penalty_and_gradient_equal_the_formula_by_hand():
@@ -65,7 +67,9 @@ def test_vmap_fisher_equals_a_per_example_loop():
 def test_fisher_needs_whole_chunks():
     learner = Learner(LearnerConfig(model=ModelConfig(hidden=(5,))), (3,), num_classes=2)
     with pytest.raises(ValueError, match="multiple of 32"):
-        ewc.fisher_diagonal(learner.logits, learner.init(0).params, np.zeros((40, 3)), np.zeros(40, int), np.ones(40, bool))
+        ewc.fisher_diagonal(
+            learner.logits, learner.init(0).params, np.zeros((40, 3)), np.zeros(40, int), np.ones(40, bool)
+        )
 
 
 def test_consolidate_is_the_online_update():
@@ -75,8 +79,9 @@ def test_consolidate_is_the_online_update():
     updated = ewc.consolidate(state, params, new_fisher, gamma=0.5)
     for name in ("w", "b"):
         np.testing.assert_array_equal(updated.anchor[name], params[name])
-        np.testing.assert_allclose(updated.fisher[name], 0.5 * np.asarray(old_fisher[name]) + np.asarray(new_fisher[name]),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            updated.fisher[name], 0.5 * np.asarray(old_fisher[name]) + np.asarray(new_fisher[name]), rtol=1e-6
+        )
 
 
 def test_strength_decays_to_its_floor_and_boosts_to_its_ceiling():
@@ -91,7 +96,9 @@ def test_strength_decays_to_its_floor_and_boosts_to_its_ceiling():
 
 
 def test_learner_consolidation_anchors_at_current_params():
-    config = LearnerConfig(model=ModelConfig(hidden=(8,)), ewc=EWCConfig(enabled=True, strength=50.0, fisher_samples=32))
+    config = LearnerConfig(
+        model=ModelConfig(hidden=(8,)), ewc=EWCConfig(enabled=True, strength=50.0, fisher_samples=32)
+    )
     learner = Learner(config, (4,), num_classes=3)
     state = learner.init(0)
     rng = np.random.default_rng(0)
@@ -123,5 +130,6 @@ def test_the_one_pass_dense_fisher_equals_per_example_gradients(task):
         assert float(jnp.max(want)) > 0
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-8)
     # The model's ordinary forward pass is unchanged by the seam.
-    np.testing.assert_allclose(np.asarray(learner._squared_grad_logits(params, x)),
-                               np.asarray(learner.logits(params, x)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(learner._squared_grad_logits(params, x)), np.asarray(learner.logits(params, x)), rtol=1e-6, atol=1e-6
+    )

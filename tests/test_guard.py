@@ -1,10 +1,10 @@
 """The guard's cached judgements: reused results must equal a fresh evaluation, row for row."""
 
 import numpy as np
+from continuity.learner import Batch, Learner, LearnerConfig, ModelConfig
 
 from continuity.guard import Guard, GuardConfig
 from continuity.probe import ProbeStore
-from learner import Batch, Learner, LearnerConfig, ModelConfig
 
 SHAPE, CLASSES = (6,), 3
 
@@ -39,8 +39,7 @@ def test_cached_results_match_a_fresh_evaluation_and_only_new_rows_are_evaluated
         rows_evaluated.clear()
         verdict, _ = guard.judge(state, probe)
         x, y, _ = probe.examples()
-        for params, results in ((guard.last_good.params, guard._good_results),
-                                (guard.anchor, guard._anchor_results)):
+        for params, results in ((guard.last_good.params, guard._good_results), (guard.anchor, guard._anchor_results)):
             fresh = evaluate(params, x, y)
             found, at = results.lookup(probe.serials())
             assert found.all()

@@ -10,9 +10,9 @@ import urllib.request
 
 import numpy as np
 import pytest
+from continuity.checkpoints import CheckpointStore
 from prometheus_client.parser import text_string_to_metric_families
 
-from checkpoints import CheckpointStore
 from continuity.cli import main
 from continuity.http import (
     AdminRequestError,
@@ -61,10 +61,20 @@ class FakeController:
 
 
 def _progress(**overrides) -> Progress:
-    values = dict(examples_trained=640, examples_per_second=1234.5, lineage_examples=600, rollbacks=1,
-                  dead_letters=3, quarantined_records=0, probe_accuracy=0.91,
-                  probe_segments={"s0": 0.95, "s1": 0.87, "empty": None}, ewc_strength=12.5, checkpoint=4,
-                  positions={}, step_seconds=[0.0004, 0.002, 0.03])
+    values = dict(
+        examples_trained=640,
+        examples_per_second=1234.5,
+        lineage_examples=600,
+        rollbacks=1,
+        dead_letters=3,
+        quarantined_records=0,
+        probe_accuracy=0.91,
+        probe_segments={"s0": 0.95, "s1": 0.87, "empty": None},
+        ewc_strength=12.5,
+        checkpoint=4,
+        positions={},
+        step_seconds=[0.0004, 0.002, 0.03],
+    )
     values.update(overrides)
     return Progress(**values)
 
@@ -130,8 +140,18 @@ def test_metrics_counters_stay_monotonic_and_gauges_follow():
     assert samples[("continuity_regressions_in_a_row", ())] == 0
 
     # A new run reports totals from zero again: its work adds on, nothing goes down.
-    metrics.observe(_progress(examples_trained=64, rollbacks=0, dead_letters=0, probe_accuracy=0.5,
-                              probe_segments={"s0": 0.4}, checkpoint=7, step_seconds=[], regressions_in_a_row=2))
+    metrics.observe(
+        _progress(
+            examples_trained=64,
+            rollbacks=0,
+            dead_letters=0,
+            probe_accuracy=0.5,
+            probe_segments={"s0": 0.4},
+            checkpoint=7,
+            step_seconds=[],
+            regressions_in_a_row=2,
+        )
+    )
     samples = _samples(metrics.registry)
     assert samples[("continuity_examples_trained_total", ())] == 1064
     assert samples[("continuity_rollbacks_total", ())] == 1
@@ -183,10 +203,18 @@ def test_metrics_endpoint_is_prometheus_text(service):
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     # The parser drops counters' `_total` suffix from family names; samples keep it.
-    assert {"continuity_examples_trained", "continuity_dead_letters", "continuity_rollbacks",
-            "continuity_quarantined_records", "continuity_probe_accuracy", "continuity_ewc_lambda",
-            "continuity_consumer_lag", "continuity_checkpoint", "continuity_examples_per_second",
-            "continuity_step_seconds"} <= set(families)
+    assert {
+        "continuity_examples_trained",
+        "continuity_dead_letters",
+        "continuity_rollbacks",
+        "continuity_quarantined_records",
+        "continuity_probe_accuracy",
+        "continuity_ewc_lambda",
+        "continuity_consumer_lag",
+        "continuity_checkpoint",
+        "continuity_examples_per_second",
+        "continuity_step_seconds",
+    } <= set(families)
     assert families["continuity_examples_trained"].type == "counter"
     assert families["continuity_step_seconds"].type == "histogram"
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
@@ -208,8 +236,11 @@ def test_admin_rollback_with_the_right_token(service, controller):
     assert status == 200 and answer["checkpoint"] == 5
     status, answer = _post(service.url + "/admin/checkpoint", None, TOKEN)
     assert (status, answer) == (200, {"checkpoint": 6})
-    assert controller.calls == [("rollback", 2, "bad labels"), ("rollback", None, "rollback over HTTP"),
-                                ("checkpoint",)]
+    assert controller.calls == [
+        ("rollback", 2, "bad labels"),
+        ("rollback", None, "rollback over HTTP"),
+        ("checkpoint",),
+    ]
 
 
 def test_admin_without_or_with_a_wrong_token_is_refused(service, controller):
@@ -230,16 +261,19 @@ def test_admin_disabled_without_a_configured_token(controller):
     assert controller.calls == []
 
 
-@pytest.mark.parametrize("body, status, words", [
-    ({"to": 4}, 400, "regressed"),             # controller ValueError
-    ({"to": 99}, 404, "no checkpoint 99"),      # controller LookupError
-    ({"to": 3}, 500, "device on fire"),         # anything else
-    ({}, 400, "exactly one"),
-    ({"to": 2, "last_good": True}, 400, "exactly one"),
-    ({"to": "2"}, 400, "positive integer"),
-    ({"to": 2, "force": True}, 400, "unknown keys"),
-    ({"last_good": True, "reason": ""}, 400, "reason"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"to": 4}, 400, "regressed"),  # controller ValueError
+        ({"to": 99}, 404, "no checkpoint 99"),  # controller LookupError
+        ({"to": 3}, 500, "device on fire"),  # anything else
+        ({}, 400, "exactly one"),
+        ({"to": 2, "last_good": True}, 400, "exactly one"),
+        ({"to": "2"}, 400, "positive integer"),
+        ({"to": 2, "force": True}, 400, "unknown keys"),
+        ({"last_good": True, "reason": ""}, 400, "reason"),
+    ],
+)
 def test_admin_rollback_errors_are_json(service, body, status, words):
     got, answer = _post(service.url + "/admin/rollback", body, TOKEN)
     assert got == status and words in answer["error"]
@@ -347,14 +381,17 @@ def test_cli_rollback_falls_back_to_the_directory(store_dir, capsys):
     assert "--url URL" in capsys.readouterr().err
 
 
-def test_cli_rollback_finds_the_service_and_directory_in_the_config(service, controller, tmp_path, monkeypatch,
-                                                                     capsys, store_dir):
+def test_cli_rollback_finds_the_service_and_directory_in_the_config(
+    service, controller, tmp_path, monkeypatch, capsys, store_dir
+):
     pytest.importorskip("continuity.config")
     monkeypatch.delenv("CONTINUITY_ADMIN_TOKEN", raising=False)
     monkeypatch.setenv("SERVICE_TOKEN", TOKEN)
     config = tmp_path / "continuity.toml"
-    config.write_text(f'[checkpoints]\ndir = "{store_dir}"\n\n[service]\nhttp_host = "127.0.0.1"\n'
-                      f'http_port = {service.port}\nadmin_token_env = "SERVICE_TOKEN"\n')
+    config.write_text(
+        f'[checkpoints]\ndir = "{store_dir}"\n\n[service]\nhttp_host = "127.0.0.1"\n'
+        f'http_port = {service.port}\nadmin_token_env = "SERVICE_TOKEN"\n'
+    )
     assert main(["rollback", "--config", str(config), "--to", "2"]) == 0
     assert f"the service at {service.url} rolled back to checkpoint 2" in capsys.readouterr().out
     assert controller.calls == [("rollback", 2, "manual rollback")]

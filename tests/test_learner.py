@@ -3,8 +3,7 @@
 import jax
 import numpy as np
 import pytest
-
-from learner import (
+from continuity.learner import (
     Batch,
     EWCConfig,
     Learner,
@@ -31,8 +30,9 @@ def _batches(n, seed=0, valid=None):
     rng = np.random.default_rng(seed)
     for i in range(n):
         rows = B if valid is None else valid(i)
-        yield Batch(rng.random((B, *SHAPE), dtype=np.float32), rng.integers(0, CLASSES, B).astype(np.int32),
-                    np.arange(B) < rows)
+        yield Batch(
+            rng.random((B, *SHAPE), dtype=np.float32), rng.integers(0, CLASSES, B).astype(np.int32), np.arange(B) < rows
+        )
 
 
 def _run(learner, batches, consolidate_at=None):

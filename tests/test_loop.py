@@ -13,17 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import accepted_chain, record_scenario
+from continuity.benchmarks.guard import DIGITS_GUARD, run_scenario_through_loop
+from continuity.checkpoints import CheckpointStore
+from continuity.stream import Positions, ScenarioSource, make_codec
+from continuity.stream.scenarios import make_scenario
 
-from benchmarks.guard import DIGITS_GUARD, run_scenario_through_loop
-from checkpoints import CheckpointStore
 from continuity.guard import GuardConfig
 from continuity.loop import REGRESSION_STREAK, params_digest
-from conftest import accepted_chain, record_scenario
-from stream import Positions, ScenarioSource, make_codec
-from stream.scenarios import make_scenario
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loop_worker import SPEC, build_loop  # noqa: E402
+from loop_worker import SPEC, build_loop
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,7 +79,9 @@ def test_killed_and_restarted_run_ends_bit_identical_with_every_record_trained_o
     assert _offset(chain[0]["from"]) == 0
     for earlier, later in zip(chain, chain[1:]):
         assert later["from"] == earlier["positions"]  # contiguous: no gap, no overlap
-    total_records = len(ScenarioSource(make_scenario("permuted-digits", segments=3, seed=4), make_codec("binary", SPEC)))
+    total_records = len(
+        ScenarioSource(make_scenario("permuted-digits", segments=3, seed=4), make_codec("binary", SPEC))
+    )
     assert _offset(chain[-1]["positions"]) == total_records
     assert chain[-1]["lineage_examples"] == reference.summary.examples_trained
 
@@ -176,8 +178,10 @@ def test_the_guard_holds_accuracy_against_a_broken_labeler(guard_runs):
     # Without the guard the segment whose inputs the labeler reused is wrecked.
     assert guard_runs["unguarded"]["test_accuracy"][0] < guard_runs["clean"]["test_accuracy"][0] - 0.2
     assert unguarded < 0.97 * clean
-    print(f"\nclean {clean:.3f}  unguarded {unguarded:.3f} ({unguarded / clean:.3f})  "
-          f"guarded {guarded:.3f} ({guarded / clean:.3f})")
+    print(
+        f"\nclean {clean:.3f}  unguarded {unguarded:.3f} ({unguarded / clean:.3f})  "
+        f"guarded {guarded:.3f} ({guarded / clean:.3f})"
+    )
 
 
 def test_windows_that_keep_regressing_are_reported_to_the_operator(caplog):

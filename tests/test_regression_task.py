@@ -5,9 +5,21 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from continuity.checkpoints import CheckpointStore
+from continuity.learner import (
+    Batch,
+    EWCConfig,
+    Learner,
+    LearnerConfig,
+    ModelConfig,
+    ReplayConfig,
+    compilation_count,
+    ewc,
+)
+from continuity.stream import FeatureSpec, MemoryDeadLetters, Positions, ScenarioSource, make_codec
+from continuity.stream.scenarios import make_scenario
 from scipy.stats import wilcoxon
 
-from checkpoints import CheckpointStore
 from continuity.config import ConfigError, load_config
 from continuity.guard import GuardConfig
 from continuity.loop import Progress, StreamInput, TrainingLoop, params_digest
@@ -15,9 +27,6 @@ from continuity.metrics import ServiceMetrics
 from continuity.probe import ProbeConfig, ProbeStore
 from continuity.regression import judge, judge_losses, wilcoxon_one_sided
 from continuity.report import write_markdown
-from learner import Batch, EWCConfig, Learner, LearnerConfig, ModelConfig, ReplayConfig, compilation_count, ewc
-from stream import FeatureSpec, MemoryDeadLetters, Positions, ScenarioSource, make_codec
-from stream.scenarios import make_scenario
 
 FEATURES, B = 6, 16
 
@@ -77,7 +86,7 @@ def test_learner_fits_a_seeded_linear_regression_with_replay_and_ewc_in_one_comp
     assert evaluation.correct is None and evaluation.predicted.dtype == np.float32
     np.testing.assert_allclose(evaluation.loss, (evaluation.predicted - test_y) ** 2, rtol=1e-5)
     with pytest.raises(ValueError, match="undefined for regression"):
-        evaluation.accuracy
+        _ = evaluation.accuracy
 
 
 def test_gaussian_fisher_equals_squared_gradients_of_half_the_squared_error():
@@ -103,10 +112,14 @@ def test_gaussian_fisher_equals_squared_gradients_of_half_the_squared_error():
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: LearnerConfig(task="forecast"),
-         "`learner.task` must be one of 'classification', 'regression'. Got 'forecast'."),
-        (lambda: _regression_config(replay=ReplayConfig(kind="class_balanced", capacity=8)),
-         "`replay.kind` 'class_balanced' shares memory out by class"),
+        (
+            lambda: LearnerConfig(task="forecast"),
+            "`learner.task` must be one of 'classification', 'regression'. Got 'forecast'.",
+        ),
+        (
+            lambda: _regression_config(replay=ReplayConfig(kind="class_balanced", capacity=8)),
+            "`replay.kind` 'class_balanced' shares memory out by class",
+        ),
         (lambda: Learner(_regression_config(), (FEATURES,), 10), "`num_classes` must be None"),
         (lambda: Learner(LearnerConfig(), (FEATURES,), None), "`num_classes` must be an integer >= 2"),
         (lambda: GuardConfig(loss_tolerance=-0.1), "`probe.loss_tolerance` must be a finite number >= 0"),
@@ -212,12 +225,16 @@ def test_config_chooses_regression_and_builds_a_regression_stream_and_learner(tm
 @pytest.mark.parametrize(
     "text, pieces",
     [
-        ('[stream]\nnum_classes = 10\n[learner]\ntask = "regression"\n',
-         ["[stream] num_classes", 'must be left out when learner.task is "regression"', "Got 10"]),
-        ('[learner]\ntask = "regression"\n[replay]\nkind = "class_balanced"\n',
-         ["[replay] kind", "'class_balanced' shares memory out by class"]),
+        (
+            '[stream]\nnum_classes = 10\n[learner]\ntask = "regression"\n',
+            ["[stream] num_classes", 'must be left out when learner.task is "regression"', "Got 10"],
+        ),
+        (
+            '[learner]\ntask = "regression"\n[replay]\nkind = "class_balanced"\n',
+            ["[replay] kind", "'class_balanced' shares memory out by class"],
+        ),
         ('[stream]\nnum_classes = ""\n', ["[stream] num_classes", 'required when learner.task is "classification"']),
-        ('[probe]\nloss_tolerance = -1\n', ["[probe] loss_tolerance", "finite number >= 0"]),
+        ("[probe]\nloss_tolerance = -1\n", ["[probe] loss_tolerance", "finite number >= 0"]),
     ],
 )
 def test_a_contradictory_regression_config_is_a_one_line_error(tmp_path, text, pieces):
@@ -243,15 +260,24 @@ LOOP_GUARD = GuardConfig(every_examples=800)
 
 def _run(scenario, learner, directory, guard=LOOP_GUARD):
     codec = make_codec("binary", FeatureSpec(scenario.example_shape, "float32", None))
-    stream = StreamInput(open_source=lambda positions: ScenarioSource(scenario, codec, start=positions),
-                         codec=codec, dead_letters=MemoryDeadLetters(), quarantine=MemoryDeadLetters())
+    stream = StreamInput(
+        open_source=lambda positions: ScenarioSource(scenario, codec, start=positions),
+        codec=codec,
+        dead_letters=MemoryDeadLetters(),
+        quarantine=MemoryDeadLetters(),
+    )
     store = CheckpointStore(directory)
     loop = TrainingLoop(stream, learner, store, probe=ProbeConfig(holdout_fraction=0.1), guard=guard, seed=0)
     summary = loop.run()
     store.close()
     test_loss = [learner.evaluate(loop.final_state.params, s.test_x, s.test_y).mean_loss for s in scenario.segments]
-    return {"loop": loop, "summary": summary, "ledger": CheckpointStore(directory, create=False).ledger.read(),
-            "test_loss": test_loss, "stream": stream}
+    return {
+        "loop": loop,
+        "summary": summary,
+        "ledger": CheckpointStore(directory, create=False).ledger.read(),
+        "test_loss": test_loss,
+        "stream": stream,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -290,11 +316,16 @@ def test_a_regression_stream_trains_judges_on_losses_and_checkpoints(runs):
 def test_a_restart_restores_the_float32_probe_and_the_state(runs):
     first = runs["clean"]["loop"]
     codec = make_codec("binary", FeatureSpec((8,), "float32", None))
-    stream = StreamInput(open_source=lambda positions: ScenarioSource(runs["scenario"], codec, start=positions),
-                         codec=codec, dead_letters=MemoryDeadLetters(), quarantine=MemoryDeadLetters())
+    stream = StreamInput(
+        open_source=lambda positions: ScenarioSource(runs["scenario"], codec, start=positions),
+        codec=codec,
+        dead_letters=MemoryDeadLetters(),
+        quarantine=MemoryDeadLetters(),
+    )
     store = CheckpointStore(runs["directory"], create=False)
-    second = TrainingLoop(stream, runs["learner"], store, probe=ProbeConfig(holdout_fraction=0.1), guard=LOOP_GUARD,
-                          seed=0)
+    second = TrainingLoop(
+        stream, runs["learner"], store, probe=ProbeConfig(holdout_fraction=0.1), guard=LOOP_GUARD, seed=0
+    )
     state, good = second._restore_or_start()
     saved = store.info(store.last_good()).metadata
     store.close()
@@ -321,16 +352,29 @@ def test_the_guard_quarantines_a_poisoned_regression_segment(runs):
 
 def test_reports_and_metrics_show_losses_for_a_regression_run(runs, tmp_path):
     guarded = runs["guarded"]
-    path = write_markdown(guarded["ledger"], tmp_path / "report.md", title="regression",
-                          summary=guarded["summary"].to_json())
+    path = write_markdown(
+        guarded["ledger"], tmp_path / "report.md", title="regression", summary=guarded["summary"].to_json()
+    )
     text = path.read_text()
     assert "## Probe loss at the last judged window" in text and "region-0 loss " in text
     metrics = ServiceMetrics()
-    metrics.observe(Progress(
-        examples_trained=10, examples_per_second=1.0, lineage_examples=10, rollbacks=0, dead_letters=0,
-        quarantined_records=0, probe_accuracy=None, probe_segments={"region-0": 0.25}, ewc_strength=1.0,
-        checkpoint=1, positions=Positions(), step_seconds=[], probe_loss=0.2,
-    ))
+    metrics.observe(
+        Progress(
+            examples_trained=10,
+            examples_per_second=1.0,
+            lineage_examples=10,
+            rollbacks=0,
+            dead_letters=0,
+            quarantined_records=0,
+            probe_accuracy=None,
+            probe_segments={"region-0": 0.25},
+            ewc_strength=1.0,
+            checkpoint=1,
+            positions=Positions(),
+            step_seconds=[],
+            probe_loss=0.2,
+        )
+    )
     sample = metrics.registry.get_sample_value
     assert sample("continuity_probe_loss", {"segment": "region-0"}) == 0.25
     assert sample("continuity_probe_loss", {"segment": "overall"}) == 0.2
@@ -340,19 +384,36 @@ def test_reports_and_metrics_show_losses_for_a_regression_run(runs, tmp_path):
 def test_progress_summary_and_checkpoint_table_show_the_probe_loss_for_regression():
     import dataclasses
 
+    from continuity.checkpoints import CheckpointInfo
+    from continuity.stream import Positions
+
     from continuity.commands.checkpoints import format_table
     from continuity.loop import Progress, RunSummary
     from continuity.service import format_progress, format_summary
-    from checkpoints import CheckpointInfo
-    from stream import Positions
 
-    progress = Progress(examples_trained=10, examples_per_second=5.0, lineage_examples=10, rollbacks=0,
-                        dead_letters=0, quarantined_records=0, probe_accuracy=None, probe_segments={},
-                        ewc_strength=1.0, checkpoint=3, positions=Positions(), step_seconds=[], probe_loss=0.04125)
+    progress = Progress(
+        examples_trained=10,
+        examples_per_second=5.0,
+        lineage_examples=10,
+        rollbacks=0,
+        dead_letters=0,
+        quarantined_records=0,
+        probe_accuracy=None,
+        probe_segments={},
+        ewc_strength=1.0,
+        checkpoint=3,
+        positions=Positions(),
+        step_seconds=[],
+        probe_loss=0.04125,
+    )
     assert "probe loss 0.04125" in format_progress(progress, None)
     classification = dataclasses.replace(progress, probe_accuracy=0.9, probe_loss=None)
     assert "probe 0.900" in format_progress(classification, None)
     assert "probe loss" in format_summary(RunSummary(probe_loss=0.5))
-    table = format_table([CheckpointInfo(number=1, metadata={"probe": {"loss": 0.25}}, pinned=False, abandoned=False),
-                          CheckpointInfo(number=2, metadata={"probe": {"accuracy": 0.5}}, pinned=False, abandoned=False)])
+    table = format_table(
+        [
+            CheckpointInfo(number=1, metadata={"probe": {"loss": 0.25}}, pinned=False, abandoned=False),
+            CheckpointInfo(number=2, metadata={"probe": {"accuracy": 0.5}}, pinned=False, abandoned=False),
+        ]
+    )
     assert "loss 0.25" in table and "0.5000" in table

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from continuity.replay.state import COUNT_LIMIT
 from scipy.stats import chisquare
 
-import replay
-from replay.state import COUNT_LIMIT
+from continuity import replay
 
 EXAMPLE_SHAPE = (3,)
 NUM_CLASSES = 5
@@ -28,7 +28,7 @@ BATCH = 16
 DRAWS = 512  # one static sample size for the whole module: each new size is a compile
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(kind: str, targets: bool = False):
     """(policy, jitted add, jitted sample) for CAPACITY slots, compiled once for the module.
 
@@ -355,8 +355,10 @@ def test_targets_are_stored_as_float32_and_counted_in_one_bucket(kind):
 @pytest.mark.parametrize("kind", TARGET_KINDS)
 def test_targets_make_the_same_slot_decisions_as_classes(kind):
     """Where an example goes never depends on its label, so both label kinds hold the same ids."""
-    assert held_ids(fill(kind, 6, seed=2, mask_rate=0.3, targets=True)).tolist() == \
-        held_ids(fill(kind, 6, seed=2, mask_rate=0.3)).tolist()
+    assert (
+        held_ids(fill(kind, 6, seed=2, mask_rate=0.3, targets=True)).tolist()
+        == held_ids(fill(kind, 6, seed=2, mask_rate=0.3)).tolist()
+    )
 
 
 @pytest.mark.parametrize("kind", TARGET_KINDS)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from continuity.stream.scenarios import POISON_MODES, REGRESSION_SCENARIOS, SCENARIOS, Segment, make_scenario
 from scipy.ndimage import rotate
-
-from stream.scenarios import POISON_MODES, REGRESSION_SCENARIOS, SCENARIOS, Segment, make_scenario
 
 
 def base_images() -> np.ndarray:
-    from stream.scenarios import _digits
+    from continuity.stream.scenarios import _digits
 
     return _digits()[0]
 
@@ -43,9 +42,19 @@ def test_segments_have_documented_shapes_dtypes_and_ranges(name):
 
 def test_segment_names():
     assert [s.name for s in make_scenario("permuted-digits", segments=3).segments] == ["perm-0", "perm-1", "perm-2"]
-    assert [s.name for s in make_scenario("rotated-digits").segments] == ["rot-0", "rot-36", "rot-72", "rot-108", "rot-144"]
+    assert [s.name for s in make_scenario("rotated-digits").segments] == [
+        "rot-0",
+        "rot-36",
+        "rot-72",
+        "rot-108",
+        "rot-144",
+    ]
     assert [s.name for s in make_scenario("split-digits").segments] == [
-        "classes-0-1", "classes-2-3", "classes-4-5", "classes-6-7", "classes-8-9"
+        "classes-0-1",
+        "classes-2-3",
+        "classes-4-5",
+        "classes-6-7",
+        "classes-8-9",
     ]
 
 
@@ -220,14 +229,18 @@ def test_drifting_regression_has_float_targets_drifting_regions_and_is_seeded():
     again = make_scenario("drifting-regression", seed=1)
     for a, b in zip(scenario.segments, again.segments):
         np.testing.assert_array_equal(a.train_y, b.train_y)
-    assert not np.array_equal(scenario.segments[0].train_y, make_scenario("drifting-regression", seed=2).segments[0].train_y)
+    assert not np.array_equal(
+        scenario.segments[0].train_y, make_scenario("drifting-regression", seed=2).segments[0].train_y
+    )
 
 
 def test_poisoned_regression_segment_reuses_an_earlier_region_with_corrupted_targets():
     """Both modes draw the same inputs: "flip" negates the true targets, "shuffle" permutes them."""
     clean = make_scenario("drifting-regression", seed=0)
-    flipped, shuffled = (make_scenario("drifting-regression", seed=0, poison=3, poison_source=1, poison_mode=mode)
-                         for mode in ("flip", "shuffle"))
+    flipped, shuffled = (
+        make_scenario("drifting-regression", seed=0, poison=3, poison_source=1, poison_mode=mode)
+        for mode in ("flip", "shuffle")
+    )
     source = clean.segments[1]
     for scenario in (flipped, shuffled):
         poisoned = scenario.segments[3]

@@ -13,13 +13,21 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import accepted_chain, record_scenario
+from continuity.checkpoints import CheckpointStore
+from continuity.stream import (
+    FeatureSpec,
+    Positions,
+    ScenarioSource,
+    create_topic,
+    free_port,
+    make_codec,
+    produce_records,
+)
+from continuity.stream.scenarios import make_scenario
 from prometheus_client.parser import text_string_to_metric_families
 
-from checkpoints import CheckpointStore
 from continuity.cli import main
-from conftest import accepted_chain, record_scenario
-from stream import FeatureSpec, Positions, ScenarioSource, create_topic, free_port, make_codec, produce_records
-from stream.scenarios import make_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = FeatureSpec((8, 8, 1), "float32", 10)
@@ -56,8 +64,9 @@ progress_every_s = 1.0
 
 
 def _get(url: str, token: str | None = None, body: dict | None = None):
-    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                     method="GET" if body is None else "POST")
+    request = urllib.request.Request(
+        url, data=None if body is None else json.dumps(body).encode(), method="GET" if body is None else "POST"
+    )
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -92,8 +101,13 @@ def store_head(directory: Path):
 
 def _serve(config: Path) -> subprocess.Popen:
     env = {**os.environ, "TEST_ADMIN_TOKEN": TOKEN, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "continuity.cli", "serve", "--config", str(config)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "continuity.cli", "serve", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _stop(process: subprocess.Popen, timeout_s: float = 20) -> tuple[int, float, str]:
@@ -136,8 +150,12 @@ def test_serve_trains_checkpoints_exposes_metrics_stops_cleanly_and_resumes(brok
         # KafkaSource.rewind; a re-opened one would need to rejoin the group first).
         # More records arrive, so there is something past the rollback however fast the first half went.
         produce_records(broker.bootstrap, topic, (source.encode_record(i) for i in range(half, three_quarters)))
-        _wait(lambda: ((_status(url) or {}).get("checkpoint") or 0) > rolled_back_to, 90,
-              "a checkpoint after the rollback", first)
+        _wait(
+            lambda: ((_status(url) or {}).get("checkpoint") or 0) > rolled_back_to,
+            90,
+            "a checkpoint after the rollback",
+            first,
+        )
     finally:
         status, seconds, err = _stop(first)
     assert status == 0, err[-3000:]
@@ -151,8 +169,15 @@ def test_serve_trains_checkpoints_exposes_metrics_stops_cleanly_and_resumes(brok
     produce_records(broker.bootstrap, topic, (source.encode_record(i) for i in range(three_quarters, len(source))))
     second = _serve(config)
     try:
-        _wait(lambda: any(e["event"] == "accept" and Positions.from_json(e["positions"]).offset(topic, 0) == len(source)
-                          for e in store.ledger.read()), 120, "the whole stream trained", second)
+        _wait(
+            lambda: any(
+                e["event"] == "accept" and Positions.from_json(e["positions"]).offset(topic, 0) == len(source)
+                for e in store.ledger.read()
+            ),
+            120,
+            "the whole stream trained",
+            second,
+        )
     finally:
         status, _, err = _stop(second)
     assert status == 0, err[-3000:]

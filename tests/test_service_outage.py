@@ -14,11 +14,8 @@ import threading
 import time
 
 import numpy as np
-from kafka import KafkaConsumer
-
-from continuity.config import load_config
-from continuity.service import Service
-from stream import (
+from conftest import accepted_chain
+from continuity.stream import (
     EmbeddedBroker,
     FeatureSpec,
     Holdout,
@@ -30,9 +27,12 @@ from stream import (
     make_codec,
     produce_records,
 )
-from stream.scenarios import make_scenario
-from conftest import accepted_chain
+from continuity.stream.scenarios import make_scenario
+from kafka import KafkaConsumer
 from tcp_proxy import TcpProxy
+
+from continuity.config import load_config
+from continuity.service import Service
 
 SPEC = FeatureSpec((8, 8, 1), "float32", 10)
 EXAMPLES_PER_RECORD = 10
@@ -95,9 +95,16 @@ def _take_over_the_group(bootstrap: str, group: str, topic: str, session_timeout
     not (a member cut off for 30 s keeps its generation), so this does it: when the service
     comes back, its generation is gone and its partitions are lost, not revoked.
     """
-    member = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group, client_id="outage-test-member",
-                           enable_auto_commit=False, session_timeout_ms=session_timeout_ms,
-                           heartbeat_interval_ms=1000, max_poll_records=1)
+    member = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        client_id="outage-test-member",
+        enable_auto_commit=False,
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=1000,
+        max_poll_records=1,
+    )
     try:
         deadline = time.monotonic() + 30
         while not member.assignment():
@@ -110,8 +117,9 @@ def _take_over_the_group(bootstrap: str, group: str, topic: str, session_timeout
 def _examples_to_train(records: list[tuple[bytes, bytes]], topic: str, codec, holdout: Holdout) -> int:
     """Examples in `records` (offsets 0..n-1 of partition 0) that are not held out for the probe."""
     n = len(records)
-    run = PartitionRecords(topic, 0, [v for _, v in records], [k for k, _ in records],
-                           np.arange(n, dtype=np.int64), np.zeros(n, np.int64))
+    run = PartitionRecords(
+        topic, 0, [v for _, v in records], [k for k, _ in records], np.arange(n, dtype=np.int64), np.zeros(n, np.int64)
+    )
     block, letters = codec.decode(run)
     assert not letters
     return len(block) - int(holdout.select(block).sum())
@@ -121,8 +129,12 @@ def test_serve_rides_out_a_broker_outage_and_trains_every_record_once(topic_name
     caplog.set_level("INFO", logger="stream.kafka")
     topic = topic_name()
     codec = make_codec("binary", SPEC)
-    scenario = ScenarioSource(make_scenario("permuted-digits", segments=2, seed=3), codec, topic=topic,
-                              examples_per_record=EXAMPLES_PER_RECORD)
+    scenario = ScenarioSource(
+        make_scenario("permuted-digits", segments=2, seed=3),
+        codec,
+        topic=topic,
+        examples_per_record=EXAMPLES_PER_RECORD,
+    )
     records = [scenario.encode_record(i) for i in range(len(scenario))]
     before = len(records) // 2  # produced before the outage; the rest after it
     proxy_port = free_port()
@@ -132,12 +144,19 @@ def test_serve_rides_out_a_broker_outage_and_trains_every_record_once(topic_name
         try:
             create_topic(broker.bootstrap, topic, 1)
             produce_records(broker.bootstrap, topic, records[:before])
-            config = load_config(None, [
-                f'stream.bootstrap="{broker.bootstrap}"', f'stream.topics=["{topic}"]',
-                f'stream.group="{topic}-group"', f'checkpoints.dir="{tmp_path / "run"}"',
-                "model.hidden=[64]", "replay.capacity=256", "probe.every_examples=500",
-                "service.progress_every_s=1.0",
-            ])
+            config = load_config(
+                None,
+                [
+                    f'stream.bootstrap="{broker.bootstrap}"',
+                    f'stream.topics=["{topic}"]',
+                    f'stream.group="{topic}-group"',
+                    f'checkpoints.dir="{tmp_path / "run"}"',
+                    "model.hidden=[64]",
+                    "replay.capacity=256",
+                    "probe.every_examples=500",
+                    "service.progress_every_s=1.0",
+                ],
+            )
             service = Service(config, http=False)
             running = _ServiceThread(service)
             running.thread.start()
@@ -166,8 +185,12 @@ def test_serve_rides_out_a_broker_outage_and_trains_every_record_once(topic_name
             outage_seconds = time.monotonic() - outage_started
 
             proxy.restore()
-            _wait(lambda: _accepted_up_to(ledger.read(), topic) >= len(records), 90,
-                  "every record trained after the broker came back", running)
+            _wait(
+                lambda: _accepted_up_to(ledger.read(), topic) >= len(records),
+                90,
+                "every record trained after the broker came back",
+                running,
+            )
             seconds_to_stop = running.stop(30)
             assert not running.thread.is_alive(), "the service did not stop within 30 s of the stop request"
         finally:
@@ -176,13 +199,16 @@ def test_serve_rides_out_a_broker_outage_and_trains_every_record_once(topic_name
             proxy.cut()
 
     assert running.error is None, repr(running.error)
-    assert any("lost partitions" in r.getMessage() for r in caplog.records), \
+    assert any("lost partitions" in r.getMessage() for r in caplog.records), (
         "the service was never evicted from its group: the test did not reach the case it is for"
+    )
     summary = running.summary
     assert summary.stopped and not summary.halted
     assert summary.dead_letters == 0 and summary.skipped_updates == 0
-    print(f"\nfetched before the cut {fetched_before_cut} of {before} records; {trained_in_outage} examples "
-          f"trained in a {outage_seconds:.1f} s outage; stopped in {seconds_to_stop:.1f} s; {summary.rollbacks} rollbacks")
+    print(
+        f"\nfetched before the cut {fetched_before_cut} of {before} records; {trained_in_outage} examples "
+        f"trained in a {outage_seconds:.1f} s outage; stopped in {seconds_to_stop:.1f} s; {summary.rollbacks} rollbacks"
+    )
 
     # The surviving lineage: accepted windows chained by parent, contiguous from 0 to the end.
     store = service.store
@@ -191,14 +217,17 @@ def test_serve_rides_out_a_broker_outage_and_trains_every_record_once(topic_name
     assert Positions.from_json(chain[0]["from"]).offset(topic, 0) in (None, 0)
     for earlier, later in zip(chain, chain[1:]):
         assert later["from"] == earlier["positions"]
-        assert Positions.from_json(later["positions"]).offset(topic, 0) >= \
-            Positions.from_json(earlier["positions"]).offset(topic, 0)
+        assert Positions.from_json(later["positions"]).offset(topic, 0) >= Positions.from_json(
+            earlier["positions"]
+        ).offset(topic, 0)
     # The final checkpoint is good, stands at the topic's end, and every record was trained
     # exactly once in its lineage: a record trained twice (or lost) changes the example count.
     final = store.info(store.last_good()).metadata
     assert final["status"] == "good"
     assert Positions.from_json(final["positions"]) == Positions({(topic, 0): len(records)})
-    expected = _examples_to_train(records, topic, codec, Holdout(config.probe.holdout_fraction, salt=config.service.seed))
+    expected = _examples_to_train(
+        records, topic, codec, Holdout(config.probe.holdout_fraction, salt=config.service.seed)
+    )
     assert final["lineage_examples"] == expected
     if summary.rollbacks == 0:  # no window retrained after a regression: this run trained each example once
         assert summary.examples_trained == expected

@@ -6,25 +6,57 @@ import json
 
 import numpy as np
 import pytest
+from continuity.stream import Batcher, FeatureSpec, FileSource, Ingest, KafkaSettings, KafkaSource, make_codec
+from continuity.stream.ingest import batches
+from continuity.stream.scenarios import make_scenario
 
 from continuity.cli import main
-from stream import Batcher, FeatureSpec, FileSource, Ingest, KafkaSettings, KafkaSource, make_codec
-from stream.ingest import batches
-from stream.scenarios import make_scenario
 
 
 @pytest.mark.parametrize("codec", ["binary", "json"])
 def test_produce_a_scenario_then_record_and_replay_it(broker, topic_name, tmp_path, capsys, codec):
     topic = topic_name()
-    assert main(["produce", "--bootstrap", broker.bootstrap, "--topic", topic, "--scenario", "split-digits",
-                 "--codec", codec, "--partitions", "1", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "produce",
+                "--bootstrap",
+                broker.bootstrap,
+                "--topic",
+                topic,
+                "--scenario",
+                "split-digits",
+                "--codec",
+                codec,
+                "--partitions",
+                "1",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     scenario = make_scenario("split-digits", seed=3)
     expected_y = np.concatenate([s.train_y for s in scenario.segments])
     assert report["records"] == len(expected_y)
     out = tmp_path / "split.parquet"
-    assert main(["record", "--bootstrap", broker.bootstrap, "--topic", topic, "--out", str(out),
-                 "--from-beginning", "--until-end"]) == 0
+    assert (
+        main(
+            [
+                "record",
+                "--bootstrap",
+                broker.bootstrap,
+                "--topic",
+                topic,
+                "--out",
+                str(out),
+                "--from-beginning",
+                "--until-end",
+            ]
+        )
+        == 0
+    )
     spec = FeatureSpec(scenario.example_shape, "float32", scenario.num_classes)
     for source in (FileSource(out), KafkaSource(KafkaSettings(broker.bootstrap, (topic,)))):
         batcher = Batcher(spec, 64, ownership=source.ownership)
@@ -37,6 +69,22 @@ def test_produce_a_scenario_then_record_and_replay_it(broker, topic_name, tmp_pa
 def test_cli_usage_errors_are_one_line(broker, capsys):
     assert main(["produce", "--bootstrap", broker.bootstrap, "--topic", "t", "--scenario", "no-such"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
-    assert main(["produce", "--bootstrap", broker.bootstrap, "--topic", "t", "--scenario", "split-digits",
-                 "--codec", "json", "--examples-per-record", "4"]) == 2
+    assert (
+        main(
+            [
+                "produce",
+                "--bootstrap",
+                broker.bootstrap,
+                "--topic",
+                "t",
+                "--scenario",
+                "split-digits",
+                "--codec",
+                "json",
+                "--examples-per-record",
+                "4",
+            ]
+        )
+        == 2
+    )
     assert "binary" in capsys.readouterr().err

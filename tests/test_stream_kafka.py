@@ -7,9 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
-from stream import (
+from continuity.stream import (
     Batcher,
     BinaryCodec,
     EmbeddedBroker,
@@ -29,6 +27,7 @@ from stream import (
     read_dead_letters,
     record_topic,
 )
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from tcp_proxy import TcpProxy
 
 SPEC = FeatureSpec((8, 8, 1), "float32", 10)
@@ -38,8 +37,12 @@ ID_SPEC = FeatureSpec((2,), "float32", 10)  # x = [id, id]: lets tests follow ev
 def _produce(bootstrap, topic, values, *, keys=None, partitions=None):
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     for i, value in enumerate(values):
-        producer.send(topic, value=value, key=None if keys is None else keys[i],
-                      partition=None if partitions is None else partitions[i])
+        producer.send(
+            topic,
+            value=value,
+            key=None if keys is None else keys[i],
+            partition=None if partitions is None else partitions[i],
+        )
     producer.flush()
     producer.close()
 
@@ -78,8 +81,10 @@ def test_produce_consume_round_trip(broker, topic_name, codec_cls, per_record):
     if per_record == 1:
         values = [codec.encode(x[i], y[i], segment=f"s{i // 100}") for i in range(200)]
     else:
-        values = [codec.encode(x[i : i + per_record], y[i : i + per_record], segment=f"s{i // 100}")
-                  for i in range(0, 200, per_record)]
+        values = [
+            codec.encode(x[i : i + per_record], y[i : i + per_record], segment=f"s{i // 100}")
+            for i in range(0, 200, per_record)
+        ]
     _produce(broker.bootstrap, topic, values)
     source = KafkaSource(KafkaSettings(broker.bootstrap, (topic,)))
     batcher = Batcher(SPEC, 32, ownership=source.ownership)
@@ -97,8 +102,10 @@ def test_seek_to_saved_positions_resumes_exactly_after_the_last_record(broker, t
     codec = BinaryCodec(ID_SPEC)
     # Partition 0: single-example records; partition 1: records of 10 examples.
     single = [codec.encode(np.array([i, i]), i % 10) for i in range(60)]
-    batched = [codec.encode(np.repeat(np.arange(1000 + j, 1010 + j)[:, None], 2, 1), np.arange(10) % 10)
-               for j in range(0, 60, 10)]
+    batched = [
+        codec.encode(np.repeat(np.arange(1000 + j, 1010 + j)[:, None], 2, 1), np.arange(10) % 10)
+        for j in range(0, 60, 10)
+    ]
     _produce(broker.bootstrap, topic, single + batched, partitions=[0] * 60 + [1] * 6)
     everything = set(range(60)) | set(range(1000, 1060))
     settings = KafkaSettings(broker.bootstrap, (topic,))
@@ -123,8 +130,9 @@ def test_a_group_member_rewinds_in_place_to_saved_positions(broker, topic_name):
     topic = topic_name()
     create_topic(broker.bootstrap, topic, 1)
     codec = BinaryCodec(ID_SPEC)
-    records = [codec.encode(np.repeat(np.arange(10 * j, 10 * j + 10)[:, None], 2, 1), np.arange(10) % 10)
-               for j in range(8)]
+    records = [
+        codec.encode(np.repeat(np.arange(10 * j, 10 * j + 10)[:, None], 2, 1), np.arange(10) % 10) for j in range(8)
+    ]
     _produce(broker.bootstrap, topic, records)
     source = KafkaSource(KafkaSettings(broker.bootstrap, (topic,), group_id="rewind", session_timeout_ms=6000))
     batcher = Batcher(ID_SPEC, 16, ownership=source.ownership)
@@ -150,8 +158,12 @@ def test_two_consumers_in_a_group_split_partitions_without_loss_or_duplicates(br
     create_topic(broker.bootstrap, topic, 4)
     codec = BinaryCodec(ID_SPEC)
     n = 4000
-    _produce(broker.bootstrap, topic, [codec.encode(np.array([i, i]), i % 10) for i in range(n)],
-             partitions=[i % 4 for i in range(n)])
+    _produce(
+        broker.bootstrap,
+        topic,
+        [codec.encode(np.array([i, i]), i % 10) for i in range(n)],
+        partitions=[i % 4 for i in range(n)],
+    )
     settings = KafkaSettings(broker.bootstrap, (topic,), group_id=f"g-{topic}", max_poll_records=50)
     consumers = []
 
@@ -179,7 +191,7 @@ def test_two_consumers_in_a_group_split_partitions_without_loss_or_duplicates(br
                 mine.extend(ids)
                 delivered.extend(ids)
                 source.commit(batch.positions)
-    for source, ingest, _, _ in consumers:
+    for _, ingest, _, _ in consumers:
         ingest.stop()
     a, b = consumers[0][3], consumers[1][3]
     assert len(delivered) == n and sorted(delivered) == list(range(n))  # no loss, no duplicate
@@ -197,10 +209,15 @@ def test_source_recovers_from_a_cut_connection_and_delivers_every_record_once(to
             topic = topic_name()
             create_topic(direct.bootstrap, topic, 2)
             codec = BinaryCodec(ID_SPEC)
-            _produce(direct.bootstrap, topic, [codec.encode(np.array([i, i]), i % 10) for i in range(1500)],
-                     partitions=[i % 2 for i in range(1500)])
-            settings = KafkaSettings(direct.bootstrap, (topic,), max_poll_records=100, request_timeout_ms=5000,
-                                     reconnect_backoff_max_ms=500)
+            _produce(
+                direct.bootstrap,
+                topic,
+                [codec.encode(np.array([i, i]), i % 10) for i in range(1500)],
+                partitions=[i % 2 for i in range(1500)],
+            )
+            settings = KafkaSettings(
+                direct.bootstrap, (topic,), max_poll_records=100, request_timeout_ms=5000, reconnect_backoff_max_ms=500
+            )
             source = KafkaSource(settings)
             batcher = Batcher(ID_SPEC, 50, ownership=source.ownership)
             with Ingest(source, codec, queue_blocks=2) as ingest:
@@ -210,8 +227,12 @@ def test_source_recovers_from_a_cut_connection_and_delivers_every_record_once(to
                 more = _collect(ingest, batcher, 10**6, timeout_s=0.5)  # whatever was already queued
                 got += _ids(more)
                 proxy.restore()
-                _produce(direct.bootstrap, topic, [codec.encode(np.array([i, i]), i % 10) for i in range(1500, 2000)],
-                         partitions=[i % 2 for i in range(1500, 2000)])
+                _produce(
+                    direct.bootstrap,
+                    topic,
+                    [codec.encode(np.array([i, i]), i % 10) for i in range(1500, 2000)],
+                    partitions=[i % 2 for i in range(1500, 2000)],
+                )
                 got += _ids(_collect(ingest, batcher, 2000 - len(got), timeout_s=40))
         finally:
             proxy.cut()
@@ -238,7 +259,7 @@ def test_bad_records_go_to_the_dead_letter_topic_and_file_good_ones_are_delivere
         "bad JSON": b'{"x": [',
     }
     values = []
-    for kind, value in bad.items():
+    for value in bad.values():
         values.append(codec.encode(good, len(values) % 10))
         values.append(value)
     values.append(codec.encode(good, 3))
@@ -265,8 +286,16 @@ def test_bad_records_go_to_the_dead_letter_topic_and_file_good_ones_are_delivere
     json_topic = topic_name("-json")
     create_topic(broker.bootstrap, json_topic, 1)
     json_codec = JsonCodec(SPEC)
-    json_values = [json_codec.encode(good, 1), b"", b'{"x": [', json_codec.encode(good, 11),
-                   json_codec.encode(nan, 1), b"\xff", json_codec.encode(np.zeros(3), 1), json_codec.encode(good, 2)]
+    json_values = [
+        json_codec.encode(good, 1),
+        b"",
+        b'{"x": [',
+        json_codec.encode(good, 11),
+        json_codec.encode(nan, 1),
+        b"\xff",
+        json_codec.encode(np.zeros(3), 1),
+        json_codec.encode(good, 2),
+    ]
     _produce(broker.bootstrap, json_topic, json_values)
     sink = JsonLinesDeadLetters(tmp_path / "dead.jsonl")
     source = KafkaSource(KafkaSettings(broker.bootstrap, (json_topic,)))
@@ -278,27 +307,58 @@ def test_bad_records_go_to_the_dead_letter_topic_and_file_good_ones_are_delivere
     rows = read_dead_letters(tmp_path / "dead.jsonl")
     assert [r["offset"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [r["reason"].split(":")[0] for r in rows] == [
-        "empty value", "bad JSON", "label out of range", "non-finite", "bad bytes", "bad shape"]
+        "empty value",
+        "bad JSON",
+        "label out of range",
+        "non-finite",
+        "bad bytes",
+        "bad shape",
+    ]
 
 
 def test_record_then_file_source_gives_the_same_records_positions_and_order(broker, topic_name, tmp_path):
     topic = topic_name()
     create_topic(broker.bootstrap, topic, 3)
     values = [f"value-{i}".encode() for i in range(900)]
-    _produce(broker.bootstrap, topic, values, keys=[f"k{i}".encode() for i in range(900)],
-             partitions=[i % 3 for i in range(900)])
+    _produce(
+        broker.bootstrap,
+        topic,
+        values,
+        keys=[f"k{i}".encode() for i in range(900)],
+        partitions=[i % 3 for i in range(900)],
+    )
     from continuity.cli import main
 
     out = tmp_path / "stream.parquet"
-    assert main(["record", "--bootstrap", broker.bootstrap, "--topic", topic, "--out", str(out),
-                 "--from-beginning", "--until-end"]) == 0
+    assert (
+        main(
+            [
+                "record",
+                "--bootstrap",
+                broker.bootstrap,
+                "--topic",
+                topic,
+                "--out",
+                str(out),
+                "--from-beginning",
+                "--until-end",
+            ]
+        )
+        == 0
+    )
     import pyarrow.parquet as pq
 
     table = pq.read_table(out)
     assert table.num_rows == 900
-    rows = list(zip(table.column("partition").to_pylist(), table.column("offset").to_pylist(),
-                    table.column("key").to_pylist(), table.column("value").to_pylist(),
-                    table.column("timestamp_ms").to_pylist()))
+    rows = list(
+        zip(
+            table.column("partition").to_pylist(),
+            table.column("offset").to_pylist(),
+            table.column("key").to_pylist(),
+            table.column("value").to_pylist(),
+            table.column("timestamp_ms").to_pylist(),
+        )
+    )
     # Against Kafka itself: every record, with its position, key, value and timestamp.
     check = KafkaConsumer(bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=3000)
     check.assign([TopicPartition(topic, p) for p in range(3)])
@@ -309,12 +369,18 @@ def test_record_then_file_source_gives_the_same_records_positions_and_order(brok
     replayed = []
     while not source.finished:
         for run in source.poll():
-            replayed.extend((run.partition, int(o), k, v, int(t))
-                            for o, k, v, t in zip(run.offsets, run.keys, run.values, run.timestamps_ms))
+            replayed.extend(
+                (run.partition, int(o), k, v, int(t))
+                for o, k, v, t in zip(run.offsets, run.keys, run.values, run.timestamps_ms)
+            )
     assert replayed == rows  # same order as recorded
     # --max-records with the Python API
-    assert record_topic(KafkaSettings(broker.bootstrap, (topic,)), tmp_path / "part.parquet",
-                        from_beginning=True, max_records=10) == 10
+    assert (
+        record_topic(
+            KafkaSettings(broker.bootstrap, (topic,)), tmp_path / "part.parquet", from_beginning=True, max_records=10
+        )
+        == 10
+    )
 
 
 def test_unreachable_broker_is_retried_with_backoff_without_crashing(caplog):

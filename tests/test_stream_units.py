@@ -8,8 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from stream import (
+from continuity.stream import (
     NO_SEGMENT,
     Batcher,
     BinaryCodec,
@@ -30,7 +29,7 @@ from stream import (
     encode_json,
     read_dead_letters,
 )
-from stream.ingest import Ingest, batches
+from continuity.stream.ingest import Ingest, batches
 
 SPEC = FeatureSpec((8, 8, 1), "float32", 10)
 
@@ -222,8 +221,16 @@ def test_holdout_is_deterministic_and_close_to_its_fraction():
 
 
 def test_settings_never_show_secrets():
-    settings = KafkaSettings("h:1", ("t",), security={"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
-                                                       "sasl_plain_username": "u", "sasl_plain_password": "hunter2"})
+    settings = KafkaSettings(
+        "h:1",
+        ("t",),
+        security={
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "PLAIN",
+            "sasl_plain_username": "u",
+            "sasl_plain_password": "hunter2",
+        },
+    )
     assert "hunter2" not in repr(settings) and "***" in repr(settings)
     with pytest.raises(KafkaSourceError, match="unknown security option"):
         KafkaSettings("h:1", ("t",), security={"sasl_password": "x"})
@@ -236,8 +243,11 @@ def test_file_source_bounded_reads_and_seek(tmp_path):
     with RecordingWriter(path, row_group_records=16) as writer:
         for lo in range(0, 100, 10):  # interleave two partitions
             part = (lo // 10) % 2
-            writer.write(_records([codec.encode(x[i], y[i]) for i in range(lo, lo + 10)], partition=part,
-                                  first_offset=lo // 20 * 10))
+            writer.write(
+                _records(
+                    [codec.encode(x[i], y[i]) for i in range(lo, lo + 10)], partition=part, first_offset=lo // 20 * 10
+                )
+            )
     source = FileSource(path, read_rows=7)
     runs = []
     while not source.finished:
@@ -256,8 +266,12 @@ def test_file_source_bounded_reads_and_seek(tmp_path):
 def _fake_scenario():
     rng = np.random.default_rng(3)
     segments = tuple(
-        SimpleNamespace(name=f"task{s}", train_x=rng.random((25, 8, 8, 1), dtype=np.float32),
-                        train_y=rng.integers(0, 10, 25).astype(np.int32), poisoned=False)
+        SimpleNamespace(
+            name=f"task{s}",
+            train_x=rng.random((25, 8, 8, 1), dtype=np.float32),
+            train_y=rng.integers(0, 10, 25).astype(np.int32),
+            poisoned=False,
+        )
         for s in range(3)
     )
     return SimpleNamespace(name="fake", segments=segments, num_classes=10, example_shape=(8, 8, 1), seed=3)

@@ -6,10 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks import STRATEGIES
+from continuity.benchmarks import STRATEGIES
 from continuity.commands.arguments import positive_int
 from continuity.commands.ingest import add_ingest_parser
-from stream.scenarios import GUARD_EVERY_EXAMPLES, SCENARIOS
+from continuity.stream.scenarios import GUARD_EVERY_EXAMPLES, SCENARIOS
 
 
 def register(subparsers) -> None:
@@ -24,11 +24,16 @@ def register(subparsers) -> None:
     cl.add_argument("--passes", type=positive_int, default=1, help="epochs over each segment (default 1)")
     cl.add_argument("--segments", type=positive_int, default=None, help="number of segments (scenario default)")
     cl.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
-    cl.add_argument("--replay-capacity", type=positive_int, default=None,
-                    help="replay buffer size for replay strategies (default 200)")
+    cl.add_argument(
+        "--replay-capacity",
+        type=positive_int,
+        default=None,
+        help="replay buffer size for replay strategies (default 200)",
+    )
     cl.add_argument("--replay-kind", choices=("reservoir", "class_balanced", "fifo"), default="reservoir")
-    cl.add_argument("--ewc-strength", type=float, default=None,
-                    help="EWC lambda (default 1000 for ewc, 10 for ewc+replay)")
+    cl.add_argument(
+        "--ewc-strength", type=float, default=None, help="EWC lambda (default 1000 for ewc, 10 for ewc+replay)"
+    )
     cl.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the result here")
     cl.set_defaults(handler=run_cl)
 
@@ -42,21 +47,38 @@ def register(subparsers) -> None:
 
     guard = kinds.add_parser("guard", help="a poisoned stream through the loop: clean vs unguarded vs guarded")
     guard.add_argument("--scenario", choices=SCENARIOS, default="permuted-digits")
-    guard.add_argument("--poison", type=positive_int, default=5, metavar="SEGMENT",
-                       help="index of the segment a broken labeler replaces (default 5, the last of 6)")
+    guard.add_argument(
+        "--poison",
+        type=positive_int,
+        default=5,
+        metavar="SEGMENT",
+        help="index of the segment a broken labeler replaces (default 5, the last of 6)",
+    )
     guard.add_argument("--segments", type=positive_int, default=6)
     guard.add_argument("--seed", type=int, default=0)
-    guard.add_argument("--every-examples", type=positive_int, default=GUARD_EVERY_EXAMPLES, metavar="N",
-                       help=f"judge every N trained examples (default {GUARD_EVERY_EXAMPLES:,}: the digits' segments "
-                            f"last ~1,400)")
+    guard.add_argument(
+        "--every-examples",
+        type=positive_int,
+        default=GUARD_EVERY_EXAMPLES,
+        metavar="N",
+        help=f"judge every N trained examples (default {GUARD_EVERY_EXAMPLES:,}: the digits' segments last ~1,400)",
+    )
     guard.add_argument("--json", type=Path, default=None, metavar="PATH")
     guard.set_defaults(handler=run_guard)
 
-    pipeline = kinds.add_parser("pipeline", help="examples/s through serve vs the ingest and compute limits; RSS growth")
+    pipeline = kinds.add_parser(
+        "pipeline", help="examples/s through serve vs the ingest and compute limits; RSS growth"
+    )
     pipeline.add_argument("--examples", type=positive_int, default=1_000_000)
     pipeline.add_argument("--json", type=Path, default=None, metavar="PATH")
-    pipeline.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                          help="override the service config, e.g. --set probe.every_examples=1000000 (guard off)")
+    pipeline.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override the service config, e.g. --set probe.every_examples=1000000 (guard off)",
+    )
     pipeline.set_defaults(handler=run_pipeline)
 
     add_ingest_parser(kinds)
@@ -75,11 +97,10 @@ def _progress(message: str) -> None:
 
 
 def run_cl(args) -> int:
-    from benchmarks.continual import DEFAULT_REPLAY_CAPACITY, format_result, run_continual, strategy_config
-    from learner import LearnerConfig, ModelConfig
-    from stream.scenarios import make_scenario
-
+    from continuity.benchmarks.continual import DEFAULT_REPLAY_CAPACITY, format_result, run_continual, strategy_config
     from continuity.errors import UsageError
+    from continuity.learner import LearnerConfig, ModelConfig
+    from continuity.stream.scenarios import make_scenario
 
     try:
         scenario = make_scenario(args.scenario, seed=args.seed, segments=args.segments)
@@ -92,18 +113,20 @@ def run_cl(args) -> int:
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
-    result = run_continual(scenario, args.strategy, seed=args.seed, passes=args.passes, config=config,
-                           progress=_progress)
+    result = run_continual(
+        scenario, args.strategy, seed=args.seed, passes=args.passes, config=config, progress=_progress
+    )
     print(format_result(result))
     _write_json(args.json, result)
     return 0
 
 
 def run_step(args) -> int:
-    from benchmarks.step import run_step_benchmark
+    from continuity.benchmarks.step import run_step_benchmark
 
-    result = run_step_benchmark(batch_size=args.batch_size, replay_batch_size=args.replay_batch_size,
-                                steps=args.steps, repeats=args.repeats)
+    result = run_step_benchmark(
+        batch_size=args.batch_size, replay_batch_size=args.replay_batch_size, steps=args.steps, repeats=args.repeats
+    )
     print(
         f"batch {result['batch_size']}: plain step {result['plain_samples_per_second']:,.0f} samples/s, "
         f"continual step (replay + EWC) {result['continual_samples_per_second']:,.0f} samples/s, "
@@ -116,16 +139,16 @@ def run_step(args) -> int:
 def run_guard(args) -> int:
     from dataclasses import replace
 
-    from benchmarks.guard import DIGITS_GUARD, format_result, run_guard_benchmark
-
+    from continuity.benchmarks.guard import DIGITS_GUARD, format_result, run_guard_benchmark
     from continuity.errors import UsageError
 
     if args.poison >= args.segments:
         raise UsageError(f"--poison must name a segment below --segments ({args.segments}). Got {args.poison}.")
     guard = replace(DIGITS_GUARD, every_examples=args.every_examples)
     try:
-        result = run_guard_benchmark(args.scenario, poison=args.poison, seed=args.seed, segments=args.segments,
-                                     guard=guard)
+        result = run_guard_benchmark(
+            args.scenario, poison=args.poison, seed=args.seed, segments=args.segments, guard=guard
+        )
     except ValueError as error:
         raise UsageError(str(error)) from None
     print(format_result(result))
@@ -134,7 +157,7 @@ def run_guard(args) -> int:
 
 
 def run_pipeline(args) -> int:
-    from benchmarks.pipeline import format_result, run_pipeline_benchmark
+    from continuity.benchmarks.pipeline import format_result, run_pipeline_benchmark
 
     result = run_pipeline_benchmark(examples=args.examples, progress=_progress, overrides=tuple(args.overrides))
     print(format_result(result))

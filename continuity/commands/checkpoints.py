@@ -48,22 +48,45 @@ def register(subparsers) -> None:
     export.set_defaults(handler=run_export)
 
     rollback = subparsers.add_parser(
-        "rollback", help="roll a running service back (--url), or make a good checkpoint the one the next start "
-                         "restores (--dir)")
-    rollback.add_argument("--dir", type=Path, metavar="DIR",
-                          help="the checkpoint store directory; with --url, the fallback when no service runs")
-    rollback.add_argument("--url", metavar="URL",
-                          help="a running service's HTTP address (e.g. http://127.0.0.1:8080): ask it first")
-    rollback.add_argument("--config", metavar="FILE",
-                          help="the service's config: its [service] http_host/http_port give --url, its admin "
-                               "token the token, its [checkpoints] dir the --dir (explicit options win)")
-    rollback.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
-                          help="override one config value (repeatable)")
-    rollback.add_argument("--token-env", default=DEFAULT_TOKEN_ENV, metavar="VAR",
-                          help=f"environment variable holding the admin token (default {DEFAULT_TOKEN_ENV}); "
-                               "never given on the command line")
-    rollback.add_argument("--timeout", type=_positive_seconds, default=30.0, metavar="SECONDS",
-                          help="how long to wait for the service to finish the rollback (default 30)")
+        "rollback",
+        help="roll a running service back (--url), or make a good checkpoint the one the next start restores (--dir)",
+    )
+    rollback.add_argument(
+        "--dir",
+        type=Path,
+        metavar="DIR",
+        help="the checkpoint store directory; with --url, the fallback when no service runs",
+    )
+    rollback.add_argument(
+        "--url", metavar="URL", help="a running service's HTTP address (e.g. http://127.0.0.1:8080): ask it first"
+    )
+    rollback.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the service's config: its [service] http_host/http_port give --url, its admin "
+        "token the token, its [checkpoints] dir the --dir (explicit options win)",
+    )
+    rollback.add_argument(
+        "--set",
+        action="append",
+        default=None,
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable)",
+    )
+    rollback.add_argument(
+        "--token-env",
+        default=DEFAULT_TOKEN_ENV,
+        metavar="VAR",
+        help=f"environment variable holding the admin token (default {DEFAULT_TOKEN_ENV}); "
+        "never given on the command line",
+    )
+    rollback.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the service to finish the rollback (default 30)",
+    )
     target = rollback.add_mutually_exclusive_group(required=True)
     target.add_argument("--to", type=_checkpoint_number, metavar="STEP", help="this checkpoint (must be good)")
     target.add_argument("--last-good", action="store_true", help="the newest good checkpoint not abandoned")
@@ -100,7 +123,7 @@ def _checkpoint_number(text: str) -> int:
 
 def open_store(directory: Path):
     """The store at `directory` for a command: never created, errors as UsageError."""
-    from checkpoints import CheckpointNotFoundError, CheckpointStore
+    from continuity.checkpoints import CheckpointNotFoundError, CheckpointStore
 
     try:
         return CheckpointStore(directory, create=False)
@@ -117,7 +140,7 @@ def _require_checkpoints(store) -> None:
 
 def _call(function, *args, **kwargs):
     """Runs a store operation, turning what a user can fix into one-line UsageErrors."""
-    from checkpoints import CheckpointNotFoundError, CorruptCheckpointError
+    from continuity.checkpoints import CheckpointNotFoundError, CorruptCheckpointError
 
     try:
         return function(*args, **kwargs)
@@ -142,8 +165,14 @@ def format_positions(positions) -> str:
     elif isinstance(positions, list):
         for entry in positions:
             if isinstance(entry, dict):
-                entries.append((str(entry.get("topic", "?")), str(entry.get("partition", "?")),
-                                entry.get("offset", "?"), entry.get("skip", 0)))
+                entries.append(
+                    (
+                        str(entry.get("topic", "?")),
+                        str(entry.get("partition", "?")),
+                        entry.get("offset", "?"),
+                        entry.get("skip", 0),
+                    )
+                )
             elif isinstance(entry, (list, tuple)) and len(entry) >= 3:
                 entries.append((str(entry[0]), str(entry[1]), entry[2], 0))
     parts = []
@@ -176,8 +205,14 @@ def _status(info) -> str:
 
 
 def _info_json(info) -> dict:
-    return {"checkpoint": info.number, "status": info.status, "pinned": info.pinned,
-            "abandoned": info.abandoned, "head": info.head, "metadata": info.metadata}
+    return {
+        "checkpoint": info.number,
+        "status": info.status,
+        "pinned": info.pinned,
+        "abandoned": info.abandoned,
+        "head": info.head,
+        "metadata": info.metadata,
+    }
 
 
 def format_table(infos) -> str:
@@ -185,15 +220,17 @@ def format_table(infos) -> str:
     rows = [header]
     for info in infos:
         step = info.metadata.get("learner_step")
-        rows.append((
-            str(info.number),
-            "-" if step is None else str(step),
-            _saved_time(info.metadata),
-            format_positions(info.metadata.get("positions")),
-            _probe_figure(info.metadata),
-            _status(info),
-            "yes" if info.pinned else "",
-        ))
+        rows.append(
+            (
+                str(info.number),
+                "-" if step is None else str(step),
+                _saved_time(info.metadata),
+                format_positions(info.metadata.get("positions")),
+                _probe_figure(info.metadata),
+                _status(info),
+                "yes" if info.pinned else "",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
@@ -273,17 +310,26 @@ def run_rollback(args) -> int:
         config_token = service.admin_token
     if url:
         token = os.environ.get(args.token_env) or config_token  # never from argv: it shows up in `ps`
-        done = rollback_via_service(url, to=args.to, last_good=args.last_good, reason=args.reason,
-                                    token=token, token_env=args.token_env, timeout_s=args.timeout)
+        done = rollback_via_service(
+            url,
+            to=args.to,
+            last_good=args.last_good,
+            reason=args.reason,
+            token=token,
+            token_env=args.token_env,
+            timeout_s=args.timeout,
+        )
         if done:
             return 0
         if directory is None:
-            raise UsageError(f"no service is running at {url}; pass --dir DIR to roll back the checkpoint "
-                             "directory instead")
+            raise UsageError(
+                f"no service is running at {url}; pass --dir DIR to roll back the checkpoint directory instead"
+            )
         print(f"no service is running at {url}; rolling back the checkpoint directory {directory} instead")
     elif directory is None:
-        raise UsageError("rollback needs --url URL or --config FILE (a running service), or --dir DIR "
-                         "(a checkpoint directory)")
+        raise UsageError(
+            "rollback needs --url URL or --config FILE (a running service), or --dir DIR (a checkpoint directory)"
+        )
     return rollback_in_directory(directory, to=args.to, last_good=args.last_good, reason=args.reason)
 
 
@@ -296,14 +342,14 @@ def _client_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def rollback_via_service(url: str, *, to: int | None, last_good: bool, reason: str, token: str | None,
-                         token_env: str, timeout_s: float) -> bool:
+def rollback_via_service(
+    url: str, *, to: int | None, last_good: bool, reason: str, token: str | None, token_env: str, timeout_s: float
+) -> bool:
     """Ask the service at `url` to roll back. True when it did; False when none runs there."""
     from continuity.http import AdminRequestError, AdminTimeout, ServiceUnreachable, rollback_over_http
 
     try:
-        answer = rollback_over_http(url, to=to, last_good=last_good, token=token, reason=reason,
-                                    timeout_s=timeout_s)
+        answer = rollback_over_http(url, to=to, last_good=last_good, token=token, reason=reason, timeout_s=timeout_s)
     except ServiceUnreachable:
         return False
     except ValueError as error:  # a malformed URL
@@ -322,8 +368,9 @@ def rollback_via_service(url: str, *, to: int | None, last_good: bool, reason: s
     return True
 
 
-def rollback_in_directory(directory: Path, to: int | None = None, last_good: bool = False,
-                          reason: str = "manual rollback") -> int:
+def rollback_in_directory(
+    directory: Path, to: int | None = None, last_good: bool = False, reason: str = "manual rollback"
+) -> int:
     """Sets the head of the store at `directory` and says what the next start restores."""
     if (to is None) == (not last_good):
         raise UsageError("rollback needs exactly one of --to STEP or --last-good")

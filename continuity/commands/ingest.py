@@ -22,14 +22,30 @@ def register(subparsers) -> None:
     produce.add_argument("--topic", required=True)
     produce.add_argument("--scenario", required=True, metavar="NAME")
     produce.add_argument("--codec", choices=("json", "binary"), default="binary", help="wire format (default binary)")
-    produce.add_argument("--rate", type=rate, default=None, metavar="N/s",
-                         help="records per second (default: as fast as possible); '200/s' or '200'")
-    produce.add_argument("--poison", type=int, default=None, metavar="SEGMENT",
-                         help="index k >= 1 of a segment to replace by a broken-labeler copy of segment 0")
+    produce.add_argument(
+        "--rate",
+        type=rate,
+        default=None,
+        metavar="N/s",
+        help="records per second (default: as fast as possible); '200/s' or '200'",
+    )
+    produce.add_argument(
+        "--poison",
+        type=int,
+        default=None,
+        metavar="SEGMENT",
+        help="index k >= 1 of a segment to replace by a broken-labeler copy of segment 0",
+    )
     produce.add_argument("--seed", type=int, default=0)
-    produce.add_argument("--partitions", type=positive_int, default=1, help="partitions when creating the topic (default 1)")
-    produce.add_argument("--examples-per-record", type=positive_int, default=1,
-                         help="examples per record; > 1 needs --codec binary (default 1)")
+    produce.add_argument(
+        "--partitions", type=positive_int, default=1, help="partitions when creating the topic (default 1)"
+    )
+    produce.add_argument(
+        "--examples-per-record",
+        type=positive_int,
+        default=1,
+        help="examples per record; > 1 needs --codec binary (default 1)",
+    )
     produce.set_defaults(handler=run_produce)
 
     record = subparsers.add_parser("record", help="record a topic's raw records to a Parquet file")
@@ -54,8 +70,9 @@ def add_ingest_parser(bench_subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--examples-per-record", type=positive_int, default=256)
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--repeats", type=positive_int, default=3)
-    parser.add_argument("--bootstrap", default=None, metavar="HOST:PORT",
-                        help="an existing broker (default: start the embedded one)")
+    parser.add_argument(
+        "--bootstrap", default=None, metavar="HOST:PORT", help="an existing broker (default: start the embedded one)"
+    )
     parser.set_defaults(handler=run_bench_ingest)
     return parser
 
@@ -71,7 +88,7 @@ def _err(message: str) -> None:
 
 
 def run_broker(args) -> int:
-    from stream.broker import BrokerError, EmbeddedBroker, answers_metadata
+    from continuity.stream.broker import BrokerError, EmbeddedBroker, answers_metadata
 
     if answers_metadata(args.host, args.port, timeout_s=0.3):
         raise UsageError(f"something already answers Kafka requests on {args.host}:{args.port}; choose another --port")
@@ -86,49 +103,69 @@ def run_broker(args) -> int:
 
 
 def run_produce(args) -> int:
-    from stream.codecs import CodecError, FeatureSpec, make_codec
-    from stream.kafka import create_topic, produce_records
-    from stream.sources import ScenarioSource, SourceError
-
     from kafka.errors import KafkaError
 
+    from continuity.stream.codecs import CodecError, FeatureSpec, make_codec
+    from continuity.stream.kafka import create_topic, produce_records
+    from continuity.stream.sources import ScenarioSource, SourceError
+
     try:
-        from stream.scenarios import make_scenario
+        from continuity.stream.scenarios import make_scenario
 
         scenario = make_scenario(args.scenario, seed=args.seed, poison=args.poison)
         spec = FeatureSpec(tuple(scenario.example_shape), "float32", int(scenario.num_classes))
-        source = ScenarioSource(scenario, make_codec(args.codec, spec), topic=args.topic,
-                                examples_per_record=args.examples_per_record)
+        source = ScenarioSource(
+            scenario, make_codec(args.codec, spec), topic=args.topic, examples_per_record=args.examples_per_record
+        )
     except (ValueError, KeyError, SourceError, CodecError) as error:
         raise UsageError(str(error).strip("'\"")) from None
     try:
         created = create_topic(args.bootstrap, args.topic, args.partitions)
     except KafkaError as error:
-        raise UsageError(f"cannot reach Kafka at {args.bootstrap} ({type(error).__name__}); is the broker running?") from None
+        raise UsageError(
+            f"cannot reach Kafka at {args.bootstrap} ({type(error).__name__}); is the broker running?"
+        ) from None
     total = len(source)
-    _err(f"{'created' if created else 'using existing'} topic {args.topic!r}; "
-         f"producing {total} {args.codec} records of scenario {scenario.name!r} "
-         f"({len(scenario.segments)} segments)")
+    _err(
+        f"{'created' if created else 'using existing'} topic {args.topic!r}; "
+        f"producing {total} {args.codec} records of scenario {scenario.name!r} "
+        f"({len(scenario.segments)} segments)"
+    )
 
     def progress(sent: int) -> None:
         _err(f"  {sent}/{total} records")
 
     records = (source.encode_record(i) for i in range(total))
     try:
-        sent = produce_records(args.bootstrap, args.topic, records, rate=args.rate, progress=progress,
-                               progress_every=max(1000, total // 10))
+        sent = produce_records(
+            args.bootstrap,
+            args.topic,
+            records,
+            rate=args.rate,
+            progress=progress,
+            progress_every=max(1000, total // 10),
+        )
     except KafkaError as error:
         raise UsageError(f"producing to {args.bootstrap} failed ({type(error).__name__}: {error})") from None
-    print(json.dumps({"topic": args.topic, "records": sent, "codec": args.codec, "scenario": scenario.name,
-                      "segments": [s.name for s in scenario.segments]}))
+    print(
+        json.dumps(
+            {
+                "topic": args.topic,
+                "records": sent,
+                "codec": args.codec,
+                "scenario": scenario.name,
+                "segments": [s.name for s in scenario.segments],
+            }
+        )
+    )
     return 0
 
 
 def run_record(args) -> int:
-    from stream.kafka import KafkaSettings, KafkaSourceError
-    from stream.recording import record_topic
-
     from kafka.errors import KafkaError
+
+    from continuity.stream.kafka import KafkaSettings, KafkaSourceError
+    from continuity.stream.recording import record_topic
 
     if not args.until_end and args.max_records is None:
         _err("recording until Ctrl-C (use --until-end or --max-records N to stop by itself)")
@@ -145,13 +182,15 @@ def run_record(args) -> int:
     except KafkaSourceError as error:
         raise UsageError(str(error)) from None
     except KafkaError as error:
-        raise UsageError(f"cannot read {args.topic!r} from {args.bootstrap} ({type(error).__name__}: {error})") from None
+        raise UsageError(
+            f"cannot read {args.topic!r} from {args.bootstrap} ({type(error).__name__}: {error})"
+        ) from None
     print(json.dumps({"out": str(args.out), "records": written}))
     return 0
 
 
 def run_bench_ingest(args) -> int:
-    from benchmarks.ingest import format_result, run_ingest_benchmark
+    from continuity.benchmarks.ingest import format_result, run_ingest_benchmark
 
     result = run_ingest_benchmark(
         records=args.records,

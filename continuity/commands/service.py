@@ -22,22 +22,35 @@ def register(subparsers) -> None:
     replay = subparsers.add_parser("replay", help="run a recorded stream (Parquet) through the same loop")
     replay.add_argument("recording", type=Path, metavar="FILE", help="a recording made by `continuity record`")
     add_config_arguments(replay)
-    replay.add_argument("--out", type=Path, default=None, metavar="DIR",
-                        help="checkpoint directory (default: [checkpoints] dir of the config)")
+    replay.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="checkpoint directory (default: [checkpoints] dir of the config)",
+    )
     replay.set_defaults(handler=run_replay)
 
     demo = subparsers.add_parser("demo", help="the whole idea in a minute: a poisoned drifting stream, guarded")
-    demo.add_argument("--out", type=Path, default=Path("demo-out"), metavar="DIR",
-                      help="where the checkpoints and report go (default demo-out)")
-    demo.add_argument("--seconds", type=positive_int, default=300,
-                      help="stop the service after this long even if the stream is not finished (default 300)")
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo-out"),
+        metavar="DIR",
+        help="where the checkpoints and report go (default demo-out)",
+    )
+    demo.add_argument(
+        "--seconds",
+        type=positive_int,
+        default=300,
+        help="stop the service after this long even if the stream is not finished (default 300)",
+    )
     demo.add_argument("--segments", type=positive_int, default=6, help="permuted-digits segments (default 6)")
     demo.set_defaults(handler=run_demo)
 
 
 def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("kafka", "absl", "jax"):  # their INFO lines would drown the progress report
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -54,8 +67,12 @@ def run_serve(args) -> int:
     service = Service(config, progress=progress)
 
     def announce(url):
-        print(f"continuity serve: {', '.join(config.stream.topics)} at {config.stream.bootstrap}; "
-              f"checkpoints in {config.checkpoints.dir}; HTTP on {url}", file=sys.stderr, flush=True)
+        print(
+            f"continuity serve: {', '.join(config.stream.topics)} at {config.stream.bootstrap}; "
+            f"checkpoints in {config.checkpoints.dir}; HTTP on {url}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     summary = service.run(announce)
     print(format_summary(summary))
@@ -85,7 +102,7 @@ def _recorded_ends(path: Path) -> dict:
         raise UsageError(f"recorded stream {str(path)!r} does not exist")
     try:
         table = pq.read_table(path, columns=["topic", "partition", "offset"])
-    except Exception as error:  # pyarrow raises several types for a file that is not Parquet
+    except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
         raise UsageError(f"{str(path)!r} is not a Parquet recording ({type(error).__name__})") from None
     ends = {}
     grouped = table.group_by(["topic", "partition"]).aggregate([("offset", "min"), ("offset", "max")])
@@ -112,13 +129,17 @@ class _ProgressBar:
         done = self._done(progress.positions)
         fraction = done / self.total
         filled = int(30 * fraction)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {100 * fraction:5.1f}%  {done:,}/{self.total:,} "
-                         f"records  {progress.examples_per_second:,.0f} examples/s  rollbacks {progress.rollbacks}  ")
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {100 * fraction:5.1f}%  {done:,}/{self.total:,} "
+            f"records  {progress.examples_per_second:,.0f} examples/s  rollbacks {progress.rollbacks}  "
+        )
         sys.stderr.flush()
 
     def finish(self, summary) -> None:
-        sys.stderr.write(f"\r[{'#' * 30}] done: {summary.examples_trained:,} examples trained"
-                         f" in {summary.wall_seconds:.1f} s{' ' * 30}\n")
+        sys.stderr.write(
+            f"\r[{'#' * 30}] done: {summary.examples_trained:,} examples trained"
+            f" in {summary.wall_seconds:.1f} s{' ' * 30}\n"
+        )
         sys.stderr.flush()
 
 
