@@ -1,18 +1,32 @@
 # Each target creates .venv and installs what it needs, so a fresh clone works as is.
+# Installs are pinned by constraints.txt (the versions the tests ran with); `make lock`
+# refreshes it from the newest releases pyproject.toml allows.
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench demo clean
+.PHONY: test unit lint format bench demo lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PYTHON) -m pytest
+
+unit: $(STAMP)
+	$(PYTHON) -m pytest -m unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 bench: $(STAMP)
 	$(PYTHON) -m continuity.benchmarks.run
@@ -20,5 +34,15 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/continuity demo --out demo-out
 
+# A fresh venv with the newest allowed releases, frozen: commit constraints.txt after `make test` passes.
+lock:
+	rm -rf .lock-venv
+	python3 -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet -e '.[dev]'
+	( echo "# The tested versions: make installs with -c constraints.txt. Refresh with make lock."; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable | sort ) > constraints.txt
+	rm -rf .lock-venv
+
 clean:
-	rm -rf $(VENV) .pytest_cache bench-results demo-out
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis bench-results demo-out

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import jax
 import numpy as np
+
 from continuity.benchmarks import STRATEGIES
 from continuity.learner import Batch, Learner, LearnerConfig
 from continuity.learner.cl_metrics import continual_metrics

@@ -15,14 +15,14 @@ import time
 from dataclasses import replace
 
 import numpy as np
-from continuity.checkpoints import CheckpointStore
-from continuity.learner import EWCConfig, Learner, LearnerConfig, ReplayConfig
-from continuity.stream import FeatureSpec, MemoryDeadLetters, ScenarioSource, make_codec
-from continuity.stream.scenarios import GUARD_EVERY_EXAMPLES, make_scenario
 
+from continuity.checkpoints import CheckpointStore
 from continuity.guard import GuardConfig
+from continuity.learner import EWCConfig, Learner, LearnerConfig, ReplayConfig
 from continuity.loop import StreamInput, TrainingLoop
 from continuity.probe import ProbeConfig
+from continuity.stream import FeatureSpec, MemoryDeadLetters, ScenarioSource, make_codec
+from continuity.stream.scenarios import GUARD_EVERY_EXAMPLES, make_scenario
 
 # The learner and guard settings the demo uses (see BENCHMARKS.md for why these).
 GUARD_LEARNER = LearnerConfig(

@@ -14,16 +14,17 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import tempfile
 import time
 
 import jax
 import numpy as np
-from continuity.checkpoints import CheckpointStore
-from continuity.learner import Batch, EWCConfig, Learner, LearnerConfig, ModelConfig, ReplayConfig, count_parameters
 
+from continuity.checkpoints import CheckpointStore
 from continuity.guard import Guard, GuardConfig
+from continuity.learner import Batch, EWCConfig, Learner, LearnerConfig, ModelConfig, ReplayConfig, count_parameters
 
 
 def _million_parameter_state():
@@ -158,18 +159,22 @@ def measure_overhead(scenario, every_examples: int | None = None, *, seed: int =
     from dataclasses import replace
 
     from continuity.benchmarks.guard import GUARD_LEARNER, run_scenario_through_loop
-
     from continuity.config import CheckpointsConfig
 
     guard = GuardConfig() if every_examples is None else replace(GuardConfig(), every_examples=every_examples)
     checkpoint_every_s = CheckpointsConfig().every_seconds
     learner = Learner(GUARD_LEARNER, scenario.example_shape, scenario.num_classes)
-    options = dict(
-        guard=guard, seed=seed, learner=learner, checkpoint_every_s=checkpoint_every_s, examples_per_record=256
+    through_loop = functools.partial(
+        run_scenario_through_loop,
+        guard=guard,
+        seed=seed,
+        learner=learner,
+        checkpoint_every_s=checkpoint_every_s,
+        examples_per_record=256,
     )
     # Warm-up: compiles the step, evaluation and Fisher, as a service does once.
-    run_scenario_through_loop(replace(scenario, segments=scenario.segments[:2]), **options)
-    run = run_scenario_through_loop(scenario, **options)
+    through_loop(replace(scenario, segments=scenario.segments[:2]))
+    run = through_loop(scenario)
     return {
         "stream": scenario.name,
         "segments": len(scenario.segments),

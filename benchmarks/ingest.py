@@ -32,8 +32,9 @@ def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
 
 def _bare_loop(bootstrap: str, topic: str, expected: int, max_poll_records: int) -> float:
     """Seconds for a plain KafkaConsumer to poll `expected` records from offset 0."""
-    from continuity.stream.kafka import KafkaSettings  # same fetch sizes as the pipeline
     from kafka import KafkaConsumer, TopicPartition
+
+    from continuity.stream.kafka import KafkaSettings  # same fetch sizes as the pipeline
 
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,

@@ -44,7 +44,6 @@ def _rss_bytes() -> int:
 
 def _step_rate(config, steps: int = 300) -> float:
     from continuity.learner import Batch
-
     from continuity.service import build_learner
 
     learner = build_learner(config)
@@ -80,18 +79,17 @@ def run_pipeline_benchmark(
     overrides: tuple[str, ...] = (),
 ) -> dict:
     from continuity.benchmarks.ingest import _bare_loop
-    from continuity.stream import EmbeddedBroker, create_topic, encode_binary, produce_records
-
     from continuity.config import load_config
     from continuity.service import Service
+    from continuity.stream import EmbeddedBroker, create_topic, encode_binary, produce_records
 
     say = progress or (lambda message: None)
     records = max(1, examples // EXAMPLES_PER_RECORD)
     # A stationary, learnable stream: the steady state of a service, where the guard accepts
     # every window. (Random labels would make the guard roll back and quarantine as the model
     # memorises and forgets noise.)
-    examples = teacher_examples(64 * EXAMPLES_PER_RECORD)
-    blocks = [encode_binary(x, y, dtype="uint8") for x, y in zip(*(np.split(a, 64) for a in examples))]
+    teacher = teacher_examples(64 * EXAMPLES_PER_RECORD)
+    blocks = [encode_binary(x, y, dtype="uint8") for x, y in zip(*(np.split(a, 64) for a in teacher))]
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="continuity-bench-pipeline-") as scratch:
         topic = "pipeline"
         create_topic(broker.bootstrap, topic, 1)

@@ -41,7 +41,7 @@ def run_cl(out: Path) -> list[str]:
 
     lines = []
     for scenario_name, options in CL_SUITES.items():
-        results = {}
+        results: dict[str, list[dict]] = {}  # strategy -> one result per seed
         for strategy in STRATEGIES:
             for seed in SEEDS:
                 scenario = make_scenario(scenario_name, seed=seed)

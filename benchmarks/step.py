@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 from continuity.learner import (
     Batch,
     EWCConfig,

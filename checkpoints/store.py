@@ -23,6 +23,7 @@ on commit, so a directory left by a crash mid-save is never listed or restored.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import json
 import logging
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from continuity.checkpoints.ledger import Ledger, to_json_value
 from continuity.checkpoints.retention import checkpoints_to_delete
 
@@ -648,7 +650,8 @@ class CheckpointStore:
         if problems:
             raise ValueError(f"`state_like` does not match checkpoint {number}: " + "; ".join(problems))
 
-    def _unfinalized(self) -> list[tuple[int, Path]]:
+    # builtins.list: inside this class `list` names the method CheckpointStore.list.
+    def _unfinalized(self) -> builtins.list[tuple[int, Path]]:
         """Directories Orbax left uncommitted (a crash mid-save): (number, path)."""
         found = []
         if self.directory.is_dir():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import enum
 import functools
 import hashlib
 import ipaddress
@@ -37,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from continuity.errors import UsageError
 from continuity.probe import ProbeConfig
@@ -99,7 +100,10 @@ def _one_of(name: str, value, allowed: tuple) -> None:
     _require(value in allowed, f"`{name}` must be one of {choices}. Got {value!r}.")
 
 
-_KEEP_GROUP = object()  # kafka_settings(group=...) not given: use StreamConfig.group
+class _Keep(enum.Enum):
+    """A sentinel of its own type, so `group: str | None` can still say "not given"."""
+
+    GROUP = enum.auto()  # kafka_settings(group=...) not given: use StreamConfig.group
 
 
 @dataclass(frozen=True)
@@ -173,9 +177,9 @@ class StreamConfig:
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(shape=self.feature_shape, dtype=self.dtype, num_classes=self.num_classes)
 
-    def kafka_settings(self, *, group: str | None = _KEEP_GROUP) -> KafkaSettings:  # type: ignore[assignment]
+    def kafka_settings(self, *, group: str | Literal[_Keep.GROUP] | None = _Keep.GROUP) -> KafkaSettings:
         """The stream.kafka.KafkaSettings for these options; `group` overrides `self.group` (None: no group)."""
-        group_id = self.group if group is _KEEP_GROUP else (group or None)
+        group_id = self.group if group is _Keep.GROUP else (group or None)
         return KafkaSettings(
             bootstrap=self.bootstrap,
             topics=self.topics,
@@ -281,7 +285,7 @@ class Config:
         """{section: {key: value}} as in the file (unset optional values None; secrets '***' unless redact=False)."""
         out: dict = {}
         for section in SECTIONS:
-            values = {}
+            values: dict[str, Any] = {}
             for spec in _specs()[section].values():
                 value = getattr(_section_object(self, spec), spec.name)
                 if spec.kind == "security":
@@ -444,7 +448,12 @@ def _specs() -> dict[str, dict[str, _KeySpec]]:
                 if cls is LearnerConfig and f.name in nested:
                     continue
                 kind, optional = _kind_of(hints[f.name])
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                if f.default is not dataclasses.MISSING:
+                    default = f.default
+                elif f.default_factory is not dataclasses.MISSING:
+                    default = f.default_factory()
+                else:  # a section is built from whatever its table leaves out
+                    raise TypeError(f"config field {cls.__name__}.{f.name} needs a default")
                 default = SERVICE_DEFAULTS.get((section, f.name), default)
                 specs[section][f.name] = _KeySpec(
                     section, f.name, cls, kind, optional, default, (section, f.name) in _SECRET_KEYS
@@ -648,9 +657,9 @@ class _Loader:
         specs = _specs()[section]
         allowed = self._allowed(section)
         out: dict[type, dict] = {cls: {} for cls in _section_classes()[section]}
-        for (default_section, key), value in SERVICE_DEFAULTS.items():
+        for (default_section, key), default in SERVICE_DEFAULTS.items():
             if default_section == section:
-                out[specs[key].owner][key] = value
+                out[specs[key].owner][key] = default
         for key in table:
             if key not in allowed:
                 raise self.error(

@@ -98,10 +98,7 @@ class _Results:
 
     def __init__(self, serials: np.ndarray, evaluation: Evaluation):
         order = np.argsort(serials, kind="stable")
-        self.serials, self.evaluation = (
-            serials[order],
-            Evaluation(*(None if a is None else a[order] for a in evaluation)),
-        )
+        self.serials, self.evaluation = serials[order], _rows(evaluation, order)
 
     def lookup(self, serials: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found mask, index into the cached rows) for each of `serials`."""
@@ -130,6 +127,12 @@ class Guard:
             self._accepted_since_anchor = 0
             self._good_results = self._anchor_results = None
 
+    def _good(self) -> LearnerState:
+        """The last good state: judging and accepting start from one, so mark_good() comes first."""
+        if self.last_good is None:
+            raise RuntimeError("Guard has no last good model: call mark_good() with the starting state first")
+        return self.last_good
+
     def judge(self, candidate: LearnerState, probe: ProbeStore) -> tuple[Verdict, dict]:
         """The verdict on `candidate`, and the probe report.
 
@@ -145,26 +148,34 @@ class Guard:
         x, y, ids = probe.examples()
         serials = probe.serials()
         names = probe.segments
-        regression = self.learner.regression
+        config = self.config
         candidate_eval = self.learner.evaluate(candidate.params, x, y)
         self._judged = (candidate, _Results(serials, candidate_eval))
 
+        # `correct` is None exactly for regression (see Evaluation): losses are compared instead.
         def compare(reference_eval: Evaluation) -> Verdict:
-            options = dict(alpha=self.config.alpha, min_examples=self.config.min_examples)
-            if regression:
+            good_correct, candidate_correct = reference_eval.correct, candidate_eval.correct
+            if good_correct is None or candidate_correct is None:
                 return judge_losses(
                     reference_eval.loss,
                     candidate_eval.loss,
                     ids,
                     names,
-                    tolerance=self.config.loss_tolerance,
-                    **options,
+                    tolerance=config.loss_tolerance,
+                    alpha=config.alpha,
+                    min_examples=config.min_examples,
                 )
             return judge(
-                reference_eval.correct, candidate_eval.correct, ids, names, tolerance=self.config.tolerance, **options
+                good_correct,
+                candidate_correct,
+                ids,
+                names,
+                tolerance=config.tolerance,
+                alpha=config.alpha,
+                min_examples=config.min_examples,
             )
 
-        good_eval, self._good_results = self._evaluate_cached(self.last_good.params, self._good_results, x, y, serials)
+        good_eval, self._good_results = self._evaluate_cached(self._good().params, self._good_results, x, y, serials)
         verdict = compare(good_eval)
         if not verdict.regressed and self.anchor is not None:
             anchor_eval, self._anchor_results = self._evaluate_cached(self.anchor, self._anchor_results, x, y, serials)
@@ -173,7 +184,10 @@ class Guard:
                 verdict = replace(against_anchor, against="anchor")
         if not self.config.enabled:
             verdict = replace(verdict, regressed=False)
-        figure, per_example = ("loss", candidate_eval.loss) if regression else ("accuracy", candidate_eval.correct)
+        if candidate_eval.correct is None:
+            figure, per_example = "loss", candidate_eval.loss
+        else:
+            figure, per_example = "accuracy", candidate_eval.correct
         rows_of = segment_rows(ids, len(names))
         report = {
             "examples": len(y),
@@ -190,13 +204,10 @@ class Guard:
         found, at = cached.lookup(serials)
         missing = np.flatnonzero(~found)
         fresh = self.learner.evaluate(params, x[missing], y[missing])
-        merged = []
-        for old, new in zip(cached.evaluation, fresh):
-            if old is not None:
-                old = old[at]  # a copy (fancy indexing); the rows not found are overwritten next
-                old[missing] = new
-            merged.append(old)
-        evaluation = Evaluation(*merged)
+        evaluation = _rows(cached.evaluation, at)  # copies (fancy indexing): the rows not found are overwritten
+        for merged, new in zip(evaluation, fresh):
+            if merged is not None:
+                merged[missing] = new
         return evaluation, _Results(serials, evaluation)
 
     def accept(self, candidate: LearnerState, recent: tuple[np.ndarray, np.ndarray] | None = None) -> LearnerState:
@@ -219,7 +230,7 @@ class Guard:
         self._accepted_since_anchor += 1
         if self.anchor is not None and self._accepted_since_anchor >= self.config.anchor_windows:
             # The anchor moves up to the previous good model: it always trails by 1..K windows.
-            self.anchor, self._anchor_results = self.last_good.params, self._good_results
+            self.anchor, self._anchor_results = self._good().params, self._good_results
             self._accepted_since_anchor = 1
         # Consolidation leaves the params as they were judged: their results carry over.
         judged, self._judged = self._judged, None
@@ -238,6 +249,12 @@ class Guard:
             # The boost carries over: the kept copy is the one a second rollback starts from.
             self.last_good = device_copy(state)
         return state
+
+
+def _rows(evaluation: Evaluation, index: np.ndarray) -> Evaluation:
+    """The results of the rows `index` selects, as copies (`correct` stays None for regression)."""
+    correct = evaluation.correct
+    return Evaluation(None if correct is None else correct[index], evaluation.loss[index], evaluation.predicted[index])
 
 
 def _mean(values: np.ndarray) -> float | None:

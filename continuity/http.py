@@ -416,7 +416,7 @@ def rollback_over_http(
     """
     if (to is None) == (not last_good):
         raise ValueError("a rollback needs exactly one of `to` or `last_good`")
-    body = {"to": to} if to is not None else {"last_good": True}
+    body: dict[str, object] = {"to": to} if to is not None else {"last_good": True}
     body["reason"] = reason
     return admin_request(url, "/admin/rollback", body, token=token, timeout_s=timeout_s)
 

@@ -52,6 +52,7 @@ from continuity.guard import Guard, GuardConfig
 from continuity.learner import Batch as TrainBatch
 from continuity.learner import Learner
 from continuity.probe import ProbeConfig, ProbeStore, load_golden
+from continuity.regression import Verdict
 from continuity.stream import (
     NO_SEGMENT,
     Batcher,
@@ -151,7 +152,7 @@ class _Good:
     segment_names: list
     lineage_examples: int
     report: dict = field(default_factory=dict)  # its probe figures, for its checkpoint
-    verdict: object = None  # the verdict that accepted it
+    verdict: Verdict | None = None  # the verdict that accepted it
 
 
 def config_digest(*configs) -> str:
@@ -276,6 +277,8 @@ class TrainingLoop:
             raise TimeoutError(f"the training loop did not handle the {kind} request within {timeout_s:.0f} s")
         if request.error is not None:
             raise request.error
+        if request.result is None:  # finish() hands back a result or an error, never neither
+            raise RuntimeError(f"the {kind} request finished without a result")
         return request.result
 
     # ---- public ----------------------------------------------------------------------------
@@ -616,6 +619,8 @@ class TrainingLoop:
             return
         self._commit_finalized(wait=True)  # the previous save's positions, before its slot is reused
         state, parent = self.guard.last_good, self._saved
+        if state is None or parent is None:  # run() marks the starting model good (and saved) first
+            raise RuntimeError("a checkpoint needs the last good model and its parent")
         report, verdict = good.report, good.verdict
         arrays, probe_meta = good.probe.to_arrays()
         metadata = {
@@ -663,6 +668,8 @@ class TrainingLoop:
         if self._uncommitted is None or (self.store.saving and not wait):
             return
         self.store.wait()  # raises the save's error instead of committing past a lost checkpoint
+        if self.reader is None:  # run() opens the reader before anything is saved
+            raise RuntimeError("positions to commit, but no source to commit them to")
         self.reader.source.commit(self._uncommitted)
         self._uncommitted = None
 
@@ -679,33 +686,33 @@ class TrainingLoop:
 
     def _maybe_report(self, state, good: _Good) -> None:
         """A Progress snapshot every `progress_every_s` seconds (reading lambda syncs with the device)."""
-        if self.on_progress is None:
+        on_progress = self.on_progress
+        if on_progress is None:
             return
         when, since_examples = self._progress_clock
         seconds = time.monotonic() - when
         if seconds >= self.progress_every_s:
-            self._report_progress(state, good, since_examples, seconds)
+            on_progress(self._progress(state, good, since_examples, seconds))
             self._progress_clock = (time.monotonic(), self.summary.examples_trained)
 
-    def _report_progress(self, state, good: _Good, since_examples: int, seconds: float) -> None:
+    def _progress(self, state, good: _Good, since_examples: int, seconds: float) -> Progress:
+        """The Progress snapshot now; takes the step times gathered since the last one."""
         steps, self._step_seconds = self._step_seconds, []
-        self.on_progress(
-            Progress(
-                examples_trained=self.summary.examples_trained,
-                examples_per_second=(self.summary.examples_trained - since_examples) / max(seconds, 1e-9),
-                lineage_examples=good.lineage_examples,
-                rollbacks=self.summary.rollbacks,
-                dead_letters=self.stream.dead_letters.total,
-                quarantined_records=self.summary.quarantined_records,
-                probe_accuracy=self._last_report.get("accuracy"),
-                probe_segments=self._last_report.get("segments", {}),
-                ewc_strength=float(state.ewc.strength),
-                checkpoint=self._saved.number,
-                positions=good.positions,
-                step_seconds=steps,
-                probe_loss=self._last_report.get("loss"),
-                regressions_in_a_row=self._regressions_in_a_row,
-            )
+        return Progress(
+            examples_trained=self.summary.examples_trained,
+            examples_per_second=(self.summary.examples_trained - since_examples) / max(seconds, 1e-9),
+            lineage_examples=good.lineage_examples,
+            rollbacks=self.summary.rollbacks,
+            dead_letters=self.stream.dead_letters.total,
+            quarantined_records=self.summary.quarantined_records,
+            probe_accuracy=self._last_report.get("accuracy"),
+            probe_segments=self._last_report.get("segments", {}),
+            ewc_strength=float(state.ewc.strength),
+            checkpoint=self.good_number,
+            positions=good.positions,
+            step_seconds=steps,
+            probe_loss=self._last_report.get("loss"),
+            regressions_in_a_row=self._regressions_in_a_row,
         )
 
 

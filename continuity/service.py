@@ -33,10 +33,18 @@ def build_learner(config: Config):
 
 def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_s: float | None = None) -> StreamInput:
     """The StreamInput a config describes; `recording` reads a recorded file instead of Kafka."""
-    from continuity.stream import FileSource, JsonLinesDeadLetters, KafkaDeadLetters, KafkaSource, make_codec
+    from continuity.stream import (
+        DeadLetterSink,
+        FileSource,
+        JsonLinesDeadLetters,
+        KafkaDeadLetters,
+        KafkaSource,
+        make_codec,
+    )
 
     codec = make_codec(config.stream.codec, config.stream.feature_spec())
     Path(config.checkpoints.dir).mkdir(parents=True, exist_ok=True)
+    dead_letters: DeadLetterSink
     if config.stream.dead_letters == "topic":
         settings = config.stream.kafka_settings()
         dead_letters = KafkaDeadLetters(settings.bootstrap, **settings.security)

@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
+
+from continuity import replay
 from continuity.learner import ewc
 from continuity.learner.config import LearnerConfig
 from continuity.learner.models import build_model
 from continuity.learner.state import Batch, LearnerState
-from flax import nnx
-
-from continuity import replay
 
 # Rows per evaluation dispatch: whole probes in large chunks (~20% faster than 512 on the
 # CPU), the rest, and the few new rows the guard's cached models see, in small ones. Two
@@ -90,7 +90,8 @@ class Learner:
         self.example_shape = tuple(example_shape)
         self.num_classes = None if num_classes is None else int(num_classes)
         self.label_dtype = np.dtype(np.float32 if self.regression else np.int32)  # of Batch.y and evaluate's y
-        self.outputs = 1 if self.regression else self.num_classes
+        # One output for regression; checked above: num_classes is None exactly then.
+        self.outputs = 1 if self.num_classes is None else self.num_classes
         self._likelihood = "gaussian" if self.regression else "categorical"  # for the EWC Fisher
         graphdef, _ = nnx.split(build_model(config.model, self.example_shape, self.outputs, seed=0))
         self._graphdef = graphdef
@@ -139,7 +140,7 @@ class Learner:
         config = self.config
         key = jax.random.fold_in(state.rng, state.step)
         sample_key, insert_key = jax.random.split(key)
-        mask = batch.mask.astype(bool)
+        mask = jnp.asarray(batch.mask, bool)
         # Padding rows may hold anything; zero them so a NaN there cannot reach a gradient.
         x = jnp.where(mask.reshape(-1, *([1] * (batch.x.ndim - 1))), batch.x, 0.0)
         y = jnp.where(mask, batch.y.astype(self.label_dtype), 0)
@@ -178,7 +179,7 @@ class Learner:
         (loss, (fresh_loss, replay_loss, penalty, score)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
         )
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         # One reduction serves both: any NaN/Inf gradient makes the global norm non-finite
         # (so does a norm that overflows float32, an update worth skipping too).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -271,6 +272,8 @@ class Learner:
     def _consolidate_from_replay_state(self, state: LearnerState) -> LearnerState:
         n = _round_up(self.config.ewc.fisher_samples, FISHER_CHUNK)
         key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x46495348)  # "FISH"
+        if self.replay is None:  # consolidate() checks this before tracing here
+            raise ValueError("consolidate needs examples (x, y) when replay is off.")
         x, y, valid = self.replay.sample(state.replay, key, n)
         return self._consolidate_state(state, x, y, valid)
 

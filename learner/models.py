@@ -11,8 +11,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-from continuity.learner.config import ModelConfig
 from flax import nnx
+
+from continuity.learner.config import ModelConfig
 
 
 class MLP(nnx.Module):

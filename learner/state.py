@@ -5,17 +5,22 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import numpy as np
 import optax
-from continuity.learner.ewc import EWCState
 from flax import struct
+
+from continuity.learner.ewc import EWCState
 
 
 class Batch(NamedTuple):
-    """A fixed-shape micro-batch; rows whose `mask` is False are padding and have no effect."""
+    """A fixed-shape micro-batch; rows whose `mask` is False are padding and have no effect.
 
-    x: jax.Array  # shape=(B, *example_shape), float32
-    y: jax.Array  # shape=(B,), int32 class; float32 target for regression (Learner.label_dtype)
-    mask: jax.Array  # shape=(B,), bool
+    Built from host NumPy arrays (the batcher's); inside the jitted train step they are jax.Arrays.
+    """
+
+    x: jax.Array | np.ndarray  # shape=(B, *example_shape), float32
+    y: jax.Array | np.ndarray  # shape=(B,), int32 class; float32 target for regression (Learner.label_dtype)
+    mask: jax.Array | np.ndarray  # shape=(B,), bool
 
 
 class LearnerState(struct.PyTreeNode):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from continuity.replay.state import (
     ReplayPolicy,
     ReplayState,

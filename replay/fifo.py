@@ -8,6 +8,7 @@ failure replay exists to prevent, but it tracks the current distribution closely
 from __future__ import annotations
 
 import jax.numpy as jnp
+
 from continuity.replay.state import (
     ReplayPolicy,
     ReplayState,

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
+
 from continuity.stream.codecs import FeatureSpec
 from continuity.stream.examples import ExampleBlock
 from continuity.stream.records import PartitionKey, PartitionPosition, Positions
@@ -214,7 +215,7 @@ class Batcher:
         self._buffered += len(block)
 
     def _drop_not_owned(self) -> None:
-        kept = deque()
+        kept: deque[tuple[ExampleBlock, np.ndarray, np.ndarray]] = deque()
         for block, ids, chosen in self._buffer:
             if self.ownership.accepts(block.topic, block.partition, block.generation):
                 kept.append((block, ids, chosen))

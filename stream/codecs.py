@@ -43,6 +43,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+
 from continuity.stream.deadletters import DeadLetter
 from continuity.stream.examples import ExampleBlock
 from continuity.stream.records import PartitionRecords
@@ -250,7 +251,7 @@ class JsonCodec(Codec):
         y = doc["y"]
         if isinstance(y, bool) or not isinstance(y, (int, float)):
             raise _Reject(f"bad label: expected a number, got {type(y).__name__}")
-        if spec.regression:
+        if spec.num_classes is None:  # regression (spelled out so the else branch knows the class count)
             if not math.isfinite(y):
                 raise _Reject("non-finite: regression target is NaN or Inf")
         else:
@@ -375,10 +376,11 @@ class BinaryCodec(Codec):
         segments: list = [None] * n
         keys: list = list(records.keys)
         ok = np.zeros(n, bool)
-        last_prefix = None
+        # The previous parsed header; the others are read only while last_prefix is set.
+        last_prefix: bytes | None = None
         last_len = -1
-        last_group = None
-        last_meta = None
+        last_group: list[int] = []
+        last_meta: tuple[int, str | None, bytes | None] = (0, None, None)
         for i, value in enumerate(values):
             # Runs of records with an identical header (the usual case) skip the parse.
             if (
@@ -427,7 +429,7 @@ class BinaryCodec(Codec):
                 for r in np.flatnonzero(nonfinite):
                     reasons[r] = "non-finite: x contains NaN or Inf"
                 bad |= nonfinite
-            if spec.regression:
+            if spec.num_classes is None:  # regression (spelled out so the else branch knows the class count)
                 nonfinite_y = ~np.isfinite(y).all(axis=1) & ~bad
                 for r in np.flatnonzero(nonfinite_y):
                     reasons[r] = "non-finite: regression target is NaN or Inf"

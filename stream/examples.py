@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+
 from continuity.stream.records import PartitionPosition, Position
 
 
@@ -23,7 +24,9 @@ class Example(NamedTuple):
     segment: str | None
     key: bytes | None
     position: Position
-    index: int  # the example's index within its record (0 for single-example records)
+    # The example's index within its record (0 for single-example records). The name matches
+    # ExampleBlock.index; it hides tuple.index, which nothing calls on an Example.
+    index: int  # type: ignore[assignment]  # a NamedTuple field may shadow a tuple method
 
 
 @dataclass

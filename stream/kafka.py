@@ -29,11 +29,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
 from continuity.stream.broker import SHORT_HEARTBEAT_INTERVAL_MS, SHORT_SESSION_TIMEOUT_MS
 from continuity.stream.records import PartitionKey, PartitionPosition, PartitionRecords, Positions
 from continuity.stream.sources import Source, SourceError
+
+if TYPE_CHECKING:
+    from kafka import KafkaConsumer
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +171,7 @@ class KafkaSource(Source):
         self.settings = settings
         self.until_end = until_end
         self.stop_requested = stop_requested or (lambda: False)
-        self._consumer = None
+        self._consumer: KafkaConsumer | None = None
         self._closed = False
         self._open_lock = threading.Lock()
         self._first_assignment_done: set = set()
@@ -255,8 +260,9 @@ class KafkaSource(Source):
 
             consumer.subscribe(list(s.topics), listener=Listener())
             return
-        tps = []
+        tps: list[TopicPartition] = []
         for topic in s.topics:
+            numbers: Iterable[int]
             if s.partitions is not None:
                 numbers = s.partitions
             else:
@@ -443,6 +449,8 @@ class KafkaSource(Source):
         if self._consumer is None:
             self.open()
         consumer = self._consumer
+        if consumer is None:  # open() gave up: close() ran meanwhile
+            return []
         try:
             self._flush_commit()
             fetched = consumer.poll(timeout_ms=int(timeout_s * 1000))
@@ -495,10 +503,13 @@ class KafkaSource(Source):
             return True
         if key in self._positions:
             return self._positions[key] >= end
+        consumer = self._consumer
+        if consumer is None:  # not connected (or closed): no position to read
+            return False
         try:
             from kafka import TopicPartition
 
-            return self._consumer.position(TopicPartition(*key)) >= end
+            return consumer.position(TopicPartition(*key)) >= end
         except Exception:  # noqa: BLE001 - position unknown yet: not reached
             return False
 

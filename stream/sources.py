@@ -19,9 +19,12 @@ Rows are in the order the recorder consumed them, so a file replays one order al
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
 from continuity.stream.batcher import Ownership
 from continuity.stream.codecs import Codec
 from continuity.stream.records import PartitionKey, PartitionPosition, PartitionRecords, Positions
@@ -94,8 +97,8 @@ def split_runs(
     n = len(values)
     if n == 0:
         return []
-    names, topic_codes = np.unique(np.asarray(topics, dtype=object), return_inverse=True)
-    names = list(names)
+    unique_topics, topic_codes = np.unique(np.asarray(topics, dtype=object), return_inverse=True)
+    names = list(unique_topics)
     keep = np.ones(n, bool)
     for (topic, partition), position in start.items():
         if topic in names:
@@ -139,8 +142,9 @@ class FileSource(Source):
         super().__init__(start)
         self.path = Path(path)
         self.read_rows = int(read_rows)
-        self._batches = None
-        self._file = None
+        # pyarrow has no type hints: a ParquetFile and its iterator of RecordBatches while open.
+        self._file: Any = None
+        self._batches: Iterator[Any] | None = None
         self._finished = False
         self._skipped: set = set()
 
@@ -164,9 +168,12 @@ class FileSource(Source):
     def poll(self, timeout_s: float = 0.1) -> list[PartitionRecords]:
         if self._batches is None:
             self.open()
+        batches = self._batches
+        if batches is None:
+            raise SourceError(f"{str(self.path)!r} was opened but no row batches are being read")
         while not self._finished:
             try:
-                batch = next(self._batches)
+                batch = next(batches)
             except StopIteration:
                 self._finished = True
                 break
@@ -226,7 +233,7 @@ class ScenarioSource(Source):
         self.examples_per_record = int(examples_per_record)
         self.poll_records = int(poll_records)
         # (segment index, first example) of every record, in order.
-        plan = []
+        plan: list[tuple[int, int]] = []
         for s, segment in enumerate(scenario.segments):
             n = len(segment.train_y)
             plan.extend((s, i) for i in range(0, n, self.examples_per_record))

@@ -1,10 +1,27 @@
-"""Shared fixtures: one embedded Kafka-compatible broker (Tansu) for the whole test session."""
+"""Shared fixtures (one embedded Kafka-compatible broker for the session) and the test markers.
+
+Every test gets one of three markers: `kafka` (it uses the broker fixture), `slow` (marked in
+its module: end to end through the CLI, or a long stream) or else `unit`. The fast part runs
+first, so a broken invariant shows up in seconds: `pytest -m unit` runs it alone.
+"""
 
 from __future__ import annotations
 
 import uuid
 
 import pytest
+
+_ORDER = ("unit", "kafka", "slow")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "broker" in item.fixturenames and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.kafka)
+        if item.get_closest_marker("kafka") is None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.unit)
+    # Stable: within a category, files and tests keep their order.
+    items.sort(key=lambda item: next(i for i, name in enumerate(_ORDER) if item.get_closest_marker(name)))
 
 
 @pytest.fixture(scope="session")

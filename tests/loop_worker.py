@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 from continuity.checkpoints import CheckpointStore
-from continuity.learner import EWCConfig, Learner, LearnerConfig, ModelConfig, ReplayConfig
-from continuity.stream import FeatureSpec, FileSource, JsonLinesDeadLetters, make_codec
-
 from continuity.guard import GuardConfig
+from continuity.learner import EWCConfig, Learner, LearnerConfig, ModelConfig, ReplayConfig
 from continuity.loop import StreamInput, TrainingLoop, params_digest
 from continuity.probe import ProbeConfig
+from continuity.stream import FeatureSpec, FileSource, JsonLinesDeadLetters, make_codec
 
 SPEC = FeatureSpec((8, 8, 1), "float32", 10)
 

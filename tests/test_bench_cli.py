@@ -9,6 +9,8 @@ import pytest
 
 from continuity.cli import main
 
+pytestmark = pytest.mark.slow  # benchmarks end to end through the CLI
+
 
 def test_bench_cl_runs_end_to_end_and_writes_its_json(tmp_path, capsys):
     out = tmp_path / "cl.json"

@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+
 from continuity.checkpoints import (
     CheckpointNotFoundError,
     CheckpointStore,

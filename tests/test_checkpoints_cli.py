@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from continuity.checkpoints import CheckpointStore
 
+from continuity.checkpoints import CheckpointStore
 from continuity.cli import main
 from continuity.commands.checkpoints import format_positions, rollback_in_directory
 from continuity.errors import UsageError

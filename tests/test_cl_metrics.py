@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from continuity.learner.cl_metrics import ContinualMetrics, continual_metrics
 
 

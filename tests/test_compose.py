@@ -8,8 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
-yaml = pytest.importorskip("yaml")
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 

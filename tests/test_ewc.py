@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
 from continuity.learner import ewc
 from continuity.learner.config import EWCConfig, LearnerConfig, ModelConfig
 from continuity.learner.learner import Learner
@@ -42,6 +43,7 @@ def test_penalty_is_zero_before_any_consolidation():
     assert float(ewc.penalty(shifted, ewc.init(params, strength=100.0))) == 0.0
 
 
+@pytest.mark.slow  # a Python loop of per-example gradients
 def test_vmap_fisher_equals_a_per_example_loop():
     learner = Learner(LearnerConfig(model=ModelConfig(hidden=(5,))), (3, 2), num_classes=4)
     params = learner.init(0).params
@@ -110,6 +112,7 @@ def test_learner_consolidation_anchors_at_current_params():
     assert sum(float(jnp.sum(f)) for f in jax.tree.leaves(state.ewc.fisher)) > 0
 
 
+@pytest.mark.slow  # compiles per-example gradients as the reference
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_the_one_pass_dense_fisher_equals_per_example_gradients(task):
     # An MLP's Fisher comes from ewc.fisher_diagonal_dense; it must be the per-example one.

@@ -1,9 +1,9 @@
 """The guard's cached judgements: reused results must equal a fresh evaluation, row for row."""
 
 import numpy as np
-from continuity.learner import Batch, Learner, LearnerConfig, ModelConfig
 
 from continuity.guard import Guard, GuardConfig
+from continuity.learner import Batch, Learner, LearnerConfig, ModelConfig
 from continuity.probe import ProbeStore
 
 SHAPE, CLASSES = (6,), 3

@@ -10,9 +10,9 @@ import urllib.request
 
 import numpy as np
 import pytest
-from continuity.checkpoints import CheckpointStore
 from prometheus_client.parser import text_string_to_metric_families
 
+from continuity.checkpoints import CheckpointStore
 from continuity.cli import main
 from continuity.http import (
     AdminRequestError,

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+
 from continuity.learner import (
     Batch,
     EWCConfig,
@@ -48,6 +49,7 @@ def _leaves(tree):
     return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
 
 
+@pytest.mark.slow  # many steps of both presets, twice
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_train_step_is_deterministic_to_the_bit(model):
     first, _ = _run(_learner(model=model), _batches(30), consolidate_at=10)

@@ -14,16 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import accepted_chain, record_scenario
+
 from continuity.benchmarks.guard import DIGITS_GUARD, run_scenario_through_loop
 from continuity.checkpoints import CheckpointStore
+from continuity.guard import GuardConfig
+from continuity.loop import REGRESSION_STREAK, params_digest
 from continuity.stream import Positions, ScenarioSource, make_codec
 from continuity.stream.scenarios import make_scenario
 
-from continuity.guard import GuardConfig
-from continuity.loop import REGRESSION_STREAK, params_digest
-
 sys.path.insert(0, str(Path(__file__).parent))
 from loop_worker import SPEC, build_loop
+
+pytestmark = pytest.mark.slow  # the training loop over whole streams, with restarts
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from scipy.stats import wilcoxon
+
 from continuity.checkpoints import CheckpointStore
+from continuity.config import ConfigError, load_config
+from continuity.guard import GuardConfig
 from continuity.learner import (
     Batch,
     EWCConfig,
@@ -16,17 +20,13 @@ from continuity.learner import (
     compilation_count,
     ewc,
 )
-from continuity.stream import FeatureSpec, MemoryDeadLetters, Positions, ScenarioSource, make_codec
-from continuity.stream.scenarios import make_scenario
-from scipy.stats import wilcoxon
-
-from continuity.config import ConfigError, load_config
-from continuity.guard import GuardConfig
 from continuity.loop import Progress, StreamInput, TrainingLoop, params_digest
 from continuity.metrics import ServiceMetrics
 from continuity.probe import ProbeConfig, ProbeStore
 from continuity.regression import judge, judge_losses, wilcoxon_one_sided
 from continuity.report import write_markdown
+from continuity.stream import FeatureSpec, MemoryDeadLetters, Positions, ScenarioSource, make_codec
+from continuity.stream.scenarios import make_scenario
 
 FEATURES, B = 6, 16
 
@@ -297,6 +297,7 @@ def runs(tmp_path_factory):
     }
 
 
+@pytest.mark.slow  # a regression stream through the loop
 def test_a_regression_stream_trains_judges_on_losses_and_checkpoints(runs):
     clean = runs["clean"]
     summary = clean["summary"]
@@ -313,6 +314,7 @@ def test_a_regression_stream_trains_judges_on_losses_and_checkpoints(runs):
     assert first["event"] == "start" and last["event"] == "stop"
 
 
+@pytest.mark.slow  # a regression stream through the loop
 def test_a_restart_restores_the_float32_probe_and_the_state(runs):
     first = runs["clean"]["loop"]
     codec = make_codec("binary", FeatureSpec((8,), "float32", None))
@@ -340,6 +342,7 @@ def test_a_restart_restores_the_float32_probe_and_the_state(runs):
     assert saved["probe_store"]["label_dtype"] == "float32"
 
 
+@pytest.mark.slow  # a regression stream through the loop
 def test_the_guard_quarantines_a_poisoned_regression_segment(runs):
     guarded, unguarded = runs["guarded"], runs["unguarded"]
     assert guarded["summary"].rollbacks >= 1 and guarded["summary"].quarantined_records > 0
@@ -350,6 +353,7 @@ def test_the_guard_quarantines_a_poisoned_regression_segment(runs):
     assert guarded["test_loss"][0] < 0.6 * unguarded["test_loss"][0]
 
 
+@pytest.mark.slow  # a regression stream through the loop
 def test_reports_and_metrics_show_losses_for_a_regression_run(runs, tmp_path):
     guarded = runs["guarded"]
     path = write_markdown(
@@ -385,11 +389,10 @@ def test_progress_summary_and_checkpoint_table_show_the_probe_loss_for_regressio
     import dataclasses
 
     from continuity.checkpoints import CheckpointInfo
-    from continuity.stream import Positions
-
     from continuity.commands.checkpoints import format_table
     from continuity.loop import Progress, RunSummary
     from continuity.service import format_progress, format_summary
+    from continuity.stream import Positions
 
     progress = Progress(
         examples_trained=10,

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from continuity.replay.state import COUNT_LIMIT
 from scipy.stats import chisquare
 
 from continuity import replay
+from continuity.replay.state import COUNT_LIMIT
 
 EXAMPLE_SHAPE = (3,)
 NUM_CLASSES = 5

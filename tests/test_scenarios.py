@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from continuity.stream.scenarios import POISON_MODES, REGRESSION_SCENARIOS, SCENARIOS, Segment, make_scenario
 from scipy.ndimage import rotate
+
+from continuity.stream.scenarios import POISON_MODES, REGRESSION_SCENARIOS, SCENARIOS, Segment, make_scenario
 
 
 def base_images() -> np.ndarray:

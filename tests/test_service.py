@@ -14,7 +14,10 @@ import jax
 import numpy as np
 import pytest
 from conftest import accepted_chain, record_scenario
+from prometheus_client.parser import text_string_to_metric_families
+
 from continuity.checkpoints import CheckpointStore
+from continuity.cli import main
 from continuity.stream import (
     FeatureSpec,
     Positions,
@@ -25,9 +28,8 @@ from continuity.stream import (
     produce_records,
 )
 from continuity.stream.scenarios import make_scenario
-from prometheus_client.parser import text_string_to_metric_families
 
-from continuity.cli import main
+pytestmark = pytest.mark.slow  # serve, replay and the demo end to end
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = FeatureSpec((8, 8, 1), "float32", 10)

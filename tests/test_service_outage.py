@@ -14,7 +14,13 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from conftest import accepted_chain
+from kafka import KafkaConsumer
+from tcp_proxy import TcpProxy
+
+from continuity.config import load_config
+from continuity.service import Service
 from continuity.stream import (
     EmbeddedBroker,
     FeatureSpec,
@@ -28,11 +34,8 @@ from continuity.stream import (
     produce_records,
 )
 from continuity.stream.scenarios import make_scenario
-from kafka import KafkaConsumer
-from tcp_proxy import TcpProxy
 
-from continuity.config import load_config
-from continuity.service import Service
+pytestmark = pytest.mark.slow  # serve through a broker outage
 
 SPEC = FeatureSpec((8, 8, 1), "float32", 10)
 EXAMPLES_PER_RECORD = 10

@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import pytest
+
+from continuity.cli import main
 from continuity.stream import Batcher, FeatureSpec, FileSource, Ingest, KafkaSettings, KafkaSource, make_codec
 from continuity.stream.ingest import batches
 from continuity.stream.scenarios import make_scenario
 
-from continuity.cli import main
+pytestmark = pytest.mark.slow  # produce, record and replay through the CLI
 
 
 @pytest.mark.parametrize("codec", ["binary", "json"])

@@ -7,6 +7,9 @@ import time
 
 import numpy as np
 import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from tcp_proxy import TcpProxy
+
 from continuity.stream import (
     Batcher,
     BinaryCodec,
@@ -27,8 +30,6 @@ from continuity.stream import (
     read_dead_letters,
     record_topic,
 )
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from tcp_proxy import TcpProxy
 
 SPEC = FeatureSpec((8, 8, 1), "float32", 10)
 ID_SPEC = FeatureSpec((2,), "float32", 10)  # x = [id, id]: lets tests follow every example

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 from continuity.stream import (
     NO_SEGMENT,
     Batcher,

@@ -14,6 +14,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from continuity.errors import UsageError
 
@@ -155,7 +156,7 @@ def format_positions(positions) -> str:
     """Compact positions: "t/0:1200 t/1:980" (a "+k" suffix when k examples of that record are done)."""
     if not positions:
         return "-"
-    entries = []
+    entries: list[tuple[str, str | None, Any, Any]] = []  # (topic, partition or None, offset, skip) as saved
     if isinstance(positions, dict):  # {"topic/partition": offset} or {topic: {partition: offset}}
         for key, value in positions.items():
             if isinstance(value, dict):

@@ -113,7 +113,7 @@ def run_produce(args) -> int:
         from continuity.stream.scenarios import make_scenario
 
         scenario = make_scenario(args.scenario, seed=args.seed, poison=args.poison)
-        spec = FeatureSpec(tuple(scenario.example_shape), "float32", int(scenario.num_classes))
+        spec = FeatureSpec(tuple(scenario.example_shape), "float32", scenario.num_classes)  # None: regression
         source = ScenarioSource(
             scenario, make_codec(args.codec, spec), topic=args.topic, examples_per_record=args.examples_per_record
         )
