@@ -510,7 +510,7 @@ class RandomRBF(DriftGenerator):
         return HeldOut(columns, model.classes[centroid])
 
 
-# Agrawal et al. (1993), Table 1: the attributes of a loan applicant.
+# Agrawal et al. (1993): the attributes of a loan applicant, with the ranges the paper draws them from.
 _AGRAWAL_FIELDS: tuple[Field, ...] = (
     NumericField("salary", 20_000.0, 150_000.0),
     NumericField("commission", 0.0, 75_000.0),  # 0 when salary >= 75K, else uniform in [10K, 75K]
@@ -638,7 +638,7 @@ class Agrawal(DriftGenerator):
 
     @staticmethod
     def applicants(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-        """n applicants drawn as in the paper's Table 1 (MOA's draws, with car counted 1..20 as the paper does)."""
+        """n applicants drawn as the paper and MOA draw them (car counted 1..20, as the paper and River count it)."""
         salary = 20_000.0 + 130_000.0 * rng.random(n)
         commission = np.where(salary >= 75_000.0, 0.0, 10_000.0 + 65_000.0 * rng.random(n))
         age = 20 + rng.integers(61, size=n)
