@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from continuity.commands.arguments import port, positive_int, rate
@@ -17,11 +18,24 @@ def register(subparsers) -> None:
     broker.add_argument("--host", default="127.0.0.1", help="address to listen on and advertise (default 127.0.0.1)")
     broker.set_defaults(handler=run_broker)
 
-    produce = subparsers.add_parser("produce", help="write a synthetic scenario's stream to a Kafka topic")
+    produce = subparsers.add_parser(
+        "produce", help="write a synthetic scenario's stream (digits scenarios, drift streams) to a Kafka topic"
+    )
     produce.add_argument("--bootstrap", required=True, metavar="HOST:PORT")
     produce.add_argument("--topic", required=True)
-    produce.add_argument("--scenario", required=True, metavar="NAME")
-    produce.add_argument("--codec", choices=("json", "binary"), default="binary", help="wire format (default binary)")
+    produce.add_argument(
+        "--scenario",
+        required=True,
+        metavar="NAME",
+        help="permuted-digits, rotated-digits, split-digits, or a drift stream: sea, hyperplane, rbf-drift, agrawal",
+    )
+    produce.add_argument(
+        "--codec",
+        choices=("events", "json", "binary"),
+        default=None,
+        help="wire format: events (named-field JSON, drift streams only; their default), "
+        "json or binary (digits default; a drift stream's array encoding)",
+    )
     produce.add_argument(
         "--rate",
         type=rate,
@@ -34,7 +48,7 @@ def register(subparsers) -> None:
         type=int,
         default=None,
         metavar="SEGMENT",
-        help="index k >= 1 of a segment to replace by a broken-labeler copy of segment 0",
+        help="digits scenarios: index k >= 1 of a segment to replace by a broken-labeler copy of segment 0",
     )
     produce.add_argument("--seed", type=int, default=0)
     produce.add_argument(
@@ -45,6 +59,24 @@ def register(subparsers) -> None:
         type=positive_int,
         default=1,
         help="examples per record; > 1 needs --codec binary (default 1)",
+    )
+    drift = produce.add_argument_group("drift streams (sea, hyperplane, rbf-drift, agrawal)")
+    drift.add_argument("--examples", type=positive_int, default=None, help="examples in the stream (default 50,000)")
+    drift.add_argument("--drift", choices=("abrupt", "gradual"), default=None, help="sea, agrawal (default abrupt)")
+    drift.add_argument(
+        "--width", type=positive_int, default=None, help="sea, agrawal: examples a gradual drift takes (default 1,000)"
+    )
+    drift.add_argument(
+        "--noise", type=float, default=None, help="sea, hyperplane: share of labels flipped (default 0.1, 0.05)"
+    )
+    drift.add_argument(
+        "--magnitude", type=float, default=None, help="hyperplane: weight change per example (default 0.001)"
+    )
+    drift.add_argument(
+        "--speed", type=float, default=None, help="rbf-drift: centroid travel per example (default 0.0001)"
+    )
+    drift.add_argument(
+        "--perturbation", type=float, default=None, help="agrawal: numeric perturbation fraction (default 0.05)"
     )
     produce.set_defaults(handler=run_produce)
 
@@ -102,40 +134,34 @@ def run_broker(args) -> int:
         return 0
 
 
+# The `produce` options a drift stream may take, named as its generator's options (stream.drift).
+_DRIFT_OPTIONS = ("drift", "width", "noise", "magnitude", "speed", "perturbation")
+
+
 def run_produce(args) -> int:
     from kafka.errors import KafkaError
 
-    from continuity.stream.codecs import CodecError, FeatureSpec, make_codec
+    from continuity.stream.drift import DRIFT_SCENARIOS
     from continuity.stream.kafka import create_topic, produce_records
-    from continuity.stream.sources import ScenarioSource, SourceError
 
-    try:
-        from continuity.stream.scenarios import make_scenario
-
-        scenario = make_scenario(args.scenario, seed=args.seed, poison=args.poison)
-        spec = FeatureSpec(tuple(scenario.example_shape), "float32", scenario.num_classes)  # None: regression
-        source = ScenarioSource(
-            scenario, make_codec(args.codec, spec), topic=args.topic, examples_per_record=args.examples_per_record
-        )
-    except (ValueError, KeyError, SourceError, CodecError) as error:
-        raise UsageError(str(error).strip("'\"")) from None
+    if args.scenario in DRIFT_SCENARIOS:
+        records, total, codec, segments = _drift_records(args)
+    else:
+        records, total, codec, segments = _scenario_records(args)
     try:
         created = create_topic(args.bootstrap, args.topic, args.partitions)
     except KafkaError as error:
         raise UsageError(
             f"cannot reach Kafka at {args.bootstrap} ({type(error).__name__}); is the broker running?"
         ) from None
-    total = len(source)
     _err(
         f"{'created' if created else 'using existing'} topic {args.topic!r}; "
-        f"producing {total} {args.codec} records of scenario {scenario.name!r} "
-        f"({len(scenario.segments)} segments)"
+        f"producing {total} {codec} records of scenario {args.scenario!r} ({len(segments)} segments)"
     )
 
     def progress(sent: int) -> None:
         _err(f"  {sent}/{total} records")
 
-    records = (source.encode_record(i) for i in range(total))
     try:
         sent = produce_records(
             args.bootstrap,
@@ -149,16 +175,68 @@ def run_produce(args) -> int:
         raise UsageError(f"producing to {args.bootstrap} failed ({type(error).__name__}: {error})") from None
     print(
         json.dumps(
-            {
-                "topic": args.topic,
-                "records": sent,
-                "codec": args.codec,
-                "scenario": scenario.name,
-                "segments": [s.name for s in scenario.segments],
-            }
+            {"topic": args.topic, "records": sent, "codec": codec, "scenario": args.scenario, "segments": segments}
         )
     )
     return 0
+
+
+def _scenario_records(args) -> tuple[Iterator[tuple[bytes, bytes]], int, str, list[str]]:
+    """A digits (or regression) scenario's records: (records, how many, codec, segment names)."""
+    from continuity.stream.codecs import CodecError, FeatureSpec, make_codec
+    from continuity.stream.sources import ScenarioSource, SourceError
+
+    misplaced = [f"--{name}" for name in ("examples", *_DRIFT_OPTIONS) if getattr(args, name) is not None]
+    if misplaced:
+        raise UsageError(f"{misplaced[0]} applies to the drift streams only (sea, hyperplane, rbf-drift, agrawal)")
+    codec = args.codec or "binary"
+    if codec == "events":
+        raise UsageError("--codec events applies to the drift streams only (sea, hyperplane, rbf-drift, agrawal)")
+    try:
+        from continuity.stream.scenarios import make_scenario
+
+        scenario = make_scenario(args.scenario, seed=args.seed, poison=args.poison)
+        spec = FeatureSpec(tuple(scenario.example_shape), "float32", scenario.num_classes)  # None: regression
+        source = ScenarioSource(
+            scenario, make_codec(codec, spec), topic=args.topic, examples_per_record=args.examples_per_record
+        )
+    except (ValueError, KeyError, SourceError, CodecError) as error:
+        raise UsageError(str(error).strip("'\"")) from None
+    records = (source.encode_record(i) for i in range(len(source)))
+    return records, len(source), codec, [s.name for s in scenario.segments]
+
+
+def _drift_records(args) -> tuple[Iterator[tuple[bytes, bytes]], int, str, list[str]]:
+    """A drift stream's records: named-field JSON events, or its array encoding through a codec."""
+    from continuity.stream.codecs import CodecError, FeatureSpec, make_codec
+    from continuity.stream.drift import DEFAULT_EXAMPLES, drift_scenario, make_generator, options
+    from continuity.stream.sources import ScenarioSource, SourceError
+
+    takes = options(args.scenario)
+    given = {name: getattr(args, name) for name in _DRIFT_OPTIONS if getattr(args, name) is not None}
+    for name in given:
+        if name not in takes:
+            own = ", ".join(f"--{n}" for n in _DRIFT_OPTIONS if n in takes)
+            raise UsageError(f"--{name} does not apply to {args.scenario!r} (it takes {own})")
+    if args.poison is not None:
+        raise UsageError("--poison applies to the digits scenarios only")
+    codec = args.codec or "events"
+    if codec == "events" and args.examples_per_record > 1:
+        raise UsageError("--examples-per-record > 1 needs --codec binary")
+    try:
+        stream = make_generator(args.scenario, **given).stream(args.examples or DEFAULT_EXAMPLES, seed=args.seed)
+        if codec == "events":
+            return stream.records(), len(stream), codec, list(stream.concepts)
+        # The array encoding, segment by concept block, exactly as the guard's ScenarioSource reads it
+        # (the scenario's test splits are not produced: one example each keeps them cheap).
+        scenario = drift_scenario(stream, test_examples=1)
+        spec = FeatureSpec(scenario.example_shape, "float32", scenario.num_classes)
+        source = ScenarioSource(
+            scenario, make_codec(codec, spec), topic=args.topic, examples_per_record=args.examples_per_record
+        )
+    except (ValueError, SourceError, CodecError) as error:
+        raise UsageError(str(error)) from None
+    return (source.encode_record(i) for i in range(len(source))), len(source), codec, list(stream.concepts)
 
 
 def run_record(args) -> int:
