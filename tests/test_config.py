@@ -362,3 +362,10 @@ def test_stream_config_validates_when_built_in_code():
     with pytest.raises(ValueError, match="stream.security"):
         StreamConfig(security={"password": "x"})
     assert SECRET not in repr(StreamConfig(security={"sasl_plain_password": SECRET}))
+
+
+def test_an_unknown_lost_positions_policy_is_a_one_line_error_naming_the_choices(tmp_path):
+    message = error_of(write(tmp_path, '[stream]\non_lost_positions = "skip"\n'))
+    assert "on_lost_positions" in message and "'halt', 'earliest', 'latest'" in message and "'skip'" in message
+    config = load_config(None, ['stream.on_lost_positions="earliest"'], environ={})
+    assert config.stream.kafka_settings().on_lost_positions == "earliest"
