@@ -452,7 +452,7 @@ class KafkaSource(Source):
         return consumer
 
     def open(self) -> None:
-        """Connect, retrying with backoff until the broker answers (or a stop is requested)."""
+        """Connect, retrying with backoff until the broker answers; gives up quietly once a stop is requested."""
         from kafka.errors import KafkaError
 
         while self._consumer is None and not self._closed:
@@ -463,7 +463,7 @@ class KafkaSource(Source):
                 delay = self._backoff.next_delay()
                 self._cannot_connect(error, delay)
                 if self.stop_requested():
-                    raise
+                    return  # shutting down: poll() reads nothing more
                 time.sleep(delay)
                 continue
             try:
@@ -478,7 +478,7 @@ class KafkaSource(Source):
                 delay = self._backoff.next_delay()
                 self._cannot_connect(error, delay)
                 if self.stop_requested():
-                    raise
+                    return
                 time.sleep(delay)
                 continue
             with self._open_lock:

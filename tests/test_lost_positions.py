@@ -379,3 +379,54 @@ def test_saved_partitions_a_topic_no_longer_has_are_lost_even_without_a_saved_id
     lost = _judged(None, _Consumer(1, "a"), {0: 10, 2: 40})
     assert [(p.partition, p.offset) for p in lost] == [(0, 10), (2, 40)]
     assert "fewer than the saved positions imply" in lost[0].reason
+
+
+class _KafkaSaysOutOfRange(_Consumer):
+    """Apache Kafka's answer to a fetch below the log start (retention deleted the records):
+    with auto_offset_reset = "none", kafka-python raises OffsetOutOfRangeError from poll."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        super().__init__(1, "a")
+        self._cluster.brokers = lambda: [SimpleNamespace(node_id=1)]
+        self._client = SimpleNamespace(connected=lambda node_id: True)
+        self._subscription = SimpleNamespace(assignment={})
+        self.seeks: dict = {}
+
+    def poll(self, timeout_ms):
+        from kafka import TopicPartition
+        from kafka.errors import OffsetOutOfRangeError
+
+        raise OffsetOutOfRangeError({TopicPartition(TOPIC, 0): 7953})
+
+    def beginning_offsets(self, tps, timeout_ms=None):
+        return {tp: 8000 for tp in tps}
+
+    def end_offsets(self, tps, timeout_ms=None):
+        return {tp: 9000 for tp in tps}
+
+    def seek(self, tp, offset):
+        self.seeks[tp] = offset
+
+    def resume(self, *tps):
+        self.paused -= set(tps)
+
+
+@pytest.mark.parametrize("policy", ["halt", "earliest"])
+def test_kafkas_offset_out_of_range_is_a_lost_position_never_a_silent_reset(policy):
+    source = KafkaSource(
+        KafkaSettings("127.0.0.1:1", (TOPIC,), on_lost_positions=policy), start=Positions({(TOPIC, 0): 7953})
+    )
+    consumer = source._consumer = _KafkaSaysOutOfRange()
+    reports = []
+    source.on_lost_positions = lambda action, lost: reports.append((action, lost))
+    if policy == "halt":
+        with pytest.raises(LostPositionsError, match=r"digits/0 at offset 7,953 \(log 8,000..9,000\): out of the log"):
+            source.poll()
+        assert consumer.seeks == {}  # nothing moved
+    else:
+        assert source.poll() == []
+        assert list(consumer.seeks.values()) == [8000]  # the log start: 47 deleted records are never read
+    ((action, (lost,)),) = reports
+    assert action == policy and (lost.offset, lost.log_start, lost.log_end) == (7953, 8000, 9000)
