@@ -342,6 +342,8 @@ class _Backoff:
 class KafkaSource(Source):
     """Raw records from Kafka topics; see the module docstring."""
 
+    until_end_topic_wait_s = 10.0  # how long a source reading `until_end` waits for a missing topic
+
     def __init__(
         self,
         settings: KafkaSettings,
@@ -560,7 +562,8 @@ class KafkaSource(Source):
     def _wait_for_partitions(self, consumer, topic: str) -> list[int]:
         """The partitions of `topic`, waiting (and warning each minute) while it does not exist.
 
-        A source reading `until_end` gives up after 10 s: a topic that does not exist has no end.
+        A source reading `until_end` gives up after `until_end_topic_wait_s`: a topic that does
+        not exist has no end.
         """
         started = time.monotonic()
         while True:
@@ -572,7 +575,7 @@ class KafkaSource(Source):
                         log.warning("kafka: topic %r exists now (%d partitions)", topic, len(found))
                     return sorted(found)
                 self._note_missing({topic})
-            if self.until_end and time.monotonic() - started > 10:
+            if self.until_end and time.monotonic() - started > self.until_end_topic_wait_s:
                 raise KafkaSourceError(
                     f"topic {topic!r} has no partitions on {self.settings.bootstrap} (does it exist?)"
                 )

@@ -308,6 +308,7 @@ def test_an_empty_topic_is_warned_about(broker, topic_name, caplog):
 def test_a_source_reading_until_the_end_of_a_missing_topic_gives_up_with_a_clear_error(broker, topic_name):
     topic = topic_name()
     source = KafkaSource(KafkaSettings(broker.bootstrap, (topic,)), until_end=True)
+    source.until_end_topic_wait_s = 1.0
     with pytest.raises(KafkaSourceError, match="does it exist"):
         source.open()
     source.close()
