@@ -82,6 +82,7 @@ def run_pipeline_benchmark(
     from continuity.config import load_config
     from continuity.service import Service
     from continuity.stream import EmbeddedBroker, create_topic, encode_binary, produce_records
+    from continuity.stream.broker import SHORT_SESSION_TIMEOUT_MS
 
     say = progress or (lambda message: None)
     records = max(1, examples // EXAMPLES_PER_RECORD)
@@ -102,6 +103,7 @@ def run_pipeline_benchmark(
             [
                 f'stream.bootstrap="{broker.bootstrap}"',
                 f'stream.topics=["{topic}"]',
+                f"stream.session_timeout_ms={SHORT_SESSION_TIMEOUT_MS}",  # the embedded broker's (see stream.broker)
                 'stream.dtype="uint8"',
                 f'checkpoints.dir="{Path(scratch) / "ck"}"',
                 "service.progress_every_s=0.25",

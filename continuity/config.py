@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from continuity.errors import UsageError
 from continuity.probe import ProbeConfig
 from continuity.stream.codecs import CODECS, DTYPE_CODES, FeatureSpec
-from continuity.stream.kafka import SECURITY_OPTIONS, KafkaSettings, redact
+from continuity.stream.kafka import KAFKA_SESSION_TIMEOUT_MS, SECURITY_OPTIONS, KafkaSettings, redact
+from continuity.stream.sources import LOST_POSITION_ACTIONS
 
 if TYPE_CHECKING:
     from continuity.guard import GuardConfig
@@ -123,8 +124,12 @@ class StreamConfig:
     dtype: str = "float32"
     num_classes: int | None = 10  # None: float regression targets (learner.task = "regression")
     auto_offset_reset: str = "earliest"
-    # The embedded broker holds a group join for about half the session timeout, hence short.
-    session_timeout_ms: int = 6000
+    # A checkpointed position the broker no longer has (topic recreated, log lost or truncated):
+    # "halt" (exit status 4, an operator decides), "earliest" or "latest" (see README).
+    on_lost_positions: str = "halt"
+    # Kafka's own default. The embedded broker holds a group join for about half of it, so the
+    # demo and the tests use its short one (stream.broker.SHORT_SESSION_TIMEOUT_MS).
+    session_timeout_ms: int = KAFKA_SESSION_TIMEOUT_MS
     dead_letters: str = "file"  # "file": dead_letter_path (JSON lines); "topic": <topic>.dlq
     dead_letter_path: str = "dead-letters.jsonl"
     quarantine_path: str = "quarantine.jsonl"
@@ -156,6 +161,7 @@ class StreamConfig:
             f"`stream.num_classes` must be >= 1, or left out for regression. Got {self.num_classes!r}.",
         )
         _one_of("stream.auto_offset_reset", self.auto_offset_reset, OFFSET_RESETS)
+        _one_of("stream.on_lost_positions", self.on_lost_positions, LOST_POSITION_ACTIONS)
         _require(
             self.session_timeout_ms >= 1000,
             f"`stream.session_timeout_ms` must be >= 1000. Got {self.session_timeout_ms!r}.",
@@ -185,6 +191,7 @@ class StreamConfig:
             topics=self.topics,
             group_id=group_id,
             auto_offset_reset=self.auto_offset_reset,
+            on_lost_positions=self.on_lost_positions,
             session_timeout_ms=self.session_timeout_ms,
             # Kafka wants heartbeats well inside the session timeout; a sixth gives 1 s at the
             # short 6 s timeout the embedded broker needs, and Kafka's usual 3 s at 18 s and above.
@@ -869,10 +876,13 @@ _COMMENTS = {
     ("stream", "dtype"): "wire dtype of the features: " + ", ".join(f'"{d}"' for d in WIRE_DTYPES),
     ("stream", "num_classes"): 'labels are integers in [0, num_classes); leave it out for learner.task = "regression"',
     ("stream", "auto_offset_reset"): 'where a partition without a checkpointed position starts: "earliest" or "latest"',
+    ("stream", "on_lost_positions"): "a checkpointed position the broker no longer has (topic recreated, log lost): "
+    '"halt" (exit 4, an operator decides), "earliest" (records may be trained twice) or "latest" (records in '
+    "between are never trained)",
     (
         "stream",
         "session_timeout_ms",
-    ): "short for the embedded broker (it holds a group join ~half of it); 45000 is Kafka's default",
+    ): "Kafka's default; the embedded broker holds a group join ~half of it: use 6000 there",
     ("stream", "dead_letters"): 'undecodable records go to "file" (dead_letter_path) or "topic" (<topic>.dlq)',
     ("stream", "dead_letter_path"): "JSON lines; a relative path is relative to checkpoints.dir",
     ("stream", "quarantine_path"): "records of quarantined windows, JSON lines; relative to checkpoints.dir",
@@ -955,8 +965,9 @@ def example_config() -> str:
 
     It runs as is against the embedded broker (`continuity broker --port 9092`) and the
     topic `continuity produce --bootstrap 127.0.0.1:9092 --topic digits --scenario
-    permuted-digits` creates. Values are rendered from the dataclasses' defaults, so the
-    example cannot drift from them.
+    permuted-digits` creates; its defaults are for Apache Kafka, so its header says which
+    overrides make the embedded broker quick (a short session timeout). Values are rendered
+    from the dataclasses' defaults, so the example cannot drift from them.
     """
     defaults = Config()
     lines = [
@@ -965,7 +976,8 @@ def example_config() -> str:
         "# command that takes --config with `--set section.key=value` (e.g. --set learner.batch_size=64).",
         "# Try it: `continuity broker --port 9092`, then",
         "# `continuity produce --bootstrap 127.0.0.1:9092 --topic digits --scenario permuted-digits`,",
-        "# and serve with --set probe.every_examples=1000 (digits segments last ~1,400 examples).",
+        "# and serve with --set probe.every_examples=1000 (digits segments last ~1,400 examples)",
+        "# --set stream.session_timeout_ms=6000 (the embedded broker holds a group join ~half of it).",
     ]
     for section in SECTIONS:
         lines += ["", f"# {_SECTION_NOTES[section]}", f"[{section}]"]

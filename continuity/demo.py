@@ -23,6 +23,7 @@ def run_demo(*, out: Path, seconds: int, segments: int = 6, seed: int = 0) -> in
     from continuity.report import write_markdown, write_png
     from continuity.service import Service, format_progress, format_summary
     from continuity.stream import EmbeddedBroker, ScenarioSource, create_topic, make_codec, produce_records
+    from continuity.stream.broker import SHORT_SESSION_TIMEOUT_MS
     from continuity.stream.scenarios import GUARD_EVERY_EXAMPLES, make_scenario
 
     if segments < 2:
@@ -45,6 +46,9 @@ def run_demo(*, out: Path, seconds: int, segments: int = 6, seed: int = 0) -> in
             [
                 f'stream.bootstrap="{broker.bootstrap}"',
                 f'stream.topics=["{TOPIC}"]',
+                # The embedded broker holds a group join for ~half the session timeout (Kafka's
+                # default, 45 s, would keep the demo waiting ~20 s before the first record).
+                f"stream.session_timeout_ms={SHORT_SESSION_TIMEOUT_MS}",
                 f'checkpoints.dir="{checkpoints}"',
                 "service.http_port=0",
                 "service.progress_every_s=2",

@@ -17,6 +17,13 @@ One run:
 4. At the end of a finite stream, or when `stop()` turns true, judge the last partial
    window the same way, checkpoint the last good model if it is not saved yet, wait
    for the save, commit, and return.
+5. When the source finds that a position it holds is gone from the broker (topic
+   recreated, log lost or truncated), it records that (ledger event `lost_positions`,
+   counted in `Progress.lost_positions`) and acts by `stream.on_lost_positions`. Under
+   "halt" it stops before reading anything of those partitions; the loop then drops the
+   window in progress unjudged (its records may come from either log), saves the last
+   accepted model if it is not saved yet, as any stop does, commits nothing, and returns
+   with `RunSummary.stopped_on_lost_positions`. No position is moved: an operator decides.
 
 Judging and checkpointing are decoupled on purpose: every window is judged (and EWC
 consolidated), which is what decides the model, while checkpoints, which only decide
@@ -24,9 +31,10 @@ how much a crash re-trains, are written at most every `checkpoint_every_s`. The 
 never depends on when saves happened, so determinism and exactly-once hold for any
 interval: a checkpoint always sits on a window boundary of the surviving lineage.
 
-Exactly-once training effect: positions are saved inside each checkpoint and the
-source is re-opened at them on restart, so in the surviving lineage every record is
-trained once. The ledger records each accepted or quarantined window with its
+Exactly-once training effect: positions are saved inside each checkpoint (with what the
+topics were then: ids and partition counts, so a recreated topic is told from the one
+the positions belong to) and the source is re-opened at them on restart, so in the
+surviving lineage every record is trained once. The ledger records each accepted or quarantined window with its
 positions; chained together, they cover the stream without gaps or overlaps.
 
 Threading: `run` blocks the calling thread; `stop` may be set from another one (a
@@ -61,6 +69,8 @@ from continuity.stream import (
     DeadLetterSink,
     Holdout,
     Ingest,
+    LostPosition,
+    LostPositionsError,
     PartitionKey,
     Positions,
     Source,
@@ -109,6 +119,10 @@ class RunSummary:
     skipped_updates: int = 0
     halted: bool = False
     stopped: bool = False
+    # Positions the broker no longer had (each with the action taken), and whether the run
+    # stopped on them (on_lost_positions = "halt"): see the module docstring.
+    lost_positions: list = field(default_factory=list)
+    stopped_on_lost_positions: bool = False
     restored_from: int | None = None
     last_checkpoint: int | None = None
     positions: dict = field(default_factory=dict)
@@ -140,6 +154,8 @@ class Progress:
     step_seconds: list  # wall time per train dispatch since the last snapshot (host view)
     probe_loss: float | None = None  # regression tasks: probe mean loss; probe_segments then hold losses
     regressions_in_a_row: int = 0  # windows judged regressed since the last accepted one
+    lost_positions: int = 0  # partitions whose held position the broker no longer had, this run
+    stream_note: str | None = None  # what keeps the source from reading ("broker unreachable for 42 s"); None: reading
 
 
 @dataclass
@@ -153,6 +169,7 @@ class _Good:
     lineage_examples: int
     report: dict = field(default_factory=dict)  # its probe figures, for its checkpoint
     verdict: Verdict | None = None  # the verdict that accepted it
+    topics: dict = field(default_factory=dict)  # what the topics of `positions` were (Source.topic_identities)
 
 
 def config_digest(*configs) -> str:
@@ -165,10 +182,20 @@ class _Reader:
     """A source opened at given positions, with its ingest thread and batcher."""
 
     def __init__(
-        self, stream: StreamInput, batch_size: int, holdout: Holdout, positions: Positions, segment_names: list
+        self,
+        stream: StreamInput,
+        batch_size: int,
+        holdout: Holdout,
+        positions: Positions,
+        segment_names: list,
+        *,
+        topics: dict,
+        on_lost_positions: Callable[[str, tuple[LostPosition, ...]], None],
     ):
         self.stream, self.batch_size, self.holdout = stream, batch_size, holdout
         self.source = stream.open_source(positions)
+        self.source.expect_topics(topics)
+        self.source.on_lost_positions = on_lost_positions
         self._start(positions, segment_names)
 
     def _start(self, positions: Positions, segment_names: list) -> None:
@@ -321,6 +348,15 @@ class TrainingLoop:
                 if ended or self.stopping():
                     break
             self._checkpoint(good)  # the last good model, if accepted since the last checkpoint
+        except LostPositionsError:
+            # The source logged and recorded them, and read nothing of those partitions. The window
+            # in progress is dropped unjudged (its state was donated to it: use the good copy).
+            self.summary.stopped_on_lost_positions = True
+            if self.guard.last_good is not None:  # run() marks the starting model good first
+                state = self.guard.last_good
+            self._checkpoint(good)  # the last accepted model, as any stop saves it; no position moves
+            if self.on_progress is not None:  # the metrics see the stop before the service ends
+                self.on_progress(self._progress(state, good, self.summary.examples_trained, 1.0))
         finally:
             self.store.wait()  # the last save is finalized (or its error raised) before anything is committed
             self._commit_finalized()
@@ -383,6 +419,7 @@ class TrainingLoop:
                 good.lineage_examples + trained,
                 report,
                 verdict,
+                topics={**good.topics, **reader.source.topic_identities()},
             )
             if self._checkpoint_due(good):
                 self._checkpoint(good)
@@ -420,7 +457,13 @@ class TrainingLoop:
                 # The quarantined window is accounted for: the last good model, checkpointed at once
                 # at the positions after it, so a restart does not read the quarantined records again.
                 good = _Good(
-                    None, good.probe, positions, list(reader.batcher.segment_names), good.lineage_examples, good.report
+                    None,
+                    good.probe,
+                    positions,
+                    list(reader.batcher.segment_names),
+                    good.lineage_examples,
+                    good.report,
+                    topics={**good.topics, **reader.source.topic_identities()},
                 )
                 self._checkpoint(good, quarantined=copied)
         jax.block_until_ready(state)
@@ -537,11 +580,32 @@ class TrainingLoop:
             learner_step=meta["learner_step"],
             config_digest=self.digest,
         )
-        good = _Good(restored.number, probe, positions, list(meta["segment_names"]), meta["lineage_examples"])
+        good = _Good(
+            restored.number,
+            probe,
+            positions,
+            list(meta["segment_names"]),
+            meta["lineage_examples"],
+            topics=dict(meta.get("topics") or {}),  # absent from checkpoints written before it was kept
+        )
         return restored.state, good
 
     def _open(self, good: _Good) -> _Reader:
-        return _Reader(self.stream, self.learner.config.batch_size, self.holdout, good.positions, good.segment_names)
+        return _Reader(
+            self.stream,
+            self.learner.config.batch_size,
+            self.holdout,
+            good.positions,
+            good.segment_names,
+            topics=good.topics,
+            on_lost_positions=self._on_lost_positions,
+        )
+
+    def _on_lost_positions(self, action: str, lost: tuple[LostPosition, ...]) -> None:
+        """The source found held positions gone from the broker (called on the ingest thread)."""
+        partitions = [p.to_json() for p in lost]
+        self.summary.lost_positions.extend({**p, "action": action} for p in partitions)
+        self.ledger.append("lost_positions", action=action, partitions=partitions)
 
     def _reopen(self, reader: _Reader, good: _Good) -> _Reader:
         """The reader, moved back to `good`'s positions: the same source when it can seek, else a new one."""
@@ -573,6 +637,7 @@ class TrainingLoop:
                     break
                 if not trained and self._checkpoint_due(good):
                     break
+                self._maybe_report(state, good)  # a quiet or unreachable stream still reports
                 continue
             last_batch = time.monotonic()
             if batch.held_out.any():
@@ -639,6 +704,7 @@ class TrainingLoop:
             "probe_store": probe_meta,
             "ewc_strength": float(state.ewc.strength),
             "lineage_examples": good.lineage_examples,
+            "topics": good.topics,
             "parent": parent.number,
             "window_from": parent.positions.to_json(),
             "config_digest": self.digest,
@@ -713,6 +779,8 @@ class TrainingLoop:
             step_seconds=steps,
             probe_loss=self._last_report.get("loss"),
             regressions_in_a_row=self._regressions_in_a_row,
+            lost_positions=len(self.summary.lost_positions),
+            stream_note=None if self.reader is None else self.reader.source.state_note(),
         )
 
 

@@ -33,6 +33,7 @@ _COUNTED = (
     ("dead_letters", "dead_letters"),
     ("rollbacks", "rollbacks"),
     ("quarantined_records", "quarantined_records"),
+    ("lost_positions", "lost_positions"),
 )
 
 
@@ -67,6 +68,12 @@ class ServiceMetrics:
             "Continuity-probe mean loss of the last judged model, per segment, for "
             f'regression tasks (segment="{OVERALL}" for the whole probe).',
             ["segment"],
+            registry=r,
+        )
+        self.lost_positions = Counter(
+            "continuity_lost_positions",
+            "Partitions whose saved position the broker no longer had (topic recreated, log lost or "
+            "truncated); acted on by stream.on_lost_positions.",
             registry=r,
         )
         self.ewc_lambda = Gauge("continuity_ewc_lambda", "Current EWC regularization strength.", registry=r)

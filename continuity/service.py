@@ -225,11 +225,20 @@ class Service:
             "ewc_lambda": None if progress is None else progress.ewc_strength,
             "examples_per_second": None if progress is None else progress.examples_per_second,
             "positions": None if progress is None else progress.positions.to_json(),
+            "stream": self.stream_note() or "reading",
+            "lost_positions": list(summary.lost_positions),
             "stopping": self.stop_event.is_set(),
         }
 
+    def stream_note(self) -> str | None:
+        """What keeps the source from reading now ("broker unreachable for 42 s"); None while it reads."""
+        reader = self.loop.reader
+        return None if reader is None else reader.source.state_note()
+
     def ready(self) -> bool:
-        return self.loop.ready.is_set() and not self.stop_event.is_set()
+        """Restored, reading, not stopping, and the source can read (Kafka: broker reachable, partitions assigned)."""
+        reader = self.loop.reader
+        return self.loop.ready.is_set() and not self.stop_event.is_set() and reader is not None and reader.source.ready
 
     def request_rollback(self, to: int | None, reason: str) -> dict:
         from continuity.checkpoints import CheckpointNotFoundError
@@ -249,9 +258,11 @@ def format_progress(progress: Progress, lag: int | None) -> str:
     def fmt(value, pattern):
         return "n/a" if value is None else pattern.format(value)
 
+    # What keeps the stream from being read ("broker unreachable for 42 s") stands where the lag would.
+    stream = progress.stream_note or f"lag {fmt(lag, '{:,}')}"
     return (
         f"{progress.examples_trained:>9,} examples  {progress.examples_per_second:>7,.0f}/s  "
-        f"lag {fmt(lag, '{:,}')}  {_probe_figure(progress.probe_accuracy, progress.probe_loss)}  "
+        f"{stream}  {_probe_figure(progress.probe_accuracy, progress.probe_loss)}  "
         f"lambda {fmt(progress.ewc_strength, '{:.3g}')}  rollbacks {progress.rollbacks}  "
         f"quarantined {progress.quarantined_records}  dead letters {progress.dead_letters}  "
         f"checkpoint {fmt(progress.checkpoint, '{}')}"
@@ -263,6 +274,13 @@ def _probe_figure(accuracy: float | None, loss: float | None) -> str:
     if accuracy is None and loss is not None:
         return f"probe loss {loss:.4g}"
     return f"probe {'n/a' if accuracy is None else f'{accuracy:.3f}'}"
+
+
+def describe_lost(lost: dict) -> str:
+    """A RunSummary.lost_positions entry as LostPosition.describe() says it."""
+    from continuity.stream import LostPosition
+
+    return LostPosition(**{k: v for k, v in lost.items() if k != "action"}).describe()
 
 
 def format_summary(summary: RunSummary) -> str:
@@ -283,5 +301,9 @@ def format_summary(summary: RunSummary) -> str:
     ]
     if summary.halted:
         rows.append(("halted", "yes: a regression with on_regression = 'halt'"))
+    for lost in summary.lost_positions:
+        rows.append(("lost position", f"{describe_lost(lost)} [{lost['action']}]"))
+    if summary.stopped_on_lost_positions:
+        rows.append(("halted", "yes: saved positions the broker no longer has (stream.on_lost_positions = 'halt')"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

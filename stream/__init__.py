@@ -32,10 +32,25 @@ from continuity.stream.deadletters import (
 )
 from continuity.stream.examples import Example, ExampleBlock
 from continuity.stream.ingest import Ingest, batches
-from continuity.stream.kafka import KafkaSettings, KafkaSource, KafkaSourceError, create_topic, produce_records
+from continuity.stream.kafka import (
+    KafkaLogLimit,
+    KafkaSettings,
+    KafkaSource,
+    KafkaSourceError,
+    TopicIdentity,
+    create_topic,
+    produce_records,
+)
 from continuity.stream.recording import RecordingWriter, record_topic
 from continuity.stream.records import PartitionKey, PartitionPosition, PartitionRecords, Position, Positions, Record
-from continuity.stream.sources import FileSource, ScenarioSource, Source, SourceError
+from continuity.stream.sources import (
+    FileSource,
+    LostPosition,
+    LostPositionsError,
+    ScenarioSource,
+    Source,
+    SourceError,
+)
 
 __all__ = [
     "CODECS",
@@ -58,9 +73,12 @@ __all__ = [
     "JsonCodec",
     "JsonLinesDeadLetters",
     "KafkaDeadLetters",
+    "KafkaLogLimit",
     "KafkaSettings",
     "KafkaSource",
     "KafkaSourceError",
+    "LostPosition",
+    "LostPositionsError",
     "MemoryDeadLetters",
     "Ownership",
     "PartitionKey",
@@ -73,6 +91,7 @@ __all__ = [
     "ScenarioSource",
     "Source",
     "SourceError",
+    "TopicIdentity",
     "batches",
     "create_topic",
     "encode_binary",

@@ -29,7 +29,7 @@ from continuity.stream.codecs import Codec
 from continuity.stream.deadletters import DeadLetterSink, MemoryDeadLetters
 from continuity.stream.examples import ExampleBlock
 from continuity.stream.records import PartitionPosition
-from continuity.stream.sources import Source
+from continuity.stream.sources import LostPositionsError, Source
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,9 @@ class Ingest:
                 if not runs and source.finished:
                     self._put(_END)
                     return
+        except LostPositionsError as error:  # the source logged it; the caller decides (no traceback)
+            self._error = error
+            self._put(_END)
         except BaseException as error:
             log.exception("ingest thread failed")
             self._error = error

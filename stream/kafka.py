@@ -12,14 +12,45 @@ delivered for it are committed to the group, so the next owner resumes exactly t
 in half by a rebalance is re-delivered whole to the next owner. Checkpointed Positions
 keep the within-record `skip`, so restarts from a checkpoint are exact.)
 
-A broker that cannot be reached is retried with exponential backoff (logged); kafka-python
-resumes fetching from its in-memory positions, so nothing is lost or repeated.
+A broker that cannot be reached is retried with exponential backoff; kafka-python
+resumes fetching from its in-memory positions, so nothing is lost or repeated. While no
+broker connection is up, fetching is paused, and it resumes only after fresh metadata
+shows the same topics: a broker that comes back empty, or as another cluster, is caught
+before a record of it is read (see below). kafka-python's own log lines repeat on every
+reconnect attempt; `KafkaLogLimit` keeps them to a few a minute.
+
+Lost positions. The source never creates a topic: it sends `allow_auto_topic_creation =
+false` with its metadata requests, and waits (warning each minute) for a topic that does
+not exist. A position it holds (from a checkpoint, or read since) that the broker no
+longer has is never skipped or re-read silently. It is lost when:
+- the topic was recreated: its topic id changed (brokers since Kafka 2.8 and Tansu
+  report ids), or its partition count changed against the count saved with the
+  positions (partitions added to the same topic id are only a warning: Kafka's own way
+  to grow a topic; without ids a grown count cannot be told from a recreation);
+- a saved partition no longer exists;
+- the position is beyond the log end (the fetch response's highwater: Tansu answers such
+  a fetch empty where Kafka says OFFSET_OUT_OF_RANGE), or below the log start (records
+  deleted), or kafka-python reports the log truncated (KIP-320).
+kafka-python runs with `auto_offset_reset = "none"`, so it never moves a partition on its
+own; partitions without any position are started here, at `auto_offset_reset`. Lost
+positions are logged as an error naming partitions and offsets, reported to
+`on_lost_positions`, and handled by `on_lost_positions` in the settings: "halt" (pause
+everything, commit nothing more, raise `LostPositionsError` from `poll`), "earliest" (go
+on from the log start: records may be trained twice if the log was not really lost) or
+"latest" (go on from the log end: the records in between are never trained).
 
 Security options (`security_protocol`, `sasl_*`, `ssl_*`) pass straight to kafka-python;
 `KafkaSettings` never prints secret values (repr and logs show `***`).
 
+kafka-python internals used (pinned to 3.0.x in pyproject.toml): the coordinator's commit
+and committed-offset coroutines (rebalance listener), the cluster metadata cache (topic ids,
+partition counts; and its config, because 3.0.12 accepts `allow_auto_create_topics` but
+never hands it to the cluster), the connection table, a metadata refresh with a timeout
+(`KafkaConsumer.topics()` waits forever), and a partition's fetch position and highwater.
+
 Threading: KafkaSource.poll and open run on one thread (the ingest thread); `commit` may
 be called from any thread: it queues the positions and the polling thread commits them.
+`ready` and `state_note` may be read from any thread.
 """
 
 from __future__ import annotations
@@ -27,20 +58,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from continuity.stream.broker import SHORT_HEARTBEAT_INTERVAL_MS, SHORT_SESSION_TIMEOUT_MS
 from continuity.stream.records import PartitionKey, PartitionPosition, PartitionRecords, Positions
-from continuity.stream.sources import Source, SourceError
+from continuity.stream.sources import LOST_POSITION_ACTIONS, LostPosition, LostPositionsError, Source, SourceError
 
 if TYPE_CHECKING:
-    from kafka import KafkaConsumer
+    from kafka import KafkaConsumer, TopicPartition
 
 log = logging.getLogger(__name__)
+
+# Apache Kafka's consumer defaults (KIP-735: 45 s since Kafka 3.0). The embedded broker wants
+# a much shorter session (see continuity.stream.broker.SHORT_SESSION_TIMEOUT_MS).
+KAFKA_SESSION_TIMEOUT_MS = 45000
+KAFKA_HEARTBEAT_INTERVAL_MS = 3000
+
+REMIND_EVERY_S = 60.0  # a condition that lasts (a missing topic, an unreachable broker) is logged again this often
+UNREACHABLE_AFTER_S = 1.0  # no broker connection for this long: the broker is unreachable (not a reconnect blip)
 
 SECURITY_OPTIONS = frozenset(
     {
@@ -81,9 +119,10 @@ class KafkaSettings:
     topics: tuple = ()
     group_id: str | None = None
     partitions: tuple | None = None  # explicit partition numbers (of every topic), no group
-    auto_offset_reset: str = "earliest"
-    session_timeout_ms: int = SHORT_SESSION_TIMEOUT_MS
-    heartbeat_interval_ms: int = SHORT_HEARTBEAT_INTERVAL_MS
+    auto_offset_reset: str = "earliest"  # partitions without any position (never one that has a saved one)
+    on_lost_positions: str = "halt"  # a held position the broker no longer has: "halt", "earliest" or "latest"
+    session_timeout_ms: int = KAFKA_SESSION_TIMEOUT_MS
+    heartbeat_interval_ms: int = KAFKA_HEARTBEAT_INTERVAL_MS
     request_timeout_ms: int = 20000
     max_poll_records: int = 2000
     fetch_max_wait_ms: int = 200
@@ -101,6 +140,11 @@ class KafkaSettings:
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise KafkaSourceError(
                 f"`auto_offset_reset` must be 'earliest' or 'latest'. Got {self.auto_offset_reset!r}"
+            )
+        if self.on_lost_positions not in LOST_POSITION_ACTIONS:
+            raise KafkaSourceError(
+                f"`on_lost_positions` must be one of {', '.join(map(repr, LOST_POSITION_ACTIONS))}. "
+                f"Got {self.on_lost_positions!r}"
             )
         if self.group_id is not None and self.partitions is not None:
             raise KafkaSourceError("give either `group_id` (group assignment) or `partitions` (explicit), not both")
@@ -138,6 +182,147 @@ def create_topic(settings: KafkaSettings | str, topic: str, partitions: int = 1,
         admin.close()
 
 
+@dataclass(frozen=True)
+class TopicIdentity:
+    """What a topic was when positions in it were read: its id (None where the broker reports none) and size."""
+
+    id: str | None
+    partitions: int
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "partitions": self.partitions}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> TopicIdentity:
+        topic_id = data.get("id")
+        return cls(None if topic_id is None else str(topic_id), int(data["partitions"]))
+
+
+class KafkaLogLimit(logging.Filter):
+    """Lets at most `per_window` records of the `kafka` loggers through a handler every `window_s` seconds.
+
+    kafka-python logs every failed reconnect and metadata refresh (about 1,300 lines in 10
+    minutes without a broker). The records held back are counted, and the first record
+    let through in the next window says how many there were. Attach it to a handler (a
+    logger's filters do not see its children's records); other loggers pass untouched.
+    Thread-safe.
+    """
+
+    def __init__(self, per_window: int = 5, window_s: float = 60.0, *, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.per_window, self.window_s, self.clock = per_window, window_s, clock
+        self._lock = threading.Lock()
+        self._window_started = -float("inf")
+        self._passed = 0
+        self.held_back = 0  # records held back in the current window
+        self._held_back_before = 0  # ... and in the previous one, to say so once
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.name == "kafka" or record.name.startswith("kafka.")):
+            return True
+        with self._lock:
+            now = self.clock()
+            if now - self._window_started >= self.window_s:
+                self._window_started, self._passed = now, 0
+                self._held_back_before, self.held_back = self.held_back, 0
+            if self._passed >= self.per_window:
+                self.held_back += 1
+                return False
+            self._passed += 1
+            if self._held_back_before:
+                record.msg = (
+                    f"{record.getMessage()} [{self._held_back_before} more kafka-python log lines were "
+                    f"held back in the previous {self.window_s:.0f} s]"
+                )
+                record.args = ()
+                self._held_back_before = 0
+            return True
+
+
+# ---- kafka-python internals (see the module docstring) ------------------------------------------
+
+
+def _forbid_topic_creation(consumer) -> None:
+    """Make the consumer's metadata requests say `allow_auto_topic_creation = false`.
+
+    KafkaConsumer(allow_auto_create_topics=False) is not enough in kafka-python 3.0.12: the
+    option never reaches the ClusterMetadata that builds the requests, so a consumer asks
+    the broker to create every topic it names (Tansu does; so does Kafka with
+    auto.create.topics.enable).
+    """
+    config = getattr(getattr(consumer, "_cluster", None), "config", None)
+    if not isinstance(config, dict) or "allow_auto_create_topics" not in config:
+        raise KafkaSourceError(
+            "this kafka-python has no ClusterMetadata.config['allow_auto_create_topics']: the consumer "
+            "could create topics; install the kafka-python version pyproject.toml allows"
+        )
+    config["allow_auto_create_topics"] = False
+
+
+def _broker_connected(consumer) -> bool:
+    """Whether any broker connection is up (connections only: no network call)."""
+    client = consumer._client
+    return any(client.connected(broker.node_id) for broker in consumer._cluster.brokers())
+
+
+def _refresh_metadata(consumer, timeout_ms: int, *, all_topics: bool = False) -> bool:
+    """Fresh cluster metadata (the consumer's topics, or every topic); False when none came within the timeout.
+
+    KafkaConsumer._fetch_all_topic_metadata with a timeout: `topics()` waits forever on a
+    broker that is down.
+    """
+    from kafka.errors import KafkaError
+
+    cluster = consumer._cluster
+    stash = cluster.need_all_topic_metadata
+    try:
+        cluster.need_all_topic_metadata = all_topics or stash
+        future = cluster.request_update()
+        consumer._net.run(consumer._manager.wait_for, future, timeout_ms)
+        return bool(future.succeeded())
+    except KafkaError:
+        return False
+    finally:
+        cluster.need_all_topic_metadata = stash
+
+
+def _identity(consumer, topic: str) -> TopicIdentity | None:
+    """The topic as the cached metadata describes it; None when the cache does not know it."""
+    numbers = consumer._cluster.partitions_for_topic(topic)
+    if not numbers:
+        return None
+    topic_id = consumer._cluster.topic_id(topic)
+    return TopicIdentity(None if topic_id is None else str(topic_id), len(numbers))
+
+
+def _fetch_position(consumer, tp) -> int | None:
+    """The offset kafka-python fetches next for `tp` (None: no position yet, or not assigned); no network call."""
+    state = consumer._subscription.assignment.get(tp)
+    position = None if state is None else state.position
+    return None if position is None else int(position.offset)
+
+
+def _highwater(consumer, tp) -> int | None:
+    """The log end the last fetch of `tp` reported (None: none yet, or not assigned); no network call.
+
+    KafkaConsumer.highwater raises for a partition a rebalance just took away.
+    """
+    state = consumer._subscription.assignment.get(tp)
+    return None if state is None or state.highwater is None else int(state.highwater)
+
+
+def _seek(consumer, tp, offset: int) -> None:
+    """Seek, forgetting the highwater of the fetches before: the next fetch says where this log ends."""
+    consumer.seek(tp, offset)
+    state = consumer._subscription.assignment.get(tp)
+    if state is not None:
+        state.highwater = None
+
+
+class _Stopped(Exception):
+    """A stop was requested while open() waited for the broker or a topic."""
+
+
 class _Backoff:
     """Exponential backoff: 0.1 s doubling to `cap_s`; reset after a success."""
 
@@ -156,6 +341,8 @@ class _Backoff:
 
 class KafkaSource(Source):
     """Raw records from Kafka topics; see the module docstring."""
+
+    until_end_topic_wait_s = 10.0  # how long a source reading `until_end` waits for a missing topic
 
     def __init__(
         self,
@@ -183,17 +370,73 @@ class KafkaSource(Source):
         self._positions: dict[PartitionKey, int] = {}  # next offset after what poll returned
         self.ownership.assign(())  # nothing owned until assigned
         self.errors = 0
+        # Lost positions: what the topics were when the held positions were read (checkpoint,
+        # then first sight); what the rebalance listener found for poll to act on; partitions
+        # seeked to a held offset whose log start is not checked yet; the halt, once decided.
+        self._expected: dict[str, TopicIdentity] = {}
+        self._state_lock = threading.Lock()  # the listener (kafka-python's IO thread) and poll share these
+        self._pending_lost: list[tuple[list[LostPosition], dict[str, TopicIdentity]]] = []
+        self._unverified: set[PartitionKey] = set()
+        self._halt: LostPositionsError | None = None
+        # Reachability: since when no broker connection is up (None: up); whether fetching
+        # is paused until fresh metadata shows the same topics; missing and empty topics.
+        self._disconnected_since: float | None = None
+        self._unreachable_since: float | None = None
+        self._unreachable_logged = 0.0
+        self._recheck = False
+        self._recheck_after = 0.0
+        self._missing: set[str] = set()
+        self._missing_logged = 0.0
+        self._empty_checked: set[str] = set()
+
+    # -- lost positions: the Source hooks
+    def expect_topics(self, identities: Mapping[str, Mapping]) -> None:
+        self._expected = {t: TopicIdentity.from_json(i) for t, i in identities.items() if t in self.settings.topics}
+
+    def topic_identities(self) -> dict[str, dict]:
+        return {topic: identity.to_json() for topic, identity in dict(self._expected).items()}
+
+    # -- readiness
+    @property
+    def ready(self) -> bool:
+        """Connected, no broker outage, no halt, and at least one partition assigned."""
+        owned = self.ownership.owned()
+        return (
+            self._consumer is not None
+            and self._halt is None
+            and self._unreachable_since is None
+            and bool(owned)
+            and not self._recheck
+        )
+
+    def state_note(self) -> str | None:
+        if self._halt is not None:
+            return "stopped: saved positions lost"
+        since = self._unreachable_since
+        if since is not None:
+            return f"broker unreachable for {time.monotonic() - since:,.0f} s"
+        missing = sorted(self._missing)
+        if missing:
+            return f"topic {', '.join(map(repr, missing))} does not exist"
+        if self._consumer is None:
+            return "connecting"
+        if not self.ownership.owned():
+            return "no partitions assigned"
+        return None
 
     # -- connection
     def _make_consumer(self):
         from kafka import KafkaConsumer
 
         s = self.settings
-        return KafkaConsumer(
+        consumer = KafkaConsumer(
             **s.client_options(),
             group_id=s.group_id,
             enable_auto_commit=False,
-            auto_offset_reset=s.auto_offset_reset,
+            # kafka-python never moves a partition by itself: one without any position is
+            # started here (`_start_unpositioned`), one whose position is lost is reported.
+            auto_offset_reset="none",
+            allow_auto_create_topics=False,
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             request_timeout_ms=s.request_timeout_ms,
@@ -203,47 +446,92 @@ class KafkaSource(Source):
             reconnect_backoff_max_ms=s.reconnect_backoff_max_ms,
             bootstrap_timeout_ms=s.bootstrap_timeout_ms,
         )
+        try:
+            _forbid_topic_creation(consumer)
+        except KafkaSourceError:
+            consumer.close(autocommit=False)
+            raise
+        return consumer
 
     def open(self) -> None:
-        """Connect, retrying with backoff until the broker answers (or a stop is requested)."""
+        """Connect, retrying with backoff until the broker answers; gives up quietly once a stop is requested."""
         from kafka.errors import KafkaError
 
         while self._consumer is None and not self._closed:
             try:
                 consumer = self._make_consumer()
-                self._attach(consumer)
-                with self._open_lock:
-                    if self._closed:
-                        # close() ran while this consumer was being made: it must not live on
-                        # as a group member nobody polls (it would hold its partitions).
-                        consumer.close(autocommit=False)
-                        return
-                    self._consumer = consumer
-                self._backoff.reset()
             except (KafkaError, OSError) as error:
                 self.errors += 1
                 delay = self._backoff.next_delay()
-                log.warning(
-                    "kafka: cannot connect to %s (%s); retry %d in %.1f s",
-                    self.settings.bootstrap,
-                    type(error).__name__,
-                    self._backoff.attempt,
-                    delay,
-                )
+                self._cannot_connect(error, delay)
                 if self.stop_requested():
-                    raise
+                    return  # shutting down: poll() reads nothing more
                 time.sleep(delay)
+                continue
+            try:
+                self._attach(consumer)
+            except (_Stopped, KafkaError, OSError, KafkaSourceError) as error:
+                consumer.close(autocommit=False)
+                if isinstance(error, _Stopped):
+                    return
+                if isinstance(error, KafkaSourceError):
+                    raise
+                self.errors += 1
+                delay = self._backoff.next_delay()
+                self._cannot_connect(error, delay)
+                if self.stop_requested():
+                    return
+                time.sleep(delay)
+                continue
+            with self._open_lock:
+                if self._closed:
+                    # close() ran while this consumer was being made: it must not live on
+                    # as a group member nobody polls (it would hold its partitions).
+                    consumer.close(autocommit=False)
+                    return
+                self._consumer = consumer
+            self._backoff.reset()
+            if self._unreachable_since is not None:
+                log.warning(
+                    "kafka: connected to %s after %.0f s",
+                    self.settings.bootstrap,
+                    time.monotonic() - self._unreachable_since,
+                )
+                self._unreachable_since = None
+
+    def _cannot_connect(self, error: BaseException, delay: float) -> None:
+        """Log a failed connection attempt: the first at once, then one line a minute."""
+        now = time.monotonic()
+        if self._unreachable_since is None:
+            self._unreachable_since = self._unreachable_logged = now
+            log.warning(
+                "kafka: cannot connect to %s (%s); retry %d in %.1f s",
+                self.settings.bootstrap,
+                type(error).__name__,
+                self._backoff.attempt,
+                delay,
+            )
+        elif now - self._unreachable_logged >= REMIND_EVERY_S:
+            self._unreachable_logged = now
+            log.warning(
+                "kafka: still cannot connect to %s after %.0f s (%s); retrying",
+                self.settings.bootstrap,
+                now - self._unreachable_since,
+                type(error).__name__,
+            )
 
     def _attach(self, consumer) -> None:
         from kafka import TopicPartition
-        from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 
         s = self.settings
         if s.group_id is not None:
             source = self
+            self._warn_missing(consumer, initial=True)
 
             # kafka-python 3 runs listeners on its IO loop, where a blocking commit raises;
             # the async form awaits the commit while heartbeats keep running.
+            from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+
             class Listener(AsyncConsumerRebalanceListener):
                 async def on_partitions_revoked(self, revoked):
                     delivered = source._on_revoked(revoked)
@@ -271,17 +559,54 @@ class KafkaSource(Source):
         consumer.assign(tps)
         self._on_assigned(consumer, tps)
 
-    def _wait_for_partitions(self, consumer, topic: str, timeout_s: float = 10.0) -> list[int]:
-        deadline = time.monotonic() + timeout_s
+    def _wait_for_partitions(self, consumer, topic: str) -> list[int]:
+        """The partitions of `topic`, waiting (and warning each minute) while it does not exist.
+
+        A source reading `until_end` gives up after `until_end_topic_wait_s`: a topic that does
+        not exist has no end.
+        """
+        started = time.monotonic()
         while True:
-            found = consumer.partitions_for_topic(topic)
-            if found:
-                return sorted(found)
-            if time.monotonic() > deadline:
+            if _refresh_metadata(consumer, 5000, all_topics=True):
+                found = consumer._cluster.partitions_for_topic(topic)
+                if found:
+                    if topic in self._missing:
+                        self._missing.discard(topic)
+                        log.warning("kafka: topic %r exists now (%d partitions)", topic, len(found))
+                    return sorted(found)
+                self._note_missing({topic})
+            if self.until_end and time.monotonic() - started > self.until_end_topic_wait_s:
                 raise KafkaSourceError(
                     f"topic {topic!r} has no partitions on {self.settings.bootstrap} (does it exist?)"
                 )
-            time.sleep(0.1)
+            if self.stop_requested() or self._closed:
+                raise _Stopped
+            time.sleep(1.0)
+
+    def _warn_missing(self, consumer, *, initial: bool = False) -> None:
+        """Warn about subscribed topics the broker does not have (the consumer never creates them)."""
+        if initial:
+            if not _refresh_metadata(consumer, 5000, all_topics=True):
+                return  # no answer in time: the next check says
+        existing = consumer._cluster.topics()
+        appeared = self._missing & existing
+        for topic in sorted(appeared):
+            log.warning("kafka: topic %r exists now", topic)
+        self._missing -= appeared
+        self._note_missing(set(self.settings.topics) - existing)
+
+    def _note_missing(self, missing: set[str]) -> None:
+        now = time.monotonic()
+        new = missing - self._missing
+        self._missing |= missing
+        if new or (self._missing and now - self._missing_logged >= REMIND_EVERY_S):
+            self._missing_logged = now
+            log.warning(
+                "kafka: topic %s does not exist on %s; waiting for it (Continuity never creates topics: "
+                "create it with the partition count you want, or check the name)",
+                ", ".join(map(repr, sorted(self._missing))),
+                self.settings.bootstrap,
+            )
 
     # -- rebalance (called on kafka-python's thread inside poll)
     def _on_assigned(self, consumer, assigned) -> list:
@@ -293,17 +618,24 @@ class KafkaSource(Source):
                 later.append(tp)
                 continue
             self._first_assignment_done.add(key)
-            try:
-                saved = self.start[key]
-            except KeyError:
+            saved = self.start.get(key)
+            if saved is None:
                 continue
-            consumer.seek(tp, saved.offset)
+            _seek(consumer, tp, saved.offset)
+            self._positions[key] = saved.offset
             if saved.skip:
                 self._pending_skip[key] = saved
+            with self._state_lock:
+                self._unverified.add(key)
         if self.until_end and self._end_offsets is None:
             ends = consumer.end_offsets(list(assigned))
             self._end_offsets = {PartitionKey(tp.topic, tp.partition): off for tp, off in ends.items()}
         self.ownership.assign(keys)
+        self._missing -= {key.topic for key in keys}
+        self._empty_checked -= {key.topic for key in keys}
+        self._check_topics(consumer, {key.topic for key in keys})
+        if self._recheck or self._halt is not None:
+            consumer.pause(*assigned)  # nothing is read until the topics are checked again
         log.info("kafka: assigned %s", sorted(f"{k.topic}/{k.partition}" for k in keys))
         return later
 
@@ -330,15 +662,18 @@ class KafkaSource(Source):
             with self.ownership.lock:
                 ours = self.ownership.delivered.get(key, self.start.get(key))
             if ours is not None and (found is None or found.offset < 0 or found.offset <= ours.offset):
-                consumer.seek(tp, ours.offset)
+                _seek(consumer, tp, ours.offset)
+                self._positions[key] = ours.offset
                 if ours.skip:
                     self._pending_skip[key] = ours
             elif found is not None and found.offset >= 0:
-                consumer.seek(tp, found.offset)
-            elif self.settings.auto_offset_reset == "earliest":
-                consumer.seek_to_beginning(tp)
+                _seek(consumer, tp, found.offset)
+                self._positions[key] = found.offset
             else:
-                consumer.seek_to_end(tp)
+                self._start_unpositioned(consumer, [tp])
+                continue
+            with self._state_lock:
+                self._unverified.add(key)
 
     def rewind(self, positions: Positions) -> bool:
         """Seek the live consumer to `positions` (a rollback or a retried window).
@@ -349,7 +684,7 @@ class KafkaSource(Source):
         open or an assigned partition has no position to go to.
         """
         consumer = self._consumer
-        if consumer is None or self._closed:
+        if consumer is None or self._closed or self._halt is not None:
             return False
         assigned = {PartitionKey(tp.topic, tp.partition): tp for tp in consumer.assignment()}
         targets = dict(positions.items())
@@ -363,10 +698,12 @@ class KafkaSource(Source):
             self.ownership.delivered = {PartitionKey(*key): position for key, position in targets.items()}
         for key, tp in assigned.items():
             saved = targets[key]
-            consumer.seek(tp, saved.offset)
+            _seek(consumer, tp, saved.offset)
             if saved.skip:
                 self._pending_skip[key] = saved
             self._positions[key] = saved.offset
+            with self._state_lock:
+                self._unverified.add(key)
         log.info("kafka: rewound to %s", positions)
         return True
 
@@ -379,6 +716,8 @@ class KafkaSource(Source):
             log.info(
                 "kafka: revoked %s (delivered %s)", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked), delivered
             )
+        if self._halt is not None:
+            return Positions()  # stopped on lost positions: nothing more is committed
         return delivered
 
     async def _commit_on_loop(self, consumer, positions: Positions) -> None:
@@ -401,12 +740,292 @@ class KafkaSource(Source):
     def _on_lost(self, lost) -> None:
         # Membership already gone: the partitions belong to someone else; commit nothing.
         self.ownership.revoke([(tp.topic, tp.partition) for tp in lost])
+        for tp in lost:
+            self._positions.pop(PartitionKey(tp.topic, tp.partition), None)
         log.warning("kafka: lost partitions %s", sorted(f"{tp.topic}/{tp.partition}" for tp in lost))
+
+    # -- lost positions: detection
+    def _held(self, topic: str) -> dict[int, int]:
+        """{partition: offset} of every position held in `topic`: saved, delivered or fetched up to."""
+        held = {key.partition: position.offset for key, position in self.start.items() if key.topic == topic}
+        with self.ownership.lock:
+            held.update({k.partition: p.offset for k, p in self.ownership.delivered.items() if k.topic == topic})
+        held.update({k.partition: offset for k, offset in dict(self._positions).items() if k.topic == topic})
+        return held
+
+    def _check_topics(self, consumer, topics: Iterable[str]) -> None:
+        """Compare topics (cached metadata) with what the held positions were read from; queue what was lost.
+
+        Runs on either thread (the rebalance listener, or poll); `_act_on_lost` acts on the
+        queue from poll. The affected partitions are paused until then.
+        """
+        with self._state_lock:
+            queued = {p.topic for entries, _ in self._pending_lost for p in entries}
+        for topic in sorted(set(topics) - queued):
+            now = _identity(consumer, topic)
+            if now is None:
+                continue  # no metadata for it now: checked again when it comes back
+            before = self._expected.get(topic)
+            held = self._held(topic)
+            if before is None:  # positions saved without the topic's identity: what they imply
+                if all(p < now.partitions for p in held):
+                    self._expected[topic] = now
+                    continue
+                # Kafka never takes partitions away: a topic with fewer was recreated.
+                reason = f"the topic has {now.partitions} partitions, fewer than the saved positions imply (recreated)"
+            elif before.id is not None and now.id is not None and before.id != now.id:
+                reason = f"the topic was recreated (its id was {before.id}, now {now.id})"
+            elif now.partitions != before.partitions:
+                if now.id is not None and now.id == before.id and now.partitions > before.partitions:
+                    log.warning(
+                        "kafka: partitions were added to %r (%d -> %d); the new ones start at %s",
+                        topic,
+                        before.partitions,
+                        now.partitions,
+                        self.settings.auto_offset_reset,
+                    )
+                    self._expected[topic] = now
+                    continue
+                reason = f"the topic has {now.partitions} partitions, not {before.partitions}" + (
+                    " (a recreated topic, as far as a broker without topic ids can tell)" if now.id is None else ""
+                )
+            else:
+                continue
+            lost = [LostPosition(topic, p, offset, reason) for p, offset in sorted(held.items())]
+            if not lost:  # nothing held in it: nothing to lose
+                self._expected[topic] = now
+                continue
+            self._queue_lost(consumer, lost, now)
+
+    def _queue_lost(self, consumer, lost: list[LostPosition], identity: TopicIdentity) -> None:
+        """Hold the topic's partitions back (paused) until poll acts on `lost` (see `_act_on_lost`)."""
+        topic = lost[0].topic
+        consumer.pause(*[tp for tp in consumer.assignment() if tp.topic == topic])
+        with self._state_lock:
+            self._pending_lost.append((lost, {topic: identity}))
+
+    def _check_log_ranges(self, consumer) -> list[LostPosition]:
+        """Assigned partitions whose fetch position lies beyond the log end or below its start."""
+        from kafka.errors import KafkaError
+
+        assigned = consumer.assignment()
+        with self._state_lock:
+            unverified, self._unverified = self._unverified, set()
+        starts: dict = {}
+        check_start = [tp for tp in assigned if PartitionKey(tp.topic, tp.partition) in unverified]
+        if check_start:
+            try:
+                starts = consumer.beginning_offsets(check_start, timeout_ms=self.settings.request_timeout_ms)
+            except KafkaError:
+                with self._state_lock:
+                    self._unverified |= {PartitionKey(tp.topic, tp.partition) for tp in check_start}
+        lost = []
+        for tp in assigned:
+            position = _fetch_position(consumer, tp)
+            if position is None:
+                continue
+            end = _highwater(consumer, tp)
+            start = starts.get(tp)
+            if end is not None and end < position:
+                lost.append(
+                    LostPosition(tp.topic, tp.partition, position, "beyond the log end", log_start=start, log_end=end)
+                )
+            elif start is not None and start > position:
+                lost.append(
+                    LostPosition(tp.topic, tp.partition, position, "below the log start (records deleted)", start, end)
+                )
+        return lost
+
+    def _log_range(self, consumer, tps: list) -> tuple[dict, dict]:
+        """({tp: first offset}, {tp: end offset}) from the broker (ListOffsets); {} where it does not answer.
+
+        Tansu's end offset can fall short of the readable end (its last batch's first offset
+        + 1): "latest" then re-reads that batch. The highwater of earlier fetches cannot stand
+        in: after a recreation it describes the old log.
+        """
+        from kafka.errors import KafkaError
+
+        if not tps:
+            return {}, {}
+        try:
+            starts = consumer.beginning_offsets(tps, timeout_ms=self.settings.request_timeout_ms)
+            ends = consumer.end_offsets(tps, timeout_ms=self.settings.request_timeout_ms)
+        except KafkaError:
+            return {}, {}
+        return starts, ends
+
+    # -- lost positions: action
+    def _act_on_lost(self, consumer, found: list[LostPosition]) -> set[PartitionKey]:
+        """Handle what was found or queued; returns the partitions moved (their polled records are stale)."""
+        with self._state_lock:
+            queued, self._pending_lost = self._pending_lost, []
+        identities: dict[str, TopicIdentity] = {}
+        lost: list[LostPosition] = []
+        for entries, identity in queued:
+            lost.extend(entries)
+            identities.update(identity)
+        lost.extend(found)
+        if not lost:
+            return set()
+        lost = list({(p.topic, p.partition): p for p in reversed(lost)}.values())[::-1]  # first finding wins
+        from kafka import TopicPartition
+
+        policy = self.settings.on_lost_positions
+        # The partitions of a changed topic go on at the policy's edge, held positions or not.
+        assigned = consumer.assignment()
+        tps = {TopicPartition(p.topic, p.partition) for p in lost} & assigned
+        moved_tps = sorted(tps | {tp for tp in assigned if tp.topic in identities})
+        starts, ends = self._log_range(consumer, moved_tps)
+        lost = [
+            replace(
+                p,
+                log_start=p.log_start if p.log_start is not None else starts.get(TopicPartition(p.topic, p.partition)),
+                log_end=p.log_end if p.log_end is not None else ends.get(TopicPartition(p.topic, p.partition)),
+            )
+            for p in lost
+        ]
+        if policy == "halt":
+            consumer.pause(*consumer.assignment())
+            with self._commit_lock:
+                self._pending_commit = None
+            self._halt = LostPositionsError(lost)
+            log.error(
+                "kafka: %s. Nothing of these partitions was read; the service stops so that an operator "
+                'decides (stream.on_lost_positions: "earliest" re-reads from the log start, "latest" '
+                "skips to the end)",
+                self._halt,
+            )
+            self.on_lost_positions("halt", self._halt.lost)
+            raise self._halt
+        edge = starts if policy == "earliest" else ends
+        moved: set[PartitionKey] = set()
+        resumed = {}
+        for tp in moved_tps:
+            offset = edge.get(tp)
+            if offset is None:  # the broker did not say: let kafka-python find the edge
+                (consumer.seek_to_beginning if policy == "earliest" else consumer.seek_to_end)(tp)
+            else:
+                _seek(consumer, tp, offset)
+            key = PartitionKey(tp.topic, tp.partition)
+            self._go_on_at(key, offset)
+            moved.add(key)
+            resumed[key] = offset
+        gone = {PartitionKey(p.topic, p.partition) for p in lost} - moved
+        self.start = Positions({k: v for k, v in self.start.items() if k not in gone})
+        self._expected.update(identities)
+        reported = tuple(replace(p, resumed_at=resumed.get(PartitionKey(p.topic, p.partition))) for p in lost)
+        log.error(
+            "kafka: saved stream positions the broker no longer has: %s. stream.on_lost_positions = %r: read on "
+            "from the log %s%s",
+            "; ".join(p.describe() for p in reported),
+            policy,
+            "start" if policy == "earliest" else "end",
+            " (records may be trained twice)"
+            if policy == "earliest"
+            else " (the records in between are never trained)",
+        )
+        self.on_lost_positions(policy, reported)
+        if not self._recheck:
+            consumer.resume(*moved_tps)
+        return moved
+
+    def _go_on_at(self, key: PartitionKey, offset: int | None) -> None:
+        """Forget what was held for `key`: reading goes on at `offset` (None: kafka-python finds it)."""
+        self._pending_skip.pop(key, None)
+        with self.ownership.lock:
+            if offset is None:
+                self.ownership.delivered.pop(key, None)
+            else:
+                self.ownership.delivered[key] = PartitionPosition(offset, 0)
+        if offset is None:
+            self._positions.pop(key, None)
+            self.start = Positions({k: v for k, v in self.start.items() if k != key})
+        else:
+            self._positions[key] = offset
+            self.start = self.start.merged({key: PartitionPosition(offset, 0)})
+
+    def _start_unpositioned(self, consumer, tps) -> None:
+        """Partitions without any position (no checkpoint, no group commit) start at `auto_offset_reset`."""
+        tps = list(tps)
+        if not tps:  # kafka-python's seek_to_*() without partitions means every assigned one
+            return
+        if self.settings.auto_offset_reset == "earliest":
+            consumer.seek_to_beginning(*tps)
+        else:
+            consumer.seek_to_end(*tps)
+        log.info(
+            "kafka: %s have no saved position; starting at the %s",
+            sorted(f"{tp.topic}/{tp.partition}" for tp in tps),
+            "log start" if self.settings.auto_offset_reset == "earliest" else "log end",
+        )
+
+    # -- reachability
+    def _watch_connection(self, consumer) -> None:
+        """Pause fetching while no broker connection is up; resume once fresh metadata shows the same topics.
+
+        A broker that comes back could be another one (replaced, empty): nothing is read from
+        it before its topics are compared with what the held positions were read from.
+        """
+        now = time.monotonic()
+        if not _broker_connected(consumer):
+            if self._disconnected_since is None:
+                self._disconnected_since = now
+            if not self._recheck:
+                self._recheck = True
+                consumer.pause(*consumer.assignment())
+            if self._unreachable_since is None and now - self._disconnected_since >= UNREACHABLE_AFTER_S:
+                self._unreachable_since = self._unreachable_logged = self._disconnected_since
+                log.warning(
+                    "kafka: broker %s unreachable; fetching paused until it is back and its topics are checked",
+                    self.settings.bootstrap,
+                )
+            elif self._unreachable_since is not None and now - self._unreachable_logged >= REMIND_EVERY_S:
+                self._unreachable_logged = now
+                log.warning(
+                    "kafka: broker %s unreachable for %.0f s", self.settings.bootstrap, now - self._unreachable_since
+                )
+        else:
+            self._disconnected_since = None
+        if not self._recheck or now < self._recheck_after:
+            return
+        if not _refresh_metadata(consumer, 1000):
+            self._recheck_after = time.monotonic() + 0.5
+            return
+        if self._unreachable_since is not None:
+            log.warning(
+                "kafka: broker %s reachable again after %.0f s; reading on once its topics are checked",
+                self.settings.bootstrap,
+                time.monotonic() - self._unreachable_since,
+            )
+        self._unreachable_since = self._disconnected_since = None
+        self._recheck = False
+        self._check_topics(consumer, {tp.topic for tp in consumer.assignment()})
+        with self._state_lock:
+            held_back = {p.topic for entries, _ in self._pending_lost for p in entries}
+        consumer.resume(*[tp for tp in consumer.assignment() if tp.topic not in held_back])
+
+    def _warn_if_empty(self, consumer) -> None:
+        """Once per assignment, warn about a topic whose assigned partitions hold no records."""
+        by_topic: dict[str, list] = {}
+        for tp in consumer.assignment():
+            if tp.topic not in self._empty_checked:
+                by_topic.setdefault(tp.topic, []).append(tp)
+        for topic, tps in by_topic.items():
+            ends = [_highwater(consumer, tp) for tp in tps]
+            if any(end is None for end in ends):
+                continue  # not fetched yet
+            self._empty_checked.add(topic)
+            if not any(ends):
+                log.warning(
+                    "kafka: topic %r is empty: partitions %s assigned here have no records yet",
+                    topic,
+                    sorted(tp.partition for tp in tps),
+                )
 
     # -- commits
     def commit(self, positions: Positions) -> None:
         """Queue `positions` to be committed to the group by the polling thread."""
-        if self.settings.group_id is None:
+        if self.settings.group_id is None or self._halt is not None:
             return
         with self._commit_lock:
             self._pending_commit = positions if self._pending_commit is None else self._pending_commit.merged(positions)
@@ -444,16 +1063,38 @@ class KafkaSource(Source):
 
     # -- reading
     def poll(self, timeout_s: float = 0.1) -> list[PartitionRecords]:
-        from kafka.errors import KafkaError
+        from kafka.errors import KafkaError, LogTruncationError, NoOffsetForPartitionError, OffsetOutOfRangeError
 
+        if self._halt is not None:
+            raise self._halt
         if self._consumer is None:
             self.open()
         consumer = self._consumer
         if consumer is None:  # open() gave up: close() ran meanwhile
             return []
         try:
+            self._watch_connection(consumer)
+            self._act_on_lost(consumer, [])  # what the listener or the reconnect check found
             self._flush_commit()
             fetched = consumer.poll(timeout_ms=int(timeout_s * 1000))
+        except NoOffsetForPartitionError as error:
+            self._start_unpositioned(consumer, error.args[0] if error.args else ())
+            return []
+        except OffsetOutOfRangeError as error:
+            offsets = error.args[0] if error.args and isinstance(error.args[0], dict) else {}
+            reason = "out of the log's range (the broker answered OFFSET_OUT_OF_RANGE)"
+            self._act_on_lost(consumer, [LostPosition(tp.topic, tp.partition, o, reason) for tp, o in offsets.items()])
+            return []
+        except LogTruncationError as error:
+            reason = "the log was truncated below it (KIP-320 validation)"
+            self._act_on_lost(
+                consumer,
+                [
+                    LostPosition(tp.topic, tp.partition, _fetch_position(consumer, tp), reason)
+                    for tp in error.divergent_offsets
+                ],
+            )
+            return []
         except KafkaError as error:
             self.errors += 1
             delay = self._backoff.next_delay()
@@ -467,9 +1108,17 @@ class KafkaSource(Source):
             time.sleep(delay)
             return []
         self._backoff.reset()
+        # Records of a topic found changed, or of a partition found out of its log's range,
+        # are dropped here: they were read at a position that is no longer the one to trust.
+        self._check_topics(consumer, {tp.topic for tp in consumer.assignment()})
+        moved = self._act_on_lost(consumer, self._check_log_ranges(consumer))
+        if self._missing:
+            self._warn_missing(consumer)
+        self._warn_if_empty(consumer)
         runs = []
         for tp, messages in fetched.items():
-            if not messages:
+            key = PartitionKey(tp.topic, tp.partition)
+            if not messages or key in moved:
                 continue
             run = PartitionRecords(
                 tp.topic,
@@ -479,7 +1128,6 @@ class KafkaSource(Source):
                 np.fromiter((m.offset for m in messages), np.int64, len(messages)),
                 np.fromiter((m.timestamp for m in messages), np.int64, len(messages)),
             )
-            key = PartitionKey(tp.topic, tp.partition)
             pending = self._pending_skip.pop(key, None)
             if pending is not None and run.offsets[0] == pending.offset:
                 run.skip_first = pending.skip
@@ -527,7 +1175,7 @@ class KafkaSource(Source):
 
         marks = {}
         for key in owned if owned is not None else ():
-            mark = consumer.highwater(TopicPartition(key.topic, key.partition))
+            mark = _highwater(consumer, TopicPartition(key.topic, key.partition))
             if mark is not None:
                 marks[PartitionKey(key.topic, key.partition)] = int(mark)
         return marks
@@ -538,7 +1186,8 @@ class KafkaSource(Source):
             consumer, self._consumer = self._consumer, None
         if consumer is not None:
             try:
-                self._flush_commit_on(consumer)
+                if self._halt is None:  # stopped on lost positions: nothing more is committed
+                    self._flush_commit_on(consumer)
             finally:
                 consumer.close(autocommit=False)
 

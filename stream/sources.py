@@ -8,8 +8,14 @@ in stream order. Contract:
 - `ownership` says which partitions it owns (a KafkaSource in a group changes it);
 - `commit(positions)` records progress where the source can (Kafka groups; no-op here);
 - `close()`.
-A Source is used from one thread (the ingest thread), except `commit`, which any
-thread may call.
+A source whose start Positions can be lost (a Kafka topic recreated, a broker that lost
+its log) also takes `expect_topics(identities)` (what the topics were when the positions
+were saved, from the checkpoint), hands back `topic_identities()` for the next one, and
+reports positions it can no longer resume from to `on_lost_positions(action, lost)`; under
+the "halt" policy its `poll` then raises `LostPositionsError`. `ready` and `state_note()`
+say whether it reads, for readiness checks and progress lines.
+A Source is used from one thread (the ingest thread), except `commit`, `ready` and
+`state_note`, which any thread may call.
 
 Recorded-stream file (Parquet, written by `continuity record`), one row per record:
     topic string, partition int32, offset int64, timestamp_ms int64,
@@ -19,7 +25,8 @@ Rows are in the order the recorder consumed them, so a file replays one order al
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,61 @@ class SourceError(ValueError):
     """A source was configured wrongly or its input cannot be read."""
 
 
+LOST_POSITION_ACTIONS = ("halt", "earliest", "latest")  # what a source does about a lost position
+
+
+@dataclass(frozen=True)
+class LostPosition:
+    """A partition whose saved position the source can no longer resume from, and why.
+
+    `offset` is the position held (None for a partition that appeared, which has none);
+    `log_start`/`log_end` what the broker has now, where known; `resumed_at` where
+    reading went on under the "earliest" or "latest" policy (None under "halt").
+    """
+
+    topic: str
+    partition: int
+    offset: int | None
+    reason: str
+    log_start: int | None = None
+    log_end: int | None = None
+    resumed_at: int | None = None
+
+    def describe(self) -> str:
+        """One phrase for logs: "digits/0 at offset 7953 (log 0..120): beyond the log end"."""
+        held = "no saved position" if self.offset is None else f"offset {self.offset:,}"
+        span = ""
+        if self.log_start is not None or self.log_end is not None:
+            span = f" (log {_or_unknown(self.log_start)}..{_or_unknown(self.log_end)})"
+        resumed = "" if self.resumed_at is None else f"; resumed at {self.resumed_at:,}"
+        return f"{self.topic}/{self.partition} at {held}{span}: {self.reason}{resumed}"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _or_unknown(offset: int | None) -> str:
+    return "?" if offset is None else f"{offset:,}"
+
+
+class LostPositionsError(SourceError):
+    """Saved positions the broker no longer has, under the "halt" policy: an operator decides.
+
+    Nothing was skipped or re-read: the source stopped before reading anything of the
+    partitions named in `lost`.
+    """
+
+    def __init__(self, lost: Sequence[LostPosition]):
+        self.lost = tuple(lost)
+        super().__init__(
+            "saved stream positions the broker no longer has: " + "; ".join(p.describe() for p in self.lost)
+        )
+
+
+def _ignore_lost(action: str, lost: tuple[LostPosition, ...]) -> None:
+    pass
+
+
 class Source:
     """Base class; see the module docstring for the contract."""
 
@@ -41,6 +103,24 @@ class Source:
         self.start = start or Positions()
         self.ownership = Ownership()
         self.stop_requested = lambda: False  # set by Ingest: lets a blocking open() give up
+        # Set by whoever records decisions (the training loop): called on the polling thread.
+        self.on_lost_positions: Callable[[str, tuple[LostPosition, ...]], None] = _ignore_lost
+
+    def expect_topics(self, identities: Mapping[str, Mapping]) -> None:
+        """What the topics were when the start Positions were saved (`topic_identities()` then)."""
+
+    def topic_identities(self) -> dict[str, dict]:
+        """What the topics are that the positions read now belong to (JSON); {} for files and scenarios."""
+        return {}
+
+    @property
+    def ready(self) -> bool:
+        """Whether it can read now (a Kafka source: broker reachable, partitions assigned)."""
+        return True
+
+    def state_note(self) -> str | None:
+        """What keeps it from reading, for a progress line ("broker unreachable for 42 s"); None while it reads."""
+        return None
 
     def open(self) -> None:
         pass

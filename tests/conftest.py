@@ -11,7 +11,14 @@ import uuid
 
 import pytest
 
+from continuity.stream.broker import SHORT_HEARTBEAT_INTERVAL_MS, SHORT_SESSION_TIMEOUT_MS
+
 _ORDER = ("unit", "kafka", "slow")
+
+# The embedded broker holds a consumer-group join for about half the session timeout; the
+# library default is Apache Kafka's 45 s, so every group consumer in the tests uses the short one.
+SHORT_SESSION = {"session_timeout_ms": SHORT_SESSION_TIMEOUT_MS, "heartbeat_interval_ms": SHORT_HEARTBEAT_INTERVAL_MS}
+SHORT_SESSION_SET = f"stream.session_timeout_ms={SHORT_SESSION_TIMEOUT_MS}"  # the same as a config override
 
 
 def pytest_collection_modifyitems(items):

@@ -108,5 +108,7 @@ def test_the_deploy_config_loads_with_the_token_from_the_environment():
     path = REPO / "deploy" / "continuity.toml"
     config = config_module.load_config(path, environ={"CONTINUITY_ADMIN_TOKEN": "t0ken"})
     assert config.service.admin_token == "t0ken" and config.stream.bootstrap == "kafka:9092"
+    # Apache Kafka's session timeout, not the embedded broker's short one.
+    assert config.stream.session_timeout_ms == 45000
     with pytest.raises(config_module.ConfigError, match="CONTINUITY_ADMIN_TOKEN"):
         config_module.load_config(path, environ={})  # 0.0.0.0 without a token does not start

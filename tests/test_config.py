@@ -71,7 +71,9 @@ def test_example_config_targets_the_embedded_broker_and_the_produce_scenario():
     assert (config.stream.codec, config.stream.feature_shape, config.stream.dtype) == ("binary", (8, 8, 1), "float32")
     settings = config.stream.kafka_settings()
     assert settings.bootstrap == "127.0.0.1:9092" and settings.group_id == "continuity"
-    assert settings.session_timeout_ms == 6000 and settings.heartbeat_interval_ms < 6000 / 3
+    # Apache Kafka's defaults: the embedded broker's short session is set only where it runs.
+    assert settings.session_timeout_ms == 45000 and settings.heartbeat_interval_ms == 3000
+    assert settings.on_lost_positions == "halt"
     assert config.stream.kafka_settings(group=None).group_id is None
     assert config.stream.feature_spec().shape == (8, 8, 1)
 
@@ -360,3 +362,10 @@ def test_stream_config_validates_when_built_in_code():
     with pytest.raises(ValueError, match="stream.security"):
         StreamConfig(security={"password": "x"})
     assert SECRET not in repr(StreamConfig(security={"sasl_plain_password": SECRET}))
+
+
+def test_an_unknown_lost_positions_policy_is_a_one_line_error_naming_the_choices(tmp_path):
+    message = error_of(write(tmp_path, '[stream]\non_lost_positions = "skip"\n'))
+    assert "on_lost_positions" in message and "'halt', 'earliest', 'latest'" in message and "'skip'" in message
+    config = load_config(None, ['stream.on_lost_positions="earliest"'], environ={})
+    assert config.stream.kafka_settings().on_lost_positions == "earliest"

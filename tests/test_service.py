@@ -27,6 +27,7 @@ from continuity.stream import (
     make_codec,
     produce_records,
 )
+from continuity.stream.broker import SHORT_SESSION_TIMEOUT_MS
 from continuity.stream.scenarios import make_scenario
 
 pytestmark = pytest.mark.slow  # serve, replay and the demo end to end
@@ -42,6 +43,7 @@ def _config(path: Path, *, bootstrap: str, topic: str, directory: Path, port: in
 bootstrap = "{bootstrap}"
 topics = ["{topic}"]
 group = "{topic}-group"
+session_timeout_ms = {SHORT_SESSION_TIMEOUT_MS}  # the embedded broker holds a group join ~half of it
 
 [model]
 hidden = [64]

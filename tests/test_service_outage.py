@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import accepted_chain
+from conftest import SHORT_SESSION_SET, accepted_chain
 from kafka import KafkaConsumer
 from tcp_proxy import TcpProxy
 
@@ -129,7 +129,7 @@ def _examples_to_train(records: list[tuple[bytes, bytes]], topic: str, codec, ho
 
 
 def test_serve_rides_out_a_broker_outage_and_trains_every_record_once(topic_name, tmp_path, caplog):
-    caplog.set_level("INFO", logger="stream.kafka")
+    caplog.set_level("INFO", logger="continuity.stream.kafka")
     topic = topic_name()
     codec = make_codec("binary", SPEC)
     scenario = ScenarioSource(
@@ -153,6 +153,7 @@ def test_serve_rides_out_a_broker_outage_and_trains_every_record_once(topic_name
                     f'stream.bootstrap="{broker.bootstrap}"',
                     f'stream.topics=["{topic}"]',
                     f'stream.group="{topic}-group"',
+                    SHORT_SESSION_SET,
                     f'checkpoints.dir="{tmp_path / "run"}"',
                     "model.hidden=[64]",
                     "replay.capacity=256",
@@ -170,11 +171,19 @@ def test_serve_rides_out_a_broker_outage_and_trains_every_record_once(topic_name
             outage_started = time.monotonic()
             trained_at_cut = service.status()["examples_trained"]
 
-            # While cut: alive and ready, and whatever was fetched before the cut is trained,
-            # judged and checkpointed (the loop closes a quiet window after judge_idle_s).
+            # While cut: alive but not ready (/readyz 503), the progress line says so, and whatever
+            # was fetched before the cut is trained, judged and checkpointed (the loop closes a
+            # quiet window after judge_idle_s).
+            _wait(lambda: not service.ready(), 30, "readiness to go with the broker", running)
+            _wait(
+                lambda: "broker unreachable for" in (service.stream_note() or ""),
+                30,
+                "the stream's state to say the broker is unreachable",
+                running,
+            )
+
             def buffered_checkpointed():
                 running.check_running("the broker was unreachable")
-                assert service.ready(), "the service stopped being ready during the outage"
                 return _fetched_up_to(service, topic) == _accepted_up_to(ledger.read(), topic) > 0
 
             _wait(buffered_checkpointed, 30, "a checkpoint of everything fetched before the cut", running)
@@ -183,11 +192,12 @@ def test_serve_rides_out_a_broker_outage_and_trains_every_record_once(topic_name
             produce_records(broker.bootstrap, topic, records[before:])
             _take_over_the_group(broker.bootstrap, config.stream.group, topic, config.stream.session_timeout_ms)
             running.check_running("the broker was unreachable")
-            assert service.ready(), "the service stopped being ready during the outage"
+            assert not service.ready(), "the service was ready while its broker was unreachable"
             trained_in_outage = service.status()["examples_trained"] - trained_at_cut
             outage_seconds = time.monotonic() - outage_started
 
             proxy.restore()
+            _wait(service.ready, 60, "readiness once the broker is back and partitions are assigned", running)
             _wait(
                 lambda: _accepted_up_to(ledger.read(), topic) >= len(records),
                 90,

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import SHORT_SESSION
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from tcp_proxy import TcpProxy
 
@@ -135,7 +136,7 @@ def test_a_group_member_rewinds_in_place_to_saved_positions(broker, topic_name):
         codec.encode(np.repeat(np.arange(10 * j, 10 * j + 10)[:, None], 2, 1), np.arange(10) % 10) for j in range(8)
     ]
     _produce(broker.bootstrap, topic, records)
-    source = KafkaSource(KafkaSettings(broker.bootstrap, (topic,), group_id="rewind", session_timeout_ms=6000))
+    source = KafkaSource(KafkaSettings(broker.bootstrap, (topic,), group_id="rewind", **SHORT_SESSION))
     batcher = Batcher(ID_SPEC, 16, ownership=source.ownership)
     ingest = Ingest(source, codec).start()
     first = _collect(ingest, batcher, 32)[:2]  # 32 examples: record 3 is cut after 2 of its 10
@@ -165,7 +166,7 @@ def test_two_consumers_in_a_group_split_partitions_without_loss_or_duplicates(br
         [codec.encode(np.array([i, i]), i % 10) for i in range(n)],
         partitions=[i % 4 for i in range(n)],
     )
-    settings = KafkaSettings(broker.bootstrap, (topic,), group_id=f"g-{topic}", max_poll_records=50)
+    settings = KafkaSettings(broker.bootstrap, (topic,), group_id=f"g-{topic}", max_poll_records=50, **SHORT_SESSION)
     consumers = []
 
     def join():

@@ -306,3 +306,51 @@ def test_json_lines_dead_letter_file(tmp_path):
     sink.close()
     rows = read_dead_letters(tmp_path / "dlq.jsonl")
     assert [r["offset"] for r in rows] == [0, 1] and sink.counts == {"bad JSON": 1, "label out of range": 1}
+
+
+def test_kafka_log_limit_lets_a_few_kafka_lines_a_minute_through_and_says_how_many_it_held_back():
+    import logging
+
+    from continuity.stream import KafkaLogLimit
+
+    now = [0.0]
+    limit = KafkaLogLimit(per_window=5, window_s=60.0, clock=lambda: now[0])
+
+    def record(name: str, message: str = "Connection failed") -> logging.LogRecord:
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, message, (), None)
+
+    passed = [limit.filter(record("kafka.net.connection")) for _ in range(1300)]
+    assert sum(passed) == 5 and passed[:5] == [True] * 5
+    assert all(limit.filter(record(name)) for name in ("continuity.stream.kafka", "kafkaesque", "root"))
+    now[0] = 61.0  # the next minute: its first line says what the last one held back
+    first = record("kafka.cluster", "Metadata refresh failed")
+    assert limit.filter(first)
+    assert (
+        first.getMessage()
+        == "Metadata refresh failed [1295 more kafka-python log lines were held back in the previous 60 s]"
+    )
+    later = record("kafka.cluster", "again")
+    assert limit.filter(later) and later.getMessage() == "again"
+
+
+def test_a_lost_position_says_which_partition_where_and_why():
+    from continuity.stream import LostPosition, LostPositionsError
+
+    lost = LostPosition("digits", 0, 7953, "beyond the log end", log_start=0, log_end=120)
+    assert lost.describe() == "digits/0 at offset 7,953 (log 0..120): beyond the log end"
+    moved = LostPosition("digits", 3, None, "the topic was recreated", resumed_at=0)
+    assert moved.describe() == "digits/3 at no saved position: the topic was recreated; resumed at 0"
+    error = LostPositionsError([lost, moved])
+    assert str(error).startswith("saved stream positions the broker no longer has: digits/0 at offset 7,953")
+    assert error.lost == (lost, moved)
+
+
+def test_kafka_settings_default_to_kafkas_session_timeout_and_validate_the_lost_positions_policy():
+    settings = KafkaSettings("h:1", ("t",))
+    assert (settings.session_timeout_ms, settings.heartbeat_interval_ms, settings.on_lost_positions) == (
+        45000,
+        3000,
+        "halt",
+    )
+    with pytest.raises(KafkaSourceError, match="`on_lost_positions` must be one of 'halt', 'earliest', 'latest'"):
+        KafkaSettings("h:1", ("t",), on_lost_positions="skip")

@@ -12,6 +12,9 @@ from continuity.config import add_config_arguments, config_from_args
 from continuity.errors import UsageError
 
 HALTED_EXIT_STATUS = 3  # a regression with on_regression = "halt": the last good checkpoint is newest
+# Saved positions the broker no longer has, with stream.on_lost_positions = "halt": nothing was
+# skipped or re-read, no position moved; an operator decides (README, "Lost positions").
+LOST_POSITIONS_EXIT_STATUS = 4
 
 
 def register(subparsers) -> None:
@@ -50,9 +53,30 @@ def register(subparsers) -> None:
 
 
 def _logging() -> None:
+    from continuity.stream import KafkaLogLimit
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("kafka", "absl", "jax"):  # their INFO lines would drown the progress report
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kafka-python logs every failed reconnect (~1,300 lines in 10 minutes without a broker); the
+    # progress line says "broker unreachable for N s" instead. A few lines a minute still show.
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, KafkaLogLimit) for f in handler.filters):
+            handler.addFilter(KafkaLogLimit())
+
+
+def _exit_status(summary) -> int:
+    """0, or what stopped the run: a regression under "halt" (3), lost positions under "halt" (4)."""
+    if summary.stopped_on_lost_positions:
+        print(
+            "continuity: stopped: saved stream positions the broker no longer has (see the error above and the "
+            "ledger); checkpoints left as they are. Restore the broker's data, or restart with "
+            'stream.on_lost_positions = "earliest" or "latest" (README, "Lost positions")',
+            file=sys.stderr,
+            flush=True,
+        )
+        return LOST_POSITIONS_EXIT_STATUS
+    return HALTED_EXIT_STATUS if summary.halted else 0
 
 
 def run_serve(args) -> int:
@@ -76,7 +100,7 @@ def run_serve(args) -> int:
 
     summary = service.run(announce)
     print(format_summary(summary))
-    return HALTED_EXIT_STATUS if summary.halted else 0
+    return _exit_status(summary)
 
 
 def run_replay(args) -> int:
@@ -91,7 +115,7 @@ def run_replay(args) -> int:
     summary = service.run()
     bar.finish(summary)
     print(format_summary(summary))
-    return HALTED_EXIT_STATUS if summary.halted else 0
+    return _exit_status(summary)
 
 
 def _recorded_ends(path: Path) -> dict:
