@@ -33,6 +33,7 @@ _COUNTED = (
     ("dead_letters", "dead_letters"),
     ("rollbacks", "rollbacks"),
     ("quarantined_records", "quarantined_records"),
+    ("checkpoint_failures", "checkpoint_failures"),
 )
 
 
@@ -54,6 +55,11 @@ class ServiceMetrics:
         )
         self.quarantined_records = Counter(
             "continuity_quarantined_records", "Records of quarantined windows.", registry=r
+        )
+        self.checkpoint_failures = Counter(
+            "continuity_checkpoint_failures",
+            "Checkpoint saves that failed (a full disk, say); each is retried with backoff.",
+            registry=r,
         )
         self.probe_accuracy = Gauge(
             "continuity_probe_accuracy",

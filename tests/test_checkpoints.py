@@ -20,6 +20,7 @@ from continuity.checkpoints import (
     Ledger,
     checkpoints_to_delete,
 )
+from continuity.checkpoints.integrity import leaves_by_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,7 +191,9 @@ def test_save_then_restore_a_learner_state_bit_exactly_even_after_donation(tmp_p
             assert list(restored.state.params["hidden"]) == [0, 1]  # nnx's int keys come back as ints
             _assert_identical(probe, restored.probe)
         metadata = restored.metadata
-        assert metadata["status"] == "good" and metadata["checkpoint"] == 1 and metadata["schema_version"] == 1
+        assert metadata["status"] == "good" and metadata["checkpoint"] == 1 and metadata["schema_version"] == 2
+        assert restored.verified
+        assert set(metadata["integrity"]["state"]) == {path for path, _ in leaves_by_path(expected)}
         assert Positions.from_json(metadata["positions"]) == positions
         assert metadata["probe"] == {"accuracy": 0.75} and metadata["saved_at"] > 0
         # Without a probe target the arrays still come back.
@@ -335,7 +338,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_good_one(tmp_pa
     for path in _data_files(tmp_path / "2"):
         path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncate every data file
     skipped = []
-    with CheckpointStore(tmp_path, create=False) as store:
+    with CheckpointStore(tmp_path, create=False, owner=True) as store:
         with pytest.raises(CorruptCheckpointError, match="checkpoint 2 is corrupt"):
             store.restore(2, state_like=_small_like())
         restored = store.restore_latest(state_like=_small_like(), on_skip=lambda n, e: skipped.append((n, e)))
@@ -360,13 +363,13 @@ def test_deleted_data_files_and_bad_json_are_corruption_too(tmp_path):
     for path in _data_files(tmp_path / "3"):
         path.unlink()
     (tmp_path / "2" / "meta" / "metadata").write_text("{not json")
-    with CheckpointStore(tmp_path, create=False) as store:
+    with CheckpointStore(tmp_path, create=False, owner=True) as store:
         assert store.info(2).status == "corrupt"
         assert store.restore_latest(state_like=_small_like()).number == 1
         assert [e["checkpoint"] for e in store.ledger.read() if e["event"] == "skip"] == [3, 2]
 
 
-def test_an_unfinalized_directory_is_ignored_then_cleaned_up(tmp_path):
+def test_an_unfinalized_directory_is_removed_when_the_owner_opens_the_store(tmp_path):
     with CheckpointStore(tmp_path) as store:
         store.save(_small_state(1), {}, {"status": "good"})
         store.wait()
@@ -375,13 +378,14 @@ def test_an_unfinalized_directory_is_ignored_then_cleaned_up(tmp_path):
     shutil.copytree(tmp_path / "1", partial)
     for path in _data_files(partial):
         path.unlink()
+    with CheckpointStore(tmp_path, create=False) as reader:  # a reader leaves it alone
+        assert reader.numbers() == [1] and partial.exists()
     with CheckpointStore(tmp_path) as store:
+        assert not partial.exists()
+        assert {"event": "delete", "checkpoint": 2, "reason": "unfinalized"}.items() <= store.ledger.read()[-1].items()
         assert store.numbers() == [1]
         assert store.restore_latest(state_like=_small_like()).number == 1
         assert store.save(_small_state(3), {}, {"status": "good"}) == 3  # never reuses a number
-        store.wait()
-        assert not partial.exists()
-        assert {"event": "delete", "checkpoint": 2, "reason": "unfinalized"}.items() <= store.ledger.read()[-1].items()
 
 
 def test_a_process_killed_mid_save_leaves_only_finalized_checkpoints(tmp_path):

@@ -12,11 +12,13 @@ from continuity.config import add_config_arguments, config_from_args
 from continuity.errors import UsageError
 
 HALTED_EXIT_STATUS = 3  # a regression with on_regression = "halt": the last good checkpoint is newest
+UNSAVED_EXIT_STATUS = 5  # saves kept failing (a full disk): the last good model is not checkpointed
 
 
 def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="run the always-on service: Kafka -> train -> guard -> checkpoint")
     add_config_arguments(serve)
+    _add_start_fresh(serve)
     serve.set_defaults(handler=run_serve)
 
     replay = subparsers.add_parser("replay", help="run a recorded stream (Parquet) through the same loop")
@@ -29,6 +31,7 @@ def register(subparsers) -> None:
         metavar="DIR",
         help="checkpoint directory (default: [checkpoints] dir of the config)",
     )
+    _add_start_fresh(replay)
     replay.set_defaults(handler=run_replay)
 
     demo = subparsers.add_parser("demo", help="the whole idea in a minute: a poisoned drifting stream, guarded")
@@ -49,6 +52,23 @@ def register(subparsers) -> None:
     demo.set_defaults(handler=run_demo)
 
 
+def _add_start_fresh(parser) -> None:
+    parser.add_argument(
+        "--start-fresh",
+        action="store_true",
+        help="start a new model when the checkpoint directory holds checkpoints but none can be restored "
+        "(without it, that is an error: exit 2)",
+    )
+
+
+def exit_status(summary) -> int:
+    """0, or 5 when the last good model could not be checkpointed (one line on stderr), or 3 after a halt."""
+    if summary.unsaved is not None:
+        print(f"continuity: {summary.unsaved}", file=sys.stderr, flush=True)
+        return UNSAVED_EXIT_STATUS
+    return HALTED_EXIT_STATUS if summary.halted else 0
+
+
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("kafka", "absl", "jax"):  # their INFO lines would drown the progress report
@@ -64,7 +84,7 @@ def run_serve(args) -> int:
     def progress(p, lag):
         print(format_progress(p, lag), file=sys.stderr, flush=True)
 
-    service = Service(config, progress=progress)
+    service = Service(config, progress=progress, start_fresh=args.start_fresh)
 
     def announce(url):
         print(
@@ -76,7 +96,7 @@ def run_serve(args) -> int:
 
     summary = service.run(announce)
     print(format_summary(summary))
-    return HALTED_EXIT_STATUS if summary.halted else 0
+    return exit_status(summary)
 
 
 def run_replay(args) -> int:
@@ -87,11 +107,13 @@ def run_replay(args) -> int:
         config = dataclasses.replace(config, checkpoints=dataclasses.replace(config.checkpoints, dir=str(args.out)))
     total = _recorded_ends(args.recording)
     bar = _ProgressBar(total)
-    service = Service(config, recording=args.recording, http=False, progress=bar, progress_every_s=0.5)
+    service = Service(
+        config, recording=args.recording, http=False, progress=bar, progress_every_s=0.5, start_fresh=args.start_fresh
+    )
     summary = service.run()
     bar.finish(summary)
     print(format_summary(summary))
-    return HALTED_EXIT_STATUS if summary.halted else 0
+    return exit_status(summary)
 
 
 def _recorded_ends(path: Path) -> dict:
