@@ -154,8 +154,10 @@ def _locked(method):
 
 
 def _first_line(text: str) -> str:
+    """The first line of an error message, at most ~300 characters: its start and its end, where
+    TensorStore puts the operating system's reason ("File too large [os_error_code='27']")."""
     line = text.strip().splitlines()[0] if text.strip() else ""
-    return line[:300]
+    return line if len(line) <= 300 else f"{line[:150]} ... {line[-140:]}"
 
 
 def _leaf_signatures(tree) -> dict[str, tuple]:

@@ -71,8 +71,11 @@ def exit_status(summary) -> int:
 
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("kafka", "absl", "jax"):  # their INFO lines would drown the progress report
+    for noisy in ("kafka", "jax"):  # their INFO lines would drown the progress report
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Orbax logs through absl; a failed save (a full disk) comes with a traceback from each of
+    # its threads, while the store raises the same error and the loop reports it in one line.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 def run_serve(args) -> int:
