@@ -759,7 +759,7 @@ class TrainingLoop:
             self._failing_since = now
         self._retry_at = now + self._retry_wait_s
         log.error(
-            "%s; training goes on, retrying in %.0f s (offsets stay committed at checkpoint %s)",
+            "%s; training goes on, retrying in %.3g s (offsets stay committed at checkpoint %s)",
             error,
             self._retry_wait_s,
             self.good_number,
