@@ -79,7 +79,7 @@ class StoreLock:
                 raise StoreLockedError(self.directory, read_holder(self.directory)) from None
             raise
         self._fd = fd
-        command = " ".join([Path(sys.argv[0]).name or "python", *sys.argv[1:3]]) if sys.argv else "python"
+        command = " ".join([Path(sys.argv[0]).name or "python", *sys.argv[1:2]]) if sys.argv else "python"
         self._holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": time.time()}
         self._write()
         return self

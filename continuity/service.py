@@ -102,12 +102,14 @@ def open_store(config: Config):
     from continuity.checkpoints import CheckpointStore, StoreLockedError
 
     try:
-        return CheckpointStore(config.checkpoints.dir, keep_last=config.checkpoints.keep_last, repair=True)
+        store = CheckpointStore(config.checkpoints.dir, keep_last=config.checkpoints.keep_last, repair=True)
     except StoreLockedError as error:
         raise UsageError(
             f"{error}; stop it first, or give this service another checkpoints.dir "
             "(operator actions on a running service go through it: `continuity rollback --url ...`)"
         ) from None
+    store.describe_owner(command="continuity serve")  # what a refused process names (not "cli.py")
+    return store
 
 
 class Service:
