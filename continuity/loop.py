@@ -357,10 +357,11 @@ class TrainingLoop:
             self._collect_save(wait=True)  # the last save is finalized (or failed) before anything is committed
             reader.close()
             self._fail_pending_requests()
+        self.summary.last_checkpoint = self.good_number  # not a save that failed
         if good is not self._finalized and self.summary.unsaved is None:
             self.summary.unsaved = (
                 f"the last good model (positions {good.positions.to_json()}) is not checkpointed: saving failed "
-                f"{self.summary.checkpoint_failures} times; a restart resumes from checkpoint {self.good_number}"
+                f"{self.summary.checkpoint_failures} times; a restart resumes from {self._resume_point()}"
             )
         self.summary.stopped = self._stop()
         self.summary.dead_letters = self.stream.dead_letters.total
@@ -759,10 +760,10 @@ class TrainingLoop:
             self._failing_since = now
         self._retry_at = now + self._retry_wait_s
         log.error(
-            "%s; training goes on, retrying in %.3g s (offsets stay committed at checkpoint %s)",
+            "%s; training goes on, retrying in %.3g s (a restart would resume from %s)",
             error,
             self._retry_wait_s,
-            self.good_number,
+            self._resume_point(),
         )
         self._retry_wait_s = min(self._retry_wait_s * 2, self.save_retry_s[1])
 
@@ -776,9 +777,13 @@ class TrainingLoop:
         self.summary.unsaved = (
             f"checkpoints could not be saved for {failing_s:.0f} s ({self.summary.checkpoint_failures} failures; "
             f"checkpoints.max_unsaved_seconds = {self.max_unsaved_s:g}): stopping; a restart resumes from "
-            f"checkpoint {self.good_number}"
+            f"{self._resume_point()}"
         )
         return True
+
+    def _resume_point(self) -> str:
+        number = self.good_number
+        return "the stream's start positions (no checkpoint yet)" if number is None else f"checkpoint {number}"
 
     def _quarantine(self, start: Positions, end: Positions, verdict) -> int:
         """Copy the window's raw records to the quarantine sink; training goes on after them."""

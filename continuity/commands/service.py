@@ -73,8 +73,12 @@ def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("kafka", "jax"):  # their INFO lines would drown the progress report
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Orbax logs through absl; a failed save (a full disk) comes with a traceback from each of
-    # its threads, while the store raises the same error and the loop reports it in one line.
+    _quiet_orbax()
+
+
+def _quiet_orbax() -> None:
+    """Orbax logs through absl; a failed save (a full disk) comes with a traceback from each of
+    its threads, while the store raises the same error and the loop reports it in one line."""
     logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
@@ -106,6 +110,7 @@ def run_replay(args) -> int:
     from continuity.service import Service, format_summary
 
     config = config_from_args(args)
+    _quiet_orbax()
     if args.out is not None:
         config = dataclasses.replace(config, checkpoints=dataclasses.replace(config.checkpoints, dir=str(args.out)))
     total = _recorded_ends(args.recording)
