@@ -547,7 +547,10 @@ class CheckpointStore:
                     self._file.abandoned.add(number)
                     if self._file.head == number:
                         self._file.head = None
-                    self._file.write(self._store_path)
+                    try:
+                        self._file.write(self._store_path)
+                    except OSError as write_error:  # a full disk: the next start finds it corrupt again
+                        logger.warning("cannot mark checkpoint %d abandoned in %s: %s", number, STORE_FILE, write_error)
         return None
 
     @_locked

@@ -204,7 +204,9 @@ def recording(tmp_path_factory) -> Path:
 
 def test_replay_twice_gives_identical_checkpoints(recording, tmp_path, capsys):
     config = tmp_path / "replay.toml"
-    config.write_text("[model]\nhidden = [64]\n[probe]\nevery_examples = 700\n")
+    # Checkpoints at every accepted window: with a time cadence (every_seconds) which windows get
+    # saved depends on how fast each run went, though the model never does.
+    config.write_text("[model]\nhidden = [64]\n[probe]\nevery_examples = 700\n[checkpoints]\nevery_seconds = 0\n")
     for out in ("a", "b"):
         assert main(["replay", str(recording), "--config", str(config), "--out", str(tmp_path / out)]) == 0
     printed = capsys.readouterr().out
