@@ -2,7 +2,8 @@
 
 Learning quality is reported as mean and std over three seeds; speed as medians and
 ratios measured within one run (these machines are noisy, absolute rates are not
-comparable across runs). Usage: python -m benchmarks.run [--only cl|step|ingest] [--out DIR]
+comparable across runs). Usage: python -m benchmarks.run [--only cl|step|guard|ingest|pipeline|reliability]
+[--out DIR]
 """
 
 from __future__ import annotations
@@ -162,7 +163,22 @@ def run_pipeline(out: Path) -> list[str]:
     return ["### bench pipeline (serve from Kafka, 1M examples)", "", "```", format_result(result), "```", ""]
 
 
-BENCHMARKS = {"cl": run_cl, "step": run_step, "guard": run_guard, "ingest": run_ingest, "pipeline": run_pipeline}
+def run_reliability(out: Path) -> list[str]:
+    from continuity.benchmarks.reliability import format_result, run_reliability_benchmark
+
+    result = run_reliability_benchmark()
+    (out / "reliability.json").write_text(json.dumps(result, indent=2))
+    return ["### checkpoint integrity (default config)", "", "```", format_result(result), "```", ""]
+
+
+BENCHMARKS = {
+    "cl": run_cl,
+    "step": run_step,
+    "guard": run_guard,
+    "ingest": run_ingest,
+    "pipeline": run_pipeline,
+    "reliability": run_reliability,
+}
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,10 @@
-"""The Orbax-backed checkpoint store, its retention rule, and the ledger of what happened."""
+"""The Orbax-backed checkpoint store: ownership, integrity, retention, and the ledger of what happened."""
 
 from continuity.checkpoints.ledger import Ledger, to_json_value
+from continuity.checkpoints.lock import StoreLockedError, describe_holder, read_holder
 from continuity.checkpoints.retention import checkpoints_to_delete
 from continuity.checkpoints.store import (
+    CONDITIONS,
     EXPORT_SUFFIXES,
     SCHEMA_VERSION,
     STATUSES,
@@ -11,10 +13,14 @@ from continuity.checkpoints.store import (
     CheckpointSaveError,
     CheckpointStore,
     CorruptCheckpointError,
+    ReadOnlyStoreError,
     Restored,
+    Verification,
 )
+from continuity.checkpoints.store_file import StoreFileError
 
 __all__ = [
+    "CONDITIONS",
     "EXPORT_SUFFIXES",
     "SCHEMA_VERSION",
     "STATUSES",
@@ -24,7 +30,13 @@ __all__ = [
     "CheckpointStore",
     "CorruptCheckpointError",
     "Ledger",
+    "ReadOnlyStoreError",
     "Restored",
+    "StoreFileError",
+    "StoreLockedError",
+    "Verification",
     "checkpoints_to_delete",
+    "describe_holder",
+    "read_holder",
     "to_json_value",
 ]

@@ -5,6 +5,11 @@ records: probe decisions, quarantines), each with its figures, so an operator ca
 back why checkpoint 12 is the one a restart restores. Lines are flushed and fsynced
 one by one: a crash loses at most the line being written, and `read` ignores a torn
 final line instead of failing on it.
+
+A full disk must not stop the service (it keeps training and judging while its saves
+fail), so a line the file system refuses is held in memory, in order, and written
+before the next line once the disk takes writes again; one error is logged per spell
+of refusals, not one per line.
 """
 
 from __future__ import annotations
@@ -64,9 +69,18 @@ class Ledger:
     service loop and the checkpoint store's writer thread both append.
     """
 
+    MAX_HELD_LINES = 100_000  # lines kept while the disk refuses them; beyond, the oldest are dropped (and counted)
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._held: list[str] = []  # lines the file system refused, oldest first
+        self._dropped = 0  # held lines dropped beyond MAX_HELD_LINES during the current spell
+
+    @property
+    def held(self) -> int:
+        """Lines not written yet because the file system refused them (a full disk)."""
+        return len(self._held)
 
     def append(self, event: str, **fields: Any) -> dict:
         """Appends one event and returns the record written ("event" and "time" added)."""
@@ -78,18 +92,41 @@ class Ledger:
         record = {"event": event, "time": time.time()}
         record.update({name: to_json_value(value, where=name) for name, value in fields.items()})
         line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+        with self._lock:
+            self._held.append(line)
+            try:
+                self._write_held()
+            except OSError as error:
+                if len(self._held) == 1:  # the first refusal of a spell: say so once
+                    logger.error("%s: cannot write (%s); holding ledger lines until it can", self.path, error)
+                if len(self._held) > self.MAX_HELD_LINES:
+                    del self._held[0]
+                    self._dropped += 1
+        return record
+
+    def _write_held(self) -> None:
+        """Write every held line, in order, in one write; they stay held if it fails."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock, open(self.path, "a+b") as handle:
-            # A crash mid-write leaves a line without its newline; start on a fresh line
-            # so the torn fragment stays a line of its own that `read` can skip.
+        text = "".join(self._held)
+        with open(self.path, "a+b") as handle:
+            # A crash (or a full disk) mid-write leaves a line without its newline; start on a
+            # fresh line so the torn fragment stays a line of its own that `read` can skip.
             if handle.seek(0, os.SEEK_END) > 0:
                 handle.seek(-1, os.SEEK_END)
                 if handle.read(1) != b"\n":
-                    line = "\n" + line
-            handle.write(line.encode("utf-8"))
+                    text = "\n" + text
+            handle.write(text.encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
-        return record
+        if len(self._held) > 1 or self._dropped:
+            logger.warning(
+                "%s: writable again; wrote %d held lines%s",
+                self.path,
+                len(self._held),
+                f" ({self._dropped} older ones were dropped)" if self._dropped else "",
+            )
+        self._held.clear()
+        self._dropped = 0
 
     def read(self) -> list[dict]:
         """All events, oldest first; [] when the file does not exist.

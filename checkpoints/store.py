@@ -2,30 +2,37 @@
 
 A checkpoint is the unit of truth (see DESIGN.md): the learner-state PyTree ("state"),
 the probe store arrays ("probe"), and JSON metadata ("meta": status, positions, probe
-report, ...) saved together under one number. The store assigns numbers 1, 2, 3, ...
-itself, independent of the learner's step, so a rollback never makes them go back.
+report, content digests, ...) saved together under one number. The store assigns
+numbers 1, 2, 3, ... itself, independent of the learner's step, so a rollback never
+makes them go back.
 
 What is decided here rather than by Orbax, and why:
+- Ownership (`checkpoints.lock`): one process at a time changes a store, holding an
+  flock on its store.lock; readers take no lock. Two writers undid each other's
+  decisions (an operator's rollback reverted by the service's next save).
 - Retention (`checkpoints.retention`): Orbax's max_to_keep/best-N policies may delete
   the newest or the last good step (CRAFT.md), so Orbax runs with max_to_keep=None and
   the store deletes through the manager, keeping its bookkeeping right.
-- Head, pins and abandoned numbers live in the store's own small `store.json`, written
-  atomically (temporary file + os.replace), so `continuity rollback` and `pin` work on
-  a directory without a running service.
+- Head, pins and abandoned numbers live in the store's own small `store.json`
+  (`checkpoints.store_file`), written atomically, rebuilt from the ledger if lost.
+- Integrity (`checkpoints.integrity`): Orbax stores no checksum, so the store saves a
+  CRC-32C per array and checks it on every restore, and a manifest of file sizes that
+  `list` checks without reading data.
 - Saving is asynchronous through one writer thread of the store's own: `save` copies
   the arrays to host memory (a memcpy on the CPU, the device-to-host transfer on an
-  accelerator) and returns; the thread writes with a synchronous Orbax manager, then
-  runs retention. Measured: Orbax's own async save held the caller 16-33 ms (it starts
-  ~16 threads per save); the copy holds it about 1 ms for a 1M-parameter state.
+  accelerator) and returns; the thread digests and writes them with a synchronous Orbax
+  manager, then runs retention. Orbax's own async save held the caller much longer (it
+  starts ~16 threads per save; BENCHMARKS.md).
 Finalisation is Orbax's: a checkpoint is written under a temporary name and renamed
-on commit, so a directory left by a crash mid-save is never listed or restored.
+on commit, so a directory left by a crash mid-save is never listed or restored. The
+owner removes such leftovers when it opens the store and right after a save fails
+(a full disk), so they never pile up.
 """
 
 from __future__ import annotations
 
 import builtins
 import functools
-import json
 import logging
 import os
 import re
@@ -34,25 +41,27 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from continuity.checkpoints import integrity
 from continuity.checkpoints.ledger import Ledger, to_json_value
+from continuity.checkpoints.lock import StoreLock
 from continuity.checkpoints.retention import checkpoints_to_delete
+from continuity.checkpoints.store_file import STORE_FILE, StoreFile, StoreFileError, rebuild, unreadable_message
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: content digests ("integrity") in the JSON item; 1 had none
 STATUSES = ("good", "regressed")
-STORE_FILE = "store.json"
+CONDITIONS = ("intact", "unverified", "corrupt")
 LEDGER_FILE = "ledger.jsonl"
 EXPORT_SUFFIXES = (".msgpack", ".npz")
 # Orbax writes checkpoint N under "N.orbax-checkpoint-tmp-<timestamp>" and renames it on commit.
 _UNFINALIZED = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
-_STORE_KEYS = ("schema_version", "checkpoint", "saved_at")
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -60,32 +69,42 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 
 class CorruptCheckpointError(RuntimeError):
-    """A finalized checkpoint that cannot be read back (truncated or missing files, bad JSON)."""
+    """A finalized checkpoint that cannot be read back whole: missing or short files, bad JSON, changed bytes."""
 
     def __init__(self, number: int, cause: BaseException | str):
         self.number = number
         self.cause = cause
-        reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {_first_line(str(cause))}"
-        super().__init__(f"checkpoint {number} is corrupt: {reason}")
+        self.reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {_first_line(str(cause))}"
+        super().__init__(f"checkpoint {number} is corrupt: {self.reason}")
 
 
 class CheckpointSaveError(RuntimeError):
-    """An asynchronous save failed in the background; raised by the next `wait`/`save`."""
+    """A save failed (a full disk, say); raised by `save` itself or, for the writer thread's part, the next `wait`."""
+
+
+class ReadOnlyStoreError(RuntimeError):
+    """A change asked of a store opened for reading (it does not hold the directory's lock)."""
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What `list`/`info` report about one finalized checkpoint, from its JSON item alone."""
+    """What `list`/`info` report about one finalized checkpoint, without reading its arrays."""
 
     number: int
     metadata: dict  # the saved JSON: status, checkpoint, saved_at, schema_version + the caller's keys
     pinned: bool
-    abandoned: bool  # newer than a rollback target: kept on disk, never restored
+    abandoned: bool  # newer than a rollback target, or skipped as corrupt: kept on disk, never restored
     head: bool = False  # set by `rollback`: what the next restore_latest() returns
+    # "intact": its files are as written and it has content digests (checked on restore);
+    # "unverified": saved without digests or a file manifest; "corrupt": see `problem`.
+    condition: str = "intact"
+    problem: str | None = None  # why it is corrupt or unverified
 
     @property
     def status(self) -> str:
-        """ "good" or "regressed" as saved; "corrupt" when the JSON item cannot be read."""
+        """ "good" or "regressed" as saved; "corrupt" when it is known to be."""
+        if self.condition == "corrupt":
+            return "corrupt"
         return str(self.metadata.get("status", "unknown"))
 
     @property
@@ -94,58 +113,23 @@ class CheckpointInfo:
 
 
 @dataclass(frozen=True)
+class Verification:
+    """What `verify` found reading one checkpoint's arrays back: "ok", "corrupt" or "unverified"."""
+
+    number: int
+    result: str
+    detail: str  # the reason when corrupt or unverified; what was checked when ok
+    arrays: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
 class Restored:
     number: int
     state: Any
     probe: dict
     metadata: dict
-
-
-@dataclass
-class _StoreFile:
-    """The mutable part of a store that Orbax does not track (store.json)."""
-
-    pinned: set[int] = field(default_factory=set)
-    abandoned: set[int] = field(default_factory=set)
-    head: int | None = None
-    # The highest number handed out. A save is written after `save` returns, so a crash may
-    # leave no trace of it on disk while its number is already in the ledger: never reuse it.
-    reserved: int = 0
-
-    def to_json(self) -> dict:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "pinned": sorted(self.pinned),
-            "abandoned": sorted(self.abandoned),
-            "head": self.head,
-            "reserved": self.reserved,
-        }
-
-    @classmethod
-    def read(cls, path: Path) -> _StoreFile:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            head = data.get("head")
-            return cls(
-                pinned={int(n) for n in data.get("pinned", [])},
-                abandoned={int(n) for n in data.get("abandoned", [])},
-                head=None if head is None else int(head),
-                reserved=int(data.get("reserved", 0)),
-            )
-        except (OSError, ValueError, TypeError, AttributeError) as error:
-            raise ValueError(
-                f"{path} is not a readable store file ({_first_line(str(error))}); "
-                f"fix or remove it (pins, head and abandoned marks live there)"
-            ) from None
-
-    def write(self, path: Path) -> None:
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(self.to_json(), handle, indent=1)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+    verified: bool = False  # every array matched its saved digest (False: saved without digests)
 
 
 def _host_copy(tree):
@@ -170,60 +154,70 @@ def _locked(method):
 
 
 def _first_line(text: str) -> str:
+    """The first line of an error message, at most ~300 characters: its start and its end, where
+    TensorStore puts the operating system's reason ("File too large [os_error_code='27']")."""
     line = text.strip().splitlines()[0] if text.strip() else ""
-    return line[:300]
-
-
-def _key_name(entry) -> str:
-    """One jax key-path entry as the string Orbax uses for it in a checkpoint's tree."""
-    for attribute in ("key", "name", "idx"):
-        if hasattr(entry, attribute):
-            return str(getattr(entry, attribute))
-    return str(entry)
+    return line if len(line) <= 300 else f"{line[:150]} ... {line[-140:]}"
 
 
 def _leaf_signatures(tree) -> dict[str, tuple]:
-    import jax
-
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     out = {}
-    for path, leaf in leaves:
+    for path, leaf in integrity.leaves_by_path(tree):
         shape = getattr(leaf, "shape", None)
         dtype = getattr(leaf, "dtype", None)
-        out["/".join(_key_name(e) for e in path)] = (
-            None if shape is None else tuple(shape),
-            None if dtype is None else np.dtype(dtype),
-        )
+        out[path] = (None if shape is None else tuple(shape), None if dtype is None else np.dtype(dtype))
     return out
 
 
 class CheckpointStore:
     """Orbax-backed store of composite checkpoints in one directory.
 
+    `owner` (default: `create`): take the directory's lock (StoreLockedError when another
+    live process holds it) and with it the right to change the store: save, pin, roll
+    back, repair. Opened with `create=False` a store is read-only unless `owner=True`:
+    it lists, restores, verifies and exports while a service owns the directory.
+    `repair`: an owner whose store.json is missing or unreadable rebuilds it from the
+    checkpoint directories and the ledger (with a warning) instead of raising
+    StoreFileError.
+
     NOT thread-safe for callers: call every method from one thread (the service loop).
     Saves are written by the store's own writer thread, one at a time; their errors
     surface in the next `save`, `wait` or `close`. Everything that touches Orbax or the
     store's bookkeeping holds `_lock`, which the writer holds for a whole write, so a
-    read made while a save is written waits for it. Other processes (the
-    `continuity checkpoints` commands) may read the directory and edit pins/head while
-    no save is running.
+    read made while a save is written waits for it.
     """
 
-    def __init__(self, directory: str | Path, *, keep_last: int = 3, create: bool = True):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        keep_last: int = 3,
+        create: bool = True,
+        owner: bool | None = None,
+        repair: bool = False,
+    ):
         if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
             raise ValueError(f"`keep_last` must be an integer >= 1. Got {keep_last!r}.")
         self.directory = Path(directory).expanduser().absolute()
         self.keep_last = keep_last
+        self.owner = create if owner is None else owner
+        self.repaired: str | None = None  # what a repair at opening rebuilt, if one ran
         self._store_path = self.directory / STORE_FILE
         if create:
             self.directory.mkdir(parents=True, exist_ok=True)
-            if not self._store_path.exists():
-                _StoreFile().write(self._store_path)
         elif not self.directory.is_dir():
             raise CheckpointNotFoundError(f"no checkpoint store at {self.directory}: no such directory")
-        elif not self._store_path.is_file():
-            raise CheckpointNotFoundError(f"{self.directory} is not a checkpoint store (it has no {STORE_FILE})")
-        self._file = _StoreFile.read(self._store_path)
+        self._ownership = StoreLock(self.directory) if self.owner else None
+        if self._ownership is not None:
+            self._ownership.acquire()  # before anything is read: the owner's view is the only one that changes
+        try:
+            self._open(repair)
+        except BaseException:
+            if self._ownership is not None:
+                self._ownership.release()
+            raise
+
+    def _open(self, repair: bool) -> None:
         self._ledger = Ledger(self.directory / LEDGER_FILE)
 
         import orbax.checkpoint as ocp
@@ -237,7 +231,7 @@ class CheckpointStore:
                 # The store's writer thread is what makes saves asynchronous (see the module
                 # docstring); inside it, Orbax writes and deletes synchronously.
                 enable_async_checkpointing=False,
-                cleanup_tmp_directories=False,  # another process may be mid-save; see _retain
+                cleanup_tmp_directories=False,  # the owner removes leftovers itself, recording them in the ledger
                 enable_background_delete=False,
             ),
             item_handlers={
@@ -251,8 +245,46 @@ class CheckpointStore:
         self._pending: tuple[int, Future] | None = None  # the save being written, if any
         self._metadata: dict[int, dict] = {}  # JSON items already read or written
         self._closed = False
-        known = list(self._manager.all_steps()) + [n for n, _ in self._unfinalized()]
+        leftovers = self._unfinalized()
+        self._file = self._read_store_file(repair, leftovers)
+        known = list(self._manager.all_steps()) + [n for n, _ in leftovers]
         self._next = max(known + [self._file.reserved], default=0) + 1
+        if self.owner:
+            # The owner is the only writer, so these are the remains of saves that crashed or
+            # failed (a full disk) in an earlier run: nothing will ever finish them.
+            self._remove(leftovers, reason="unfinalized")
+
+    def _read_store_file(self, repair: bool, leftovers) -> StoreFile:
+        try:
+            return StoreFile.read(self._store_path)
+        except FileNotFoundError:
+            if not (self._manager.all_steps() or leftovers or self._ledger.path.exists()):
+                if not self.owner:
+                    raise CheckpointNotFoundError(
+                        f"{self.directory} is not a checkpoint store (it has no {STORE_FILE})"
+                    ) from None
+                fresh = StoreFile()
+                fresh.write(self._store_path)
+                return fresh
+            problem = StoreFileError(unreadable_message(self._store_path, "it is missing"))
+        except StoreFileError as error:
+            problem = error
+        if not (self.owner and repair):
+            raise problem
+        rebuilt = self._rebuilt(leftovers)
+        rebuilt.write(self._store_path)
+        events = len(self._ledger.read())
+        self.repaired = (
+            f"rebuilt {self._store_path} from {len(self._manager.all_steps())} checkpoints and "
+            f"{events} ledger events: {rebuilt.describe()}"
+            + ("" if events else " (no ledger: pins, head and abandoned marks could not be recovered)")
+        )
+        logger.warning("%s; %s", str(problem).split("; rebuild it")[0], self.repaired)
+        self._ledger.append("repair", store_file=rebuilt.to_json(), problem=str(problem))
+        return rebuilt
+
+    def _rebuilt(self, leftovers) -> StoreFile:
+        return rebuild(self._ledger.read(), self._manager.all_steps(), [n for n, _ in leftovers])
 
     # ---- properties ------------------------------------------------------------------
 
@@ -264,6 +296,15 @@ class CheckpointStore:
     def head(self) -> int | None:
         """The rollback target the next restore_latest() returns, or None."""
         return self._file.head
+
+    def describe_marks(self) -> str:
+        """Head, pins, abandoned marks and the numbers handed out, as store.json holds them, in words."""
+        return self._file.describe()
+
+    def describe_owner(self, **fields) -> None:
+        """Add to what store.lock says about this owner (e.g. url=...), for a refused process's message."""
+        if self._ownership is not None:
+            self._ownership.describe(**fields)
 
     def __enter__(self) -> CheckpointStore:
         return self
@@ -279,8 +320,9 @@ class CheckpointStore:
         Waits for (and raises the error of) the previous save first. Copies the arrays to
         host memory before it returns, so the caller may donate `state` or update `probe`
         in place right away (tests/test_checkpoints.py checks both); the writer thread
-        does the rest. An empty `probe` is saved as no probe item (Orbax refuses empty
-        trees) and restores as {}.
+        does the rest: digests, writes, finalizes, runs retention. An empty `probe` is
+        saved as no probe item (Orbax refuses empty trees) and restores as {}.
+        CheckpointSaveError when store.json cannot be written (nothing was saved).
         """
         if not isinstance(metadata, Mapping):
             raise ValueError(f"`metadata` must be a dict. Got {type(metadata).__name__}.")
@@ -291,37 +333,71 @@ class CheckpointStore:
         if not isinstance(probe, Mapping):
             raise ValueError(f"`probe` must be a dict of arrays (may be empty). Got {type(probe).__name__}.")
         self._check_open()
+        self._check_owner("saving")
         self.wait()
         number = self._next
         saved = to_json_value(dict(metadata), where="metadata")
         saved.update(schema_version=SCHEMA_VERSION, checkpoint=number, saved_at=time.time())
-        items = {"state": self._ocp.args.StandardSave(_host_copy(state)), "meta": self._ocp.args.JsonSave(saved)}
-        if probe:
-            items["probe"] = self._ocp.args.StandardSave(_host_copy(dict(probe)))
+        state_copy = _host_copy(state)
+        probe_copy = _host_copy(dict(probe)) if probe else {}
         fields = {key: saved[key] for key in ("learner_step", "positions") if key in saved}
         with self._lock:
-            self._file = _StoreFile.read(self._store_path)  # keep pins another process made meanwhile
+            before = (self._file.head, self._file.reserved)
             if self._file.head is not None:
                 # The new checkpoint is newer than the rollback target: it starts the lineage
                 # a restart continues, so the head no longer applies.
                 fields["cleared_head"] = self._file.head
                 self._file.head = None
             self._file.reserved = number
-            self._file.write(self._store_path)
+            try:
+                self._file.write(self._store_path)
+            except OSError as error:
+                self._file.head, self._file.reserved = before
+                self._ledger.append("save_failed", error=f"{type(error).__name__}: {_first_line(str(error))}")
+                raise CheckpointSaveError(
+                    f"saving checkpoint {number} in {self.directory} failed: cannot write {STORE_FILE} "
+                    f"({type(error).__name__}: {_first_line(str(error))})"
+                ) from error
             self._metadata[number] = saved
         self._next = number + 1
-        self._pending = (number, self._writer.submit(self._write, number, items, status, fields))
+        task = self._writer.submit(self._write, number, state_copy, probe_copy, saved, status, fields)
+        self._pending = (number, task)
         return number
 
-    def _write(self, number: int, items: dict, status: str, fields: dict) -> None:
-        """The writer thread's job: write and finalize checkpoint `number`, then run retention."""
+    def _write(self, number: int, state, probe: dict, saved: dict, status: str, fields: dict) -> None:
+        """The writer thread's job: digest, write and finalize checkpoint `number`, then run retention."""
+        ocp = self._ocp
         with self._lock:
-            if not self._manager.save(number, args=self._ocp.args.Composite(**items), force=True):
-                raise CheckpointSaveError(f"Orbax declined to save checkpoint {number} in {self.directory}")
-            self._manager.wait_until_finished()
-            self._manager.check_for_errors()
+            saved["integrity"] = integrity.describe(state, probe)
+            items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(saved)}
+            if probe:
+                items["probe"] = ocp.args.StandardSave(probe)
+            try:
+                if not self._manager.save(number, args=ocp.args.Composite(**items), force=True):
+                    raise CheckpointSaveError(f"Orbax declined to save checkpoint {number} in {self.directory}")
+                self._manager.wait_until_finished()
+                self._manager.check_for_errors()
+            except BaseException:
+                self._discard_failed(number)
+                raise
+            try:
+                integrity.write_manifest(self._step_directory(number))
+            except OSError as error:  # the checkpoint is whole; only `list`'s cheap check is missing
+                logger.warning("checkpoint %d is saved but its file manifest is not (%s)", number, error)
             self._ledger.append("save", checkpoint=number, status=status, **fields)
-            self._retain(finalized=number)
+            try:
+                self._retain()
+            except Exception as error:  # noqa: BLE001 - retention frees space; failing it must not fail the save
+                logger.warning("retention after checkpoint %d failed: %s", number, _first_line(str(error)))
+
+    def _discard_failed(self, number: int) -> None:
+        """Remove whatever a failed save of `number` left (its temporary directory, or a half-finalized one)."""
+        doomed = [(n, path) for n, path in self._unfinalized() if n == number]
+        if self._step_directory(number).exists():
+            doomed.append((number, self._step_directory(number)))
+        self._remove(doomed, reason="failed save")
+        self._metadata.pop(number, None)
+        self._manager.reload()  # Orbax may have listed the step before it failed
 
     @property
     def saving(self) -> bool:
@@ -345,7 +421,7 @@ class CheckpointStore:
             ) from error
 
     def close(self) -> None:
-        """Waits for the pending save (raising its error) and releases Orbax's threads."""
+        """Waits for the pending save (raising its error), releases Orbax's threads and the directory's lock."""
         if self._closed:
             return
         try:
@@ -354,6 +430,8 @@ class CheckpointStore:
             self._closed = True
             self._writer.shutdown(wait=True)
             self._manager.close()
+            if self._ownership is not None:
+                self._ownership.release()
 
     # ---- reading ---------------------------------------------------------------------
 
@@ -364,13 +442,14 @@ class CheckpointStore:
 
     @_locked
     def list(self) -> list[CheckpointInfo]:
-        """Finalized checkpoints, oldest first; reads only their JSON items."""
-        return [self._info(n) for n in self.numbers()]
+        """Finalized checkpoints, oldest first; reads their JSON items, stats their files, reads the ledger."""
+        findings = self._findings()
+        return [self._info(n, findings) for n in self.numbers()]
 
     @_locked
     def info(self, number: int) -> CheckpointInfo:
         self._require(number)
-        return self._info(number)
+        return self._info(number, self._findings())
 
     @_locked
     def last_good(self) -> int | None:
@@ -389,13 +468,15 @@ class CheckpointStore:
 
     @_locked
     def restore(self, number: int, *, state_like, probe_like: Mapping | None = None) -> Restored:
-        """Reads checkpoint `number` back.
+        """Reads checkpoint `number` back, checking every array against its saved digest.
 
         `state_like` gives the target structure, shapes and dtypes (concrete arrays or
         jax.ShapeDtypeStruct leaves, e.g. `jax.eval_shape(lambda: learner.init(0))`); containers
         come back as in it (NamedTuples, flax structs, int dict keys). A target that does
         not match the checkpoint raises ValueError naming the differing leaves; a checkpoint
-        that cannot be read raises CorruptCheckpointError.
+        that cannot be read, or whose bytes changed since they were saved, raises
+        CorruptCheckpointError. One saved without digests (schema 1) restores unverified,
+        with a warning.
         """
         self._require(number)
         ocp = self._ocp
@@ -412,7 +493,24 @@ class CheckpointStore:
         if not isinstance(metadata, dict) or metadata.get("status") not in STATUSES:
             raise CorruptCheckpointError(number, "its JSON item has no valid status")
         probe = dict(restored["probe"]) if has_probe else {}
-        return Restored(number=number, state=restored["state"], probe=probe, metadata=metadata)
+        verified = self._check_digests(number, metadata, restored["state"], probe)
+        if not verified:
+            logger.warning("checkpoint %d was saved without content digests: restored unverified", number)
+        return Restored(number=number, state=restored["state"], probe=probe, metadata=metadata, verified=verified)
+
+    @staticmethod
+    def _check_digests(number: int, metadata: dict, state, probe: Mapping) -> bool:
+        """True when every array matches its digest; False when none were saved; else CorruptCheckpointError."""
+        saved = metadata.get("integrity")
+        if saved is None:
+            return False
+        if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in ("state", "probe")):
+            raise CorruptCheckpointError(number, "its content digests are unreadable")
+        for item, tree in (("state", state), ("probe", dict(probe))):
+            problem = integrity.mismatch(item, saved[item], tree)
+            if problem is not None:
+                raise CorruptCheckpointError(number, problem)
+        return True
 
     @_locked
     def restore_latest(
@@ -425,9 +523,9 @@ class CheckpointStore:
         """What a (re)start restores: the head, else the newest good checkpoint.
 
         A corrupt candidate is reported (`on_skip(number, error)`, default a logged
-        warning), recorded as a "skip" event, marked abandoned (the lineage now continues
-        from an older checkpoint), and the previous good one is tried. None when no good
-        checkpoint can be read. Never deletes anything.
+        warning) and the previous good one is tried. The owner also records a "skip"
+        event and marks it abandoned (the lineage now continues from an older
+        checkpoint). None when no good checkpoint can be read. Never deletes anything.
         """
         head = self._file.head
         for number in reversed(self.numbers()):
@@ -441,21 +539,61 @@ class CheckpointStore:
                 return self.restore(number, state_like=state_like, probe_like=probe_like)
             except CorruptCheckpointError as error:
                 if on_skip is None:
-                    logger.warning("skipping checkpoint %d: %s", number, error)
+                    logger.warning("%s; skipping it for the previous good checkpoint", error)
                 else:
                     on_skip(number, error)
-                self._ledger.append("skip", checkpoint=number, error=str(error))
-                self._file.abandoned.add(number)
-                if self._file.head == number:
-                    self._file.head = None
-                self._file.write(self._store_path)
+                if self.owner:
+                    self._ledger.append("skip", checkpoint=number, error=str(error))
+                    self._file.abandoned.add(number)
+                    if self._file.head == number:
+                        self._file.head = None
+                    try:
+                        self._file.write(self._store_path)
+                    except OSError as write_error:  # a full disk: the next start finds it corrupt again
+                        logger.warning("cannot mark checkpoint %d abandoned in %s: %s", number, STORE_FILE, write_error)
         return None
+
+    @_locked
+    def verify(self, number: int) -> Verification:
+        """Reads checkpoint `number`'s arrays back (as NumPy, no target needed) and checks them against its digests.
+
+        Records what it found in the ledger (an append-only "verify" event, safe beside
+        the owner), so `list` shows a corruption found here.
+        """
+        self._require(number)
+        verification = self._verify(number)
+        self._ledger.append("verify", checkpoint=number, result=verification.result, detail=verification.detail)
+        return verification
+
+    def _verify(self, number: int) -> Verification:
+        try:
+            metadata = self._read_metadata(number)
+        except CorruptCheckpointError as error:
+            return Verification(number, "corrupt", error.reason)
+        condition, problem = integrity.check_files(self._step_directory(number))
+        if condition == "corrupt":
+            return Verification(number, "corrupt", str(problem))
+        saved = metadata.get("integrity")
+        if saved is None:
+            return Verification(number, "unverified", "saved without content digests")
+        try:
+            state = self._read_tree(number, "state")
+            probe = self._read_tree(number, "probe") if (self._step_directory(number) / "probe").is_dir() else {}
+            self._check_digests(number, metadata, state, probe)
+        except CorruptCheckpointError as error:
+            return Verification(number, "corrupt", error.reason)
+        if saved.get("params_sha256") != integrity.params_sha256(state):
+            return Verification(number, "corrupt", "its params do not match their SHA-256")
+        arrays = integrity.leaves_by_path(state) + integrity.leaves_by_path(probe)
+        size = sum(np.asarray(leaf).nbytes for _, leaf in arrays)
+        return Verification(number, "ok", f"{len(arrays)} arrays, {size:,} bytes", len(arrays), size)
 
     # ---- pins and head -----------------------------------------------------------------
 
     @_locked
     def pin(self, number: int) -> None:
         """Keeps `number` through retention until unpinned (persisted in store.json)."""
+        self._check_owner("pinning")
         self._require(number)
         if number not in self._file.pinned:
             self._file.pinned.add(number)
@@ -464,6 +602,7 @@ class CheckpointStore:
 
     @_locked
     def unpin(self, number: int) -> None:
+        self._check_owner("unpinning")
         self._require(number)
         if number in self._file.pinned:
             self._file.pinned.discard(number)
@@ -473,19 +612,23 @@ class CheckpointStore:
     def set_head(self, number: int, *, reason: str) -> None:
         """Makes `number` what the next restore_latest() returns (`continuity rollback`).
 
-        It must be finalized and good. Newer checkpoints stay on disk marked abandoned
-        until retention removes them; the next save clears the head.
+        It must be finalized, good and not known to be corrupt. Newer checkpoints stay on
+        disk marked abandoned until retention removes them; the next save clears the head.
         """
+        self._check_owner("rolling back")
         self.wait()  # outside the lock: the writer thread needs it to finish
         with self._lock:
             self._set_head(number, reason=reason)
 
     def _set_head(self, number: int, *, reason: str) -> None:
         self._require(number)
-        status = self._status(number)
-        if status != "good":
+        info = self._info(number, self._findings())
+        if info.condition == "corrupt":
+            raise ValueError(f"checkpoint {number} is corrupt ({info.problem}); roll back to another one")
+        if info.status != "good":
             raise ValueError(
-                f"checkpoint {number} has status {status!r}; only a good checkpoint can be the one a restart restores"
+                f"checkpoint {number} has status {info.status!r}; only a good checkpoint can be the one a restart "
+                "restores"
             )
         newly = [n for n in self.numbers() if n > number and n not in self._file.abandoned]
         previous = self._file.head
@@ -505,7 +648,8 @@ class CheckpointStore:
         (load with `msgpack_restore`); `.npz`: one array per leaf, keys joined with "/".
         Dict keys are strings either way (nnx's int layer indices become "0", "1", ...).
         Only the subtree is read (an Orbax partial restore without a target, as host NumPy
-        arrays), so the replay buffer and optimizer state are never loaded.
+        arrays), so the replay buffer and optimizer state are never loaded; its arrays
+        are checked against their digests all the same.
         """
         out = Path(out)
         if out.suffix not in EXPORT_SUFFIXES:
@@ -514,37 +658,17 @@ class CheckpointStore:
         params_path = tuple(str(key) for key in params_path)
         if not params_path:
             raise ValueError("`params_path` must name at least one key, e.g. ('params',).")
-        ocp = self._ocp
-        tree = self._state_metadata(number)
-        for depth, key in enumerate(params_path):
-            if not isinstance(tree, Mapping) or key not in tree:
-                available = sorted(tree) if isinstance(tree, Mapping) else []
-                raise ValueError(
-                    f"checkpoint {number} has no state subtree {'/'.join(params_path[: depth + 1])!r}; "
-                    f"keys there: {available}"
-                )
-            tree = tree[key]
-
-        import jax
-
-        def nest(leaf_value):
-            for key in reversed(params_path):
-                leaf_value = {key: leaf_value}
-            return leaf_value
-
-        item = nest(jax.tree.map(lambda _: np.empty(0), tree))
-        restore_args = nest(jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
-        try:
-            with ocp.PyTreeCheckpointer() as checkpointer:
-                restored = checkpointer.restore(
-                    self._step_directory(number) / "state",
-                    args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
-                )
-        except Exception as error:
-            raise CorruptCheckpointError(number, error) from error
+        nested = self._read_tree(number, "state", params_path)
+        saved = self._read_metadata(number).get("integrity")
+        if isinstance(saved, dict) and isinstance(saved.get("state"), dict):
+            prefix = "/".join(params_path) + "/"
+            expected = {path: digest for path, digest in saved["state"].items() if path.startswith(prefix)}
+            problem = integrity.mismatch("state", expected, nested)
+            if problem is not None:
+                raise CorruptCheckpointError(number, problem)
+        params = nested
         for key in params_path:
-            restored = restored[key]
-        params = jax.tree.map(np.asarray, restored)
+            params = params[key]
 
         out.parent.mkdir(parents=True, exist_ok=True)
         temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -554,11 +678,8 @@ class CheckpointStore:
 
                 handle.write(serialization.msgpack_serialize(params))
             else:
-                flat = {
-                    "/".join(_key_name(e) for e in path): leaf
-                    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-                }
-                np.savez(handle, **flat)
+                arrays: dict[str, Any] = dict(integrity.leaves_by_path(params))
+                np.savez(handle, **arrays)
         os.replace(temporary, out)
         return out
 
@@ -567,6 +688,13 @@ class CheckpointStore:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"the checkpoint store at {self.directory} is closed")
+
+    def _check_owner(self, action: str) -> None:
+        if not self.owner:
+            raise ReadOnlyStoreError(
+                f"the checkpoint store at {self.directory} was opened read-only; {action} needs its owner "
+                "(open it with owner=True)"
+            )
 
     def _step_directory(self, number: int) -> Path:
         return self.directory / str(number)
@@ -600,29 +728,86 @@ class CheckpointStore:
         except CorruptCheckpointError:
             return "corrupt"
 
-    def _info(self, number: int) -> CheckpointInfo:
+    def _findings(self) -> dict[int, str]:
+        """{number: why} for checkpoints the ledger says a restore or `verify` found corrupt (latest word wins)."""
+        found: dict[int, str] = {}
+        for event in self._ledger.read():
+            number = event.get("checkpoint")
+            if not isinstance(number, int):
+                continue
+            if event.get("event") == "skip":
+                found[number] = str(event.get("error", "skipped by a restore")).split(" is corrupt: ", 1)[-1]
+            elif event.get("event") == "verify":
+                if event.get("result") == "corrupt":
+                    found[number] = str(event.get("detail"))
+                else:
+                    found.pop(number, None)
+        return found
+
+    def _info(self, number: int, findings: Mapping[int, str]) -> CheckpointInfo:
+        marks = {
+            "pinned": number in self._file.pinned,
+            "abandoned": number in self._file.abandoned,
+            "head": number == self._file.head,
+        }
         try:
             metadata = dict(self._read_metadata(number))
         except CorruptCheckpointError as error:
             metadata = {"status": "corrupt", "checkpoint": number, "error": str(error)}
-        return CheckpointInfo(
-            number=number,
-            metadata=metadata,
-            pinned=number in self._file.pinned,
-            abandoned=number in self._file.abandoned,
-            head=number == self._file.head,
-        )
+            return CheckpointInfo(number, metadata, condition="corrupt", problem=error.reason, **marks)
+        condition, problem = integrity.check_files(self._step_directory(number))
+        if condition != "corrupt" and number in findings:
+            condition, problem = "corrupt", findings[number]
+        if condition == "intact" and "integrity" not in metadata:
+            condition, problem = "unverified", "saved without content digests"
+        return CheckpointInfo(number, metadata, condition=condition, problem=problem, **marks)
 
-    def _state_metadata(self, number: int):
-        """The saved state tree with Orbax's per-leaf metadata (string keys, lists for tuples)."""
+    def _state_metadata(self, number: int, item: str = "state"):
+        """The saved tree of `item` with Orbax's per-leaf metadata (string keys, lists for tuples)."""
         try:
-            metadata = self._manager.item_metadata(number)["state"]
+            metadata = self._manager.item_metadata(number)[item]
         except Exception as error:
             raise CorruptCheckpointError(number, error) from error
         tree = getattr(metadata, "tree", metadata)
         if tree is None:
-            raise CorruptCheckpointError(number, "its state item has no readable tree metadata")
+            raise CorruptCheckpointError(number, f"its {item} item has no readable tree metadata")
         return tree
+
+    def _read_tree(self, number: int, item: str, subtree: Sequence[str] = ()):
+        """`item` of checkpoint `number` as host NumPy arrays, without a target; only `subtree` if given.
+
+        An Orbax partial restore: only the leaves under `subtree` are read, and come back
+        nested under its keys (as saved, so their paths match the saved digests).
+        """
+        import jax
+
+        ocp = self._ocp
+        tree = self._state_metadata(number, item)
+        for depth, key in enumerate(subtree):
+            if not isinstance(tree, Mapping) or key not in tree:
+                available = sorted(tree) if isinstance(tree, Mapping) else []
+                raise ValueError(
+                    f"checkpoint {number} has no {item} subtree {'/'.join(subtree[: depth + 1])!r}; "
+                    f"keys there: {available}"
+                )
+            tree = tree[key]
+
+        def nest(leaf_value):
+            for key in reversed(subtree):
+                leaf_value = {key: leaf_value}
+            return leaf_value
+
+        target = nest(jax.tree.map(lambda _: np.empty(0), tree))
+        restore_args = nest(jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+        try:
+            with ocp.PyTreeCheckpointer() as checkpointer:
+                restored = checkpointer.restore(
+                    self._step_directory(number) / item,
+                    args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+                )
+        except Exception as error:
+            raise CorruptCheckpointError(number, error) from error
+        return jax.tree.map(np.asarray, restored)
 
     def _check_target(self, number: int, state_like) -> None:
         """ValueError when `state_like` cannot be the restore target of `number`'s state.
@@ -652,7 +837,7 @@ class CheckpointStore:
 
     # builtins.list: inside this class `list` names the method CheckpointStore.list.
     def _unfinalized(self) -> builtins.list[tuple[int, Path]]:
-        """Directories Orbax left uncommitted (a crash mid-save): (number, path)."""
+        """Directories Orbax left uncommitted (a crash or failure mid-save): (number, path)."""
         found = []
         if self.directory.is_dir():
             for entry in self.directory.iterdir():
@@ -661,8 +846,13 @@ class CheckpointStore:
                     found.append((int(match.group(1)), entry))
         return sorted(found)
 
-    def _retain(self, *, finalized: int) -> None:
-        """Retention after checkpoint `finalized` committed: delete what the rule lets go."""
+    def _remove(self, doomed: Sequence[tuple[int, Path]], *, reason: str) -> None:
+        for number, path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
+            self._ledger.append("delete", checkpoint=number, reason=reason, path=path.name)
+
+    def _retain(self) -> None:
+        """Retention after a checkpoint committed: delete what the rule lets go (never the head or a pin)."""
         numbers = self.numbers()
         doomed = checkpoints_to_delete(
             numbers, keep_last=self.keep_last, last_good=self.last_good(), pinned=self._file.pinned
@@ -675,9 +865,3 @@ class CheckpointStore:
         if self._file.abandoned & set(doomed):
             self._file.abandoned -= set(doomed)
             self._file.write(self._store_path)
-        # Leftovers of saves that crashed before committing. Only numbers below the one
-        # just finalized: the store's single writer has moved past them for good.
-        for number, path in self._unfinalized():
-            if number < finalized:
-                shutil.rmtree(path, ignore_errors=True)
-                self._ledger.append("delete", checkpoint=number, reason="unfinalized")

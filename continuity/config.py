@@ -209,9 +209,16 @@ class CheckpointsConfig:
     # Every window is judged; this only bounds how much a crash re-trains. Saving every
     # window of a fast stream would spend the service's time writing checkpoints.
     every_seconds: float = 10.0
+    # A failing save (a full disk) never stops training; this bounds how long the service
+    # trains on without a checkpoint before it stops (exit status 5) for an operator.
+    max_unsaved_seconds: float = 3600.0
 
     def __post_init__(self):
         _require(bool(self.dir), "`checkpoints.dir` must be a directory path. Got ''.")
+        _require(
+            self.max_unsaved_seconds >= 0,
+            f"`checkpoints.max_unsaved_seconds` must be >= 0 (0 = never stop). Got {self.max_unsaved_seconds!r}.",
+        )
         _require(self.keep_last >= 1, f"`checkpoints.keep_last` must be >= 1. Got {self.keep_last!r}.")
         _require(self.every_seconds >= 0, f"`checkpoints.every_seconds` must be >= 0. Got {self.every_seconds!r}.")
 
@@ -936,6 +943,10 @@ _COMMENTS = {
         "checkpoints",
         "every_seconds",
     ): "at most one checkpoint per this many seconds (every window is still judged); 0 = every accepted window",
+    (
+        "checkpoints",
+        "max_unsaved_seconds",
+    ): "saves failing this long in a row (a full disk): stop with exit status 5; 0 = never stop",
     ("service", "http_host"): "a non-loopback address requires an admin token",
     ("service", "http_port"): "0 = pick a free port",
     ("service", "admin_token"): 'bearer token for POST /admin/*; give it as admin_token_env = "VAR"',

@@ -8,6 +8,8 @@ Endpoints (`ServiceHTTP`):
     GET  /status            the controller's status as JSON
     POST /admin/rollback    {"to": N} or {"last_good": true}, optional "reason"   (bearer token)
     POST /admin/checkpoint  save a checkpoint now                                 (bearer token)
+    POST /admin/pin         {"checkpoint": N}: retention never deletes it        (bearer token)
+    POST /admin/unpin       {"checkpoint": N}: retention may delete it again     (bearer token)
 
 Admin endpoints need `Authorization: Bearer <token>`: no header is 401, a wrong token
 is 403, and with no token configured they are disabled (403). Binding anywhere but
@@ -65,6 +67,9 @@ class ServiceController(Protocol):
 
     def request_checkpoint(self) -> dict:
         """Save a checkpoint now; blocks until it is saved. Errors as for `request_rollback`."""
+
+    def request_pin(self, checkpoint: int, pinned: bool) -> dict:
+        """Pin (or unpin) a checkpoint in the store the service owns. Errors as for `request_rollback`."""
 
 
 class ServiceUnreachable(ConnectionError):
@@ -329,7 +334,7 @@ class _Handler(BaseHTTPRequestHandler):
             HTTPStatus.NOT_FOUND,
             {
                 "error": f"no endpoint {path}; try /healthz, /readyz, /metrics, "
-                "/status, POST /admin/rollback or /admin/checkpoint"
+                "/status, POST /admin/rollback, /admin/checkpoint, /admin/pin or /admin/unpin"
             },
         )
 
@@ -398,7 +403,26 @@ def _checkpoint(controller: ServiceController, body: dict) -> dict:
     return controller.request_checkpoint()
 
 
-_ADMIN = {"/admin/rollback": _rollback, "/admin/checkpoint": _checkpoint}
+def _pin(controller: ServiceController, body: dict, *, pinned: bool = True) -> dict:
+    unknown = sorted(set(body) - {"checkpoint"})
+    if unknown:
+        raise _BadRequest(f'unknown keys {unknown}; a pin takes {{"checkpoint": N}}')
+    number = body.get("checkpoint")
+    if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+        raise _BadRequest(f'"checkpoint" must be a checkpoint number (a positive integer), got {number!r}')
+    return controller.request_pin(number, pinned)
+
+
+def _unpin(controller: ServiceController, body: dict) -> dict:
+    return _pin(controller, body, pinned=False)
+
+
+_ADMIN = {
+    "/admin/rollback": _rollback,
+    "/admin/checkpoint": _checkpoint,
+    "/admin/pin": _pin,
+    "/admin/unpin": _unpin,
+}
 
 
 # -------------------------------------------------------------------- client

@@ -25,6 +25,16 @@ One run:
    accepted model if it is not saved yet, as any stop does, commits nothing, and returns
    with `RunSummary.stopped_on_lost_positions`. No position is moved: an operator decides.
 
+A save that fails (a full disk) costs no training: the failure is logged in one line
+and counted, offsets stay committed at the last finalized checkpoint, and the save is
+tried again with backoff (1 s, doubling to 60 s) while the loop trains and judges on.
+Only when saves have failed for `max_unsaved_s` in a row does the run stop, with
+`RunSummary.unsaved` saying so (`serve` exits 5).
+
+A store whose checkpoints all fail to restore is not a reason to start over: that
+would retrain from the stream's start and silently abandon the lineage.
+NoUsableCheckpointError stops the run before anything is read, unless `start_fresh`.
+
 Judging and checkpointing are decoupled on purpose: every window is judged (and EWC
 consolidated), which is what decides the model, while checkpoints, which only decide
 how much a crash re-trains, are written at most every `checkpoint_every_s`. The state
@@ -55,7 +65,8 @@ from dataclasses import asdict, dataclass, field
 import jax
 import numpy as np
 
-from continuity.checkpoints import CheckpointStore
+from continuity.checkpoints import CheckpointSaveError, CheckpointStore, CorruptCheckpointError
+from continuity.errors import UsageError
 from continuity.guard import Guard, GuardConfig
 from continuity.learner import Batch as TrainBatch
 from continuity.learner import Learner
@@ -82,6 +93,12 @@ log = logging.getLogger(__name__)
 REGRESSION_STREAK = 3  # windows regressed in a row before the first warning
 
 SCHEMA_VERSION = 1
+
+SAVE_RETRY_S = (1.0, 60.0)  # first wait after a failed save, and the most it doubles to
+
+
+class NoUsableCheckpointError(UsageError):
+    """The store holds checkpoints but none can be restored; starting over needs the operator's word."""
 
 
 @dataclass
@@ -123,6 +140,8 @@ class RunSummary:
     # stopped on them (on_lost_positions = "halt"): see the module docstring.
     lost_positions: list = field(default_factory=list)
     stopped_on_lost_positions: bool = False
+    checkpoint_failures: int = 0  # saves that failed (a full disk); each is retried
+    unsaved: str | None = None  # why the run ended with its last good model not checkpointed (saves kept failing)
     restored_from: int | None = None
     last_checkpoint: int | None = None
     positions: dict = field(default_factory=dict)
@@ -156,6 +175,7 @@ class Progress:
     regressions_in_a_row: int = 0  # windows judged regressed since the last accepted one
     lost_positions: int = 0  # partitions whose held position the broker no longer had, this run
     stream_note: str | None = None  # what keeps the source from reading ("broker unreachable for 42 s"); None: reading
+    checkpoint_failures: int = 0  # saves that failed so far (running total)
 
 
 @dataclass
@@ -265,6 +285,9 @@ class TrainingLoop:
         progress_every_s: float = 5.0,
         max_examples: int | None = None,
         checkpoint_every_s: float = 0.0,
+        max_unsaved_s: float = 0.0,
+        start_fresh: bool = False,
+        save_retry_s: tuple[float, float] = SAVE_RETRY_S,
     ):
         self.stream = stream
         self.learner = learner
@@ -277,6 +300,9 @@ class TrainingLoop:
         self.progress_every_s = progress_every_s
         self.max_examples = max_examples
         self.checkpoint_every_s = checkpoint_every_s  # 0: checkpoint every accepted window
+        self.max_unsaved_s = max_unsaved_s  # saves failing this long in a row stop the run; 0: never
+        self.start_fresh = start_fresh  # start a new model even when the store's checkpoints cannot be restored
+        self.save_retry_s = save_retry_s
         self.guard = Guard(learner, guard)
         self.holdout = Holdout(probe.holdout_fraction, salt=seed)
         self.digest = config_digest(learner.config, probe, guard)
@@ -287,9 +313,13 @@ class TrainingLoop:
         self._requests: queue.Queue[_Request] = queue.Queue()
         self.ready = threading.Event()  # set once restored and reading
         self.reader: _Reader | None = None
-        self._saved: _Good | None = None  # the good model last checkpointed (or restored): lineage parent
+        self._saved: _Good | None = None  # the good model last handed to the store (or restored): lineage parent
+        self._finalized: _Good | None = None  # the good model last known to be on disk (or restored)
+        self._pending: _Good | None = None  # handed to the store, not yet known to be finalized
         self._last_save = time.monotonic()
-        self._uncommitted: Positions | None = None  # positions of a save not yet known to be finalized
+        self._failing_since: float | None = None  # when saves started failing (None: the last one worked)
+        self._retry_at = 0.0  # no save is started before this (monotonic) time after a failure
+        self._retry_wait_s = save_retry_s[0]
         self._regressions_in_a_row = 0  # windows judged regressed since the last accepted one
 
     def request(self, kind: str, *, timeout_s: float = 60.0, **args) -> dict:
@@ -321,7 +351,7 @@ class TrainingLoop:
     def run(self) -> RunSummary:
         started = time.perf_counter()
         state, good = self._restore_or_start()
-        self._saved = good
+        self._saved = self._finalized = good
         probe = good.probe.copy()
         self.guard.mark_good(state)
         reader = self.reader = self._open(good)
@@ -343,8 +373,10 @@ class TrainingLoop:
                     state, good, probe, reader = self._handle_requests(state, good, probe, reader)
                 if self._checkpoint_due(good):  # a quiet stream: what was accepted is saved all the same
                     self._checkpoint(good)
-                self._commit_finalized()
+                self._collect_save()
                 self._maybe_report(state, good)
+                if self._unsaved_too_long():
+                    break
                 if ended or self.stopping():
                     break
             self._checkpoint(good)  # the last good model, if accepted since the last checkpoint
@@ -358,10 +390,15 @@ class TrainingLoop:
             if self.on_progress is not None:  # the metrics see the stop before the service ends
                 self.on_progress(self._progress(state, good, self.summary.examples_trained, 1.0))
         finally:
-            self.store.wait()  # the last save is finalized (or its error raised) before anything is committed
-            self._commit_finalized()
+            self._collect_save(wait=True)  # the last save is finalized (or failed) before anything is committed
             reader.close()
             self._fail_pending_requests()
+        self.summary.last_checkpoint = self.good_number  # not a save that failed
+        if good is not self._finalized and self.summary.unsaved is None:
+            self.summary.unsaved = (
+                f"the last good model (positions {good.positions.to_json()}) is not checkpointed: saving failed "
+                f"{self.summary.checkpoint_failures} times; a restart resumes from {self._resume_point()}"
+            )
         self.summary.stopped = self._stop()
         self.summary.dead_letters = self.stream.dead_letters.total
         self.summary.skipped_updates = int(state.skipped_updates)
@@ -501,28 +538,40 @@ class TrainingLoop:
                 if request.kind == "checkpoint":
                     # Any trained examples were just judged: checkpoint the last good model now.
                     self._checkpoint(good)
+                    if good is not self._saved:
+                        raise RuntimeError("saving the checkpoint failed (see the service's log); it is retried")
                     request.finish({"checkpoint": good.number, "positions": good.positions.to_json()})
                 elif request.kind == "rollback":
                     state, good, probe, reader = self._operator_rollback(
                         request.args.get("to"), request.args.get("reason", "operator"), reader
                     )
                     request.finish({"checkpoint": good.number, "positions": good.positions.to_json()})
+                elif request.kind in ("pin", "unpin"):
+                    number = request.args["checkpoint"]
+                    (self.store.pin if request.kind == "pin" else self.store.unpin)(number)
+                    request.finish({"checkpoint": number, "pinned": request.kind == "pin"})
                 else:
                     raise ValueError(f"unknown request {request.kind!r}")
             except Exception as error:  # noqa: BLE001 - handed back to the requesting thread
                 request.finish(error=error)
 
     def _operator_rollback(self, to: int | None, reason: str, reader: _Reader):
-        """Make checkpoint `to` (default: the last good one) current: restore it and read on from its positions."""
+        """Make checkpoint `to` (default: the last good one) current: restore it and read on from its positions.
+
+        All or nothing: the checkpoint is read back (and its digests checked) before the
+        head moves, so a corrupt target changes nothing.
+        """
+        self._collect_save(wait=True)
         number = to if to is not None else self.store.last_good()
         if number is None:
             raise LookupError("there is no good checkpoint to roll back to")
-        self.store.wait()
+        try:
+            restored = self.store.restore(number, state_like=self.learner.init(self.seed))
+        except CorruptCheckpointError as error:
+            raise ValueError(f"{error}; nothing was changed: roll back to another checkpoint") from None
         self.store.set_head(number, reason=reason)
-        restored = self.store.restore(number, state_like=self.learner.init(self.seed))
         state, good = self._from_restored(restored)
-        self._saved = good
-        self._uncommitted = None  # newer than the checkpoint rolled back to: committing it would skip records
+        self._saved = self._finalized = good
         self._regressions_in_a_row = 0  # the operator chose where history begins
         self.guard.mark_good(state)
         reader = self.reader = self._reopen(reader, good)
@@ -537,7 +586,20 @@ class TrainingLoop:
     def _restore_or_start(self):
         learner = self.learner
         fresh = learner.init(self.seed)
-        restored = self.store.restore_latest(state_like=fresh)
+        skipped: list[str] = []
+
+        def on_skip(number: int, error: CorruptCheckpointError) -> None:
+            log.warning("%s; trying the previous good checkpoint", error)
+            skipped.append(f"{number}: {error.reason}")
+
+        restored = self.store.restore_latest(state_like=fresh, on_skip=on_skip)
+        if restored is None and self.store.numbers() and not self.start_fresh:
+            found = "; ".join(skipped) if skipped else "none is good and not abandoned"
+            raise NoUsableCheckpointError(
+                f"{self.store.directory} holds checkpoints {_span(self.store.numbers())} but none can be restored "
+                f"({found}); see `continuity checkpoints verify --dir {self.store.directory}`, or start a new "
+                "model from the stream's start positions with `--start-fresh`"
+            )
         if restored is None:
             probe = ProbeStore(
                 learner.example_shape,
@@ -672,17 +734,19 @@ class TrainingLoop:
                 probe.add(segment_names[segment_id], batch.x[chosen], batch.y[chosen])
 
     def _checkpoint_due(self, good: _Good) -> bool:
-        """True when `good` is not checkpointed yet and `checkpoint_every_s` has passed since the last save."""
-        return good is not self._saved and time.monotonic() - self._last_save >= self.checkpoint_every_s
+        """True when `good` is not checkpointed yet, `checkpoint_every_s` has passed since the last save,
+        and a failed save's backoff is over."""
+        now = time.monotonic()
+        return good is not self._saved and now - self._last_save >= self.checkpoint_every_s and now >= self._retry_at
 
     def _checkpoint(self, good: _Good, *, quarantined: int = 0) -> None:
         """Checkpoint the last good model (the guard's copy) as `good`, unless it already is.
 
         `quarantined`: the window before `good.positions` was skipped, not trained.
         """
+        self._collect_save(wait=True)  # the previous save's outcome: committed, or failed and to be redone
         if good is self._saved:
             return
-        self._commit_finalized(wait=True)  # the previous save's positions, before its slot is reused
         state, parent = self.guard.last_good, self._saved
         if state is None or parent is None:  # run() marks the starting model good (and saved) first
             raise RuntimeError("a checkpoint needs the last good model and its parent")
@@ -709,8 +773,13 @@ class TrainingLoop:
             "window_from": parent.positions.to_json(),
             "config_digest": self.digest,
         }
-        good.number = self.store.save(state, arrays, metadata)
-        self._saved, self._uncommitted, self._last_save = good, good.positions, time.monotonic()
+        try:
+            good.number = self.store.save(state, arrays, metadata)
+        except CheckpointSaveError as error:
+            self._save_failed(error)
+            return
+        self._saved = self._pending = good
+        self._last_save = time.monotonic()
         self.summary.last_checkpoint = good.number
         # parent + from + positions chain the checkpoints: the lineage a restart continues.
         self.ledger.append(
@@ -726,18 +795,61 @@ class TrainingLoop:
             quarantined=quarantined,
         )
 
-    def _commit_finalized(self, *, wait: bool = False) -> None:
-        """Commit the newest checkpoint's positions to the source once its save is finalized.
+    def _collect_save(self, *, wait: bool = False) -> None:
+        """Take the pending save's outcome: once finalized, commit its positions; if it failed, plan a retry.
 
-        Without `wait`, a save still being written is left for a later call.
+        Without `wait`, a save still being written is left for a later call. Offsets are
+        only ever committed for a finalized checkpoint.
         """
-        if self._uncommitted is None or (self.store.saving and not wait):
+        if self._pending is None or (self.store.saving and not wait):
             return
-        self.store.wait()  # raises the save's error instead of committing past a lost checkpoint
+        pending, self._pending = self._pending, None
+        try:
+            self.store.wait()
+        except CheckpointSaveError as error:
+            pending.number = None
+            if self._saved is pending:  # the lineage goes on from what is on disk
+                self._saved = self._finalized
+            self._save_failed(error)
+            return
+        self._finalized = pending
+        self._failing_since, self._retry_at, self._retry_wait_s = None, 0.0, self.save_retry_s[0]
         if self.reader is None:  # run() opens the reader before anything is saved
             raise RuntimeError("positions to commit, but no source to commit them to")
-        self.reader.source.commit(self._uncommitted)
-        self._uncommitted = None
+        self.reader.source.commit(pending.positions)
+
+    def _save_failed(self, error: CheckpointSaveError) -> None:
+        """One line per failure, and a retry after a wait that doubles up to `save_retry_s[1]`."""
+        now = time.monotonic()
+        self.summary.checkpoint_failures += 1
+        if self._failing_since is None:
+            self._failing_since = now
+        self._retry_at = now + self._retry_wait_s
+        log.error(
+            "%s; training goes on, retrying in %.3g s (a restart would resume from %s)",
+            error,
+            self._retry_wait_s,
+            self._resume_point(),
+        )
+        self._retry_wait_s = min(self._retry_wait_s * 2, self.save_retry_s[1])
+
+    def _unsaved_too_long(self) -> bool:
+        """True (and `summary.unsaved` set) when saves have failed for longer than `max_unsaved_s` in a row."""
+        if not self.max_unsaved_s or self._failing_since is None:
+            return False
+        failing_s = time.monotonic() - self._failing_since
+        if failing_s <= self.max_unsaved_s:
+            return False
+        self.summary.unsaved = (
+            f"checkpoints could not be saved for {failing_s:.0f} s ({self.summary.checkpoint_failures} failures; "
+            f"checkpoints.max_unsaved_seconds = {self.max_unsaved_s:g}): stopping; a restart resumes from "
+            f"{self._resume_point()}"
+        )
+        return True
+
+    def _resume_point(self) -> str:
+        number = self.good_number
+        return "the stream's start positions (no checkpoint yet)" if number is None else f"checkpoint {number}"
 
     def _quarantine(self, start: Positions, end: Positions, verdict) -> int:
         """Copy the window's raw records to the quarantine sink; training goes on after them."""
@@ -781,6 +893,7 @@ class TrainingLoop:
             regressions_in_a_row=self._regressions_in_a_row,
             lost_positions=len(self.summary.lost_positions),
             stream_note=None if self.reader is None else self.reader.source.state_note(),
+            checkpoint_failures=self.summary.checkpoint_failures,
         )
 
 
@@ -835,6 +948,13 @@ def copy_range(
     if timed_out:
         log.error("quarantine copy timed out after %.0f s; partitions not fully copied: %s", timeout_s, sorted(stop_at))
     return copied
+
+
+def _span(numbers: list[int]) -> str:
+    """ "1-5" for consecutive numbers, else "1, 3, 7"."""
+    if len(numbers) > 2 and numbers[-1] - numbers[0] == len(numbers) - 1:
+        return f"{numbers[0]}-{numbers[-1]}"
+    return ", ".join(map(str, numbers))
 
 
 def params_digest(state) -> str:

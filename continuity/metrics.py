@@ -34,6 +34,7 @@ _COUNTED = (
     ("rollbacks", "rollbacks"),
     ("quarantined_records", "quarantined_records"),
     ("lost_positions", "lost_positions"),
+    ("checkpoint_failures", "checkpoint_failures"),
 )
 
 
@@ -55,6 +56,11 @@ class ServiceMetrics:
         )
         self.quarantined_records = Counter(
             "continuity_quarantined_records", "Records of quarantined windows.", registry=r
+        )
+        self.checkpoint_failures = Counter(
+            "continuity_checkpoint_failures",
+            "Checkpoint saves that failed (a full disk, say); each is retried with backoff.",
+            registry=r,
         )
         self.probe_accuracy = Gauge(
             "continuity_probe_accuracy",

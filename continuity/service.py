@@ -7,6 +7,10 @@ itself (continuity/loop.py) is the same code.
 Shutdown: SIGTERM or SIGINT sets the stop flag. The loop finishes the batch in hand,
 judges and checkpoints the partial window (if good), waits for the save, commits the
 offsets and returns; the HTTP server stops last. A second signal exits at once.
+
+The service owns its checkpoint directory for as long as it runs (the store's lock,
+opened before anything else touches the directory): a second service on it is refused,
+and operator actions on it come through the admin endpoints, on the loop's thread.
 """
 
 from __future__ import annotations
@@ -17,10 +21,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from continuity.config import Config
+from continuity.errors import UsageError
 from continuity.loop import Progress, RunSummary, StreamInput, TrainingLoop
 from continuity.metrics import ServiceMetrics
+
+if TYPE_CHECKING:
+    from continuity.http import ServiceHTTP
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +94,24 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
     )
 
 
+def open_store(config: Config):
+    """The service's checkpoint store, owned (locked) by this process; a garbled store.json is rebuilt.
+
+    Another live process owning the directory is a UsageError naming it (pid, host).
+    """
+    from continuity.checkpoints import CheckpointStore, StoreLockedError
+
+    try:
+        store = CheckpointStore(config.checkpoints.dir, keep_last=config.checkpoints.keep_last, repair=True)
+    except StoreLockedError as error:
+        raise UsageError(
+            f"{error}; stop it first, or give this service another checkpoints.dir "
+            "(operator actions on a running service go through it: `continuity rollback --url ...`)"
+        ) from None
+    store.describe_owner(command="continuity serve")  # what a refused process names (not "cli.py")
+    return store
+
+
 class Service:
     """One run of the loop with signals, a progress line, metrics and (optionally) HTTP endpoints.
 
@@ -103,18 +130,25 @@ class Service:
         http: bool = True,
         progress=None,
         progress_every_s: float | None = None,
+        start_fresh: bool = False,
     ):
-        from continuity.checkpoints import CheckpointStore
-
         self.config = config
         self.stop_event = threading.Event()
         self.metrics = ServiceMetrics()
         self._deadline = None if max_seconds is None else time.monotonic() + max_seconds
         self._progress_printer = progress
         self._last_progress: Progress | None = None
+        self.store = open_store(config)  # first: nothing else may touch a directory another process owns
+        try:
+            self._build(recording, idle_timeout_s, max_examples, http, progress_every_s, start_fresh)
+        except BaseException:
+            self.store.close()
+            raise
+
+    def _build(self, recording, idle_timeout_s, max_examples, http, progress_every_s, start_fresh) -> None:
+        config = self.config
         self.learner = build_learner(config)
         self.stream = build_stream(config, recording=recording, idle_timeout_s=idle_timeout_s)
-        self.store = CheckpointStore(config.checkpoints.dir, keep_last=config.checkpoints.keep_last)
         self.loop = TrainingLoop(
             self.stream,
             self.learner,
@@ -127,8 +161,10 @@ class Service:
             progress_every_s=config.service.progress_every_s if progress_every_s is None else progress_every_s,
             max_examples=max_examples,
             checkpoint_every_s=config.checkpoints.every_seconds,
+            max_unsaved_s=config.checkpoints.max_unsaved_seconds,
+            start_fresh=start_fresh,
         )
-        self.http = None
+        self.http: ServiceHTTP | None = None
         if http:
             from continuity.http import ServiceHTTP
 
@@ -152,6 +188,7 @@ class Service:
         restore = self._install_signal_handlers()
         if self.http is not None:
             self.http.start()
+            self.store.describe_owner(url=self.http.url)  # so a refused `continuity rollback --dir` can say where to go
             log.info("HTTP on %s", self.http.url)
             if announce is not None:
                 announce(self.http.url)
@@ -220,6 +257,7 @@ class Service:
             "regressions_in_a_row": None if progress is None else progress.regressions_in_a_row,
             "quarantined_records": summary.quarantined_records,
             "dead_letters": self.stream.dead_letters.total,
+            "checkpoint_failures": summary.checkpoint_failures,
             "probe_accuracy": None if progress is None else progress.probe_accuracy,
             "probe_segments": {} if progress is None else progress.probe_segments,
             "ewc_lambda": None if progress is None else progress.ewc_strength,
@@ -250,6 +288,14 @@ class Service:
 
     def request_checkpoint(self) -> dict:
         return self.loop.request("checkpoint")
+
+    def request_pin(self, checkpoint: int, pinned: bool) -> dict:
+        from continuity.checkpoints import CheckpointNotFoundError
+
+        try:
+            return self.loop.request("pin" if pinned else "unpin", checkpoint=checkpoint)
+        except CheckpointNotFoundError as error:
+            raise LookupError(str(error)) from None
 
 
 def format_progress(progress: Progress, lag: int | None) -> str:
@@ -299,6 +345,8 @@ def format_summary(summary: RunSummary) -> str:
         ("EWC lambda", "n/a" if summary.ewc_strength is None else f"{summary.ewc_strength:.3g}"),
         ("wall time", f"{summary.wall_seconds:.1f} s"),
     ]
+    if summary.checkpoint_failures:
+        rows.append(("checkpoint failures", f"{summary.checkpoint_failures:,} (saves that failed and were retried)"))
     if summary.halted:
         rows.append(("halted", "yes: a regression with on_regression = 'halt'"))
     for lost in summary.lost_positions:

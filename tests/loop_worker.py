@@ -20,11 +20,19 @@ SPEC = FeatureSpec((8, 8, 1), "float32", 10)
 
 
 def build_loop(
-    recording: Path, directory: Path, *, guard: GuardConfig = GuardConfig(every_examples=400), live: bool = False
+    recording: Path,
+    directory: Path,
+    *,
+    guard: GuardConfig = GuardConfig(every_examples=400),
+    live: bool = False,
+    source=FileSource,
+    keep_last: int = 2,
+    **options,
 ) -> TrainingLoop:
+    """The loop of these tests over `recording`; `options` go to TrainingLoop (e.g. max_unsaved_s)."""
     codec = make_codec("binary", SPEC)
     stream = StreamInput(
-        open_source=lambda positions: FileSource(recording, start=positions),
+        open_source=lambda positions: source(recording, start=positions),
         codec=codec,
         dead_letters=JsonLinesDeadLetters(directory / "dead-letters.jsonl"),
         quarantine=JsonLinesDeadLetters(directory / "quarantine.jsonl"),
@@ -39,8 +47,8 @@ def build_loop(
         SPEC.shape,
         SPEC.num_classes,
     )
-    store = CheckpointStore(directory / "checkpoints", keep_last=2)
-    return TrainingLoop(stream, learner, store, probe=ProbeConfig(holdout_fraction=0.1), guard=guard, seed=0)
+    store = CheckpointStore(directory / "checkpoints", keep_last=keep_last)
+    return TrainingLoop(stream, learner, store, probe=ProbeConfig(holdout_fraction=0.1), guard=guard, seed=0, **options)
 
 
 if __name__ == "__main__":

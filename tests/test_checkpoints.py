@@ -20,6 +20,7 @@ from continuity.checkpoints import (
     Ledger,
     checkpoints_to_delete,
 )
+from continuity.checkpoints.integrity import leaves_by_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,7 +191,9 @@ def test_save_then_restore_a_learner_state_bit_exactly_even_after_donation(tmp_p
             assert list(restored.state.params["hidden"]) == [0, 1]  # nnx's int keys come back as ints
             _assert_identical(probe, restored.probe)
         metadata = restored.metadata
-        assert metadata["status"] == "good" and metadata["checkpoint"] == 1 and metadata["schema_version"] == 1
+        assert metadata["status"] == "good" and metadata["checkpoint"] == 1 and metadata["schema_version"] == 2
+        assert restored.verified
+        assert set(metadata["integrity"]["state"]) == {path for path, _ in leaves_by_path(expected)}
         assert Positions.from_json(metadata["positions"]) == positions
         assert metadata["probe"] == {"accuracy": 0.75} and metadata["saved_at"] > 0
         # Without a probe target the arrays still come back.
@@ -335,7 +338,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_good_one(tmp_pa
     for path in _data_files(tmp_path / "2"):
         path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncate every data file
     skipped = []
-    with CheckpointStore(tmp_path, create=False) as store:
+    with CheckpointStore(tmp_path, create=False, owner=True) as store:
         with pytest.raises(CorruptCheckpointError, match="checkpoint 2 is corrupt"):
             store.restore(2, state_like=_small_like())
         restored = store.restore_latest(state_like=_small_like(), on_skip=lambda n, e: skipped.append((n, e)))
@@ -360,13 +363,13 @@ def test_deleted_data_files_and_bad_json_are_corruption_too(tmp_path):
     for path in _data_files(tmp_path / "3"):
         path.unlink()
     (tmp_path / "2" / "meta" / "metadata").write_text("{not json")
-    with CheckpointStore(tmp_path, create=False) as store:
+    with CheckpointStore(tmp_path, create=False, owner=True) as store:
         assert store.info(2).status == "corrupt"
         assert store.restore_latest(state_like=_small_like()).number == 1
         assert [e["checkpoint"] for e in store.ledger.read() if e["event"] == "skip"] == [3, 2]
 
 
-def test_an_unfinalized_directory_is_ignored_then_cleaned_up(tmp_path):
+def test_an_unfinalized_directory_is_removed_when_the_owner_opens_the_store(tmp_path):
     with CheckpointStore(tmp_path) as store:
         store.save(_small_state(1), {}, {"status": "good"})
         store.wait()
@@ -375,13 +378,14 @@ def test_an_unfinalized_directory_is_ignored_then_cleaned_up(tmp_path):
     shutil.copytree(tmp_path / "1", partial)
     for path in _data_files(partial):
         path.unlink()
+    with CheckpointStore(tmp_path, create=False) as reader:  # a reader leaves it alone
+        assert reader.numbers() == [1] and partial.exists()
     with CheckpointStore(tmp_path) as store:
+        assert not partial.exists()
+        assert {"event": "delete", "checkpoint": 2, "reason": "unfinalized"}.items() <= store.ledger.read()[-1].items()
         assert store.numbers() == [1]
         assert store.restore_latest(state_like=_small_like()).number == 1
         assert store.save(_small_state(3), {}, {"status": "good"}) == 3  # never reuses a number
-        store.wait()
-        assert not partial.exists()
-        assert {"event": "delete", "checkpoint": 2, "reason": "unfinalized"}.items() <= store.ledger.read()[-1].items()
 
 
 def test_a_process_killed_mid_save_leaves_only_finalized_checkpoints(tmp_path):
@@ -454,3 +458,322 @@ def test_export_params_as_msgpack_and_npz_loadable_without_the_project(tmp_path,
         with pytest.raises(CheckpointNotFoundError):
             store.export_params(2, tmp_path / "p.npz")
         assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------------------- integrity: digests and file manifest
+
+
+def _random_state(seed: int) -> dict:
+    """Incompressible float params: Orbax's zstd stores them raw, so a flipped byte decompresses silently."""
+    rng = np.random.default_rng(seed)
+    return {
+        "params": {"w": rng.normal(size=(64, 64)).astype(np.float32), "b": np.ones(3, np.float32)},
+        "step": np.int32(1),
+    }
+
+
+def _random_like() -> dict:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), _random_state(0))
+
+
+def _flip_bytes_in_the_largest_state_file(step_dir: Path) -> Path:
+    """Overwrite 8 bytes in the middle of the biggest state data file, keeping its size (silent disk corruption)."""
+    biggest = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8] = bytes(255 - b for b in data[middle : middle + 8])
+    biggest.write_bytes(bytes(data))
+    return biggest
+
+
+def test_a_same_size_byte_flip_in_a_state_file_is_found_on_restore_and_the_previous_good_one_restored(tmp_path):
+    with CheckpointStore(tmp_path) as store:
+        store.save(_random_state(1), {}, {"status": "good"})
+        store.save(_random_state(2), {}, {"status": "good"})
+        store.wait()
+    flipped = _flip_bytes_in_the_largest_state_file(tmp_path / "2")
+    sizes = json.loads((tmp_path / "2" / "files.json").read_text())["sizes"]
+    assert sizes[str(flipped.relative_to(tmp_path / "2"))] == flipped.stat().st_size  # the cheap check cannot see it
+    skipped = []
+    with CheckpointStore(tmp_path, create=False, owner=True) as store:
+        with pytest.raises(
+            CorruptCheckpointError, match=r"checkpoint 2 is corrupt: state array params/w does not match"
+        ):
+            store.restore(2, state_like=_random_like())
+        restored = store.restore_latest(state_like=_random_like(), on_skip=lambda n, e: skipped.append(n))
+        assert skipped == [2] and restored.number == 1 and restored.verified
+        _assert_identical(_random_state(1), restored.state)
+        assert store.info(2).abandoned and store.last_good() == 1
+        assert [e["checkpoint"] for e in store.ledger.read() if e["event"] == "skip"] == [2]
+
+
+def test_verify_reads_every_array_back_and_reports_one_line_per_checkpoint(tmp_path, capsys):
+    from continuity.cli import main
+
+    with CheckpointStore(tmp_path) as store:
+        for seed in (1, 2, 3):
+            store.save(_random_state(seed), {"x": np.arange(6, dtype=np.float32)}, {"status": "good"})
+        store.wait()
+    assert main(["checkpoints", "verify", "--dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0:2] for line in lines] == [
+        [f"checkpoint {n}", " ok (4 arrays, 16,424 bytes)"] for n in (1, 2, 3)
+    ]
+
+    _flip_bytes_in_the_largest_state_file(tmp_path / "2")
+    assert main(["checkpoints", "list", "--dir", str(tmp_path)]) == 0  # cheap: it cannot know yet
+    assert capsys.readouterr().out.splitlines()[2].split()[-1] == "good"
+    assert main(["checkpoints", "verify", "--dir", str(tmp_path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("checkpoint 1: ok") and lines[2].startswith("checkpoint 3: ok")
+    assert lines[1].startswith("checkpoint 2: corrupt: state array params/w does not match its digest (crc32c saved")
+    assert main(["checkpoints", "verify", "2", "--dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().out.count("\n") == 1
+    # What verify found is in the ledger, so the cheap listing knows it now.
+    assert main(["checkpoints", "list", "--dir", str(tmp_path)]) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert "corrupt: state array params/w does not match its digest" in row
+    # show prints the params digest (the SHA-256 params_digest computes) and a digest of the whole state.
+    assert main(["checkpoints", "show", "3", "--dir", str(tmp_path)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    from continuity.checkpoints.integrity import params_sha256
+
+    assert shown["params_sha256"] == params_sha256(_random_state(3)) and len(shown["state_digest"]) == 64
+    assert shown["condition"] == "intact" and shown["problem"] is None
+
+
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)  # Orbax: "Event loop is closed" after a failed read
+def test_a_truncated_or_incomplete_checkpoint_never_lists_as_good(tmp_path, capsys):
+    from continuity.cli import main
+
+    with CheckpointStore(tmp_path) as store:
+        for seed in (1, 2, 3):
+            store.save(_random_state(seed), {}, {"status": "good"})
+        store.wait()
+    for path in _data_files(tmp_path / "2"):
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    next(p for p in _data_files(tmp_path / "3")).unlink()
+    assert main(["checkpoints", "list", "--dir", str(tmp_path), "--json"]) == 0
+    listed = {c["checkpoint"]: c for c in json.loads(capsys.readouterr().out)}
+    assert listed[1]["status"] == "good" and listed[1]["condition"] == "intact"
+    assert listed[2]["status"] == "corrupt" and "bytes," in listed[2]["problem"]
+    assert listed[3]["status"] == "corrupt" and listed[3]["problem"].endswith("is missing")
+    assert main(["checkpoints", "list", "--dir", str(tmp_path)]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert rows[0].split()[-1] == "good" and [r.split()[7] for r in rows[1:]] == ["corrupt:", "corrupt:"]
+    # A checkpoint saved before digests existed (schema 1: no digests, no manifest) is "not verified".
+    (tmp_path / "1" / "files.json").unlink()
+    meta = tmp_path / "1" / "meta" / "metadata"
+    saved = json.loads(meta.read_text())
+    del saved["integrity"]
+    meta.write_text(json.dumps(saved))
+    assert main(["checkpoints", "list", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith("good (not verified)")
+    assert main(["checkpoints", "verify", "1", "--dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == "checkpoint 1: not verified: saved without content digests"
+
+
+def test_digest_verification_covers_the_probe_and_export(tmp_path):
+    probe = {"x": np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)}
+    with CheckpointStore(tmp_path) as store:
+        store.save(_random_state(1), probe, {"status": "good"})
+        store.wait()
+    biggest = max((p for p in (tmp_path / "1" / "probe").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+    with CheckpointStore(tmp_path, create=False) as store:
+        with pytest.raises(CorruptCheckpointError, match="probe array x does not match"):
+            store.restore(1, state_like=_random_like(), probe_like=probe)
+        store.export_params(1, tmp_path / "p.npz")  # the params are intact: exporting them is fine
+    _flip_bytes_in_the_largest_state_file(tmp_path / "1")
+    with CheckpointStore(tmp_path, create=False) as store:
+        with pytest.raises(CorruptCheckpointError, match="state array params/w does not match"):
+            store.export_params(1, tmp_path / "q.npz")
+    assert not (tmp_path / "q.npz").exists()
+
+
+# ---------------------------------------------------------------------------- store.json: rebuilt when lost or garbled
+
+
+def test_rebuild_recovers_pins_head_abandoned_and_numbers_from_the_ledger():
+    from continuity.checkpoints.store_file import rebuild
+
+    events = [
+        {"event": "save", "checkpoint": 1},
+        {"event": "save", "checkpoint": 2},
+        {"event": "pin", "checkpoint": 1},
+        {"event": "pin", "checkpoint": 2},
+        {"event": "unpin", "checkpoint": 2},
+        {"event": "save", "checkpoint": 3},
+        {"event": "rollback", "window": 4, "to_checkpoint": 3, "scopes": ["s1"]},  # the guard's: not a head
+        {"event": "save", "checkpoint": 4},
+        {"event": "rollback", "checkpoint": 2, "reason": "ops", "previous_head": None, "abandoned": [3, 4]},
+        {"event": "accept", "checkpoint": 6, "parent": 2},  # handed out, never finalized
+        {"event": "skip", "checkpoint": 5},
+    ]
+    rebuilt = rebuild(events, finalized=[1, 2, 3, 4, 5], unfinalized=[7])
+    assert (rebuilt.pinned, rebuilt.abandoned, rebuilt.head, rebuilt.reserved) == ({1}, {3, 4, 5}, 2, 7)
+    # A later save continues from the head: the head no longer applies; retention's deletes drop the marks.
+    events += [{"event": "save", "checkpoint": 8}, {"event": "delete", "checkpoint": 3}]
+    rebuilt = rebuild(events, finalized=[1, 2, 4, 5, 8])
+    assert (rebuilt.pinned, rebuilt.abandoned, rebuilt.head, rebuilt.reserved) == ({1}, {4, 5}, None, 8)
+    assert rebuild([], finalized=[2, 3]).reserved == 3
+
+
+def _store_with_marks(directory: Path) -> dict:
+    with CheckpointStore(directory, keep_last=10) as store:
+        for i in range(5):
+            store.save(_small_state(i), {}, {"status": "good"})
+        store.wait()
+        store.pin(1)
+        store.set_head(3, reason="ops")
+    return json.loads((directory / "store.json").read_text())
+
+
+@pytest.mark.parametrize("garbage", ["{not json", "", '{"pinned": []}', "\x00" * 40])
+def test_a_garbled_store_file_is_one_clear_line_and_repair_rebuilds_it(tmp_path, capsys, garbage):
+    from continuity.cli import main
+
+    original = _store_with_marks(tmp_path)
+    assert (original["pinned"], original["head"], original["abandoned"], original["reserved"]) == ([1], 3, [4, 5], 5)
+    (tmp_path / "store.json").write_text(garbage)
+    for argv in (["checkpoints", "list"], ["checkpoints", "pin", "2"], ["rollback", "--to", "2"]):
+        assert main([*argv, "--dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "store.json is not a readable store file" in err
+        assert f"continuity checkpoints repair --dir {tmp_path}" in err
+    assert main(["checkpoints", "repair", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "head 3, pinned 1, abandoned 4, 5, numbers handed out up to 5" in out
+    assert json.loads((tmp_path / "store.json").read_text()) == original
+    assert main(["checkpoints", "repair", "--dir", str(tmp_path)]) == 0
+    assert "is readable" in capsys.readouterr().out
+    # A lost store.json is rebuilt the same way.
+    (tmp_path / "store.json").unlink()
+    with CheckpointStore(tmp_path, repair=True) as store:
+        assert store.repaired is not None and store.head == 3 and store.info(1).pinned
+        assert store.save(_small_state(9), {}, {"status": "good"}) == 6  # numbers are never reused
+
+
+# ---------------------------------------------------------------------------- one owner at a time
+
+
+_HOLD_STORE = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[2])
+    from continuity.checkpoints import CheckpointStore
+    store = CheckpointStore(sys.argv[1])
+    print("owned", flush=True)
+    time.sleep(300)
+""")
+
+
+def test_a_store_has_one_owner_and_a_sigkilled_owner_does_not_block_the_next(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    from continuity.checkpoints import ReadOnlyStoreError, StoreLockedError
+
+    with CheckpointStore(tmp_path) as store:
+        store.save(_small_state(1), {}, {"status": "good"})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_STORE, str(tmp_path), str(REPO)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "owned"
+        with pytest.raises(StoreLockedError) as refused:
+            CheckpointStore(tmp_path)
+        message = str(refused.value)
+        assert f"pid {holder.pid}" in message and f"host {socket.gethostname()}" in message
+        # Readers take no lock: listing and restoring work while the directory is owned.
+        with CheckpointStore(tmp_path, create=False) as reader:
+            assert reader.numbers() == [1] and reader.restore(1, state_like=_small_like()).verified
+            with pytest.raises(ReadOnlyStoreError, match="read-only; pinning needs its owner"):
+                reader.pin(1)
+    finally:
+        os.kill(holder.pid, 9)
+        holder.wait()
+    with CheckpointStore(tmp_path) as store:  # the kernel dropped the dead owner's lock
+        assert store.save(_small_state(2), {}, {"status": "good"}) == 2
+
+
+# ---------------------------------------------------------------------------- a full disk, through the real Orbax path
+
+
+_FULL_DISK = textwrap.dedent("""
+    import json, resource, signal, sys
+    import numpy as np
+    sys.path.insert(0, sys.argv[2])
+    from continuity.checkpoints import CheckpointSaveError, CheckpointStore
+    # Writes past RLIMIT_FSIZE fail with EFBIG, as a full disk fails them with ENOSPC.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    big = {"params": {"w": np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32)}}
+    out = {}
+    with CheckpointStore(sys.argv[1]) as store:
+        store.save({"params": {"w": np.ones(4, np.float32)}}, {}, {"status": "good"})
+        store.wait()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+        store.save(big, {}, {"status": "good"})
+        try:
+            store.wait()
+        except CheckpointSaveError as error:
+            out["error"] = str(error)
+        out["after_failure"] = sorted(p.name for p in store.directory.iterdir())
+        out["numbers_after_failure"] = store.numbers()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # room again
+        out["saved"] = store.save(big, {}, {"status": "good"})
+        store.wait()
+        out["numbers"] = store.numbers()
+    print(json.dumps(out))
+""")
+
+
+def test_a_save_that_fails_for_lack_of_space_leaves_nothing_behind_and_the_next_one_succeeds(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "saving checkpoint 2" in out["error"] and "File too large" in out["error"]
+    assert out["after_failure"] == ["1", "ledger.jsonl", "store.json", "store.lock"]  # no *.orbax-checkpoint-tmp*
+    assert out["numbers_after_failure"] == [1]
+    assert out["saved"] == 3 and out["numbers"] == [1, 3]  # number 2 is never reused
+    with CheckpointStore(tmp_path, create=False) as store:
+        like = {"params": {"w": jax.ShapeDtypeStruct((256, 256), np.float32)}}
+        assert store.restore(3, state_like=like).verified
+        events = store.ledger.read()
+        assert {"event": "delete", "checkpoint": 2, "reason": "failed save"}.items() <= next(
+            e for e in events if e["event"] == "delete"
+        ).items()
+        assert [e["checkpoint"] for e in events if e["event"] == "save_failed"] == [2]
+
+
+def test_ledger_lines_a_full_disk_refuses_are_held_and_written_in_order_later(tmp_path, monkeypatch, caplog):
+    import builtins
+    import errno
+
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    ledger.append("save", checkpoint=1)
+    real_open = builtins.open
+    full = {"on": True}
+
+    def refusing_open(path, mode="r", *args, **kwargs):
+        if full["on"] and str(path).endswith("ledger.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with caplog.at_level("ERROR", logger="continuity.checkpoints.ledger"):
+        for n in (2, 3, 4):
+            ledger.append("save", checkpoint=n)  # never raises: the service goes on
+    assert ledger.held == 3 and len(caplog.records) == 1  # one error for the spell, not one per line
+    assert [e["checkpoint"] for e in ledger.read()] == [1]
+    full["on"] = False
+    ledger.append("save", checkpoint=5)
+    assert ledger.held == 0
+    assert [e["checkpoint"] for e in ledger.read()] == [1, 2, 3, 4, 5]

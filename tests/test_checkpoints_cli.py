@@ -50,7 +50,7 @@ def store_dir(tmp_path):
 def test_list_prints_a_table_and_json(store_dir, capsys):
     assert main(["checkpoints", "list", "--dir", str(store_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["CKPT", "STEP", "SAVED", "POSITIONS", "PROBE", "STATUS", "PINNED"]
+    assert lines[0].split() == ["CKPT", "STEP", "SAVED", "POSITIONS", "PROBE", "PINNED", "STATUS"]
     assert len(lines) == 5
     assert lines[1].split()[:2] == ["1", "100"] and "t/0:1200 t/1:980+2" in lines[1] and "0.9000" in lines[1]
     assert lines[4].split()[-1] == "regressed"
@@ -74,7 +74,7 @@ def test_show_pin_unpin(store_dir, capsys):
     assert shown["pinned"] is True and shown["abandoned"] is False
     assert shown["metadata"]["learner_step"] == 200 and shown["metadata"]["checkpoint"] == 2
     assert main(["checkpoints", "list", "--dir", str(store_dir)]) == 0
-    assert capsys.readouterr().out.splitlines()[2].split()[-1] == "yes"
+    assert capsys.readouterr().out.splitlines()[2].split()[-2:] == ["yes", "good"]
     assert main(["checkpoints", "unpin", "2", "--dir", str(store_dir)]) == 0
     capsys.readouterr()
     with CheckpointStore(store_dir, create=False) as store:

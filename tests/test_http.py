@@ -59,6 +59,13 @@ class FakeController:
         self.newest += 1
         return {"checkpoint": self.newest}
 
+    def request_pin(self, checkpoint, pinned):
+        with self.lock:
+            self.calls.append(("pin" if pinned else "unpin", checkpoint))
+        if checkpoint > self.newest:
+            raise LookupError(f"no checkpoint {checkpoint}")
+        return {"checkpoint": checkpoint, "pinned": pinned}
+
 
 def _progress(**overrides) -> Progress:
     values = dict(
@@ -138,6 +145,11 @@ def test_metrics_counters_stay_monotonic_and_gauges_follow():
     assert samples[("continuity_rollbacks_total", ())] == 1
     assert samples[("continuity_step_seconds_count", ())] == 3
     assert samples[("continuity_regressions_in_a_row", ())] == 0
+    assert samples[("continuity_checkpoint_failures_total", ())] == 0
+    metrics.observe(
+        _progress(examples_trained=1000, rollbacks=1, dead_letters=5, step_seconds=[], checkpoint_failures=2)
+    )
+    assert _samples(metrics.registry)[("continuity_checkpoint_failures_total", ())] == 2
 
     # A new run reports totals from zero again: its work adds on, nothing goes down.
     metrics.observe(
@@ -295,6 +307,17 @@ def test_the_token_is_never_logged(service, caplog):
     assert caplog.records and TOKEN not in caplog.text and TOKEN not in repr(service)
 
 
+def test_admin_pin_and_unpin_go_to_the_controller(service, controller):
+    assert _post(service.url + "/admin/pin", {"checkpoint": 3}, TOKEN) == (200, {"checkpoint": 3, "pinned": True})
+    assert _post(service.url + "/admin/unpin", {"checkpoint": 3}, TOKEN) == (200, {"checkpoint": 3, "pinned": False})
+    status, answer = _post(service.url + "/admin/pin", {"checkpoint": 9}, TOKEN)
+    assert status == 404 and "no checkpoint 9" in answer["error"]
+    for body in ({}, {"checkpoint": "3"}, {"checkpoint": 0}, {"checkpoint": 3, "keep": True}):
+        assert _post(service.url + "/admin/pin", body, TOKEN)[0] == 400
+    assert _post(service.url + "/admin/unpin", {"checkpoint": 3})[0] == 401
+    assert controller.calls == [("pin", 3), ("unpin", 3), ("pin", 9)]
+
+
 # ---------------------------------------------------------------------------- binding
 
 
@@ -403,3 +426,29 @@ def test_cli_rollback_finds_the_service_and_directory_in_the_config(
     assert f"no service is running at http://127.0.0.1:{port}" in out and f"directory {store_dir}" in out
     with CheckpointStore(store_dir, create=False) as store:
         assert store.head == 1
+
+
+def test_cli_pin_and_unpin_go_through_the_service_or_fall_back_to_the_directory(
+    service, controller, monkeypatch, capsys, store_dir
+):
+    monkeypatch.setenv("CONTINUITY_ADMIN_TOKEN", TOKEN)
+    assert main(["checkpoints", "pin", "2", "--url", service.url, "--dir", str(store_dir)]) == 0
+    assert main(["checkpoints", "unpin", "1", "--url", service.url]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"the service at {service.url} pinned checkpoint 2",
+        f"the service at {service.url} unpinned checkpoint 1",
+    ]
+    assert controller.calls == [("pin", 2), ("unpin", 1)]
+    with CheckpointStore(store_dir, create=False) as store:
+        assert not store.info(2).pinned  # the service did it; the directory was not touched
+    url = f"http://127.0.0.1:{_closed_port()}"
+    assert main(["checkpoints", "pin", "2", "--url", url, "--dir", str(store_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        f"no service is running at {url}; pin in the checkpoint directory {store_dir} instead",
+        "checkpoint 2 pinned",
+    ]
+    with CheckpointStore(store_dir, create=False) as store:
+        assert store.info(2).pinned
+    assert main(["checkpoints", "pin", "2"]) == 2
+    assert "pin needs --url URL or --config FILE" in capsys.readouterr().err

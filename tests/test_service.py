@@ -16,7 +16,7 @@ import pytest
 from conftest import accepted_chain, record_scenario
 from prometheus_client.parser import text_string_to_metric_families
 
-from continuity.checkpoints import CheckpointStore
+from continuity.checkpoints import CheckpointStore, Ledger
 from continuity.cli import main
 from continuity.stream import (
     FeatureSpec,
@@ -37,7 +37,7 @@ SPEC = FeatureSpec((8, 8, 1), "float32", 10)
 TOKEN = "s3cret-test-token"
 
 
-def _config(path: Path, *, bootstrap: str, topic: str, directory: Path, port: int) -> Path:
+def _config(path: Path, *, bootstrap: str, topic: str, directory: Path, port: int, keep_last: int = 3) -> Path:
     path.write_text(f"""
 [stream]
 bootstrap = "{bootstrap}"
@@ -57,6 +57,7 @@ every_examples = 500
 
 [checkpoints]
 dir = "{directory}"
+keep_last = {keep_last}
 every_seconds = 0  # every accepted window: the rollback below needs later windows to go back over
 
 [service]
@@ -205,7 +206,9 @@ def recording(tmp_path_factory) -> Path:
 
 def test_replay_twice_gives_identical_checkpoints(recording, tmp_path, capsys):
     config = tmp_path / "replay.toml"
-    config.write_text("[model]\nhidden = [64]\n[probe]\nevery_examples = 700\n")
+    # Checkpoints at every accepted window: with a time cadence (every_seconds) which windows get
+    # saved depends on how fast each run went, though the model never does.
+    config.write_text("[model]\nhidden = [64]\n[probe]\nevery_examples = 700\n[checkpoints]\nevery_seconds = 0\n")
     for out in ("a", "b"):
         assert main(["replay", str(recording), "--config", str(config), "--out", str(tmp_path / out)]) == 0
     printed = capsys.readouterr().out
@@ -244,3 +247,83 @@ def test_demo_runs_headless_and_writes_its_report(tmp_path):
     last_quarantine = [e for e in store.ledger.read() if e["event"] == "quarantine"][-1]
     newest = store.info(store.last_good()).metadata
     assert newest["positions"] == last_quarantine["to"] and newest["quarantined_records"] > 0
+
+
+def _trained_to(directory: Path, topic: str, offset: int) -> bool:
+    ledger = Ledger(directory / "ledger.jsonl").read()
+    return any(e["event"] == "save" and Positions.from_json(e["positions"]).offset(topic, 0) == offset for e in ledger)
+
+
+def test_operator_decisions_on_a_running_service_go_through_it_and_outlive_its_saves_and_retention(
+    broker, topic_name, tmp_path, monkeypatch, capsys
+):
+    topic = topic_name()
+    source = ScenarioSource(
+        make_scenario("permuted-digits", segments=2, seed=3), make_codec("binary", SPEC), topic=topic
+    )
+    create_topic(broker.bootstrap, topic, 1)
+    half = len(source) // 2
+    produce_records(broker.bootstrap, topic, (source.encode_record(i) for i in range(half)))
+    directory, port = tmp_path / "run", free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = _config(
+        tmp_path / "serve.toml", bootstrap=broker.bootstrap, topic=topic, directory=directory, port=port, keep_last=3
+    )
+    monkeypatch.delenv("CONTINUITY_ADMIN_TOKEN", raising=False)  # `--url` reads the token from here
+    monkeypatch.setenv("TEST_ADMIN_TOKEN", TOKEN)  # `--config` reads it from its admin_token_env
+    service = _serve(config)
+    try:
+        _wait(lambda: _trained_to(directory, topic, half), 120, "the first half trained and saved", service)
+        numbers = CheckpointStore(directory, create=False).numbers()
+        assert len(numbers) == 3
+        pinned, target, abandoned = numbers  # the stream is quiet: no save happens until more arrives
+
+        # A second service on the same directory is refused, naming the one that owns it.
+        other = _config(
+            tmp_path / "other.toml", bootstrap=broker.bootstrap, topic=topic, directory=directory, port=free_port()
+        )
+        assert main(["serve", "--config", str(other)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"is in use by `continuity serve` (pid {service.pid}, host " in err
+
+        # The directory cannot be changed behind the service's back, and nothing is half-applied.
+        before = (directory / "store.json").read_bytes()
+        for argv in (["rollback", "--to", str(target)], ["checkpoints", "pin", str(pinned)]):
+            assert main([*argv, "--dir", str(directory)]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "refused" in err and f"pid {service.pid}" in err
+            assert f"--url {url}" in err  # the owner's address, from its lock file
+        # Through the service without a token: refused by it.
+        assert main(["rollback", "--url", url, "--to", str(target)]) == 2
+        assert "$CONTINUITY_ADMIN_TOKEN, which is not set" in capsys.readouterr().err
+        assert (directory / "store.json").read_bytes() == before
+        # Reading works while the service owns the directory.
+        assert main(["checkpoints", "list", "--dir", str(directory)]) == 0
+        assert main(["checkpoints", "verify", "--dir", str(directory)]) == 0
+        assert capsys.readouterr().out.count(": ok (") == 3
+
+        # With the token (from the config's admin_token_env), through the service, on its loop's thread.
+        assert main(["checkpoints", "pin", str(pinned), "--config", str(config)]) == 0
+        assert f"the service at {url} pinned checkpoint {pinned}" in capsys.readouterr().out
+        assert main(["rollback", "--config", str(config), "--to", str(target), "--reason", "bad upstream"]) == 0
+        assert f"rolled back to checkpoint {target}" in capsys.readouterr().out
+        assert (_status(url) or {}).get("checkpoint") == target
+
+        # The rest of the stream: several saves, and retention after each (keep_last = 3).
+        produce_records(broker.bootstrap, topic, (source.encode_record(i) for i in range(half, len(source))))
+        _wait(lambda: _trained_to(directory, topic, len(source)), 120, "the whole stream trained and saved", service)
+    finally:
+        service.kill()  # SIGKILL: the kernel drops its lock
+        service.communicate()
+    with CheckpointStore(directory, keep_last=3) as store:  # a new owner at once: no stale lock
+        ledger = store.ledger.read()
+        numbers = store.numbers()
+        assert pinned in numbers and store.info(pinned).pinned  # kept through every retention since
+        assert len([n for n in numbers if n > abandoned]) >= 3  # retention ran with the new lineage
+        rollback = next(e for e in ledger if e["event"] == "rollback" and e.get("reason") == "bad upstream")
+        assert rollback["checkpoint"] == target and rollback["abandoned"] == [abandoned]
+        after = ledger[ledger.index(rollback) :]
+        assert next(e for e in after if e["event"] == "accept")["parent"] == target
+        chain = [e["checkpoint"] for e in accepted_chain(ledger, store.last_good())]
+        assert target in chain and abandoned not in chain  # the operator's decision held
+        assert store.head is None  # cleared by the first save after it, which descends from it

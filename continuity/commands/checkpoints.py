@@ -1,9 +1,10 @@
-"""`continuity checkpoints list|show|pin|unpin|export` and `continuity rollback`: a store on disk.
+"""`continuity checkpoints list|show|verify|repair|pin|unpin|export` and `continuity rollback`: a store on disk.
 
-These commands work on a checkpoint directory directly, with or without a service
-running; only `rollback --url` asks a running service first, over its admin endpoint.
-They open the store read-mostly: pins, head and abandoned marks go to its store.json,
-events to its ledger; they never save or delete a checkpoint.
+Reading commands (list, show, verify, export) open the store read-only and work while a
+service owns it. Commands that change it (pin, unpin, rollback, repair) must own the
+directory (its store.lock): while a service runs there, pin, unpin and rollback go
+through it (`--url`, or `--config` for its [service] address; the admin token from the
+environment), and without a way to reach it they are refused, never half-applied.
 """
 
 from __future__ import annotations
@@ -13,16 +14,20 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from continuity.errors import UsageError
 
 DEFAULT_TOKEN_ENV = "CONTINUITY_ADMIN_TOKEN"
+CORRUPT_EXIT_STATUS = 1  # `verify` found a corrupt checkpoint
 
 
 def register(subparsers) -> None:
-    group = subparsers.add_parser("checkpoints", help="list, inspect, pin and export checkpoints in a store")
+    group = subparsers.add_parser(
+        "checkpoints", help="list, inspect, verify, repair, pin and export checkpoints in a store"
+    )
     commands = group.add_subparsers(dest="checkpoints_command", metavar="COMMAND", parser_class=type(group))
     commands.required = True
 
@@ -31,15 +36,32 @@ def register(subparsers) -> None:
     listing.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     listing.set_defaults(handler=run_list)
 
-    show = commands.add_parser("show", help="one checkpoint's full metadata as JSON")
+    show = commands.add_parser("show", help="one checkpoint's full metadata and digests as JSON")
     show.add_argument("step", type=_checkpoint_number, metavar="STEP", help="checkpoint number (see `list`)")
     _add_dir(show)
     show.set_defaults(handler=run_show)
 
+    verify = commands.add_parser(
+        "verify",
+        help="read checkpoints back and check every array against its saved digest (exit 1 if any is corrupt)",
+    )
+    verify.add_argument(
+        "step", type=_checkpoint_number, nargs="?", metavar="STEP", help="checkpoint number (default: all)"
+    )
+    _add_dir(verify)
+    verify.set_defaults(handler=run_verify)
+
+    repair = commands.add_parser(
+        "repair",
+        help="rebuild a lost or garbled store.json from the checkpoint directories and the ledger",
+    )
+    _add_dir(repair)
+    repair.set_defaults(handler=run_repair)
+
     for name, verb in (("pin", "keep it through retention"), ("unpin", "let retention delete it again")):
-        parser = commands.add_parser(name, help=f"{name} a checkpoint: {verb}")
+        parser = commands.add_parser(name, help=f"{name} a checkpoint: {verb} (through a running service)")
         parser.add_argument("step", type=_checkpoint_number, metavar="STEP")
-        _add_dir(parser)
+        _add_service_arguments(parser, action=name)
         parser.set_defaults(handler=run_pin, pin=name == "pin")
 
     export = commands.add_parser("export", help="write a checkpoint's params as .msgpack (flax) or .npz")
@@ -50,37 +72,10 @@ def register(subparsers) -> None:
 
     rollback = subparsers.add_parser(
         "rollback",
-        help="roll a running service back (--url), or make a good checkpoint the one the next start restores (--dir)",
+        help="roll a running service back (--url, --config), or make a good checkpoint the one the next start "
+        "restores (--dir)",
     )
-    rollback.add_argument(
-        "--dir",
-        type=Path,
-        metavar="DIR",
-        help="the checkpoint store directory; with --url, the fallback when no service runs",
-    )
-    rollback.add_argument(
-        "--url", metavar="URL", help="a running service's HTTP address (e.g. http://127.0.0.1:8080): ask it first"
-    )
-    rollback.add_argument(
-        "--config",
-        metavar="FILE",
-        help="the service's config: its [service] http_host/http_port give --url, its admin "
-        "token the token, its [checkpoints] dir the --dir (explicit options win)",
-    )
-    rollback.add_argument(
-        "--set",
-        action="append",
-        default=None,
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (repeatable)",
-    )
-    rollback.add_argument(
-        "--token-env",
-        default=DEFAULT_TOKEN_ENV,
-        metavar="VAR",
-        help=f"environment variable holding the admin token (default {DEFAULT_TOKEN_ENV}); "
-        "never given on the command line",
-    )
+    _add_service_arguments(rollback, action="rollback")
     rollback.add_argument(
         "--timeout",
         type=_positive_seconds,
@@ -97,6 +92,43 @@ def register(subparsers) -> None:
 
 def _add_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", required=True, type=Path, metavar="DIR", help="the checkpoint store directory")
+
+
+def _add_service_arguments(parser: argparse.ArgumentParser, *, action: str) -> None:
+    """--dir, --url, --config, --set, --token-env: where the store is, and the service that may own it."""
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        metavar="DIR",
+        help="the checkpoint store directory; with --url, the fallback when no service runs",
+    )
+    parser.add_argument(
+        "--url",
+        metavar="URL",
+        help=f"a running service's HTTP address (e.g. http://127.0.0.1:8080): ask it to {action}",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the service's config: its [service] http_host/http_port give --url, its admin "
+        "token the token, its [checkpoints] dir the --dir (explicit options win)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=None,
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable)",
+    )
+    parser.add_argument(
+        "--token-env",
+        default=DEFAULT_TOKEN_ENV,
+        metavar="VAR",
+        help=f"environment variable holding the admin token (default {DEFAULT_TOKEN_ENV}); "
+        "never given on the command line",
+    )
+    if action != "rollback":
+        parser.set_defaults(timeout=30.0)
 
 
 def _positive_seconds(text: str) -> float:
@@ -123,14 +155,32 @@ def _checkpoint_number(text: str) -> int:
 
 
 def open_store(directory: Path):
-    """The store at `directory` for a command: never created, errors as UsageError."""
+    """The store at `directory` for reading (no lock: a service may own it); errors as UsageError."""
     from continuity.checkpoints import CheckpointNotFoundError, CheckpointStore
 
     try:
         return CheckpointStore(directory, create=False)
     except CheckpointNotFoundError as error:
         raise UsageError(str(error)) from None
-    except ValueError as error:  # an unreadable store.json
+    except ValueError as error:  # StoreFileError: an unreadable store.json (the message says how to repair it)
+        raise UsageError(str(error)) from None
+
+
+def open_owned_store(directory: Path, *, action: str, token_env: str = DEFAULT_TOKEN_ENV, repair: bool = False):
+    """The store at `directory`, owned (locked) for a change; a UsageError saying who holds it when another does."""
+    from continuity.checkpoints import CheckpointNotFoundError, CheckpointStore, StoreLockedError
+
+    try:
+        return CheckpointStore(directory, create=False, owner=True, repair=repair)
+    except StoreLockedError as error:
+        url = error.holder.get("url")
+        raise UsageError(
+            f"{action} refused: {error}; ask it with --url {url or 'URL'} or --config FILE (admin token from "
+            f"${token_env}), or stop it first"
+        ) from None
+    except CheckpointNotFoundError as error:
+        raise UsageError(str(error)) from None
+    except ValueError as error:  # StoreFileError
         raise UsageError(str(error)) from None
 
 
@@ -147,6 +197,8 @@ def _call(function, *args, **kwargs):
         return function(*args, **kwargs)
     except (CheckpointNotFoundError, CorruptCheckpointError, ValueError) as error:
         raise UsageError(str(error)) from None
+    except OSError as error:  # a full or read-only disk
+        raise UsageError(f"cannot write to the checkpoint directory: {error}") from None
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -201,14 +253,32 @@ def _saved_time(metadata: dict) -> str:
 
 
 def _status(info) -> str:
-    status = "abandoned" if info.abandoned else info.status
-    return f"{status} HEAD" if info.head else status
+    """ "good", "good HEAD", "good (not verified)", "abandoned", "corrupt: why"."""
+    word = "corrupt" if info.condition == "corrupt" else "abandoned" if info.abandoned else info.status
+    text = f"{word} HEAD" if info.head else word
+    if info.condition == "unverified" and word == "good":
+        text += " (not verified)"
+    if info.condition == "corrupt":
+        text += f": {info.problem}"
+    return text
+
+
+def _digests(metadata: dict) -> dict:
+    """The params SHA-256 and a digest of the whole state, from the metadata alone (None when not saved)."""
+    from continuity.checkpoints.integrity import state_digest
+
+    saved = metadata.get("integrity")
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        return {"params_sha256": None, "state_digest": None}
+    return {"params_sha256": saved.get("params_sha256"), "state_digest": state_digest(saved["state"])}
 
 
 def _info_json(info) -> dict:
     return {
         "checkpoint": info.number,
         "status": info.status,
+        "condition": info.condition,
+        "problem": info.problem,
         "pinned": info.pinned,
         "abandoned": info.abandoned,
         "head": info.head,
@@ -217,7 +287,7 @@ def _info_json(info) -> dict:
 
 
 def format_table(infos) -> str:
-    header = ("CKPT", "STEP", "SAVED", "POSITIONS", "PROBE", "STATUS", "PINNED")
+    header = ("CKPT", "STEP", "SAVED", "POSITIONS", "PROBE", "PINNED", "STATUS")
     rows = [header]
     for info in infos:
         step = info.metadata.get("learner_step")
@@ -228,8 +298,8 @@ def format_table(infos) -> str:
                 _saved_time(info.metadata),
                 format_positions(info.metadata.get("positions")),
                 _probe_figure(info.metadata),
+                "yes" if info.pinned else "-",
                 _status(info),
-                "yes" if info.pinned else "",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -245,6 +315,15 @@ def _describe(store, number: int) -> str:
     if info.metadata.get("positions"):
         details.append(f"positions {format_positions(info.metadata['positions'])}")
     return f"checkpoint {number} ({', '.join(details)})"
+
+
+def format_verification(verification) -> str:
+    """One line: "checkpoint 3: ok (43 arrays, 1,960,166 bytes)" / "checkpoint 4: corrupt: why"."""
+    if verification.result == "ok":
+        return f"checkpoint {verification.number}: ok ({verification.detail})"
+    if verification.result == "unverified":
+        return f"checkpoint {verification.number}: not verified: {verification.detail}"
+    return f"checkpoint {verification.number}: corrupt: {verification.detail}"
 
 
 # ---------------------------------------------------------------------------- handlers
@@ -269,18 +348,36 @@ def run_show(args) -> int:
     try:
         _require_checkpoints(store)
         info = _call(store.info, args.step)
-        print(json.dumps(_info_json(info), indent=2))
+        print(json.dumps({**_info_json(info), **_digests(info.metadata)}, indent=2))
         return 0
     finally:
         store.close()
 
 
-def run_pin(args) -> int:
+def run_verify(args) -> int:
+    """One line per checkpoint; exit 1 when any is corrupt (each finding also goes to the ledger)."""
     store = open_store(args.dir)
     try:
         _require_checkpoints(store)
-        _call(store.pin if args.pin else store.unpin, args.step)
-        print(f"checkpoint {args.step} {'pinned' if args.pin else 'unpinned'}")
+        numbers = [args.step] if args.step is not None else store.numbers()
+        corrupt = 0
+        for number in numbers:
+            verification = _call(store.verify, number)
+            corrupt += verification.result == "corrupt"
+            print(format_verification(verification), flush=True)
+        return CORRUPT_EXIT_STATUS if corrupt else 0
+    finally:
+        store.close()
+
+
+def run_repair(args) -> int:
+    """Rebuild store.json when it is missing or unreadable; say what it holds either way."""
+    store = open_owned_store(args.dir, action="repair", repair=True)
+    try:
+        if store.repaired is not None:
+            print(store.repaired)
+        else:
+            print(f"{store.directory / 'store.json'} is readable ({store.describe_marks()}); nothing to rebuild")
         return 0
     finally:
         store.close()
@@ -297,8 +394,66 @@ def run_export(args) -> int:
         store.close()
 
 
+def run_pin(args) -> int:
+    """Through the service that owns the store when --url/--config reach one; else in the directory."""
+    verb = "pin" if args.pin else "unpin"
+
+    def in_directory(directory: Path) -> int:
+        store = open_owned_store(directory, action=verb, token_env=args.token_env)
+        try:
+            _require_checkpoints(store)
+            _call(store.pin if args.pin else store.unpin, args.step)
+            print(f"checkpoint {args.step} {verb}ned")
+            return 0
+        finally:
+            store.close()
+
+    return _operator_action(
+        args,
+        command=verb,
+        path=f"/admin/{verb}",
+        body={"checkpoint": args.step},
+        done=lambda url, answer: f"the service at {url} {verb}ned checkpoint {answer.get('checkpoint', args.step)}",
+        in_directory=in_directory,
+    )
+
+
 def run_rollback(args) -> int:
     """Over HTTP when --url (or --config) names a service; in the directory when none runs there."""
+
+    def done(url: str, answer: dict) -> str:
+        checkpoint = answer.get("checkpoint", answer.get("to"))
+        detail = f" to checkpoint {checkpoint}" if checkpoint is not None else ""
+        return f"the service at {url} rolled back{detail}: {json.dumps(answer, default=str)}"
+
+    body: dict[str, object] = {"to": args.to} if args.to is not None else {"last_good": True}
+    body["reason"] = args.reason
+    return _operator_action(
+        args,
+        command="rollback",
+        path="/admin/rollback",
+        body=body,
+        done=done,
+        in_directory=lambda directory: rollback_in_directory(
+            directory, to=args.to, last_good=args.last_good, reason=args.reason, token_env=args.token_env
+        ),
+    )
+
+
+def _operator_action(
+    args,
+    *,
+    command: str,
+    path: str,
+    body: dict,
+    done: Callable[[str, dict], str],
+    in_directory: Callable[[Path], int],
+) -> int:
+    """Ask the service at --url (or the one --config describes) first; the directory when none answers there.
+
+    The directory is only changed by taking its lock, so a service running there that
+    could not be reached refuses the change instead of having it undone.
+    """
     url, directory, config_token = args.url, args.dir, None
     if args.config is not None or args.set:
         from continuity.config import load_config
@@ -311,27 +466,22 @@ def run_rollback(args) -> int:
         config_token = service.admin_token
     if url:
         token = os.environ.get(args.token_env) or config_token  # never from argv: it shows up in `ps`
-        done = rollback_via_service(
-            url,
-            to=args.to,
-            last_good=args.last_good,
-            reason=args.reason,
-            token=token,
-            token_env=args.token_env,
-            timeout_s=args.timeout,
+        answer = ask_service(
+            url, path, body, token=token, token_env=args.token_env, timeout_s=args.timeout, command=command
         )
-        if done:
+        if answer is not None:
+            print(done(url, answer))
             return 0
         if directory is None:
             raise UsageError(
-                f"no service is running at {url}; pass --dir DIR to roll back the checkpoint directory instead"
+                f"no service is running at {url}; pass --dir DIR to {command} in the checkpoint directory instead"
             )
-        print(f"no service is running at {url}; rolling back the checkpoint directory {directory} instead")
+        print(f"no service is running at {url}; {command} in the checkpoint directory {directory} instead")
     elif directory is None:
         raise UsageError(
-            "rollback needs --url URL or --config FILE (a running service), or --dir DIR (a checkpoint directory)"
+            f"{command} needs --url URL or --config FILE (a running service), or --dir DIR (a checkpoint directory)"
         )
-    return rollback_in_directory(directory, to=args.to, last_good=args.last_good, reason=args.reason)
+    return in_directory(directory)
 
 
 def _client_host(host: str) -> str:
@@ -343,16 +493,16 @@ def _client_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def rollback_via_service(
-    url: str, *, to: int | None, last_good: bool, reason: str, token: str | None, token_env: str, timeout_s: float
-) -> bool:
-    """Ask the service at `url` to roll back. True when it did; False when none runs there."""
-    from continuity.http import AdminRequestError, AdminTimeout, ServiceUnreachable, rollback_over_http
+def ask_service(
+    url: str, path: str, body: dict, *, token: str | None, token_env: str, timeout_s: float, command: str
+) -> dict | None:
+    """POST an admin request to the service at `url`: its answer, or None when no service runs there."""
+    from continuity.http import AdminRequestError, AdminTimeout, ServiceUnreachable, admin_request
 
     try:
-        answer = rollback_over_http(url, to=to, last_good=last_good, token=token, reason=reason, timeout_s=timeout_s)
+        return admin_request(url, path, body, token=token, timeout_s=timeout_s)
     except ServiceUnreachable:
-        return False
+        return None
     except ValueError as error:  # a malformed URL
         raise UsageError(str(error)) from None
     except AdminTimeout as error:
@@ -362,20 +512,23 @@ def rollback_via_service(
         if error.status == 401 and token is None:
             hint = f" (the admin token is read from ${token_env}, which is not set)"
         status = f"HTTP {error.status}: " if error.status else ""
-        raise UsageError(f"the service at {url} refused the rollback: {status}{error.message}{hint}") from None
-    checkpoint = answer.get("checkpoint", answer.get("to"))
-    detail = f" to checkpoint {checkpoint}" if checkpoint is not None else ""
-    print(f"the service at {url} rolled back{detail}: {json.dumps(answer, default=str)}")
-    return True
+        raise UsageError(f"the service at {url} refused the {command}: {status}{error.message}{hint}") from None
 
 
 def rollback_in_directory(
-    directory: Path, to: int | None = None, last_good: bool = False, reason: str = "manual rollback"
+    directory: Path,
+    to: int | None = None,
+    last_good: bool = False,
+    reason: str = "manual rollback",
+    token_env: str = DEFAULT_TOKEN_ENV,
 ) -> int:
-    """Sets the head of the store at `directory` and says what the next start restores."""
+    """Sets the head of the store at `directory` (owning it meanwhile) and says what the next start restores.
+
+    The target is read back and checked against its digests first: a corrupt one changes nothing.
+    """
     if (to is None) == (not last_good):
         raise UsageError("rollback needs exactly one of --to STEP or --last-good")
-    store = open_store(directory)
+    store = open_owned_store(directory, action="rollback", token_env=token_env)
     try:
         _require_checkpoints(store)
         if last_good:
@@ -387,6 +540,12 @@ def rollback_in_directory(
                 return 0
         else:
             target = to
+        verification = _call(store.verify, target)
+        if verification.result == "corrupt":
+            raise UsageError(
+                f"checkpoint {target} is corrupt ({verification.detail}); nothing was changed: roll back to "
+                f"another one (see `continuity checkpoints verify --dir {store.directory}`)"
+            )
         _call(store.set_head, target, reason=reason)
         print(f"the next start restores {_describe(store, target)}")
         return 0

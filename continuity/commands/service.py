@@ -15,11 +15,13 @@ HALTED_EXIT_STATUS = 3  # a regression with on_regression = "halt": the last goo
 # Saved positions the broker no longer has, with stream.on_lost_positions = "halt": nothing was
 # skipped or re-read, no position moved; an operator decides (README, "Lost positions").
 LOST_POSITIONS_EXIT_STATUS = 4
+UNSAVED_EXIT_STATUS = 5  # saves kept failing (a full disk): the last good model is not checkpointed
 
 
 def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="run the always-on service: Kafka -> train -> guard -> checkpoint")
     add_config_arguments(serve)
+    _add_start_fresh(serve)
     serve.set_defaults(handler=run_serve)
 
     replay = subparsers.add_parser("replay", help="run a recorded stream (Parquet) through the same loop")
@@ -32,6 +34,7 @@ def register(subparsers) -> None:
         metavar="DIR",
         help="checkpoint directory (default: [checkpoints] dir of the config)",
     )
+    _add_start_fresh(replay)
     replay.set_defaults(handler=run_replay)
 
     demo = subparsers.add_parser("demo", help="the whole idea in a minute: a poisoned drifting stream, guarded")
@@ -52,21 +55,18 @@ def register(subparsers) -> None:
     demo.set_defaults(handler=run_demo)
 
 
-def _logging() -> None:
-    from continuity.stream import KafkaLogLimit
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("kafka", "absl", "jax"):  # their INFO lines would drown the progress report
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # kafka-python logs every failed reconnect (~1,300 lines in 10 minutes without a broker); the
-    # progress line says "broker unreachable for N s" instead. A few lines a minute still show.
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, KafkaLogLimit) for f in handler.filters):
-            handler.addFilter(KafkaLogLimit())
+def _add_start_fresh(parser) -> None:
+    parser.add_argument(
+        "--start-fresh",
+        action="store_true",
+        help="start a new model when the checkpoint directory holds checkpoints but none can be restored "
+        "(without it, that is an error: exit 2)",
+    )
 
 
-def _exit_status(summary) -> int:
-    """0, or what stopped the run: a regression under "halt" (3), lost positions under "halt" (4)."""
+def exit_status(summary) -> int:
+    """0, or what stopped the run, with one line on stderr: a regression under "halt" (3), lost
+    positions under "halt" (4), the last good model left unsaved because saves kept failing (5)."""
     if summary.stopped_on_lost_positions:
         print(
             "continuity: stopped: saved stream positions the broker no longer has (see the error above and the "
@@ -76,7 +76,30 @@ def _exit_status(summary) -> int:
             flush=True,
         )
         return LOST_POSITIONS_EXIT_STATUS
+    if summary.unsaved is not None:
+        print(f"continuity: {summary.unsaved}", file=sys.stderr, flush=True)
+        return UNSAVED_EXIT_STATUS
     return HALTED_EXIT_STATUS if summary.halted else 0
+
+
+def _logging() -> None:
+    from continuity.stream import KafkaLogLimit
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("kafka", "jax"):  # their INFO lines would drown the progress report
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # kafka-python logs every failed reconnect (~1,300 lines in 10 minutes without a broker); the
+    # progress line says "broker unreachable for N s" instead. A few lines a minute still show.
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, KafkaLogLimit) for f in handler.filters):
+            handler.addFilter(KafkaLogLimit())
+    _quiet_orbax()
+
+
+def _quiet_orbax() -> None:
+    """Orbax logs through absl; a failed save (a full disk) comes with a traceback from each of
+    its threads, while the store raises the same error and the loop reports it in one line."""
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 def run_serve(args) -> int:
@@ -88,7 +111,7 @@ def run_serve(args) -> int:
     def progress(p, lag):
         print(format_progress(p, lag), file=sys.stderr, flush=True)
 
-    service = Service(config, progress=progress)
+    service = Service(config, progress=progress, start_fresh=args.start_fresh)
 
     def announce(url):
         print(
@@ -100,22 +123,25 @@ def run_serve(args) -> int:
 
     summary = service.run(announce)
     print(format_summary(summary))
-    return _exit_status(summary)
+    return exit_status(summary)
 
 
 def run_replay(args) -> int:
     from continuity.service import Service, format_summary
 
     config = config_from_args(args)
+    _quiet_orbax()
     if args.out is not None:
         config = dataclasses.replace(config, checkpoints=dataclasses.replace(config.checkpoints, dir=str(args.out)))
     total = _recorded_ends(args.recording)
     bar = _ProgressBar(total)
-    service = Service(config, recording=args.recording, http=False, progress=bar, progress_every_s=0.5)
+    service = Service(
+        config, recording=args.recording, http=False, progress=bar, progress_every_s=0.5, start_fresh=args.start_fresh
+    )
     summary = service.run()
     bar.finish(summary)
     print(format_summary(summary))
-    return _exit_status(summary)
+    return exit_status(summary)
 
 
 def _recorded_ends(path: Path) -> dict:

@@ -1,0 +1,301 @@
+"""The loop and the CLI when the disk fills, checkpoints rot, store.json is lost, or an operator acts between runs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from conftest import accepted_chain, record_scenario
+
+from continuity.checkpoints import CheckpointStore
+from continuity.cli import main
+from continuity.loop import params_digest
+from continuity.stream import FileSource, Positions
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loop_worker import build_loop
+
+pytestmark = pytest.mark.slow  # whole recorded streams through the loop, several times
+
+REPO = Path(__file__).resolve().parent.parent
+TOTAL = 3871  # examples the loop trains from the recording below (its probe share held out)
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory) -> Path:
+    """permuted-digits, 3 segments, one partition, recorded to Parquet (as tests/test_loop.py)."""
+    return record_scenario(tmp_path_factory.mktemp("recording") / "stream.parquet", segments=3, seed=4)
+
+
+@pytest.fixture(scope="module")
+def reference(recording, tmp_path_factory) -> str:
+    """The params digest of an uninterrupted run: what every run below must still end with."""
+    loop = build_loop(recording, tmp_path_factory.mktemp("reference"))
+    summary = loop.run()
+    loop.store.close()
+    assert summary.examples_trained == TOTAL and summary.checkpoint_failures == 0
+    return params_digest(loop.final_state)
+
+
+def _no_space(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+
+
+def _assert_trained_once(chain: list[dict]) -> None:
+    """The surviving lineage starts at offset 0, chains without gaps or overlaps, and trained every example."""
+    assert Positions.from_json(chain[0]["from"]).offset("digits", 0) in (None, 0)
+    for earlier, later in zip(chain, chain[1:]):
+        assert later["from"] == earlier["positions"]
+    assert chain[-1]["lineage_examples"] == TOTAL
+
+
+# ---------------------------------------------------------------------------- a full disk
+
+
+_FULL_DISK_LOOP = textwrap.dedent("""
+    import json, resource, signal, sys, threading, time
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[3])
+    from loop_worker import build_loop
+    from continuity.loop import params_digest
+    # Writes past RLIMIT_FSIZE fail with EFBIG, as a full disk fails them with ENOSPC: the
+    # limit lets the ledger grow but not a checkpoint's state file (about 90 KB here).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    loop = build_loop(Path(sys.argv[1]), Path(sys.argv[2]), save_retry_s=(0.05, 0.2))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, hard))
+    def room_again():
+        while loop.summary.checkpoint_failures < 3:
+            time.sleep(0.01)
+        with loop.store._lock:  # the writer holds it for a whole write: no save is half-done meanwhile
+            leftovers = [p.name for p in loop.store.directory.iterdir() if "orbax-checkpoint-tmp" in p.name]
+            numbers = loop.store.numbers()
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        print(json.dumps({"leftovers_while_full": leftovers, "numbers_while_full": numbers}), flush=True)
+    threading.Thread(target=room_again, daemon=True).start()
+    summary = loop.run()
+    loop.store.close()
+    print(json.dumps({**summary.to_json(), "digest": params_digest(loop.final_state)}), flush=True)
+""")
+
+
+def test_a_full_disk_costs_no_training_leaves_no_leftovers_and_saves_resume_when_there_is_room(
+    recording, tmp_path, reference
+):
+    result = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_LOOP, str(recording), str(tmp_path), str(REPO / "tests")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    while_full, summary = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
+    assert while_full == {"leftovers_while_full": [], "numbers_while_full": []}  # failed saves left nothing
+    assert summary["checkpoint_failures"] >= 3 and summary["unsaved"] is None
+    assert summary["examples_trained"] == TOTAL  # training never stopped
+    assert summary["digest"] == reference  # and trained exactly what an uninterrupted run trains
+    directory = tmp_path / "checkpoints"
+    assert _leftovers(directory) == []
+    with CheckpointStore(directory, create=False) as store:
+        ledger = store.ledger.read()
+        failed = [e["checkpoint"] for e in ledger if e["event"] == "save_failed"]
+        removed = [e["checkpoint"] for e in ledger if e["event"] == "delete" and e["reason"] == "failed save"]
+        assert len(failed) == summary["checkpoint_failures"] and removed == failed
+        assert "File too large" in next(e for e in ledger if e["event"] == "save_failed")["error"]
+        assert not set(failed) & set(store.numbers())
+        # The surviving lineage skips the failed numbers and still covers the stream once.
+        chain = accepted_chain(ledger, store.last_good())
+        assert not {e["checkpoint"] for e in chain} & set(failed)
+        _assert_trained_once(chain)
+
+
+class _CommitRecordingSource(FileSource):
+    """A recorded stream that remembers which positions the loop committed."""
+
+    commits: ClassVar[list[Positions]] = []
+
+    def commit(self, positions: Positions) -> None:
+        self.commits.append(positions)
+
+
+def test_failed_saves_are_retried_with_backoff_in_one_line_each_and_offsets_never_pass_a_finalized_checkpoint(
+    recording, tmp_path, reference, caplog
+):
+    _CommitRecordingSource.commits = []
+    loop = build_loop(recording, tmp_path, source=_CommitRecordingSource, save_retry_s=(0.01, 0.04))
+    real_write, failures = loop.store._write, {"left": 4}
+
+    def flaky_write(*args):
+        if failures["left"]:
+            failures["left"] -= 1
+            _no_space()
+        return real_write(*args)
+
+    loop.store._write = flaky_write
+    with caplog.at_level(logging.ERROR, logger="continuity.loop"):
+        summary = loop.run()
+    loop.store.close()
+    assert summary.checkpoint_failures == 4 and summary.unsaved is None
+    assert params_digest(loop.final_state) == reference
+    errors = [r for r in caplog.records if r.name == "continuity.loop"]
+    assert len(errors) == 4 and all(r.exc_info is None and "\n" not in r.getMessage() for r in errors)
+    assert [r.getMessage().split("retrying in ")[1].split(" s")[0] for r in errors] == ["0.01", "0.02", "0.04", "0.04"]
+    assert all("No space left on device" in r.getMessage() for r in errors)
+    ledger = CheckpointStore(tmp_path / "checkpoints", create=False).ledger.read()
+    finalized = [Positions.from_json(e["positions"]) for e in ledger if e["event"] == "save"]
+    assert _CommitRecordingSource.commits and all(c in finalized for c in _CommitRecordingSource.commits)
+    assert len([e for e in ledger if e["event"] == "save_failed"]) == 4
+
+
+def test_saves_failing_longer_than_max_unsaved_seconds_stop_the_run_cleanly(recording, tmp_path):
+    _CommitRecordingSource.commits = []
+    loop = build_loop(
+        recording, tmp_path, source=_CommitRecordingSource, max_unsaved_s=0.001, save_retry_s=(0.01, 0.01)
+    )
+    loop.store._write = _no_space
+    summary = loop.run()
+    loop.store.close()
+    assert summary.unsaved is not None and summary.unsaved.startswith("checkpoints could not be saved for")
+    assert "checkpoints.max_unsaved_seconds = 0.001" in summary.unsaved
+    assert 0 < summary.examples_trained < TOTAL and summary.checkpoint_failures >= 2
+    assert _CommitRecordingSource.commits == []  # nothing finalized, nothing committed
+    assert _leftovers(tmp_path / "checkpoints") == []
+    with CheckpointStore(tmp_path / "checkpoints", create=False) as store:
+        assert store.numbers() == []
+
+
+def test_serve_and_replay_exit_5_in_one_line_when_checkpoints_cannot_be_saved(recording, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(CheckpointStore, "_write", _no_space)
+    config = tmp_path / "replay.toml"
+    config.write_text("[model]\nhidden = [64]\n[probe]\nevery_examples = 400\n")
+    argv = ["replay", str(recording), "--config", str(config), "--out", str(tmp_path / "run")]
+    settings = ["--set", "checkpoints.every_seconds=0", "--set", "checkpoints.max_unsaved_seconds=0.001"]
+    assert main(argv + settings) == 5
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.replace("\r", "\n").splitlines() if line.startswith("continuity:")]
+    assert len(lines) == 1 and lines[0].startswith("continuity: checkpoints could not be saved for")
+    assert "checkpoint failures" in captured.out
+    # Never stopped by the limit, the run still says at the end that its model is not saved.
+    assert main(argv + ["--set", "checkpoints.max_unsaved_seconds=0", "--out", str(tmp_path / "run2")]) == 5
+    lines = [
+        line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("continuity:")
+    ]
+    assert len(lines) == 1 and "is not checkpointed" in lines[0]
+
+
+# ---------------------------------------------------------------------------- checkpoints that rot
+
+
+def _flip(step_dir: Path) -> None:
+    biggest = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 8] = b"\xff" * 8
+    biggest.write_bytes(bytes(data))
+
+
+def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_and_all_corrupt_refuses_to_start_fresh(
+    recording, tmp_path, capsys, caplog
+):
+    directory = tmp_path / "run"
+    config = tmp_path / "continuity.toml"
+    config.write_text(
+        f'[stream]\nbootstrap = "127.0.0.1:9"\n[model]\nhidden = [64]\n[probe]\nevery_examples = 400\n'
+        f'[checkpoints]\ndir = "{directory}"\nkeep_last = 5\nevery_seconds = 0\n[service]\nhttp_port = 0\n'
+    )
+    assert main(["replay", str(recording), "--config", str(config)]) == 0
+    with CheckpointStore(directory, create=False) as store:
+        numbers, newest = store.numbers(), store.last_good()
+    assert len(numbers) == 5 and newest == numbers[-1]
+    # The newest rots: the next start restores the one before it, and says so.
+    _flip(directory / str(newest))
+    with caplog.at_level(logging.WARNING):
+        assert main(["replay", str(recording), "--config", str(config)]) == 0
+    assert any(f"checkpoint {newest} is corrupt: state array" in r.getMessage() for r in caplog.records)
+    with CheckpointStore(directory, create=False) as store:
+        restore = [e for e in store.ledger.read() if e["event"] == "restore"][-1]
+        assert restore["checkpoint"] == numbers[-2]
+        numbers = store.numbers()
+    # Every checkpoint rots: serve refuses to start over from the stream's start.
+    for number in numbers:
+        _flip(directory / str(number))
+    capsys.readouterr()
+    assert main(["serve", "--config", str(config)]) == 2
+    banner, err = capsys.readouterr().err.splitlines()  # "continuity serve: ... HTTP on ...", then the one error
+    assert banner.startswith("continuity serve: ") and err.startswith("continuity: error: ")
+    assert "but none can be restored" in err and "--start-fresh" in err and "checkpoints verify" in err
+    assert main(["replay", str(recording), "--config", str(config)]) == 2
+    capsys.readouterr()
+    # Told to, it does: a new model, numbered after the old ones.
+    assert main(["replay", str(recording), "--config", str(config), "--start-fresh"]) == 0
+    with CheckpointStore(directory, create=False) as store:
+        ledger = store.ledger.read()
+        assert [e for e in ledger if e["event"] == "start"][-1]["fresh"] is True
+        assert store.last_good() > max(numbers)
+        assert accepted_chain(ledger, store.last_good())[0]["parent"] is None
+
+
+def test_serve_rebuilds_a_garbled_store_file_with_a_warning(recording, tmp_path, caplog, capsys):
+    directory = tmp_path / "run"
+    config = tmp_path / "replay.toml"
+    config.write_text(
+        f'[model]\nhidden = [64]\n[probe]\nevery_examples = 400\n[checkpoints]\ndir = "{directory}"\nkeep_last = 5\n'
+        "every_seconds = 0\n"
+    )
+    assert main(["replay", str(recording), "--config", str(config)]) == 0
+    with CheckpointStore(directory, create=False) as store:
+        pinned = store.numbers()[0]
+    assert main(["checkpoints", "pin", str(pinned), "--dir", str(directory)]) == 0
+    (directory / "store.json").write_text('{"schema_version": 2, "pinned": [')
+    with caplog.at_level(logging.WARNING, logger="continuity.checkpoints.store"):
+        assert main(["replay", str(recording), "--config", str(config)]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "continuity.checkpoints.store"]
+    assert len(warnings) == 1 and "is not a readable store file" in warnings[0] and "rebuilt" in warnings[0]
+    with CheckpointStore(directory, create=False) as store:
+        assert store.info(pinned).pinned  # the pin survived the garbled file
+        assert any(e["event"] == "repair" for e in store.ledger.read())
+
+
+# ---------------------------------------------------------------------------- an operator acts on a stopped service
+
+
+def test_a_rollback_and_a_pin_made_while_stopped_outlive_the_next_runs_saves_and_retention(
+    recording, tmp_path, reference, capsys
+):
+    first = build_loop(recording, tmp_path, max_examples=2000, keep_last=2)
+    first.run()
+    first.store.close()
+    directory = tmp_path / "checkpoints"
+    with CheckpointStore(directory, create=False) as store:
+        older, newest = store.numbers()[-2:]
+    assert main(["rollback", "--dir", str(directory), "--to", str(older), "--reason", "bad upstream"]) == 0
+    assert main(["checkpoints", "pin", str(newest), "--dir", str(directory)]) == 0  # pinned though abandoned
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"the next start restores checkpoint {older}")
+
+    second = build_loop(recording, tmp_path, keep_last=2)
+    summary = second.run()
+    second.store.close()
+    assert summary.restored_from == older
+    with CheckpointStore(directory, create=False) as store:
+        ledger = store.ledger.read()
+        numbers = store.numbers()
+        assert newest in numbers and store.info(newest).pinned and store.info(newest).abandoned
+        assert len(numbers) == 3  # keep_last=2 and the pin: retention ran, and kept the pin
+        restarted = ledger.index([e for e in ledger if e["event"] == "restore"][-1])
+        first_accept = next(e for e in ledger[restarted:] if e["event"] == "accept")
+        assert first_accept["parent"] == older and first_accept["checkpoint"] > newest
+        chain = accepted_chain(ledger, store.last_good())
+        assert older in [e["checkpoint"] for e in chain] and newest not in [e["checkpoint"] for e in chain]
+        _assert_trained_once(chain)
+    assert params_digest(second.final_state) == reference  # every record trained once in the surviving lineage
