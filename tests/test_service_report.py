@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from continuity.commands.service import LOST_POSITIONS_EXIT_STATUS, _exit_status
+from continuity.commands.service import LOST_POSITIONS_EXIT_STATUS, exit_status
 from continuity.loop import Progress, RunSummary
 from continuity.service import format_progress, format_summary
 from continuity.stream import LostPosition, Positions
@@ -35,10 +35,10 @@ def test_the_progress_line_says_the_broker_is_unreachable_where_the_lag_would_st
 def test_a_run_stopped_on_lost_positions_exits_with_status_4_and_its_summary_names_them(capsys):
     lost = LostPosition("digits", 0, 7953, "beyond the log end", log_start=0, log_end=120)
     summary = RunSummary(lost_positions=[{**lost.to_json(), "action": "halt"}], stopped_on_lost_positions=True)
-    assert _exit_status(summary) == LOST_POSITIONS_EXIT_STATUS == 4
+    assert exit_status(summary) == LOST_POSITIONS_EXIT_STATUS == 4
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("continuity: stopped: saved stream positions the broker no longer has")
     text = format_summary(summary)
     assert "digits/0 at offset 7,953 (log 0..120): beyond the log end [halt]" in text
     assert "halted" in text and "stream.on_lost_positions = 'halt'" in text
-    assert _exit_status(RunSummary()) == 0 and _exit_status(RunSummary(halted=True)) == 3
+    assert exit_status(RunSummary()) == 0 and exit_status(RunSummary(halted=True)) == 3
