@@ -107,6 +107,7 @@ class RunSummary:
     quarantined_records: int = 0
     dead_letters: int = 0
     skipped_updates: int = 0
+    nonfinite_rows: int = 0  # rows masked out of a step for a non-finite loss or input; this run, like examples
     halted: bool = False
     stopped: bool = False
     restored_from: int | None = None
@@ -140,6 +141,7 @@ class Progress:
     step_seconds: list  # wall time per train dispatch since the last snapshot (host view)
     probe_loss: float | None = None  # regression tasks: probe mean loss; probe_segments then hold losses
     regressions_in_a_row: int = 0  # windows judged regressed since the last accepted one
+    nonfinite_rows: int = 0  # rows masked out of a step for a non-finite loss or input, counted per window
 
 
 @dataclass
@@ -304,7 +306,10 @@ class TrainingLoop:
         try:
             while True:
                 window_start_examples = self.summary.examples_trained
+                # The state's counter rolls back with the state; the run's total counts every window once.
+                window_start_nonfinite = int(state.nonfinite_rows)
                 state, positions, ended, recent = self._train_window(state, reader, probe, good)
+                self.summary.nonfinite_rows += int(state.nonfinite_rows) - window_start_nonfinite
                 trained = self.summary.examples_trained - window_start_examples
                 if trained:
                     state, good, probe, reader, retries, halt = self._judge_window(
@@ -713,6 +718,7 @@ class TrainingLoop:
             step_seconds=steps,
             probe_loss=self._last_report.get("loss"),
             regressions_in_a_row=self._regressions_in_a_row,
+            nonfinite_rows=self.summary.nonfinite_rows,
         )
 
 

@@ -33,6 +33,7 @@ _COUNTED = (
     ("dead_letters", "dead_letters"),
     ("rollbacks", "rollbacks"),
     ("quarantined_records", "quarantined_records"),
+    ("nonfinite_rows", "nonfinite_rows"),
 )
 
 
@@ -54,6 +55,11 @@ class ServiceMetrics:
         )
         self.quarantined_records = Counter(
             "continuity_quarantined_records", "Records of quarantined windows.", registry=r
+        )
+        self.nonfinite_rows = Counter(
+            "continuity_nonfinite_rows",
+            "Examples masked out of a train step because their loss or input was non-finite.",
+            registry=r,
         )
         self.probe_accuracy = Gauge(
             "continuity_probe_accuracy",

@@ -187,3 +187,54 @@ def test_a_1e300_record_is_dead_lettered_and_the_rest_of_its_batch_trains():
     assert int(state.skipped_updates) == 0
     after = jax.tree.leaves(state.params)
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_a_record_whose_loss_overflows_is_masked_and_counted_in_the_run_summary(tmp_path):
+    # 3e38 is a finite float32, so the codec keeps it; the model's logits on it are not finite.
+    from continuity.checkpoints import CheckpointStore
+    from continuity.guard import GuardConfig
+    from continuity.learner import ReplayConfig
+    from continuity.loop import StreamInput, TrainingLoop
+    from continuity.probe import ProbeConfig
+    from continuity.service import format_summary
+    from continuity.stream import FileSource, Holdout, MemoryDeadLetters, RecordingWriter
+
+    spec = FeatureSpec((8, 8, 1), "float32", 10)
+    codec = BinaryCodec(spec)
+    rng = np.random.default_rng(0)
+    x = rng.random((320, 8, 8, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 320).astype(np.int32)
+    records = _records([codec.encode(x[i], y[i]) for i in range(320)])
+    trained = np.flatnonzero(~Holdout(0.1).select(codec.decode(records)[0]))
+    poisoned = int(trained[100])  # a record the loop trains on, not one it holds out for the probe
+    x[poisoned] = 3e38
+    records.values[poisoned] = codec.encode(x[poisoned], y[poisoned])
+    writer = RecordingWriter(tmp_path / "stream.parquet")
+    writer.write(records)
+    writer.close()
+
+    dead_letters = MemoryDeadLetters()
+    stream = StreamInput(
+        open_source=lambda positions: FileSource(tmp_path / "stream.parquet", start=positions),
+        codec=codec,
+        dead_letters=dead_letters,
+        quarantine=MemoryDeadLetters(),
+    )
+    learner = Learner(
+        LearnerConfig(model=ModelConfig(hidden=(16,)), replay=ReplayConfig(capacity=64, batch_size=8)),
+        spec.shape,
+        spec.num_classes,
+    )
+    loop = TrainingLoop(
+        stream,
+        learner,
+        CheckpointStore(tmp_path / "checkpoints"),
+        probe=ProbeConfig(holdout_fraction=0.1),
+        guard=GuardConfig(every_examples=10**6),
+    )
+    summary = loop.run()
+    loop.store.close()
+    assert dead_letters.total == 0
+    assert summary.nonfinite_rows == 1 and summary.skipped_updates == 0
+    assert summary.examples_trained == len(trained)  # counted as offered to the step, masked row included
+    assert "non-finite rows (masked)" in format_summary(summary)

@@ -131,11 +131,12 @@ def _samples(registry) -> dict:
 def test_metrics_counters_stay_monotonic_and_gauges_follow():
     metrics = ServiceMetrics()
     metrics.observe(_progress())
-    metrics.observe(_progress(examples_trained=1000, rollbacks=1, dead_letters=5, step_seconds=[]))
+    metrics.observe(_progress(examples_trained=1000, rollbacks=1, dead_letters=5, nonfinite_rows=2, step_seconds=[]))
     samples = _samples(metrics.registry)
     assert samples[("continuity_examples_trained_total", ())] == 1000
     assert samples[("continuity_dead_letters_total", ())] == 5
     assert samples[("continuity_rollbacks_total", ())] == 1
+    assert samples[("continuity_nonfinite_rows_total", ())] == 2
     assert samples[("continuity_step_seconds_count", ())] == 3
     assert samples[("continuity_regressions_in_a_row", ())] == 0
 
