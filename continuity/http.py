@@ -40,6 +40,7 @@ import io
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -251,6 +252,14 @@ class _Server(ThreadingHTTPServer):
         finally:
             self.waiting(request, False)
             self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        # socketserver prints a traceback to stderr; a client that hangs up early is routine.
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log.debug("client %s went away: %s", client_address[0], error)
+        else:
+            log.exception("HTTP request from %s failed", client_address[0])
 
     def _evict_longest_waiting(self) -> bool:
         with self._lock:
