@@ -331,7 +331,18 @@ class Learner:
         return nnx.merge(self._graphdef, params)(x, linear=ewc.squared_grad_linear)
 
     def _consolidate_state(self, state: LearnerState, x, y, mask) -> LearnerState:
-        fisher = self.fisher(state.params, x, y, mask)
+        # A row the model cannot score finitely (an input, output or target that is NaN or Inf)
+        # would make the Fisher, then the EWC penalty and every later step, non-finite: it is
+        # left out, as the train step leaves it out. One more forward pass per consolidation.
+        x = _zero_rows(jnp.asarray(x), mask)
+        outputs = self.logits(state.params, x)
+        usable = (
+            mask
+            & jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+            & jnp.isfinite(outputs).all(axis=-1)
+            & jnp.isfinite(jnp.asarray(y))  # a regression target; always true of class ids
+        )
+        fisher = self.fisher(state.params, _zero_rows(x, usable), jnp.where(usable, y, 0), usable)
         return state.replace(ewc=ewc.consolidate(state.ewc, state.params, fisher, self.config.ewc.gamma))
 
     def _consolidate_from_replay_state(self, state: LearnerState) -> LearnerState:

@@ -126,6 +126,26 @@ def test_a_step_non_finite_without_any_bad_row_changes_nothing_but_the_counter()
     assert int(state.replay.size) == replay_size
 
 
+def test_a_row_the_model_cannot_score_is_left_out_of_the_fisher():
+    # Else one such row in a window (replay off: the Fisher comes from the window's rows) makes
+    # the EWC penalty NaN and every later step is skipped.
+    learner = Learner(
+        LearnerConfig(model=ModelConfig(hidden=(16,)), batch_size=B, ewc=EWCConfig(enabled=True, fisher_samples=32)),
+        SHAPE,
+        CLASSES,
+    )
+    batch = next(_batches(1))
+    x, y = np.concatenate([batch.x, batch.x]), np.concatenate([batch.y, batch.y])
+    poisoned = x.copy()
+    poisoned[3] = 3e38  # finite, but its logits are not
+    clean = learner.consolidate(learner.init(0), np.delete(x, 3, axis=0), np.delete(y, 3))
+    state = learner.consolidate(learner.init(0), poisoned, y)
+    for a, b in zip(_leaves(clean.ewc), _leaves(state.ewc)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    state, metrics = learner.train_step(state, batch)
+    assert bool(metrics["finite"]) and int(state.skipped_updates) == 0
+
+
 def test_replay_is_mixed_in_and_filled_from_fresh_examples():
     learner = _learner()
     state, metrics = _run(learner, _batches(5))
