@@ -28,7 +28,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# The properties of tests/test_fuzz.py at scale (>= 100,000 inputs per codec; about 15 min on
+# The properties of tests/test_fuzz.py at scale (>= 100,000 inputs per codec; 15-30 min on
 # 2 cores): prints how many inputs ran and how many exceptions escaped (see BENCHMARKS.md).
 fuzz: $(STAMP)
 	CONTINUITY_FUZZ_EXAMPLES=12000 $(PYTHON) -m pytest tests/test_fuzz.py -q -s --timeout=0 -p no:cacheprovider

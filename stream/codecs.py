@@ -449,7 +449,7 @@ class BinaryCodec(Codec):
             raw = np.frombuffer(buf, np.uint8).reshape(m, -1)
             xbytes = count * self._example_bytes
             x = np.ascontiguousarray(raw[:, header_len : header_len + xbytes]).view(self._wire)
-            with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf here, and is rejected below
+            with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32 becomes inf: rejected below
                 x = x.reshape(m, count * spec.size).astype(np.float32, copy=False)
             y = np.ascontiguousarray(raw[:, header_len + xbytes :]).view(self._label_wire).reshape(m, count)
             bad = np.zeros(m, bool)
