@@ -14,9 +14,11 @@ of range, a bad TOML file or a missing one is a `ConfigError` whose one-line mes
 names the key, what was expected and what was received. The CLI prints it alone and
 exits with status 2.
 
-Secrets (Kafka SASL/SSL passwords, the admin token) come from the environment:
+Secrets (Kafka SASL/SSL passwords, the admin token) come from the environment only:
 `<name>_env = "VAR"` in the file means "read <name> from environment variable VAR". A
-secret's value never appears in an error message, a repr or `Config.to_toml()`.
+secret given as a value, in the file (readable by whoever reads the file) or by `--set`
+(visible in the process list), is a ConfigError naming the `_env` form. A secret's value
+never appears in an error message, a repr or `Config.to_toml()`.
 """
 
 from __future__ import annotations
@@ -316,7 +318,10 @@ class Config:
         return out
 
     def to_toml(self, *, redact: bool = True) -> str:
-        """The resolved config as TOML that `load_config` reads back; secrets shown as '***'."""
+        """The resolved config as TOML that `load_config` reads back; secrets shown as '***'.
+
+        A config with secrets reads back only once they are given as `<key>_env` again.
+        """
         lines = []
         if self.source_path:
             lines.append(f"# resolved from {self.source_path}")
@@ -686,6 +691,8 @@ class _Loader:
                     raise self.error(section, key, f"give either {name} or {key}, not both")
                 value = self.from_env(section, key, value)
                 key = name
+            elif specs[key].secret and value != "":  # "" is how a file says none
+                raise self.secret_given(section, key)
             spec = specs[key]
             if spec.kind == "security":
                 value = self.security(value)
@@ -698,6 +705,15 @@ class _Loader:
                     ) from None
             out[spec.owner][key] = value
         return out
+
+    def secret_given(self, section: str, key: str) -> ConfigError:
+        what = "password" if "password" in key else "token"
+        return self.error(
+            section,
+            key,
+            f"a secret is read from the environment only (a file or the command line shows it to others): "
+            f'give {key}{ENV_SUFFIX} = "VAR" and put the {what} in $VAR',
+        )
 
     def from_env(self, section: str, key: str, variable) -> str:
         if not isinstance(variable, str) or not variable:
@@ -739,6 +755,8 @@ class _Loader:
                             section, key, f"expected true or false in the environment variable, got {value!r}"
                         )
                     value = lowered == "true"
+            elif key in SECRET_SECURITY_OPTIONS:
+                raise self.secret_given(section, key)
             expected = "bool" if name in _BOOL_SECURITY_OPTIONS else "str"
             try:
                 value = _coerce(expected, value, False)

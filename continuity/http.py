@@ -14,29 +14,43 @@ Endpoints (`ServiceHTTP`):
 Admin endpoints need `Authorization: Bearer <token>`: no header is 401, a wrong token
 is 403, and with no token configured they are disabled (403). Binding anywhere but
 loopback without a token is refused outright, so admin actions are never open to a
-network. Errors are JSON `{"error": message}`; the token is never logged.
+network. Errors are JSON `{"error": message}`; the token is never logged. HEAD is
+answered as GET, without the body.
+
+No client can hold the service's threads: at most `max_connections` connections are
+served at once (one thread each). A connection gets `header_timeout_s` in all to send its
+request line and headers (also the most a kept-alive connection may idle) and
+`body_timeout_s` in all for its body (408), however slowly the bytes trickle in. When
+every slot is taken, a new connection takes the slot of the one that has waited longest
+for its headers (a slow or idle client, closed); if none is waiting, it gets 503 at once.
+A body that is not a JSON object, or is nested too deep, is 400.
 
 `rollback_over_http` is the client side that `continuity rollback` uses; it raises
 `ServiceUnreachable` when nothing listens, so the CLI can fall back to the directory.
 
-Threading: the server runs on one background thread and handles each request on its
-own thread, so the controller's methods are called concurrently with the training
-loop and with each other; the controller must be thread-safe.
+Threading: the server accepts on one background thread and handles each connection on
+its own thread (at most `max_connections`), so the controller's methods are called
+concurrently with the training loop and with each other; the controller must be
+thread-safe.
 """
 
 from __future__ import annotations
 
 import hmac
 import http.client
+import io
 import json
 import logging
 import socket
+import sys
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Protocol
 from urllib.parse import urlsplit
 
+import orjson
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from continuity.config import is_loopback  # the one definition; re-exported here
@@ -45,6 +59,12 @@ from continuity.metrics import ServiceMetrics
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024  # admin bodies are a few keys; anything bigger is a mistake or abuse
+# Scrapes, probes and an operator's requests are a handful at a time; anything beyond is a
+# flood, and each connection costs a thread.
+MAX_CONNECTIONS = 32
+HEADER_TIMEOUT_S = 10.0  # request line + headers, all of it; also the longest idle keep-alive
+BODY_TIMEOUT_S = 10.0  # the whole body of an admin request (64 KiB at most)
+SEND_TIMEOUT_S = 10.0  # each send of a response to a client that does not read
 DEFAULT_REASON = "rollback over HTTP"
 JSON_TYPE = "application/json"
 
@@ -104,7 +124,12 @@ class ServiceHTTP:
         host: str = "127.0.0.1",
         port: int = 8080,
         admin_token: str | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        header_timeout_s: float = HEADER_TIMEOUT_S,
+        body_timeout_s: float = BODY_TIMEOUT_S,
     ):
+        if not isinstance(max_connections, int) or max_connections < 1:
+            raise ValueError(f"`max_connections` must be a positive integer. Got {max_connections!r}.")
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
             raise ValueError(f"`port` must be an integer from 0 to 65535 (0: a free port). Got {port!r}.")
         admin_token = admin_token or None  # an empty token is no token
@@ -118,7 +143,10 @@ class ServiceHTTP:
         self.host = host
         self.port = port
         self._token = admin_token
-        self._server: ThreadingHTTPServer | None = None
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:  # never shows the token
@@ -141,7 +169,7 @@ class ServiceHTTP:
             raise RuntimeError("the HTTP endpoints are already started")
         server_class = _IPv6Server if ":" in self.host else _Server
         try:
-            server = server_class((self.host.strip("[]"), self.port), _Handler)
+            server = server_class((self.host.strip("[]"), self.port), _Handler, max_connections=self.max_connections)
         except OSError as error:
             raise OSError(error.errno, f"cannot serve HTTP on {self.host}:{self.port}: {error.strerror}") from None
         server.service = self
@@ -186,19 +214,139 @@ class ServiceHTTP:
 
 
 class _Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with at most `max_connections` connections (threads) at a time.
+
+    Connections waiting for their request headers are tracked, so a new one can take the
+    slot of the longest waiting (slow-loris clients and idle keep-alives) instead of being
+    refused while the service itself is idle.
+    """
+
     daemon_threads = True
     service: ServiceHTTP
+
+    def __init__(self, address, handler, *, max_connections: int):
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        self._waiting: dict[socket.socket, float] = {}  # connection -> since when it waits for headers
+        super().__init__(address, handler)
+
+    def waiting(self, connection: socket.socket, waits: bool) -> None:
+        """Called by the handler: `connection` now waits for a request's headers (or has them)."""
+        with self._lock:
+            if waits:
+                self._waiting[connection] = time.monotonic()
+            else:
+                self._waiting.pop(connection, None)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            # The accept thread waits at most a moment here: an evicted handler ends as soon as
+            # its read fails, and gives its slot back.
+            if not (self._evict_longest_waiting() and self._slots.acquire(timeout=1.0)):
+                _refuse(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.waiting(request, False)
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        # socketserver prints a traceback to stderr; a client that hangs up early is routine.
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log.debug("client %s went away: %s", client_address[0], error)
+        else:
+            log.exception("HTTP request from %s failed", client_address[0])
+
+    def _evict_longest_waiting(self) -> bool:
+        with self._lock:
+            if not self._waiting:
+                return False
+            connection = min(self._waiting, key=self._waiting.__getitem__)
+            del self._waiting[connection]
+            try:
+                connection.shutdown(socket.SHUT_RDWR)  # its handler's read returns at once, and it ends
+            except OSError:
+                pass  # closed meanwhile: its slot is coming back anyway
+        log.info("connection limit reached: closed the connection that waited longest for its headers")
+        return True
 
 
 class _IPv6Server(_Server):
     address_family = socket.AF_INET6
 
 
+def _refuse(request: socket.socket) -> None:
+    """503 and close, from the accept thread: never blocks on the client."""
+    body = b'{"error": "too many connections; try again shortly"}\n'
+    response = (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+        b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    try:
+        request.setblocking(False)
+        request.send(response)
+        request.recv(MAX_BODY_BYTES)  # what the client already sent: closing on unread bytes resets the connection
+    except OSError:
+        pass
+    finally:
+        request.close()
+    log.warning("connection limit reached: refused a connection with 503")
+
+
+class _Deadline(io.RawIOBase):
+    """A connection's reads, failing with TimeoutError once `deadline` (monotonic) has passed.
+
+    A socket timeout bounds each read only, so a client sending a byte at a time would never
+    trip it; this bounds the whole request line and headers, or the whole body.
+    """
+
+    def __init__(self, connection: socket.socket):
+        self._connection = connection
+        self.deadline = time.monotonic() + HEADER_TIMEOUT_S
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the client took too long to send its request")
+        self._connection.settimeout(remaining)
+        try:
+            return self._connection.recv_into(buffer)
+        finally:
+            self._connection.settimeout(SEND_TIMEOUT_S)  # for the response's writes
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "continuity"
     protocol_version = "HTTP/1.1"
-    timeout = 30  # a client that stops sending mid-request does not hold a thread forever
+    timeout = SEND_TIMEOUT_S  # reads have their own deadlines (`_Deadline`)
+
+    def setup(self) -> None:
+        super().setup()
+        self._reads = _Deadline(self.connection)
+        self.rfile = io.BufferedReader(self._reads)
+
+    def handle_one_request(self) -> None:
+        self._reads.deadline = time.monotonic() + self.server.service.header_timeout_s
+        self.server.waiting(self.connection, True)
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # reads the headers
+        self.server.waiting(self.connection, False)
+        return parsed
 
     # ---------------------------------------------------------------- routing
 
@@ -216,6 +364,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._method_not_allowed("POST")
         else:
             self._not_found(path)
+
+    def do_HEAD(self) -> None:
+        self.do_GET()  # _send leaves out the body
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -291,10 +442,10 @@ class _Handler(BaseHTTPRequestHandler):
         length = self._content_length()
         if length == 0:
             return {}
-        raw = self.rfile.read(length)
+        raw = self._read_body(length)
         try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            body = orjson.loads(raw)  # bounded nesting, unlike json: a deep body is a 400, not a RecursionError
+        except orjson.JSONDecodeError as error:
             raise _BadRequest(f"the request body must be a JSON object: {error}") from None
         if not isinstance(body, dict):
             raise _BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
@@ -323,9 +474,30 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             length = -1
         if 0 <= length <= MAX_BODY_BYTES:
-            self.rfile.read(length)
+            try:
+                self._read_body(length)
+            except _BadRequest:
+                pass  # the answer to come says what was wrong; the connection closes after it
         else:
             self.close_connection = True
+
+    def _read_body(self, length: int) -> bytes:
+        self._reads.deadline = time.monotonic() + self.server.service.body_timeout_s
+        raw = bytearray()
+        try:
+            while len(raw) < length:
+                chunk = self.rfile.read1(length - len(raw))  # piecewise: a timeout keeps what came
+                if not chunk:
+                    break
+                raw += chunk
+        except TimeoutError:
+            pass
+        if len(raw) < length:
+            self.close_connection = True
+            raise _BadRequest(
+                f"the request body ended or stalled after {len(raw)} of {length} bytes", HTTPStatus.REQUEST_TIMEOUT
+            )
+        return bytes(raw)
 
     # ---------------------------------------------------------------- responses
 
@@ -479,8 +651,8 @@ def admin_request(url: str, path: str, body: dict, *, token: str | None, timeout
     finally:
         connection.close()
     try:
-        answer = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        answer = orjson.loads(raw)  # whatever answered: a deep or garbled body is no answer, not a crash
+    except orjson.JSONDecodeError:
         answer = None
     if response.status != HTTPStatus.OK:
         if isinstance(answer, dict) and isinstance(answer.get("error"), str):

@@ -134,6 +134,7 @@ class RunSummary:
     quarantined_records: int = 0
     dead_letters: int = 0
     skipped_updates: int = 0
+    nonfinite_rows: int = 0  # rows masked out of a step for a non-finite loss or input; this run, like examples
     halted: bool = False
     stopped: bool = False
     # Positions the broker no longer had (each with the action taken), and whether the run
@@ -176,6 +177,7 @@ class Progress:
     lost_positions: int = 0  # partitions whose held position the broker no longer had, this run
     stream_note: str | None = None  # what keeps the source from reading ("broker unreachable for 42 s"); None: reading
     checkpoint_failures: int = 0  # saves that failed so far (running total)
+    nonfinite_rows: int = 0  # rows masked out of a step for a non-finite loss or input, counted per window
 
 
 @dataclass
@@ -361,7 +363,10 @@ class TrainingLoop:
         try:
             while True:
                 window_start_examples = self.summary.examples_trained
+                # The state's counter rolls back with the state; the run's total counts every window once.
+                window_start_nonfinite = int(state.nonfinite_rows)
                 state, positions, ended, recent = self._train_window(state, reader, probe, good)
+                self.summary.nonfinite_rows += int(state.nonfinite_rows) - window_start_nonfinite
                 trained = self.summary.examples_trained - window_start_examples
                 if trained:
                     state, good, probe, reader, retries, halt = self._judge_window(
@@ -894,6 +899,7 @@ class TrainingLoop:
             lost_positions=len(self.summary.lost_positions),
             stream_note=None if self.reader is None else self.reader.source.state_note(),
             checkpoint_failures=self.summary.checkpoint_failures,
+            nonfinite_rows=self.summary.nonfinite_rows,
         )
 
 

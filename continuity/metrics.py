@@ -35,6 +35,7 @@ _COUNTED = (
     ("quarantined_records", "quarantined_records"),
     ("lost_positions", "lost_positions"),
     ("checkpoint_failures", "checkpoint_failures"),
+    ("nonfinite_rows", "nonfinite_rows"),
 )
 
 
@@ -60,6 +61,11 @@ class ServiceMetrics:
         self.checkpoint_failures = Counter(
             "continuity_checkpoint_failures",
             "Checkpoint saves that failed (a full disk, say); each is retried with backoff.",
+            registry=r,
+        )
+        self.nonfinite_rows = Counter(
+            "continuity_nonfinite_rows",
+            "Examples masked out of a train step because their loss or input was non-finite.",
             registry=r,
         )
         self.probe_accuracy = Gauge(

@@ -336,6 +336,7 @@ def format_summary(summary: RunSummary) -> str:
         ("rollbacks", f"{summary.rollbacks} ({summary.retries} retried)"),
         ("quarantined records", f"{summary.quarantined_records:,}"),
         ("dead letters", f"{summary.dead_letters:,}"),
+        ("non-finite rows (masked)", f"{summary.nonfinite_rows:,}"),
         ("skipped updates (non-finite)", f"{summary.skipped_updates:,}"),
         ("last good checkpoint", str(summary.last_checkpoint)),
         ("positions", ", ".join(f"{k}@{v}" for k, v in summary.positions.items()) or "-"),

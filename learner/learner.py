@@ -3,9 +3,16 @@
 `train_step(state, batch) -> (state, metrics)` does, in a single dispatch: sample a
 replay batch, compute the masked loss (cross-entropy for classification, squared error
 for regression) on fresh + replayed examples plus the EWC penalty, apply the Optax
-update (skipped when the loss or a gradient is non-finite), and insert the fresh
-examples into the replay buffer. Shapes are fixed (padding rows are masked), so nothing
-recompiles after the first call; the state is donated, so its buffers are reused in place.
+update, and insert the fresh examples into the replay buffer. Shapes are fixed (padding
+rows are masked), so nothing recompiles after the first call; the state is donated, so
+its buffers are reused in place.
+
+A non-finite loss or gradient costs only the rows behind it: the step finds the fresh
+rows whose loss or input is non-finite, masks them out and computes the update again
+without them (a `lax.while_loop` of at most two passes: a finite step runs one); they
+are counted in `nonfinite_rows` and never enter the replay buffer. Only a step that is still
+non-finite (the cause lies in replayed rows, the EWC penalty or the parameters) is
+skipped whole and counted in `skipped_updates`.
 """
 
 from __future__ import annotations
@@ -52,6 +59,25 @@ class Evaluation(NamedTuple):
     @property
     def mean_loss(self) -> float:
         return float(self.loss.mean()) if self.loss.size else float("nan")
+
+
+class _Gradients(NamedTuple):
+    """One pass of the train step over a set of fresh rows, before the optimizer applies it."""
+
+    loss: jax.Array  # shape=(), the total: fresh + replay + EWC penalty
+    fresh_loss: jax.Array  # shape=()
+    replay_loss: jax.Array  # shape=()
+    penalty: jax.Array  # shape=()
+    score: jax.Array  # shape=(), correct fresh rows (classification) or their squared error (regression)
+    fresh_losses: jax.Array  # shape=(B,), per fresh row: finds the rows that make a step non-finite
+    grads: dict  # like params
+    grad_norm: jax.Array  # shape=(), the global norm of grads
+    rows: jax.Array  # shape=(B,), bool: the fresh rows this pass trained on
+
+
+def _zero_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """x with every row not in `rows` set to 0 (whatever it held: NaN, Inf, garbage)."""
+    return jnp.where(rows.reshape(-1, *([1] * (x.ndim - 1))), x, jnp.zeros((), x.dtype))
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -125,6 +151,7 @@ class Learner:
             replay=self.replay.init(self.example_shape, self.num_classes) if self.replay else None,  # None: targets
             ewc=ewc.init(params, self.config.ewc.strength if self.config.ewc.enabled else 0.0),
             skipped_updates=jnp.zeros((), jnp.int32),
+            nonfinite_rows=jnp.zeros((), jnp.int32),
         )
 
     def logits(self, params, x: jax.Array) -> jax.Array:
@@ -134,26 +161,93 @@ class Learner:
 
     def _train_step(self, state: LearnerState, batch: Batch) -> tuple[LearnerState, dict]:
         """One update. Metrics (device scalars): loss, fresh_loss, replay_loss, ewc_penalty,
-        grad_norm, examples (valid fresh rows), finite, and for classification `correct`
-        (fresh rows predicted right, before the update) or for regression `squared_error`
-        (the sum of (f(x) - y)^2 over the fresh rows, before the update)."""
-        config = self.config
+        grad_norm, examples (fresh rows trained), nonfinite_rows (fresh rows masked out for a
+        non-finite loss or input), finite, and for classification `correct` (fresh rows
+        predicted right, before the update) or for regression `squared_error` (the sum of
+        (f(x) - y)^2 over the fresh rows, before the update)."""
         key = jax.random.fold_in(state.rng, state.step)
         sample_key, insert_key = jax.random.split(key)
         mask = jnp.asarray(batch.mask, bool)
         # Padding rows may hold anything; zero them so a NaN there cannot reach a gradient.
-        x = jnp.where(mask.reshape(-1, *([1] * (batch.x.ndim - 1))), batch.x, 0.0)
+        x = _zero_rows(jnp.asarray(batch.x), mask)
         y = jnp.where(mask, batch.y.astype(self.label_dtype), 0)
+        replayed = (
+            self.replay.sample(state.replay, sample_key, self.config.replay.batch_size)
+            if self.replay is not None
+            else None
+        )
+        rows_finite = jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+
+        def finite(step: _Gradients) -> jax.Array:
+            # One reduction serves both: any NaN/Inf gradient makes the global norm non-finite
+            # (so does a norm that overflows float32, an update worth skipping too).
+            return jnp.isfinite(step.loss) & jnp.isfinite(step.grad_norm)
+
+        def attempt(carry: tuple[jax.Array, _Gradients]) -> tuple[jax.Array, _Gradients]:
+            tries, last = carry
+            # A second attempt leaves out the rows whose loss or input was non-finite. Their inputs
+            # are zeroed, not just masked: a NaN that enters the forward pass reaches the gradient
+            # through jnp.where's untaken branch (0 * NaN = NaN in the backward pass).
+            rows = jnp.where(tries == 0, mask, last.rows & jnp.isfinite(last.fresh_losses) & rows_finite)
+            return tries + 1, self._gradients(state, _zero_rows(x, rows), jnp.where(rows, y, 0), rows, replayed)
+
+        def again(carry: tuple[jax.Array, _Gradients]) -> jax.Array:
+            tries, last = carry
+            return (tries == 0) | ((tries == 1) & ~finite(last))
+
+        # A loop of one or two attempts, not a cond with a second copy of the pass: the finite
+        # path then pays for no untaken branch (measured on the CPU: BENCHMARKS.md, Reliability).
+        blank = jax.tree.map(
+            lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(self._gradients, state, x, y, mask, replayed)
+        )
+        _, step = jax.lax.while_loop(again, attempt, (jnp.zeros((), jnp.int32), blank))
+        ok = finite(step)
+        updates, opt_state = self.optimizer.update(step.grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A step still non-finite without its bad rows changes nothing but the counters.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        params = keep(params, state.params)
+        opt_state = keep(opt_state, state.opt_state)
+        masked = jnp.sum(mask & ~step.rows, dtype=jnp.int32)
+        replay_state = (
+            self.replay.add(state.replay, x, y, step.rows & ok, insert_key)  # masked rows are never inserted
+            if self.replay is not None
+            else None
+        )
+        metrics = {
+            "loss": step.loss,
+            "fresh_loss": step.fresh_loss,
+            "replay_loss": step.replay_loss,
+            "ewc_penalty": step.penalty,
+            "grad_norm": step.grad_norm,
+            "examples": jnp.sum(step.rows),
+            "nonfinite_rows": masked,
+            ("squared_error" if self.regression else "correct"): step.score,
+            "finite": ok,
+        }
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            replay=replay_state,
+            skipped_updates=state.skipped_updates + (~ok).astype(jnp.int32),
+            nonfinite_rows=state.nonfinite_rows + masked,
+        )
+        return new_state, metrics
+
+    def _gradients(self, state: LearnerState, x, y, rows, replayed) -> _Gradients:
+        """Loss and gradients over the fresh `rows` of (x, y) (others zeroed), the replayed rows and EWC."""
+        config = self.config
         fresh_rows = x.shape[0]
-        if self.replay is not None:
-            replay_x, replay_y, replay_valid = self.replay.sample(state.replay, sample_key, config.replay.batch_size)
+        if replayed is not None:
+            replay_x, replay_y, replay_valid = replayed
             x_all = jnp.concatenate([x, replay_x.astype(x.dtype)])
             y_all = jnp.concatenate([y, replay_y])
         else:
             x_all, y_all = x, y
 
-        if self.replay is not None and config.replay.asymmetric and not self.regression:
-            present = jnp.zeros(self.num_classes, bool).at[y].max(mask)  # classes in the fresh rows
+        if replayed is not None and config.replay.asymmetric and not self.regression:
+            present = jnp.zeros(self.num_classes, bool).at[y].max(rows)  # classes in the fresh rows
         else:
             present = None
 
@@ -163,54 +257,25 @@ class Learner:
             if present is not None:
                 fresh_outputs = jnp.where(present, fresh_outputs, jnp.finfo(fresh_outputs.dtype).min)
             fresh_losses = self._example_losses(fresh_outputs, y)
-            fresh_loss = _masked_mean(fresh_losses, mask)
+            fresh_loss = _masked_mean(fresh_losses, rows)
             replay_loss = (
                 _masked_mean(self._example_losses(outputs[fresh_rows:], y_all[fresh_rows:]), replay_valid)
-                if self.replay is not None
+                if replayed is not None
                 else jnp.zeros(())
             )
             penalty = ewc.penalty(params, state.ewc) if config.ewc.enabled else jnp.zeros(())
             if self.regression:
-                score = jnp.sum(jnp.where(mask, fresh_losses, 0.0))  # squared error
+                score = jnp.sum(jnp.where(rows, fresh_losses, 0.0))  # squared error
             else:
-                score = jnp.sum(jnp.where(mask, jnp.argmax(outputs[:fresh_rows], -1) == y, False))  # all classes
-            return fresh_loss + replay_loss + penalty, (fresh_loss, replay_loss, penalty, score)
+                score = jnp.sum(jnp.where(rows, jnp.argmax(outputs[:fresh_rows], -1) == y, False))  # all classes
+            return fresh_loss + replay_loss + penalty, (fresh_loss, replay_loss, penalty, score, fresh_losses)
 
-        (loss, (fresh_loss, replay_loss, penalty, score)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
+        (loss, (fresh_loss, replay_loss, penalty, score, fresh_losses)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True
+        )(state.params)
+        return _Gradients(
+            loss, fresh_loss, replay_loss, penalty, score, fresh_losses, grads, optax.tree.norm(grads), rows
         )
-        grad_norm = optax.tree.norm(grads)
-        # One reduction serves both: any NaN/Inf gradient makes the global norm non-finite
-        # (so does a norm that overflows float32, an update worth skipping too).
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # A non-finite step changes nothing but the counters: not the model, not the buffer.
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        params = keep(params, state.params)
-        opt_state = keep(opt_state, state.opt_state)
-        replay_state = (
-            self.replay.add(state.replay, x, y, mask & finite, insert_key) if self.replay is not None else None
-        )
-        valid = jnp.sum(mask)
-        metrics = {
-            "loss": loss,
-            "fresh_loss": fresh_loss,
-            "replay_loss": replay_loss,
-            "ewc_penalty": penalty,
-            "grad_norm": grad_norm,
-            "examples": valid,
-            ("squared_error" if self.regression else "correct"): score,
-            "finite": finite,
-        }
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            replay=replay_state,
-            skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32),
-        )
-        return new_state, metrics
 
     def _example_losses(self, outputs: jax.Array, y: jax.Array) -> jax.Array:
         """The task's loss per example: squared error of the one output, or softmax cross-entropy."""
@@ -266,7 +331,18 @@ class Learner:
         return nnx.merge(self._graphdef, params)(x, linear=ewc.squared_grad_linear)
 
     def _consolidate_state(self, state: LearnerState, x, y, mask) -> LearnerState:
-        fisher = self.fisher(state.params, x, y, mask)
+        # A row the model cannot score finitely (an input, output or target that is NaN or Inf)
+        # would make the Fisher, then the EWC penalty and every later step, non-finite: it is
+        # left out, as the train step leaves it out. One more forward pass per consolidation.
+        x = _zero_rows(jnp.asarray(x), mask)
+        outputs = self.logits(state.params, x)
+        usable = (
+            mask
+            & jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+            & jnp.isfinite(outputs).all(axis=-1)
+            & jnp.isfinite(jnp.asarray(y))  # a regression target; always true of class ids
+        )
+        fisher = self.fisher(state.params, _zero_rows(x, usable), jnp.where(usable, y, 0), usable)
         return state.replace(ewc=ewc.consolidate(state.ewc, state.params, fisher, self.config.ewc.gamma))
 
     def _consolidate_from_replay_state(self, state: LearnerState) -> LearnerState:

@@ -36,4 +36,5 @@ class LearnerState(struct.PyTreeNode):
     opt_state: optax.OptState
     replay: object  # replay.ReplayState, or None when replay is off
     ewc: EWCState
-    skipped_updates: jax.Array  # shape=(), int32: steps whose loss or gradient was non-finite
+    skipped_updates: jax.Array  # shape=(), int32: steps non-finite even without their non-finite rows
+    nonfinite_rows: jax.Array  # shape=(), int32: fresh rows masked out of a step for a non-finite loss or input

@@ -19,7 +19,7 @@ regression). `segment` and `key` are optional strings; `key` overrides the Kafka
     12      4         count, uint32 >= 1: examples in this record
     16      4*ndim    shape, uint32 each (one example's feature shape)
     ...     2+S       if flags bit 0: segment length S (uint16) + S bytes UTF-8
-    ...     2+K       if flags bit 1: key length K (uint16) + K bytes (overrides the Kafka key)
+    ...     2+K       if flags bit 1: key length K (uint16) + K bytes UTF-8 (overrides the Kafka key)
     ...     count*prod(shape)*itemsize   x, C order
     ...     count*4   y, int32 or float32 (one label per example)
 
@@ -33,6 +33,13 @@ records that are empty, malformed, of another shape or dtype, non-finite, or who
 is out of range. A batched record with one bad example is rejected whole. Binary decoding
 groups records by header layout and decodes each group with `np.frombuffer`, so the
 per-example work is NumPy only.
+
+Decoding raises nothing, whatever the bytes: every failure is a dead-letter reason. So a
+record is never trusted past what the checks prove: JSON is parsed by orjson, which
+bounds nesting (1,024 levels), refuses numbers beyond a double and lone surrogates, and
+needs no Python recursion; segments and keys must be strict UTF-8; and values are checked
+for finiteness after the cast to float32, the dtype they are trained in (1e300 is a
+finite double but inf in float32).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 
 from continuity.stream.deadletters import DeadLetter
 from continuity.stream.examples import ExampleBlock
@@ -61,6 +69,9 @@ _WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in _DTYPE_TO_COD
 LABEL_CLASS, LABEL_REGRESSION = 1, 2
 
 CODECS = ("json", "binary")
+
+
+_NONFINITE_X = "non-finite: x contains NaN or Inf, or a value beyond float32"
 
 
 class CodecError(ValueError):
@@ -193,6 +204,14 @@ def _apply_skip(block: ExampleBlock, records: PartitionRecords) -> ExampleBlock:
     return block.slice(drop, len(block))
 
 
+def _finite_float32(value: int | float) -> bool:
+    """Whether a number stays finite once stored as float32 (1e300 is a finite double, inf in float32)."""
+    try:
+        return bool(np.isfinite(np.float32(value)))
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
 class Codec:
     """Decodes a partition's records into an ExampleBlock plus dead letters."""
 
@@ -222,12 +241,12 @@ class JsonCodec(Codec):
         if not value:
             raise _Reject("empty value")
         try:
-            text = value.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise _Reject(f"bad bytes: not UTF-8 ({error.reason})") from None
-        try:
-            doc = json.loads(text)
-        except ValueError as error:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError as error:
+            try:  # rare: only now tell bytes that are not UTF-8 from text that is not JSON
+                bytes(value).decode("utf-8")
+            except UnicodeDecodeError as not_utf8:
+                raise _Reject(f"bad bytes: not UTF-8 ({not_utf8.reason})") from None
             raise _Reject(f"bad JSON: {error}") from None
         if not isinstance(doc, dict):
             raise _Reject(f"bad JSON: expected an object, got {type(doc).__name__}")
@@ -236,54 +255,63 @@ class JsonCodec(Codec):
             raise _Reject(f"bad JSON: missing field(s) {sorted(missing)}")
         unknown = doc.keys() - self._FIELDS
         if unknown:
-            raise _Reject(f"bad JSON: unknown field(s) {sorted(unknown)}")
+            raise _Reject(f"bad JSON: unknown field(s) {sorted(unknown)[:8]}")
         try:
-            x = np.asarray(doc["x"], dtype=np.float64)
+            x = np.asarray(doc["x"])  # nesting deeper than numpy's 64 dimensions is a ValueError
         except (TypeError, ValueError):
             raise _Reject("bad shape: x is not a rectangular array of numbers") from None
+        if x.dtype.kind not in "iuf":  # strings, booleans, nulls, objects
+            raise _Reject("bad shape: x is not a rectangular array of numbers")
         if x.shape != spec.shape:
             if x.ndim == 1 and x.size == spec.size:
                 x = x.reshape(spec.shape)
             else:
                 raise _Reject(f"bad shape: {x.shape} != configured {spec.shape}")
-        if not np.isfinite(x).all():
-            raise _Reject("non-finite: x contains NaN or Inf")
+        # Via float64, as numbers always went: one rounding of integers beyond 2^24 as before.
+        x = x.astype(np.float64, copy=False).astype(np.float32)
+        if not np.isfinite(x).all():  # after the cast: 1e300 is finite in JSON, inf in float32
+            raise _Reject(_NONFINITE_X)
         y = doc["y"]
         if isinstance(y, bool) or not isinstance(y, (int, float)):
             raise _Reject(f"bad label: expected a number, got {type(y).__name__}")
         if spec.num_classes is None:  # regression (spelled out so the else branch knows the class count)
-            if not math.isfinite(y):
-                raise _Reject("non-finite: regression target is NaN or Inf")
+            if not _finite_float32(y):
+                raise _Reject("non-finite: regression target is NaN or Inf, or beyond float32")
         else:
             if not isinstance(y, int):
                 raise _Reject(f"bad label: expected an integer class id, got {y!r}")
             if not 0 <= y < spec.num_classes:
                 raise _Reject(f"label out of range: {y} not in [0, {spec.num_classes})")
-        segment = doc.get("segment")
+        segment, key = doc.get("segment"), doc.get("key")
         if segment is not None and not isinstance(segment, str):
             raise _Reject(f"bad JSON: segment must be a string, got {type(segment).__name__}")
-        key = doc.get("key")
-        if key is not None:
-            if not isinstance(key, str):
-                raise _Reject(f"bad JSON: key must be a string, got {type(key).__name__}")
-            kafka_key = key.encode("utf-8")
+        if key is not None and not isinstance(key, str):
+            raise _Reject(f"bad JSON: key must be a string, got {type(key).__name__}")
+        try:  # orjson refuses lone surrogates already; this keeps it so whatever parses the text
+            if segment is not None:
+                segment.encode("utf-8")
+            if key is not None:
+                kafka_key = key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Reject("bad JSON: key or segment is not valid Unicode (a lone surrogate)") from None
         return x, y, segment, kafka_key
 
     def decode(self, records: PartitionRecords) -> tuple[ExampleBlock, list[DeadLetter]]:
         spec = self.spec
         xs, ys, rows, segments, keys = [], [], [], [], []
         letters = []
-        for i, value in enumerate(records.values):
-            try:
-                x, y, segment, key = self._decode_one(value, records.keys[i])
-            except _Reject as reject:
-                letters.append(DeadLetter(records.record(i), str(reject)))
-                continue
-            xs.append(x)
-            ys.append(y)
-            rows.append(i)
-            segments.append(segment)
-            keys.append(key)
+        with np.errstate(over="ignore", invalid="ignore"):  # values that overflow float32 are rejected, not warned
+            for i, value in enumerate(records.values):
+                try:
+                    x, y, segment, key = self._decode_one(value, records.keys[i])
+                except _Reject as reject:
+                    letters.append(DeadLetter(records.record(i), str(reject)))
+                    continue
+                xs.append(x)
+                ys.append(y)
+                rows.append(i)
+                segments.append(segment)
+                keys.append(key)
         if not rows:
             return _empty_block(records, spec), letters
         n = len(rows)
@@ -355,11 +383,12 @@ class BinaryCodec(Codec):
             if flags & _FLAG_KEY:
                 (length,) = struct.unpack_from("<H", value, end)
                 key = value[end + 2 : end + 2 + length]
+                key.decode("utf-8")  # strict, as the segment: no invalid bytes, no encoded surrogates
                 end += 2 + length
         except struct.error:
             raise _Reject("bad bytes: truncated segment or key") from None
         except UnicodeDecodeError:
-            raise _Reject("bad bytes: segment is not UTF-8") from None
+            raise _Reject("bad bytes: segment or key is not UTF-8") from None
         expected = end + count * (self._example_bytes + 4)
         if len(value) != expected:
             raise _Reject(f"bad bytes: length {len(value)} != {expected} expected from the header")
@@ -420,14 +449,15 @@ class BinaryCodec(Codec):
             raw = np.frombuffer(buf, np.uint8).reshape(m, -1)
             xbytes = count * self._example_bytes
             x = np.ascontiguousarray(raw[:, header_len : header_len + xbytes]).view(self._wire)
-            x = x.reshape(m, count * spec.size)
+            with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32 becomes inf: rejected below
+                x = x.reshape(m, count * spec.size).astype(np.float32, copy=False)
             y = np.ascontiguousarray(raw[:, header_len + xbytes :]).view(self._label_wire).reshape(m, count)
             bad = np.zeros(m, bool)
             reasons = {}
-            if self._wire.kind == "f":
+            if self._wire.kind == "f":  # checked after the cast to float32, the dtype it is trained in
                 nonfinite = ~np.isfinite(x).all(axis=1)
                 for r in np.flatnonzero(nonfinite):
-                    reasons[r] = "non-finite: x contains NaN or Inf"
+                    reasons[r] = _NONFINITE_X
                 bad |= nonfinite
             if spec.num_classes is None:  # regression (spelled out so the else branch knows the class count)
                 nonfinite_y = ~np.isfinite(y).all(axis=1) & ~bad
@@ -457,7 +487,7 @@ class BinaryCodec(Codec):
         total = int(record_counts.sum())
         if len(decoded) == 1 and len(decoded[0][0]) == len(good):
             _, count, x, y = decoded[0]
-            x_out = x.reshape(total, *spec.shape).astype(np.float32, copy=False)
+            x_out = x.reshape(total, *spec.shape)
             y_out = y.reshape(total).astype(spec.label_dtype, copy=False)
         else:
             starts = np.zeros(n, np.int64)

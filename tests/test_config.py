@@ -311,6 +311,35 @@ admin_token_env = "ADMIN"
         assert SECRET not in message and TOKEN not in message
 
 
+@pytest.mark.parametrize(
+    "text, overrides, key",
+    [
+        ('[stream.security]\nsasl_plain_password = "{secret}"\n', [], "sasl_plain_password"),
+        ('[stream.security]\nssl_password = "{secret}"\n', [], "ssl_password"),
+        ('[service]\nadmin_token = "{secret}"\n', [], "admin_token"),
+        ("", ["service.admin_token={secret}"], "admin_token"),
+        ("", ["stream.security.sasl_plain_password={secret}"], "sasl_plain_password"),
+    ],
+    ids=["password-in-file", "ssl-password-in-file", "token-in-file", "token-by-set", "password-by-set"],
+)
+def test_a_secret_given_as_a_value_is_exit_2_naming_the_env_form(tmp_path, capsys, text, overrides, key):
+    path = write(tmp_path, text.format(secret=SECRET))
+    arguments = ["config", "check", "--config", str(path)]
+    for override in overrides:
+        arguments += ["--set", override.format(secret=SECRET)]
+    assert main(arguments) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    what = "password" if "password" in key else "token"
+    assert f'give {key}_env = "VAR" and put the {what} in $VAR' in captured.err
+    assert ("(from --set)" in captured.err) == bool(overrides)
+    assert SECRET not in captured.err
+
+
+def test_an_empty_secret_value_means_none_and_is_no_error(tmp_path):
+    assert load_config(write(tmp_path, '[service]\nadmin_token = ""\n'), environ={}).service.admin_token is None
+
+
 # ---- through the CLI ------------------------------------------------------------------------------
 
 

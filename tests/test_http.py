@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -138,11 +140,12 @@ def _samples(registry) -> dict:
 def test_metrics_counters_stay_monotonic_and_gauges_follow():
     metrics = ServiceMetrics()
     metrics.observe(_progress())
-    metrics.observe(_progress(examples_trained=1000, rollbacks=1, dead_letters=5, step_seconds=[]))
+    metrics.observe(_progress(examples_trained=1000, rollbacks=1, dead_letters=5, nonfinite_rows=2, step_seconds=[]))
     samples = _samples(metrics.registry)
     assert samples[("continuity_examples_trained_total", ())] == 1000
     assert samples[("continuity_dead_letters_total", ())] == 5
     assert samples[("continuity_rollbacks_total", ())] == 1
+    assert samples[("continuity_nonfinite_rows_total", ())] == 2
     assert samples[("continuity_step_seconds_count", ())] == 3
     assert samples[("continuity_regressions_in_a_row", ())] == 0
     assert samples[("continuity_checkpoint_failures_total", ())] == 0
@@ -316,6 +319,131 @@ def test_admin_pin_and_unpin_go_to_the_controller(service, controller):
         assert _post(service.url + "/admin/pin", body, TOKEN)[0] == 400
     assert _post(service.url + "/admin/unpin", {"checkpoint": 3})[0] == 401
     assert controller.calls == [("pin", 3), ("unpin", 3), ("pin", 9)]
+
+
+# ---------------------------------------------------------------------------- hostile clients
+
+
+def _until(condition, timeout_s: float = 10.0) -> bool:
+    """Whether `condition()` turns true within `timeout_s` (a liveness bound, not a timing claim)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _closed_by_peer(connection: socket.socket) -> bool:
+    try:
+        return connection.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_slow_header_clients_beyond_the_cap_neither_stop_a_normal_client_nor_pile_up_threads(controller, capfd):
+    with ServiceHTTP(controller, ServiceMetrics(), port=0, max_connections=4) as http:
+        threads_before = threading.active_count()
+        slow = []
+        try:
+            for _ in range(20):  # each sends half a request and never the rest
+                connection = socket.create_connection(("127.0.0.1", http.port), timeout=10)
+                connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: slow\r\n")
+                slow.append(connection)
+            status, _, body = _get(http.url + "/healthz")
+            assert (status, body) == (200, b"ok\n")
+            assert _until(lambda: threading.active_count() - threads_before <= 4)
+            # The ones that waited longest gave their slots to newer connections: closed, not answered.
+            assert _closed_by_peer(slow[0])
+        finally:
+            for connection in slow:
+                connection.close()
+        # Hung-up clients end their handlers quietly: no traceback per connection on stderr.
+        assert _until(lambda: threading.active_count() <= threads_before)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_client_that_trickles_its_headers_is_cut_off_at_the_header_deadline(controller):
+    with ServiceHTTP(controller, ServiceMetrics(), port=0, header_timeout_s=0.5) as http:
+        with socket.create_connection(("127.0.0.1", http.port), timeout=10) as connection:
+            connection.sendall(b"GET /healthz HTTP/1.1\r\n")
+            started = time.monotonic()
+            closed = False
+            while not closed and time.monotonic() - started < 20:  # a byte per 0.1 s: no read ever times out
+                try:
+                    connection.sendall(b"X")
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                    break
+                time.sleep(0.1)
+                connection.setblocking(False)
+                try:
+                    closed = connection.recv(4096) == b""
+                except BlockingIOError:
+                    pass
+                except ConnectionResetError:
+                    closed = True
+                connection.setblocking(True)
+            assert closed
+        assert _get(http.url + "/healthz")[0] == 200
+
+
+def test_a_body_that_stalls_is_answered_408_at_the_body_deadline(controller):
+    with ServiceHTTP(controller, ServiceMetrics(), port=0, admin_token=TOKEN, body_timeout_s=0.5) as http:
+        with socket.create_connection(("127.0.0.1", http.port), timeout=10) as connection:
+            connection.sendall(
+                b"POST /admin/rollback HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + b'{"to": 2'
+            )
+            answer = connection.makefile("rb").read()  # until the server closes
+    assert answer.startswith(b"HTTP/1.1 408") and b"stalled after 8 of 100 bytes" in answer
+    assert controller.calls == []
+
+
+def test_a_connection_beyond_the_cap_gets_503_when_every_slot_is_busy():
+    release = threading.Event()
+
+    class Busy(FakeController):
+        def request_checkpoint(self):
+            answer = super().request_checkpoint()
+            release.wait(30)
+            return answer
+
+    controller = Busy()
+    with ServiceHTTP(controller, ServiceMetrics(), port=0, admin_token=TOKEN, max_connections=2) as http:
+        busy = [threading.Thread(target=_post, args=(http.url + "/admin/checkpoint", None, TOKEN)) for _ in range(2)]
+        for thread in busy:
+            thread.start()
+        assert _until(lambda: len(controller.calls) == 2)  # both slots are inside a request, none waits for headers
+        status, headers, body = _get(http.url + "/healthz")
+        assert status == 503 and headers["Retry-After"] == "1" and b"too many connections" in body
+        release.set()
+        for thread in busy:
+            thread.join()
+        assert _get(http.url + "/healthz")[0] == 200
+
+
+def test_a_deeply_nested_admin_body_is_400_not_500(service, controller):
+    nested = b'{"to": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"  # within the body limit
+    status, answer = _post(service.url + "/admin/rollback", token=TOKEN, raw=nested)
+    assert status == 400 and "JSON object" in answer["error"]
+    for raw in (b"\xff\xfe", b'{"to": 1e400}', b'{"reason": "\\udfff", "last_good": true}'):
+        assert _post(service.url + "/admin/rollback", token=TOKEN, raw=raw)[0] == 400, raw
+    assert controller.calls == []
+
+
+def test_head_is_answered_like_get_without_a_body(service):
+    connection = http.client.HTTPConnection("127.0.0.1", service.port, timeout=5)
+    try:
+        for path in ("/healthz", "/metrics", "/status"):
+            connection.request("HEAD", path)
+            response = connection.getresponse()
+            assert response.status == 200 and int(response.headers["Content-Length"]) > 0
+            assert response.read() == b""
+        connection.request("GET", "/healthz")  # the same connection: no stray body was sent
+        assert connection.getresponse().read() == b"ok\n"
+    finally:
+        connection.close()
 
 
 # ---------------------------------------------------------------------------- binding

@@ -1,6 +1,7 @@
-"""The continual train step: deterministic, never retraced, masked rows inert, non-finite steps skipped."""
+"""The continual train step: deterministic, never retraced, masked rows inert, non-finite rows masked."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -63,7 +64,9 @@ def test_no_retrace_over_100_steps_with_varying_valid_rows():
     state = learner.init(0)
     state, _ = learner.train_step(state, next(_batches(1)))  # warm-up compiles once
     before = compilation_count()
-    for batch in _batches(100, seed=1, valid=lambda i: i % (B + 1)):  # 0..B valid rows
+    for i, batch in enumerate(_batches(100, seed=1, valid=lambda i: i % (B + 1))):  # 0..B valid rows
+        if i % 10 == 0:
+            batch.x[0] = np.nan  # bad batches take the other branch of the same compiled step
         state, metrics = learner.train_step(state, batch)
     jax.block_until_ready(state)
     assert compilation_count() == before
@@ -85,20 +88,62 @@ def test_padding_rows_have_no_effect_whatever_they_hold():
     assert int(a.replay.size) == 5  # only valid rows enter the buffer
 
 
-def test_non_finite_step_changes_nothing_but_the_counter():
+@pytest.mark.parametrize("poison", [np.inf, np.nan, 3e38], ids=["inf", "nan", "finite-but-overflowing"])
+def test_a_row_that_makes_the_step_non_finite_is_masked_and_the_rest_of_its_batch_trains(poison):
     learner = _learner()
     state, _ = _run(learner, _batches(3))
+    seen = int(state.replay.seen)
+    clean = next(_batches(1, seed=9))
+    poisoned = Batch(clean.x.copy(), clean.y, clean.mask)
+    poisoned.x[2] = poison  # 3e38 is finite, but its logits are not
+    without_row = Batch(clean.x, clean.y, clean.mask & (np.arange(B) != 2))
+    expected, expected_metrics = learner.train_step(jax.tree.map(jnp.copy, state), without_row)
+    params = _leaves(state.params)
+    state, metrics = learner.train_step(state, poisoned)
+    assert bool(metrics["finite"]) and int(metrics["nonfinite_rows"]) == 1 and int(metrics["examples"]) == B - 1
+    assert int(state.nonfinite_rows) == 1 and int(state.skipped_updates) == 0
+    assert any(not np.array_equal(a, b) for a, b in zip(params, _leaves(state.params)))  # the update happened
+    # Exactly the update of the batch without that row, and the row never enters the buffer.
+    for a, b in zip(_leaves(expected.params) + _leaves(expected.replay), _leaves(state.params) + _leaves(state.replay)):
+        np.testing.assert_array_equal(a, b)
+    assert int(state.replay.seen) == seen + B - 1 and np.isfinite(np.asarray(state.replay.x)).all()
+    assert float(metrics["loss"]) == float(expected_metrics["loss"])
+
+
+def test_a_step_non_finite_without_any_bad_row_changes_nothing_but_the_counter():
+    learner = _learner()
+    state, _ = _run(learner, _batches(3))
+    # A NaN Fisher makes the EWC penalty NaN whatever the rows hold: no row to blame, the step is skipped.
+    state = state.replace(ewc=state.ewc._replace(fisher=jax.tree.map(lambda f: f * np.nan, state.ewc.fisher)))
     params = _leaves(state.params)
     opt_state = _leaves(state.opt_state)
     replay_size = int(state.replay.size)
-    poisoned = next(_batches(1, seed=9))
-    poisoned.x[2] = np.inf
-    state, metrics = learner.train_step(state, poisoned)
+    state, metrics = learner.train_step(state, next(_batches(1, seed=9)))
     assert not bool(metrics["finite"])
-    assert int(state.skipped_updates) == 1
+    assert int(state.skipped_updates) == 1 and int(state.nonfinite_rows) == 0
     for before, after in zip(params + opt_state, _leaves(state.params) + _leaves(state.opt_state)):
         np.testing.assert_array_equal(before, after)
     assert int(state.replay.size) == replay_size
+
+
+def test_a_row_the_model_cannot_score_is_left_out_of_the_fisher():
+    # Else one such row in a window (replay off: the Fisher comes from the window's rows) makes
+    # the EWC penalty NaN and every later step is skipped.
+    learner = Learner(
+        LearnerConfig(model=ModelConfig(hidden=(16,)), batch_size=B, ewc=EWCConfig(enabled=True, fisher_samples=32)),
+        SHAPE,
+        CLASSES,
+    )
+    batch = next(_batches(1))
+    x, y = np.concatenate([batch.x, batch.x]), np.concatenate([batch.y, batch.y])
+    poisoned = x.copy()
+    poisoned[3] = 3e38  # finite, but its logits are not
+    clean = learner.consolidate(learner.init(0), np.delete(x, 3, axis=0), np.delete(y, 3))
+    state = learner.consolidate(learner.init(0), poisoned, y)
+    for a, b in zip(_leaves(clean.ewc), _leaves(state.ewc)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    state, metrics = learner.train_step(state, batch)
+    assert bool(metrics["finite"]) and int(state.skipped_updates) == 0
 
 
 def test_replay_is_mixed_in_and_filled_from_fresh_examples():

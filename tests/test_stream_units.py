@@ -142,7 +142,7 @@ def _bad_json():
         "bad bytes": b"\xff\xfe",
         "bad JSON": b'{"x": [1, 2',
         "bad shape": json.dumps({"x": [1.0, 2.0], "y": 1}).encode(),
-        "non-finite": json.dumps({"x": np.full((8, 8, 1), np.nan).tolist(), "y": 1}).encode(),
+        "non-finite": json.dumps({"x": np.full((8, 8, 1), 1e300).tolist(), "y": 1}).encode(),  # inf in float32
         "label out of range": json.dumps({"x": row, "y": -1}).encode(),
         "bad label": json.dumps({"x": row, "y": 1.5}).encode(),
     }
