@@ -64,7 +64,7 @@ def _assert_trained_once(chain: list[dict]) -> None:
 
 
 _FULL_DISK_LOOP = textwrap.dedent("""
-    import json, resource, signal, sys, threading, time
+    import json, resource, signal, sys
     from pathlib import Path
     sys.path.insert(0, sys.argv[3])
     from loop_worker import build_loop
@@ -75,15 +75,18 @@ _FULL_DISK_LOOP = textwrap.dedent("""
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     loop = build_loop(Path(sys.argv[1]), Path(sys.argv[2]), save_retry_s=(0.05, 0.2))
     resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, hard))
-    def room_again():
-        while loop.summary.checkpoint_failures < 3:
-            time.sleep(0.01)
-        with loop.store._lock:  # the writer holds it for a whole write: no save is half-done meanwhile
-            leftovers = [p.name for p in loop.store.directory.iterdir() if "orbax-checkpoint-tmp" in p.name]
-            numbers = loop.store.numbers()
-            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        print(json.dumps({"leftovers_while_full": leftovers, "numbers_while_full": numbers}), flush=True)
-    threading.Thread(target=room_again, daemon=True).start()
+    # The disk gets room again right after the third failure, on the loop's own thread (a
+    # watching thread could be starved on a loaded machine until the stream has ended).
+    save_failed = loop._save_failed
+    def room_again(error):
+        save_failed(error)
+        if loop.summary.checkpoint_failures == 3:
+            with loop.store._lock:  # the writer holds it for a whole write: no save is half-done meanwhile
+                leftovers = [p.name for p in loop.store.directory.iterdir() if "orbax-checkpoint-tmp" in p.name]
+                numbers = loop.store.numbers()
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            print(json.dumps({"leftovers_while_full": leftovers, "numbers_while_full": numbers}), flush=True)
+    loop._save_failed = room_again
     summary = loop.run()
     loop.store.close()
     print(json.dumps({**summary.to_json(), "digest": params_digest(loop.final_state)}), flush=True)
