@@ -23,8 +23,9 @@ import jax
 import numpy as np
 
 from continuity.checkpoints import CheckpointStore
+from continuity.factory import learner_for
 from continuity.guard import Guard, GuardConfig
-from continuity.learner import Batch, EWCConfig, Learner, LearnerConfig, ModelConfig, ReplayConfig, count_parameters
+from continuity.learner import Batch, EWCConfig, LearnerConfig, ModelConfig, ReplayConfig, count_parameters
 
 
 def _million_parameter_state():
@@ -33,7 +34,7 @@ def _million_parameter_state():
         replay=ReplayConfig(capacity=1000, batch_size=16),
         ewc=EWCConfig(enabled=True),
     )
-    learner = Learner(config, (8, 8, 1), 10)
+    learner = learner_for(config, (8, 8, 1), 10)
     state = learner.init(0)
     rng = np.random.default_rng(0)
     for _ in range(4):
@@ -61,11 +62,12 @@ def measure_judgement_cost(model: ModelConfig, *, probe_rows: int = 64 * 200, st
     """
     from continuity.benchmarks.guard import GUARD_LEARNER
 
-    learner = Learner(LearnerConfig(model=model, replay=GUARD_LEARNER.replay, ewc=GUARD_LEARNER.ewc), (8, 8, 1), 10)
+    config = LearnerConfig(model=model, replay=GUARD_LEARNER.replay, ewc=GUARD_LEARNER.ewc)
+    learner = learner_for(config, (8, 8, 1), 10)
     rng = np.random.default_rng(0)
     x = rng.random((probe_rows, 8, 8, 1), dtype=np.float32)
     y = rng.integers(0, 10, probe_rows).astype(np.int32)
-    rows = learner.config.batch_size
+    rows = learner.batch_size
     batches = [
         Batch(x[i * rows : (i + 1) * rows], y[i * rows : (i + 1) * rows], np.ones(rows, bool)) for i in range(steps)
     ]
@@ -163,7 +165,7 @@ def measure_overhead(scenario, every_examples: int | None = None, *, seed: int =
 
     guard = GuardConfig() if every_examples is None else replace(GuardConfig(), every_examples=every_examples)
     checkpoint_every_s = CheckpointsConfig().every_seconds
-    learner = Learner(GUARD_LEARNER, scenario.example_shape, scenario.num_classes)
+    learner = learner_for(GUARD_LEARNER, scenario.example_shape, scenario.num_classes)
     through_loop = functools.partial(
         run_scenario_through_loop,
         guard=guard,

@@ -156,8 +156,9 @@ class _Good:
 
 
 def config_digest(*configs) -> str:
-    """A short stable digest of the configs that shape training, saved in every checkpoint."""
-    text = json.dumps([asdict(c) for c in configs], sort_keys=True, default=str)
+    """A short stable digest of the configs (dataclasses or JSON-able dicts) that shape training,
+    saved in every checkpoint."""
+    text = json.dumps([c if isinstance(c, dict) else asdict(c) for c in configs], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -238,7 +239,11 @@ class TrainingLoop:
         progress_every_s: float = 5.0,
         max_examples: int | None = None,
         checkpoint_every_s: float = 0.0,
+        digest: str | None = None,
     ):
+        """`digest`: of the configuration the learner was built from, saved in every checkpoint
+        (restoring one saved under another digest is logged); by default, of the learner's
+        description (Learner.describe) and the probe and guard configs."""
         self.stream = stream
         self.learner = learner
         self.store = store
@@ -252,7 +257,7 @@ class TrainingLoop:
         self.checkpoint_every_s = checkpoint_every_s  # 0: checkpoint every accepted window
         self.guard = Guard(learner, guard)
         self.holdout = Holdout(probe.holdout_fraction, salt=seed)
-        self.digest = config_digest(learner.config, probe, guard)
+        self.digest = digest or config_digest(learner.describe(), probe, guard)
         self.ledger = store.ledger
         self.summary = RunSummary()
         self._last_report: dict = {}
@@ -497,12 +502,12 @@ class TrainingLoop:
         restored = self.store.restore_latest(state_like=fresh)
         if restored is None:
             probe = ProbeStore(
-                learner.example_shape,
+                learner.inputs,
+                learner.task.labels,
                 per_segment=self.probe_config.per_segment,
                 max_segments=self.probe_config.max_segments,
                 window_examples=self.probe_config.window_examples,
                 seed=self.seed,
-                label_dtype=learner.label_dtype,
             )
             if self.probe_config.golden:
                 probe.add_golden(*load_golden(self.probe_config.golden))
@@ -525,9 +530,9 @@ class TrainingLoop:
         probe = ProbeStore.from_arrays(
             restored.probe,
             meta["probe_store"],
-            self.learner.example_shape,
+            self.learner.inputs,
+            self.learner.task.labels,
             max_segments=self.probe_config.max_segments,
-            label_dtype=self.learner.label_dtype,
         )
         positions = Positions.from_json(meta["positions"])
         self.ledger.append(
@@ -541,7 +546,7 @@ class TrainingLoop:
         return restored.state, good
 
     def _open(self, good: _Good) -> _Reader:
-        return _Reader(self.stream, self.learner.config.batch_size, self.holdout, good.positions, good.segment_names)
+        return _Reader(self.stream, self.learner.batch_size, self.holdout, good.positions, good.segment_names)
 
     def _reopen(self, reader: _Reader, good: _Good) -> _Reader:
         """The reader, moved back to `good`'s positions: the same source when it can seek, else a new one."""
@@ -554,8 +559,10 @@ class TrainingLoop:
         trained = 0
         positions = good.positions
         ended = False
-        recent: list[tuple[np.ndarray, np.ndarray]] = []
-        fisher_rows = self.learner.config.ewc.fisher_samples
+        recent: list[tuple] = []  # (x, y) of recent batches: the Fisher's examples when replay is off
+        ewc = self.learner.ewc
+        # The Fisher's examples when replay is off: the last `fisher_samples` rows trained.
+        fisher_rows = ewc.fisher_samples if ewc is not None and self.learner.replay is None else 0
         last_batch = started = time.monotonic()
         judge_idle_s = self.stream.judge_idle_s
         every_s = self.guard_config.every_seconds if self.stream.live else 0
@@ -586,12 +593,17 @@ class TrainingLoop:
             self.summary.examples_trained += rows
             positions = batch.positions
             self._maybe_report(state, good)
-            if self.learner.replay is None and rows:
-                recent.append((batch.x[mask], batch.y[mask]))
+            if fisher_rows and rows:
+                recent.append((_rows(batch.x, mask), batch.y[mask]))
                 while sum(len(y) for _, y in recent) - len(recent[0][1]) >= fisher_rows:
                     recent.pop(0)
         recent_examples = (
-            (np.concatenate([x for x, _ in recent]), np.concatenate([y for _, y in recent])) if recent else None
+            (
+                jax.tree.map(lambda *parts: np.concatenate(parts), *(x for x, _ in recent)),
+                np.concatenate([y for _, y in recent]),
+            )
+            if recent
+            else None
         )
         return state, positions, ended, recent_examples
 
@@ -602,9 +614,9 @@ class TrainingLoop:
         for segment_id in np.unique(ids):
             chosen = rows[ids == segment_id]
             if segment_id == NO_SEGMENT:
-                probe.add_unsegmented(batch.x[chosen], batch.y[chosen])
+                probe.add_unsegmented(_rows(batch.x, chosen), batch.y[chosen])
             else:
-                probe.add(segment_names[segment_id], batch.x[chosen], batch.y[chosen])
+                probe.add(segment_names[segment_id], _rows(batch.x, chosen), batch.y[chosen])
 
     def _checkpoint_due(self, good: _Good) -> bool:
         """True when `good` is not checkpointed yet and `checkpoint_every_s` has passed since the last save."""
@@ -767,6 +779,11 @@ def copy_range(
     if timed_out:
         log.error("quarantine copy timed out after %.0f s; partitions not fully copied: %s", timeout_s, sorted(stop_at))
     return copied
+
+
+def _rows(x, index):
+    """The rows `index` selects of features `x` (an array, or a dict of arrays)."""
+    return jax.tree.map(lambda a: a[index], x)
 
 
 def params_digest(state) -> str:

@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def build_learner(config: Config):
-    from continuity.learner import Learner
+    from continuity.factory import learner_from_config
 
-    return Learner(config.learner, config.stream.feature_shape, config.stream.num_classes)
+    return learner_from_config(config)
 
 
 def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_s: float | None = None) -> StreamInput:
@@ -127,6 +127,7 @@ class Service:
             progress_every_s=config.service.progress_every_s if progress_every_s is None else progress_every_s,
             max_examples=max_examples,
             checkpoint_every_s=config.checkpoints.every_seconds,
+            digest=config.digest(),
         )
         self.http = None
         if http:

@@ -1,12 +1,16 @@
 """The guard's cached judgements: reused results must equal a fresh evaluation, row for row."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from continuity.factory import learner_for
 from continuity.guard import Guard, GuardConfig
-from continuity.learner import Batch, Learner, LearnerConfig, ModelConfig
+from continuity.learner import Batch, LearnerConfig, ModelConfig
 from continuity.probe import ProbeStore
 
 SHAPE, CLASSES = (6,), 3
+INPUTS, LABELS = jax.ShapeDtypeStruct(SHAPE, jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)
 
 
 def _stream(rng, n):
@@ -23,9 +27,11 @@ def _train(learner, state, rng, steps=5):
 
 def test_cached_results_match_a_fresh_evaluation_and_only_new_rows_are_evaluated():
     rng = np.random.default_rng(0)
-    learner = Learner(LearnerConfig(model=ModelConfig(hidden=(16,)), learning_rate=1e-2, batch_size=16), SHAPE, CLASSES)
+    learner = learner_for(
+        LearnerConfig(model=ModelConfig(hidden=(16,)), learning_rate=1e-2, batch_size=16), SHAPE, CLASSES
+    )
     guard = Guard(learner, GuardConfig(anchor_windows=2))
-    probe = ProbeStore(SHAPE, per_segment=40, seed=0)
+    probe = ProbeStore(INPUTS, LABELS, per_segment=40, seed=0)
     state = learner.init(0)
     guard.mark_good(state)
     rows_evaluated = []

@@ -1,30 +1,44 @@
 """The continual train step: deterministic, never retraced, masked rows inert, non-finite steps skipped."""
 
-import jax
-import numpy as np
-import pytest
+import functools
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from continuity import replay
 from continuity.learner import (
     Batch,
+    Classification,
     EWCConfig,
     Learner,
     LearnerConfig,
     ModelConfig,
     ReplayConfig,
+    cnn,
     compilation_count,
+    mlp,
 )
 
 SHAPE, CLASSES, B = (4, 4, 1), 5, 8
+INPUTS = jax.ShapeDtypeStruct(SHAPE, jnp.float32)
 
 
 def _learner(replay_kind="reservoir", model="mlp"):
-    config = LearnerConfig(
-        model=ModelConfig(kind=model, hidden=(16,), channels=(4,), dense=8),
+    factory = functools.partial(mlp, hidden=(16,)) if model == "mlp" else functools.partial(cnn, channels=(4,), dense=8)
+    return Learner(
+        factory,
+        optax.adam(1e-3),
+        Classification(CLASSES),
+        inputs=INPUTS,
         batch_size=B,
-        replay=ReplayConfig(kind=replay_kind, capacity=24, batch_size=6),
+        replay=replay.make(replay_kind, 24),
+        replay_batch_size=6,
         ewc=EWCConfig(enabled=True, strength=10.0, fisher_samples=32),
     )
-    return Learner(config, SHAPE, CLASSES)
 
 
 def _batches(n, seed=0, valid=None):
@@ -125,11 +139,14 @@ def test_evaluate_in_chunks_equals_one_big_forward_pass():
     predicted = np.asarray(learner.logits(params, x)).argmax(-1)
     np.testing.assert_array_equal(evaluation.predicted, predicted)
     np.testing.assert_array_equal(evaluation.correct, predicted == y)
+    np.testing.assert_array_equal(evaluation.outcome, predicted == y)
     assert evaluation.loss.shape == (1100,)
 
 
 def test_learning_reduces_the_loss():
-    learner = Learner(LearnerConfig(model=ModelConfig(hidden=(16,)), learning_rate=1e-2, batch_size=B), SHAPE, CLASSES)
+    learner = Learner(
+        functools.partial(mlp, hidden=(16,)), optax.adam(1e-2), Classification(CLASSES), inputs=INPUTS, batch_size=B
+    )
     batch = next(_batches(1))
     state = learner.init(0)
     state, first = learner.train_step(state, batch)
@@ -157,6 +174,39 @@ def test_bad_config_names_the_field(build, message):
 
 
 def test_cnn_needs_image_shaped_examples():
-    config = LearnerConfig(model=ModelConfig(kind="cnn"))
     with pytest.raises(ValueError, match="image-shaped"):
-        Learner(config, (64,), 10)
+        Learner(
+            cnn, optax.adam(1e-3), Classification(10), inputs=jax.ShapeDtypeStruct((64,), jnp.float32), batch_size=8
+        )
+
+
+def test_a_module_trains_from_its_own_parameters_for_every_seed():
+    module = mlp(rngs=nnx.Rngs(5), inputs=INPUTS, outputs=CLASSES, hidden=(8,))
+    learner = Learner(module, optax.sgd(0.1), Classification(CLASSES), inputs=INPUTS, batch_size=B)
+    first, second = learner.init(0), learner.init(1)
+    for a, b in zip(_leaves(first.params), _leaves(second.params)):
+        np.testing.assert_array_equal(a, b)
+    state, metrics = learner.train_step(first, next(_batches(1)))
+    assert bool(metrics["finite"]) and int(state.step) == 1
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: Learner(mlp, optax.adam(1e-3), "classification", inputs=INPUTS, batch_size=B), "`task` must be"),
+        (lambda: Learner(mlp, "adam", Classification(3), inputs=INPUTS, batch_size=B), "`optimizer` must be"),
+        (lambda: Learner(mlp, optax.adam(1e-3), Classification(3), inputs=(4, 4, 1), batch_size=B), "`inputs` must"),
+        (lambda: Learner(mlp, optax.adam(1e-3), Classification(3), inputs=INPUTS, batch_size=0), "`batch_size`"),
+        (
+            lambda: Learner(
+                lambda **_: "not a module", optax.adam(1e-3), Classification(3), inputs=INPUTS, batch_size=B
+            ),
+            "must return an nnx.Module",
+        ),
+        (lambda: Classification(1), "`num_classes` must be an integer >= 2"),
+    ],
+)
+def test_bad_learner_parts_are_named(build, message):
+    with pytest.raises(ValueError) as error:
+        build()
+    assert message in str(error.value)
