@@ -194,7 +194,7 @@ class Guard:
             return evaluation, _Results(serials, evaluation)
         found, at = cached.lookup(serials)
         missing = np.flatnonzero(~found)
-        fresh = self.learner.evaluate(params, x[missing], y[missing])
+        fresh = self.learner.evaluate(params, jax.tree.map(lambda a: a[missing], x), y[missing])
         evaluation = _rows(cached.evaluation, at)  # copies (fancy indexing): the rows not found are overwritten
         for merged, new in zip(evaluation, fresh):
             merged[missing] = new

@@ -210,3 +210,44 @@ def test_bad_learner_parts_are_named(build, message):
     with pytest.raises(ValueError) as error:
         build()
     assert message in str(error.value)
+
+
+class _Bag(nnx.Module):
+    """Embeds int32 ids and adds a dense view of float features: named inputs, as a user's model."""
+
+    def __init__(self, *, rngs: nnx.Rngs, inputs: dict, outputs: int):
+        self.embed = nnx.Embed(10, 4, rngs=rngs)
+        self.dense = nnx.Linear(inputs["numeric"].shape[0], 4, rngs=rngs)
+        self.head = nnx.Linear(4, outputs, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.embed(x["ids"]).mean(axis=1) + self.dense(x["numeric"]))
+
+
+def test_padding_rows_of_every_named_feature_are_zeroed_and_integer_ids_stay_integers():
+    inputs = {"ids": jax.ShapeDtypeStruct((3,), jnp.int32), "numeric": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    learner = Learner(
+        _Bag,
+        optax.adam(1e-2),
+        Classification(3),
+        inputs=inputs,
+        batch_size=4,
+        replay=replay.fifo(8),
+        replay_batch_size=4,
+    )
+    rng = np.random.default_rng(0)
+    ids, numeric = rng.integers(0, 10, (4, 3)).astype(np.int32), rng.normal(size=(4, 2)).astype(np.float32)
+    mask, y = np.array([True, True, False, False]), np.array([0, 2, 1, 1], np.int32)
+    clean = Batch({"ids": np.where(mask[:, None], ids, 0), "numeric": np.where(mask[:, None], numeric, 0)}, y, mask)
+    garbage = Batch(
+        {"ids": np.where(mask[:, None], ids, 10**6), "numeric": np.where(mask[:, None], numeric, np.nan)}, y, mask
+    )
+    a, _ = learner.train_step(learner.init(0), clean)
+    b, metrics = learner.train_step(learner.init(0), garbage)
+    assert bool(metrics["finite"])
+    for x, z in zip(_leaves(a), _leaves(b)):
+        np.testing.assert_array_equal(x, z)
+    assert b.replay.x["ids"].dtype == jnp.int32 and int(b.replay.size) == 2
+    np.testing.assert_array_equal(np.asarray(b.replay.x["ids"])[:2], ids[:2])
+    evaluation = learner.evaluate(b.params, {"ids": ids, "numeric": numeric}, y)
+    assert evaluation.predicted.shape == (4,) and evaluation.loss.dtype == np.float32
