@@ -128,7 +128,8 @@ def squared_grad_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax
     of one gradient per example. The backward pass returns those for kernel and bias, and
     the ordinary gradient for x, so the layers below see true output gradients. Exact when
     the loss is a sum of per-example losses and each parameter acts on each example once
-    (an MLP; not a convolution, whose kernel is shared across positions).
+    (a dense layer applied once to [examples, features]; not a convolution or a per-token
+    layer, whose kernel is shared across positions: learner/fisher.py tells them apart).
     """
     return x @ kernel + bias
 

@@ -52,9 +52,10 @@ def exact_dense_layers(merge: Callable[[], nnx.Module], x) -> set[Path]:
     Traced abstractly (jax.eval_shape): nothing is computed, and it may run inside a jit.
     """
     rows = jax.tree.leaves(x)[0].shape[0]
-    calls: dict[int, list[tuple]] = {}
+    calls: dict[int, list[tuple]] = {}  # id of a layer -> the shapes it was applied to
+    paths: dict[int, Path] = {}
 
-    class Recording(nnx.Linear):  # a class per call: the record is this call's alone
+    class Recording(nnx.Linear):  # a class per call: what it records is this call's alone
         def __call__(self, inputs, out_sharding=None):
             calls.setdefault(id(self), []).append(inputs.shape)
             return nnx.Linear.__call__(self, inputs, out_sharding)
@@ -63,16 +64,14 @@ def exact_dense_layers(merge: Callable[[], nnx.Module], x) -> set[Path]:
         module = merge()
         for path, layer in _linears(module):
             layer.__class__ = Recording
-            ids[id(layer)] = path
+            paths[id(layer)] = path
         return module(x)
 
-    ids: dict[int, Path] = {}
+    def once_per_example(shapes: list[tuple]) -> bool:
+        return len(shapes) == 1 and len(shapes[0]) == 2 and shapes[0][0] == rows
+
     jax.eval_shape(forward, x)
-    return {
-        path
-        for key, path in ids.items()
-        if [shape[0] for shape in calls.get(key, [])] == [rows] and len(calls[key][0]) == 2
-    }
+    return {path for key, path in paths.items() if once_per_example(calls.get(key, []))}
 
 
 def dense_leaves(params: dict, layers: set[Path]) -> dict:
@@ -97,9 +96,9 @@ def model_fisher(
     chunk: int,
 ) -> dict:
     """The empirical Fisher diagonal of the model `merge(params)` builds, at `params`, over the
-    rows of (x, y) where `mask` is set: see the module docstring for which path each
-    parameter takes. `x` must hold a multiple of `chunk` rows when any parameter needs
-    per-example gradients."""
+    rows of (x, y) where `mask` is set: the exactly-dense layers' parameters in one backward
+    pass, every other parameter from per-example gradients (`chunk` rows at a time; `x` must
+    then hold a multiple of `chunk` rows), merged into one tree like `params`."""
     layers = exact_dense_layers(lambda: merge(params), x)
     dense = dense_leaves(params, layers)
     marks = jax.tree.leaves(dense)
@@ -107,14 +106,19 @@ def model_fisher(
     def logits(p, features):
         return merge(p)(features)
 
-    if marks and all(marks):
+    if not any(marks):
+        return ewc.fisher_diagonal(logits, nll, params, x, y, mask, chunk=chunk)
 
-        def squared_grad_logits(p, features):
-            module = merge(p)
-            for path, layer in _linears(module):
-                if path in layers:
-                    layer.__class__ = _SquaredGradLinear
-            return module(features)
+    def squared_grad_logits(p, features):
+        module = merge(p)
+        for path, layer in _linears(module):
+            if path in layers:
+                layer.__class__ = _SquaredGradLinear
+        return module(features)
 
-        return ewc.fisher_diagonal_dense(squared_grad_logits, nll, params, x, y, mask)
-    return ewc.fisher_diagonal(logits, nll, params, x, y, mask, chunk=chunk)
+    one_pass = ewc.fisher_diagonal_dense(squared_grad_logits, nll, params, x, y, mask)
+    if all(marks):
+        return one_pass
+    others = jax.tree.map(lambda is_dense: not is_dense, dense)
+    per_example = ewc.fisher_diagonal(logits, nll, params, x, y, mask, chunk=chunk, wrt=others)
+    return ewc.merge_disjoint(ewc.select(one_pass, dense), per_example)

@@ -7,6 +7,13 @@ regression, with replay (reservoir, class-balanced, FIFO, or off) and EWC on, co
 twice along the way, then evaluated. The same figures through today's factory mean the
 same program. A JAX or XLA upgrade may change float results; re-record then, from the
 previous commit, and say so.
+
+One deliberate difference: the CNN's Fisher. Its two dense layers now take the one-pass
+path (learner/fisher.py) where all its parameters took per-example gradients before;
+the figures agree to float rounding, not bit for bit. So the CNN is pinned to the old
+code up to its first consolidation (training, replay, evaluation: bit-identical), its
+Fisher is checked against the old computation, and its runs that consolidate midway are
+pinned to the figures of the commit that made the change.
 """
 
 from __future__ import annotations
@@ -18,11 +25,34 @@ import numpy as np
 import pytest
 
 from continuity.factory import learner_for
-from continuity.learner import Batch, EWCConfig, LearnerConfig, ModelConfig, ReplayConfig
+from continuity.learner import Batch, EWCConfig, LearnerConfig, ModelConfig, ReplayConfig, ewc
 
 pytestmark = pytest.mark.slow  # compiles both presets for both tasks
 
 SHAPE, B = (8, 8, 1), 16
+
+CNN_AFTER_ONE_PASS_FISHER = {
+    "classification": {
+        "params": "26ee6a956d7f3077",
+        "opt": "3afd138aad98c4ef",
+        "ewc": "fd4c2d05297f9798",
+        "replay": "3ae72aba8e9748dc",
+        "eval": "110877f777ce585d",
+    },
+    "regression": {
+        "params": "519150c8a47eafc8",
+        "opt": "240bbff575af0295",
+        "ewc": "b79ac360812584c8",
+        "replay": "f07dccd0874d11f1",
+        "eval": "21b135a35550e3bd",
+    },
+}
+
+# The CNN trained 40 steps, consolidated only at the end: the old code's params and optimizer state.
+CNN_BEFORE_CONSOLIDATING = {
+    "classification": {"params": "2889a35c8f8a669a", "opt": "d9083685815afa62"},
+    "regression": {"params": "1122360208aaa14d", "opt": "7381baa0170f13cd"},
+}
 
 PINNED = {
     ("mlp", "classification", "reservoir", 64): {
@@ -39,20 +69,11 @@ PINNED = {
         "replay": "f07dccd0874d11f1",
         "eval": "67ea159432c128b1",
     },
-    ("cnn", "classification", "reservoir", 64): {
-        "params": "8babbcbb0ccd1c66",
-        "opt": "1131126759a166d8",
-        "ewc": "b4199f2acc28cc82",
-        "replay": "3ae72aba8e9748dc",
-        "eval": "bb2cda3a6da35499",
-    },
-    ("cnn", "regression", "reservoir", 64): {
-        "params": "5b71aa32d68a3f3d",
-        "opt": "ea12e0044ed7fd97",
-        "ewc": "bdfd18188f92a796",
-        "replay": "f07dccd0874d11f1",
-        "eval": "f05b45c29943f466",
-    },
+    # Recorded with the commit that took the CNN's dense layers' Fisher to the one-pass path
+    # (before it, with per-example gradients for every parameter: params 8babbcbb0ccd1c66
+    # and 5b71aa32d68a3f3d).
+    ("cnn", "classification", "reservoir", 64): CNN_AFTER_ONE_PASS_FISHER["classification"],
+    ("cnn", "regression", "reservoir", 64): CNN_AFTER_ONE_PASS_FISHER["regression"],
     ("mlp", "classification", "class_balanced", 64): {
         "params": "37dd8385cbd61f67",
         "opt": "9243ae11b95ea0eb",
@@ -133,3 +154,20 @@ def test_a_preset_trains_bit_identical_to_before_the_refactor(case):
         "eval": _digest((evaluation.loss, evaluation.predicted)),
     }
     assert got == PINNED[case]
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_the_cnn_preset_trains_bit_identical_to_before_and_its_fisher_matches_per_example_gradients(task):
+    learner = _learner("cnn", task, "reservoir", 64)
+    state = learner.init(3)
+    for batch in _batches(40, task, seed=11):
+        state, _ = learner.train_step(state, batch)
+    assert {"params": _digest(state.params), "opt": _digest(state.opt_state)} == CNN_BEFORE_CONSOLIDATING[task]
+    # The old code's Fisher: per-example gradients of every parameter, on the replay sample
+    # consolidate() draws.
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x46495348)
+    x, y, valid = learner.replay.sample(state.replay, key, 64)
+    before = ewc.fisher_diagonal(learner.logits, learner.task.nll, state.params, x, y, valid, chunk=32)
+    state = learner.consolidate(state)
+    for got, want in zip(jax.tree.leaves(state.ewc.fisher), jax.tree.leaves(before)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-10)
