@@ -50,7 +50,7 @@ import numpy as np
 from continuity.checkpoints import CheckpointStore
 from continuity.guard import Guard, GuardConfig
 from continuity.learner import Batch as TrainBatch
-from continuity.learner import Learner
+from continuity.learner import Learner, StepTotals
 from continuity.probe import ProbeConfig, ProbeStore, load_golden
 from continuity.regression import Verdict
 from continuity.stream import (
@@ -113,7 +113,7 @@ class RunSummary:
     last_checkpoint: int | None = None
     positions: dict = field(default_factory=dict)
     probe_accuracy: float | None = None
-    probe_loss: float | None = None  # regression tasks: the probe's mean loss, in place of accuracy
+    probe_loss: float | None = None  # tasks judged on losses: the probe's mean loss, in place of accuracy
     ewc_strength: float | None = None
     wall_seconds: float = 0.0
     guard_seconds: float = 0.0  # judging, consolidating, rolling back and starting saves: the guard's cost
@@ -138,8 +138,54 @@ class Progress:
     checkpoint: int | None
     positions: Positions
     step_seconds: list  # wall time per train dispatch since the last snapshot (host view)
-    probe_loss: float | None = None  # regression tasks: probe mean loss; probe_segments then hold losses
+    probe_loss: float | None = None  # tasks judged on losses: probe mean loss; probe_segments then hold losses
     regressions_in_a_row: int = 0  # windows judged regressed since the last accepted one
+    # The train steps since the last snapshot, as the device summed them (StepTotals): None
+    # when no step updated (or no row was trained) since.
+    train_loss: float | None = None  # mean total loss (fresh + replayed + EWC penalty) of the steps that updated
+    grad_norm: float | None = None  # mean global gradient norm of those steps
+    replay_share: float | None = None  # replayed rows / all rows in the losses
+    skipped_updates: int = 0  # steps skipped as non-finite in this run, including windows later rolled back
+
+
+class _StepFigures:
+    """The train steps' figures between progress snapshots, without a host sync per step.
+
+    The jitted step adds to running totals in the state (LearnerState.totals); they are
+    read at progress time, and taken out of the state (zeroed) before each judgement, so
+    every copy the guard keeps or checkpoints holds zeros and a rollback cannot count a
+    step twice.
+    """
+
+    def __init__(self):
+        self._pending = np.zeros(len(StepTotals._fields))  # taken at judgements since the last snapshot
+        self._read = np.zeros(len(StepTotals._fields))  # the state's totals at the last read
+        self.skipped = 0  # steps skipped in this run
+
+    @staticmethod
+    def _host(totals: StepTotals) -> np.ndarray:
+        return np.array([float(v) for v in jax.device_get(totals)])
+
+    def taken(self, totals: StepTotals) -> None:
+        """Totals just taken out of the state, which now holds zeros."""
+        self._pending += self._host(totals) - self._read
+        self._read[:] = 0
+
+    def snapshot(self, totals: StepTotals) -> dict:
+        """Progress fields for the steps since the last snapshot; `totals`: the state's now."""
+        now = self._host(totals)
+        interval = StepTotals(*(self._pending + now - self._read))
+        self._pending[:] = 0
+        self._read = now
+        self.skipped += int(interval.skipped)
+        updated = interval.steps - interval.skipped
+        rows = interval.fresh_rows + interval.replayed_rows
+        return {
+            "train_loss": interval.loss / updated if updated else None,
+            "grad_norm": interval.grad_norm / updated if updated else None,
+            "replay_share": interval.replayed_rows / rows if rows else None,
+            "skipped_updates": self.skipped,
+        }
 
 
 @dataclass
@@ -269,6 +315,7 @@ class TrainingLoop:
         self._last_save = time.monotonic()
         self._uncommitted: Positions | None = None  # positions of a save not yet known to be finalized
         self._regressions_in_a_row = 0  # windows judged regressed since the last accepted one
+        self._step_figures = _StepFigures()
 
     def request(self, kind: str, *, timeout_s: float = 60.0, **args) -> dict:
         """Ask the loop, from another thread, to `rollback` (to=N | None) or `checkpoint` now; waits for it.
@@ -360,6 +407,9 @@ class TrainingLoop:
     ):
         """Judge the candidate after a window, then accept, retry, quarantine or halt."""
         self.summary.windows += 1
+        # The steps' totals leave the state before it is judged: copies the guard keeps hold zeros.
+        totals, state = self.learner.take_totals(state)
+        self._step_figures.taken(totals)
         # Train steps are dispatched asynchronously: wait for them here, so the time they take
         # is not counted as the guard's (judging reads results back and would wait for them).
         jax.block_until_ready(state)
@@ -725,6 +775,7 @@ class TrainingLoop:
             step_seconds=steps,
             probe_loss=self._last_report.get("loss"),
             regressions_in_a_row=self._regressions_in_a_row,
+            **self._step_figures.snapshot(state.totals),
         )
 
 

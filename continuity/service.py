@@ -225,6 +225,10 @@ class Service:
             "probe_segments": {} if progress is None else progress.probe_segments,
             "ewc_lambda": None if progress is None else progress.ewc_strength,
             "examples_per_second": None if progress is None else progress.examples_per_second,
+            "train_loss": None if progress is None else progress.train_loss,
+            "grad_norm": None if progress is None else progress.grad_norm,
+            "replay_share": None if progress is None else progress.replay_share,
+            "skipped_updates": 0 if progress is None else progress.skipped_updates,
             "positions": None if progress is None else progress.positions.to_json(),
             "stopping": self.stop_event.is_set(),
         }
@@ -253,14 +257,17 @@ def format_progress(progress: Progress, lag: int | None) -> str:
     return (
         f"{progress.examples_trained:>9,} examples  {progress.examples_per_second:>7,.0f}/s  "
         f"lag {fmt(lag, '{:,}')}  {_probe_figure(progress.probe_accuracy, progress.probe_loss)}  "
-        f"lambda {fmt(progress.ewc_strength, '{:.3g}')}  rollbacks {progress.rollbacks}  "
+        f"train loss {fmt(progress.train_loss, '{:.3g}')}  grad {fmt(progress.grad_norm, '{:.3g}')}  "
+        f"replay {fmt(progress.replay_share, '{:.0%}')}  "
+        + (f"skipped {progress.skipped_updates}  " if progress.skipped_updates else "")
+        + f"lambda {fmt(progress.ewc_strength, '{:.3g}')}  rollbacks {progress.rollbacks}  "
         f"quarantined {progress.quarantined_records}  dead letters {progress.dead_letters}  "
         f"checkpoint {fmt(progress.checkpoint, '{}')}"
     )
 
 
 def _probe_figure(accuracy: float | None, loss: float | None) -> str:
-    """ "probe 0.912" for classification, "probe loss 0.0412" for a regression task."""
+    """ "probe 0.912" for a task judged on accuracy, "probe loss 0.0412" for one judged on losses."""
     if accuracy is None and loss is not None:
         return f"probe loss {loss:.4g}"
     return f"probe {'n/a' if accuracy is None else f'{accuracy:.3f}'}"

@@ -251,3 +251,29 @@ def test_padding_rows_of_every_named_feature_are_zeroed_and_integer_ids_stay_int
     np.testing.assert_array_equal(np.asarray(b.replay.x["ids"])[:2], ids[:2])
     evaluation = learner.evaluate(b.params, {"ids": ids, "numeric": numeric}, y)
     assert evaluation.predicted.shape == (4,) and evaluation.loss.dtype == np.float32
+
+
+def test_step_totals_accumulate_on_the_device_and_are_taken_out_at_once():
+    learner = _learner()
+    state = learner.init(0)
+    expected = {"steps": 0, "loss": 0.0, "grad_norm": 0.0, "fresh_rows": 0, "replayed_rows": 0}
+    for i, batch in enumerate(_batches(6, valid=lambda i: B - i)):
+        if i == 4:
+            batch.x[0] = np.nan  # a non-finite step: skipped, its figures left out of the sums
+        full = int(state.replay.size) > 0  # replay rows join the loss once the buffer holds any
+        state, metrics = learner.train_step(state, batch)
+        expected["steps"] += 1
+        if bool(metrics["finite"]):
+            expected["loss"] += float(metrics["loss"])
+            expected["grad_norm"] += float(metrics["grad_norm"])
+        expected["fresh_rows"] += int(metrics["examples"])
+        expected["replayed_rows"] += 6 if full else 0
+    before = learner.train_step._cache_size()
+    totals, state = learner.take_totals(state)
+    assert int(totals.steps) == 6 and int(totals.skipped) == 1
+    assert float(totals.loss) == pytest.approx(expected["loss"], rel=1e-5)
+    assert float(totals.grad_norm) == pytest.approx(expected["grad_norm"], rel=1e-5)
+    assert (int(totals.fresh_rows), int(totals.replayed_rows)) == (expected["fresh_rows"], expected["replayed_rows"])
+    assert all(int(v) == 0 for v in jax.tree.leaves(state.totals))  # taken: the state starts again from zero
+    state, _ = learner.train_step(state, next(_batches(1)))  # and the step still runs, not recompiled
+    assert learner.train_step._cache_size() == before and int(state.totals.steps) == 1
