@@ -36,6 +36,7 @@ from continuity.learner import (
 )
 from continuity.loop import StreamInput, TrainingLoop, params_digest
 from continuity.probe import ProbeConfig
+from continuity.report import write_markdown
 from continuity.stream import MemoryDeadLetters, ScenarioSource
 from continuity.stream.scenarios import Scenario, Segment
 
@@ -240,7 +241,7 @@ def test_each_task_replays_to_bit_identical_checkpoints(task_runs):
 
 
 @pytest.mark.slow  # three tasks through the loop
-def test_each_task_rolls_back_a_poisoned_window_pairing_its_own_outcome(task_runs):
+def test_each_task_rolls_back_a_poisoned_window_pairing_its_own_outcome(task_runs, tmp_path):
     task_name, run, _ = task_runs
     figure = TASKS[task_name].outcome.figure
     summary = run["summary"]
@@ -251,6 +252,8 @@ def test_each_task_rolls_back_a_poisoned_window_pairing_its_own_outcome(task_run
     assert all(figure in e["probe"] for e in probes)
     assert all(e["verdict"].get("metric", "accuracy") == figure for e in probes)
     assert summary.accepted >= 3  # the clean segments were learned and kept
+    report = write_markdown(run["ledger"], tmp_path / "report.md", title=task_name, summary=summary.to_json())
+    assert f"## Probe {figure} at the last judged window" in report.read_text()
 
 
 @pytest.mark.slow  # three tasks through the loop
