@@ -21,6 +21,7 @@ from continuity import replay as replay_lib
 from continuity.learner import Classification, Learner, LearnerConfig, ModelConfig, ReplayConfig, Task, cnn, mlp
 from continuity.learner.learner import ModelFactory
 from continuity.learner.tasks import Regression
+from continuity.stream.codecs import FeatureSpec
 
 if TYPE_CHECKING:
     from continuity.config import Config
@@ -117,6 +118,23 @@ def learner_for(config: LearnerConfig, example_shape: tuple[int, ...], num_class
     task `config.task` names with `num_classes` (None for regression targets)."""
     inputs = jax.ShapeDtypeStruct(tuple(example_shape), jnp.float32)
     return build_learner(config, inputs=inputs, task=build_task(config, num_classes))
+
+
+def feature_spec(config: Config) -> FeatureSpec:
+    """What the codecs accept for the config's stream, its labels as the task has them
+    (`Task.label_classes`: class ids in [0, n), or finite numbers).
+
+    The binary and JSON wire formats carry one label per example; a task whose labels have
+    a shape (multi-label) has no wire format yet, which is an error naming `learner.task`.
+    """
+    stream = config.stream
+    task = build_task(config.learner, stream.num_classes)
+    if task.labels.shape != ():
+        raise ValueError(
+            f"`learner.task` {config.learner.task!r} has labels of shape {task.labels.shape}; the {stream.codec!r} "
+            "wire format carries one label per example."
+        )
+    return FeatureSpec(shape=stream.feature_shape, dtype=stream.dtype, num_classes=task.label_classes)
 
 
 def learner_from_config(config: Config) -> Learner:

@@ -33,6 +33,7 @@ def build_learner(config: Config):
 
 def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_s: float | None = None) -> StreamInput:
     """The StreamInput a config describes; `recording` reads a recorded file instead of Kafka."""
+    from continuity.factory import feature_spec
     from continuity.stream import (
         DeadLetterSink,
         FileSource,
@@ -42,7 +43,7 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
         make_codec,
     )
 
-    codec = make_codec(config.stream.codec, config.stream.feature_spec())
+    codec = make_codec(config.stream.codec, feature_spec(config))  # labels as the task has them
     Path(config.checkpoints.dir).mkdir(parents=True, exist_ok=True)
     dead_letters: DeadLetterSink
     if config.stream.dead_letters == "topic":

@@ -9,7 +9,7 @@ from scipy.stats import wilcoxon
 
 from continuity.checkpoints import CheckpointStore
 from continuity.config import ConfigError, load_config
-from continuity.factory import build_task, learner_for
+from continuity.factory import build_task, feature_spec, learner_for
 from continuity.guard import GuardConfig
 from continuity.learner import (
     Batch,
@@ -218,7 +218,7 @@ def test_config_chooses_regression_and_builds_a_regression_stream_and_learner(tm
     text = '[stream]\nfeature_shape = [8]\n[learner]\ntask = "regression"\n[probe]\nloss_tolerance = 0.5\n'
     config = load_config(_write(tmp_path, text), environ={})
     assert config.learner.task == "regression" and config.guard.loss_tolerance == 0.5
-    assert config.stream.num_classes is None and config.stream.feature_spec().label_dtype == np.float32
+    assert config.stream.num_classes is None and feature_spec(config).label_dtype == np.float32
     learner = build_learner(config)
     assert learner.task == Regression() and learner.label_dtype == np.float32
     # The resolved config round-trips through its TOML (num_classes unset is written as "").

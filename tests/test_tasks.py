@@ -269,3 +269,17 @@ def test_the_loop_reports_the_steps_figures_summed_on_the_device(task_runs):
     # Judgements take the totals out of the state: what the guard keeps and checkpoints holds zeros.
     for leaves in run["totals kept"]:
         assert all(float(leaf) == 0 for leaf in leaves)
+
+
+def test_a_task_whose_labels_have_a_shape_has_no_wire_format_yet(monkeypatch):
+    # What a config key for multi-label (a later change) meets today: a clear error, not a wrong codec.
+    from continuity import factory
+    from continuity.config import Config, StreamConfig
+    from continuity.learner import config as learner_config
+
+    monkeypatch.setattr(learner_config, "TASKS", (*learner_config.TASKS, "multi-label"))
+    monkeypatch.setitem(factory.TASKS, "multi-label", factory.TaskChoice(MultiLabel, classes=True))
+    config = Config(stream=StreamConfig(num_classes=LABELS), learner=LearnerConfig(task="multi-label"))
+    assert factory.learner_from_config(config).task == MultiLabel(LABELS)
+    with pytest.raises(ValueError, match=r"`learner.task` 'multi-label' has labels of shape \(5,\)"):
+        factory.feature_spec(config)
