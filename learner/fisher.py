@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from continuity.learner import ewc
@@ -36,7 +37,7 @@ class _SquaredGradLinear(nnx.Linear):
 
     def __call__(self, inputs, out_sharding=None):
         kernel = self.kernel[...]
-        bias = self.bias[...] if self.bias is not None else jax.numpy.zeros(kernel.shape[-1], kernel.dtype)
+        bias = self.bias[...] if self.bias is not None else jnp.zeros(kernel.shape[-1], kernel.dtype)
         return ewc.squared_grad_linear(inputs, kernel, bias)
 
 
