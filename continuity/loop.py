@@ -71,7 +71,9 @@ log = logging.getLogger(__name__)
 
 REGRESSION_STREAK = 3  # windows regressed in a row before the first warning
 
-SCHEMA_VERSION = 1
+# 2: the learner state holds the train steps' totals and the replay buffer's per-slot buckets
+# (a checkpoint of schema 1 does not restore into it: the store names the missing leaves).
+SCHEMA_VERSION = 2
 
 
 @dataclass
