@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from continuity.benchmarks import STRATEGIES
+from continuity.factory import learner_for
 from continuity.learner import Batch, Learner, LearnerConfig
 from continuity.learner.cl_metrics import continual_metrics
 from continuity.stream.scenarios import Scenario
@@ -72,7 +73,7 @@ def _train_passes(learner: Learner, state, x, y, passes: int, rng: np.random.Gen
     trained = 0
     for _ in range(passes):
         order = rng.permutation(len(x))
-        for batch in batches(x[order], y[order], learner.config.batch_size):
+        for batch in batches(x[order], y[order], learner.batch_size):
             state, _ = learner.train_step(state, batch)
         trained += len(x)
     return state, trained
@@ -89,7 +90,7 @@ def run_continual(
 ) -> dict:
     """Train `strategy` through `scenario` and return the JSON-ready result."""
     config = config or strategy_config(strategy)
-    learner = Learner(config, scenario.example_shape, scenario.num_classes)
+    learner = learner_for(config, scenario.example_shape, scenario.num_classes)
     state = learner.init(seed)
     rng = np.random.default_rng(seed)
     tests = [(s.test_x, s.test_y) for s in scenario.segments]

@@ -17,6 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from continuity.checkpoints import CheckpointStore
+from continuity.factory import learner_for
 from continuity.guard import GuardConfig
 from continuity.learner import EWCConfig, Learner, LearnerConfig, ReplayConfig
 from continuity.loop import StreamInput, TrainingLoop
@@ -57,7 +58,7 @@ def run_scenario_through_loop(
         return ScenarioSource(scenario, codec, start=positions, examples_per_record=examples_per_record)
 
     stream = StreamInput(open_source=open_source, codec=codec, dead_letters=MemoryDeadLetters(), quarantine=quarantine)
-    learner = learner or Learner(learner_config, scenario.example_shape, scenario.num_classes)
+    learner = learner or learner_for(learner_config, scenario.example_shape, scenario.num_classes)
     with tempfile.TemporaryDirectory(prefix="continuity-bench-guard-") as scratch:
         store = CheckpointStore(directory or scratch)
         loop = TrainingLoop(

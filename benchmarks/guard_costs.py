@@ -8,8 +8,10 @@
   saves, through the real loop: at the default cadence on a steady stream with a full
   probe (the target's figure), and at the digits' cadence of 1,000 for comparison.
 - judgement in training examples: a judgement's own compute (the candidate on a full
-  probe, the Fisher refresh) over that of training one example, for three models: the
-  overhead at windows of N is about this / N, whatever the hardware.
+  probe, the Fisher refresh) over that of training one example, for four models (the
+  MLP presets, the CNN, an embedding model): the overhead at windows of N is about this
+  / N, whatever the hardware. With it, each model's Fisher alone, and what it would cost
+  with per-example gradients for every parameter.
 """
 
 from __future__ import annotations
@@ -20,11 +22,27 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
+from continuity import replay
 from continuity.checkpoints import CheckpointStore
+from continuity.factory import build_model, learner_for
 from continuity.guard import Guard, GuardConfig
-from continuity.learner import Batch, EWCConfig, Learner, LearnerConfig, ModelConfig, ReplayConfig, count_parameters
+from continuity.learner import (
+    Batch,
+    Classification,
+    EWCConfig,
+    Learner,
+    LearnerConfig,
+    ModelConfig,
+    ReplayConfig,
+    count_parameters,
+    ewc,
+)
+from continuity.learner.learner import FISHER_CHUNK
 
 
 def _million_parameter_state():
@@ -33,7 +51,7 @@ def _million_parameter_state():
         replay=ReplayConfig(capacity=1000, batch_size=16),
         ewc=EWCConfig(enabled=True),
     )
-    learner = Learner(config, (8, 8, 1), 10)
+    learner = learner_for(config, (8, 8, 1), 10)
     state = learner.init(0)
     rng = np.random.default_rng(0)
     for _ in range(4):
@@ -54,18 +72,64 @@ def _median_ms(work, repeats: int = 5) -> float:
     return 1000 * statistics.median(seconds)
 
 
-def measure_judgement_cost(model: ModelConfig, *, probe_rows: int = 64 * 200, steps: int = 32) -> dict:
+class TokenBag(nnx.Module):
+    """An embedding model, as a user would bring one: the mean of `tokens` token embeddings, a
+    ReLU layer, a head. Its embedding table needs per-example gradients for the Fisher; its
+    dense layers take the one-pass path (learner/fisher.py)."""
+
+    def __init__(self, *, rngs: nnx.Rngs, inputs, outputs: int, vocab: int = 1000, dim: int = 64, hidden: int = 256):
+        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+        self.hidden = nnx.Linear(dim, hidden, rngs=rngs)
+        self.head = nnx.Linear(hidden, outputs, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return self.head(jax.nn.relu(self.hidden(self.embed(tokens).mean(axis=1))))
+
+
+def _judged_models() -> dict:
+    """name -> (model factory, one example's features, n -> n examples' features): what `judgement` measures."""
+    images = jax.ShapeDtypeStruct((8, 8, 1), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((32,), jnp.int32)
+
+    def image_rows(n: int, rng: np.random.Generator) -> np.ndarray:
+        return rng.random((n, 8, 8, 1), dtype=np.float32)
+
+    def token_rows(n: int, rng: np.random.Generator) -> np.ndarray:
+        return rng.integers(0, 1000, (n, 32)).astype(np.int32)
+
+    return {
+        "mlp 256x256": (build_model(ModelConfig()), images, image_rows),
+        "cnn": (build_model(ModelConfig(kind="cnn")), images, image_rows),
+        "mlp 1024x896": (build_model(ModelConfig(hidden=(1024, 896))), images, image_rows),
+        "embedding bag 1000x64 + 256": (TokenBag, tokens, token_rows),
+    }
+
+
+def measure_judgement_cost(name: str, *, probe_rows: int = 64 * 200, steps: int = 32) -> dict:
     """How many examples' training one judgement costs: the candidate on a full probe plus the Fisher refresh.
 
-    The service's learner otherwise (32 fresh + 32 replayed rows per step, EWC, 256 Fisher samples).
+    The service's learner otherwise (adam, 32 fresh + 32 replayed rows per step, EWC, 256
+    Fisher samples). Also the Fisher of those 256 rows on its own, and what it would cost
+    with per-example gradients for every parameter (no one-pass path for dense layers).
     """
     from continuity.benchmarks.guard import GUARD_LEARNER
 
-    learner = Learner(LearnerConfig(model=model, replay=GUARD_LEARNER.replay, ewc=GUARD_LEARNER.ewc), (8, 8, 1), 10)
+    model, inputs, rows_of = _judged_models()[name]
+    replay_config = GUARD_LEARNER.replay
+    learner = Learner(
+        model,
+        optax.adam(GUARD_LEARNER.learning_rate),
+        Classification(10),
+        inputs=inputs,
+        batch_size=GUARD_LEARNER.batch_size,
+        replay=replay.make(replay_config.kind, replay_config.capacity),
+        replay_batch_size=replay_config.batch_size,
+        ewc=GUARD_LEARNER.ewc,
+    )
     rng = np.random.default_rng(0)
-    x = rng.random((probe_rows, 8, 8, 1), dtype=np.float32)
+    x = rows_of(probe_rows, rng)
     y = rng.integers(0, 10, probe_rows).astype(np.int32)
-    rows = learner.config.batch_size
+    rows = learner.batch_size
     batches = [
         Batch(x[i * rows : (i + 1) * rows], y[i * rows : (i + 1) * rows], np.ones(rows, bool)) for i in range(steps)
     ]
@@ -82,13 +146,20 @@ def measure_judgement_cost(model: ModelConfig, *, probe_rows: int = 64 * 200, st
     train_ms = _median_ms(train)
     evaluate_ms = _median_ms(lambda: learner.evaluate(held["state"].params, x, y))
     fisher_ms = _median_ms(consolidate)
+    samples = learner.ewc.fisher_samples if learner.ewc is not None else 256
+    fisher_args = (held["state"].params, jnp.asarray(x[:samples]), jnp.asarray(y[:samples]), jnp.ones(samples, bool))
+    fast = jax.jit(learner.fisher)
+    per_example = jax.jit(functools.partial(ewc.fisher_diagonal, learner.logits, learner.task.nll, chunk=FISHER_CHUNK))
     per_example_ms = train_ms / (steps * rows)
     return {
-        "model": model.kind if model.kind == "cnn" else "mlp " + "x".join(map(str, model.hidden)),
+        "model": name,
         "parameters": count_parameters(held["state"].params),
         "probe_rows": probe_rows,
         "evaluate_ms": evaluate_ms,
         "fisher_ms": fisher_ms,
+        "fisher_samples": samples,
+        "fisher_only_ms": _median_ms(lambda: jax.block_until_ready(fast(*fisher_args))),
+        "fisher_all_per_example_ms": _median_ms(lambda: jax.block_until_ready(per_example(*fisher_args))),
         "train_example_us": 1000 * per_example_ms,
         "judgement_in_training_examples": (evaluate_ms + fisher_ms) / per_example_ms,
     }
@@ -163,7 +234,7 @@ def measure_overhead(scenario, every_examples: int | None = None, *, seed: int =
 
     guard = GuardConfig() if every_examples is None else replace(GuardConfig(), every_examples=every_examples)
     checkpoint_every_s = CheckpointsConfig().every_seconds
-    learner = Learner(GUARD_LEARNER, scenario.example_shape, scenario.num_classes)
+    learner = learner_for(GUARD_LEARNER, scenario.example_shape, scenario.num_classes)
     through_loop = functools.partial(
         run_scenario_through_loop,
         guard=guard,
@@ -205,8 +276,5 @@ def run_guard_costs() -> dict:
             measure_overhead(steady, GUARD_EVERY_EXAMPLES),
             measure_overhead(make_scenario("permuted-digits", segments=60), GUARD_EVERY_EXAMPLES),
         ],
-        "judgement": [
-            measure_judgement_cost(model)
-            for model in (ModelConfig(), ModelConfig(kind="cnn"), ModelConfig(hidden=(1024, 896)))
-        ],
+        "judgement": [measure_judgement_cost(name) for name in _judged_models()],
     }

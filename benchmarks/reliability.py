@@ -36,7 +36,7 @@ def _default_state():
     learner = build_learner(config)
     state = learner.init(0)
     rng = np.random.default_rng(0)
-    rows = learner.config.batch_size
+    rows = learner.batch_size
     for _ in range(40):  # 1,280 examples: the 1,000-row replay buffer is full
         x = rng.random((rows, *config.stream.feature_shape), dtype=np.float32)
         batch = Batch(x, rng.integers(0, 10, rows).astype(np.int32), np.ones(rows, bool))

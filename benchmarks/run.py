@@ -149,7 +149,9 @@ def run_guard(out: Path) -> list[str]:
             f"- one judgement, {cost['model']} ({cost['parameters']:,} parameters): candidate on "
             f"{cost['probe_rows']:,} probe rows {cost['evaluate_ms']:.1f} ms + Fisher {cost['fisher_ms']:.1f} ms "
             f"= training {cost['judgement_in_training_examples']:,.0f} examples "
-            f"({cost['train_example_us']:.1f} us each)"
+            f"({cost['train_example_us']:.1f} us each); the Fisher of {cost['fisher_samples']} rows alone "
+            f"{cost['fisher_only_ms']:.1f} ms, with per-example gradients for every parameter "
+            f"{cost['fisher_all_per_example_ms']:.1f} ms"
         )
     lines.append("")
     return lines

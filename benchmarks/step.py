@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from continuity.factory import learner_for
 from continuity.learner import (
     Batch,
     EWCConfig,
@@ -71,7 +72,7 @@ def run_step_benchmark(
         replay=ReplayConfig(kind="reservoir", capacity=replay_capacity, batch_size=replay_batch_size),
         ewc=EWCConfig(enabled=True, strength=100.0),
     )
-    learner = Learner(config, example_shape, num_classes)
+    learner = learner_for(config, example_shape, num_classes)
     rng = np.random.default_rng(seed)
     # A pool of distinct host batches, so the buffer sees varied data; cycled during timing.
     pool = [

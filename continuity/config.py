@@ -124,7 +124,7 @@ class StreamConfig:
     codec: str = "binary"
     feature_shape: tuple[int, ...] = (8, 8, 1)
     dtype: str = "float32"
-    num_classes: int | None = 10  # None: float regression targets (learner.task = "regression")
+    num_classes: int | None = 10  # None: labels without classes (learner.task = "regression": float targets)
     auto_offset_reset: str = "earliest"
     # A checkpointed position the broker no longer has (topic recreated, log lost or truncated):
     # "halt" (exit status 4, an operator decides), "earliest" or "latest" (see README).
@@ -160,7 +160,7 @@ class StreamConfig:
         _one_of("stream.dtype", self.dtype, WIRE_DTYPES)
         _require(
             self.num_classes is None or self.num_classes >= 1,
-            f"`stream.num_classes` must be >= 1, or left out for regression. Got {self.num_classes!r}.",
+            f"`stream.num_classes` must be >= 1, or left out for a task without classes. Got {self.num_classes!r}.",
         )
         _one_of("stream.auto_offset_reset", self.auto_offset_reset, OFFSET_RESETS)
         _one_of("stream.on_lost_positions", self.on_lost_positions, LOST_POSITION_ACTIONS)
@@ -279,7 +279,9 @@ class Config:
     source_path: str | None = field(default=None, compare=False)  # the file it came from
 
     def __post_init__(self):
-        _check_task(self.stream, self.learner)
+        from continuity.factory import build_task
+
+        build_task(self.learner, self.stream.num_classes)  # the stream's labels are what the task learns from
 
     @property
     def model(self) -> ModelConfig:
@@ -361,21 +363,6 @@ class Config:
         }
         text = json.dumps(training, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _check_task(stream: StreamConfig, learner: LearnerConfig) -> None:
-    """The stream's labels must be what the learner's task learns from."""
-    if learner.regression:
-        _require(
-            stream.num_classes is None,
-            '`stream.num_classes` must be left out when learner.task is "regression" (labels are float '
-            f"targets, not classes). Got {stream.num_classes!r}.",
-        )
-    else:
-        _require(
-            stream.num_classes is not None,
-            '`stream.num_classes` is required when learner.task is "classification". Got None.',
-        )
 
 
 # ---- the file's schema, derived from the dataclasses -------------------------------------------
@@ -827,8 +814,10 @@ def load_config(
         lib.LearnerConfig, {**values[lib.LearnerConfig], "model": model, "replay": replay, "ewc": ewc}, "learner"
     )
     stream_values = values[StreamConfig]
-    if learner.regression and "num_classes" not in raw.get("stream", {}):
-        stream_values = {**stream_values, "num_classes": None}  # regression: targets, no classes
+    from continuity.factory import TASKS
+
+    if not TASKS[learner.task].classes and "num_classes" not in raw.get("stream", {}):
+        stream_values = {**stream_values, "num_classes": None}  # a task without classes: none to count
     sections = dict(
         stream=loader.build(StreamConfig, stream_values, "stream"),
         learner=learner,
@@ -839,7 +828,7 @@ def load_config(
     )
     try:
         return Config(**sections, source_path=str(path) if path is not None else None)
-    except ValueError as error:  # Config's own check (_check_task): the stream's labels vs the learner's task
+    except ValueError as error:  # Config's own check (build_task): the stream's labels vs the learner's task
         raise loader.wrap(error, "stream") from None
 
 

@@ -28,6 +28,10 @@ from continuity.regression import Verdict, judge, judge_losses, segment_rows
 
 ON_REGRESSION = ("retry", "quarantine", "halt")
 
+# How two models' per-example outcomes are paired, by the task's outcome kind (Task.outcome):
+# the judging rule, and which GuardConfig field is its tolerance.
+PAIRED_TESTS = {"correct": (judge, "tolerance"), "loss": (judge_losses, "loss_tolerance")}
+
 
 @dataclass(frozen=True)
 class GuardConfig:
@@ -47,11 +51,11 @@ class GuardConfig:
     # 1000-example windows a clean new segment dips old segments by at most ~0.13, a broken
     # labeler by ~0.4.
     tolerance: float = 0.2  # accuracy drop (overall or one segment) that may count as a regression
-    # Regression targets: relative rise of the mean probe loss that may count as a regression
-    # (candidate mean > good mean * (1 + loss_tolerance)).
+    # Tasks judged on per-example losses (regression, multi-label): relative rise of the mean
+    # probe loss that may count as a regression (candidate mean > good mean * (1 + loss_tolerance)).
     loss_tolerance: float = 0.2
-    # Significance of the one-sided paired test (McNemar on predictions; Wilcoxon signed-rank on
-    # losses for regression targets), Bonferroni-corrected over scopes.
+    # Significance of the one-sided paired test (McNemar on right/wrong; Wilcoxon signed-rank on
+    # losses), Bonferroni-corrected over scopes.
     alpha: float = 0.01
     # quarantine, not retry, by default: a retry with boosted lambda hides each poisoned window's
     # damage just under the tolerance, and the damage compounds window after window (measured).
@@ -136,11 +140,11 @@ class Guard:
     def judge(self, candidate: LearnerState, probe: ProbeStore) -> tuple[Verdict, dict]:
         """The verdict on `candidate`, and the probe report.
 
-        Classification: paired predictions (McNemar), and the report holds accuracy
-        overall and per segment: {"examples", "accuracy", "segments": {name: accuracy}}.
-        Regression: paired per-example squared errors (Wilcoxon signed-rank, relative
-        `loss_tolerance`), and the report holds mean loss instead:
-        {"examples", "loss", "segments": {name: mean loss}} (no "accuracy").
+        The two models' per-example outcomes are paired as the task's outcome says
+        (`PAIRED_TESTS`): right/wrong by McNemar with the absolute `tolerance`, losses by
+        Wilcoxon signed-rank with the relative `loss_tolerance`. The report holds the
+        task's figure (the mean outcome, "accuracy" or "loss") overall and per segment:
+        {"examples", figure, "segments": {name: figure}}.
 
         Judged against the last good model and, when kept, the older anchor; a regression
         against either is a regression (the last good model's figures are reported first).
@@ -149,28 +153,18 @@ class Guard:
         serials = probe.serials()
         names = probe.segments
         config = self.config
+        outcome = self.learner.task.outcome
+        rule, tolerance = PAIRED_TESTS[outcome.kind]
         candidate_eval = self.learner.evaluate(candidate.params, x, y)
         self._judged = (candidate, _Results(serials, candidate_eval))
 
-        # `correct` is None exactly for regression (see Evaluation): losses are compared instead.
         def compare(reference_eval: Evaluation) -> Verdict:
-            good_correct, candidate_correct = reference_eval.correct, candidate_eval.correct
-            if good_correct is None or candidate_correct is None:
-                return judge_losses(
-                    reference_eval.loss,
-                    candidate_eval.loss,
-                    ids,
-                    names,
-                    tolerance=config.loss_tolerance,
-                    alpha=config.alpha,
-                    min_examples=config.min_examples,
-                )
-            return judge(
-                good_correct,
-                candidate_correct,
+            return rule(
+                reference_eval.outcome,
+                candidate_eval.outcome,
                 ids,
                 names,
-                tolerance=config.tolerance,
+                tolerance=getattr(config, tolerance),
                 alpha=config.alpha,
                 min_examples=config.min_examples,
             )
@@ -184,14 +178,11 @@ class Guard:
                 verdict = replace(against_anchor, against="anchor")
         if not self.config.enabled:
             verdict = replace(verdict, regressed=False)
-        if candidate_eval.correct is None:
-            figure, per_example = "loss", candidate_eval.loss
-        else:
-            figure, per_example = "accuracy", candidate_eval.correct
+        per_example = candidate_eval.outcome
         rows_of = segment_rows(ids, len(names))
         report = {
             "examples": len(y),
-            figure: _mean(per_example),
+            outcome.figure: _mean(per_example),
             "segments": {name: _mean(per_example[rows]) for name, rows in zip(names, rows_of)},
         }
         return verdict, report
@@ -203,23 +194,22 @@ class Guard:
             return evaluation, _Results(serials, evaluation)
         found, at = cached.lookup(serials)
         missing = np.flatnonzero(~found)
-        fresh = self.learner.evaluate(params, x[missing], y[missing])
+        fresh = self.learner.evaluate(params, jax.tree.map(lambda a: a[missing], x), y[missing])
         evaluation = _rows(cached.evaluation, at)  # copies (fancy indexing): the rows not found are overwritten
         for merged, new in zip(evaluation, fresh):
-            if merged is not None:
-                merged[missing] = new
+            merged[missing] = new
         return evaluation, _Results(serials, evaluation)
 
-    def accept(self, candidate: LearnerState, recent: tuple[np.ndarray, np.ndarray] | None = None) -> LearnerState:
+    def accept(self, candidate: LearnerState, recent: tuple | None = None) -> LearnerState:
         """Consolidate EWC at the candidate and decay lambda; it becomes the last good model.
 
         The Fisher comes from replay samples, or from `recent` training examples when
         replay is off. Consumes `candidate`.
         """
         learner = self.learner
-        ewc_config = learner.config.ewc
+        ewc_config = learner.ewc
         state = candidate
-        if ewc_config.enabled:
+        if ewc_config is not None:
             if learner.replay is not None:
                 state = learner.consolidate(state)
             elif recent is not None and len(recent[1]):
@@ -240,9 +230,9 @@ class Guard:
 
     def roll_back(self) -> LearnerState:
         """A fresh copy of the last good state with lambda boosted (the stream hurt it: hold harder)."""
-        ewc_config = self.learner.config.ewc
+        ewc_config = self.learner.ewc
         state = device_copy(self.last_good)
-        if ewc_config.enabled:
+        if ewc_config is not None:
             state = state.replace(
                 ewc=ewc_lib.boost_strength(state.ewc, boost=ewc_config.boost, ceiling=ewc_config.strength_max)
             )
@@ -252,9 +242,8 @@ class Guard:
 
 
 def _rows(evaluation: Evaluation, index: np.ndarray) -> Evaluation:
-    """The results of the rows `index` selects, as copies (`correct` stays None for regression)."""
-    correct = evaluation.correct
-    return Evaluation(None if correct is None else correct[index], evaluation.loss[index], evaluation.predicted[index])
+    """The results of the rows `index` selects, as copies."""
+    return Evaluation(*(field[index] for field in evaluation))
 
 
 def _mean(values: np.ndarray) -> float | None:

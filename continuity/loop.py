@@ -69,7 +69,7 @@ from continuity.checkpoints import CheckpointSaveError, CheckpointStore, Corrupt
 from continuity.errors import UsageError
 from continuity.guard import Guard, GuardConfig
 from continuity.learner import Batch as TrainBatch
-from continuity.learner import Learner
+from continuity.learner import Learner, StepTotals
 from continuity.probe import ProbeConfig, ProbeStore, load_golden
 from continuity.regression import Verdict
 from continuity.stream import (
@@ -92,7 +92,9 @@ log = logging.getLogger(__name__)
 
 REGRESSION_STREAK = 3  # windows regressed in a row before the first warning
 
-SCHEMA_VERSION = 1
+# 2: the learner state holds the train steps' totals and the replay buffer's per-slot buckets
+# (a checkpoint of schema 1 does not restore into it: the store names the missing leaves).
+SCHEMA_VERSION = 2
 
 SAVE_RETRY_S = (1.0, 60.0)  # first wait after a failed save, and the most it doubles to
 
@@ -147,7 +149,7 @@ class RunSummary:
     last_checkpoint: int | None = None
     positions: dict = field(default_factory=dict)
     probe_accuracy: float | None = None
-    probe_loss: float | None = None  # regression tasks: the probe's mean loss, in place of accuracy
+    probe_loss: float | None = None  # tasks judged on losses: the probe's mean loss, in place of accuracy
     ewc_strength: float | None = None
     wall_seconds: float = 0.0
     guard_seconds: float = 0.0  # judging, consolidating, rolling back and starting saves: the guard's cost
@@ -172,12 +174,58 @@ class Progress:
     checkpoint: int | None
     positions: Positions
     step_seconds: list  # wall time per train dispatch since the last snapshot (host view)
-    probe_loss: float | None = None  # regression tasks: probe mean loss; probe_segments then hold losses
+    probe_loss: float | None = None  # tasks judged on losses: probe mean loss; probe_segments then hold losses
     regressions_in_a_row: int = 0  # windows judged regressed since the last accepted one
     lost_positions: int = 0  # partitions whose held position the broker no longer had, this run
     stream_note: str | None = None  # what keeps the source from reading ("broker unreachable for 42 s"); None: reading
     checkpoint_failures: int = 0  # saves that failed so far (running total)
     nonfinite_rows: int = 0  # rows masked out of a step for a non-finite loss or input, counted per window
+    # The train steps since the last snapshot, as the device summed them (StepTotals): None
+    # when no step updated (or no row was trained) since.
+    train_loss: float | None = None  # mean total loss (fresh + replayed + EWC penalty) of the steps that updated
+    grad_norm: float | None = None  # mean global gradient norm of those steps
+    replay_share: float | None = None  # replayed rows / all rows in the losses
+    skipped_updates: int = 0  # steps skipped as non-finite in this run, including windows later rolled back
+
+
+class _StepFigures:
+    """The train steps' figures between progress snapshots, without a host sync per step.
+
+    The jitted step adds to running totals in the state (LearnerState.totals); they are
+    read at progress time, and taken out of the state (zeroed) before each judgement, so
+    every copy the guard keeps or checkpoints holds zeros and a rollback cannot count a
+    step twice.
+    """
+
+    def __init__(self):
+        self._pending = np.zeros(len(StepTotals._fields))  # taken at judgements since the last snapshot
+        self._read = np.zeros(len(StepTotals._fields))  # the state's totals at the last read
+        self.skipped = 0  # steps skipped in this run
+
+    @staticmethod
+    def _host(totals: StepTotals) -> np.ndarray:
+        return np.array([float(v) for v in jax.device_get(totals)])
+
+    def taken(self, totals: StepTotals) -> None:
+        """Totals just taken out of the state, which now holds zeros."""
+        self._pending += self._host(totals) - self._read
+        self._read[:] = 0
+
+    def snapshot(self, totals: StepTotals) -> dict:
+        """Progress fields for the steps since the last snapshot; `totals`: the state's now."""
+        now = self._host(totals)
+        interval = StepTotals(*(self._pending + now - self._read))
+        self._pending[:] = 0
+        self._read = now
+        self.skipped += int(interval.skipped)
+        updated = interval.steps - interval.skipped
+        rows = interval.fresh_rows + interval.replayed_rows
+        return {
+            "train_loss": interval.loss / updated if updated else None,
+            "grad_norm": interval.grad_norm / updated if updated else None,
+            "replay_share": interval.replayed_rows / rows if rows else None,
+            "skipped_updates": self.skipped,
+        }
 
 
 @dataclass
@@ -195,8 +243,9 @@ class _Good:
 
 
 def config_digest(*configs) -> str:
-    """A short stable digest of the configs that shape training, saved in every checkpoint."""
-    text = json.dumps([asdict(c) for c in configs], sort_keys=True, default=str)
+    """A short stable digest of the configs (dataclasses or JSON-able dicts) that shape training,
+    saved in every checkpoint."""
+    text = json.dumps([c if isinstance(c, dict) else asdict(c) for c in configs], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -290,7 +339,11 @@ class TrainingLoop:
         max_unsaved_s: float = 0.0,
         start_fresh: bool = False,
         save_retry_s: tuple[float, float] = SAVE_RETRY_S,
+        digest: str | None = None,
     ):
+        """`digest`: of the configuration the learner was built from, saved in every checkpoint
+        (restoring one saved under another digest is logged); by default, of the learner's
+        description (Learner.describe) and the probe and guard configs."""
         self.stream = stream
         self.learner = learner
         self.store = store
@@ -307,7 +360,7 @@ class TrainingLoop:
         self.save_retry_s = save_retry_s
         self.guard = Guard(learner, guard)
         self.holdout = Holdout(probe.holdout_fraction, salt=seed)
-        self.digest = config_digest(learner.config, probe, guard)
+        self.digest = digest or config_digest(learner.describe(), probe, guard)
         self.ledger = store.ledger
         self.summary = RunSummary()
         self._last_report: dict = {}
@@ -323,6 +376,7 @@ class TrainingLoop:
         self._retry_at = 0.0  # no save is started before this (monotonic) time after a failure
         self._retry_wait_s = save_retry_s[0]
         self._regressions_in_a_row = 0  # windows judged regressed since the last accepted one
+        self._step_figures = _StepFigures()
 
     def request(self, kind: str, *, timeout_s: float = 60.0, **args) -> dict:
         """Ask the loop, from another thread, to `rollback` (to=N | None) or `checkpoint` now; waits for it.
@@ -433,6 +487,9 @@ class TrainingLoop:
     ):
         """Judge the candidate after a window, then accept, retry, quarantine or halt."""
         self.summary.windows += 1
+        # The steps' totals leave the state before it is judged: copies the guard keeps hold zeros.
+        totals, state = self.learner.take_totals(state)
+        self._step_figures.taken(totals)
         # Train steps are dispatched asynchronously: wait for them here, so the time they take
         # is not counted as the guard's (judging reads results back and would wait for them).
         jax.block_until_ready(state)
@@ -607,12 +664,12 @@ class TrainingLoop:
             )
         if restored is None:
             probe = ProbeStore(
-                learner.example_shape,
+                learner.inputs,
+                learner.task.labels,
                 per_segment=self.probe_config.per_segment,
                 max_segments=self.probe_config.max_segments,
                 window_examples=self.probe_config.window_examples,
                 seed=self.seed,
-                label_dtype=learner.label_dtype,
             )
             if self.probe_config.golden:
                 probe.add_golden(*load_golden(self.probe_config.golden))
@@ -635,9 +692,9 @@ class TrainingLoop:
         probe = ProbeStore.from_arrays(
             restored.probe,
             meta["probe_store"],
-            self.learner.example_shape,
+            self.learner.inputs,
+            self.learner.task.labels,
             max_segments=self.probe_config.max_segments,
-            label_dtype=self.learner.label_dtype,
         )
         positions = Positions.from_json(meta["positions"])
         self.ledger.append(
@@ -660,7 +717,7 @@ class TrainingLoop:
     def _open(self, good: _Good) -> _Reader:
         return _Reader(
             self.stream,
-            self.learner.config.batch_size,
+            self.learner.batch_size,
             self.holdout,
             good.positions,
             good.segment_names,
@@ -685,8 +742,10 @@ class TrainingLoop:
         trained = 0
         positions = good.positions
         ended = False
-        recent: list[tuple[np.ndarray, np.ndarray]] = []
-        fisher_rows = self.learner.config.ewc.fisher_samples
+        recent: list[tuple] = []  # (x, y) of recent batches: the Fisher's examples when replay is off
+        ewc = self.learner.ewc
+        # The Fisher's examples when replay is off: the last `fisher_samples` rows trained.
+        fisher_rows = ewc.fisher_samples if ewc is not None and self.learner.replay is None else 0
         last_batch = started = time.monotonic()
         judge_idle_s = self.stream.judge_idle_s
         every_s = self.guard_config.every_seconds if self.stream.live else 0
@@ -718,12 +777,17 @@ class TrainingLoop:
             self.summary.examples_trained += rows
             positions = batch.positions
             self._maybe_report(state, good)
-            if self.learner.replay is None and rows:
-                recent.append((batch.x[mask], batch.y[mask]))
+            if fisher_rows and rows:
+                recent.append((_rows(batch.x, mask), batch.y[mask]))
                 while sum(len(y) for _, y in recent) - len(recent[0][1]) >= fisher_rows:
                     recent.pop(0)
         recent_examples = (
-            (np.concatenate([x for x, _ in recent]), np.concatenate([y for _, y in recent])) if recent else None
+            (
+                jax.tree.map(lambda *parts: np.concatenate(parts), *(x for x, _ in recent)),
+                np.concatenate([y for _, y in recent]),
+            )
+            if recent
+            else None
         )
         return state, positions, ended, recent_examples
 
@@ -734,9 +798,9 @@ class TrainingLoop:
         for segment_id in np.unique(ids):
             chosen = rows[ids == segment_id]
             if segment_id == NO_SEGMENT:
-                probe.add_unsegmented(batch.x[chosen], batch.y[chosen])
+                probe.add_unsegmented(_rows(batch.x, chosen), batch.y[chosen])
             else:
-                probe.add(segment_names[segment_id], batch.x[chosen], batch.y[chosen])
+                probe.add(segment_names[segment_id], _rows(batch.x, chosen), batch.y[chosen])
 
     def _checkpoint_due(self, good: _Good) -> bool:
         """True when `good` is not checkpointed yet, `checkpoint_every_s` has passed since the last save,
@@ -900,6 +964,7 @@ class TrainingLoop:
             stream_note=None if self.reader is None else self.reader.source.state_note(),
             checkpoint_failures=self.summary.checkpoint_failures,
             nonfinite_rows=self.summary.nonfinite_rows,
+            **self._step_figures.snapshot(state.totals),
         )
 
 
@@ -961,6 +1026,11 @@ def _span(numbers: list[int]) -> str:
     if len(numbers) > 2 and numbers[-1] - numbers[0] == len(numbers) - 1:
         return f"{numbers[0]}-{numbers[-1]}"
     return ", ".join(map(str, numbers))
+
+
+def _rows(x, index):
+    """The rows `index` selects of features `x` (an array, or a dict of arrays)."""
+    return jax.tree.map(lambda a: a[index], x)
 
 
 def params_digest(state) -> str:

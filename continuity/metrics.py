@@ -36,6 +36,7 @@ _COUNTED = (
     ("lost_positions", "lost_positions"),
     ("checkpoint_failures", "checkpoint_failures"),
     ("nonfinite_rows", "nonfinite_rows"),
+    ("skipped_updates", "skipped_updates"),
 )
 
 
@@ -77,8 +78,8 @@ class ServiceMetrics:
         )
         self.probe_loss = Gauge(
             "continuity_probe_loss",
-            "Continuity-probe mean loss of the last judged model, per segment, for "
-            f'regression tasks (segment="{OVERALL}" for the whole probe).',
+            "Continuity-probe mean loss of the last judged model, per segment, for tasks judged "
+            f'on losses: regression, multi-label (segment="{OVERALL}" for the whole probe).',
             ["segment"],
             registry=r,
         )
@@ -104,6 +105,26 @@ class ServiceMetrics:
         )
         self.examples_per_second = Gauge(
             "continuity_examples_per_second", "Training rate since the previous progress report.", registry=r
+        )
+        self.skipped_updates = Counter(
+            "continuity_skipped_updates",
+            "Train steps skipped because their loss or gradient was non-finite (no update), including windows "
+            "later rolled back.",
+            registry=r,
+        )
+        # The train steps' own figures, summed on the device and averaged over each progress interval.
+        self.train_loss = Gauge(
+            "continuity_train_loss",
+            "Mean training loss (fresh + replayed rows + EWC penalty) of the steps since the previous report.",
+            registry=r,
+        )
+        self.grad_norm = Gauge(
+            "continuity_grad_norm", "Mean global gradient norm of the steps since the previous report.", registry=r
+        )
+        self.replay_share = Gauge(
+            "continuity_replay_share",
+            "Replayed rows over all rows in the training losses since the previous report.",
+            registry=r,
         )
         self.step_seconds = Histogram(
             "continuity_step_seconds",
@@ -140,6 +161,13 @@ class ServiceMetrics:
         self.regressions_in_a_row.set(progress.regressions_in_a_row)
         if _finite(progress.examples_per_second):
             self.examples_per_second.set(progress.examples_per_second)
+        for gauge, figure in (
+            (self.train_loss, progress.train_loss),
+            (self.grad_norm, progress.grad_norm),
+            (self.replay_share, progress.replay_share),
+        ):
+            if _finite(figure):
+                gauge.set(figure)
         for seconds in progress.step_seconds or ():
             self.step_seconds.observe(seconds)
 

@@ -9,6 +9,9 @@ Reservoir decisions use a hash of (seed, segment, arrival number) instead of a r
 generator, so a probe rebuilt by re-reading the same records after a restart is
 identical, and the store is restored from a checkpoint as plain arrays.
 
+An example's features are one array or a dict (any PyTree) of named arrays, each kept in
+its own dtype; a label has the task's shape and dtype.
+
 Threading: NOT thread-safe; the service loop owns it.
 """
 
@@ -20,6 +23,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -72,38 +76,52 @@ def _mix(values: np.ndarray) -> np.ndarray:
         return h ^ (h >> np.uint64(31))
 
 
+def _tree(f, *trees, is_leaf=None):
+    """`f` over the leaves of one or more feature trees (an array, or a dict of arrays)."""
+    return jax.tree.map(f, *trees, is_leaf=is_leaf)
+
+
 class ProbeStore:
     """Per-segment reservoirs of held-out (x, y), addressed by segment name.
 
-    `label_dtype`: int32 class labels, or float32 targets for a regression task. It is
-    saved with the store's metadata, so a restored store keeps it.
+    `inputs`: one example's features, a jax.ShapeDtypeStruct (anything with shape and
+    dtype) or a dict of them; `labels`: one example's label, likewise (Task.labels).
+    The label's dtype is saved with the store's metadata, so a restored store keeps it.
     """
 
     def __init__(
         self,
-        example_shape: tuple[int, ...],
+        inputs,
+        labels,
         *,
         per_segment: int = 200,
         max_segments: int = 64,
         window_examples: int = 5_000,
         seed: int = 0,
-        label_dtype=np.int32,
     ):
-        self.example_shape = tuple(example_shape)
+        self.inputs = _tree(_spec, inputs, is_leaf=_is_spec)
+        self.labels = _spec(labels)
         self.per_segment = per_segment
         self.max_segments = max_segments
         self.window_examples = window_examples
         self.unsegmented_seen = 0  # held-out examples without a segment: they form windows
         self.seed = seed
-        self.label_dtype = np.dtype(label_dtype)
-        self._x: dict[str, np.ndarray] = {}  # segment -> [per_segment, *shape] float32
-        self._y: dict[str, np.ndarray] = {}  # segment -> [per_segment]
+        self._x: dict[str, object] = {}  # segment -> features, each [per_segment, *shape] in its dtype
+        self._y: dict[str, np.ndarray] = {}  # segment -> [per_segment, *label_shape]
         self._seen: dict[str, int] = {}  # segment -> examples offered so far
         # segment -> [per_segment] int64: a process-wide unique number per example written, so a
         # model's results on the probe can be cached by row (the guard's) and reused while the
         # example stays; 0 for an empty slot. Not saved: a restored store numbers its rows anew.
         self._serial: dict[str, np.ndarray] = {}
         self._fixed: set[str] = set()  # golden segments: never replaced, never evicted
+
+    @property
+    def label_dtype(self) -> np.dtype:
+        return np.dtype(self.labels.dtype)
+
+    def _zeros(self, rows: int) -> tuple:
+        x = _tree(lambda spec: np.zeros((rows, *spec.shape), spec.dtype), self.inputs)
+        return x, np.zeros((rows, *self.labels.shape), self.labels.dtype)
 
     # ---- filling -------------------------------------------------------------------------
 
@@ -127,8 +145,12 @@ class ProbeStore:
         kept = np.flatnonzero(keep)[::-1]
         _, last = np.unique(slots[kept], return_index=True)
         winners = kept[last]
-        bx[slots[winners]] = x[winners]
-        by[slots[winners]] = y[winners]
+
+        def write(stored, given):
+            stored[slots[winners]] = np.asarray(given)[winners]
+
+        _tree(write, bx, x)
+        by[slots[winners]] = np.asarray(y)[winners]
         self._serial[segment][slots[winners]] = _new_serials(len(winners))
         self._seen[segment] = seen + n
 
@@ -142,14 +164,16 @@ class ProbeStore:
         while start < len(y):
             window, used = divmod(self.unsegmented_seen, self.window_examples)
             take = min(len(y) - start, self.window_examples - used)
-            self.add(f"window-{window}", x[start : start + take], y[start : start + take])
+            part = slice(start, start + take)
+            self.add(f"window-{window}", _rows(x, part), y[part])
             self.unsegmented_seen += take
             start += take
 
     def add_golden(self, x: np.ndarray, y: np.ndarray, name: str = GOLDEN_SEGMENT) -> None:
         """A fixed probe segment, kept whole, never replaced or evicted."""
-        x = np.asarray(x, np.float32).reshape(len(y), *self.example_shape)
-        self._x[name], self._y[name] = x.copy(), np.asarray(y, self.label_dtype).copy()
+        rows = len(y)
+        self._x[name] = _tree(lambda a, spec: np.array(a, spec.dtype).reshape(rows, *spec.shape), x, self.inputs)
+        self._y[name] = np.array(y, self.labels.dtype).reshape(rows, *self.labels.shape)
         self._seen[name] = len(y)
         self._serial[name] = _new_serials(len(y))
         self._fixed.add(name)
@@ -164,8 +188,7 @@ class ProbeStore:
             log.log(level, "probe: more than %d segments; dropping the oldest, %r", self.max_segments, oldest)
             for table in (self._x, self._y, self._seen, self._serial):
                 del table[oldest]
-        self._x[segment] = np.zeros((self.per_segment, *self.example_shape), np.float32)
-        self._y[segment] = np.zeros((self.per_segment,), self.label_dtype)
+        self._x[segment], self._y[segment] = self._zeros(self.per_segment)
         self._seen[segment] = 0
         self._serial[segment] = np.zeros((self.per_segment,), np.int64)
 
@@ -181,19 +204,15 @@ class ProbeStore:
     def _count(self, segment: str) -> int:
         return min(self._seen[segment], len(self._y[segment]))
 
-    def examples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All held examples: x, y and the index into `segments` of each row."""
+    def examples(self) -> tuple:
+        """All held examples: x (an array, or a dict of arrays), y and the index into `segments` of each row."""
         names = self.segments
         if not names:
-            return (
-                np.zeros((0, *self.example_shape), np.float32),
-                np.zeros(0, self.label_dtype),
-                np.zeros(0, np.int32),
-            )
-        xs = [self._x[s][: self._count(s)] for s in names]
+            return (*self._zeros(0), np.zeros(0, np.int32))
+        xs = [_rows(self._x[s], slice(0, self._count(s))) for s in names]
         ys = [self._y[s][: self._count(s)] for s in names]
         ids = [np.full(self._count(s), i, np.int32) for i, s in enumerate(names)]
-        return np.concatenate(xs), np.concatenate(ys), np.concatenate(ids)
+        return _tree(lambda *parts: np.concatenate(parts), *xs), np.concatenate(ys), np.concatenate(ids)
 
     def serials(self) -> np.ndarray:
         """Each row of `examples()`'s unique number: equal numbers mean the same example."""
@@ -220,26 +239,21 @@ class ProbeStore:
         return arrays, meta
 
     @classmethod
-    def from_arrays(
-        cls, arrays: dict, meta: dict, example_shape, *, max_segments: int = 64, label_dtype=None
-    ) -> ProbeStore:
-        """The store `to_arrays` described; labels as `label_dtype`, by default the saved one
-        (int32 for checkpoints written before the dtype was saved)."""
-        if label_dtype is None:
-            label_dtype = meta.get("label_dtype", "int32")
+    def from_arrays(cls, arrays: dict, meta: dict, inputs, labels, *, max_segments: int = 64) -> ProbeStore:
+        """The store `to_arrays` described, for examples like `inputs` with labels like `labels`."""
         store = cls(
-            example_shape,
+            inputs,
+            labels,
             per_segment=meta["per_segment"],
             max_segments=max_segments,
             seed=meta["seed"],
             window_examples=meta["window_examples"],
-            label_dtype=label_dtype,
         )
         store.unsegmented_seen = int(meta["unsegmented_seen"])
         for i, (segment, seen) in enumerate(zip(meta["segments"], meta["seen"])):
             item = arrays[f"s{i}"]
-            store._x[segment] = np.array(item["x"], np.float32)
-            store._y[segment] = np.array(item["y"], store.label_dtype)
+            store._x[segment] = _tree(lambda a, spec: np.array(a, spec.dtype), item["x"], store.inputs)
+            store._y[segment] = np.array(item["y"], store.labels.dtype)
             store._seen[segment] = int(seen)
             store._serial[segment] = _new_serials(len(store._y[segment]))
         store._fixed = set(meta.get("fixed", ()))
@@ -248,29 +262,47 @@ class ProbeStore:
     def copy(self) -> ProbeStore:
         """An independent store with the same examples, under the same serial numbers."""
         twin = ProbeStore(
-            self.example_shape,
+            self.inputs,
+            self.labels,
             per_segment=self.per_segment,
             max_segments=self.max_segments,
             window_examples=self.window_examples,
             seed=self.seed,
-            label_dtype=self.label_dtype,
         )
         twin.unsegmented_seen = self.unsegmented_seen
         for table, source in ((twin._x, self._x), (twin._y, self._y), (twin._serial, self._serial)):
-            table.update((segment, array.copy()) for segment, array in source.items())
+            table.update((segment, _tree(np.copy, array)) for segment, array in source.items())
         twin._seen, twin._fixed = dict(self._seen), set(self._fixed)
         return twin
 
 
-def load_golden(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """A golden probe file: .npz with arrays `x` and `y`."""
+def _rows(x, index):
+    """The rows `index` selects of features `x` (an array, or a dict of arrays)."""
+    return jax.tree.map(lambda a: a[index], x)
+
+
+def _is_spec(value) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def _spec(value) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(value.shape), np.dtype(value.dtype))
+
+
+def load_golden(path: str | Path) -> tuple:
+    """A golden probe file: .npz with arrays `x` and `y`, or, for named features, `x.<name>`
+    for each feature and `y`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"golden probe file {str(path)!r} does not exist.")
     with np.load(path) as data:
-        if "x" not in data or "y" not in data:
-            raise ValueError(f"golden probe file {str(path)!r} must hold arrays 'x' and 'y'; it has {sorted(data)}.")
-        return data["x"], data["y"]
+        named = {key[2:]: data[key] for key in data if key.startswith("x.")}
+        if ("x" not in data and not named) or "y" not in data:
+            raise ValueError(
+                f"golden probe file {str(path)!r} must hold arrays 'x' (or 'x.<name>' per named feature) "
+                f"and 'y'; it has {sorted(data)}."
+            )
+        return (named or data["x"]), data["y"]
 
 
 def _name_hash(name: str) -> int:

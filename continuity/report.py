@@ -1,8 +1,9 @@
 """A run's report from its ledger: report.png (probe accuracy per segment over the stream, with
 rollbacks, quarantines and lambda marked) and report.md (what happened, in numbers).
 
-A regression task's probe reports mean loss instead of accuracy; the report plots and
-tabulates that figure instead.
+The probe's figure is the task's (Task.outcome.figure): accuracy, or the mean loss for a
+task judged on losses (regression, multi-label); the report plots and tabulates whichever
+the ledger holds.
 
 Everything comes from the ledger, so a report can be made for any checkpoint directory.
 """
@@ -19,8 +20,7 @@ def _offset(positions_json) -> int:
 def ledger_timeline(events: list[dict]) -> dict:
     """The probe decisions of a ledger as series: x = records consumed at each judged window.
 
-    `metric` is "accuracy", or "loss" for a regression task; `segments` and `overall`
-    hold that figure.
+    `metric` is the task's figure, "accuracy" or "loss"; `segments` and `overall` hold it.
     """
     windows = [e for e in events if e["event"] == "probe"]
     metric = "loss" if any("loss" in e["probe"] for e in windows) else "accuracy"

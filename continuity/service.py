@@ -35,13 +35,14 @@ log = logging.getLogger(__name__)
 
 
 def build_learner(config: Config):
-    from continuity.learner import Learner
+    from continuity.factory import learner_from_config
 
-    return Learner(config.learner, config.stream.feature_shape, config.stream.num_classes)
+    return learner_from_config(config)
 
 
 def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_s: float | None = None) -> StreamInput:
     """The StreamInput a config describes; `recording` reads a recorded file instead of Kafka."""
+    from continuity.factory import feature_spec
     from continuity.stream import (
         DeadLetterSink,
         FileSource,
@@ -51,7 +52,7 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
         make_codec,
     )
 
-    codec = make_codec(config.stream.codec, config.stream.feature_spec())
+    codec = make_codec(config.stream.codec, feature_spec(config))  # labels as the task has them
     Path(config.checkpoints.dir).mkdir(parents=True, exist_ok=True)
     dead_letters: DeadLetterSink
     if config.stream.dead_letters == "topic":
@@ -163,6 +164,7 @@ class Service:
             checkpoint_every_s=config.checkpoints.every_seconds,
             max_unsaved_s=config.checkpoints.max_unsaved_seconds,
             start_fresh=start_fresh,
+            digest=config.digest(),
         )
         self.http: ServiceHTTP | None = None
         if http:
@@ -262,6 +264,10 @@ class Service:
             "probe_segments": {} if progress is None else progress.probe_segments,
             "ewc_lambda": None if progress is None else progress.ewc_strength,
             "examples_per_second": None if progress is None else progress.examples_per_second,
+            "train_loss": None if progress is None else progress.train_loss,
+            "grad_norm": None if progress is None else progress.grad_norm,
+            "replay_share": None if progress is None else progress.replay_share,
+            "skipped_updates": 0 if progress is None else progress.skipped_updates,
             "positions": None if progress is None else progress.positions.to_json(),
             "stream": self.stream_note() or "reading",
             "lost_positions": list(summary.lost_positions),
@@ -309,14 +315,17 @@ def format_progress(progress: Progress, lag: int | None) -> str:
     return (
         f"{progress.examples_trained:>9,} examples  {progress.examples_per_second:>7,.0f}/s  "
         f"{stream}  {_probe_figure(progress.probe_accuracy, progress.probe_loss)}  "
-        f"lambda {fmt(progress.ewc_strength, '{:.3g}')}  rollbacks {progress.rollbacks}  "
+        f"train loss {fmt(progress.train_loss, '{:.3g}')}  grad {fmt(progress.grad_norm, '{:.3g}')}  "
+        f"replay {fmt(progress.replay_share, '{:.0%}')}  "
+        + (f"skipped {progress.skipped_updates}  " if progress.skipped_updates else "")
+        + f"lambda {fmt(progress.ewc_strength, '{:.3g}')}  rollbacks {progress.rollbacks}  "
         f"quarantined {progress.quarantined_records}  dead letters {progress.dead_letters}  "
         f"checkpoint {fmt(progress.checkpoint, '{}')}"
     )
 
 
 def _probe_figure(accuracy: float | None, loss: float | None) -> str:
-    """ "probe 0.912" for classification, "probe loss 0.0412" for a regression task."""
+    """ "probe 0.912" for a task judged on accuracy, "probe loss 0.0412" for one judged on losses."""
     if accuracy is None and loss is not None:
         return f"probe loss {loss:.4g}"
     return f"probe {'n/a' if accuracy is None else f'{accuracy:.3f}'}"

@@ -1,14 +1,18 @@
-"""Pure JAX learning core: models, the learner state, the train step, EWC, evaluation, CL metrics."""
+"""Pure JAX learning core: the learner state, the train step, tasks, EWC, evaluation, CL metrics, presets."""
 
 from continuity.learner.compiles import compilation_count
 from continuity.learner.config import EWCConfig, LearnerConfig, ModelConfig, ReplayConfig
 from continuity.learner.ewc import EWCState
-from continuity.learner.learner import Evaluation, Learner
-from continuity.learner.models import build_model, count_parameters
-from continuity.learner.state import Batch, LearnerState
+from continuity.learner.learner import Evaluation, Learner, ModelFactory
+from continuity.learner.models import cnn, count_parameters, mlp
+from continuity.learner.state import Batch, LearnerState, StepTotals
+from continuity.learner.tasks import CORRECT, LOSS, Classification, MultiLabel, Outcome, Regression, Task
 
 __all__ = [
+    "CORRECT",
+    "LOSS",
     "Batch",
+    "Classification",
     "EWCConfig",
     "EWCState",
     "Evaluation",
@@ -16,8 +20,15 @@ __all__ = [
     "LearnerConfig",
     "LearnerState",
     "ModelConfig",
+    "ModelFactory",
+    "MultiLabel",
+    "Outcome",
+    "Regression",
     "ReplayConfig",
-    "build_model",
+    "StepTotals",
+    "Task",
+    "cnn",
     "compilation_count",
     "count_parameters",
+    "mlp",
 ]

@@ -1,7 +1,10 @@
-"""Typed, validated learner configuration: what model, optimizer, replay and EWC to use.
+"""Typed, validated learner configuration: what model, optimizer, task, replay and EWC to use.
 
-Every option is checked where it is built, and an error names the field, what is
-allowed and what was received, so a bad config fails before any compilation.
+These are the config file's [model] [learner] [replay] [ewc] sections; the application's
+factory (continuity/factory.py) turns them into the parts a `Learner` takes. Every option
+is checked where it is built, and an error names the field, what is allowed and what was
+received, so a bad config fails before any compilation. `EWCConfig` is also what the
+`Learner` takes for online EWC.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class ReplayConfig:
     # ER-ACE (Caccia et al. 2022): fresh rows' cross-entropy only over the classes present
     # in the fresh batch, so learning new classes does not push old classes' logits down;
     # replayed rows use all classes. Changes nothing when every batch holds every class.
-    # Regression has no classes: ignored there.
+    # Ignored by tasks without classes (Task.classes_present).
     asymmetric: bool = True
 
     def __post_init__(self):
@@ -106,10 +109,9 @@ class EWCConfig:
 class LearnerConfig:
     """Everything that decides the compiled train step; equal configs give equal programs.
 
-    `task` "classification": integer labels, softmax cross-entropy over `num_classes`
-    logits. "regression": float32 targets, one output, masked mean squared error; replay
-    stores the targets, ER-ACE (`replay.asymmetric`) does not apply, and class-balanced
-    replay, which shares memory out by class, is an error.
+    `task` names a built-in `Task` (learner/tasks.py): "classification" (integer labels,
+    softmax cross-entropy over the stream's `num_classes` logits) or "regression" (float
+    targets, one output, squared error).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -125,12 +127,3 @@ class LearnerConfig:
         _one_of("learner.optimizer", self.optimizer, OPTIMIZERS)
         _require(self.learning_rate > 0, f"`learner.learning_rate` must be > 0. Got {self.learning_rate!r}.")
         _require(self.batch_size >= 1, f"`learner.batch_size` must be >= 1. Got {self.batch_size!r}.")
-        _require(
-            not (self.regression and self.replay.kind == "class_balanced"),
-            "`replay.kind` 'class_balanced' shares memory out by class, and learner.task 'regression' has no "
-            "classes: use 'reservoir' or 'fifo'. Got 'class_balanced'.",
-        )
-
-    @property
-    def regression(self) -> bool:
-        return self.task == "regression"

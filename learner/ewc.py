@@ -17,11 +17,10 @@ boosted when the continuity probe catches a regression.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 Params = dict  # a nested dict of arrays, as `nnx.to_pure_dict` returns
 
@@ -47,71 +46,76 @@ def penalty(params: Params, ewc: EWCState) -> jax.Array:
     return 0.5 * ewc.strength * sum(jax.tree.leaves(terms))
 
 
-LIKELIHOODS = ("categorical", "gaussian")
-
-
-def _example_nll(outputs: jax.Array, y: jax.Array, likelihood: str) -> jax.Array:
-    """Each row's negative log-likelihood of its label, up to a constant (see `fisher_diagonal`)."""
-    if likelihood == "gaussian":
-        return 0.5 * jnp.square(outputs[..., 0] - y)
-    return optax.softmax_cross_entropy_with_integer_labels(outputs, y)
-
-
-def _check_likelihood(likelihood: str) -> None:
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"`likelihood` must be one of {', '.join(map(repr, LIKELIHOODS))}. Got {likelihood!r}.")
+ExampleNLL = Callable[[jax.Array, jax.Array], jax.Array]  # (outputs, labels) -> per-example NLL (Task.nll)
 
 
 def fisher_diagonal(
-    logits_fn: Callable[[Params, jax.Array], jax.Array],
+    logits_fn: Callable[[Params, Any], jax.Array],
+    nll: ExampleNLL,
     params: Params,
-    x: jax.Array,
+    x,
     y: jax.Array,
     mask: jax.Array,
     *,
     chunk: int = 32,
-    likelihood: str = "categorical",
+    wrt: Params | None = None,
 ) -> Params:
     """Empirical Fisher diagonal: the mean over valid examples of squared per-example gradients.
 
-    The gradients are of the negative log-likelihood of the observed label (Kirkpatrick
-    2017; Schwarz 2018 keep the same empirical Fisher online). `likelihood` says which:
-    "categorical" (integer labels `y`, softmax over the logits): cross-entropy;
-    "gaussian" (float targets `y`, regression on the first output f(x)): with unit
-    variance the negative log-likelihood is 0.5 * (f(x) - y)^2 up to a constant, so the
-    per-example gradient is (f(x) - y) * grad f(x).
+    The gradients are of `nll`, each example's negative log-likelihood of its observed label
+    (Kirkpatrick 2017; Schwarz 2018 keep the same empirical Fisher online): the task says
+    which likelihood (Task.nll: categorical cross-entropy, a unit Gaussian's 0.5 (f(x) - y)^2,
+    independent Bernoullis' summed binary cross-entropy). `x` is an array or a PyTree of
+    arrays with a leading example axis.
 
     Per-example gradients come from `vmap(grad)`. They are taken
     `chunk` examples at a time under `lax.scan`, so memory is chunk x params rather than
     examples x params (a 1M-parameter model and 1000 examples would otherwise need 4 GB).
     `x` must hold a multiple of `chunk` rows (pad and mask the rest).
+
+    `wrt`: a tree like `params` of bools; when given, only the leaves marked True are
+    differentiated, and the others come back as None (see `merge_disjoint`).
     """
-    n = x.shape[0]
+    n = jax.tree.leaves(x)[0].shape[0]
     if n % chunk:
         raise ValueError(f"fisher_diagonal needs a multiple of {chunk} examples (pad and mask). Got {n}.")
-    _check_likelihood(likelihood)
+    if wrt is None:
+        variable, fixed = params, None
+    else:
+        variable, fixed = select(params, wrt), select(params, jax.tree.map(lambda k: not k, wrt))
 
     def example_nll(p, xi, yi):
-        return _example_nll(logits_fn(p, xi[None])[0], yi, likelihood)
+        full = p if fixed is None else merge_disjoint(p, fixed)
+        return nll(logits_fn(full, jax.tree.map(lambda a: a[None], xi))[0], yi)
 
     per_example_grads = jax.vmap(jax.grad(example_nll), in_axes=(None, 0, 0))
 
     def accumulate(total, rows):
         xc, yc, mc = rows
-        grads = per_example_grads(params, xc, yc)
+        grads = per_example_grads(variable, xc, yc)
         weight = mc.astype(jnp.float32)
         squared = jax.tree.map(lambda g: jnp.einsum("n,n...->...", weight, jnp.square(g)), grads)
         return jax.tree.map(jnp.add, total, squared), None
 
     rows = (
-        x.reshape(n // chunk, chunk, *x.shape[1:]),
-        y.reshape(n // chunk, chunk),
+        jax.tree.map(lambda a: a.reshape(n // chunk, chunk, *a.shape[1:]), x),
+        y.reshape(n // chunk, chunk, *y.shape[1:]),
         mask.reshape(n // chunk, chunk),
     )
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), variable)
     total, _ = jax.lax.scan(accumulate, zeros, rows)
     count = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
     return jax.tree.map(lambda t: t / count, total)
+
+
+def select(tree: Params, keep: Params) -> Params:
+    """`tree` with the leaves where `keep` is False replaced by None (an empty subtree)."""
+    return jax.tree.map(lambda leaf, k: leaf if k else None, tree, keep)
+
+
+def merge_disjoint(a: Params, b: Params) -> Params:
+    """Two trees of one structure whose None holes complement each other, as one tree."""
+    return jax.tree.map(lambda u, v: v if u is None else u, a, b, is_leaf=lambda node: node is None)
 
 
 @jax.custom_vjp
@@ -124,7 +128,8 @@ def squared_grad_linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax
     of one gradient per example. The backward pass returns those for kernel and bias, and
     the ordinary gradient for x, so the layers below see true output gradients. Exact when
     the loss is a sum of per-example losses and each parameter acts on each example once
-    (an MLP; not a convolution, whose kernel is shared across positions).
+    (a dense layer applied once to [examples, features]; not a convolution or a per-token
+    layer, whose kernel is shared across positions: learner/fisher.py tells them apart).
     """
     return x @ kernel + bias
 
@@ -142,27 +147,27 @@ squared_grad_linear.defvjp(_squared_grad_linear_forward, _squared_grad_linear_ba
 
 
 def fisher_diagonal_dense(
-    squared_grad_logits_fn: Callable[[Params, jax.Array], jax.Array],
+    squared_grad_logits_fn: Callable[[Params, Any], jax.Array],
+    nll: ExampleNLL,
     params: Params,
-    x: jax.Array,
+    x,
     y: jax.Array,
     mask: jax.Array,
-    *,
-    likelihood: str = "categorical",
 ) -> Params:
     """`fisher_diagonal`'s result in one backward pass, for networks of dense layers only.
 
-    `squared_grad_logits_fn` must route every layer through `squared_grad_linear`; the
-    gradient of the masked summed negative log-likelihood is then the sum over valid
-    examples of squared per-example gradients, and the mean is taken here. ~10x faster
-    than per-example gradients for the default MLP, ~20x for a 1M-parameter one
-    (BENCHMARKS.md, "Guard costs"), and the same figures up to float rounding.
+    `squared_grad_logits_fn` must route the dense layers through `squared_grad_linear`; the
+    gradient of the masked summed negative log-likelihood (`nll`, as in `fisher_diagonal`)
+    is then, for their kernels and biases, the sum over valid examples of squared
+    per-example gradients, and the mean is taken here. Much faster than per-example
+    gradients (BENCHMARKS.md, "Guard costs"), and the same figures up to float rounding.
+    The gradients of any other parameter are plain sums, not a Fisher: the caller keeps
+    only the dense layers' leaves (Learner.fisher).
     """
-    _check_likelihood(likelihood)
 
     def summed_nll(p):
-        nll = _example_nll(squared_grad_logits_fn(p, x), y, likelihood)
-        return jnp.sum(jnp.where(mask, nll, 0.0))
+        losses = nll(squared_grad_logits_fn(p, x), y)
+        return jnp.sum(jnp.where(mask, losses, 0.0))
 
     squared = jax.grad(summed_nll)(params)
     count = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)

@@ -1,11 +1,11 @@
 """The learner: one jitted continual-learning step over one PyTree state.
 
 `train_step(state, batch) -> (state, metrics)` does, in a single dispatch: sample a
-replay batch, compute the masked loss (cross-entropy for classification, squared error
-for regression) on fresh + replayed examples plus the EWC penalty, apply the Optax
-update, and insert the fresh examples into the replay buffer. Shapes are fixed (padding
-rows are masked), so nothing recompiles after the first call; the state is donated, so
-its buffers are reused in place.
+replay batch, compute the task's masked loss on fresh + replayed examples plus the EWC
+penalty, apply the Optax update, insert the fresh examples into the replay buffer, and
+add the step's figures to the running totals the host reads at progress time. Shapes are
+fixed (padding rows are masked), so nothing recompiles after the first call; the state is
+donated, so its buffers are reused in place.
 
 A non-finite loss or gradient costs only the rows behind it: the step finds the fresh
 rows whose loss or input is non-finite, masks them out and computes the update again
@@ -13,12 +13,19 @@ without them (a `lax.while_loop` of at most two passes: a finite step runs one);
 are counted in `nonfinite_rows` and never enter the replay buffer. Only a step that is still
 non-finite (the cause lies in replayed rows, the EWC penalty or the parameters) is
 skipped whole and counted in `skipped_updates`.
+
+The parts are injected: any Flax NNX model (or a factory that builds one per seed), any
+`optax.GradientTransformation`, a `Task` (learner/tasks.py) and an optional replay policy
+(replay/). An example's features are one array or a dict of named arrays, of any dtype.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +33,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from continuity import replay
-from continuity.learner import ewc
-from continuity.learner.config import LearnerConfig
-from continuity.learner.models import build_model
-from continuity.learner.state import Batch, LearnerState
+from continuity.learner import ewc as ewc_lib
+from continuity.learner.config import EWCConfig
+from continuity.learner.fisher import model_fisher
+from continuity.learner.state import Batch, LearnerState, StepTotals
+from continuity.learner.tasks import Task
+from continuity.replay import ReplayPolicy
+from continuity.replay.state import rows_where
 
 # Rows per evaluation dispatch: whole probes in large chunks (~20% faster than 512 on the
 # CPU), the rest, and the few new rows the guard's cached models see, in small ones. Two
@@ -38,23 +47,31 @@ from continuity.learner.state import Batch, LearnerState
 EVAL_BATCH, EVAL_BATCH_SMALL = 2048, 512
 FISHER_CHUNK = 32
 
+ModelFactory = Callable[..., nnx.Module]  # factory(rngs=, inputs=, outputs=) -> nnx.Module
+
 
 class Evaluation(NamedTuple):
     """Per-example results, host NumPy: paired tests compare two models row by row.
 
-    Regression has no right or wrong answer: there `correct` is None, `loss` is the
-    squared error (f(x) - y)^2 and `predicted` the model's output f(x), float32.
+    `outcome` is what the task's guard pairs (Task.outcome): right or wrong (bool), or a
+    loss (float32, then the same figures as `loss`).
     """
 
-    correct: np.ndarray | None  # shape=(N,), bool; None for regression
-    loss: np.ndarray  # shape=(N,), float32: cross-entropy, or squared error for regression
-    predicted: np.ndarray  # shape=(N,), int32 class; float32 output for regression
+    outcome: np.ndarray  # shape=(N,), bool (right/wrong) or float32 (a loss)
+    loss: np.ndarray  # shape=(N,), float32: the task's per-example loss
+    predicted: np.ndarray  # shape=(N, ...): Task.predict (a class, a number, a multi-hot vector)
+
+    @property
+    def correct(self) -> np.ndarray | None:
+        """Right or wrong per example; None for a task whose outcome is a loss."""
+        return self.outcome if self.outcome.dtype == np.bool_ else None
 
     @property
     def accuracy(self) -> float:
-        if self.correct is None:
-            raise ValueError("accuracy is undefined for regression; use `mean_loss`.")
-        return float(self.correct.mean()) if self.correct.size else float("nan")
+        correct = self.correct
+        if correct is None:
+            raise ValueError("accuracy is undefined for a task whose outcome is a loss; use `mean_loss`.")
+        return float(correct.mean()) if correct.size else float("nan")
 
     @property
     def mean_loss(self) -> float:
@@ -68,16 +85,27 @@ class _Gradients(NamedTuple):
     fresh_loss: jax.Array  # shape=()
     replay_loss: jax.Array  # shape=()
     penalty: jax.Array  # shape=()
-    score: jax.Array  # shape=(), correct fresh rows (classification) or their squared error (regression)
+    score: jax.Array  # shape=(), the task's outcomes summed over the fresh rows (right answers, or losses)
     fresh_losses: jax.Array  # shape=(B,), per fresh row: finds the rows that make a step non-finite
     grads: dict  # like params
     grad_norm: jax.Array  # shape=(), the global norm of grads
     rows: jax.Array  # shape=(B,), bool: the fresh rows this pass trained on
 
 
-def _zero_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
-    """x with every row not in `rows` set to 0 (whatever it held: NaN, Inf, garbage)."""
-    return jnp.where(rows.reshape(-1, *([1] * (x.ndim - 1))), x, jnp.zeros((), x.dtype))
+def _zero_rows(x, rows: jax.Array):
+    """Features `x` (an array or a dict of arrays) with every row not in `rows` set to 0,
+    whatever it held: NaN, Inf, garbage. Each leaf keeps its dtype."""
+    return jax.tree.map(lambda leaf: rows_where(rows, jnp.asarray(leaf), 0), x)
+
+
+def _finite_rows(tree, rows: int) -> jax.Array:
+    """shape=(rows,), bool: the rows whose floating-point entries, in every leaf, are finite."""
+    finite = jnp.ones((rows,), bool)
+    for leaf in jax.tree.leaves(tree):
+        leaf = jnp.asarray(leaf)
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            finite = finite & jnp.isfinite(leaf).reshape(rows, -1).all(axis=1)
+    return finite
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -85,56 +113,121 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     return total / jnp.maximum(jnp.sum(mask), 1).astype(values.dtype)
 
 
-def _make_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
-    if config.optimizer == "adam":
-        return optax.adam(config.learning_rate)
-    return optax.sgd(config.learning_rate)
+def _feature_specs(inputs) -> Any:
+    """`inputs` as a PyTree of jax.ShapeDtypeStruct, or ValueError saying what is accepted."""
+    leaves, treedef = jax.tree.flatten(inputs, is_leaf=lambda v: hasattr(v, "shape") and hasattr(v, "dtype"))
+    if not leaves or not all(hasattr(v, "shape") and hasattr(v, "dtype") for v in leaves):
+        raise ValueError(
+            "`inputs` must describe one example's features: a jax.ShapeDtypeStruct, or a dict of them "
+            f"(e.g. {{'tokens': jax.ShapeDtypeStruct((16,), jnp.int32)}}). Got {inputs!r}."
+        )
+    return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(tuple(v.shape), v.dtype) for v in leaves])
 
 
 class Learner:
-    """Binds a `LearnerConfig` to a model definition, an optimizer and a replay policy.
+    """Binds a model, an optimizer, a task and (optionally) replay and EWC into compiled functions.
 
-    `num_classes`: the number of classes for `config.task` "classification" (>= 2); None
-    for "regression" (one output; labels are float32 targets, see `label_dtype`).
+    `model`: an `nnx.Module`, or a factory called as `model(rngs=nnx.Rngs(seed),
+    inputs=inputs, outputs=task.outputs)` that returns one; with a factory `init(seed)`
+    builds fresh parameters per seed, with a module every seed starts from its parameters.
+    The learner trains the module's `nnx.Param` variables; any other variable (an RNG
+    stream, a batch statistic) stays as built.
+    `inputs`: one example's features, a `jax.ShapeDtypeStruct` or a dict of them; batches
+    must match (integer features stay integers all the way into the model).
+    `replay`: a policy from `continuity.replay`, or None; `replay_batch_size` rows of it
+    join every step's loss; `asymmetric` applies ER-ACE where the task has classes.
+    `ewc`: an `EWCConfig` (online EWC, Schwarz et al. 2018), or None for no penalty.
 
     It owns the compiled functions; the state it creates and updates is a plain PyTree.
     Call `train_step` from one thread at a time: it donates (consumes) the state passed in.
     """
 
-    def __init__(self, config: LearnerConfig, example_shape: tuple[int, ...], num_classes: int | None = None):
-        if config.regression and num_classes is not None:
-            raise ValueError(
-                f"`num_classes` must be None for learner.task 'regression' (targets are numbers, "
-                f"not classes). Got {num_classes!r}."
-            )
-        if not config.regression and (not isinstance(num_classes, (int, np.integer)) or num_classes < 2):
-            raise ValueError(
-                f"`num_classes` must be an integer >= 2 for learner.task 'classification'. Got {num_classes!r}."
-            )
-        self.config = config
-        self.regression = config.regression
-        self.example_shape = tuple(example_shape)
-        self.num_classes = None if num_classes is None else int(num_classes)
-        self.label_dtype = np.dtype(np.float32 if self.regression else np.int32)  # of Batch.y and evaluate's y
-        # One output for regression; checked above: num_classes is None exactly then.
-        self.outputs = 1 if self.num_classes is None else self.num_classes
-        self._likelihood = "gaussian" if self.regression else "categorical"  # for the EWC Fisher
-        graphdef, _ = nnx.split(build_model(config.model, self.example_shape, self.outputs, seed=0))
-        self._graphdef = graphdef
-        self.optimizer = _make_optimizer(config)
-        self.replay = replay.make(config.replay.kind, config.replay.capacity) if config.replay.enabled else None
+    def __init__(
+        self,
+        model: nnx.Module | ModelFactory,
+        optimizer: optax.GradientTransformation,
+        task: Task,
+        *,
+        inputs,
+        batch_size: int,
+        replay: ReplayPolicy | None = None,
+        replay_batch_size: int = 16,
+        asymmetric: bool = True,
+        ewc: EWCConfig | None = None,
+    ):
+        if not isinstance(task, Task):
+            raise ValueError(f"`task` must be a continuity.learner.Task (e.g. Classification(10)). Got {task!r}.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be an integer >= 1. Got {batch_size!r}.")
+        if not isinstance(replay_batch_size, int) or replay_batch_size < 1:
+            raise ValueError(f"`replay_batch_size` must be an integer >= 1. Got {replay_batch_size!r}.")
+        if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+            raise ValueError(f"`optimizer` must be an optax.GradientTransformation. Got {optimizer!r}.")
+        self.task = task
+        self.inputs = _feature_specs(inputs)
+        self.batch_size = batch_size
+        self.optimizer = optimizer
+        self.replay = replay
+        self.replay_batch_size = replay_batch_size
+        self.asymmetric = asymmetric
+        self.ewc = ewc
+        self._factory = None if isinstance(model, nnx.Module) else model
+        module = self._build(0) if self._factory is not None else model
+        self._graphdef, params, *rest = nnx.split(module, nnx.Param, ...)
+        self._rest = tuple(r for r in rest if len(r))  # variables that are not trained (none for the presets)
+        self._module_params = None if self._factory is not None else nnx.to_pure_dict(params)
+        self._model_name = type(module).__name__
+        self._param_shapes = jax.eval_shape(lambda: nnx.to_pure_dict(params))
+        if replay is not None:  # its checks, now rather than at the first init()
+            jax.eval_shape(lambda: replay.init(self.inputs, task.labels, task.replay_buckets))
         self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
         self._fresh = jax.jit(self._fresh_state)  # built once: a new jit per init() would recompile
         self._evaluate_chunk = jax.jit(self._evaluate_rows)
         self._consolidate = jax.jit(self._consolidate_state, donate_argnums=(0,))
         self._consolidate_from_replay = jax.jit(self._consolidate_from_replay_state, donate_argnums=(0,))
+        self._take_totals = jax.jit(lambda s: (s.totals, s.replace(totals=StepTotals.zeros())), donate_argnums=(0,))
+
+    def _build(self, seed: int) -> nnx.Module:
+        factory = self._factory
+        if factory is None:
+            raise RuntimeError("the learner was given a module, not a factory")
+        module = factory(rngs=nnx.Rngs(seed), inputs=self.inputs, outputs=self.task.outputs)
+        if not isinstance(module, nnx.Module):
+            raise ValueError(f"the model factory {factory!r} must return an nnx.Module. Got {type(module).__name__}.")
+        return module
+
+    @property
+    def label_dtype(self) -> np.dtype:
+        return self.task.label_dtype
+
+    def describe(self) -> dict:
+        """What decides this learner's program, as JSON-able data (the optimizer excepted: an
+        optax transformation does not say what it is). A training loop digests it when it is
+        not told the config the learner was built from."""
+
+        def shapes(tree) -> list[str]:
+            leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+            return [f"{jax.tree_util.keystr(path)}: {leaf.dtype}{list(leaf.shape)}" for path, leaf in leaves]
+
+        replay = self.replay
+        return {
+            "model": [self._model_name, *shapes(self._param_shapes)],
+            "inputs": shapes(self.inputs),
+            "task": repr(self.task),
+            "batch_size": self.batch_size,
+            "replay": None if replay is None else [replay.add.__qualname__, replay.capacity, self.replay_batch_size],
+            "asymmetric": self.asymmetric,
+            "ewc": None if self.ewc is None else dataclasses.asdict(self.ewc),
+        }
 
     # ---- state -------------------------------------------------------------------------
 
     def init(self, seed: int) -> LearnerState:
         """A fresh state: parameters from `seed`, empty replay, no consolidation yet."""
-        model = build_model(self.config.model, self.example_shape, self.outputs, seed=seed)
-        params = nnx.to_pure_dict(nnx.state(model))
+        if self._factory is not None:
+            params = nnx.to_pure_dict(nnx.state(self._build(seed), nnx.Param))
+        else:
+            params = jax.tree.map(jnp.copy, self._module_params)
         # Built under jit so every leaf is its own buffer: eager constructors may share one
         # array between leaves (a zero counter, say), and donation refuses a buffer twice.
         state = self._fresh(params, jax.random.PRNGKey(seed))
@@ -143,40 +236,51 @@ class Learner:
         return jax.device_put(state, jax.devices()[0])
 
     def _fresh_state(self, params, rng) -> LearnerState:
+        task = self.task
         return LearnerState(
             step=jnp.zeros((), jnp.int32),
             rng=rng,
             params=params,
             opt_state=self.optimizer.init(params),
-            replay=self.replay.init(self.example_shape, self.num_classes) if self.replay else None,  # None: targets
-            ewc=ewc.init(params, self.config.ewc.strength if self.config.ewc.enabled else 0.0),
+            replay=self.replay.init(self.inputs, task.labels, task.replay_buckets) if self.replay else None,
+            ewc=ewc_lib.init(params, self.ewc.strength if self.ewc is not None else 0.0),
             skipped_updates=jnp.zeros((), jnp.int32),
             nonfinite_rows=jnp.zeros((), jnp.int32),
+            totals=StepTotals.zeros(),
         )
 
-    def logits(self, params, x: jax.Array) -> jax.Array:
-        return nnx.merge(self._graphdef, params)(x)
+    def _module(self, params) -> nnx.Module:
+        return cast(nnx.Module, nnx.merge(self._graphdef, params, *self._rest))
+
+    def logits(self, params, x) -> jax.Array:
+        """The model's outputs for a batch `x` (an array or a dict of arrays, leading batch axis)."""
+        return self._module(params)(x)
+
+    def take_totals(self, state: LearnerState) -> tuple[StepTotals, LearnerState]:
+        """The step totals gathered since the last take (device arrays), and the state with them
+        zeroed. Consumes `state`; one small dispatch, no copy of the rest."""
+        return self._take_totals(state)
 
     # ---- the step ----------------------------------------------------------------------
 
     def _train_step(self, state: LearnerState, batch: Batch) -> tuple[LearnerState, dict]:
         """One update. Metrics (device scalars): loss, fresh_loss, replay_loss, ewc_penalty,
         grad_norm, examples (fresh rows trained), nonfinite_rows (fresh rows masked out for a
-        non-finite loss or input), finite, and for classification `correct` (fresh rows
-        predicted right, before the update) or for regression `squared_error` (the sum of
-        (f(x) - y)^2 over the fresh rows, before the update)."""
+        non-finite loss or input), finite, and `outcomes`: the task's per-example outcomes
+        summed over the fresh rows before the update (right answers, or losses)."""
+        task = self.task
         key = jax.random.fold_in(state.rng, state.step)
         sample_key, insert_key = jax.random.split(key)
         mask = jnp.asarray(batch.mask, bool)
+        batch_rows = mask.shape[0]
         # Padding rows may hold anything; zero them so a NaN there cannot reach a gradient.
-        x = _zero_rows(jnp.asarray(batch.x), mask)
-        y = jnp.where(mask, batch.y.astype(self.label_dtype), 0)
+        # Each feature keeps its dtype: integer ids are never cast to float.
+        x = _zero_rows(jax.tree.map(lambda leaf, spec: jnp.asarray(leaf, spec.dtype), batch.x, self.inputs), mask)
+        y = rows_where(mask, jnp.asarray(batch.y).astype(task.label_dtype), 0)
         replayed = (
-            self.replay.sample(state.replay, sample_key, self.config.replay.batch_size)
-            if self.replay is not None
-            else None
+            self.replay.sample(state.replay, sample_key, self.replay_batch_size) if self.replay is not None else None
         )
-        rows_finite = jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+        inputs_finite = _finite_rows(x, batch_rows)
 
         def finite(step: _Gradients) -> jax.Array:
             # One reduction serves both: any NaN/Inf gradient makes the global norm non-finite
@@ -188,8 +292,8 @@ class Learner:
             # A second attempt leaves out the rows whose loss or input was non-finite. Their inputs
             # are zeroed, not just masked: a NaN that enters the forward pass reaches the gradient
             # through jnp.where's untaken branch (0 * NaN = NaN in the backward pass).
-            rows = jnp.where(tries == 0, mask, last.rows & jnp.isfinite(last.fresh_losses) & rows_finite)
-            return tries + 1, self._gradients(state, _zero_rows(x, rows), jnp.where(rows, y, 0), rows, replayed)
+            rows = jnp.where(tries == 0, mask, last.rows & jnp.isfinite(last.fresh_losses) & inputs_finite)
+            return tries + 1, self._gradients(state, _zero_rows(x, rows), rows_where(rows, y, 0), rows, replayed)
 
         def again(carry: tuple[jax.Array, _Gradients]) -> jax.Array:
             tries, last = carry
@@ -210,64 +314,72 @@ class Learner:
         opt_state = keep(opt_state, state.opt_state)
         masked = jnp.sum(mask & ~step.rows, dtype=jnp.int32)
         replay_state = (
-            self.replay.add(state.replay, x, y, step.rows & ok, insert_key)  # masked rows are never inserted
+            # masked rows are never inserted
+            self.replay.add(state.replay, x, y, step.rows & ok, insert_key, task.replay_bucket(y))
             if self.replay is not None
             else None
         )
+        trained = jnp.sum(step.rows, dtype=jnp.int32)
         metrics = {
             "loss": step.loss,
             "fresh_loss": step.fresh_loss,
             "replay_loss": step.replay_loss,
             "ewc_penalty": step.penalty,
             "grad_norm": step.grad_norm,
-            "examples": jnp.sum(step.rows),
+            "examples": trained,
             "nonfinite_rows": masked,
-            ("squared_error" if self.regression else "correct"): step.score,
+            "outcomes": step.score,
             "finite": ok,
         }
+        skipped = (~ok).astype(jnp.int32)
+        totals = state.totals
         new_state = state.replace(
             step=state.step + 1,
             params=params,
             opt_state=opt_state,
             replay=replay_state,
-            skipped_updates=state.skipped_updates + (~ok).astype(jnp.int32),
+            skipped_updates=state.skipped_updates + skipped,
             nonfinite_rows=state.nonfinite_rows + masked,
+            totals=StepTotals(
+                steps=totals.steps + 1,
+                skipped=totals.skipped + skipped,
+                loss=totals.loss + jnp.where(ok, step.loss, 0.0),
+                grad_norm=totals.grad_norm + jnp.where(ok, step.grad_norm, 0.0),
+                fresh_rows=totals.fresh_rows + trained,
+                replayed_rows=totals.replayed_rows
+                + (jnp.sum(replayed[2], dtype=jnp.int32) if replayed is not None else jnp.zeros((), jnp.int32)),
+            ),
         )
         return new_state, metrics
 
     def _gradients(self, state: LearnerState, x, y, rows, replayed) -> _Gradients:
         """Loss and gradients over the fresh `rows` of (x, y) (others zeroed), the replayed rows and EWC."""
-        config = self.config
-        fresh_rows = x.shape[0]
+        task = self.task
+        fresh_rows = rows.shape[0]
         if replayed is not None:
             replay_x, replay_y, replay_valid = replayed
-            x_all = jnp.concatenate([x, replay_x.astype(x.dtype)])
+            x_all = jax.tree.map(lambda fresh, old: jnp.concatenate([fresh, old.astype(fresh.dtype)]), x, replay_x)
             y_all = jnp.concatenate([y, replay_y])
         else:
             x_all, y_all = x, y
 
-        if replayed is not None and config.replay.asymmetric and not self.regression:
-            present = jnp.zeros(self.num_classes, bool).at[y].max(rows)  # classes in the fresh rows
-        else:
-            present = None
+        present = task.classes_present(y, rows) if replayed is not None and self.asymmetric else None
 
         def loss_fn(params):
             outputs = self.logits(params, x_all)
             fresh_outputs = outputs[:fresh_rows]
             if present is not None:
-                fresh_outputs = jnp.where(present, fresh_outputs, jnp.finfo(fresh_outputs.dtype).min)
-            fresh_losses = self._example_losses(fresh_outputs, y)
+                fresh_outputs = task.only_present(fresh_outputs, present)
+            fresh_losses = task.example_losses(fresh_outputs, y)
             fresh_loss = _masked_mean(fresh_losses, rows)
             replay_loss = (
-                _masked_mean(self._example_losses(outputs[fresh_rows:], y_all[fresh_rows:]), replay_valid)
+                _masked_mean(task.example_losses(outputs[fresh_rows:], y_all[fresh_rows:]), replay_valid)
                 if replayed is not None
                 else jnp.zeros(())
             )
-            penalty = ewc.penalty(params, state.ewc) if config.ewc.enabled else jnp.zeros(())
-            if self.regression:
-                score = jnp.sum(jnp.where(rows, fresh_losses, 0.0))  # squared error
-            else:
-                score = jnp.sum(jnp.where(rows, jnp.argmax(outputs[:fresh_rows], -1) == y, False))  # all classes
+            penalty = ewc_lib.penalty(params, state.ewc) if self.ewc is not None else jnp.zeros(())
+            outcomes = task.outcomes(outputs[:fresh_rows], y, fresh_losses)
+            score = jnp.sum(jnp.where(rows, outcomes, jnp.zeros((), outcomes.dtype)))
             return fresh_loss + replay_loss + penalty, (fresh_loss, replay_loss, penalty, score, fresh_losses)
 
         (loss, (fresh_loss, replay_loss, penalty, score, fresh_losses)), grads = jax.value_and_grad(
@@ -277,102 +389,101 @@ class Learner:
             loss, fresh_loss, replay_loss, penalty, score, fresh_losses, grads, optax.tree.norm(grads), rows
         )
 
-    def _example_losses(self, outputs: jax.Array, y: jax.Array) -> jax.Array:
-        """The task's loss per example: squared error of the one output, or softmax cross-entropy."""
-        if self.regression:
-            return jnp.square(outputs[:, 0] - y)
-        return optax.softmax_cross_entropy_with_integer_labels(outputs, y)
-
     # ---- evaluation --------------------------------------------------------------------
 
     def _evaluate_rows(self, params, x, y):
+        task = self.task
         outputs = self.logits(params, x)
-        loss = self._example_losses(outputs, y)
-        if self.regression:
-            return None, loss, outputs[:, 0]
-        predicted = jnp.argmax(outputs, -1).astype(jnp.int32)
-        return predicted == y, loss, predicted
+        loss = task.example_losses(outputs, y)
+        return task.outcomes(outputs, y, loss), loss, task.predict(outputs)
 
-    def evaluate(self, params, x: np.ndarray, y: np.ndarray) -> Evaluation:
-        """Per-example correctness, loss and prediction of `params` on (x, y), in fixed-size chunks.
+    def evaluate(self, params, x, y: np.ndarray) -> Evaluation:
+        """Per-example outcome, loss and prediction of `params` on (x, y), in fixed-size chunks.
 
-        For regression `correct` is None and the loss is the squared error (see `Evaluation`).
+        `x`: an array, or a dict of arrays, with one row per example.
         """
-        n = len(x)
+        n = len(y)
         y = np.asarray(y, self.label_dtype)
+        x = jax.tree.map(lambda leaf, spec: np.asarray(leaf, spec.dtype), x, self.inputs)
         outputs = []
         start = 0
         while start < n:
             rows = EVAL_BATCH if n - start >= EVAL_BATCH else EVAL_BATCH_SMALL
-            xc, yc = _pad_rows(x[start : start + rows], rows), _pad_rows(y[start : start + rows], rows)
-            outputs.append(self._evaluate_chunk(params, xc, yc))
+            part = slice(start, start + rows)
+            xc = jax.tree.map(functools.partial(_pad_rows, rows=rows), _rows(x, part))
+            outputs.append(self._evaluate_chunk(params, xc, _pad_rows(y[part], rows)))
             start += rows
         if not outputs:
-            return Evaluation(
-                None if self.regression else np.zeros(0, bool), np.zeros(0, np.float32), np.zeros(0, self.label_dtype)
-            )
-        loss, predicted = (np.concatenate([np.asarray(o[i]) for o in outputs])[:n] for i in (1, 2))
-        correct = None if self.regression else np.concatenate([np.asarray(o[0]) for o in outputs])[:n]
-        return Evaluation(correct, loss, predicted)
+            shapes = jax.eval_shape(self._evaluate_rows, params, *self._example_rows(1))
+            return Evaluation(*(np.zeros((0, *s.shape[1:]), s.dtype) for s in shapes))
+        outcome, loss, predicted = (np.concatenate([np.asarray(o[i]) for o in outputs])[:n] for i in range(3))
+        return Evaluation(outcome, loss, predicted)
+
+    def _example_rows(self, rows: int):
+        """Zero features and labels for `rows` examples (for shapes)."""
+        x = jax.tree.map(lambda spec: jnp.zeros((rows, *spec.shape), spec.dtype), self.inputs)
+        return x, jnp.zeros((rows, *self.task.labels.shape), self.task.labels.dtype)
 
     # ---- consolidation (online EWC) -----------------------------------------------------
 
     def fisher(self, params, x, y, mask):
         """The empirical Fisher diagonal at `params` over the rows of (x, y) where `mask` is set.
 
-        An MLP (dense layers only) gets it in one backward pass (`ewc.fisher_diagonal_dense`);
-        other models from per-example gradients. Same figures up to float rounding.
+        The model's dense layers get it in one backward pass, other layers from per-example
+        gradients (learner/fisher.py). Same figures up to float rounding.
         """
-        if self.config.model.kind == "mlp":
-            return ewc.fisher_diagonal_dense(self._squared_grad_logits, params, x, y, mask, likelihood=self._likelihood)
-        return ewc.fisher_diagonal(self.logits, params, x, y, mask, chunk=FISHER_CHUNK, likelihood=self._likelihood)
+        return model_fisher(self._module, self.task.nll, params, x, y, mask, chunk=FISHER_CHUNK)
 
-    def _squared_grad_logits(self, params, x: jax.Array) -> jax.Array:
-        return nnx.merge(self._graphdef, params)(x, linear=ewc.squared_grad_linear)
+    def _ewc_config(self) -> EWCConfig:
+        if self.ewc is None:
+            raise ValueError("consolidate needs EWC: this learner was built with ewc=None.")
+        return self.ewc
 
     def _consolidate_state(self, state: LearnerState, x, y, mask) -> LearnerState:
         # A row the model cannot score finitely (an input, output or target that is NaN or Inf)
         # would make the Fisher, then the EWC penalty and every later step, non-finite: it is
         # left out, as the train step leaves it out. One more forward pass per consolidation.
-        x = _zero_rows(jnp.asarray(x), mask)
+        rows = mask.shape[0]
+        x = _zero_rows(x, mask)
+        y = jnp.asarray(y)
         outputs = self.logits(state.params, x)
-        usable = (
-            mask
-            & jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
-            & jnp.isfinite(outputs).all(axis=-1)
-            & jnp.isfinite(jnp.asarray(y))  # a regression target; always true of class ids
-        )
-        fisher = self.fisher(state.params, _zero_rows(x, usable), jnp.where(usable, y, 0), usable)
-        return state.replace(ewc=ewc.consolidate(state.ewc, state.params, fisher, self.config.ewc.gamma))
+        usable = mask & _finite_rows(x, rows) & _finite_rows(outputs, rows) & _finite_rows(y, rows)
+        fisher = self.fisher(state.params, _zero_rows(x, usable), rows_where(usable, y, 0), usable)
+        return state.replace(ewc=ewc_lib.consolidate(state.ewc, state.params, fisher, self._ewc_config().gamma))
 
     def _consolidate_from_replay_state(self, state: LearnerState) -> LearnerState:
-        n = _round_up(self.config.ewc.fisher_samples, FISHER_CHUNK)
+        n = _round_up(self._ewc_config().fisher_samples, FISHER_CHUNK)
         key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x46495348)  # "FISH"
         if self.replay is None:  # consolidate() checks this before tracing here
             raise ValueError("consolidate needs examples (x, y) when replay is off.")
         x, y, valid = self.replay.sample(state.replay, key, n)
         return self._consolidate_state(state, x, y, valid)
 
-    def consolidate(
-        self, state: LearnerState, x: np.ndarray | None = None, y: np.ndarray | None = None
-    ) -> LearnerState:
+    def consolidate(self, state: LearnerState, x=None, y: np.ndarray | None = None) -> LearnerState:
         """Anchor EWC at the current params and fold a fresh Fisher into the running one.
 
         The Fisher comes from (x, y) when given (up to `ewc.fisher_samples` rows), else from
         that many replay samples. Consumes `state`.
         """
-        if x is None:
+        config = self._ewc_config()
+        if x is None or y is None:
             if self.replay is None:
                 raise ValueError("consolidate needs examples (x, y) when replay is off.")
             return self._consolidate_from_replay(state)
-        n = _round_up(self.config.ewc.fisher_samples, FISHER_CHUNK)
-        x, y = np.asarray(x)[:n], np.asarray(y, self.label_dtype)[:n]
-        mask = np.arange(n) < len(x)
-        return self._consolidate(state, _pad_rows(x, n), _pad_rows(y, n), mask)
+        n = _round_up(config.fisher_samples, FISHER_CHUNK)
+        y = np.asarray(y, self.label_dtype)[:n]
+        x = jax.tree.map(lambda leaf, spec: _pad_rows(np.asarray(leaf, spec.dtype)[:n], n), x, self.inputs)
+        mask = np.arange(n) < len(y)
+        return self._consolidate(state, x, _pad_rows(y, n), mask)
 
 
 def _round_up(n: int, multiple: int) -> int:
     return multiple * math.ceil(n / multiple)
+
+
+def _rows(x, index):
+    """The rows `index` selects of features `x` (an array, or a dict of arrays)."""
+    return jax.tree.map(lambda a: a[index], x)
 
 
 def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:

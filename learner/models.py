@@ -1,8 +1,13 @@
-"""Flax NNX networks chosen by config: an MLP over flattened features and a small CNN.
+"""The built-in model presets, `mlp` and `cnn`: model factories like any user's.
 
-Models are built once and split (`nnx.split`) into a static graph definition and a plain
-dict of parameters; the jitted step merges them back. The functional form dispatches
-faster than `nnx.jit` and keeps the learner state a plain PyTree that Orbax saves whole.
+A model factory is called with keyword arguments `rngs` (an `nnx.Rngs`), `inputs` (one
+example's features: a `jax.ShapeDtypeStruct`, or a dict of them) and `outputs` (the
+task's output width), plus its own options, and returns an `nnx.Module` mapping a batch
+of examples to outputs of shape (batch, outputs). The learner calls it once per seed, so
+`init(seed)` gets fresh parameters.
+
+The presets take one feature array: an MLP over the flattened example, a small CNN over
+(height, width, channels) images. Named (dict) features need a model of one's own.
 """
 
 from __future__ import annotations
@@ -13,30 +18,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from continuity.learner.config import ModelConfig
-
 
 class MLP(nnx.Module):
-    """ReLU MLP over the flattened example.
-
-    `linear(x, kernel, bias)`, when given, replaces every layer's affine map: the EWC
-    Fisher passes `ewc.squared_grad_linear` to get per-example squared gradients in one
-    backward pass (an MLP is dense layers only, which that needs).
-    """
+    """ReLU MLP over the flattened example."""
 
     def __init__(self, in_features: int, hidden: tuple[int, ...], outputs: int, *, rngs: nnx.Rngs):
         widths = (in_features, *hidden)
         self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
         self.head = nnx.Linear(widths[-1], outputs, rngs=rngs)
 
-    def __call__(self, x: jax.Array, linear=None) -> jax.Array:
-        def affine(layer, x):
-            return layer(x) if linear is None else linear(x, layer.kernel[...], layer.bias[...])
-
+    def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], -1)
         for layer in self.hidden:
-            x = jax.nn.relu(affine(layer, x))
-        return affine(self.head, x)
+            x = jax.nn.relu(layer(x))
+        return self.head(x)
 
 
 class CNN(nnx.Module):
@@ -66,15 +61,37 @@ class CNN(nnx.Module):
         return self.head(jax.nn.relu(self.dense(x)))
 
 
-def build_model(config: ModelConfig, example_shape: tuple[int, ...], outputs: int, seed: int) -> nnx.Module:
-    """The model `config` names, for examples of `example_shape`, with `outputs` output units
-    (one logit per class for classification, 1 for regression)."""
-    if not isinstance(outputs, int) or outputs < 1:
+def mlp(*, rngs: nnx.Rngs, inputs: jax.ShapeDtypeStruct, outputs: int, hidden: tuple[int, ...] = (256, 256)) -> MLP:
+    """The `mlp` preset: ReLU layers of widths `hidden` over the flattened example."""
+    return MLP(math.prod(_one_array("mlp", inputs).shape), tuple(hidden), _outputs(outputs), rngs=rngs)
+
+
+def cnn(
+    *,
+    rngs: nnx.Rngs,
+    inputs: jax.ShapeDtypeStruct,
+    outputs: int,
+    channels: tuple[int, ...] = (32, 64),
+    dense: int = 128,
+) -> CNN:
+    """The `cnn` preset: 3x3 convolutions of widths `channels`, each pooled 2x2, then a dense layer."""
+    shape = tuple(_one_array("cnn", inputs).shape)
+    return CNN(shape, tuple(channels), dense, _outputs(outputs), rngs=rngs)
+
+
+def _one_array(preset: str, inputs) -> jax.ShapeDtypeStruct:
+    if not (hasattr(inputs, "shape") and hasattr(inputs, "dtype")):
+        raise ValueError(
+            f"`model.kind` {preset!r} takes one feature array per example; named features "
+            f"({sorted(inputs) if isinstance(inputs, dict) else inputs!r}) need a model of your own."
+        )
+    return inputs
+
+
+def _outputs(outputs) -> int:
+    if not isinstance(outputs, int) or isinstance(outputs, bool) or outputs < 1:
         raise ValueError(f"`outputs` must be an integer >= 1. Got {outputs!r}.")
-    rngs = nnx.Rngs(seed)
-    if config.kind == "mlp":
-        return MLP(math.prod(example_shape), config.hidden, outputs, rngs=rngs)
-    return CNN(tuple(example_shape), config.channels, config.dense, outputs, rngs=rngs)
+    return outputs
 
 
 def count_parameters(params) -> int:

@@ -59,8 +59,8 @@ def class_balanced(capacity: int) -> ReplayPolicy:
     """Class-balancing reservoir sampling (CBRS, Chrysakis & Moens 2020)."""
     capacity = check_capacity(capacity)
 
-    def add(state: ReplayState, x, y, mask, key) -> ReplayState:
-        x, y, valid = valid_rows(state, x, y, mask)
+    def add(state: ReplayState, x, y, mask, key, bucket=None) -> ReplayState:
+        x, y, bucket, valid = valid_rows(state, x, y, mask, bucket)
         num_classes = state.class_counts.shape[0]
         # Each decision depends on the counts the previous row left behind, so rows are
         # processed in order with a scan; a row's randomness comes from fold_in(key, n_i),
@@ -69,9 +69,9 @@ def class_balanced(capacity: int) -> ReplayPolicy:
         row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, offered)
 
         def offer(buffer: ReplayState, row):
-            xi, yi, vi, ki = row
+            xi, yi, bi, vi, ki = row
             class_key, slot_key, accept_key = jax.random.split(ki, 3)
-            label = jnp.where(vi, yi, 0)  # a safe index for ignored rows
+            label = jnp.where(vi, bi, 0)  # the row's class; a safe index for ignored rows
             class_seen = saturating_add(buffer.class_seen, vi & (jnp.arange(num_classes) == label))
             counts = buffer.class_counts
             full = buffer.size >= capacity
@@ -81,25 +81,26 @@ def class_balanced(capacity: int) -> ReplayPolicy:
             # A class that is not full takes a slot from a largest class; a full class
             # competes only with itself (Algorithm R within the class: accept w.p. m_c / n_c).
             victim_class = jnp.where(own_class_full, label, _pick_uniform(is_largest, class_key))
-            victim_slot = _pick_uniform(buffer.y == victim_class, slot_key)
+            victim_slot = _pick_uniform(buffer.bucket == victim_class, slot_key)
             draw = jax.random.randint(accept_key, (), 0, jnp.maximum(class_seen[label], 1))
             accept = ~own_class_full | (draw < counts[label])
             slot = jnp.where(full, jnp.where(accept, victim_slot, capacity), buffer.size)
             written = vi & (slot < capacity)
             evicted = written & full
-            counts = counts.at[buffer.y[jnp.minimum(slot, capacity - 1)]].add(-evicted.astype(jnp.int32))
+            counts = counts.at[buffer.bucket[jnp.minimum(slot, capacity - 1)]].add(-evicted.astype(jnp.int32))
             counts = counts.at[label].add(written.astype(jnp.int32))
             slot = jnp.where(written, slot, capacity)  # out of range: the scatter drops it
             return buffer._replace(
-                x=buffer.x.at[slot].set(xi, mode="drop"),
-                y=buffer.y.at[slot].set(label, mode="drop"),
+                x=jax.tree.map(lambda stored, value: stored.at[slot].set(value, mode="drop"), buffer.x, xi),
+                y=buffer.y.at[slot].set(yi, mode="drop"),
+                bucket=buffer.bucket.at[slot].set(label, mode="drop"),
                 size=buffer.size + (written & ~full).astype(jnp.int32),
                 class_counts=counts,
                 class_seen=class_seen,
                 full_classes=full_classes,
             ), None
 
-        state, _ = jax.lax.scan(offer, state, (x, y, valid, row_keys))
+        state, _ = jax.lax.scan(offer, state, (x, y, bucket, valid, row_keys))
         return state._replace(seen=saturating_add(state.seen, jnp.sum(valid, dtype=jnp.int32)))
 
-    return ReplayPolicy(init=make_init(capacity, needs_classes=True), add=add, sample=sample_uniform, capacity=capacity)
+    return ReplayPolicy(init=make_init(capacity, min_buckets=2), add=add, sample=sample_uniform, capacity=capacity)

@@ -26,9 +26,9 @@ def fifo(capacity: int) -> ReplayPolicy:
     """Keep the newest `capacity` examples (ring buffer; `key` is accepted and unused)."""
     capacity = check_capacity(capacity)
 
-    def add(state: ReplayState, x, y, mask, key) -> ReplayState:
+    def add(state: ReplayState, x, y, mask, key, bucket=None) -> ReplayState:
         del key  # FIFO is deterministic; the argument keeps the policy interface uniform.
-        x, y, valid = valid_rows(state, x, y, mask)
+        x, y, bucket, valid = valid_rows(state, x, y, mask, bucket)
         batch = y.shape[0]
         rank = jnp.cumsum(valid, dtype=jnp.int32) - 1  # order of each valid row in the batch
         total = jnp.sum(valid, dtype=jnp.int32)
@@ -38,11 +38,11 @@ def fifo(capacity: int) -> ReplayPolicy:
         # While filling, cursor == size, so writes extend the prefix [0, size); once full
         # the cursor points at the oldest example, which the next write replaces.
         slots = jnp.where(kept, (state.cursor + rank) % capacity, capacity + jnp.arange(batch))
-        state = write_rows(state, slots, x, y)
+        state = write_rows(state, slots, x, y, bucket)
         return state._replace(
             size=jnp.minimum(state.size + total, capacity),
             seen=saturating_add(state.seen, total),
-            class_seen=saturating_add(state.class_seen, class_histogram(y, valid, state.class_seen.shape[0])),
+            class_seen=saturating_add(state.class_seen, class_histogram(bucket, valid, state.class_seen.shape[0])),
             cursor=(state.cursor + total) % capacity,
         )
 

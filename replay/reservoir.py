@@ -30,12 +30,12 @@ def reservoir(capacity: int) -> ReplayPolicy:
     """Uniform reservoir sampling over the whole stream (Vitter 1985, Algorithm R)."""
     capacity = check_capacity(capacity)
 
-    def add(state: ReplayState, x, y, mask, key) -> ReplayState:
+    def add(state: ReplayState, x, y, mask, key, bucket=None) -> ReplayState:
         # Vectorised Algorithm R. Where the n-th example goes (slot n - 1, or slot
         # j ~ U{0..n-1} if j < capacity) never depends on the buffer's contents, so all
         # rows' slots are drawn at once. Only rows of one batch that land in the same
         # slot need the sequential order, in which the later row overwrites the earlier.
-        x, y, valid = valid_rows(state, x, y, mask)
+        x, y, bucket, valid = valid_rows(state, x, y, mask, bucket)
         batch = y.shape[0]
         offered = offer_numbers(state, valid)  # n_i: row i is the n_i-th example offered
         row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, offered)
@@ -49,12 +49,12 @@ def reservoir(capacity: int) -> ReplayPolicy:
         kept = kept & ~overwritten
         # Dropped rows get distinct out-of-range slots so the scatter's indices are unique.
         slots = jnp.where(kept, slot, capacity + rows)
-        state = write_rows(state, slots, x, y)
+        state = write_rows(state, slots, x, y, bucket)
         total = jnp.sum(valid, dtype=jnp.int32)
         return state._replace(
             size=jnp.minimum(state.size + total, capacity),
             seen=saturating_add(state.seen, total),
-            class_seen=saturating_add(state.class_seen, class_histogram(y, valid, state.class_seen.shape[0])),
+            class_seen=saturating_add(state.class_seen, class_histogram(bucket, valid, state.class_seen.shape[0])),
         )
 
     return ReplayPolicy(init=make_init(capacity), add=add, sample=sample_uniform, capacity=capacity)

@@ -20,6 +20,7 @@ Threading: a Batcher is NOT thread-safe; use it from one thread. Ownership is.
 
 from __future__ import annotations
 
+import functools
 import threading
 import zlib
 from collections import deque
@@ -29,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from continuity.stream.codecs import FeatureSpec
-from continuity.stream.examples import ExampleBlock
+from continuity.stream.examples import ExampleBlock, Features, map_features
 from continuity.stream.records import PartitionKey, PartitionPosition, Positions
 
 NO_SEGMENT = -1  # segment id of examples without a segment, and of padding rows
@@ -38,8 +39,8 @@ NO_SEGMENT = -1  # segment id of examples without a segment, and of padding rows
 class Batch(NamedTuple):
     """A fixed-shape host batch; rows where `mask` is False are padding."""
 
-    x: np.ndarray  # shape=(B, *feature_shape), dtype=float32
-    y: np.ndarray  # shape=(B,), dtype=int32 (classes) or float32 (regression)
+    x: Features  # shape=(B, *feature_shape), dtype=float32 (or a dict of arrays, as decoded)
+    y: np.ndarray  # shape=(B, *label_shape), dtype=int32 (classes) or float32 (numbers)
     mask: np.ndarray  # shape=(B,), dtype=bool
     segment: np.ndarray  # shape=(B,), dtype=int32; NO_SEGMENT for none / padding
     positions: Positions  # where to resume once this batch is trained
@@ -50,6 +51,10 @@ class Batch(NamedTuple):
     def train_mask(self) -> np.ndarray:
         """Rows to train on: real and not held out."""
         return self.mask & ~self.held_out
+
+
+def _put_rows(batch: np.ndarray, given: np.ndarray, *, start: int, count: int) -> None:
+    batch[start : start + count] = given[:count]
 
 
 def _mix64(h: np.ndarray) -> np.ndarray:
@@ -242,9 +247,10 @@ class Batcher:
 
     def _take(self) -> Batch:
         B = self.batch_size  # noqa: N806 - the batch dimension, as in the shapes below
-        spec = self.spec
-        x = np.zeros((B, *spec.shape), np.float32)
-        y = np.zeros((B,), spec.label_dtype)
+        # Shapes and dtypes as decoded (what the codec's spec says): the first block's.
+        first = self._buffer[0][0]
+        x = map_features(lambda a: np.zeros((B, *a.shape[1:]), a.dtype), first.x)
+        y = np.zeros((B, *first.y.shape[1:]), first.y.dtype)
         mask = np.zeros((B,), bool)
         segment = np.full((B,), NO_SEGMENT, np.int32)
         held_out = np.zeros((B,), bool)
@@ -253,7 +259,7 @@ class Batcher:
             block, ids, chosen = self._buffer[0]
             n = min(B - filled, len(block))
             if n:
-                x[filled : filled + n] = block.x[:n]
+                map_features(functools.partial(_put_rows, start=filled, count=n), x, block.x)
                 y[filled : filled + n] = block.y[:n]
                 segment[filled : filled + n] = ids[block.record[:n]]
                 held_out[filled : filled + n] = chosen[:n]

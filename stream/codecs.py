@@ -80,7 +80,8 @@ class CodecError(ValueError):
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """What a valid example looks like: feature shape, wire dtype, classes (None: regression)."""
+    """What a valid example looks like: feature shape, wire dtype, and its label as the learner's
+    task says (Task.label_classes): a class id in [0, num_classes), or, with None, a finite number."""
 
     shape: tuple = (8, 8, 1)
     dtype: str = "float32"
@@ -94,11 +95,9 @@ class FeatureSpec:
         if self.dtype not in _DTYPE_TO_CODE:
             raise CodecError(f"`dtype` must be one of {sorted(_DTYPE_TO_CODE)}. Got {self.dtype!r}")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
-            raise CodecError(f"`num_classes` must be a positive integer or None (regression). Got {self.num_classes!r}")
-
-    @property
-    def regression(self) -> bool:
-        return self.num_classes is None
+            raise CodecError(
+                f"`num_classes` must be a positive integer or None (float labels). Got {self.num_classes!r}"
+            )
 
     @property
     def size(self) -> int:
@@ -106,7 +105,8 @@ class FeatureSpec:
 
     @property
     def label_dtype(self) -> np.dtype:
-        return np.dtype(np.float32) if self.regression else np.dtype(np.int32)
+        """int32 class ids, or float32 numbers."""
+        return np.dtype(np.int32) if self.num_classes is not None else np.dtype(np.float32)
 
 
 # ---------------------------------------------------------------------------- encoding
@@ -339,8 +339,8 @@ class BinaryCodec(Codec):
         super().__init__(spec)
         self._dtype_code = _DTYPE_TO_CODE[spec.dtype]
         self._wire = _WIRE_DTYPES[spec.dtype]
-        self._label_code = LABEL_REGRESSION if spec.regression else LABEL_CLASS
-        self._label_wire = np.dtype("<f4") if spec.regression else np.dtype("<i4")
+        self._label_code = LABEL_CLASS if spec.label_dtype.kind == "i" else LABEL_REGRESSION
+        self._label_wire = spec.label_dtype.newbyteorder("<")
         self._example_bytes = spec.size * self._wire.itemsize
 
     def encode(self, x, y, *, segment=None, key=None) -> bytes:
@@ -364,7 +364,7 @@ class BinaryCodec(Codec):
         if dtype_code != self._dtype_code:
             raise _Reject(f"bad dtype: {DTYPE_CODES.get(dtype_code, f'code {dtype_code}')} != configured {spec.dtype}")
         if label_code != self._label_code:
-            want = "regression targets" if spec.regression else "class ids"
+            want = "class ids" if self._label_code == LABEL_CLASS else "regression targets"
             raise _Reject(f"bad label: label code {label_code}, configured {want}")
         if count < 1:
             raise _Reject("bad header: count is 0")

@@ -3,24 +3,37 @@
 A block keeps per-example arrays (x, y, which record, index within that record) and
 per-record columns (offset, example count, segment, key). Slicing a block and finding
 the Positions reached after any example are vectorised; nothing loops per example.
+
+An example's features are one array or a dict of named arrays (`Features`), each with
+the examples along its first axis; a label may have a shape of its own (a multi-hot
+vector).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from continuity.stream.records import PartitionPosition, Position
 
+Features = np.ndarray | dict[str, np.ndarray]  # one array, or named arrays; examples on axis 0
+
+
+def map_features(f: Callable[..., Any], x: Features, *more: Features) -> Any:
+    """`f` applied to each feature array of `x` (and the same feature of each of `more`)."""
+    if isinstance(x, dict):
+        return {name: f(array, *(other[name] for other in more)) for name, array in x.items()}
+    return f(x, *more)
+
 
 class Example(NamedTuple):
     """One decoded, validated example and where it came from."""
 
-    x: np.ndarray  # shape=feature shape, dtype=float32
-    y: int | float
+    x: Features  # one example's features: shape=feature shape, dtype=float32 (or a dict of arrays)
+    y: int | float | np.ndarray  # a class, a number, or a label array (a multi-hot vector)
     segment: str | None
     key: bytes | None
     position: Position
@@ -35,8 +48,8 @@ class ExampleBlock:
 
     topic: str
     partition: int
-    x: np.ndarray  # shape=(n, *feature_shape), dtype=float32
-    y: np.ndarray  # shape=(n,), dtype=int32 (classes) or float32 (regression)
+    x: Features  # shape=(n, *feature_shape), dtype=float32 (or a dict of such arrays, each its own dtype)
+    y: np.ndarray  # shape=(n, *label_shape), dtype=int32 (classes) or float32 (numbers)
     record: np.ndarray  # shape=(n,), dtype=int32: row in the per-record columns below
     index: np.ndarray  # shape=(n,), dtype=int32: index of the example within its record
     # Per record (r rows): only records that decoded and validated.
@@ -57,7 +70,7 @@ class ExampleBlock:
         return ExampleBlock(
             self.topic,
             self.partition,
-            self.x[start:stop],
+            map_features(lambda a: a[start:stop], self.x),
             self.y[start:stop],
             self.record[start:stop],
             self.index[start:stop],
@@ -86,8 +99,8 @@ class ExampleBlock:
             row = int(self.record[i])
             y = self.y[i]
             yield Example(
-                self.x[i],
-                int(y) if self.y.dtype.kind == "i" else float(y),
+                map_features(lambda a: a[i], self.x),  # noqa: B023 - used at once, within the iteration
+                y if y.ndim else int(y) if self.y.dtype.kind == "i" else float(y),
                 self.segments[row],
                 self.keys[row],
                 Position(self.topic, self.partition, int(self.offsets[row])),
@@ -110,7 +123,7 @@ class ExampleBlock:
         return ExampleBlock(
             first.topic,
             first.partition,
-            np.concatenate([b.x for b in blocks]),
+            map_features(lambda *parts: np.concatenate(parts), *(b.x for b in blocks)),
             np.concatenate([b.y for b in blocks]),
             np.concatenate([b.record + s for b, s in zip(blocks, shift)]).astype(np.int32),
             np.concatenate([b.index for b in blocks]),

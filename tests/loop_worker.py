@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from continuity.checkpoints import CheckpointStore
+from continuity.factory import learner_for
 from continuity.guard import GuardConfig
-from continuity.learner import EWCConfig, Learner, LearnerConfig, ModelConfig, ReplayConfig
+from continuity.learner import EWCConfig, LearnerConfig, ModelConfig, ReplayConfig
 from continuity.loop import StreamInput, TrainingLoop, params_digest
 from continuity.probe import ProbeConfig
 from continuity.stream import FeatureSpec, FileSource, JsonLinesDeadLetters, make_codec
@@ -38,7 +39,7 @@ def build_loop(
         quarantine=JsonLinesDeadLetters(directory / "quarantine.jsonl"),
         live=live,
     )
-    learner = Learner(
+    learner = learner_for(
         LearnerConfig(
             model=ModelConfig(hidden=(64,)),
             replay=ReplayConfig(capacity=256, batch_size=16),

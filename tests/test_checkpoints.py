@@ -30,9 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def learner():
-    from continuity.learner import EWCConfig, Learner, LearnerConfig, ReplayConfig
+    from continuity.factory import learner_for
+    from continuity.learner import EWCConfig, LearnerConfig, ReplayConfig
 
-    return Learner(LearnerConfig(replay=ReplayConfig(capacity=64), ewc=EWCConfig(enabled=True)), (8, 8, 1), 10)
+    return learner_for(LearnerConfig(replay=ReplayConfig(capacity=64), ewc=EWCConfig(enabled=True)), (8, 8, 1), 10)
 
 
 def _batch(seed: int):

@@ -9,7 +9,8 @@ import numpy as np
 import orjson
 import pytest
 
-from continuity.learner import Batch, Learner, LearnerConfig, ModelConfig
+from continuity.factory import learner_for
+from continuity.learner import Batch, LearnerConfig, ModelConfig
 from continuity.stream import BinaryCodec, FeatureSpec, JsonCodec, PartitionRecords, encode_binary
 
 SPEC = FeatureSpec((2, 2), "float32", 3)
@@ -25,7 +26,7 @@ def _records(values) -> PartitionRecords:
 def _decode_between_good_ones(codec, poison: bytes):
     """Decode good, poison, good; return (the one dead letter, the block of the two good ones)."""
     good = [codec.encode(np.asarray(ROW, np.float32), y) for y in (np.int32(1), np.int32(2))]
-    if codec.spec.regression:
+    if codec.spec.num_classes is None:  # regression
         good = [codec.encode(np.asarray(ROW, np.float32), y) for y in (np.float32(1.5), np.float32(-2.0))]
     block, letters = codec.decode(_records([good[0], poison, good[1]]))
     assert [letter.record.position.offset for letter in letters] == [1]
@@ -172,7 +173,7 @@ def test_a_1e300_record_is_dead_lettered_and_the_rest_of_its_batch_trains():
     block, letters = codec.decode(_records(values))
     assert len(letters) == 1 and len(block) == 7
     rows = 8
-    learner = Learner(
+    learner = learner_for(
         LearnerConfig(model=ModelConfig(hidden=(8,)), batch_size=rows),
         SPEC.shape,
         SPEC.num_classes,
@@ -220,7 +221,7 @@ def test_a_record_whose_loss_overflows_is_masked_and_counted_in_the_run_summary(
         dead_letters=dead_letters,
         quarantine=MemoryDeadLetters(),
     )
-    learner = Learner(
+    learner = learner_for(
         LearnerConfig(model=ModelConfig(hidden=(16,)), replay=ReplayConfig(capacity=64, batch_size=8)),
         spec.shape,
         spec.num_classes,

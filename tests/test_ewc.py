@@ -1,14 +1,21 @@
-"""Online EWC: the penalty and its gradient match the formula; the vmap Fisher matches a loop."""
+"""Online EWC: the penalty and its gradient match the formula; every Fisher path matches per-example gradients.
+
+The Fisher of a dense layer applied once per example comes from one backward pass; of any
+other layer (an embedding, a per-token dense layer, a convolution) from per-example
+gradients; the two merge into one tree, found from the model, not from its name.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-from continuity.learner import ewc
+from continuity.factory import learner_for
+from continuity.learner import Classification, Learner, MultiLabel, Regression, ewc
 from continuity.learner.config import EWCConfig, LearnerConfig, ModelConfig
-from continuity.learner.learner import Learner
+from continuity.learner.fisher import dense_leaves, exact_dense_layers
 
 
 def _tiny_tree(rng):
@@ -45,14 +52,14 @@ def test_penalty_is_zero_before_any_consolidation():
 
 @pytest.mark.slow  # a Python loop of per-example gradients
 def test_vmap_fisher_equals_a_per_example_loop():
-    learner = Learner(LearnerConfig(model=ModelConfig(hidden=(5,))), (3, 2), num_classes=4)
+    learner = learner_for(LearnerConfig(model=ModelConfig(hidden=(5,))), (3, 2), 4)
     params = learner.init(0).params
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 3, 2)).astype(np.float32)
     y = rng.integers(0, 4, 64).astype(np.int32)
     mask = rng.random(64) < 0.7
 
-    fisher = ewc.fisher_diagonal(learner.logits, params, x, y, mask, chunk=32)
+    fisher = ewc.fisher_diagonal(learner.logits, learner.task.nll, params, x, y, mask, chunk=32)
 
     def nll(p, xi, yi):
         return optax.softmax_cross_entropy_with_integer_labels(learner.logits(p, xi[None])[0], yi)
@@ -67,10 +74,15 @@ def test_vmap_fisher_equals_a_per_example_loop():
 
 
 def test_fisher_needs_whole_chunks():
-    learner = Learner(LearnerConfig(model=ModelConfig(hidden=(5,))), (3,), num_classes=2)
+    learner = learner_for(LearnerConfig(model=ModelConfig(hidden=(5,))), (3,), 2)
     with pytest.raises(ValueError, match="multiple of 32"):
         ewc.fisher_diagonal(
-            learner.logits, learner.init(0).params, np.zeros((40, 3)), np.zeros(40, int), np.ones(40, bool)
+            learner.logits,
+            learner.task.nll,
+            learner.init(0).params,
+            np.zeros((40, 3)),
+            np.zeros(40, int),
+            np.ones(40, bool),
         )
 
 
@@ -101,7 +113,7 @@ def test_learner_consolidation_anchors_at_current_params():
     config = LearnerConfig(
         model=ModelConfig(hidden=(8,)), ewc=EWCConfig(enabled=True, strength=50.0, fisher_samples=32)
     )
-    learner = Learner(config, (4,), num_classes=3)
+    learner = learner_for(config, (4,), 3)
     state = learner.init(0)
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(20, 4)).astype(np.float32), rng.integers(0, 3, 20).astype(np.int32)
@@ -118,21 +130,104 @@ def test_the_one_pass_dense_fisher_equals_per_example_gradients(task):
     # An MLP's Fisher comes from ewc.fisher_diagonal_dense; it must be the per-example one.
     regression = task == "regression"
     config = LearnerConfig(model=ModelConfig(hidden=(16, 8)), task=task)
-    learner = Learner(config, (3, 2), num_classes=None if regression else 4)
+    learner = learner_for(config, (3, 2), None if regression else 4)
     params = learner.init(0).params
     rng = np.random.default_rng(3)
     x = rng.normal(size=(64, 3, 2)).astype(np.float32)
     y = rng.normal(size=64).astype(np.float32) if regression else rng.integers(0, 4, 64).astype(np.int32)
     mask = rng.random(64) < 0.7
-    likelihood = "gaussian" if regression else "categorical"
 
     one_pass = learner.fisher(params, x, y, mask)
-    per_example = ewc.fisher_diagonal(learner.logits, params, x, y, mask, chunk=32, likelihood=likelihood)
+    per_example = ewc.fisher_diagonal(learner.logits, learner.task.nll, params, x, y, mask, chunk=32)
     assert jax.tree.structure(one_pass) == jax.tree.structure(per_example)
     for got, want in zip(jax.tree.leaves(one_pass), jax.tree.leaves(per_example)):
         assert float(jnp.max(want)) > 0
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-8)
-    # The model's ordinary forward pass is unchanged by the seam.
-    np.testing.assert_allclose(
-        np.asarray(learner._squared_grad_logits(params, x)), np.asarray(learner.logits(params, x)), rtol=1e-6, atol=1e-6
+
+
+class _TokensThenDense(nnx.Module):
+    """Token embeddings, a dense layer applied per token ([B, T, F]: shared across positions),
+    mean pooling, a dense layer applied once per example, a head; plus a layer applied twice
+    and one never used."""
+
+    def __init__(self, *, rngs: nnx.Rngs, inputs, outputs: int):
+        self.embed = nnx.Embed(20, 6, rngs=rngs)
+        self.per_token = nnx.Linear(6, 6, rngs=rngs)
+        self.pooled = nnx.Linear(6, 8, rngs=rngs)
+        self.twice = nnx.Linear(8, 8, rngs=rngs)
+        self.unused = nnx.Linear(8, 8, rngs=rngs)
+        self.head = nnx.Linear(8, outputs, rngs=rngs)
+
+    def __call__(self, tokens):
+        h = jax.nn.relu(self.per_token(self.embed(tokens))).mean(axis=1)
+        h = jax.nn.relu(self.pooled(h))
+        h = jax.nn.tanh(self.twice(jax.nn.tanh(self.twice(h))))
+        return self.head(h)
+
+
+def _token_learner(task):
+    return Learner(
+        _TokensThenDense,
+        optax.adam(1e-3),
+        task,
+        inputs=jax.ShapeDtypeStruct((5,), jnp.int32),
+        batch_size=8,
+        ewc=EWCConfig(enabled=True, fisher_samples=64),
     )
+
+
+def test_the_fisher_fast_path_takes_exactly_the_dense_layers_applied_once_per_example():
+    learner = _token_learner(Classification(3))
+    params = learner.init(0).params
+    tokens = np.zeros((64, 5), np.int32)
+    layers = exact_dense_layers(lambda: learner._module(params), tokens)
+    assert layers == {("pooled",), ("head",)}  # not per token, not applied twice, not unused
+    marked = dense_leaves(params, layers)
+    assert marked["pooled"] == {"kernel": True, "bias": True} and marked["embed"] == {"embedding": False}
+    mlp_learner = learner_for(LearnerConfig(model=ModelConfig(hidden=(4, 4))), (3,), 2)
+    mlp_params = mlp_learner.init(0).params
+    assert exact_dense_layers(lambda: mlp_learner._module(mlp_params), np.zeros((32, 3), np.float32)) == {
+        ("hidden", 0),
+        ("hidden", 1),
+        ("head",),
+    }
+
+
+@pytest.mark.slow  # compiles per-example gradients as the reference
+@pytest.mark.parametrize("task", [Classification(3), Regression(), MultiLabel(3)], ids=lambda t: type(t).__name__)
+def test_a_user_models_fisher_mixing_dense_layers_with_an_embedding_equals_per_example_gradients(task):
+    learner = _token_learner(task)
+    params = learner.init(0).params
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(0, 20, (64, 5)).astype(np.int32)
+    y = {
+        Classification(3): rng.integers(0, 3, 64).astype(np.int32),
+        Regression(): rng.normal(size=64).astype(np.float32),
+        MultiLabel(3): rng.integers(0, 2, (64, 3)).astype(np.int32),
+    }[task]
+    mask = rng.random(64) < 0.7
+    mixed = learner.fisher(params, tokens, y, mask)
+    per_example = ewc.fisher_diagonal(learner.logits, task.nll, params, tokens, y, mask, chunk=32)
+    assert jax.tree.structure(mixed) == jax.tree.structure(per_example)
+    for got, want in zip(jax.tree.leaves(mixed), jax.tree.leaves(per_example)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-9)
+    assert float(jnp.sum(mixed["unused"]["kernel"])) == 0.0  # a layer the loss never sees has no Fisher
+    assert float(jnp.max(mixed["embed"]["embedding"])) > 0 and float(jnp.max(mixed["pooled"]["kernel"])) > 0
+
+
+@pytest.mark.slow  # compiles per-example gradients as the reference
+def test_the_cnn_presets_fisher_equals_per_example_gradients():
+    # Convolutions share their kernels across positions: per-example gradients; its dense layers: one pass.
+    config = LearnerConfig(model=ModelConfig(kind="cnn", channels=(4,), dense=8))
+    learner = learner_for(config, (6, 6, 1), 3)
+    params = learner.init(0).params
+    rng = np.random.default_rng(5)
+    x, y, mask = (
+        rng.random((64, 6, 6, 1), dtype=np.float32),
+        rng.integers(0, 3, 64).astype(np.int32),
+        rng.random(64) < 0.8,
+    )
+    mixed = learner.fisher(params, x, y, mask)
+    per_example = ewc.fisher_diagonal(learner.logits, learner.task.nll, params, x, y, mask, chunk=32)
+    for got, want in zip(jax.tree.leaves(mixed), jax.tree.leaves(per_example)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-9)

@@ -182,7 +182,7 @@ def binary_records(draw, spec: FeatureSpec) -> bytes:
     """A record with a header like the spec's (or not), random payload bits, then mutations."""
     dtype = draw(st.sampled_from([spec.dtype] * 4 + list(DTYPE_CODES)))
     dtype_code = draw(st.sampled_from([DTYPE_CODES[dtype]] * 8 + [0, 5, 255]))
-    regression = draw(st.sampled_from([spec.regression] * 4 + [True, False]))
+    regression = draw(st.sampled_from([spec.num_classes is None] * 4 + [True, False]))
     label_code = draw(st.sampled_from([2 if regression else 1] * 8 + [0, 3]))
     shape = draw(st.sampled_from([spec.shape] * 6 + [(), (1,), (2, 2, 2), (65536,), (1,) * 9]))
     count = draw(st.sampled_from([1, 1, 2, 3, 0, 2**32 - 1]))

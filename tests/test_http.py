@@ -25,6 +25,7 @@ from continuity.http import (
 )
 from continuity.loop import Progress
 from continuity.metrics import ServiceMetrics
+from continuity.service import format_progress
 
 TOKEN = "s3cret-token"
 
@@ -182,6 +183,19 @@ def test_metrics_counters_stay_monotonic_and_gauges_follow():
     samples = _samples(metrics.registry)
     assert samples[("continuity_consumer_lag", (("partition", "digits/1"),))] == 4
     assert ("continuity_consumer_lag", (("partition", "digits/0"),)) not in samples
+
+
+def test_the_train_steps_figures_reach_gauges_and_the_skipped_updates_counter():
+    metrics = ServiceMetrics()
+    metrics.observe(_progress(train_loss=0.75, grad_norm=2.5, replay_share=0.5, skipped_updates=3))
+    metrics.observe(_progress(train_loss=None, grad_norm=None, replay_share=None, skipped_updates=4))  # no step since
+    samples = _samples(metrics.registry)
+    assert samples[("continuity_train_loss", ())] == 0.75  # kept: the last steps' figures
+    assert samples[("continuity_grad_norm", ())] == 2.5
+    assert samples[("continuity_replay_share", ())] == 0.5
+    assert samples[("continuity_skipped_updates_total", ())] == 4
+    line = format_progress(_progress(train_loss=0.75, grad_norm=2.5, replay_share=0.5, skipped_updates=3), None)
+    assert "train loss 0.75  grad 2.5  replay 50%  skipped 3  " in line
 
 
 def test_metrics_registries_are_independent():

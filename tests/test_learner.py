@@ -1,31 +1,44 @@
 """The continual train step: deterministic, never retraced, masked rows inert, non-finite rows masked."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
+from continuity import replay
 from continuity.learner import (
     Batch,
+    Classification,
     EWCConfig,
     Learner,
     LearnerConfig,
     ModelConfig,
     ReplayConfig,
+    cnn,
     compilation_count,
+    mlp,
 )
 
 SHAPE, CLASSES, B = (4, 4, 1), 5, 8
+INPUTS = jax.ShapeDtypeStruct(SHAPE, jnp.float32)
 
 
 def _learner(replay_kind="reservoir", model="mlp"):
-    config = LearnerConfig(
-        model=ModelConfig(kind=model, hidden=(16,), channels=(4,), dense=8),
+    factory = functools.partial(mlp, hidden=(16,)) if model == "mlp" else functools.partial(cnn, channels=(4,), dense=8)
+    return Learner(
+        factory,
+        optax.adam(1e-3),
+        Classification(CLASSES),
+        inputs=INPUTS,
         batch_size=B,
-        replay=ReplayConfig(kind=replay_kind, capacity=24, batch_size=6),
+        replay=replay.make(replay_kind, 24),
+        replay_batch_size=6,
         ewc=EWCConfig(enabled=True, strength=10.0, fisher_samples=32),
     )
-    return Learner(config, SHAPE, CLASSES)
 
 
 def _batches(n, seed=0, valid=None):
@@ -130,9 +143,12 @@ def test_a_row_the_model_cannot_score_is_left_out_of_the_fisher():
     # Else one such row in a window (replay off: the Fisher comes from the window's rows) makes
     # the EWC penalty NaN and every later step is skipped.
     learner = Learner(
-        LearnerConfig(model=ModelConfig(hidden=(16,)), batch_size=B, ewc=EWCConfig(enabled=True, fisher_samples=32)),
-        SHAPE,
-        CLASSES,
+        functools.partial(mlp, hidden=(16,)),
+        optax.adam(1e-3),
+        Classification(CLASSES),
+        inputs=INPUTS,
+        batch_size=B,
+        ewc=EWCConfig(enabled=True, fisher_samples=32),
     )
     batch = next(_batches(1))
     x, y = np.concatenate([batch.x, batch.x]), np.concatenate([batch.y, batch.y])
@@ -170,11 +186,14 @@ def test_evaluate_in_chunks_equals_one_big_forward_pass():
     predicted = np.asarray(learner.logits(params, x)).argmax(-1)
     np.testing.assert_array_equal(evaluation.predicted, predicted)
     np.testing.assert_array_equal(evaluation.correct, predicted == y)
+    np.testing.assert_array_equal(evaluation.outcome, predicted == y)
     assert evaluation.loss.shape == (1100,)
 
 
 def test_learning_reduces_the_loss():
-    learner = Learner(LearnerConfig(model=ModelConfig(hidden=(16,)), learning_rate=1e-2, batch_size=B), SHAPE, CLASSES)
+    learner = Learner(
+        functools.partial(mlp, hidden=(16,)), optax.adam(1e-2), Classification(CLASSES), inputs=INPUTS, batch_size=B
+    )
     batch = next(_batches(1))
     state = learner.init(0)
     state, first = learner.train_step(state, batch)
@@ -202,6 +221,108 @@ def test_bad_config_names_the_field(build, message):
 
 
 def test_cnn_needs_image_shaped_examples():
-    config = LearnerConfig(model=ModelConfig(kind="cnn"))
     with pytest.raises(ValueError, match="image-shaped"):
-        Learner(config, (64,), 10)
+        Learner(
+            cnn, optax.adam(1e-3), Classification(10), inputs=jax.ShapeDtypeStruct((64,), jnp.float32), batch_size=8
+        )
+
+
+def test_a_module_trains_from_its_own_parameters_for_every_seed():
+    module = mlp(rngs=nnx.Rngs(5), inputs=INPUTS, outputs=CLASSES, hidden=(8,))
+    learner = Learner(module, optax.sgd(0.1), Classification(CLASSES), inputs=INPUTS, batch_size=B)
+    first, second = learner.init(0), learner.init(1)
+    for a, b in zip(_leaves(first.params), _leaves(second.params)):
+        np.testing.assert_array_equal(a, b)
+    state, metrics = learner.train_step(first, next(_batches(1)))
+    assert bool(metrics["finite"]) and int(state.step) == 1
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: Learner(mlp, optax.adam(1e-3), "classification", inputs=INPUTS, batch_size=B), "`task` must be"),
+        (lambda: Learner(mlp, "adam", Classification(3), inputs=INPUTS, batch_size=B), "`optimizer` must be"),
+        (lambda: Learner(mlp, optax.adam(1e-3), Classification(3), inputs=(4, 4, 1), batch_size=B), "`inputs` must"),
+        (lambda: Learner(mlp, optax.adam(1e-3), Classification(3), inputs=INPUTS, batch_size=0), "`batch_size`"),
+        (
+            lambda: Learner(
+                lambda **_: "not a module", optax.adam(1e-3), Classification(3), inputs=INPUTS, batch_size=B
+            ),
+            "must return an nnx.Module",
+        ),
+        (lambda: Classification(1), "`num_classes` must be an integer >= 2"),
+    ],
+)
+def test_bad_learner_parts_are_named(build, message):
+    with pytest.raises(ValueError) as error:
+        build()
+    assert message in str(error.value)
+
+
+class _Bag(nnx.Module):
+    """Embeds int32 ids and adds a dense view of float features: named inputs, as a user's model."""
+
+    def __init__(self, *, rngs: nnx.Rngs, inputs: dict, outputs: int):
+        self.embed = nnx.Embed(10, 4, rngs=rngs)
+        self.dense = nnx.Linear(inputs["numeric"].shape[0], 4, rngs=rngs)
+        self.head = nnx.Linear(4, outputs, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.embed(x["ids"]).mean(axis=1) + self.dense(x["numeric"]))
+
+
+def test_padding_rows_of_every_named_feature_are_zeroed_and_integer_ids_stay_integers():
+    inputs = {"ids": jax.ShapeDtypeStruct((3,), jnp.int32), "numeric": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    learner = Learner(
+        _Bag,
+        optax.adam(1e-2),
+        Classification(3),
+        inputs=inputs,
+        batch_size=4,
+        replay=replay.fifo(8),
+        replay_batch_size=4,
+    )
+    rng = np.random.default_rng(0)
+    ids, numeric = rng.integers(0, 10, (4, 3)).astype(np.int32), rng.normal(size=(4, 2)).astype(np.float32)
+    mask, y = np.array([True, True, False, False]), np.array([0, 2, 1, 1], np.int32)
+    clean = Batch({"ids": np.where(mask[:, None], ids, 0), "numeric": np.where(mask[:, None], numeric, 0)}, y, mask)
+    garbage = Batch(
+        {"ids": np.where(mask[:, None], ids, 10**6), "numeric": np.where(mask[:, None], numeric, np.nan)}, y, mask
+    )
+    a, _ = learner.train_step(learner.init(0), clean)
+    b, metrics = learner.train_step(learner.init(0), garbage)
+    assert bool(metrics["finite"])
+    for x, z in zip(_leaves(a), _leaves(b)):
+        np.testing.assert_array_equal(x, z)
+    assert b.replay.x["ids"].dtype == jnp.int32 and int(b.replay.size) == 2
+    np.testing.assert_array_equal(np.asarray(b.replay.x["ids"])[:2], ids[:2])
+    evaluation = learner.evaluate(b.params, {"ids": ids, "numeric": numeric}, y)
+    assert evaluation.predicted.shape == (4,) and evaluation.loss.dtype == np.float32
+
+
+def test_step_totals_accumulate_on_the_device_and_are_taken_out_at_once():
+    learner = _learner()
+    state = learner.init(0)
+    expected = {"steps": 0, "loss": 0.0, "grad_norm": 0.0, "fresh_rows": 0, "replayed_rows": 0}
+    for i, batch in enumerate(_batches(6, valid=lambda i: B - i)):
+        if i == 4:
+            batch.x[0] = np.nan  # a non-finite row: masked, the rest of its batch trains and is counted
+        if i == 5:  # a NaN Fisher makes the penalty NaN whatever the rows: skipped, its figures left out
+            state = state.replace(ewc=state.ewc._replace(fisher=jax.tree.map(lambda f: f * np.nan, state.ewc.fisher)))
+        full = int(state.replay.size) > 0  # replay rows join the loss once the buffer holds any
+        state, metrics = learner.train_step(state, batch)
+        expected["steps"] += 1
+        if bool(metrics["finite"]):
+            expected["loss"] += float(metrics["loss"])
+            expected["grad_norm"] += float(metrics["grad_norm"])
+        expected["fresh_rows"] += int(metrics["examples"])
+        expected["replayed_rows"] += 6 if full else 0
+    before = learner.train_step._cache_size()
+    totals, state = learner.take_totals(state)
+    assert int(totals.steps) == 6 and int(totals.skipped) == 1 and int(state.nonfinite_rows) == 1
+    assert float(totals.loss) == pytest.approx(expected["loss"], rel=1e-5)
+    assert float(totals.grad_norm) == pytest.approx(expected["grad_norm"], rel=1e-5)
+    assert (int(totals.fresh_rows), int(totals.replayed_rows)) == (expected["fresh_rows"], expected["replayed_rows"])
+    assert all(int(v) == 0 for v in jax.tree.leaves(state.totals))  # taken: the state starts again from zero
+    state, _ = learner.train_step(state, next(_batches(1)))  # and the step still runs, not recompiled
+    assert learner.train_step._cache_size() == before and int(state.totals.steps) == 1

@@ -1,5 +1,7 @@
 """The continuity probe store and the regression rule (exact one-sided McNemar)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.stats import binom
@@ -8,6 +10,7 @@ from continuity.probe import ProbeConfig, ProbeStore
 from continuity.regression import judge, mcnemar_one_sided
 
 SHAPE = (2,)
+INPUTS, LABELS = jax.ShapeDtypeStruct(SHAPE, jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)
 
 
 def _examples(n, start=0):
@@ -16,7 +19,7 @@ def _examples(n, start=0):
 
 
 def test_probe_reservoirs_are_bounded_per_segment_and_deterministic():
-    a, b = ProbeStore(SHAPE, per_segment=50, seed=3), ProbeStore(SHAPE, per_segment=50, seed=3)
+    a, b = ProbeStore(INPUTS, LABELS, per_segment=50, seed=3), ProbeStore(INPUTS, LABELS, per_segment=50, seed=3)
     for store in (a, b):
         for chunk in range(20):
             store.add("old", *_examples(37, chunk * 37))
@@ -33,7 +36,7 @@ def test_probe_reservoirs_are_bounded_per_segment_and_deterministic():
 def test_probe_reservoir_is_roughly_uniform_over_the_stream():
     counts = np.zeros(1000)
     for seed in range(300):
-        store = ProbeStore(SHAPE, per_segment=100, seed=seed)
+        store = ProbeStore(INPUTS, LABELS, per_segment=100, seed=seed)
         store.add("s", *_examples(1000))
         counts[store.examples()[0][:, 0].astype(int)] += 1
     first, last = counts[:500].sum(), counts[500:].sum()
@@ -41,12 +44,12 @@ def test_probe_reservoir_is_roughly_uniform_over_the_stream():
 
 
 def test_probe_round_trips_through_checkpoint_arrays_and_keeps_window_numbering():
-    store = ProbeStore(SHAPE, per_segment=20, window_examples=15, seed=1)
+    store = ProbeStore(INPUTS, LABELS, per_segment=20, window_examples=15, seed=1)
     store.add("a", *_examples(30))
     store.add_unsegmented(*_examples(40, 100))
     store.add_golden(*_examples(5, 900), name="golden")
     arrays, meta = store.to_arrays()
-    restored = ProbeStore.from_arrays(arrays, meta, SHAPE)
+    restored = ProbeStore.from_arrays(arrays, meta, INPUTS, LABELS)
     assert restored.segments == ["a", "window-0", "window-1", "window-2", "golden"]
     for got, want in zip(restored.examples(), store.examples()):
         np.testing.assert_array_equal(got, want)

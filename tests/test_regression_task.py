@@ -9,13 +9,14 @@ from scipy.stats import wilcoxon
 
 from continuity.checkpoints import CheckpointStore
 from continuity.config import ConfigError, load_config
+from continuity.factory import build_task, feature_spec, learner_for
 from continuity.guard import GuardConfig
 from continuity.learner import (
     Batch,
     EWCConfig,
-    Learner,
     LearnerConfig,
     ModelConfig,
+    Regression,
     ReplayConfig,
     compilation_count,
     ewc,
@@ -59,7 +60,7 @@ def _linear_batches(n, seed=0):
 
 
 def test_learner_fits_a_seeded_linear_regression_with_replay_and_ewc_in_one_compilation():
-    learner = Learner(_regression_config(), (FEATURES,), None)
+    learner = learner_for(_regression_config(), (FEATURES,), None)
     test = list(_linear_batches(8, seed=1))
     test_x = np.concatenate([b.x[b.mask] for b in test])
     test_y = np.concatenate([b.y[b.mask] for b in test])
@@ -80,23 +81,23 @@ def test_learner_fits_a_seeded_linear_regression_with_replay_and_ewc_in_one_comp
     assert evaluation.mean_loss < 0.02 * before
     assert bool(metrics["finite"]) and int(state.skipped_updates) == 0
     assert float(metrics["replay_loss"]) > 0 and float(metrics["ewc_penalty"]) > 0
-    # Metrics keep their keys, except that regression reports a squared-error sum for `correct`.
-    assert "correct" not in metrics and float(metrics["squared_error"]) >= 0
+    # The step's outcome sum is the task's outcome, squared errors: the fresh loss times the fresh rows.
+    assert float(metrics["outcomes"]) == pytest.approx(float(metrics["fresh_loss"]) * int(metrics["examples"]))
     assert state.replay.y.dtype == np.float32 and int(state.replay.size) == 64
     assert evaluation.correct is None and evaluation.predicted.dtype == np.float32
     np.testing.assert_allclose(evaluation.loss, (evaluation.predicted - test_y) ** 2, rtol=1e-5)
-    with pytest.raises(ValueError, match="undefined for regression"):
+    with pytest.raises(ValueError, match="undefined for a task whose outcome is a loss"):
         _ = evaluation.accuracy
 
 
 def test_gaussian_fisher_equals_squared_gradients_of_half_the_squared_error():
-    learner = Learner(_regression_config(), (FEATURES,), None)
+    learner = learner_for(_regression_config(), (FEATURES,), None)
     params = learner.init(0).params
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, FEATURES)).astype(np.float32)
     y = rng.normal(size=32).astype(np.float32)
     mask = rng.random(32) < 0.7
-    fisher = ewc.fisher_diagonal(learner.logits, params, x, y, mask, chunk=32, likelihood="gaussian")
+    fisher = ewc.fisher_diagonal(learner.logits, learner.task.nll, params, x, y, mask, chunk=32)
 
     def nll(p, xi, yi):
         return 0.5 * (learner.logits(p, xi[None])[0, 0] - yi) ** 2
@@ -117,11 +118,12 @@ def test_gaussian_fisher_equals_squared_gradients_of_half_the_squared_error():
             "`learner.task` must be one of 'classification', 'regression'. Got 'forecast'.",
         ),
         (
-            lambda: _regression_config(replay=ReplayConfig(kind="class_balanced", capacity=8)),
+            lambda: build_task(_regression_config(replay=ReplayConfig(kind="class_balanced", capacity=8)), None),
             "`replay.kind` 'class_balanced' shares memory out by class",
         ),
-        (lambda: Learner(_regression_config(), (FEATURES,), 10), "`num_classes` must be None"),
-        (lambda: Learner(LearnerConfig(), (FEATURES,), None), "`num_classes` must be an integer >= 2"),
+        (lambda: build_task(_regression_config(), 10), "`stream.num_classes` must be left out"),
+        (lambda: build_task(LearnerConfig(), None), "`stream.num_classes` is required"),
+        (lambda: build_task(LearnerConfig(), 1), "`stream.num_classes` must be >= 2"),
         (lambda: GuardConfig(loss_tolerance=-0.1), "`probe.loss_tolerance` must be a finite number >= 0"),
     ],
 )
@@ -191,10 +193,12 @@ def test_the_loss_tolerance_is_relative_and_respected():
 
 
 def test_a_probe_of_float_targets_keeps_its_dtype_through_checkpoint_arrays():
-    store = ProbeStore((2,), per_segment=10, label_dtype=np.float32)
+    inputs, labels = jax.ShapeDtypeStruct((2,), np.float32), Regression().labels
+    store = ProbeStore(inputs, labels, per_segment=10)
     store.add("a", np.ones((4, 2), np.float32), np.array([0.25, -1.5, 2.75, 3.0], np.float32))
     arrays, meta = store.to_arrays()
-    restored = ProbeStore.from_arrays(arrays, meta, (2,))  # the saved dtype, not int32
+    assert meta["label_dtype"] == "float32"
+    restored = ProbeStore.from_arrays(arrays, meta, inputs, labels)
     assert restored.label_dtype == np.float32
     np.testing.assert_array_equal(restored.examples()[1], [0.25, -1.5, 2.75, 3.0])
 
@@ -214,9 +218,9 @@ def test_config_chooses_regression_and_builds_a_regression_stream_and_learner(tm
     text = '[stream]\nfeature_shape = [8]\n[learner]\ntask = "regression"\n[probe]\nloss_tolerance = 0.5\n'
     config = load_config(_write(tmp_path, text), environ={})
     assert config.learner.task == "regression" and config.guard.loss_tolerance == 0.5
-    assert config.stream.num_classes is None and config.stream.feature_spec().regression
+    assert config.stream.num_classes is None and feature_spec(config).label_dtype == np.float32
     learner = build_learner(config)
-    assert learner.regression and learner.label_dtype == np.float32
+    assert learner.task == Regression() and learner.label_dtype == np.float32
     # The resolved config round-trips through its TOML (num_classes unset is written as "").
     again = load_config(_write(tmp_path, config.to_toml()), environ={})
     assert again == config
@@ -283,7 +287,7 @@ def _run(scenario, learner, directory, guard=LOOP_GUARD):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """drifting-regression (4 segments) clean, poisoned (segment 3 relabels region 0) guarded and unguarded."""
-    learner = Learner(LOOP_LEARNER, (8,), None)  # one learner: its step compiles once for all runs
+    learner = learner_for(LOOP_LEARNER, (8,), None)  # one learner: its step compiles once for all runs
     clean = make_scenario("drifting-regression", seed=0)
     poisoned = make_scenario("drifting-regression", seed=0, poison=3)
     root = tmp_path_factory.mktemp("regression-runs")

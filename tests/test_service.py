@@ -144,6 +144,11 @@ def test_serve_trains_checkpoints_exposes_metrics_stops_cleanly_and_resumes(brok
         trained = families["continuity_examples_trained"].samples[0].value
         assert trained > 0
         assert "continuity_probe_accuracy" in families and "continuity_step_seconds" in families
+        # The train steps' own figures, summed on the device between reports.
+        assert {"continuity_train_loss", "continuity_grad_norm", "continuity_replay_share"} <= set(families)
+        assert families["continuity_skipped_updates"].samples[0].value == 0
+        status = _status(url) or {}
+        assert status["train_loss"] > 0 and status["grad_norm"] > 0 and 0 < status["replay_share"] < 1
         # Admin endpoints: no token, a wrong token, then the right one.
         assert _get(url + "/admin/rollback", body={"last_good": True})[0] == 401
         assert _get(url + "/admin/rollback", token="wrong", body={"last_good": True})[0] == 403
