@@ -46,7 +46,7 @@ lock:
 	.lock-venv/bin/python -m pip install --quiet --upgrade pip
 	.lock-venv/bin/python -m pip install --quiet -e '.[dev]'
 	( echo "# The tested versions: make installs with -c constraints.txt. Refresh with make lock."; \
-	  .lock-venv/bin/python -m pip freeze --exclude-editable | sort ) > constraints.txt
+	  .lock-venv/bin/python -m pip freeze --all --exclude-editable | grep -v '^pip==' | sort ) > constraints.txt
 	rm -rf .lock-venv
 
 clean:
