@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from continuity.config import Config
 from continuity.errors import UsageError
 from continuity.loop import Progress, RunSummary, StreamInput, TrainingLoop
-from continuity.metrics import ServiceMetrics
+from continuity.metrics import ServiceMetrics, ServiceState
 
 if TYPE_CHECKING:
     from continuity.http import ServiceHTTP
@@ -134,10 +134,11 @@ class Service:
     ):
         self.config = config
         self.stop_event = threading.Event()
-        self.metrics = ServiceMetrics()
+        self.metrics = ServiceMetrics(self.metrics_state)
         self._deadline = None if max_seconds is None else time.monotonic() + max_seconds
         self._progress_printer = progress
         self._last_progress: Progress | None = None
+        self._checkpoint_saved: tuple[int | None, float | None] = (None, None)  # (number, Unix time saved)
         self.store = open_store(config)  # first: nothing else may touch a directory another process owns
         try:
             self._build(recording, idle_timeout_s, max_examples, http, progress_every_s, start_fresh)
@@ -226,11 +227,38 @@ class Service:
 
     def _on_progress(self, progress: Progress) -> None:
         self._last_progress = progress
-        self.metrics.observe(progress)
+        self._note_checkpoint(progress.checkpoint)
         lag = self.lag(progress)
-        self.metrics.set_lag(lag)
+        self.metrics.observe(progress, lag)
         if self._progress_printer is not None:
             self._progress_printer(progress, sum(lag.values()) if lag else None)
+
+    def _note_checkpoint(self, number: int | None) -> None:
+        """Keep when the newest good checkpoint was saved, for its age on /metrics (the loop's thread).
+
+        A number newer than the last one reported was saved since that report: now is close
+        enough (within `progress_every_s`). Any other (the restored one, a rollback's target)
+        has its time read from the store, unless a save is being written: the store's reads
+        wait for it, and the loop must not.
+        """
+        previous = self._checkpoint_saved[0]
+        if number == previous:
+            return
+        saved_at: float | None = time.time()
+        if number is None:
+            saved_at = None
+        elif (previous is None or number < previous) and not self.store.saving:
+            saved_at = self.store.info(number).saved_at
+        self._checkpoint_saved = (number, saved_at)
+
+    def metrics_state(self) -> ServiceState:
+        """What /metrics reads live besides the loop's snapshot (called from HTTP threads)."""
+        reader = self.loop.reader
+        return ServiceState(
+            ready=self.ready(),
+            stream_reading=reader is not None and reader.source.state_note() is None,
+            checkpoint_saved_at=self._checkpoint_saved[1],
+        )
 
     def lag(self, progress: Progress) -> dict[str, int]:
         """Records between the newest good checkpoint and each partition's end (Kafka only)."""
