@@ -7,15 +7,19 @@ names); what a running service exports is tests/test_deploy.py's.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from continuity.checkpoints import CheckpointNotFoundError
 from continuity.loop import Progress
 from continuity.metrics import METRICS, OVERALL, STEP_SECONDS_BUCKETS, ServiceMetrics, ServiceState
 from continuity.probe import ProbeStore
+from continuity.service import CheckpointClock
 from continuity.stream import Positions
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -201,3 +205,39 @@ def test_every_exported_metric_has_a_row_in_the_readme_and_every_row_is_exported
     table = text[text.index("| metric | type | meaning |") :].split("\n\n", 1)[0]
     documented = {re.sub(r"_total$", "", name) for name in re.findall(r"^\| `(continuity_\w+)", table, re.M)}
     assert documented == {spec.name for spec in METRICS}
+
+
+class _Store:
+    """What CheckpointClock reads of a CheckpointStore: whether a save is written, and `info(n).saved_at`."""
+
+    def __init__(self, saved_at: dict[int, float]):
+        self.saved_at, self.saving, self.reads = saved_at, False, []
+
+    def info(self, number: int):
+        self.reads.append(number)
+        if number not in self.saved_at:
+            raise CheckpointNotFoundError(f"no checkpoint {number}")
+        return SimpleNamespace(saved_at=self.saved_at[number])
+
+
+def test_the_checkpoint_clock_reads_a_restored_or_rolled_back_checkpoints_time_and_times_new_ones_itself(caplog):
+    store = _Store({3: 1000.0, 2: 900.0})
+    clock = CheckpointClock(store)
+    clock.note(None)
+    assert clock.saved_at is None and store.reads == []
+    clock.note(3)  # restored at start: saved long ago
+    assert clock.saved_at == 1000.0
+    before = time.time()
+    clock.note(4)  # saved since the last report
+    assert before <= clock.saved_at <= time.time() and store.reads == [3]
+    clock.note(4)
+    assert store.reads == [3]  # nothing to read while the number stays
+    clock.note(2)  # an operator's rollback to an older checkpoint
+    assert clock.saved_at == 900.0
+    store.saving = True  # the store's reads would wait for the save: the loop must not
+    clock.note(3)
+    assert store.reads == [3, 2] and before <= clock.saved_at <= time.time()
+    store.saving = False
+    clock.note(9)  # bigger than the last, and so saved since; 7 below is not, and unreadable
+    clock.note(7)
+    assert clock.saved_at is None and "cannot read when checkpoint 7 was saved" in caplog.text
