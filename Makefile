@@ -17,8 +17,9 @@ test: $(STAMP) prometheus-tools
 	$(PYTHON) -m pytest
 
 # promtool and a real Prometheus server check deploy/prometheus (tests/test_deploy.py): Debian's
-# `prometheus` package (2.42) brings both and starts no daemon. Installed here when missing, as
-# root (CI runs as root); anyone else is told the command to run.
+# `prometheus` package (2.42) brings both (the tests start their own server on a free port; in a
+# container policy-rc.d keeps the package's daemon from starting). Installed here when missing,
+# as root (CI runs as root); anyone else is told the command to run.
 prometheus-tools:
 	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
