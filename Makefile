@@ -5,7 +5,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test unit lint format bench demo lock clean fuzz
+.PHONY: test unit lint format bench demo lock clean fuzz prometheus-tools
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -13,8 +13,24 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) prometheus-tools
 	$(PYTHON) -m pytest
+
+# promtool and a real Prometheus server check deploy/prometheus (tests/test_deploy.py): Debian's
+# `prometheus` package (2.42) brings both (the tests start their own server on a free port; in a
+# container policy-rc.d keeps the package's daemon from starting). Installed here when missing,
+# as root (CI runs as root); anyone else is told the command to run.
+prometheus-tools:
+	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "make: promtool and prometheus are missing (tests/test_deploy.py needs them): install Debian's prometheus package as root: apt-get install -y prometheus" >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "make: installing Debian's prometheus package (promtool and the server, for tests/test_deploy.py)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+	    || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; \
+	fi
 
 unit: $(STAMP)
 	$(PYTHON) -m pytest -m unit

@@ -12,6 +12,10 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from continuity.report import QuarantineTally
 
 TOPIC = "digits"
 
@@ -22,7 +26,14 @@ def run_demo(*, out: Path, seconds: int, segments: int = 6, seed: int = 0) -> in
     from continuity.config import load_config
     from continuity.report import write_markdown, write_png
     from continuity.service import Service, format_progress, format_summary
-    from continuity.stream import EmbeddedBroker, ScenarioSource, create_topic, make_codec, produce_records
+    from continuity.stream import (
+        EmbeddedBroker,
+        ScenarioSource,
+        create_topic,
+        make_codec,
+        produce_records,
+        read_dead_letters,
+    )
     from continuity.stream.broker import SHORT_SESSION_TIMEOUT_MS
     from continuity.stream.scenarios import GUARD_EVERY_EXAMPLES, make_scenario
 
@@ -88,8 +99,11 @@ def run_demo(*, out: Path, seconds: int, segments: int = 6, seed: int = 0) -> in
             ).accuracy
     table = format_table(store.list())
     store.close()
+    poisoned = {segment.name for segment in scenario.segments if segment.poisoned}
+    quarantined = read_dead_letters(config.quarantine_file) if config.quarantine_file.exists() else []
+    tallies = tally_quarantines(events, quarantined, codec, poisoned)
     title = f"Continuity demo: permuted-digits, {segments} segments, segment {poison} poisoned"
-    write_png(events, out / "report.png", title)
+    write_png(events, out / "report.png", title, tallies=tallies)
     intro = (
         f"A drifting stream of {len(source):,} records (one new pixel permutation per segment) was produced "
         f"to an embedded Kafka-compatible broker. Segment {poison} is a broken upstream labeler: inputs drawn "
@@ -106,10 +120,64 @@ def run_demo(*, out: Path, seconds: int, segments: int = 6, seed: int = 0) -> in
         intro=intro,
         final_accuracy=final,
         checkpoint_table=table,
+        tallies=tallies,
     )
     print(table)
     say(f"wrote {out / 'report.md'} and {out / 'report.png'}")
     return 0
+
+
+def tally_quarantines(events: list[dict], quarantined: list[dict], codec, poisoned: set[str]) -> list[QuarantineTally]:
+    """Each quarantine in the ledger, with how many of its records belong to a poisoned segment.
+
+    `quarantined`: the quarantine file's entries (raw records, as `read_dead_letters` returns
+    them); a record belongs to the quarantine whose [from, to) range holds its offset, and
+    its segment is what its payload says (decoded with the stream's codec).
+    """
+    from continuity.report import QuarantineTally
+    from continuity.stream import Positions
+
+    tallies = []
+    for event in (e for e in events if e["event"] == "quarantine"):
+        start, end = Positions.from_json(event["from"]), Positions.from_json(event["to"])
+        records = [
+            entry
+            for entry in quarantined
+            if (start.offset(entry["topic"], entry["partition"]) or 0)
+            <= entry["offset"]
+            < (end.offset(entry["topic"], entry["partition"]) or 0)
+        ]
+        tallies.append(
+            QuarantineTally(
+                start=sum(p["offset"] for p in event["from"]),
+                end=sum(p["offset"] for p in event["to"]),
+                records=int(event["records"]),
+                poisoned=sum(_segment_of(entry, codec) in poisoned for entry in records),
+            )
+        )
+    return tallies
+
+
+def _segment_of(entry: dict, codec) -> str | None:
+    """The segment a quarantined record's payload names (None when it has none or does not decode)."""
+    import base64
+
+    import numpy as np
+
+    from continuity.stream import PartitionRecords
+
+    value = None if entry["value_b64"] is None else base64.b64decode(entry["value_b64"])
+    key = None if entry["key_b64"] is None else base64.b64decode(entry["key_b64"])
+    records = PartitionRecords(
+        entry["topic"],
+        entry["partition"],
+        [value],
+        [key],
+        np.array([entry["offset"]], np.int64),
+        np.array([entry["timestamp_ms"]], np.int64),
+    )
+    block, _dead = codec.decode(records)
+    return block.segments[0] if len(block.segments) else None
 
 
 def _say(message: str) -> None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from continuity.config import Config
 from continuity.errors import UsageError
 from continuity.loop import Progress, RunSummary, StreamInput, TrainingLoop
-from continuity.metrics import ServiceMetrics
+from continuity.metrics import ServiceMetrics, ServiceState
 
 if TYPE_CHECKING:
     from continuity.http import ServiceHTTP
@@ -113,6 +113,33 @@ def open_store(config: Config):
     return store
 
 
+class CheckpointClock:
+    """When the newest good checkpoint was saved, followed from the progress reports, for its age on /metrics.
+
+    A number newer than the last one reported was saved since that report: now is close
+    enough (within `progress_every_s`). Any other (the restored one, a rollback's target)
+    has its time read from the store, unless a save is being written: the store's reads
+    wait for it, and the loop, whose thread this runs on, must not.
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self.number: int | None = None
+        self.saved_at: float | None = None  # Unix time; None while unknown
+
+    def note(self, number: int | None) -> None:
+        if number == self.number:
+            return
+        newer = self.number is not None and number is not None and number > self.number
+        self.number, self.saved_at = number, None if number is None else time.time()
+        if number is not None and not newer and not self.store.saving:
+            try:
+                self.saved_at = self.store.info(number).saved_at
+            except Exception as error:  # noqa: BLE001 - a metric's timestamp must never stop training
+                log.warning("cannot read when checkpoint %s was saved (%s); its age is unknown", number, error)
+                self.saved_at = None
+
+
 class Service:
     """One run of the loop with signals, a progress line, metrics and (optionally) HTTP endpoints.
 
@@ -135,11 +162,12 @@ class Service:
     ):
         self.config = config
         self.stop_event = threading.Event()
-        self.metrics = ServiceMetrics()
+        self.metrics = ServiceMetrics(self.metrics_state)
         self._deadline = None if max_seconds is None else time.monotonic() + max_seconds
         self._progress_printer = progress
         self._last_progress: Progress | None = None
         self.store = open_store(config)  # first: nothing else may touch a directory another process owns
+        self.checkpoint_clock = CheckpointClock(self.store)
         try:
             self._build(recording, idle_timeout_s, max_examples, http, progress_every_s, start_fresh)
         except BaseException:
@@ -228,11 +256,20 @@ class Service:
 
     def _on_progress(self, progress: Progress) -> None:
         self._last_progress = progress
-        self.metrics.observe(progress)
+        self.checkpoint_clock.note(progress.checkpoint)
         lag = self.lag(progress)
-        self.metrics.set_lag(lag)
+        self.metrics.observe(progress, lag)
         if self._progress_printer is not None:
             self._progress_printer(progress, sum(lag.values()) if lag else None)
+
+    def metrics_state(self) -> ServiceState:
+        """What /metrics reads live besides the loop's snapshot (called from HTTP threads)."""
+        reader = self.loop.reader
+        return ServiceState(
+            ready=self.ready(),
+            stream_reading=reader is not None and reader.source.state_note() is None,
+            checkpoint_saved_at=self.checkpoint_clock.saved_at,
+        )
 
     def lag(self, progress: Progress) -> dict[str, int]:
         """Records between the newest good checkpoint and each partition's end (Kafka only)."""

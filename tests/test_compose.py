@@ -51,7 +51,7 @@ def _mounts(service: dict) -> list[dict]:
 
 
 def test_services_and_kafka_in_kraft_mode(compose):
-    assert set(compose["services"]) == {"kafka", "continuity"}
+    assert set(compose["services"]) == {"kafka", "continuity", "prometheus", "grafana"}
     kafka = compose["services"]["kafka"]
     assert kafka["image"].startswith("apache/kafka:")
     env = _env(kafka)
@@ -77,8 +77,7 @@ def test_continuity_service_serves_the_configured_port(compose, config):
     service = compose["services"]["continuity"]
     assert service["build"]["dockerfile"] == "Dockerfile" and (REPO / service["build"]["dockerfile"]).is_file()
     http_port = config["service"]["http_port"]
-    published = [str(p).rsplit(":", 1)[-1] for p in service["ports"]]
-    assert published == [str(http_port)]
+    assert service["ports"] == [f"127.0.0.1:{http_port}:{http_port}"]  # the host's loopback only
     assert f"EXPOSE {http_port}" in (REPO / "Dockerfile").read_text()
     assert f"127.0.0.1:{http_port}/" in " ".join(service["healthcheck"]["test"])
     # 0.0.0.0 in a container needs the admin token, which compose passes through from the host.
@@ -112,3 +111,59 @@ def test_the_deploy_config_loads_with_the_token_from_the_environment():
     assert config.stream.session_timeout_ms == 45000
     with pytest.raises(config_module.ConfigError, match="CONTINUITY_ADMIN_TOKEN"):
         config_module.load_config(path, environ={})  # 0.0.0.0 without a token does not start
+
+
+# ---------------------------------------------------------------------------- Prometheus and Grafana
+
+
+def _bind(service: dict, target: str) -> dict:
+    (mount,) = [m for m in _mounts(service) if m["type"] == "bind" and m["target"] == target]
+    return mount
+
+
+def test_prometheus_and_grafana_images_are_pinned_to_a_release(compose):
+    for name in ("prometheus", "grafana"):
+        image = compose["services"][name]["image"]
+        assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", image), f"{name}: {image} is not pinned to a release"
+
+
+def test_prometheus_reads_the_deploy_config_read_only_and_scrapes_the_service(compose, config):
+    prometheus = compose["services"]["prometheus"]
+    (flag,) = [arg for arg in prometheus["command"] if arg.startswith("--config.file=")]
+    config_file = Path(flag.split("=", 1)[1])
+    mount = _bind(prometheus, str(config_file.parent))
+    assert mount["read_only"] is True
+    local = (REPO / mount["source"]).resolve()
+    assert local == REPO / "deploy" / "prometheus" and (local / config_file.name).is_file()
+    scrape = yaml.safe_load((local / config_file.name).read_text())
+    (job,) = scrape["scrape_configs"]
+    assert job["static_configs"] == [{"targets": [f"continuity:{config['service']['http_port']}"]}]
+    assert all((local / rules).is_file() for rules in scrape["rule_files"])  # relative to the mounted config
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090"]
+
+
+def test_grafana_provisions_the_prometheus_datasource_and_the_dashboard_read_only(compose):
+    grafana = compose["services"]["grafana"]
+    assert grafana["ports"] == ["127.0.0.1:3000:3000"]  # loopback, like the service
+    provisioning = _bind(grafana, "/etc/grafana/provisioning")
+    assert provisioning["read_only"] is True
+    local = (REPO / provisioning["source"]).resolve()
+    (datasource,) = yaml.safe_load((local / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    assert "prometheus" in compose["services"]
+    (provider,) = yaml.safe_load((local / "dashboards" / "continuity.yml").read_text())["providers"]
+    dashboards = _bind(grafana, provider["options"]["path"])
+    assert dashboards["read_only"] is True
+    home = _env(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(dashboards["target"] + "/")
+    dashboard_file = (REPO / dashboards["source"]).resolve() / Path(home).name
+    dashboard = json.loads(dashboard_file.read_text())
+    uids = set()
+    panels = list(dashboard["panels"])
+    while panels:
+        panel = panels.pop()
+        panels.extend(panel.get("panels", []))
+        uids |= {panel["datasource"]["uid"]} if "datasource" in panel else set()
+        uids |= {target["datasource"]["uid"] for target in panel.get("targets", [])}
+    assert uids == {datasource["uid"]}  # every query goes to the provisioned Prometheus
+    assert _env(grafana)["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")

@@ -25,7 +25,6 @@ from continuity.http import (
 )
 from continuity.loop import Progress
 from continuity.metrics import ServiceMetrics
-from continuity.service import format_progress
 
 TOKEN = "s3cret-token"
 
@@ -128,83 +127,8 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-# ---------------------------------------------------------------------------- metrics
-
-
-def _samples(registry) -> dict:
-    from prometheus_client.exposition import generate_latest
-
-    families = text_string_to_metric_families(generate_latest(registry).decode())
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
-
-
-def test_metrics_counters_stay_monotonic_and_gauges_follow():
-    metrics = ServiceMetrics()
-    metrics.observe(_progress())
-    metrics.observe(_progress(examples_trained=1000, rollbacks=1, dead_letters=5, nonfinite_rows=2, step_seconds=[]))
-    samples = _samples(metrics.registry)
-    assert samples[("continuity_examples_trained_total", ())] == 1000
-    assert samples[("continuity_dead_letters_total", ())] == 5
-    assert samples[("continuity_rollbacks_total", ())] == 1
-    assert samples[("continuity_nonfinite_rows_total", ())] == 2
-    assert samples[("continuity_step_seconds_count", ())] == 3
-    assert samples[("continuity_regressions_in_a_row", ())] == 0
-    assert samples[("continuity_checkpoint_failures_total", ())] == 0
-    metrics.observe(
-        _progress(examples_trained=1000, rollbacks=1, dead_letters=5, step_seconds=[], checkpoint_failures=2)
-    )
-    assert _samples(metrics.registry)[("continuity_checkpoint_failures_total", ())] == 2
-
-    # A new run reports totals from zero again: its work adds on, nothing goes down.
-    metrics.observe(
-        _progress(
-            examples_trained=64,
-            rollbacks=0,
-            dead_letters=0,
-            probe_accuracy=0.5,
-            probe_segments={"s0": 0.4},
-            checkpoint=7,
-            step_seconds=[],
-            regressions_in_a_row=2,
-        )
-    )
-    samples = _samples(metrics.registry)
-    assert samples[("continuity_examples_trained_total", ())] == 1064
-    assert samples[("continuity_rollbacks_total", ())] == 1
-    assert samples[("continuity_probe_accuracy", (("segment", "overall"),))] == 0.5
-    assert samples[("continuity_probe_accuracy", (("segment", "s0"),))] == 0.4
-    assert samples[("continuity_probe_accuracy", (("segment", "s1"),))] == 0.87  # last known value
-    assert ("continuity_probe_accuracy", (("segment", "empty"),)) not in samples
-    assert samples[("continuity_checkpoint", ())] == 7
-    assert samples[("continuity_regressions_in_a_row", ())] == 2
-
-    metrics.set_lag({"digits/0": 10, "digits/1": 0})
-    metrics.set_lag({"digits/1": 4})  # partition 0 was revoked: its series goes
-    samples = _samples(metrics.registry)
-    assert samples[("continuity_consumer_lag", (("partition", "digits/1"),))] == 4
-    assert ("continuity_consumer_lag", (("partition", "digits/0"),)) not in samples
-
-
-def test_the_train_steps_figures_reach_gauges_and_the_skipped_updates_counter():
-    metrics = ServiceMetrics()
-    metrics.observe(_progress(train_loss=0.75, grad_norm=2.5, replay_share=0.5, skipped_updates=3))
-    metrics.observe(_progress(train_loss=None, grad_norm=None, replay_share=None, skipped_updates=4))  # no step since
-    samples = _samples(metrics.registry)
-    assert samples[("continuity_train_loss", ())] == 0.75  # kept: the last steps' figures
-    assert samples[("continuity_grad_norm", ())] == 2.5
-    assert samples[("continuity_replay_share", ())] == 0.5
-    assert samples[("continuity_skipped_updates_total", ())] == 4
-    line = format_progress(_progress(train_loss=0.75, grad_norm=2.5, replay_share=0.5, skipped_updates=3), None)
-    assert "train loss 0.75  grad 2.5  replay 50%  skipped 3  " in line
-
-
-def test_metrics_registries_are_independent():
-    a, b = ServiceMetrics(), ServiceMetrics()  # same names, no "Duplicated timeseries" error
-    a.observe(_progress())
-    assert _samples(b.registry)[("continuity_examples_trained_total", ())] == 0
-
-
 # ---------------------------------------------------------------------------- read-only endpoints
+# (what /metrics holds is tests/test_metrics.py's)
 
 
 def test_health_ready_status_and_unknown_paths(service, controller):
@@ -226,8 +150,7 @@ def test_health_ready_status_and_unknown_paths(service, controller):
 
 
 def test_metrics_endpoint_is_prometheus_text(service):
-    service.metrics.observe(_progress())
-    service.metrics.set_lag({"digits/0": 17})
+    service.metrics.observe(_progress(), {"digits/0": 17})
     status, headers, body = _get(service.url + "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}

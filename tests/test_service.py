@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -249,7 +250,18 @@ def test_demo_runs_headless_and_writes_its_report(tmp_path):
     # The quarantined window is durable: the newest checkpoint is past it, so a restart
     # does not read those records again.
     store = CheckpointStore(tmp_path / "checkpoints", create=False)
-    last_quarantine = [e for e in store.ledger.read() if e["event"] == "quarantine"][-1]
+    quarantines = [e for e in store.ledger.read() if e["event"] == "quarantine"]
+    # A line per quarantine: its records, how many were poisoned, how many clean went with them.
+    tallies = re.findall(
+        r"^- records consumed .*: ([\d,]+) records quarantined, of which ([\d,]+) poisoned and ([\d,]+) clean$",
+        report,
+        re.M,
+    )
+    counts = [[int(n.replace(",", "")) for n in tally] for tally in tallies]
+    assert [records for records, _, _ in counts] == [e["records"] for e in quarantines]
+    assert all(poisoned + clean == records for records, poisoned, clean in counts)
+    assert sum(poisoned for _, poisoned, _ in counts) > 0
+    last_quarantine = quarantines[-1]
     newest = store.info(store.last_good()).metadata
     assert newest["positions"] == last_quarantine["to"] and newest["quarantined_records"] > 0
 
