@@ -21,12 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from continuity.detectors import WindowCheckConfig, WindowHistory, WindowSample, WindowVerdict, check_window
 from continuity.learner import Evaluation, Learner, LearnerState
 from continuity.learner import ewc as ewc_lib
-from continuity.probe import ProbeStore
-from continuity.regression import Verdict, judge, judge_losses, segment_rows
+from continuity.probe import GOLDEN_SEGMENT, ProbeStore
+from continuity.regression import Verdict, judge_beyond_tolerance, judge_losses, segment_rows
 
 ON_REGRESSION = ("retry", "quarantine", "halt")
+ON_SUSTAINED_REGRESSION = ("quarantine", "accept", "halt")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,20 @@ class GuardConfig:
     # that seeps in a little per window (each step under the tolerance) adds up and is caught.
     anchor_windows: int = 3  # 0: compare with the last good model only
     enabled: bool = True  # False: every candidate is accepted (to measure what the guard prevents)
+    # The window checks (continuity.detectors): rows of each window sampled and tested for damage
+    # against accepted windows. 0: off (the probe alone judges).
+    window_sample: int = 512
+    # Rise over accepted windows' share of contradicted, out-of-scale, repeated or same-label rows
+    # that a window may show before it counts as damaged (see continuity.detectors).
+    window_tolerance: float = 0.3
+    confidence: float = 0.9  # the last good model's probability for its prediction that makes a row "known"
+    # The golden probe segment (probe.golden) is a hard constraint: no candidate is accepted whose
+    # accuracy on it falls more than this below the best an accepted model reached.
+    golden_tolerance: float = 0.05
+    # After this many windows regressed in a row, `on_sustained_regression` decides: "quarantine" on
+    # (and warn), "accept" the window as a new baseline (never past the golden constraint), or "halt".
+    sustained_windows: int = 3
+    on_sustained_regression: str = "quarantine"
 
     def __post_init__(self):
         if self.every_examples < 1:
@@ -81,6 +97,31 @@ class GuardConfig:
             raise ValueError(f"`probe.max_retries` must be >= 0. Got {self.max_retries!r}.")
         if self.anchor_windows < 0:
             raise ValueError(f"`probe.anchor_windows` must be >= 0. Got {self.anchor_windows!r}.")
+        if self.window_sample < 0:
+            raise ValueError(f"`probe.window_sample` must be >= 0. Got {self.window_sample!r}.")
+        if not 0 <= self.window_tolerance <= 1:
+            raise ValueError(f"`probe.window_tolerance` must be in [0, 1]. Got {self.window_tolerance!r}.")
+        if not 0 < self.confidence <= 1:
+            raise ValueError(f"`probe.confidence` must be in (0, 1]. Got {self.confidence!r}.")
+        if not 0 <= self.golden_tolerance < 1:
+            raise ValueError(f"`probe.golden_tolerance` must be in [0, 1). Got {self.golden_tolerance!r}.")
+        if self.sustained_windows < 1:
+            raise ValueError(f"`probe.sustained_windows` must be >= 1. Got {self.sustained_windows!r}.")
+        if self.on_sustained_regression not in ON_SUSTAINED_REGRESSION:
+            allowed = ", ".join(map(repr, ON_SUSTAINED_REGRESSION))
+            raise ValueError(
+                f"`probe.on_sustained_regression` must be one of {allowed}. Got {self.on_sustained_regression!r}."
+            )
+
+    @property
+    def window_checks(self) -> WindowCheckConfig:
+        """The window checks' settings; they test at half of `alpha`, the probe at the other half."""
+        return WindowCheckConfig(
+            tolerance=self.window_tolerance,
+            confidence=self.confidence,
+            alpha=self.alpha / 2,
+            min_rows=self.min_examples,
+        )
 
 
 @jax.jit
@@ -119,6 +160,21 @@ class Guard:
         self._good_results: _Results | None = None  # cached per-example results of last_good
         self._anchor_results: _Results | None = None  # ... and of the anchor
         self._judged: tuple[LearnerState, _Results] | None = None  # the last candidate judged
+        self.window_history = WindowHistory()  # accepted windows' figures: the window checks' reference
+        self._window_verdict: WindowVerdict | None = None  # the last candidate's window checks
+        self.golden_best: float | None = None  # the best golden accuracy of an accepted model
+        self._golden: GoldenConstraint | None = None  # the last candidate's golden constraint
+
+    def state_json(self) -> dict:
+        """What the guard learned from accepted windows, for the checkpoint of the last good model."""
+        return {"window_history": self.window_history.to_json(), "golden_best": self.golden_best}
+
+    def restore_state(self, data: dict | None) -> None:
+        """Take back what `state_json` saved (None or {}: a checkpoint from before it was saved: start afresh)."""
+        data = data or {}
+        self.window_history = WindowHistory()
+        self.window_history.restore(data.get("window_history") or {})
+        self.golden_best = data.get("golden_best")
 
     def mark_good(self, state: LearnerState, *, reset_anchor: bool = True) -> None:
         self.last_good = device_copy(state)
@@ -133,7 +189,9 @@ class Guard:
             raise RuntimeError("Guard has no last good model: call mark_good() with the starting state first")
         return self.last_good
 
-    def judge(self, candidate: LearnerState, probe: ProbeStore) -> tuple[Verdict, dict]:
+    def judge(
+        self, candidate: LearnerState, probe: ProbeStore, window: WindowSample | None = None
+    ) -> tuple[Verdict, dict]:
         """The verdict on `candidate`, and the probe report.
 
         Classification: paired predictions (McNemar), and the report holds accuracy
@@ -144,6 +202,8 @@ class Guard:
 
         Judged against the last good model and, when kept, the older anchor; a regression
         against either is a regression (the last good model's figures are reported first).
+        With `window` (the rows the candidate trained on, sampled), the window checks run
+        too (continuity.detectors), and a damaged window is a regression as well.
         """
         x, y, ids = probe.examples()
         serials = probe.serials()
@@ -151,29 +211,33 @@ class Guard:
         config = self.config
         candidate_eval = self.learner.evaluate(candidate.params, x, y)
         self._judged = (candidate, _Results(serials, candidate_eval))
+        window_checks = window is not None and config.window_sample > 0 and candidate_eval.correct is not None
+        probe_alpha = config.alpha / 2 if window_checks else config.alpha  # the window checks test at the rest
 
         # `correct` is None exactly for regression (see Evaluation): losses are compared instead.
         def compare(reference_eval: Evaluation) -> Verdict:
             good_correct, candidate_correct = reference_eval.correct, candidate_eval.correct
             if good_correct is None or candidate_correct is None:
-                return judge_losses(
+                verdict = judge_losses(
                     reference_eval.loss,
                     candidate_eval.loss,
                     ids,
                     names,
                     tolerance=config.loss_tolerance,
-                    alpha=config.alpha,
+                    alpha=probe_alpha,
                     min_examples=config.min_examples,
                 )
-            return judge(
-                good_correct,
-                candidate_correct,
-                ids,
-                names,
-                tolerance=config.tolerance,
-                alpha=config.alpha,
-                min_examples=config.min_examples,
-            )
+            else:
+                verdict = judge_beyond_tolerance(
+                    good_correct,
+                    candidate_correct,
+                    ids,
+                    names,
+                    tolerance=config.tolerance,
+                    alpha=probe_alpha,
+                    min_examples=config.min_examples,
+                )
+            return _golden_apart(verdict)  # the golden segment has its own, stricter constraint
 
         good_eval, self._good_results = self._evaluate_cached(self._good().params, self._good_results, x, y, serials)
         verdict = compare(good_eval)
@@ -182,19 +246,52 @@ class Guard:
             against_anchor = compare(anchor_eval)
             if against_anchor.regressed:
                 verdict = replace(against_anchor, against="anchor")
+        rows_of = segment_rows(ids, len(names))
+        checks: list = []
+        self._window_verdict = self._check_window(candidate, window) if window_checks and window is not None else None
+        if self._window_verdict is not None:
+            checks.append(self._window_verdict)
+        self._golden = self._check_golden(names, rows_of, candidate_eval)
+        if self._golden is not None:
+            checks.append(self._golden)
+        verdict = replace(
+            verdict, regressed=verdict.regressed or any(c.regressed for c in checks), checks=tuple(checks)
+        )
         if not self.config.enabled:
             verdict = replace(verdict, regressed=False)
         if candidate_eval.correct is None:
             figure, per_example = "loss", candidate_eval.loss
         else:
             figure, per_example = "accuracy", candidate_eval.correct
-        rows_of = segment_rows(ids, len(names))
         report = {
             "examples": len(y),
             figure: _mean(per_example),
             "segments": {name: _mean(per_example[rows]) for name, rows in zip(names, rows_of)},
         }
         return verdict, report
+
+    def _check_window(self, candidate: LearnerState, window: WindowSample) -> WindowVerdict:
+        """The window checks on the sampled rows: the last good model's predictions and confidence,
+        and whether the candidate learned each row."""
+        x, y = window.rows()
+        history, settings = self.window_history, self.config.window_checks
+        if not len(y):
+            return check_window(x, y, y, np.zeros(0), np.zeros(0, bool), history, settings)
+        good = self.learner.evaluate(self._good().params, x, y)
+        # A model's loss on its own prediction is -log of its probability for it: its confidence.
+        confidence = np.exp(-self.learner.evaluate(self._good().params, x, good.predicted).loss)
+        learned = self.learner.evaluate(candidate.params, x, y).correct
+        return check_window(x, y, good.predicted, confidence, learned, history, settings)
+
+    def _check_golden(self, names: list[str], rows_of: list[np.ndarray], candidate_eval: Evaluation):
+        """The golden constraint, when the probe has a golden segment (classification)."""
+        if GOLDEN_SEGMENT not in names or candidate_eval.correct is None:
+            return None
+        rows = rows_of[names.index(GOLDEN_SEGMENT)]
+        if not len(rows):
+            return None
+        accuracy = float(candidate_eval.correct[rows].mean())
+        return GoldenConstraint(len(rows), accuracy, self.golden_best, self.config.golden_tolerance)
 
     def _evaluate_cached(self, params, cached: _Results | None, x, y, serials) -> tuple[Evaluation, _Results]:
         """`params`' results on the probe rows, evaluating only the rows `cached` lacks."""
@@ -210,11 +307,19 @@ class Guard:
                 merged[missing] = new
         return evaluation, _Results(serials, evaluation)
 
-    def accept(self, candidate: LearnerState, recent: tuple[np.ndarray, np.ndarray] | None = None) -> LearnerState:
+    def accept(
+        self,
+        candidate: LearnerState,
+        recent: tuple[np.ndarray, np.ndarray] | None = None,
+        *,
+        new_baseline: bool = False,
+    ) -> LearnerState:
         """Consolidate EWC at the candidate and decay lambda; it becomes the last good model.
 
         The Fisher comes from replay samples, or from `recent` training examples when
-        replay is off. Consumes `candidate`.
+        replay is off. `new_baseline`: a regression accepted because it persisted
+        (`probe.on_sustained_regression = "accept"`): the anchor and the window checks'
+        history start again from this window. Consumes `candidate`.
         """
         learner = self.learner
         ewc_config = learner.config.ewc
@@ -227,6 +332,14 @@ class Guard:
             state = state.replace(
                 ewc=ewc_lib.decay_strength(state.ewc, decay=ewc_config.decay, floor=ewc_config.strength_min)
             )
+        if new_baseline:
+            self.window_history = WindowHistory()
+        if self._window_verdict is not None:
+            self.window_history.add(self._window_verdict.figures)
+            self._window_verdict = None
+        if self._golden is not None:
+            self.golden_best = max(self._golden.candidate, self._golden.best or 0.0)
+            self._golden = None
         self._accepted_since_anchor += 1
         if self.anchor is not None and self._accepted_since_anchor >= self.config.anchor_windows:
             # The anchor moves up to the previous good model: it always trails by 1..K windows.
@@ -235,20 +348,65 @@ class Guard:
         # Consolidation leaves the params as they were judged: their results carry over.
         judged, self._judged = self._judged, None
         self._good_results = judged[1] if judged is not None and judged[0] is candidate else None
-        self.mark_good(state, reset_anchor=False)
+        self.mark_good(state, reset_anchor=new_baseline)
         return state
 
-    def roll_back(self) -> LearnerState:
-        """A fresh copy of the last good state with lambda boosted (the stream hurt it: hold harder)."""
+    def roll_back(self, *, boost: bool = True) -> LearnerState:
+        """A fresh copy of the last good state; with `boost`, lambda boosted (the window is retried: hold harder)."""
         ewc_config = self.learner.config.ewc
-        state = device_copy(self.last_good)
-        if ewc_config.enabled:
+        state = device_copy(self._good())
+        if ewc_config.enabled and boost:
             state = state.replace(
                 ewc=ewc_lib.boost_strength(state.ewc, boost=ewc_config.boost, ceiling=ewc_config.strength_max)
             )
             # The boost carries over: the kept copy is the one a second rollback starts from.
             self.last_good = device_copy(state)
         return state
+
+
+@dataclass(frozen=True)
+class GoldenConstraint:
+    """The golden segment as a hard constraint: never more than `tolerance` below the best accepted accuracy.
+
+    The golden file is the operator's fixed specification, not a sample of the stream, so
+    its accuracy is compared as it is, without a test, and no drift tolerance applies.
+    """
+
+    examples: int
+    candidate: float
+    best: float | None  # None: no accepted model has been measured on it yet
+    tolerance: float
+    name = "golden"  # its key in the verdict's JSON
+
+    @property
+    def regressed(self) -> bool:
+        return self.best is not None and self.candidate < self.best - self.tolerance
+
+    def scopes(self) -> list[str]:
+        return [GOLDEN_SEGMENT] if self.regressed else []
+
+    def fired_json(self) -> list[dict]:
+        return [self.to_json() | {"check": "golden", "test": "constraint"}] if self.regressed else []
+
+    def to_json(self) -> dict:
+        return {
+            "examples": self.examples,
+            "candidate_accuracy": round(self.candidate, 6),
+            "best_accuracy": None if self.best is None else round(self.best, 6),
+            "tolerance": self.tolerance,
+            "regressed": self.regressed,
+        }
+
+
+def _golden_apart(verdict: Verdict) -> Verdict:
+    """`verdict` with the golden segment's paired test reported but not counted: GoldenConstraint judges it."""
+    report = verdict.segments.get(GOLDEN_SEGMENT)
+    if report is None or not report.regressed:
+        return verdict
+    segments = dict(verdict.segments)
+    segments[GOLDEN_SEGMENT] = replace(report, regressed=False)
+    regressed = verdict.overall.regressed or any(r.regressed for r in segments.values())
+    return replace(verdict, regressed=regressed, segments=segments)
 
 
 def _rows(evaluation: Evaluation, index: np.ndarray) -> Evaluation:

@@ -35,6 +35,7 @@ signal handler, an HTTP endpoint).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -42,12 +43,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import jax
 import numpy as np
 
 from continuity.checkpoints import CheckpointStore
+from continuity.detectors import WindowSample
 from continuity.guard import Guard, GuardConfig
 from continuity.learner import Batch as TrainBatch
 from continuity.learner import Learner
@@ -70,6 +72,7 @@ from continuity.stream.ingest import IDLE, BatchStream
 log = logging.getLogger(__name__)
 
 REGRESSION_STREAK = 3  # windows regressed in a row before the first warning
+MAX_RETRAINS = 3  # times a regressed window is cut and trained again before all of it is quarantined
 
 SCHEMA_VERSION = 1
 
@@ -153,6 +156,41 @@ class _Good:
     lineage_examples: int
     report: dict = field(default_factory=dict)  # its probe figures, for its checkpoint
     verdict: Verdict | None = None  # the verdict that accepted it
+
+
+@dataclass
+class _Excision:
+    """A regressed window to train again up to `end`, without the span [start, end).
+
+    The span is what the window checks found damaged; its records are quarantined once
+    the window, trained without them, is accepted (or with the whole window, if it still
+    regresses). An empty span (start == end) is a split: the window's first half is
+    trained alone, and its second half is read again as the next window.
+    """
+
+    start: Positions
+    end: Positions
+    verdict: Verdict  # the verdict that found the span: the quarantine's reason
+    depth: int = 1  # times this window has been cut
+
+    @property
+    def split(self) -> bool:
+        return self.start == self.end
+
+    def covers(self, before: Positions, after: Positions) -> bool:
+        """True when a batch that moved the stream from `before` to `after` lies inside the span."""
+        return _reached(before, self.start) and _reached(self.end, after)
+
+
+def _reached(positions: Positions, target: Positions) -> bool:
+    """True when every partition of `target` is at or past its position there in `positions`."""
+    for key in target:
+        if key not in positions:
+            return False
+        here, there = positions[key], target[key]
+        if (here.offset, here.skip) < (there.offset, there.skip):
+            return False
+    return True
 
 
 def config_digest(*configs) -> str:
@@ -251,6 +289,7 @@ class TrainingLoop:
         self.max_examples = max_examples
         self.checkpoint_every_s = checkpoint_every_s  # 0: checkpoint every accepted window
         self.guard = Guard(learner, guard)
+        self.window_sample = WindowSample(max(guard.window_sample, 1))  # the rows the window checks test
         self.holdout = Holdout(probe.holdout_fraction, salt=seed)
         self.digest = config_digest(learner.config, probe, guard)
         self.ledger = store.ledger
@@ -264,6 +303,8 @@ class TrainingLoop:
         self._last_save = time.monotonic()
         self._uncommitted: Positions | None = None  # positions of a save not yet known to be finalized
         self._regressions_in_a_row = 0  # windows judged regressed since the last accepted one
+        self._excision: _Excision | None = None  # a window to train again without its damaged span
+        self._trace: list[tuple[int, Positions, Positions]] = []  # the window's trained batches (see _train_window)
 
     def request(self, kind: str, *, timeout_s: float = 60.0, **args) -> dict:
         """Ask the loop, from another thread, to `rollback` (to=N | None) or `checkpoint` now; waits for it.
@@ -306,6 +347,8 @@ class TrainingLoop:
                 window_start_examples = self.summary.examples_trained
                 state, positions, ended, recent = self._train_window(state, reader, probe, good)
                 trained = self.summary.examples_trained - window_start_examples
+                if not trained and self._excision is not None and _reached(positions, self._excision.end):
+                    good = self._finish_excision(good, positions, list(reader.batcher.segment_names))
                 if trained:
                     state, good, probe, reader, retries, halt = self._judge_window(
                         state, good, probe, reader, positions, trained, recent, retries
@@ -318,7 +361,7 @@ class TrainingLoop:
                     self._checkpoint(good)
                 self._commit_finalized()
                 self._maybe_report(state, good)
-                if ended or self.stopping():
+                if (ended and self._excision is None) or self.stopping():
                     break
             self._checkpoint(good)  # the last good model, if accepted since the last checkpoint
         finally:
@@ -359,7 +402,7 @@ class TrainingLoop:
         # is not counted as the guard's (judging reads results back and would wait for them).
         jax.block_until_ready(state)
         guard_started = time.perf_counter()
-        verdict, report = self.guard.judge(state, probe)
+        verdict, report = self.guard.judge(state, probe, self.window_sample)
         self.ledger.append(
             "probe",
             window=self.summary.windows,
@@ -372,9 +415,23 @@ class TrainingLoop:
             ewc_strength=float(state.ewc.strength),
         )
         halt = False
-        if not verdict.regressed:
+        sustained = verdict.regressed and self._regressions_in_a_row + 1 >= self.guard_config.sustained_windows
+        on_sustained = self.guard_config.on_sustained_regression if sustained else None
+        # A regression that persists may be accepted as a new baseline, never past the golden constraint.
+        new_baseline = on_sustained == "accept" and "golden" not in verdict.regressed_scopes
+        if new_baseline:
+            self.ledger.append(
+                "sustained",
+                window=self.summary.windows,
+                action="accept",
+                regressions_in_a_row=self._regressions_in_a_row + 1,
+                scopes=verdict.regressed_scopes,
+                fired=verdict.fired(),
+            )
+        if not verdict.regressed or new_baseline:
             self._last_report = report  # the good model's figures: what progress and status show
-            state = self.guard.accept(state, recent)
+            state = self.guard.accept(state, recent, new_baseline=new_baseline)
+            excised = self._quarantine_excision()
             good = _Good(
                 None,
                 probe.copy(),
@@ -384,30 +441,50 @@ class TrainingLoop:
                 report,
                 verdict,
             )
-            if self._checkpoint_due(good):
+            if excised:
+                self._checkpoint(good, quarantined=excised)  # skipped records are accounted for at once
+            elif self._checkpoint_due(good):
                 self._checkpoint(good)
             self.summary.accepted += 1
             self._regressions_in_a_row = retries = 0
         else:
             self.summary.rollbacks += 1
             self._warn_of_a_streak(verdict)
-            state = self.guard.roll_back()
+            policy = "halt" if on_sustained == "halt" else self.guard_config.on_regression
+            retry = policy == "retry" and retries < self.guard_config.max_retries
+            # Lambda is boosted only to train the same records again (a retry): the records of a
+            # quarantined or excised span are never trained, and a boost would only slow the learning
+            # of the clean records after them.
+            state = self.guard.roll_back(boost=retry)
             probe = good.probe.copy()
             self.ledger.append(
                 "rollback",
                 window=self.summary.windows,
                 to_checkpoint=good.number,
                 scopes=verdict.regressed_scopes,
+                fired=verdict.fired(),
                 ewc_strength=float(state.ewc.strength),
                 positions=good.positions.to_json(),
             )
-            policy = self.guard_config.on_regression
             if policy == "halt":
                 self._checkpoint(good)  # the last good model is the newest checkpoint
                 self.ledger.append("halt", checkpoint=good.number, positions=good.positions.to_json())
                 self.summary.halted = True
                 halt = True
-            elif policy == "retry" and retries < self.guard_config.max_retries:
+            elif policy == "quarantine" and (excision := self._excision_of(verdict, trained)) is not None:
+                # Train part of the window again: without the span the window checks found damaged, or,
+                # when nothing located the damage, its first half alone (the rest is judged after it).
+                self._excision = excision
+                self.ledger.append(
+                    "retrain",
+                    window=self.summary.windows,
+                    **{"from": good.positions.to_json()},
+                    until=excision.end.to_json(),
+                    excise=None if excision.split else {"from": excision.start.to_json(), "to": excision.end.to_json()},
+                    scopes=verdict.regressed_scopes,
+                )
+                reader = self.reader = self._reopen(reader, good)
+            elif retry:
                 retries += 1
                 self.summary.retries += 1
                 self.ledger.append(
@@ -415,6 +492,7 @@ class TrainingLoop:
                 )
                 reader = self.reader = self._reopen(reader, good)
             else:
+                self._excision = None  # a window trained without its excised span regressed: all of it goes
                 copied = self._quarantine(good.positions, positions, verdict)
                 retries = 0
                 # The quarantined window is accounted for: the last good model, checkpointed at once
@@ -426,6 +504,52 @@ class TrainingLoop:
         jax.block_until_ready(state)
         self.summary.guard_seconds += time.perf_counter() - guard_started
         return state, good, probe, reader, retries, halt
+
+    def _excision_of(self, verdict: Verdict, trained: int) -> _Excision | None:
+        """How to train a regressed window again, or None to quarantine all of it.
+
+        The span the window checks' blocks found damaged, when they found part of the window
+        (None when they found all of it); when no block located the damage (the probe, or a
+        whole-window test alone), the window's first half alone (a split), so a damaged half
+        costs the clean one nothing. A window trained again that regresses may be cut again
+        (its new span joined to the old one), up to MAX_RETRAINS times; then all of it goes.
+        """
+        pending = self._excision
+        if (pending is not None and pending.depth >= MAX_RETRAINS) or len(self._trace) < 2:
+            return None
+        starts = [before for before, _, _ in self._trace]
+
+        def batch_of(row: int) -> tuple[int, Positions, Positions]:
+            return self._trace[max(bisect.bisect_right(starts, row) - 1, 0)]
+
+        window = verdict.check("window")
+        rows = None if window is None else self.window_sample.damaged_rows(window)
+        if rows is None:
+            middle = batch_of(trained // 2 - 1)[2]
+            cut = _Excision(middle, middle, verdict)
+        elif rows[0] == 0 and rows[1] >= self.window_sample.seen:
+            return None  # all of the window is damaged
+        else:
+            cut = _Excision(batch_of(rows[0])[1], batch_of(rows[1] - 1)[2], verdict)
+        if pending is None:
+            return cut
+        if not pending.split and not cut.split:  # one span: from the new one's start to the old one's end
+            cut = _Excision(cut.start, pending.end, verdict)
+        return replace(cut, depth=pending.depth + 1)
+
+    def _quarantine_excision(self) -> int:
+        """Quarantine the span of a pending excision (its window was judged good without it)."""
+        excision, self._excision = self._excision, None
+        if excision is None or excision.split:
+            return 0
+        return self._quarantine(excision.start, excision.end, excision.verdict)
+
+    def _finish_excision(self, good: _Good, positions: Positions, segment_names: list) -> _Good:
+        """An excision whose span began the window: nothing was left to train; quarantine the span, go on after it."""
+        copied = self._quarantine_excision()
+        good = _Good(None, good.probe, positions, segment_names, good.lineage_examples, good.report)
+        self._checkpoint(good, quarantined=copied)
+        return good
 
     def _warn_of_a_streak(self, verdict) -> None:
         """Say so when windows keep regressing: the guard may be holding off drift, not damage.
@@ -439,8 +563,9 @@ class TrainingLoop:
         if rest == 0 and streaks & (streaks - 1) == 0:  # at 3, 6, 12, 24, ... windows: loud, not spammy
             log.warning(
                 "%d windows in a row regressed (now on %s, against the %s); nothing has been learned "
-                "since checkpoint %s. If the stream has drifted for good rather than broken, raise "
-                "probe.tolerance, the model's capacity or replay.capacity.",
+                "since checkpoint %s. If the stream has changed for good rather than broken, accept it "
+                '(probe.on_sustained_regression = "accept"), or raise probe.tolerance, the model\'s '
+                "capacity or replay.capacity.",
                 self._regressions_in_a_row,
                 ", ".join(verdict.regressed_scopes) or "overall",
                 "anchor" if verdict.against == "anchor" else "last good model",
@@ -481,6 +606,7 @@ class TrainingLoop:
         self._saved = good
         self._uncommitted = None  # newer than the checkpoint rolled back to: committing it would skip records
         self._regressions_in_a_row = 0  # the operator chose where history begins
+        self._excision = None
         self.guard.mark_good(state)
         reader = self.reader = self._reopen(reader, good)
         return state, good, good.probe.copy(), reader
@@ -530,6 +656,7 @@ class TrainingLoop:
             label_dtype=self.learner.label_dtype,
         )
         positions = Positions.from_json(meta["positions"])
+        self.guard.restore_state(meta.get("guard"))
         self.ledger.append(
             "restore",
             checkpoint=restored.number,
@@ -550,15 +677,23 @@ class TrainingLoop:
         return self._open(good)
 
     def _train_window(self, state, reader: _Reader, probe: ProbeStore, good: _Good):
-        """Train until a window's worth of examples, the end of the stream, or stop."""
+        """Train until a window's worth of examples, the end of the stream, or stop.
+
+        While an excision is pending (see `_Excision`), the batches inside its span are read
+        but neither trained nor held out, and the window closes at the span's end.
+        """
         trained = 0
         positions = good.positions
         ended = False
+        excision = self._excision
+        self._trace = []  # (rows trained before, positions before, positions after) of each trained batch
         recent: list[tuple[np.ndarray, np.ndarray]] = []
         fisher_rows = self.learner.config.ewc.fisher_samples
         last_batch = started = time.monotonic()
         judge_idle_s = self.stream.judge_idle_s
         every_s = self.guard_config.every_seconds if self.stream.live else 0
+        sample = self.window_sample
+        sample.start((self.seed, good.lineage_examples))  # the same records give the same sample
         while trained < self.guard_config.every_examples:
             if self.stopping() or not self._requests.empty():
                 break
@@ -575,17 +710,27 @@ class TrainingLoop:
                     break
                 continue
             last_batch = time.monotonic()
+            if excision is not None and excision.covers(positions, batch.positions):
+                positions = batch.positions  # excised: its records are quarantined once the window is judged
+                if _reached(positions, excision.end):
+                    break
+                continue
             if batch.held_out.any():
                 self._hold_out(probe, reader.batcher.segment_names, batch)
             mask = batch.train_mask
+            sample.add(batch.x, batch.y, mask)
             tick = time.perf_counter()
             state, _ = self.learner.train_step(state, TrainBatch(batch.x, batch.y, mask))
             self._step_seconds.append(time.perf_counter() - tick)
             rows = int(mask.sum())
+            if rows:
+                self._trace.append((trained, positions, batch.positions))
             trained += rows
             self.summary.examples_trained += rows
             positions = batch.positions
             self._maybe_report(state, good)
+            if excision is not None and _reached(positions, excision.end):
+                break  # the window ends where the excised span did: what follows is the next window's
             if self.learner.replay is None and rows:
                 recent.append((batch.x[mask], batch.y[mask]))
                 while sum(len(y) for _, y in recent) - len(recent[0][1]) >= fisher_rows:
@@ -637,6 +782,7 @@ class TrainingLoop:
             },
             "quarantined_records": quarantined,
             "probe_store": probe_meta,
+            "guard": self.guard.state_json(),  # what the window checks and the golden constraint compare with
             "ewc_strength": float(state.ewc.strength),
             "lineage_examples": good.lineage_examples,
             "parent": parent.number,
