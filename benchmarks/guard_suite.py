@@ -285,7 +285,8 @@ def format_case(result: dict) -> str:
     lines.append(
         f"  clean: quarantined {result['clean_quarantined_share']:.1%} ({clean['guarded']['quarantined_records']:,} "
         f"records, {result['clean_rollbacks']} rollbacks); final accuracy guarded "
-        f"{result['clean_final_accuracy']['guarded']:.3f} vs unguarded {result['clean_final_accuracy']['unguarded']:.3f} "
+        f"{result['clean_final_accuracy']['guarded']:.3f} vs unguarded "
+        f"{result['clean_final_accuracy']['unguarded']:.3f} "
         f"({result['clean_guarded_minus_unguarded']:+.3f}); guard {result['guard_seconds']:.1f} s of "
         f"{result['wall_seconds']:.1f} s"
     )
@@ -316,7 +317,7 @@ def run_guard_matrix(
             row = run_guard_suite_case(stream, seed=seed, learners=learners)
             clean_rows.append(public(row))
             if progress:
-                progress(format_case(row))
+                progress(row)
         pair = None
         for placement in placements:
             for kind in kinds:
@@ -332,7 +333,7 @@ def run_guard_matrix(
                 pair = row["_clean_runs"]
                 damage_rows.append(public(row))
                 if progress:
-                    progress(format_case(row))
+                    progress(row)
     return {"clean": clean_rows, "damage": damage_rows}
 
 

@@ -909,7 +909,7 @@ _COMMENTS = {
     (
         "probe",
         "alpha",
-    ): "false alarms per window: half to the probe's paired tests (Tango; Wilcoxon on losses), half to the window checks",
+    ): "false alarms per window: half to the probe's paired tests (Tango; Wilcoxon on losses), half to window checks",
     ("probe", "on_regression"): '"quarantine", "retry" (stronger lambda, then quarantine) or "halt"',
     ("probe", "max_retries"): "retries of a window before it is quarantined",
     ("probe", "min_examples"): "probe examples a segment needs before it is tested",

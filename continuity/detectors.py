@@ -48,8 +48,8 @@ The design assumptions, stated: a window in which more than `tolerance` of the r
 (above what accepted windows showed) overturn a confident prediction of a class the model
 was taught, or stay unlearned after training on them, is damage, not a concept change;
 so is a window whose rows' scale leaves the accepted range by more than a factor 2, or
-whose rows repeat, or whose labels collide, that much more often than accepted windows'. A change that persists is the operator's
-to accept (`probe.on_sustained_regression`).
+whose rows repeat, or whose labels collide, that much more often than accepted windows'.
+A change that persists is the operator's to accept (`probe.on_sustained_regression`).
 
 Threading: NOT thread-safe; the service loop owns these objects.
 """
@@ -95,6 +95,7 @@ class WindowSample:
     def start(self, seed: Sequence[int]) -> None:
         """Empty the sample for a new window whose draws are seeded by `seed` (non-negative integers)."""
         self._rng = np.random.default_rng([0x57A3, *seed])
+        self._uniforms: list[float] = []
         self.seen = 0  # rows offered in this window
         self._x: np.ndarray | None = None
         self._y: np.ndarray | None = None
@@ -103,14 +104,20 @@ class WindowSample:
         self._next = self.capacity + self._skip()  # the next arrival to enter the full sample
 
     def _uniform(self) -> float:
-        return float(self._rng.random()) or 1e-300  # never log(0)
+        """A uniform draw in (0, 1), taken from a batch of them (one NumPy call per 1,024 draws)."""
+        if not self._uniforms:
+            self._uniforms = self._rng.random(1024).tolist()
+        return self._uniforms.pop() or 1e-300  # never log(0)
 
     def _skip(self) -> int:
         return math.floor(math.log(self._uniform()) / math.log1p(-self._w))
 
-    def add(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> None:
-        """Offer the rows of (x, y) that `rows` (a boolean mask over the batch) selects: those trained on."""
-        count = int(np.count_nonzero(rows))
+    def add(self, x: np.ndarray, y: np.ndarray, rows: np.ndarray, count: int | None = None) -> None:
+        """Offer the rows of (x, y) that `rows` (a boolean mask over the batch) selects: those trained on.
+
+        `count`: how many rows `rows` selects, when the caller knows it already.
+        """
+        count = int(np.count_nonzero(rows)) if count is None else count
         if not count:
             return
         end = self.seen + count
@@ -126,7 +133,7 @@ class WindowSample:
             slots = np.arange(self.seen, self.seen + filling)
             self._x[slots], self._y[slots], self._arrival[slots] = x[index[:filling]], y[index[:filling]], slots
         while self._next < end:
-            slot = int(self._rng.integers(self.capacity))
+            slot = min(int(self._uniform() * self.capacity), self.capacity - 1)
             row = index[self._next - self.seen]
             self._x[slot], self._y[slot], self._arrival[slot] = x[row], y[row], self._next
             self._w *= math.exp(math.log(self._uniform()) / self.capacity)
@@ -144,6 +151,17 @@ class WindowSample:
     def arrivals(self) -> np.ndarray:
         """The arrival number (the window's trained-row index) of each sampled row, in arrival order."""
         return np.sort(self._arrival[: min(self.seen, self.capacity)])
+
+    def span_of(self, rows: np.ndarray) -> tuple[int, int] | None:
+        """The window's trained rows [first, end) from the first flagged sampled row to the last one
+        (`rows`: one flag per sampled row, in arrival order), reaching to the unflagged sampled rows
+        beside them; None when none is flagged."""
+        arrival = self.arrivals()
+        flagged = np.flatnonzero(rows)
+        if not len(flagged) or len(rows) != len(arrival):
+            return None
+        lo, hi = int(flagged[0]), int(flagged[-1]) + 1
+        return (int(arrival[lo - 1]) + 1 if lo > 0 else 0), (int(arrival[hi]) if hi < len(arrival) else self.seen)
 
     def damaged_rows(self, verdict: WindowVerdict) -> tuple[int, int] | None:
         """The window's trained rows [first, end) that the blocks which fired cover (the whole
@@ -294,6 +312,9 @@ class WindowVerdict:
     figures: WindowFigures
     findings: list[Finding] = field(default_factory=list)
     checked: bool = True  # False: no accepted window to compare with yet (figures only)
+    # Which sampled rows (arrival order) look like the probe segments that regressed: where a probe
+    # regression came from, when no block test says (see `resembling_rows`). None: nothing regressed.
+    resembling: np.ndarray | None = None
 
     name = "window"  # its key in the verdict's JSON
 
@@ -432,6 +453,34 @@ def _tested(indicator: str, part: int, parts: int) -> bool:
 def _reaches_untested(indicator: str, part: int, parts: int) -> bool:
     """Whether block `part` of `parts` is the last tested one for `indicator` before untested rows."""
     return indicator == "unlearned" and parts > 1 and part == parts // 2 - 1
+
+
+def resembling_rows(x: np.ndarray, segments: list[np.ndarray], quantile: float = 0.95) -> np.ndarray | None:
+    """Which rows of `x` lie as close to one of `segments` (arrays of probe rows) as its own rows do.
+
+    A row resembles a segment when its distance to the nearest of the segment's rows is at
+    most the `quantile` of the segment's rows' distances to their own nearest other row
+    (nearest-neighbour attribution, Euclidean): damage on inputs a segment knows lies
+    among the segment's rows; a new input distribution lies apart. None without segments.
+    """
+    if not segments or not len(x):
+        return None
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    resembling = np.zeros(len(x), bool)
+    for rows in segments:
+        reference = rows.reshape(len(rows), -1).astype(np.float64)
+        if len(reference) < 2:
+            continue
+        own = _squared_distances(reference, reference)
+        np.fill_diagonal(own, np.inf)
+        reach = np.quantile(own.min(axis=1), quantile)
+        resembling |= _squared_distances(flat, reference).min(axis=1) <= reach
+    return resembling
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances between the rows of `a` and of `b` (shape=(len(a), len(b)))."""
+    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T, 0.0)
 
 
 def upper_tail(k: int, n: int, rate: float) -> float:

@@ -21,7 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from continuity.detectors import WindowCheckConfig, WindowHistory, WindowSample, WindowVerdict, check_window
+from continuity.detectors import (
+    WindowCheckConfig,
+    WindowHistory,
+    WindowSample,
+    WindowVerdict,
+    check_window,
+    resembling_rows,
+)
 from continuity.learner import Evaluation, Learner, LearnerState
 from continuity.learner import ewc as ewc_lib
 from continuity.probe import GOLDEN_SEGMENT, ProbeStore
@@ -250,6 +257,10 @@ class Guard:
         checks: list = []
         self._window_verdict = self._check_window(candidate, window) if window_checks and window is not None else None
         if self._window_verdict is not None:
+            if window is not None:  # which sampled rows look like the segments that regressed, if any did
+                regressed = [rows_of[names.index(s)] for s in verdict.regressed_scopes if s in names]
+                resembling = resembling_rows(window.rows()[0], [x[rows] for rows in regressed if len(rows)])
+                self._window_verdict = replace(self._window_verdict, resembling=resembling)
             checks.append(self._window_verdict)
         self._golden = self._check_golden(names, rows_of, candidate_eval)
         if self._golden is not None:
@@ -281,6 +292,8 @@ class Guard:
         # A model's loss on its own prediction is -log of its probability for it: its confidence.
         confidence = np.exp(-self.learner.evaluate(self._good().params, x, good.predicted).loss)
         learned = self.learner.evaluate(candidate.params, x, y).correct
+        if learned is None:  # classification only: judge() runs the window checks for it alone
+            raise RuntimeError("the window checks need a classification task")
         return check_window(x, y, good.predicted, confidence, learned, history, settings)
 
     def _check_golden(self, names: list[str], rows_of: list[np.ndarray], candidate_eval: Evaluation):

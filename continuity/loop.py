@@ -524,6 +524,11 @@ class TrainingLoop:
 
         window = verdict.check("window")
         rows = None if window is None else self.window_sample.damaged_rows(window)
+        if rows is None and window is not None and window.resembling is not None:
+            # No block test located the damage, but the probe named segments: the rows that look like them.
+            rows = self.window_sample.span_of(window.resembling)
+            if rows is not None and rows[0] == 0 and rows[1] >= self.window_sample.seen:
+                rows = None  # they are everywhere in the window: split it instead
         if rows is None:
             middle = batch_of(trained // 2 - 1)[2]
             cut = _Excision(middle, middle, verdict)
@@ -718,11 +723,11 @@ class TrainingLoop:
             if batch.held_out.any():
                 self._hold_out(probe, reader.batcher.segment_names, batch)
             mask = batch.train_mask
-            sample.add(batch.x, batch.y, mask)
+            rows = int(mask.sum())
+            sample.add(batch.x, batch.y, mask, rows)
             tick = time.perf_counter()
             state, _ = self.learner.train_step(state, TrainBatch(batch.x, batch.y, mask))
             self._step_seconds.append(time.perf_counter() - tick)
-            rows = int(mask.sum())
             if rows:
                 self._trace.append((trained, positions, batch.positions))
             trained += rows

@@ -59,7 +59,9 @@ def damage_runs(learners, tmp_path_factory):
     for kind in DAMAGE_KINDS:
         damaged = damage_scenario(clean, kind, at=5, source=0)
         directory = tmp_path_factory.mktemp(kind)
-        run = run_scenario_through_loop(damaged, guard=DIGITS_GUARD, seed=0, learner=learners(damaged), directory=directory)
+        run = run_scenario_through_loop(
+            damaged, guard=DIGITS_GUARD, seed=0, learner=learners(damaged), directory=directory
+        )
         runs[kind] = (damaged, run | {"ledger": CheckpointStore(directory, create=False).ledger.read()})
     return runs
 
@@ -180,3 +182,27 @@ def test_by_default_a_sustained_regression_keeps_quarantining_and_warns(caplog, 
     assert guard.on_sustained_regression == "quarantine"
     assert run["rollbacks"] >= guard.sustained_windows
     assert any("windows in a row regressed" in r.getMessage() for r in caplog.records)
+
+
+def test_what_the_window_checks_compare_with_is_saved_in_checkpoints_and_restored(tmp_path, learners):
+    from continuity.loop import StreamInput, TrainingLoop
+    from continuity.stream import FeatureSpec, MemoryDeadLetters, ScenarioSource, make_codec
+
+    scenario = make_scenario("permuted-digits", segments=3, seed=0)
+    learner = learners(scenario)
+    run_scenario_through_loop(scenario, guard=DIGITS_GUARD, seed=0, learner=learner, directory=tmp_path)
+    store = CheckpointStore(tmp_path, create=False)
+    saved = store.info(store.last_good()).metadata["guard"]
+    assert len(saved["window_history"]["windows"]) >= 3 and saved["window_history"]["classes"] == list(range(10))
+    codec = make_codec("binary", FeatureSpec(scenario.example_shape, "float32", scenario.num_classes))
+    stream = StreamInput(
+        open_source=lambda positions: ScenarioSource(scenario, codec, start=positions),
+        codec=codec,
+        dead_letters=MemoryDeadLetters(),
+        quarantine=MemoryDeadLetters(),
+    )
+    restarted = TrainingLoop(stream, learner, store, probe=GUARD_PROBE, guard=DIGITS_GUARD, seed=0)
+    restarted.run()  # restores the checkpoint; the stream has nothing left after it
+    store.close()
+    assert restarted.summary.restored_from == store.last_good()
+    assert restarted.guard.state_json() == saved

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from continuity.benchmarks import STRATEGIES
+from continuity.benchmarks.guard_suite import SUITE_STREAMS
 from continuity.commands.arguments import positive_int
 from continuity.commands.ingest import add_ingest_parser
-from continuity.benchmarks.guard_suite import SUITE_STREAMS
 from continuity.stream.damage import DAMAGE_KINDS, PLACEMENTS
 from continuity.stream.scenarios import GUARD_EVERY_EXAMPLES, SCENARIOS
 
@@ -63,9 +63,7 @@ def register(subparsers) -> None:
         default=None,
         help="digits streams: segments (default: permuted 60, rotated 20, split 5, stationary 6)",
     )
-    guard.add_argument(
-        "--examples", type=positive_int, default=None, help="drift streams: examples (default 20,000)"
-    )
+    guard.add_argument("--examples", type=positive_int, default=None, help="drift streams: examples (default 20,000)")
     guard.add_argument(
         "--poison-kind", choices=DAMAGE_KINDS, default=None, metavar="KIND", help=f"damage: {', '.join(DAMAGE_KINDS)}"
     )
@@ -76,7 +74,9 @@ def register(subparsers) -> None:
         metavar="SEGMENT",
         help="the segment the damage replaces or bursts into (default: the last); alone, means --poison-kind shuffle",
     )
-    guard.add_argument("--placement", choices=PLACEMENTS, default="segment", help="a whole segment, or a burst inside one")
+    guard.add_argument(
+        "--placement", choices=PLACEMENTS, default="segment", help="a whole segment, or a burst inside one"
+    )
     guard.add_argument(
         "--poison-source", type=int, default=0, metavar="SEGMENT", help="the segment whose inputs the damage reuses"
     )
