@@ -910,7 +910,10 @@ _COMMENTS = {
         "probe",
         "alpha",
     ): "false alarms per window: half to the probe's paired tests (Tango; Wilcoxon on losses), half to window checks",
-    ("probe", "on_regression"): '"quarantine", "retry" (stronger lambda, then quarantine) or "halt"',
+    (
+        "probe",
+        "on_regression",
+    ): '"quarantine" (the damaged span; the rest is trained again), "retry" (stronger lambda) or "halt"',
     ("probe", "max_retries"): "retries of a window before it is quarantined",
     ("probe", "min_examples"): "probe examples a segment needs before it is tested",
     ("probe", "every_seconds"): "serve: a window also closes after this long, so a slow stream is judged "

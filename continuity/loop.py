@@ -12,8 +12,13 @@ One run:
      checkpoint (async) when `checkpoint_every_s` has passed since the last one; once a
      save is finalized, commit its positions to the source.
    - Regress: go back to the last good state from its device copy, with the probe store
-     and positions that belong to it, and boost lambda. Then retry the window, or
-     quarantine its records, or halt.
+     and positions that belong to it. Then retry the window (lambda boosted), or
+     quarantine its records, or halt. A quarantine takes what did the damage: when the
+     window checks (or the rows resembling the regressed probe segments) locate it in part
+     of the window, the window is read and trained again without that span (an
+     excision); when nothing locates it, its first half is trained alone (a split).
+     After `sustained_windows` regressions in a row, `on_sustained_regression` may accept
+     the window as a new baseline, or halt.
 4. At the end of a finite stream, or when `stop()` turns true, judge the last partial
    window the same way, checkpoint the last good model if it is not saved yet, wait
    for the save, commit, and return.

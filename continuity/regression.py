@@ -8,7 +8,14 @@ and an exact one-sided McNemar test (McNemar 1947; exact binomial form) asks whe
 b is larger than chance allows: p = P(X >= b), X ~ Binomial(b + c, 1/2).
 
 A scope (overall, or one segment) regresses when its accuracy drops by more than
-`tolerance` AND the test is significant.
+`tolerance` AND the test is significant (`judge`).
+
+The guard tests the tolerance itself instead (`judge_beyond_tolerance`): Tango's score
+test for paired proportions (Tango 1998) of H0: the drop is at most `tolerance`, so a
+scope whose true drop stays within the tolerance regresses with probability at most the
+level, however many examples it holds. `judge`'s composite rule has no such rate at the
+tolerance (a true drop just below it passes the cut half the time, and McNemar's test of
+no change at all is then nearly always significant).
 
 For regression targets there is no right or wrong, only a per-example loss (squared
 error). The paired differences d = candidate loss - good loss go to a one-sided

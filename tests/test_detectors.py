@@ -13,6 +13,7 @@ from continuity.detectors import (
     WindowHistory,
     WindowSample,
     check_window,
+    resembling_rows,
     upper_tail,
 )
 
@@ -195,3 +196,31 @@ def test_the_binomial_tail_matches_its_definition():
 
     assert upper_tail(0, 10, 0.3) == 1.0 and upper_tail(5, 10, 1.0) == 1.0
     assert upper_tail(7, 20, 0.3) == pytest.approx(binom.sf(6, 20, 0.3))
+
+
+def test_the_blocks_that_fired_locate_the_damaged_rows_of_the_window():
+    rng = np.random.default_rng(7)
+    history = _history_of(rng)
+    sample = WindowSample(512)
+    sample.start((1,))
+    x = rng.random((2000, 8, 8, 1), dtype=np.float32)
+    y = rng.integers(0, 10, 2000).astype(np.int32)
+    y[1000:1500] = 4  # a constant label over rows 1,000-1,499 of 2,000
+    _offer(sample, x, y)
+    sx, sy = sample.rows()
+    verdict = check_window(sx, sy, sy, np.zeros(len(sy)), np.ones(len(sy), bool), history, CONFIG)
+    first, end = sample.damaged_rows(verdict)
+    # The finest blocks that fired: the span covers the burst and at most an eighth of clean rows beside it.
+    assert first <= 1000 and end >= 1500 and (1000 - first) + (end - 1500) <= 2000 / 8 + 20
+    assert sample.span_of(np.zeros(len(sy), bool)) is None
+
+
+def test_rows_like_a_segments_own_lie_within_its_reach_and_others_do_not():
+    rng = np.random.default_rng(8)
+    centre = rng.random(64)
+    segment = centre + 0.05 * rng.normal(size=(200, 64))
+    alike = centre + 0.05 * rng.normal(size=(100, 64))
+    apart = rng.random((100, 64))  # another input distribution
+    resembling = resembling_rows(np.concatenate([alike, apart]), [segment])
+    assert resembling[:100].mean() > 0.8 and resembling[100:].mean() < 0.05
+    assert resembling_rows(alike, []) is None
