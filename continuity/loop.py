@@ -342,7 +342,7 @@ class TrainingLoop:
         state, good = self._restore_or_start()
         self._saved = good
         probe = good.probe.copy()
-        self.guard.mark_good(state)
+        self.guard.mark_good(state, trained=good.lineage_examples > 0)
         reader = self.reader = self._open(good)
         self.ready.set()
         retries = 0
@@ -617,7 +617,7 @@ class TrainingLoop:
         self._uncommitted = None  # newer than the checkpoint rolled back to: committing it would skip records
         self._regressions_in_a_row = 0  # the operator chose where history begins
         self._excision = None
-        self.guard.mark_good(state)
+        self.guard.mark_good(state, trained=good.lineage_examples > 0)
         reader = self.reader = self._reopen(reader, good)
         return state, good, good.probe.copy(), reader
 
