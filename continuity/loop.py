@@ -352,7 +352,7 @@ class TrainingLoop:
                 window_start_examples = self.summary.examples_trained
                 state, positions, ended, recent = self._train_window(state, reader, probe, good)
                 trained = self.summary.examples_trained - window_start_examples
-                if not trained and self._excision is not None and _reached(positions, self._excision.end):
+                if not trained and self._excision is not None and (ended or _reached(positions, self._excision.end)):
                     good = self._finish_excision(good, positions, list(reader.batcher.segment_names))
                 if trained:
                     state, good, probe, reader, retries, halt = self._judge_window(
@@ -555,8 +555,12 @@ class TrainingLoop:
         return self._quarantine(excision.start, excision.end, excision.verdict)
 
     def _finish_excision(self, good: _Good, positions: Positions, segment_names: list) -> _Good:
-        """An excision whose span began the window: nothing was left to train; quarantine the span, go on after it."""
+        """An excision with nothing left to train (its span began the window, or the stream ended):
+        quarantine the span and go on after it."""
+        excision = self._excision
         copied = self._quarantine_excision()
+        if excision is not None and not excision.split and not _reached(positions, excision.end):
+            positions = excision.end  # the stream ended inside the span: all of it is accounted for
         good = _Good(None, good.probe, positions, segment_names, good.lineage_examples, good.report)
         self._checkpoint(good, quarantined=copied)
         return good
