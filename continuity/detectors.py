@@ -15,10 +15,10 @@ trained rows (`WindowSample`), kept in arrival order:
   it has been taught) wrong. Shuffled labels cannot be learned (within-window accuracy
   stays near chance); a real concept change, or a new permutation, is learned within
   its window. A new class is not counted: replay learners such as ER-ACE learn one
-  only once it is replayed (BENCHMARKS.md, split-digits). Only rows that
-  had half a window of training after them are judged on it block by block (the blocks
-  in the window's first half, and the whole window): a new distribution arriving at the
-  end of a window is not learned yet, whatever its labels.
+  only once it is replayed (BENCHMARKS.md, split-digits). Only blocks of rows followed by
+  at least half a window (`probe.every_examples` / 2) of training are judged on it (a full
+  window's first half; none of a window closed early, on time on a live stream): a new
+  distribution arriving late in a window is not learned yet, whatever its labels.
 - `outlier`: the row's scale (root mean square of its features) lies outside
   [low / 2, 2 high], where [low, high] spans the central 99% of rows in accepted windows:
   a unit bug (x 255), zeroed features. The factor 2 lets ordinary covariate drift
@@ -193,8 +193,8 @@ class WindowSample:
                 continue
             lo, hi = int(index[0]), int(index[-1]) + 1
             first = min(first, int(arrival[lo - 1]) + 1 if lo > 0 else 0)
-            if _reaches_untested(finding.check, part - 1, parts):
-                end = self.seen  # the damage may go on where the indicator is not tested: assume it does
+            if finding.check == "unlearned" and hi + (hi - lo) > verdict.learnable:
+                end = self.seen  # the damage may go on where `unlearned` is not tested: assume it does
             else:
                 end = max(end, int(arrival[hi]) if hi < len(arrival) else self.seen)
         if first >= end:
@@ -211,10 +211,12 @@ class WindowFigures:
     scale_low: float  # 0.5% quantile of the rows' root mean square
     scale_high: float  # 99.5% quantile
     classes: tuple = ()  # labels present in the sample
+    trained: int = 0  # rows the window trained on (the sample is drawn from them)
 
     def to_json(self) -> dict:
         return {
             "rows": self.rows,
+            "trained": self.trained,
             "rates": {k: round(v, 6) for k, v in self.rates.items()},
             "scale_low": self.scale_low,
             "scale_high": self.scale_high,
@@ -229,6 +231,7 @@ class WindowFigures:
             float(data["scale_low"]),
             float(data["scale_high"]),
             tuple(data.get("classes", ())),
+            int(data.get("trained", 0)),
         )
 
 
@@ -312,6 +315,7 @@ class WindowVerdict:
     figures: WindowFigures
     findings: list[Finding] = field(default_factory=list)
     checked: bool = True  # False: no accepted window to compare with yet (figures only)
+    learnable: int = 0  # the first sampled rows, those judged on `unlearned` (enough training after them)
     # Which sampled rows (arrival order) look like the probe segments that regressed: where a probe
     # regression came from, when no block test says (see `resembling_rows`). None: nothing regressed.
     resembling: np.ndarray | None = None
@@ -351,6 +355,10 @@ class WindowCheckConfig:
     confidence: float = 0.9
     alpha: float = 0.005
     min_rows: int = 20
+    # Rows of training a row needs after it before `unlearned` may judge it: half a window
+    # (probe.every_examples / 2), so the end of a window, and a window closed early (on time, on
+    # a live stream), are not judged on what the model had no time to learn.
+    horizon: int = 500
 
 
 def row_scales(x: np.ndarray) -> np.ndarray:
@@ -397,13 +405,20 @@ def check_window(
     learned: np.ndarray,
     history: WindowHistory,
     config: WindowCheckConfig,
+    *,
+    arrival: np.ndarray | None = None,
+    trained: int | None = None,
 ) -> WindowVerdict:
     """Test a window's sampled rows (x, y), in arrival order, against `history` (module docstring).
 
     `predicted` and `confidence`: the last good model's class for each row and its
     probability for that class; `learned`: whether the candidate predicts each row's label.
+    `arrival`: each sampled row's place among the `trained` rows of the window (default:
+    the sample is the whole window).
     """
     n = len(y)
+    arrival = np.arange(n) if arrival is None else np.asarray(arrival)
+    trained = n if trained is None else trained
     checked = len(history) >= MIN_HISTORY and n > 0
     scale_range = history.scale_range() if checked else (-np.inf, np.inf)
     flags = indicators(
@@ -420,9 +435,11 @@ def check_window(
     rates["known"] = float(np.mean(confidence >= config.confidence)) if n else 0.0  # a figure, not a test
     scales = row_scales(x) if n else np.zeros(1)
     low, high = (float(np.quantile(scales, q)) for q in (0.005, 0.995))
-    figures = WindowFigures(n, rates, low, high, tuple(int(c) for c in np.unique(y)))
+    figures = WindowFigures(n, rates, low, high, tuple(int(c) for c in np.unique(y)), trained)
     if not checked:
         return WindowVerdict(False, figures, checked=False)
+    # Sampled rows with enough training after them to be judged on `unlearned` (they come first).
+    learnable = int(np.count_nonzero(trained - 1 - arrival >= config.horizon))
     level = config.alpha / (len(INDICATORS) * BLOCKS)
     whole, blocks = [], []
     for name in INDICATORS:
@@ -430,8 +447,9 @@ def check_window(
         null_rate = min(reference + config.tolerance, 1.0)
         for depth in range(_LEVELS):
             parts = 2**depth
-            for part, rows in enumerate(np.array_split(flags[name], parts)):
-                if len(rows) < config.min_rows or not _tested(name, part, parts):
+            for part, index in enumerate(np.array_split(np.arange(n), parts)):
+                rows = flags[name][index]
+                if len(rows) < config.min_rows or (name == "unlearned" and index[-1] >= learnable):
                     continue
                 count = int(rows.sum())
                 p = upper_tail(count, len(rows), null_rate)
@@ -441,18 +459,7 @@ def check_window(
                 elif finding.fired:
                     blocks.append(finding)
     findings = whole + blocks
-    return WindowVerdict(any(f.fired for f in findings), figures, findings)
-
-
-def _tested(indicator: str, part: int, parts: int) -> bool:
-    """Whether block `part` (0-based) of `parts` is tested for `indicator`: `unlearned` only in the
-    window's first half (the last rows had no time to be learned), every other one everywhere."""
-    return indicator != "unlearned" or parts == 1 or part < parts // 2
-
-
-def _reaches_untested(indicator: str, part: int, parts: int) -> bool:
-    """Whether block `part` of `parts` is the last tested one for `indicator` before untested rows."""
-    return indicator == "unlearned" and parts > 1 and part == parts // 2 - 1
+    return WindowVerdict(any(f.fired for f in findings), figures, findings, learnable=learnable)
 
 
 def resembling_rows(x: np.ndarray, segments: list[np.ndarray], quantile: float = 0.95) -> np.ndarray | None:

@@ -231,7 +231,7 @@ class Guard:
     ) -> tuple[Verdict, dict]:
         """The verdict on `candidate`, and the probe report.
 
-        Classification: paired predictions (McNemar), and the report holds accuracy
+        Classification: paired predictions (Tango's test beyond the tolerance), and the report holds accuracy
         overall and per segment: {"examples", "accuracy", "segments": {name: accuracy}}.
         Regression: paired per-example squared errors (Wilcoxon signed-rank, relative
         `loss_tolerance`), and the report holds mean loss instead:
@@ -326,7 +326,9 @@ class Guard:
         learned = self.learner.evaluate(candidate.params, x, y).correct
         if learned is None:  # classification only: judge() runs the window checks for it alone
             raise RuntimeError("the window checks need a classification task")
-        return check_window(x, y, good.predicted, confidence, learned, history, settings)
+        return check_window(
+            x, y, good.predicted, confidence, learned, history, settings, arrival=window.arrivals(), trained=window.seen
+        )
 
     def _check_golden(self, names: list[str], rows_of: list[np.ndarray], candidate_eval: Evaluation):
         """The golden constraint, when the probe has a golden segment (classification)."""

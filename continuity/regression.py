@@ -78,7 +78,7 @@ def wilcoxon_one_sided(good_loss: np.ndarray, candidate_loss: np.ndarray) -> tup
 class ScopeReport:
     """One scope's paired comparison: the two models' figures, changed examples, p-value, verdict.
 
-    `metric` says what `good` and `candidate` are: "accuracy" (higher is better; McNemar)
+    `metric` says what `good` and `candidate` are: "accuracy" (higher is better; McNemar or Tango)
     or "loss", the mean per-example loss (lower is better; Wilcoxon signed-rank).
     """
 

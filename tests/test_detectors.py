@@ -17,7 +17,7 @@ from continuity.detectors import (
     upper_tail,
 )
 
-CONFIG = WindowCheckConfig(tolerance=0.3, confidence=0.9, alpha=0.005, min_rows=20)
+CONFIG = WindowCheckConfig(tolerance=0.3, confidence=0.9, alpha=0.005, min_rows=20, horizon=256)  # windows of 512
 
 
 def _offer(sample: WindowSample, x: np.ndarray, y: np.ndarray, batch: int = 32) -> None:
@@ -101,7 +101,9 @@ def test_clean_windows_like_the_accepted_ones_pass():
     for _ in range(20):
         verdict = check_window(*_clean_window(rng), history, CONFIG)
         assert verdict.checked and not verdict.damaged
-        assert [f.check for f in verdict.findings] == list(INDICATORS)  # whole-window figures for each
+        # Whole-window figures for each; `unlearned` only where rows had half a window of training after them.
+        assert [f.check for f in verdict.findings] == [c for c in INDICATORS if c != "unlearned"]
+        assert verdict.learnable == 256  # a window as long as the accepted ones: its first half
 
 
 @pytest.mark.parametrize(
@@ -135,11 +137,22 @@ def test_each_kind_of_damage_fires_its_indicator_with_the_figures_that_explain_i
     assert verdict.damaged
     fired = {f.check for f in verdict.fired}
     assert fires in fired
-    whole = next(f for f in verdict.findings if f.check == fires and f.block == "1/1")
+    block = "1/2" if fires == "unlearned" else "1/1"  # unlearned: the first half, the rows learned long enough
+    whole = next(f for f in verdict.findings if f.check == fires and f.block == block)
     assert whole.fired and whole.rate > whole.null_rate and whole.p_value < whole.level
     assert whole.level == pytest.approx(CONFIG.alpha / (len(INDICATORS) * BLOCKS))
     assert verdict.scopes() == sorted(f"window.{c}" for c in fired)
     assert all(test["test"] == "binomial" and test["check"].startswith("window.") for test in verdict.fired_json())
+
+
+def test_a_short_window_is_not_judged_on_what_it_had_no_time_to_learn():
+    # A live stream closes windows on time: a window a fifth as long as the accepted ones.
+    rng = np.random.default_rng(9)
+    history = _history_of(rng)
+    x, y, predicted, confidence, learned = _clean_window(rng, n=100)
+    learned[:] = False  # nothing learned yet
+    verdict = check_window(x, y, predicted, confidence, learned, history, CONFIG)
+    assert verdict.learnable == 0 and not verdict.damaged
 
 
 def test_a_burst_in_the_last_quarter_fires_that_quarter():
