@@ -154,6 +154,7 @@ class GuardConfig:
             confidence=self.confidence,
             alpha=self.alpha / 2,
             min_rows=self.min_examples,
+            horizon=max(1, self.every_examples // 2),
         )
 
 
@@ -326,6 +327,8 @@ class Guard:
         learned = self.learner.evaluate(candidate.params, x, y).correct
         if learned is None:  # classification only: judge() runs the window checks for it alone
             raise RuntimeError("the window checks need a classification task")
+        if window.cut_short:  # a window the guard itself ended early (a retrain): judged on its own first half
+            settings = replace(settings, horizon=max(1, min(settings.horizon, window.seen // 2)))
         return check_window(
             x, y, good.predicted, confidence, learned, history, settings, arrival=window.arrivals(), trained=window.seen
         )

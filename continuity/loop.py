@@ -727,6 +727,7 @@ class TrainingLoop:
             if excision is not None and excision.covers(positions, batch.positions):
                 positions = batch.positions  # excised: its records are quarantined once the window is judged
                 if _reached(positions, excision.end):
+                    sample.cut_short = True
                     break
                 continue
             if batch.held_out.any():
@@ -744,6 +745,7 @@ class TrainingLoop:
             positions = batch.positions
             self._maybe_report(state, good)
             if excision is not None and _reached(positions, excision.end):
+                sample.cut_short = True
                 break  # the window ends where the excised span did: what follows is the next window's
             if self.learner.replay is None and rows:
                 recent.append((batch.x[mask], batch.y[mask]))

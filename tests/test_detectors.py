@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,7 @@ from continuity.detectors import (
     resembling_rows,
     upper_tail,
 )
+from continuity.guard import GuardConfig
 
 CONFIG = WindowCheckConfig(tolerance=0.3, confidence=0.9, alpha=0.005, min_rows=20, horizon=256)  # windows of 512
 
@@ -101,9 +104,9 @@ def test_clean_windows_like_the_accepted_ones_pass():
     for _ in range(20):
         verdict = check_window(*_clean_window(rng), history, CONFIG)
         assert verdict.checked and not verdict.damaged
-        # Whole-window figures for each; `unlearned` only where rows had half a window of training after them.
-        assert [f.check for f in verdict.findings] == [c for c in INDICATORS if c != "unlearned"]
-        assert verdict.learnable == 256  # a window as long as the accepted ones: its first half
+        assert [f.check for f in verdict.findings] == list(INDICATORS)  # whole-window figures for each
+        # ... `unlearned` on the rows that had half a window of training after them: the first half.
+        assert verdict.learnable == 256 and next(f for f in verdict.findings if f.check == "unlearned").rows == 256
 
 
 @pytest.mark.parametrize(
@@ -137,8 +140,7 @@ def test_each_kind_of_damage_fires_its_indicator_with_the_figures_that_explain_i
     assert verdict.damaged
     fired = {f.check for f in verdict.fired}
     assert fires in fired
-    block = "1/2" if fires == "unlearned" else "1/1"  # unlearned: the first half, the rows learned long enough
-    whole = next(f for f in verdict.findings if f.check == fires and f.block == block)
+    whole = next(f for f in verdict.findings if f.check == fires and f.block == "1/1")
     assert whole.fired and whole.rate > whole.null_rate and whole.p_value < whole.level
     assert whole.level == pytest.approx(CONFIG.alpha / (len(INDICATORS) * BLOCKS))
     assert verdict.scopes() == sorted(f"window.{c}" for c in fired)
@@ -153,6 +155,22 @@ def test_a_short_window_is_not_judged_on_what_it_had_no_time_to_learn():
     learned[:] = False  # nothing learned yet
     verdict = check_window(x, y, predicted, confidence, learned, history, CONFIG)
     assert verdict.learnable == 0 and not verdict.damaged
+
+
+def test_unlearned_judges_the_rows_trained_long_enough_wherever_in_a_block_they_end():
+    # The production case: 512 rows sampled from a window of 1,000; those followed by 500 rows of
+    # training are ~256 of them, rarely exactly a half. Shuffled labels there are caught all the same.
+    rng = np.random.default_rng(4)
+    history = _history_of(rng)
+    x, y, predicted, confidence, learned = _clean_window(rng)
+    arrival = np.sort(rng.choice(1000, size=len(y), replace=False))
+    learned = rng.random(len(y)) < 0.1
+    verdict = check_window(
+        x, y, predicted, confidence, learned, history, replace(CONFIG, horizon=500), arrival=arrival, trained=1000
+    )
+    assert verdict.learnable == np.count_nonzero(arrival <= 499) != 256
+    whole = next(f for f in verdict.findings if f.check == "unlearned" and f.block == "1/1")
+    assert whole.rows == verdict.learnable and whole.fired
 
 
 def test_a_burst_in_the_last_quarter_fires_that_quarter():
@@ -237,3 +255,9 @@ def test_rows_like_a_segments_own_lie_within_its_reach_and_others_do_not():
     resembling = resembling_rows(np.concatenate([alike, apart]), [segment])
     assert resembling[:100].mean() > 0.8 and resembling[100:].mean() < 0.05
     assert resembling_rows(alike, []) is None
+
+
+def test_the_guard_judges_unlearned_after_half_of_its_window():
+    assert GuardConfig(every_examples=1_000).window_checks.horizon == 500
+    assert GuardConfig().window_checks.horizon == 25_000
+    assert GuardConfig(every_examples=1).window_checks.horizon == 1
