@@ -16,7 +16,7 @@ trained rows (`WindowSample`), kept in arrival order:
   stays near chance); a real concept change, or a new permutation, is learned within
   its window. A new class is not counted: replay learners such as ER-ACE learn one
   only once it is replayed (BENCHMARKS.md, split-digits). Each block is judged on it only
-  by its rows followed by at least half a window (`probe.every_examples` / 2) of training
+  by its rows followed by at least half a window (`probe.every_examples` / 2, at least 500) of training
   (about a full window's first half; none of a window closed early, on time, on a live
   stream): a new distribution arriving late in a window is not learned yet, whatever its
   labels.

@@ -170,8 +170,12 @@ def test_a_sustained_regression_can_halt_the_service(tmp_path, learners):
     guard = replace(DIGITS_GUARD, every_examples=200, on_sustained_regression="halt", sustained_windows=2)
     run = run_scenario_through_loop(scenario, guard=guard, seed=0, learner=learners(scenario), directory=tmp_path)
     ledger = CheckpointStore(tmp_path, create=False).ledger.read()
-    assert [e["event"] for e in ledger].count("halt") == 1
-    assert run["rollbacks"] == 2 and ledger[-1]["event"] == "stop" and ledger[-1]["halted"]
+    events = [e["event"] for e in ledger]
+    assert events.count("halt") == 1 and ledger[-1]["event"] == "stop" and ledger[-1]["halted"]
+    # It halts on the second regression in a row, and judges nothing after it.
+    probes = [e for e in ledger if e["event"] == "probe"]
+    assert probes[-1]["verdict"]["regressed"] and probes[-2]["verdict"]["regressed"]
+    assert "probe" not in events[events.index("halt") :] and run["rollbacks"] >= 2
 
 
 def test_by_default_a_sustained_regression_keeps_quarantining_and_warns(caplog, learners):
