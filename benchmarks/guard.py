@@ -67,6 +67,9 @@ def run_scenario_through_loop(
         started = time.perf_counter()
         summary = loop.run()
         seconds = time.perf_counter() - started
+        ledger = store.ledger.read()
+        windows = [_window(event) for event in ledger if event["event"] == "probe"]
+        quarantined = [(_offset(e["from"]), _offset(e["to"])) for e in ledger if e["event"] == "quarantine"]
         store.close()
     accuracy = [learner.evaluate(loop.final_state.params, s.test_x, s.test_y).accuracy for s in scenario.segments]
     return {
@@ -80,7 +83,38 @@ def run_scenario_through_loop(
         "examples_trained": summary.examples_trained,
         "wall_seconds": seconds,
         "guard_seconds": summary.guard_seconds,
+        "judged": windows,
+        "quarantined_spans": quarantined,
     }
+
+
+def _window(probe_event: dict) -> dict:
+    """One judged window from its ledger line: the records it covered, and whether it regressed and why."""
+    verdict = probe_event["verdict"]
+    return {
+        "window": probe_event["window"],
+        "from": _offset(probe_event["from"]),
+        "to": _offset(probe_event["to"]),
+        "regressed": verdict["regressed"],
+        "scopes": verdict["regressed_scopes"],
+        "fired": [_label(test) for test in verdict.get("fired", [])],
+        "window_checks": verdict.get("window"),
+        "probe": {
+            name: (scope["good_accuracy"], scope["candidate_accuracy"])
+            for name, scope in verdict["segments"].items()
+            if "good_accuracy" in scope
+        },
+    }
+
+
+def _offset(positions: list) -> int:
+    """The offset of a one-partition stream's position (JSON), 0 before the first record."""
+    return positions[0]["offset"] if positions else 0
+
+
+def _label(test: dict) -> str:
+    """A fired test in a few words: "probe:<scope>" or "window.<indicator>"."""
+    return f"probe:{test['scope']}" if test["check"] == "probe" else test["check"]
 
 
 def run_guard_benchmark(

@@ -2,8 +2,8 @@
 
 Learning quality is reported as mean and std over three seeds; speed as medians and
 ratios measured within one run (these machines are noisy, absolute rates are not
-comparable across runs). Usage: python -m benchmarks.run [--only cl|step|guard|ingest|pipeline|reliability]
-[--out DIR]
+comparable across runs). Usage: python -m continuity.benchmarks.run
+[--only cl|step|guard|ingest|pipeline|reliability] [--out DIR]
 """
 
 from __future__ import annotations
@@ -103,30 +103,20 @@ def run_ingest(out: Path) -> list[str]:
 
 
 def run_guard(out: Path) -> list[str]:
-    from continuity.benchmarks.guard import run_guard_benchmark
     from continuity.benchmarks.guard_costs import run_guard_costs
+    from continuity.benchmarks.guard_suite import format_case, format_matrix, run_guard_matrix
 
-    results = []
-    for seed in SEEDS:
-        result = run_guard_benchmark(seed=seed)
-        results.append(result)
-        (out / f"guard-seed{seed}.json").write_text(json.dumps(result, indent=2))
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    matrix = run_guard_matrix(seeds=SEEDS, progress=lambda row: progress(format_case(row)))
+    (out / "guard-matrix.json").write_text(json.dumps(matrix, indent=2))
     lines = [
-        "### bench guard (permuted-digits, 6 segments, segment 5 a broken labeler, windows of 1,000)",
+        f"### bench guard (windows of 1,000, seeds {list(SEEDS)}; damage on permuted-digits, 6 segments, "
+        "the last damaged)",
         "",
-        "| run | clean-segment accuracy | ratio to clean | rollbacks | quarantined records |",
-        "|---|---|---|---|---|",
+        *format_matrix(matrix),
     ]
-    for run in results[0]["runs"]:
-        acc = [r["runs"][run]["clean_segments_accuracy"] for r in results]
-        ratio = [
-            r["runs"][run]["clean_segments_accuracy"] / r["runs"]["clean"]["clean_segments_accuracy"] for r in results
-        ]
-        lines.append(
-            f"| {run} | {_mean_std(acc)} | {_mean_std(ratio)} | "
-            f"{[r['runs'][run]['rollbacks'] for r in results]} | "
-            f"{[r['runs'][run]['quarantined_records'] for r in results]} |"
-        )
     costs = run_guard_costs()
     (out / "guard-costs.json").write_text(json.dumps(costs, indent=2))
     lines += [

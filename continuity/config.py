@@ -928,13 +928,16 @@ _COMMENTS = {
     ("probe", "golden"): "optional .npz with arrays x, y: a fixed probe segment",
     ("probe", "every_examples"): "trained examples per window (judged, EWC consolidated on accept); "
     "judging costs what training 600-1,700 examples does",
-    ("probe", "tolerance"): "accuracy drop (overall or one segment) that may count as a regression",
+    ("probe", "tolerance"): "accuracy drop (overall or one segment) a regression must exceed: Tango's test at alpha",
     ("probe", "loss_tolerance"): "regression: relative rise of the mean probe loss that may count as one (0.2 = +20%)",
     (
         "probe",
         "alpha",
-    ): "significance of the one-sided paired test (McNemar on predictions; Wilcoxon on regression losses)",
-    ("probe", "on_regression"): '"quarantine", "retry" (stronger lambda, then quarantine) or "halt"',
+    ): "false alarms per window: half to the probe's paired tests (Tango; Wilcoxon on losses), half to window checks",
+    (
+        "probe",
+        "on_regression",
+    ): '"quarantine" (the damaged span; the rest is trained again), "retry" (stronger lambda) or "halt"',
     ("probe", "max_retries"): "retries of a window before it is quarantined",
     ("probe", "min_examples"): "probe examples a segment needs before it is tested",
     ("probe", "every_seconds"): "serve: a window also closes after this long, so a slow stream is judged "
@@ -944,6 +947,19 @@ _COMMENTS = {
         "anchor_windows",
     ): "also judge against the good model of up to this many windows ago (catches slow seepage); 0 = off",
     ("probe", "enabled"): "false: accept every candidate (to measure what the guard prevents)",
+    ("probe", "window_sample"): "rows of each window the window checks test (damage in the data itself); 0 = off",
+    (
+        "probe",
+        "window_tolerance",
+    ): "rise over accepted windows' share of contradicted, unlearned, out-of-scale, repeated or same-label rows "
+    "that counts as damage",
+    ("probe", "confidence"): "the last good model's probability for its prediction that makes a row known to it",
+    ("probe", "golden_tolerance"): "the golden segment is a hard constraint: never this far below its best accuracy",
+    ("probe", "sustained_windows"): "windows regressed in a row that make a sustained regression",
+    (
+        "probe",
+        "on_sustained_regression",
+    ): '"quarantine" on (and warn), "accept" as a new baseline (never past golden) or "halt"',
     ("checkpoints", "dir"): "checkpoint store directory",
     ("checkpoints", "keep_last"): "ordinary checkpoints kept (pinned ones are kept too)",
     (

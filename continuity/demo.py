@@ -108,9 +108,11 @@ def run_demo(*, out: Path, seconds: int, segments: int = 6, seed: int = 0) -> in
         f"A drifting stream of {len(source):,} records (one new pixel permutation per segment) was produced "
         f"to an embedded Kafka-compatible broker. Segment {poison} is a broken upstream labeler: inputs drawn "
         f"like segment 0's, labels shuffled. The service trained on the stream with replay and online EWC; "
-        f"every {config.guard.every_examples:,} trained examples the continuity probe compared the candidate "
-        f"with the last good model (tolerance {config.guard.tolerance}, one-sided McNemar, alpha "
-        f"{config.guard.alpha}), and on a regression it rolled back and reacted ({config.guard.on_regression})."
+        f"every {config.guard.every_examples:,} trained examples the guard judged the candidate: the continuity "
+        f"probe against the last good model (a drop beyond tolerance {config.guard.tolerance}, Tango's paired "
+        f"test) and the window's own examples (contradicted, unlearned, out-of-scale, repeated or same-label "
+        f"rows beyond {config.guard.window_tolerance} over accepted windows), at a false-alarm rate of "
+        f"{config.guard.alpha} per window; on a regression it rolled back and reacted ({config.guard.on_regression})."
     )
     write_markdown(
         events,

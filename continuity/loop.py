@@ -12,8 +12,13 @@ One run:
      checkpoint (async) when `checkpoint_every_s` has passed since the last one; once a
      save is finalized, commit its positions to the source.
    - Regress: go back to the last good state from its device copy, with the probe store
-     and positions that belong to it, and boost lambda. Then retry the window, or
-     quarantine its records, or halt.
+     and positions that belong to it. Then retry the window (lambda boosted), or
+     quarantine its records, or halt. A quarantine takes what did the damage: when the
+     window checks (or the rows resembling the regressed probe segments) locate it in part
+     of the window, the window is read and trained again without that span (an
+     excision); when nothing locates it, its first half is trained alone (a split).
+     After `sustained_windows` regressions in a row, `on_sustained_regression` may accept
+     the window as a new baseline, or halt.
 4. At the end of a finite stream, or when `stop()` turns true, judge the last partial
    window the same way, checkpoint the last good model if it is not saved yet, wait
    for the save, commit, and return.
@@ -53,6 +58,7 @@ signal handler, an HTTP endpoint).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -60,12 +66,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import jax
 import numpy as np
 
 from continuity.checkpoints import CheckpointSaveError, CheckpointStore, CorruptCheckpointError
+from continuity.detectors import WindowSample
 from continuity.errors import UsageError
 from continuity.guard import Guard, GuardConfig
 from continuity.learner import Batch as TrainBatch
@@ -91,6 +98,7 @@ from continuity.stream.ingest import IDLE, BatchStream
 log = logging.getLogger(__name__)
 
 REGRESSION_STREAK = 3  # windows regressed in a row before the first warning
+MAX_RETRAINS = 3  # times a regressed window is cut and trained again before all of it is quarantined
 
 # 2: the learner state holds the train steps' totals and the replay buffer's per-slot buckets
 # (a checkpoint of schema 1 does not restore into it: the store names the missing leaves).
@@ -242,6 +250,41 @@ class _Good:
     topics: dict = field(default_factory=dict)  # what the topics of `positions` were (Source.topic_identities)
 
 
+@dataclass
+class _Excision:
+    """A regressed window to train again up to `end`, without the span [start, end).
+
+    The span is what the window checks found damaged; its records are quarantined once
+    the window, trained without them, is accepted (or with the whole window, if it still
+    regresses). An empty span (start == end) is a split: the window's first half is
+    trained alone, and its second half is read again as the next window.
+    """
+
+    start: Positions
+    end: Positions
+    verdict: Verdict  # the verdict that found the span: the quarantine's reason
+    depth: int = 1  # times this window has been cut
+
+    @property
+    def split(self) -> bool:
+        return self.start == self.end
+
+    def covers(self, before: Positions, after: Positions) -> bool:
+        """True when a batch that moved the stream from `before` to `after` lies inside the span."""
+        return _reached(before, self.start) and _reached(self.end, after)
+
+
+def _reached(positions: Positions, target: Positions) -> bool:
+    """True when every partition of `target` is at or past its position there in `positions`."""
+    for key in target:
+        if key not in positions:
+            return False
+        here, there = positions[key], target[key]
+        if (here.offset, here.skip) < (there.offset, there.skip):
+            return False
+    return True
+
+
 def config_digest(*configs) -> str:
     """A short stable digest of the configs (dataclasses or JSON-able dicts) that shape training,
     saved in every checkpoint."""
@@ -359,6 +402,7 @@ class TrainingLoop:
         self.start_fresh = start_fresh  # start a new model even when the store's checkpoints cannot be restored
         self.save_retry_s = save_retry_s
         self.guard = Guard(learner, guard)
+        self.window_sample = WindowSample(max(guard.window_sample, 1))  # the rows the window checks test
         self.holdout = Holdout(probe.holdout_fraction, salt=seed)
         self.digest = digest or config_digest(learner.describe(), probe, guard)
         self.ledger = store.ledger
@@ -377,6 +421,8 @@ class TrainingLoop:
         self._retry_wait_s = save_retry_s[0]
         self._regressions_in_a_row = 0  # windows judged regressed since the last accepted one
         self._step_figures = _StepFigures()
+        self._excision: _Excision | None = None  # a window to train again without its damaged span
+        self._trace: list[tuple[int, Positions, Positions]] = []  # the window's trained batches (see _train_window)
 
     def request(self, kind: str, *, timeout_s: float = 60.0, **args) -> dict:
         """Ask the loop, from another thread, to `rollback` (to=N | None) or `checkpoint` now; waits for it.
@@ -409,7 +455,7 @@ class TrainingLoop:
         state, good = self._restore_or_start()
         self._saved = self._finalized = good
         probe = good.probe.copy()
-        self.guard.mark_good(state)
+        self.guard.mark_good(state, trained=good.lineage_examples > 0)
         reader = self.reader = self._open(good)
         self.ready.set()
         retries = 0
@@ -422,6 +468,8 @@ class TrainingLoop:
                 state, positions, ended, recent = self._train_window(state, reader, probe, good)
                 self.summary.nonfinite_rows += int(state.nonfinite_rows) - window_start_nonfinite
                 trained = self.summary.examples_trained - window_start_examples
+                if not trained and self._excision is not None and (ended or _reached(positions, self._excision.end)):
+                    good = self._finish_excision(good, positions, list(reader.batcher.segment_names))
                 if trained:
                     state, good, probe, reader, retries, halt = self._judge_window(
                         state, good, probe, reader, positions, trained, recent, retries
@@ -436,7 +484,7 @@ class TrainingLoop:
                 self._maybe_report(state, good)
                 if self._unsaved_too_long():
                     break
-                if ended or self.stopping():
+                if (ended and self._excision is None) or self.stopping():
                     break
             self._checkpoint(good)  # the last good model, if accepted since the last checkpoint
         except LostPositionsError:
@@ -494,7 +542,7 @@ class TrainingLoop:
         # is not counted as the guard's (judging reads results back and would wait for them).
         jax.block_until_ready(state)
         guard_started = time.perf_counter()
-        verdict, report = self.guard.judge(state, probe)
+        verdict, report = self.guard.judge(state, probe, self.window_sample)
         self.ledger.append(
             "probe",
             window=self.summary.windows,
@@ -507,9 +555,23 @@ class TrainingLoop:
             ewc_strength=float(state.ewc.strength),
         )
         halt = False
-        if not verdict.regressed:
+        sustained = verdict.regressed and self._regressions_in_a_row + 1 >= self.guard_config.sustained_windows
+        on_sustained = self.guard_config.on_sustained_regression if sustained else None
+        # A regression that persists may be accepted as a new baseline, never past the golden constraint.
+        new_baseline = on_sustained == "accept" and "golden" not in verdict.regressed_scopes
+        if new_baseline:
+            self.ledger.append(
+                "sustained",
+                window=self.summary.windows,
+                action="accept",
+                regressions_in_a_row=self._regressions_in_a_row + 1,
+                scopes=verdict.regressed_scopes,
+                fired=verdict.fired(),
+            )
+        if not verdict.regressed or new_baseline:
             self._last_report = report  # the good model's figures: what progress and status show
-            state = self.guard.accept(state, recent)
+            state = self.guard.accept(state, recent, new_baseline=new_baseline)
+            excised = self._quarantine_excision()
             good = _Good(
                 None,
                 probe.copy(),
@@ -520,30 +582,50 @@ class TrainingLoop:
                 verdict,
                 topics={**good.topics, **reader.source.topic_identities()},
             )
-            if self._checkpoint_due(good):
+            if excised:
+                self._checkpoint(good, quarantined=excised)  # skipped records are accounted for at once
+            elif self._checkpoint_due(good):
                 self._checkpoint(good)
             self.summary.accepted += 1
             self._regressions_in_a_row = retries = 0
         else:
             self.summary.rollbacks += 1
             self._warn_of_a_streak(verdict)
-            state = self.guard.roll_back()
+            policy = "halt" if on_sustained == "halt" else self.guard_config.on_regression
+            retry = policy == "retry" and retries < self.guard_config.max_retries
+            # Lambda is boosted only to train the same records again (a retry): the records of a
+            # quarantined or excised span are never trained, and a boost would only slow the learning
+            # of the clean records after them.
+            state = self.guard.roll_back(boost=retry)
             probe = good.probe.copy()
             self.ledger.append(
                 "rollback",
                 window=self.summary.windows,
                 to_checkpoint=good.number,
                 scopes=verdict.regressed_scopes,
+                fired=verdict.fired(),
                 ewc_strength=float(state.ewc.strength),
                 positions=good.positions.to_json(),
             )
-            policy = self.guard_config.on_regression
             if policy == "halt":
                 self._checkpoint(good)  # the last good model is the newest checkpoint
                 self.ledger.append("halt", checkpoint=good.number, positions=good.positions.to_json())
                 self.summary.halted = True
                 halt = True
-            elif policy == "retry" and retries < self.guard_config.max_retries:
+            elif policy == "quarantine" and (excision := self._excision_of(verdict, trained)) is not None:
+                # Train part of the window again: without the span the window checks found damaged, or,
+                # when nothing located the damage, its first half alone (the rest is judged after it).
+                self._excision = excision
+                self.ledger.append(
+                    "retrain",
+                    window=self.summary.windows,
+                    **{"from": good.positions.to_json()},
+                    until=excision.end.to_json(),
+                    excise=None if excision.split else {"from": excision.start.to_json(), "to": excision.end.to_json()},
+                    scopes=verdict.regressed_scopes,
+                )
+                reader = self.reader = self._reopen(reader, good)
+            elif retry:
                 retries += 1
                 self.summary.retries += 1
                 self.ledger.append(
@@ -551,6 +633,7 @@ class TrainingLoop:
                 )
                 reader = self.reader = self._reopen(reader, good)
             else:
+                self._excision = None  # a window trained without its excised span regressed: all of it goes
                 copied = self._quarantine(good.positions, positions, verdict)
                 retries = 0
                 # The quarantined window is accounted for: the last good model, checkpointed at once
@@ -569,6 +652,61 @@ class TrainingLoop:
         self.summary.guard_seconds += time.perf_counter() - guard_started
         return state, good, probe, reader, retries, halt
 
+    def _excision_of(self, verdict: Verdict, trained: int) -> _Excision | None:
+        """How to train a regressed window again, or None to quarantine all of it.
+
+        The span the window checks' blocks found damaged, when they found part of the window
+        (None when they found all of it); when no block located the damage (the probe, or a
+        whole-window test alone), the window's first half alone (a split), so a damaged half
+        costs the clean one nothing. A window trained again that regresses may be cut again
+        (its new span joined to the old one), up to MAX_RETRAINS times; then all of it goes.
+        """
+        pending = self._excision
+        if (pending is not None and pending.depth >= MAX_RETRAINS) or len(self._trace) < 2:
+            return None
+        starts = [before for before, _, _ in self._trace]
+
+        def batch_of(row: int) -> tuple[int, Positions, Positions]:
+            return self._trace[max(bisect.bisect_right(starts, row) - 1, 0)]
+
+        window = verdict.check("window")
+        rows = None if window is None else self.window_sample.damaged_rows(window)
+        if rows is None and window is not None and window.resembling is not None:
+            # No block test located the damage, but the probe named segments: the rows that look like them.
+            rows = self.window_sample.span_of(window.resembling)
+            if rows is not None and rows[0] == 0 and rows[1] >= self.window_sample.seen:
+                rows = None  # they are everywhere in the window: split it instead
+        if rows is None:
+            middle = batch_of(trained // 2 - 1)[2]
+            cut = _Excision(middle, middle, verdict)
+        elif rows[0] == 0 and rows[1] >= self.window_sample.seen:
+            return None  # all of the window is damaged
+        else:
+            cut = _Excision(batch_of(rows[0])[1], batch_of(rows[1] - 1)[2], verdict)
+        if pending is None:
+            return cut
+        if not pending.split and not cut.split:  # one span: from the new one's start to the old one's end
+            cut = _Excision(cut.start, pending.end, verdict)
+        return replace(cut, depth=pending.depth + 1)
+
+    def _quarantine_excision(self) -> int:
+        """Quarantine the span of a pending excision (its window was judged good without it)."""
+        excision, self._excision = self._excision, None
+        if excision is None or excision.split:
+            return 0
+        return self._quarantine(excision.start, excision.end, excision.verdict)
+
+    def _finish_excision(self, good: _Good, positions: Positions, segment_names: list) -> _Good:
+        """An excision with nothing left to train (its span began the window, or the stream ended):
+        quarantine the span and go on after it."""
+        excision = self._excision
+        copied = self._quarantine_excision()
+        if excision is not None and not excision.split and not _reached(positions, excision.end):
+            positions = excision.end  # the stream ended inside the span: all of it is accounted for
+        good = _Good(None, good.probe, positions, segment_names, good.lineage_examples, good.report)
+        self._checkpoint(good, quarantined=copied)
+        return good
+
     def _warn_of_a_streak(self, verdict) -> None:
         """Say so when windows keep regressing: the guard may be holding off drift, not damage.
 
@@ -581,8 +719,9 @@ class TrainingLoop:
         if rest == 0 and streaks & (streaks - 1) == 0:  # at 3, 6, 12, 24, ... windows: loud, not spammy
             log.warning(
                 "%d windows in a row regressed (now on %s, against the %s); nothing has been learned "
-                "since checkpoint %s. If the stream has drifted for good rather than broken, raise "
-                "probe.tolerance, the model's capacity or replay.capacity.",
+                "since checkpoint %s. If the stream has changed for good rather than broken, accept it "
+                '(probe.on_sustained_regression = "accept"), or raise probe.tolerance, the model\'s '
+                "capacity or replay.capacity.",
                 self._regressions_in_a_row,
                 ", ".join(verdict.regressed_scopes) or "overall",
                 "anchor" if verdict.against == "anchor" else "last good model",
@@ -635,7 +774,8 @@ class TrainingLoop:
         state, good = self._from_restored(restored)
         self._saved = self._finalized = good
         self._regressions_in_a_row = 0  # the operator chose where history begins
-        self.guard.mark_good(state)
+        self._excision = None
+        self.guard.mark_good(state, trained=good.lineage_examples > 0)
         reader = self.reader = self._reopen(reader, good)
         return state, good, good.probe.copy(), reader
 
@@ -697,6 +837,7 @@ class TrainingLoop:
             max_segments=self.probe_config.max_segments,
         )
         positions = Positions.from_json(meta["positions"])
+        self.guard.restore_state(meta.get("guard"))
         self.ledger.append(
             "restore",
             checkpoint=restored.number,
@@ -738,10 +879,16 @@ class TrainingLoop:
         return self._open(good)
 
     def _train_window(self, state, reader: _Reader, probe: ProbeStore, good: _Good):
-        """Train until a window's worth of examples, the end of the stream, or stop."""
+        """Train until a window's worth of examples, the end of the stream, or stop.
+
+        While an excision is pending (see `_Excision`), the batches inside its span are read
+        but neither trained nor held out, and the window closes at the span's end.
+        """
         trained = 0
         positions = good.positions
         ended = False
+        excision = self._excision
+        self._trace = []  # (rows trained before, positions before, positions after) of each trained batch
         recent: list[tuple] = []  # (x, y) of recent batches: the Fisher's examples when replay is off
         ewc = self.learner.ewc
         # The Fisher's examples when replay is off: the last `fisher_samples` rows trained.
@@ -749,6 +896,8 @@ class TrainingLoop:
         last_batch = started = time.monotonic()
         judge_idle_s = self.stream.judge_idle_s
         every_s = self.guard_config.every_seconds if self.stream.live else 0
+        sample = self.window_sample
+        sample.start((self.seed, good.lineage_examples))  # the same records give the same sample
         while trained < self.guard_config.every_examples:
             if self.stopping() or not self._requests.empty():
                 break
@@ -766,17 +915,30 @@ class TrainingLoop:
                 self._maybe_report(state, good)  # a quiet or unreachable stream still reports
                 continue
             last_batch = time.monotonic()
+            if excision is not None and excision.covers(positions, batch.positions):
+                positions = batch.positions  # excised: its records are quarantined once the window is judged
+                if _reached(positions, excision.end):
+                    sample.cut_short = True
+                    break
+                continue
             if batch.held_out.any():
                 self._hold_out(probe, reader.batcher.segment_names, batch)
             mask = batch.train_mask
+            rows = int(mask.sum())
+            if isinstance(batch.x, np.ndarray):  # the window checks take one feature array (Guard.judge)
+                sample.add(batch.x, batch.y, mask, rows)
             tick = time.perf_counter()
             state, _ = self.learner.train_step(state, TrainBatch(batch.x, batch.y, mask))
             self._step_seconds.append(time.perf_counter() - tick)
-            rows = int(mask.sum())
+            if rows:
+                self._trace.append((trained, positions, batch.positions))
             trained += rows
             self.summary.examples_trained += rows
             positions = batch.positions
             self._maybe_report(state, good)
+            if excision is not None and _reached(positions, excision.end):
+                sample.cut_short = True
+                break  # the window ends where the excised span did: what follows is the next window's
             if fisher_rows and rows:
                 recent.append((_rows(batch.x, mask), batch.y[mask]))
                 while sum(len(y) for _, y in recent) - len(recent[0][1]) >= fisher_rows:
@@ -835,6 +997,7 @@ class TrainingLoop:
             },
             "quarantined_records": quarantined,
             "probe_store": probe_meta,
+            "guard": self.guard.state_json(),  # what the window checks and the golden constraint compare with
             "ewc_strength": float(state.ewc.strength),
             "lineage_examples": good.lineage_examples,
             "topics": good.topics,

@@ -8,7 +8,14 @@ and an exact one-sided McNemar test (McNemar 1947; exact binomial form) asks whe
 b is larger than chance allows: p = P(X >= b), X ~ Binomial(b + c, 1/2).
 
 A scope (overall, or one segment) regresses when its accuracy drops by more than
-`tolerance` AND the test is significant.
+`tolerance` AND the test is significant (`judge`).
+
+The guard tests the tolerance itself instead (`judge_beyond_tolerance`): Tango's score
+test for paired proportions (Tango 1998) of H0: the drop is at most `tolerance`, so a
+scope whose true drop stays within the tolerance regresses with probability at most the
+level, however many examples it holds. `judge`'s composite rule has no such rate at the
+tolerance (a true drop just below it passes the cut half the time, and McNemar's test of
+no change at all is then nearly always significant).
 
 For regression targets there is no right or wrong, only a per-example loss (squared
 error). The paired differences d = candidate loss - good loss go to a one-sided
@@ -28,10 +35,11 @@ not trigger rollbacks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
-from scipy.special import bdtrc
+from scipy.special import bdtrc, ndtr
 from scipy.stats import wilcoxon
 
 
@@ -70,7 +78,7 @@ def wilcoxon_one_sided(good_loss: np.ndarray, candidate_loss: np.ndarray) -> tup
 class ScopeReport:
     """One scope's paired comparison: the two models' figures, changed examples, p-value, verdict.
 
-    `metric` says what `good` and `candidate` are: "accuracy" (higher is better; McNemar)
+    `metric` says what `good` and `candidate` are: "accuracy" (higher is better; McNemar or Tango)
     or "loss", the mean per-example loss (lower is better; Wilcoxon signed-rank).
     """
 
@@ -116,23 +124,56 @@ class Verdict:
     tolerance: float = 0.02
     against: str = "last_good"  # which reference model the figures compare with: last_good | anchor
     metric: str = "accuracy"
+    # Checks beside the probe's paired tests (the window checks, the golden constraint): each has a
+    # `name`, `regressed`, `scopes()`, `fired_json()` and `to_json()`.
+    checks: tuple[Any, ...] = ()
+    test: str = "mcnemar"  # the paired test behind the scopes: mcnemar, tango (drop beyond the tolerance), wilcoxon
+
+    def check(self, name: str) -> Any:
+        """The check called `name` among `checks` ("window", "golden"), or None."""
+        return next((check for check in self.checks if check.name == name), None)
 
     @property
     def regressed_scopes(self) -> list[str]:
+        """The probe scopes that regressed, then what the other checks name ("window.<indicator>", "golden")."""
         scopes = [("overall", self.overall)] + list(self.segments.items())
-        return [name for name, report in scopes if report.regressed]
+        probe = [name for name, report in scopes if report.regressed]
+        return probe + [scope for check in self.checks for scope in check.scopes()]
+
+    def fired(self) -> list[dict]:
+        """Every test that fired, with its figures: what the ledger says about why a window regressed."""
+        scopes = [("overall", self.overall)] + list(self.segments.items())
+        probe = [
+            {
+                "check": "probe",
+                "scope": name,
+                "against": self.against,
+                "test": self.test,
+                f"good_{self.metric}": round(report.good, 6),
+                f"candidate_{self.metric}": round(report.candidate, 6),
+                "tolerance": self.tolerance,
+                "p_value": report.p_value,
+            }
+            for name, report in scopes
+            if report.regressed
+        ]
+        return probe + [test for check in self.checks for test in check.fired_json()]
 
     def to_json(self) -> dict:
         metric = {} if self.metric == "accuracy" else {"metric": self.metric}  # classification JSON as before
+        checks = {check.name: check.to_json() for check in self.checks}
         return {
             **metric,
             "regressed": self.regressed,
             "regressed_scopes": self.regressed_scopes,
+            "fired": self.fired(),
             "against": self.against,
+            "test": self.test,
             "alpha": self.alpha,
             "tolerance": self.tolerance,
             "overall": self.overall.to_json(),
             "segments": {name: report.to_json() for name, report in self.segments.items()},
+            **checks,
         }
 
 
@@ -169,6 +210,75 @@ def judge(
     )
 
 
+def judge_beyond_tolerance(
+    good_correct: np.ndarray,
+    candidate_correct: np.ndarray,
+    segment_ids: np.ndarray,
+    segment_names: list[str],
+    *,
+    tolerance: float,
+    alpha: float,
+    min_examples: int = 20,
+) -> Verdict:
+    """Compare paired correctness overall and per segment, testing the drop against `tolerance` itself.
+
+    A scope regresses when Tango's score test (`drop_beyond_one_sided`) rejects "the
+    candidate's accuracy is at most `tolerance` below the reference's" at alpha /
+    scopes tested. Unlike `judge` (a drop beyond the tolerance AND a significant
+    McNemar test of no change at all), the false-alarm rate holds at the tolerance: a
+    scope whose true drop is within it regresses with probability at most alpha / scopes.
+    """
+
+    def test(good: np.ndarray, candidate: np.ndarray) -> tuple[int, int, float]:
+        return drop_beyond_one_sided(good, candidate, tolerance)
+
+    verdict = _judge_scopes(
+        np.asarray(good_correct, bool),
+        np.asarray(candidate_correct, bool),
+        segment_ids,
+        segment_names,
+        metric="accuracy",
+        test=test,
+        worse_enough=lambda good, candidate: True,  # the tolerance is inside the test
+        tolerance=tolerance,
+        alpha=alpha,
+        min_examples=min_examples,
+    )
+    return replace(verdict, test="tango")
+
+
+def drop_beyond_one_sided(
+    good_correct: np.ndarray, candidate_correct: np.ndarray, margin: float
+) -> tuple[int, int, float]:
+    """(b, c, p) for H1: the candidate's accuracy is more than `margin` below the good model's (paired).
+
+    Tango's score test for a difference of paired proportions (Tango 1998, "Equivalence
+    test and confidence interval for the difference in proportions for the paired-sample
+    design", Statistics in Medicine 17: 891-908). With b = right before and wrong now,
+    c = wrong before and right now, n pairs and the drop theta = p_b - p_c, it tests
+    H0: theta <= margin by
+        Z = (b - c - n margin) / sqrt(n (2 q + margin (1 - margin))),
+    q the maximum-likelihood estimate of p_c under theta = margin, the root of
+    2n q^2 + (-b - c + (2n - b + c) margin) q - c margin (1 - margin) = 0;
+    p = P(N(0, 1) >= Z). At margin 0 it is McNemar's test in its score form.
+    """
+    good_correct = np.asarray(good_correct, bool)
+    candidate_correct = np.asarray(candidate_correct, bool)
+    n = len(good_correct)
+    b = int(np.sum(good_correct & ~candidate_correct))
+    c = int(np.sum(candidate_correct & ~good_correct))
+    if n == 0:
+        return b, c, 1.0
+    big_b = -b - c + (2 * n - b + c) * margin
+    big_c = -c * margin * (1 - margin)
+    q = (-big_b + np.sqrt(big_b * big_b - 8 * n * big_c)) / (4 * n)
+    variance = n * (2 * q + margin * (1 - margin))
+    if variance <= 0:  # no discordant pairs at margin 0: no evidence either way
+        return b, c, 1.0
+    z = (b - c - n * margin) / np.sqrt(variance)
+    return b, c, float(ndtr(-z))
+
+
 def judge_losses(
     good_loss: np.ndarray,
     candidate_loss: np.ndarray,
@@ -188,7 +298,7 @@ def judge_losses(
     def worse_by_more_than_tolerance(good: float, candidate: float) -> bool:
         return candidate > good * (1 + tolerance)
 
-    return _judge_scopes(
+    verdict = _judge_scopes(
         np.asarray(good_loss, np.float64),
         np.asarray(candidate_loss, np.float64),
         segment_ids,
@@ -200,6 +310,7 @@ def judge_losses(
         alpha=alpha,
         min_examples=min_examples,
     )
+    return replace(verdict, test="wilcoxon")
 
 
 def segment_rows(segment_ids: np.ndarray, segments: int) -> list[np.ndarray]:

@@ -255,12 +255,15 @@ def write_markdown(
             "|---|---|---|---|---|",
         ]
         probes = {e["window"]: e for e in events if e["event"] == "probe"}
-        actions = [e for e in events if e["event"] in ("retry", "quarantine", "halt")]
-        for event, action in zip(regressions, actions):
+        for event, action in _reactions(events):
             probe = probes.get(event["window"], {})
-            drops = []
+            shown_checks: dict[str, dict] = {}  # the first test that fired for each window check (and golden)
+            for test in event.get("fired", ()):
+                if test.get("check") != "probe":
+                    shown_checks.setdefault(test["check"], test)
+            drops = [_fired(test) for test in shown_checks.values()]
             metric = probe.get("verdict", {}).get("metric", "accuracy")
-            for scope in event["scopes"]:
+            for scope in (s for s in event["scopes"] if not s.startswith("window.") and s != "golden"):
                 figures = probe.get("verdict", {}).get("segments", {}).get(scope) or probe.get("verdict", {}).get(
                     "overall"
                 )
@@ -273,6 +276,8 @@ def write_markdown(
                     )
                     drops.append(f"{scope} {shown} (p={figures['p_value']:.1e})")
             what = action["event"] + (f" ({action['records']} records)" if action["event"] == "quarantine" else "")
+            if action["event"] == "retrain":
+                what = "retrain " + ("the first half" if action.get("excise") is None else "without the span found")
             boost = (
                 f"{probe['ewc_strength']:.3g} -> {event['ewc_strength']:.3g}"
                 if probe.get("ewc_strength") is not None and event.get("ewc_strength") is not None
@@ -320,3 +325,25 @@ def write_markdown(
 
 def _figure(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _reactions(events: list[dict]) -> list[tuple[dict, dict]]:
+    """Each rollback with the reaction that followed it (retry, retrain, quarantine or halt)."""
+    pairs, pending = [], None
+    for event in events:
+        if event["event"] == "rollback":
+            pending = event
+        elif event["event"] in ("retry", "retrain", "quarantine", "halt") and pending is not None:
+            pairs.append((pending, event))
+            pending = None
+    return pairs
+
+
+def _fired(test: dict) -> str:
+    """A window check or the golden constraint that fired, in a few words."""
+    if test.get("check") == "golden":
+        return f"golden {test['candidate_accuracy']:.2f} < best {test['best_accuracy']:.2f} - {test['tolerance']}"
+    return (
+        f"{test['check']} {test['rate']:.2f} > {test['null_rate']:.2f} on block {test['block']} "
+        f"(p={test['p_value']:.1e})"
+    )

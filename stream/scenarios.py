@@ -79,6 +79,7 @@ class Segment:
     poisoned: bool = False
     train_index: np.ndarray | None = None  # int64, shape=(N,): load_digits() row of each train example
     test_index: np.ndarray | None = None  # int64, shape=(M,): load_digits() row of each test example
+    damaged: np.ndarray | None = None  # bool, shape=(N,): train examples a damage injection corrupted (stream.damage)
 
 
 @dataclass(frozen=True)

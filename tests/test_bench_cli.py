@@ -116,3 +116,26 @@ def test_bench_pipeline_trains_everything_it_produced():
     assert result["examples"] == pytest.approx(16 * EXAMPLES_PER_RECORD * (1 - held_out), rel=0.05)
     assert result["ingest_limit_examples_per_s"] > 0 and result["step_limit_examples_per_s"] > 0
     assert "ratio to the lower limit" in format_result(result)
+
+
+def test_bench_guard_runs_a_damaged_stream_four_ways_and_writes_the_figures_the_issue_names(tmp_path, capsys):
+    out = tmp_path / "guard.json"
+    arguments = ["bench", "guard", "--scenario", "permuted-digits", "--segments", "3", "--poison-kind", "constant"]
+    assert main([*arguments, "--seed", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert 0 <= result["clean_quarantined_share"] <= 1 and result["clean_guarded_vs_unguarded"] > 0
+    assert result["guarded_vs_clean"] > 0 and result["unguarded_vs_clean"] > 0
+    damage = result["damage"]
+    assert (damage["kind"], damage["placement"], damage["at"], damage["source"]) == ("constant", "segment", 2, 0)
+    assert 0 < damage["damaged_records"] < damage["records"] == result["records"]  # the last segment, replaced
+    assert result["caught"]["windows"] is not None and "window.same_label" in result["caught"]["fired"]
+    assert set(result["runs"]) == {"guarded", "unguarded"} and set(result["clean"]) == {"guarded", "unguarded"}
+    assert "damage constant (segment at 2" in capsys.readouterr().out
+
+
+def test_bench_guard_on_a_clean_stream_leaves_the_damage_figures_empty(tmp_path):
+    out = tmp_path / "clean.json"
+    assert main(["bench", "guard", "--scenario", "sea-abrupt", "--examples", "4000", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["damage"] is None and result["guarded_vs_clean"] is None and result["unguarded_vs_clean"] is None
+    assert result["clean_quarantined_share"] == 0.0 and result["clean_guarded_vs_unguarded"] == 1.0

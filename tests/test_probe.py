@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.stats import binom
+from scipy.stats import binom, norm
 
 from continuity.probe import ProbeConfig, ProbeStore
-from continuity.regression import judge, mcnemar_one_sided
+from continuity.regression import drop_beyond_one_sided, judge, judge_beyond_tolerance, mcnemar_one_sided
 
 SHAPE = (2,)
 INPUTS, LABELS = jax.ShapeDtypeStruct(SHAPE, jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)
@@ -100,3 +100,46 @@ def test_a_real_drop_on_one_segment_is_a_regression_and_named():
     assert verdict.segments["b"].drop == pytest.approx(40 / 150)
     # The same drop under a looser tolerance is not one.
     assert not judge(good, cand, ids, ["a", "b", "c"], tolerance=0.5, alpha=0.01).regressed
+
+
+def test_tangos_test_at_margin_zero_is_mcnemars_score_test():
+    good = np.array([1] * 30 + [0] * 5 + [1] * 50, bool)
+    cand = np.array([0] * 30 + [1] * 5 + [1] * 50, bool)
+    b, c, p = drop_beyond_one_sided(good, cand, 0.0)
+    assert (b, c) == (30, 5)
+    assert p == pytest.approx(norm.sf((b - c) / np.sqrt(b + c)))  # the score (normal) form of McNemar's
+    assert drop_beyond_one_sided(good, good, 0.0)[2] == 1.0
+
+
+def test_a_drop_at_the_tolerance_fires_at_most_alpha_of_the_time():
+    # The worst case the null allows: the candidate loses exactly `tolerance` of a segment's accuracy.
+    rng = np.random.default_rng(2)
+    n, tolerance, alpha, windows = 140, 0.2, 0.01, 4000
+    fired = 0
+    for _ in range(windows):
+        u = rng.random(n)
+        good, cand = np.ones(n, bool), np.ones(n, bool)
+        cand[u < 0.25] = False  # right before, wrong now: 25% ...
+        good[(u >= 0.25) & (u < 0.30)] = False  # ... wrong before, right now: 5% (a drop of 0.2)
+        fired += drop_beyond_one_sided(good, cand, tolerance)[2] < alpha
+    assert fired / windows <= alpha + 3 * np.sqrt(alpha / windows)
+
+
+def test_the_guards_rule_lets_a_drop_within_the_tolerance_through_and_catches_one_beyond_it():
+    rng = np.random.default_rng(3)
+    ids = np.repeat(np.arange(3), 150)
+    good = rng.random(450) < 0.9
+
+    def losing(answers: int) -> np.ndarray:
+        cand = good.copy()
+        cand[np.flatnonzero((ids == 1) & good)[:answers]] = False
+        return cand
+
+    # 0.2 of segment b lost: the old rule (beyond the tolerance and McNemar) fires as soon as the
+    # drop is a hair over it; the test of the tolerance itself does not.
+    within = losing(31)
+    assert judge(good, within, ids, ["a", "b", "c"], tolerance=0.2, alpha=0.01).regressed
+    assert not judge_beyond_tolerance(good, within, ids, ["a", "b", "c"], tolerance=0.2, alpha=0.01).regressed
+    beyond = judge_beyond_tolerance(good, losing(75), ids, ["a", "b", "c"], tolerance=0.2, alpha=0.01)
+    assert beyond.regressed and beyond.regressed_scopes == ["b"] and beyond.test == "tango"
+    assert beyond.fired()[0]["test"] == "tango" and beyond.fired()[0]["scope"] == "b"

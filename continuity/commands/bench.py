@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 from continuity.benchmarks import STRATEGIES
+from continuity.benchmarks.guard_suite import SUITE_STREAMS
 from continuity.commands.arguments import positive_int
 from continuity.commands.ingest import add_ingest_parser
+from continuity.stream.damage import DAMAGE_KINDS, PLACEMENTS
 from continuity.stream.scenarios import GUARD_EVERY_EXAMPLES, SCENARIOS
 
 
@@ -45,16 +47,39 @@ def register(subparsers) -> None:
     step.add_argument("--json", type=Path, default=None, metavar="PATH")
     step.set_defaults(handler=run_step)
 
-    guard = kinds.add_parser("guard", help="a poisoned stream through the loop: clean vs unguarded vs guarded")
-    guard.add_argument("--scenario", choices=SCENARIOS, default="permuted-digits")
+    guard = kinds.add_parser(
+        "guard", help="a clean stream guarded vs unguarded; with --poison-kind, damaged too (vs clean and unguarded)"
+    )
+    guard.add_argument(
+        "--scenario",
+        choices=SUITE_STREAMS,
+        default="permuted-digits",
+        metavar="STREAM",
+        help=f"{', '.join(SUITE_STREAMS)} (default permuted-digits)",
+    )
+    guard.add_argument(
+        "--segments",
+        type=positive_int,
+        default=None,
+        help="digits streams: segments (default: permuted 60, rotated 20, split 5, stationary 6)",
+    )
+    guard.add_argument("--examples", type=positive_int, default=None, help="drift streams: examples (default 20,000)")
+    guard.add_argument(
+        "--poison-kind", choices=DAMAGE_KINDS, default=None, metavar="KIND", help=f"damage: {', '.join(DAMAGE_KINDS)}"
+    )
     guard.add_argument(
         "--poison",
-        type=positive_int,
-        default=5,
+        type=int,
+        default=None,
         metavar="SEGMENT",
-        help="index of the segment a broken labeler replaces (default 5, the last of 6)",
+        help="the segment the damage replaces or bursts into (default: the last); alone, means --poison-kind shuffle",
     )
-    guard.add_argument("--segments", type=positive_int, default=6)
+    guard.add_argument(
+        "--placement", choices=PLACEMENTS, default="segment", help="a whole segment, or a burst inside one"
+    )
+    guard.add_argument(
+        "--poison-source", type=int, default=0, metavar="SEGMENT", help="the segment whose inputs the damage reuses"
+    )
     guard.add_argument("--seed", type=int, default=0)
     guard.add_argument(
         "--every-examples",
@@ -139,20 +164,28 @@ def run_step(args) -> int:
 def run_guard(args) -> int:
     from dataclasses import replace
 
-    from continuity.benchmarks.guard import DIGITS_GUARD, format_result, run_guard_benchmark
+    from continuity.benchmarks.guard import DIGITS_GUARD
+    from continuity.benchmarks.guard_suite import format_case, public, run_guard_suite_case
     from continuity.errors import UsageError
 
-    if args.poison >= args.segments:
-        raise UsageError(f"--poison must name a segment below --segments ({args.segments}). Got {args.poison}.")
+    kind = args.poison_kind or ("shuffle" if args.poison is not None else None)
     guard = replace(DIGITS_GUARD, every_examples=args.every_examples)
     try:
-        result = run_guard_benchmark(
-            args.scenario, poison=args.poison, seed=args.seed, segments=args.segments, guard=guard
+        result = run_guard_suite_case(
+            args.scenario,
+            seed=args.seed,
+            segments=args.segments,
+            examples=args.examples,
+            damage=kind,
+            at=args.poison,
+            source=args.poison_source,
+            placement=args.placement,
+            guard=guard,
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
-    print(format_result(result))
-    _write_json(args.json, result)
+    print(format_case(result))
+    _write_json(args.json, public(result))
     return 0
 
 
