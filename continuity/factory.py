@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -150,9 +151,13 @@ def check_model(config: Config) -> None:
         return factory(rngs=nnx.Rngs(0), inputs=inputs, outputs=task.outputs, **model.kwargs)
 
     try:
-        module = nnx.eval_shape(build)
-    except TypeError as error:  # most often a keyword argument it does not take
+        inspect.signature(factory).bind(rngs=None, inputs=inputs, outputs=task.outputs, **model.kwargs)
+    except TypeError as error:  # a keyword argument it does not take, or one it needs
         raise ValueError(f"`model.kwargs` {model.kwargs!r} rejected by {model.factory}: {error}.") from None
+    except ValueError:  # a callable without a signature to check (a builtin): building it will tell
+        pass
+    try:
+        module = nnx.eval_shape(build)
     except Exception as error:
         raise ValueError(
             f"`model.factory` {model.factory} failed to build a model for inputs {inputs} "
