@@ -194,6 +194,7 @@ class StreamConfig:
     def input_fields(self) -> tuple[FieldSpec, ...]:
         """The named inputs as the codecs take them (empty: one array of feature_shape)."""
         return tuple(FieldSpec(name, table["shape"], table["dtype"]) for name, table in self.inputs.items())
+
     def __repr__(self) -> str:
         fields = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name != "security"
@@ -796,7 +797,9 @@ class _Loader:
             unknown = sorted(set(spec) - {"shape", "dtype"})
             if unknown:
                 raise self.error(
-                    "stream", f"{where}.{unknown[0]}", f"unknown key; expected one of: shape, dtype{_suggest(unknown[0], ['shape', 'dtype'])}"
+                    "stream",
+                    f"{where}.{unknown[0]}",
+                    f"unknown key; expected one of: shape, dtype{_suggest(unknown[0], ['shape', 'dtype'])}",
                 )
             if "shape" not in spec:
                 raise self.error("stream", f"{where}.shape", "missing; expected an array of positive integers")
@@ -807,12 +810,16 @@ class _Loader:
                 and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
             ):
                 raise self.error(
-                    "stream", f"{where}.shape", f"expected an array of 1 to 8 positive integers, got {_received(shape, False)}"
+                    "stream",
+                    f"{where}.shape",
+                    f"expected an array of 1 to 8 positive integers, got {_received(shape, False)}",
                 )
             dtype = spec.get("dtype", "float32")
             if dtype not in INPUT_DTYPES:
                 choices = ", ".join(f'"{d}"' for d in INPUT_DTYPES)
-                raise self.error("stream", f"{where}.dtype", f"expected one of {choices}, got {_received(dtype, False)}")
+                raise self.error(
+                    "stream", f"{where}.dtype", f"expected one of {choices}, got {_received(dtype, False)}"
+                )
             out[name] = {"shape": tuple(shape), "dtype": dtype}
         return out
 

@@ -117,7 +117,7 @@ def load_factory(path: str) -> ModelFactory:
             if "" not in sys.path and str(Path.cwd()) not in sys.path:
                 sys.path.append(str(Path.cwd()))
             module = importlib.import_module(target)
-    except Exception as error:  # an import runs the user's module: any error is theirs to see
+    except Exception as error:  # noqa: BLE001 - importing runs the user's module: any error is theirs to see
         raise ValueError(
             f"`model.factory` {path!r} does not resolve: cannot import {target!r} ({type(error).__name__}: {error})."
         ) from None
@@ -158,15 +158,13 @@ def check_model(config: Config) -> None:
         pass
     try:
         module = nnx.eval_shape(build)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - the user's code: whatever it raises is a config error
         raise ValueError(
             f"`model.factory` {model.factory} failed to build a model for inputs {inputs} "
             f"({type(error).__name__}: {error})."
         ) from None
     if not isinstance(module, nnx.Module):
-        raise ValueError(
-            f"`model.factory` {model.factory} must return an nnx.Module. Got {type(module).__name__}."
-        )
+        raise ValueError(f"`model.factory` {model.factory} must return an nnx.Module. Got {type(module).__name__}.")
 
 
 def build_optimizer(config: LearnerConfig) -> optax.GradientTransformation:

@@ -229,7 +229,9 @@ def encode_binary(
 def encode_json(x, y, *, segment: str | None = None, key: str | None = None) -> bytes:
     """One record in the JSON format (x as a nested list of its shape, or a dict of them; y a
     number, or a list for a label vector)."""
-    features = {name: np.asarray(v).tolist() for name, v in x.items()} if isinstance(x, dict) else np.asarray(x).tolist()
+    features = (
+        {name: np.asarray(v).tolist() for name, v in x.items()} if isinstance(x, dict) else np.asarray(x).tolist()
+    )
     doc = {"x": features, "y": np.asarray(y).tolist()}
     if segment is not None:
         doc["segment"] = segment
@@ -324,10 +326,52 @@ class JsonCodec(Codec):
     def encode(self, x, y, *, segment=None, key=None) -> bytes:
         return encode_json(x, y, segment=segment, key=key)
 
+    def features(self, instances: list):
+        """Many examples' features as JSON-parsed values (a nested list each, or an object of
+        fields): (the features, n rows each, bad rows zeroed; {row: reason} for the bad rows).
+        What a prediction request's instances go through: the checks records go through."""
+        columns: list[list] = [[] for _ in self._fields]
+        reasons: dict[int, str] = {}
+        for r, x in enumerate(instances):
+            try:
+                values = self._split(x)
+            except _Reject as reject:
+                reasons[r] = str(reject)
+                values = [np.zeros(f.shape, f.dtype) for f in self._fields]
+            for column, v in zip(columns, values):
+                column.append(v)
+        arrays = []
+        with np.errstate(over="ignore", invalid="ignore"):
+            for field, column in zip(self._fields, columns):
+                array, bad = self._field(column, field)
+                arrays.append(array)
+                for r, reason in bad.items():
+                    reasons.setdefault(r, reason)
+        x = {f.name: array for f, array in zip(self.spec.inputs, arrays)} if self.spec.inputs else arrays[0]
+        return x, dict(sorted(reasons.items()))
+
+    def _split(self, x) -> list:
+        """An example's `x` as one value per feature field, or _Reject naming what is missing or extra."""
+        if not self.spec.inputs:
+            return [x]
+        if not isinstance(x, dict):
+            raise _Reject(f"bad JSON: x must be an object of fields {sorted(self._names)}, got {type(x).__name__}")
+        if x.keys() != self._names:
+            lacking, extra = sorted(self._names - x.keys()), sorted(x.keys() - self._names)[:8]
+            detail = "; ".join(
+                part
+                for part in (
+                    f"missing field(s) {['x.' + n for n in lacking]}" if lacking else "",
+                    f"unknown field(s) {['x.' + n for n in extra]}" if extra else "",
+                )
+                if part
+            )
+            raise _Reject(f"bad JSON: {detail}")
+        return [x[f.name] for f in self.spec.inputs]
+
     def _envelope(self, value, kafka_key):
         """(the feature values, one per field, y, segment, key) of a record: everything but the
         features' conversion checked, or _Reject with the reason."""
-        spec = self.spec
         if not value:
             raise _Reject("empty value")
         try:
@@ -346,24 +390,7 @@ class JsonCodec(Codec):
         unknown = doc.keys() - self._FIELDS
         if unknown:
             raise _Reject(f"bad JSON: unknown field(s) {sorted(unknown)[:8]}")
-        x = doc["x"]
-        if spec.inputs:
-            if not isinstance(x, dict):
-                raise _Reject(f"bad JSON: x must be an object of fields {sorted(self._names)}, got {type(x).__name__}")
-            if x.keys() != self._names:
-                lacking, extra = sorted(self._names - x.keys()), sorted(x.keys() - self._names)[:8]
-                detail = "; ".join(
-                    part
-                    for part in (
-                        f"missing field(s) {['x.' + n for n in lacking]}" if lacking else "",
-                        f"unknown field(s) {['x.' + n for n in extra]}" if extra else "",
-                    )
-                    if part
-                )
-                raise _Reject(f"bad JSON: {detail}")
-            features = [x[f.name] for f in spec.inputs]
-        else:
-            features = [x]
+        features = self._split(doc["x"])
         y = self._label(doc["y"])
         segment, key = doc.get("segment"), doc.get("key")
         if segment is not None and not isinstance(segment, str):
@@ -438,7 +465,7 @@ class JsonCodec(Codec):
         reasons: dict[int, str] = {}
         rows = array.reshape(len(array), -1)
         if field.dtype == "int32":
-            out_of_range = ((rows < _INT32.min) | (rows > _INT32.max)).any(axis=1)
+            out_of_range = np.asarray(((rows < _INT32.min) | (rows > _INT32.max)).any(axis=1))
             for r in np.flatnonzero(out_of_range):
                 wrong = rows[r][(rows[r] < _INT32.min) | (rows[r] > _INT32.max)][0]
                 reasons[int(r)] = f"bad dtype: {field.label} holds {int(wrong)}, beyond int32"
@@ -493,7 +520,8 @@ class JsonCodec(Codec):
             rows.append(i)
             segments.append(segment)
             keys.append(key)
-        arrays, reasons = [], {}
+        arrays: list[np.ndarray] = []
+        reasons: dict[int, str] = {}
         for field, column in zip(self._fields, features):
             array, bad = self._field(column, field)
             arrays.append(array)

@@ -25,7 +25,9 @@ SHARED = 64  # ids 1..64: words every class uses
 LENGTH = 16
 
 
-def generate(*, examples: int, segments: int = 4, seed: int = 0, length: int = LENGTH) -> Iterator[tuple[dict, int, str]]:
+def generate(
+    *, examples: int, segments: int = 4, seed: int = 0, length: int = LENGTH
+) -> Iterator[tuple[dict, int, str]]:
     """(features, label, segment name) per example: features {"tokens": int32[length], "numeric": float32[2]}."""
     rng = np.random.default_rng(seed)
     next_id = SHARED + 1
