@@ -32,6 +32,8 @@ class TokenBag(nnx.Module):
 
     def __call__(self, x: dict) -> jax.Array:
         tokens = x["tokens"]
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):  # at trace time: ids that became floats are a bug upstream
+            raise TypeError(f"token ids must reach the model as integers. Got {tokens.dtype}")
         present = (tokens > 0)[..., None]
         vectors = self.embed(jnp.clip(tokens, 0, self.vocab - 1))
         bag = jnp.sum(vectors * present, axis=1) / jnp.maximum(jnp.sum(present, axis=1), 1)
