@@ -1,10 +1,10 @@
 """The service's one TOML config file: typed, validated on load, overridable with `--set`.
 
-A config file has eight sections: [stream], [model], [learner], [replay], [ewc],
-[probe], [checkpoints], [service]. They map onto the typed configs the libraries already
-validate (`learner.ModelConfig`, `LearnerConfig`, `ReplayConfig`, `EWCConfig`,
-`continuity.probe.ProbeConfig`, `continuity.guard.GuardConfig`) plus three defined here
-(`StreamConfig`, `CheckpointsConfig`, `ServiceConfig`). [probe] holds both ProbeConfig's
+A config file has nine sections: [stream], [model], [learner], [replay], [ewc],
+[probe], [checkpoints], [publish], [service]. They map onto the typed configs the libraries
+already validate (`learner.ModelConfig`, `LearnerConfig`, `ReplayConfig`, `EWCConfig`,
+`continuity.probe.ProbeConfig`, `continuity.guard.GuardConfig`) plus four defined here
+(`StreamConfig`, `CheckpointsConfig`, `PublishConfig`, `ServiceConfig`). [probe] holds both ProbeConfig's
 keys (what is held out) and GuardConfig's (how candidates are judged): for a user they
 are one thing, the continuity probe.
 
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from continuity.errors import UsageError
 from continuity.probe import ProbeConfig
-from continuity.stream.codecs import CODECS, DTYPE_CODES, FeatureSpec
+from continuity.stream.codecs import CODECS, DTYPE_CODES, INPUT_DTYPES, CodecError, FeatureSpec, FieldSpec
 from continuity.stream.kafka import KAFKA_SESSION_TIMEOUT_MS, SECURITY_OPTIONS, KafkaSettings, redact
 from continuity.stream.sources import LOST_POSITION_ACTIONS
 
@@ -136,9 +136,15 @@ class StreamConfig:
     dead_letter_path: str = "dead-letters.jsonl"
     quarantine_path: str = "quarantine.jsonl"
     security: dict = field(default_factory=dict, repr=False)  # kafka-python SASL/SSL options; may hold secrets
+    # Named input fields, {name: {"shape": (...), "dtype": "float32" | "int32"}}: an example's
+    # features are then a dict of arrays (JSON codec); empty: one array of feature_shape.
+    inputs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "topics", (self.topics,) if isinstance(self.topics, str) else tuple(self.topics))
+        object.__setattr__(
+            self, "inputs", {name: {**table, "shape": tuple(table["shape"])} for name, table in self.inputs.items()}
+        )
         object.__setattr__(self, "feature_shape", tuple(self.feature_shape))
         object.__setattr__(self, "security", dict(self.security))
         if self.group == "":
@@ -175,6 +181,19 @@ class StreamConfig:
         _require(
             not unknown, f"`stream.security` has unknown option(s) {unknown}; allowed: {sorted(SECURITY_OPTIONS)}."
         )
+        try:
+            self.input_fields()
+        except CodecError as error:
+            raise ValueError(f"`stream.inputs` {error}.") from None
+        _require(
+            not self.inputs or self.codec == "json",
+            f'`stream.codec` must be "json" with named inputs ([stream.inputs]): the binary format carries one '
+            f"array per example. Got {self.codec!r}.",
+        )
+
+    def input_fields(self) -> tuple[FieldSpec, ...]:
+        """The named inputs as the codecs take them (empty: one array of feature_shape)."""
+        return tuple(FieldSpec(name, table["shape"], table["dtype"]) for name, table in self.inputs.items())
 
     def __repr__(self) -> str:
         fields = ", ".join(
@@ -183,7 +202,9 @@ class StreamConfig:
         return f"StreamConfig({fields}, security={redact(self.security)!r})"
 
     def feature_spec(self) -> FeatureSpec:
-        return FeatureSpec(shape=self.feature_shape, dtype=self.dtype, num_classes=self.num_classes)
+        return FeatureSpec(
+            shape=self.feature_shape, dtype=self.dtype, num_classes=self.num_classes, inputs=self.input_fields()
+        )
 
     def kafka_settings(self, *, group: str | Literal[_Keep.GROUP] | None = _Keep.GROUP) -> KafkaSettings:
         """The stream.kafka.KafkaSettings for these options; `group` overrides `self.group` (None: no group)."""
@@ -225,6 +246,13 @@ class CheckpointsConfig:
         _require(self.every_seconds >= 0, f"`checkpoints.every_seconds` must be >= 0. Got {self.every_seconds!r}.")
 
 
+@dataclass(frozen=True)
+class PublishConfig:
+    """Where each accepted checkpoint's params and model spec are published for other processes."""
+
+    dir: str = ""  # "" = off; else <dir>/<checkpoint>/ and a `latest` pointer (continuity/publish.py)
+
+
 def is_loopback(host: str) -> bool:
     """True for addresses only this machine can reach: 127.0.0.0/8, ::1, localhost."""
     if host.lower() in ("localhost", "localhost."):
@@ -245,6 +273,7 @@ class ServiceConfig:
     progress_every_s: float = 5.0
     shutdown_timeout_s: float = 10.0
     seed: int = 0
+    predict_max_rows: int = 256  # rows (instances) one POST /predict may carry
 
     def __post_init__(self):
         if self.admin_token == "":
@@ -256,6 +285,7 @@ class ServiceConfig:
             self.shutdown_timeout_s > 0, f"`service.shutdown_timeout_s` must be > 0. Got {self.shutdown_timeout_s!r}."
         )
         _require(0 <= self.seed < 2**32, f"`service.seed` must be in 0..2**32-1. Got {self.seed!r}.")
+        _require(self.predict_max_rows >= 1, f"`service.predict_max_rows` must be >= 1. Got {self.predict_max_rows!r}.")
         # The admin endpoints roll the model back: anyone who can reach them controls the service.
         _require(
             self.admin_token is not None or is_loopback(self.http_host),
@@ -275,13 +305,15 @@ class Config:
         default_factory=lambda: _jax_configs().GuardConfig()
     )  # [probe]: how candidates are judged
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     source_path: str | None = field(default=None, compare=False)  # the file it came from
 
     def __post_init__(self):
-        from continuity.factory import build_task
+        from continuity.factory import build_task, check_model
 
         build_task(self.learner, self.stream.num_classes)  # the stream's labels are what the task learns from
+        check_model(self)  # a model named by import path resolves and builds for the stream's inputs
 
     @property
     def model(self) -> ModelConfig:
@@ -313,6 +345,17 @@ class Config:
                     if security:
                         values["security"] = security
                     continue
+                if spec.kind == "inputs":  # like [stream.security]: shown only when there is any
+                    if value:
+                        values[spec.name] = {
+                            name: {"shape": list(table["shape"]), "dtype": table["dtype"]}
+                            for name, table in value.items()
+                        }
+                    continue
+                if spec.kind == "table":
+                    if value:
+                        values[spec.name] = dict(value)
+                    continue
                 if isinstance(value, tuple):
                     value = list(value)
                 values[spec.name] = REDACTED if (redact and spec.secret and value is not None) else value
@@ -332,14 +375,18 @@ class Config:
         for section in SECTIONS:
             lines.append("")
             lines.append(f"[{section}]")
-            security = data[section].pop("security", None)
+            tables = {key: value for key, value in data[section].items() if isinstance(value, dict)}
             for key, value in data[section].items():
-                # An optional string left unset reads back from "" (the file's way to say none).
-                lines.append(f"{key} = {_toml_value('' if value is None else value)}")
-            if security:
-                lines.append("")
-                lines.append(f"[{section}.security]")
-                lines.extend(f"{key} = {_toml_value(value)}" for key, value in security.items())
+                if key not in tables:
+                    # An optional string left unset reads back from "" (the file's way to say none).
+                    lines.append(f"{key} = {_toml_value('' if value is None else value)}")
+            for key, table in tables.items():
+                # [stream.inputs] holds one table per input: [stream.inputs.<name>].
+                nested = {f"{key}.{name}": t for name, t in table.items()} if key == "inputs" else {key: table}
+                for name, values in nested.items():
+                    if values or key != "inputs":
+                        lines += ["", f"[{section}.{name}]"]
+                        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
         return "\n".join(lines) + "\n"
 
     def digest(self) -> str:
@@ -355,8 +402,10 @@ class Config:
                 "feature_shape": list(self.stream.feature_shape),
                 "dtype": self.stream.dtype,
                 "num_classes": self.stream.num_classes,
+                # Named inputs only when declared, so configs without them keep their digest.
+                **({"inputs": self.to_dict()["stream"].get("inputs")} if self.stream.inputs else {}),
             },
-            "learner": dataclasses.asdict(self.learner),
+            "learner": _learner_for_digest(self.learner),
             "probe": dataclasses.asdict(self.probe),
             "guard": dataclasses.asdict(self.guard),
             "seed": self.service.seed,
@@ -365,9 +414,18 @@ class Config:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _learner_for_digest(learner: LearnerConfig) -> dict:
+    """The learner's settings as the digest sees them: a model factory only when one is named, so
+    configs with a preset keep the digest they had before factories existed."""
+    values = dataclasses.asdict(learner)
+    if not learner.model.factory:
+        values["model"] = {k: v for k, v in values["model"].items() if k not in ("factory", "kwargs")}
+    return values
+
+
 # ---- the file's schema, derived from the dataclasses -------------------------------------------
 
-SECTIONS = ("stream", "model", "learner", "replay", "ewc", "probe", "checkpoints", "service")
+SECTIONS = ("stream", "model", "learner", "replay", "ewc", "probe", "checkpoints", "publish", "service")
 
 
 @functools.cache
@@ -383,6 +441,7 @@ def _section_classes() -> dict[str, tuple[type, ...]]:
         "ewc": (lib.EWCConfig,),
         "probe": (ProbeConfig, lib.GuardConfig),
         "checkpoints": (CheckpointsConfig,),
+        "publish": (PublishConfig,),
         "service": (ServiceConfig,),
     }
 
@@ -413,7 +472,7 @@ class _KeySpec:
     section: str
     name: str
     owner: type
-    kind: str  # bool, int, float, str, ints, strs, security
+    kind: str  # bool, int, float, str, ints, strs, security, inputs, table
     optional: bool  # None allowed (given as "" or left out)
     default: object
     secret: bool
@@ -436,6 +495,11 @@ def _kind_of(hint) -> tuple[str, bool]:
     raise TypeError(f"config schema: unsupported field type {hint!r}")  # a programming error, not a user's
 
 
+# Table-valued keys other than [stream.security]: [stream.inputs.<name>] tables (shape, dtype),
+# and [model.kwargs], a free table handed to the model factory as keyword arguments.
+_TABLE_KINDS = {("stream", "inputs"): "inputs", ("model", "kwargs"): "table"}
+
+
 @functools.cache
 def _specs() -> dict[str, dict[str, _KeySpec]]:
     """{section: {key: spec}}, from the dataclasses' fields and type hints, in field order."""
@@ -454,6 +518,7 @@ def _specs() -> dict[str, dict[str, _KeySpec]]:
                 if cls is LearnerConfig and f.name in nested:
                     continue
                 kind, optional = _kind_of(hints[f.name])
+                kind = _TABLE_KINDS.get((section, f.name), kind)
                 if f.default is not dataclasses.MISSING:
                     default = f.default
                 elif f.default_factory is not dataclasses.MISSING:
@@ -477,6 +542,7 @@ def _section_object(config: Config, spec: _KeySpec):
         "ewc": config.learner.ewc,
         "probe": config.probe if spec.owner is ProbeConfig else config.guard,
         "checkpoints": config.checkpoints,
+        "publish": config.publish,
         "service": config.service,
     }[spec.section]
 
@@ -618,7 +684,7 @@ class _Loader:
         for item in overrides:
             key_path, sep, text = item.partition("=")
             parts = key_path.strip().split(".")
-            if not sep or not all(parts) or len(parts) not in (2, 3):
+            if not sep or not all(parts) or len(parts) not in (2, 3, 4):
                 raise ConfigError(
                     f"--set {_one_line(key_path)}: expected SECTION.KEY=VALUE (e.g. learner.batch_size=64)"
                 )
@@ -632,9 +698,28 @@ class _Loader:
             table = raw.setdefault(section, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"{self.prefix}: {section}: expected a [{section}] table")
+            if (section, key) == ("stream", "inputs") and len(parts) == 4:  # stream.inputs.NAME.KEY
+                inputs = table.setdefault("inputs", {})
+                field_table = inputs.setdefault(parts[2], {}) if isinstance(inputs, dict) else None
+                if not isinstance(field_table, dict):
+                    raise self.error("stream", "inputs", "expected [stream.inputs.NAME] tables")
+                field_table[parts[3]] = value
+                self.overridden.add(("stream", "inputs"))
+                continue
+            if (section, key) == ("model", "kwargs") and len(parts) == 3:  # model.kwargs.NAME
+                kwargs = table.setdefault("kwargs", {})
+                if not isinstance(kwargs, dict):
+                    raise self.error("model", "kwargs", "expected a [model.kwargs] table")
+                kwargs[parts[2]] = value
+                self.overridden.add(("model", "kwargs"))
+                continue
+            if len(parts) == 4:
+                raise ConfigError(f"--set {key_path}: only stream.inputs.NAME.KEY has four parts")
             if len(parts) == 3:
                 if (section, key) != ("stream", "security"):
-                    raise ConfigError(f"--set {key_path}: only stream.security.OPTION has three parts")
+                    raise ConfigError(
+                        f"--set {key_path}: only stream.security.OPTION and model.kwargs.NAME have three parts"
+                    )
                 table = table.setdefault("security", {})
                 if not isinstance(table, dict):
                     raise self.error("stream", "security", "expected a [stream.security] table")
@@ -683,6 +768,11 @@ class _Loader:
             spec = specs[key]
             if spec.kind == "security":
                 value = self.security(value)
+            elif spec.kind == "inputs":
+                value = self.inputs(value)
+            elif spec.kind == "table":
+                if not isinstance(value, dict):
+                    raise self.error(section, key, f"expected a [{section}.{key}] table, got {_received(value, False)}")
             else:
                 try:
                     value = _coerce(spec.kind, value, spec.optional)
@@ -691,6 +781,46 @@ class _Loader:
                         section, key, f"expected {mismatch.expected}, got {_received(value, spec.secret)}"
                     ) from None
             out[spec.owner][key] = value
+        return out
+
+    def inputs(self, table) -> dict:
+        """[stream.inputs.<name>] tables, each {shape = [...], dtype = "float32" | "int32"}, type-checked."""
+        if not isinstance(table, dict):
+            raise self.error("stream", "inputs", f"expected [stream.inputs.NAME] tables, got {_received(table, False)}")
+        out = {}
+        for name, spec in table.items():
+            where = f"inputs.{name}"
+            if not isinstance(spec, dict):
+                raise self.error(
+                    "stream", where, f"expected a table with shape and dtype, got {_received(spec, False)}"
+                )
+            unknown = sorted(set(spec) - {"shape", "dtype"})
+            if unknown:
+                raise self.error(
+                    "stream",
+                    f"{where}.{unknown[0]}",
+                    f"unknown key; expected one of: shape, dtype{_suggest(unknown[0], ['shape', 'dtype'])}",
+                )
+            if "shape" not in spec:
+                raise self.error("stream", f"{where}.shape", "missing; expected an array of positive integers")
+            shape = spec["shape"]
+            if not (
+                isinstance(shape, list)
+                and 0 < len(shape) <= 8
+                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+            ):
+                raise self.error(
+                    "stream",
+                    f"{where}.shape",
+                    f"expected an array of 1 to 8 positive integers, got {_received(shape, False)}",
+                )
+            dtype = spec.get("dtype", "float32")
+            if dtype not in INPUT_DTYPES:
+                choices = ", ".join(f'"{d}"' for d in INPUT_DTYPES)
+                raise self.error(
+                    "stream", f"{where}.dtype", f"expected one of {choices}, got {_received(dtype, False)}"
+                )
+            out[name] = {"shape": tuple(shape), "dtype": dtype}
         return out
 
     def secret_given(self, section: str, key: str) -> ConfigError:
@@ -820,6 +950,7 @@ def load_config(
         stream_values = {**stream_values, "num_classes": None}  # a task without classes: none to count
     sections = dict(
         stream=loader.build(StreamConfig, stream_values, "stream"),
+        publish=loader.build(PublishConfig, values[PublishConfig], "publish"),
         learner=learner,
         probe=loader.build(ProbeConfig, values[ProbeConfig], "probe"),
         guard=loader.build(lib.GuardConfig, values[lib.GuardConfig], "probe"),
@@ -860,6 +991,8 @@ def _toml_value(value) -> str:
         return _toml_string(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (a model factory's nested keyword argument)
+        return "{" + ", ".join(f"{_toml_string(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
@@ -875,7 +1008,8 @@ _SECTION_NOTES = {
     "probe": "The continuity probe: held-out examples (never trained on), and how every candidate\n"
     "# model is judged against the last good one.",
     "checkpoints": "The Orbax checkpoint store (the ledger of decisions lives inside it).",
-    "service": "The running service: HTTP endpoints (/healthz, /readyz, /metrics, /status, /admin/*).",
+    "publish": "Each accepted checkpoint's params and model spec, published for other processes (README).",
+    "service": "The running service: HTTP endpoints (/healthz, /readyz, /metrics, /status, /predict, /admin/*).",
 }
 _COMMENTS = {
     ("stream", "source"): '"kafka", or "file" for a recorded Parquet stream (`continuity replay FILE`)',
@@ -900,10 +1034,13 @@ _COMMENTS = {
     ("stream", "dead_letters"): 'undecodable records go to "file" (dead_letter_path) or "topic" (<topic>.dlq)',
     ("stream", "dead_letter_path"): "JSON lines; a relative path is relative to checkpoints.dir",
     ("stream", "quarantine_path"): "records of quarantined windows, JSON lines; relative to checkpoints.dir",
+    ("stream", "inputs"): "",
     ("model", "kind"): '"mlp" or "cnn"',
+    ("model", "factory"): 'your own model instead of kind: "module:callable" or "path/file.py:callable" (README)',
     ("model", "hidden"): "mlp: hidden layer widths",
     ("model", "channels"): "cnn: 3x3 conv widths, each followed by 2x2 pooling",
     ("model", "dense"): "cnn: width of the dense layer after the convolutions",
+    ("model", "kwargs"): "",
     ("learner", "optimizer"): '"adam" or "sgd"',
     ("learner", "learning_rate"): "",
     ("learner", "batch_size"): "fresh examples per step (fixed shape: a short batch is padded and masked)",
@@ -976,6 +1113,8 @@ _COMMENTS = {
     ("service", "progress_every_s"): "seconds between one-line progress reports",
     ("service", "shutdown_timeout_s"): "SIGTERM/SIGINT: finish, check, checkpoint and exit within this",
     ("service", "seed"): "model init and probe selection; same records + config + seed = same checkpoints",
+    ("service", "predict_max_rows"): "instances one POST /predict may carry (answered by the last accepted model)",
+    ("publish", "dir"): '"" = off; else <dir>/<checkpoint>/ (params.npz, spec.json) and a `latest` link',
 }
 # Optional keys have no default to show: the example shows them commented out, with a sample value.
 _OPTIONAL_SAMPLES = {
@@ -991,6 +1130,23 @@ _SECURITY_EXAMPLE = """\
 # sasl_plain_username = "continuity"
 # sasl_plain_password_env = "KAFKA_PASSWORD"
 # ssl_cafile = "/etc/ssl/certs/kafka-ca.pem"
+"""
+_INPUTS_EXAMPLE = """\
+# Named inputs (codec "json" only): x is then {"tokens": [...], "numeric": [...]}, each
+# field of its shape and dtype ("float32" or "int32": integers stay integers); feature_shape
+# and dtype are not used. None by default: x is one array of feature_shape.
+# [stream.inputs.tokens]
+# shape = [16]
+# dtype = "int32"
+# [stream.inputs.numeric]
+# shape = [2]
+# dtype = "float32"
+"""
+_KWARGS_EXAMPLE = """\
+# Keyword arguments for model.factory, besides rngs, inputs and outputs (examples/tokens/):
+# [model.kwargs]
+# vocab = 512
+# dim = 32
 """
 
 
@@ -1016,7 +1172,7 @@ def example_config() -> str:
     for section in SECTIONS:
         lines += ["", f"# {_SECTION_NOTES[section]}", f"[{section}]"]
         for spec in _specs()[section].values():
-            if spec.kind == "security":
+            if spec.kind in ("security", "inputs", "table"):
                 continue
             comment = _COMMENTS[(section, spec.name)]
             if spec.optional and getattr(_section_object(defaults, spec), spec.name) is None:
@@ -1025,7 +1181,9 @@ def example_config() -> str:
                 entry = f"{spec.name} = {_toml_value(getattr(_section_object(defaults, spec), spec.name))}"
             lines.append(f"{entry:<40}  # {comment}" if comment else entry)
         if section == "stream":
-            lines += ["", _SECURITY_EXAMPLE.rstrip("\n")]
+            lines += ["", _SECURITY_EXAMPLE.rstrip("\n"), "", _INPUTS_EXAMPLE.rstrip("\n")]
+        if section == "model":
+            lines += ["", _KWARGS_EXAMPLE.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

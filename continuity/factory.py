@@ -10,12 +10,18 @@ the learner changes.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
+import inspect
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from continuity import replay as replay_lib
 from continuity.learner import Classification, Learner, LearnerConfig, ModelConfig, ReplayConfig, Task, cnn, mlp
@@ -85,8 +91,80 @@ def build_task(learner: LearnerConfig, num_classes: int | None) -> Task:
 
 
 def build_model(config: ModelConfig) -> ModelFactory:
-    """The model factory [model] describes (a preset with its options)."""
+    """The model factory [model] describes: `factory` with its kwargs bound, else the preset `kind` names."""
+    if config.factory:
+        return functools.partial(load_factory(config.factory), **config.kwargs)
     return MODELS[config.kind](config)
+
+
+def load_factory(path: str) -> ModelFactory:
+    """The callable "package.module:callable" or "path/to/file.py:callable" names.
+
+    A module is imported with the current directory on the import path, as `python -m`
+    does, so a model next to the config (`examples.tokens.model:build`) needs no install.
+    Raises ValueError naming `model.factory` when it does not resolve.
+    """
+    target, _, name = path.partition(":")
+    try:
+        if target.endswith(".py") or "/" in target:
+            file = Path(target)
+            spec = importlib.util.spec_from_file_location(f"continuity_model_{file.stem}", file)
+            if spec is None or spec.loader is None or not file.is_file():
+                raise ImportError(f"no such file {target}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.append(str(Path.cwd()))
+            module = importlib.import_module(target)
+    except Exception as error:  # noqa: BLE001 - importing runs the user's module: any error is theirs to see
+        raise ValueError(
+            f"`model.factory` {path!r} does not resolve: cannot import {target!r} ({type(error).__name__}: {error})."
+        ) from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ValueError(f"`model.factory` {path!r} does not resolve: {target!r} has no callable {name!r}.")
+    return factory
+
+
+def model_inputs(config: Config):
+    """One example's features as the learner takes them: a dict of jax.ShapeDtypeStruct for
+    named inputs ([stream.inputs]), else one float32 array of `stream.feature_shape`."""
+    fields = config.stream.input_fields()
+    if fields:
+        return {f.name: jax.ShapeDtypeStruct(f.shape, jnp.dtype(f.dtype)) for f in fields}
+    return jax.ShapeDtypeStruct(tuple(config.stream.feature_shape), jnp.float32)
+
+
+def check_model(config: Config) -> None:
+    """Build a model named by `model.factory` once, abstractly (no parameters are allocated),
+    so a path that does not resolve, keyword arguments it rejects, or a result that is not an
+    NNX module is a config error (ValueError naming the key) before anything runs."""
+    model = config.learner.model
+    if not model.factory:
+        return
+    factory = load_factory(model.factory)
+    task = build_task(config.learner, config.stream.num_classes)
+    inputs = model_inputs(config)
+
+    def build():
+        return factory(rngs=nnx.Rngs(0), inputs=inputs, outputs=task.outputs, **model.kwargs)
+
+    try:
+        inspect.signature(factory).bind(rngs=None, inputs=inputs, outputs=task.outputs, **model.kwargs)
+    except TypeError as error:  # a keyword argument it does not take, or one it needs
+        raise ValueError(f"`model.kwargs` {model.kwargs!r} rejected by {model.factory}: {error}.") from None
+    except ValueError:  # a callable without a signature to check (a builtin): building it will tell
+        pass
+    try:
+        module = nnx.eval_shape(build)
+    except Exception as error:  # noqa: BLE001 - the user's code: whatever it raises is a config error
+        raise ValueError(
+            f"`model.factory` {model.factory} failed to build a model for inputs {inputs} "
+            f"({type(error).__name__}: {error})."
+        ) from None
+    if not isinstance(module, nnx.Module):
+        raise ValueError(f"`model.factory` {model.factory} must return an nnx.Module. Got {type(module).__name__}.")
 
 
 def build_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
@@ -121,22 +199,43 @@ def learner_for(config: LearnerConfig, example_shape: tuple[int, ...], num_class
 
 
 def feature_spec(config: Config) -> FeatureSpec:
-    """What the codecs accept for the config's stream, its labels as the task has them
-    (`Task.label_classes`: class ids in [0, n), or finite numbers).
+    """What the codecs accept for the config's stream: its named inputs, or one array, and its
+    labels as the task has them (`Task.label_classes`: class ids in [0, n), or finite numbers;
+    `Task.labels.shape`: a multi-hot vector for a multi-label task, JSON only).
 
-    The binary and JSON wire formats carry one label per example; a task whose labels have
-    a shape (multi-label) has no wire format yet, which is an error naming `learner.task`.
+    The binary format carries one label per example; a task whose labels have a shape with
+    it is an error naming `learner.task`.
     """
     stream = config.stream
     task = build_task(config.learner, stream.num_classes)
-    if task.labels.shape != ():
+    if task.labels.shape != () and stream.codec != "json":
         raise ValueError(
             f"`learner.task` {config.learner.task!r} has labels of shape {task.labels.shape}; the {stream.codec!r} "
-            "wire format carries one label per example."
+            'wire format carries one label per example (use stream.codec = "json").'
         )
-    return FeatureSpec(shape=stream.feature_shape, dtype=stream.dtype, num_classes=task.label_classes)
+    return FeatureSpec(
+        shape=stream.feature_shape,
+        dtype=stream.dtype,
+        num_classes=task.label_classes,
+        inputs=stream.input_fields(),
+        label_shape=tuple(task.labels.shape),
+    )
 
 
 def learner_from_config(config: Config) -> Learner:
     """The service's learner: the config's learner sections for its stream's examples and labels."""
-    return learner_for(config.learner, config.stream.feature_shape, config.stream.num_classes)
+    task = build_task(config.learner, config.stream.num_classes)
+    return build_learner(config.learner, inputs=model_inputs(config), task=task)
+
+
+def model_description(config: ModelConfig) -> dict:
+    """How to build the model again outside the service: the factory's import path and its
+    keyword arguments (a preset's are its options). What a published model's spec names."""
+    if config.factory:
+        return {"factory": config.factory, "kwargs": dict(config.kwargs)}
+    if config.kind == "mlp":
+        return {"factory": "continuity.learner:mlp", "kwargs": {"hidden": list(config.hidden)}}
+    return {
+        "factory": "continuity.learner:cnn",
+        "kwargs": {"channels": list(config.channels), "dense": config.dense},
+    }

@@ -6,6 +6,8 @@ Endpoints (`ServiceHTTP`):
     GET  /readyz            200 "ready" once the controller says so (restored + stream connected), else 503
     GET  /metrics           Prometheus text exposition of the service's own registry
     GET  /status            the controller's status as JSON
+    POST /predict           {"instances": [...]}: {"predictions": [...], "checkpoint": N} from the last
+                            accepted model (KServe v1 / TF Serving); 400 with the reason, 503 before one
     POST /admin/rollback    {"to": N} or {"last_good": true}, optional "reason"   (bearer token)
     POST /admin/checkpoint  save a checkpoint now                                 (bearer token)
     POST /admin/pin         {"checkpoint": N}: retention never deletes it        (bearer token)
@@ -20,7 +22,8 @@ answered as GET, without the body.
 No client can hold the service's threads: at most `max_connections` connections are
 served at once (one thread each). A connection gets `header_timeout_s` in all to send its
 request line and headers (also the most a kept-alive connection may idle) and
-`body_timeout_s` in all for its body (408), however slowly the bytes trickle in. When
+`body_timeout_s` in all for its body (408; a /predict body may be up to 16 MiB, others
+64 KiB), however slowly the bytes trickle in. When
 every slot is taken, a new connection takes the slot of the one that has waited longest
 for its headers (a slow or idle client, closed); if none is waiting, it gets 503 at once.
 A body that is not a JSON object, or is nested too deep, is 400.
@@ -59,6 +62,8 @@ from continuity.metrics import ServiceMetrics
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024  # admin bodies are a few keys; anything bigger is a mistake or abuse
+# A prediction request carries up to service.predict_max_rows instances (256 digits: ~300 KiB of JSON).
+MAX_PREDICT_BODY_BYTES = 16 * 1024 * 1024
 # Scrapes, probes and an operator's requests are a handful at a time; anything beyond is a
 # flood, and each connection costs a thread.
 MAX_CONNECTIONS = 32
@@ -90,6 +95,13 @@ class ServiceController(Protocol):
 
     def request_pin(self, checkpoint: int, pinned: bool) -> dict:
         """Pin (or unpin) a checkpoint in the store the service owns. Errors as for `request_rollback`."""
+
+    def predict(self, body) -> dict:
+        """Predictions of the last accepted model for a parsed `{"instances": [...]}` body.
+
+        Raises ValueError for a malformed request (-> 400) and LookupError before any
+        model was accepted (-> 503).
+        """
 
 
 class ServiceUnreachable(ConnectionError):
@@ -332,6 +344,9 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "continuity"
     protocol_version = "HTTP/1.1"
     timeout = SEND_TIMEOUT_S  # reads have their own deadlines (`_Deadline`)
+    # Headers and body go out in two writes; with Nagle's algorithm the body waits for the
+    # client's delayed ACK of the headers (~40 ms on Linux), which dominated /predict latency.
+    disable_nagle_algorithm = True
 
     def setup(self) -> None:
         super().setup()
@@ -360,7 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path in routes:
             routes[path]()
-        elif path in _ADMIN:
+        elif path in _ADMIN or path == "/predict":
             self._method_not_allowed("POST")
         else:
             self._not_found(path)
@@ -372,6 +387,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path in _ADMIN:
             self._admin(path)
+        elif path == "/predict":
+            self._predict()
         elif path in ("/healthz", "/readyz", "/metrics", "/status"):
             self._method_not_allowed("GET")
         else:
@@ -406,6 +423,25 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send_json(HTTPStatus.OK, status)
 
+    def _predict(self) -> None:
+        try:
+            body = self._read_json_body(limit=MAX_PREDICT_BODY_BYTES, shape='{"instances": [...]}')
+            result = self.server.service.controller.predict(body)
+        except _BadRequest as error:
+            self._send_json(error.status, {"error": str(error)})
+            return
+        except ValueError as error:  # the request, not the service: one line saying what is wrong
+            self._send_json(HTTPStatus.BAD_REQUEST, {"error": str(error)})
+            return
+        except LookupError as error:
+            self._send_json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(error.args[0] if error.args else error)})
+            return
+        except Exception as error:
+            log.exception("/predict failed")
+            self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"/predict failed: {error}"})
+            return
+        self._send(HTTPStatus.OK, orjson.dumps(result) + b"\n", JSON_TYPE)
+
     # ---------------------------------------------------------------- admin endpoints
 
     def _admin(self, path: str) -> None:
@@ -438,20 +474,21 @@ class _Handler(BaseHTTPRequestHandler):
         log.info("%s from %s: %s", path, self.client_address[0], result)
         self._send_json(HTTPStatus.OK, result)
 
-    def _read_json_body(self) -> dict:
-        length = self._content_length()
+    def _read_json_body(self, *, limit: int = MAX_BODY_BYTES, shape: str = "") -> dict:
+        length = self._content_length(limit)
         if length == 0:
             return {}
         raw = self._read_body(length)
+        what = f"a JSON object {shape}" if shape else "a JSON object"
         try:
             body = orjson.loads(raw)  # bounded nesting, unlike json: a deep body is a 400, not a RecursionError
         except orjson.JSONDecodeError as error:
-            raise _BadRequest(f"the request body must be a JSON object: {error}") from None
+            raise _BadRequest(f"the request body must be {what}: {error}") from None
         if not isinstance(body, dict):
-            raise _BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+            raise _BadRequest(f"the request body must be {what}, got {type(body).__name__}")
         return body
 
-    def _content_length(self) -> int:
+    def _content_length(self, limit: int = MAX_BODY_BYTES) -> int:
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise _BadRequest("send the body with a Content-Length, not chunked", HTTPStatus.LENGTH_REQUIRED)
@@ -460,10 +497,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self.close_connection = True
             raise _BadRequest("Content-Length must be an integer") from None
-        if length < 0 or length > MAX_BODY_BYTES:
+        if length < 0 or length > limit:
             self.close_connection = True
             raise _BadRequest(
-                f"the request body must be at most {MAX_BODY_BYTES} bytes, got {length}",
+                f"the request body must be at most {limit} bytes, got {length}",
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
             )
         return length
@@ -506,7 +543,7 @@ class _Handler(BaseHTTPRequestHandler):
             HTTPStatus.NOT_FOUND,
             {
                 "error": f"no endpoint {path}; try /healthz, /readyz, /metrics, "
-                "/status, POST /admin/rollback, /admin/checkpoint, /admin/pin or /admin/unpin"
+                "/status, POST /predict, /admin/rollback, /admin/checkpoint, /admin/pin or /admin/unpin"
             },
         )
 

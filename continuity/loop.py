@@ -67,6 +67,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import jax
 import numpy as np
@@ -79,6 +80,7 @@ from continuity.learner import Batch as TrainBatch
 from continuity.learner import Learner, StepTotals
 from continuity.probe import ProbeConfig, ProbeStore, load_golden
 from continuity.regression import Verdict
+from continuity.serving import AcceptedModel
 from continuity.stream import (
     NO_SEGMENT,
     Batcher,
@@ -383,10 +385,16 @@ class TrainingLoop:
         start_fresh: bool = False,
         save_retry_s: tuple[float, float] = SAVE_RETRY_S,
         digest: str | None = None,
+        on_accepted: Callable[[AcceptedModel], None] | None = None,
     ):
         """`digest`: of the configuration the learner was built from, saved in every checkpoint
         (restoring one saved under another digest is logged); by default, of the learner's
-        description (Learner.describe) and the probe and guard configs."""
+        description (Learner.describe) and the probe and guard configs.
+
+        `on_accepted`: called on the loop's thread with each model that becomes the one to
+        serve: the last good model once its checkpoint is finalized, a restored checkpoint at
+        start, and the checkpoint an operator rolled back to. Never a candidate mid-window.
+        Its params are the guard's copy, which no step donates; keep them, do not mutate them."""
         self.stream = stream
         self.learner = learner
         self.store = store
@@ -415,6 +423,8 @@ class TrainingLoop:
         self._saved: _Good | None = None  # the good model last handed to the store (or restored): lineage parent
         self._finalized: _Good | None = None  # the good model last known to be on disk (or restored)
         self._pending: _Good | None = None  # handed to the store, not yet known to be finalized
+        self._pending_params: Any = None  # the params of `_pending` (the guard's copy when it was saved)
+        self.on_accepted = on_accepted
         self._last_save = time.monotonic()
         self._failing_since: float | None = None  # when saves started failing (None: the last one worked)
         self._retry_at = 0.0  # no save is started before this (monotonic) time after a failure
@@ -456,6 +466,7 @@ class TrainingLoop:
         self._saved = self._finalized = good
         probe = good.probe.copy()
         self.guard.mark_good(state, trained=good.lineage_examples > 0)
+        self._announce(good.number)
         reader = self.reader = self._open(good)
         self.ready.set()
         retries = 0
@@ -776,8 +787,18 @@ class TrainingLoop:
         self._regressions_in_a_row = 0  # the operator chose where history begins
         self._excision = None
         self.guard.mark_good(state, trained=good.lineage_examples > 0)
+        self._announce(good.number)
         reader = self.reader = self._reopen(reader, good)
         return state, good, good.probe.copy(), reader
+
+    def _announce(self, number: int | None, params=None) -> None:
+        """Hand the model checkpointed as `number` (default params: the guard's last good copy) to `on_accepted`."""
+        if number is None or self.on_accepted is None:
+            return
+        if params is None:
+            params = self.guard.last_good.params if self.guard.last_good is not None else None
+        if params is not None:
+            self.on_accepted(AcceptedModel(params, number))
 
     def _fail_pending_requests(self) -> None:
         while not self._requests.empty():
@@ -1011,6 +1032,7 @@ class TrainingLoop:
             self._save_failed(error)
             return
         self._saved = self._pending = good
+        self._pending_params = state.params
         self._last_save = time.monotonic()
         self.summary.last_checkpoint = good.number
         # parent + from + positions chain the checkpoints: the lineage a restart continues.
@@ -1046,6 +1068,8 @@ class TrainingLoop:
             return
         self._finalized = pending
         self._failing_since, self._retry_at, self._retry_wait_s = None, 0.0, self.save_retry_s[0]
+        if pending.number is not None:
+            self._announce(pending.number, self._pending_params)
         if self.reader is None:  # run() opens the reader before anything is saved
             raise RuntimeError("positions to commit, but no source to commit them to")
         self.reader.source.commit(pending.positions)

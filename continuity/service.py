@@ -11,6 +11,9 @@ offsets and returns; the HTTP server stops last. A second signal exits at once.
 The service owns its checkpoint directory for as long as it runs (the store's lock,
 opened before anything else touches the directory): a second service on it is refused,
 and operator actions on it come through the admin endpoints, on the loop's thread.
+
+The model it serves (POST /predict) and publishes (`[publish] dir`) is the last accepted
+one, handed over by the loop as each checkpoint of it is finalized (continuity/serving.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from continuity.config import Config
 from continuity.errors import UsageError
 from continuity.loop import Progress, RunSummary, StreamInput, TrainingLoop
 from continuity.metrics import ServiceMetrics, ServiceState
+from continuity.serving import AcceptedModel, Predictor, Publisher
 
 if TYPE_CHECKING:
     from continuity.http import ServiceHTTP
@@ -178,6 +182,16 @@ class Service:
         config = self.config
         self.learner = build_learner(config)
         self.stream = build_stream(config, recording=recording, idle_timeout_s=idle_timeout_s)
+        self.predictor = Predictor(self.learner, max_rows=config.service.predict_max_rows)
+        self.publisher: Publisher | None = None
+        if config.publish.dir:
+            from continuity.factory import model_description
+            from continuity.serving import published_spec
+
+            spec = published_spec(
+                self.learner, model=model_description(config.learner.model), config_digest=config.digest()
+            )
+            self.publisher = Publisher(config.publish.dir, spec)
         self.loop = TrainingLoop(
             self.stream,
             self.learner,
@@ -193,6 +207,7 @@ class Service:
             max_unsaved_s=config.checkpoints.max_unsaved_seconds,
             start_fresh=start_fresh,
             digest=config.digest(),
+            on_accepted=self._on_accepted,
         )
         self.http: ServiceHTTP | None = None
         if http:
@@ -227,6 +242,8 @@ class Service:
         finally:
             if self.http is not None:
                 self.http.stop()
+            if self.publisher is not None:
+                self.publisher.close()  # the last accepted model is published before the run returns
             self.store.close()
             restore()
 
@@ -253,6 +270,11 @@ class Service:
                 signal.signal(sig, handler)
 
         return restore
+
+    def _on_accepted(self, model: AcceptedModel) -> None:
+        self.predictor.accept(model)
+        if self.publisher is not None:
+            self.publisher.submit(model)
 
     def _on_progress(self, progress: Progress) -> None:
         self._last_progress = progress
@@ -331,6 +353,9 @@ class Service:
 
     def request_checkpoint(self) -> dict:
         return self.loop.request("checkpoint")
+
+    def predict(self, body) -> dict:
+        return self.predictor.predict(body)
 
     def request_pin(self, checkpoint: int, pinned: bool) -> dict:
         from continuity.checkpoints import CheckpointNotFoundError

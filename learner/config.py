@@ -42,11 +42,26 @@ class ModelConfig:
     hidden: tuple[int, ...] = (256, 256)  # mlp: widths of the hidden layers
     channels: tuple[int, ...] = (32, 64)  # cnn: 3x3 conv widths, each followed by 2x2 pooling
     dense: int = 128  # cnn: width of the dense layer after the convolutions
+    # A model of one's own, in place of `kind`'s preset: "package.module:callable" or
+    # "path/to/file.py:callable", called as factory(rngs=, inputs=, outputs=, **kwargs).
+    factory: str = ""
+    kwargs: dict = field(default_factory=dict)  # the factory's own keyword arguments
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(self.hidden))
         object.__setattr__(self, "channels", tuple(self.channels))
+        object.__setattr__(self, "kwargs", dict(self.kwargs))
         _one_of("model.kind", self.kind, MODEL_KINDS)
+        module, sep, name = self.factory.partition(":")
+        _require(
+            not self.factory or (bool(sep) and bool(module) and name.isidentifier()),
+            f'`model.factory` must be "module:callable" or "path/file.py:callable". Got {self.factory!r}.',
+        )
+        reserved = sorted({"rngs", "inputs", "outputs"} & set(self.kwargs))
+        _require(
+            not reserved,
+            f"`model.kwargs` may not set {reserved}: the learner passes rngs, inputs and outputs. Got {self.kwargs!r}.",
+        )
         _positive_ints("model.hidden", self.hidden)
         _positive_ints("model.channels", self.channels)
         _require(self.dense > 0, f"`model.dense` must be a positive integer. Got {self.dense!r}.")

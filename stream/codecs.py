@@ -2,9 +2,17 @@
 
 `json`: one example per record, UTF-8 JSON object
     {"x": [...], "y": 3, "segment": "optional", "key": "optional"}
-`x` is a nested list of the configured feature shape (or a flat list of its size);
+`x` is a nested list of the configured feature shape (or a flat list of its size); with
+named inputs (`FeatureSpec.inputs`) it is an object with one such list per field,
+    {"x": {"tokens": [3, 17, 5, ...], "numeric": [0.1, 2.0]}, "y": 3}
 `y` an integer class in [0, num_classes) (or a finite number when the spec is
-regression). `segment` and `key` are optional strings; `key` overrides the Kafka key.
+regression; or, with a `label_shape`, a list of that many class ids: a multi-hot vector
+[0, 1, 0, 1] for a multi-label task). `segment` and `key` are optional strings; `key`
+overrides the Kafka key. An int32 field holds JSON integers in int32's range (never a
+number with a fraction or an exponent, never cast to float); a float32 field holds any
+JSON numbers finite in float32. JSON decoding parses each record (orjson) and then
+converts and checks each feature field for all of a poll's records at once, falling back
+to one record at a time only to find which records are malformed.
 
 `binary` (version 1): one example or a batch of examples per record, all little-endian:
 
@@ -25,7 +33,8 @@ regression). `segment` and `key` are optional strings; `key` overrides the Kafka
 
 The record's length must equal the header plus payload exactly. uint8 features are
 converted to float32 as they are (no scaling). A batched record shares one segment and
-key across its examples.
+key across its examples. The binary format carries one feature array and one label per
+example: named inputs and label vectors are JSON only.
 
 Decoding validates every record against the configured `FeatureSpec` (shape, wire dtype,
 number of classes or regression) and rejects, as a `DeadLetter` with a one-line reason,
@@ -48,6 +57,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import orjson
@@ -74,20 +84,65 @@ CODECS = ("json", "binary")
 _NONFINITE_X = "non-finite: x contains NaN or Inf, or a value beyond float32"
 
 
+INPUT_DTYPES = ("float32", "int32")  # what a named input field holds (FieldSpec.dtype)
+_INT32 = np.iinfo(np.int32)
+
+
 class CodecError(ValueError):
     """A codec was configured or asked to encode something invalid."""
 
 
 @dataclass(frozen=True)
+class FieldSpec:
+    """One named input of an example: its shape and dtype ("float32" or "int32")."""
+
+    name: str
+    shape: tuple
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise CodecError(f"an input field needs a non-empty name. Got {self.name!r}")
+        shape = tuple(int(d) for d in self.shape)
+        if not 0 < len(shape) <= _MAX_NDIM or any(d <= 0 for d in shape):
+            raise CodecError(
+                f"input {self.name!r}: `shape` must have 1 to {_MAX_NDIM} positive dimensions. Got {self.shape!r}"
+            )
+        object.__setattr__(self, "shape", shape)
+        if self.dtype not in INPUT_DTYPES:
+            raise CodecError(f"input {self.name!r}: `dtype` must be one of {list(INPUT_DTYPES)}. Got {self.dtype!r}")
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
 class FeatureSpec:
     """What a valid example looks like: feature shape, wire dtype, and its label as the learner's
-    task says (Task.label_classes): a class id in [0, num_classes), or, with None, a finite number."""
+    task says (Task.label_classes): a class id in [0, num_classes), or, with None, a finite number.
+
+    `inputs`: named input fields (JSON only); when given, an example's features are a dict
+    of arrays, one per field, and `shape`/`dtype` are not used. `label_shape`: a label's
+    own shape (a multi-label task's (num_labels,) multi-hot vector; JSON only).
+    """
 
     shape: tuple = (8, 8, 1)
     dtype: str = "float32"
     num_classes: int | None = 10
+    inputs: tuple[FieldSpec, ...] = ()
+    label_shape: tuple = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "label_shape", tuple(int(d) for d in self.label_shape))
+        names = [f.name for f in self.inputs]
+        if not all(isinstance(f, FieldSpec) for f in self.inputs) or len(set(names)) != len(names):
+            raise CodecError(f"`inputs` must be FieldSpecs with distinct names. Got {self.inputs!r}")
+        if len(self.label_shape) > 1 or any(d <= 0 for d in self.label_shape):
+            raise CodecError(f"`label_shape` must be () or (n,) with n > 0. Got {self.label_shape!r}")
+        if self.label_shape and self.num_classes is None:
+            raise CodecError("a label vector (`label_shape`) holds class ids: `num_classes` is required")
         shape = tuple(int(d) for d in self.shape)
         if len(shape) > _MAX_NDIM or any(d <= 0 for d in shape):
             raise CodecError(f"`shape` must have at most {_MAX_NDIM} positive dimensions. Got {self.shape!r}")
@@ -107,6 +162,17 @@ class FeatureSpec:
     def label_dtype(self) -> np.dtype:
         """int32 class ids, or float32 numbers."""
         return np.dtype(np.int32) if self.num_classes is not None else np.dtype(np.float32)
+
+    @property
+    def named(self) -> bool:
+        """Whether features are named fields (a dict of arrays) rather than one array."""
+        return bool(self.inputs)
+
+    def empty_features(self):
+        """Features of no examples, shaped and typed as decoded ones."""
+        if self.inputs:
+            return {f.name: np.zeros((0, *f.shape), f.dtype) for f in self.inputs}
+        return np.zeros((0, *self.shape), np.float32)
 
 
 # ---------------------------------------------------------------------------- encoding
@@ -161,9 +227,12 @@ def encode_binary(
 
 
 def encode_json(x, y, *, segment: str | None = None, key: str | None = None) -> bytes:
-    """One record in the JSON format (x as a nested list of its shape)."""
-    y = np.asarray(y)
-    doc = {"x": np.asarray(x).tolist(), "y": y.item()}
+    """One record in the JSON format (x as a nested list of its shape, or a dict of them; y a
+    number, or a list for a label vector)."""
+    features = (
+        {name: np.asarray(v).tolist() for name, v in x.items()} if isinstance(x, dict) else np.asarray(x).tolist()
+    )
+    doc = {"x": features, "y": np.asarray(y).tolist()}
     if segment is not None:
         doc["segment"] = segment
     if key is not None:
@@ -182,8 +251,8 @@ def _empty_block(records: PartitionRecords, spec: FeatureSpec) -> ExampleBlock:
     return ExampleBlock(
         records.topic,
         records.partition,
-        np.zeros((0, *spec.shape), np.float32),
-        np.zeros((0,), spec.label_dtype),
+        spec.empty_features(),
+        np.zeros((0, *spec.label_shape), spec.label_dtype),
         np.zeros((0,), np.int32),
         np.zeros((0,), np.int32),
         np.zeros((0,), np.int64),
@@ -227,17 +296,82 @@ class Codec:
         raise NotImplementedError
 
 
+class _Field(NamedTuple):
+    """A feature array to decode: its name in reasons ("x", or "x.tokens"), shape and dtype."""
+
+    label: str
+    shape: tuple
+    dtype: str  # "float32" or "int32"
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
 class JsonCodec(Codec):
-    """The `json` codec (one example per record; per-record Python, not the fast path)."""
+    """The `json` codec: one example per record, parsed per record and converted per field for
+    the whole poll (see the module docstring)."""
 
     name = "json"
     _FIELDS = frozenset({"x", "y", "segment", "key"})
 
+    def __init__(self, spec: FeatureSpec):
+        super().__init__(spec)
+        if spec.inputs:
+            self._fields = [_Field(f"x.{f.name}", f.shape, f.dtype) for f in spec.inputs]
+        else:
+            self._fields = [_Field("x", spec.shape, "float32")]
+        self._names = frozenset(f.name for f in spec.inputs)
+
     def encode(self, x, y, *, segment=None, key=None) -> bytes:
         return encode_json(x, y, segment=segment, key=key)
 
-    def _decode_one(self, value, kafka_key):
-        spec = self.spec
+    def features(self, instances: list):
+        """Many examples' features as JSON-parsed values (a nested list each, or an object of
+        fields): (the features, n rows each, bad rows zeroed; {row: reason} for the bad rows).
+        What a prediction request's instances go through: the checks records go through."""
+        columns: list[list] = [[] for _ in self._fields]
+        reasons: dict[int, str] = {}
+        for r, x in enumerate(instances):
+            try:
+                values = self._split(x)
+            except _Reject as reject:
+                reasons[r] = str(reject)
+                values = [np.zeros(f.shape, f.dtype) for f in self._fields]
+            for column, v in zip(columns, values):
+                column.append(v)
+        arrays = []
+        with np.errstate(over="ignore", invalid="ignore"):
+            for field, column in zip(self._fields, columns):
+                array, bad = self._field(column, field)
+                arrays.append(array)
+                for r, reason in bad.items():
+                    reasons.setdefault(r, reason)
+        x = {f.name: array for f, array in zip(self.spec.inputs, arrays)} if self.spec.inputs else arrays[0]
+        return x, dict(sorted(reasons.items()))
+
+    def _split(self, x) -> list:
+        """An example's `x` as one value per feature field, or _Reject naming what is missing or extra."""
+        if not self.spec.inputs:
+            return [x]
+        if not isinstance(x, dict):
+            raise _Reject(f"bad JSON: x must be an object of fields {sorted(self._names)}, got {type(x).__name__}")
+        if x.keys() != self._names:
+            lacking, extra = sorted(self._names - x.keys()), sorted(x.keys() - self._names)[:8]
+            detail = "; ".join(
+                part
+                for part in (
+                    f"missing field(s) {['x.' + n for n in lacking]}" if lacking else "",
+                    f"unknown field(s) {['x.' + n for n in extra]}" if extra else "",
+                )
+                if part
+            )
+            raise _Reject(f"bad JSON: {detail}")
+        return [x[f.name] for f in self.spec.inputs]
+
+    def _envelope(self, value, kafka_key):
+        """(the feature values, one per field, y, segment, key) of a record: everything but the
+        features' conversion checked, or _Reject with the reason."""
         if not value:
             raise _Reject("empty value")
         try:
@@ -256,32 +390,8 @@ class JsonCodec(Codec):
         unknown = doc.keys() - self._FIELDS
         if unknown:
             raise _Reject(f"bad JSON: unknown field(s) {sorted(unknown)[:8]}")
-        try:
-            x = np.asarray(doc["x"])  # nesting deeper than numpy's 64 dimensions is a ValueError
-        except (TypeError, ValueError):
-            raise _Reject("bad shape: x is not a rectangular array of numbers") from None
-        if x.dtype.kind not in "iuf":  # strings, booleans, nulls, objects
-            raise _Reject("bad shape: x is not a rectangular array of numbers")
-        if x.shape != spec.shape:
-            if x.ndim == 1 and x.size == spec.size:
-                x = x.reshape(spec.shape)
-            else:
-                raise _Reject(f"bad shape: {x.shape} != configured {spec.shape}")
-        # Via float64, as numbers always went: one rounding of integers beyond 2^24 as before.
-        x = x.astype(np.float64, copy=False).astype(np.float32)
-        if not np.isfinite(x).all():  # after the cast: 1e300 is finite in JSON, inf in float32
-            raise _Reject(_NONFINITE_X)
-        y = doc["y"]
-        if isinstance(y, bool) or not isinstance(y, (int, float)):
-            raise _Reject(f"bad label: expected a number, got {type(y).__name__}")
-        if spec.num_classes is None:  # regression (spelled out so the else branch knows the class count)
-            if not _finite_float32(y):
-                raise _Reject("non-finite: regression target is NaN or Inf, or beyond float32")
-        else:
-            if not isinstance(y, int):
-                raise _Reject(f"bad label: expected an integer class id, got {y!r}")
-            if not 0 <= y < spec.num_classes:
-                raise _Reject(f"label out of range: {y} not in [0, {spec.num_classes})")
+        features = self._split(doc["x"])
+        y = self._label(doc["y"])
         segment, key = doc.get("segment"), doc.get("key")
         if segment is not None and not isinstance(segment, str):
             raise _Reject(f"bad JSON: segment must be a string, got {type(segment).__name__}")
@@ -294,32 +404,148 @@ class JsonCodec(Codec):
                 kafka_key = key.encode("utf-8")
         except UnicodeEncodeError:
             raise _Reject("bad JSON: key or segment is not valid Unicode (a lone surrogate)") from None
-        return x, y, segment, kafka_key
+        return features, y, segment, kafka_key
+
+    def _label(self, y):
+        spec = self.spec
+        if spec.label_shape:  # a vector of class ids (a multi-hot vector: num_classes 2)
+            (length,) = spec.label_shape
+            if not isinstance(y, list) or len(y) != length:
+                got = f"a list of {len(y)}" if isinstance(y, list) else type(y).__name__
+                raise _Reject(f"bad label: expected a list of {length} class ids, got {got}")
+            for v in y:
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise _Reject(f"bad label: expected integer class ids, got {v!r}")
+                if not 0 <= v < spec.num_classes:  # type: ignore[operator]  # label_shape requires num_classes
+                    raise _Reject(f"label out of range: {v} not in [0, {spec.num_classes})")
+            return y
+        if isinstance(y, bool) or not isinstance(y, (int, float)):
+            raise _Reject(f"bad label: expected a number, got {type(y).__name__}")
+        if spec.num_classes is None:  # regression (spelled out so the else branch knows the class count)
+            if not _finite_float32(y):
+                raise _Reject("non-finite: regression target is NaN or Inf, or beyond float32")
+        else:
+            if not isinstance(y, int):
+                raise _Reject(f"bad label: expected an integer class id, got {y!r}")
+            if not 0 <= y < spec.num_classes:
+                raise _Reject(f"label out of range: {y} not in [0, {spec.num_classes})")
+        return y
+
+    @staticmethod
+    def _array(values, field: _Field) -> np.ndarray | None:
+        """`values` (one example's field, or a list of them) as a numeric array, None when it is not one."""
+        try:
+            array = np.asarray(values)  # nesting deeper than numpy's 64 dimensions is a ValueError
+        except (TypeError, ValueError, OverflowError):
+            return None
+        return array if array.dtype.kind in ("iu" if field.dtype == "int32" else "iuf") else None
+
+    def _one(self, value, field: _Field) -> np.ndarray:
+        """One example's field, converted and checked (the slow path that finds what is wrong)."""
+        array = self._array(value, field)
+        if array is None:
+            if field.dtype == "int32" and self._array(value, _Field(field.label, field.shape, "float32")) is not None:
+                raise _Reject(f"bad dtype: {field.label} must hold integers (int32), got numbers with a fraction")
+            what = "x" if field.label == "x" else field.label
+            raise _Reject(f"bad shape: {what} is not a rectangular array of numbers")
+        if array.shape != field.shape:
+            if array.ndim == 1 and array.size == field.size:
+                array = array.reshape(field.shape)
+            else:
+                where = "" if field.label == "x" else f"{field.label} "
+                raise _Reject(f"bad shape: {where}{array.shape} != configured {field.shape}")
+        checked, reasons = self._checked(array[None], field)
+        if reasons:
+            raise _Reject(reasons[0])
+        return checked[0]
+
+    def _checked(self, array: np.ndarray, field: _Field) -> tuple[np.ndarray, dict[int, str]]:
+        """Rows of `array` (examples on axis 0, each of the field's shape) in the field's dtype,
+        and the reason each bad row is rejected."""
+        reasons: dict[int, str] = {}
+        rows = array.reshape(len(array), -1)
+        if field.dtype == "int32":
+            out_of_range = np.asarray(((rows < _INT32.min) | (rows > _INT32.max)).any(axis=1))
+            for r in np.flatnonzero(out_of_range):
+                wrong = rows[r][(rows[r] < _INT32.min) | (rows[r] > _INT32.max)][0]
+                reasons[int(r)] = f"bad dtype: {field.label} holds {int(wrong)}, beyond int32"
+            return np.where(out_of_range[:, None], 0, rows).astype(np.int32).reshape(array.shape), reasons
+        # Via float64, as numbers always went: one rounding of integers beyond 2^24 as before.
+        floats = array.astype(np.float64, copy=False).astype(np.float32)
+        nonfinite = ~np.isfinite(floats.reshape(len(array), -1)).all(axis=1)  # after the cast: 1e300 is inf here
+        for r in np.flatnonzero(nonfinite):
+            reasons[int(r)] = _NONFINITE_X.replace("x", field.label, 1)
+        return floats, reasons
+
+    def _field(self, values: list, field: _Field) -> tuple[np.ndarray, dict[int, str]]:
+        """One field of many examples: (n, *shape) in its dtype (bad rows zero), and each bad row's reason.
+
+        One conversion for the whole list when every example has the configured shape (or
+        its flat size); otherwise each example alone, which names the bad ones.
+        """
+        n = len(values)
+        array = self._array(values, field)
+        if array is not None and array.shape[:1] == (n,):
+            if array.shape[1:] != field.shape and array.shape[1:] == (field.size,):
+                array = array.reshape(n, *field.shape)
+            if array.shape[1:] == field.shape:
+                return self._checked(array, field)
+        out = np.zeros((n, *field.shape), field.dtype)
+        reasons: dict[int, str] = {}
+        for r, value in enumerate(values):
+            try:
+                out[r] = self._one(value, field)
+            except _Reject as reject:
+                reasons[r] = str(reject)
+        return out, reasons
 
     def decode(self, records: PartitionRecords) -> tuple[ExampleBlock, list[DeadLetter]]:
-        spec = self.spec
-        xs, ys, rows, segments, keys = [], [], [], [], []
-        letters = []
         with np.errstate(over="ignore", invalid="ignore"):  # values that overflow float32 are rejected, not warned
-            for i, value in enumerate(records.values):
-                try:
-                    x, y, segment, key = self._decode_one(value, records.keys[i])
-                except _Reject as reject:
-                    letters.append(DeadLetter(records.record(i), str(reject)))
-                    continue
-                xs.append(x)
-                ys.append(y)
-                rows.append(i)
-                segments.append(segment)
-                keys.append(key)
+            return self._decode(records)
+
+    def _decode(self, records: PartitionRecords) -> tuple[ExampleBlock, list[DeadLetter]]:
+        spec = self.spec
+        features: list[list] = [[] for _ in self._fields]
+        ys, rows, segments, keys = [], [], [], []
+        letters = []
+        for i, value in enumerate(records.values):
+            try:
+                values, y, segment, key = self._envelope(value, records.keys[i])
+            except _Reject as reject:
+                letters.append(DeadLetter(records.record(i), str(reject)))
+                continue
+            for column, v in zip(features, values):
+                column.append(v)
+            ys.append(y)
+            rows.append(i)
+            segments.append(segment)
+            keys.append(key)
+        arrays: list[np.ndarray] = []
+        reasons: dict[int, str] = {}
+        for field, column in zip(self._fields, features):
+            array, bad = self._field(column, field)
+            arrays.append(array)
+            for r, reason in bad.items():
+                reasons.setdefault(r, reason)  # the first field's reason
+        if reasons:
+            for r, reason in reasons.items():
+                letters.append(DeadLetter(records.record(rows[r]), reason))
+            letters.sort(key=lambda letter: letter.record.position.offset)
+            keep = np.ones(len(rows), bool)
+            keep[list(reasons)] = False
+            arrays = [array[keep] for array in arrays]
+            kept = np.flatnonzero(keep).tolist()
+            ys, rows = [ys[r] for r in kept], [rows[r] for r in kept]
+            segments, keys = [segments[r] for r in kept], [keys[r] for r in kept]
         if not rows:
             return _empty_block(records, spec), letters
         n = len(rows)
+        x = {f.name: array for f, array in zip(spec.inputs, arrays)} if spec.inputs else arrays[0]
         block = ExampleBlock(
             records.topic,
             records.partition,
-            np.asarray(xs, dtype=np.float32),
-            np.asarray(ys, dtype=spec.label_dtype),
+            x,
+            np.asarray(ys, dtype=spec.label_dtype).reshape(n, *spec.label_shape),
             np.arange(n, dtype=np.int32),
             np.zeros(n, np.int32),
             records.offsets[np.asarray(rows)],
@@ -336,6 +562,11 @@ class BinaryCodec(Codec):
     name = "binary"
 
     def __init__(self, spec: FeatureSpec):
+        if spec.inputs or spec.label_shape:
+            raise CodecError(
+                "the binary wire format carries one feature array and one label per example: "
+                'named inputs or label vectors need the "json" codec'
+            )
         super().__init__(spec)
         self._dtype_code = _DTYPE_TO_CODE[spec.dtype]
         self._wire = _WIRE_DTYPES[spec.dtype]

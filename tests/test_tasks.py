@@ -271,8 +271,8 @@ def test_the_loop_reports_the_steps_figures_summed_on_the_device(task_runs):
         assert all(float(leaf) == 0 for leaf in leaves)
 
 
-def test_a_task_whose_labels_have_a_shape_has_no_wire_format_yet(monkeypatch):
-    # What a config key for multi-label (a later change) meets today: a clear error, not a wrong codec.
+def test_a_task_whose_labels_have_a_shape_is_carried_by_the_json_wire_format_only(monkeypatch):
+    # What a config key for multi-label (a later change) meets: multi-hot JSON labels, or a clear error.
     from continuity import factory
     from continuity.config import Config, StreamConfig
     from continuity.learner import config as learner_config
@@ -283,3 +283,7 @@ def test_a_task_whose_labels_have_a_shape_has_no_wire_format_yet(monkeypatch):
     assert factory.learner_from_config(config).task == MultiLabel(LABELS)
     with pytest.raises(ValueError, match=r"`learner.task` 'multi-label' has labels of shape \(5,\)"):
         factory.feature_spec(config)
+    json_config = Config(
+        stream=StreamConfig(num_classes=LABELS, codec="json"), learner=LearnerConfig(task="multi-label")
+    )
+    assert factory.feature_spec(json_config).label_shape == (LABELS,)

@@ -106,6 +106,12 @@ def register(subparsers) -> None:
     )
     pipeline.set_defaults(handler=run_pipeline)
 
+    predict = kinds.add_parser("predict", help="POST /predict latency of the default model, in-process HTTP")
+    predict.add_argument("--rows", type=positive_int, default=32, help="instances per request (default 32)")
+    predict.add_argument("--requests", type=positive_int, default=1000, help="timed requests (default 1000)")
+    predict.add_argument("--json", type=Path, default=None, metavar="PATH")
+    predict.set_defaults(handler=run_predict)
+
     add_ingest_parser(kinds)
 
 
@@ -156,6 +162,20 @@ def run_step(args) -> int:
         f"batch {result['batch_size']}: plain step {result['plain_samples_per_second']:,.0f} samples/s, "
         f"continual step (replay + EWC) {result['continual_samples_per_second']:,.0f} samples/s, "
         f"ratio {result['ratio']:.2f}, compilations after warm-up {result['compilations_after_warmup']}"
+    )
+    _write_json(args.json, result)
+    return 0
+
+
+def run_predict(args) -> int:
+    from continuity.benchmarks.predict import run_predict_benchmark
+
+    result = run_predict_benchmark(rows=args.rows, requests=args.requests)
+    http, alone = result["http"], result["predictor_only"]
+    print(
+        f"/predict, {result['rows']} rows of the default model ({result['model']}), {result['requests']} requests: "
+        f"median {http['median_ms']:.2f} ms (p90 {http['p90_ms']:.2f}, p99 {http['p99_ms']:.2f}) over HTTP; "
+        f"predictor alone median {alone['median_ms']:.2f} ms"
     )
     _write_json(args.json, result)
     return 0
