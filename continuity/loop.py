@@ -54,7 +54,6 @@ signal handler, an HTTP endpoint).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import queue
 import threading
@@ -91,8 +90,6 @@ from continuity.stream.ingest import IDLE, BatchStream
 log = logging.getLogger(__name__)
 
 REGRESSION_STREAK = 3  # windows regressed in a row before the first warning
-
-SCHEMA_VERSION = 1
 
 SAVE_RETRY_S = (1.0, 60.0)  # first wait after a failed save, and the most it doubles to
 
@@ -192,12 +189,6 @@ class _Good:
     topics: dict = field(default_factory=dict)  # what the topics of `positions` were (Source.topic_identities)
 
 
-def config_digest(*configs) -> str:
-    """A short stable digest of the configs that shape training, saved in every checkpoint."""
-    text = json.dumps([asdict(c) for c in configs], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 class _Reader:
     """A source opened at given positions, with its ingest thread and batcher."""
 
@@ -288,6 +279,7 @@ class TrainingLoop:
         max_unsaved_s: float = 0.0,
         start_fresh: bool = False,
         save_retry_s: tuple[float, float] = SAVE_RETRY_S,
+        config_digest: str | None = None,
     ):
         self.stream = stream
         self.learner = learner
@@ -305,7 +297,9 @@ class TrainingLoop:
         self.save_retry_s = save_retry_s
         self.guard = Guard(learner, guard)
         self.holdout = Holdout(probe.holdout_fraction, salt=seed)
-        self.digest = config_digest(learner.config, probe, guard)
+        # The digest of the Config this run was built from (`Config.digest()`, what `config check`
+        # prints), saved in every checkpoint and compared on restore; None without a Config.
+        self.digest = config_digest
         self.ledger = store.ledger
         self.summary = RunSummary()
         self._last_report: dict = {}
@@ -620,7 +614,7 @@ class TrainingLoop:
 
     def _from_restored(self, restored):
         meta = restored.metadata
-        if meta.get("config_digest") != self.digest:
+        if self.digest is not None and meta.get("config_digest") != self.digest:
             log.warning(
                 "checkpoint %s was trained with another config (digest %s, now %s)",
                 restored.number,
@@ -754,7 +748,6 @@ class TrainingLoop:
         arrays, probe_meta = good.probe.to_arrays()
         metadata = {
             "status": "good",
-            "schema": SCHEMA_VERSION,
             "learner_step": int(state.step),
             "positions": good.positions.to_json(),
             "segment_names": good.segment_names,

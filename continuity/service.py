@@ -59,7 +59,7 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
         dead_letters = KafkaDeadLetters(settings.bootstrap, **settings.security)
     else:
         dead_letters = JsonLinesDeadLetters(config.dead_letter_file)
-    quarantine = JsonLinesDeadLetters(config.quarantine_file)
+    quarantine = JsonLinesDeadLetters(config.quarantine_file, noun="quarantined record")
     if recording is not None:
 
         def open_file(positions):
@@ -163,6 +163,7 @@ class Service:
             checkpoint_every_s=config.checkpoints.every_seconds,
             max_unsaved_s=config.checkpoints.max_unsaved_seconds,
             start_fresh=start_fresh,
+            config_digest=config.digest(),
         )
         self.http: ServiceHTTP | None = None
         if http:
