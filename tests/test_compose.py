@@ -112,3 +112,28 @@ def test_the_deploy_config_loads_with_the_token_from_the_environment():
     assert config.stream.session_timeout_ms == 45000
     with pytest.raises(config_module.ConfigError, match="CONTINUITY_ADMIN_TOKEN"):
         config_module.load_config(path, environ={})  # 0.0.0.0 without a token does not start
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    text = (REPO / "Dockerfile").read_text()
+    lines = [line for line in text.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def test_the_image_installs_the_pinned_dependencies_in_a_layer_before_the_code():
+    # Layer caching: a change to the code must not reinstall the dependencies, so nothing but the
+    # packaging is copied before they are installed, and the code is installed without them.
+    steps = _instructions()
+    copies = [(i, args.split()[:-1]) for i, (op, args) in enumerate(steps) if op == "COPY"]
+    runs = [(i, args) for i, (op, args) in enumerate(steps) if op == "RUN"]
+    (dependencies,) = [(i, args) for i, args in runs if "-c constraints.txt" in args]
+    assert "-r requirements.txt" in dependencies[1] and "['project']['dependencies']" in dependencies[1]
+    before = [source for i, sources in copies if i < dependencies[0] for source in sources]
+    assert before == ["pyproject.toml", "constraints.txt"]
+    code = {source for i, sources in copies if i > dependencies[0] for source in sources}
+    packages = {p.name for p in REPO.iterdir() if p.is_dir() and (p / "__init__.py").exists()} | {"continuity"}
+    assert packages <= code, f"not copied into the image: {packages - code}"
+    (install,) = [(i, args) for i, args in runs if "pip install --no-deps ." in args]
+    assert install[0] > max(i for i, _ in copies)
+    assert "constraints.txt" not in (REPO / ".dockerignore").read_text().split()
