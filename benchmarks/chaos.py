@@ -12,8 +12,8 @@ One run, seeded (`--seed` fixes the stream, the kill moments and the flipped byt
 2. The embedded broker behind a TCP proxy. Tansu keeps its log in memory, so a broker
    stopped and started again is a broker that lost its data, not an outage: the proxy is
    cut instead (as tests/test_service_outage.py does). The stream is permuted-digits with a
-   broken upstream labeler's segment after the outage (the guard quarantines its windows);
-   its first part is produced to a one-partition topic.
+   broken upstream labeler's segment after the outage (the guard quarantines its windows
+   when it sees the damage: ChaosPlan.poison); its first part is produced to a one-partition topic.
 3. `continuity serve` runs as a subprocess and is SIGKILLed N times, restarted each time,
    at random moments: during start-up, or once it reads, after zero to two newly accepted
    windows plus up to a second (mid-window, mid-save, mid-quarantine copy).
@@ -45,8 +45,8 @@ run, and the outage comes between them: the quiet spell leaves no window half tr
 The guard's anchor (`probe.anchor_windows`, an older good model it also judges against) is
 not saved in checkpoints: a restart anchors at the restored model, so a later verdict can
 differ from an uninterrupted run's. The default run leaves it out (`--anchor-windows 0`,
-judging against the last good model, which a checkpoint holds); `--anchor-windows 3` (the
-service's default) shows the difference (BENCHMARKS.md, "Reliability").
+judging against the last good model, which a checkpoint holds); `--anchor-windows 3` is the
+service's default (BENCHMARKS.md, "Reliability").
 
 Usage: python -m continuity.benchmarks.chaos [--kills 20] [--seed 0] [--segments 20]
 [--poison 15] [--outage 15] [--anchor-windows 0] [--work DIR]. Exit status 0 when every check holds, 1
@@ -91,8 +91,10 @@ class ChaosPlan:
     kills: int = 20
     seed: int = 0
     segments: int = 20  # permuted-digits segments (~1,440 examples each): ~50 windows, enough for 20 kills
-    # A broken upstream labeler's segment (after the outage): its windows are quarantined, so kills
-    # also land mid-quarantine and the lineage must account for quarantined records too.
+    # A broken upstream labeler's segment (after the outage). Where the guard sees its damage, its
+    # windows are quarantined and kills also land mid-quarantine (the reduced run in the tests:
+    # segment 2 of 3). In the 20-segment stream, with batches of one, the small model knows
+    # segment 14 too little for its flipped labels to regress the probe: nothing is quarantined.
     poison: int | None = 15
     window: int = 500  # probe.every_examples: trained examples per window
     # learner.batch_size. A live stream that keeps nothing in flight for 0.2 s trains the partial
@@ -109,8 +111,8 @@ class ChaosPlan:
     # probe.anchor_windows: the guard also judges against the good model of up to this many
     # windows ago (the service's default, 3). That anchor is not saved in checkpoints: a restart
     # anchors at the restored model, so a later verdict can differ from an uninterrupted run's
-    # (found by this script; see BENCHMARKS.md, "Reliability"). 0 judges against the last good
-    # model only, which a checkpoint does hold.
+    # (BENCHMARKS.md, "Reliability"). 0 judges against the last good model only, which a
+    # checkpoint does hold.
     anchor_windows: int = 0
 
 
