@@ -5,7 +5,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test unit lint format bench demo lock clean fuzz prometheus-tools
+.PHONY: test unit lint format bench chaos demo lock clean fuzz prometheus-tools
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -51,6 +51,10 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) -m continuity.benchmarks.run
+
+# SIGKILLs, a corrupt checkpoint and a broker outage against a running serve, then the lineage check.
+chaos: $(STAMP)
+	$(PYTHON) -m continuity.benchmarks.chaos
 
 demo: $(STAMP)
 	$(VENV)/bin/continuity demo --out demo-out

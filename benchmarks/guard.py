@@ -2,7 +2,7 @@
 
 The same scenario runs through the training loop three ways: clean; poisoned without
 the guard (every candidate accepted); poisoned with the guard. The poisoned segment is
-DESIGN.md's broken labeler: inputs drawn like an earlier segment's, labels corrupted.
+a broken upstream labeler: inputs drawn like an earlier segment's, labels corrupted.
 Each run's final model is scored on the held-out test split of every segment that is
 clean in both streams (the poisoned slot differs between them, so it is left out);
 `guarded_vs_clean` and `unguarded_vs_clean` are the ratios of those mean accuracies.

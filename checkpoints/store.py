@@ -1,6 +1,6 @@
 """The checkpoint store: numbered composite Orbax checkpoints, retention, head and pins.
 
-A checkpoint is the unit of truth (see DESIGN.md): the learner-state PyTree ("state"),
+A checkpoint is the unit of truth (what a restart resumes): the learner-state PyTree ("state"),
 the probe store arrays ("probe"), and JSON metadata ("meta": status, positions, probe
 report, content digests, ...) saved together under one number. The store assigns
 numbers 1, 2, 3, ... itself, independent of the learner's step, so a rollback never
@@ -11,7 +11,7 @@ What is decided here rather than by Orbax, and why:
   flock on its store.lock; readers take no lock. Two writers undid each other's
   decisions (an operator's rollback reverted by the service's next save).
 - Retention (`checkpoints.retention`): Orbax's max_to_keep/best-N policies may delete
-  the newest or the last good step (CRAFT.md), so Orbax runs with max_to_keep=None and
+  the newest or the last good step (seen with Orbax 0.12), so Orbax runs with max_to_keep=None and
   the store deletes through the manager, keeping its bookkeeping right.
 - Head, pins and abandoned numbers live in the store's own small `store.json`
   (`checkpoints.store_file`), written atomically, rebuilt from the ledger if lost.
@@ -654,6 +654,32 @@ class CheckpointStore:
         out = Path(out)
         if out.suffix not in EXPORT_SUFFIXES:
             raise ValueError(f"`out` must end in one of {', '.join(EXPORT_SUFFIXES)}. Got {str(out)!r}.")
+        params = self._read_params(number, params_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        with open(temporary, "wb") as handle:
+            if out.suffix == ".msgpack":
+                from flax import serialization
+
+                handle.write(serialization.msgpack_serialize(params))
+            else:
+                arrays: dict[str, Any] = dict(integrity.leaves_by_path(params))
+                np.savez(handle, **arrays)
+        os.replace(temporary, out)
+        return out
+
+    @_locked
+    def read_params(self, number: int, *, params_path: Sequence = ("params",)) -> dict[str, np.ndarray]:
+        """Checkpoint `number`'s params as {path: host array} ("params/head/bias"), checked against its digests.
+
+        Reads only that subtree, as `export_params` does (what `checkpoints diff` compares).
+        """
+        params = self._read_params(number, params_path)
+        prefix = "/".join(str(key) for key in params_path)
+        return {f"{prefix}/{path}": np.asarray(leaf) for path, leaf in integrity.leaves_by_path(params)}
+
+    def _read_params(self, number: int, params_path: Sequence):
+        """The nested params subtree of `number`'s state as host arrays, its digests checked."""
         self._require(number)
         params_path = tuple(str(key) for key in params_path)
         if not params_path:
@@ -669,19 +695,7 @@ class CheckpointStore:
         params = nested
         for key in params_path:
             params = params[key]
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as handle:
-            if out.suffix == ".msgpack":
-                from flax import serialization
-
-                handle.write(serialization.msgpack_serialize(params))
-            else:
-                arrays: dict[str, Any] = dict(integrity.leaves_by_path(params))
-                np.savez(handle, **arrays)
-        os.replace(temporary, out)
-        return out
+        return params
 
     # ---- internals ---------------------------------------------------------------------
 

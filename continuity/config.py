@@ -250,7 +250,7 @@ class CheckpointsConfig:
 class PublishConfig:
     """Where each accepted checkpoint's params and model spec are published for other processes."""
 
-    dir: str = ""  # "" = off; else <dir>/<checkpoint>/ and a `latest` pointer (continuity/publish.py)
+    dir: str = ""  # "" = off; else <dir>/<checkpoint>/ and a `latest` pointer (continuity/serving.py)
 
 
 def is_loopback(host: str) -> bool:

@@ -1,7 +1,7 @@
 """Window checks: damage that shows in the examples a window trained on, whatever the probe says.
 
 The probe alone cannot tell drift from damage: a new digits permutation makes old
-segments forget as much as some broken labelers do (DESIGN.md). Most damage shows in the
+segments forget as much as some broken labelers do (BENCHMARKS.md, "Guard"). Most damage shows in the
 window's own examples instead, as TFX's data validation looks at a batch before training
 on it. Each check is a per-row indicator over a bounded uniform sample of the window's
 trained rows (`WindowSample`), kept in arrival order:

@@ -214,7 +214,11 @@ class ServiceHTTP:
     def check_token(self, header: str | None) -> tuple[HTTPStatus, str] | None:
         """None when `header` (an Authorization value) carries the admin token, else (status, reason)."""
         if self._token is None:
-            return HTTPStatus.FORBIDDEN, "admin endpoints are disabled: the service has no admin token configured"
+            return HTTPStatus.FORBIDDEN, (
+                "admin endpoints are disabled: the service has no admin token. To enable them, set "
+                'admin_token_env = "CONTINUITY_ADMIN_TOKEN" in the [service] section of its config, put the '
+                "token in that environment variable, and restart it"
+            )
         if not header:
             return HTTPStatus.UNAUTHORIZED, "admin endpoints need an `Authorization: Bearer <token>` header"
         scheme, _, presented = header.partition(" ")

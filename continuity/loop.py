@@ -102,10 +102,6 @@ log = logging.getLogger(__name__)
 REGRESSION_STREAK = 3  # windows regressed in a row before the first warning
 MAX_RETRAINS = 3  # times a regressed window is cut and trained again before all of it is quarantined
 
-# 2: the learner state holds the train steps' totals and the replay buffer's per-slot buckets
-# (a checkpoint of schema 1 does not restore into it: the store names the missing leaves).
-SCHEMA_VERSION = 2
-
 SAVE_RETRY_S = (1.0, 60.0)  # first wait after a failed save, and the most it doubles to
 
 
@@ -843,7 +839,7 @@ class TrainingLoop:
 
     def _from_restored(self, restored):
         meta = restored.metadata
-        if meta.get("config_digest") != self.digest:
+        if self.digest is not None and meta.get("config_digest") != self.digest:
             log.warning(
                 "checkpoint %s was trained with another config (digest %s, now %s)",
                 restored.number,
@@ -1006,7 +1002,6 @@ class TrainingLoop:
         arrays, probe_meta = good.probe.to_arrays()
         metadata = {
             "status": "good",
-            "schema": SCHEMA_VERSION,
             "learner_step": int(state.step),
             "positions": good.positions.to_json(),
             "segment_names": good.segment_names,

@@ -64,7 +64,7 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
         dead_letters = KafkaDeadLetters(settings.bootstrap, **settings.security)
     else:
         dead_letters = JsonLinesDeadLetters(config.dead_letter_file)
-    quarantine = JsonLinesDeadLetters(config.quarantine_file)
+    quarantine = JsonLinesDeadLetters(config.quarantine_file, noun="quarantined record")
     if recording is not None:
 
         def open_file(positions):

@@ -1,6 +1,6 @@
 """What a broken upstream does to a stream: the damage the guard must stop, injected into a Scenario.
 
-Each kind is one way real pipelines break (DESIGN.md, "Damage the guard must stop"):
+Each kind is one way real pipelines break:
 
 - label damage on inputs the model already knows (drawn like an earlier segment, the
   `source`): `shuffle` (labels permuted across the span: a labeler mixed up its rows),
@@ -13,7 +13,7 @@ Each kind is one way real pipelines break (DESIGN.md, "Damage the guard must sto
 - `repeat`: one record (features and label) sent thousands of times.
 
 Corrupted labels on *new* inputs are left out on purpose: they look like ordinary drift
-to any probe (DESIGN.md), and no rule can tell them from it.
+to any probe, and no rule can tell them from it.
 
 A damaged span is placed two ways. `segment`: it replaces segment `at` whole, under its
 own segment name (`<source name>-<kind>`), so the probe holds its rows apart, as today's

@@ -6,7 +6,8 @@ A dead letter never stops the consumer. Sinks:
 - `KafkaDeadLetters(bootstrap, ...)`: the original value and key to topic `<topic>.dlq`
   (same key), with headers `dlq.reason`, `dlq.topic`, `dlq.partition`, `dlq.offset`;
 - `MemoryDeadLetters()`: kept in a list (tests, tools).
-Every sink counts what it received, overall and per reason kind (`counts`).
+Every sink counts what it received, overall and per reason kind (`counts`). The quarantine
+file is one of these sinks too, whose log lines call its records "quarantined record".
 
 Threading: sinks are called from the decoding thread; `counts` and `letters` may be read
 from another thread (a lock guards them).
@@ -40,9 +41,15 @@ class DeadLetter(NamedTuple):
 
 
 class DeadLetterSink:
-    """Base sink: counts letters; subclasses store them in `_write`."""
+    """Base sink: counts letters; subclasses store them in `_write`.
 
-    def __init__(self):
+    `noun` is what its log lines call a letter: "dead letter" for records that could not be
+    decoded or validated; the quarantine file (the same sink, for records of windows the
+    guard quarantined, which decoded fine) passes "quarantined record".
+    """
+
+    def __init__(self, *, noun: str = "dead letter"):
+        self.noun = noun
         self._lock = threading.Lock()
         self.total = 0
         self.counts: Counter = Counter()
@@ -57,7 +64,8 @@ class DeadLetterSink:
         if seen <= 10 or seen % 1000 == 0:
             position = letter.record.position
             log.warning(
-                "dead letter %s/%d@%d (%s #%d): %s",
+                "%s %s/%d@%d (%s #%d): %s",
+                self.noun,
                 position.topic,
                 position.partition,
                 position.offset,
@@ -78,8 +86,8 @@ class DeadLetterSink:
 
 
 class MemoryDeadLetters(DeadLetterSink):
-    def __init__(self):
-        super().__init__()
+    def __init__(self, *, noun: str = "dead letter"):
+        super().__init__(noun=noun)
         self.letters: list[DeadLetter] = []
 
     def _write(self, letter: DeadLetter) -> None:
@@ -107,8 +115,8 @@ def letter_to_json(letter: DeadLetter) -> dict:
 class JsonLinesDeadLetters(DeadLetterSink):
     """Appends dead letters to a JSON-lines file (flushed after every letter: they are rare)."""
 
-    def __init__(self, path: str | Path):
-        super().__init__()
+    def __init__(self, path: str | Path, *, noun: str = "dead letter"):
+        super().__init__(noun=noun)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")

@@ -21,8 +21,8 @@ old segment measures retention, not memorisation.
   fixed by the seed. Segment k draws its inputs around its own centre (covariate
   drift): a model must keep fitting every region it has seen.
 
-`poison=k` replaces segment k by the failure DESIGN.md ("What poison looks like") asks
-the guard to catch: a broken upstream labeler. Its inputs come from a distribution the
+`poison=k` replaces segment k by the failure the guard exists to catch: a broken
+upstream labeler. Its inputs come from a distribution the
 model already knows (segment `poison_source`'s transform and classes), its train labels
 are corrupted, and its test split keeps the true labels. Corrupted labels on a new
 distribution look like ordinary drift to any probe; on a known one they do damage a

@@ -167,3 +167,29 @@ def test_grafana_provisions_the_prometheus_datasource_and_the_dashboard_read_onl
         uids |= {target["datasource"]["uid"] for target in panel.get("targets", [])}
     assert uids == {datasource["uid"]}  # every query goes to the provisioned Prometheus
     assert _env(grafana)["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    text = (REPO / "Dockerfile").read_text()
+    lines = [line for line in text.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def test_the_image_installs_the_pinned_dependencies_in_a_layer_before_the_code():
+    # Layer caching: a change to the code must not reinstall the dependencies, so nothing but the
+    # packaging is copied before they are installed, and the code is installed without them.
+    steps = _instructions()
+    copies = [(i, args.split()[:-1]) for i, (op, args) in enumerate(steps) if op == "COPY"]
+    runs = [(i, args) for i, (op, args) in enumerate(steps) if op == "RUN"]
+    (dependencies,) = [(i, args) for i, args in runs if "-c constraints.txt" in args]
+    assert "-r requirements.txt" in dependencies[1] and "['project']['dependencies']" in dependencies[1]
+    before = [source for i, sources in copies if i < dependencies[0] for source in sources]
+    assert before == ["pyproject.toml", "constraints.txt"]
+    code = {source for i, sources in copies if i > dependencies[0] for source in sources}
+    # What the wheel packs: continuity and the libraries its symlinks reach (not examples/, tests/).
+    packages = {p.name for p in (REPO / "continuity").iterdir() if p.is_symlink()} | {"continuity"}
+    assert packages <= code, f"not copied into the image: {packages - code}"
+    (install,) = [(i, args) for i, args in runs if "pip install --no-deps ." in args]
+    assert install[0] > max(i for i, _ in copies)
+    assert "constraints.txt" not in (REPO / ".dockerignore").read_text().split()

@@ -209,6 +209,7 @@ def test_admin_disabled_without_a_configured_token(controller):
     with ServiceHTTP(controller, ServiceMetrics(), port=0) as http:
         status, answer = _post(http.url + "/admin/rollback", {"to": 2}, "anything")
         assert status == 403 and "disabled" in answer["error"]
+        assert 'admin_token_env = "CONTINUITY_ADMIN_TOKEN" in the [service] section' in answer["error"]
         assert _get(http.url + "/healthz")[0] == 200
     assert controller.calls == []
 

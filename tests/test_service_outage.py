@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from conftest import SHORT_SESSION_SET, accepted_chain
 from kafka import KafkaConsumer
-from tcp_proxy import TcpProxy
 
+from continuity.benchmarks.tcp_proxy import TcpProxy
 from continuity.config import load_config
 from continuity.service import Service
 from continuity.stream import (

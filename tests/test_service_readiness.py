@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 from conftest import SHORT_SESSION_SET
-from tcp_proxy import TcpProxy
 
+from continuity.benchmarks.tcp_proxy import TcpProxy
 from continuity.config import load_config
 from continuity.service import Service, format_progress
 from continuity.stream import (

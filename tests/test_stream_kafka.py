@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import SHORT_SESSION
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from tcp_proxy import TcpProxy
 
+from continuity.benchmarks.tcp_proxy import TcpProxy
 from continuity.stream import (
     Batcher,
     BinaryCodec,

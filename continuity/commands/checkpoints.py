@@ -1,4 +1,4 @@
-"""`continuity checkpoints list|show|verify|repair|pin|unpin|export` and `continuity rollback`: a store on disk.
+"""`continuity checkpoints list|show|diff|verify|repair|pin|unpin|export` and `continuity rollback`: a store on disk.
 
 Reading commands (list, show, verify, export) open the store read-only and work while a
 service owns it. Commands that change it (pin, unpin, rollback, repair) must own the
@@ -18,9 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from continuity.errors import UsageError
 
 DEFAULT_TOKEN_ENV = "CONTINUITY_ADMIN_TOKEN"
+CKPT_HELP = "checkpoint number (the CKPT column of `checkpoints list`)"
 CORRUPT_EXIT_STATUS = 1  # `verify` found a corrupt checkpoint
 
 
@@ -32,41 +35,54 @@ def register(subparsers) -> None:
     commands.required = True
 
     listing = commands.add_parser("list", help="a table of the store's checkpoints, oldest first")
-    _add_dir(listing)
+    _add_store(listing)
     listing.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     listing.set_defaults(handler=run_list)
 
-    show = commands.add_parser("show", help="one checkpoint's full metadata and digests as JSON")
-    show.add_argument("step", type=_checkpoint_number, metavar="STEP", help="checkpoint number (see `list`)")
-    _add_dir(show)
+    show = commands.add_parser(
+        "show", help="one checkpoint's full metadata as JSON, with the params SHA-256 and a digest of its state"
+    )
+    show.add_argument("checkpoint", type=_checkpoint_number, metavar="CKPT", help=CKPT_HELP)
+    _add_store(show)
     show.set_defaults(handler=run_show)
+
+    diff = commands.add_parser(
+        "diff",
+        help="what differs between two checkpoints: arrays, the largest params difference, metadata "
+        "(positions, step, lambda, probe figures)",
+    )
+    diff.add_argument("first", type=_checkpoint_number, metavar="CKPT_A", help=CKPT_HELP)
+    diff.add_argument("second", type=_checkpoint_number, metavar="CKPT_B", help=CKPT_HELP)
+    _add_store(diff)
+    diff.add_argument("--json", action="store_true", help="print JSON instead of text")
+    diff.set_defaults(handler=run_diff)
 
     verify = commands.add_parser(
         "verify",
         help="read checkpoints back and check every array against its saved digest (exit 1 if any is corrupt)",
     )
     verify.add_argument(
-        "step", type=_checkpoint_number, nargs="?", metavar="STEP", help="checkpoint number (default: all)"
+        "checkpoint", type=_checkpoint_number, nargs="?", metavar="CKPT", help=f"{CKPT_HELP} (default: all)"
     )
-    _add_dir(verify)
+    _add_store(verify)
     verify.set_defaults(handler=run_verify)
 
     repair = commands.add_parser(
         "repair",
         help="rebuild a lost or garbled store.json from the checkpoint directories and the ledger",
     )
-    _add_dir(repair)
+    _add_store(repair)
     repair.set_defaults(handler=run_repair)
 
     for name, verb in (("pin", "keep it through retention"), ("unpin", "let retention delete it again")):
         parser = commands.add_parser(name, help=f"{name} a checkpoint: {verb} (through a running service)")
-        parser.add_argument("step", type=_checkpoint_number, metavar="STEP")
+        parser.add_argument("checkpoint", type=_checkpoint_number, metavar="CKPT", help=CKPT_HELP)
         _add_service_arguments(parser, action=name)
         parser.set_defaults(handler=run_pin, pin=name == "pin")
 
     export = commands.add_parser("export", help="write a checkpoint's params as .msgpack (flax) or .npz")
-    export.add_argument("step", type=_checkpoint_number, metavar="STEP")
-    _add_dir(export)
+    export.add_argument("checkpoint", type=_checkpoint_number, metavar="CKPT", help=CKPT_HELP)
+    _add_store(export)
     export.add_argument("--out", required=True, type=Path, metavar="FILE", help="FILE.msgpack or FILE.npz")
     export.set_defaults(handler=run_export)
 
@@ -84,14 +100,40 @@ def register(subparsers) -> None:
         help="how long to wait for the service to finish the rollback (default 30)",
     )
     target = rollback.add_mutually_exclusive_group(required=True)
-    target.add_argument("--to", type=_checkpoint_number, metavar="STEP", help="this checkpoint (must be good)")
+    target.add_argument(
+        "--to",
+        type=_checkpoint_number,
+        metavar="CKPT",
+        help="this checkpoint (must be good; the CKPT column of `list`)",
+    )
     target.add_argument("--last-good", action="store_true", help="the newest good checkpoint not abandoned")
     rollback.add_argument("--reason", default="manual rollback", help="recorded in the ledger")
     rollback.set_defaults(handler=run_rollback)
 
 
-def _add_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dir", required=True, type=Path, metavar="DIR", help="the checkpoint store directory")
+def _add_store(parser: argparse.ArgumentParser) -> None:
+    """--dir DIR, or --config FILE (its [checkpoints] dir, with --set overrides): where the store is."""
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dir", type=Path, metavar="DIR", help="the checkpoint store directory")
+    where.add_argument("--config", metavar="FILE", help="a service's config: the store is its [checkpoints] dir")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=None,
+        metavar="SECTION.KEY=VALUE",
+        help="with --config: override one config value (repeatable)",
+    )
+
+
+def store_directory(args) -> Path:
+    """The store directory `--dir` names, or the [checkpoints] dir of `--config` (with its --set overrides)."""
+    if args.config is None:
+        if args.set:
+            raise UsageError("--set overrides a config: give it with --config FILE")
+        return args.dir
+    from continuity.config import load_config
+
+    return Path(load_config(args.config, args.set or ()).checkpoints.dir)  # ConfigError is a UsageError
 
 
 def _add_service_arguments(parser: argparse.ArgumentParser, *, action: str) -> None:
@@ -326,11 +368,147 @@ def format_verification(verification) -> str:
     return f"checkpoint {verification.number}: corrupt: {verification.detail}"
 
 
+# What `diff` compares of the metadata: what a checkpoint stands for, beyond its arrays.
+DIFF_FIELDS = (
+    "status",
+    "learner_step",
+    "lineage_examples",
+    "positions",
+    "ewc_strength",
+    "quarantined_records",
+    "parent",
+    "config_digest",
+    "segment_names",
+    "topics",
+)
+
+
+def _probe_figures(metadata: dict) -> dict:
+    """{"probe accuracy": 0.84, "probe perm-0": 0.9, ...} (or "probe loss" for a regression task)."""
+    probe = metadata.get("probe")
+    if not isinstance(probe, dict):
+        return {}
+    figures = {f"probe {key}": probe[key] for key in ("accuracy", "loss") if key in probe}
+    segments = probe.get("segments")
+    if isinstance(segments, dict):
+        figures.update({f"probe {name}": value for name, value in segments.items()})
+    return figures
+
+
+def _array_differences(first: dict | None, second: dict | None) -> dict | None:
+    """Paths whose saved digests differ, or that only one side has; None when either saved none."""
+    if not isinstance(first, dict) or not isinstance(second, dict):
+        return None
+    return {
+        "differ": sorted(p for p in set(first) & set(second) if first[p] != second[p]),
+        "only_in_a": sorted(set(first) - set(second)),
+        "only_in_b": sorted(set(second) - set(first)),
+        "arrays": len(set(first) | set(second)),
+    }
+
+
+def compare_checkpoints(first: dict, second: dict, first_params: dict, second_params: dict) -> dict:
+    """What differs between two checkpoints, from their metadata and their params ({path: array}).
+
+    Arrays are compared by their saved digests (every array of the state and of the probe),
+    the params also by value: the largest absolute difference over the arrays both have
+    with the same shape. Metadata: the DIFF_FIELDS and the probe figures that differ.
+    """
+    digests: list[dict] = [m["integrity"] if isinstance(m.get("integrity"), dict) else {} for m in (first, second)]
+    shared = [
+        p for p in sorted(set(first_params) & set(second_params)) if first_params[p].shape == second_params[p].shape
+    ]
+    largest = max(
+        (
+            float(np.max(np.abs(first_params[p].astype(np.float64) - second_params[p].astype(np.float64)), initial=0.0))
+            for p in shared
+        ),
+        default=None,
+    )
+    params: dict[str, Any] = {
+        "sha256": [digests[0].get("params_sha256"), digests[1].get("params_sha256")],
+        "max_abs_difference": largest,
+        "differ": [p for p in shared if not np.array_equal(first_params[p], second_params[p])],
+        "shapes_differ": sorted(p for p in set(first_params) & set(second_params) if p not in shared),
+        "only_in_a": sorted(set(first_params) - set(second_params)),
+        "only_in_b": sorted(set(second_params) - set(first_params)),
+    }
+    params["identical"] = not any(params[k] for k in ("differ", "shapes_differ", "only_in_a", "only_in_b"))
+    metadata: dict[str, list] = {}
+    for key in DIFF_FIELDS:
+        if first.get(key) != second.get(key):
+            metadata[key] = [first.get(key), second.get(key)]
+    figures = [_probe_figures(first), _probe_figures(second)]
+    for key in sorted(set(figures[0]) | set(figures[1])):
+        if figures[0].get(key) != figures[1].get(key):
+            metadata[key] = [figures[0].get(key), figures[1].get(key)]
+    return {
+        "checkpoints": [first.get("checkpoint"), second.get("checkpoint")],
+        "params": params,
+        "state": _array_differences(digests[0].get("state"), digests[1].get("state")),
+        "probe": _array_differences(digests[0].get("probe"), digests[1].get("probe")),
+        "metadata": metadata,
+    }
+
+
+def _listing(paths: list[str], limit: int = 6) -> str:
+    shown = ", ".join(paths[:limit])
+    return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
+
+
+def _metadata_value(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "positions":
+        return format_positions(value)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def format_diff(difference: dict) -> str:
+    """`checkpoints diff` as text: params, then the arrays whose digests differ, then the metadata."""
+    a, b = difference["checkpoints"]
+    params = difference["params"]
+    lines = [f"checkpoint {a} vs checkpoint {b}"]
+    if params["identical"]:
+        lines.append(f"params:   identical (SHA-256 {params['sha256'][0] or 'not recorded'})")
+    else:
+        largest = params["max_abs_difference"]
+        shape = "" if largest is None else f"; largest |a - b| {largest:.6g}"
+        lines.append(f"params:   {len(params['differ'])} arrays differ{shape}: {_listing(params['differ'])}")
+        for key, what in (
+            ("shapes_differ", "shapes differ"),
+            ("only_in_a", f"only in {a}"),
+            ("only_in_b", f"only in {b}"),
+        ):
+            if params[key]:
+                lines.append(f"          {what}: {_listing(params[key])}")
+    for item in ("state", "probe"):
+        found = difference[item]
+        if found is None:
+            lines.append(f"{item + ':':<9} not compared (a checkpoint saved without content digests)")
+            continue
+        changed = found["differ"] + found["only_in_a"] + found["only_in_b"]
+        summary = (
+            f"{len(changed)} of {found['arrays']} arrays differ" if changed else f"all {found['arrays']} arrays equal"
+        )
+        lines.append(f"{item + ':':<9} {summary}" + (f": {_listing(changed)}" if changed else ""))
+    if difference["metadata"]:
+        width = max(len(key) for key in difference["metadata"])
+        lines.append("metadata:")
+        for key, (first, second) in difference["metadata"].items():
+            lines.append(f"  {key:<{width}}  {_metadata_value(key, first)} -> {_metadata_value(key, second)}")
+    else:
+        lines.append("metadata: no difference in " + ", ".join(DIFF_FIELDS) + " or the probe figures")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- handlers
 
 
 def run_list(args) -> int:
-    store = open_store(args.dir)
+    store = open_store(store_directory(args))
     try:
         _require_checkpoints(store)
         infos = store.list()
@@ -344,11 +522,25 @@ def run_list(args) -> int:
 
 
 def run_show(args) -> int:
-    store = open_store(args.dir)
+    store = open_store(store_directory(args))
     try:
         _require_checkpoints(store)
-        info = _call(store.info, args.step)
+        info = _call(store.info, args.checkpoint)
         print(json.dumps({**_info_json(info), **_digests(info.metadata)}, indent=2))
+        return 0
+    finally:
+        store.close()
+
+
+def run_diff(args) -> int:
+    """Reads both checkpoints' params (checked against their digests) and compares them with their metadata."""
+    store = open_store(store_directory(args))
+    try:
+        _require_checkpoints(store)
+        first, second = (_call(store.info, number).metadata for number in (args.first, args.second))
+        first_params, second_params = (_call(store.read_params, number) for number in (args.first, args.second))
+        difference = compare_checkpoints(first, second, first_params, second_params)
+        print(json.dumps(difference, indent=2, default=str) if args.json else format_diff(difference))
         return 0
     finally:
         store.close()
@@ -356,10 +548,10 @@ def run_show(args) -> int:
 
 def run_verify(args) -> int:
     """One line per checkpoint; exit 1 when any is corrupt (each finding also goes to the ledger)."""
-    store = open_store(args.dir)
+    store = open_store(store_directory(args))
     try:
         _require_checkpoints(store)
-        numbers = [args.step] if args.step is not None else store.numbers()
+        numbers = [args.checkpoint] if args.checkpoint is not None else store.numbers()
         corrupt = 0
         for number in numbers:
             verification = _call(store.verify, number)
@@ -372,7 +564,7 @@ def run_verify(args) -> int:
 
 def run_repair(args) -> int:
     """Rebuild store.json when it is missing or unreadable; say what it holds either way."""
-    store = open_owned_store(args.dir, action="repair", repair=True)
+    store = open_owned_store(store_directory(args), action="repair", repair=True)
     try:
         if store.repaired is not None:
             print(store.repaired)
@@ -384,11 +576,11 @@ def run_repair(args) -> int:
 
 
 def run_export(args) -> int:
-    store = open_store(args.dir)
+    store = open_store(store_directory(args))
     try:
         _require_checkpoints(store)
-        out = _call(store.export_params, args.step, args.out)
-        print(f"wrote the params of checkpoint {args.step} to {out}")
+        out = _call(store.export_params, args.checkpoint, args.out)
+        print(f"wrote the params of checkpoint {args.checkpoint} to {out}")
         return 0
     finally:
         store.close()
@@ -402,8 +594,8 @@ def run_pin(args) -> int:
         store = open_owned_store(directory, action=verb, token_env=args.token_env)
         try:
             _require_checkpoints(store)
-            _call(store.pin if args.pin else store.unpin, args.step)
-            print(f"checkpoint {args.step} {verb}ned")
+            _call(store.pin if args.pin else store.unpin, args.checkpoint)
+            print(f"checkpoint {args.checkpoint} {verb}ned")
             return 0
         finally:
             store.close()
@@ -412,8 +604,10 @@ def run_pin(args) -> int:
         args,
         command=verb,
         path=f"/admin/{verb}",
-        body={"checkpoint": args.step},
-        done=lambda url, answer: f"the service at {url} {verb}ned checkpoint {answer.get('checkpoint', args.step)}",
+        body={"checkpoint": args.checkpoint},
+        done=lambda url, answer: (
+            f"the service at {url} {verb}ned checkpoint {answer.get('checkpoint', args.checkpoint)}"
+        ),
         in_directory=in_directory,
     )
 
@@ -527,7 +721,7 @@ def rollback_in_directory(
     The target is read back and checked against its digests first: a corrupt one changes nothing.
     """
     if (to is None) == (not last_good):
-        raise UsageError("rollback needs exactly one of --to STEP or --last-good")
+        raise UsageError("rollback needs exactly one of --to CKPT or --last-good")
     store = open_owned_store(directory, action="rollback", token_env=token_env)
     try:
         _require_checkpoints(store)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from continuity.commands.arguments import port, positive_int, rate
 from continuity.errors import UsageError
+from continuity.stream.drift import DRIFT_SCENARIOS
+from continuity.stream.scenarios import REGRESSION_SCENARIOS, SCENARIOS
 
 
 def register(subparsers) -> None:
@@ -26,8 +28,8 @@ def register(subparsers) -> None:
     produce.add_argument(
         "--scenario",
         required=True,
-        metavar="NAME",
-        help="permuted-digits, rotated-digits, split-digits, or a drift stream: sea, hyperplane, rbf-drift, agrawal",
+        choices=(*SCENARIOS, *REGRESSION_SCENARIOS, *DRIFT_SCENARIOS),
+        help="a digits scenario, the regression scenario, or a drift stream",
     )
     produce.add_argument(
         "--codec",
@@ -141,7 +143,6 @@ _DRIFT_OPTIONS = ("drift", "width", "noise", "magnitude", "speed", "perturbation
 def run_produce(args) -> int:
     from kafka.errors import KafkaError
 
-    from continuity.stream.drift import DRIFT_SCENARIOS
     from continuity.stream.kafka import create_topic, produce_records
 
     if args.scenario in DRIFT_SCENARIOS:

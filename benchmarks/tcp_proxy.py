@@ -1,4 +1,4 @@
-"""A TCP proxy between Kafka clients and the embedded broker, for outage tests.
+"""A TCP proxy between Kafka clients and the embedded broker: broker outages for tests and `make chaos`.
 
 Tansu keeps its topics in memory only, so a test cannot stop the broker to simulate an
 outage; it cuts this proxy instead. Start the broker with `advertised_port=proxy.port`

@@ -1,0 +1,180 @@
+"""The command line's own surface: --version, where a store is named, argument names, `checkpoints diff`,
+and one config digest from `config check` to the checkpoints."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import record_scenario
+
+from continuity.checkpoints import SCHEMA_VERSION, CheckpointStore
+from continuity.cli import main
+
+
+def _state(w: np.ndarray, step: int) -> dict:
+    return {
+        "params": {"dense": {"w": w, "b": np.zeros(2, np.float32)}},
+        "opt": {"count": np.int32(step)},
+        "step": np.int32(step),
+    }
+
+
+def _metadata(offset: int, step: int, accuracy: float, strength: float) -> dict:
+    return {
+        "status": "good",
+        "learner_step": step,
+        "positions": [{"topic": "t", "partition": 0, "offset": offset}],
+        "ewc_strength": strength,
+        "probe": {"accuracy": accuracy, "segments": {"a": accuracy, "b": 0.5}},
+    }
+
+
+@pytest.fixture
+def store_dir(tmp_path) -> Path:
+    """Three checkpoints: 1 and 2 differ in one params array (by at most 0.25) and in metadata; 3 repeats 2."""
+    w = np.arange(6, dtype=np.float32).reshape(3, 2)
+    changed = w.copy()
+    changed[1, 0] += 0.25
+    changed[2, 1] -= 0.125
+    directory = tmp_path / "ckpts"
+    with CheckpointStore(directory, keep_last=10) as store:
+        store.save(_state(w, 10), {}, _metadata(100, 10, 0.75, 40.0))
+        store.save(_state(changed, 20), {}, _metadata(200, 20, 0.8, 10.0))
+        store.save(_state(changed, 20), {}, _metadata(200, 20, 0.8, 10.0))
+    return directory
+
+
+@pytest.fixture
+def config_file(tmp_path, store_dir) -> Path:
+    """A service config whose [checkpoints] dir is the store."""
+    path = tmp_path / "continuity.toml"
+    path.write_text(f'[checkpoints]\ndir = "{store_dir}"\n')
+    return path
+
+
+def test_version_prints_the_installed_distributions_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"continuity {version('continuity')}"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["checkpoints", "list"],
+        ["checkpoints", "show", "2"],
+        ["checkpoints", "diff", "1", "2"],
+        ["checkpoints", "verify"],
+        ["checkpoints", "repair"],
+        ["checkpoints", "export", "2", "--out", "{tmp}/params.npz"],
+    ],
+)
+def test_every_checkpoints_command_finds_the_store_from_a_config_as_from_a_dir(
+    command, store_dir, config_file, tmp_path, capsys
+):
+    argv = [part.format(tmp=tmp_path) for part in command]
+    assert main([*argv, "--dir", str(store_dir)]) == 0
+    by_dir = capsys.readouterr().out
+    assert main([*argv, "--config", str(config_file)]) == 0
+    assert capsys.readouterr().out == by_dir
+    # --set overrides the config's dir like any other key.
+    elsewhere = tmp_path / "other.toml"
+    elsewhere.write_text('[checkpoints]\ndir = "/nonexistent"\n')
+    assert main([*argv, "--config", str(elsewhere), "--set", f'checkpoints.dir="{store_dir}"']) == 0
+    assert capsys.readouterr().out == by_dir
+
+
+def test_a_store_is_named_by_exactly_one_of_dir_or_config(store_dir, config_file, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["checkpoints", "list", "--dir", str(store_dir), "--config", str(config_file)])
+    assert exit_info.value.code == 2 and "not allowed with" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["checkpoints", "list"])
+    assert exit_info.value.code == 2 and "one of the arguments --dir --config is required" in capsys.readouterr().err
+    assert main(["checkpoints", "list", "--dir", str(store_dir), "--set", "checkpoints.keep_last=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--set overrides a config: give it with --config FILE" in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["checkpoints", "show"],
+        ["checkpoints", "diff"],
+        ["checkpoints", "verify"],
+        ["checkpoints", "export"],
+        ["checkpoints", "pin"],
+        ["checkpoints", "unpin"],
+        ["rollback"],
+    ],
+)
+def test_checkpoint_arguments_are_named_like_the_ckpt_column_of_the_table(command, capsys):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    usage = capsys.readouterr().out
+    assert "CKPT" in usage and "STEP" not in usage
+
+
+def test_diff_names_the_arrays_the_largest_params_difference_and_the_metadata_that_differ(store_dir, capsys):
+    assert main(["checkpoints", "diff", "1", "2", "--dir", str(store_dir), "--json"]) == 0
+    difference = json.loads(capsys.readouterr().out)
+    params = difference["params"]
+    assert params["identical"] is False and params["differ"] == ["params/dense/w"]
+    assert params["max_abs_difference"] == 0.25
+    assert params["sha256"][0] != params["sha256"][1]
+    assert difference["state"]["differ"] == ["opt/count", "params/dense/w", "step"]
+    assert difference["state"]["arrays"] == 4 and difference["probe"]["arrays"] == 0
+    assert difference["metadata"] == {
+        "learner_step": [10, 20],
+        "positions": [
+            [{"topic": "t", "partition": 0, "offset": 100}],
+            [{"topic": "t", "partition": 0, "offset": 200}],
+        ],
+        "ewc_strength": [40.0, 10.0],
+        "probe a": [0.75, 0.8],
+        "probe accuracy": [0.75, 0.8],
+    }
+
+    assert main(["checkpoints", "diff", "1", "2", "--dir", str(store_dir)]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0] == "checkpoint 1 vs checkpoint 2"
+    assert text[1] == "params:   1 arrays differ; largest |a - b| 0.25: params/dense/w"
+    assert text[2] == "state:    3 of 4 arrays differ: opt/count, params/dense/w, step"
+    assert "  positions       t/0:100 -> t/0:200" in text and "  ewc_strength    40 -> 10" in text
+
+
+def test_diff_of_checkpoints_with_the_same_content_says_so(store_dir, capsys):
+    assert main(["checkpoints", "diff", "2", "3", "--dir", str(store_dir)]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[1].startswith("params:   identical (SHA-256 ") and text[2] == "state:    all 4 arrays equal"
+    assert text[-1].startswith("metadata: no difference in status, learner_step")
+
+
+def test_diff_of_a_missing_checkpoint_is_one_line_and_status_2(store_dir, capsys):
+    assert main(["checkpoints", "diff", "1", "9", "--dir", str(store_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no checkpoint 9" in err
+
+
+@pytest.mark.slow  # a replay through the whole loop
+def test_config_check_prints_the_digest_saved_in_checkpoints_written_from_that_config(tmp_path, capsys):
+    recording = record_scenario(tmp_path / "stream.parquet", segments=1, seed=0)
+    config = tmp_path / "continuity.toml"
+    config.write_text("[model]\nhidden = [32]\n[probe]\nevery_examples = 500\n[checkpoints]\nevery_seconds = 0.0\n")
+    assert main(["config", "check", "--config", str(config), "--json"]) == 0
+    digest = json.loads(capsys.readouterr().out)["digest"]
+
+    out = tmp_path / "run"
+    assert main(["replay", str(recording), "--config", str(config), "--out", str(out)]) == 0
+    with CheckpointStore(out, create=False) as store:
+        saved = [store.info(number).metadata for number in store.numbers()]
+        started = [e for e in store.ledger.read() if e["event"] == "start"]
+    assert len(saved) >= 2 and {m["config_digest"] for m in saved} == {digest}
+    assert started[0]["config_digest"] == digest
+    # One schema key: the store's, for the whole JSON item.
+    assert all(m["schema_version"] == SCHEMA_VERSION and "schema" not in m for m in saved)
