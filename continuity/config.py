@@ -62,9 +62,8 @@ from continuity.learner.schema import (
     section,
     suggest,
 )
-from continuity.stream.codecs import CODECS, DTYPE_CODES, FeatureSpec
+from continuity.stream.codecs import DTYPE_CODES, FeatureSpec
 from continuity.stream.kafka import KAFKA_SESSION_TIMEOUT_MS, SECURITY_OPTIONS, KafkaSettings, redact
-from continuity.stream.sources import LOST_POSITION_ACTIONS
 
 SOURCES = ("kafka", "file")
 DEAD_LETTER_SINKS = ("file", "topic")
@@ -80,7 +79,7 @@ _BOOL_SECURITY_OPTIONS = frozenset({"ssl_check_hostname"})
 # Which security options are secrets: exactly those stream.kafka redacts in its own logs.
 SECRET_SECURITY_OPTIONS = frozenset(k for k in SECURITY_OPTIONS if redact({k: ""})[k] == "***")
 REDACTED = "***"
-_SECRET = {"secret": True}  # Field(json_schema_extra=...): a value never shown
+_SECRET: Any = {"secret": True}  # Field(json_schema_extra=...): a value never shown
 
 
 class ConfigError(UsageError):
@@ -106,7 +105,7 @@ class InputSpec:
     """One named feature of an example: its shape and dtype (integer features stay integers)."""
 
     shape: PositiveInts = Field(min_length=0, max_length=8, description="the feature's shape ([] for a scalar)")
-    dtype: Literal["float32", "int32"] = Field("float32", description='"float32" or "int32" (token ids)')
+    dtype: Literal["float32", "int32"] = Field(default="float32", description='"float32" or "int32" (token ids)')
 
 
 @section("stream")
@@ -118,42 +117,47 @@ class StreamConfig:
     """
 
     source: Literal["kafka", "file"] = Field(
-        "kafka", description='"kafka", or "file" for a recorded Parquet stream (`continuity replay FILE`)'
+        default="kafka", description='"kafka", or "file" for a recorded Parquet stream (`continuity replay FILE`)'
     )
     bootstrap: Str = Field(
-        "127.0.0.1:9092",
+        default="127.0.0.1:9092",
         pattern=r"\S",
         description="host:port[,host:port]; `continuity broker --port 9092` runs the embedded broker",
     )
     topics: Annotated[tuple[Str, ...], BeforeValidator(_one_topic)] = Field(
-        ("digits",),
+        default=("digits",),
         min_length=1,
         description="`continuity produce --bootstrap 127.0.0.1:9092 --topic digits --scenario permuted-digits`",
     )
     group: Annotated[Str | None, BeforeValidator(_no_group)] = Field(
-        "continuity",
+        default="continuity",
         description='consumer group: offsets are committed after each checkpoint; "" = no group, read every partition',
     )
-    codec: Literal["binary", "json"] = Field("binary", description='"binary" or "json" (wire formats: see README)')
-    feature_shape: PositiveInts = Field((8, 8, 1), min_length=1, max_length=8, description="one example's features")
+    codec: Literal["binary", "json"] = Field(
+        default="binary", description='"binary" or "json" (wire formats: see README)'
+    )
+    feature_shape: PositiveInts = Field(
+        default=(8, 8, 1), min_length=1, max_length=8, description="one example's features"
+    )
     dtype: Literal["float32", "float16", "float64", "uint8"] = Field(
-        "float32", description="wire dtype of the features: " + ", ".join(f'"{d}"' for d in WIRE_DTYPES)
+        default="float32", description="wire dtype of the features: " + ", ".join(f'"{d}"' for d in WIRE_DTYPES)
     )
     num_classes: Annotated[Int | None, BeforeValidator(_no_group)] = Field(
-        10,
+        default=10,
         ge=1,
         description='classification: labels are integers in [0, num_classes); left out for "regression", "multilabel"',
     )
     num_labels: Annotated[Int | None, BeforeValidator(_no_group)] = Field(
-        None, ge=1, description='learner.task = "multilabel": labels per example (multi-hot)', examples=[5]
+        default=None, ge=1, description='learner.task = "multilabel": labels per example (multi-hot)', examples=[5]
     )
     auto_offset_reset: Literal["earliest", "latest"] = Field(
-        "earliest", description='where a partition without a checkpointed position starts: "earliest" or "latest"'
+        default="earliest",
+        description='where a partition without a checkpointed position starts: "earliest" or "latest"',
     )
     # A checkpointed position the broker no longer has (topic recreated, log lost or truncated):
     # "halt" (exit status 4, an operator decides), "earliest" or "latest" (see README).
     on_lost_positions: Literal["halt", "earliest", "latest"] = Field(
-        "halt",
+        default="halt",
         description="a checkpointed position the broker no longer has (topic recreated, log lost): "
         '"halt" (exit 4, an operator decides), "earliest" (records may be trained twice) or "latest" (records in '
         "between are never trained)",
@@ -161,18 +165,20 @@ class StreamConfig:
     # Kafka's own default. The embedded broker holds a group join for about half of it, so the
     # demo and the tests use its short one (stream.broker.SHORT_SESSION_TIMEOUT_MS).
     session_timeout_ms: Int = Field(
-        KAFKA_SESSION_TIMEOUT_MS,
+        default=KAFKA_SESSION_TIMEOUT_MS,
         ge=1000,
         description="Kafka's default; the embedded broker holds a group join ~half of it: use 6000 there",
     )
     dead_letters: Literal["file", "topic"] = Field(
-        "file", description='undecodable records go to "file" (dead_letter_path) or "topic" (<topic>.dlq)'
+        default="file", description='undecodable records go to "file" (dead_letter_path) or "topic" (<topic>.dlq)'
     )
     dead_letter_path: Str = Field(
-        "dead-letters.jsonl", min_length=1, description="JSON lines; a relative path is relative to checkpoints.dir"
+        default="dead-letters.jsonl",
+        min_length=1,
+        description="JSON lines; a relative path is relative to checkpoints.dir",
     )
     quarantine_path: Str = Field(
-        "quarantine.jsonl",
+        default="quarantine.jsonl",
         min_length=1,
         description="records of quarantined windows, JSON lines; relative to checkpoints.dir",
     )
@@ -182,7 +188,9 @@ class StreamConfig:
         examples=[{"tokens": {"shape": [32], "dtype": "int32"}, "numeric": {"shape": [8], "dtype": "float32"}}],
     )
     # kafka-python SASL/SSL options; may hold secrets (never in a repr).
-    security: dict[str, Str | Bool] = Field(default_factory=dict, repr=False, description="kafka-python SASL/SSL options")
+    security: dict[str, Str | Bool] = Field(
+        default_factory=dict, repr=False, description="kafka-python SASL/SSL options"
+    )
 
     def __post_init__(self):
         unknown = sorted(set(self.security) - SECURITY_OPTIONS)
@@ -223,23 +231,23 @@ class ProbeConfig:
     """How much of the stream is held out and how much of it is kept."""
 
     holdout_fraction: Float = Field(
-        0.1,  # ~140 probe examples per digits segment: enough for the paired test
+        default=0.1,  # ~140 probe examples per digits segment: enough for the paired test
         gt=0,
         lt=1,
         description="share of the stream held out for the probe (chosen by hashing the record key)",
     )
-    per_segment: Int = Field(200, ge=1, description="probe examples kept per segment (reservoir)")
-    max_segments: Int = Field(64, ge=1, description="beyond this the oldest segment is dropped")
+    per_segment: Int = Field(default=200, ge=1, description="probe examples kept per segment (reservoir)")
+    max_segments: Int = Field(default=64, ge=1, description="beyond this the oldest segment is dropped")
     # At the default holdout (10%) and cadence (probe.every_examples 50,000) that is one segment
     # per judged window, so the probe reaches back 64 windows and the reference models meet few
     # rows they have not seen.
     window_examples: Int = Field(
-        5_000,
+        default=5_000,
         ge=1,
         description="records without a segment: held-out examples per window segment (5,000: one per default window)",
     )
     golden: OptionalStr = Field(
-        None, description="optional .npz with arrays x, y: a fixed probe segment", examples=["golden-probe.npz"]
+        default=None, description="optional .npz with arrays x, y: a fixed probe segment", examples=["golden-probe.npz"]
     )
 
 
@@ -253,7 +261,7 @@ class GuardConfig:
     # costs"). Smaller windows catch damage sooner and quarantine less with it, at that
     # price: the digits scenarios, whose segments last ~1,400 examples, use 1,000.
     every_examples: Int = Field(
-        50_000,
+        default=50_000,
         ge=1,
         description="trained examples per window (judged, EWC consolidated on accept); "
         "judging costs what training 600-1,700 examples does",
@@ -261,7 +269,7 @@ class GuardConfig:
     # Recorded streams (replay) close windows by count only, so the same records always make
     # the same windows.
     every_seconds: Annotated[Float, Finite()] = Field(
-        60.0,
+        default=60.0,
         ge=0,
         description="serve: a window also closes after this long, so a slow stream is judged "
         "regularly (replay: by count only); 0 = by count only",
@@ -270,18 +278,18 @@ class GuardConfig:
     # 1000-example windows a clean new segment dips old segments by at most ~0.13, a broken
     # labeler by ~0.4.
     tolerance: Float = Field(
-        0.2, ge=0, lt=1, description="accuracy drop (overall or one segment) that may count as a regression"
+        default=0.2, ge=0, lt=1, description="accuracy drop (overall or one segment) that may count as a regression"
     )
     # candidate mean > good mean * (1 + loss_tolerance)
     loss_tolerance: Annotated[Float, Finite()] = Field(
-        0.2,
+        default=0.2,
         ge=0,
         description="tasks judged on losses (regression, multilabel): relative rise of the mean probe loss "
         "that may count as a regression (0.2 = +20%)",
     )
     # Bonferroni-corrected over scopes.
     alpha: Float = Field(
-        0.01,
+        default=0.01,
         gt=0,
         lt=1,
         description="significance of the one-sided paired test (McNemar on predictions; Wilcoxon on losses)",
@@ -289,29 +297,31 @@ class GuardConfig:
     # quarantine, not retry, by default: a retry with boosted lambda hides each poisoned window's
     # damage just under the tolerance, and the damage compounds window after window (measured).
     on_regression: Literal["retry", "quarantine", "halt"] = Field(
-        "quarantine", description='"quarantine", "retry" (stronger lambda, then quarantine) or "halt"'
+        default="quarantine", description='"quarantine", "retry" (stronger lambda, then quarantine) or "halt"'
     )
-    max_retries: Int = Field(2, ge=0, description="retries of a window before it is quarantined")
-    min_examples: Int = Field(20, description="probe examples a segment needs before it is tested")
+    max_retries: Int = Field(default=2, ge=0, description="retries of a window before it is quarantined")
+    min_examples: Int = Field(default=20, description="probe examples a segment needs before it is tested")
     # Damage that seeps in a little per window (each step under the tolerance) adds up and is caught.
     anchor_windows: Int = Field(
-        3,
+        default=3,
         ge=0,
         description="also judge against the good model of up to this many windows ago (catches slow seepage); 0 = off",
     )
-    enabled: Bool = Field(True, description="false: accept every candidate (to measure what the guard prevents)")
+    enabled: Bool = Field(
+        default=True, description="false: accept every candidate (to measure what the guard prevents)"
+    )
 
 
 @section("checkpoints")
 class CheckpointsConfig:
     """Where checkpoints (and the ledger inside the store) live, and how many ordinary ones are kept."""
 
-    dir: Str = Field("runs/continuity", min_length=1, description="checkpoint store directory")
-    keep_last: Int = Field(3, ge=1, description="ordinary checkpoints kept (pinned ones are kept too)")
+    dir: Str = Field(default="runs/continuity", min_length=1, description="checkpoint store directory")
+    keep_last: Int = Field(default=3, ge=1, description="ordinary checkpoints kept (pinned ones are kept too)")
     # Every window is judged; this only bounds how much a crash re-trains. Saving every
     # window of a fast stream would spend the service's time writing checkpoints.
     every_seconds: Float = Field(
-        10.0,
+        default=10.0,
         ge=0,
         description="at most one checkpoint per this many seconds (every window is still judged); "
         "0 = every accepted window",
@@ -319,7 +329,9 @@ class CheckpointsConfig:
     # A failing save (a full disk) never stops training; this bounds how long the service
     # trains on without a checkpoint before it stops (exit status 5) for an operator.
     max_unsaved_seconds: Float = Field(
-        3600.0, ge=0, description="saves failing this long in a row (a full disk): stop with exit status 5; 0 = never"
+        default=3600.0,
+        ge=0,
+        description="saves failing this long in a row (a full disk): stop with exit status 5; 0 = never",
     )
 
 
@@ -337,22 +349,27 @@ def is_loopback(host: str) -> bool:
 class ServiceConfig:
     """The running service: HTTP endpoints, progress reports, shutdown, seed."""
 
-    http_host: Str = Field("127.0.0.1", min_length=1, description="a non-loopback address requires an admin token")
-    http_port: Int = Field(8080, ge=0, le=65535, description="0 = pick a free port")
+    http_host: Str = Field(
+        default="127.0.0.1", min_length=1, description="a non-loopback address requires an admin token"
+    )
+    http_port: Int = Field(default=8080, ge=0, le=65535, description="0 = pick a free port")
     admin_token: Annotated[Str | None, BeforeValidator(_no_group)] = Field(
-        None,
+        default=None,
         repr=False,
         description='bearer token for POST /admin/*; give it as admin_token_env = "VAR"',
         json_schema_extra=_SECRET,
     )
-    progress_every_s: Float = Field(5.0, gt=0, description="seconds between one-line progress reports")
+    progress_every_s: Float = Field(default=5.0, gt=0, description="seconds between one-line progress reports")
     shutdown_timeout_s: Float = Field(
-        10.0, gt=0, description="SIGTERM/SIGINT: finish, check, checkpoint and exit within this"
+        default=10.0, gt=0, description="SIGTERM/SIGINT: finish, check, checkpoint and exit within this"
     )
     seed: Int = Field(
-        0, ge=0, lt=2**32, description="model init and probe selection; same records + config + seed = same checkpoints"
+        default=0,
+        ge=0,
+        lt=2**32,
+        description="model init and probe selection; same records + config + seed = same checkpoints",
     )
-    predict_max_rows: Int = Field(256, ge=1, description="rows (instances) one POST /predict may carry")
+    predict_max_rows: Int = Field(default=256, ge=1, description="rows (instances) one POST /predict may carry")
 
     def __post_init__(self):
         # The admin endpoints roll the model back: anyone who can reach them controls the service.
@@ -368,12 +385,12 @@ class ServiceConfig:
 class PublishConfig:
     """Where each accepted model is published for a separate serving process."""
 
-    dir: Str = Field("", description='directory of published models (a "latest" pointer moves last); "" = off')
+    dir: Str = Field(default="", description='directory of published models (a "latest" pointer moves last); "" = off')
 
 
 # Where the service's defaults differ from the learner library's neutral ones (which leave
 # replay and EWC off): the settings the guard was measured with (BENCHMARKS.md, "Guard").
-SERVICE_DEFAULTS = {
+SERVICE_DEFAULTS: dict[tuple[str, str], Any] = {
     ("replay", "capacity"): 1000,
     ("replay", "batch_size"): 32,
     ("ewc", "enabled"): True,
@@ -563,7 +580,7 @@ def _file_key(path: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _section_classes(name: str) -> list[type]:
-    return {
+    classes: dict[str, list[type]] = {
         "stream": [StreamConfig],
         "model": [ModelConfig],
         "learner": [LearnerConfig],
@@ -573,7 +590,8 @@ def _section_classes(name: str) -> list[type]:
         "checkpoints": [CheckpointsConfig],
         "service": [ServiceConfig],
         "publish": [PublishConfig],
-    }[name]
+    }
+    return classes[name]
 
 
 def _section_keys(name: str) -> list[str]:
@@ -989,8 +1007,7 @@ def example_config() -> str:
                         f"{'# ' + key + ENV_SUFFIX + ' = ' + _toml_value('CONTINUITY_' + key.upper()):<40}  # {comment}"
                     )
                 elif value is None:
-                    sample = info.examples[0] if info.examples else ""
-                    entry = f"# {key} = {_toml_value(sample)}"
+                    entry = f"# {key} = {_toml_value(info.examples[0] if info.examples else '')}"
                     lines.append(f"{entry:<40}  # {comment}")
                 else:
                     lines.append(_commented(key, _plain(value), comment))

@@ -79,7 +79,7 @@ def resolve(path: str) -> Callable:
     module_name, _, attribute = path.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
-    except Exception as error:  # ImportError, or the module's own code failing: the user's to fix
+    except Exception as error:  # noqa: BLE001 - ImportError, or the module failing as it loads: the user's to fix
         raise FactoryError(("model", "factory"), f"cannot import {module_name!r}: {_error_line(error)}") from None
     for part in attribute.split("."):
         if not hasattr(target, part):
@@ -217,7 +217,7 @@ def check_model(config: Config) -> None:
     inputs, outputs = model_inputs(config), task_for(config).outputs
     if model.factory is not None:
         try:
-            inspect.signature(factory).bind(rngs=None, inputs=inputs, outputs=outputs)
+            inspect.signature(resolve(model.factory)).bind(rngs=None, inputs=inputs, outputs=outputs, **model.kwargs)
         except TypeError as error:
             raise FactoryError(
                 ("model", "kwargs") if model.kwargs else ("model", "factory"),

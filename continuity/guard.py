@@ -15,76 +15,21 @@ Threading: NOT thread-safe; the service loop owns it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from continuity.config import GuardConfig  # [probe]: declared with the config
 from continuity.learner import Evaluation, Learner, LearnerState
 from continuity.learner import ewc as ewc_lib
 from continuity.probe import ProbeStore
 from continuity.regression import Verdict, judge, judge_losses, segment_rows
 
-ON_REGRESSION = ("retry", "quarantine", "halt")
-
 # How two models' per-example outcomes are paired, by the task's outcome kind (Task.outcome):
 # the judging rule, and which GuardConfig field is its tolerance.
 PAIRED_TESTS = {"correct": (judge, "tolerance"), "loss": (judge_losses, "loss_tolerance")}
-
-
-@dataclass(frozen=True)
-class GuardConfig:
-    """When candidates are judged, how strictly, and what happens to a regression."""
-
-    # A judgement (the candidate on the whole probe, up to 64 x 200 examples, plus a Fisher
-    # refresh) costs about as much as training 600-1,700 examples (MLPs to the CNN):
-    # judging every 50,000 keeps the guard under 3% of wall time (BENCHMARKS.md, "Guard
-    # costs"). Smaller windows catch damage sooner and quarantine less with it, at that
-    # price: the digits scenarios, whose segments last ~1,400 examples, use 1,000.
-    every_examples: int = 50_000  # trained examples between probe checks
-    # A live stream (serve) also closes a window after this many seconds, so a slow one is still
-    # judged and checkpointed regularly. Recorded streams (replay) close windows by count only,
-    # so the same records always make the same windows. 0: by count only.
-    every_seconds: float = 60.0
-    # tolerance and alpha were measured on permuted-digits (BENCHMARKS.md, "Guard"): with
-    # 1000-example windows a clean new segment dips old segments by at most ~0.13, a broken
-    # labeler by ~0.4.
-    tolerance: float = 0.2  # accuracy drop (overall or one segment) that may count as a regression
-    # Tasks judged on per-example losses (regression, multi-label): relative rise of the mean
-    # probe loss that may count as a regression (candidate mean > good mean * (1 + loss_tolerance)).
-    loss_tolerance: float = 0.2
-    # Significance of the one-sided paired test (McNemar on right/wrong; Wilcoxon signed-rank on
-    # losses), Bonferroni-corrected over scopes.
-    alpha: float = 0.01
-    # quarantine, not retry, by default: a retry with boosted lambda hides each poisoned window's
-    # damage just under the tolerance, and the damage compounds window after window (measured).
-    on_regression: str = "quarantine"
-    max_retries: int = 2  # retries of a window before it is quarantined
-    min_examples: int = 20  # probe examples a segment needs before it is tested
-    # Also judge against the good model of up to this many accepted windows ago, so damage
-    # that seeps in a little per window (each step under the tolerance) adds up and is caught.
-    anchor_windows: int = 3  # 0: compare with the last good model only
-    enabled: bool = True  # False: every candidate is accepted (to measure what the guard prevents)
-
-    def __post_init__(self):
-        if self.every_examples < 1:
-            raise ValueError(f"`probe.every_examples` must be >= 1. Got {self.every_examples!r}.")
-        if not (isinstance(self.every_seconds, (int, float)) and 0 <= self.every_seconds < float("inf")):
-            raise ValueError(f"`probe.every_seconds` must be a finite number >= 0. Got {self.every_seconds!r}.")
-        if not 0 <= self.tolerance < 1:
-            raise ValueError(f"`probe.tolerance` must be in [0, 1). Got {self.tolerance!r}.")
-        if not (isinstance(self.loss_tolerance, (int, float)) and 0 <= self.loss_tolerance < float("inf")):
-            raise ValueError(f"`probe.loss_tolerance` must be a finite number >= 0. Got {self.loss_tolerance!r}.")
-        if not 0 < self.alpha < 1:
-            raise ValueError(f"`probe.alpha` must be in (0, 1). Got {self.alpha!r}.")
-        if self.on_regression not in ON_REGRESSION:
-            allowed = ", ".join(map(repr, ON_REGRESSION))
-            raise ValueError(f"`probe.on_regression` must be one of {allowed}. Got {self.on_regression!r}.")
-        if self.max_retries < 0:
-            raise ValueError(f"`probe.max_retries` must be >= 0. Got {self.max_retries!r}.")
-        if self.anchor_windows < 0:
-            raise ValueError(f"`probe.anchor_windows` must be >= 0. Got {self.anchor_windows!r}.")
 
 
 @jax.jit

@@ -43,7 +43,30 @@ _HOMES = {
     "Task": "tasks",
 }
 
-__all__ = sorted(_HOMES)
+__all__ = [
+    "CORRECT",
+    "LOSS",
+    "Batch",
+    "Classification",
+    "EWCConfig",
+    "EWCState",
+    "Evaluation",
+    "Learner",
+    "LearnerConfig",
+    "LearnerState",
+    "ModelConfig",
+    "ModelFactory",
+    "MultiLabel",
+    "Outcome",
+    "Regression",
+    "ReplayConfig",
+    "StepTotals",
+    "Task",
+    "cnn",
+    "compilation_count",
+    "count_parameters",
+    "mlp",
+]
 
 
 def __getattr__(name: str):

@@ -45,15 +45,15 @@ class ModelConfig:
     """Which network maps an example to the task's outputs: a preset, or a factory of your own."""
 
     kind: Literal["mlp", "cnn"] = Field(
-        "mlp", description='a preset: "mlp" or "cnn" (cnn: [H, W, C] features); not used with factory'
+        default="mlp", description='a preset: "mlp" or "cnn" (cnn: [H, W, C] features); not used with factory'
     )
-    hidden: PositiveInts = Field((256, 256), min_length=1, description="mlp: hidden layer widths")
+    hidden: PositiveInts = Field(default=(256, 256), min_length=1, description="mlp: hidden layer widths")
     channels: PositiveInts = Field(
-        (32, 64), min_length=1, description="cnn: 3x3 conv widths, each followed by 2x2 pooling"
+        default=(32, 64), min_length=1, description="cnn: 3x3 conv widths, each followed by 2x2 pooling"
     )
-    dense: Int = Field(128, gt=0, description="cnn: width of the dense layer after the convolutions")
+    dense: Int = Field(default=128, gt=0, description="cnn: width of the dense layer after the convolutions")
     factory: OptionalStr = Field(
-        None,
+        default=None,
         description="a model of your own: factory(rngs=, inputs=, outputs=, **kwargs) -> nnx.Module",
         examples=["my_models:build"],
     )
@@ -73,13 +73,21 @@ class ScheduleConfig:
     """How the learning rate moves over train steps (optax schedules; learning_rate is the peak)."""
 
     kind: Literal["constant", "cosine", "warmup_cosine", "exponential"] = Field(
-        "constant", description='"constant", "cosine", "warmup_cosine" or "exponential"'
+        default="constant", description='"constant", "cosine", "warmup_cosine" or "exponential"'
     )
-    decay_steps: Int = Field(100_000, ge=1, description="cosine, warmup_cosine: steps to decay over (with warmup)")
-    warmup_steps: Int = Field(0, ge=0, description="warmup_cosine: steps rising linearly from 0 to learning_rate")
-    alpha: Float = Field(0.0, ge=0, le=1, description="cosine, warmup_cosine: final rate as a share of learning_rate")
-    transition_steps: Int = Field(1000, ge=1, description="exponential: steps per decay_rate factor")
-    decay_rate: Float = Field(0.5, gt=0, le=1, description="exponential: rate <- rate * decay_rate each transition")
+    decay_steps: Int = Field(
+        default=100_000, ge=1, description="cosine, warmup_cosine: steps to decay over (with warmup)"
+    )
+    warmup_steps: Int = Field(
+        default=0, ge=0, description="warmup_cosine: steps rising linearly from 0 to learning_rate"
+    )
+    alpha: Float = Field(
+        default=0.0, ge=0, le=1, description="cosine, warmup_cosine: final rate as a share of learning_rate"
+    )
+    transition_steps: Int = Field(default=1000, ge=1, description="exponential: steps per decay_rate factor")
+    decay_rate: Float = Field(
+        default=0.5, gt=0, le=1, description="exponential: rate <- rate * decay_rate each transition"
+    )
 
     def __post_init__(self):
         if self.kind == "warmup_cosine" and self.decay_steps <= self.warmup_steps:
@@ -94,17 +102,17 @@ class ReplayConfig:
     """The rehearsal buffer: `capacity` 0 turns replay off (no sampling, no insertion)."""
 
     kind: Literal["reservoir", "class_balanced", "fifo"] = Field(
-        "reservoir", description='"reservoir", "class_balanced" (classification only) or "fifo"'
+        default="reservoir", description='"reservoir", "class_balanced" (classification only) or "fifo"'
     )
-    capacity: Int = Field(0, ge=0, description="examples kept; 0 = no replay")
+    capacity: Int = Field(default=0, ge=0, description="examples kept; 0 = no replay")
     # Half a default fresh batch by default in the library (BENCHMARKS.md).
-    batch_size: Int = Field(16, ge=1, description="replayed examples mixed into every step")
+    batch_size: Int = Field(default=16, ge=1, description="replayed examples mixed into every step")
     # ER-ACE (Caccia et al. 2022): fresh rows' cross-entropy only over the classes present
     # in the fresh batch, so learning new classes does not push old classes' logits down;
     # replayed rows use all classes. Changes nothing when every batch holds every class.
     # Ignored by tasks without classes (Task.classes_present).
     asymmetric: Bool = Field(
-        True, description="ER-ACE (Caccia et al. 2022): fresh rows' loss only over the classes they contain"
+        default=True, description="ER-ACE (Caccia et al. 2022): fresh rows' loss only over the classes they contain"
     )
 
     @property
@@ -121,17 +129,19 @@ class EWCConfig:
     `strength_max`. `gamma` discounts the old Fisher: F <- gamma F + F_new.
     """
 
-    enabled: Bool = Field(False, description="")
-    strength: Float = Field(100.0, ge=0, description="lambda at start")
-    strength_min: Float = Field(10.0, ge=0, description="lambda decays toward this on accepted windows")
-    strength_max: Float = Field(10_000.0, ge=0, description="and is boosted up to this on regressions")
+    enabled: Bool = Field(default=False, description="")
+    strength: Float = Field(default=100.0, ge=0, description="lambda at start")
+    strength_min: Float = Field(default=10.0, ge=0, description="lambda decays toward this on accepted windows")
+    strength_max: Float = Field(default=10_000.0, ge=0, description="and is boosted up to this on regressions")
     # A boost wears off within a few accepted windows, so plasticity comes back.
     decay: Float = Field(
-        0.5, gt=0, le=1, description="lambda <- max(strength_min, lambda * decay) on each accepted window"
+        default=0.5, gt=0, le=1, description="lambda <- max(strength_min, lambda * decay) on each accepted window"
     )
-    boost: Float = Field(4.0, ge=1, description="lambda <- min(strength_max, lambda * boost) on each regression")
-    gamma: Float = Field(0.9, ge=0, le=1, description="Fisher discount: F <- gamma F + F_new")
-    fisher_samples: Int = Field(256, ge=1, description="examples per Fisher refresh (from replay, or given)")
+    boost: Float = Field(
+        default=4.0, ge=1, description="lambda <- min(strength_max, lambda * boost) on each regression"
+    )
+    gamma: Float = Field(default=0.9, ge=0, le=1, description="Fisher discount: F <- gamma F + F_new")
+    fisher_samples: Int = Field(default=256, ge=1, description="examples per Fisher refresh (from replay, or given)")
 
     def __post_init__(self):
         if not 0 <= self.strength_min <= self.strength <= self.strength_max:
@@ -154,21 +164,21 @@ class LearnerConfig:
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="[model]")
     task: Literal["classification", "regression", "multilabel"] = Field(
-        "classification",
+        default="classification",
         description='"classification" (integer labels), "regression" (float targets, squared error) '
         'or "multilabel" (stream.num_labels sigmoid outputs)',
     )
     optimizer: Str = Field(
-        "adam", min_length=1, description="any optax optimizer by name: adam, adamw, sgd, rmsprop, lion, ..."
+        default="adam", min_length=1, description="any optax optimizer by name: adam, adamw, sgd, rmsprop, lion, ..."
     )
-    learning_rate: Float = Field(1e-3, gt=0, description="the optimizer's (peak) learning rate")
+    learning_rate: Float = Field(default=1e-3, gt=0, description="the optimizer's (peak) learning rate")
     clip_global_norm: OptionalFloat = Field(
-        None, gt=0, description="clip each update's gradients to this global norm", examples=[1.0]
+        default=None, gt=0, description="clip each update's gradients to this global norm", examples=[1.0]
     )
     batch_size: Int = Field(
-        32, ge=1, description="fresh examples per step (fixed shape: a short batch is padded and masked)"
+        default=32, ge=1, description="fresh examples per step (fixed shape: a short batch is padded and masked)"
     )
-    steps_per_dispatch: Int = Field(8, ge=1, description="train updates per dispatch to the device")
+    steps_per_dispatch: Int = Field(default=8, ge=1, description="train updates per dispatch to the device")
     optimizer_args: dict[str, Any] = Field(
         default_factory=dict,
         description="the optimizer's other keyword arguments (optax's names)",

@@ -19,12 +19,14 @@ import math
 import types
 import typing
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, dataclass_transform
 
 import annotated_types
 import pydantic
-from pydantic import AllowInfNan, BeforeValidator, ConfigDict, Strict, ValidationError
+from pydantic import AllowInfNan, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 from pydantic.fields import FieldInfo
+
+_Section = TypeVar("_Section")
 
 # Scalars are strict (a TOML string "32" is not an integer, 1 is not a boolean); arrays are
 # TOML arrays. Every float is finite: a NaN or an infinity is never a setting.
@@ -66,7 +68,8 @@ class ConfigProblem(ValueError):
 SECTION_CONFIG = ConfigDict(extra="forbid", validate_default=False)
 
 
-def section(name: str) -> Callable[[type], Any]:
+@dataclass_transform(frozen_default=True, field_specifiers=(Field, dataclasses.field))
+def section(name: str) -> Callable[[type[_Section]], type[_Section]]:
     """A frozen, validating pydantic dataclass for the config file's [name] section.
 
     Built in code, a bad value raises `SectionError` (a ValueError) with the one-line form
@@ -74,8 +77,8 @@ def section(name: str) -> Callable[[type], Any]:
     with the file's coordinates.
     """
 
-    def make(cls: type) -> Any:
-        built = pydantic.dataclasses.dataclass(frozen=True, config=SECTION_CONFIG)(cls)
+    def make(cls: type[_Section]) -> type[_Section]:
+        built: Any = pydantic.dataclasses.dataclass(frozen=True, config=SECTION_CONFIG)(cls)
         init = built.__init__
 
         @functools.wraps(init)
@@ -256,7 +259,9 @@ def describe(
     and the received value (a secret's type only). `allowed_keys(path)` lists what a
     did-you-mean may suggest for an unknown key at `path` (default: that table's fields).
     """
-    first = error.errors()[0]
+    errors = error.errors()
+    # An unknown key first: a misspelt key also leaves the key it meant missing.
+    first = next((e for e in errors if e["type"] in _UNKNOWN_KEY_ERRORS), errors[0])
     kind = first["type"]
     loc = tuple(str(part) for part in first["loc"] if not isinstance(part, int))
     indexed = any(isinstance(part, int) for part in first["loc"])  # an array's element is at fault
@@ -275,6 +280,8 @@ def describe(
     if info is None:  # a whole section of the wrong type, or a check of a section as a whole
         detail = str(cause) if cause is not None else f"expected a table, got {received(value, True)}"
         return where(loc), f"{' '.join(detail.split())}"
+    if kind == "missing":
+        return where(loc), f"is required: {expected(info)}"
     if kind in _TYPE_ERRORS or kind == "finite_number":
         what = "a finite number" if kind == "finite_number" else expected(info)
         return where(loc), f"expected {what}, got {received(value, secret)}"
@@ -304,14 +311,14 @@ def key_text(key: tuple[str, ...]) -> str:
     return f"[{'.'.join(key[:-1])}] {key[-1]}"
 
 
-def field_at(root: type, loc: tuple[str, ...]) -> tuple[type | None, FieldInfo | None]:
+def field_at(root: type, loc: tuple[str, ...]) -> tuple[Any, FieldInfo | None]:
     """The dataclass holding the field at `loc`, and its FieldInfo (None past the schema)."""
-    owner: type | None = root
+    owner: Any = root
     info: FieldInfo | None = None
     parts = list(loc)
     while parts:
         part = parts.pop(0)
-        if owner is None or not dataclasses.is_dataclass(owner):
+        if not isinstance(owner, type) or not dataclasses.is_dataclass(owner):
             return None, None
         info = fields(owner).get(part)
         if info is None:
