@@ -5,7 +5,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test unit lint format bench chaos demo lock clean fuzz prometheus-tools
+.PHONY: test unit lint format bench chaos demo lock clean fuzz prometheus-tools config-reference
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -48,6 +48,10 @@ format: $(STAMP)
 # 2 cores): prints how many inputs ran and how many exceptions escaped (see BENCHMARKS.md).
 fuzz: $(STAMP)
 	CONTINUITY_FUZZ_EXAMPLES=12000 $(PYTHON) -m pytest tests/test_fuzz.py -q -s --timeout=0 -p no:cacheprovider
+
+# The README's config reference, generated from the config sections' declarations (a test checks it).
+config-reference: $(STAMP)
+	$(PYTHON) -c 'from continuity.config import update_readme; update_readme("README.md")'
 
 bench: $(STAMP)
 	$(PYTHON) -m continuity.benchmarks.run

@@ -46,7 +46,11 @@ def strategy_config(
         ewc_strength = DEFAULT_EWC_STRENGTH.get(strategy, base.ewc.strength)
     return replace(
         base,
-        replay=replace(base.replay, kind=replay_kind, capacity=replay_capacity if use_replay else 0),
+        replay=replace(
+            base.replay,
+            kind=replay_kind,  # type: ignore[arg-type] # ReplayConfig checks it
+            capacity=replay_capacity if use_replay else 0,
+        ),
         ewc=replace(
             base.ewc,
             enabled=use_ewc,

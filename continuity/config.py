@@ -1,18 +1,22 @@
 """The service's one TOML config file: typed, validated on load, overridable with `--set`.
 
-A config file has nine sections: [stream], [model], [learner], [replay], [ewc],
-[probe], [checkpoints], [publish], [service]. They map onto the typed configs the libraries
-already validate (`learner.ModelConfig`, `LearnerConfig`, `ReplayConfig`, `EWCConfig`,
-`continuity.probe.ProbeConfig`, `continuity.guard.GuardConfig`) plus four defined here
-(`StreamConfig`, `CheckpointsConfig`, `PublishConfig`, `ServiceConfig`). [probe] holds both ProbeConfig's
-keys (what is held out) and GuardConfig's (how candidates are judged): for a user they
-are one thing, the continuity probe.
+A config file has nine sections: [stream], [model], [learner], [replay], [ewc], [probe],
+[checkpoints], [service], [publish]. [model] [learner] [replay] [ewc] fill the learner
+library's `LearnerConfig` (learner/config.py); [probe] fills both `ProbeConfig` (what is
+held out) and `GuardConfig` (how candidates are judged): for a user they are one thing,
+the continuity probe. Every section is a pydantic dataclass (learner/schema.py): each
+field's type, bounds, default and description are declared once, and the loader,
+`continuity config example` and the README's reference (`make config-reference`) are
+made from them.
 
 Loading is strict, because a typo that is silently ignored is a service that runs with a
 setting nobody chose: an unknown section or key, a value of the wrong type, a value out
-of range, a bad TOML file or a missing one is a `ConfigError` whose one-line message
+of range, settings that contradict each other (a CNN over flat features, a regression
+with classes), a bad TOML file or a missing one is a `ConfigError` whose one-line message
 names the key, what was expected and what was received. The CLI prints it alone and
-exits with status 2.
+exits with status 2. What only the model's code can tell (does an import path resolve,
+does optax have that optimizer) is checked by the application (`factory.check`), since
+this module imports no JAX.
 
 Secrets (Kafka SASL/SSL passwords, the admin token) come from the environment only:
 `<name>_env = "VAR"` in the file means "read <name> from environment variable VAR". A
@@ -25,57 +29,51 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import enum
-import functools
 import hashlib
 import ipaddress
 import json
-import math
 import os
-import re
 import tomllib
-import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 from continuity.errors import UsageError
-from continuity.probe import ProbeConfig
-from continuity.stream.codecs import CODECS, DTYPE_CODES, INPUT_DTYPES, CodecError, FeatureSpec, FieldSpec
+from continuity.learner.config import EWCConfig, LearnerConfig, ModelConfig, ReplayConfig
+from continuity.learner.schema import (
+    SECTION_CONFIG,
+    Bool,
+    ConfigProblem,
+    Finite,
+    Float,
+    Int,
+    OptionalStr,
+    PositiveInts,
+    Str,
+    describe,
+    fields,
+    is_secret,
+    key_text,
+    received,
+    section,
+    suggest,
+)
+from continuity.stream.codecs import DTYPE_CODES, FeatureSpec, FieldSpec
 from continuity.stream.kafka import KAFKA_SESSION_TIMEOUT_MS, SECURITY_OPTIONS, KafkaSettings, redact
-from continuity.stream.sources import LOST_POSITION_ACTIONS
 
 if TYPE_CHECKING:
-    from continuity.guard import GuardConfig
-    from continuity.learner.config import LearnerConfig, ModelConfig
-
-
-@functools.cache
-def _jax_configs() -> SimpleNamespace:
-    """The typed configs whose modules import JAX, imported on first use.
-
-    Command modules call `add_config_arguments` while the parser is built, and building
-    it (`continuity --help`) must not pay the seconds a JAX import costs.
-    """
-    from continuity.guard import GuardConfig
-    from continuity.learner.config import EWCConfig, LearnerConfig, ModelConfig, ReplayConfig
-
-    return SimpleNamespace(
-        GuardConfig=GuardConfig,
-        LearnerConfig=LearnerConfig,
-        ModelConfig=ModelConfig,
-        ReplayConfig=ReplayConfig,
-        EWCConfig=EWCConfig,
-    )
-
+    from continuity.detectors import WindowCheckConfig
 
 SOURCES = ("kafka", "file")
 DEAD_LETTER_SINKS = ("file", "topic")
 OFFSET_RESETS = ("earliest", "latest")
 WIRE_DTYPES = tuple(DTYPE_CODES.values())
+INPUT_DTYPES = ("float32", "int32")
+ON_REGRESSION = ("retry", "quarantine", "halt")
 ENV_SUFFIX = "_env"  # `<name>_env = "VAR"`: the value of <name> is read from environment variable VAR
 
 # Security options that are Python objects (an SSLContext, a token provider): a text file cannot give them.
@@ -84,23 +82,11 @@ _BOOL_SECURITY_OPTIONS = frozenset({"ssl_check_hostname"})
 # Which security options are secrets: exactly those stream.kafka redacts in its own logs.
 SECRET_SECURITY_OPTIONS = frozenset(k for k in SECURITY_OPTIONS if redact({k: ""})[k] == "***")
 REDACTED = "***"
+_SECRET: Any = {"secret": True}  # Field(json_schema_extra=...): a value never shown
 
 
 class ConfigError(UsageError):
     """The config file or a `--set` override is invalid; the one-line message names the key."""
-
-
-# ---- the configs defined here ------------------------------------------------------------------
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _one_of(name: str, value, allowed: tuple) -> None:
-    choices = ", ".join(repr(a) for a in allowed)
-    _require(value in allowed, f"`{name}` must be one of {choices}. Got {value!r}.")
 
 
 class _Keep(enum.Enum):
@@ -109,7 +95,23 @@ class _Keep(enum.Enum):
     GROUP = enum.auto()  # kafka_settings(group=...) not given: use StreamConfig.group
 
 
-@dataclass(frozen=True)
+def _one_topic(value):
+    return (value,) if isinstance(value, str) else value  # `--set stream.topics=digits` means one topic
+
+
+def _no_group(value):
+    return None if value == "" else value
+
+
+@section("stream.inputs")
+class InputSpec:
+    """One named feature of an example: its shape and dtype (integer features stay integers)."""
+
+    shape: PositiveInts = Field(min_length=1, max_length=8, description="the feature's shape (1 to 8 positive sizes)")
+    dtype: Literal["float32", "int32"] = Field(default="float32", description='"float32" or "int32" (token ids)')
+
+
+@section("stream")
 class StreamConfig:
     """Where records come from and what a valid example looks like.
 
@@ -117,89 +119,99 @@ class StreamConfig:
     (see `Config.dead_letter_file`), so one run's artefacts stay together.
     """
 
-    source: str = "kafka"  # "kafka", or "file": a recorded Parquet stream (`continuity replay`)
-    bootstrap: str = "127.0.0.1:9092"
-    topics: tuple[str, ...] = ("digits",)
-    group: str | None = "continuity"  # None or "": explicit assignment of every partition, no group
-    codec: str = "binary"
-    feature_shape: tuple[int, ...] = (8, 8, 1)
-    dtype: str = "float32"
-    num_classes: int | None = 10  # None: labels without classes (learner.task = "regression": float targets)
-    auto_offset_reset: str = "earliest"
+    source: Literal["kafka", "file"] = Field(
+        default="kafka", description='"kafka", or "file" for a recorded Parquet stream (`continuity replay FILE`)'
+    )
+    bootstrap: Str = Field(
+        default="127.0.0.1:9092",
+        pattern=r"\S",
+        description="host:port[,host:port]; `continuity broker --port 9092` runs the embedded broker",
+    )
+    topics: Annotated[tuple[Str, ...], BeforeValidator(_one_topic)] = Field(
+        default=("digits",),
+        min_length=1,
+        description="`continuity produce --bootstrap 127.0.0.1:9092 --topic digits --scenario permuted-digits`",
+    )
+    group: Annotated[Str | None, BeforeValidator(_no_group)] = Field(
+        default="continuity",
+        description='consumer group: offsets are committed after each checkpoint; "" = no group, read every partition',
+    )
+    codec: Literal["binary", "json"] = Field(
+        default="binary", description='"binary" or "json" (wire formats: see README)'
+    )
+    feature_shape: PositiveInts = Field(
+        default=(8, 8, 1), min_length=1, max_length=8, description="one example's features"
+    )
+    dtype: Literal["float32", "float16", "float64", "uint8"] = Field(
+        default="float32", description="wire dtype of the features: " + ", ".join(f'"{d}"' for d in WIRE_DTYPES)
+    )
+    num_classes: Annotated[Int | None, BeforeValidator(_no_group)] = Field(
+        default=10,
+        ge=1,
+        description='classification: labels are integers in [0, num_classes); left out for "regression", "multilabel"',
+    )
+    num_labels: Annotated[Int | None, BeforeValidator(_no_group)] = Field(
+        default=None, ge=1, description='learner.task = "multilabel": labels per example (multi-hot)', examples=[5]
+    )
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        default="earliest",
+        description='where a partition without a checkpointed position starts: "earliest" or "latest"',
+    )
     # A checkpointed position the broker no longer has (topic recreated, log lost or truncated):
     # "halt" (exit status 4, an operator decides), "earliest" or "latest" (see README).
-    on_lost_positions: str = "halt"
+    on_lost_positions: Literal["halt", "earliest", "latest"] = Field(
+        default="halt",
+        description="a checkpointed position the broker no longer has (topic recreated, log lost): "
+        '"halt" (exit 4, an operator decides), "earliest" (records may be trained twice) or "latest" (records in '
+        "between are never trained)",
+    )
     # Kafka's own default. The embedded broker holds a group join for about half of it, so the
     # demo and the tests use its short one (stream.broker.SHORT_SESSION_TIMEOUT_MS).
-    session_timeout_ms: int = KAFKA_SESSION_TIMEOUT_MS
-    dead_letters: str = "file"  # "file": dead_letter_path (JSON lines); "topic": <topic>.dlq
-    dead_letter_path: str = "dead-letters.jsonl"
-    quarantine_path: str = "quarantine.jsonl"
-    security: dict = field(default_factory=dict, repr=False)  # kafka-python SASL/SSL options; may hold secrets
-    # Named input fields, {name: {"shape": (...), "dtype": "float32" | "int32"}}: an example's
-    # features are then a dict of arrays (JSON codec); empty: one array of feature_shape.
-    inputs: dict = field(default_factory=dict)
+    session_timeout_ms: Int = Field(
+        default=KAFKA_SESSION_TIMEOUT_MS,
+        ge=1000,
+        description="Kafka's default; the embedded broker holds a group join ~half of it: use 6000 there",
+    )
+    dead_letters: Literal["file", "topic"] = Field(
+        default="file", description='undecodable records go to "file" (dead_letter_path) or "topic" (<topic>.dlq)'
+    )
+    dead_letter_path: Str = Field(
+        default="dead-letters.jsonl",
+        min_length=1,
+        description="JSON lines; a relative path is relative to checkpoints.dir",
+    )
+    quarantine_path: Str = Field(
+        default="quarantine.jsonl",
+        min_length=1,
+        description="records of quarantined windows, JSON lines; relative to checkpoints.dir",
+    )
+    inputs: dict[str, InputSpec] = Field(
+        default_factory=dict,
+        description="named features of an example, instead of one feature_shape array (needs model.factory)",
+        examples=[{"tokens": {"shape": [32], "dtype": "int32"}, "numeric": {"shape": [8], "dtype": "float32"}}],
+    )
+    # kafka-python SASL/SSL options; may hold secrets (never in a repr).
+    security: dict[str, Str | Bool] = Field(
+        default_factory=dict, repr=False, description="kafka-python SASL/SSL options"
+    )
 
     def __post_init__(self):
-        object.__setattr__(self, "topics", (self.topics,) if isinstance(self.topics, str) else tuple(self.topics))
-        object.__setattr__(
-            self, "inputs", {name: {**table, "shape": tuple(table["shape"])} for name, table in self.inputs.items()}
-        )
-        object.__setattr__(self, "feature_shape", tuple(self.feature_shape))
-        object.__setattr__(self, "security", dict(self.security))
-        if self.group == "":
-            object.__setattr__(self, "group", None)
-        _one_of("stream.source", self.source, SOURCES)
-        _require(
-            isinstance(self.bootstrap, str) and bool(self.bootstrap.strip()),
-            f"`stream.bootstrap` must be 'host:port' (comma-separated for several). Got {self.bootstrap!r}.",
-        )
-        _require(
-            len(self.topics) > 0 and all(isinstance(t, str) and t for t in self.topics),
-            f"`stream.topics` must be a non-empty list of topic names. Got {list(self.topics)!r}.",
-        )
-        _one_of("stream.codec", self.codec, CODECS)
-        _require(
-            0 < len(self.feature_shape) <= 8 and all(isinstance(d, int) and d > 0 for d in self.feature_shape),
-            f"`stream.feature_shape` must be a list of 1 to 8 positive integers. Got {list(self.feature_shape)!r}.",
-        )
-        _one_of("stream.dtype", self.dtype, WIRE_DTYPES)
-        _require(
-            self.num_classes is None or self.num_classes >= 1,
-            f"`stream.num_classes` must be >= 1, or left out for a task without classes. Got {self.num_classes!r}.",
-        )
-        _one_of("stream.auto_offset_reset", self.auto_offset_reset, OFFSET_RESETS)
-        _one_of("stream.on_lost_positions", self.on_lost_positions, LOST_POSITION_ACTIONS)
-        _require(
-            self.session_timeout_ms >= 1000,
-            f"`stream.session_timeout_ms` must be >= 1000. Got {self.session_timeout_ms!r}.",
-        )
-        _one_of("stream.dead_letters", self.dead_letters, DEAD_LETTER_SINKS)
-        _require(bool(self.dead_letter_path), "`stream.dead_letter_path` must be a file path. Got ''.")
-        _require(bool(self.quarantine_path), "`stream.quarantine_path` must be a file path. Got ''.")
         unknown = sorted(set(self.security) - SECURITY_OPTIONS)
-        _require(
-            not unknown, f"`stream.security` has unknown option(s) {unknown}; allowed: {sorted(SECURITY_OPTIONS)}."
+        if unknown:
+            raise ConfigProblem(f"has unknown option(s) {unknown}; allowed: {sorted(SECURITY_OPTIONS)}.", "security")
+        # These fields' checks the loader runs with the file's names (topics, bootstrap).
+        if not all(self.topics):
+            raise ConfigProblem(f"must be a non-empty list of topic names. Got {list(self.topics)!r}.", "topics")
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name != "security"
         )
-        try:
-            self.input_fields()
-        except CodecError as error:
-            raise ValueError(f"`stream.inputs` {error}.") from None
-        _require(
-            not self.inputs or self.codec == "json",
-            f'`stream.codec` must be "json" with named inputs ([stream.inputs]): the binary format carries one '
-            f"array per example. Got {self.codec!r}.",
-        )
+        return f"StreamConfig({shown}, security={redact(self.security)!r})"
 
     def input_fields(self) -> tuple[FieldSpec, ...]:
         """The named inputs as the codecs take them (empty: one array of feature_shape)."""
-        return tuple(FieldSpec(name, table["shape"], table["dtype"]) for name, table in self.inputs.items())
-
-    def __repr__(self) -> str:
-        fields = ", ".join(
-            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.name != "security"
-        )
-        return f"StreamConfig({fields}, security={redact(self.security)!r})"
+        return tuple(FieldSpec(name, tuple(spec.shape), spec.dtype) for name, spec in self.inputs.items())
 
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(
@@ -223,34 +235,166 @@ class StreamConfig:
         )
 
 
-@dataclass(frozen=True)
+@section("probe")
+class ProbeConfig:
+    """How much of the stream is held out and how much of it is kept."""
+
+    holdout_fraction: Float = Field(
+        default=0.1,  # ~140 probe examples per digits segment: enough for the paired test
+        gt=0,
+        lt=1,
+        description="share of the stream held out for the probe (chosen by hashing the record key)",
+    )
+    per_segment: Int = Field(default=200, ge=1, description="probe examples kept per segment (reservoir)")
+    max_segments: Int = Field(default=64, ge=1, description="beyond this the oldest segment is dropped")
+    # At the default holdout (10%) and cadence (probe.every_examples 50,000) that is one segment
+    # per judged window, so the probe reaches back 64 windows and the reference models meet few
+    # rows they have not seen.
+    window_examples: Int = Field(
+        default=5_000,
+        ge=1,
+        description="records without a segment: held-out examples per window segment (5,000: one per default window)",
+    )
+    golden: OptionalStr = Field(
+        default=None, description="optional .npz with arrays x, y: a fixed probe segment", examples=["golden-probe.npz"]
+    )
+
+
+@section("probe")
+class GuardConfig:
+    """When candidates are judged, how strictly, and what happens to a regression."""
+
+    # A judgement (the candidate on the whole probe, up to 64 x 200 examples, plus a Fisher
+    # refresh) costs about as much as training 600-1,700 examples (MLPs to the CNN):
+    # judging every 50,000 keeps the guard under 3% of wall time (BENCHMARKS.md, "Guard
+    # costs"). Smaller windows catch damage sooner and quarantine less with it, at that
+    # price: the digits scenarios, whose segments last ~1,400 examples, use 1,000.
+    every_examples: Int = Field(
+        default=50_000,
+        ge=1,
+        description="trained examples per window (judged, EWC consolidated on accept); "
+        "judging costs what training 600-1,700 examples does",
+    )
+    # Recorded streams (replay) close windows by count only, so the same records always make
+    # the same windows.
+    every_seconds: Annotated[Float, Finite()] = Field(
+        default=60.0,
+        ge=0,
+        description="serve: a window also closes after this long, so a slow stream is judged "
+        "regularly (replay: by count only); 0 = by count only",
+    )
+    # The accuracy a scope (overall, a segment) may lose in a window: drift's price. Tested, not
+    # compared: Tango's test rejects "lost at most this much" (BENCHMARKS.md, "Guard": clean
+    # streams' worst drops 0.26-0.30 pass, a broken labeler's 0.44-0.85 do not).
+    tolerance: Float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description="accuracy drop (overall or one segment) a regression must exceed: Tango's test at alpha",
+    )
+    # candidate mean > good mean * (1 + loss_tolerance)
+    loss_tolerance: Annotated[Float, Finite()] = Field(
+        default=0.2,
+        ge=0,
+        description="tasks judged on losses (regression, multilabel): relative rise of the mean probe loss "
+        "that may count as a regression (0.2 = +20%)",
+    )
+    # Half to the probe's paired tests (Bonferroni-corrected over scopes), half to the window
+    # checks (corrected over their tests); tasks judged on losses give all of it to the probe.
+    alpha: Float = Field(
+        default=0.01,
+        gt=0,
+        lt=1,
+        description="false alarms per window: half to the probe's paired tests (Tango; Wilcoxon on losses), "
+        "half to window checks",
+    )
+    # quarantine, not retry, by default: a retry with boosted lambda hides each poisoned window's
+    # damage just under the tolerance, and the damage compounds window after window (measured).
+    on_regression: Literal["retry", "quarantine", "halt"] = Field(
+        default="quarantine",
+        description='"quarantine" (the damaged span; the rest is trained again), "retry" (stronger lambda) or "halt"',
+    )
+    max_retries: Int = Field(default=2, ge=0, description="retries of a window before it is quarantined")
+    min_examples: Int = Field(default=20, description="probe examples a segment needs before it is tested")
+    # Damage that seeps in a little per window (each step under the tolerance) adds up and is caught.
+    anchor_windows: Int = Field(
+        default=3,
+        ge=0,
+        description="also judge against the good model of up to this many windows ago (catches slow seepage); 0 = off",
+    )
+    enabled: Bool = Field(
+        default=True, description="false: accept every candidate (to measure what the guard prevents)"
+    )
+    # The window checks (continuity.detectors): rows of each window sampled and tested for damage
+    # against accepted windows.
+    window_sample: Int = Field(
+        default=512, ge=0, description="rows of each window the window checks test (damage in the data itself); 0 = off"
+    )
+    # Measured: clean windows rise at most ~0.2, damaged blocks 0.5-0.9.
+    window_tolerance: Float = Field(
+        default=0.3,
+        ge=0,
+        le=1,
+        description="rise over accepted windows' share of contradicted, unlearned, out-of-scale, repeated or "
+        "same-label rows that counts as damage",
+    )
+    confidence: Float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="the last good model's probability for its prediction that makes a row known to it",
+    )
+    golden_tolerance: Float = Field(
+        default=0.05,
+        ge=0,
+        lt=1,
+        description="the golden segment is a hard constraint: never this far below its best accuracy",
+    )
+    sustained_windows: Int = Field(
+        default=3, ge=1, description="windows regressed in a row that make a sustained regression"
+    )
+    on_sustained_regression: Literal["quarantine", "accept", "halt"] = Field(
+        default="quarantine",
+        description='"quarantine" on (and warn), "accept" as a new baseline (never past golden) or "halt"',
+    )
+
+    @property
+    def window_checks(self) -> WindowCheckConfig:
+        """The window checks' settings; they test at half of `alpha`, the probe at the other half."""
+        from continuity.detectors import WindowCheckConfig  # numpy and scipy only: no JAX in the config
+
+        return WindowCheckConfig(
+            tolerance=self.window_tolerance,
+            confidence=self.confidence,
+            alpha=self.alpha / 2,
+            min_rows=self.min_examples,
+            # Half a window, and never under 500 rows: a clean window of 500 on a live stream (the
+            # broker-outage test) was judged unlearned at a horizon of 250 before its new permutation was learned.
+            horizon=max(500, self.every_examples // 2),
+        )
+
+
+@section("checkpoints")
 class CheckpointsConfig:
     """Where checkpoints (and the ledger inside the store) live, and how many ordinary ones are kept."""
 
-    dir: str = "runs/continuity"
-    keep_last: int = 3
+    dir: Str = Field(default="runs/continuity", min_length=1, description="checkpoint store directory")
+    keep_last: Int = Field(default=3, ge=1, description="ordinary checkpoints kept (pinned ones are kept too)")
     # Every window is judged; this only bounds how much a crash re-trains. Saving every
     # window of a fast stream would spend the service's time writing checkpoints.
-    every_seconds: float = 10.0
+    every_seconds: Float = Field(
+        default=10.0,
+        ge=0,
+        description="at most one checkpoint per this many seconds (every window is still judged); "
+        "0 = every accepted window",
+    )
     # A failing save (a full disk) never stops training; this bounds how long the service
     # trains on without a checkpoint before it stops (exit status 5) for an operator.
-    max_unsaved_seconds: float = 3600.0
-
-    def __post_init__(self):
-        _require(bool(self.dir), "`checkpoints.dir` must be a directory path. Got ''.")
-        _require(
-            self.max_unsaved_seconds >= 0,
-            f"`checkpoints.max_unsaved_seconds` must be >= 0 (0 = never stop). Got {self.max_unsaved_seconds!r}.",
-        )
-        _require(self.keep_last >= 1, f"`checkpoints.keep_last` must be >= 1. Got {self.keep_last!r}.")
-        _require(self.every_seconds >= 0, f"`checkpoints.every_seconds` must be >= 0. Got {self.every_seconds!r}.")
-
-
-@dataclass(frozen=True)
-class PublishConfig:
-    """Where each accepted checkpoint's params and model spec are published for other processes."""
-
-    dir: str = ""  # "" = off; else <dir>/<checkpoint>/ and a `latest` pointer (continuity/serving.py)
+    max_unsaved_seconds: Float = Field(
+        default=3600.0,
+        ge=0,
+        description="saves failing this long in a row (a full disk): stop with exit status 5; 0 = never",
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -263,57 +407,143 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
-@dataclass(frozen=True)
+@section("service")
 class ServiceConfig:
     """The running service: HTTP endpoints, progress reports, shutdown, seed."""
 
-    http_host: str = "127.0.0.1"
-    http_port: int = 8080  # 0: pick a free port (tests)
-    admin_token: str | None = field(default=None, repr=False)  # bearer token for /admin/*; a secret
-    progress_every_s: float = 5.0
-    shutdown_timeout_s: float = 10.0
-    seed: int = 0
-    predict_max_rows: int = 256  # rows (instances) one POST /predict may carry
+    http_host: Str = Field(
+        default="127.0.0.1", min_length=1, description="a non-loopback address requires an admin token"
+    )
+    http_port: Int = Field(default=8080, ge=0, le=65535, description="0 = pick a free port")
+    admin_token: Annotated[Str | None, BeforeValidator(_no_group)] = Field(
+        default=None,
+        repr=False,
+        description='bearer token for POST /admin/*; give it as admin_token_env = "VAR"',
+        json_schema_extra=_SECRET,
+    )
+    progress_every_s: Float = Field(default=5.0, gt=0, description="seconds between one-line progress reports")
+    shutdown_timeout_s: Float = Field(
+        default=10.0, gt=0, description="SIGTERM/SIGINT: finish, check, checkpoint and exit within this"
+    )
+    seed: Int = Field(
+        default=0,
+        ge=0,
+        lt=2**32,
+        description="model init and probe selection; same records + config + seed = same checkpoints",
+    )
+    predict_max_rows: Int = Field(default=256, ge=1, description="rows (instances) one POST /predict may carry")
 
     def __post_init__(self):
-        if self.admin_token == "":
-            object.__setattr__(self, "admin_token", None)
-        _require(bool(self.http_host), "`service.http_host` must be a host or address. Got ''.")
-        _require(0 <= self.http_port <= 65535, f"`service.http_port` must be in 0..65535. Got {self.http_port!r}.")
-        _require(self.progress_every_s > 0, f"`service.progress_every_s` must be > 0. Got {self.progress_every_s!r}.")
-        _require(
-            self.shutdown_timeout_s > 0, f"`service.shutdown_timeout_s` must be > 0. Got {self.shutdown_timeout_s!r}."
-        )
-        _require(0 <= self.seed < 2**32, f"`service.seed` must be in 0..2**32-1. Got {self.seed!r}.")
-        _require(self.predict_max_rows >= 1, f"`service.predict_max_rows` must be >= 1. Got {self.predict_max_rows!r}.")
         # The admin endpoints roll the model back: anyone who can reach them controls the service.
-        _require(
-            self.admin_token is not None or is_loopback(self.http_host),
-            f"`service.http_host` refusing to expose admin endpoints on {self.http_host} without "
-            'service.admin_token (set admin_token_env = "VAR" in [service], or bind 127.0.0.1).',
+        if self.admin_token is None and not is_loopback(self.http_host):
+            raise ConfigProblem(
+                f"refusing to expose admin endpoints on {self.http_host} without service.admin_token "
+                '(set admin_token_env = "VAR" in [service], or bind 127.0.0.1).',
+                "http_host",
+            )
+
+
+@section("publish")
+class PublishConfig:
+    """Where each accepted model is published for a separate serving process."""
+
+    dir: Str = Field(default="", description='directory of published models (a "latest" pointer moves last); "" = off')
+
+
+# Where the service's defaults differ from the learner library's neutral ones (which leave
+# replay and EWC off): the settings the guard was measured with (BENCHMARKS.md, "Guard").
+SERVICE_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("replay", "capacity"): 1000,
+    ("replay", "batch_size"): 32,
+    ("ewc", "enabled"): True,
+    ("ewc", "strength"): 100.0,
+    ("ewc", "strength_min"): 10.0,
+}
+
+
+def _service_learner() -> LearnerConfig:
+    table = {section: {k: v for (s, k), v in SERVICE_DEFAULTS.items() if s == section} for section in ("replay", "ewc")}
+    return LearnerConfig(replay=ReplayConfig(**table["replay"]), ewc=EWCConfig(**table["ewc"]))
+
+
+# Which labels each task reads from [stream]: the key it needs, and the label keys it must not have.
+TASK_LABELS = {"classification": "num_classes", "regression": None, "multilabel": "num_labels"}
+_LABEL_KEYS = ("num_classes", "num_labels")
+
+
+def labels_problem(task: str, num_classes: int | None, num_labels: int | None) -> ConfigProblem | None:
+    """What is wrong with the stream's label keys for `learner.task`, naming the [stream] key; None: nothing."""
+    needed = TASK_LABELS[task]
+    given = {"num_classes": num_classes, "num_labels": num_labels}
+    for key in _LABEL_KEYS:
+        if key != needed and given[key] is not None:
+            what = "float targets" if task == "regression" else "multi-hot vectors of num_labels"
+            if key == "num_labels":
+                what = "not multi-hot vectors"
+            return ConfigProblem(
+                f'must be left out when learner.task is "{task}" (labels are {what}). Got {given[key]!r}.',
+                f"stream.{key}",
+            )
+    if needed is not None and given[needed] is None:
+        return ConfigProblem(f'is required when learner.task is "{task}". Got None.', f"stream.{needed}")
+    if needed == "num_classes" and num_classes is not None and num_classes < 2:
+        return ConfigProblem(f'must be >= 2 when learner.task is "{task}". Got {num_classes!r}.', "stream.num_classes")
+    return None
+
+
+def replay_problem(learner: LearnerConfig) -> ConfigProblem | None:
+    """Class-balanced replay shares its memory out by class: only a task with classes has them."""
+    replay = learner.replay
+    if replay.enabled and replay.kind == "class_balanced" and TASK_LABELS[learner.task] != "num_classes":
+        return ConfigProblem(
+            f"{replay.kind!r} shares memory out by class, and learner.task {learner.task!r} has no classes: "
+            f"use 'reservoir' or 'fifo'. Got {replay.kind!r}.",
+            "learner.replay.kind",
         )
+    return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION_CONFIG)
 class Config:
-    """The whole resolved configuration; `load_config` builds it, `Config()` is the defaults."""
+    """The whole resolved configuration; `load_config` builds it, `Config()` is the defaults.
 
-    stream: StreamConfig = field(default_factory=StreamConfig)
-    learner: LearnerConfig = field(default_factory=lambda: _service_learner())  # [model] [learner] [replay] [ewc]
-    probe: ProbeConfig = field(default_factory=ProbeConfig)  # [probe]: what is held out
-    guard: GuardConfig = field(
-        default_factory=lambda: _jax_configs().GuardConfig()
-    )  # [probe]: how candidates are judged
-    checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
-    publish: PublishConfig = field(default_factory=PublishConfig)
-    service: ServiceConfig = field(default_factory=ServiceConfig)
-    source_path: str | None = field(default=None, compare=False)  # the file it came from
+    Building one checks what no single section can: the stream's labels against the task,
+    the model preset against the features, the replay policy against the task.
+    """
+
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    learner: LearnerConfig = Field(default_factory=_service_learner)  # [model] [learner] [replay] [ewc]
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)  # [probe]: what is held out
+    guard: GuardConfig = Field(default_factory=GuardConfig)  # [probe]: how candidates are judged
+    checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    source_path: str | None = dataclasses.field(default=None, compare=False)  # the file it came from
 
     def __post_init__(self):
-        from continuity.factory import build_task, check_model
-
-        build_task(self.learner, self.stream.num_classes)  # the stream's labels are what the task learns from
-        check_model(self)  # a model named by import path resolves and builds for the stream's inputs
+        stream, learner = self.stream, self.learner
+        problem = labels_problem(learner.task, stream.num_classes, stream.num_labels) or replay_problem(learner)
+        if problem is not None:
+            raise problem
+        model = learner.model
+        if model.factory is None:
+            if stream.inputs:
+                raise ConfigProblem(
+                    f"the {model.kind!r} preset takes one feature array; named inputs ([stream.inputs]) need "
+                    "model.factory. Got kind = " + repr(model.kind) + ".",
+                    "learner.model.kind",
+                )
+            if model.kind == "cnn" and len(stream.feature_shape) != 3:
+                raise ConfigProblem(
+                    "'cnn' needs image-shaped features: stream.feature_shape = [height, width, channels]. "
+                    f"Got feature_shape = {list(stream.feature_shape)}.",
+                    "learner.model.kind",
+                )
+        if stream.inputs and stream.codec == "binary":
+            raise ConfigProblem(
+                'named inputs need codec = "json" (the binary wire format carries one array). Got codec = "binary".',
+                "stream.codec",
+            )
 
     @property
     def model(self) -> ModelConfig:
@@ -332,35 +562,9 @@ class Config:
         return self.resolve(self.stream.quarantine_path)
 
     def to_dict(self, *, redact: bool = True) -> dict:
-        """{section: {key: value}} as in the file (unset optional values None; secrets '***' unless redact=False)."""
-        out: dict = {}
-        for section in SECTIONS:
-            values: dict[str, Any] = {}
-            for spec in _specs()[section].values():
-                value = getattr(_section_object(self, spec), spec.name)
-                if spec.kind == "security":
-                    security = {
-                        k: (REDACTED if redact and (k in SECRET_SECURITY_OPTIONS) else v) for k, v in value.items()
-                    }
-                    if security:
-                        values["security"] = security
-                    continue
-                if spec.kind == "inputs":  # like [stream.security]: shown only when there is any
-                    if value:
-                        values[spec.name] = {
-                            name: {"shape": list(table["shape"]), "dtype": table["dtype"]}
-                            for name, table in value.items()
-                        }
-                    continue
-                if spec.kind == "table":
-                    if value:
-                        values[spec.name] = dict(value)
-                    continue
-                if isinstance(value, tuple):
-                    value = list(value)
-                values[spec.name] = REDACTED if (redact and spec.secret and value is not None) else value
-            out[section] = values
-        return out
+        """{section: {key: value}} as in the file (unset optional values None, empty tables left out,
+        secrets '***' unless redact=False)."""
+        return {name: _table(self, name, redact) for name in SECTIONS}
 
     def to_toml(self, *, redact: bool = True) -> str:
         """The resolved config as TOML that `load_config` reads back; secrets shown as '***'.
@@ -371,22 +575,8 @@ class Config:
         if self.source_path:
             lines.append(f"# resolved from {self.source_path}")
         lines.append(f"# digest {self.digest()}")
-        data = self.to_dict(redact=redact)
-        for section in SECTIONS:
-            lines.append("")
-            lines.append(f"[{section}]")
-            tables = {key: value for key, value in data[section].items() if isinstance(value, dict)}
-            for key, value in data[section].items():
-                if key not in tables:
-                    # An optional string left unset reads back from "" (the file's way to say none).
-                    lines.append(f"{key} = {_toml_value('' if value is None else value)}")
-            for key, table in tables.items():
-                # [stream.inputs] holds one table per input: [stream.inputs.<name>].
-                nested = {f"{key}.{name}": t for name, t in table.items()} if key == "inputs" else {key: table}
-                for name, values in nested.items():
-                    if values or key != "inputs":
-                        lines += ["", f"[{section}.{name}]"]
-                        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        for name, table in self.to_dict(redact=redact).items():
+            lines += ["", *_toml_table([name], table)]
         return "\n".join(lines) + "\n"
 
     def digest(self) -> str:
@@ -394,18 +584,20 @@ class Config:
 
         Paths, addresses, ports, timeouts and secrets are left out, so replaying the same
         stream into another directory, or serving it from another broker, gives the same
-        digest (and, with it, bit-identical checkpoint metadata).
+        digest (and, with it, bit-identical checkpoint metadata). `config check` prints it;
+        the service saves it in every checkpoint.
         """
+        stream = self.stream
         training = {
             "stream": {
-                "codec": self.stream.codec,
-                "feature_shape": list(self.stream.feature_shape),
-                "dtype": self.stream.dtype,
-                "num_classes": self.stream.num_classes,
-                # Named inputs only when declared, so configs without them keep their digest.
-                **({"inputs": self.to_dict()["stream"].get("inputs")} if self.stream.inputs else {}),
+                "codec": stream.codec,
+                "feature_shape": list(stream.feature_shape),
+                "dtype": stream.dtype,
+                "num_classes": stream.num_classes,
+                "num_labels": stream.num_labels,
+                "inputs": {name: dataclasses.asdict(spec) for name, spec in sorted(stream.inputs.items())},
             },
-            "learner": _learner_for_digest(self.learner),
+            "learner": dataclasses.asdict(self.learner),
             "probe": dataclasses.asdict(self.probe),
             "guard": dataclasses.asdict(self.guard),
             "seed": self.service.seed,
@@ -414,236 +606,159 @@ class Config:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _learner_for_digest(learner: LearnerConfig) -> dict:
-    """The learner's settings as the digest sees them: a model factory only when one is named, so
-    configs with a preset keep the digest they had before factories existed."""
-    values = dataclasses.asdict(learner)
-    if not learner.model.factory:
-        values["model"] = {k: v for k, v in values["model"].items() if k not in ("factory", "kwargs")}
-    return values
+# ---- the file's layout over the sections ------------------------------------------------------
+
+SECTIONS = ("stream", "model", "learner", "replay", "ewc", "probe", "checkpoints", "service", "publish")
+# Each file section: the fields of Config it fills (a path), in the order the file shows them.
+_SECTION_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "stream": (("stream",),),
+    "model": (("learner", "model"),),
+    "learner": (("learner",),),
+    "replay": (("learner", "replay"),),
+    "ewc": (("learner", "ewc"),),
+    "probe": (("probe",), ("guard",)),
+    "checkpoints": (("checkpoints",),),
+    "service": (("service",),),
+    "publish": (("publish",),),
+}
+_NESTED_SECTIONS = {path[-1] for paths in _SECTION_PATHS.values() for path in paths if len(path) == 2}
+_SECRET_KEYS = {("service", "admin_token")}  # besides [stream.security]'s; each may be given as <key>_env
 
 
-# ---- the file's schema, derived from the dataclasses -------------------------------------------
-
-SECTIONS = ("stream", "model", "learner", "replay", "ewc", "probe", "checkpoints", "publish", "service")
-
-
-@functools.cache
-def _section_classes() -> dict[str, tuple[type, ...]]:
-    """Which dataclass(es) each section fills. [learner] gets LearnerConfig's own scalars; its
-    nested model/replay/ewc come from their own sections."""
-    lib = _jax_configs()
-    return {
-        "stream": (StreamConfig,),
-        "model": (lib.ModelConfig,),
-        "learner": (lib.LearnerConfig,),
-        "replay": (lib.ReplayConfig,),
-        "ewc": (lib.EWCConfig,),
-        "probe": (ProbeConfig, lib.GuardConfig),
-        "checkpoints": (CheckpointsConfig,),
-        "publish": (PublishConfig,),
-        "service": (ServiceConfig,),
-    }
-
-
-# Where the service's defaults differ from the learner library's neutral ones (which leave
-# replay and EWC off): the settings the guard was measured with (BENCHMARKS.md, "Guard").
-SERVICE_DEFAULTS = {
-    ("replay", "capacity"): 1000,
-    ("replay", "batch_size"): 32,
-    ("ewc", "enabled"): True,
-    ("ewc", "strength"): 100.0,
-    ("ewc", "strength_min"): 10.0,
+_MOVED = {
+    ("learner", "model"): "model",
+    ("learner", "replay"): "replay",
+    ("learner", "ewc"): "ewc",
+    ("guard",): "probe",
 }
 
 
-def _service_learner():
-    lib = _jax_configs()
-    table = {section: {k: v for (s, k), v in SERVICE_DEFAULTS.items() if s == section} for section in ("replay", "ewc")}
-    return lib.LearnerConfig(replay=lib.ReplayConfig(**table["replay"]), ewc=lib.EWCConfig(**table["ewc"]))
+def _file_key(path: tuple[str, ...]) -> tuple[str, ...]:
+    """A path of Config fields -> the file's key: ("learner", "model", "kind") -> ("model", "kind")."""
+    for prefix, name in _MOVED.items():
+        if path[: len(prefix)] == prefix:
+            return (name, *path[len(prefix) :])
+    return path
 
 
-_SECRET_KEYS = {("service", "admin_token")}
-_ENV_KEYS = {("service", "admin_token")}  # keys (besides [stream.security]'s) that may be given as <key>_env
-
-
-@dataclass(frozen=True)
-class _KeySpec:
-    section: str
-    name: str
-    owner: type
-    kind: str  # bool, int, float, str, ints, strs, security, inputs, table
-    optional: bool  # None allowed (given as "" or left out)
-    default: object
-    secret: bool
-
-
-def _kind_of(hint) -> tuple[str, bool]:
-    """(kind, optional) for a dataclass field's type hint."""
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if optional:
-        (hint,) = [a for a in args if a is not type(None)]
-        args = typing.get_args(hint)
-    if hint in (bool, int, float, str):
-        return hint.__name__, optional
-    origin = typing.get_origin(hint)
-    if origin is tuple and args and args[0] in (int, str):
-        return ("ints" if args[0] is int else "strs"), optional
-    if hint is dict or origin is dict:
-        return "security", optional
-    raise TypeError(f"config schema: unsupported field type {hint!r}")  # a programming error, not a user's
-
-
-# Table-valued keys other than [stream.security]: [stream.inputs.<name>] tables (shape, dtype),
-# and [model.kwargs], a free table handed to the model factory as keyword arguments.
-_TABLE_KINDS = {("stream", "inputs"): "inputs", ("model", "kwargs"): "table"}
-
-
-@functools.cache
-def _specs() -> dict[str, dict[str, _KeySpec]]:
-    """{section: {key: spec}}, from the dataclasses' fields and type hints, in field order."""
-    LearnerConfig = _jax_configs().LearnerConfig  # noqa: N806 - a class
-    nested = {
-        f.name
-        for f in dataclasses.fields(LearnerConfig)
-        if dataclasses.is_dataclass(typing.get_type_hints(LearnerConfig)[f.name])
+def _section_classes(name: str) -> list[type]:
+    classes: dict[str, list[type]] = {
+        "stream": [StreamConfig],
+        "model": [ModelConfig],
+        "learner": [LearnerConfig],
+        "replay": [ReplayConfig],
+        "ewc": [EWCConfig],
+        "probe": [ProbeConfig, GuardConfig],
+        "checkpoints": [CheckpointsConfig],
+        "service": [ServiceConfig],
+        "publish": [PublishConfig],
     }
-    specs: dict[str, dict[str, _KeySpec]] = {}
-    for section, classes in _section_classes().items():
-        specs[section] = {}
-        for cls in classes:
-            hints = typing.get_type_hints(cls)
-            for f in dataclasses.fields(cls):
-                if cls is LearnerConfig and f.name in nested:
-                    continue
-                kind, optional = _kind_of(hints[f.name])
-                kind = _TABLE_KINDS.get((section, f.name), kind)
-                if f.default is not dataclasses.MISSING:
-                    default = f.default
-                elif f.default_factory is not dataclasses.MISSING:
-                    default = f.default_factory()
-                else:  # a section is built from whatever its table leaves out
-                    raise TypeError(f"config field {cls.__name__}.{f.name} needs a default")
-                default = SERVICE_DEFAULTS.get((section, f.name), default)
-                specs[section][f.name] = _KeySpec(
-                    section, f.name, cls, kind, optional, default, (section, f.name) in _SECRET_KEYS
-                )
-    return specs
+    return classes[name]
 
 
-def _section_object(config: Config, spec: _KeySpec):
-    """The dataclass instance inside `config` that holds `spec`'s field."""
-    return {
-        "stream": config.stream,
-        "model": config.learner.model,
-        "learner": config.learner,
-        "replay": config.learner.replay,
-        "ewc": config.learner.ewc,
-        "probe": config.probe if spec.owner is ProbeConfig else config.guard,
-        "checkpoints": config.checkpoints,
-        "publish": config.publish,
-        "service": config.service,
-    }[spec.section]
+def _section_keys(name: str) -> list[str]:
+    """The keys a section's table may hold, in the file's order (scalars, then tables)."""
+    keys = [key for cls in _section_classes(name) for key in fields(cls) if key not in _NESTED_SECTIONS]
+    keys += [key + ENV_SUFFIX for (section_name, key) in sorted(_SECRET_KEYS) if section_name == name]
+    return keys
+
+
+def _objects(config: Config, name: str) -> list[Any]:
+    out = []
+    for path in _SECTION_PATHS[name]:
+        obj: Any = config
+        for part in path:
+            obj = getattr(obj, part)
+        out.append(obj)
+    return out
+
+
+def _table(config: Config, name: str, redact: bool) -> dict:
+    values: dict[str, Any] = {}
+    for obj in _objects(config, name):
+        for key, info in fields(type(obj)).items():
+            if key in _NESTED_SECTIONS:
+                continue
+            value = getattr(obj, key)
+            if key == "security":
+                value = {k: (REDACTED if redact and k in SECRET_SECURITY_OPTIONS else v) for k, v in value.items()}
+            elif is_secret(info) and redact and value is not None:
+                value = REDACTED
+            values[key] = _plain(value)
+    return {k: v for k, v in values.items() if v != {}}
+
+
+def _plain(value):
+    """A section's value as TOML data: tuples as lists, nested sections as tables."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _toml_table(name: list[str], table: dict) -> list[str]:
+    """[name] with its scalars, then its sub-tables as [name.sub] (TOML's order)."""
+    lines = [f"[{'.'.join(name)}]"]
+    subtables = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            subtables.append((key, value))
+        else:
+            # An optional value left unset reads back from "" (the file's way to say none).
+            lines.append(f"{key} = {_toml_value('' if value is None else value)}")
+    for key, value in subtables:
+        lines += ["", *_toml_table([*name, _toml_key(key)], value)]
+    return lines
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else _toml_string(key)
 
 
 # ---- loading ------------------------------------------------------------------------------------
 
 
-def _type_name(value) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return "a date/time" if hasattr(value, "isoformat") else type(value).__name__
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
-def _received(value, secret: bool) -> str:
-    """How an error shows what it got: the value and its type, or only the type for a secret."""
-    if secret:
-        return _type_name(value)
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return f"{shown} ({_type_name(value)})"
+def _parse_value(text: str):
+    """A `--set` value: a TOML value if it parses as one (1, 0.5, true, [1, 2], "x"), else the text itself."""
+    try:
+        parsed = tomllib.loads(f"value = {text}")
+    except tomllib.TOMLDecodeError:
+        return text.strip()
+    if set(parsed) != {"value"}:  # `1\nother = 2`: not one value
+        return text.strip()
+    return parsed["value"]
 
 
-_EXPECTED = {
-    "bool": "a boolean (true or false)",
-    "int": "an integer",
-    "float": "a number",
-    "str": "a string",
-    "ints": "an array of integers",
-    "strs": "an array of strings",
-}
-
-
-class _Mismatch(Exception):
-    def __init__(self, expected: str):
-        self.expected = expected
-
-
-def _coerce(kind: str, value, optional: bool):
-    """The value as the dataclass field wants it, or _Mismatch naming what was expected."""
-    if optional and kind in ("int", "float") and value == "" and isinstance(value, str):
-        return None  # how to_toml writes an unset optional number
-    if kind == "bool" and isinstance(value, bool):
-        return value
-    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise _Mismatch("a finite number")
-        return float(value)  # TOML's `1` where a float is expected is fine
-    if kind == "str" and isinstance(value, str):
-        return (value or None) if optional else value
-    if (
-        kind == "ints"
-        and isinstance(value, list)
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        return tuple(value)
-    if kind == "strs":
-        if isinstance(value, str):  # `--set stream.topics=digits` means one topic
-            return (value,)
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-    expected = _EXPECTED[kind]
-    if optional and kind in ("str", "int", "float"):
-        expected += ' ("" for none)'
-    raise _Mismatch(expected)
-
-
-def _suggest(key: str, allowed: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+_CONFIG = TypeAdapter(Config)
 
 
 class _Loader:
-    """One load: the raw tables, where each value came from, and the error messages' wording."""
+    """One load: the raw tables, which keys `--set` gave, and the error messages' wording."""
 
     def __init__(self, path: Path | None, environ: Mapping[str, str]):
         self.path = path
         self.environ = environ
-        self.overridden: set[tuple[str, str]] = set()  # (section, key); security keys as ("stream.security", key)
+        self.overridden: set[tuple[str, ...]] = set()  # file keys given by --set
         self.prefix = f"config {path}" if path is not None else "config"
 
-    def where(self, section: str, key: str | None = None) -> str:
-        label = f"[{section}]" if key is None else f"[{section}] {key}"
-        if key is not None and (section, key) in self.overridden:
-            label += " (from --set)"
-        return f"{self.prefix}: {label}"
+    def label(self, key: tuple[str, ...]) -> str:
+        text = key_text(key)
+        if len(key) > 1 and key in self.overridden:
+            text += " (from --set)"
+        return text
 
-    def error(self, section: str, key: str | None, detail: str) -> ConfigError:
-        return ConfigError(f"{self.where(section, key)}: {detail}")
+    def error(self, key: tuple[str, ...], detail: str) -> ConfigError:
+        return ConfigError(f"{self.prefix}: {self.label(key)}: {detail}")
+
+    def _fail(self, detail: str):
+        raise ConfigError(f"{self.prefix}: {detail}")
 
     # -- reading
     def read(self) -> dict:
@@ -664,260 +779,170 @@ class _Loader:
         except tomllib.TOMLDecodeError as error:
             return self._fail(f"invalid TOML: {_one_line(str(error))}")
 
-    def _fail(self, detail: str):
-        raise ConfigError(f"{self.prefix}: {detail}")
+    def unknown_section(self, name: str, prefix: str) -> ConfigError:
+        return ConfigError(
+            f"{prefix}: [{name}]: unknown section; expected one of: {', '.join(SECTIONS)}{suggest(name, SECTIONS)}"
+        )
 
     def check_sections(self, raw: dict) -> None:
-        for section, table in raw.items():
-            if section not in SECTIONS:
-                raise ConfigError(
-                    f"{self.prefix}: [{section}]: unknown section; expected one of: "
-                    f"{', '.join(SECTIONS)}{_suggest(section, SECTIONS)}"
-                )
+        for name, table in raw.items():
+            if name not in SECTIONS:
+                raise self.unknown_section(name, self.prefix)
             if not isinstance(table, dict):
-                raise ConfigError(
-                    f"{self.prefix}: {section}: expected a [{section}] table, got {_received(table, True)}"
-                )
+                raise ConfigError(f"{self.prefix}: {name}: expected a [{name}] table, got {received(table, True)}")
+            allowed = _section_keys(name)
+            for key in table:
+                if key not in allowed:
+                    raise self.error(
+                        (name, key), f"unknown key; expected one of: {', '.join(allowed)}{suggest(key, allowed)}"
+                    )
 
     # -- overrides
     def apply(self, raw: dict, overrides: Sequence[str]) -> None:
         for item in overrides:
             key_path, sep, text = item.partition("=")
             parts = key_path.strip().split(".")
-            if not sep or not all(parts) or len(parts) not in (2, 3, 4):
+            if not sep or not all(parts) or len(parts) < 2:
                 raise ConfigError(
                     f"--set {_one_line(key_path)}: expected SECTION.KEY=VALUE (e.g. learner.batch_size=64)"
                 )
-            section, key = parts[0], parts[1]
-            if section not in _specs():
-                raise ConfigError(
-                    f"--set {key_path}: [{section}]: unknown section; expected one of: "
-                    f"{', '.join(SECTIONS)}{_suggest(section, SECTIONS)}"
-                )
-            value = _parse_value(text)
-            table = raw.setdefault(section, {})
-            if not isinstance(table, dict):
-                raise ConfigError(f"{self.prefix}: {section}: expected a [{section}] table")
-            if (section, key) == ("stream", "inputs") and len(parts) == 4:  # stream.inputs.NAME.KEY
-                inputs = table.setdefault("inputs", {})
-                field_table = inputs.setdefault(parts[2], {}) if isinstance(inputs, dict) else None
-                if not isinstance(field_table, dict):
-                    raise self.error("stream", "inputs", "expected [stream.inputs.NAME] tables")
-                field_table[parts[3]] = value
-                self.overridden.add(("stream", "inputs"))
-                continue
-            if (section, key) == ("model", "kwargs") and len(parts) == 3:  # model.kwargs.NAME
-                kwargs = table.setdefault("kwargs", {})
-                if not isinstance(kwargs, dict):
-                    raise self.error("model", "kwargs", "expected a [model.kwargs] table")
-                kwargs[parts[2]] = value
-                self.overridden.add(("model", "kwargs"))
-                continue
-            if len(parts) == 4:
-                raise ConfigError(f"--set {key_path}: only stream.inputs.NAME.KEY has four parts")
-            if len(parts) == 3:
-                if (section, key) != ("stream", "security"):
-                    raise ConfigError(
-                        f"--set {key_path}: only stream.security.OPTION and model.kwargs.NAME have three parts"
-                    )
-                table = table.setdefault("security", {})
-                if not isinstance(table, dict):
-                    raise self.error("stream", "security", "expected a [stream.security] table")
-                section, key = "stream.security", parts[2]
-            elif key not in self._allowed(section):
-                allowed = self._allowed(section)
-                raise ConfigError(
-                    f"--set {key_path}: [{section}] {key}: unknown key; expected one of: "
-                    f"{', '.join(allowed)}{_suggest(key, allowed)}"
-                )
-            # A value replaces its environment indirection, and the other way round.
-            other = key[: -len(ENV_SUFFIX)] if key.endswith(ENV_SUFFIX) else key + ENV_SUFFIX
-            table.pop(other, None)
-            table[key] = value
-            self.overridden.add((section, key))
-
-    @staticmethod
-    def _allowed(section: str) -> list[str]:
-        keys = list(_specs()[section])
-        keys += [key + ENV_SUFFIX for (s, key) in sorted(_ENV_KEYS) if s == section]
-        return keys
-
-    # -- one section
-    def values(self, section: str, table: dict) -> dict[type, dict]:
-        """{owner class: {field: value}} for one section, every value type-checked."""
-        specs = _specs()[section]
-        allowed = self._allowed(section)
-        out: dict[type, dict] = {cls: {} for cls in _section_classes()[section]}
-        for (default_section, key), default in SERVICE_DEFAULTS.items():
-            if default_section == section:
-                out[specs[key].owner][key] = default
-        for key in table:
+            name, key = parts[0], parts[1]
+            if name not in SECTIONS:
+                raise self.unknown_section(name, f"--set {key_path}")
+            allowed = _section_keys(name)
             if key not in allowed:
-                raise self.error(
-                    section, key, f"unknown key; expected one of: {', '.join(allowed)}{_suggest(key, allowed)}"
+                raise ConfigError(
+                    f"--set {key_path}: [{name}] {key}: unknown key; expected one of: "
+                    f"{', '.join(allowed)}{suggest(key, allowed)}"
                 )
-        for key, value in table.items():
-            if key.endswith(ENV_SUFFIX) and key not in specs:
-                name = key[: -len(ENV_SUFFIX)]
-                if name in table:
-                    raise self.error(section, key, f"give either {name} or {key}, not both")
-                value = self.from_env(section, key, value)
-                key = name
-            elif specs[key].secret and value != "":  # "" is how a file says none
-                raise self.secret_given(section, key)
-            spec = specs[key]
-            if spec.kind == "security":
-                value = self.security(value)
-            elif spec.kind == "inputs":
-                value = self.inputs(value)
-            elif spec.kind == "table":
-                if not isinstance(value, dict):
-                    raise self.error(section, key, f"expected a [{section}.{key}] table, got {_received(value, False)}")
-            else:
-                try:
-                    value = _coerce(spec.kind, value, spec.optional)
-                except _Mismatch as mismatch:
+            table = raw.setdefault(name, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{self.prefix}: {name}: expected a [{name}] table")
+            for depth, part in enumerate(parts[1:-1], start=1):  # SECTION.TABLE[.NAME].KEY: into the table
+                inner = table.setdefault(part, {})
+                if not isinstance(inner, dict):
+                    raise self.error(tuple(parts[: depth + 1]), f"expected a [{'.'.join(parts[: depth + 1])}] table")
+                table = inner
+            last = parts[-1]
+            # A value replaces its environment indirection, and the other way round.
+            other = last[: -len(ENV_SUFFIX)] if last.endswith(ENV_SUFFIX) else last + ENV_SUFFIX
+            table.pop(other, None)
+            table[last] = _parse_value(text)
+            self.overridden.add(tuple(parts))
+
+    # -- secrets
+    def secrets(self, raw: dict) -> None:
+        """Resolve `<key>_env` indirections in place; a secret given as a value is an error."""
+        for name, key in sorted(_SECRET_KEYS):
+            table = raw.get(name, {})
+            self.secret(table, (name,), key)
+        stream = raw.get("stream", {})
+        if "security" in stream:
+            stream["security"] = self.security(stream["security"])
+
+    def secret(self, table: dict, where: tuple[str, ...], name: str, *, flag: bool = False) -> None:
+        env = name + ENV_SUFFIX
+        if env in table:
+            if name in table:
+                raise self.error((*where, env), f"give either {name} or {env}, not both")
+            value = self.from_env((*where, env), table.pop(env))
+            if flag:
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false"):
                     raise self.error(
-                        section, key, f"expected {mismatch.expected}, got {_received(value, spec.secret)}"
-                    ) from None
-            out[spec.owner][key] = value
-        return out
-
-    def inputs(self, table) -> dict:
-        """[stream.inputs.<name>] tables, each {shape = [...], dtype = "float32" | "int32"}, type-checked."""
-        if not isinstance(table, dict):
-            raise self.error("stream", "inputs", f"expected [stream.inputs.NAME] tables, got {_received(table, False)}")
-        out = {}
-        for name, spec in table.items():
-            where = f"inputs.{name}"
-            if not isinstance(spec, dict):
-                raise self.error(
-                    "stream", where, f"expected a table with shape and dtype, got {_received(spec, False)}"
-                )
-            unknown = sorted(set(spec) - {"shape", "dtype"})
-            if unknown:
-                raise self.error(
-                    "stream",
-                    f"{where}.{unknown[0]}",
-                    f"unknown key; expected one of: shape, dtype{_suggest(unknown[0], ['shape', 'dtype'])}",
-                )
-            if "shape" not in spec:
-                raise self.error("stream", f"{where}.shape", "missing; expected an array of positive integers")
-            shape = spec["shape"]
-            if not (
-                isinstance(shape, list)
-                and 0 < len(shape) <= 8
-                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
-            ):
-                raise self.error(
-                    "stream",
-                    f"{where}.shape",
-                    f"expected an array of 1 to 8 positive integers, got {_received(shape, False)}",
-                )
-            dtype = spec.get("dtype", "float32")
-            if dtype not in INPUT_DTYPES:
-                choices = ", ".join(f'"{d}"' for d in INPUT_DTYPES)
-                raise self.error(
-                    "stream", f"{where}.dtype", f"expected one of {choices}, got {_received(dtype, False)}"
-                )
-            out[name] = {"shape": tuple(shape), "dtype": dtype}
-        return out
-
-    def secret_given(self, section: str, key: str) -> ConfigError:
-        what = "password" if "password" in key else "token"
-        return self.error(
-            section,
-            key,
-            f"a secret is read from the environment only (a file or the command line shows it to others): "
-            f'give {key}{ENV_SUFFIX} = "VAR" and put the {what} in $VAR',
-        )
-
-    def from_env(self, section: str, key: str, variable) -> str:
-        if not isinstance(variable, str) or not variable:
+                        (*where, env), f"expected true or false in the environment variable, got {value!r}"
+                    )
+                table[name] = lowered == "true"
+            else:
+                table[name] = value
+        elif table.get(name, "") != "" and not flag:
+            what = "password" if "password" in name else "token"
             raise self.error(
-                section, key, f"expected the name of an environment variable, got {_received(variable, False)}"
+                (*where, name),
+                f"a secret is read from the environment only (a file or the command line shows it to others): "
+                f'give {env} = "VAR" and put the {what} in $VAR',
             )
+
+    def from_env(self, key: tuple[str, ...], variable) -> str:
+        if not isinstance(variable, str) or not variable:
+            raise self.error(key, f"expected the name of an environment variable, got {received(variable)}")
         value = self.environ.get(variable)
         if not value:
             state = "is empty" if value == "" else "is not set"
-            raise self.error(section, key, f"environment variable {variable} {state}")
+            raise self.error(key, f"environment variable {variable} {state}")
         return value
 
     def security(self, table) -> dict:
-        section = "stream.security"
+        where = ("stream", "security")
         if not isinstance(table, dict):
-            raise self.error("stream", "security", f"expected a [stream.security] table, got {_received(table, True)}")
+            raise self.error(where, f"expected a [stream.security] table, got {received(table, True)}")
         options = sorted(SECURITY_OPTIONS - _OBJECT_SECURITY_OPTIONS)
         allowed = options + [o + ENV_SUFFIX for o in options]
-        out = {}
-        for key, value in table.items():
+        table = dict(table)
+        for key in list(table):
             if key not in allowed:
                 hint = " (a Python object: it cannot be given in a file)" if key in _OBJECT_SECURITY_OPTIONS else ""
                 raise self.error(
-                    section,
-                    key,
+                    (*where, key),
                     f"unknown security option{hint}; expected one of: "
-                    f'{", ".join(options)} (or <option>{ENV_SUFFIX} = "VAR"){_suggest(key, allowed)}',
+                    f'{", ".join(options)} (or <option>{ENV_SUFFIX} = "VAR"){suggest(key, allowed)}',
                 )
-            name = key
-            if key.endswith(ENV_SUFFIX):
-                name = key[: -len(ENV_SUFFIX)]
-                if name in table:
-                    raise self.error(section, key, f"give either {name} or {key}, not both")
-                value = self.from_env(section, key, value)
-                if name in _BOOL_SECURITY_OPTIONS:
-                    lowered = value.strip().lower()
-                    if lowered not in ("true", "false"):
-                        raise self.error(
-                            section, key, f"expected true or false in the environment variable, got {value!r}"
-                        )
-                    value = lowered == "true"
-            elif key in SECRET_SECURITY_OPTIONS:
-                raise self.secret_given(section, key)
-            expected = "bool" if name in _BOOL_SECURITY_OPTIONS else "str"
-            try:
-                value = _coerce(expected, value, False)
-            except _Mismatch as mismatch:
+        for name in options:
+            if name in SECRET_SECURITY_OPTIONS or name + ENV_SUFFIX in table:
+                self.secret(table, where, name, flag=name in _BOOL_SECURITY_OPTIONS)
+        for key, value in table.items():
+            want, what = (bool, "a boolean (true or false)") if key in _BOOL_SECURITY_OPTIONS else (str, "a string")
+            if not isinstance(value, want):
                 raise self.error(
-                    section,
-                    key,
-                    f"expected {mismatch.expected}, got {_received(value, name in SECRET_SECURITY_OPTIONS)}",
-                ) from None
-            out[name] = value
-        return out
+                    (*where, key), f"expected {what}, got {received(value, key in SECRET_SECURITY_OPTIONS)}"
+                )
+        return table
 
     # -- building
-    def build(self, cls: type, kwargs: dict, section: str):
+    def shape(self, raw: dict) -> dict:
+        """The file's tables as Config's fields: [model] [replay] [ewc] into learner, [probe] split in two."""
+        tables = {name: dict(raw.get(name, {})) for name in SECTIONS}
+        for (name, key), default in SERVICE_DEFAULTS.items():
+            tables[name].setdefault(key, default)
+        task = tables["learner"].get("task", "classification")
+        if TASK_LABELS.get(task, "num_classes") != "num_classes":
+            tables["stream"].setdefault("num_classes", None)  # a task without classes: none to count
+        guard_keys = set(fields(GuardConfig))
+        probe = tables.pop("probe")
+        return {
+            "stream": tables["stream"],
+            "learner": {
+                **tables["learner"],
+                "model": tables["model"],
+                "replay": tables["replay"],
+                "ewc": tables["ewc"],
+            },
+            "probe": {k: v for k, v in probe.items() if k not in guard_keys},
+            "guard": {k: v for k, v in probe.items() if k in guard_keys},
+            "checkpoints": tables["checkpoints"],
+            "service": tables["service"],
+            "publish": tables["publish"],
+        }
+
+    def build(self, data: dict, source_path: str | None) -> Config:
         try:
-            return cls(**kwargs)
-        except ValueError as error:
-            raise self.wrap(error, section) from None
+            return _CONFIG.validate_python({**data, "source_path": source_path})
+        except ValidationError as error:
+            path, detail = describe(error, Config, data, _file_key, allowed_keys=self.allowed)
+            if len(path) == 1:  # a section as a whole
+                raise ConfigError(f"{self.prefix}: [{path[0]}]: {detail}") from None
+            raise self.error(path, detail) from None
 
-    def wrap(self, error: ValueError, section: str) -> ConfigError:
-        """A dataclass's own validation error, as a ConfigError naming the key it names."""
-        message = _one_line(str(error))
-        named = re.match(r"`(\w+)\.(\w+)` ", message)
-        if named and named.group(2) in _specs().get(named.group(1), {}):
-            return self.error(named.group(1), named.group(2), message[named.end() :])
-        named = re.match(r"`(\w+)` ", message)
-        if named and named.group(1) in _specs():
-            return self.error(named.group(1), None, message[named.end() :])
-        return self.error(section, None, message)
+    @staticmethod
+    def allowed(path: tuple[str, ...]) -> list[str]:
+        """The keys a did-you-mean may suggest for an unknown key inside `path` (Config fields)."""
+        key = _file_key(path)
+        if len(key) == 1 and key[0] in SECTIONS:
+            return _section_keys(key[0])
+        from continuity.learner.schema import field_at
 
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _parse_value(text: str):
-    """A `--set` value: a TOML value if it parses as one (1, 0.5, true, [1, 2], "x"), else the text itself."""
-    try:
-        parsed = tomllib.loads(f"value = {text}")
-    except tomllib.TOMLDecodeError:
-        return text.strip()
-    if set(parsed) != {"value"}:  # `1\nother = 2`: not one value
-        return text.strip()
-    return parsed["value"]
+        owner, _ = field_at(Config, path + ("",))
+        return list(fields(owner)) if owner is not None else []
 
 
 def load_config(
@@ -930,37 +955,10 @@ def load_config(
     """
     loader = _Loader(Path(path) if path is not None else None, environ)
     raw = loader.read()
-    loader.check_sections(raw)  # a bad file fails before the typed configs' (JAX) import
-    lib = _jax_configs()
+    loader.check_sections(raw)
     loader.apply(raw, overrides or ())
-    values: dict[type, dict] = {}
-    for section in SECTIONS:
-        values.update(loader.values(section, raw.get(section, {})))
-
-    model = loader.build(lib.ModelConfig, values[lib.ModelConfig], "model")
-    replay = loader.build(lib.ReplayConfig, values[lib.ReplayConfig], "replay")
-    ewc = loader.build(lib.EWCConfig, values[lib.EWCConfig], "ewc")
-    learner = loader.build(
-        lib.LearnerConfig, {**values[lib.LearnerConfig], "model": model, "replay": replay, "ewc": ewc}, "learner"
-    )
-    stream_values = values[StreamConfig]
-    from continuity.factory import TASKS
-
-    if not TASKS[learner.task].classes and "num_classes" not in raw.get("stream", {}):
-        stream_values = {**stream_values, "num_classes": None}  # a task without classes: none to count
-    sections = dict(
-        stream=loader.build(StreamConfig, stream_values, "stream"),
-        publish=loader.build(PublishConfig, values[PublishConfig], "publish"),
-        learner=learner,
-        probe=loader.build(ProbeConfig, values[ProbeConfig], "probe"),
-        guard=loader.build(lib.GuardConfig, values[lib.GuardConfig], "probe"),
-        checkpoints=loader.build(CheckpointsConfig, values[CheckpointsConfig], "checkpoints"),
-        service=loader.build(ServiceConfig, values[ServiceConfig], "service"),
-    )
-    try:
-        return Config(**sections, source_path=str(path) if path is not None else None)
-    except ValueError as error:  # Config's own check (build_task): the stream's labels vs the learner's task
-        raise loader.wrap(error, "stream") from None
+    loader.secrets(raw)
+    return loader.build(loader.shape(raw), str(path) if path is not None else None)
 
 
 # ---- rendering ----------------------------------------------------------------------------------
@@ -991,135 +989,22 @@ def _toml_value(value) -> str:
         return _toml_string(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):  # an inline table (a model factory's nested keyword argument)
-        return "{" + ", ".join(f"{_toml_string(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
-# One line per key for `continuity config example`. A key without one is a KeyError there, so a
-# field added to a config dataclass fails the example tests until it is documented here.
 _SECTION_NOTES = {
     "stream": "Where records come from, and what a valid example looks like.",
-    "model": "The network: an MLP or a small CNN mapping an example to class logits (regression: one number).",
-    "learner": "The task, the optimizer and the micro-batch of fresh examples per step.",
+    "model": "The network: a preset (an MLP, or a small CNN over images), or a factory of your own\n"
+    "# (an import path) mapping an example to the task's outputs.",
+    "learner": "The task, the optimizer (any optax one, by name) and the micro-batch of fresh examples per step.",
     "replay": "Rehearsal: stored examples mixed into every step (capacity 0 turns it off).",
     "ewc": "Online EWC (Schwarz et al. 2018): holds important weights near the last good model,\n"
     "# with a strength lambda that decays on accepted windows and is boosted on regressions.",
     "probe": "The continuity probe: held-out examples (never trained on), and how every candidate\n"
     "# model is judged against the last good one.",
     "checkpoints": "The Orbax checkpoint store (the ledger of decisions lives inside it).",
-    "publish": "Each accepted checkpoint's params and model spec, published for other processes (README).",
     "service": "The running service: HTTP endpoints (/healthz, /readyz, /metrics, /status, /predict, /admin/*).",
-}
-_COMMENTS = {
-    ("stream", "source"): '"kafka", or "file" for a recorded Parquet stream (`continuity replay FILE`)',
-    ("stream", "bootstrap"): "host:port[,host:port]; `continuity broker --port 9092` runs the embedded broker",
-    ("stream", "topics"): "`continuity produce --bootstrap 127.0.0.1:9092 --topic digits --scenario permuted-digits`",
-    (
-        "stream",
-        "group",
-    ): 'consumer group: offsets are committed after each checkpoint; "" = no group, read every partition',
-    ("stream", "codec"): '"binary" or "json" (wire formats: see README)',
-    ("stream", "feature_shape"): "one example's features",
-    ("stream", "dtype"): "wire dtype of the features: " + ", ".join(f'"{d}"' for d in WIRE_DTYPES),
-    ("stream", "num_classes"): 'labels are integers in [0, num_classes); leave it out for learner.task = "regression"',
-    ("stream", "auto_offset_reset"): 'where a partition without a checkpointed position starts: "earliest" or "latest"',
-    ("stream", "on_lost_positions"): "a checkpointed position the broker no longer has (topic recreated, log lost): "
-    '"halt" (exit 4, an operator decides), "earliest" (records may be trained twice) or "latest" (records in '
-    "between are never trained)",
-    (
-        "stream",
-        "session_timeout_ms",
-    ): "Kafka's default; the embedded broker holds a group join ~half of it: use 6000 there",
-    ("stream", "dead_letters"): 'undecodable records go to "file" (dead_letter_path) or "topic" (<topic>.dlq)',
-    ("stream", "dead_letter_path"): "JSON lines; a relative path is relative to checkpoints.dir",
-    ("stream", "quarantine_path"): "records of quarantined windows, JSON lines; relative to checkpoints.dir",
-    ("stream", "inputs"): "",
-    ("model", "kind"): '"mlp" or "cnn"',
-    ("model", "factory"): 'your own model instead of kind: "module:callable" or "path/file.py:callable" (README)',
-    ("model", "hidden"): "mlp: hidden layer widths",
-    ("model", "channels"): "cnn: 3x3 conv widths, each followed by 2x2 pooling",
-    ("model", "dense"): "cnn: width of the dense layer after the convolutions",
-    ("model", "kwargs"): "",
-    ("learner", "optimizer"): '"adam" or "sgd"',
-    ("learner", "learning_rate"): "",
-    ("learner", "batch_size"): "fresh examples per step (fixed shape: a short batch is padded and masked)",
-    ("learner", "task"): '"classification" (integer labels) or "regression" (float targets, squared error loss)',
-    ("replay", "kind"): '"reservoir", "class_balanced" or "fifo"',
-    ("replay", "capacity"): "examples kept; 0 = no replay",
-    ("replay", "batch_size"): "replayed examples mixed into every step",
-    ("replay", "asymmetric"): "ER-ACE (Caccia et al. 2022): fresh rows' loss only over the classes they contain",
-    ("ewc", "enabled"): "",
-    ("ewc", "strength"): "lambda at start",
-    ("ewc", "strength_min"): "lambda decays toward this on accepted windows",
-    ("ewc", "strength_max"): "and is boosted up to this on regressions",
-    ("ewc", "decay"): "lambda <- max(strength_min, lambda * decay) on each accepted window",
-    ("ewc", "boost"): "lambda <- min(strength_max, lambda * boost) on each regression",
-    ("ewc", "gamma"): "Fisher discount: F <- gamma F + F_new",
-    ("ewc", "fisher_samples"): "examples per Fisher refresh",
-    ("probe", "holdout_fraction"): "share of the stream held out for the probe (chosen by hashing the record key)",
-    ("probe", "per_segment"): "probe examples kept per segment (reservoir)",
-    ("probe", "max_segments"): "beyond this the oldest segment is dropped",
-    ("probe", "window_examples"): "records without a segment: held-out examples per window segment "
-    "(5,000: one per default window)",
-    ("probe", "golden"): "optional .npz with arrays x, y: a fixed probe segment",
-    ("probe", "every_examples"): "trained examples per window (judged, EWC consolidated on accept); "
-    "judging costs what training 600-1,700 examples does",
-    ("probe", "tolerance"): "accuracy drop (overall or one segment) a regression must exceed: Tango's test at alpha",
-    ("probe", "loss_tolerance"): "regression: relative rise of the mean probe loss that may count as one (0.2 = +20%)",
-    (
-        "probe",
-        "alpha",
-    ): "false alarms per window: half to the probe's paired tests (Tango; Wilcoxon on losses), half to window checks",
-    (
-        "probe",
-        "on_regression",
-    ): '"quarantine" (the damaged span; the rest is trained again), "retry" (stronger lambda) or "halt"',
-    ("probe", "max_retries"): "retries of a window before it is quarantined",
-    ("probe", "min_examples"): "probe examples a segment needs before it is tested",
-    ("probe", "every_seconds"): "serve: a window also closes after this long, so a slow stream is judged "
-    "regularly (replay: by count only); 0 = by count only",
-    (
-        "probe",
-        "anchor_windows",
-    ): "also judge against the good model of up to this many windows ago (catches slow seepage); 0 = off",
-    ("probe", "enabled"): "false: accept every candidate (to measure what the guard prevents)",
-    ("probe", "window_sample"): "rows of each window the window checks test (damage in the data itself); 0 = off",
-    (
-        "probe",
-        "window_tolerance",
-    ): "rise over accepted windows' share of contradicted, unlearned, out-of-scale, repeated or same-label rows "
-    "that counts as damage",
-    ("probe", "confidence"): "the last good model's probability for its prediction that makes a row known to it",
-    ("probe", "golden_tolerance"): "the golden segment is a hard constraint: never this far below its best accuracy",
-    ("probe", "sustained_windows"): "windows regressed in a row that make a sustained regression",
-    (
-        "probe",
-        "on_sustained_regression",
-    ): '"quarantine" on (and warn), "accept" as a new baseline (never past golden) or "halt"',
-    ("checkpoints", "dir"): "checkpoint store directory",
-    ("checkpoints", "keep_last"): "ordinary checkpoints kept (pinned ones are kept too)",
-    (
-        "checkpoints",
-        "every_seconds",
-    ): "at most one checkpoint per this many seconds (every window is still judged); 0 = every accepted window",
-    (
-        "checkpoints",
-        "max_unsaved_seconds",
-    ): "saves failing this long in a row (a full disk): stop with exit status 5; 0 = never stop",
-    ("service", "http_host"): "a non-loopback address requires an admin token",
-    ("service", "http_port"): "0 = pick a free port",
-    ("service", "admin_token"): 'bearer token for POST /admin/*; give it as admin_token_env = "VAR"',
-    ("service", "progress_every_s"): "seconds between one-line progress reports",
-    ("service", "shutdown_timeout_s"): "SIGTERM/SIGINT: finish, check, checkpoint and exit within this",
-    ("service", "seed"): "model init and probe selection; same records + config + seed = same checkpoints",
-    ("service", "predict_max_rows"): "instances one POST /predict may carry (answered by the last accepted model)",
-    ("publish", "dir"): '"" = off; else <dir>/<checkpoint>/ (params.npz, spec.json) and a `latest` link',
-}
-# Optional keys have no default to show: the example shows them commented out, with a sample value.
-_OPTIONAL_SAMPLES = {
-    ("probe", "golden"): 'golden = "golden-probe.npz"',
-    ("service", "admin_token"): 'admin_token_env = "CONTINUITY_ADMIN_TOKEN"',
+    "publish": "Accepted models, published for a separate serving process.",
 }
 _SECURITY_EXAMPLE = """\
 # SASL/SSL options for kafka-python (none for the embedded broker). A secret is read from
@@ -1131,60 +1016,82 @@ _SECURITY_EXAMPLE = """\
 # sasl_plain_password_env = "KAFKA_PASSWORD"
 # ssl_cafile = "/etc/ssl/certs/kafka-ca.pem"
 """
-_INPUTS_EXAMPLE = """\
-# Named inputs (codec "json" only): x is then {"tokens": [...], "numeric": [...]}, each
-# field of its shape and dtype ("float32" or "int32": integers stay integers); feature_shape
-# and dtype are not used. None by default: x is one array of feature_shape.
-# [stream.inputs.tokens]
-# shape = [16]
-# dtype = "int32"
-# [stream.inputs.numeric]
-# shape = [2]
-# dtype = "float32"
-"""
-_KWARGS_EXAMPLE = """\
-# Keyword arguments for model.factory, besides rngs, inputs and outputs (examples/tokens/):
-# [model.kwargs]
-# vocab = 512
-# dim = 32
-"""
+
+
+_HEADER = """\
+# Continuity configuration. Every key is shown with its default; unknown keys are errors.
+# Check a file with `continuity config check --config FILE`; override one value on any
+# command that takes --config with `--set section.key=value` (e.g. --set learner.batch_size=64).
+# Try it: `continuity broker --port 9092`, then
+# `continuity produce --bootstrap 127.0.0.1:9092 --topic digits --scenario permuted-digits`,
+# and serve with --set probe.every_examples=1000 (digits segments last ~1,400 examples)
+# --set stream.session_timeout_ms=6000 (the embedded broker holds a group join ~half of it)."""
+
+
+def _commented(key: str, value, comment: str) -> str:
+    entry = f"{key} = {_toml_value(value)}"
+    return f"{entry:<40}  # {comment}" if comment else entry
 
 
 def example_config() -> str:
-    """A complete, commented config: every section and key at its default.
+    """A complete, commented config: every section and key at its default, its description as the comment.
 
     It runs as is against the embedded broker (`continuity broker --port 9092`) and the
     topic `continuity produce --bootstrap 127.0.0.1:9092 --topic digits --scenario
     permuted-digits` creates; its defaults are for Apache Kafka, so its header says which
-    overrides make the embedded broker quick (a short session timeout). Values are rendered
-    from the dataclasses' defaults, so the example cannot drift from them.
+    overrides make the embedded broker quick (a short session timeout). Values and comments
+    are rendered from the sections' declarations, so the example cannot drift from them;
+    optional keys and empty tables are shown commented out, with their declared example.
     """
     defaults = Config()
-    lines = [
-        "# Continuity configuration. Every key is shown with its default; unknown keys are errors.",
-        "# Check a file with `continuity config check --config FILE`; override one value on any",
-        "# command that takes --config with `--set section.key=value` (e.g. --set learner.batch_size=64).",
-        "# Try it: `continuity broker --port 9092`, then",
-        "# `continuity produce --bootstrap 127.0.0.1:9092 --topic digits --scenario permuted-digits`,",
-        "# and serve with --set probe.every_examples=1000 (digits segments last ~1,400 examples)",
-        "# --set stream.session_timeout_ms=6000 (the embedded broker holds a group join ~half of it).",
-    ]
-    for section in SECTIONS:
-        lines += ["", f"# {_SECTION_NOTES[section]}", f"[{section}]"]
-        for spec in _specs()[section].values():
-            if spec.kind in ("security", "inputs", "table"):
-                continue
-            comment = _COMMENTS[(section, spec.name)]
-            if spec.optional and getattr(_section_object(defaults, spec), spec.name) is None:
-                entry = "# " + _OPTIONAL_SAMPLES[(section, spec.name)]
-            else:
-                entry = f"{spec.name} = {_toml_value(getattr(_section_object(defaults, spec), spec.name))}"
-            lines.append(f"{entry:<40}  # {comment}" if comment else entry)
-        if section == "stream":
-            lines += ["", _SECURITY_EXAMPLE.rstrip("\n"), "", _INPUTS_EXAMPLE.rstrip("\n")]
-        if section == "model":
-            lines += ["", _KWARGS_EXAMPLE.rstrip("\n")]
+    lines = [_HEADER]
+    for name in SECTIONS:
+        lines += ["", f"# {_SECTION_NOTES[name]}", f"[{name}]"]
+        tables: list[str] = []
+        for obj in _objects(defaults, name):
+            for key, info in fields(type(obj)).items():
+                if key in _NESTED_SECTIONS:
+                    continue
+                value, comment = getattr(obj, key), info.description or ""
+                if key == "security":
+                    tables += ["", _SECURITY_EXAMPLE.rstrip("\n")]
+                elif dataclasses.is_dataclass(value):  # a table of its own, shown at its defaults
+                    tables += ["", f"# {(type(value).__doc__ or '').splitlines()[0]}", f"[{name}.{key}]"]
+                    for field_name, field_info in fields(type(value)).items():
+                        tables.append(
+                            _commented(field_name, _plain(getattr(value, field_name)), field_info.description or "")
+                        )
+                elif isinstance(value, dict):  # an open table, empty by default: its example, commented out
+                    sample = _toml_table([name, key], _plain(info.examples[0] if info.examples else {}))
+                    tables += ["", f"# {comment}", *("# " + line if line else "#" for line in sample)]
+                elif value is None and is_secret(info):
+                    lines.append(
+                        f"{'# ' + key + ENV_SUFFIX + ' = ' + _toml_value('CONTINUITY_' + key.upper()):<40}  # {comment}"
+                    )
+                elif value is None:
+                    entry = f"# {key} = {_toml_value(info.examples[0] if info.examples else '')}"
+                    lines.append(f"{entry:<40}  # {comment}")
+                else:
+                    lines.append(_commented(key, _plain(value), comment))
+        lines += tables
     return "\n".join(lines) + "\n"
+
+
+README_BEGIN = "<!-- config reference: generated by `make config-reference`; edit the sections' descriptions -->"
+README_END = "<!-- end of config reference -->"
+
+
+def readme_reference() -> str:
+    """The README's config reference: `continuity config example`'s output in a TOML block."""
+    return f"{README_BEGIN}\n```toml\n{example_config()}```\n{README_END}"
+
+
+def update_readme(path: str | Path = "README.md") -> None:
+    """Rewrite the README's config reference from the sections' declarations (`make config-reference`)."""
+    path = Path(path)
+    text = path.read_text()
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    path.write_text(text[:start] + readme_reference() + text[end:])
 
 
 # ---- command-line glue --------------------------------------------------------------------------

@@ -2,21 +2,27 @@
 
 A `Learner` takes objects: a model factory, an optax transformation, a `Task`, a replay
 policy, an `EWCConfig`. This module is the one place that reads configuration strings to
-choose them, each from a table: a new choice (a model named by import path, an
-optimizer by name, another task) is a new entry or a new builder here, and nothing in
-the learner changes.
+choose them: a preset or a model factory named by import path ("package.module:callable"
+with [model.kwargs]), any optax optimizer by name with its keyword arguments, clipping
+and a learning-rate schedule, and the task with the stream's labels.
+
+What the config module cannot tell without JAX and the user's code (does the import path
+resolve, does the callable return an `nnx.Module`, does it take those kwargs, does optax
+have that optimizer and take those arguments) `check` finds by building everything once
+abstractly (`jax.eval_shape`: no parameters are allocated), each failure a one-line
+`ConfigError` naming the key: `continuity config check` and every command that builds a
+learner call it.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -24,25 +30,21 @@ import optax
 from flax import nnx
 
 from continuity import replay as replay_lib
+from continuity.config import ConfigError, labels_problem, replay_problem
 from continuity.learner import Classification, Learner, LearnerConfig, ModelConfig, ReplayConfig, Task, cnn, mlp
 from continuity.learner.learner import ModelFactory
-from continuity.learner.tasks import Regression
+from continuity.learner.schema import key_text, suggest
+from continuity.learner.tasks import MultiLabel, Regression
 from continuity.stream.codecs import FeatureSpec
 
 if TYPE_CHECKING:
     from continuity.config import Config
 
-
-class TaskChoice(NamedTuple):
-    """A `learner.task` value: how to build its Task from the stream's labels."""
-
-    build: Callable[[int | None], Task]  # from stream.num_classes
-    classes: bool  # its labels are class ids, counted by stream.num_classes (required), else left out
-
-
-TASKS: dict[str, TaskChoice] = {
-    "classification": TaskChoice(lambda num_classes: Classification(num_classes), classes=True),  # type: ignore[arg-type]
-    "regression": TaskChoice(lambda _num_classes: Regression(), classes=False),
+# learner.task -> its Task, from the stream's label keys (num_classes, num_labels).
+TASKS: dict[str, Callable[[int | None, int | None], Task]] = {
+    "classification": lambda num_classes, _num_labels: Classification(num_classes),  # type: ignore[arg-type]
+    "regression": lambda _num_classes, _num_labels: Regression(),
+    "multilabel": lambda _num_classes, num_labels: MultiLabel(num_labels),  # type: ignore[arg-type]
 }
 
 # [model] kind -> a model factory with the section's options bound (learner/models.py's presets).
@@ -51,124 +53,109 @@ MODELS: dict[str, Callable[[ModelConfig], ModelFactory]] = {
     "cnn": lambda config: functools.partial(cnn, channels=config.channels, dense=config.dense),
 }
 
-OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {"adam": optax.adam, "sgd": optax.sgd}
+
+class FactoryError(ValueError):
+    """A config key whose value only the code it names can reject; `check` makes it a ConfigError."""
+
+    def __init__(self, key: tuple[str, ...], detail: str):
+        super().__init__(f"{key_text(key)}: {detail}")
+        self.key, self.detail = key, detail
 
 
-def build_task(learner: LearnerConfig, num_classes: int | None) -> Task:
-    """The task `learner.task` names, for labels as `stream.num_classes` describes them.
+def build_task(learner: LearnerConfig, num_classes: int | None, num_labels: int | None = None) -> Task:
+    """The task `learner.task` names, for labels as `stream.num_classes` / `stream.num_labels` describe them.
 
-    Raises ValueError naming `stream.num_classes` when the two disagree, and `replay.kind`
+    Raises ValueError naming the [stream] key when the two disagree, and `replay.kind`
     when the replay policy cannot hold the task's labels (class-balanced replay without
-    classes).
+    classes): the checks `Config` runs on load, for learners built in code.
     """
-    name = learner.task
-    choice = TASKS[name]
-    if choice.classes and num_classes is None:
-        raise ValueError(f'`stream.num_classes` is required when learner.task is "{name}". Got None.')
-    if not choice.classes and num_classes is not None:
-        raise ValueError(
-            f'`stream.num_classes` must be left out when learner.task is "{name}" (labels are float '
-            f"targets, not classes). Got {num_classes!r}."
-        )
+    problem = labels_problem(learner.task, num_classes, num_labels) or replay_problem(learner)
+    if problem is not None:
+        key = (problem.key or "").removeprefix("learner.")
+        raise ValueError(f"`{key}` {problem.detail}")
+    return TASKS[learner.task](num_classes, num_labels)
+
+
+def resolve(path: str) -> Callable:
+    """The callable "package.module:attribute.path" names; FactoryError naming [model] factory."""
+    module_name, _, attribute = path.partition(":")
+    # The current directory is on the import path, as under `python -m`, so a model next to the
+    # config (`examples.tokens.model:build`, run from the repository root) needs no install.
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.append(str(Path.cwd()))
     try:
-        task = choice.build(num_classes)
-    except ValueError:
-        raise ValueError(
-            f'`stream.num_classes` must be >= 2 when learner.task is "{name}". Got {num_classes!r}.'
-        ) from None
-    policy = build_replay(learner.replay)
-    if policy is not None:
-        try:
-            jax.eval_shape(
-                lambda: policy.init(jax.ShapeDtypeStruct((1,), jnp.float32), task.labels, task.replay_buckets)
+        target: Any = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 - ImportError, or the module failing as it loads: the user's to fix
+        raise FactoryError(("model", "factory"), f"cannot import {module_name!r}: {_error_line(error)}") from None
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            names = [n for n in dir(target) if not n.startswith("_")]
+            raise FactoryError(
+                ("model", "factory"), f"{module_name!r} has no attribute {part!r}{suggest(part, names)}. Got {path!r}."
             )
-        except ValueError:
-            raise ValueError(
-                f"`replay.kind` {learner.replay.kind!r} shares memory out by class, and learner.task {name!r} has no "
-                f"classes: use 'reservoir' or 'fifo'. Got {learner.replay.kind!r}."
-            ) from None
-    return task
+        target = getattr(target, part)
+    if not callable(target):
+        raise FactoryError(("model", "factory"), f"{path!r} is a {type(target).__name__}, not a callable")
+    return target
 
 
 def build_model(config: ModelConfig) -> ModelFactory:
-    """The model factory [model] describes: `factory` with its kwargs bound, else the preset `kind` names."""
-    if config.factory:
-        return functools.partial(load_factory(config.factory), **config.kwargs)
-    return MODELS[config.kind](config)
+    """The model factory [model] describes: a preset with its options, or `factory` with `kwargs` bound."""
+    if config.factory is None:
+        return MODELS[config.kind](config)
+    return functools.partial(resolve(config.factory), **config.kwargs)
 
 
-def load_factory(path: str) -> ModelFactory:
-    """The callable "package.module:callable" or "path/to/file.py:callable" names.
-
-    A module is imported with the current directory on the import path, as `python -m`
-    does, so a model next to the config (`examples.tokens.model:build`) needs no install.
-    Raises ValueError naming `model.factory` when it does not resolve.
-    """
-    target, _, name = path.partition(":")
-    try:
-        if target.endswith(".py") or "/" in target:
-            file = Path(target)
-            spec = importlib.util.spec_from_file_location(f"continuity_model_{file.stem}", file)
-            if spec is None or spec.loader is None or not file.is_file():
-                raise ImportError(f"no such file {target}")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            if "" not in sys.path and str(Path.cwd()) not in sys.path:
-                sys.path.append(str(Path.cwd()))
-            module = importlib.import_module(target)
-    except Exception as error:  # noqa: BLE001 - importing runs the user's module: any error is theirs to see
-        raise ValueError(
-            f"`model.factory` {path!r} does not resolve: cannot import {target!r} ({type(error).__name__}: {error})."
-        ) from None
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise ValueError(f"`model.factory` {path!r} does not resolve: {target!r} has no callable {name!r}.")
-    return factory
+def _schedule(config: LearnerConfig) -> optax.Schedule | float:
+    schedule, peak = config.schedule, config.learning_rate
+    if schedule.kind == "cosine":
+        return optax.cosine_decay_schedule(peak, schedule.decay_steps, alpha=schedule.alpha)
+    if schedule.kind == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, schedule.warmup_steps, schedule.decay_steps, end_value=peak * schedule.alpha
+        )
+    if schedule.kind == "exponential":
+        return optax.exponential_decay(peak, schedule.transition_steps, schedule.decay_rate)
+    return peak  # "constant": a plain float keeps the compiled step as it was
 
 
-def model_inputs(config: Config):
-    """One example's features as the learner takes them: a dict of jax.ShapeDtypeStruct for
-    named inputs ([stream.inputs]), else one float32 array of `stream.feature_shape`."""
-    fields = config.stream.input_fields()
-    if fields:
-        return {f.name: jax.ShapeDtypeStruct(f.shape, jnp.dtype(f.dtype)) for f in fields}
-    return jax.ShapeDtypeStruct(tuple(config.stream.feature_shape), jnp.float32)
-
-
-def check_model(config: Config) -> None:
-    """Build a model named by `model.factory` once, abstractly (no parameters are allocated),
-    so a path that does not resolve, keyword arguments it rejects, or a result that is not an
-    NNX module is a config error (ValueError naming the key) before anything runs."""
-    model = config.learner.model
-    if not model.factory:
-        return
-    factory = load_factory(model.factory)
-    task = build_task(config.learner, config.stream.num_classes)
-    inputs = model_inputs(config)
-
-    def build():
-        return factory(rngs=nnx.Rngs(0), inputs=inputs, outputs=task.outputs, **model.kwargs)
-
-    try:
-        inspect.signature(factory).bind(rngs=None, inputs=inputs, outputs=task.outputs, **model.kwargs)
-    except TypeError as error:  # a keyword argument it does not take, or one it needs
-        raise ValueError(f"`model.kwargs` {model.kwargs!r} rejected by {model.factory}: {error}.") from None
-    except ValueError:  # a callable without a signature to check (a builtin): building it will tell
-        pass
-    try:
-        module = nnx.eval_shape(build)
-    except Exception as error:  # noqa: BLE001 - the user's code: whatever it raises is a config error
-        raise ValueError(
-            f"`model.factory` {model.factory} failed to build a model for inputs {inputs} "
-            f"({type(error).__name__}: {error})."
-        ) from None
-    if not isinstance(module, nnx.Module):
-        raise ValueError(f"`model.factory` {model.factory} must return an nnx.Module. Got {type(module).__name__}.")
+def optimizer_names() -> list[str]:
+    """optax's public lower-case callables: what a did-you-mean for `learner.optimizer` may suggest."""
+    return sorted(n for n in dir(optax) if n.islower() and not n.startswith("_") and callable(getattr(optax, n)))
 
 
 def build_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
-    return OPTIMIZERS[config.optimizer](config.learning_rate)
+    """`optax.<optimizer>(learning_rate=<rate or schedule>, **optimizer_args)`, after optional global-norm clipping.
+
+    Raises FactoryError naming `learner.optimizer` (optax has no such transformation) or
+    `learner.optimizer_args` (it does not take those arguments).
+    """
+    name = config.optimizer
+    make = getattr(optax, name, None) if name.islower() and not name.startswith("_") else None
+    if not callable(make):
+        raise FactoryError(
+            ("learner", "optimizer"),
+            f"optax has no optimizer {name!r}{suggest(name, optimizer_names())} (e.g. adam, adamw, sgd, rmsprop, lion)",
+        )
+    arguments = {"learning_rate": _schedule(config), **config.optimizer_args}
+    try:
+        inspect.signature(make).bind(**arguments)
+    except TypeError as error:
+        raise FactoryError(("learner", "optimizer_args"), f"optax.{name} rejects them: {error}") from None
+    except ValueError:  # no signature to read: let the call decide
+        pass
+    try:
+        transformation = make(**arguments)
+    except Exception as error:  # noqa: BLE001 - optax's own check of a value: the user's to fix
+        raise FactoryError(("learner", "optimizer_args"), f"optax.{name} rejects them: {_error_line(error)}") from None
+    if not isinstance(transformation, optax.GradientTransformation):
+        raise FactoryError(
+            ("learner", "optimizer"),
+            f"optax.{name}(...) is a {type(transformation).__name__}, not an optimizer (a GradientTransformation)",
+        )
+    if config.clip_global_norm is not None:
+        transformation = optax.chain(optax.clip_by_global_norm(config.clip_global_norm), transformation)
+    return transformation
 
 
 def build_replay(config: ReplayConfig) -> replay_lib.ReplayPolicy | None:
@@ -198,6 +185,20 @@ def learner_for(config: LearnerConfig, example_shape: tuple[int, ...], num_class
     return build_learner(config, inputs=inputs, task=build_task(config, num_classes))
 
 
+def model_inputs(config: Config):
+    """One example's features as the model sees them: [stream.inputs] as a dict, else one float32 array."""
+    stream = config.stream
+    if stream.inputs:
+        return {
+            name: jax.ShapeDtypeStruct(tuple(spec.shape), jnp.dtype(spec.dtype)) for name, spec in stream.inputs.items()
+        }
+    return jax.ShapeDtypeStruct(tuple(stream.feature_shape), jnp.float32)
+
+
+def task_for(config: Config) -> Task:
+    return build_task(config.learner, config.stream.num_classes, config.stream.num_labels)
+
+
 def feature_spec(config: Config) -> FeatureSpec:
     """What the codecs accept for the config's stream: its named inputs, or one array, and its
     labels as the task has them (`Task.label_classes`: class ids in [0, n), or finite numbers;
@@ -207,7 +208,7 @@ def feature_spec(config: Config) -> FeatureSpec:
     it is an error naming `learner.task`.
     """
     stream = config.stream
-    task = build_task(config.learner, stream.num_classes)
+    task = task_for(config)
     if task.labels.shape != () and stream.codec != "json":
         raise ValueError(
             f"`learner.task` {config.learner.task!r} has labels of shape {task.labels.shape}; the {stream.codec!r} "
@@ -222,10 +223,71 @@ def feature_spec(config: Config) -> FeatureSpec:
     )
 
 
+def check_model(config: Config) -> None:
+    """Build the model once, abstractly: FactoryError naming [model] factory or [model] kwargs."""
+    model = config.learner.model
+    factory = build_model(model)
+    inputs, outputs = model_inputs(config), task_for(config).outputs
+    if model.factory is not None:
+        try:
+            inspect.signature(resolve(model.factory)).bind(rngs=None, inputs=inputs, outputs=outputs, **model.kwargs)
+        except TypeError as error:
+            raise FactoryError(
+                ("model", "kwargs") if model.kwargs else ("model", "factory"),
+                f"{model.factory} cannot be called as factory(rngs=, inputs=, outputs=, **kwargs): {error}",
+            ) from None
+        except ValueError:  # no signature to read: let the call decide
+            pass
+    key = ("model", "factory") if model.factory is not None else ("model", "kind")
+    name = model.factory or model.kind
+    try:
+        built = jax.eval_shape(lambda: nnx.state(_module(factory, inputs, outputs)))
+    except _NotAModule as error:
+        raise FactoryError(key, f"{name} must return an nnx.Module. Got {error.kind}.") from None
+    except Exception as error:  # noqa: BLE001 - the user's model failing to build: name it, one line
+        raise FactoryError(key, f"building {name} failed: {_error_line(error)}") from None
+    del built
+
+
+class _NotAModule(Exception):
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+def _module(factory: ModelFactory, inputs, outputs: int) -> nnx.Module:
+    module = factory(rngs=nnx.Rngs(0), inputs=inputs, outputs=outputs)
+    if not isinstance(module, nnx.Module):
+        raise _NotAModule(type(module).__name__)
+    return module
+
+
+def check(config: Config) -> None:
+    """What the config module cannot check without JAX and the user's code: the model builds
+    (`jax.eval_shape`), optax has the optimizer and takes its arguments, the wire format can
+    carry the task's labels. Raises a one-line ConfigError naming the key."""
+    prefix = f"config {config.source_path}" if config.source_path else "config"
+    try:
+        build_optimizer(config.learner)
+        check_model(config)
+    except FactoryError as error:
+        raise ConfigError(f"{prefix}: {error}") from None
+    try:
+        feature_spec(config)
+    except ValueError as error:
+        raise ConfigError(f"{prefix}: [learner] task: {_error_line(error)}") from None
+
+
 def learner_from_config(config: Config) -> Learner:
-    """The service's learner: the config's learner sections for its stream's examples and labels."""
-    task = build_task(config.learner, config.stream.num_classes)
-    return build_learner(config.learner, inputs=model_inputs(config), task=task)
+    """The service's learner: the config's learner sections for its stream's examples and labels
+    (checked first: a bad model or optimizer is a ConfigError, exit status 2)."""
+    check(config)
+    return build_learner(config.learner, inputs=model_inputs(config), task=task_for(config))
+
+
+def _error_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def model_description(config: ModelConfig) -> dict:

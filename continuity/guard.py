@@ -45,8 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from continuity.config import GuardConfig  # [probe]: declared with the config
 from continuity.detectors import (
-    WindowCheckConfig,
     WindowHistory,
     WindowSample,
     WindowVerdict,
@@ -58,110 +58,9 @@ from continuity.learner import ewc as ewc_lib
 from continuity.probe import GOLDEN_SEGMENT, ProbeStore
 from continuity.regression import Verdict, judge_beyond_tolerance, judge_losses, segment_rows
 
-ON_REGRESSION = ("retry", "quarantine", "halt")
-ON_SUSTAINED_REGRESSION = ("quarantine", "accept", "halt")
-
 # How two models' per-example outcomes are paired, by the task's outcome kind (Task.outcome):
 # the judging rule, and which GuardConfig field is its tolerance.
 PAIRED_TESTS = {"correct": (judge_beyond_tolerance, "tolerance"), "loss": (judge_losses, "loss_tolerance")}
-
-
-@dataclass(frozen=True)
-class GuardConfig:
-    """When candidates are judged, how strictly, and what happens to a regression."""
-
-    # A judgement (the candidate on the whole probe, up to 64 x 200 examples, plus a Fisher
-    # refresh) costs about as much as training 600-1,700 examples (MLPs to the CNN):
-    # judging every 50,000 keeps the guard under 3% of wall time (BENCHMARKS.md, "Guard
-    # costs"). Smaller windows catch damage sooner and quarantine less with it, at that
-    # price: the digits scenarios, whose segments last ~1,400 examples, use 1,000.
-    every_examples: int = 50_000  # trained examples between probe checks
-    # A live stream (serve) also closes a window after this many seconds, so a slow one is still
-    # judged and checkpointed regularly. Recorded streams (replay) close windows by count only,
-    # so the same records always make the same windows. 0: by count only.
-    every_seconds: float = 60.0
-    # The accuracy a scope (overall, a segment) may lose in a window: drift's price. Tested, not
-    # compared: Tango's test rejects "lost at most this much" (BENCHMARKS.md, "Guard": clean
-    # streams' worst drops 0.26-0.30 pass, a broken labeler's 0.44-0.85 do not).
-    tolerance: float = 0.2
-    # Tasks judged on per-example losses (regression, multi-label): relative rise of the mean
-    # probe loss that may count as a regression (candidate mean > good mean * (1 + loss_tolerance)).
-    loss_tolerance: float = 0.2
-    # False alarms per window: half to the probe's paired tests (Tango's test beyond the tolerance on
-    # predictions; Wilcoxon signed-rank on losses for tasks judged on losses, which take all of it),
-    # Bonferroni-corrected over scopes, half to the window checks, corrected over their tests.
-    alpha: float = 0.01
-    # quarantine, not retry, by default: a retry with boosted lambda hides each poisoned window's
-    # damage just under the tolerance, and the damage compounds window after window (measured).
-    on_regression: str = "quarantine"
-    max_retries: int = 2  # retries of a window before it is quarantined
-    min_examples: int = 20  # probe examples a segment needs before it is tested
-    # Also judge against the good model of up to this many accepted windows ago, so damage
-    # that seeps in a little per window (each step under the tolerance) adds up and is caught.
-    anchor_windows: int = 3  # 0: compare with the last good model only
-    enabled: bool = True  # False: every candidate is accepted (to measure what the guard prevents)
-    # The window checks (continuity.detectors): rows of each window sampled and tested for damage
-    # against accepted windows. 0: off (the probe alone judges).
-    window_sample: int = 512
-    # Rise over accepted windows' share of contradicted, unlearned, out-of-scale, repeated or
-    # same-label rows that a window may show before it counts as damaged (continuity.detectors;
-    # measured: clean windows rise at most ~0.2, damaged blocks 0.5-0.9).
-    window_tolerance: float = 0.3
-    confidence: float = 0.9  # the last good model's probability for its prediction that makes a row "known"
-    # The golden probe segment (probe.golden) is a hard constraint: no candidate is accepted whose
-    # accuracy on it falls more than this below the best an accepted model reached.
-    golden_tolerance: float = 0.05
-    # After this many windows regressed in a row, `on_sustained_regression` decides: "quarantine" on
-    # (and warn), "accept" the window as a new baseline (never past the golden constraint), or "halt".
-    sustained_windows: int = 3
-    on_sustained_regression: str = "quarantine"
-
-    def __post_init__(self):
-        if self.every_examples < 1:
-            raise ValueError(f"`probe.every_examples` must be >= 1. Got {self.every_examples!r}.")
-        if not (isinstance(self.every_seconds, (int, float)) and 0 <= self.every_seconds < float("inf")):
-            raise ValueError(f"`probe.every_seconds` must be a finite number >= 0. Got {self.every_seconds!r}.")
-        if not 0 <= self.tolerance < 1:
-            raise ValueError(f"`probe.tolerance` must be in [0, 1). Got {self.tolerance!r}.")
-        if not (isinstance(self.loss_tolerance, (int, float)) and 0 <= self.loss_tolerance < float("inf")):
-            raise ValueError(f"`probe.loss_tolerance` must be a finite number >= 0. Got {self.loss_tolerance!r}.")
-        if not 0 < self.alpha < 1:
-            raise ValueError(f"`probe.alpha` must be in (0, 1). Got {self.alpha!r}.")
-        if self.on_regression not in ON_REGRESSION:
-            allowed = ", ".join(map(repr, ON_REGRESSION))
-            raise ValueError(f"`probe.on_regression` must be one of {allowed}. Got {self.on_regression!r}.")
-        if self.max_retries < 0:
-            raise ValueError(f"`probe.max_retries` must be >= 0. Got {self.max_retries!r}.")
-        if self.anchor_windows < 0:
-            raise ValueError(f"`probe.anchor_windows` must be >= 0. Got {self.anchor_windows!r}.")
-        if self.window_sample < 0:
-            raise ValueError(f"`probe.window_sample` must be >= 0. Got {self.window_sample!r}.")
-        if not 0 <= self.window_tolerance <= 1:
-            raise ValueError(f"`probe.window_tolerance` must be in [0, 1]. Got {self.window_tolerance!r}.")
-        if not 0 < self.confidence <= 1:
-            raise ValueError(f"`probe.confidence` must be in (0, 1]. Got {self.confidence!r}.")
-        if not 0 <= self.golden_tolerance < 1:
-            raise ValueError(f"`probe.golden_tolerance` must be in [0, 1). Got {self.golden_tolerance!r}.")
-        if self.sustained_windows < 1:
-            raise ValueError(f"`probe.sustained_windows` must be >= 1. Got {self.sustained_windows!r}.")
-        if self.on_sustained_regression not in ON_SUSTAINED_REGRESSION:
-            allowed = ", ".join(map(repr, ON_SUSTAINED_REGRESSION))
-            raise ValueError(
-                f"`probe.on_sustained_regression` must be one of {allowed}. Got {self.on_sustained_regression!r}."
-            )
-
-    @property
-    def window_checks(self) -> WindowCheckConfig:
-        """The window checks' settings; they test at half of `alpha`, the probe at the other half."""
-        return WindowCheckConfig(
-            tolerance=self.window_tolerance,
-            confidence=self.confidence,
-            alpha=self.alpha / 2,
-            min_rows=self.min_examples,
-            # Half a window, and never under 500 rows: a clean window of 500 on a live stream (the
-            # broker-outage test) was judged unlearned at a horizon of 250 before its new permutation was learned.
-            horizon=max(500, self.every_examples // 2),
-        )
 
 
 @jax.jit

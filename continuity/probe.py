@@ -20,39 +20,16 @@ from __future__ import annotations
 import logging
 import threading
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from continuity.config import ProbeConfig as ProbeConfig  # [probe]: declared with the config
+
 log = logging.getLogger(__name__)
 
 GOLDEN_SEGMENT = "golden"
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """How much of the stream is held out and how much of it is kept."""
-
-    holdout_fraction: float = 0.1  # ~140 probe examples per digits segment: enough for the paired test
-    per_segment: int = 200  # examples kept per segment (reservoir)
-    max_segments: int = 64  # beyond this the oldest segment's reservoir is dropped
-    # Records without a segment: held-out examples per window segment. At the default holdout
-    # (10%) and cadence (probe.every_examples 50,000) that is one segment per judged window, so
-    # the probe reaches back 64 windows and the reference models meet few rows they have not seen.
-    window_examples: int = 5_000
-    golden: str | None = None  # optional .npz with arrays x, y: a fixed probe segment
-
-    def __post_init__(self):
-        if not 0.0 < self.holdout_fraction < 1.0:
-            raise ValueError(f"`probe.holdout_fraction` must be in (0, 1). Got {self.holdout_fraction!r}.")
-        if self.per_segment < 1:
-            raise ValueError(f"`probe.per_segment` must be >= 1. Got {self.per_segment!r}.")
-        if self.max_segments < 1:
-            raise ValueError(f"`probe.max_segments` must be >= 1. Got {self.max_segments!r}.")
-        if self.window_examples < 1:
-            raise ValueError(f"`probe.window_examples` must be >= 1. Got {self.window_examples!r}.")
 
 
 _serial_lock = threading.Lock()

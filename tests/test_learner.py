@@ -202,12 +202,18 @@ def test_learning_reduces_the_loss():
     assert float(last["fresh_loss"]) < 0.5 * float(first["fresh_loss"])
 
 
+def _optimizer(config):
+    from continuity.factory import build_optimizer
+
+    return build_optimizer(config)
+
+
 @pytest.mark.parametrize(
     "build, message",
     [
         (lambda: ModelConfig(kind="transformer"), "`model.kind` must be one of 'mlp', 'cnn'. Got 'transformer'."),
         (lambda: ModelConfig(hidden=(0,)), "`model.hidden`"),
-        (lambda: LearnerConfig(optimizer="lbfgs"), "`learner.optimizer` must be one of"),
+        (lambda: _optimizer(LearnerConfig(optimizer="adamx")), "[learner] optimizer: optax has no optimizer 'adamx'"),
         (lambda: LearnerConfig(learning_rate=0), "`learner.learning_rate` must be > 0"),
         (lambda: ReplayConfig(kind="lru"), "`replay.kind` must be one of 'reservoir', 'class_balanced', 'fifo'"),
         (lambda: EWCConfig(strength=5.0, strength_min=10.0), "strength_min <= strength"),

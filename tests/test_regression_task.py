@@ -115,7 +115,7 @@ def test_gaussian_fisher_equals_squared_gradients_of_half_the_squared_error():
     [
         (
             lambda: LearnerConfig(task="forecast"),
-            "`learner.task` must be one of 'classification', 'regression'. Got 'forecast'.",
+            "`learner.task` must be one of 'classification', 'regression', 'multilabel'. Got 'forecast'.",
         ),
         (
             lambda: build_task(_regression_config(replay=ReplayConfig(kind="class_balanced", capacity=8)), None),

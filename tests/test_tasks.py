@@ -271,19 +271,23 @@ def test_the_loop_reports_the_steps_figures_summed_on_the_device(task_runs):
         assert all(float(leaf) == 0 for leaf in leaves)
 
 
-def test_a_task_whose_labels_have_a_shape_is_carried_by_the_json_wire_format_only(monkeypatch):
-    # What a config key for multi-label (a later change) meets: multi-hot JSON labels, or a clear error.
+def test_a_multilabel_config_builds_its_task_which_only_the_json_wire_format_carries(tmp_path, capsys):
+    # learner.task = "multilabel" with stream.num_labels loads and builds MultiLabel; JSON carries its
+    # multi-hot labels, the one-label binary format cannot, which `config check` says in one line (exit 2).
     from continuity import factory
-    from continuity.config import Config, StreamConfig
-    from continuity.learner import config as learner_config
+    from continuity.cli import main
+    from continuity.config import load_config
 
-    monkeypatch.setattr(learner_config, "TASKS", (*learner_config.TASKS, "multi-label"))
-    monkeypatch.setitem(factory.TASKS, "multi-label", factory.TaskChoice(MultiLabel, classes=True))
-    config = Config(stream=StreamConfig(num_classes=LABELS), learner=LearnerConfig(task="multi-label"))
-    assert factory.learner_from_config(config).task == MultiLabel(LABELS)
-    with pytest.raises(ValueError, match=r"`learner.task` 'multi-label' has labels of shape \(5,\)"):
+    config = load_config(None, ['learner.task="multilabel"', f"stream.num_labels={LABELS}"], environ={})
+    assert config.stream.num_classes is None and factory.task_for(config) == MultiLabel(LABELS)
+    with pytest.raises(ValueError, match=r"`learner.task` 'multilabel' has labels of shape \(5,\)"):
         factory.feature_spec(config)
-    json_config = Config(
-        stream=StreamConfig(num_classes=LABELS, codec="json"), learner=LearnerConfig(task="multi-label")
+    json_config = load_config(
+        None, ['learner.task="multilabel"', f"stream.num_labels={LABELS}", 'stream.codec="json"'], environ={}
     )
     assert factory.feature_spec(json_config).label_shape == (LABELS,)
+    path = tmp_path / "multilabel.toml"
+    path.write_text(f'[learner]\ntask = "multilabel"\n[stream]\nnum_labels = {LABELS}\n')
+    assert main(["config", "check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "[learner] task: " in err and "has labels of shape (5,)" in err

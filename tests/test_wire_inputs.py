@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from continuity import factory
 from continuity.config import ConfigError, load_config
 from continuity.factory import feature_spec, learner_from_config, model_inputs
 from continuity.stream import make_codec
@@ -150,36 +151,52 @@ def test_stream_inputs_make_the_codec_spec_and_the_learners_inputs(tmp_path):
 
 def test_default_configs_show_no_inputs_and_named_inputs_need_the_json_codec():
     assert "inputs" not in load_config(None, environ={}).to_dict()["stream"]
-    with pytest.raises(ConfigError, match=r'\[stream\] codec: must be "json" with named inputs'):
-        load_config(None, ["stream.inputs.tokens.shape=[16]"], environ={})
+    named = [
+        "stream.inputs.tokens.shape=[16]",
+        'stream.inputs.tokens.dtype="int32"',
+        "model.factory=examples.tokens.model:build",
+    ]
+    with pytest.raises(ConfigError, match=r'\[stream\] codec: named inputs need codec = "json"'):
+        load_config(None, named, environ={})
 
 
 @pytest.mark.parametrize(
     "overrides, words",
     [
-        (["stream.codec=json", "stream.inputs.tokens.shape=[0]"], "[stream] inputs.tokens.shape: expected an array"),
+        (
+            ["stream.codec=json", "stream.inputs.tokens.shape=[0]"],
+            "[stream.inputs.tokens] shape (from --set): expected an array of positive integers",
+        ),
         (
             ["stream.codec=json", "stream.inputs.tokens.shape=[4]", 'stream.inputs.tokens.dtype="int64"'],
-            '[stream] inputs.tokens.dtype: expected one of "float32", "int32"',
+            "[stream.inputs.tokens] dtype (from --set): must be one of 'float32', 'int32'",
         ),
-        (["stream.codec=json", "stream.inputs.tokens.shap=[4]"], "[stream] inputs.tokens.shap: unknown key"),
-        (["stream.codec=json", 'stream.inputs.tokens.dtype="int32"'], "[stream] inputs.tokens.shape: missing"),
+        (
+            ["stream.codec=json", "stream.inputs.tokens.shap=[4]"],
+            "[stream.inputs.tokens] shap (from --set): unknown key",
+        ),
+        (["stream.codec=json", 'stream.inputs.tokens.dtype="int32"'], "[stream.inputs.tokens] shape: is required"),
         (["service.predict_max_rows=0"], "[service] predict_max_rows (from --set): must be >= 1"),
-        (["model.factory=nope"], "[model] factory (from --set): must be"),
-        (["model.factory=no_such_module_anywhere:build"], "does not resolve: cannot import 'no_such_module_anywhere'"),
-        (["model.factory=json:no_such_callable"], "'json' has no callable 'no_such_callable'"),
-        (["model.kwargs.outputs=3"], "[model] kwargs (from --set): may not set ['outputs']"),
+        (["model.factory=nope"], '[model] factory (from --set): expected "package.module:callable"'),
+        (["model.factory=no_such_module_anywhere:build"], "[model] factory: cannot import 'no_such_module_anywhere'"),
+        (["model.factory=json:no_such_callable"], "[model] factory: 'json' has no attribute 'no_such_callable'"),
+        (["model.kwargs.outputs=3"], "[model] kwargs: keyword arguments are for a model factory"),
+        (
+            [*INPUTS, "model.factory=examples.tokens.model:build", "model.kwargs.outputs=3"],
+            "multiple values for keyword argument 'outputs'",
+        ),
         (
             [*INPUTS, "model.factory=examples.tokens.model:build", "model.kwargs.width=3"],
             "got an unexpected keyword argument 'width'",
         ),
-        (["model.factory=examples.tokens.model:build"], "failed to build a model"),
-        (["model.factory=examples/tokens/produce.py:CLASSES"], "has no callable 'CLASSES'"),
+        (["model.factory=examples.tokens.model:build"], "[model] factory: building examples.tokens.model:build failed"),
         ([*INPUTS, "model.factory=builtins:dict"], "must return an nnx.Module. Got dict"),
     ],
 )
 def test_bad_input_publish_and_model_keys_are_one_line_config_errors(overrides, words):
+    # What `config check` (and every command that builds a learner) reports: the loader's checks,
+    # then the factory's, which build the model once abstractly.
     with pytest.raises(ConfigError) as caught:
-        load_config(None, overrides, environ={})
+        factory.check(load_config(None, overrides, environ={}))
     message = str(caught.value)
     assert "\n" not in message and words in message, message

@@ -1,7 +1,8 @@
 """`continuity config example|check`: print a complete example config, or check and resolve one.
 
 `check` loads a file exactly as `serve`, `replay` and `demo` do (with the same `--set`
-overrides and environment-supplied secrets) and prints what they would run with, secrets
+overrides and environment-supplied secrets), builds the model once abstractly and the
+optimizer (continuity/factory.py `check`), and prints what they would run with, secrets
 shown as '***', so a config can be validated before a deployment starts.
 """
 
@@ -38,6 +39,9 @@ def run_check(args) -> int:
     from continuity.config import config_from_args
 
     config = config_from_args(args)
+    from continuity.factory import check  # JAX: only once the file itself is valid
+
+    check(config)  # the model builds (abstractly), optax has the optimizer, the codec carries the labels
     if args.json:
         print(json.dumps({"source_path": config.source_path, "digest": config.digest(), **config.to_dict()}, indent=2))
     else:

@@ -1,0 +1,206 @@
+"""The config on pydantic: declared once, generated reference, cross-field checks, and what the factory checks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optax
+import pytest
+from flax import nnx
+
+from continuity.cli import main
+from continuity.config import Config, ConfigError, load_config, readme_reference
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def tiny_model(*, rngs: nnx.Rngs, inputs, outputs: int, width: int = 16) -> nnx.Module:
+    """A user's model, named by import path in the tests below (`<this module>:tiny_model`)."""
+    return nnx.Sequential(
+        lambda x: x.reshape(x.shape[0], -1),
+        nnx.Linear(int(inputs.size), width, rngs=rngs),
+        nnx.relu,
+        nnx.Linear(width, outputs, rngs=rngs),
+    )
+
+
+def not_a_module(*, rngs, inputs, outputs):
+    return "a string"
+
+
+def takes_nothing():
+    return None
+
+
+FACTORY = f"{__name__}:tiny_model"
+
+
+def check_fails(tmp_path, capsys, text: str, overrides=()) -> str:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    arguments = ["config", "check", "--config", str(path)]
+    for override in overrides:
+        arguments += ["--set", override]
+    assert main(arguments) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1, captured.err
+    return captured.err
+
+
+def test_importing_the_config_imports_no_jax():
+    code = (
+        "import sys; import continuity.config as c; c.load_config(None, environ={}); c.example_config(); "
+        "print('jax' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_the_readme_config_reference_is_the_generated_example():
+    # Regenerate with `make config-reference` after changing a section's fields or descriptions.
+    assert readme_reference() in README.read_text()
+
+
+@pytest.mark.parametrize(
+    ("text", "pieces"),
+    [
+        ('[model]\nkind = "cnn"\n[stream]\nfeature_shape = [20]\n', ["[model] kind: 'cnn' needs image-shaped", "[20]"]),
+        ('[learner]\ntask = "regression"\n[stream]\nnum_classes = 10\n', ["[stream] num_classes: must be left out"]),
+        ('[learner]\ntask = "multilabel"\n', ["[stream] num_labels: is required", '"multilabel"']),
+        ("[stream]\nnum_labels = 3\n", ["[stream] num_labels: must be left out", '"classification"']),
+        ("[stream]\nnum_classes = 1\n", ["[stream] num_classes: must be >= 2"]),
+        ('[learner]\ntask = "regression"\n[replay]\nkind = "class_balanced"\n', ["[replay] kind: 'class_balanced'"]),
+        (
+            '[stream]\ncodec = "json"\n[stream.inputs.tokens]\nshape = [4]\ndtype = "int32"\n',
+            ["[model] kind: the 'mlp' preset takes one feature array", "model.factory"],
+        ),
+        (
+            f'[model]\nfactory = "{FACTORY}"\n[stream.inputs.tokens]\nshape = [4]\ndtype = "int32"\n',
+            ['[stream] codec: named inputs need codec = "json"'],
+        ),
+        (
+            '[learner.schedule]\nkind = "warmup_cosine"\nwarmup_steps = 10\ndecay_steps = 5\n',
+            ["decay_steps: must be >"],
+        ),
+        ("[model]\nfactory = 'not a path'\n", ['[model] factory: expected "package.module:callable"']),
+        ("[model.kwargs]\nwidth = 3\n", ["[model] kwargs: keyword arguments are for a model factory"]),
+    ],
+)
+def test_contradictory_settings_are_one_line_exit_2_at_config_check(tmp_path, capsys, text, pieces):
+    err = check_fails(tmp_path, capsys, text)
+    for piece in pieces:
+        assert piece in err
+
+
+def test_a_model_named_by_import_path_with_kwargs_checks_and_builds(tmp_path, capsys):
+    from continuity.factory import learner_from_config
+
+    path = tmp_path / "c.toml"
+    path.write_text(f'[model]\nfactory = "{FACTORY}"\n[model.kwargs]\nwidth = 8\n')
+    assert main(["config", "check", "--config", str(path)]) == 0
+    config = load_config(path, environ={})
+    assert config.model.kwargs == {"width": 8} and f'factory = "{FACTORY}"' in capsys.readouterr().out
+    params = learner_from_config(config).init(0).params
+    assert any(getattr(leaf, "shape", None) == (64, 8) for leaf in __import__("jax").tree.leaves(params))
+
+
+@pytest.mark.parametrize(
+    ("model", "pieces"),
+    [
+        ('factory = "no_such_module_xyz:build"', ["[model] factory: cannot import 'no_such_module_xyz'"]),
+        (f'factory = "{__name__}:tiny_modle"', ["[model] factory: ", "has no attribute 'tiny_modle'", "tiny_model"]),
+        (f'factory = "{__name__}:README"', ["[model] factory: ", "is a PosixPath, not a callable"]),
+        (f'factory = "{__name__}:not_a_module"', ["[model] factory: ", "must return an nnx.Module. Got str."]),
+        (f'factory = "{__name__}:takes_nothing"', ["[model] factory: ", "cannot be called as factory(rngs="]),
+        (f'factory = "{FACTORY}"\n[model.kwargs]\ndepth = 3', ["[model] kwargs: ", "depth"]),
+        (f'factory = "{FACTORY}"\n[model.kwargs]\nwidth = "wide"', ["[model] factory: building", "TypeError"]),
+    ],
+)
+def test_a_bad_model_factory_is_one_line_exit_2_naming_the_key(tmp_path, capsys, model, pieces):
+    err = check_fails(tmp_path, capsys, f"[model]\n{model}\n")
+    for piece in pieces:
+        assert piece in err
+
+
+def test_any_optax_optimizer_by_name_with_arguments_clipping_and_a_schedule():
+    from continuity.factory import build_optimizer
+
+    config = load_config(
+        None,
+        [
+            'learner.optimizer="adamw"',
+            "learner.optimizer_args.weight_decay=0.01",
+            "learner.optimizer_args.b1=0.8",
+            "learner.clip_global_norm=1.0",
+            'learner.schedule.kind="warmup_cosine"',
+            "learner.schedule.warmup_steps=10",
+            "learner.schedule.decay_steps=100",
+        ],
+        environ={},
+    )
+    assert config.learner.optimizer_args == {"weight_decay": 0.01, "b1": 0.8}
+    assert isinstance(build_optimizer(config.learner), optax.GradientTransformation)
+    for name in ("sgd", "rmsprop", "lion", "adam"):
+        assert isinstance(build_optimizer(load_config(None, [f"learner.optimizer={name}"], environ={}).learner), tuple)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pieces"),
+    [
+        (["learner.optimizer=adamx"], ["[learner] optimizer: optax has no optimizer 'adamx'", "did you mean 'adam"]),
+        (["learner.optimizer_args.weight_dekay=0.1"], ["[learner] optimizer_args: optax.adam rejects them"]),
+        (["learner.optimizer_args.learning_rate=0.1"], ["[learner] optimizer_args: give the learning rate as"]),
+        (["learner.optimizer=Adam"], ["[learner] optimizer: optax has no optimizer 'Adam'"]),
+    ],
+)
+def test_a_bad_optimizer_is_one_line_exit_2_naming_the_key(tmp_path, capsys, overrides, pieces):
+    err = check_fails(tmp_path, capsys, "", overrides)
+    for piece in pieces:
+        assert piece in err
+
+
+def test_unknown_keys_in_nested_tables_suggest_the_close_one(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[learner.schedule]\nknd = "cosine"\n')
+    with pytest.raises(ConfigError, match=r"\[learner.schedule\] knd: unknown key; .*did you mean 'kind'"):
+        load_config(path, environ={})
+    path.write_text('[stream]\ncodec = "json"\n[stream.inputs.tokens]\nshap = [3]\n')
+    with pytest.raises(ConfigError, match=r"\[stream.inputs.tokens\] shap: unknown key.*did you mean 'shape'"):
+        load_config(path, environ={})
+
+
+def test_the_keys_other_changes_wire_have_their_defaults_and_bounds():
+    config = Config()
+    assert config.learner.steps_per_dispatch == 8 and config.service.predict_max_rows == 256
+    assert config.publish.dir == "" and config.stream.inputs == {} and config.model.factory is None
+    for override in ("learner.steps_per_dispatch=0", "service.predict_max_rows=0"):
+        with pytest.raises(ConfigError, match=r"\(from --set\): must be >= 1"):
+            load_config(None, [override], environ={})
+    config = load_config(
+        None,
+        [
+            f"model.factory={FACTORY}",
+            'stream.codec="json"',
+            "stream.inputs.tokens.shape=[16]",
+            'stream.inputs.tokens.dtype="int32"',
+            "stream.inputs.numeric.shape=[4]",
+            "publish.dir=published",
+        ],
+        environ={},
+    )
+    assert config.stream.inputs["tokens"].dtype == "int32" and config.stream.inputs["numeric"].shape == (4,)
+    assert config.publish.dir == "published"
+    assert load_config(None, [], environ={}).digest() != config.digest()
+
+
+def test_the_digest_is_the_same_from_config_check_and_for_the_service(tmp_path, capsys):
+    import json
+
+    path = tmp_path / "c.toml"
+    path.write_text("[learner]\nbatch_size = 16\n")
+    assert main(["config", "check", "--config", str(path), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["digest"]
+    assert shown == load_config(path, environ={}).digest() == load_config(path, environ={}).digest()
