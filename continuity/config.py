@@ -907,6 +907,8 @@ _COMMENTS = {
     ("learner", "optimizer"): '"adam" or "sgd"',
     ("learner", "learning_rate"): "",
     ("learner", "batch_size"): "fresh examples per step (fixed shape: a short batch is padded and masked)",
+    ("learner", "steps_per_dispatch"): "updates per dispatch: K micro-batches of batch_size scanned in one "
+    "jitted call (a quiet stream or a window's end sends fewer, masked; same results as 1)",
     ("learner", "task"): '"classification" (integer labels) or "regression" (float targets, squared error loss)',
     ("replay", "kind"): '"reservoir", "class_balanced" or "fifo"',
     ("replay", "capacity"): "examples kept; 0 = no replay",

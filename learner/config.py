@@ -121,9 +121,16 @@ class LearnerConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     ewc: EWCConfig = field(default_factory=EWCConfig)
     task: str = "classification"
+    # Updates per dispatch (K): a `lax.scan` over K micro-batches of `batch_size` in one jitted
+    # call. Each update is the same as with K = 1; only the per-dispatch cost is shared.
+    steps_per_dispatch: int = 1
 
     def __post_init__(self):
         _one_of("learner.task", self.task, TASKS)
         _one_of("learner.optimizer", self.optimizer, OPTIMIZERS)
         _require(self.learning_rate > 0, f"`learner.learning_rate` must be > 0. Got {self.learning_rate!r}.")
         _require(self.batch_size >= 1, f"`learner.batch_size` must be >= 1. Got {self.batch_size!r}.")
+        _require(
+            isinstance(self.steps_per_dispatch, int) and self.steps_per_dispatch >= 1,
+            f"`learner.steps_per_dispatch` must be an integer >= 1. Got {self.steps_per_dispatch!r}.",
+        )
