@@ -347,8 +347,11 @@ class Config:
 
         Paths, addresses, ports, timeouts and secrets are left out, so replaying the same
         stream into another directory, or serving it from another broker, gives the same
-        digest (and, with it, bit-identical checkpoint metadata).
+        digest (and, with it, bit-identical checkpoint metadata). So is
+        `learner.steps_per_dispatch`: K updates per dispatch train the same model as one.
         """
+        learner = dataclasses.asdict(self.learner)
+        del learner["steps_per_dispatch"]
         training = {
             "stream": {
                 "codec": self.stream.codec,
@@ -356,7 +359,7 @@ class Config:
                 "dtype": self.stream.dtype,
                 "num_classes": self.stream.num_classes,
             },
-            "learner": dataclasses.asdict(self.learner),
+            "learner": learner,
             "probe": dataclasses.asdict(self.probe),
             "guard": dataclasses.asdict(self.guard),
             "seed": self.service.seed,

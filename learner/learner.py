@@ -217,7 +217,8 @@ class Learner:
     def describe(self) -> dict:
         """What decides this learner's program, as JSON-able data (the optimizer excepted: an
         optax transformation does not say what it is). A training loop digests it when it is
-        not told the config the learner was built from."""
+        not told the config the learner was built from. `steps_per_dispatch` is left out: K
+        updates per dispatch train the same model as one."""
 
         def shapes(tree) -> list[str]:
             leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -232,7 +233,6 @@ class Learner:
             "replay": None if replay is None else [replay.add.__qualname__, replay.capacity, self.replay_batch_size],
             "asymmetric": self.asymmetric,
             "ewc": None if self.ewc is None else dataclasses.asdict(self.ewc),
-            "steps_per_dispatch": self.steps_per_dispatch,
         }
 
     # ---- state -------------------------------------------------------------------------

@@ -99,13 +99,17 @@ def test_unknown_names_exit_2_with_one_line_listing_the_valid_ones(argument, val
     assert value in lines[0] and valid in lines[0]
 
 
-def test_bench_step_reports_zero_compilations_after_warmup(tmp_path):
+def test_bench_step_times_k_k1_and_the_plain_scanned_step_with_zero_compilations_after_warmup(tmp_path):
     out = tmp_path / "step.json"
-    assert main(["bench", "step", "--steps", "20", "--repeats", "1", "--json", str(out)]) == 0
+    command = ["bench", "step", "--steps-per-dispatch", "4", "--steps", "16", "--repeats", "1", "--json", str(out)]
+    assert main(command) == 0
     result = json.loads(out.read_text())
-    assert result["compilations_after_warmup"] == 0
-    assert result["plain_samples_per_second"] > 0 and result["continual_samples_per_second"] > 0
-    assert result["ratio"] == pytest.approx(result["continual_samples_per_second"] / result["plain_samples_per_second"])
+    assert result["steps_per_dispatch"] == 4 and result["updates_per_repeat"] == 16
+    assert result["compilations_after_warmup"] == 0  # a partly filled final stack included
+    for key in ("samples_per_second", "k1_samples_per_second", "plain_samples_per_second"):
+        assert result[key] > 0
+    assert result["ratio"] == pytest.approx(result["samples_per_second"] / result["plain_samples_per_second"])
+    assert result["speedup_over_k1"] == pytest.approx(result["samples_per_second"] / result["k1_samples_per_second"])
 
 
 def test_bench_pipeline_trains_everything_it_produced():
