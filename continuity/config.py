@@ -398,13 +398,20 @@ SERVICE_DEFAULTS = {
     ("ewc", "enabled"): True,
     ("ewc", "strength"): 100.0,
     ("ewc", "strength_min"): 10.0,
+    # 8 micro-batches of 32 per dispatch: one batched record's 256 examples (BENCHMARKS.md, "Updates per dispatch").
+    ("learner", "steps_per_dispatch"): 8,
 }
 
 
 def _service_learner():
     lib = _jax_configs()
-    table = {section: {k: v for (s, k), v in SERVICE_DEFAULTS.items() if s == section} for section in ("replay", "ewc")}
-    return lib.LearnerConfig(replay=lib.ReplayConfig(**table["replay"]), ewc=lib.EWCConfig(**table["ewc"]))
+    table = {
+        section: {k: v for (s, k), v in SERVICE_DEFAULTS.items() if s == section}
+        for section in ("learner", "replay", "ewc")
+    }
+    return lib.LearnerConfig(
+        **table["learner"], replay=lib.ReplayConfig(**table["replay"]), ewc=lib.EWCConfig(**table["ewc"])
+    )
 
 
 _SECRET_KEYS = {("service", "admin_token")}
@@ -910,8 +917,8 @@ _COMMENTS = {
     ("learner", "optimizer"): '"adam" or "sgd"',
     ("learner", "learning_rate"): "",
     ("learner", "batch_size"): "fresh examples per step (fixed shape: a short batch is padded and masked)",
-    ("learner", "steps_per_dispatch"): "updates per dispatch: K micro-batches of batch_size scanned in one "
-    "jitted call (a quiet stream or a window's end sends fewer, masked; same results as 1)",
+    ("learner", "steps_per_dispatch"): "updates per jitted call: K micro-batches of batch_size (fewer, masked, "
+    "on a quiet stream; the same model as 1)",
     ("learner", "task"): '"classification" (integer labels) or "regression" (float targets, squared error loss)',
     ("replay", "kind"): '"reservoir", "class_balanced" or "fifo"',
     ("replay", "capacity"): "examples kept; 0 = no replay",

@@ -112,11 +112,13 @@ def test_bench_step_times_k_k1_and_the_plain_scanned_step_with_zero_compilations
     assert result["speedup_over_k1"] == pytest.approx(result["samples_per_second"] / result["k1_samples_per_second"])
 
 
-def test_bench_pipeline_trains_everything_it_produced():
+def test_bench_pipeline_trains_everything_it_produced_at_the_default_k_and_at_k1():
     from continuity.benchmarks.pipeline import EXAMPLES_PER_RECORD, format_result, run_pipeline_benchmark
 
-    result = run_pipeline_benchmark(examples=16 * EXAMPLES_PER_RECORD, warmup_examples=0, rss_from=0)
+    result = run_pipeline_benchmark(examples=16 * EXAMPLES_PER_RECORD, warmup_examples=0, rss_from=0, compare_k1=True)
     held_out = 0.1  # the default holdout share goes to the probe, not to training
     assert result["examples"] == pytest.approx(16 * EXAMPLES_PER_RECORD * (1 - held_out), rel=0.05)
+    assert result["steps_per_dispatch"] == 8 and result["k1"]["examples"] == result["examples"]
     assert result["ingest_limit_examples_per_s"] > 0 and result["step_limit_examples_per_s"] > 0
-    assert "ratio to the lower limit" in format_result(result)
+    printed = format_result(result)
+    assert "ratio to the lower limit" in printed and "at K = 1" in printed

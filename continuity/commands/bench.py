@@ -84,6 +84,11 @@ def register(subparsers) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override the service config, e.g. --set probe.every_examples=1000000 (guard off)",
     )
+    pipeline.add_argument(
+        "--compare-k1",
+        action="store_true",
+        help="run it again at learner.steps_per_dispatch = 1 on the same topic and report both",
+    )
     pipeline.set_defaults(handler=run_pipeline)
 
     add_ingest_parser(kinds)
@@ -144,6 +149,12 @@ def run_step(args) -> int:
         f"{result['k1_samples_per_second']:,.0f} samples/s (K = {k}: {result['speedup_over_k1']:.2f} x); "
         f"compilations after warm-up {result['compilations_after_warmup']}"
     )
+    cpu = result["cpu"]
+    print(
+        f"per CPU second of this process: plain {cpu['plain_samples_per_cpu_second']:,.0f}, continual "
+        f"{cpu['samples_per_cpu_second']:,.0f} (ratio {cpu['ratio']:.2f}), at K = 1 "
+        f"{cpu['k1_samples_per_cpu_second']:,.0f} (K = {k}: {cpu['speedup_over_k1']:.2f} x)"
+    )
     _write_json(args.json, result)
     return 0
 
@@ -171,7 +182,9 @@ def run_guard(args) -> int:
 def run_pipeline(args) -> int:
     from continuity.benchmarks.pipeline import format_result, run_pipeline_benchmark
 
-    result = run_pipeline_benchmark(examples=args.examples, progress=_progress, overrides=tuple(args.overrides))
+    result = run_pipeline_benchmark(
+        examples=args.examples, progress=_progress, overrides=tuple(args.overrides), compare_k1=args.compare_k1
+    )
     print(format_result(result))
     _write_json(args.json, result)
     return 0
