@@ -800,7 +800,7 @@ class TrainingLoop:
                 state = self._dispatch(state, stack)
             rows = int(mask.sum())
             trained += rows
-            self.summary.examples_trained += rows  # gathered: trained by the dispatch at the latest
+            self.summary.examples_trained += rows  # counted when gathered: this window dispatches them
             positions = batch.positions
             self._maybe_report(state, good)
             if fisher_rows and rows:
