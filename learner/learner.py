@@ -304,8 +304,10 @@ class Learner:
         """`steps_per_dispatch` updates in one dispatch: `lax.scan` of the one-update step over
         the stack's leading axis. Each update is exactly `train_step`'s; a micro-batch with no
         row to train (a short stack's padding) changes nothing at all: no parameter, optimizer
-        or replay change, no step (so no randomness) consumed, no totals. Metrics come back
-        stacked, one entry per micro-batch (zeros, `finite` True, for the empty ones)."""
+        or replay change, no step (so no randomness) consumed, no totals. (`train_step` given
+        an empty batch still takes a step, in which the optimizer's momentum moves the
+        parameters.) Metrics come back stacked, one entry per micro-batch (zeros, `finite`
+        True, for the empty ones)."""
         blank = jax.tree.map(
             lambda a: jnp.zeros(a.shape, a.dtype),
             jax.eval_shape(self._train_step, state, jax.tree.map(lambda a: a[0], batches))[1],
