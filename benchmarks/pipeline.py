@@ -10,6 +10,10 @@ On one topic of the embedded broker (batched binary records, uint8 features):
   teacher labels uint8 features): the steady state, where the guard accepts every window.
 Target: pipeline >= 0.7 x the lower limit. Memory: resident set size when `rss_from`
 examples are trained vs at the end; target growth under 5%.
+
+The service trains `learner.steps_per_dispatch` (K) micro-batches per dispatch, as
+configured; `compare_k1` runs it again on the same topic (another consumer group, another
+checkpoint directory) at K = 1, so the two rates come from one run.
 """
 
 from __future__ import annotations
@@ -42,14 +46,18 @@ def _rss_bytes() -> int:
     return 0
 
 
-def _step_rate(config, steps: int = 300) -> float:
+def _step_rate(config, steps: int = 320) -> float:
+    """Examples/s of the service's train step alone: full stacks of K host micro-batches, each
+    put on the device before its dispatch as the loop does; `steps` updates."""
+    import jax
+
     from continuity.learner import Batch
     from continuity.service import build_learner
 
     learner = build_learner(config)
     state = learner.init(0)
     rng = np.random.default_rng(0)
-    batch_size = config.learner.batch_size
+    batch_size, k = config.learner.batch_size, learner.steps_per_dispatch
     pool = [
         Batch(
             rng.integers(0, 17, (batch_size, *SHAPE)).astype(np.float32),
@@ -58,16 +66,17 @@ def _step_rate(config, steps: int = 300) -> float:
         )
         for _ in range(8)
     ]
-    for batch in pool:
-        state, _ = learner.train_step(state, batch)
-    import jax
-
+    stacks = [learner.stack([pool[(i + j) % len(pool)] for j in range(k)]) for i in range(len(pool))]
+    device = jax.devices()[0]
+    for stack in stacks:
+        state, _ = learner.train_steps(state, jax.device_put(stack, device))
     jax.block_until_ready(state)
+    dispatches = -(-steps // k)
     started = time.perf_counter()
-    for i in range(steps):
-        state, _ = learner.train_step(state, pool[i % len(pool)])
+    for i in range(dispatches):
+        state, _ = learner.train_steps(state, jax.device_put(stacks[i % len(stacks)], device))
     jax.block_until_ready(state)
-    return steps * batch_size / (time.perf_counter() - started)
+    return dispatches * k * batch_size / (time.perf_counter() - started)
 
 
 def run_pipeline_benchmark(
@@ -77,10 +86,10 @@ def run_pipeline_benchmark(
     rss_from: int = 100_000,
     progress=None,
     overrides: tuple[str, ...] = (),
+    compare_k1: bool = False,
 ) -> dict:
     from continuity.benchmarks.ingest import _bare_loop
     from continuity.config import load_config
-    from continuity.service import Service
     from continuity.stream import EmbeddedBroker, create_topic, encode_binary, produce_records
     from continuity.stream.broker import SHORT_SESSION_TIMEOUT_MS
 
@@ -98,33 +107,61 @@ def run_pipeline_benchmark(
         produce_records(broker.bootstrap, topic, ((None, blocks[i % len(blocks)]) for i in range(records)))
         bare_seconds = _bare_loop(broker.bootstrap, topic, records, 2000)
         ingest_rate = records * EXAMPLES_PER_RECORD / bare_seconds
-        config = load_config(
-            None,
-            [
-                f'stream.bootstrap="{broker.bootstrap}"',
-                f'stream.topics=["{topic}"]',
-                f"stream.session_timeout_ms={SHORT_SESSION_TIMEOUT_MS}",  # the embedded broker's (see stream.broker)
-                'stream.dtype="uint8"',
-                f'checkpoints.dir="{Path(scratch) / "ck"}"',
-                "service.progress_every_s=0.25",
-                *overrides,
-            ],
-        )
-        say("timing the bare train step")
-        step_rate = _step_rate(config)
-        snapshots: list[tuple[float, int, int]] = []  # (time, examples trained, rss)
+        base = [
+            f'stream.bootstrap="{broker.bootstrap}"',
+            f'stream.topics=["{topic}"]',
+            f"stream.session_timeout_ms={SHORT_SESSION_TIMEOUT_MS}",  # the embedded broker's (see stream.broker)
+            'stream.dtype="uint8"',
+            "service.progress_every_s=0.25",
+        ]
+        config = load_config(None, [*base, f'checkpoints.dir="{Path(scratch) / "ck"}"', *overrides])
+        result = _through_the_service(config, say, warmup_examples, rss_from)
+        if compare_k1 and config.learner.steps_per_dispatch != 1:
+            say("again at learner.steps_per_dispatch = 1, from the topic's start (another consumer group)")
+            k1 = load_config(
+                None,
+                [
+                    *base,
+                    f'checkpoints.dir="{Path(scratch) / "ck-k1"}"',
+                    'stream.group="continuity-k1"',
+                    *overrides,
+                    "learner.steps_per_dispatch=1",
+                ],
+            )
+            result["k1"] = _through_the_service(k1, say, warmup_examples, rss_from)
+    limit = min(ingest_rate, result["step_limit_examples_per_s"])
+    summary = {
+        "records": records,
+        "steps_per_dispatch": config.learner.steps_per_dispatch,
+        "ingest_limit_examples_per_s": ingest_rate,
+        **result,
+        "ratio_to_lower_limit": result["pipeline_examples_per_s"] / limit,
+    }
+    if "k1" in result:
+        summary["k1_pipeline_examples_per_s"] = result["k1"]["pipeline_examples_per_s"]
+        summary["speedup_over_k1"] = result["pipeline_examples_per_s"] / result["k1"]["pipeline_examples_per_s"]
+    return summary
 
-        def on_progress(p, _lag):
-            snapshots.append((time.perf_counter(), p.examples_trained, _rss_bytes()))
-            if len(snapshots) % 8 == 1:  # snapshots every 0.25 s for the rate; a line every 2 s
-                say(
-                    f"  {p.examples_trained:,} examples, {p.examples_per_second:,.0f}/s, "
-                    f"rss {_rss_bytes() / 2**20:,.0f} MiB"
-                )
 
-        service = Service(config, http=False, idle_timeout_s=IDLE_TIMEOUT_S, progress=on_progress)
-        summary = service.run()
-        snapshots.append((time.perf_counter(), summary.examples_trained, _rss_bytes()))
+def _through_the_service(config, say, warmup_examples: int, rss_from: int) -> dict:
+    """The train step's rate alone, then `Service` over the whole topic: its steady-state rate and memory."""
+    from continuity.service import Service
+
+    say(f"timing the bare train step (K = {config.learner.steps_per_dispatch})")
+    step_rate = _step_rate(config)
+    snapshots: list[tuple[float, int, int]] = []  # (time, examples trained, rss)
+
+    def on_progress(p, _lag):
+        snapshots.append((time.perf_counter(), p.examples_trained, _rss_bytes()))
+        if len(snapshots) % 8 == 1:  # snapshots every 0.25 s for the rate; a line every 2 s
+            say(
+                f"  {p.examples_trained:,} examples, {p.examples_per_second:,.0f}/s, "
+                f"rss {_rss_bytes() / 2**20:,.0f} MiB"
+            )
+
+    service = Service(config, http=False, idle_timeout_s=IDLE_TIMEOUT_S, progress=on_progress)
+    summary = service.run()
+    snapshots.append((time.perf_counter(), summary.examples_trained, _rss_bytes()))
     # Steady state: past the warm-up, and before the last examples were trained: snapshots are
     # taken between batches, so the one that saw the final count may come only after the
     # service waited out its idle timeout, which is no part of the rate.
@@ -136,14 +173,10 @@ def run_pipeline_benchmark(
     )
     rss_start = next((s[2] for s in snapshots if s[1] >= rss_from), None)
     rss_end = snapshots[-1][2]
-    limit = min(ingest_rate, step_rate)
     return {
         "examples": summary.examples_trained,
-        "records": records,
-        "ingest_limit_examples_per_s": ingest_rate,
         "step_limit_examples_per_s": step_rate,
         "pipeline_examples_per_s": pipeline_rate,
-        "ratio_to_lower_limit": pipeline_rate / limit,
         "guard_seconds": summary.guard_seconds,
         "wall_seconds": summary.wall_seconds,
         "windows": summary.windows,
@@ -158,7 +191,8 @@ def format_result(result: dict) -> str:
     return "\n".join(
         [
             f"ingest limit   {result['ingest_limit_examples_per_s']:>12,.0f} examples/s (bare kafka-python poll loop)",
-            f"compute limit  {result['step_limit_examples_per_s']:>12,.0f} examples/s (train step alone)",
+            f"compute limit  {result['step_limit_examples_per_s']:>12,.0f} examples/s (train step alone, "
+            f"K = {result['steps_per_dispatch']} updates per dispatch)",
             f"pipeline       {result['pipeline_examples_per_s']:>12,.0f} examples/s through the service "
             f"(ratio to the lower limit {result['ratio_to_lower_limit']:.2f}; target >= 0.7)",
             f"guard          {result['guard_seconds']:.1f} s over {result['windows']} windows, the first with its "
@@ -167,4 +201,13 @@ def format_result(result: dict) -> str:
             f" -> {result['rss_at_end_mib']:,.0f} MiB "
             f"({'n/a' if growth is None else f'{100 * growth:+.1f}%'}; target < +5%)",
         ]
+        + (
+            [
+                f"at K = 1        {result['k1_pipeline_examples_per_s']:>12,.0f} examples/s through the service "
+                f"(compute limit {result['k1']['step_limit_examples_per_s']:,.0f}); "
+                f"K = {result['steps_per_dispatch']}: {result['speedup_over_k1']:.2f} x"
+            ]
+            if "k1" in result
+            else []
+        )
     )

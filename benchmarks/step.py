@@ -1,10 +1,15 @@
-"""`bench step`: what replay + EWC cost per step, and proof that nothing recompiles.
+"""`bench step`: what replay + EWC cost per update, what K updates per dispatch save, and
+proof that nothing recompiles.
 
-The plain step is the textbook jitted update on the same model, optimizer and batch:
-forward, backward, Optax update, nothing else. The continual step is `Learner.train_step`
-with replay (sampling + insertion) and an active EWC penalty, plus the masking and
-finite checks it always does. Both donate their state. Each is timed over `steps`
-dispatches, `repeats` times, in one process; the median is reported.
+The plain step is the textbook jitted update on the same model and optimizer: forward,
+backward, Optax update, nothing else, `lax.scan`ned over K micro-batches per dispatch. Its
+micro-batches hold as many rows as the continual step's loss sees (fresh + replayed), so
+the ratio compares updates of the same size; its samples/s count `batch_size` examples
+per update, as the continual step's do. The continual step is `Learner.train_steps` with replay (sampling + insertion)
+and an active EWC penalty, plus the masking and finite checks it always does, at K and at
+K = 1 (what the loop runs for each). All donate their state; every stack is put on the
+device right before its dispatch, as the loop does. Each is timed over `steps` updates
+(`steps / K` dispatches), `repeats` times interleaved in one process; medians are reported.
 """
 
 from __future__ import annotations
@@ -30,29 +35,21 @@ from continuity.learner import (
 )
 
 
-def _plain_step(learner: Learner):
+def _plain_steps(learner: Learner):
+    """The plain update scanned over a stack's micro-batches: one dispatch per stack."""
     optimizer = learner.optimizer
 
-    def step(carry, x, y):
+    def update(carry, batch: Batch):
         params, opt_state = carry
 
         def loss_fn(p):
-            return optax.softmax_cross_entropy_with_integer_labels(learner.logits(p, x), y).mean()
+            return optax.softmax_cross_entropy_with_integer_labels(learner.logits(p, batch.x), batch.y).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
-    return jax.jit(step, donate_argnums=(0,))
-
-
-def _time(run, steps: int, repeats: int) -> list[float]:
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(steps)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+    return jax.jit(lambda carry, stack: jax.lax.scan(update, carry, stack), donate_argnums=(0,))
 
 
 def run_step_benchmark(
@@ -61,20 +58,29 @@ def run_step_benchmark(
     hidden: tuple[int, ...] = (256, 256),
     replay_capacity: int = 1000,
     replay_batch_size: int = 16,
-    steps: int = 500,
+    steps_per_dispatch: int = 8,
+    steps: int = 512,
     repeats: int = 5,
     seed: int = 0,
 ) -> dict:
+    """`steps`: updates per timed repeat, rounded up to whole stacks of `steps_per_dispatch`."""
     example_shape, num_classes = (8, 8, 1), 10
-    config = LearnerConfig(
-        model=ModelConfig(kind="mlp", hidden=hidden),
-        batch_size=batch_size,
-        replay=ReplayConfig(kind="reservoir", capacity=replay_capacity, batch_size=replay_batch_size),
-        ewc=EWCConfig(enabled=True, strength=100.0),
-    )
-    learner = learner_for(config, example_shape, num_classes)
+    k = steps_per_dispatch
+    dispatches = -(-steps // k)
+
+    def learner_with(steps_per_dispatch: int) -> Learner:
+        config = LearnerConfig(
+            model=ModelConfig(kind="mlp", hidden=hidden),
+            batch_size=batch_size,
+            replay=ReplayConfig(kind="reservoir", capacity=replay_capacity, batch_size=replay_batch_size),
+            ewc=EWCConfig(enabled=True, strength=100.0),
+            steps_per_dispatch=steps_per_dispatch,
+        )
+        return learner_for(config, example_shape, num_classes)
+
+    learners = {"k": learner_with(k), "k1": learner_with(1)}
     rng = np.random.default_rng(seed)
-    # A pool of distinct host batches, so the buffer sees varied data; cycled during timing.
+    # A pool of distinct host micro-batches, so the buffer sees varied data; cycled during timing.
     pool = [
         Batch(
             rng.random((batch_size, *example_shape), dtype=np.float32),
@@ -83,56 +89,99 @@ def run_step_benchmark(
         )
         for _ in range(16)
     ]
-
-    state = learner.init(seed)
-    plain = _plain_step(learner)
+    stacks = {
+        name: [learner.stack([pool[(i + j) % len(pool)] for j in range(learner.steps_per_dispatch)]) for i in range(16)]
+        for name, learner in learners.items()
+    }
+    # The plain step's micro-batches: the fresh rows and as many more as the continual step replays.
+    plain_rows = batch_size + replay_batch_size
+    plain_stacks = [
+        Batch(
+            rng.random((k, plain_rows, *example_shape), dtype=np.float32),
+            rng.integers(0, num_classes, (k, plain_rows)).astype(np.int32),
+            np.ones((k, plain_rows), bool),
+        )
+        for _ in range(4)
+    ]
+    device = jax.devices()[0]
+    states = {name: learner.init(seed) for name, learner in learners.items()}
+    plain = _plain_steps(learners["k"])
+    params = states["k"].params
     # On the device from the start, like the learner's state, so its first call is its only compile.
-    carry = jax.device_put(
-        (jax.tree.map(jnp.copy, state.params), learner.optimizer.init(state.params)), jax.devices()[0]
-    )
+    carry = jax.device_put((jax.tree.map(jnp.copy, params), learners["k"].optimizer.init(params)), device)
 
-    # Warm-up: compile both, fill the buffer a little, and make the EWC penalty live.
-    for batch in pool:
-        state, _ = learner.train_step(state, batch)
-    state = learner.consolidate(state)
-    state, _ = learner.train_step(state, pool[0])
-    carry, _ = plain(carry, pool[0].x, pool[0].y)
-    jax.block_until_ready((state, carry))
+    # Warm-up: compile each, fill the buffer a little, and make the EWC penalty live.
+    for name, learner in learners.items():
+        state = states[name]
+        for stack in stacks[name][: max(1, 16 // learner.steps_per_dispatch)]:
+            state, _ = learner.train_steps(state, jax.device_put(stack, device))
+        state = learner.consolidate(state)
+        states[name], _ = learner.train_steps(state, jax.device_put(stacks[name][0], device))
+    carry, _ = plain(carry, jax.device_put(plain_stacks[0], device))
+    jax.block_until_ready((states, carry))
     compiles_before = compilation_count()
 
-    def run_continual(n):
-        nonlocal state
-        for i in range(n):
-            state, metrics = learner.train_step(state, pool[i % len(pool)])
-        jax.block_until_ready(state)
+    def continual(name: str):
+        learner, host = learners[name], stacks[name]
+        count = steps if name == "k1" else dispatches
 
-    def run_plain(n):
+        def run():
+            state = states[name]
+            for i in range(count):
+                state, _ = learner.train_steps(state, jax.device_put(host[i % len(host)], device))
+            states[name] = jax.block_until_ready(state)
+
+        return run
+
+    def run_plain():
         nonlocal carry
-        for i in range(n):
-            batch = pool[i % len(pool)]
-            carry, loss = plain(carry, batch.x, batch.y)
+        for i in range(dispatches):
+            carry, _ = plain(carry, jax.device_put(plain_stacks[i % len(plain_stacks)], device))
         jax.block_until_ready(carry)
 
-    # Interleave the repeats so machine noise hits both alike.
-    plain_seconds, continual_seconds = [], []
-    for _ in range(repeats):
-        plain_seconds += _time(run_plain, steps, 1)
-        continual_seconds += _time(run_continual, steps, 1)
+    runs = {"plain": run_plain, "k": continual("k"), "k1": continual("k1")}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in runs}  # this process's, all threads
+    for _ in range(repeats):  # interleaved, so machine noise hits all alike
+        for name, run in runs.items():
+            started, cpu_started = time.perf_counter(), time.process_time()
+            run()
+            seconds[name].append(time.perf_counter() - started)
+            cpu_seconds[name].append(time.process_time() - cpu_started)
+    # A partly filled stack (a quiet stream, a window's end) runs on the same compiled step.
+    short = learners["k"].stack(pool[: max(1, k // 2)])
+    states["k"], _ = learners["k"].train_steps(states["k"], jax.device_put(short, device))
+    jax.block_until_ready(states["k"])
     compiles_after_warmup = compilation_count() - compiles_before
 
-    plain_rate = batch_size * steps / statistics.median(plain_seconds)
-    continual_rate = batch_size * steps / statistics.median(continual_seconds)
+    rows = {"plain": batch_size * dispatches * k, "k": batch_size * dispatches * k, "k1": batch_size * steps}
+    rate = {name: rows[name] / statistics.median(seconds[name]) for name in runs}
+    # On a loaded machine wall time mostly measures the other processes; CPU time per example
+    # still shows what a dispatch costs this one.
+    cpu_rate = {name: rows[name] / statistics.median(cpu_seconds[name]) for name in runs}
     return {
         "batch_size": batch_size,
-        "model": {"kind": "mlp", "hidden": list(hidden), "parameters": count_parameters(state.params)},
+        "steps_per_dispatch": k,
+        "model": {"kind": "mlp", "hidden": list(hidden), "parameters": count_parameters(params)},
         "replay_capacity": replay_capacity,
-        "replay_batch_size": config.replay.batch_size,
-        "steps_per_repeat": steps,
+        "replay_batch_size": replay_batch_size,
+        "plain_rows_per_update": plain_rows,
+        "updates_per_repeat": dispatches * k,
         "repeats": repeats,
-        "plain_samples_per_second": plain_rate,
-        "continual_samples_per_second": continual_rate,
-        "ratio": continual_rate / plain_rate,
+        "samples_per_second": rate["k"],
+        "k1_samples_per_second": rate["k1"],
+        "plain_samples_per_second": rate["plain"],
+        "ratio": rate["k"] / rate["plain"],
+        "speedup_over_k1": rate["k"] / rate["k1"],
+        "cpu": {
+            "samples_per_cpu_second": cpu_rate["k"],
+            "k1_samples_per_cpu_second": cpu_rate["k1"],
+            "plain_samples_per_cpu_second": cpu_rate["plain"],
+            "ratio": cpu_rate["k"] / cpu_rate["plain"],
+            "speedup_over_k1": cpu_rate["k"] / cpu_rate["k1"],
+        },
         "compilations_after_warmup": compiles_after_warmup,
         "backend": jax.default_backend(),
-        "skipped_updates": int(state.skipped_updates),
+        "device": str(device.device_kind),
+        "skipped_updates": int(states["k"].skipped_updates),
     }

@@ -584,10 +584,13 @@ class Config:
 
         Paths, addresses, ports, timeouts and secrets are left out, so replaying the same
         stream into another directory, or serving it from another broker, gives the same
-        digest (and, with it, bit-identical checkpoint metadata). `config check` prints it;
-        the service saves it in every checkpoint.
+        digest (and, with it, bit-identical checkpoint metadata). So is
+        `learner.steps_per_dispatch`: K updates per dispatch train the same model as one.
+        `config check` prints it; the service saves it in every checkpoint.
         """
         stream = self.stream
+        learner = dataclasses.asdict(self.learner)
+        del learner["steps_per_dispatch"]
         training = {
             "stream": {
                 "codec": stream.codec,
@@ -597,7 +600,7 @@ class Config:
                 "num_labels": stream.num_labels,
                 "inputs": {name: dataclasses.asdict(spec) for name, spec in sorted(stream.inputs.items())},
             },
-            "learner": dataclasses.asdict(self.learner),
+            "learner": learner,
             "probe": dataclasses.asdict(self.probe),
             "guard": dataclasses.asdict(self.guard),
             "seed": self.service.seed,

@@ -175,6 +175,7 @@ def build_learner(config: LearnerConfig, *, inputs, task: Task) -> Learner:
         replay_batch_size=config.replay.batch_size,
         asymmetric=config.replay.asymmetric,
         ewc=config.ewc if config.ewc.enabled else None,
+        steps_per_dispatch=config.steps_per_dispatch,
     )
 
 

@@ -5,7 +5,7 @@ One run:
    checkpoint): learner state, probe store, stream positions, segment names. Or start
    fresh.
 2. Read batches from the stream at those positions. Held-out rows go to the probe;
-   the rest are trained, one jitted step per batch.
+   the rest are trained, up to `learner.steps_per_dispatch` batches per jitted dispatch.
 3. Every `guard.every_examples` trained examples (a window), judge the candidate
    against the last good model on the probe.
    - Accept: consolidate EWC, decay lambda; it is the new last good model. Save it as a
@@ -429,6 +429,7 @@ class TrainingLoop:
         self._step_figures = _StepFigures()
         self._excision: _Excision | None = None  # a window to train again without its damaged span
         self._trace: list[tuple[int, Positions, Positions]] = []  # the window's trained batches (see _train_window)
+        self._device = jax.devices()[0]  # where the state lives (Learner.init): stacks are put there
 
     def request(self, kind: str, *, timeout_s: float = 60.0, **args) -> dict:
         """Ask the loop, from another thread, to `rollback` (to=N | None) or `checkpoint` now; waits for it.
@@ -895,13 +896,36 @@ class TrainingLoop:
             return reader
         return self._open(good)
 
+    def _dispatch(self, state, stack: list[TrainBatch]):
+        """Train the gathered micro-batches in one dispatch (`Learner.train_steps`) and empty `stack`.
+
+        The stack is put on the device here, asynchronously, while the device still trains the
+        previous one (dispatches return before their computation ends), so the host-to-device
+        copy is off the critical path; fewer than K micro-batches are padded with empty ones.
+        """
+        if not stack:
+            return state
+        on_device = jax.device_put(self.learner.stack(stack), self._device)
+        stack.clear()
+        tick = time.perf_counter()
+        state, _ = self.learner.train_steps(state, on_device)
+        self._step_seconds.append(time.perf_counter() - tick)
+        return state
+
     def _train_window(self, state, reader: _Reader, probe: ProbeStore, good: _Good):
         """Train until a window's worth of examples, the end of the stream, or stop.
+
+        Micro-batches are gathered into stacks of up to K (`learner.steps_per_dispatch`) and
+        each stack is one dispatch. The window sees the same micro-batches as with K = 1 (its
+        boundary is checked after each one, and the stack is sent short where it falls), and a
+        quiet stream sends what it has, so nothing waits for K.
 
         While an excision is pending (see `_Excision`), the batches inside its span are read
         but neither trained nor held out, and the window closes at the span's end.
         """
         trained = 0
+        stack: list[TrainBatch] = []  # gathered, not yet dispatched
+        steps_per_dispatch = self.learner.steps_per_dispatch
         positions = good.positions
         ended = False
         excision = self._excision
@@ -925,6 +949,7 @@ class TrainingLoop:
                 ended = True
                 break
             if batch is IDLE:  # a quiet live stream: wait on, checking for stop, requests and saves due
+                state = self._dispatch(state, stack)
                 if trained and judge_idle_s is not None and time.monotonic() - last_batch > judge_idle_s:
                     break
                 if not trained and self._checkpoint_due(good):
@@ -944,13 +969,13 @@ class TrainingLoop:
             rows = int(mask.sum())
             if isinstance(batch.x, np.ndarray):  # the window checks take one feature array (Guard.judge)
                 sample.add(batch.x, batch.y, mask, rows)
-            tick = time.perf_counter()
-            state, _ = self.learner.train_step(state, TrainBatch(batch.x, batch.y, mask))
-            self._step_seconds.append(time.perf_counter() - tick)
+            stack.append(TrainBatch(batch.x, batch.y, mask))
+            if len(stack) == steps_per_dispatch:
+                state = self._dispatch(state, stack)
             if rows:
                 self._trace.append((trained, positions, batch.positions))
             trained += rows
-            self.summary.examples_trained += rows
+            self.summary.examples_trained += rows  # counted when gathered: this window dispatches them
             positions = batch.positions
             self._maybe_report(state, good)
             if excision is not None and _reached(positions, excision.end):
@@ -960,6 +985,7 @@ class TrainingLoop:
                 recent.append((_rows(batch.x, mask), batch.y[mask]))
                 while sum(len(y) for _, y in recent) - len(recent[0][1]) >= fisher_rows:
                     recent.pop(0)
+        state = self._dispatch(state, stack)  # the window's last stack, short where the boundary fell
         recent_examples = (
             (
                 jax.tree.map(lambda *parts: np.concatenate(parts), *(x for x, _ in recent)),

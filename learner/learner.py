@@ -7,6 +7,11 @@ add the step's figures to the running totals the host reads at progress time. Sh
 fixed (padding rows are masked), so nothing recompiles after the first call; the state is
 donated, so its buffers are reused in place.
 
+`train_steps(state, stack)` does `steps_per_dispatch` such updates in one dispatch (a
+`lax.scan` over a stack of micro-batches, `Learner.stack`): the Python, launch and copy
+cost of a dispatch is then paid once per K updates. Each update is exactly one
+`train_step`; a micro-batch without a row to train (a short stack's padding) is a no-op.
+
 A non-finite loss or gradient costs only the rows behind it: the step finds the fresh
 rows whose loss or input is non-finite, masks them out and computes the update again
 without them (a `lax.while_loop` of at most two passes: a finite step runs one); they
@@ -138,8 +143,12 @@ class Learner:
     join every step's loss; `asymmetric` applies ER-ACE where the task has classes.
     `ewc`: an `EWCConfig` (online EWC, Schwarz et al. 2018), or None for no penalty.
 
+    `steps_per_dispatch`: micro-batches per `train_steps` dispatch (K); `stack` pads a
+    shorter run of micro-batches to K.
+
     It owns the compiled functions; the state it creates and updates is a plain PyTree.
-    Call `train_step` from one thread at a time: it donates (consumes) the state passed in.
+    Call `train_step` and `train_steps` from one thread at a time: they donate (consume) the
+    state passed in.
     """
 
     def __init__(
@@ -154,6 +163,7 @@ class Learner:
         replay_batch_size: int = 16,
         asymmetric: bool = True,
         ewc: EWCConfig | None = None,
+        steps_per_dispatch: int = 1,
     ):
         if not isinstance(task, Task):
             raise ValueError(f"`task` must be a continuity.learner.Task (e.g. Classification(10)). Got {task!r}.")
@@ -161,6 +171,8 @@ class Learner:
             raise ValueError(f"`batch_size` must be an integer >= 1. Got {batch_size!r}.")
         if not isinstance(replay_batch_size, int) or replay_batch_size < 1:
             raise ValueError(f"`replay_batch_size` must be an integer >= 1. Got {replay_batch_size!r}.")
+        if not isinstance(steps_per_dispatch, int) or steps_per_dispatch < 1:
+            raise ValueError(f"`steps_per_dispatch` must be an integer >= 1. Got {steps_per_dispatch!r}.")
         if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
             raise ValueError(f"`optimizer` must be an optax.GradientTransformation. Got {optimizer!r}.")
         self.task = task
@@ -171,6 +183,7 @@ class Learner:
         self.replay_batch_size = replay_batch_size
         self.asymmetric = asymmetric
         self.ewc = ewc
+        self.steps_per_dispatch = steps_per_dispatch
         self._factory = None if isinstance(model, nnx.Module) else model
         module = self._build(0) if self._factory is not None else model
         self._graphdef, params, *rest = nnx.split(module, nnx.Param, ...)
@@ -181,6 +194,7 @@ class Learner:
         if replay is not None:  # its checks, now rather than at the first init()
             jax.eval_shape(lambda: replay.init(self.inputs, task.labels, task.replay_buckets))
         self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+        self.train_steps = jax.jit(self._train_steps, donate_argnums=(0,))
         self._fresh = jax.jit(self._fresh_state)  # built once: a new jit per init() would recompile
         self._evaluate_chunk = jax.jit(self._evaluate_rows)
         self._consolidate = jax.jit(self._consolidate_state, donate_argnums=(0,))
@@ -203,7 +217,8 @@ class Learner:
     def describe(self) -> dict:
         """What decides this learner's program, as JSON-able data (the optimizer excepted: an
         optax transformation does not say what it is). A training loop digests it when it is
-        not told the config the learner was built from."""
+        not told the config the learner was built from. `steps_per_dispatch` is left out: K
+        updates per dispatch train the same model as one."""
 
         def shapes(tree) -> list[str]:
             leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -262,6 +277,49 @@ class Learner:
         return self._take_totals(state)
 
     # ---- the step ----------------------------------------------------------------------
+
+    def stack(self, batches: list[Batch]) -> Batch:
+        """Up to `steps_per_dispatch` micro-batches as one host stack for `train_steps`: arrays
+        with a leading axis of exactly `steps_per_dispatch`, the missing micro-batches all
+        padding (mask False), so a short stack has the shape of a full one and compiles nothing."""
+        k = self.steps_per_dispatch
+        if not 1 <= len(batches) <= k:
+            raise ValueError(f"a stack holds 1 to steps_per_dispatch={k} micro-batches. Got {len(batches)}.")
+        rows = [np.shape(b.mask) for b in batches]
+        if any(r != (self.batch_size,) for r in rows):
+            raise ValueError(
+                f"each micro-batch must hold batch_size={self.batch_size} rows. Got masks of shapes {rows}."
+            )
+
+        def stacked(*leaves):
+            parts = [np.asarray(leaf) for leaf in leaves]
+            padding = np.zeros((k - len(parts), *parts[0].shape), parts[0].dtype)
+            return np.concatenate([np.stack(parts), padding])
+
+        x = jax.tree.map(stacked, *(b.x for b in batches))
+        y = stacked(*(b.y for b in batches))
+        return Batch(x, y, stacked(*(np.asarray(b.mask, bool) for b in batches)))
+
+    def _train_steps(self, state: LearnerState, batches: Batch) -> tuple[LearnerState, dict]:
+        """`steps_per_dispatch` updates in one dispatch: `lax.scan` of the one-update step over
+        the stack's leading axis. Each update is exactly `train_step`'s; a micro-batch with no
+        row to train (a short stack's padding) changes nothing at all: no parameter, optimizer
+        or replay change, no step (so no randomness) consumed, no totals. (`train_step` given
+        an empty batch still takes a step, in which the optimizer's momentum moves the
+        parameters.) Metrics come back stacked, one entry per micro-batch (zeros, `finite`
+        True, for the empty ones)."""
+        blank = jax.tree.map(
+            lambda a: jnp.zeros(a.shape, a.dtype),
+            jax.eval_shape(self._train_step, state, jax.tree.map(lambda a: a[0], batches))[1],
+        )
+        blank["finite"] = jnp.ones((), bool)
+
+        def update(state: LearnerState, batch: Batch) -> tuple[LearnerState, dict]:
+            return jax.lax.cond(
+                jnp.any(jnp.asarray(batch.mask, bool)), self._train_step, lambda s, _: (s, blank), state, batch
+            )
+
+        return jax.lax.scan(update, state, batches)
 
     def _train_step(self, state: LearnerState, batch: Batch) -> tuple[LearnerState, dict]:
         """One update. Metrics (device scalars): loss, fresh_loss, replay_loss, ewc_penalty,

@@ -1,6 +1,6 @@
 """A training-loop process over a recorded stream, for the kill-and-restart test (not a test itself).
 
-Usage: python tests/loop_worker.py RECORDING CHECKPOINT_DIR
+Usage: python tests/loop_worker.py RECORDING CHECKPOINT_DIR [STEPS_PER_DISPATCH]
 Prints the final params digest. `build_loop` is shared with the in-process reference run.
 """
 
@@ -28,6 +28,7 @@ def build_loop(
     live: bool = False,
     source=FileSource,
     keep_last: int = 2,
+    steps_per_dispatch: int = 1,
     **options,
 ) -> TrainingLoop:
     """The loop of these tests over `recording`; `options` go to TrainingLoop (e.g. max_unsaved_s)."""
@@ -44,6 +45,7 @@ def build_loop(
             model=ModelConfig(hidden=(64,)),
             replay=ReplayConfig(capacity=256, batch_size=16),
             ewc=EWCConfig(enabled=True, strength=100.0, fisher_samples=64),
+            steps_per_dispatch=steps_per_dispatch,
         ),
         SPEC.shape,
         SPEC.num_classes,
@@ -53,7 +55,7 @@ def build_loop(
 
 
 if __name__ == "__main__":
-    loop = build_loop(Path(sys.argv[1]), Path(sys.argv[2]))
+    loop = build_loop(Path(sys.argv[1]), Path(sys.argv[2]), steps_per_dispatch=int(sys.argv[3]) if sys.argv[3:] else 1)
     loop.run()
     loop.store.close()
     print(params_digest(loop.final_state), flush=True)

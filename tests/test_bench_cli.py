@@ -99,23 +99,29 @@ def test_unknown_names_exit_2_with_one_line_listing_the_valid_ones(argument, val
     assert value in lines[0] and valid in lines[0]
 
 
-def test_bench_step_reports_zero_compilations_after_warmup(tmp_path):
+def test_bench_step_times_k_k1_and_the_plain_scanned_step_with_zero_compilations_after_warmup(tmp_path):
     out = tmp_path / "step.json"
-    assert main(["bench", "step", "--steps", "20", "--repeats", "1", "--json", str(out)]) == 0
+    command = ["bench", "step", "--steps-per-dispatch", "4", "--steps", "16", "--repeats", "1", "--json", str(out)]
+    assert main(command) == 0
     result = json.loads(out.read_text())
-    assert result["compilations_after_warmup"] == 0
-    assert result["plain_samples_per_second"] > 0 and result["continual_samples_per_second"] > 0
-    assert result["ratio"] == pytest.approx(result["continual_samples_per_second"] / result["plain_samples_per_second"])
+    assert result["steps_per_dispatch"] == 4 and result["updates_per_repeat"] == 16
+    assert result["compilations_after_warmup"] == 0  # a partly filled final stack included
+    for key in ("samples_per_second", "k1_samples_per_second", "plain_samples_per_second"):
+        assert result[key] > 0
+    assert result["ratio"] == pytest.approx(result["samples_per_second"] / result["plain_samples_per_second"])
+    assert result["speedup_over_k1"] == pytest.approx(result["samples_per_second"] / result["k1_samples_per_second"])
 
 
-def test_bench_pipeline_trains_everything_it_produced():
+def test_bench_pipeline_trains_everything_it_produced_at_the_default_k_and_at_k1():
     from continuity.benchmarks.pipeline import EXAMPLES_PER_RECORD, format_result, run_pipeline_benchmark
 
-    result = run_pipeline_benchmark(examples=16 * EXAMPLES_PER_RECORD, warmup_examples=0, rss_from=0)
+    result = run_pipeline_benchmark(examples=16 * EXAMPLES_PER_RECORD, warmup_examples=0, rss_from=0, compare_k1=True)
     held_out = 0.1  # the default holdout share goes to the probe, not to training
     assert result["examples"] == pytest.approx(16 * EXAMPLES_PER_RECORD * (1 - held_out), rel=0.05)
+    assert result["steps_per_dispatch"] == 8 and result["k1"]["examples"] == result["examples"]
     assert result["ingest_limit_examples_per_s"] > 0 and result["step_limit_examples_per_s"] > 0
-    assert "ratio to the lower limit" in format_result(result)
+    printed = format_result(result)
+    assert "ratio to the lower limit" in printed and "at K = 1" in printed
 
 
 def test_bench_guard_runs_a_damaged_stream_four_ways_and_writes_the_figures_the_issue_names(tmp_path, capsys):

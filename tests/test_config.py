@@ -123,6 +123,8 @@ def test_to_toml_reads_back_to_the_same_config(tmp_path):
 def test_digest_follows_training_settings_not_paths_or_ports():
     base = load_config(None, environ={})
     assert load_config(None, ["checkpoints.dir=elsewhere", "service.http_port=0"], environ={}).digest() == base.digest()
+    # K updates per dispatch train the same model as one (tests/test_learner.py): a restart may change it.
+    assert load_config(None, ["learner.steps_per_dispatch=4"], environ={}).digest() == base.digest()
     assert load_config(None, ["learner.learning_rate=0.01"], environ={}).digest() != base.digest()
     assert load_config(None, ["service.seed=1"], environ={}).digest() != base.digest()
 
@@ -166,6 +168,7 @@ def test_wrong_type(tmp_path, text, key, expected, received):
     ("text", "key", "detail"),
     [
         ("[learner]\nbatch_size = 0\n", "[learner] batch_size", "must be >= 1. Got 0."),
+        ("[learner]\nsteps_per_dispatch = 0\n", "[learner] steps_per_dispatch", "must be >= 1. Got 0."),
         ("[probe]\nholdout_fraction = 1.5\n", "[probe] holdout_fraction", "must be in (0, 1). Got 1.5."),
         ("[probe]\ntolerance = 2.0\n", "[probe] tolerance", "must be in [0, 1). Got 2.0."),
         ('[probe]\non_regression = "panic"\n', "[probe] on_regression", "'retry', 'quarantine', 'halt'. Got 'panic'."),

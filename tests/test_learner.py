@@ -27,7 +27,7 @@ SHAPE, CLASSES, B = (4, 4, 1), 5, 8
 INPUTS = jax.ShapeDtypeStruct(SHAPE, jnp.float32)
 
 
-def _learner(replay_kind="reservoir", model="mlp"):
+def _learner(replay_kind="reservoir", model="mlp", steps_per_dispatch=1):
     factory = functools.partial(mlp, hidden=(16,)) if model == "mlp" else functools.partial(cnn, channels=(4,), dense=8)
     return Learner(
         factory,
@@ -38,6 +38,7 @@ def _learner(replay_kind="reservoir", model="mlp"):
         replay=replay.make(replay_kind, 24),
         replay_batch_size=6,
         ewc=EWCConfig(enabled=True, strength=10.0, fisher_samples=32),
+        steps_per_dispatch=steps_per_dispatch,
     )
 
 
@@ -332,3 +333,72 @@ def test_step_totals_accumulate_on_the_device_and_are_taken_out_at_once():
     assert all(int(v) == 0 for v in jax.tree.leaves(state.totals))  # taken: the state starts again from zero
     state, _ = learner.train_step(state, next(_batches(1)))  # and the step still runs, not recompiled
     assert learner.train_step._cache_size() == before and int(state.totals.steps) == 1
+
+
+def _stream_with_an_empty_batch_and_a_nan_row():
+    """19 micro-batches: 0..B valid rows, one all padding, one with a NaN row (masked by the step)."""
+    batches = list(_batches(19, seed=4, valid=lambda i: B - i % 4))
+    batches[5] = batches[5]._replace(mask=np.zeros(B, bool))
+    batches[9].x[1] = np.nan
+    return batches
+
+
+def _by_stacks(learner, batches):
+    state = learner.init(7)
+    k = learner.steps_per_dispatch
+    for start in range(0, len(batches), k):
+        state, metrics = learner.train_steps(state, learner.stack(batches[start : start + k]))
+    return state, metrics
+
+
+def test_k_updates_per_dispatch_train_bit_identical_to_one_update_per_dispatch():
+    """On the CPU, K = 8 (stacks of 8, 8 and a short 3) and K = 1 give the same state to the bit:
+    params, optimizer state, replay buffer, EWC, counters and totals. XLA compiles the scanned
+    update as the same computation as the unscanned one, so nothing reorders."""
+    batches = _stream_with_an_empty_batch_and_a_nan_row()
+    eight, metrics = _by_stacks(_learner(steps_per_dispatch=8), batches)
+    one, _ = _by_stacks(_learner(steps_per_dispatch=1), batches)
+    # One train_step per batch that has rows: the update train_steps scans, unchanged.
+    learner = _learner()
+    single = learner.init(7)
+    for batch in batches:
+        if batch.mask.any():
+            single, _ = learner.train_step(single, batch)
+    for a, b, c in zip(_leaves(eight), _leaves(one), _leaves(single)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    assert int(eight.step) == 18 and int(eight.nonfinite_rows) == 1  # the empty batch took no step
+    assert metrics["examples"].shape == (8,) and metrics["examples"][3:].sum() == 0  # the short stack's padding
+
+
+def test_an_all_padding_micro_batch_changes_nothing_in_the_state():
+    learner = _learner(steps_per_dispatch=4)
+    state, _ = learner.train_steps(learner.init(0), learner.stack(list(_batches(4))))
+    before = _leaves(state)
+    empty = next(_batches(1, valid=lambda i: 0))
+    state, metrics = learner.train_steps(state, learner.stack([empty, empty]))
+    for a, b in zip(before, _leaves(state)):
+        np.testing.assert_array_equal(a, b)
+    assert bool(metrics["finite"].all()) and int(metrics["examples"].sum()) == 0
+
+
+def test_a_partly_filled_stack_compiles_nothing_after_warm_up():
+    learner = _learner(steps_per_dispatch=8)
+    state, _ = learner.train_steps(learner.init(0), learner.stack(list(_batches(8))))  # warm-up compiles once
+    before = compilation_count()
+    for rows in (8, 3, 1, 8):
+        state, _ = learner.train_steps(state, learner.stack(list(_batches(rows, seed=rows))))
+    jax.block_until_ready(state)
+    assert compilation_count() == before and learner.train_steps._cache_size() == 1
+    assert int(state.step) == 28
+
+
+def test_a_stack_of_more_than_k_micro_batches_or_of_the_wrong_size_is_refused():
+    learner = _learner(steps_per_dispatch=2)
+    with pytest.raises(ValueError, match="steps_per_dispatch=2"):
+        learner.stack(list(_batches(3)))
+    short = Batch(np.zeros((B - 1, *SHAPE), np.float32), np.zeros(B - 1, np.int32), np.ones(B - 1, bool))
+    with pytest.raises(ValueError, match=f"batch_size={B}"):
+        learner.stack([short])
+    with pytest.raises(ValueError, match="steps_per_dispatch"):
+        _learner(steps_per_dispatch=0)

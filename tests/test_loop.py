@@ -41,6 +41,7 @@ def _offset(positions_json) -> int:
 
 
 def test_killed_and_restarted_run_ends_bit_identical_with_every_record_trained_once(recording, tmp_path):
+    """The killed runs train 8 updates per dispatch, the reference one: the same model all the same."""
     reference = build_loop(recording, tmp_path / "reference")
     reference.run()
     reference.store.close()
@@ -49,7 +50,7 @@ def test_killed_and_restarted_run_ends_bit_identical_with_every_record_trained_o
     directory = tmp_path / "killed"
     directory.mkdir()
     ledger_path = directory / "checkpoints" / "ledger.jsonl"
-    command = [sys.executable, str(REPO / "tests" / "loop_worker.py"), str(recording), str(directory)]
+    command = [sys.executable, str(REPO / "tests" / "loop_worker.py"), str(recording), str(directory), "8"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     chooser = random.Random(7)
     kills = 0
@@ -86,6 +87,29 @@ def test_killed_and_restarted_run_ends_bit_identical_with_every_record_trained_o
     )
     assert _offset(chain[-1]["positions"]) == total_records
     assert chain[-1]["lineage_examples"] == reference.summary.examples_trained
+
+
+def test_k_updates_per_dispatch_train_the_same_model_and_ledger_as_one_without_recompiling(recording, tmp_path):
+    """Windows of 400 examples end inside stacks of 8 micro-batches (the stack is sent short
+    there): the windows, positions, probe verdicts and the model are those of K = 1, and the
+    short stacks ran on the one compiled step."""
+    runs = {}
+    for k in (1, 8):
+        loop = build_loop(recording, tmp_path / f"k{k}", steps_per_dispatch=k)
+        summary = loop.run()
+        loop.store.close()
+        ledger = CheckpointStore(tmp_path / f"k{k}" / "checkpoints", create=False).ledger.read()
+        runs[k] = (params_digest(loop.final_state), summary, [_without_times(e) for e in ledger], loop.learner)
+    (digest_1, summary_1, ledger_1, _), (digest_8, summary_8, ledger_8, learner_8) = runs[1], runs[8]
+    assert digest_8 == digest_1
+    assert ledger_8 == ledger_1 and sum(e["event"] == "probe" for e in ledger_8) > 2
+    assert (summary_8.examples_trained, summary_8.windows) == (summary_1.examples_trained, summary_1.windows)
+    assert learner_8.train_steps._cache_size() == 1
+
+
+def _without_times(event: dict) -> dict:
+    """A ledger event without what depends on the clock."""
+    return {k: v for k, v in event.items() if k not in ("time", "wall_seconds", "guard_seconds")}
 
 
 def _count(ledger: Path, event: str) -> int:

@@ -39,10 +39,15 @@ def register(subparsers) -> None:
     cl.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the result here")
     cl.set_defaults(handler=run_cl)
 
-    step = kinds.add_parser("step", help="samples/s of the full continual step vs a plain jitted step")
+    step = kinds.add_parser(
+        "step", help="samples/s of the full continual step at K and K = 1 vs a plain scanned step at K"
+    )
     step.add_argument("--batch-size", type=positive_int, default=32)
     step.add_argument("--replay-batch-size", type=positive_int, default=16, help="replayed rows per step")
-    step.add_argument("--steps", type=positive_int, default=500, help="dispatches per timed repeat")
+    step.add_argument(
+        "--steps-per-dispatch", type=positive_int, default=8, metavar="K", help="updates per dispatch (default 8)"
+    )
+    step.add_argument("--steps", type=positive_int, default=512, help="updates per timed repeat")
     step.add_argument("--repeats", type=positive_int, default=5)
     step.add_argument("--json", type=Path, default=None, metavar="PATH")
     step.set_defaults(handler=run_step)
@@ -104,6 +109,11 @@ def register(subparsers) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override the service config, e.g. --set probe.every_examples=1000000 (guard off)",
     )
+    pipeline.add_argument(
+        "--compare-k1",
+        action="store_true",
+        help="run it again at learner.steps_per_dispatch = 1 on the same topic and report both",
+    )
     pipeline.set_defaults(handler=run_pipeline)
 
     predict = kinds.add_parser("predict", help="POST /predict latency of the default model, in-process HTTP")
@@ -156,12 +166,25 @@ def run_step(args) -> int:
     from continuity.benchmarks.step import run_step_benchmark
 
     result = run_step_benchmark(
-        batch_size=args.batch_size, replay_batch_size=args.replay_batch_size, steps=args.steps, repeats=args.repeats
+        batch_size=args.batch_size,
+        replay_batch_size=args.replay_batch_size,
+        steps_per_dispatch=args.steps_per_dispatch,
+        steps=args.steps,
+        repeats=args.repeats,
     )
+    k = result["steps_per_dispatch"]
     print(
-        f"batch {result['batch_size']}: plain step {result['plain_samples_per_second']:,.0f} samples/s, "
-        f"continual step (replay + EWC) {result['continual_samples_per_second']:,.0f} samples/s, "
-        f"ratio {result['ratio']:.2f}, compilations after warm-up {result['compilations_after_warmup']}"
+        f"batch {result['batch_size']}, K = {k} updates per dispatch: plain step "
+        f"{result['plain_samples_per_second']:,.0f} samples/s, continual step (replay + EWC) "
+        f"{result['samples_per_second']:,.0f} samples/s (ratio {result['ratio']:.2f}); continual at K = 1 "
+        f"{result['k1_samples_per_second']:,.0f} samples/s (K = {k}: {result['speedup_over_k1']:.2f} x); "
+        f"compilations after warm-up {result['compilations_after_warmup']}"
+    )
+    cpu = result["cpu"]
+    print(
+        f"per CPU second of this process: plain {cpu['plain_samples_per_cpu_second']:,.0f}, continual "
+        f"{cpu['samples_per_cpu_second']:,.0f} (ratio {cpu['ratio']:.2f}), at K = 1 "
+        f"{cpu['k1_samples_per_cpu_second']:,.0f} (K = {k}: {cpu['speedup_over_k1']:.2f} x)"
     )
     _write_json(args.json, result)
     return 0
@@ -212,7 +235,9 @@ def run_guard(args) -> int:
 def run_pipeline(args) -> int:
     from continuity.benchmarks.pipeline import format_result, run_pipeline_benchmark
 
-    result = run_pipeline_benchmark(examples=args.examples, progress=_progress, overrides=tuple(args.overrides))
+    result = run_pipeline_benchmark(
+        examples=args.examples, progress=_progress, overrides=tuple(args.overrides), compare_k1=args.compare_k1
+    )
     print(format_result(result))
     _write_json(args.json, result)
     return 0
