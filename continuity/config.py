@@ -136,6 +136,9 @@ class StreamConfig:
     dead_letter_path: str = "dead-letters.jsonl"
     quarantine_path: str = "quarantine.jsonl"
     security: dict = field(default_factory=dict, repr=False)  # kafka-python SASL/SSL options; may hold secrets
+    # [stream.fields]: the feature spec of named-field JSON events (codec "fields"), as its
+    # plain table (stream.fields.FieldSpec.to_dict); {}: none.
+    fields: dict = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "topics", (self.topics,) if isinstance(self.topics, str) else tuple(self.topics))
@@ -175,6 +178,28 @@ class StreamConfig:
         _require(
             not unknown, f"`stream.security` has unknown option(s) {unknown}; allowed: {sorted(SECURITY_OPTIONS)}."
         )
+        self._check_fields()
+
+    # -- [stream.fields] (feature spec of the "fields" codec)
+    def _check_fields(self) -> None:
+        _require(
+            (self.codec == "fields") == bool(self.fields),
+            '`stream.codec` must be "fields" when a [stream.fields] table describes the events, and only then. '
+            f"Got {self.codec!r} with {'a' if self.fields else 'no'} [stream.fields] table.",
+        )
+        spec = self.field_spec()
+        if spec is not None and spec.label_classes is not None:
+            _require(
+                self.num_classes == len(spec.label_classes),
+                f"`stream.num_classes` must be {len(spec.label_classes)}, the labels [stream.fields] label_classes "
+                f"lists. Got {self.num_classes!r}.",
+            )
+
+    def field_spec(self):
+        """The stream.fields.FieldSpec of [stream.fields], or None without one."""
+        from continuity.stream.fields import FieldSpec
+
+        return FieldSpec.from_dict(self.fields) if self.fields else None
 
     def __repr__(self) -> str:
         fields = ", ".join(
@@ -306,6 +331,10 @@ class Config:
             values: dict[str, Any] = {}
             for spec in _specs()[section].values():
                 value = getattr(_section_object(self, spec), spec.name)
+                if spec.kind == "table":
+                    if value:
+                        values[spec.name] = value
+                    continue
                 if spec.kind == "security":
                     security = {
                         k: (REDACTED if redact and (k in SECRET_SECURITY_OPTIONS) else v) for k, v in value.items()
@@ -333,6 +362,7 @@ class Config:
             lines.append("")
             lines.append(f"[{section}]")
             security = data[section].pop("security", None)
+            fields = data[section].pop("fields", None)
             for key, value in data[section].items():
                 # An optional string left unset reads back from "" (the file's way to say none).
                 lines.append(f"{key} = {_toml_value('' if value is None else value)}")
@@ -340,6 +370,8 @@ class Config:
                 lines.append("")
                 lines.append(f"[{section}.security]")
                 lines.extend(f"{key} = {_toml_value(value)}" for key, value in security.items())
+            if fields:
+                lines.extend(_fields_toml(fields))
         return "\n".join(lines) + "\n"
 
     def digest(self) -> str:
@@ -349,7 +381,7 @@ class Config:
         stream into another directory, or serving it from another broker, gives the same
         digest (and, with it, bit-identical checkpoint metadata).
         """
-        training = {
+        training: dict[str, Any] = {
             "stream": {
                 "codec": self.stream.codec,
                 "feature_shape": list(self.stream.feature_shape),
@@ -361,6 +393,8 @@ class Config:
             "guard": dataclasses.asdict(self.guard),
             "seed": self.service.seed,
         }
+        if self.stream.fields:  # only then, so configs without a spec keep their digests
+            training["stream"]["fields"] = self.stream.fields
         text = json.dumps(training, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -405,6 +439,7 @@ def _service_learner():
 
 
 _SECRET_KEYS = {("service", "admin_token")}
+_TABLE_KEYS = {("stream", "fields")}  # a table of its own, validated by its module (stream.fields)
 _ENV_KEYS = {("service", "admin_token")}  # keys (besides [stream.security]'s) that may be given as <key>_env
 
 
@@ -453,7 +488,7 @@ def _specs() -> dict[str, dict[str, _KeySpec]]:
             for f in dataclasses.fields(cls):
                 if cls is LearnerConfig and f.name in nested:
                     continue
-                kind, optional = _kind_of(hints[f.name])
+                kind, optional = ("table", False) if (section, f.name) in _TABLE_KEYS else _kind_of(hints[f.name])
                 if f.default is not dataclasses.MISSING:
                     default = f.default
                 elif f.default_factory is not dataclasses.MISSING:
@@ -683,6 +718,8 @@ class _Loader:
             spec = specs[key]
             if spec.kind == "security":
                 value = self.security(value)
+            elif spec.kind == "table":
+                value = self.fields(value)
             else:
                 try:
                     value = _coerce(spec.kind, value, spec.optional)
@@ -755,6 +792,15 @@ class _Loader:
                 ) from None
             out[name] = value
         return out
+
+    def fields(self, table) -> dict:
+        """[stream.fields] as its module reads it (normalised), or a ConfigError naming the field."""
+        from continuity.stream.fields import FieldSpec
+
+        try:
+            return FieldSpec.from_dict(table).to_dict()
+        except ValueError as error:
+            raise self.error("stream.fields", None, _one_line(str(error))) from None
 
     # -- building
     def build(self, cls: type, kwargs: dict, section: str):
@@ -978,6 +1024,49 @@ _SECURITY_EXAMPLE = """\
 """
 
 
+_FIELDS_EXAMPLE = """\
+# Named-field JSON events (codec = "fields"): which fields become which model inputs.
+# `continuity inspect --bootstrap HOST:PORT --topic T` prints a draft from a topic's records.
+# [stream.fields]
+# label = "clicked"                      # the label field: a class id (or a number for regression)
+# label_classes = ["no", "yes"]          # optional: label strings, mapped to ids 0, 1, ...
+# key = "user_id"                        # optional: the record's key (probe hold-out hash)
+# segment = "country"                    # optional: the record's segment (probe scopes)
+# standardize_every = 512                # examples per partition between statistics updates
+# [stream.fields.amount]
+# kind = "numeric"                       # all numeric fields form the input "numeric": float32[F]
+# standardize = true                     # scaled by running mean/std (kept in checkpoints)
+# default = 0.0                          # optional: used when the field is missing or null
+# [stream.fields.device]
+# kind = "categorical"                   # int32 id ("embedding") or float32[N] ("one_hot")
+# vocabulary = ["ios", "android", "web"] # ids 0..2; anything else is 3 (out of vocabulary)
+# encoding = "one_hot"
+# [stream.fields.city]
+# kind = "categorical"
+# buckets = 1024                         # hashed (BLAKE2b of the UTF-8 text) into 1024 ids
+# [stream.fields.tags]
+# kind = "tokens"                        # int32[length]; 0 pads, ids from 1
+# length = 16                            # truncated or padded to this
+# buckets = 4096                         # or vocabulary = [...]
+# optional = true                        # a missing list is empty
+"""
+
+
+def _fields_toml(fields: dict) -> list[str]:
+    """[stream.fields] and its field tables as TOML lines."""
+    lines = ["", "[stream.fields]"]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in fields.items() if not isinstance(value, dict)]
+    for name, table in fields.items():
+        if isinstance(table, dict):
+            lines += ["", f"[stream.fields.{_toml_key(name)}]"]
+            lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+    return lines
+
+
+def _toml_key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _toml_string(name)
+
+
 def example_config() -> str:
     """A complete, commented config: every section and key at its default.
 
@@ -1000,7 +1089,7 @@ def example_config() -> str:
     for section in SECTIONS:
         lines += ["", f"# {_SECTION_NOTES[section]}", f"[{section}]"]
         for spec in _specs()[section].values():
-            if spec.kind == "security":
+            if spec.kind in ("security", "table"):
                 continue
             comment = _COMMENTS[(section, spec.name)]
             if spec.optional and getattr(_section_object(defaults, spec), spec.name) is None:
@@ -1010,6 +1099,7 @@ def example_config() -> str:
             lines.append(f"{entry:<40}  # {comment}" if comment else entry)
         if section == "stream":
             lines += ["", _SECURITY_EXAMPLE.rstrip("\n")]
+            lines += ["", _FIELDS_EXAMPLE.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

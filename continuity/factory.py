@@ -98,10 +98,11 @@ def build_replay(config: ReplayConfig) -> replay_lib.ReplayPolicy | None:
     return replay_lib.make(config.kind, config.capacity) if config.enabled else None
 
 
-def build_learner(config: LearnerConfig, *, inputs, task: Task) -> Learner:
-    """A Learner for examples like `inputs` (a jax.ShapeDtypeStruct, or a dict of them) and `task`."""
+def build_learner(config: LearnerConfig, *, inputs, task: Task, model: ModelFactory | None = None) -> Learner:
+    """A Learner for examples like `inputs` (a jax.ShapeDtypeStruct, or a dict of them) and `task`;
+    `model` replaces the factory [model] describes."""
     return Learner(
-        build_model(config.model),
+        model or build_model(config.model),
         build_optimizer(config),
         task,
         inputs=inputs,
@@ -139,4 +140,18 @@ def feature_spec(config: Config) -> FeatureSpec:
 
 def learner_from_config(config: Config) -> Learner:
     """The service's learner: the config's learner sections for its stream's examples and labels."""
+    fields = config.stream.field_spec()
+    if fields is not None:
+        return learner_for_fields(config.learner, fields, config.stream.num_classes)
     return learner_for(config.learner, config.stream.feature_shape, config.stream.num_classes)
+
+
+def learner_for_fields(config: LearnerConfig, fields, num_classes: int | None) -> Learner:
+    """The learner for named-field events: inputs as the feature spec (stream.fields.FieldSpec) describes
+    them; the `mlp` preset embeds their integer ids in tables of the spec's sizes."""
+    inputs = {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)) for name, (shape, dtype) in fields.inputs().items()}
+    model = config.model
+    if model.kind != "mlp":
+        raise ValueError(f'`model.kind` must be "mlp" for named-field events (codec "fields"). Got {model.kind!r}.')
+    factory = functools.partial(mlp, hidden=model.hidden, vocabulary_sizes=fields.vocabulary_sizes())
+    return build_learner(config, inputs=inputs, task=build_task(config, num_classes), model=factory)

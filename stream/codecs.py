@@ -68,7 +68,7 @@ _DTYPE_TO_CODE = {name: code for code, name in DTYPE_CODES.items()}
 _WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in _DTYPE_TO_CODE}
 LABEL_CLASS, LABEL_REGRESSION = 1, 2
 
-CODECS = ("json", "binary")
+CODECS = ("json", "binary", "fields")  # fields: named-field JSON events (stream/fields.py)
 
 
 _NONFINITE_X = "non-finite: x contains NaN or Inf, or a value beyond float32"
@@ -225,6 +225,13 @@ class Codec:
 
     def encode(self, x, y, *, segment: str | None = None, key: str | None = None) -> bytes:
         raise NotImplementedError
+
+    def state(self, positions) -> dict | None:
+        """What a checkpoint at `positions` keeps so a restart decodes alike (JSON-ready); None: stateless."""
+        return None
+
+    def restore(self, state: dict | None) -> None:
+        """Continue from a checkpoint's `state` (what `state` returned when it was saved)."""
 
 
 class JsonCodec(Codec):
@@ -521,8 +528,14 @@ class BinaryCodec(Codec):
         return _apply_skip(block, records), letters
 
 
-def make_codec(name: str, spec: FeatureSpec) -> Codec:
-    """The codec called `name` ('json' or 'binary') for examples like `spec`."""
+def make_codec(name: str, spec: FeatureSpec, *, fields=None) -> Codec:
+    """The codec called `name` ('json', 'binary', or 'fields' with a `fields` FieldSpec) for examples like `spec`."""
+    if name == "fields":
+        from continuity.stream.fields import FieldsCodec  # it builds on this module
+
+        if fields is None:
+            raise CodecError("the 'fields' codec needs a feature spec ([stream.fields])")
+        return FieldsCodec(fields, spec)
     if name == "json":
         return JsonCodec(spec)
     if name == "binary":
