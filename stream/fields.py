@@ -30,7 +30,10 @@ in blocks of `standardize_every`; an example is standardised with the statistics
 decoded, merged with Chan et al.'s parallel update (Chan, Golub & LeVeque 1979) from its
 own mean and sum of squares. So the encoding depends on the partition's order only, not
 on how polls happened to cut it, and a restart from any position encodes exactly as the
-uninterrupted run did. Before the first block completes, values pass unchanged. The
+uninterrupted run did. Until the first block completes, each value is standardised by
+the mean and standard deviation of the partition's values before it (prefix sums over
+the open block's rows; the scale at least a tenth of their RMS), so no raw 1e5-scale
+salary reaches a fresh model. The
 codec's state (merged statistics plus the rows of the open block) is what a checkpoint
 keeps (`FieldsCodec.state(positions)`, `FieldsCodec.restore(state)`); the codec also
 keeps the rows it decoded since the last checkpointed state, so a reader that rewinds
@@ -416,6 +419,23 @@ class _Stats:
         )
 
 
+def _first_block(before: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+    """`chunk` standardised row by row by the mean and std of the partition's rows before each (the
+    first block: nothing is merged yet); the partition's first row passes unchanged."""
+    rows = np.concatenate([before, chunk]) if len(before) else chunk
+    seen = np.arange(len(before), len(rows), dtype=np.float64)[:, None]  # rows before each of chunk's
+    sums = np.concatenate([np.zeros((1, rows.shape[1])), np.cumsum(rows, axis=0)])[len(before) : len(rows)]
+    squares = np.concatenate([np.zeros((1, rows.shape[1])), np.cumsum(rows**2, axis=0)])[len(before) : len(rows)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(seen > 0, sums / seen, 0.0)
+        mean_square = np.where(seen > 0, squares / seen, 0.0)
+    std = np.sqrt(np.maximum(mean_square - mean**2, 0.0))
+    # A handful of rows can agree closely: the scale is at least a tenth of their RMS, so an early
+    # value is never blown up by a spread that is not known yet.
+    scale = np.maximum(std, 0.1 * np.sqrt(mean_square))
+    return (chunk - mean) / np.where(scale > 0, scale, 1.0)
+
+
 def _standardize(stats: _Stats, rows: np.ndarray, every: int, out: np.ndarray | None) -> None:
     """Advance `stats` over `rows` (raw, float64) block by block; with `out`, write each row standardised
     by the statistics of the blocks completed before it."""
@@ -423,7 +443,9 @@ def _standardize(stats: _Stats, rows: np.ndarray, every: int, out: np.ndarray | 
     while start < len(rows):
         take = min(every - len(stats.pending), len(rows) - start)
         chunk = rows[start : start + take]
-        if out is not None:
+        if out is not None and stats.count == 0:
+            out[start : start + take] = _first_block(stats.pending, chunk)
+        elif out is not None:
             mean, std = stats.scale()
             out[start : start + take] = (chunk - mean) / std
         stats.pending = np.concatenate([stats.pending, chunk]) if len(stats.pending) else chunk.copy()
