@@ -51,8 +51,10 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -515,6 +517,8 @@ class FieldsCodec(Codec):
             {word: i for i, word in enumerate(fields.label_classes)} if fields.label_classes is not None else None
         )
         self._numeric = fields.numeric
+        settings = (fields.label, fields.key, fields.segment)
+        self._names = tuple(f.name for f in fields.fields) + tuple(name for name in settings if name is not None)
         self._standardized = np.array([f.standardize for f in self._numeric], bool)
         self._width = int(self._standardized.sum())
         self._lock = threading.Lock()
@@ -614,10 +618,11 @@ class FieldsCodec(Codec):
         n = len(docs)
         bad: dict[int, str] = {}
         x: dict[str, np.ndarray] = {}
-        raw_numeric = self._numbers(docs, bad) if self._numeric else None
+        columns = self._columns(docs)
+        raw_numeric = self._numbers(columns, n, bad) if self._numeric else None
         for spec_field in self.fields.fields:
             if isinstance(spec_field, CategoricalField):
-                ids = self._categorical(spec_field, docs, bad)
+                ids = self._categorical(spec_field, columns[spec_field.name], bad)
                 if spec_field.encoding == "one_hot":
                     one_hot = np.zeros((n, spec_field.size), np.float32)
                     one_hot[np.arange(n), ids] = 1.0
@@ -625,10 +630,10 @@ class FieldsCodec(Codec):
                 else:
                     x[spec_field.name] = ids
             elif isinstance(spec_field, TokensField):
-                x[spec_field.name] = self._tokens(spec_field, docs, bad)
-        y = self._labels(docs, bad)
-        segments = self._texts(self.fields.segment, docs, bad)
-        keys = self._texts(self.fields.key, docs, bad)
+                x[spec_field.name] = self._tokens(spec_field, columns[spec_field.name], bad)
+        y = self._labels(columns[self.fields.label], bad)
+        segments = self._texts(self.fields.segment, columns, n, bad)
+        keys = self._texts(self.fields.key, columns, n, bad)
         if bad:
             for j in sorted(bad):
                 letters.append(DeadLetter(records.record(rows[j]), bad[j]))
@@ -683,15 +688,25 @@ class FieldsCodec(Codec):
             out[:, self._standardized] = scaled.astype(np.float32)
         return out
 
-    @staticmethod
-    def _column(docs: list[dict], name: str) -> list:
-        return [doc.get(name) for doc in docs]
+    def _columns(self, docs: list[dict]) -> dict[str, Sequence]:
+        """Every named field's values across `docs` (None where absent), a sequence per field.
 
-    def _numbers(self, docs: list[dict], bad: dict[int, str]) -> np.ndarray:
+        When every document has every field (the usual case), one C-level getter per
+        document and a transposition build them; else a lookup per field and document.
+        """
+        names = self._names
+        if not docs:
+            return {name: () for name in names}
+        try:
+            return dict(zip(names, zip(*map(itemgetter(*names), docs))))
+        except KeyError:
+            return {name: [doc.get(name) for doc in docs] for name in names}
+
+    def _numbers(self, columns: dict, n: int, bad: dict[int, str]) -> np.ndarray:
         """(n, F) float64 raw numbers; rows that do not fit get reasons in `bad`."""
-        columns = []
+        arrays = []
         for spec_field in self._numeric:
-            column = self._column(docs, spec_field.name)
+            column = columns[spec_field.name]
             if not set(map(type, column)) <= _NUMBER_TYPES:
                 column = self._fix_numbers(spec_field, column, bad)
             try:
@@ -702,8 +717,8 @@ class FieldsCodec(Codec):
                 finite = np.isfinite(values.astype(np.float32))
             for j in np.flatnonzero(~finite):
                 bad.setdefault(int(j), f"field {spec_field.name!r}: non-finite: {column[j]!r} is not a float32 number")
-            columns.append(values)
-        return np.stack(columns, axis=1) if columns else np.zeros((len(docs), 0))
+            arrays.append(values)
+        return np.stack(arrays, axis=1) if arrays else np.zeros((n, 0))
 
     @staticmethod
     def _float_or_nan(value) -> float:
@@ -713,7 +728,7 @@ class FieldsCodec(Codec):
             return math.nan
 
     @staticmethod
-    def _fix_numbers(spec_field: NumericField, column: list, bad: dict[int, str]) -> list:
+    def _fix_numbers(spec_field: NumericField, column: Sequence, bad: dict[int, str]) -> list:
         fixed = []
         for j, value in enumerate(column):
             if type(value) in _NUMBER_TYPES:
@@ -727,8 +742,7 @@ class FieldsCodec(Codec):
             fixed.append(0.0)
         return fixed
 
-    def _categorical(self, spec_field: CategoricalField, docs: list[dict], bad: dict[int, str]) -> np.ndarray:
-        column = self._column(docs, spec_field.name)
+    def _categorical(self, spec_field: CategoricalField, column: Sequence, bad: dict[int, str]) -> np.ndarray:
         if set(map(type, column)) == {str}:  # the usual case: one dict lookup (or cached hash) each
             lookup, id_of = spec_field.lookup, spec_field.id_of
             return np.asarray([lookup[v] if v in lookup else id_of(v) for v in column], np.int32).reshape(len(column))
@@ -745,12 +759,21 @@ class FieldsCodec(Codec):
                 ids.append(spec_field.id_of(text))
         return np.asarray(ids, np.int32).reshape(len(column))
 
-    def _tokens(self, spec_field: TokensField, docs: list[dict], bad: dict[int, str]) -> np.ndarray:
+    def _tokens(self, spec_field: TokensField, column: Sequence, bad: dict[int, str]) -> np.ndarray:
         length = spec_field.length
-        out = np.zeros((len(docs), length), np.int32)
-        id_of = spec_field.id_of
-        for j, doc in enumerate(docs):
-            value = doc.get(spec_field.name)
+        n = len(column)
+        out = np.zeros((n, length), np.int32)
+        lists = [value[:length] if type(value) is list else value for value in column]
+        tokens = list(chain.from_iterable(v for v in lists if type(v) is list))
+        if set(map(type, lists)) == {list} and set(map(type, tokens)) <= {str}:  # the usual case, vectorised
+            get, id_of = spec_field.lookup.get, spec_field.id_of
+            ids = [get(token) or id_of(token) for token in tokens]  # token ids are >= 1: `or` is safe
+            counts = np.fromiter(map(len, lists), np.int64, n)
+            rows = np.repeat(np.arange(n), counts)
+            places = np.arange(len(ids)) - np.repeat(np.cumsum(counts) - counts, counts)
+            out[rows, places] = ids
+            return out
+        for j, value in enumerate(lists):
             if value is None:
                 if not spec_field.optional:
                     bad.setdefault(j, f"field {spec_field.name!r}: missing")
@@ -759,18 +782,18 @@ class FieldsCodec(Codec):
                 bad.setdefault(j, f"field {spec_field.name!r}: expected a list of strings, got {type(value).__name__}")
                 continue
             ids = []
-            for token in value[:length]:
+            for token in value:
                 text = _as_text(token)
                 if text is None:
                     bad.setdefault(j, f"field {spec_field.name!r}: expected strings, got a {type(token).__name__}")
                     break
-                ids.append(id_of(text))
+                ids.append(spec_field.id_of(text))
             out[j, : len(ids)] = ids
         return out
 
-    def _labels(self, docs: list[dict], bad: dict[int, str]) -> np.ndarray:
+    def _labels(self, column: Sequence, bad: dict[int, str]) -> np.ndarray:
         name = self.fields.label
-        column = self._column(docs, name)
+        n = len(column)
         dtype = self.spec.label_dtype
         classes = self.spec.num_classes
         if self._label_ids is not None:
@@ -783,7 +806,7 @@ class FieldsCodec(Codec):
                     bad.setdefault(j, f"field {name!r}: {reason}")
                     found = 0
                 named.append(found)
-            return np.asarray(named, dtype).reshape(len(docs))
+            return np.asarray(named, dtype).reshape(n)
         types = set(map(type, column))
         fits = types <= ({int, bool} if classes is not None else {int, float})
         if not fits:
@@ -804,25 +827,24 @@ class FieldsCodec(Codec):
             except OverflowError:
                 numbers = np.asarray([self._float_or_nan(v) for v in column], np.float64)
             with np.errstate(over="ignore", invalid="ignore"):
-                targets = numbers.astype(np.float32).reshape(len(docs))
+                targets = numbers.astype(np.float32).reshape(n)
             for row in np.flatnonzero(~np.isfinite(targets)):
-                bad.setdefault(int(row), f"field {name!r}: non-finite: regression target {column[row]!r}")
+                bad.setdefault(int(row), f"field {name!r}: non-finite: regression target {column[int(row)]!r}")
             return targets
         try:
-            ids_seen = np.asarray(column, np.int64).reshape(len(docs))
+            ids_seen = np.asarray(column, np.int64).reshape(n)
         except OverflowError:  # beyond int64: out of range, whatever the class count
-            ids_seen = np.asarray([v if -(2**62) < v < 2**62 else -1 for v in column], np.int64).reshape(len(docs))
+            ids_seen = np.asarray([v if -(2**62) < v < 2**62 else -1 for v in column], np.int64).reshape(n)
         for row in np.flatnonzero((ids_seen < 0) | (ids_seen >= classes)):
-            bad.setdefault(int(row), f"field {name!r}: label out of range: {column[row]} not in [0, {classes})")
+            bad.setdefault(int(row), f"field {name!r}: label out of range: {column[int(row)]} not in [0, {classes})")
         return ids_seen.astype(np.int32)
 
-    def _texts(self, name: str | None, docs: list[dict], bad: dict[int, str]) -> list:
+    def _texts(self, name: str | None, columns: dict, n: int, bad: dict[int, str]) -> list:
         """The key or segment field's values (None where absent): strings, integers as text."""
         if name is None:
-            return [None] * len(docs)
+            return [None] * n
         out: list = []
-        for j, doc in enumerate(docs):
-            value = doc.get(name)
+        for j, value in enumerate(columns[name]):
             if value is None:
                 out.append(None)
                 continue
