@@ -931,7 +931,7 @@ _COMMENTS = {
         "stream",
         "group",
     ): 'consumer group: offsets are committed after each checkpoint; "" = no group, read every partition',
-    ("stream", "codec"): '"binary" or "json" (wire formats: see README)',
+    ("stream", "codec"): '"binary", "json" or "fields" (named-field events, [stream.fields]; see README)',
     ("stream", "feature_shape"): "one example's features",
     ("stream", "dtype"): "wire dtype of the features: " + ", ".join(f'"{d}"' for d in WIRE_DTYPES),
     ("stream", "num_classes"): 'labels are integers in [0, num_classes); leave it out for learner.task = "regression"',
