@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "continuity.commands.checkpoints",
     "continuity.commands.config",
     "continuity.commands.ingest",
+    "continuity.commands.inspect",
     "continuity.commands.service",
 )
 

@@ -136,8 +136,9 @@ class StreamConfig:
         default="continuity",
         description='consumer group: offsets are committed after each checkpoint; "" = no group, read every partition',
     )
-    codec: Literal["binary", "json"] = Field(
-        default="binary", description='"binary" or "json" (wire formats: see README)'
+    codec: Literal["binary", "json", "fields"] = Field(
+        default="binary",
+        description='"binary", "json" or "fields" (named-field events, [stream.fields]; wire formats: see README)',
     )
     feature_shape: PositiveInts = Field(
         default=(8, 8, 1), min_length=1, max_length=8, description="one example's features"
@@ -190,6 +191,24 @@ class StreamConfig:
         description="named features of an example, instead of one feature_shape array (needs model.factory)",
         examples=[{"tokens": {"shape": [32], "dtype": "int32"}, "numeric": {"shape": [8], "dtype": "float32"}}],
     )
+    # Checked and normalised by its own module (continuity/stream/fields.py), which also encodes
+    # the events; {}: none.
+    fields: dict[str, Any] = Field(
+        default_factory=dict,
+        description='named-field JSON events (codec = "fields"): which fields become which model inputs '
+        '(README, "Named-field events"); `continuity inspect` drafts one from a topic',
+        examples=[
+            {
+                "label": "clicked",
+                "label_classes": ["no", "yes"],
+                "standardize_every": 512,
+                "amount": {"kind": "numeric", "standardize": True, "default": 0.0},
+                "device": {"kind": "categorical", "vocabulary": ["ios", "android", "web"], "encoding": "one_hot"},
+                "city": {"kind": "categorical", "buckets": 1024},
+                "tags": {"kind": "tokens", "length": 16, "buckets": 4096, "optional": True},
+            }
+        ],
+    )
     # kafka-python SASL/SSL options; may hold secrets (never in a repr).
     security: dict[str, Str | Bool] = Field(
         default_factory=dict, repr=False, description="kafka-python SASL/SSL options"
@@ -202,6 +221,33 @@ class StreamConfig:
         # These fields' checks the loader runs with the file's names (topics, bootstrap).
         if not all(self.topics):
             raise ConfigProblem(f"must be a non-empty list of topic names. Got {list(self.topics)!r}.", "topics")
+        if self.fields:
+            from continuity.stream.fields import FieldSpec as EventSpec  # numpy only: no JAX here
+
+            try:
+                normalised = EventSpec.from_dict(self.fields).to_dict()
+            except ValueError as error:
+                raise ConfigProblem(" ".join(str(error).split()), "fields") from None
+            object.__setattr__(self, "fields", normalised)
+        if (self.codec == "fields") != bool(self.fields):
+            raise ConfigProblem(
+                'must be "fields" when a [stream.fields] table describes the events, and only then. '
+                f"Got {self.codec!r} with {'a' if self.fields else 'no'} [stream.fields] table.",
+                "codec",
+            )
+        events = self.field_spec()
+        if events is not None and events.label_classes is not None and self.num_classes != len(events.label_classes):
+            raise ConfigProblem(
+                f"must be {len(events.label_classes)}, the labels [stream.fields] label_classes lists. "
+                f"Got {self.num_classes!r}.",
+                "num_classes",
+            )
+
+    def field_spec(self):
+        """The stream.fields.FieldSpec of [stream.fields] (codec "fields"), or None without one."""
+        from continuity.stream.fields import FieldSpec as EventSpec
+
+        return EventSpec.from_dict(self.fields) if self.fields else None
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -591,7 +637,7 @@ class Config:
         stream = self.stream
         learner = dataclasses.asdict(self.learner)
         del learner["steps_per_dispatch"]
-        training = {
+        training: dict[str, Any] = {
             "stream": {
                 "codec": stream.codec,
                 "feature_shape": list(stream.feature_shape),
@@ -605,6 +651,8 @@ class Config:
             "guard": dataclasses.asdict(self.guard),
             "seed": self.service.seed,
         }
+        if stream.fields:  # only then, so configs without a feature spec keep their digests
+            training["stream"]["fields"] = stream.fields
         text = json.dumps(training, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -715,6 +763,11 @@ def _toml_table(name: list[str], table: dict) -> list[str]:
     for key, value in subtables:
         lines += ["", *_toml_table([*name, _toml_key(key)], value)]
     return lines
+
+
+def _fields_toml(fields: dict) -> list[str]:
+    """A [stream.fields] feature spec (its plain table) as TOML lines: the table, then a table per field."""
+    return _toml_table(["stream", "fields"], _plain(fields))
 
 
 def _toml_key(key: str) -> str:

@@ -163,10 +163,11 @@ def build_replay(config: ReplayConfig) -> replay_lib.ReplayPolicy | None:
     return replay_lib.make(config.kind, config.capacity) if config.enabled else None
 
 
-def build_learner(config: LearnerConfig, *, inputs, task: Task) -> Learner:
-    """A Learner for examples like `inputs` (a jax.ShapeDtypeStruct, or a dict of them) and `task`."""
+def build_learner(config: LearnerConfig, *, inputs, task: Task, model: ModelFactory | None = None) -> Learner:
+    """A Learner for examples like `inputs` (a jax.ShapeDtypeStruct, or a dict of them) and `task`;
+    `model` replaces the factory [model] describes."""
     return Learner(
-        build_model(config.model),
+        model or build_model(config.model),
         build_optimizer(config),
         task,
         inputs=inputs,
@@ -283,6 +284,9 @@ def learner_from_config(config: Config) -> Learner:
     """The service's learner: the config's learner sections for its stream's examples and labels
     (checked first: a bad model or optimizer is a ConfigError, exit status 2)."""
     check(config)
+    events = config.stream.field_spec()
+    if events is not None:
+        return learner_for_fields(config.learner, events, config.stream.num_classes)
     return build_learner(config.learner, inputs=model_inputs(config), task=task_for(config))
 
 
@@ -302,3 +306,14 @@ def model_description(config: ModelConfig) -> dict:
         "factory": "continuity.learner:cnn",
         "kwargs": {"channels": list(config.channels), "dense": config.dense},
     }
+
+
+def learner_for_fields(config: LearnerConfig, fields, num_classes: int | None) -> Learner:
+    """The learner for named-field events: inputs as the feature spec (stream.fields.FieldSpec) describes
+    them; the `mlp` preset embeds their integer ids in tables of the spec's sizes."""
+    inputs = {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)) for name, (shape, dtype) in fields.inputs().items()}
+    model = config.model
+    if model.kind != "mlp":
+        raise ValueError(f'`model.kind` must be "mlp" for named-field events (codec "fields"). Got {model.kind!r}.')
+    factory = functools.partial(mlp, hidden=model.hidden, vocabulary_sizes=fields.vocabulary_sizes())
+    return build_learner(config, inputs=inputs, task=build_task(config, num_classes), model=factory)

@@ -246,6 +246,7 @@ class _Good:
     report: dict = field(default_factory=dict)  # its probe figures, for its checkpoint
     verdict: Verdict | None = None  # the verdict that accepted it
     topics: dict = field(default_factory=dict)  # what the topics of `positions` were (Source.topic_identities)
+    codec_state: dict | None = None  # the codec's state at `positions` (Codec.state; None: a stateless codec)
 
 
 @dataclass
@@ -589,6 +590,7 @@ class TrainingLoop:
                 report,
                 verdict,
                 topics={**good.topics, **reader.source.topic_identities()},
+                codec_state=self.stream.codec.state(positions),
             )
             if excised:
                 self._checkpoint(good, quarantined=excised)  # skipped records are accounted for at once
@@ -654,6 +656,7 @@ class TrainingLoop:
                     good.lineage_examples,
                     good.report,
                     topics={**good.topics, **reader.source.topic_identities()},
+                    codec_state=self.stream.codec.state(positions),
                 )
                 self._checkpoint(good, quarantined=copied)
         jax.block_until_ready(state)
@@ -856,6 +859,7 @@ class TrainingLoop:
         )
         positions = Positions.from_json(meta["positions"])
         self.guard.restore_state(meta.get("guard"))
+        self.stream.codec.restore(meta.get("codec"))
         self.ledger.append(
             "restore",
             checkpoint=restored.number,
@@ -870,6 +874,7 @@ class TrainingLoop:
             list(meta["segment_names"]),
             meta["lineage_examples"],
             topics=dict(meta.get("topics") or {}),  # absent from checkpoints written before it was kept
+            codec_state=meta.get("codec"),
         )
         return restored.state, good
 
@@ -1047,6 +1052,8 @@ class TrainingLoop:
             "window_from": parent.positions.to_json(),
             "config_digest": self.digest,
         }
+        if good.codec_state is not None:  # running feature statistics: a restart decodes as this run did
+            metadata["codec"] = good.codec_state
         try:
             good.number = self.store.save(state, arrays, metadata)
         except CheckpointSaveError as error:

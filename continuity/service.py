@@ -56,7 +56,8 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
         make_codec,
     )
 
-    codec = make_codec(config.stream.codec, feature_spec(config))  # labels as the task has them
+    # Labels as the task has them; the "fields" codec also takes the [stream.fields] spec.
+    codec = make_codec(config.stream.codec, feature_spec(config), fields=config.stream.field_spec())
     Path(config.checkpoints.dir).mkdir(parents=True, exist_ok=True)
     dead_letters: DeadLetterSink
     if config.stream.dead_letters == "topic":

@@ -7,7 +7,11 @@ of examples to outputs of shape (batch, outputs). The learner calls it once per 
 `init(seed)` gets fresh parameters.
 
 The presets take one feature array: an MLP over the flattened example, a small CNN over
-(height, width, channels) images. Named (dict) features need a model of one's own.
+(height, width, channels) images. The MLP also takes named (dict) features when it is told
+the size of every integer input's id space (`vocabulary_sizes`, what a feature spec of
+named-field events says): float arrays are flattened, integer ids embedded (a list of ids
+is averaged over its non-padding ids, 0 being padding), and all of it concatenated.
+Other named features need a model of one's own.
 """
 
 from __future__ import annotations
@@ -32,6 +36,42 @@ class MLP(nnx.Module):
         for layer in self.hidden:
             x = jax.nn.relu(layer(x))
         return self.head(x)
+
+
+class NamedMLP(nnx.Module):
+    """The MLP over named features: embeddings of integer ids beside the flattened floats."""
+
+    def __init__(
+        self,
+        inputs: dict,
+        vocabulary_sizes: dict[str, int],
+        hidden: tuple[int, ...],
+        outputs: int,
+        *,
+        embedding_dim: int,
+        rngs: nnx.Rngs,
+    ):
+        self.ids = sorted(name for name, spec in inputs.items() if jnp.issubdtype(spec.dtype, jnp.integer))
+        self.floats = sorted(name for name in inputs if name not in self.ids)
+        missing = [name for name in self.ids if name not in vocabulary_sizes]
+        if missing:
+            raise ValueError(f"`model.kind` 'mlp' needs the id count of integer inputs {missing} to embed them.")
+        self.embeddings = nnx.Dict(
+            {name: nnx.Embed(vocabulary_sizes[name], embedding_dim, rngs=rngs) for name in self.ids}
+        )
+        width = sum(math.prod(inputs[name].shape) for name in self.floats) + embedding_dim * len(self.ids)
+        self.mlp = MLP(width, hidden, outputs, rngs=rngs)
+
+    def __call__(self, x: dict) -> jax.Array:
+        parts = [x[name].reshape(x[name].shape[0], -1).astype(jnp.float32) for name in self.floats]
+        for name in self.ids:
+            ids = x[name]
+            vectors = self.embeddings[name](ids)
+            if ids.ndim > 1:  # a list of ids: the mean over its real (non-zero) ids
+                real = (ids != 0)[..., None]
+                vectors = (vectors * real).sum(axis=1) / jnp.maximum(real.sum(axis=1), 1)
+            parts.append(vectors)
+        return self.mlp(jnp.concatenate(parts, axis=-1))
 
 
 class CNN(nnx.Module):
@@ -61,8 +101,21 @@ class CNN(nnx.Module):
         return self.head(jax.nn.relu(self.dense(x)))
 
 
-def mlp(*, rngs: nnx.Rngs, inputs: jax.ShapeDtypeStruct, outputs: int, hidden: tuple[int, ...] = (256, 256)) -> MLP:
-    """The `mlp` preset: ReLU layers of widths `hidden` over the flattened example."""
+def mlp(
+    *,
+    rngs: nnx.Rngs,
+    inputs: jax.ShapeDtypeStruct | dict,
+    outputs: int,
+    hidden: tuple[int, ...] = (256, 256),
+    vocabulary_sizes: dict[str, int] | None = None,
+    embedding_dim: int = 16,
+) -> MLP | NamedMLP:
+    """The `mlp` preset: ReLU layers of widths `hidden` over the flattened example (or, with
+    `vocabulary_sizes`, over named features with their integer ids embedded)."""
+    if isinstance(inputs, dict) and vocabulary_sizes is not None:
+        return NamedMLP(
+            inputs, vocabulary_sizes, tuple(hidden), _outputs(outputs), embedding_dim=embedding_dim, rngs=rngs
+        )
     return MLP(math.prod(_one_array("mlp", inputs).shape), tuple(hidden), _outputs(outputs), rngs=rngs)
 
 
