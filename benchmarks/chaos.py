@@ -25,8 +25,9 @@ One run, seeded (`--seed` fixes the stream, the kill moments and the flipped byt
 6. The remaining kills; then the service finishes the stream and stops on SIGTERM (exit 0).
 7. The checks. Exactly once: the ledger's accepted chain covers the partition from offset
    0 to its end without gaps or overlaps, each window of it trained exactly its records'
-   examples that are not held out for the probe (none when it was quarantined), and the
-   quarantine file holds exactly the quarantined windows' records (a kill between a
+   examples that are not held out for the probe, less its quarantined spans (a whole window, or
+   a damaged span the guard cut out of it), and the
+   quarantine file holds exactly the quarantined records (a kill between a
    quarantine copy and its checkpoint copies it again: counted, not an error). The same
    decisions: the windows and their verdicts are the uninterrupted run's. The final params
    are bit-identical to its ones. The corrupted checkpoint was skipped, /readyz answered 503
@@ -263,14 +264,30 @@ def windows_of(chain: list[dict]) -> list[tuple[int, int, bool]]:
     return [(_offset(e["from"]), _offset(e["positions"]), bool(e.get("quarantined"))) for e in chain]
 
 
-def lineage_violations(chain: list[dict], trained: np.ndarray) -> list[str]:
+def quarantined_spans(events: list[dict], chain: list[dict]) -> list[tuple[int, int]]:
+    """(from offset, to offset) of each span the ledger quarantined inside a window of the chain.
+
+    A quarantined window is one span; the guard may also cut a damaged span out of a window
+    and train the rest of it (an excision). A kill between a quarantine and its checkpoint
+    repeats the same span (the same records make the same decisions): counted once.
+    """
+    windows = windows_of(chain)
+    spans = {(_offset(e["from"]), _offset(e["to"])) for e in events if e["event"] == "quarantine"}
+    return sorted(s for s in spans if any(start <= s[0] and s[1] <= end for start, end, _ in windows))
+
+
+def lineage_violations(chain: list[dict], trained: np.ndarray, spans: list[tuple[int, int]] = ()) -> list[str]:
     """What breaks "every record trained exactly once, or quarantined" in an accepted chain; [] when nothing.
 
     `trained[offset]`: whether the record at that offset (one example) is trained rather than
-    held out for the probe. The chain must span offsets 0..len(trained), each window starting
-    where the one before ended, and each window's `lineage_examples` must grow by exactly the
-    trained examples of its records, or not at all when the window was quarantined.
+    held out for the probe; `spans`: the quarantined spans (`quarantined_spans`). The chain must
+    span offsets 0..len(trained), each window starting where the one before ended, and each
+    window's `lineage_examples` must grow by exactly the trained examples of its records outside
+    the quarantined spans (not at all when the whole window was quarantined: one span).
     """
+    quarantined = np.zeros(len(trained), bool)
+    for start, end in spans:
+        quarantined[start:end] = True
     windows = windows_of(chain)
     if not windows or windows[0][0] != 0 or windows[-1][1] != len(trained):
         span = f"{windows[0][0]}..{windows[-1][1]}" if windows else "nothing"
@@ -280,8 +297,8 @@ def lineage_violations(chain: list[dict], trained: np.ndarray) -> list[str]:
         if start != end:
             violations.append(f"lineage: {'a gap' if start > end else 'an overlap'} between offsets {end} and {start}")
     lineage = 0
-    for entry, (start, end, quarantined) in zip(chain, windows):
-        expected = 0 if quarantined else int(trained[start:end].sum())
+    for entry, (start, end, _) in zip(chain, windows):
+        expected = int((trained[start:end] & ~quarantined[start:end]).sum())
         if entry["lineage_examples"] - lineage != expected:
             violations.append(
                 f"lineage: window {start}..{end} (checkpoint {entry['checkpoint']}) trained "
@@ -692,14 +709,15 @@ class ChaosRun:
         report.digest = (metadata.get("integrity") or {}).get("params_sha256")
         report.examples_trained = metadata.get("lineage_examples", 0)
 
+        spans = quarantined_spans(events, chain)
         violations += lineage_violations(
-            chain, trainable(records, holdout_fraction=HOLDOUT_FRACTION, seed=SERVICE_SEED)
+            chain, trainable(records, holdout_fraction=HOLDOUT_FRACTION, seed=SERVICE_SEED), spans
         )
         if windows != reference_windows:
             violations.append(f"decisions: {_first_difference(windows, reference_windows, events)}")
         quarantined = _quarantined_offsets(self.directory)
         report.quarantine_copies_repeated = len(quarantined) - len(set(quarantined))
-        expected_quarantine = {o for start, end, q in windows if q for o in range(start, end)}
+        expected_quarantine = {o for start, end in spans for o in range(start, end)}
         if set(quarantined) != expected_quarantine:
             violations.append("lineage: the quarantine file holds other records than the quarantined windows'")
         if expected_quarantine != set(_quarantined_offsets(self.work / "reference" / "checkpoints")):

@@ -944,6 +944,8 @@ class TrainingLoop:
         every_s = self.guard_config.every_seconds if self.stream.live else 0
         sample = self.window_sample
         sample.start((self.seed, good.lineage_examples))  # the same records give the same sample
+        # The window checks (Guard.judge) take tasks with right/wrong answers over one feature array.
+        sampled = self.learner.task.outcome.kind == "correct" and not isinstance(self.learner.inputs, dict)
         while trained < self.guard_config.every_examples:
             if self.stopping() or not self._requests.empty():
                 break
@@ -972,7 +974,7 @@ class TrainingLoop:
                 self._hold_out(probe, reader.batcher.segment_names, batch)
             mask = batch.train_mask
             rows = int(mask.sum())
-            if isinstance(batch.x, np.ndarray):  # the window checks take one feature array (Guard.judge)
+            if sampled:
                 sample.add(batch.x, batch.y, mask, rows)
             stack.append(TrainBatch(batch.x, batch.y, mask))
             if len(stack) == steps_per_dispatch:

@@ -211,7 +211,7 @@ def test_a_broker_replaced_while_the_source_reads_halts_it_before_a_record_of_th
         create_topic(broker.bootstrap, TOPIC, 1)
         _produce(broker.bootstrap, "new", 100, one_batch_each=False)
         with pytest.raises(LostPositionsError) as raised:
-            read += _read(source, seconds=30)
+            read += _read(source, seconds=90)
     finally:
         source.close()
     assert read == [f"old{i}".encode() for i in range(50)]

@@ -70,14 +70,14 @@ def _run(task_name: str, directory: Path) -> dict:
     at_rollback: list[tuple[dict, np.ndarray, int | None]] = []
     roll_back = loop.guard.roll_back
 
-    def answer_then_roll_back():
+    def answer_then_roll_back(**options):
         # The window was just judged regressed: its candidate is what the guard judged last.
         candidate = loop.guard._judged[0]
         answer = predictor.predict({"instances": instances.tolist()})
         candidate_says = learner.evaluate(candidate.params, instances, _labels(task_name, len(instances))).predicted
         finalized = loop._finalized.number if loop._finalized is not None else None
         at_rollback.append((answer, candidate_says, finalized))
-        return roll_back()
+        return roll_back(**options)
 
     loop.guard.roll_back = answer_then_roll_back
     summary = loop.run()
