@@ -69,7 +69,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,7 +276,7 @@ def quarantined_spans(events: list[dict], chain: list[dict]) -> list[tuple[int, 
     return sorted(s for s in spans if any(start <= s[0] and s[1] <= end for start, end, _ in windows))
 
 
-def lineage_violations(chain: list[dict], trained: np.ndarray, spans: list[tuple[int, int]] = ()) -> list[str]:
+def lineage_violations(chain: list[dict], trained: np.ndarray, spans: Sequence[tuple[int, int]] = ()) -> list[str]:
     """What breaks "every record trained exactly once, or quarantined" in an accepted chain; [] when nothing.
 
     `trained[offset]`: whether the record at that offset (one example) is trained rather than
