@@ -106,9 +106,10 @@ class FieldSpec:
         if not isinstance(self.name, str) or not self.name:
             raise CodecError(f"an input field needs a non-empty name. Got {self.name!r}")
         shape = tuple(int(d) for d in self.shape)
-        if not 0 < len(shape) <= _MAX_NDIM or any(d <= 0 for d in shape):
+        # () is a scalar per example: what a categorical id of the `fields` codec is.
+        if len(shape) > _MAX_NDIM or any(d <= 0 for d in shape):
             raise CodecError(
-                f"input {self.name!r}: `shape` must have 1 to {_MAX_NDIM} positive dimensions. Got {self.shape!r}"
+                f"input {self.name!r}: `shape` must have at most {_MAX_NDIM} positive dimensions. Got {self.shape!r}"
             )
         object.__setattr__(self, "shape", shape)
         if self.dtype not in INPUT_DTYPES:
