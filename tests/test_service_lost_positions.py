@@ -107,7 +107,7 @@ def trained_run(tmp_path_factory) -> _TrainedRun:
         create_topic(broker.bootstrap, TOPIC, 1)
         produce_records(broker.bootstrap, TOPIC, records)
         config = load_config(None, _overrides(broker.bootstrap, directory))
-        summary = Service(config, http=False, idle_timeout_s=4.0).run()
+        summary = Service(config, http=False, idle_timeout_s=10.0).run()  # a group join takes seconds
     assert summary.positions == {f"{TOPIC}/0": len(records)}
     newest = _checkpoints(directory)[-1]
     assert newest[2] == Positions({(TOPIC, 0): len(records)}).to_json()
