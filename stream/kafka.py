@@ -999,7 +999,10 @@ class KafkaSource(Source):
             )
         self._unreachable_since = self._disconnected_since = None
         self._recheck = False
-        self._check_topics(consumer, {tp.topic for tp in consumer.assignment()})
+        # Every subscribed topic, not only those assigned now: a consumer that lost its group
+        # membership in the outage holds no assignment yet, and its rejoin must not hand it a
+        # recreated topic's partitions before they were checked.
+        self._check_topics(consumer, {tp.topic for tp in consumer.assignment()} | set(self.settings.topics))
         with self._state_lock:
             held_back = {p.topic for entries, _ in self._pending_lost for p in entries}
         consumer.resume(*[tp for tp in consumer.assignment() if tp.topic not in held_back])
