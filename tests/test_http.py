@@ -13,6 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_metrics import _progress  # one snapshot factory for the metric and HTTP tests
 
 from continuity.checkpoints import CheckpointStore
 from continuity.cli import main
@@ -23,7 +24,6 @@ from continuity.http import (
     is_loopback,
     rollback_over_http,
 )
-from continuity.loop import Progress
 from continuity.metrics import ServiceMetrics
 
 TOKEN = "s3cret-token"
@@ -67,25 +67,6 @@ class FakeController:
         if checkpoint > self.newest:
             raise LookupError(f"no checkpoint {checkpoint}")
         return {"checkpoint": checkpoint, "pinned": pinned}
-
-
-def _progress(**overrides) -> Progress:
-    values = dict(
-        examples_trained=640,
-        examples_per_second=1234.5,
-        lineage_examples=600,
-        rollbacks=1,
-        dead_letters=3,
-        quarantined_records=0,
-        probe_accuracy=0.91,
-        probe_segments={"s0": 0.95, "s1": 0.87, "empty": None},
-        ewc_strength=12.5,
-        checkpoint=4,
-        positions={},
-        step_seconds=[0.0004, 0.002, 0.03],
-    )
-    values.update(overrides)
-    return Progress(**values)
 
 
 @pytest.fixture
