@@ -78,6 +78,7 @@ from continuity.errors import UsageError
 from continuity.guard import Guard, GuardConfig
 from continuity.learner import Batch as TrainBatch
 from continuity.learner import Learner, StepTotals
+from continuity.learner.learner import feature_rows
 from continuity.probe import ProbeConfig, ProbeStore, load_golden
 from continuity.regression import Verdict
 from continuity.serving import AcceptedModel
@@ -989,7 +990,7 @@ class TrainingLoop:
                 sample.cut_short = True
                 break  # the window ends where the excised span did: what follows is the next window's
             if fisher_rows and rows:
-                recent.append((_rows(batch.x, mask), batch.y[mask]))
+                recent.append((feature_rows(batch.x, mask), batch.y[mask]))
                 while sum(len(y) for _, y in recent) - len(recent[0][1]) >= fisher_rows:
                     recent.pop(0)
         state = self._dispatch(state, stack)  # the window's last stack, short where the boundary fell
@@ -1010,9 +1011,9 @@ class TrainingLoop:
         for segment_id in np.unique(ids):
             chosen = rows[ids == segment_id]
             if segment_id == NO_SEGMENT:
-                probe.add_unsegmented(_rows(batch.x, chosen), batch.y[chosen])
+                probe.add_unsegmented(feature_rows(batch.x, chosen), batch.y[chosen])
             else:
-                probe.add(segment_names[segment_id], _rows(batch.x, chosen), batch.y[chosen])
+                probe.add(segment_names[segment_id], feature_rows(batch.x, chosen), batch.y[chosen])
 
     def _checkpoint_due(self, good: _Good) -> bool:
         """True when `good` is not checkpointed yet, `checkpoint_every_s` has passed since the last save,
@@ -1243,11 +1244,6 @@ def _span(numbers: list[int]) -> str:
     if len(numbers) > 2 and numbers[-1] - numbers[0] == len(numbers) - 1:
         return f"{numbers[0]}-{numbers[-1]}"
     return ", ".join(map(str, numbers))
-
-
-def _rows(x, index):
-    """The rows `index` selects of features `x` (an array, or a dict of arrays)."""
-    return jax.tree.map(lambda a: a[index], x)
 
 
 def params_digest(state) -> str:

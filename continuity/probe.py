@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from continuity.config import ProbeConfig as ProbeConfig  # [probe]: declared with the config
+from continuity.learner.learner import feature_rows
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class ProbeStore:
             window, used = divmod(self.unsegmented_seen, self.window_examples)
             take = min(len(y) - start, self.window_examples - used)
             part = slice(start, start + take)
-            self.add(f"window-{window}", _rows(x, part), y[part])
+            self.add(f"window-{window}", feature_rows(x, part), y[part])
             self.unsegmented_seen += take
             start += take
 
@@ -186,7 +187,7 @@ class ProbeStore:
         names = self.segments
         if not names:
             return (*self._zeros(0), np.zeros(0, np.int32))
-        xs = [_rows(self._x[s], slice(0, self._count(s))) for s in names]
+        xs = [feature_rows(self._x[s], slice(0, self._count(s))) for s in names]
         ys = [self._y[s][: self._count(s)] for s in names]
         ids = [np.full(self._count(s), i, np.int32) for i, s in enumerate(names)]
         return _tree(lambda *parts: np.concatenate(parts), *xs), np.concatenate(ys), np.concatenate(ids)
@@ -251,11 +252,6 @@ class ProbeStore:
             table.update((segment, _tree(np.copy, array)) for segment, array in source.items())
         twin._seen, twin._fixed = dict(self._seen), set(self._fixed)
         return twin
-
-
-def _rows(x, index):
-    """The rows `index` selects of features `x` (an array, or a dict of arrays)."""
-    return jax.tree.map(lambda a: a[index], x)
 
 
 def _is_spec(value) -> bool:

@@ -468,7 +468,7 @@ class Learner:
         while start < n:
             rows = EVAL_BATCH if n - start >= EVAL_BATCH else EVAL_BATCH_SMALL
             part = slice(start, start + rows)
-            xc = jax.tree.map(functools.partial(_pad_rows, rows=rows), _rows(x, part))
+            xc = jax.tree.map(functools.partial(_pad_rows, rows=rows), feature_rows(x, part))
             outputs.append(self._evaluate_chunk(params, xc, _pad_rows(y[part], rows)))
             start += rows
         if not outputs:
@@ -539,8 +539,9 @@ def _round_up(n: int, multiple: int) -> int:
     return multiple * math.ceil(n / multiple)
 
 
-def _rows(x, index):
-    """The rows `index` selects of features `x` (an array, or a dict of arrays)."""
+def feature_rows(x, index):
+    """The rows `index` selects of features `x` (an array, or a dict of arrays): one helper for
+    the learner, the loop and the probe store."""
     return jax.tree.map(lambda a: a[index], x)
 
 
