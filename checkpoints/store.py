@@ -74,8 +74,13 @@ class CorruptCheckpointError(RuntimeError):
     def __init__(self, number: int, cause: BaseException | str):
         self.number = number
         self.cause = cause
-        self.reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {_first_line(str(cause))}"
+        self.reason = cause if isinstance(cause, str) else self.describe(cause)
         super().__init__(f"checkpoint {number} is corrupt: {self.reason}")
+
+    @staticmethod
+    def describe(error: BaseException) -> str:
+        """One line for a library's error: its type and the first line of its message."""
+        return f"{type(error).__name__}: {_first_line(str(error))}"
 
 
 class CheckpointSaveError(RuntimeError):
@@ -157,6 +162,7 @@ def _first_line(text: str) -> str:
     """The first line of an error message, at most ~300 characters: its start and its end, where
     TensorStore puts the operating system's reason ("File too large [os_error_code='27']")."""
     line = text.strip().splitlines()[0] if text.strip() else ""
+    line = line.split(" See full TensorStore details")[0]  # then a repr of a bound method, not a reason
     return line if len(line) <= 300 else f"{line[:150]} ... {line[-140:]}"
 
 
@@ -368,6 +374,10 @@ class CheckpointStore:
         """The writer thread's job: digest, write and finalize checkpoint `number`, then run retention."""
         ocp = self._ocp
         with self._lock:
+            # A failed save's array writes can outlive its error and recreate the directory
+            # `_discard_failed` removed; saves are serial, so any such directory now is garbage.
+            stale = [(n, path) for n, path in self._unfinalized() if n != number]
+            self._remove(stale, reason="late writes of a failed save")
             saved["integrity"] = integrity.describe(state, probe)
             items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(saved)}
             if probe:
@@ -487,8 +497,10 @@ class CheckpointStore:
             items["probe"] = ocp.args.StandardRestore(dict(probe_like) if probe_like else None)
         try:
             restored = self._manager.restore(number, args=ocp.args.Composite(**items))
-        except Exception as error:  # Orbax/TensorStore raise bare Exceptions for missing or short files
-            raise CorruptCheckpointError(number, error) from error
+        except Exception as error:  # Orbax/TensorStore raise bare Exceptions for missing, short or garbled files
+            raise CorruptCheckpointError(
+                number, f"its arrays cannot be read ({CorruptCheckpointError.describe(error)})"
+            ) from error
         metadata = restored["meta"]
         if not isinstance(metadata, dict) or metadata.get("status") not in STATUSES:
             raise CorruptCheckpointError(number, "its JSON item has no valid status")

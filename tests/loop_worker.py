@@ -29,6 +29,7 @@ def build_loop(
     source=FileSource,
     keep_last: int = 2,
     steps_per_dispatch: int = 1,
+    hidden: tuple[int, ...] = (64,),
     **options,
 ) -> TrainingLoop:
     """The loop of these tests over `recording`; `options` go to TrainingLoop (e.g. max_unsaved_s)."""
@@ -42,7 +43,7 @@ def build_loop(
     )
     learner = learner_for(
         LearnerConfig(
-            model=ModelConfig(hidden=(64,)),
+            model=ModelConfig(hidden=hidden),
             replay=ReplayConfig(capacity=256, batch_size=16),
             ewc=EWCConfig(enabled=True, strength=100.0, fisher_samples=64),
             steps_per_dispatch=steps_per_dispatch,

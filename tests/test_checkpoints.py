@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from continuity.checkpoints import (
     CheckpointNotFoundError,
+    CheckpointSaveError,
     CheckpointStore,
     CorruptCheckpointError,
     Ledger,
@@ -368,6 +370,30 @@ def test_deleted_data_files_and_bad_json_are_corruption_too(tmp_path):
         assert store.info(2).status == "corrupt"
         assert store.restore_latest(state_like=_small_like()).number == 1
         assert [e["checkpoint"] for e in store.ledger.read() if e["event"] == "skip"] == [3, 2]
+
+
+def test_writes_a_failed_save_left_running_are_swept_before_the_next_save(tmp_path):
+    # A failed save's other array writes can finish after its directory was removed, and
+    # recreate it (seen under a full disk): the next save removes it before writing.
+    with CheckpointStore(tmp_path) as store:
+        real_write = store._write
+
+        def no_space(*_args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        store._write = no_space
+        assert store.save(_small_state(1), {}, {"status": "good"}) == 1
+        with pytest.raises(CheckpointSaveError):
+            store.wait()
+        late = tmp_path / "1.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp" / "ocdbt.process_0" / "d"
+        late.mkdir(parents=True)
+        (late / "data").write_bytes(b"\0" * 64)
+        store._write = real_write
+        assert store.save(_small_state(2), {}, {"status": "good"}) == 2
+        store.wait()
+        assert store.numbers() == [2] and not (tmp_path / "1.orbax-checkpoint-tmp").exists()
+        swept = [e for e in store.ledger.read() if e["event"] == "delete"]
+        assert [(e["checkpoint"], e["reason"]) for e in swept] == [(1, "late writes of a failed save")]
 
 
 def test_an_unfinalized_directory_is_removed_when_the_owner_opens_the_store(tmp_path):
