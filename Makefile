@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# Spread over the machine's cores a test file at a time (pytest-xdist): a file's fixtures
+# (a recorded stream, a reference run) are built once, and each worker starts its own broker.
+PYTEST_PARALLEL := -n auto --dist loadfile
+
 test: $(STAMP) prometheus-tools
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest $(PYTEST_PARALLEL)
 
 # promtool and a real Prometheus server check deploy/prometheus (tests/test_deploy.py): Debian's
 # `prometheus` package (2.42) brings both (the tests start their own server on a free port; in a
@@ -33,7 +37,7 @@ prometheus-tools:
 	fi
 
 unit: $(STAMP)
-	$(PYTHON) -m pytest -m unit
+	$(PYTHON) -m pytest -m unit $(PYTEST_PARALLEL)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
