@@ -1,0 +1,115 @@
+"""Where the learner's state and batches live: one device, or a mesh of local devices that
+trains one model data-parallel.
+
+`OneDevice` is the learner as it always was: the state committed to one device, each stack
+put there, the step a plain `jax.jit`. `DataParallel` lays the devices out as a 1-D
+`jax.sharding.Mesh` with a `data` axis: each micro-batch's rows are split over the devices
+(`PartitionSpec("data")`), and everything in the state (parameters, optimizer moments,
+EWC anchors and Fisher, the replay buffer, the totals) is replicated. The step is the same
+function jitted with those shardings in and out; XLA's SPMD partitioner splits its
+per-row work over the devices and inserts the all-reduce that sums the gradient (GSPMD,
+Xu et al. 2021), so every device applies the same update and the replicated state stays
+identical everywhere. One dispatch still trains K updates, shapes are still fixed, the
+state is still donated, and nothing recompiles after the first dispatch.
+
+The replay buffer is replicated, not sharded: every device holds all of it and samples the
+same rows, so training is the one-device arithmetic on the same global batch (up to the
+order of the gradient's float sums) and `replay.capacity` means what it means on one device.
+A buffer sharded per device (each sampling its own shard) is a follow-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def local_devices(devices: int | Sequence[jax.Device]) -> list[jax.Device]:
+    """The devices a count or a list names: a count takes the first `devices` local devices."""
+    if isinstance(devices, bool):
+        raise ValueError(f"`devices` must be a device count or a list of jax devices. Got {devices!r}.")
+    if isinstance(devices, int):
+        available = jax.local_devices()
+        if not 1 <= devices <= len(available):
+            raise ValueError(
+                f"`devices` must be between 1 and the {len(available)} local device(s) "
+                f"({available[0].platform}). Got {devices}."
+            )
+        return available[:devices]
+    chosen = list(devices)
+    if not chosen or not all(isinstance(d, jax.Device) for d in chosen):
+        raise ValueError(f"`devices` must be a device count or a list of jax devices. Got {devices!r}.")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"`devices` names a device twice. Got {chosen!r}.")
+    return chosen
+
+
+class OneDevice:
+    """The state and every stack on one device; the step a plain jit (no mesh, no overhead)."""
+
+    def __init__(self, device: jax.Device):
+        self.device = device
+        self.count = 1
+
+    def put_state(self, state):
+        # Committed, as restored checkpoints are: jit keys its cache on that, so a fresh and a
+        # restored state share one compiled step.
+        return jax.device_put(state, self.device)
+
+    def put_stack(self, stack):
+        return jax.device_put(stack, self.device)
+
+    def jit_step(self, step: Callable, *, stacked: bool) -> Callable:
+        """`step(state, batch) -> (state, metrics)`, jitted with the state donated."""
+        return jax.jit(step, donate_argnums=(0,))
+
+    def jit_update(self, update: Callable, *, outputs: int = 1) -> Callable:
+        """`update(state, ...) -> state` (or a tuple of `outputs` trees), the state donated."""
+        return jax.jit(update, donate_argnums=(0,))
+
+
+class DataParallel:
+    """A 1-D mesh of `devices` on the `data` axis: batches split by rows, the state replicated."""
+
+    def __init__(self, devices: Sequence[jax.Device]):
+        self.mesh = Mesh(np.array(list(devices)), (DATA_AXIS,))
+        self.count = len(devices)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._rows = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))  # a micro-batch: (B, ...)
+        self._stacked_rows = NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS))  # a stack: (K, B, ...)
+
+    def put_state(self, state):
+        return jax.device_put(state, self.replicated)
+
+    def put_stack(self, stack):
+        return jax.device_put(stack, self._stacked_rows)
+
+    def jit_step(self, step: Callable, *, stacked: bool) -> Callable:
+        rows = self._stacked_rows if stacked else self._rows
+        # Outputs pinned replicated: left to the partitioner, a leaf could come back sharded,
+        # and the next call, given another sharding, would compile again.
+        return jax.jit(
+            step,
+            in_shardings=(self.replicated, rows),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=(0,),
+        )
+
+    def jit_update(self, update: Callable, *, outputs: int = 1) -> Callable:
+        out: Any = self.replicated if outputs == 1 else (self.replicated,) * outputs
+        return jax.jit(update, out_shardings=out, donate_argnums=(0,))
+
+
+Placement = OneDevice | DataParallel
+
+
+def placement(devices: int | Sequence[jax.Device]) -> Placement:
+    """One device when `devices` names one (the plain path), else a data-parallel mesh."""
+    chosen = local_devices(devices)
+    return OneDevice(chosen[0]) if len(chosen) == 1 else DataParallel(chosen)

@@ -1,0 +1,143 @@
+"""One model over several local devices ([scale] devices): the same training as one device, and
+deterministic. Devices are faked CPU devices (XLA_FLAGS), so those tests run in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+from conftest import record_scenario
+
+from continuity.checkpoints import CheckpointStore
+from continuity.cli import main
+from continuity.config import ConfigError, load_config
+from continuity.factory import device_count
+from continuity.learner import Classification, Learner, mlp
+from continuity.loop import params_digest
+
+REPO = Path(__file__).resolve().parent.parent
+FOUR_DEVICES = "--xla_force_host_platform_device_count=4"
+
+
+def _faked(devices_flag: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": devices_flag}
+
+
+def test_scale_devices_is_all_by_default_and_the_batch_must_divide_by_a_count(tmp_path):
+    assert load_config(None).scale.devices == "all"
+    assert load_config(None, ["scale.devices=4"]).scale.devices == 4
+    with pytest.raises(ConfigError, match=r"\[learner\] batch_size: must divide by scale.devices = 3.*Got 32"):
+        load_config(None, ["scale.devices=3"])
+    for bad in ("0", '"some"', "true"):
+        with pytest.raises(ConfigError, match=r'\[scale\] devices.*must be "all" or an integer >= 1'):
+            load_config(None, [f"scale.devices={bad}"])
+
+
+def test_more_devices_than_jax_sees_is_a_config_error_naming_scale_devices():
+    present = len(jax.local_devices())
+    with pytest.raises(ConfigError, match=rf"\[scale\] devices: must be at most the {present} local"):
+        device_count(load_config(None, [f"scale.devices={present + 1}", "learner.batch_size=" + str(present + 1)]))
+    assert device_count(load_config(None)) == present  # "all"
+
+
+def test_a_learner_refuses_more_devices_than_there_are():
+    with pytest.raises(ValueError, match="`devices` must be between 1 and"):
+        Learner(mlp, optax.sgd(0.1), Classification(3), inputs=_spec(), batch_size=8, devices=99)
+
+
+def _spec():
+    return jax.ShapeDtypeStruct((4,), np.float32)
+
+
+@pytest.mark.slow
+def test_four_devices_train_the_same_model_as_one_on_the_same_global_batch_with_no_recompiles():
+    # 75 dispatches of K = 4: 298 updates, with padding rows, a short last stack and a consolidation.
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "scale_worker.py"), "75"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_faked(FOUR_DEVICES),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4
+    assert report["examples"][0] == report["examples"][1] > 0
+    assert report["max_param"] > 0.1  # trained weights, not a model that stayed at zero
+    # Only the order of the gradient's float sums differs (an all-reduce over 4 partial sums).
+    assert report["max_param_diff"] < 1e-5
+    assert report["compiles_after_first"] == 0
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory) -> Path:
+    """permuted-digits, 2 segments, one partition, recorded to Parquet."""
+    return record_scenario(tmp_path_factory.mktemp("scale") / "stream.parquet", segments=2, seed=2)
+
+
+_REPLAY_TWICE = """
+import sys
+from continuity.cli import main
+recording, config, out = sys.argv[1:4]
+for run in ("a", "b"):
+    code = main(["replay", recording, "--config", config, "--out", out + "/" + run])
+    if code:
+        sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_a_recorded_stream_replayed_on_four_devices_twice_gives_identical_checkpoints(recording, tmp_path):
+    config = tmp_path / "replay.toml"
+    config.write_text(
+        "[model]\nhidden = [64]\n[probe]\nevery_examples = 700\n[checkpoints]\nevery_seconds = 0\n[scale]\ndevices = 4\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", _REPLAY_TWICE, str(recording), str(config), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_faked(FOUR_DEVICES),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    stores = [CheckpointStore(tmp_path / run, create=False) for run in ("a", "b")]
+    numbers = [[i.number for i in store.list()] for store in stores]
+    assert numbers[0] == numbers[1] and numbers[0]
+    # Read back in this one-device process: a replicated state restores onto one device.
+    one_device = load_config(config, ["scale.devices=1"])
+    from continuity.service import build_learner
+
+    like = build_learner(one_device).init(0)
+    a, b = (store.restore(store.last_good(), state_like=like) for store in stores)
+    assert a.metadata["integrity"] == b.metadata["integrity"]  # every array's CRC, the params' SHA-256
+    assert params_digest(a.state) == params_digest(b.state)
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # And a one-device replay of the same records ends at the same model, up to float rounding.
+    assert (
+        main(
+            [
+                "replay",
+                str(recording),
+                "--config",
+                str(config),
+                "--set",
+                "scale.devices=1",
+                "--out",
+                str(tmp_path / "one"),
+            ]
+        )
+        == 0
+    )
+    with CheckpointStore(tmp_path / "one", create=False) as store:
+        one = store.restore(store.last_good(), state_like=like)
+    assert one.metadata["learner_step"] == a.metadata["learner_step"]
+    for x, y in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(a.state.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
