@@ -97,7 +97,8 @@ for run in ("a", "b"):
 def test_a_recorded_stream_replayed_on_four_devices_twice_gives_identical_checkpoints(recording, tmp_path):
     config = tmp_path / "replay.toml"
     config.write_text(
-        "[model]\nhidden = [64]\n[probe]\nevery_examples = 700\n[checkpoints]\nevery_seconds = 0\n[scale]\ndevices = 4\n"
+        "[model]\nhidden = [64]\n[probe]\nevery_examples = 700\n"
+        "[checkpoints]\nevery_seconds = 0\n[scale]\ndevices = 4\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", _REPLAY_TWICE, str(recording), str(config), str(tmp_path)],
