@@ -20,7 +20,7 @@ import functools
 import importlib
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -164,7 +164,12 @@ def build_replay(config: ReplayConfig) -> replay_lib.ReplayPolicy | None:
 
 
 def build_learner(
-    config: LearnerConfig, *, inputs, task: Task, model: ModelFactory | None = None, devices: int = 1
+    config: LearnerConfig,
+    *,
+    inputs,
+    task: Task,
+    model: ModelFactory | None = None,
+    devices: int | Sequence[jax.Device] = 1,
 ) -> Learner:
     """A Learner for examples like `inputs` (a jax.ShapeDtypeStruct, or a dict of them) and `task`;
     `model` replaces the factory [model] describes; `devices` local devices train it data-parallel."""

@@ -16,6 +16,12 @@ The replay buffer is replicated, not sharded: every device holds all of it and s
 same rows, so training is the one-device arithmetic on the same global batch (up to the
 order of the gradient's float sums) and `replay.capacity` means what it means on one device.
 A buffer sharded per device (each sampling its own shard) is a follow-up.
+
+Given the devices of several processes (`jax.devices()` after `jax.distributed.initialize`),
+the mesh spans them: each process stacks only its share of each micro-batch's rows
+(`batch_size / processes`) and `put_stack` assembles the global batch from the shares
+(`jax.make_array_from_process_local_data`); every process must make the same calls in the
+same order. Only the learner does this so far: the service runs as one process.
 """
 
 from __future__ import annotations
@@ -56,6 +62,11 @@ class OneDevice:
     def __init__(self, device: jax.Device):
         self.device = device
         self.count = 1
+        self.processes = 1
+
+    def jit_fresh(self, fresh: Callable) -> Callable:
+        """`fresh(params, rng) -> state`, jitted (its leaves each their own buffer)."""
+        return jax.jit(fresh)
 
     def put_state(self, state):
         # Committed, as restored checkpoints are: jit keys its cache on that, so a fresh and a
@@ -80,6 +91,9 @@ class DataParallel:
     def __init__(self, devices: Sequence[jax.Device]):
         self.mesh = Mesh(np.array(list(devices)), (DATA_AXIS,))
         self.count = len(devices)
+        # Devices of several processes (after jax.distributed.initialize): each process then
+        # feeds its own rows of every micro-batch, and every process runs the same dispatches.
+        self.processes = len({d.process_index for d in devices})
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self._rows = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))  # a micro-batch: (B, ...)
         self._stacked_rows = NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS))  # a stack: (K, B, ...)
@@ -87,8 +101,18 @@ class DataParallel:
     def put_state(self, state):
         return jax.device_put(state, self.replicated)
 
+    def jit_fresh(self, fresh: Callable) -> Callable:
+        # Built replicated on every device of the mesh, from host values every process holds
+        # alike (a process cannot put an array onto another process's devices).
+        jitted = jax.jit(fresh, out_shardings=self.replicated)
+        return lambda params, rng: jitted(jax.tree.map(np.asarray, params), np.asarray(rng))
+
     def put_stack(self, stack):
-        return jax.device_put(stack, self._stacked_rows)
+        if self.processes == 1:
+            return jax.device_put(stack, self._stacked_rows)
+        # This process's rows of each micro-batch; the processes' shares, in process order,
+        # make the global batch.
+        return jax.tree.map(lambda leaf: jax.make_array_from_process_local_data(self._stacked_rows, leaf), stack)
 
     def jit_step(self, step: Callable, *, stacked: bool) -> Callable:
         rows = self._stacked_rows if stacked else self._rows

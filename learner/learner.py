@@ -149,8 +149,10 @@ class Learner:
 
     `steps_per_dispatch`: micro-batches per `train_steps` dispatch (K); `stack` pads a
     shorter run of micro-batches to K.
-    `devices`: a count of local devices, or a list of them, to train over data-parallel
+    `devices`: a count of local devices, or a list of devices, to train over data-parallel
     (learner/devices.py); `batch_size` must divide by their number. 1: one device, no mesh.
+    Devices of several processes (`jax.devices()` after `jax.distributed.initialize`): each
+    process stacks its `process_rows` = batch_size / processes rows of every micro-batch.
 
     It owns the compiled functions; the state it creates and updates is a plain PyTree.
     Call `train_step` and `train_steps` from one thread at a time: they donate (consume) the
@@ -188,6 +190,7 @@ class Learner:
                 f"`batch_size` must divide by the number of devices ({self.placement.count}): each gets "
                 f"batch_size / devices rows. Got batch_size={batch_size}."
             )
+        self.process_rows = batch_size // self.placement.processes  # the rows this process stacks
         self.task = task
         self.inputs = _feature_specs(inputs)
         self.batch_size = batch_size
@@ -209,7 +212,7 @@ class Learner:
         place = self.placement
         self.train_step = place.jit_step(self._train_step, stacked=False)
         self.train_steps = place.jit_step(self._train_steps, stacked=True)
-        self._fresh = jax.jit(self._fresh_state)  # built once: a new jit per init() would recompile
+        self._fresh = place.jit_fresh(self._fresh_state)  # built once: a new jit per init() would recompile
         self._evaluate_chunk = jax.jit(self._evaluate_rows)
         self._consolidate = place.jit_update(self._consolidate_state)
         self._consolidate_from_replay = place.jit_update(self._consolidate_from_replay_state)
@@ -301,10 +304,12 @@ class Learner:
         if not 1 <= len(batches) <= k:
             raise ValueError(f"a stack holds 1 to steps_per_dispatch={k} micro-batches. Got {len(batches)}.")
         rows = [np.shape(b.mask) for b in batches]
-        if any(r != (self.batch_size,) for r in rows):
-            raise ValueError(
-                f"each micro-batch must hold batch_size={self.batch_size} rows. Got masks of shapes {rows}."
-            )
+        if any(r != (self.process_rows,) for r in rows):
+            processes = self.placement.processes
+            wanted = f"batch_size={self.batch_size}"
+            if processes > 1:
+                wanted = f"batch_size / processes = {self.batch_size} / {processes} = {self.process_rows}"
+            raise ValueError(f"each micro-batch must hold {wanted} rows. Got masks of shapes {rows}.")
 
         def stacked(*leaves):
             parts = [np.asarray(leaf) for leaf in leaves]

@@ -3,6 +3,12 @@ trains the same stacks on one device and on a mesh of all of them, and prints JS
 
 `python tests/scale_worker.py DISPATCHES` prints {"devices", "max_param_diff",
 "max_param", "compiles_after_first", "examples"}.
+
+`python tests/scale_worker.py DISPATCHES PORT PROCESS_ID PROCESSES`: one of several processes
+(jax.distributed over gloo, coordinator 127.0.0.1:PORT) training one model over all their
+devices, each feeding its share of every micro-batch's rows; prints {"process",
+"devices", "digest", "max_param_diff" (against one device on the whole batches),
+"compiles_after_first", "examples" (one device's, the processes')}.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from continuity.learner import (
 BATCH, K, SHAPE, CLASSES = 32, 4, (8, 8, 1), 10
 
 
-def learner(devices: int) -> Learner:
+def learner(devices: int | list[jax.Device]) -> Learner:
     from continuity.factory import build_learner
 
     config = LearnerConfig(
@@ -76,7 +82,51 @@ def train(devices: int, host: list[Batch]) -> tuple[dict, int, int]:
     return jax.tree.map(np.asarray, state.params), recompiles, int(totals.fresh_rows)
 
 
+def share(stack: Batch, process: int, processes: int) -> Batch:
+    """This process's rows of every micro-batch of a stack: the `process`-th of `processes` slices."""
+    rows = BATCH // processes
+    part = slice(process * rows, (process + 1) * rows)
+    return Batch(stack.x[:, part], stack.y[:, part], stack.mask[:, part])
+
+
+def several_processes(dispatches: int, port: int, process: int, processes: int) -> None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=processes, process_id=process)
+    host = stacks(dispatches)
+    one, _, examples_one = train(1, host)
+    model = learner(jax.devices())  # every process's devices: one mesh over them all
+    state = model.init(0)
+    recompiles = 0
+    for i, stack in enumerate(host):
+        before = compilation_count()
+        state, _ = model.train_steps(state, model.put_stack(share(stack, process, processes)))
+        jax.block_until_ready(state)
+        if i > 0:
+            recompiles += compilation_count() - before
+        if i == len(host) // 2:
+            state = model.consolidate(state)
+    totals, state = model.take_totals(state)
+    many = jax.tree.map(np.asarray, state.params)
+    from continuity.loop import params_digest
+
+    report = {
+        "process": process,
+        "devices": len(jax.devices()),
+        "digest": params_digest(state),
+        "max_param_diff": max(
+            float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many))
+        ),
+        "compiles_after_first": recompiles,
+        "examples": [examples_one, int(totals.fresh_rows)],
+    }
+    print(json.dumps(report), flush=True)
+    jax.distributed.shutdown()
+
+
 def main() -> None:
+    if len(sys.argv) > 2:
+        several_processes(*(int(a) for a in sys.argv[1:5]))
+        return
     host = stacks(int(sys.argv[1]))
     devices = len(jax.local_devices())
     one, _, examples_one = train(1, host)

@@ -76,6 +76,35 @@ def test_four_devices_train_the_same_model_as_one_on_the_same_global_batch_with_
     assert report["compiles_after_first"] == 0
 
 
+@pytest.mark.slow
+def test_two_processes_of_two_devices_train_one_model_each_feeding_half_of_every_batch():
+    # jax.distributed over gloo on this machine: 2 processes x 2 faked CPU devices, one mesh of 4.
+    from continuity.stream import free_port
+
+    port = free_port()
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "scale_worker.py"), "40", str(port), str(process), "2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_faked("--xla_force_host_platform_device_count=2"),
+        )
+        for process in (0, 1)
+    ]
+    reports = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=240)
+        assert worker.returncode == 0, err[-3000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    assert [r["process"] for r in reports] == [0, 1] and {r["devices"] for r in reports} == {4}
+    assert reports[0]["digest"] == reports[1]["digest"]  # one model, the same bits on every process
+    for report in reports:  # every row trained once: the global totals are one device's on the whole batches
+        assert report["examples"][1] == report["examples"][0] > 0
+    assert all(r["max_param_diff"] < 1e-5 for r in reports)  # the one-device model on the whole batches
+    assert all(r["compiles_after_first"] == 0 for r in reports)
+
+
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory) -> Path:
     """permuted-digits, 2 segments, one partition, recorded to Parquet."""
