@@ -12,6 +12,9 @@ Xu et al. 2021), so every device applies the same update and the replicated stat
 identical everywhere. One dispatch still trains K updates, shapes are still fixed, the
 state is still donated, and nothing recompiles after the first dispatch.
 
+Evaluation (the probe, the guard's checks) splits its fixed-size chunks of rows over the
+devices the same way, each device scoring its share with the replicated parameters.
+
 The replay buffer is replicated, not sharded: every device holds all of it and samples the
 same rows, so training is the one-device arithmetic on the same global batch (up to the
 order of the gradient's float sums) and `replay.capacity` means what it means on one device.
@@ -76,6 +79,10 @@ class OneDevice:
     def put_stack(self, stack):
         return jax.device_put(stack, self.device)
 
+    def put_rows(self, rows):
+        """Host rows to evaluate, as they are: jit puts them beside the params."""
+        return rows
+
     def jit_step(self, step: Callable, *, stacked: bool) -> Callable:
         """`step(state, batch) -> (state, metrics)`, jitted with the state donated."""
         return jax.jit(step, donate_argnums=(0,))
@@ -106,6 +113,15 @@ class DataParallel:
         # alike (a process cannot put an array onto another process's devices).
         jitted = jax.jit(fresh, out_shardings=self.replicated)
         return lambda params, rng: jitted(jax.tree.map(np.asarray, params), np.asarray(rng))
+
+    def put_rows(self, rows):
+        """Host rows to evaluate (leading axis: examples), split over the devices when they divide
+        evenly, so each device scores its share; else left for jit to replicate. Several
+        processes each hold all the rows: left as they are."""
+        leaves = jax.tree.leaves(rows)
+        if self.processes > 1 or not leaves or len(leaves[0]) % self.count:
+            return rows
+        return jax.device_put(rows, self._rows)
 
     def put_stack(self, stack):
         if self.processes == 1:

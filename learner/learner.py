@@ -494,7 +494,8 @@ class Learner:
             rows = EVAL_BATCH if n - start >= EVAL_BATCH else EVAL_BATCH_SMALL
             part = slice(start, start + rows)
             xc = jax.tree.map(functools.partial(_pad_rows, rows=rows), feature_rows(x, part))
-            outputs.append(self._evaluate_chunk(params, xc, _pad_rows(y[part], rows)))
+            place = self.placement.put_rows
+            outputs.append(self._evaluate_chunk(params, place(xc), place(_pad_rows(y[part], rows))))
             start += rows
         if not outputs:
             shapes = jax.eval_shape(self._evaluate_rows, params, *self._example_rows(1))

@@ -2,7 +2,8 @@
 trains the same stacks on one device and on a mesh of all of them, and prints JSON.
 
 `python tests/scale_worker.py DISPATCHES` prints {"devices", "max_param_diff",
-"max_param", "compiles_after_first", "examples"}.
+"max_param", "compiles_after_first", "examples", and the one-device params evaluated on one
+device and on the mesh: "evaluated", "same_outcomes", "max_loss_diff", "accuracy"}.
 
 `python tests/scale_worker.py DISPATCHES PORT PROCESS_ID PROCESSES`: one of several processes
 (jax.distributed over gloo, coordinator 127.0.0.1:PORT) training one model over all their
@@ -65,9 +66,12 @@ def stacks(dispatches: int) -> list[Batch]:
 
 
 def train(devices: int, host: list[Batch]) -> tuple[dict, int, int]:
+    return _train(learner(devices), host)
+
+
+def _train(model: Learner, host: list[Batch]) -> tuple[dict, int, int]:
     """Params after every stack (a consolidation halfway), compilations by the dispatches after
     the first, examples trained."""
-    model = learner(devices)
     state = model.init(0)
     recompiles = 0
     for i, stack in enumerate(host):
@@ -129,9 +133,15 @@ def main() -> None:
         return
     host = stacks(int(sys.argv[1]))
     devices = len(jax.local_devices())
-    one, _, examples_one = train(1, host)
-    many, recompiles, examples = train(devices, host)
+    single, mesh = learner(1), learner(devices)
+    one, _, examples_one = _train(single, host)
+    many, recompiles, examples = _train(mesh, host)
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)))
+    # The same params scored on one device and split over the mesh: a whole chunk, a small one, padding.
+    rows = np.concatenate([stack.x.reshape(-1, *SHAPE) for stack in host])[:2600]
+    labels = np.concatenate([stack.y.reshape(-1) for stack in host])[:2600]
+    alone = single.evaluate(single.placement.put_state(one), rows, labels)
+    split = mesh.evaluate(mesh.placement.put_state(one), rows, labels)
     print(
         json.dumps(
             {
@@ -140,6 +150,10 @@ def main() -> None:
                 "max_param": max(float(np.max(np.abs(a))) for a in jax.tree.leaves(one)),
                 "compiles_after_first": recompiles,
                 "examples": [examples_one, examples],
+                "evaluated": [len(alone.loss), len(split.loss)],
+                "same_outcomes": bool(np.array_equal(alone.outcome, split.outcome)),
+                "max_loss_diff": float(np.max(np.abs(alone.loss - split.loss))),
+                "accuracy": alone.accuracy,
             }
         )
     )

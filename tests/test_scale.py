@@ -57,7 +57,7 @@ def _spec():
 
 
 @pytest.mark.slow
-def test_four_devices_train_the_same_model_as_one_on_the_same_global_batch_with_no_recompiles():
+def test_four_devices_train_and_evaluate_the_same_model_as_one_on_the_same_global_batch_with_no_recompiles():
     # 75 dispatches of K = 4: 298 updates, with padding rows, a short last stack and a consolidation.
     result = subprocess.run(
         [sys.executable, str(REPO / "tests" / "scale_worker.py"), "75"],
@@ -74,6 +74,9 @@ def test_four_devices_train_the_same_model_as_one_on_the_same_global_batch_with_
     # Only the order of the gradient's float sums differs (an all-reduce over 4 partial sums).
     assert report["max_param_diff"] < 1e-5
     assert report["compiles_after_first"] == 0
+    # Evaluation split over the devices scores every row as one device does.
+    assert report["evaluated"] == [2600, 2600] and report["same_outcomes"]
+    assert report["max_loss_diff"] < 1e-5 and report["accuracy"] > 0.3  # a trained model (chance: 0.1)
 
 
 @pytest.mark.slow
