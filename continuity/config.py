@@ -657,8 +657,9 @@ class Config:
 
         Paths, addresses, ports, timeouts and secrets are left out, so replaying the same
         stream into another directory, or serving it from another broker, gives the same
-        digest (and, with it, bit-identical checkpoint metadata). So is
-        `learner.steps_per_dispatch`: K updates per dispatch train the same model as one.
+        digest (and, with it, bit-identical checkpoint metadata). So are
+        `learner.steps_per_dispatch` (K updates per dispatch train the same model as one) and
+        `[scale]` (a batch split over devices trains it too, up to the order of float sums).
         `config check` prints it; the service saves it in every checkpoint.
         """
         stream = self.stream

@@ -40,6 +40,11 @@ def test_scale_devices_is_all_by_default_and_the_batch_must_divide_by_a_count(tm
             load_config(None, [f"scale.devices={bad}"])
 
 
+def test_the_device_count_leaves_the_config_digest_alone():
+    # A checkpoint saved on 4 devices restores on 1 without a config-mismatch warning, as K does.
+    assert load_config(None, ["scale.devices=4"]).digest() == load_config(None, ["scale.devices=1"]).digest()
+
+
 def test_more_devices_than_jax_sees_is_a_config_error_naming_scale_devices():
     present = len(jax.local_devices())
     with pytest.raises(ConfigError, match=rf"\[scale\] devices: must be at most the {present} local"):
@@ -115,18 +120,38 @@ def recording(tmp_path_factory) -> Path:
 
 
 _REPLAY_TWICE = """
-import sys
+import json, sys
+import jax, numpy as np
+from continuity.checkpoints import CheckpointStore
 from continuity.cli import main
+from continuity.config import load_config
+from continuity.learner import Batch, compilation_count
+from continuity.service import build_learner
 recording, config, out = sys.argv[1:4]
 for run in ("a", "b"):
     code = main(["replay", recording, "--config", config, "--out", out + "/" + run])
     if code:
         sys.exit(code)
+# A checkpoint restored onto the mesh trains on the step a fresh state compiled.
+learner = build_learner(load_config(config))
+stack = learner.stack([Batch(np.zeros((32, 8, 8, 1), np.float32), np.zeros(32, np.int32), np.ones(32, bool))])
+fresh, _ = learner.train_steps(learner.init(0), learner.put_stack(stack))
+jax.block_until_ready(fresh)
+before = compilation_count()
+with CheckpointStore(out + "/a", create=False) as store:
+    restored = store.restore(store.last_good(), state_like=learner.init(0))
+state, _ = learner.train_steps(restored.state, learner.put_stack(stack))
+jax.block_until_ready(state)
+sharding = jax.tree.leaves(restored.state.params)[0].sharding
+print(json.dumps({"devices": len(sharding.device_set), "replicated": sharding.is_fully_replicated,
+                  "compiles": compilation_count() - before}))
 """
 
 
 @pytest.mark.slow
-def test_a_recorded_stream_replayed_on_four_devices_twice_gives_identical_checkpoints(recording, tmp_path):
+def test_a_stream_replayed_on_four_devices_twice_gives_identical_checkpoints_that_restore_onto_the_mesh(
+    recording, tmp_path
+):
     config = tmp_path / "replay.toml"
     config.write_text(
         "[model]\nhidden = [64]\n[probe]\nevery_examples = 700\n"
@@ -140,6 +165,8 @@ def test_a_recorded_stream_replayed_on_four_devices_twice_gives_identical_checkp
         env=_faked(FOUR_DEVICES),
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    restored_on_the_mesh = json.loads(result.stdout.strip().splitlines()[-1])
+    assert restored_on_the_mesh == {"devices": 4, "replicated": True, "compiles": 0}
     stores = [CheckpointStore(tmp_path / run, create=False) for run in ("a", "b")]
     numbers = [[i.number for i in store.list()] for store in stores]
     assert numbers[0] == numbers[1] and numbers[0]
