@@ -67,14 +67,13 @@ def _step_rate(config, steps: int = 320) -> float:
         for _ in range(8)
     ]
     stacks = [learner.stack([pool[(i + j) % len(pool)] for j in range(k)]) for i in range(len(pool))]
-    device = jax.devices()[0]
     for stack in stacks:
-        state, _ = learner.train_steps(state, jax.device_put(stack, device))
+        state, _ = learner.train_steps(state, learner.put_stack(stack))
     jax.block_until_ready(state)
     dispatches = -(-steps // k)
     started = time.perf_counter()
     for i in range(dispatches):
-        state, _ = learner.train_steps(state, jax.device_put(stacks[i % len(stacks)], device))
+        state, _ = learner.train_steps(state, learner.put_stack(stacks[i % len(stacks)]))
     jax.block_until_ready(state)
     return dispatches * k * batch_size / (time.perf_counter() - started)
 

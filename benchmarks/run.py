@@ -3,7 +3,7 @@
 Learning quality is reported as mean and std over three seeds; speed as medians and
 ratios measured within one run (these machines are noisy, absolute rates are not
 comparable across runs). Usage: python -m continuity.benchmarks.run
-[--only cl|step|guard|ingest|pipeline|reliability] [--out DIR]
+[--only cl|step|guard|ingest|pipeline|reliability|scale] [--out DIR]
 """
 
 from __future__ import annotations
@@ -163,6 +163,21 @@ def run_reliability(out: Path) -> list[str]:
     return ["### checkpoint integrity (default config)", "", "```", format_result(result), "```", ""]
 
 
+def run_scale(out: Path) -> list[str]:
+    from continuity.benchmarks.scale import format_result, run_scale_benchmark
+
+    result = run_scale_benchmark()
+    (out / "scale.json").write_text(json.dumps(result, indent=2))
+    return [
+        "### one model over 1, 2, 4 devices (faked CPU devices where fewer)",
+        "",
+        "```",
+        format_result(result),
+        "```",
+        "",
+    ]
+
+
 BENCHMARKS = {
     "cl": run_cl,
     "step": run_step,
@@ -170,6 +185,7 @@ BENCHMARKS = {
     "ingest": run_ingest,
     "pipeline": run_pipeline,
     "reliability": run_reliability,
+    "scale": run_scale,
 }
 
 

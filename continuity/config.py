@@ -1,7 +1,7 @@
 """The service's one TOML config file: typed, validated on load, overridable with `--set`.
 
-A config file has nine sections: [stream], [model], [learner], [replay], [ewc], [probe],
-[checkpoints], [service], [publish]. [model] [learner] [replay] [ewc] fill the learner
+A config file has ten sections: [stream], [model], [learner], [replay], [ewc], [probe],
+[checkpoints], [service], [publish], [scale]. [model] [learner] [replay] [ewc] fill the learner
 library's `LearnerConfig` (learner/config.py); [probe] fills both `ProbeConfig` (what is
 held out) and `GuardConfig` (how candidates are judged): for a user they are one thing,
 the continuity probe. Every section is a pydantic dataclass (learner/schema.py): each
@@ -489,6 +489,25 @@ class ServiceConfig:
             )
 
 
+def _device_count(value):
+    """`devices` as given: "all", or a count >= 1 (a clear error for anything else)."""
+    if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError(f'must be "all" or an integer >= 1. Got {value!r}.')
+
+
+@section("scale")
+class ScaleConfig:
+    """How many devices train the one model (data-parallel: each step's batch split over them)."""
+
+    # learner/devices.py: the batch's rows are split over a mesh of the devices, the state
+    # (parameters, optimizer, EWC, the replay buffer) is replicated, and XLA sums the gradient.
+    devices: Annotated[Literal["all"] | Int, BeforeValidator(_device_count)] = Field(
+        default="all",
+        description='local devices to train over: "all", or a count (learner.batch_size must divide by it)',
+    )
+
+
 @section("publish")
 class PublishConfig:
     """Where each accepted model is published for a separate serving process."""
@@ -564,6 +583,7 @@ class Config:
     checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
     source_path: str | None = dataclasses.field(default=None, compare=False)  # the file it came from
 
     def __post_init__(self):
@@ -585,6 +605,13 @@ class Config:
                     f"Got feature_shape = {list(stream.feature_shape)}.",
                     "learner.model.kind",
                 )
+        devices = self.scale.devices
+        if devices != "all" and learner.batch_size % devices:
+            raise ConfigProblem(
+                f"must divide by scale.devices = {devices} (each device trains batch_size / devices rows). "
+                f"Got {learner.batch_size}.",
+                "learner.batch_size",
+            )
         if stream.inputs and stream.codec == "binary":
             raise ConfigProblem(
                 'named inputs need codec = "json" (the binary wire format carries one array). Got codec = "binary".',
@@ -630,8 +657,9 @@ class Config:
 
         Paths, addresses, ports, timeouts and secrets are left out, so replaying the same
         stream into another directory, or serving it from another broker, gives the same
-        digest (and, with it, bit-identical checkpoint metadata). So is
-        `learner.steps_per_dispatch`: K updates per dispatch train the same model as one.
+        digest (and, with it, bit-identical checkpoint metadata). So are
+        `learner.steps_per_dispatch` (K updates per dispatch train the same model as one) and
+        `[scale]` (a batch split over devices trains it too, up to the order of float sums).
         `config check` prints it; the service saves it in every checkpoint.
         """
         stream = self.stream
@@ -659,7 +687,7 @@ class Config:
 
 # ---- the file's layout over the sections ------------------------------------------------------
 
-SECTIONS = ("stream", "model", "learner", "replay", "ewc", "probe", "checkpoints", "service", "publish")
+SECTIONS = ("stream", "model", "learner", "replay", "ewc", "probe", "checkpoints", "service", "publish", "scale")
 # Each file section: the fields of Config it fills (a path), in the order the file shows them.
 _SECTION_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
     "stream": (("stream",),),
@@ -671,6 +699,7 @@ _SECTION_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
     "checkpoints": (("checkpoints",),),
     "service": (("service",),),
     "publish": (("publish",),),
+    "scale": (("scale",),),
 }
 _NESTED_SECTIONS = {path[-1] for paths in _SECTION_PATHS.values() for path in paths if len(path) == 2}
 _SECRET_KEYS = {("service", "admin_token")}  # besides [stream.security]'s; each may be given as <key>_env
@@ -703,6 +732,7 @@ def _section_classes(name: str) -> list[type]:
         "checkpoints": [CheckpointsConfig],
         "service": [ServiceConfig],
         "publish": [PublishConfig],
+        "scale": [ScaleConfig],
     }
     return classes[name]
 
@@ -978,6 +1008,7 @@ class _Loader:
             "checkpoints": tables["checkpoints"],
             "service": tables["service"],
             "publish": tables["publish"],
+            "scale": tables["scale"],
         }
 
     def build(self, data: dict, source_path: str | None) -> Config:
@@ -1061,6 +1092,8 @@ _SECTION_NOTES = {
     "checkpoints": "The Orbax checkpoint store (the ledger of decisions lives inside it).",
     "service": "The running service: HTTP endpoints (/healthz, /readyz, /metrics, /status, /predict, /admin/*).",
     "publish": "Accepted models, published for a separate serving process.",
+    "scale": "One model over several local devices (GPUs): each step's batch split over them, the state\n"
+    "# (parameters, optimizer, EWC, replay buffer) replicated on each.",
 }
 _SECURITY_EXAMPLE = """\
 # SASL/SSL options for kafka-python (none for the embedded broker). A secret is read from

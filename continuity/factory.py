@@ -20,7 +20,7 @@ import functools
 import importlib
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -163,9 +163,16 @@ def build_replay(config: ReplayConfig) -> replay_lib.ReplayPolicy | None:
     return replay_lib.make(config.kind, config.capacity) if config.enabled else None
 
 
-def build_learner(config: LearnerConfig, *, inputs, task: Task, model: ModelFactory | None = None) -> Learner:
+def build_learner(
+    config: LearnerConfig,
+    *,
+    inputs,
+    task: Task,
+    model: ModelFactory | None = None,
+    devices: int | Sequence[jax.Device] = 1,
+) -> Learner:
     """A Learner for examples like `inputs` (a jax.ShapeDtypeStruct, or a dict of them) and `task`;
-    `model` replaces the factory [model] describes."""
+    `model` replaces the factory [model] describes; `devices` local devices train it data-parallel."""
     return Learner(
         model or build_model(config.model),
         build_optimizer(config),
@@ -177,6 +184,7 @@ def build_learner(config: LearnerConfig, *, inputs, task: Task, model: ModelFact
         asymmetric=config.replay.asymmetric,
         ewc=config.ewc if config.ewc.enabled else None,
         steps_per_dispatch=config.steps_per_dispatch,
+        devices=devices,
     )
 
 
@@ -278,16 +286,38 @@ def check(config: Config) -> None:
         feature_spec(config)
     except ValueError as error:
         raise ConfigError(f"{prefix}: [learner] task: {_error_line(error)}") from None
+    device_count(config)
+
+
+def device_count(config: Config) -> int:
+    """How many local devices [scale] devices names ("all": every one JAX sees); a ConfigError
+    when there are not that many, or when learner.batch_size does not divide by them."""
+    prefix = f"config {config.source_path}" if config.source_path else "config"
+    available = jax.local_devices()
+    wanted = config.scale.devices
+    count = len(available) if wanted == "all" else wanted
+    if count > len(available):
+        raise ConfigError(
+            f"{prefix}: [scale] devices: must be at most the {len(available)} local {available[0].platform} "
+            f"device(s) JAX sees. Got {count}."
+        )
+    if config.learner.batch_size % count:
+        raise ConfigError(
+            f"{prefix}: [learner] batch_size: must divide by the {count} device(s) [scale] devices = "
+            f"{wanted!r} trains over. Got {config.learner.batch_size}."
+        )
+    return count
 
 
 def learner_from_config(config: Config) -> Learner:
     """The service's learner: the config's learner sections for its stream's examples and labels
     (checked first: a bad model or optimizer is a ConfigError, exit status 2)."""
     check(config)
+    devices = device_count(config)
     events = config.stream.field_spec()
     if events is not None:
-        return learner_for_fields(config.learner, events, config.stream.num_classes)
-    return build_learner(config.learner, inputs=model_inputs(config), task=task_for(config))
+        return learner_for_fields(config.learner, events, config.stream.num_classes, devices=devices)
+    return build_learner(config.learner, inputs=model_inputs(config), task=task_for(config), devices=devices)
 
 
 def _error_line(error: BaseException) -> str:
@@ -308,7 +338,7 @@ def model_description(config: ModelConfig) -> dict:
     }
 
 
-def learner_for_fields(config: LearnerConfig, fields, num_classes: int | None) -> Learner:
+def learner_for_fields(config: LearnerConfig, fields, num_classes: int | None, *, devices: int = 1) -> Learner:
     """The learner for named-field events: inputs as the feature spec (stream.fields.FieldSpec) describes
     them; the `mlp` preset embeds their integer ids in tables of the spec's sizes."""
     inputs = {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)) for name, (shape, dtype) in fields.inputs().items()}
@@ -316,4 +346,4 @@ def learner_for_fields(config: LearnerConfig, fields, num_classes: int | None) -
     if model.kind != "mlp":
         raise ValueError(f'`model.kind` must be "mlp" for named-field events (codec "fields"). Got {model.kind!r}.')
     factory = functools.partial(mlp, hidden=model.hidden, vocabulary_sizes=fields.vocabulary_sizes())
-    return build_learner(config, inputs=inputs, task=build_task(config, num_classes), model=factory)
+    return build_learner(config, inputs=inputs, task=build_task(config, num_classes), model=factory, devices=devices)

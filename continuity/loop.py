@@ -431,7 +431,6 @@ class TrainingLoop:
         self._step_figures = _StepFigures()
         self._excision: _Excision | None = None  # a window to train again without its damaged span
         self._trace: list[tuple[int, Positions, Positions]] = []  # the window's trained batches (see _train_window)
-        self._device = jax.devices()[0]  # where the state lives (Learner.init): stacks are put there
 
     def request(self, kind: str, *, timeout_s: float = 60.0, **args) -> dict:
         """Ask the loop, from another thread, to `rollback` (to=N | None) or `checkpoint` now; waits for it.
@@ -911,7 +910,7 @@ class TrainingLoop:
         """
         if not stack:
             return state
-        on_device = jax.device_put(self.learner.stack(stack), self._device)
+        on_device = self.learner.put_stack(self.learner.stack(stack))
         stack.clear()
         tick = time.perf_counter()
         state, _ = self.learner.train_steps(state, on_device)

@@ -12,6 +12,9 @@ donated, so its buffers are reused in place.
 cost of a dispatch is then paid once per K updates. Each update is exactly one
 `train_step`; a micro-batch without a row to train (a short stack's padding) is a no-op.
 
+With `devices` > 1 the same step runs data-parallel over a mesh of local devices: each
+batch's rows split over them, the state replicated (learner/devices.py).
+
 A non-finite loss or gradient costs only the rows behind it: the step finds the fresh
 rows whose loss or input is non-finite, masks them out and computes the update again
 without them (a `lax.while_loop` of at most two passes: a finite step runs one); they
@@ -29,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -40,6 +43,7 @@ from flax import nnx
 
 from continuity.learner import ewc as ewc_lib
 from continuity.learner.config import EWCConfig
+from continuity.learner.devices import placement
 from continuity.learner.fisher import model_fisher
 from continuity.learner.state import Batch, LearnerState, StepTotals
 from continuity.learner.tasks import Task
@@ -145,6 +149,10 @@ class Learner:
 
     `steps_per_dispatch`: micro-batches per `train_steps` dispatch (K); `stack` pads a
     shorter run of micro-batches to K.
+    `devices`: a count of local devices, or a list of devices, to train over data-parallel
+    (learner/devices.py); `batch_size` must divide by their number. 1: one device, no mesh.
+    Devices of several processes (`jax.devices()` after `jax.distributed.initialize`): each
+    process stacks its `process_rows` = batch_size / processes rows of every micro-batch.
 
     It owns the compiled functions; the state it creates and updates is a plain PyTree.
     Call `train_step` and `train_steps` from one thread at a time: they donate (consume) the
@@ -164,6 +172,7 @@ class Learner:
         asymmetric: bool = True,
         ewc: EWCConfig | None = None,
         steps_per_dispatch: int = 1,
+        devices: int | Sequence[jax.Device] = 1,
     ):
         if not isinstance(task, Task):
             raise ValueError(f"`task` must be a continuity.learner.Task (e.g. Classification(10)). Got {task!r}.")
@@ -175,6 +184,13 @@ class Learner:
             raise ValueError(f"`steps_per_dispatch` must be an integer >= 1. Got {steps_per_dispatch!r}.")
         if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
             raise ValueError(f"`optimizer` must be an optax.GradientTransformation. Got {optimizer!r}.")
+        self.placement = placement(devices)
+        if batch_size % self.placement.count:
+            raise ValueError(
+                f"`batch_size` must divide by the number of devices ({self.placement.count}): each gets "
+                f"batch_size / devices rows. Got batch_size={batch_size}."
+            )
+        self.process_rows = batch_size // self.placement.processes  # the rows this process stacks
         self.task = task
         self.inputs = _feature_specs(inputs)
         self.batch_size = batch_size
@@ -193,13 +209,14 @@ class Learner:
         self._param_shapes = jax.eval_shape(lambda: nnx.to_pure_dict(params))
         if replay is not None:  # its checks, now rather than at the first init()
             jax.eval_shape(lambda: replay.init(self.inputs, task.labels, task.replay_buckets))
-        self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
-        self.train_steps = jax.jit(self._train_steps, donate_argnums=(0,))
-        self._fresh = jax.jit(self._fresh_state)  # built once: a new jit per init() would recompile
+        place = self.placement
+        self.train_step = place.jit_step(self._train_step, stacked=False)
+        self.train_steps = place.jit_step(self._train_steps, stacked=True)
+        self._fresh = place.jit_fresh(self._fresh_state)  # built once: a new jit per init() would recompile
         self._evaluate_chunk = jax.jit(self._evaluate_rows)
-        self._consolidate = jax.jit(self._consolidate_state, donate_argnums=(0,))
-        self._consolidate_from_replay = jax.jit(self._consolidate_from_replay_state, donate_argnums=(0,))
-        self._take_totals = jax.jit(lambda s: (s.totals, s.replace(totals=StepTotals.zeros())), donate_argnums=(0,))
+        self._consolidate = place.jit_update(self._consolidate_state)
+        self._consolidate_from_replay = place.jit_update(self._consolidate_from_replay_state)
+        self._take_totals = place.jit_update(lambda s: (s.totals, s.replace(totals=StepTotals.zeros())), outputs=2)
 
     def _build(self, seed: int) -> nnx.Module:
         factory = self._factory
@@ -217,8 +234,9 @@ class Learner:
     def describe(self) -> dict:
         """What decides this learner's program, as JSON-able data (the optimizer excepted: an
         optax transformation does not say what it is). A training loop digests it when it is
-        not told the config the learner was built from. `steps_per_dispatch` is left out: K
-        updates per dispatch train the same model as one."""
+        not told the config the learner was built from. `steps_per_dispatch` and `devices`
+        are left out: K updates per dispatch, or a batch split over devices, train the same
+        model as one (up to the order of float sums)."""
 
         def shapes(tree) -> list[str]:
             leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -246,9 +264,9 @@ class Learner:
         # Built under jit so every leaf is its own buffer: eager constructors may share one
         # array between leaves (a zero counter, say), and donation refuses a buffer twice.
         state = self._fresh(params, jax.random.PRNGKey(seed))
-        # Committed to the device, as restored checkpoints are: jit keys its cache on that, so
-        # a fresh and a restored state share one compiled step.
-        return jax.device_put(state, jax.devices()[0])
+        # Committed to the learner's device(s), as restored checkpoints are: jit keys its cache
+        # on that, so a fresh and a restored state share one compiled step.
+        return self.placement.put_state(state)
 
     def _fresh_state(self, params, rng) -> LearnerState:
         task = self.task
@@ -286,10 +304,12 @@ class Learner:
         if not 1 <= len(batches) <= k:
             raise ValueError(f"a stack holds 1 to steps_per_dispatch={k} micro-batches. Got {len(batches)}.")
         rows = [np.shape(b.mask) for b in batches]
-        if any(r != (self.batch_size,) for r in rows):
-            raise ValueError(
-                f"each micro-batch must hold batch_size={self.batch_size} rows. Got masks of shapes {rows}."
-            )
+        if any(r != (self.process_rows,) for r in rows):
+            processes = self.placement.processes
+            wanted = f"batch_size={self.batch_size}"
+            if processes > 1:
+                wanted = f"batch_size / processes = {self.batch_size} / {processes} = {self.process_rows}"
+            raise ValueError(f"each micro-batch must hold {wanted} rows. Got masks of shapes {rows}.")
 
         def stacked(*leaves):
             parts = [np.asarray(leaf) for leaf in leaves]
@@ -299,6 +319,11 @@ class Learner:
         x = jax.tree.map(stacked, *(b.x for b in batches))
         y = stacked(*(b.y for b in batches))
         return Batch(x, y, stacked(*(np.asarray(b.mask, bool) for b in batches)))
+
+    def put_stack(self, stack: Batch) -> Batch:
+        """A host stack (`stack`) put where `train_steps` reads it: on the device, or split by
+        rows over the devices. Asynchronous: the copy overlaps the dispatch still running."""
+        return self.placement.put_stack(stack)
 
     def _train_steps(self, state: LearnerState, batches: Batch) -> tuple[LearnerState, dict]:
         """`steps_per_dispatch` updates in one dispatch: `lax.scan` of the one-update step over
@@ -469,7 +494,8 @@ class Learner:
             rows = EVAL_BATCH if n - start >= EVAL_BATCH else EVAL_BATCH_SMALL
             part = slice(start, start + rows)
             xc = jax.tree.map(functools.partial(_pad_rows, rows=rows), feature_rows(x, part))
-            outputs.append(self._evaluate_chunk(params, xc, _pad_rows(y[part], rows)))
+            place = self.placement.put_rows
+            outputs.append(self._evaluate_chunk(params, place(xc), place(_pad_rows(y[part], rows))))
             start += rows
         if not outputs:
             shapes = jax.eval_shape(self._evaluate_rows, params, *self._example_rows(1))

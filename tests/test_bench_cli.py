@@ -112,6 +112,35 @@ def test_bench_step_times_k_k1_and_the_plain_scanned_step_with_zero_compilations
     assert result["speedup_over_k1"] == pytest.approx(result["samples_per_second"] / result["k1_samples_per_second"])
 
 
+def test_bench_scale_runs_each_device_count_in_its_own_process_and_compares_it_with_one_device(tmp_path, capsys):
+    out = tmp_path / "scale.json"
+    command = ["bench", "scale", "--devices", "1,2", "--steps-per-dispatch", "2", "--steps", "8", "--repeats", "1"]
+    assert main([*command, "--check-dispatches", "4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    one, two = result["runs"]
+    assert (one["devices"], two["devices"]) == (1, 2) and one["processes"] == two["processes"] == 1
+    assert (one["batch_size"], two["batch_size"]) == (32, 64)  # the per-device batch is fixed
+    import jax
+
+    faked = len(jax.local_devices()) < 2  # a machine with one device fakes two CPU devices for that case
+    assert not one["faked_devices"] and two["faked_devices"] == faked
+    for run in result["runs"]:
+        assert run["examples_per_second"] == pytest.approx(run["batch_size"] / run["step_seconds"])
+        assert run["compilations_after_warmup"] == 0
+    assert one["max_param_diff_vs_1_device"] == 0.0
+    assert 0.0 <= two["max_param_diff_vs_1_device"] < 1e-5  # the same model, up to float rounding
+    assert two["per_example_cost_vs_1_device"] == pytest.approx((two["step_seconds"] / 64) / (one["step_seconds"] / 32))
+    assert ("2 (faked)" in capsys.readouterr().out) == faked
+
+
+@pytest.mark.parametrize("devices", ["0,1", "1,1", "two"])
+def test_bench_scale_refuses_device_counts_that_are_not_distinct_positive_integers(devices, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["bench", "scale", "--devices", devices])
+    assert caught.value.code == 2
+    assert "device counts like 1,2,4" in capsys.readouterr().err
+
+
 def test_bench_pipeline_trains_everything_it_produced_at_the_default_k_and_at_k1():
     from continuity.benchmarks.pipeline import EXAMPLES_PER_RECORD, format_result, run_pipeline_benchmark
 

@@ -384,7 +384,7 @@ def test_installed_command_on_a_bad_file_exits_2_with_one_line(tmp_path):
     assert done.stdout == ""
     assert done.stderr.splitlines() == [
         f"continuity: error: config {path}: [servce]: unknown section; expected one of: stream, model, learner, "
-        "replay, ewc, probe, checkpoints, service, publish (did you mean 'service'?)"
+        "replay, ewc, probe, checkpoints, service, publish, scale (did you mean 'service'?)"
     ]
 
 

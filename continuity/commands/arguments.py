@@ -15,6 +15,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def device_counts(text: str) -> tuple[int, ...]:
+    """Device counts written `1,2,4`: positive integers, each once."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected device counts like 1,2,4, got {text!r}") from None
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"expected distinct positive device counts like 1,2,4, got {text!r}")
+    return counts
+
+
 def rate(text: str) -> float:
     """A positive rate per second, written `200` or `200/s`."""
     raw = text[:-2] if text.endswith("/s") else text

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from continuity.benchmarks import STRATEGIES
 from continuity.benchmarks.guard_suite import SUITE_STREAMS
-from continuity.commands.arguments import positive_int
+from continuity.commands.arguments import device_counts, positive_int
 from continuity.commands.ingest import add_ingest_parser
 from continuity.stream.damage import DAMAGE_KINDS, PLACEMENTS
 from continuity.stream.scenarios import GUARD_EVERY_EXAMPLES, SCENARIOS
@@ -116,6 +116,31 @@ def register(subparsers) -> None:
     )
     pipeline.set_defaults(handler=run_pipeline)
 
+    scale = kinds.add_parser(
+        "scale", help="examples/s and step time of one model over 1, 2, 4... devices at a fixed per-device batch"
+    )
+    scale.add_argument(
+        "--devices",
+        type=device_counts,
+        default=(1, 2, 4),
+        metavar="N,N,...",
+        help="device counts, each run in its own process (faked CPU devices where too few) (default 1,2,4)",
+    )
+    scale.add_argument("--per-device-batch", type=positive_int, default=32, help="rows per device per step")
+    scale.add_argument(
+        "--steps-per-dispatch", type=positive_int, default=8, metavar="K", help="updates per dispatch (default 8)"
+    )
+    scale.add_argument("--steps", type=positive_int, default=256, help="updates per timed repeat")
+    scale.add_argument("--repeats", type=positive_int, default=3)
+    scale.add_argument(
+        "--check-dispatches",
+        type=positive_int,
+        default=32,
+        help="dispatches trained on N devices and on one before comparing params (default 32)",
+    )
+    scale.add_argument("--json", type=Path, default=None, metavar="PATH")
+    scale.set_defaults(handler=run_scale)
+
     predict = kinds.add_parser("predict", help="POST /predict latency of the default model, in-process HTTP")
     predict.add_argument("--rows", type=positive_int, default=32, help="instances per request (default 32)")
     predict.add_argument("--requests", type=positive_int, default=1000, help="timed requests (default 1000)")
@@ -186,6 +211,23 @@ def run_step(args) -> int:
         f"{cpu['samples_per_cpu_second']:,.0f} (ratio {cpu['ratio']:.2f}), at K = 1 "
         f"{cpu['k1_samples_per_cpu_second']:,.0f} (K = {k}: {cpu['speedup_over_k1']:.2f} x)"
     )
+    _write_json(args.json, result)
+    return 0
+
+
+def run_scale(args) -> int:
+    from continuity.benchmarks.scale import format_result, run_scale_benchmark
+
+    result = run_scale_benchmark(
+        args.devices,
+        per_device_batch=args.per_device_batch,
+        steps_per_dispatch=args.steps_per_dispatch,
+        steps=args.steps,
+        repeats=args.repeats,
+        check_dispatches=args.check_dispatches,
+        progress=_progress,
+    )
+    print(format_result(result))
     _write_json(args.json, result)
     return 0
 

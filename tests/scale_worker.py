@@ -1,0 +1,163 @@
+"""Runs in a subprocess with faked CPU devices (XLA_FLAGS set by the parent before JAX starts):
+trains the same stacks on one device and on a mesh of all of them, and prints JSON.
+
+`python tests/scale_worker.py DISPATCHES` prints {"devices", "max_param_diff",
+"max_param", "compiles_after_first", "examples", and the one-device params evaluated on one
+device and on the mesh: "evaluated", "same_outcomes", "max_loss_diff", "accuracy"}.
+
+`python tests/scale_worker.py DISPATCHES PORT PROCESS_ID PROCESSES`: one of several processes
+(jax.distributed over gloo, coordinator 127.0.0.1:PORT) training one model over all their
+devices, each feeding its share of every micro-batch's rows; prints {"process",
+"devices", "digest", "max_param_diff" (against one device on the whole batches),
+"compiles_after_first", "examples" (one device's, the processes')}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from continuity.learner import (
+    Batch,
+    Classification,
+    EWCConfig,
+    Learner,
+    LearnerConfig,
+    ModelConfig,
+    ReplayConfig,
+    compilation_count,
+)
+
+BATCH, K, SHAPE, CLASSES = 32, 4, (8, 8, 1), 10
+
+
+def learner(devices: int | list[jax.Device]) -> Learner:
+    from continuity.factory import build_learner
+
+    config = LearnerConfig(
+        model=ModelConfig(kind="mlp", hidden=(64,)),
+        batch_size=BATCH,
+        replay=ReplayConfig(capacity=256, batch_size=16),
+        ewc=EWCConfig(enabled=True, strength=100.0),
+        steps_per_dispatch=K,
+    )
+    inputs = jax.ShapeDtypeStruct(SHAPE, np.float32)
+    return build_learner(config, inputs=inputs, task=Classification(CLASSES), devices=devices)
+
+
+def stacks(dispatches: int) -> list[Batch]:
+    """Host stacks of a learnable problem (the label is the argmax of a fixed projection), some rows
+    padding, the last stack short: what the loop sends."""
+    rng = np.random.default_rng(0)
+    projection = rng.normal(size=(int(np.prod(SHAPE)), CLASSES)).astype(np.float32)
+    one = learner(1)
+    out = []
+    for i in range(dispatches):
+        batches = []
+        for _ in range(K if i < dispatches - 1 else K // 2):
+            x = rng.random((BATCH, *SHAPE), dtype=np.float32)
+            y = (x.reshape(BATCH, -1) @ projection).argmax(axis=1).astype(np.int32)
+            batches.append(Batch(x, y, rng.random(BATCH) < 0.9))
+        out.append(one.stack(batches))
+    return out
+
+
+def train(devices: int, host: list[Batch]) -> tuple[dict, int, int]:
+    return _train(learner(devices), host)
+
+
+def _train(model: Learner, host: list[Batch]) -> tuple[dict, int, int]:
+    """Params after every stack (a consolidation halfway), compilations by the dispatches after
+    the first, examples trained."""
+    state = model.init(0)
+    recompiles = 0
+    for i, stack in enumerate(host):
+        before = compilation_count()
+        state, _ = model.train_steps(state, model.put_stack(stack))
+        jax.block_until_ready(state)
+        if i > 0:
+            recompiles += compilation_count() - before
+        if i == len(host) // 2:
+            state = model.consolidate(state)
+    totals, state = model.take_totals(state)
+    return jax.tree.map(np.asarray, state.params), recompiles, int(totals.fresh_rows)
+
+
+def share(stack: Batch, process: int, processes: int) -> Batch:
+    """This process's rows of every micro-batch of a stack: the `process`-th of `processes` slices."""
+    rows = BATCH // processes
+    part = slice(process * rows, (process + 1) * rows)
+    return Batch(stack.x[:, part], stack.y[:, part], stack.mask[:, part])
+
+
+def several_processes(dispatches: int, port: int, process: int, processes: int) -> None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=processes, process_id=process)
+    host = stacks(dispatches)
+    one, _, examples_one = train(1, host)
+    model = learner(jax.devices())  # every process's devices: one mesh over them all
+    state = model.init(0)
+    recompiles = 0
+    for i, stack in enumerate(host):
+        before = compilation_count()
+        state, _ = model.train_steps(state, model.put_stack(share(stack, process, processes)))
+        jax.block_until_ready(state)
+        if i > 0:
+            recompiles += compilation_count() - before
+        if i == len(host) // 2:
+            state = model.consolidate(state)
+    totals, state = model.take_totals(state)
+    many = jax.tree.map(np.asarray, state.params)
+    from continuity.loop import params_digest
+
+    report = {
+        "process": process,
+        "devices": len(jax.devices()),
+        "digest": params_digest(state),
+        "max_param_diff": max(
+            float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many))
+        ),
+        "compiles_after_first": recompiles,
+        "examples": [examples_one, int(totals.fresh_rows)],
+    }
+    print(json.dumps(report), flush=True)
+    jax.distributed.shutdown()
+
+
+def main() -> None:
+    if len(sys.argv) > 2:
+        several_processes(*(int(a) for a in sys.argv[1:5]))
+        return
+    host = stacks(int(sys.argv[1]))
+    devices = len(jax.local_devices())
+    single, mesh = learner(1), learner(devices)
+    one, _, examples_one = _train(single, host)
+    many, recompiles, examples = _train(mesh, host)
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)))
+    # The same params scored on one device and split over the mesh: a whole chunk, a small one, padding.
+    rows = np.concatenate([stack.x.reshape(-1, *SHAPE) for stack in host])[:2600]
+    labels = np.concatenate([stack.y.reshape(-1) for stack in host])[:2600]
+    alone = single.evaluate(single.placement.put_state(one), rows, labels)
+    split = mesh.evaluate(mesh.placement.put_state(one), rows, labels)
+    print(
+        json.dumps(
+            {
+                "devices": devices,
+                "max_param_diff": diff,
+                "max_param": max(float(np.max(np.abs(a))) for a in jax.tree.leaves(one)),
+                "compiles_after_first": recompiles,
+                "examples": [examples_one, examples],
+                "evaluated": [len(alone.loss), len(split.loss)],
+                "same_outcomes": bool(np.array_equal(alone.outcome, split.outcome)),
+                "max_loss_diff": float(np.max(np.abs(alone.loss - split.loss))),
+                "accuracy": alone.accuracy,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""One model over several local devices ([scale] devices): the same training as one device, and
+deterministic. Devices are faked CPU devices (XLA_FLAGS), so those tests run in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+from conftest import record_scenario
+
+from continuity.checkpoints import CheckpointStore
+from continuity.cli import main
+from continuity.config import ConfigError, load_config
+from continuity.factory import device_count
+from continuity.learner import Classification, Learner, mlp
+from continuity.loop import params_digest
+
+REPO = Path(__file__).resolve().parent.parent
+FOUR_DEVICES = "--xla_force_host_platform_device_count=4"
+
+
+def _faked(devices_flag: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": devices_flag}
+
+
+def test_scale_devices_is_all_by_default_and_the_batch_must_divide_by_a_count(tmp_path):
+    assert load_config(None).scale.devices == "all"
+    assert load_config(None, ["scale.devices=4"]).scale.devices == 4
+    with pytest.raises(ConfigError, match=r"\[learner\] batch_size: must divide by scale.devices = 3.*Got 32"):
+        load_config(None, ["scale.devices=3"])
+    for bad in ("0", '"some"', "true"):
+        with pytest.raises(ConfigError, match=r'\[scale\] devices.*must be "all" or an integer >= 1'):
+            load_config(None, [f"scale.devices={bad}"])
+
+
+def test_the_device_count_leaves_the_config_digest_alone():
+    # A checkpoint saved on 4 devices restores on 1 without a config-mismatch warning, as K does.
+    assert load_config(None, ["scale.devices=4"]).digest() == load_config(None, ["scale.devices=1"]).digest()
+
+
+def test_more_devices_than_jax_sees_is_a_config_error_naming_scale_devices():
+    present = len(jax.local_devices())
+    with pytest.raises(ConfigError, match=rf"\[scale\] devices: must be at most the {present} local"):
+        device_count(load_config(None, [f"scale.devices={present + 1}", "learner.batch_size=" + str(present + 1)]))
+    assert device_count(load_config(None)) == present  # "all"
+
+
+def test_a_learner_refuses_more_devices_than_there_are():
+    with pytest.raises(ValueError, match="`devices` must be between 1 and"):
+        Learner(mlp, optax.sgd(0.1), Classification(3), inputs=_spec(), batch_size=8, devices=99)
+
+
+def _spec():
+    return jax.ShapeDtypeStruct((4,), np.float32)
+
+
+@pytest.mark.slow
+def test_four_devices_train_and_evaluate_the_same_model_as_one_on_the_same_global_batch_with_no_recompiles():
+    # 75 dispatches of K = 4: 298 updates, with padding rows, a short last stack and a consolidation.
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "scale_worker.py"), "75"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_faked(FOUR_DEVICES),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4
+    assert report["examples"][0] == report["examples"][1] > 0
+    assert report["max_param"] > 0.1  # trained weights, not a model that stayed at zero
+    # Only the order of the gradient's float sums differs (an all-reduce over 4 partial sums).
+    assert report["max_param_diff"] < 1e-5
+    assert report["compiles_after_first"] == 0
+    # Evaluation split over the devices scores every row as one device does.
+    assert report["evaluated"] == [2600, 2600] and report["same_outcomes"]
+    assert report["max_loss_diff"] < 1e-5 and report["accuracy"] > 0.3  # a trained model (chance: 0.1)
+
+
+@pytest.mark.slow
+def test_two_processes_of_two_devices_train_one_model_each_feeding_half_of_every_batch():
+    # jax.distributed over gloo on this machine: 2 processes x 2 faked CPU devices, one mesh of 4.
+    from continuity.stream import free_port
+
+    port = free_port()
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "scale_worker.py"), "40", str(port), str(process), "2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_faked("--xla_force_host_platform_device_count=2"),
+        )
+        for process in (0, 1)
+    ]
+    reports = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=240)
+        assert worker.returncode == 0, err[-3000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    assert [r["process"] for r in reports] == [0, 1] and {r["devices"] for r in reports} == {4}
+    assert reports[0]["digest"] == reports[1]["digest"]  # one model, the same bits on every process
+    for report in reports:  # every row trained once: the global totals are one device's on the whole batches
+        assert report["examples"][1] == report["examples"][0] > 0
+    assert all(r["max_param_diff"] < 1e-5 for r in reports)  # the one-device model on the whole batches
+    assert all(r["compiles_after_first"] == 0 for r in reports)
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory) -> Path:
+    """permuted-digits, 2 segments, one partition, recorded to Parquet."""
+    return record_scenario(tmp_path_factory.mktemp("scale") / "stream.parquet", segments=2, seed=2)
+
+
+_REPLAY_TWICE = """
+import json, sys
+import jax, numpy as np
+from continuity.checkpoints import CheckpointStore
+from continuity.cli import main
+from continuity.config import load_config
+from continuity.learner import Batch, compilation_count
+from continuity.service import build_learner
+recording, config, out = sys.argv[1:4]
+for run in ("a", "b"):
+    code = main(["replay", recording, "--config", config, "--out", out + "/" + run])
+    if code:
+        sys.exit(code)
+# A checkpoint restored onto the mesh trains on the step a fresh state compiled.
+learner = build_learner(load_config(config))
+stack = learner.stack([Batch(np.zeros((32, 8, 8, 1), np.float32), np.zeros(32, np.int32), np.ones(32, bool))])
+fresh, _ = learner.train_steps(learner.init(0), learner.put_stack(stack))
+jax.block_until_ready(fresh)
+before = compilation_count()
+with CheckpointStore(out + "/a", create=False) as store:
+    restored = store.restore(store.last_good(), state_like=learner.init(0))
+state, _ = learner.train_steps(restored.state, learner.put_stack(stack))
+jax.block_until_ready(state)
+sharding = jax.tree.leaves(restored.state.params)[0].sharding
+print(json.dumps({"devices": len(sharding.device_set), "replicated": sharding.is_fully_replicated,
+                  "compiles": compilation_count() - before}))
+"""
+
+
+@pytest.mark.slow
+def test_a_stream_replayed_on_four_devices_twice_gives_identical_checkpoints_that_restore_onto_the_mesh(
+    recording, tmp_path
+):
+    config = tmp_path / "replay.toml"
+    config.write_text(
+        "[model]\nhidden = [64]\n[probe]\nevery_examples = 700\n"
+        "[checkpoints]\nevery_seconds = 0\n[scale]\ndevices = 4\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", _REPLAY_TWICE, str(recording), str(config), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_faked(FOUR_DEVICES),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    restored_on_the_mesh = json.loads(result.stdout.strip().splitlines()[-1])
+    assert restored_on_the_mesh == {"devices": 4, "replicated": True, "compiles": 0}
+    stores = [CheckpointStore(tmp_path / run, create=False) for run in ("a", "b")]
+    numbers = [[i.number for i in store.list()] for store in stores]
+    assert numbers[0] == numbers[1] and numbers[0]
+    # Read back in this one-device process: a replicated state restores onto one device.
+    one_device = load_config(config, ["scale.devices=1"])
+    from continuity.service import build_learner
+
+    like = build_learner(one_device).init(0)
+    a, b = (store.restore(store.last_good(), state_like=like) for store in stores)
+    assert a.metadata["integrity"] == b.metadata["integrity"]  # every array's CRC, the params' SHA-256
+    assert params_digest(a.state) == params_digest(b.state)
+    for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # And a one-device replay of the same records ends at the same model, up to float rounding.
+    assert (
+        main(
+            [
+                "replay",
+                str(recording),
+                "--config",
+                str(config),
+                "--set",
+                "scale.devices=1",
+                "--out",
+                str(tmp_path / "one"),
+            ]
+        )
+        == 0
+    )
+    with CheckpointStore(tmp_path / "one", create=False) as store:
+        one = store.restore(store.last_good(), state_like=like)
+    assert one.metadata["learner_step"] == a.metadata["learner_step"]
+    for x, y in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(a.state.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
