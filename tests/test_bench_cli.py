@@ -174,3 +174,17 @@ def test_bench_guard_on_a_clean_stream_leaves_the_damage_figures_empty(tmp_path)
     result = json.loads(out.read_text())
     assert result["damage"] is None and result["guarded_vs_clean"] is None and result["unguarded_vs_clean"] is None
     assert result["clean_quarantined_share"] == 0.0 and result["clean_guarded_vs_unguarded"] == 1.0
+
+
+def test_make_bench_step_part_writes_its_json_and_a_table_of_the_figures_it_measured(tmp_path, monkeypatch):
+    import functools
+
+    from continuity.benchmarks import run, step
+
+    small = functools.partial(step.run_step_benchmark, hidden=(16,), steps=16, repeats=1)
+    monkeypatch.setattr(step, "run_step_benchmark", small)
+    lines = run.run_step(tmp_path)
+    result = json.loads((tmp_path / "step.json").read_text())
+    row = lines[-2].split(" | ")
+    assert lines[0].startswith("### bench step (batch 32, K = 8,")
+    assert row[1] == f"{result['samples_per_second']:,.0f}" and row[3] == f"{result['ratio']:.2f}"
