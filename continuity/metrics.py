@@ -236,6 +236,23 @@ def _probe_figures(kind: str) -> Callable[[Reading], Mapping[str, float | None]]
     return read
 
 
+def _prequential(figure: str, per: str) -> Callable[[Reading], Mapping[str, float | None]]:
+    """Test-then-train figures named `figure` ("accuracy", or "loss" for tasks judged on losses):
+    per span ("total" since the start, "window" over the last probe.prequential_window trained
+    examples), or per segment."""
+
+    def read(reading: Reading) -> Mapping[str, float | None]:
+        progress = reading.progress
+        figures = None if progress is None else progress.prequential
+        if figures is None or figures.figure != figure:
+            return {}
+        if per == "segment":
+            return dict(figures.segments)
+        return {"total": figures.total, "window": figures.window}
+
+    return read
+
+
 METRICS: tuple[MetricSpec, ...] = (
     Total("continuity_examples_trained", "Examples trained, including windows later rolled back.", "examples_trained"),
     Total("continuity_dead_letters", "Records that could not be decoded or validated.", "dead_letters"),
@@ -288,6 +305,32 @@ METRICS: tuple[MetricSpec, ...] = (
         f'tasks judged on losses: regression, multi-label (segment="{OVERALL}" for the whole probe).',
         "segment",
         _probe_figures("loss"),
+    ),
+    PerLabel(
+        "continuity_prequential_accuracy",
+        "Prequential (test-then-train) accuracy: each trained example predicted before its update, "
+        'since the stream\'s start (span="total") and over the last probe.prequential_window (span="window").',
+        "span",
+        _prequential("accuracy", "span"),
+    ),
+    PerLabel(
+        "continuity_prequential_segment_accuracy",
+        "Prequential (test-then-train) accuracy per segment of the stream, since the start.",
+        "segment",
+        _prequential("accuracy", "segment"),
+    ),
+    PerLabel(
+        "continuity_prequential_loss",
+        "Prequential (test-then-train) mean loss, for tasks judged on losses: regression, multi-label "
+        '(span="total" since the start, span="window" over the last probe.prequential_window).',
+        "span",
+        _prequential("loss", "span"),
+    ),
+    PerLabel(
+        "continuity_prequential_segment_loss",
+        "Prequential (test-then-train) mean loss per segment, for tasks judged on losses.",
+        "segment",
+        _prequential("loss", "segment"),
     ),
     Value("continuity_ewc_lambda", "Current EWC regularization strength.", _progress("ewc_strength")),
     PerLabel(
