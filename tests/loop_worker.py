@@ -1,7 +1,8 @@
 """A training-loop process over a recorded stream, for the kill-and-restart test (not a test itself).
 
 Usage: python tests/loop_worker.py RECORDING CHECKPOINT_DIR [STEPS_PER_DISPATCH]
-Prints the final params digest and the since-start prequential figures (`outcome_line`). `build_loop` is shared with the in-process reference run.
+Prints the final params digest and the since-start prequential figures (`outcome_line`).
+`build_loop` is shared with the in-process reference run.
 """
 
 from __future__ import annotations
