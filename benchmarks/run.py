@@ -164,7 +164,12 @@ def run_reliability(out: Path) -> list[str]:
 
 
 # The best of a short search on seed 100 (BENCHMARKS.md, "Prequential accuracy"), per stream.
-PREQUENTIAL_TUNED: dict[str, tuple[str, ...]] = {}
+PREQUENTIAL_TUNED: dict[str, tuple[str, ...]] = {
+    "sea": ("learner.learning_rate=0.003", "learner.batch_size=8", 'replay.kind="fifo"', "replay.capacity=200"),
+    "hyperplane": ("learner.learning_rate=0.01", "learner.batch_size=8", 'replay.kind="fifo"'),
+    "rbf-drift": ("learner.batch_size=8", 'replay.kind="fifo"'),
+    "agrawal": ("learner.learning_rate=0.01", "learner.batch_size=8", 'replay.kind="fifo"'),
+}
 
 
 def run_prequential(out: Path) -> list[str]:
