@@ -81,7 +81,8 @@ def run_scenario_through_loop(
         "quarantined_records": summary.quarantined_records,
         "windows": summary.windows,
         "examples_trained": summary.examples_trained,
-        "lineage_examples": loop._saved.lineage_examples if loop._saved is not None else 0,
+        # The surviving lineage's trained examples: the last checkpoint's (the stream's end is always saved).
+        "lineage_examples": ([0] + [e["lineage_examples"] for e in ledger if e["event"] == "accept"])[-1],
         "prequential_accuracy": summary.prequential_accuracy,
         "prequential_examples": summary.prequential_examples,
         "wall_seconds": seconds,
