@@ -81,6 +81,10 @@ def run_scenario_through_loop(
         "quarantined_records": summary.quarantined_records,
         "windows": summary.windows,
         "examples_trained": summary.examples_trained,
+        # The surviving lineage's trained examples: the last checkpoint's (the stream's end is always saved).
+        "lineage_examples": ([0] + [e["lineage_examples"] for e in ledger if e["event"] == "accept"])[-1],
+        "prequential_accuracy": summary.prequential_accuracy,
+        "prequential_examples": summary.prequential_examples,
         "wall_seconds": seconds,
         "guard_seconds": summary.guard_seconds,
         "judged": windows,

@@ -3,7 +3,7 @@
 Learning quality is reported as mean and std over three seeds; speed as medians and
 ratios measured within one run (these machines are noisy, absolute rates are not
 comparable across runs). Usage: python -m continuity.benchmarks.run
-[--only cl|step|guard|ingest|pipeline|reliability|scale] [--out DIR]
+[--only cl|step|guard|ingest|pipeline|reliability|scale|prequential] [--out DIR]
 """
 
 from __future__ import annotations
@@ -180,6 +180,37 @@ def run_scale(out: Path) -> list[str]:
     ]
 
 
+# The best of a short search on seed 100 (BENCHMARKS.md, "Prequential accuracy"), per stream.
+PREQUENTIAL_TUNED: dict[str, tuple[str, ...]] = {
+    "sea": ("learner.learning_rate=0.003", "learner.batch_size=8", 'replay.kind="fifo"', "replay.capacity=200"),
+    "hyperplane": ("learner.learning_rate=0.01", "learner.batch_size=8", 'replay.kind="fifo"'),
+    "rbf-drift": ("learner.batch_size=8", 'replay.kind="fifo"'),
+    "agrawal": ("learner.learning_rate=0.01", "learner.batch_size=8", 'replay.kind="fifo"'),
+}
+
+
+def run_prequential(out: Path) -> list[str]:
+    from continuity.benchmarks.prequential import run_prequential_benchmark
+    from continuity.stream.drift import DRIFT_SCENARIOS
+
+    lines = [
+        "### bench prequential (20,000 examples, test-then-train accuracy, mean ± std over seeds 0-2)",
+        "",
+        "| stream | default MLP | tuned | tuned config |",
+        "|---|---|---|---|",
+    ]
+    for scenario in DRIFT_SCENARIOS:
+        figures: dict[str, list[float]] = {}
+        for label, overrides in (("default", ()), ("tuned", PREQUENTIAL_TUNED.get(scenario, ()))):
+            for seed in SEEDS:
+                result = run_prequential_benchmark(scenario, seed=seed, overrides=overrides)
+                (out / f"prequential-{scenario}-{label}-seed{seed}.json").write_text(json.dumps(result, indent=2))
+                figures.setdefault(label, []).append(result["prequential_accuracy"])
+        tuned = " ".join(PREQUENTIAL_TUNED.get(scenario, ())) or "(default)"
+        lines.append(f"| {scenario} | {_mean_std(figures['default'])} | {_mean_std(figures['tuned'])} | {tuned} |")
+    return [*lines, ""]
+
+
 BENCHMARKS = {
     "cl": run_cl,
     "step": run_step,
@@ -188,6 +219,7 @@ BENCHMARKS = {
     "pipeline": run_pipeline,
     "reliability": run_reliability,
     "scale": run_scale,
+    "prequential": run_prequential,
 }
 
 

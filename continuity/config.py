@@ -304,6 +304,12 @@ class ProbeConfig:
     golden: OptionalStr = Field(
         default=None, description="optional .npz with arrays x, y: a fixed probe segment", examples=["golden-probe.npz"]
     )
+    # Reporting only: it decides no model, so it is left out of the config digest.
+    prequential_window: Int = Field(
+        default=1_000,
+        ge=1,
+        description="prequential (test-then-train) accuracy: also shown over the last this many trained examples",
+    )
 
 
 @section("probe")
@@ -675,7 +681,7 @@ class Config:
                 "inputs": {name: dataclasses.asdict(spec) for name, spec in sorted(stream.inputs.items())},
             },
             "learner": learner,
-            "probe": dataclasses.asdict(self.probe),
+            "probe": {k: v for k, v in dataclasses.asdict(self.probe).items() if k != "prequential_window"},
             "guard": dataclasses.asdict(self.guard),
             "seed": self.service.seed,
         }

@@ -79,6 +79,7 @@ from continuity.guard import Guard, GuardConfig
 from continuity.learner import Batch as TrainBatch
 from continuity.learner import Learner, StepTotals
 from continuity.learner.learner import feature_rows
+from continuity.prequential import PrequentialFigures, PrequentialTracker
 from continuity.probe import ProbeConfig, ProbeStore, load_golden
 from continuity.regression import Verdict
 from continuity.serving import AcceptedModel
@@ -157,6 +158,12 @@ class RunSummary:
     positions: dict = field(default_factory=dict)
     probe_accuracy: float | None = None
     probe_loss: float | None = None  # tasks judged on losses: the probe's mean loss, in place of accuracy
+    # Test-then-train (continuity/prequential.py): each trained record predicted before its update,
+    # over the surviving lineage since the stream's start (a restored checkpoint's count goes on).
+    prequential_accuracy: float | None = None
+    prequential_loss: float | None = None  # tasks judged on losses: the mean loss, in place of accuracy
+    prequential_examples: int = 0
+    prequential_segments: dict = field(default_factory=dict)
     ewc_strength: float | None = None
     wall_seconds: float = 0.0
     guard_seconds: float = 0.0  # judging, consolidating, rolling back and starting saves: the guard's cost
@@ -193,6 +200,7 @@ class Progress:
     grad_norm: float | None = None  # mean global gradient norm of those steps
     replay_share: float | None = None  # replayed rows / all rows in the losses
     skipped_updates: int = 0  # steps skipped as non-finite in this run, including windows later rolled back
+    prequential: PrequentialFigures | None = None  # test-then-train figures of the lineage, this window's included
 
 
 class _StepFigures:
@@ -248,6 +256,7 @@ class _Good:
     verdict: Verdict | None = None  # the verdict that accepted it
     topics: dict = field(default_factory=dict)  # what the topics of `positions` were (Source.topic_identities)
     codec_state: dict | None = None  # the codec's state at `positions` (Codec.state; None: a stateless codec)
+    prequential: dict | None = None  # the prequential totals up to `positions` (PrequentialTracker.snapshot)
 
 
 @dataclass
@@ -431,6 +440,9 @@ class TrainingLoop:
         self._step_figures = _StepFigures()
         self._excision: _Excision | None = None  # a window to train again without its damaged span
         self._trace: list[tuple[int, Positions, Positions]] = []  # the window's trained batches (see _train_window)
+        self.prequential = PrequentialTracker(
+            learner.task.outcome, window=probe.prequential_window, max_segments=probe.max_segments
+        )
 
     def request(self, kind: str, *, timeout_s: float = 60.0, **args) -> dict:
         """Ask the loop, from another thread, to `rollback` (to=N | None) or `checkpoint` now; waits for it.
@@ -463,6 +475,7 @@ class TrainingLoop:
         state, good = self._restore_or_start()
         self._saved = self._finalized = good
         probe = good.probe.copy()
+        self.prequential.restore(good.prequential)
         self.guard.mark_good(state, trained=good.lineage_examples > 0)
         self._announce(good.number)
         reader = self.reader = self._open(good)
@@ -502,6 +515,7 @@ class TrainingLoop:
             self.summary.stopped_on_lost_positions = True
             if self.guard.last_good is not None:  # run() marks the starting model good first
                 state = self.guard.last_good
+            self.prequential.restore(good.prequential)
             self._checkpoint(good)  # the last accepted model, as any stop saves it; no position moves
             if self.on_progress is not None:  # the metrics see the stop before the service ends
                 self.on_progress(self._progress(state, good, self.summary.examples_trained, 1.0))
@@ -521,6 +535,7 @@ class TrainingLoop:
         self.summary.positions = {f"{k.topic}/{k.partition}": v.offset for k, v in good.positions.items()}
         self.summary.probe_accuracy = self._last_report.get("accuracy")
         self.summary.probe_loss = self._last_report.get("loss")
+        self._summarize_prequential()
         self.summary.ewc_strength = float(state.ewc.strength)
         self.summary.wall_seconds = time.perf_counter() - started
         self.ledger.append(
@@ -530,6 +545,15 @@ class TrainingLoop:
         )
         self.final_state = state
         return self.summary
+
+    def _summarize_prequential(self) -> None:
+        figures = self.prequential.figures()
+        if figures.figure == "accuracy":
+            self.summary.prequential_accuracy = figures.total
+        else:
+            self.summary.prequential_loss = figures.total
+        self.summary.prequential_examples = figures.examples
+        self.summary.prequential_segments = figures.segments
 
     def _judge_window(
         self,
@@ -561,6 +585,10 @@ class TrainingLoop:
             examples=trained,
             verdict=verdict.to_json(),
             probe=report,
+            prequential={
+                **self.prequential.figures().to_json(),
+                "judged_window": self.prequential.mean_since(good.prequential),
+            },
             ewc_strength=float(state.ewc.strength),
         )
         halt = False
@@ -591,6 +619,7 @@ class TrainingLoop:
                 verdict,
                 topics={**good.topics, **reader.source.topic_identities()},
                 codec_state=self.stream.codec.state(positions),
+                prequential=self.prequential.snapshot(),
             )
             if excised:
                 self._checkpoint(good, quarantined=excised)  # skipped records are accounted for at once
@@ -608,6 +637,7 @@ class TrainingLoop:
             # of the clean records after them.
             state = self.guard.roll_back(boost=retry)
             probe = good.probe.copy()
+            self.prequential.restore(good.prequential)  # the window's records count when trained for good
             self.ledger.append(
                 "rollback",
                 window=self.summary.windows,
@@ -657,6 +687,7 @@ class TrainingLoop:
                     good.report,
                     topics={**good.topics, **reader.source.topic_identities()},
                     codec_state=self.stream.codec.state(positions),
+                    prequential=good.prequential,
                 )
                 self._checkpoint(good, quarantined=copied)
         jax.block_until_ready(state)
@@ -714,7 +745,19 @@ class TrainingLoop:
         copied = self._quarantine_excision()
         if excision is not None and not excision.split and not _reached(positions, excision.end):
             positions = excision.end  # the stream ended inside the span: all of it is accounted for
-        good = _Good(None, good.probe, positions, segment_names, good.lineage_examples, good.report)
+        good = _Good(
+            None,
+            good.probe,
+            positions,
+            segment_names,
+            good.lineage_examples,
+            good.report,
+            topics=good.topics,
+            # As the accept path: the statistics at the new positions, the span's records
+            # decoded, so a restart from this checkpoint decodes what follows as this run does.
+            codec_state=self.stream.codec.state(positions),
+            prequential=good.prequential,
+        )
         self._checkpoint(good, quarantined=copied)
         return good
 
@@ -787,6 +830,7 @@ class TrainingLoop:
         self._regressions_in_a_row = 0  # the operator chose where history begins
         self._excision = None
         self.guard.mark_good(state, trained=good.lineage_examples > 0)
+        self.prequential.restore(good.prequential)
         self._announce(good.number)
         reader = self.reader = self._reopen(reader, good)
         return state, good, good.probe.copy(), reader
@@ -875,6 +919,7 @@ class TrainingLoop:
             meta["lineage_examples"],
             topics=dict(meta.get("topics") or {}),  # absent from checkpoints written before it was kept
             codec_state=meta.get("codec"),
+            prequential=meta.get("prequential"),  # absent from checkpoints written before it was kept
         )
         return restored.state, good
 
@@ -901,8 +946,11 @@ class TrainingLoop:
             return reader
         return self._open(good)
 
-    def _dispatch(self, state, stack: list[TrainBatch]):
+    def _dispatch(self, state, stack: list[tuple[TrainBatch, np.ndarray]], segment_names: list):
         """Train the gathered micro-batches in one dispatch (`Learner.train_steps`) and empty `stack`.
+
+        Each micro-batch comes with its rows' segment ids (into `segment_names`): the step's
+        per-row outcomes before the update go to the prequential tracker with them, unread.
 
         The stack is put on the device here, asynchronously, while the device still trains the
         previous one (dispatches return before their computation ends), so the host-to-device
@@ -910,11 +958,14 @@ class TrainingLoop:
         """
         if not stack:
             return state
-        on_device = self.learner.put_stack(self.learner.stack(stack))
+        on_device = self.learner.put_stack(self.learner.stack([batch for batch, _ in stack]))
+        segments = np.full((self.learner.steps_per_dispatch, self.learner.batch_size), NO_SEGMENT, np.int32)
+        segments[: len(stack)] = [ids for _, ids in stack]
         stack.clear()
         tick = time.perf_counter()
-        state, _ = self.learner.train_steps(state, on_device)
+        state, metrics = self.learner.train_steps(state, on_device)
         self._step_seconds.append(time.perf_counter() - tick)
+        self.prequential.record(metrics["row_outcomes"], metrics["row_trained"], segments, segment_names)
         return state
 
     def _train_window(self, state, reader: _Reader, probe: ProbeStore, good: _Good):
@@ -929,7 +980,7 @@ class TrainingLoop:
         but neither trained nor held out, and the window closes at the span's end.
         """
         trained = 0
-        stack: list[TrainBatch] = []  # gathered, not yet dispatched
+        stack: list[tuple[TrainBatch, np.ndarray]] = []  # gathered, not yet dispatched, with their segment ids
         steps_per_dispatch = self.learner.steps_per_dispatch
         positions = good.positions
         ended = False
@@ -956,7 +1007,7 @@ class TrainingLoop:
                 ended = True
                 break
             if batch is IDLE:  # a quiet live stream: wait on, checking for stop, requests and saves due
-                state = self._dispatch(state, stack)
+                state = self._dispatch(state, stack, reader.batcher.segment_names)
                 if trained and judge_idle_s is not None and time.monotonic() - last_batch > judge_idle_s:
                     break
                 if not trained and self._checkpoint_due(good):
@@ -976,9 +1027,9 @@ class TrainingLoop:
             rows = int(mask.sum())
             if sampled:
                 sample.add(batch.x, batch.y, mask, rows)
-            stack.append(TrainBatch(batch.x, batch.y, mask))
+            stack.append((TrainBatch(batch.x, batch.y, mask), batch.segment))
             if len(stack) == steps_per_dispatch:
-                state = self._dispatch(state, stack)
+                state = self._dispatch(state, stack, reader.batcher.segment_names)
             if rows:
                 self._trace.append((trained, positions, batch.positions))
             trained += rows
@@ -992,7 +1043,9 @@ class TrainingLoop:
                 recent.append((feature_rows(batch.x, mask), batch.y[mask]))
                 while sum(len(y) for _, y in recent) - len(recent[0][1]) >= fisher_rows:
                     recent.pop(0)
-        state = self._dispatch(state, stack)  # the window's last stack, short where the boundary fell
+        state = self._dispatch(
+            state, stack, reader.batcher.segment_names
+        )  # the window's last stack, short where the boundary fell
         recent_examples = (
             (
                 jax.tree.map(lambda *parts: np.concatenate(parts), *(x for x, _ in recent)),
@@ -1054,6 +1107,8 @@ class TrainingLoop:
             "window_from": parent.positions.to_json(),
             "config_digest": self.digest,
         }
+        if good.prequential is not None:  # the test-then-train totals a restart goes on from
+            metadata["prequential"] = good.prequential
         if good.codec_state is not None:  # running feature statistics: a restart decodes as this run did
             metadata["codec"] = good.codec_state
         try:
@@ -1182,6 +1237,7 @@ class TrainingLoop:
             checkpoint_failures=self.summary.checkpoint_failures,
             nonfinite_rows=self.summary.nonfinite_rows,
             **self._step_figures.snapshot(state.totals),
+            prequential=self.prequential.figures(),
         )
 
 

@@ -41,6 +41,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 if TYPE_CHECKING:
     from continuity.loop import Progress
+    from continuity.prequential import PrequentialFigures
 
 # Train-step wall times run from ~0.1 ms (tiny MLP, warm, on a GPU) to ~1 s (a big batch on
 # CPU); roughly x2.5 apart so the quantiles stay readable across that whole range.
@@ -236,6 +237,28 @@ def _probe_figures(kind: str) -> Callable[[Reading], Mapping[str, float | None]]
     return read
 
 
+def _prequential(
+    figure: str, by: Callable[[PrequentialFigures], Mapping[str, float | None]]
+) -> Callable[[Reading], Mapping[str, float | None]]:
+    """Test-then-train figures named `figure` ("accuracy", or "loss" for tasks judged on losses),
+    labelled as `by` reads them from the snapshot's PrequentialFigures; none for the other figure."""
+
+    def read(reading: Reading) -> Mapping[str, float | None]:
+        figures = None if reading.progress is None else reading.progress.prequential
+        return {} if figures is None or figures.figure != figure else by(figures)
+
+    return read
+
+
+def _spans(figures: PrequentialFigures) -> Mapping[str, float | None]:
+    """Since the stream's start ("total"), and over the last probe.prequential_window trained examples."""
+    return {"total": figures.total, "window": figures.window}
+
+
+def _segments(figures: PrequentialFigures) -> Mapping[str, float | None]:
+    return dict(figures.segments)
+
+
 METRICS: tuple[MetricSpec, ...] = (
     Total("continuity_examples_trained", "Examples trained, including windows later rolled back.", "examples_trained"),
     Total("continuity_dead_letters", "Records that could not be decoded or validated.", "dead_letters"),
@@ -288,6 +311,32 @@ METRICS: tuple[MetricSpec, ...] = (
         f'tasks judged on losses: regression, multi-label (segment="{OVERALL}" for the whole probe).',
         "segment",
         _probe_figures("loss"),
+    ),
+    PerLabel(
+        "continuity_prequential_accuracy",
+        "Prequential (test-then-train) accuracy: each trained example predicted before its update, "
+        'since the stream\'s start (span="total") and over the last probe.prequential_window (span="window").',
+        "span",
+        _prequential("accuracy", _spans),
+    ),
+    PerLabel(
+        "continuity_prequential_segment_accuracy",
+        "Prequential (test-then-train) accuracy per segment of the stream, since the start.",
+        "segment",
+        _prequential("accuracy", _segments),
+    ),
+    PerLabel(
+        "continuity_prequential_loss",
+        "Prequential (test-then-train) mean loss, for tasks judged on losses: regression, multi-label "
+        '(span="total" since the start, span="window" over the last probe.prequential_window).',
+        "span",
+        _prequential("loss", _spans),
+    ),
+    PerLabel(
+        "continuity_prequential_segment_loss",
+        "Prequential (test-then-train) mean loss per segment, for tasks judged on losses.",
+        "segment",
+        _prequential("loss", _segments),
     ),
     Value("continuity_ewc_lambda", "Current EWC regularization strength.", _progress("ewc_strength")),
     PerLabel(

@@ -8,6 +8,10 @@ what is served, so they are drawn faded beside the kept model's line. At a regre
 window the kept model is the last good one, and the verdict holds its figures on the
 same probe (`good_<metric>` per segment), so no figure is invented.
 
+Beside the probe's lines, the prequential (test-then-train) figure of each judged window:
+its trained records, each predicted before the update that trained on it (the ledger's
+`prequential.judged_window`; continuity/prequential.py), a rejected window's included.
+
 The probe's figure is the task's (Task.outcome.figure): accuracy, or the mean loss for a
 task judged on losses (regression, multi-label); the report plots and tabulates whichever
 the ledger holds.
@@ -62,6 +66,8 @@ class Timeline:
     ewc_lambda: list[tuple[int, float]] = field(default_factory=list)
     boosts: list[tuple[int, float]] = field(default_factory=list)
     quarantines: list[tuple[int, int, int]] = field(default_factory=list)  # (from, to, records)
+    # Each judged window's prequential figure (its records predicted before training on them); None: not in the ledger.
+    prequential: list[float | None] = field(default_factory=list)
 
     @property
     def segments(self) -> list[str]:
@@ -101,6 +107,7 @@ def ledger_timeline(events: list[dict]) -> Timeline:
             t.candidate[name].append(e["probe"]["segments"].get(name))
             t.kept[name].append(good.get(name))
         t.kept_overall.append(kept_overall)
+        t.prequential.append((e.get("prequential") or {}).get("judged_window"))
     for e in events:
         if e["event"] == "rollback" and e.get("ewc_strength") is not None and e.get("window") in window_end:
             boost = (window_end[e["window"]], float(e["ewc_strength"]))
@@ -156,6 +163,11 @@ def draw(events: list[dict], title: str, *, tallies: Sequence[QuarantineTally] =
                 ax.plot([t.x[j - 1], x], [before, value], color=color, linestyle=":", linewidth=1, alpha=0.45)
         handles.append(Line2D([], [], color=color, marker="o" if kept else "x", alpha=1.0 if kept else 0.45))
         labels.append(name if kept or not rejected_seen else f"{name} (rejected)")
+    prequential = [(x, v) for x, v in zip(t.x, t.prequential) if v is not None]
+    if prequential:
+        ax.plot(*zip(*prequential), color="black", linestyle="--", linewidth=1.4, marker=".", markersize=4)
+        handles.append(Line2D([], [], color="black", linestyle="--", marker="."))
+        labels.append(f"prequential {t.metric} (each window's records, before training on them)")
     for panel in (ax, lam):
         for start, end, _records in t.quarantines:
             panel.axvspan(start, end, color="red", alpha=0.1, linewidth=0)
@@ -242,6 +254,7 @@ def write_markdown(
         f"- quarantined records: {summary['quarantined_records']:,}",
         f"- dead letters: {summary['dead_letters']:,}",
         f"- last good checkpoint: {summary['last_checkpoint']}",
+        _prequential_line(summary),
         f"- EWC lambda at the end: {summary['ewc_strength']:.3g}" if summary.get("ewc_strength") is not None else "",
         f"- wall time: {summary['wall_seconds']:.1f} s",
         "",
@@ -321,6 +334,18 @@ def write_markdown(
     lines += [f"![probe {t.metric} over the stream](report.png)", ""]
     path.write_text("\n".join(line for line in lines if line is not None) + "\n")
     return path
+
+
+def _prequential_line(summary: dict) -> str:
+    """The since-start test-then-train figure of the surviving lineage, if the run reported one."""
+    accuracy, loss = summary.get("prequential_accuracy"), summary.get("prequential_loss")
+    if accuracy is None and loss is None:
+        return ""
+    figure = f"accuracy {accuracy:.3f}" if accuracy is not None else f"loss {loss:.4g}"
+    return (
+        f"- prequential {figure} since the start, over {summary.get('prequential_examples', 0):,} trained "
+        "examples (each predicted before the update that trained on it; rolled-back windows not counted)"
+    )
 
 
 def _figure(value: float | None) -> str:

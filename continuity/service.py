@@ -30,6 +30,7 @@ from continuity.config import Config
 from continuity.errors import UsageError
 from continuity.loop import Progress, RunSummary, StreamInput, TrainingLoop
 from continuity.metrics import ServiceMetrics, ServiceState
+from continuity.prequential import PrequentialFigures
 from continuity.serving import AcceptedModel, Predictor, Publisher
 
 if TYPE_CHECKING:
@@ -322,6 +323,8 @@ class Service:
             "checkpoint_failures": summary.checkpoint_failures,
             "probe_accuracy": None if progress is None else progress.probe_accuracy,
             "probe_segments": {} if progress is None else progress.probe_segments,
+            # Test-then-train figures of the lineage: {figure, total, window, examples, window_size, segments}.
+            "prequential": None if progress is None or progress.prequential is None else progress.prequential.to_json(),
             "ewc_lambda": None if progress is None else progress.ewc_strength,
             "examples_per_second": None if progress is None else progress.examples_per_second,
             "train_loss": None if progress is None else progress.train_loss,
@@ -378,6 +381,7 @@ def format_progress(progress: Progress, lag: int | None) -> str:
     return (
         f"{progress.examples_trained:>9,} examples  {progress.examples_per_second:>7,.0f}/s  "
         f"{stream}  {_probe_figure(progress.probe_accuracy, progress.probe_loss)}  "
+        f"{_prequential_figure(progress.prequential)}  "
         f"train loss {fmt(progress.train_loss, '{:.3g}')}  grad {fmt(progress.grad_norm, '{:.3g}')}  "
         f"replay {fmt(progress.replay_share, '{:.0%}')}  "
         + (f"skipped {progress.skipped_updates}  " if progress.skipped_updates else "")
@@ -392,6 +396,16 @@ def _probe_figure(accuracy: float | None, loss: float | None) -> str:
     if accuracy is None and loss is not None:
         return f"probe loss {loss:.4g}"
     return f"probe {'n/a' if accuracy is None else f'{accuracy:.3f}'}"
+
+
+def _prequential_figure(figures: PrequentialFigures | None) -> str:
+    """ "prequential 0.913 (last 1,000: 0.941)"; "prequential loss 0.0412 (...)" for a task judged on losses."""
+    if figures is None or figures.total is None:
+        return "prequential n/a"
+    pattern = "{:.3f}" if figures.figure == "accuracy" else "{:.4g}"
+    name = "prequential" if figures.figure == "accuracy" else f"prequential {figures.figure}"
+    window = "n/a" if figures.window is None else pattern.format(figures.window)
+    return f"{name} {pattern.format(figures.total)} (last {figures.window_size:,}: {window})"
 
 
 def describe_lost(lost: dict) -> str:
@@ -415,6 +429,12 @@ def format_summary(summary: RunSummary) -> str:
         ("probe accuracy", "n/a" if summary.probe_accuracy is None else f"{summary.probe_accuracy:.3f}")
         if summary.probe_loss is None
         else ("probe loss", f"{summary.probe_loss:.4g}"),
+        (
+            "prequential accuracy",
+            "n/a" if summary.prequential_accuracy is None else f"{summary.prequential_accuracy:.3f}",
+        )
+        if summary.prequential_loss is None
+        else ("prequential loss", f"{summary.prequential_loss:.4g}"),
         ("EWC lambda", "n/a" if summary.ewc_strength is None else f"{summary.ewc_strength:.3g}"),
         ("wall time", f"{summary.wall_seconds:.1f} s"),
     ]

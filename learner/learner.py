@@ -95,6 +95,7 @@ class _Gradients(NamedTuple):
     replay_loss: jax.Array  # shape=()
     penalty: jax.Array  # shape=()
     score: jax.Array  # shape=(), the task's outcomes summed over the fresh rows (right answers, or losses)
+    outcomes: jax.Array  # shape=(B,), float32: each fresh row's outcome (1/0 right/wrong, or a loss); 0 off `rows`
     fresh_losses: jax.Array  # shape=(B,), per fresh row: finds the rows that make a step non-finite
     grads: dict  # like params
     grad_norm: jax.Array  # shape=(), the global norm of grads
@@ -350,7 +351,10 @@ class Learner:
         """One update. Metrics (device scalars): loss, fresh_loss, replay_loss, ewc_penalty,
         grad_norm, examples (fresh rows trained), nonfinite_rows (fresh rows masked out for a
         non-finite loss or input), finite, and `outcomes`: the task's per-example outcomes
-        summed over the fresh rows before the update (right answers, or losses)."""
+        summed over the fresh rows before the update (right answers, or losses). Per row
+        (shape [B]): `row_outcomes`, each row's outcome before the update as float32 (1/0, or
+        a loss; 0 where not trained), and `row_trained`, the rows the update trained on: the
+        prequential (test-then-train) figures (continuity/prequential.py)."""
         task = self.task
         key = jax.random.fold_in(state.rng, state.step)
         sample_key, insert_key = jax.random.split(key)
@@ -412,6 +416,10 @@ class Learner:
             "examples": trained,
             "nonfinite_rows": masked,
             "outcomes": step.score,
+            # Prequential (test-then-train) figures per row: each trained row's outcome under the
+            # params before this update, and which rows were trained (a skipped step trains none).
+            "row_outcomes": jnp.where(step.rows & ok, step.outcomes, 0.0),
+            "row_trained": step.rows & ok,
             "finite": ok,
         }
         skipped = (~ok).astype(jnp.int32)
@@ -461,15 +469,16 @@ class Learner:
                 else jnp.zeros(())
             )
             penalty = ewc_lib.penalty(params, state.ewc) if self.ewc is not None else jnp.zeros(())
-            outcomes = task.outcomes(outputs[:fresh_rows], y, fresh_losses)
-            score = jnp.sum(jnp.where(rows, outcomes, jnp.zeros((), outcomes.dtype)))
-            return fresh_loss + replay_loss + penalty, (fresh_loss, replay_loss, penalty, score, fresh_losses)
+            # Scored with the params before this step's update: the test of test-then-train.
+            outcomes = jnp.where(rows, task.outcomes(outputs[:fresh_rows], y, fresh_losses).astype(jnp.float32), 0.0)
+            score = jnp.sum(outcomes)
+            return fresh_loss + replay_loss + penalty, (fresh_loss, replay_loss, penalty, score, outcomes, fresh_losses)
 
-        (loss, (fresh_loss, replay_loss, penalty, score, fresh_losses)), grads = jax.value_and_grad(
+        (loss, (fresh_loss, replay_loss, penalty, score, outcomes, fresh_losses)), grads = jax.value_and_grad(
             loss_fn, has_aux=True
         )(state.params)
         return _Gradients(
-            loss, fresh_loss, replay_loss, penalty, score, fresh_losses, grads, optax.tree.norm(grads), rows
+            loss, fresh_loss, replay_loss, penalty, score, outcomes, fresh_losses, grads, optax.tree.norm(grads), rows
         )
 
     # ---- evaluation --------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """A training-loop process over a recorded stream, for the kill-and-restart test (not a test itself).
 
 Usage: python tests/loop_worker.py RECORDING CHECKPOINT_DIR [STEPS_PER_DISPATCH]
-Prints the final params digest. `build_loop` is shared with the in-process reference run.
+Prints the final params digest and the since-start prequential figures (`outcome_line`).
+`build_loop` is shared with the in-process reference run.
 """
 
 from __future__ import annotations
@@ -55,8 +56,14 @@ def build_loop(
     return TrainingLoop(stream, learner, store, probe=ProbeConfig(holdout_fraction=0.1), guard=guard, seed=0, **options)
 
 
+def outcome_line(loop: TrainingLoop) -> str:
+    """The final params digest, prequential accuracy and examples counted: equal for equal runs."""
+    summary = loop.summary
+    return f"{params_digest(loop.final_state)} {summary.prequential_accuracy!r} {summary.prequential_examples}"
+
+
 if __name__ == "__main__":
     loop = build_loop(Path(sys.argv[1]), Path(sys.argv[2]), steps_per_dispatch=int(sys.argv[3]) if sys.argv[3:] else 1)
     loop.run()
     loop.store.close()
-    print(params_digest(loop.final_state), flush=True)
+    print(outcome_line(loop), flush=True)

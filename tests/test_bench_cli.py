@@ -188,3 +188,34 @@ def test_make_bench_step_part_writes_its_json_and_a_table_of_the_figures_it_meas
     row = lines[-2].split(" | ")
     assert lines[0].startswith("### bench step (batch 32, K = 8,")
     assert row[1] == f"{result['samples_per_second']:,.0f}" and row[3] == f"{result['ratio']:.2f}"
+
+
+def test_bench_prequential_writes_its_figures_and_replay_of_the_same_records_reports_the_same(tmp_path, capsys):
+    out, kept = tmp_path / "prequential.json", tmp_path / "kept"
+    command = ["bench", "prequential", "--scenario", "agrawal", "--seed", "1", "--examples", "1500"]
+    assert main([*command, "--set", "model.hidden=[32]", "--keep", str(kept), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["scenario"], result["seed"], result["examples"]) == ("agrawal", 1, 1500)
+    assert 0.4 < result["prequential_accuracy"] < 1 and result["examples_per_second"] > 0
+    assert list(result["concepts"]) == ["concept-1", "concept-2", "concept-3", "concept-4"]
+    assert all(0 <= v <= 1 for v in result["concepts"].values())
+    # Every trained record counted once; the probe's held-out records not at all.
+    assert result["prequential_examples"] == result["examples_trained"] < 1500
+    table = capsys.readouterr().out
+    assert "whole stream" in table and f"{result['prequential_accuracy']:.4f}" in table
+    assert len((kept / "events.jsonl").read_text().splitlines()) == 1500
+
+    summary = tmp_path / "replay.json"
+    replay = [
+        "replay",
+        str(kept / "stream.parquet"),
+        "--config",
+        str(kept / "config.toml"),
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert main([*replay, "--set", "model.hidden=[32]", "--set", "service.seed=1", "--json", str(summary)]) == 0
+    replayed = json.loads(summary.read_text())
+    assert replayed["prequential_accuracy"] == result["prequential_accuracy"]
+    assert replayed["prequential_examples"] == result["prequential_examples"]
+    assert f"{result['prequential_accuracy']:.3f}" in capsys.readouterr().out.split("prequential accuracy")[1]

@@ -263,3 +263,21 @@ def test_the_train_steps_figures_reach_gauges_that_keep_them_and_the_skipped_upd
     assert samples[("continuity_skipped_updates_total", ())] == 4
     line = format_progress(_progress(train_loss=0.75, grad_norm=2.5, replay_share=0.5, skipped_updates=3), None)
     assert "train loss 0.75  grad 2.5  replay 50%  skipped 3  " in line
+
+
+def test_prequential_accuracy_is_exported_since_the_start_over_the_window_and_per_segment():
+    from continuity.prequential import PrequentialFigures
+
+    figures = PrequentialFigures("accuracy", 0.913, 0.941, 5000, 1000, {"concept-0": 0.95, "concept-1": 0.88})
+    metrics = ServiceMetrics()
+    metrics.observe(_progress(prequential=figures))
+    sample = metrics.registry.get_sample_value
+    assert sample("continuity_prequential_accuracy", {"span": "total"}) == 0.913
+    assert sample("continuity_prequential_accuracy", {"span": "window"}) == 0.941
+    assert sample("continuity_prequential_segment_accuracy", {"segment": "concept-1"}) == 0.88
+    assert sample("continuity_prequential_loss", {"span": "total"}) is None  # a classification task has no losses
+
+    metrics.observe(_progress(prequential=PrequentialFigures("loss", 0.25, None, 10, 1000, {})))
+    assert sample("continuity_prequential_loss", {"span": "total"}) == 0.25
+    assert sample("continuity_prequential_loss", {"span": "window"}) is None  # no figure, no series
+    assert sample("continuity_prequential_accuracy", {"span": "total"}) is None

@@ -139,3 +139,24 @@ def test_quarantined_records_are_told_poisoned_or_clean_by_the_segment_their_pay
         QuarantineTally(2000, 3000, 1000, 600),
         QuarantineTally(3000, 3500, 500, 500),
     ]
+
+
+def test_each_judged_windows_prequential_figure_is_drawn_beside_the_probe_and_reported_since_the_start(tmp_path):
+    import matplotlib.pyplot as plt
+
+    ledger = [dict(e) for e in LEDGER]
+    judged = [e for e in ledger if e["event"] == "probe"]
+    for event, figure in zip(judged, (0.6, 0.85, 0.4, 0.86)):
+        event["prequential"] = {"total": None, "judged_window": figure}
+    judged[0]["prequential"] = {"total": None}  # a window without a figure is left out, not drawn as 0
+    assert ledger_timeline(ledger).prequential == [None, 0.85, 0.4, 0.86]
+    fig = draw(ledger, "test")
+    try:
+        dashed = [line for line in fig.axes[0].lines if line.get_linestyle() == "--" and line.get_color() == "black"]
+        assert len(dashed) == 1 and dashed[0].get_xydata().tolist() == [[2000, 0.85], [3000, 0.4], [4000, 0.86]]
+    finally:
+        plt.close(fig)
+    summary = {**SUMMARY, "prequential_accuracy": 0.8123, "prequential_examples": 3000}
+    text = write_markdown(ledger, tmp_path / "report.md", title="t", summary=summary).read_text()
+    assert "- prequential accuracy 0.812 since the start, over 3,000 trained examples" in text
+    assert "prequential" not in write_markdown(LEDGER, tmp_path / "plain.md", title="t", summary=SUMMARY).read_text()

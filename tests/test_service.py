@@ -150,6 +150,12 @@ def test_serve_trains_checkpoints_exposes_metrics_stops_cleanly_and_resumes(brok
         assert families["continuity_skipped_updates"].samples[0].value == 0
         status = _status(url) or {}
         assert status["train_loss"] > 0 and status["grad_norm"] > 0 and 0 < status["replay_share"] < 1
+        # Test-then-train: the trained records, each predicted before its update, over the lineage.
+        prequential = status["prequential"]
+        assert prequential["figure"] == "accuracy" and 0 < prequential["total"] < 1 and prequential["examples"] > 0
+        assert 0 < prequential["window"] <= 1 and prequential["window_size"] == 1000
+        spans = {s.labels["span"]: s.value for s in families["continuity_prequential_accuracy"].samples}
+        assert spans.keys() == {"total", "window"} and all(0 < v <= 1 for v in spans.values())
         # Admin endpoints: no token, a wrong token, then the right one.
         assert _get(url + "/admin/rollback", body={"last_good": True})[0] == 401
         assert _get(url + "/admin/rollback", token="wrong", body={"last_good": True})[0] == 403

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from continuity.commands.service import LOST_POSITIONS_EXIT_STATUS, exit_status
 from continuity.loop import Progress, RunSummary
 from continuity.service import format_progress, format_summary
@@ -42,3 +44,17 @@ def test_a_run_stopped_on_lost_positions_exits_with_status_4_and_its_summary_nam
     assert "digits/0 at offset 7,953 (log 0..120): beyond the log end [halt]" in text
     assert "halted" in text and "stream.on_lost_positions = 'halt'" in text
     assert exit_status(RunSummary()) == 0 and exit_status(RunSummary(halted=True)) == 3
+
+
+def test_the_progress_line_and_the_summary_carry_the_prequential_accuracy():
+    from continuity.prequential import PrequentialFigures
+
+    figures = PrequentialFigures("accuracy", 0.9132, 0.9411, 5000, 1000, {})
+    assert "probe 0.855  prequential 0.913 (last 1,000: 0.941)  train loss" in format_progress(
+        _progress(prequential=figures), 0
+    )
+    assert "prequential n/a" in format_progress(_progress(), 0)
+    loss = PrequentialFigures("loss", 0.04123, 0.05, 10, 1000, {})
+    assert "prequential loss 0.04123 (last 1,000: 0.05)" in format_progress(_progress(prequential=loss), 0)
+    assert re.search(r"^prequential accuracy +0\.913$", format_summary(RunSummary(prequential_accuracy=0.9132)), re.M)
+    assert re.search(r"^prequential loss +0\.04123$", format_summary(RunSummary(prequential_loss=0.04123)), re.M)

@@ -11,6 +11,7 @@ from continuity.benchmarks.guard_suite import SUITE_STREAMS
 from continuity.commands.arguments import device_counts, positive_int
 from continuity.commands.ingest import add_ingest_parser
 from continuity.stream.damage import DAMAGE_KINDS, PLACEMENTS
+from continuity.stream.drift import DRIFT_SCENARIOS
 from continuity.stream.scenarios import GUARD_EVERY_EXAMPLES, SCENARIOS
 
 
@@ -147,6 +148,28 @@ def register(subparsers) -> None:
     predict.add_argument("--json", type=Path, default=None, metavar="PATH")
     predict.set_defaults(handler=run_predict)
 
+    prequential = kinds.add_parser(
+        "prequential", help="the service's learner over a drift stream: test-then-train accuracy, per concept"
+    )
+    prequential.add_argument("--scenario", required=True, choices=DRIFT_SCENARIOS)
+    prequential.add_argument("--seed", type=int, default=0)
+    prequential.add_argument(
+        "--examples", type=positive_int, default=20_000, help="examples in the stream (default 20,000)"
+    )
+    prequential.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override the service config, e.g. --set model.hidden=[64]",
+    )
+    prequential.add_argument(
+        "--keep", type=Path, default=None, metavar="DIR", help="leave the recording, config and events.jsonl here"
+    )
+    prequential.add_argument("--json", type=Path, default=None, metavar="PATH")
+    prequential.set_defaults(handler=run_prequential)
+
     add_ingest_parser(kinds)
 
 
@@ -280,6 +303,26 @@ def run_pipeline(args) -> int:
     result = run_pipeline_benchmark(
         examples=args.examples, progress=_progress, overrides=tuple(args.overrides), compare_k1=args.compare_k1
     )
+    print(format_result(result))
+    _write_json(args.json, result)
+    return 0
+
+
+def run_prequential(args) -> int:
+    from continuity.benchmarks.prequential import format_result, run_prequential_benchmark
+    from continuity.errors import UsageError
+
+    try:
+        result = run_prequential_benchmark(
+            args.scenario,
+            seed=args.seed,
+            examples=args.examples,
+            overrides=tuple(args.overrides),
+            keep=args.keep,
+            progress=_progress,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     print(format_result(result))
     _write_json(args.json, result)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -33,6 +34,9 @@ def register(subparsers) -> None:
         default=None,
         metavar="DIR",
         help="checkpoint directory (default: [checkpoints] dir of the config)",
+    )
+    replay.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help="also write the run's summary here as JSON"
     )
     _add_start_fresh(replay)
     replay.set_defaults(handler=run_replay)
@@ -141,6 +145,9 @@ def run_replay(args) -> int:
     summary = service.run()
     bar.finish(summary)
     print(format_summary(summary))
+    if args.json is not None:  # the summary's fields, prequential_accuracy among them
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     return exit_status(summary)
 
 
