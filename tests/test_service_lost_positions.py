@@ -180,7 +180,7 @@ def test_serve_with_earliest_trains_a_recreated_topic_from_its_start(trained_run
         create_topic(broker.bootstrap, TOPIC, 1)
         produce_records(broker.bootstrap, TOPIC, new)
         config = load_config(None, _overrides(broker.bootstrap, directory, 'stream.on_lost_positions="earliest"'))
-        service = Service(config, http=False, idle_timeout_s=4.0)
+        service = Service(config, http=False, idle_timeout_s=10.0)  # a group join takes seconds
         summary = service.run()
     assert not summary.stopped_on_lost_positions
     ((lost,),) = [[p for p in summary.lost_positions]]
