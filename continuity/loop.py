@@ -419,7 +419,9 @@ class TrainingLoop:
         self.guard = Guard(learner, guard)
         self.window_sample = WindowSample(max(guard.window_sample, 1))  # the rows the window checks test
         self.holdout = Holdout(probe.holdout_fraction, salt=seed)
-        self.digest = digest or config_digest(learner.describe(), probe, guard)
+        # What is only reported (the prequential window) is left out, as Config.digest leaves it.
+        judging = {k: v for k, v in asdict(probe).items() if k != "prequential_window"}
+        self.digest = digest or config_digest(learner.describe(), judging, guard)
         self.ledger = store.ledger
         self.summary = RunSummary()
         self._last_report: dict = {}
