@@ -567,10 +567,20 @@ class ChaosRun:
             key=lambda p: (p.stat().st_size, str(p)),
         )
         target = files[-1]  # the largest: the array data
-        data = bytearray(target.read_bytes())
-        where = self.random.randrange(len(data) // 4, len(data))  # past the headers: a flip in the data
-        data[where] ^= 0xFF
-        target.write_bytes(bytes(data))
+        original = target.read_bytes()
+        # OCDBT keeps the B-tree nodes of a save's earlier commits in its data files, never read
+        # again: a flip there changes nothing a restore returns. Flip bytes until one does (as
+        # `checkpoints verify` reads it, without recording it), so the next start has rot to find.
+        for _ in range(50):
+            data = bytearray(original)
+            where = self.random.randrange(len(data) // 4, len(data))  # past the headers: a flip in the data
+            data[where] ^= 0xFF
+            target.write_bytes(bytes(data))
+            with CheckpointStore(self.directory, create=False) as store:
+                if store._verify(newest).result == "corrupt":
+                    break
+        else:
+            raise ChaosFailure(f"no flipped byte of {target} changed what checkpoint {newest} restores")
         self.corrupted_number = newest
         name = target.relative_to(self.directory / str(newest))
         self.report.corrupted = f"checkpoint {newest} ({name}, byte {where} of {len(data):,})"

@@ -162,7 +162,8 @@ class BatchStream:
     `next()` returns a Batch, `IDLE` when no record arrived within `max_wait_s` (so a
     caller can do other work on a quiet live stream), or None once the stream has ended:
     a finite source exhausted (the last batch padded) or, with `idle_timeout_s`, that long
-    without any block. With `flush_idle`, a partial batch is emitted (padded) whenever no
+    without any block since the source first could read (a consumer-group join takes seconds,
+    more on a loaded machine: it is not idleness). With `flush_idle`, a partial batch is emitted (padded) whenever no
     block arrived within `max_wait_s`, so a slow stream still trains promptly.
     Threading: one consumer thread.
     """
@@ -182,6 +183,7 @@ class BatchStream:
         self.flush_idle = flush_idle
         self.max_wait_s = max_wait_s
         self._last_block = time.monotonic()
+        self._reading = False  # the source has been ready once: the idle clock runs
         self._draining = False
 
     def next(self):
@@ -197,8 +199,12 @@ class BatchStream:
                 batcher.add(block)
                 self._last_block = time.monotonic()
                 continue
+            if not self._reading and self.ingest.source.ready:
+                self._reading, self._last_block = True, time.monotonic()
             if self.ingest.ended or (
-                self.idle_timeout_s is not None and time.monotonic() - self._last_block > self.idle_timeout_s
+                self.idle_timeout_s is not None
+                and self._reading
+                and time.monotonic() - self._last_block > self.idle_timeout_s
             ):
                 self._draining = True
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -354,3 +355,35 @@ def test_kafka_settings_default_to_kafkas_session_timeout_and_validate_the_lost_
     )
     with pytest.raises(KafkaSourceError, match="`on_lost_positions` must be one of 'halt', 'earliest', 'latest'"):
         KafkaSettings("h:1", ("t",), on_lost_positions="skip")
+
+
+class _JoiningSource(ScenarioSource):
+    """A live source that can read nothing until `joins_after_s` has passed (a consumer-group join)."""
+
+    def __init__(self, *args, joins_after_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.joined_at = time.monotonic() + joins_after_s
+
+    @property
+    def ready(self) -> bool:
+        return time.monotonic() >= self.joined_at
+
+    def poll(self, timeout_s: float = 0.1):
+        if not self.ready:
+            time.sleep(min(timeout_s, 0.05))
+            return []
+        return super().poll(timeout_s)
+
+    @property
+    def finished(self) -> bool:
+        return False  # live: only the idle timeout ends it
+
+
+def test_the_idle_timeout_counts_from_when_the_source_can_first_read_not_through_its_join():
+    scenario = _fake_scenario()
+    codec = BinaryCodec(SPEC)
+    source = _JoiningSource(scenario, codec, poll_records=4, joins_after_s=1.0)
+    with Ingest(source, codec) as ingest:
+        got = list(batches(ingest, Batcher(SPEC, 16), idle_timeout_s=0.3, max_wait_s=0.05))
+    ys = np.concatenate([b.y[b.mask] for b in got])
+    assert np.array_equal(ys, np.concatenate([s.train_y for s in scenario.segments]))  # all of it, after the join
