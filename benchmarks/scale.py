@@ -62,19 +62,13 @@ def run_case(devices: int, *, per_device_batch: int, k: int, steps: int, repeats
     """One device count, in this process (whose JAX must see `devices` devices)."""
     import jax
 
-    from continuity.learner import Batch, compilation_count
+    from continuity.benchmarks.step import random_batches
+    from continuity.learner import compilation_count
 
     batch_size = devices * per_device_batch
     learner = _learner(devices, batch_size, k)
     rng = np.random.default_rng(0)
-    pool = [
-        Batch(
-            rng.random((batch_size, *SHAPE), dtype=np.float32),
-            rng.integers(0, CLASSES, batch_size).astype(np.int32),
-            np.ones(batch_size, bool),
-        )
-        for _ in range(16)
-    ]
+    pool = random_batches(rng, batch_size, SHAPE, CLASSES)
     stacks = [learner.stack([pool[(i + j) % len(pool)] for j in range(k)]) for i in range(16)]
 
     def params_after(model, nudge: float = 0.0) -> list[np.ndarray]:

@@ -35,6 +35,18 @@ from continuity.learner import (
 )
 
 
+def random_batches(rng: np.random.Generator, batch_size: int, example_shape, num_classes: int, count: int = 16):
+    """`count` distinct full micro-batches of random inputs and labels, for timing a step."""
+    return [
+        Batch(
+            rng.random((batch_size, *example_shape), dtype=np.float32),
+            rng.integers(0, num_classes, batch_size).astype(np.int32),
+            np.ones(batch_size, bool),
+        )
+        for _ in range(count)
+    ]
+
+
 def _plain_steps(learner: Learner):
     """The plain update scanned over a stack's micro-batches: one dispatch per stack."""
     optimizer = learner.optimizer
@@ -81,14 +93,7 @@ def run_step_benchmark(
     learners = {"k": learner_with(k), "k1": learner_with(1)}
     rng = np.random.default_rng(seed)
     # A pool of distinct host micro-batches, so the buffer sees varied data; cycled during timing.
-    pool = [
-        Batch(
-            rng.random((batch_size, *example_shape), dtype=np.float32),
-            rng.integers(0, num_classes, batch_size).astype(np.int32),
-            np.ones(batch_size, bool),
-        )
-        for _ in range(16)
-    ]
+    pool = random_batches(rng, batch_size, example_shape, num_classes)
     stacks = {
         name: [learner.stack([pool[(i + j) % len(pool)] for j in range(learner.steps_per_dispatch)]) for i in range(16)]
         for name, learner in learners.items()

@@ -1200,13 +1200,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="TOML config file (`continuity config example` prints one); default: built-in defaults",
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=None,
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value, e.g. --set learner.batch_size=64 (repeatable)",
-    )
+    from continuity.commands.arguments import add_set_argument
+
+    add_set_argument(parser, "override one config value, e.g. --set learner.batch_size=64 (repeatable)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

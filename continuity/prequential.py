@@ -20,7 +20,7 @@ reports and judgements, where the loop already waits for the device): no sync pe
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import jax
@@ -42,14 +42,7 @@ class PrequentialFigures:
     segments: dict[str, float] = field(default_factory=dict)  # per named segment, since start
 
     def to_json(self) -> dict:
-        return {
-            "figure": self.figure,
-            "total": self.total,
-            "window": self.window,
-            "examples": self.examples,
-            "window_size": self.window_size,
-            "segments": dict(self.segments),
-        }
+        return asdict(self)
 
 
 class PrequentialTracker:

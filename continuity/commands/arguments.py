@@ -43,3 +43,8 @@ def port(text: str) -> int:
     if value > 65535:
         raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value}")
     return value
+
+
+def add_set_argument(parser: argparse.ArgumentParser, help: str, *, dest: str = "set") -> None:
+    """Repeatable --set SECTION.KEY=VALUE (a list, or None when not given), for every command taking overrides."""
+    parser.add_argument("--set", dest=dest, action="append", default=None, metavar="SECTION.KEY=VALUE", help=help)

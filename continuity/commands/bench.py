@@ -8,7 +8,7 @@ from pathlib import Path
 
 from continuity.benchmarks import STRATEGIES
 from continuity.benchmarks.guard_suite import SUITE_STREAMS
-from continuity.commands.arguments import device_counts, positive_int
+from continuity.commands.arguments import add_set_argument, device_counts, positive_int
 from continuity.commands.ingest import add_ingest_parser
 from continuity.stream.damage import DAMAGE_KINDS, PLACEMENTS
 from continuity.stream.drift import DRIFT_SCENARIOS
@@ -102,13 +102,8 @@ def register(subparsers) -> None:
     )
     pipeline.add_argument("--examples", type=positive_int, default=1_000_000)
     pipeline.add_argument("--json", type=Path, default=None, metavar="PATH")
-    pipeline.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override the service config, e.g. --set probe.every_examples=1000000 (guard off)",
+    add_set_argument(
+        pipeline, "override the service config, e.g. --set probe.every_examples=1000000 (guard off)", dest="overrides"
     )
     pipeline.add_argument(
         "--compare-k1",
@@ -156,14 +151,7 @@ def register(subparsers) -> None:
     prequential.add_argument(
         "--examples", type=positive_int, default=20_000, help="examples in the stream (default 20,000)"
     )
-    prequential.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override the service config, e.g. --set model.hidden=[64]",
-    )
+    add_set_argument(prequential, "override the service config, e.g. --set model.hidden=[64]", dest="overrides")
     prequential.add_argument(
         "--keep", type=Path, default=None, metavar="DIR", help="leave the recording, config and events.jsonl here"
     )
@@ -301,7 +289,7 @@ def run_pipeline(args) -> int:
     from continuity.benchmarks.pipeline import format_result, run_pipeline_benchmark
 
     result = run_pipeline_benchmark(
-        examples=args.examples, progress=_progress, overrides=tuple(args.overrides), compare_k1=args.compare_k1
+        examples=args.examples, progress=_progress, overrides=tuple(args.overrides or ()), compare_k1=args.compare_k1
     )
     print(format_result(result))
     _write_json(args.json, result)
@@ -317,7 +305,7 @@ def run_prequential(args) -> int:
             args.scenario,
             seed=args.seed,
             examples=args.examples,
-            overrides=tuple(args.overrides),
+            overrides=tuple(args.overrides or ()),
             keep=args.keep,
             progress=_progress,
         )

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from continuity.commands.arguments import add_set_argument
 from continuity.errors import UsageError
 
 DEFAULT_TOKEN_ENV = "CONTINUITY_ADMIN_TOKEN"
@@ -116,13 +117,7 @@ def _add_store(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--dir", type=Path, metavar="DIR", help="the checkpoint store directory")
     where.add_argument("--config", metavar="FILE", help="a service's config: the store is its [checkpoints] dir")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=None,
-        metavar="SECTION.KEY=VALUE",
-        help="with --config: override one config value (repeatable)",
-    )
+    add_set_argument(parser, "with --config: override one config value (repeatable)")
 
 
 def store_directory(args) -> Path:
