@@ -377,6 +377,9 @@ class KafkaSource(Source):
         self._state_lock = threading.Lock()  # the listener (kafka-python's IO thread) and poll share these
         self._pending_lost: list[tuple[list[LostPosition], dict[str, TopicIdentity]]] = []
         self._unverified: set[PartitionKey] = set()
+        # Topics holding positions that the metadata did not show when they were to be checked
+        # (a replaced broker's topic before it is recreated): paused until a check can be made.
+        self._unchecked: set[str] = set()
         self._halt: LostPositionsError | None = None
         # Reachability: since when no broker connection is up (None: up); whether fetching
         # is paused until fresh metadata shows the same topics; missing and empty topics.
@@ -407,6 +410,7 @@ class KafkaSource(Source):
             and self._unreachable_since is None
             and bool(owned)
             and not self._recheck
+            and not self._unchecked
         )
 
     def state_note(self) -> str | None:
@@ -422,6 +426,9 @@ class KafkaSource(Source):
             return "connecting"
         if not self.ownership.owned():
             return "no partitions assigned"
+        unchecked = sorted(self._unchecked)
+        if unchecked:
+            return f"topic {', '.join(map(repr, unchecked))} not in the broker's metadata: positions not checked yet"
         return None
 
     # -- connection
@@ -636,6 +643,10 @@ class KafkaSource(Source):
         self._check_topics(consumer, {key.topic for key in keys})
         if self._recheck or self._halt is not None:
             consumer.pause(*assigned)  # nothing is read until the topics are checked again
+        else:
+            with self._state_lock:
+                unchecked = set(self._unchecked)
+            consumer.pause(*[tp for tp in assigned if tp.topic in unchecked])
         log.info("kafka: assigned %s", sorted(f"{k.topic}/{k.partition}" for k in keys))
         return later
 
@@ -763,10 +774,19 @@ class KafkaSource(Source):
             queued = {p.topic for entries, _ in self._pending_lost for p in entries}
         for topic in sorted(set(topics) - queued):
             now = _identity(consumer, topic)
-            if now is None:
-                continue  # no metadata for it now: checked again when it comes back
-            before = self._expected.get(topic)
             held = self._held(topic)
+            with self._state_lock:
+                if now is None and held:
+                    # Not known now (a replaced broker without it yet): nothing of it is read
+                    # until a check can be made (`_check_unchecked`), whatever is assigned meanwhile.
+                    self._unchecked.add(topic)
+                else:
+                    self._unchecked.discard(topic)
+            if now is None:
+                if held:
+                    consumer.pause(*[tp for tp in consumer.assignment() if tp.topic == topic])
+                continue
+            before = self._expected.get(topic)
             if before is None:  # positions saved without the topic's identity: what they imply
                 if all(p < now.partitions for p in held):
                     self._expected[topic] = now
@@ -986,6 +1006,8 @@ class KafkaSource(Source):
                 )
         else:
             self._disconnected_since = None
+        if not self._recheck and self._unchecked and now >= self._recheck_after:
+            self._check_unchecked(consumer)
         if not self._recheck or now < self._recheck_after:
             return
         if not _refresh_metadata(consumer, 1000):
@@ -1003,8 +1025,22 @@ class KafkaSource(Source):
         # membership in the outage holds no assignment yet, and its rejoin must not hand it a
         # recreated topic's partitions before they were checked.
         self._check_topics(consumer, {tp.topic for tp in consumer.assignment()} | set(self.settings.topics))
+        self._resume_checked(consumer)
+
+    def _check_unchecked(self, consumer) -> None:
+        """Check the topics the metadata did not show before, once fresh metadata shows them."""
+        self._recheck_after = time.monotonic() + 0.5
+        if not _refresh_metadata(consumer, 1000):
+            return
         with self._state_lock:
-            held_back = {p.topic for entries, _ in self._pending_lost for p in entries}
+            unchecked = set(self._unchecked)
+        self._check_topics(consumer, unchecked)
+        self._resume_checked(consumer)
+
+    def _resume_checked(self, consumer) -> None:
+        """Resume every assigned partition except those of topics held back (lost, or not checked yet)."""
+        with self._state_lock:
+            held_back = {p.topic for entries, _ in self._pending_lost for p in entries} | self._unchecked
         consumer.resume(*[tp for tp in consumer.assignment() if tp.topic not in held_back])
 
     def _warn_if_empty(self, consumer) -> None:
