@@ -380,6 +380,9 @@ class KafkaSource(Source):
         # Topics holding positions that the metadata did not show when they were to be checked
         # (a replaced broker's topic before it is recreated): paused until a check can be made.
         self._unchecked: set[str] = set()
+        # Fetch positions of partitions lost with the group membership (an outage): still what
+        # this process read up to, so a topic recreated meanwhile is still found out.
+        self._lost_held: dict[PartitionKey, int] = {}
         self._halt: LostPositionsError | None = None
         # Reachability: since when no broker connection is up (None: up); whether fetching
         # is paused until fresh metadata shows the same topics; missing and empty topics.
@@ -752,7 +755,10 @@ class KafkaSource(Source):
         # Membership already gone: the partitions belong to someone else; commit nothing.
         self.ownership.revoke([(tp.topic, tp.partition) for tp in lost])
         for tp in lost:
-            self._positions.pop(PartitionKey(tp.topic, tp.partition), None)
+            key = PartitionKey(tp.topic, tp.partition)
+            offset = self._positions.pop(key, None)
+            if offset is not None:
+                self._lost_held[key] = offset
         log.warning("kafka: lost partitions %s", sorted(f"{tp.topic}/{tp.partition}" for tp in lost))
 
     # -- lost positions: detection
@@ -761,6 +767,7 @@ class KafkaSource(Source):
         held = {key.partition: position.offset for key, position in self.start.items() if key.topic == topic}
         with self.ownership.lock:
             held.update({k.partition: p.offset for k, p in self.ownership.delivered.items() if k.topic == topic})
+        held.update({k.partition: offset for k, offset in dict(self._lost_held).items() if k.topic == topic})
         held.update({k.partition: offset for k, offset in dict(self._positions).items() if k.topic == topic})
         return held
 
@@ -786,6 +793,8 @@ class KafkaSource(Source):
                 if held:
                     consumer.pause(*[tp for tp in consumer.assignment() if tp.topic == topic])
                 continue
+            for key in [k for k in self._lost_held if k.topic == topic]:
+                del self._lost_held[key]  # checked now: what was lost is queued below, or still good
             before = self._expected.get(topic)
             if before is None:  # positions saved without the topic's identity: what they imply
                 if all(p < now.partitions for p in held):
