@@ -415,6 +415,7 @@ def test_an_unfinalized_directory_is_removed_when_the_owner_opens_the_store(tmp_
         assert store.save(_small_state(3), {}, {"status": "good"}) == 3  # never reuses a number
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_process_killed_mid_save_leaves_only_finalized_checkpoints(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
@@ -698,6 +699,7 @@ _HOLD_STORE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_store_has_one_owner_and_a_sigkilled_owner_does_not_block_the_next(tmp_path):
     import os
     import socket
@@ -760,6 +762,7 @@ _FULL_DISK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_save_that_fails_for_lack_of_space_leaves_nothing_behind_and_the_next_one_succeeds(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", _FULL_DISK, str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=180

@@ -172,6 +172,7 @@ def test_format_positions():
     assert format_positions(None) == "-"
 
 
+@pytest.mark.slow  # a subprocess
 def test_installed_command_exits_2_with_one_stderr_line(store_dir):
     executable = REPO / ".venv" / "bin" / "continuity"
     command = [str(executable)] if executable.exists() else [sys.executable, "-m", "continuity.cli"]

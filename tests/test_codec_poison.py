@@ -190,6 +190,7 @@ def test_a_1e300_record_is_dead_lettered_and_the_rest_of_its_batch_trains():
     assert any(not np.array_equal(a, b) for a, b in zip(before, after))
 
 
+@pytest.mark.slow  # the training loop over a recorded stream
 def test_a_record_whose_loss_overflows_is_masked_and_counted_in_the_run_summary(tmp_path):
     # 3e38 is a finite float32, so the codec keeps it; the model's logits on it are not finite.
     from continuity.checkpoints import CheckpointStore

@@ -373,6 +373,7 @@ def test_cli_config_check_on_a_bad_file_exits_2_with_one_line(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow  # a subprocess
 def test_installed_command_on_a_bad_file_exits_2_with_one_line(tmp_path):
     # An unknown section fails before JAX is imported, which keeps this subprocess quick.
     path = write(tmp_path, "[learner]\nbatch_size = 8\n[servce]\nhttp_port = 1\n")

@@ -49,6 +49,7 @@ def check_fails(tmp_path, capsys, text: str, overrides=()) -> str:
     return captured.err
 
 
+@pytest.mark.slow  # a subprocess
 def test_importing_the_config_imports_no_jax():
     code = (
         "import sys; import continuity.config as c; c.load_config(None, environ={}); c.example_config(); "

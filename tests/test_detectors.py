@@ -195,6 +195,7 @@ def test_a_class_never_taught_cannot_contradict_the_model():
     assert verdict.figures.rates["contradicted"] == 0.0 and not verdict.damaged
 
 
+@pytest.mark.slow  # a Monte-Carlo estimate over 4,000 windows
 def test_the_false_alarm_rate_at_the_edge_of_the_null_is_at_most_alpha():
     # Windows whose label-collision rate is exactly reference + tolerance: the worst case the
     # null hypothesis allows. The Bonferroni-corrected tests may fire in at most alpha of them.

@@ -25,6 +25,8 @@ from continuity.config import SECTIONS, Config, ConfigError, load_config
 from continuity.stream import BinaryCodec, FeatureSpec, JsonCodec, PartitionRecords
 from continuity.stream.codecs import MAGIC
 
+pytestmark = pytest.mark.slow  # a property search: hundreds of generated inputs per test
+
 FUZZ_EXAMPLES = int(os.environ.get("CONTINUITY_FUZZ_EXAMPLES", "0"))
 RAN: Counter = Counter()  # inputs decoded or loaded, per target
 ESCAPED: Counter = Counter()  # exceptions that got out, per target

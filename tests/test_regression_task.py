@@ -57,8 +57,7 @@ def _linear_batches(n, seed=0):
 
 
 # ---- the learner ----------------------------------------------------------------------------------
-
-
+@pytest.mark.slow  # a model trained to a target figure
 def test_learner_fits_a_seeded_linear_regression_with_replay_and_ewc_in_one_compilation():
     learner = learner_for(_regression_config(), (FEATURES,), None)
     test = list(_linear_batches(8, seed=1))
@@ -146,6 +145,7 @@ def test_wilcoxon_one_sided_counts_changes_and_matches_scipy():
     assert wilcoxon_one_sided(good, good) == (0, 0, 1.0)  # no loss changed: no evidence
 
 
+@pytest.mark.slow  # a Monte-Carlo estimate of a false-alarm rate
 def test_noise_alone_rarely_triggers_a_loss_regression():
     """Two equally good models (exchangeable squared errors): fires at most ~alpha, even at tolerance 0."""
     rng = np.random.default_rng(0)

@@ -92,6 +92,7 @@ def _multi_label_batches(n, teacher, seed):
         yield Batch(x, y, mask)
 
 
+@pytest.mark.slow  # a model trained to a target figure
 def test_a_multi_label_learner_fits_a_seeded_problem_with_replay_and_ewc_in_one_compilation():
     teacher = np.random.default_rng(1).normal(size=(FEATURES, LABELS))
     learner = build_learner(CONFIG, inputs=INPUTS, task=MultiLabel(LABELS))
