@@ -599,6 +599,12 @@ class Config:
             raise problem
         model = learner.model
         if model.factory is None:
+            if stream.codec == "fields" and model.kind != "mlp":
+                raise ConfigProblem(
+                    "named-field events (codec = \"fields\") need the 'mlp' preset, which embeds their ids, or "
+                    f"model.factory. Got kind = {model.kind!r}.",
+                    "learner.model.kind",
+                )
             if stream.inputs:
                 raise ConfigProblem(
                     f"the {model.kind!r} preset takes one feature array; named inputs ([stream.inputs]) need "

@@ -196,8 +196,12 @@ def learner_for(config: LearnerConfig, example_shape: tuple[int, ...], num_class
 
 
 def model_inputs(config: Config):
-    """One example's features as the model sees them: [stream.inputs] as a dict, else one float32 array."""
+    """One example's features as the model sees them: the inputs [stream.fields] makes of named-field
+    events, or [stream.inputs] as a dict, else one float32 array."""
     stream = config.stream
+    events = stream.field_spec()
+    if events is not None:
+        return {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)) for name, (shape, dtype) in events.inputs().items()}
     if stream.inputs:
         return {
             name: jax.ShapeDtypeStruct(tuple(spec.shape), jnp.dtype(spec.dtype)) for name, spec in stream.inputs.items()
@@ -236,7 +240,7 @@ def feature_spec(config: Config) -> FeatureSpec:
 def check_model(config: Config) -> None:
     """Build the model once, abstractly: FactoryError naming [model] factory or [model] kwargs."""
     model = config.learner.model
-    factory = build_model(model)
+    factory, _ = service_model(config)
     inputs, outputs = model_inputs(config), task_for(config).outputs
     if model.factory is not None:
         try:
@@ -313,11 +317,10 @@ def learner_from_config(config: Config) -> Learner:
     """The service's learner: the config's learner sections for its stream's examples and labels
     (checked first: a bad model or optimizer is a ConfigError, exit status 2)."""
     check(config)
-    devices = device_count(config)
-    events = config.stream.field_spec()
-    if events is not None:
-        return learner_for_fields(config.learner, events, config.stream.num_classes, devices=devices)
-    return build_learner(config.learner, inputs=model_inputs(config), task=task_for(config), devices=devices)
+    factory, _ = service_model(config)
+    return build_learner(
+        config.learner, inputs=model_inputs(config), task=task_for(config), model=factory, devices=device_count(config)
+    )
 
 
 def _error_line(error: BaseException) -> str:
@@ -338,12 +341,18 @@ def model_description(config: ModelConfig) -> dict:
     }
 
 
-def learner_for_fields(config: LearnerConfig, fields, num_classes: int | None, *, devices: int = 1) -> Learner:
-    """The learner for named-field events: inputs as the feature spec (stream.fields.FieldSpec) describes
-    them; the `mlp` preset embeds their integer ids in tables of the spec's sizes."""
-    inputs = {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)) for name, (shape, dtype) in fields.inputs().items()}
-    model = config.model
-    if model.kind != "mlp":
-        raise ValueError(f'`model.kind` must be "mlp" for named-field events (codec "fields"). Got {model.kind!r}.')
-    factory = functools.partial(mlp, hidden=model.hidden, vocabulary_sizes=fields.vocabulary_sizes())
-    return build_learner(config, inputs=inputs, task=build_task(config, num_classes), model=factory, devices=devices)
+def service_model(config: Config) -> tuple[ModelFactory, dict]:
+    """The service's model factory, and how to build it again (`model_description`): [model] as
+    written, except that the `mlp` preset over named-field events ([stream.fields]) embeds their
+    integer ids in tables of the spec's sizes. A factory of your own gets those ids as int32
+    inputs and sizes its own tables (the config's check rejects the `cnn` preset there)."""
+    model = config.learner.model
+    events = config.stream.field_spec()
+    if events is None or model.factory is not None:
+        return build_model(model), model_description(model)
+    sizes = events.vocabulary_sizes()
+    factory = functools.partial(mlp, hidden=model.hidden, vocabulary_sizes=sizes)
+    return factory, {
+        "factory": "continuity.learner:mlp",
+        "kwargs": {"hidden": list(model.hidden), "vocabulary_sizes": sizes},
+    }

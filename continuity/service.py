@@ -187,12 +187,10 @@ class Service:
         self.predictor = Predictor(self.learner, max_rows=config.service.predict_max_rows)
         self.publisher: Publisher | None = None
         if config.publish.dir:
-            from continuity.factory import model_description
+            from continuity.factory import service_model
             from continuity.serving import published_spec
 
-            spec = published_spec(
-                self.learner, model=model_description(config.learner.model), config_digest=config.digest()
-            )
+            spec = published_spec(self.learner, model=service_model(config)[1], config_digest=config.digest())
             self.publisher = Publisher(config.publish.dir, spec)
         self.loop = TrainingLoop(
             self.stream,

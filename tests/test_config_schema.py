@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import optax
 import pytest
 from flax import nnx
@@ -35,6 +36,36 @@ def takes_nothing():
 
 
 FACTORY = f"{__name__}:tiny_model"
+
+
+class EventsModel(nnx.Module):
+    """A user's model over named-field events: one categorical id embedded, beside the numeric
+    fields (the spec packs them into one `numeric` input)."""
+
+    def __init__(self, inputs: dict, outputs: int, ids: int, *, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(ids, 4, rngs=rngs)
+        self.head = nnx.Linear(4 + int(inputs["numeric"].size), outputs, rngs=rngs)
+
+    def __call__(self, x: dict):
+        return self.head(jnp.concatenate([self.embed(x["country"]), x["numeric"]], axis=-1))
+
+
+EVENTS_INPUTS: list[dict] = []  # what events_model was given, each time it was built
+
+
+def events_model(*, rngs: nnx.Rngs, inputs: dict, outputs: int, ids: int) -> EventsModel:
+    EVENTS_INPUTS.append({name: str(spec.dtype) for name, spec in inputs.items()})
+    return EventsModel(inputs, outputs, ids, rngs=rngs)
+
+
+EVENTS = """[stream]
+codec = "fields"
+num_classes = 2
+[stream.fields]
+label = "clicked"
+amount = { kind = "numeric" }
+country = { kind = "categorical", buckets = 8 }
+"""
 
 
 def check_fails(tmp_path, capsys, text: str, overrides=()) -> str:
@@ -205,3 +236,39 @@ def test_the_digest_is_the_same_from_config_check_and_for_the_service(tmp_path, 
     assert main(["config", "check", "--config", str(path), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)["digest"]
     assert shown == load_config(path, environ={}).digest() == load_config(path, environ={}).digest()
+
+
+def test_named_field_events_train_a_model_of_your_own_with_their_ids_as_int32(tmp_path):
+    from continuity.factory import learner_from_config
+
+    path = tmp_path / "c.toml"
+    path.write_text(EVENTS + f'[model]\nfactory = "{__name__}:events_model"\n[model.kwargs]\nids = 8\n')
+    learner = learner_from_config(load_config(path, environ={}))
+    state = learner.init(0)
+    assert learner._model_name == "EventsModel"
+    assert state.params["embed"]["embedding"].shape == (8, 4)
+    assert EVENTS_INPUTS and all(seen == {"numeric": "float32", "country": "int32"} for seen in EVENTS_INPUTS)
+
+
+def test_the_cnn_preset_over_named_field_events_is_one_line_exit_2(tmp_path, capsys):
+    err = check_fails(tmp_path, capsys, EVENTS + '[model]\nkind = "cnn"\n')
+    assert "[model] kind: " in err and "need the 'mlp' preset" in err and "model.factory" in err
+
+
+def test_the_published_description_of_the_mlp_over_events_rebuilds_the_model_the_service_trains(tmp_path):
+    import jax
+    from flax import nnx as nnx_
+
+    from continuity.factory import learner_from_config, model_inputs, resolve, service_model, task_for
+
+    path = tmp_path / "c.toml"
+    path.write_text(EVENTS)
+    config = load_config(path, environ={})
+    _, description = service_model(config)
+    assert description["kwargs"]["vocabulary_sizes"] == {"country": 8}
+    rebuilt = resolve(description["factory"])(
+        rngs=nnx_.Rngs(0), inputs=model_inputs(config), outputs=task_for(config).outputs, **description["kwargs"]
+    )
+    trained = learner_from_config(config).init(0).params
+    shapes = jax.tree.map(lambda a: a.shape, nnx_.to_pure_dict(nnx_.state(rebuilt, nnx_.Param)))
+    assert shapes == jax.tree.map(lambda a: a.shape, trained)
