@@ -635,7 +635,7 @@ class JsonCodec(Codec):
             numbers = orjson.loads(b"[%s]" % joined.translate(_NEWLINE_TO_COMMA, b'{}[]":xy'))
             if len(numbers) != n * (size + 1):
                 return None
-            x = np.asarray(numbers, np.float64).reshape(n, size + 1)[:, :size]
+            x = np.fromiter(numbers, np.float64, len(numbers)).reshape(n, size + 1)[:, :size]
         except (orjson.JSONDecodeError, TypeError, ValueError, OverflowError):
             return None  # a number that is not JSON, or beyond a double: the per-record parse names it
         rows = list(range(n))

@@ -83,6 +83,28 @@ def stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+class _Ids(dict):
+    """Text -> id for one field: its vocabulary's ids, and hashed ids remembered as they are met.
+
+    `__missing__` works out what the dict does not hold (the out-of-vocabulary id, or a
+    hash it then remembers), so a whole column maps through `map(ids.__getitem__, column)`
+    without a Python call per known value.
+    """
+
+    def __init__(self, vocabulary: tuple[str, ...] | None, first: int, hashed):
+        super().__init__({word: first + i for i, word in enumerate(vocabulary or ())})
+        self.unknown = None if vocabulary is None else first + len(vocabulary)  # out-of-vocabulary id
+        self.hashed = hashed  # text -> id, for a field without a vocabulary
+
+    def __missing__(self, text: str) -> int:
+        if self.unknown is not None:
+            return self.unknown
+        if len(self) >= _HASH_CACHE:
+            self.clear()
+        found = self[text] = self.hashed(text)
+        return found
+
+
 def _check(condition: bool, where: str, message: str) -> None:
     if not condition:
         raise FieldSpecError(f"{where}: {message}")
@@ -134,11 +156,10 @@ class CategoricalField:
     buckets: int | None = None
     encoding: str = "embedding"  # "embedding": int32 id; "one_hot": float32[size]
     default: str | None = None  # None: required
-    lookup: dict = field(default_factory=dict, compare=False, repr=False)
+    lookup: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # _Ids
 
     def __post_init__(self):
-        if self.vocabulary is not None:
-            self.lookup.update({word: i for i, word in enumerate(self.vocabulary)})
+        object.__setattr__(self, "lookup", _Ids(self.vocabulary, 0, self._hashed))
 
     @property
     def size(self) -> int:
@@ -146,15 +167,10 @@ class CategoricalField:
         return len(self.vocabulary) + 1 if self.vocabulary is not None else int(self.buckets or 0)
 
     def id_of(self, text: str) -> int:
-        found = self.lookup.get(text)
-        if found is not None:
-            return found
-        if self.vocabulary is not None:
-            return len(self.vocabulary)
-        if len(self.lookup) >= _HASH_CACHE:
-            self.lookup.clear()
-        found = self.lookup[text] = stable_hash(text) % self.size
-        return found
+        return self.lookup[text]
+
+    def _hashed(self, text: str) -> int:
+        return stable_hash(text) % self.size
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"kind": "categorical", "encoding": self.encoding}
@@ -177,26 +193,20 @@ class TokensField:
     vocabulary: tuple[str, ...] | None = None
     buckets: int | None = None
     optional: bool = False  # True: a missing field is an empty list
-    lookup: dict = field(default_factory=dict, compare=False, repr=False)
+    lookup: dict = field(default_factory=dict, init=False, compare=False, repr=False)  # _Ids
 
     def __post_init__(self):
-        if self.vocabulary is not None:
-            self.lookup.update({word: i + 1 for i, word in enumerate(self.vocabulary)})
+        object.__setattr__(self, "lookup", _Ids(self.vocabulary, 1, self._hashed))
 
     @property
     def size(self) -> int:
         return len(self.vocabulary) + 2 if self.vocabulary is not None else int(self.buckets or 0)
 
     def id_of(self, text: str) -> int:
-        found = self.lookup.get(text)
-        if found is not None:
-            return found
-        if self.vocabulary is not None:
-            return len(self.vocabulary) + 1
-        if len(self.lookup) >= _HASH_CACHE:
-            self.lookup.clear()
-        found = self.lookup[text] = 1 + stable_hash(text) % (self.size - 1)
-        return found
+        return self.lookup[text]
+
+    def _hashed(self, text: str) -> int:
+        return 1 + stable_hash(text) % (self.size - 1)
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"kind": "tokens", "length": self.length}
@@ -595,6 +605,19 @@ class FieldsCodec(Codec):
         letters: list[DeadLetter] = []
         docs: list[dict] = []
         rows: list[int] = []
+        try:  # the usual case: every record an object, parsed with no Python work per record
+            docs = list(map(orjson.loads, records.values))
+            if set(map(type, docs)) <= {dict}:
+                rows = list(range(len(docs)))
+        except (orjson.JSONDecodeError, TypeError):  # an empty or unparsable record: named below
+            pass
+        if len(rows) != len(records):
+            docs = self._parse_each(records, letters, rows)
+        return self._decode_docs(records, docs, rows, letters)
+
+    def _parse_each(self, records: PartitionRecords, letters: list[DeadLetter], rows: list[int]) -> list[dict]:
+        """The records that parse as objects (their indices appended to `rows`); the others as dead letters."""
+        docs = []
         loads = orjson.loads
         for i, value in enumerate(records.values):
             if not value:
@@ -615,6 +638,11 @@ class FieldsCodec(Codec):
                 continue
             docs.append(doc)
             rows.append(i)
+        return docs
+
+    def _decode_docs(
+        self, records: PartitionRecords, docs: list[dict], rows: list[int], letters: list[DeadLetter]
+    ) -> tuple[ExampleBlock, list[DeadLetter]]:
         n = len(docs)
         bad: dict[int, str] = {}
         x: dict[str, np.ndarray] = {}
@@ -744,8 +772,7 @@ class FieldsCodec(Codec):
 
     def _categorical(self, spec_field: CategoricalField, column: Sequence, bad: dict[int, str]) -> np.ndarray:
         if set(map(type, column)) == {str}:  # the usual case: one dict lookup (or cached hash) each
-            lookup, id_of = spec_field.lookup, spec_field.id_of
-            return np.asarray([lookup[v] if v in lookup else id_of(v) for v in column], np.int32).reshape(len(column))
+            return np.fromiter(map(spec_field.lookup.__getitem__, column), np.int32, len(column))
         ids = []
         for j, value in enumerate(column):
             if value is None and spec_field.default is not None:
@@ -763,16 +790,17 @@ class FieldsCodec(Codec):
         length = spec_field.length
         n = len(column)
         out = np.zeros((n, length), np.int32)
+        if set(map(type, column)) == {list}:
+            tokens = list(chain.from_iterable(column))
+            if set(map(type, tokens)) <= {str}:  # the usual case, vectorised: tokens past `length` are cut
+                found = np.fromiter(map(spec_field.lookup.__getitem__, tokens), np.int32, len(tokens))
+                counts = np.fromiter(map(len, column), np.int64, n)
+                rows = np.repeat(np.arange(n), counts)
+                places = np.arange(len(found)) - np.repeat(np.cumsum(counts) - counts, counts)
+                kept = places < length
+                out[rows[kept], places[kept]] = found[kept]
+                return out
         lists = [value[:length] if type(value) is list else value for value in column]
-        tokens = list(chain.from_iterable(v for v in lists if type(v) is list))
-        if set(map(type, lists)) == {list} and set(map(type, tokens)) <= {str}:  # the usual case, vectorised
-            get, id_of = spec_field.lookup.get, spec_field.id_of
-            ids = [get(token) or id_of(token) for token in tokens]  # token ids are >= 1: `or` is safe
-            counts = np.fromiter(map(len, lists), np.int64, n)
-            rows = np.repeat(np.arange(n), counts)
-            places = np.arange(len(ids)) - np.repeat(np.cumsum(counts) - counts, counts)
-            out[rows, places] = ids
-            return out
         for j, value in enumerate(lists):
             if value is None:
                 if not spec_field.optional:

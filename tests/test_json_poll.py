@@ -108,6 +108,7 @@ def test_a_compact_poll_decodes_exactly_as_its_records_parsed_one_by_one():
         b"[[[1-2],[2],[3]],[[4],[5],[6]]]",  # two numbers run together
         b"[[[],[2],[3]],[[4],[5],[6]]]",  # a number missing: ragged
         b"[[[1e999],[2],[3]],[[4],[5],[6]]]",  # beyond a double
+        b"[[[%s],[2],[3]],[[4],[5],[6]]]" % (b"9" * 400),  # an integer beyond a double
     ],
 )
 def test_a_compact_record_whose_number_is_not_json_is_dead_lettered_and_the_rest_decode(x_text):
