@@ -82,7 +82,9 @@ CODECS = ("json", "binary", "fields")  # fields: named-field JSON events (stream
 
 
 _NUMBER_BYTES = b"0123456789.eE+-"  # what a JSON number is written with
-_NEWLINE_TO_COMMA = bytes.maketrans(b"\n", b",")  # records apart -> numbers apart
+# A compact poll's structure as whitespace, records apart as numbers apart: its numbers stay,
+# as one flat JSON list (a translation by table alone is twice as fast as one that deletes).
+_COMPACT_TO_NUMBERS = bytes.maketrans(b'\n{}[]":xy', b",        ")
 _NONFINITE_X = "non-finite: x contains NaN or Inf, or a value beyond float32"
 
 
@@ -616,7 +618,7 @@ class JsonCodec(Codec):
         else (no space, no string, no literal); None when one is not.
 
         The structure is checked for the whole poll with one `translate`: without its number
-        characters each record must be exactly the skeleton. Then the structure is deleted
+        characters each record must be exactly the skeleton. Then the structure is blanked
         and every number of the poll is parsed by one orjson call, which checks each number's
         grammar: no Python object per record, and no nested list (building and freeing 73
         lists per record is most of what parsing a nested x costs).
@@ -632,7 +634,7 @@ class JsonCodec(Codec):
             return None
         size = self.spec.size
         try:
-            numbers = orjson.loads(b"[%s]" % joined.translate(_NEWLINE_TO_COMMA, b'{}[]":xy'))
+            numbers = orjson.loads(b"[%s]" % joined.translate(_COMPACT_TO_NUMBERS))
             if len(numbers) != n * (size + 1):
                 return None
             x = np.fromiter(numbers, np.float64, len(numbers)).reshape(n, size + 1)[:, :size]
