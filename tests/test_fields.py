@@ -357,3 +357,17 @@ def test_tokens_past_the_length_are_cut_before_they_are_checked():
     block, letters = codec().decode(run_of([orjson.dumps(e) for e in sample]))
     assert not letters
     assert block.x["words"][1].tolist() == [1, 2, 3, 4]
+
+
+def test_a_poll_parsed_in_chunks_decodes_as_one_parsed_whole(monkeypatch):
+    sample = events(13)
+    del sample[6]["loan"], sample[9]["words"]  # optional fields absent in later chunks
+    values = [orjson.dumps(e) for e in sample]
+    whole, letters = codec().decode(run_of(values))
+    assert not letters
+    monkeypatch.setattr(fields_module, "_PARSE_CHUNK", 4)
+    chunked, letters = codec().decode(run_of(values))
+    assert not letters
+    assert_same(chunked.x, whole.x)
+    np.testing.assert_array_equal(chunked.y, whole.y)
+    assert chunked.segments == whole.segments
