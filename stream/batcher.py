@@ -248,31 +248,22 @@ class Batcher:
     def _take(self) -> Batch:
         B = self.batch_size  # noqa: N806 - the batch dimension, as in the shapes below
         # Shapes and dtypes as decoded (what the codec's spec says): the first block's.
-        first, first_ids, first_chosen = self._buffer[0]
-        # A batch that lies in one block (the usual case: a poll decodes to thousands of
-        # examples) is views of its rows, not a copy: nothing downstream writes to a batch.
-        whole = len(first) >= B
-        if whole:
-            x = map_features(lambda a: a[:B], first.x)
-            y = first.y[:B]
-            segment = first_ids[first.record[:B]]
-            held_out = first_chosen[:B]
-        else:
-            x = map_features(lambda a: np.zeros((B, *a.shape[1:]), a.dtype), first.x)
-            y = np.zeros((B, *first.y.shape[1:]), first.y.dtype)
-            segment = np.full((B,), NO_SEGMENT, np.int32)
-            held_out = np.zeros((B,), bool)
+        first = self._buffer[0][0]
+        x = map_features(lambda a: np.zeros((B, *a.shape[1:]), a.dtype), first.x)
+        y = np.zeros((B, *first.y.shape[1:]), first.y.dtype)
         mask = np.zeros((B,), bool)
+        segment = np.full((B,), NO_SEGMENT, np.int32)
+        held_out = np.zeros((B,), bool)
         filled = 0
         while self._buffer and (filled < B or len(self._buffer[0][0]) == 0):
             block, ids, chosen = self._buffer[0]
             n = min(B - filled, len(block))
-            if n and not whole:
+            if n:
                 map_features(functools.partial(_put_rows, start=filled, count=n), x, block.x)
                 y[filled : filled + n] = block.y[:n]
                 segment[filled : filled + n] = ids[block.record[:n]]
                 held_out[filled : filled + n] = chosen[:n]
-            filled += n
+                filled += n
             key = PartitionKey(block.topic, block.partition)
             if n == len(block):
                 self._buffer.popleft()
