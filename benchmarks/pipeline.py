@@ -104,7 +104,7 @@ def run_pipeline_benchmark(
         create_topic(broker.bootstrap, topic, 1)
         say(f"producing {records:,} records of {EXAMPLES_PER_RECORD} examples")
         produce_records(broker.bootstrap, topic, ((None, blocks[i % len(blocks)]) for i in range(records)))
-        bare_seconds = _bare_loop(broker.bootstrap, topic, records, 2000)
+        bare_seconds, _ = _bare_loop(broker.bootstrap, topic, records, 2000)
         ingest_rate = records * EXAMPLES_PER_RECORD / bare_seconds
         base = [
             f'stream.bootstrap="{broker.bootstrap}"',

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -83,6 +82,9 @@ CODECS = ("json", "binary", "fields")  # fields: named-field JSON events (stream
 
 
 _NUMBER_BYTES = b"0123456789.eE+-"  # what a JSON number is written with
+# A compact poll's structure as whitespace, records apart as numbers apart: its numbers stay,
+# as one flat JSON list (a translation by table alone is twice as fast as one that deletes).
+_COMPACT_TO_NUMBERS = bytes.maketrans(b'\n{}[]":xy', b",        ")
 _NONFINITE_X = "non-finite: x contains NaN or Inf, or a value beyond float32"
 
 
@@ -231,20 +233,27 @@ def encode_binary(
 
 def encode_json(x, y, *, segment: str | None = None, key: str | None = None) -> bytes:
     """One record in the JSON format (x as a nested list of its shape, or a dict of them; y a
-    number, or a list for a label vector)."""
-    features = (
-        {name: np.asarray(v).tolist() for name, v in x.items()} if isinstance(x, dict) else np.asarray(x).tolist()
-    )
+    number, or a list for a label vector).
+
+    Numbers are written as orjson writes NumPy arrays: a float32 as the shortest text that
+    reads back as the same float32 ("0.6369617", not its double's 17 digits), which halves a
+    record and its parsing; decoding casts to float32, so the features are bit-identical.
+    """
+    features = {name: _json_array(v) for name, v in x.items()} if isinstance(x, dict) else _json_array(x)
     doc = {"x": features, "y": np.asarray(y).tolist()}
     if segment is not None:
         doc["segment"] = segment
     if key is not None:
         doc["key"] = key
-    try:
-        return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
-    except orjson.JSONEncodeError:  # a non-contiguous or otherwise unsupported array
-        doc["x"] = x.tolist()
-        return orjson.dumps(doc)
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _json_array(values):
+    """`values` as orjson writes it: a C-ordered array of a dtype it serialises, else nested lists."""
+    array = np.asarray(values)
+    if array.dtype in (np.float32, np.float64, np.int32, np.int64, np.uint8) and array.ndim:
+        return np.ascontiguousarray(array)
+    return array.tolist()
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -322,16 +331,27 @@ class _Field(NamedTuple):
         return math.prod(self.shape)
 
 
+class _Parsed(NamedTuple):
+    """A poll's records as parsed, before their values are converted and checked."""
+
+    rows: list  # the records parsed (indices into the poll), in order
+    columns: list  # per feature field: its values, one per parsed record (a list, or an array of rows)
+    labels: list  # the y of each parsed record, as JSON gave it
+    segments: list  # str | None per parsed record
+    keys: list  # bytes | None per parsed record: the record's own key, else the Kafka key
+    letters: list[DeadLetter]  # records that did not parse, with their reasons
+
+
 class JsonCodec(Codec):
     """The `json` codec: one example per record.
 
-    A poll of one-array records whose records are all well formed (the usual case) is
-    decoded in one pass: orjson per record, then one `np.asarray` for all the features and
-    one for the labels, checked as arrays. Anything unusual in a poll (a record that does not
-    parse, a missing or unknown field, a literal true/false/null anywhere, a ragged or
-    out-of-range value), and every poll of named inputs or label vectors, goes through the
-    per-record path: parsed per record, converted per field for the whole poll, and each bad
-    record's reason named.
+    One route for every poll: parse, then convert and check each field for all the
+    poll's records at once (`_checked`), labels likewise (`_labels`), and assemble; a
+    record whose value does not pass is dead-lettered with its reason, the rest decode.
+    Parsing has a shortcut for what producers usually send, compact records of one array
+    and a label written as `encode_json` writes them (`_parse_compact`: checked for that
+    structure and parsed in one orjson call for the whole poll); any other poll is parsed
+    record by record (`_parse_each`), which names the records that do not parse.
     """
 
     name = "json"
@@ -344,14 +364,19 @@ class JsonCodec(Codec):
         else:
             self._fields = [_Field("x", spec.shape, "float32")]
         self._names = frozenset(f.name for f in spec.inputs)
-        # The whole-poll route (`_decode_poll`) takes one float array and one label per example.
-        self._whole_polls = not spec.inputs and spec.label_shape == ()
-        # The brackets and commas of a compactly written nested x of the configured shape (b"" when flat).
-        nested = np.zeros(spec.shape, np.int8).tolist()
-        text = json.dumps(nested, separators=(",", ":")).encode().translate(None, _NUMBER_BYTES)
-        self._skeleton = text if len(spec.shape) > 1 else b""
-
-    _LITERAL = re.compile(rb"true|false|null")  # numpy would take a boolean in x as 1.0: the per-record path refuses it
+        # What a compact record {"x":[...],"y":N} leaves once its numbers are taken out: its
+        # skeleton, with x nested in the configured shape or flat (one skeleton when 1-D).
+        self._skeletons: tuple[bytes, ...] = ()
+        if not spec.inputs and spec.label_shape == ():
+            nested, flat = (json.dumps(np.zeros(shape, np.int8).tolist()) for shape in (spec.shape, (spec.size,)))
+            self._skeletons = tuple(
+                dict.fromkeys(
+                    b'{"x":%s,"y":}' % text.replace(" ", "").encode().translate(None, _NUMBER_BYTES)
+                    for text in (nested, flat)
+                )
+            )
+        # The brackets and commas of a compactly written nested x (b"" when x is flat anyway).
+        self._nested = self._skeletons[0][5:-6] if len(self._skeletons) > 1 else b""
 
     def encode(self, x, y, *, segment=None, key=None) -> bytes:
         return encode_json(x, y, segment=segment, key=key)
@@ -365,6 +390,7 @@ class JsonCodec(Codec):
         for r, x in enumerate(instances):
             try:
                 values = self._split(x)
+                self._refuse_booleans(values)
             except _Reject as reject:
                 reasons[r] = str(reject)
                 values = [np.zeros(f.shape, f.dtype) for f in self._fields]
@@ -400,18 +426,14 @@ class JsonCodec(Codec):
         return [x[f.name] for f in self.spec.inputs]
 
     def _envelope(self, value, kafka_key):
-        """(the feature values, one per field, y, segment, key) of a record: everything but the
-        features' conversion checked, or _Reject with the reason."""
+        """(the feature values, one per field, y, segment, key) of a record: its structure checked
+        (the values are converted and checked with the poll's), or _Reject with the reason."""
         if not value:
             raise _Reject("empty value")
         try:
-            doc = orjson.loads(value)
-        except orjson.JSONDecodeError as error:
-            try:  # rare: only now tell bytes that are not UTF-8 from text that is not JSON
-                bytes(value).decode("utf-8")
-            except UnicodeDecodeError as not_utf8:
-                raise _Reject(f"bad bytes: not UTF-8 ({not_utf8.reason})") from None
-            raise _Reject(f"bad JSON: {error}") from None
+            doc = orjson.loads(self._flat(value) if self._nested else value)
+        except orjson.JSONDecodeError:
+            doc = self._parse_bad(value)
         if not isinstance(doc, dict):
             raise _Reject(f"bad JSON: expected an object, got {type(doc).__name__}")
         missing = {"x", "y"} - doc.keys()
@@ -421,7 +443,8 @@ class JsonCodec(Codec):
         if unknown:
             raise _Reject(f"bad JSON: unknown field(s) {sorted(unknown)[:8]}")
         features = self._split(doc["x"])
-        y = self._label(doc["y"])
+        if b"true" in value or b"false" in value:
+            self._refuse_booleans(features)
         segment, key = doc.get("segment"), doc.get("key")
         if segment is not None and not isinstance(segment, str):
             raise _Reject(f"bad JSON: segment must be a string, got {type(segment).__name__}")
@@ -434,7 +457,68 @@ class JsonCodec(Codec):
                 kafka_key = key.encode("utf-8")
         except UnicodeEncodeError:
             raise _Reject("bad JSON: key or segment is not valid Unicode (a lone surrogate)") from None
-        return features, y, segment, kafka_key
+        return features, doc["y"], segment, kafka_key
+
+    def _refuse_booleans(self, features: list) -> None:
+        """_Reject a field holding true or false: numpy would read one among numbers as 1.0 or 0.0."""
+        for field, value in zip(self._fields, features):
+            stack = [value]
+            while stack:  # not recursive: x may nest 1,024 deep
+                item = stack.pop()
+                if type(item) is bool:
+                    raise _Reject(f"bad shape: {field.label} is not a rectangular array of numbers")
+                if type(item) is list:
+                    stack.extend(item)
+
+    @staticmethod
+    def _parse_bad(value):
+        """A record that did not parse: _Reject with the reason, as the record itself has it."""
+        try:
+            return orjson.loads(value)  # never, unless flattening x (`_flat`) broke it: then as it is
+        except orjson.JSONDecodeError as error:
+            try:  # rare: only now tell bytes that are not UTF-8 from text that is not JSON
+                bytes(value).decode("utf-8")
+            except UnicodeDecodeError as not_utf8:
+                raise _Reject(f"bad bytes: not UTF-8 ({not_utf8.reason})") from None
+            raise _Reject(f"bad JSON: {error}") from None
+
+    def _flat(self, value: bytes) -> bytes:
+        """`value` with a compactly written nested x written flat, else as it is: parsing 73 nested
+        lists per record, and keeping a poll's of them alive, costs several times one flat list
+        (the garbage collector scans them again and again); x is reshaped when converted."""
+        start, stop = value.find(b"["), value.rfind(b"]") + 1
+        inner = value[start:stop]
+        if start > 0 and inner.translate(None, _NUMBER_BYTES) == self._nested:
+            return b"%s[%s]%s" % (value[:start], inner.translate(None, b"[]"), value[stop:])
+        return value
+
+    def _labels(self, labels: list) -> tuple[np.ndarray, dict[int, str]]:
+        """The labels of a poll in the label dtype, (n, *label_shape) (bad rows zero), and each bad
+        row's reason: checked as one array when they fit (the usual case), else one by one."""
+        spec = self.spec
+        n = len(labels)
+        if not spec.label_shape:
+            kinds = set(map(type, labels))
+            try:
+                if spec.num_classes is not None and kinds <= {int}:
+                    ids = np.asarray(labels, np.int64).reshape(n)
+                    if not ((ids < 0) | (ids >= spec.num_classes)).any():
+                        return ids.astype(np.int32), {}
+                elif spec.num_classes is None and kinds <= {int, float}:
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        targets = np.asarray(labels, np.float64).reshape(n).astype(np.float32)
+                    if np.isfinite(targets).all():
+                        return targets, {}
+            except OverflowError:  # an integer beyond int64: found below
+                pass
+        out = np.zeros((n, *spec.label_shape), spec.label_dtype)
+        reasons: dict[int, str] = {}
+        for r, y in enumerate(labels):
+            try:
+                out[r] = self._label(y)
+            except _Reject as reject:
+                reasons[r] = str(reject)
+        return out, reasons
 
     def _label(self, y):
         spec = self.spec
@@ -529,132 +613,67 @@ class JsonCodec(Codec):
                 reasons[r] = str(reject)
         return out, reasons
 
-    def _decode_poll(self, records: PartitionRecords) -> ExampleBlock | None:
-        """The whole poll as arrays when every record is well formed; None sends it record by record.
+    def _parse_compact(self, records: PartitionRecords) -> _Parsed | None:
+        """The poll parsed at once when every record is compact, {"x":[...],"y":N} with nothing
+        else (no space, no string, no literal); None when one is not.
 
-        Each record's features are copied into one preallocated array as soon as it is parsed,
-        so its lists are freed at once: keeping a poll's parsed documents alive would let the
-        garbage collector scan tens of thousands of lists again and again.
+        The structure is checked for the whole poll with one `translate`: without its number
+        characters each record must be exactly the skeleton. Then the structure is blanked
+        and every number of the poll is parsed by one orjson call, which checks each number's
+        grammar: no Python object per record, and no nested list (building and freeing 73
+        lists per record is most of what parsing a nested x costs).
         """
-        spec = self.spec
         values = records.values
         n = len(values)
-        if not n:
-            return None
-        skeleton = self._skeleton
-        fields = self._FIELDS
-        loads = orjson.loads
-        literal = self._LITERAL.search
-        xs: list = [None] * n
-        ys: list = [None] * n
-        extra: list = []  # (row, segment, key) of records that carry them
         try:
-            for i, value in enumerate(values):
-                if skeleton:  # nested x, written as encode_json writes it: parse it flat (numpy fills
-                    # a row from one flat list several times faster than from 73 nested ones)
-                    start, stop = value.find(b"["), value.rfind(b"]") + 1
-                    inner = value[start:stop]
-                    if start > 0 and inner.translate(None, _NUMBER_BYTES) == skeleton:
-                        value = b"%s[%s]%s" % (value[:start], inner.translate(None, b"[]"), value[stop:])
-                doc = loads(value)
-                if type(doc) is not dict or "x" not in doc or "y" not in doc or not doc.keys() <= fields:
-                    return None
-                # A string or a literal (true/false/null) inside x: numpy would convert it silently.
-                quotes = 4
-                if len(doc) > 2:
-                    segment, key = doc.get("segment"), doc.get("key")
-                    if (segment is not None and type(segment) is not str) or (key is not None and type(key) is not str):
-                        return None
-                    quotes += 2 * (len(doc) - 2) + 2 * ((segment is not None) + (key is not None))
-                    extra.append((i, segment, key))
-                if value.count(b'"') != quotes:
-                    return None
-                # true, false and null all have a "u" or an "l"; {"x":[numbers],"y":number} neither.
-                if (b"u" in value or b"l" in value) and (quotes == 4 or literal(value)):
-                    return None
-                xs[i] = doc["x"]
-                ys[i] = doc["y"]
-            x64 = np.asarray(xs, np.float64)  # one conversion: ragged or non-numeric x raises
+            joined = b"\n".join(values)  # a newline is never in a compact record: records stay apart
+        except TypeError:  # a tombstone (None): the per-record parse names it
+            return None
+        bare = joined.translate(None, _NUMBER_BYTES)
+        if not any(bare == b"\n".join([skeleton] * n) for skeleton in self._skeletons):
+            return None
+        size = self.spec.size
+        try:
+            numbers = orjson.loads(b"[%s]" % joined.translate(_COMPACT_TO_NUMBERS))
+            if len(numbers) != n * (size + 1):
+                return None
+            x = np.fromiter(numbers, np.float64, len(numbers)).reshape(n, size + 1)[:, :size]
         except (orjson.JSONDecodeError, TypeError, ValueError, OverflowError):
-            return None
-        if x64.shape[1:] != spec.shape:
-            if x64.shape[1:] != (spec.size,):
-                return None
-            x64 = x64.reshape(n, *spec.shape)
-        with np.errstate(over="ignore", invalid="ignore"):
-            x = x64.astype(np.float32)
-        if not np.isfinite(x).all():
-            return None
-        if spec.num_classes is None:
-            if not set(map(type, ys)) <= {int, float}:
-                return None
-            try:
-                y = np.asarray(ys, np.float64)
-            except OverflowError:
-                return None
-            with np.errstate(over="ignore", invalid="ignore"):
-                y = y.astype(np.float32)
-            if not np.isfinite(y).all():
-                return None
-        else:
-            if set(map(type, ys)) != {int}:
-                return None
-            try:
-                y = np.asarray(ys, np.int64)
-            except OverflowError:
-                return None
-            if ((y < 0) | (y >= spec.num_classes)).any():
-                return None
-        segments: list = [None] * n
-        keys: list = list(records.keys)
-        for i, segment, key in extra:
-            segments[i] = segment
-            if key is not None:
-                keys[i] = key.encode("utf-8")  # orjson refuses lone surrogates: this cannot fail
-        return ExampleBlock(
-            records.topic,
-            records.partition,
-            x,
-            y.astype(spec.label_dtype, copy=False),
-            np.arange(n, dtype=np.int32),
-            np.zeros(n, np.int32),
-            records.offsets,
-            np.ones(n, np.int32),
-            segments,
-            keys,
-        )
+            return None  # a number that is not JSON, or beyond a double: the per-record parse names it
+        rows = list(range(n))
+        return _Parsed(rows, [x], numbers[size :: size + 1], [None] * n, list(records.keys), [])
 
-    def decode(self, records: PartitionRecords) -> tuple[ExampleBlock, list[DeadLetter]]:
-        with np.errstate(over="ignore", invalid="ignore"):  # values that overflow float32 are rejected, not warned
-            whole = self._decode_poll(records) if self._whole_polls else None
-            if whole is not None:
-                return _apply_skip(whole, records), []
-            return self._decode(records)
-
-    def _decode(self, records: PartitionRecords) -> tuple[ExampleBlock, list[DeadLetter]]:
-        spec = self.spec
-        features: list[list] = [[] for _ in self._fields]
-        ys, rows, segments, keys = [], [], [], []
-        letters = []
+    def _parse_each(self, records: PartitionRecords) -> _Parsed:
+        """The poll parsed record by record; the records that do not parse as dead letters."""
+        parsed = _Parsed([], [[] for _ in self._fields], [], [], [], [])
         for i, value in enumerate(records.values):
             try:
                 values, y, segment, key = self._envelope(value, records.keys[i])
             except _Reject as reject:
-                letters.append(DeadLetter(records.record(i), str(reject)))
+                parsed.letters.append(DeadLetter(records.record(i), str(reject)))
                 continue
-            for column, v in zip(features, values):
+            for column, v in zip(parsed.columns, values):
                 column.append(v)
-            ys.append(y)
-            rows.append(i)
-            segments.append(segment)
-            keys.append(key)
-        arrays: list[np.ndarray] = []
-        reasons: dict[int, str] = {}
-        for field, column in zip(self._fields, features):
-            array, bad = self._field(column, field)
-            arrays.append(array)
-            for r, reason in bad.items():
-                reasons.setdefault(r, reason)  # the first field's reason
+            parsed.rows.append(i)
+            parsed.labels.append(y)
+            parsed.segments.append(segment)
+            parsed.keys.append(key)
+        return parsed
+
+    def decode(self, records: PartitionRecords) -> tuple[ExampleBlock, list[DeadLetter]]:
+        spec = self.spec
+        with np.errstate(over="ignore", invalid="ignore"):  # values that overflow float32 are rejected, not warned
+            parsed = (self._parse_compact(records) if self._skeletons and len(records) else None) or self._parse_each(
+                records
+            )
+            y, reasons = self._labels(parsed.labels)  # a bad label is the reason, before the features'
+            arrays: list[np.ndarray] = []
+            for field, column in zip(self._fields, parsed.columns):
+                array, bad = self._field(column, field)
+                arrays.append(array)
+                for r, reason in bad.items():
+                    reasons.setdefault(r, reason)  # the first field's reason
+        rows, segments, keys, letters = parsed.rows, parsed.segments, parsed.keys, parsed.letters
         if reasons:
             for r, reason in reasons.items():
                 letters.append(DeadLetter(records.record(rows[r]), reason))
@@ -662,8 +681,9 @@ class JsonCodec(Codec):
             keep = np.ones(len(rows), bool)
             keep[list(reasons)] = False
             arrays = [array[keep] for array in arrays]
+            y = y[keep]
             kept = np.flatnonzero(keep).tolist()
-            ys, rows = [ys[r] for r in kept], [rows[r] for r in kept]
+            rows = [rows[r] for r in kept]
             segments, keys = [segments[r] for r in kept], [keys[r] for r in kept]
         if not rows:
             return _empty_block(records, spec), letters
@@ -673,10 +693,10 @@ class JsonCodec(Codec):
             records.topic,
             records.partition,
             x,
-            np.asarray(ys, dtype=spec.label_dtype).reshape(n, *spec.label_shape),
+            y,
             np.arange(n, dtype=np.int32),
             np.zeros(n, np.int32),
-            records.offsets[np.asarray(rows)],
+            records.offsets if n == len(records) else records.offsets[np.asarray(rows)],
             np.ones(n, np.int32),
             segments,
             keys,

@@ -15,6 +15,7 @@ import pytest
 from continuity.cli import main
 from continuity.config import ConfigError, load_config
 from continuity.stream import FeatureSpec, Positions, RecordingWriter
+from continuity.stream import fields as fields_module
 from continuity.stream.drift import make_generator
 from continuity.stream.fields import FieldsCodec, FieldSpec, FieldSpecError, stable_hash
 from continuity.stream.records import PartitionRecords
@@ -316,3 +317,57 @@ def test_inspect_prints_a_config_that_loads_and_decodes_the_sampled_records(tmp_
 def test_inspect_without_a_topic_is_one_clear_line(capsys):
     assert main(["inspect", "--bootstrap", "127.0.0.1:1"]) == 2
     assert "--bootstrap needs --topic" in capsys.readouterr().err
+
+
+def test_a_poll_with_an_unparsable_record_decodes_the_others_exactly_as_a_clean_poll():
+    values = [orjson.dumps(e) for e in events(12)]
+    clean, _ = codec().decode(run_of(values))
+    values[5] = b'{"salary": '
+    block, letters = codec().decode(run_of(values))
+    assert [letter.record.position.offset for letter in letters] == [5] and "bad JSON" in letters[0].reason
+    for name in clean.x:
+        if name != "numeric":  # standardised numbers depend on which examples came before
+            np.testing.assert_array_equal(block.x[name], np.delete(clean.x[name], 5, axis=0), err_msg=name)
+    np.testing.assert_array_equal(block.y, np.delete(clean.y, 5))
+
+
+def test_hashed_ids_stay_the_blake2b_ids_when_their_cache_restarts(monkeypatch):
+    monkeypatch.setattr(fields_module, "_HASH_CACHE", 4)  # restarts many times over this poll
+    spec = FieldSpec.from_dict(
+        {
+            "label": "label",
+            "user": {"kind": "categorical", "buckets": 1000},
+            "tags": {"kind": "tokens", "length": 3, "buckets": 50},
+        }
+    )
+    users = [f"u{i % 7}" for i in range(40)]
+    tags = [[f"t{(i + k) % 11}" for k in range(i % 5)] for i in range(40)]
+    values = [orjson.dumps({"user": u, "tags": t, "label": 0}) for u, t in zip(users, tags)]
+    block, letters = FieldsCodec(spec, FeatureSpec((1,), "float32", 2)).decode(run_of(values))
+    assert not letters
+    assert block.x["user"].tolist() == [stable_hash(u) % 1000 for u in users]
+    assert block.x["tags"].tolist() == [
+        [1 + stable_hash(t) % 49 for t in row[:3]] + [0] * (3 - len(row[:3])) for row in tags
+    ]
+
+
+def test_tokens_past_the_length_are_cut_before_they_are_checked():
+    sample = events(3)
+    sample[1]["words"] = ["cheap", "fast", "loan", "house", {"not": "a token"}]
+    block, letters = codec().decode(run_of([orjson.dumps(e) for e in sample]))
+    assert not letters
+    assert block.x["words"][1].tolist() == [1, 2, 3, 4]
+
+
+def test_a_poll_parsed_in_chunks_decodes_as_one_parsed_whole(monkeypatch):
+    sample = events(13)
+    del sample[6]["loan"], sample[9]["words"]  # optional fields absent in later chunks
+    values = [orjson.dumps(e) for e in sample]
+    whole, letters = codec().decode(run_of(values))
+    assert not letters
+    monkeypatch.setattr(fields_module, "_PARSE_CHUNK", 4)
+    chunked, letters = codec().decode(run_of(values))
+    assert not letters
+    assert_same(chunked.x, whole.x)
+    np.testing.assert_array_equal(chunked.y, whole.y)
+    assert chunked.segments == whole.segments

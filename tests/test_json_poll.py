@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from continuity.stream import FeatureSpec, encode_json, make_codec
 from continuity.stream.records import PartitionRecords
@@ -65,3 +67,101 @@ def test_one_bad_record_in_a_poll_is_dead_lettered_with_its_reason_and_the_rest_
     assert reason in letters[0].reason
     np.testing.assert_array_equal(block.x, np.delete(xs, 3, axis=0))
     assert block.offsets.tolist() == [0, 1, 2, 4, 5]
+
+
+def _summary(decoded, drop_last: bool = False) -> tuple:
+    """What a decode gave, comparable: dead letters (offset, reason), then x, y, offsets and keys."""
+    block, letters = decoded
+    end = len(block) - drop_last
+    return (
+        [(letter.record.position.offset, letter.reason) for letter in letters],
+        block.x[:end].tolist(),
+        block.y[:end].tolist(),
+        block.offsets[:end].tolist(),
+        block.keys[:end],
+    )
+
+
+def _decoded_one_by_one(values: list[bytes]) -> tuple:
+    """`values` decoded in a poll that the compact parse cannot take (one more record carries a
+    segment), so every record is parsed alone; that record's example is left out."""
+    odd = encode_json(np.zeros(SPEC.shape, np.float32), 0, segment="odd")
+    return _summary(make_codec("json", SPEC).decode(_run([*values, odd])), drop_last=True)
+
+
+def test_a_compact_poll_decodes_exactly_as_its_records_parsed_one_by_one():
+    x, y, values = _clean(40, seed=3)
+    flat = [encode_json(x[i].reshape(-1), int(y[i])) for i in range(40)]
+    for poll in (values, flat):
+        assert _summary(make_codec("json", SPEC).decode(_run(poll))) == _decoded_one_by_one(poll)
+
+
+@pytest.mark.parametrize(
+    "x_text",
+    [
+        b"[[[01],[2],[3]],[[4],[5],[6]]]",  # a leading zero
+        b"[[[1.],[2],[3]],[[4],[5],[6]]]",  # no digit after the point
+        b"[[[.5],[2],[3]],[[4],[5],[6]]]",  # no digit before it
+        b"[[[+1],[2],[3]],[[4],[5],[6]]]",  # a plus sign
+        b"[[[1e],[2],[3]],[[4],[5],[6]]]",  # an exponent without digits
+        b"[[[-],[2],[3]],[[4],[5],[6]]]",  # a sign alone
+        b"[[[1-2],[2],[3]],[[4],[5],[6]]]",  # two numbers run together
+        b"[[[],[2],[3]],[[4],[5],[6]]]",  # a number missing: ragged
+        b"[[[1e999],[2],[3]],[[4],[5],[6]]]",  # beyond a double
+        b"[[[%s],[2],[3]],[[4],[5],[6]]]" % (b"9" * 400),  # an integer beyond a double
+    ],
+)
+def test_a_compact_record_whose_number_is_not_json_is_dead_lettered_and_the_rest_decode(x_text):
+    x, y, values = _clean(5)
+    values[2] = b'{"x":%s,"y":1}' % x_text
+    decoded = make_codec("json", SPEC).decode(_run(values))
+    assert _summary(decoded) == _decoded_one_by_one(values)
+    block, letters = decoded
+    assert [letter.record.position.offset for letter in letters] == [2]
+    assert block.offsets.tolist() == [0, 1, 3, 4]
+    np.testing.assert_array_equal(block.x, np.delete(x, 2, axis=0))
+
+
+def test_a_compact_record_split_across_two_records_is_two_dead_letters_not_one_example():
+    _, _, values = _clean(4)
+    whole = values[1]
+    cut = whole.index(b"],[") + 1
+    values[1:2] = [whole[:cut], whole[cut:]]  # each half bad; together they would read as one record
+    block, letters = make_codec("json", SPEC).decode(_run(values))
+    assert [letter.record.position.offset for letter in letters] == [1, 2]
+    assert block.offsets.tolist() == [0, 3, 4]
+
+
+@pytest.mark.parametrize("x", [[True, 0.5, 1, 2, 3, 4], [[[1.0], [False], [0.5]], [[0.1], [0.2], [0.3]]]])
+def test_a_boolean_among_numbers_in_x_is_a_dead_letter_not_a_one(x):
+    _, _, values = _clean(3)
+    values[1] = json.dumps({"x": x, "y": 1}).encode()
+    block, letters = make_codec("json", SPEC).decode(_run(values))
+    assert [letter.record.position.offset for letter in letters] == [1]
+    assert letters[0].reason == "bad shape: x is not a rectangular array of numbers"
+    assert block.offsets.tolist() == [0, 2]
+
+
+number_texts = st.text(alphabet="0123456789.eE+-", min_size=0, max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    numbers=st.lists(
+        st.lists(st.one_of(number_texts, st.floats(-1e6, 1e6).map(repr)), min_size=6, max_size=6),
+        min_size=1,
+        max_size=5,
+    ),
+    labels=st.lists(st.one_of(st.integers(-2, 12).map(str), number_texts), min_size=5, max_size=5),
+    flat=st.booleans(),
+)
+def test_compact_records_with_any_number_text_decode_as_parsed_one_by_one(numbers, labels, flat):
+    values = []
+    for row, label in zip(numbers, labels):
+        cells = [text.encode() for text in row]
+        if flat:
+            x_text = b"[%s]" % b",".join(cells)
+        else:
+            x_text = b"[%s]" % b",".join(b"[%s]" % b",".join(b"[%s]" % c for c in cells[i : i + 3]) for i in (0, 3))
+        values.append(b'{"x":%s,"y":%s}' % (x_text, label.encode()))
+    assert _summary(make_codec("json", SPEC).decode(_run(values))) == _decoded_one_by_one(values)

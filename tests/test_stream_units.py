@@ -201,6 +201,19 @@ def test_batcher_fixed_shapes_pad_mask_segments_and_positions():
     assert batcher.segment_names == ["zero", "one"]
 
 
+def test_a_batch_that_ends_a_block_moves_its_positions_past_the_empty_blocks_after_it():
+    batcher = Batcher(SPEC, 8)
+    block, x, y = _block(8)
+    empty, letters = BinaryCodec(SPEC).decode(_records([b"not a record"], first_offset=8))
+    empty.end = PartitionPosition(9, 0)  # as Ingest stamps it: past the dead letter
+    batcher.add(block)
+    batcher.add(empty)
+    batch = batcher.next_batch()
+    assert len(letters) == 1 and batch.size == 8 and batch.mask.all()
+    assert np.array_equal(batch.x, x) and np.array_equal(batch.y, y)
+    assert batch.positions == Positions({("t", 0): 9}) and len(batcher) == 0
+
+
 def test_holdout_is_deterministic_and_close_to_its_fraction():
     block, _, _ = _block(4000)
     holdout = Holdout(0.2)
