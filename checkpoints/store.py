@@ -441,6 +441,9 @@ class CheckpointStore:
             self._writer.shutdown(wait=True)
             self._manager.close()
             if self._ownership is not None:
+                # The last save may have failed with array writes still running (see `_write`);
+                # nothing else sweeps them before the next owner opens the store.
+                self._remove(self._unfinalized(), reason="late writes of a failed save")
                 self._ownership.release()
 
     # ---- reading ---------------------------------------------------------------------

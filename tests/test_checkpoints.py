@@ -396,6 +396,21 @@ def test_writes_a_failed_save_left_running_are_swept_before_the_next_save(tmp_pa
         assert [(e["checkpoint"], e["reason"]) for e in swept] == [(1, "late writes of a failed save")]
 
 
+def test_writes_a_failed_last_save_left_running_are_swept_when_the_owner_closes(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store._write = lambda *_args: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+    assert store.save(_small_state(1), {}, {"status": "good"}) == 1
+    with pytest.raises(CheckpointSaveError):
+        store.wait()
+    late = tmp_path / "1.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp"
+    late.mkdir(parents=True)
+    store.close()
+    assert not (tmp_path / "1.orbax-checkpoint-tmp").exists()
+    with CheckpointStore(tmp_path, create=False) as reader:
+        swept = [e for e in reader.ledger.read() if e["event"] == "delete"]
+    assert [(e["checkpoint"], e["reason"]) for e in swept] == [(1, "late writes of a failed save")]
+
+
 def test_an_unfinalized_directory_is_removed_when_the_owner_opens_the_store(tmp_path):
     with CheckpointStore(tmp_path) as store:
         store.save(_small_state(1), {}, {"status": "good"})
