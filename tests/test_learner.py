@@ -85,7 +85,8 @@ def test_no_retrace_over_100_steps_with_varying_valid_rows():
     jax.block_until_ready(state)
     assert compilation_count() == before
     assert learner.train_step._cache_size() == 1
-    assert int(state.step) == 101
+    empty = sum(1 for i in range(100) if i % (B + 1) == 0)  # a batch without rows takes no step
+    assert empty > 0 and int(state.step) == 101 - empty
 
 
 def test_padding_rows_have_no_effect_whatever_they_hold():
