@@ -383,6 +383,16 @@ def test_an_all_padding_micro_batch_changes_nothing_in_the_state():
     assert bool(metrics["finite"].all()) and int(metrics["examples"].sum()) == 0
 
 
+def test_train_step_given_an_all_padding_batch_changes_nothing_in_the_state():
+    learner = _learner()
+    state, _ = learner.train_steps(learner.init(0), learner.stack(list(_batches(1))))
+    before = _leaves(state)
+    state, metrics = learner.train_step(state, next(_batches(1, valid=lambda i: 0)))
+    for a, b in zip(before, _leaves(state)):
+        np.testing.assert_array_equal(a, b)
+    assert bool(metrics["finite"]) and int(metrics["examples"]) == 0 and float(metrics["loss"]) == 0.0
+
+
 def test_a_partly_filled_stack_compiles_nothing_after_warm_up():
     learner = _learner(steps_per_dispatch=8)
     state, _ = learner.train_steps(learner.init(0), learner.stack(list(_batches(8))))  # warm-up compiles once
