@@ -10,14 +10,14 @@ donated, so its buffers are reused in place.
 `train_steps(state, stack)` does `steps_per_dispatch` such updates in one dispatch (a
 `lax.scan` over a stack of micro-batches, `Learner.stack`): the Python, launch and copy
 cost of a dispatch is then paid once per K updates. Each update is exactly one
-`train_step`; a micro-batch without a row to train (a short stack's padding) is a no-op.
+`train_step`; a micro-batch without a row to train (a short stack's padding) changes nothing.
 
 With `devices` > 1 the same step runs data-parallel over a mesh of local devices: each
 batch's rows split over them, the state replicated (learner/devices.py).
 
 A non-finite loss or gradient costs only the rows behind it: the step finds the fresh
 rows whose loss or input is non-finite, masks them out and computes the update again
-without them (a `lax.while_loop` of at most two passes: a finite step runs one); they
+without them (a second pass, under a `lax.cond`: a finite step runs one); they
 are counted in `nonfinite_rows` and never enter the replay buffer. Only a step that is still
 non-finite (the cause lies in replayed rows, the EWC penalty or the parameters) is
 skipped whole and counted in `skipped_updates`.
@@ -47,6 +47,7 @@ from continuity.learner.devices import placement
 from continuity.learner.fisher import model_fisher
 from continuity.learner.state import Batch, LearnerState, StepTotals
 from continuity.learner.tasks import Task
+from continuity.learner.threefry import unroll_on_cpu
 from continuity.replay import ReplayPolicy
 from continuity.replay.state import rows_where
 
@@ -54,6 +55,7 @@ from continuity.replay.state import rows_where
 # CPU), the rest, and the few new rows the guard's cached models see, in small ones. Two
 # compiled shapes; the last chunk is padded, never recompiled.
 EVAL_BATCH, EVAL_BATCH_SMALL = 2048, 512
+unroll_on_cpu()  # the same random bits in fewer kernels (learner/threefry.py)
 FISHER_CHUNK = 32
 
 ModelFactory = Callable[..., nnx.Module]  # factory(rngs=, inputs=, outputs=) -> nnx.Module
@@ -328,24 +330,10 @@ class Learner:
 
     def _train_steps(self, state: LearnerState, batches: Batch) -> tuple[LearnerState, dict]:
         """`steps_per_dispatch` updates in one dispatch: `lax.scan` of the one-update step over
-        the stack's leading axis. Each update is exactly `train_step`'s; a micro-batch with no
-        row to train (a short stack's padding) changes nothing at all: no parameter, optimizer
-        or replay change, no step (so no randomness) consumed, no totals. (`train_step` given
-        an empty batch still takes a step, in which the optimizer's momentum moves the
-        parameters.) Metrics come back stacked, one entry per micro-batch (zeros, `finite`
-        True, for the empty ones)."""
-        blank = jax.tree.map(
-            lambda a: jnp.zeros(a.shape, a.dtype),
-            jax.eval_shape(self._train_step, state, jax.tree.map(lambda a: a[0], batches))[1],
-        )
-        blank["finite"] = jnp.ones((), bool)
-
-        def update(state: LearnerState, batch: Batch) -> tuple[LearnerState, dict]:
-            return jax.lax.cond(
-                jnp.any(jnp.asarray(batch.mask, bool)), self._train_step, lambda s, _: (s, blank), state, batch
-            )
-
-        return jax.lax.scan(update, state, batches)
+        the stack's leading axis. Each update is exactly `train_step`'s, so a micro-batch with
+        no row to train (a short stack's padding) changes nothing. Metrics come back stacked,
+        one entry per micro-batch (zeros, `finite` True, for the empty ones)."""
+        return jax.lax.scan(self._train_step, state, batches)
 
     def _train_step(self, state: LearnerState, batch: Batch) -> tuple[LearnerState, dict]:
         """One update. Metrics (device scalars): loss, fresh_loss, replay_loss, ewc_penalty,
@@ -354,11 +342,18 @@ class Learner:
         summed over the fresh rows before the update (right answers, or losses). Per row
         (shape [B]): `row_outcomes`, each row's outcome before the update as float32 (1/0, or
         a loss; 0 where not trained), and `row_trained`, the rows the update trained on: the
-        prequential (test-then-train) figures (continuity/prequential.py)."""
+        prequential (test-then-train) figures (continuity/prequential.py).
+
+        A batch with no row to train changes nothing at all: no parameter, optimizer or replay
+        change, no step (so no randomness) consumed, no totals; its metrics are zeros, `finite`
+        True. It is still computed and then selected away, not branched around: the step is
+        one straight line of kernels (a branch costs a host round trip per update on a GPU,
+        and copies of the state on the CPU: BENCHMARKS.md, issue 13)."""
         task = self.task
         key = jax.random.fold_in(state.rng, state.step)
         sample_key, insert_key = jax.random.split(key)
         mask = jnp.asarray(batch.mask, bool)
+        has_rows = jnp.any(mask)
         batch_rows = mask.shape[0]
         # Padding rows may hold anything; zero them so a NaN there cannot reach a gradient.
         # Each feature keeps its dtype: integer ids are never cast to float.
@@ -367,52 +362,46 @@ class Learner:
         replayed = (
             self.replay.sample(state.replay, sample_key, self.replay_batch_size) if self.replay is not None else None
         )
-        inputs_finite = _finite_rows(x, batch_rows)
 
         def finite(step: _Gradients) -> jax.Array:
             # One reduction serves both: any NaN/Inf gradient makes the global norm non-finite
             # (so does a norm that overflows float32, an update worth skipping too).
             return jnp.isfinite(step.loss) & jnp.isfinite(step.grad_norm)
 
-        def attempt(carry: tuple[jax.Array, _Gradients]) -> tuple[jax.Array, _Gradients]:
-            tries, last = carry
-            # A second attempt leaves out the rows whose loss or input was non-finite. Their inputs
+        def without_nonfinite_rows(first: _Gradients) -> _Gradients:
+            # The second pass leaves out the rows whose loss or input was non-finite. Their inputs
             # are zeroed, not just masked: a NaN that enters the forward pass reaches the gradient
             # through jnp.where's untaken branch (0 * NaN = NaN in the backward pass).
-            rows = jnp.where(tries == 0, mask, last.rows & jnp.isfinite(last.fresh_losses) & inputs_finite)
-            return tries + 1, self._gradients(state, _zero_rows(x, rows), rows_where(rows, y, 0), rows, replayed)
+            rows = first.rows & jnp.isfinite(first.fresh_losses) & _finite_rows(x, batch_rows)
+            return self._gradients(state, _zero_rows(x, rows), rows_where(rows, y, 0), rows, replayed)
 
-        def again(carry: tuple[jax.Array, _Gradients]) -> jax.Array:
-            tries, last = carry
-            return (tries == 0) | ((tries == 1) & ~finite(last))
-
-        # A loop of one or two attempts, not a cond with a second copy of the pass: the finite
-        # path then pays for no untaken branch (measured on the CPU: BENCHMARKS.md, Reliability).
-        blank = jax.tree.map(
-            lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(self._gradients, state, x, y, mask, replayed)
-        )
-        _, step = jax.lax.while_loop(again, attempt, (jnp.zeros((), jnp.int32), blank))
+        # The first pass trains on every row; only a non-finite one pays for a second pass.
+        first = self._gradients(state, x, y, mask, replayed)
+        step = jax.lax.cond(finite(first), lambda first: first, without_nonfinite_rows, first)
         ok = finite(step)
+        update = ok & has_rows
         updates, opt_state = self.optimizer.update(step.grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        # A step still non-finite without its bad rows changes nothing but the counters.
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        # A step still non-finite without its bad rows, or one without rows, changes nothing but
+        # the counters.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(update, n, o), new, old)  # noqa: E731
         params = keep(params, state.params)
         opt_state = keep(opt_state, state.opt_state)
         masked = jnp.sum(mask & ~step.rows, dtype=jnp.int32)
         replay_state = (
-            # masked rows are never inserted
+            # masked rows are never inserted; adding no row leaves the buffer as it was
             self.replay.add(state.replay, x, y, step.rows & ok, insert_key, task.replay_bucket(y))
             if self.replay is not None
             else None
         )
         trained = jnp.sum(step.rows, dtype=jnp.int32)
+        shown = lambda value: jnp.where(has_rows, value, jnp.zeros_like(value))  # noqa: E731
         metrics = {
-            "loss": step.loss,
-            "fresh_loss": step.fresh_loss,
-            "replay_loss": step.replay_loss,
-            "ewc_penalty": step.penalty,
-            "grad_norm": step.grad_norm,
+            "loss": shown(step.loss),
+            "fresh_loss": shown(step.fresh_loss),
+            "replay_loss": shown(step.replay_loss),
+            "ewc_penalty": shown(step.penalty),
+            "grad_norm": shown(step.grad_norm),
             "examples": trained,
             "nonfinite_rows": masked,
             "outcomes": step.score,
@@ -420,25 +409,28 @@ class Learner:
             # params before this update, and which rows were trained (a skipped step trains none).
             "row_outcomes": jnp.where(step.rows & ok, step.outcomes, 0.0),
             "row_trained": step.rows & ok,
-            "finite": ok,
+            "finite": ok | ~has_rows,
         }
-        skipped = (~ok).astype(jnp.int32)
+        skipped = (~ok & has_rows).astype(jnp.int32)
+        steps = has_rows.astype(jnp.int32)
         totals = state.totals
+        replayed_rows = (
+            jnp.sum(replayed[2] & has_rows, dtype=jnp.int32) if replayed is not None else jnp.zeros((), jnp.int32)
+        )
         new_state = state.replace(
-            step=state.step + 1,
+            step=state.step + steps,
             params=params,
             opt_state=opt_state,
             replay=replay_state,
             skipped_updates=state.skipped_updates + skipped,
             nonfinite_rows=state.nonfinite_rows + masked,
             totals=StepTotals(
-                steps=totals.steps + 1,
+                steps=totals.steps + steps,
                 skipped=totals.skipped + skipped,
-                loss=totals.loss + jnp.where(ok, step.loss, 0.0),
-                grad_norm=totals.grad_norm + jnp.where(ok, step.grad_norm, 0.0),
+                loss=totals.loss + jnp.where(update, step.loss, 0.0),
+                grad_norm=totals.grad_norm + jnp.where(update, step.grad_norm, 0.0),
                 fresh_rows=totals.fresh_rows + trained,
-                replayed_rows=totals.replayed_rows
-                + (jnp.sum(replayed[2], dtype=jnp.int32) if replayed is not None else jnp.zeros((), jnp.int32)),
+                replayed_rows=totals.replayed_rows + replayed_rows,
             ),
         )
         return new_state, metrics
@@ -468,17 +460,32 @@ class Learner:
                 if replayed is not None
                 else jnp.zeros(())
             )
-            penalty = ewc_lib.penalty(params, state.ewc) if self.ewc is not None else jnp.zeros(())
             # Scored with the params before this step's update: the test of test-then-train.
             outcomes = jnp.where(rows, task.outcomes(outputs[:fresh_rows], y, fresh_losses).astype(jnp.float32), 0.0)
             score = jnp.sum(outcomes)
-            return fresh_loss + replay_loss + penalty, (fresh_loss, replay_loss, penalty, score, outcomes, fresh_losses)
+            return fresh_loss + replay_loss, (fresh_loss, replay_loss, score, outcomes, fresh_losses)
 
-        (loss, (fresh_loss, replay_loss, penalty, score, outcomes, fresh_losses)), grads = jax.value_and_grad(
+        (data_loss, (fresh_loss, replay_loss, score, outcomes, fresh_losses)), grads = jax.value_and_grad(
             loss_fn, has_aux=True
         )(state.params)
+        if self.ewc is not None:
+            # The penalty's gradient is analytic (ewc.penalty_gradient), added rather than
+            # differentiated: the same figures, fewer kernels.
+            penalty = ewc_lib.penalty(state.params, state.ewc)
+            grads = jax.tree.map(jnp.add, grads, ewc_lib.penalty_gradient(state.params, state.ewc))
+        else:
+            penalty = jnp.zeros(())
         return _Gradients(
-            loss, fresh_loss, replay_loss, penalty, score, outcomes, fresh_losses, grads, optax.tree.norm(grads), rows
+            data_loss + penalty,
+            fresh_loss,
+            replay_loss,
+            penalty,
+            score,
+            outcomes,
+            fresh_losses,
+            grads,
+            optax.tree.norm(grads),
+            rows,
         )
 
     # ---- evaluation --------------------------------------------------------------------
