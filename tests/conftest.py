@@ -42,6 +42,9 @@ SHORT_SESSION_SET = f"stream.session_timeout_ms={SHORT_SESSION_TIMEOUT_MS}"  # t
 
 def pytest_collection_modifyitems(items):
     for item in items:
+        # A property search (hypothesis's @given) runs hundreds of inputs: slow wherever it is.
+        if getattr(getattr(item, "obj", None), "is_hypothesis_test", False) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
         # A test needs Kafka when it takes the session broker or its module starts brokers of its own.
         starts_brokers = getattr(item.module, "EmbeddedBroker", None) is not None
         if ("broker" in item.fixturenames or starts_brokers) and item.get_closest_marker("slow") is None:

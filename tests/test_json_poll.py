@@ -145,7 +145,6 @@ def test_a_boolean_among_numbers_in_x_is_a_dead_letter_not_a_one(x):
 number_texts = st.text(alphabet="0123456789.eE+-", min_size=0, max_size=6)
 
 
-@pytest.mark.slow  # a property search (hypothesis)
 @settings(max_examples=150, deadline=None)
 @given(
     numbers=st.lists(
