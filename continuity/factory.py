@@ -32,6 +32,7 @@ from flax import nnx
 from continuity import replay as replay_lib
 from continuity.config import ConfigError, labels_problem, replay_problem
 from continuity.learner import Classification, Learner, LearnerConfig, ModelConfig, ReplayConfig, Task, cnn, mlp
+from continuity.learner.devices import process_devices
 from continuity.learner.learner import ModelFactory
 from continuity.learner.schema import key_text, suggest
 from continuity.learner.tasks import MultiLabel, Regression
@@ -313,7 +314,9 @@ def learner_from_config(config: Config) -> Learner:
     """The service's learner: the config's learner sections for its stream's examples and labels
     (checked first: a bad model or optimizer is a ConfigError, exit status 2)."""
     check(config)
-    devices = device_count(config)
+    count = device_count(config)
+    # Joined ([scale] num_processes): one mesh over every process's devices.
+    devices: int | list[jax.Device] = process_devices(count) if jax.process_count() > 1 else count
     events = config.stream.field_spec()
     if events is not None:
         return learner_for_fields(config.learner, events, config.stream.num_classes, devices=devices)
@@ -338,7 +341,9 @@ def model_description(config: ModelConfig) -> dict:
     }
 
 
-def learner_for_fields(config: LearnerConfig, fields, num_classes: int | None, *, devices: int = 1) -> Learner:
+def learner_for_fields(
+    config: LearnerConfig, fields, num_classes: int | None, *, devices: int | Sequence[jax.Device] = 1
+) -> Learner:
     """The learner for named-field events: inputs as the feature spec (stream.fields.FieldSpec) describes
     them; the `mlp` preset embeds their integer ids in tables of the spec's sizes."""
     inputs = {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)) for name, (shape, dtype) in fields.inputs().items()}

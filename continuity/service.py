@@ -54,6 +54,7 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
         JsonLinesDeadLetters,
         KafkaDeadLetters,
         KafkaSource,
+        ProcessShare,
         make_codec,
     )
 
@@ -81,9 +82,18 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
         )
     settings = config.stream.kafka_settings()
     assigned = config.stream.kafka_settings(group=None)  # re-reading a range must not join the group
+    scale = config.scale
+    if scale.num_processes > 1:
+        # One of several processes: its share of the partitions, by assignment (stream/shares.py).
+        share = ProcessShare(scale.process_id, scale.num_processes)
 
-    def open_kafka(positions):
-        return KafkaSource(settings, start=positions)
+        def open_kafka(positions):
+            return KafkaSource(assigned, start=positions, share=share)
+
+    else:
+
+        def open_kafka(positions):
+            return KafkaSource(settings, start=positions)
 
     def open_range(positions):
         return KafkaSource(assigned, start=positions)

@@ -59,6 +59,18 @@ def local_devices(devices: int | Sequence[jax.Device]) -> list[jax.Device]:
     return chosen
 
 
+def process_devices(count: int) -> list[jax.Device]:
+    """The first `count` local devices of every process (after `jax.distributed.initialize`), in
+    process order: the devices of one mesh over all processes, each feeding `count` of them."""
+    by_process: dict[int, list[jax.Device]] = {}
+    for device in jax.devices():
+        by_process.setdefault(device.process_index, []).append(device)
+    short = {p: len(d) for p, d in by_process.items() if len(d) < count}
+    if short:
+        raise ValueError(f"`devices` = {count} per process, but some processes have fewer: {short}.")
+    return [d for p in sorted(by_process) for d in sorted(by_process[p], key=lambda d: d.id)[:count]]
+
+
 class OneDevice:
     """The state and every stack on one device; the step a plain jit (no mesh, no overhead)."""
 
