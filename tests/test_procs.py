@@ -1,0 +1,130 @@
+"""Several processes training one model: lockstep rounds (continuity/lockstep.py), each process
+reading its share of the partitions (stream/shares.py). The processes run as subprocesses joined
+by jax.distributed over gloo, each with one faked CPU device."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from continuity.learner import Batch, Classification, LearnerConfig, ModelConfig
+from continuity.lockstep import Lockstep
+from continuity.stream import Positions, create_topic
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _learner(k: int = 2):
+    from continuity.factory import build_learner
+
+    config = LearnerConfig(model=ModelConfig(kind="mlp", hidden=(8,)), batch_size=4, steps_per_dispatch=k)
+    return build_learner(config, inputs=jax.ShapeDtypeStruct((2,), np.float32), task=Classification(10))
+
+
+def _batch(value: float, rows: int = 4) -> Batch:
+    return Batch(np.full((rows, 2), value, np.float32), np.zeros(rows, np.int32), np.ones(rows, bool))
+
+
+def test_a_round_runs_the_fullest_process_s_stacks_and_the_others_pad_with_masked_micro_batches():
+    # Three processes had 3, 0 and 5 micro-batches ready: with K = 2 every one dispatches 3 stacks.
+    others = iter([[3, 12, 0, 0], [0, 0, 1, 0], [5, 20, 0, 0]])
+    lockstep = Lockstep(_learner(), gather=lambda mine: np.stack([next(others) for _ in range(3)]))
+    agreement = lockstep.agree(3, 12, ended=False, stop=False)
+    assert (agreement.dispatches, agreement.rows, agreement.ended, agreement.stop) == (3, 32, False, False)
+    stacks = lockstep.stacks([_batch(1.0), _batch(2.0), _batch(3.0)], agreement)
+    assert len(stacks) == 3 and all(s.mask.shape == (2, 4) for s in stacks)
+    masks = np.concatenate([s.mask for s in stacks])
+    assert masks.sum(axis=1).tolist() == [4, 4, 4, 0, 0, 0]  # its 3, then 3 masked micro-batches
+    assert stacks[1].x[0, 0, 0] == 3.0
+
+
+def test_the_stream_ends_only_when_every_process_has_ended_with_nothing_left_and_one_stop_stops_all():
+    tables = iter(
+        [
+            [[0, 0, 1, 0], [2, 8, 1, 0]],  # one still has batches: not the end
+            [[0, 0, 1, 0], [0, 0, 0, 0]],  # one is still reading
+            [[0, 0, 1, 0], [0, 0, 1, 0]],
+            [[1, 4, 0, 0], [0, 0, 0, 1]],
+        ]
+    )
+    lockstep = Lockstep(_learner(), gather=lambda mine: np.array(next(tables)))
+    assert [lockstep.agree(0, 0, ended=True, stop=False).ended for _ in range(3)] == [False, False, True]
+    assert lockstep.agree(1, 4, ended=False, stop=False).stop
+    assert lockstep.rounds == 4
+
+
+def test_every_process_s_positions_are_gathered_into_one_set():
+    mine = Positions({("t", 0): 5, ("t", 2): (7, 3)})
+    theirs = Positions({("t", 1): 9, ("t", 3): 1})
+
+    def gather(values):
+        if values.dtype == np.int64:  # the lengths
+            return np.array([[len(json.dumps(mine.to_json()))], [len(json.dumps(theirs.to_json()))]])
+        longest = len(values)
+        rows = []
+        for positions in (mine, theirs):
+            text = json.dumps(positions.to_json()).encode()
+            rows.append(np.frombuffer(text + b"\0" * (longest - len(text)), np.uint8))
+        return np.stack(rows)
+
+    assert Lockstep(_learner(), gather=gather).gather_positions(mine) == mine.merged(theirs)
+
+
+def _faked_one_device() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    }
+
+
+@pytest.mark.slow
+def test_two_processes_each_reading_two_of_four_partitions_train_every_record_once_in_lockstep(broker, topic_name):
+    from continuity.stream import BinaryCodec, FeatureSpec, free_port, produce_records
+
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 4)
+    codec = BinaryCodec(FeatureSpec((2,), "float32", 10))
+    n = 600
+    for partition in range(4):  # uneven partitions: 50, 75, 100 and 125 records
+        ids = [i for i in range(n) if (i * 7) % 4 == partition][: 50 + 25 * partition]
+        produce_records(
+            broker.bootstrap, topic, [(None, codec.encode(np.array([i, i]), i % 10)) for i in ids], partition=partition
+        )
+    expected = sorted(i for p in range(4) for i in [i for i in range(n) if (i * 7) % 4 == p][: 50 + 25 * p])
+    port = free_port()
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "procs_worker.py"), str(port), str(p), "2", broker.bootstrap, topic],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_faked_one_device(),
+        )
+        for p in (0, 1)
+    ]
+    reports = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=240)
+        assert worker.returncode == 0, err[-3000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    assert [r["devices"] for r in reports] == [2, 2]  # one mesh over both processes' devices
+    for report in reports:
+        assert {i for i in report["ids"]} and all((i * 7) % 4 % 2 == report["process"] for i in report["ids"])
+    trained = sorted(reports[0]["ids"] + reports[1]["ids"])
+    assert trained == expected  # every record once, nothing twice
+    # The global totals count every row once; both processes hold the same model.
+    assert reports[0]["fresh_rows"] == reports[1]["fresh_rows"] == len(expected)
+    assert reports[0]["digest"] == reports[1]["digest"]
+    assert reports[0]["rounds"] == reports[1]["rounds"]
+    ends = {p: 50 + 25 * p for p in range(4)}
+    for report in reports:  # every partition of every process, gathered
+        assert {e["partition"]: e["offset"] for e in report["positions"]} == ends
