@@ -176,6 +176,14 @@ class Service:
         progress_every_s: float | None = None,
         start_fresh: bool = False,
     ):
+        if config.scale.num_processes > 1:
+            # The learner, the partition shares and the lockstep rounds exist (continuity/lockstep.py);
+            # the loop's windows, guard and checkpoints do not run over several processes yet.
+            raise UsageError(
+                f"[scale] num_processes = {config.scale.num_processes}: process {config.scale.process_id} joined, "
+                'but the training loop does not run over several processes yet (README, "Scaling out"); '
+                "use num_processes = 1 with [scale] devices for the devices of one host"
+            )
         self.config = config
         self.stop_event = threading.Event()
         self.metrics = ServiceMetrics(self.metrics_state)

@@ -128,3 +128,46 @@ def test_two_processes_each_reading_two_of_four_partitions_train_every_record_on
     ends = {p: 50 + 25 * p for p in range(4)}
     for report in reports:  # every partition of every process, gathered
         assert {e["partition"]: e["offset"] for e in report["positions"]} == ends
+
+
+@pytest.mark.slow
+def test_serve_as_one_of_two_processes_joins_the_coordinator_then_says_the_loop_cannot_run_over_processes_yet(
+    tmp_path,
+):
+    from continuity.stream import free_port
+
+    port = free_port()
+    servers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "continuity.cli",
+                "serve",
+                "--set",
+                "scale.num_processes=2",
+                "--set",
+                f'scale.coordinator="127.0.0.1:{port}"',
+                "--set",
+                f'checkpoints.dir="{tmp_path / str(p)}"',
+                "--process-id",
+                str(p),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_faked_one_device(),
+        )
+        for p in (0, 1)
+    ]
+    for p, server in enumerate(servers):
+        _, err = server.communicate(timeout=120)
+        assert server.returncode == 2, err[-3000:]
+        assert f"process {p} of 2 joined at 127.0.0.1:{port}: 1 device(s) here, 2 in all" in err
+        assert (
+            err.strip()
+            .splitlines()[-1]
+            .startswith(
+                f"continuity: error: [scale] num_processes = 2: process {p} joined, but the training loop does not run"
+            )
+        )
