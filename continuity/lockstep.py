@@ -118,6 +118,27 @@ class Lockstep:
         labels = learner.task.labels
         return TrainBatch(x, np.zeros((rows, *labels.shape), labels.dtype), np.zeros(rows, bool))
 
+    def gather_rows(self, rows):
+        """Every process's rows (a PyTree of arrays with one leading length), concatenated in process
+        order: the held-out rows each process took this window, so every process's probe holds the
+        same rows and the guard, judging the same replicated model on them, reaches the same verdict.
+        Three all-gathers (the lengths, then the rows padded to the longest), at window close only."""
+        import jax
+
+        leaves = jax.tree.leaves(rows)
+        count = len(leaves[0]) if leaves else 0
+        counts = self._gather(np.array([count], np.int64)).reshape(-1)
+        longest = int(counts.max())
+
+        def gathered(leaf):
+            leaf = np.asarray(leaf)
+            padded = np.zeros((longest, *leaf.shape[1:]), leaf.dtype)
+            padded[:count] = leaf
+            table = self._gather(padded).reshape(len(counts), longest, *leaf.shape[1:])
+            return np.concatenate([table[p, :n] for p, n in enumerate(counts)])
+
+        return jax.tree.map(gathered, rows)
+
     def gather_positions(self, positions: Positions) -> Positions:
         """Every process's positions merged (each holds its own partitions'): what a checkpoint saves.
         Two small all-gathers (the lengths, then the padded JSON), at checkpoints only."""

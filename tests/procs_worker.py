@@ -4,7 +4,8 @@ its share of a Kafka topic's partitions; the parent (tests/test_procs.py) starts
 `python tests/procs_worker.py PORT PROCESS PROCESSES BOOTSTRAP TOPIC` reads partitions
 p % PROCESSES == PROCESS of TOPIC to its end, trains, and prints JSON: {"process", "devices",
 "ids" (the example ids it trained), "fresh_rows" (over all processes), "digest", "positions"
-(every process's, all-gathered), "rounds"}.
+(every process's, all-gathered), "rounds", "held_out" (the ids it held out for the probe),
+"probe" (every process's held-out ids, all-gathered)}.
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ from continuity.learner.devices import process_devices
 from continuity.lockstep import Lockstep
 from continuity.loop import params_digest
 from continuity.processes import join
-from continuity.stream import Batcher, BinaryCodec, FeatureSpec, Ingest, KafkaSettings, KafkaSource, ProcessShare
+from continuity.stream import (
+    Batcher,
+    BinaryCodec,
+    FeatureSpec,
+    Holdout,
+    Ingest,
+    KafkaSettings,
+    KafkaSource,
+    ProcessShare,
+)
 from continuity.stream.ingest import BatchStream
 
 SPEC = FeatureSpec((2,), "float32", 10)  # x = [id, id]: every example followed
@@ -43,10 +53,12 @@ def main() -> None:
         config, inputs=jax.ShapeDtypeStruct((2,), np.float32), task=Classification(10), devices=process_devices(1)
     )
     source = KafkaSource(KafkaSettings(bootstrap, (topic,)), share=ProcessShare(process, processes), until_end=True)
-    batcher = Batcher(SPEC, learner.process_rows, ownership=source.ownership)
+    holdout = Holdout(0.1, salt=0)
+    batcher = Batcher(SPEC, learner.process_rows, holdout=holdout, ownership=source.ownership)
     lockstep = Lockstep(learner, round_s=0.3)
     state = learner.init(0)
     ids: list[int] = []
+    held_out: list[int] = []  # the probe's rows, by example id
     with Ingest(source, BinaryCodec(SPEC)) as ingest:
         stream = BatchStream(ingest, batcher, flush_idle=True, max_wait_s=0.1)
         ended = False
@@ -54,6 +66,7 @@ def main() -> None:
             polled, ended_now = lockstep.poll(stream.next) if not ended else ([], True)
             ended = ended or ended_now
             batches = [Batch(b.x, b.y, b.train_mask) for b in polled]
+            held_out.extend(int(v) for b in polled for v in b.x[b.held_out][:, 0])
             for b in batches:
                 ids.extend(int(v) for v in b.x[b.mask][:, 0])
             agreement = lockstep.agree(len(batches), sum(int(b.mask.sum()) for b in batches), ended=ended, stop=False)
@@ -63,6 +76,7 @@ def main() -> None:
                 state, _ = learner.train_steps(state, learner.put_stack(stack))
     totals, state = learner.take_totals(state)
     positions = lockstep.gather_positions(batcher.positions)
+    probe = lockstep.gather_rows(np.array(held_out, np.int64))
     report = {
         "process": process,
         "devices": len(jax.devices()),
@@ -71,6 +85,8 @@ def main() -> None:
         "digest": params_digest(state),
         "positions": positions.to_json(),
         "rounds": lockstep.rounds,
+        "held_out": sorted(held_out),
+        "probe": probe.tolist(),
     }
     print(json.dumps(report), flush=True)
     jax.distributed.shutdown()

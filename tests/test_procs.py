@@ -77,6 +77,25 @@ def test_every_process_s_positions_are_gathered_into_one_set():
     assert Lockstep(_learner(), gather=gather).gather_positions(mine) == mine.merged(theirs)
 
 
+def test_held_out_rows_of_every_process_are_gathered_in_process_order():
+    # Process 0 held out 2 rows, process 1 three: both get the same five, padding dropped.
+    mine = {"x": np.array([[1.0, 1.0], [2.0, 2.0]], np.float32), "y": np.array([1, 2], np.int32)}
+    theirs = {"x": np.array([[3.0, 3.0], [4.0, 4.0], [5.0, 5.0]], np.float32), "y": np.array([3, 4, 5], np.int32)}
+
+    def gather(values):
+        if values.dtype == np.int64:
+            return np.array([[2], [3]])
+        longest = len(values)
+        leaf = "x" if values.ndim == 2 else "y"
+        padded = np.zeros((longest, *theirs[leaf].shape[1:]), theirs[leaf].dtype)
+        padded[:3] = theirs[leaf]
+        return np.stack([values, padded])
+
+    rows = Lockstep(_learner(), gather=gather).gather_rows(mine)
+    assert rows["y"].tolist() == [1, 2, 3, 4, 5]
+    assert rows["x"][:, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
 def _faked_one_device() -> dict[str, str]:
     return {
         **os.environ,
@@ -120,9 +139,12 @@ def test_two_processes_each_reading_two_of_four_partitions_train_every_record_on
     for report in reports:
         assert {i for i in report["ids"]} and all((i * 7) % 4 % 2 == report["process"] for i in report["ids"])
     trained = sorted(reports[0]["ids"] + reports[1]["ids"])
-    assert trained == expected  # every record once, nothing twice
-    # The global totals count every row once; both processes hold the same model.
-    assert reports[0]["fresh_rows"] == reports[1]["fresh_rows"] == len(expected)
+    held_out = sorted(reports[0]["held_out"] + reports[1]["held_out"])
+    assert held_out and sorted(trained + held_out) == expected  # every record once: trained or held out
+    # The global totals count every trained row once; both processes hold the same model.
+    assert reports[0]["fresh_rows"] == reports[1]["fresh_rows"] == len(trained)
+    # The probe's rows, gathered: the same on both processes, every process's held-out rows.
+    assert reports[0]["probe"] == reports[1]["probe"] and sorted(reports[0]["probe"]) == held_out
     assert reports[0]["digest"] == reports[1]["digest"]
     assert reports[0]["rounds"] == reports[1]["rounds"]
     ends = {p: 50 + 25 * p for p in range(4)}
