@@ -137,6 +137,23 @@ class Restored:
     verified: bool = False  # every array matched its saved digest (False: saved without digests)
 
 
+def _this_process_only(ocp) -> dict:
+    """Orbax options for a store of one of several processes (after jax.distributed.initialize): the
+    process that opens it is its only writer and reader, with no barrier waiting for the others.
+
+    A model trained over several processes is replicated, so one process holds all of it; that
+    process saves a host copy of it (and of every process's positions, gathered) like one
+    process would, the others save nothing. Orbax would otherwise make every process join
+    every save and restore. One process (the usual case): no option, Orbax as it always ran.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return {}
+    here = jax.process_index()
+    return {"multiprocessing_options": ocp.options.MultiprocessingOptions(primary_host=here, active_processes={here})}
+
+
 def _host_copy(tree):
     """Every array leaf copied into host NumPy memory: a device array's transfer, a NumPy array's copy."""
     import jax
@@ -232,6 +249,7 @@ class CheckpointStore:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
+                **_this_process_only(ocp),
                 max_to_keep=None,  # retention is ours: see checkpoints.retention
                 create=False,
                 # The store's writer thread is what makes saves asynchronous (see the module

@@ -139,6 +139,15 @@ class Lockstep:
 
         return jax.tree.map(gathered, rows)
 
+    @staticmethod
+    def from_process_zero(tree):
+        """Process 0's host values of `tree` on every process (the others pass a tree of the same
+        shapes): what process 0 alone restored from its store (checkpoints/store.py), for every
+        process to put on the mesh. One broadcast, at a restore only."""
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.broadcast_one_to_all(tree)
+
     def gather_positions(self, positions: Positions) -> Positions:
         """Every process's positions merged (each holds its own partitions'): what a checkpoint saves.
         Two small all-gathers (the lengths, then the padded JSON), at checkpoints only."""

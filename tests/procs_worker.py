@@ -1,11 +1,13 @@
 """One of several processes (jax.distributed over gloo) training one model in lockstep rounds from
 its share of a Kafka topic's partitions; the parent (tests/test_procs.py) starts them.
 
-`python tests/procs_worker.py PORT PROCESS PROCESSES BOOTSTRAP TOPIC` reads partitions
+`python tests/procs_worker.py PORT PROCESS PROCESSES BOOTSTRAP TOPIC [CHECKPOINTS]` reads partitions
 p % PROCESSES == PROCESS of TOPIC to its end, trains, and prints JSON: {"process", "devices",
 "ids" (the example ids it trained), "fresh_rows" (over all processes), "digest", "positions"
 (every process's, all-gathered), "rounds", "held_out" (the ids it held out for the probe),
-"probe" (every process's held-out ids, all-gathered)}.
+"probe" (every process's held-out ids, all-gathered), "restored_digest" (with CHECKPOINTS:
+process 0 saves the model there with every process's positions, restores it, and every
+process puts what it restored on the mesh)}.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import jax
 import numpy as np
 
+from continuity.checkpoints import CheckpointStore
 from continuity.config import ScaleConfig
 from continuity.learner import Batch, Classification, LearnerConfig, ModelConfig, ReplayConfig
 from continuity.learner.devices import process_devices
@@ -77,6 +80,17 @@ def main() -> None:
     totals, state = learner.take_totals(state)
     positions = lockstep.gather_positions(batcher.positions)
     probe = lockstep.gather_rows(np.array(held_out, np.int64))
+    restored_digest = None
+    if len(sys.argv) > 6:  # process 0 alone checkpoints the replicated model; every process gets it back
+        host = jax.tree.map(np.asarray, state)
+        if process == 0:
+            with CheckpointStore(sys.argv[6]) as store:
+                metadata = {"status": "good", "positions": positions.to_json(), "learner_step": int(state.step)}
+                store.save(state, {}, metadata)
+                store.wait()
+                host = store.restore(store.last_good(), state_like=host).state
+        restored = learner.placement.put_state(lockstep.from_process_zero(host))
+        restored_digest = params_digest(restored)
     report = {
         "process": process,
         "devices": len(jax.devices()),
@@ -87,6 +101,7 @@ def main() -> None:
         "rounds": lockstep.rounds,
         "held_out": sorted(held_out),
         "probe": probe.tolist(),
+        "restored_digest": restored_digest,
     }
     print(json.dumps(report), flush=True)
     jax.distributed.shutdown()

@@ -14,9 +14,13 @@ import jax
 import numpy as np
 import pytest
 
-from continuity.learner import Batch, Classification, LearnerConfig, ModelConfig
+from continuity.checkpoints import CheckpointStore
+from continuity.cli import main
+from continuity.learner import Batch, Classification, LearnerConfig, ModelConfig, ReplayConfig
 from continuity.lockstep import Lockstep
-from continuity.stream import Positions, create_topic
+from continuity.loop import params_digest
+from continuity.stream import Batcher, Ingest, KafkaSettings, KafkaSource, Positions, create_topic
+from continuity.stream.ingest import IDLE, BatchStream
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -106,7 +110,9 @@ def _faked_one_device() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_two_processes_each_reading_two_of_four_partitions_train_every_record_once_in_lockstep(broker, topic_name):
+def test_two_processes_each_reading_two_of_four_partitions_train_every_record_once_in_lockstep_and_one_resumes(
+    broker, topic_name, tmp_path
+):
     from continuity.stream import BinaryCodec, FeatureSpec, free_port, produce_records
 
     topic = topic_name()
@@ -122,7 +128,8 @@ def test_two_processes_each_reading_two_of_four_partitions_train_every_record_on
     port = free_port()
     workers = [
         subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "procs_worker.py"), str(port), str(p), "2", broker.bootstrap, topic],
+            [sys.executable, str(REPO / "tests" / "procs_worker.py"), str(port), str(p), "2", broker.bootstrap, topic]
+            + [str(tmp_path / "checkpoints")],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -150,6 +157,42 @@ def test_two_processes_each_reading_two_of_four_partitions_train_every_record_on
     ends = {p: 50 + 25 * p for p in range(4)}
     for report in reports:  # every partition of every process, gathered
         assert {e["partition"]: e["offset"] for e in report["positions"]} == ends
+    # Process 0 checkpointed the model alone; both put what it restored on the mesh.
+    assert reports[0]["restored_digest"] == reports[1]["restored_digest"] == reports[0]["digest"]
+
+    # A restart as ONE process resumes every partition at the position the two saved.
+    more = {p: [1000 + 10 * p + j for j in range(10)] for p in range(4)}
+    for p, ids in more.items():
+        produce_records(
+            broker.bootstrap, topic, [(None, codec.encode(np.array([i, i]), i % 10)) for i in ids], partition=p
+        )
+    with CheckpointStore(tmp_path / "checkpoints", create=False) as store:
+        saved = store.restore(store.last_good(), state_like=_worker_learner().init(0))
+    assert params_digest(saved.state) == reports[0]["digest"]
+    start = Positions.from_json(saved.metadata["positions"])
+    source = KafkaSource(KafkaSettings(broker.bootstrap, (topic,)), start=start, until_end=True)
+    batcher = Batcher(codec.spec, 16, ownership=source.ownership, start=start)
+    rest = []
+    with Ingest(source, codec) as ingest:
+        stream = BatchStream(ingest, batcher, max_wait_s=0.1)
+        while (batch := stream.next()) is not None:
+            if batch is not IDLE:
+                rest.extend(int(v) for v in batch.x[batch.mask][:, 0])
+    assert sorted(rest) == sorted(i for ids in more.values() for i in ids)  # the new records, and only them
+    assert main(["checkpoints", "list", "--dir", str(tmp_path / "checkpoints")]) == 0
+
+
+def _worker_learner():
+    """The learner tests/procs_worker.py trains, on one device."""
+    from continuity.factory import build_learner
+
+    config = LearnerConfig(
+        model=ModelConfig(kind="mlp", hidden=(16,)),
+        batch_size=16,
+        replay=ReplayConfig(capacity=64, batch_size=8),
+        steps_per_dispatch=2,
+    )
+    return build_learner(config, inputs=jax.ShapeDtypeStruct((2,), np.float32), task=Classification(10))
 
 
 @pytest.mark.slow
