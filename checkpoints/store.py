@@ -154,6 +154,14 @@ def _this_process_only(ocp) -> dict:
     return {"multiprocessing_options": ocp.options.MultiprocessingOptions(primary_host=here, active_processes={here})}
 
 
+def _spans_processes(tree) -> bool:
+    """True when `tree` holds arrays laid over devices of several processes (a model trained by
+    several processes): each process restores host values, the same everywhere, and puts them there."""
+    import jax
+
+    return any(isinstance(leaf, jax.Array) and not leaf.is_fully_addressable for leaf in jax.tree.leaves(tree))
+
+
 def _host_copy(tree):
     """Every array leaf copied into host NumPy memory: a device array's transfer, a NumPy array's copy."""
     import jax
@@ -509,6 +517,12 @@ class CheckpointStore:
         self._require(number)
         ocp = self._ocp
         self._check_target(number, state_like)
+        spanning = _spans_processes(state_like)
+        if spanning:  # arrays over several processes' devices: read to host, then put where `state_like` is
+            import jax
+
+            target = state_like
+            state_like = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), state_like)
         items = {"state": ocp.args.StandardRestore(state_like), "meta": ocp.args.JsonRestore()}
         has_probe = (self._step_directory(number) / "probe").is_dir()
         if has_probe:
@@ -526,7 +540,14 @@ class CheckpointStore:
         verified = self._check_digests(number, metadata, restored["state"], probe)
         if not verified:
             logger.warning("checkpoint %d was saved without content digests: restored unverified", number)
-        return Restored(number=number, state=restored["state"], probe=probe, metadata=metadata, verified=verified)
+        state = restored["state"]
+        if spanning:
+            state = jax.tree.map(
+                lambda host, like: jax.make_array_from_callback(host.shape, like.sharding, lambda index: host[index]),
+                state,
+                target,
+            )
+        return Restored(number=number, state=state, probe=probe, metadata=metadata, verified=verified)
 
     @staticmethod
     def _check_digests(number: int, metadata: dict, state, probe: Mapping) -> bool:

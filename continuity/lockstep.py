@@ -5,8 +5,8 @@ Every process of a multi-process mesh must make the same dispatches in the same 
 (stream/shares.py), which deliver at their own pace. A host collective before every step
 would tie the step rate to the slowest network round trip. Instead the processes move in
 rounds: each polls its stream for at most `round_s` (or until it holds `max_dispatches`
-stacks' worth of micro-batches), then ONE small all-gather of four numbers per process
-(micro-batches ready, fresh rows, stream ended, stop asked) tells every process the same
+stacks' worth of micro-batches), then ONE small all-gather of five numbers per process
+(micro-batches ready, fresh rows, stream ended, stop asked, window closing) tells every process the same
 thing: how many dispatches the round runs (enough for the fullest process), how many rows
 the round trains over all processes, whether every stream has ended, whether any process
 is stopping. A process with fewer micro-batches pads with masked ones; the step already
@@ -27,13 +27,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from continuity.learner import Batch as TrainBatch
 from continuity.learner import Learner
-from continuity.stream import Positions
+from continuity.learner.learner import feature_rows
+from continuity.loop import TrainingLoop, _Good
+from continuity.stream import NO_SEGMENT, Positions
 from continuity.stream.ingest import IDLE
 
 ROUND_S = 0.5  # how long a process polls before the round's agreement
@@ -55,6 +57,7 @@ class Agreement:
     rows: int  # fresh rows the round trains, over all processes
     ended: bool  # every process's stream has ended and none has anything left
     stop: bool  # some process was asked to stop
+    close: bool = False  # some process's clock closes the window (probe.every_seconds, a quiet stream)
 
 
 class Lockstep:
@@ -74,9 +77,9 @@ class Lockstep:
         self._gather = gather
         self.rounds = 0
 
-    def agree(self, batches: int, rows: int, *, ended: bool, stop: bool) -> Agreement:
+    def agree(self, batches: int, rows: int, *, ended: bool, stop: bool, close: bool = False) -> Agreement:
         """The round's one collective: this process's counts in, everyone's agreement out."""
-        table = self._gather(np.array([batches, rows, int(ended), int(stop)], np.int64)).reshape(-1, 4)
+        table = self._gather(np.array([batches, rows, int(ended), int(stop), int(close)], np.int64)).reshape(-1, 5)
         most = int(table[:, 0].max())
         k = self.learner.steps_per_dispatch
         self.rounds += 1
@@ -85,6 +88,7 @@ class Lockstep:
             rows=int(table[:, 1].sum()),
             ended=bool(table[:, 2].all()) and most == 0,
             stop=bool(table[:, 3].any()),
+            close=bool(table[:, 4].any()),
         )
 
     def poll(self, next_batch: Callable, *, stop: Callable[[], bool] = lambda: False) -> tuple[list, bool]:
@@ -148,16 +152,20 @@ class Lockstep:
 
         return multihost_utils.broadcast_one_to_all(tree)
 
-    def gather_positions(self, positions: Positions) -> Positions:
-        """Every process's positions merged (each holds its own partitions'): what a checkpoint saves.
-        Two small all-gathers (the lengths, then the padded JSON), at checkpoints only."""
-        text = np.frombuffer(json.dumps(positions.to_json()).encode(), np.uint8)
-        longest = int(self._gather(np.array([len(text)], np.int64)).max())
+    def gather_json(self, text: str) -> list[str]:
+        """Every process's `text`, in process order. Two small all-gathers (the lengths, then the
+        padded bytes)."""
+        data = np.frombuffer(text.encode(), np.uint8)
+        longest = int(self._gather(np.array([len(data)], np.int64)).max())
         padded = np.zeros(longest, np.uint8)
-        padded[: len(text)] = text
+        padded[: len(data)] = data
+        return [bytes(row).rstrip(b"\0").decode() for row in self._gather(padded).reshape(-1, longest)]
+
+    def gather_positions(self, positions: Positions) -> Positions:
+        """Every process's positions merged (each gives its own partitions'): what a checkpoint saves."""
         merged = Positions()
-        for row in self._gather(padded).reshape(-1, longest):
-            merged = merged.merged(Positions.from_json(bytes(row).rstrip(b"\0").decode()))
+        for text in self.gather_json(json.dumps(positions.to_json())):
+            merged = merged.merged(Positions.from_json(text))
         return merged
 
 
@@ -171,3 +179,135 @@ def _zeros_of(inputs, rows: int):
     if isinstance(inputs, dict):
         return {name: np.zeros((rows, *spec.shape), spec.dtype) for name, spec in inputs.items()}
     return np.zeros((rows, *inputs.shape), inputs.dtype)
+
+
+class LockstepLoop(TrainingLoop):
+    """The training loop as one of several processes training one model (`[scale] num_processes`).
+
+    Every process runs this loop over its share of the partitions (`share`), with its own
+    checkpoint store, and takes every decision from what all processes agree on:
+    - a window is trained in rounds (`Lockstep`) and closes at a round's end, when the rows
+      trained over all processes reach `probe.every_examples`, or on any process's clock
+      (`probe.every_seconds`), stop or the end of every stream;
+    - at its close, the rows each process held out are gathered, so every probe holds the
+      same rows; the guard judges the same replicated model on them and reaches the same
+      verdict, and accepts, rolls back, retries, quarantines or halts everywhere at once;
+    - the window's positions are every process's, gathered, so the checkpoint of every
+      process holds every partition (a restart with another process count resumes each);
+    - every accepted window is checkpointed (a clock-timed cadence would differ between
+      processes), so the stores hold the same checkpoints and each restart restores the same;
+    - a quarantine copies each process's own partitions' records of the window.
+    Not run over processes (each needs what only one process holds): the window checks on
+    the window's sampled rows (off), an excision or split of a regressed window (the whole
+    window is retried or quarantined), the EWC Fisher from recent rows when replay is off,
+    operator requests (no admin endpoints), and a halt on lost positions (one process would
+    stop alone: the others wait at the next round).
+    """
+
+    def __init__(self, stream, learner: Learner, store, *, lockstep: Lockstep, share, guard, **kwargs):
+        super().__init__(stream, learner, store, guard=replace(guard, window_sample=0), **kwargs)
+        self.lockstep = lockstep
+        self.share = share
+        self._agreed_stop = False  # a stop some process asked for, agreed at a round
+
+    def stopping(self) -> bool:
+        """Only what every process knows: a stop agreed at a round, or the examples limit (counted over
+        all processes). A stop asked of this process alone goes into the next round's agreement."""
+        limit = self.max_examples is not None and self.summary.examples_trained >= self.max_examples
+        return self._agreed_stop or limit
+
+    def _asked_to_stop(self) -> bool:
+        return super().stopping()
+
+    def _checkpoint_due(self, good: _Good) -> bool:
+        return good is not self._saved
+
+    def _own(self, positions: Positions) -> Positions:
+        return Positions({k: v for k, v in positions.items() if self.share.owns(k.topic, k.partition)})
+
+    def _quarantine(self, start: Positions, end: Positions, verdict) -> int:
+        return super()._quarantine(self._own(start), self._own(end), verdict)
+
+    def _train_window(self, state, reader, probe, good: _Good):
+        lockstep = self.lockstep
+        trained = 0
+        ended = False
+        started = time.monotonic()
+        every_s = self.guard_config.every_seconds if self.stream.live else 0
+        judge_idle_s = self.stream.judge_idle_s
+        last_rows = started
+        self._trace = []  # no excision over processes: a regressed window is retried or quarantined whole
+        held: list[tuple] = []  # (x, y, segment ids) this process held out
+        done_here = False
+        while True:
+            polled, done_now = ([], True) if done_here else lockstep.poll(reader.next, stop=self._asked_to_stop)
+            done_here = done_here or done_now
+            batches = []
+            for batch in polled:
+                if batch.held_out.any():
+                    rows = np.flatnonzero(batch.held_out)
+                    held.append((feature_rows(batch.x, rows), batch.y[rows], batch.segment[rows]))
+                batches.append(TrainBatch(batch.x, batch.y, batch.train_mask))
+            rows_here = sum(int(b.mask.sum()) for b in batches)
+            now = time.monotonic()
+            if rows_here:
+                last_rows = now
+            close = bool(trained) and (
+                bool(every_s and now - started >= every_s)
+                or (judge_idle_s is not None and not rows_here and now - last_rows > judge_idle_s)
+            )
+            agreement = lockstep.agree(
+                len(batches), rows_here, ended=done_here, stop=self._asked_to_stop(), close=close
+            )
+            self._agreed_stop = self._agreed_stop or agreement.stop
+            for stack in lockstep.stacks(batches, agreement):
+                state = self._dispatch_stack(state, stack)
+            trained += agreement.rows
+            self.summary.examples_trained += agreement.rows  # over all processes: every one stops alike
+            self._maybe_report(state, good)
+            if agreement.ended:
+                ended = True
+                break
+            if agreement.stop or agreement.close or trained >= self.guard_config.every_examples:
+                break
+        self._hold_out_everywhere(probe, reader.batcher.segment_names, held)
+        positions = good.positions.merged(lockstep.gather_positions(self._own(reader.batcher.positions)))
+        return state, positions, ended, None
+
+    def _dispatch_stack(self, state, stack: TrainBatch):
+        on_device = self.learner.put_stack(stack)
+        tick = time.perf_counter()
+        state, metrics = self.learner.train_steps(state, on_device)
+        self._step_seconds.append(time.perf_counter() - tick)
+        # The rows' segments differ between processes: the prequential figures count them unsegmented.
+        segments = np.full(np.shape(metrics["row_trained"]), NO_SEGMENT, np.int32)
+        self.prequential.record(metrics["row_outcomes"], metrics["row_trained"], segments, [])
+        return state
+
+    def _hold_out_everywhere(self, probe, segment_names: list, held: list[tuple]) -> None:
+        """Every process's held-out rows of the window, added to every probe in process order."""
+        import jax
+
+        lockstep = self.lockstep
+        names = [json.loads(text) for text in lockstep.gather_json(json.dumps(list(segment_names)))]
+        if held:
+            x = jax.tree.map(lambda *parts: np.concatenate(parts), *(h[0] for h in held))
+            y = np.concatenate([h[1] for h in held])
+            ids = np.concatenate([h[2] for h in held]).astype(np.int32)
+        else:
+            x = _zeros_of(self.learner.inputs, 0)
+            labels = self.learner.task.labels
+            y, ids = np.zeros((0, *labels.shape), labels.dtype), np.zeros(0, np.int32)
+        origin = np.full(len(ids), jax.process_index(), np.int32)
+        rows = lockstep.gather_rows({"x": x, "y": y, "segment": ids, "process": origin})
+        for process, process_names in enumerate(names):
+            mine = rows["process"] == process
+            segment = rows["segment"][mine]
+            xs = jax.tree.map(lambda leaf, mine=mine: leaf[mine], rows["x"])
+            ys = rows["y"][mine]
+            for segment_id in np.unique(segment):
+                chosen = np.flatnonzero(segment == segment_id)
+                if segment_id == NO_SEGMENT:
+                    probe.add_unsegmented(feature_rows(xs, chosen), ys[chosen])
+                else:
+                    probe.add(process_names[segment_id], feature_rows(xs, chosen), ys[chosen])

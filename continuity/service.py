@@ -18,11 +18,14 @@ one, handed over by the loop as each checkpoint of it is finalized (continuity/s
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -111,6 +114,17 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
     )
 
 
+def process_config(config: Config) -> Config:
+    """The config of process `scale.process_id` of several: process 0 keeps `checkpoints.dir` (so a
+    restart as one process resumes from it); process i > 0 keeps its store, dead letters and
+    quarantine beside it, in `<dir>.process-<i>` (each process holds its own store)."""
+    scale = config.scale
+    if scale.process_id == 0:
+        return config
+    directory = f"{config.checkpoints.dir.rstrip('/')}.process-{scale.process_id}"
+    return dataclasses.replace(config, checkpoints=dataclasses.replace(config.checkpoints, dir=directory))
+
+
 def open_store(config: Config):
     """The service's checkpoint store, owned (locked) by this process; a garbled store.json is rebuilt.
 
@@ -177,13 +191,8 @@ class Service:
         start_fresh: bool = False,
     ):
         if config.scale.num_processes > 1:
-            # The learner, the partition shares and the lockstep rounds exist (continuity/lockstep.py);
-            # the loop's windows, guard and checkpoints do not run over several processes yet.
-            raise UsageError(
-                f"[scale] num_processes = {config.scale.num_processes}: process {config.scale.process_id} joined, "
-                'but the training loop does not run over several processes yet (README, "Scaling out"); '
-                "use num_processes = 1 with [scale] devices for the devices of one host"
-            )
+            config = process_config(config)
+            http = False  # not served by several processes yet (README, "Several processes")
         self.config = config
         self.stop_event = threading.Event()
         self.metrics = ServiceMetrics(self.metrics_state)
@@ -212,7 +221,14 @@ class Service:
                 self.learner, model=model_description(config.learner.model), config_digest=config.digest()
             )
             self.publisher = Publisher(config.publish.dir, spec)
-        self.loop = TrainingLoop(
+        loop_class: Callable[..., TrainingLoop] = TrainingLoop
+        if config.scale.num_processes > 1:  # one of several processes: the same loop, in lockstep rounds
+            from continuity.lockstep import Lockstep, LockstepLoop
+            from continuity.stream import ProcessShare
+
+            share = ProcessShare(config.scale.process_id, config.scale.num_processes)
+            loop_class = functools.partial(LockstepLoop, lockstep=Lockstep(self.learner), share=share)
+        self.loop = loop_class(
             self.stream,
             self.learner,
             self.store,

@@ -38,10 +38,16 @@ def _batch(value: float, rows: int = 4) -> Batch:
 
 def test_a_round_runs_the_fullest_process_s_stacks_and_the_others_pad_with_masked_micro_batches():
     # Three processes had 3, 0 and 5 micro-batches ready: with K = 2 every one dispatches 3 stacks.
-    others = iter([[3, 12, 0, 0], [0, 0, 1, 0], [5, 20, 0, 0]])
+    others = iter([[3, 12, 0, 0, 0], [0, 0, 1, 0, 0], [5, 20, 0, 0, 0]])
     lockstep = Lockstep(_learner(), gather=lambda mine: np.stack([next(others) for _ in range(3)]))
     agreement = lockstep.agree(3, 12, ended=False, stop=False)
-    assert (agreement.dispatches, agreement.rows, agreement.ended, agreement.stop) == (3, 32, False, False)
+    assert (agreement.dispatches, agreement.rows, agreement.ended, agreement.stop, agreement.close) == (
+        3,
+        32,
+        False,
+        False,
+        False,
+    )
     stacks = lockstep.stacks([_batch(1.0), _batch(2.0), _batch(3.0)], agreement)
     assert len(stacks) == 3 and all(s.mask.shape == (2, 4) for s in stacks)
     masks = np.concatenate([s.mask for s in stacks])
@@ -52,15 +58,16 @@ def test_a_round_runs_the_fullest_process_s_stacks_and_the_others_pad_with_maske
 def test_the_stream_ends_only_when_every_process_has_ended_with_nothing_left_and_one_stop_stops_all():
     tables = iter(
         [
-            [[0, 0, 1, 0], [2, 8, 1, 0]],  # one still has batches: not the end
-            [[0, 0, 1, 0], [0, 0, 0, 0]],  # one is still reading
-            [[0, 0, 1, 0], [0, 0, 1, 0]],
-            [[1, 4, 0, 0], [0, 0, 0, 1]],
+            [[0, 0, 1, 0, 0], [2, 8, 1, 0, 0]],  # one still has batches: not the end
+            [[0, 0, 1, 0, 0], [0, 0, 0, 0, 0]],  # one is still reading
+            [[0, 0, 1, 0, 0], [0, 0, 1, 0, 0]],
+            [[1, 4, 0, 0, 1], [0, 0, 0, 1, 0]],
         ]
     )
     lockstep = Lockstep(_learner(), gather=lambda mine: np.array(next(tables)))
     assert [lockstep.agree(0, 0, ended=True, stop=False).ended for _ in range(3)] == [False, False, True]
-    assert lockstep.agree(1, 4, ended=False, stop=False).stop
+    last = lockstep.agree(1, 4, ended=False, stop=False, close=True)
+    assert last.stop and last.close
     assert lockstep.rounds == 4
 
 
@@ -195,29 +202,38 @@ def _worker_learner():
     return build_learner(config, inputs=jax.ShapeDtypeStruct((2,), np.float32), task=Classification(10))
 
 
-@pytest.mark.slow
-def test_serve_as_one_of_two_processes_joins_the_coordinator_then_says_the_loop_cannot_run_over_processes_yet(
-    tmp_path,
-):
-    from continuity.stream import free_port
+def _ledger_chains(entries: list[dict], ends: dict[int, int]) -> None:
+    """The accepted checkpoints' windows follow each other without gap or overlap up to `ends`."""
+    reached: dict[int, int] = {}
+    for entry in entries:
+        if entry["event"] != "accept":
+            continue
+        start = {p["partition"]: p["offset"] for p in entry["from"]}
+        assert start == {k: v for k, v in reached.items() if k in start}, (start, reached)
+        reached = {p["partition"]: p["offset"] for p in entry["positions"]}
+    assert reached == ends
 
+
+@pytest.mark.slow
+def test_two_serving_processes_over_four_partitions_train_one_model_in_lockstep_windows_and_checkpoint_every_partition(
+    broker, topic_name, tmp_path
+):
+    from continuity.checkpoints.ledger import Ledger
+    from continuity.stream import BinaryCodec, FeatureSpec, free_port, produce_records
+
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 4)
+    codec = BinaryCodec(FeatureSpec((2,), "float32", 10))
+    ends = {p: 60 + 30 * p for p in range(4)}  # 60, 90, 120 and 150 records
+    for p, count in ends.items():
+        records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(1000 * p, 1000 * p + count)]
+        produce_records(broker.bootstrap, topic, records, partition=p)
     port = free_port()
-    servers = [
+    directory = tmp_path / "checkpoints"
+    workers = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "continuity.cli",
-                "serve",
-                "--set",
-                "scale.num_processes=2",
-                "--set",
-                f'scale.coordinator="127.0.0.1:{port}"',
-                "--set",
-                f'checkpoints.dir="{tmp_path / str(p)}"',
-                "--process-id",
-                str(p),
-            ],
+            [sys.executable, str(REPO / "tests" / "procs_service.py"), str(port), str(p), "2"]
+            + [broker.bootstrap, topic, str(directory)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -225,14 +241,36 @@ def test_serve_as_one_of_two_processes_joins_the_coordinator_then_says_the_loop_
         )
         for p in (0, 1)
     ]
-    for p, server in enumerate(servers):
-        _, err = server.communicate(timeout=120)
-        assert server.returncode == 2, err[-3000:]
+    reports = []
+    for p, worker in enumerate(workers):
+        out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-3000:]
         assert f"process {p} of 2 joined at 127.0.0.1:{port}: 1 device(s) here, 2 in all" in err
-        assert (
-            err.strip()
-            .splitlines()[-1]
-            .startswith(
-                f"continuity: error: [scale] num_processes = 2: process {p} joined, but the training loop does not run"
-            )
-        )
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    summaries = [r["summary"] for r in reports]
+    assert reports[0]["digest"] == reports[1]["digest"]  # one model
+    assert summaries[0]["windows"] == summaries[1]["windows"] >= 2  # windows closed at the same steps
+    assert summaries[0]["examples_trained"] == summaries[1]["examples_trained"]
+    everything = sum(ends.values())
+    assert 0.8 * everything < summaries[0]["examples_trained"] < everything  # all but the held-out ~10%
+    for summary in summaries:  # every partition of every process, in both stores
+        assert summary["positions"] == {f"{topic}/{p}": end for p, end in ends.items()}
+    for store in (directory, tmp_path / "checkpoints.process-1"):
+        _ledger_chains(Ledger(store / "ledger.jsonl").read(), ends)
+    # A restart as ONE process from process 0's store resumes every partition at its saved position.
+    for p in range(4):
+        records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(1000 * p + 500, 1000 * p + 510)]
+        produce_records(broker.bootstrap, topic, records, partition=p)
+    from procs_service import settings
+
+    from continuity.config import load_config
+    from continuity.service import Service
+
+    one = Service(load_config(None, settings(broker.bootstrap, topic, str(directory))), idle_timeout_s=4.0, http=False)
+    summary = one.run()
+    assert summary.restored_from is not None
+    after = {p: end + 10 for p, end in ends.items()}
+    assert summary.positions == {f"{topic}/{p}": end for p, end in after.items()}
+    assert 0 < summary.examples_trained <= 40  # the new records only (less what was held out)
+    _ledger_chains(Ledger(directory / "ledger.jsonl").read(), after)
+    assert main(["checkpoints", "list", "--dir", str(directory)]) == 0
