@@ -138,8 +138,9 @@ class Restored:
 
 
 def _this_process_only(ocp) -> dict:
-    """Orbax options for a store of one of several processes (after jax.distributed.initialize): the
-    process that opens it is its only writer and reader, with no barrier waiting for the others.
+    """Orbax options (for the manager and each item's handler) for a store of one of several processes
+    (after jax.distributed.initialize): the process that opens it is its only writer and reader,
+    with no barrier waiting for the others.
 
     A model trained over several processes is replicated, so one process holds all of it; that
     process saves a host copy of it (and of every process's positions, gathered) like one
@@ -254,10 +255,11 @@ class CheckpointStore:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        alone = _this_process_only(ocp)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                **_this_process_only(ocp),
+                **alone,
                 max_to_keep=None,  # retention is ours: see checkpoints.retention
                 create=False,
                 # The store's writer thread is what makes saves asynchronous (see the module
@@ -267,9 +269,9 @@ class CheckpointStore:
                 enable_background_delete=False,
             ),
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "probe": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
+                "state": ocp.StandardCheckpointHandler(**alone),
+                "probe": ocp.StandardCheckpointHandler(**alone),
+                "meta": ocp.JsonCheckpointHandler(**alone),
             },
         )
         self._lock = threading.RLock()

@@ -143,6 +143,16 @@ class Lockstep:
 
         return jax.tree.map(gathered, rows)
 
+    def broadcast_bytes(self, data: bytes) -> bytes:
+        """Process 0's `data` on every process (the others pass anything). Two broadcasts."""
+        from jax.experimental import multihost_utils
+
+        length = int(np.asarray(multihost_utils.broadcast_one_to_all(np.array([len(data)], np.int64)))[0])
+        padded = np.zeros(length, np.uint8)
+        if data:
+            padded[: len(data)] = np.frombuffer(data, np.uint8)[:length]
+        return np.asarray(multihost_utils.broadcast_one_to_all(padded)).tobytes()
+
     @staticmethod
     def from_process_zero(tree):
         """Process 0's host values of `tree` on every process (the others pass a tree of the same
@@ -218,6 +228,39 @@ class LockstepLoop(TrainingLoop):
 
     def _asked_to_stop(self) -> bool:
         return super().stopping()
+
+    def _restore_or_start(self):
+        """Process 0 restores its store's newest good checkpoint (or starts fresh) and hands what it
+        restored to every other process, which builds the same state, probe and positions from it."""
+        import jax
+
+        self._restored = None
+        if jax.process_index() == 0:
+            state, good = super()._restore_or_start()
+            self.lockstep.broadcast_bytes(_pack(self._restored, state))
+            return state, good
+        payload = self.lockstep.broadcast_bytes(b"")
+        if not payload:  # process 0 started fresh: so does every process (the same seed)
+            return super()._restore_or_start()
+        restored = _unpack(payload, self.learner.init(self.seed))
+        state, good = self._from_restored(restored)
+        self.summary.restored_from = self.summary.last_checkpoint = restored.number
+        return state, good
+
+    def _from_restored(self, restored):
+        self._restored = restored
+        return super()._from_restored(restored)
+
+    def _checkpoint(self, good: _Good, *, quarantined: int = 0) -> None:
+        """Process 0 saves the replicated model with every process's positions (Orbax writes host
+        arrays from process 0 only); the others note it as saved, keeping their ledger of decisions."""
+        import jax
+
+        if jax.process_index() == 0:
+            super()._checkpoint(good, quarantined=quarantined)
+            return
+        if good is not self._saved:
+            self._saved = self._finalized = good
 
     def _checkpoint_due(self, good: _Good) -> bool:
         return good is not self._saved
@@ -311,3 +354,74 @@ class LockstepLoop(TrainingLoop):
                     probe.add_unsegmented(feature_rows(xs, chosen), ys[chosen])
                 else:
                     probe.add(process_names[segment_id], feature_rows(xs, chosen), ys[chosen])
+
+
+def _pack(restored, state) -> bytes:
+    """A restored checkpoint as bytes (empty: none was restored): its state's host arrays in leaf
+    order, its probe arrays and its metadata, in one .npz (no pickles)."""
+    if restored is None:
+        return b""
+    import io
+
+    import jax
+
+    arrays = {f"state.{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(state))}
+    arrays.update({f"probe.{path}": value for path, value in _flat(restored.probe).items()})
+    meta = {"number": restored.number, "metadata": restored.metadata, "verified": restored.verified}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    out = io.BytesIO()
+    np.savez(out, **arrays)  # type: ignore[arg-type]
+    return out.getvalue()
+
+
+def _unpack(payload: bytes, like):
+    """What `_pack` packed, the state laid out as `like` (a fresh state on the mesh)."""
+    import io
+
+    import jax
+
+    from continuity.checkpoints import Restored
+
+    with np.load(io.BytesIO(payload), allow_pickle=False) as data:
+        meta = json.loads(data["meta"].tobytes().decode())
+        leaves, tree = jax.tree.flatten(like)
+        host = [data[f"state.{i}"] for i in range(len(leaves))]
+        probe = _nested({name.removeprefix("probe."): data[name] for name in data.files if name.startswith("probe.")})
+    state = jax.tree.unflatten(tree, [_on_mesh(h, leaf.sharding) for h, leaf in zip(host, leaves)])
+    return Restored(
+        number=meta["number"], state=state, probe=probe, metadata=meta["metadata"], verified=meta["verified"]
+    )
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested dicts of arrays as {"a/b/c": array} (the probe item: segments of x and y)."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat(value, path + "/"))
+        else:
+            out[path] = np.asarray(value)
+    return out
+
+
+def _nested(flat: dict[str, np.ndarray]) -> dict:
+    """What `_flat` flattened."""
+    out: dict = {}
+    for path, value in flat.items():
+        *parents, last = path.split("/")
+        node = out
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[last] = value
+    return out
+
+
+def _on_mesh(host: np.ndarray, sharding):
+    """A host array, the same on every process, laid out as `sharding` over every process's devices."""
+    import jax
+
+    def shard(index):
+        return host[index]
+
+    return jax.make_array_from_callback(host.shape, sharding, shard)

@@ -24,10 +24,10 @@ Given the devices of several processes (`jax.devices()` after `jax.distributed.i
 the mesh spans them: each process stacks only its share of each micro-batch's rows
 (`batch_size / processes`) and `put_stack` assembles the global batch from the shares
 (`jax.make_array_from_process_local_data`); every process must make the same calls in the
-same order. The service's pieces for that exist (`[scale] num_processes` joins the processes
-and builds this mesh over the first `[scale] devices` of each, `process_devices`; each process
-reads its share of the partitions; continuity/lockstep.py's rounds keep the dispatches equal),
-but its training loop still runs as one process.
+same order. The service runs as N such processes (`[scale] num_processes`): each joins, builds
+this mesh over the first `[scale] devices` of every process (`process_devices`), reads its share
+of the partitions, and moves in lockstep rounds so the dispatches are the same everywhere
+(continuity/lockstep.py).
 """
 
 from __future__ import annotations

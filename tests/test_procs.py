@@ -189,6 +189,16 @@ def test_two_processes_each_reading_two_of_four_partitions_train_every_record_on
     assert main(["checkpoints", "list", "--dir", str(tmp_path / "checkpoints")]) == 0
 
 
+def _worker_like():
+    """The state tests/procs_service.py trains, on one device (its config's learner)."""
+    from procs_service import settings
+
+    from continuity.config import load_config
+    from continuity.service import build_learner
+
+    return build_learner(load_config(None, settings("h:1", "t", "unused"))).init(0)
+
+
 def _worker_learner():
     """The learner tests/procs_worker.py trains, on one device."""
     from continuity.factory import build_learner
@@ -255,8 +265,16 @@ def test_two_serving_processes_over_four_partitions_train_one_model_in_lockstep_
     assert 0.8 * everything < summaries[0]["examples_trained"] < everything  # all but the held-out ~10%
     for summary in summaries:  # every partition of every process, in both stores
         assert summary["positions"] == {f"{topic}/{p}": end for p, end in ends.items()}
-    for store in (directory, tmp_path / "checkpoints.process-1"):
-        _ledger_chains(Ledger(store / "ledger.jsonl").read(), ends)
+    _ledger_chains(Ledger(directory / "ledger.jsonl").read(), ends)  # process 0's store holds the model
+    with CheckpointStore(directory, create=False) as store:
+        assert [info.condition for info in store.list()] == ["intact"] * len(store.numbers())
+        assert params_digest(store.restore(store.last_good(), state_like=_worker_like()).state) == reports[1]["digest"]
+    # Process 1 judged the same windows (its ledger of decisions) and saved no arrays.
+    judged = [Ledger(d / "ledger.jsonl").read() for d in (directory, tmp_path / "checkpoints.process-1")]
+    assert [e["to"] for e in judged[0] if e["event"] == "probe"] == [
+        e["to"] for e in judged[1] if e["event"] == "probe"
+    ]
+    assert CheckpointStore(tmp_path / "checkpoints.process-1", create=False).numbers() == []
     # A restart as ONE process from process 0's store resumes every partition at its saved position.
     for p in range(4):
         records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(1000 * p + 500, 1000 * p + 510)]
@@ -274,3 +292,30 @@ def test_two_serving_processes_over_four_partitions_train_one_model_in_lockstep_
     assert 0 < summary.examples_trained <= 40  # the new records only (less what was held out)
     _ledger_chains(Ledger(directory / "ledger.jsonl").read(), after)
     assert main(["checkpoints", "list", "--dir", str(directory)]) == 0
+
+    # Two processes again, on the store the one process moved on: process 1 takes process 0's restore.
+    for p in range(4):
+        records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(1000 * p + 600, 1000 * p + 605)]
+        produce_records(broker.bootstrap, topic, records, partition=p)
+    port = free_port()
+    again = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "procs_service.py"), str(port), str(p), "2"]
+            + [broker.bootstrap, topic, str(directory)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_faked_one_device(),
+        )
+        for p in (0, 1)
+    ]
+    final = []
+    for worker in again:
+        out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-3000:]
+        final.append(json.loads(out.strip().splitlines()[-1]))
+    assert final[0]["digest"] == final[1]["digest"]
+    assert final[0]["summary"]["restored_from"] == final[1]["summary"]["restored_from"] == summary.last_checkpoint
+    last = {f"{topic}/{p}": end + 15 for p, end in ends.items()}
+    assert final[0]["summary"]["positions"] == final[1]["summary"]["positions"] == last
+    _ledger_chains(Ledger(directory / "ledger.jsonl").read(), {p: end + 15 for p, end in ends.items()})
