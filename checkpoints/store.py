@@ -146,6 +146,8 @@ def _this_process_only(ocp) -> dict:
     process saves a host copy of it (and of every process's positions, gathered) like one
     process would, the others save nothing. Orbax would otherwise make every process join
     every save and restore. One process (the usual case): no option, Orbax as it always ran.
+    Orbax 0.12 writes NumPy arrays from process 0 only (its NumPy type handler checks
+    `process_index() == 0`), so only process 0's store can hold a checkpoint's arrays.
     """
     import jax
 

@@ -202,10 +202,11 @@ class LockstepLoop(TrainingLoop):
     - at its close, the rows each process held out are gathered, so every probe holds the
       same rows; the guard judges the same replicated model on them and reaches the same
       verdict, and accepts, rolls back, retries, quarantines or halts everywhere at once;
-    - the window's positions are every process's, gathered, so the checkpoint of every
-      process holds every partition (a restart with another process count resumes each);
-    - every accepted window is checkpointed (a clock-timed cadence would differ between
-      processes), so the stores hold the same checkpoints and each restart restores the same;
+    - the window's positions are every process's, gathered, so a checkpoint holds every
+      partition (a restart with another process count resumes each);
+    - process 0 checkpoints the replicated model (Orbax writes host arrays from process 0
+      only; the others keep only their ledger), every accepted window (a clock-timed cadence
+      would differ between processes), and at start hands what it restored to all;
     - a quarantine copies each process's own partitions' records of the window.
     Not run over processes (each needs what only one process holds): the window checks on
     the window's sampled rows (off), an excision or split of a regressed window (the whole

@@ -117,7 +117,7 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
 def process_config(config: Config) -> Config:
     """The config of process `scale.process_id` of several: process 0 keeps `checkpoints.dir` (so a
     restart as one process resumes from it); process i > 0 keeps its store, dead letters and
-    quarantine beside it, in `<dir>.process-<i>` (each process holds its own store)."""
+    quarantine beside it, in `<dir>.process-<i>` (its store holds its ledger of decisions only)."""
     scale = config.scale
     if scale.process_id == 0:
         return config
