@@ -137,6 +137,34 @@ class Restored:
     verified: bool = False  # every array matched its saved digest (False: saved without digests)
 
 
+def _this_process_only(ocp) -> dict:
+    """Orbax options (for the manager and each item's handler) for a store of one of several processes
+    (after jax.distributed.initialize): the process that opens it is its only writer and reader,
+    with no barrier waiting for the others.
+
+    A model trained over several processes is replicated, so one process holds all of it; that
+    process saves a host copy of it (and of every process's positions, gathered) like one
+    process would, the others save nothing. Orbax would otherwise make every process join
+    every save and restore. One process (the usual case): no option, Orbax as it always ran.
+    Orbax 0.12 writes NumPy arrays from process 0 only (its NumPy type handler checks
+    `process_index() == 0`), so only process 0's store can hold a checkpoint's arrays.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return {}
+    here = jax.process_index()
+    return {"multiprocessing_options": ocp.options.MultiprocessingOptions(primary_host=here, active_processes={here})}
+
+
+def _spans_processes(tree) -> bool:
+    """True when `tree` holds arrays laid over devices of several processes (a model trained by
+    several processes): each process restores host values, the same everywhere, and puts them there."""
+    import jax
+
+    return any(isinstance(leaf, jax.Array) and not leaf.is_fully_addressable for leaf in jax.tree.leaves(tree))
+
+
 def _host_copy(tree):
     """Every array leaf copied into host NumPy memory: a device array's transfer, a NumPy array's copy."""
     import jax
@@ -229,9 +257,11 @@ class CheckpointStore:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        alone = _this_process_only(ocp)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
+                **alone,
                 max_to_keep=None,  # retention is ours: see checkpoints.retention
                 create=False,
                 # The store's writer thread is what makes saves asynchronous (see the module
@@ -241,9 +271,9 @@ class CheckpointStore:
                 enable_background_delete=False,
             ),
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "probe": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
+                "state": ocp.StandardCheckpointHandler(**alone),
+                "probe": ocp.StandardCheckpointHandler(**alone),
+                "meta": ocp.JsonCheckpointHandler(**alone),
             },
         )
         self._lock = threading.RLock()
@@ -494,6 +524,12 @@ class CheckpointStore:
         self._require(number)
         ocp = self._ocp
         self._check_target(number, state_like)
+        spanning = _spans_processes(state_like)
+        if spanning:  # arrays over several processes' devices: read to host, then put where `state_like` is
+            import jax
+
+            target = state_like
+            state_like = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), state_like)
         items = {"state": ocp.args.StandardRestore(state_like), "meta": ocp.args.JsonRestore()}
         has_probe = (self._step_directory(number) / "probe").is_dir()
         if has_probe:
@@ -511,7 +547,14 @@ class CheckpointStore:
         verified = self._check_digests(number, metadata, restored["state"], probe)
         if not verified:
             logger.warning("checkpoint %d was saved without content digests: restored unverified", number)
-        return Restored(number=number, state=restored["state"], probe=probe, metadata=metadata, verified=verified)
+        state = restored["state"]
+        if spanning:
+            state = jax.tree.map(
+                lambda host, like: jax.make_array_from_callback(host.shape, like.sharding, lambda index: host[index]),
+                state,
+                target,
+            )
+        return Restored(number=number, state=state, probe=probe, metadata=metadata, verified=verified)
 
     @staticmethod
     def _check_digests(number: int, metadata: dict, state, probe: Mapping) -> bool:

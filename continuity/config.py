@@ -502,9 +502,29 @@ def _device_count(value):
     raise ValueError(f'must be "all" or an integer >= 1. Got {value!r}.')
 
 
+def _host_port(value):
+    """`coordinator` as given: "host:port" with a port number, or none."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        host, sep, port = value.rpartition(":")
+        if sep and host and port.isdigit() and 0 < int(port) < 65536:
+            return value
+    raise ValueError(f'must be "host:port" (process 0\'s address, e.g. "10.0.0.1:1234"). Got {value!r}.')
+
+
+# Where the processes' keys come from when the file leaves them out: the coordinator's is the
+# variable jax.distributed.initialize reads itself; the others follow its naming.
+SCALE_ENVIRONMENT = {
+    "coordinator": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
+
+
 @section("scale")
 class ScaleConfig:
-    """How many devices train the one model (data-parallel: each step's batch split over them)."""
+    """How many devices and processes train the one model (data-parallel: each step's batch split over them)."""
 
     # learner/devices.py: the batch's rows are split over a mesh of the devices, the state
     # (parameters, optimizer, EWC, the replay buffer) is replicated, and XLA sums the gradient.
@@ -512,6 +532,30 @@ class ScaleConfig:
         default="all",
         description='local devices to train over: "all", or a count (learner.batch_size must divide by it)',
     )
+    # Several processes (hosts) start jax.distributed with these before the learner is built;
+    # the mesh then spans every process's devices (README, "Scaling out").
+    coordinator: Annotated[Str | None, BeforeValidator(_host_port)] = Field(
+        default=None,
+        description="process 0's host:port for jax.distributed (or $JAX_COORDINATOR_ADDRESS); none = one process",
+        examples=["10.0.0.1:1234"],
+    )
+    num_processes: Int = Field(default=1, ge=1, description="processes training the one model (or $JAX_NUM_PROCESSES)")
+    process_id: Int = Field(
+        default=0, ge=0, description="this process, 0 .. num_processes - 1 (or serve --process-id, $JAX_PROCESS_ID)"
+    )
+
+    def __post_init__(self):
+        if self.process_id >= self.num_processes:
+            raise ConfigProblem(
+                f"must be below num_processes = {self.num_processes} (processes count from 0). Got {self.process_id}.",
+                "process_id",
+            )
+        if self.num_processes > 1 and self.coordinator is None:
+            raise ConfigProblem(
+                f"is required when num_processes > 1 (process 0's host:port, every process the same). "
+                f"Got none, with num_processes = {self.num_processes}.",
+                "coordinator",
+            )
 
 
 @section("publish")
@@ -617,7 +661,13 @@ class Config:
                     f"Got feature_shape = {list(stream.feature_shape)}.",
                     "learner.model.kind",
                 )
-        devices = self.scale.devices
+        devices, processes = self.scale.devices, self.scale.num_processes
+        if learner.batch_size % processes:
+            raise ConfigProblem(
+                f"must divide by scale.num_processes = {processes} (each process feeds batch_size / processes "
+                f"rows of every step). Got {learner.batch_size}.",
+                "learner.batch_size",
+            )
         if devices != "all" and learner.batch_size % devices:
             raise ConfigProblem(
                 f"must divide by scale.devices = {devices} (each device trains batch_size / devices rows). "
@@ -928,6 +978,23 @@ class _Loader:
             table[last] = _parse_value(text)
             self.overridden.add(tuple(parts))
 
+    # -- the processes' environment
+    def scale_environment(self, raw: dict) -> None:
+        """Fill the [scale] process keys the file and --set leave out from their environment variables."""
+        table = raw.setdefault("scale", {})
+        if not isinstance(table, dict):
+            return  # build names the section
+        for key, variable in SCALE_ENVIRONMENT.items():
+            value = self.environ.get(variable, "").strip()
+            if key in table or not value:
+                continue
+            if key == "coordinator":
+                table[key] = value
+            elif value.isdigit():
+                table[key] = int(value)
+            else:
+                raise self.error(("scale", key), f"environment variable {variable}: expected an integer, got {value!r}")
+
     # -- secrets
     def secrets(self, raw: dict) -> None:
         """Resolve `<key>_env` indirections in place; a secret given as a value is an error."""
@@ -1056,6 +1123,7 @@ def load_config(
     raw = loader.read()
     loader.check_sections(raw)
     loader.apply(raw, overrides or ())
+    loader.scale_environment(raw)
     loader.secrets(raw)
     return loader.build(loader.shape(raw), str(path) if path is not None else None)
 
@@ -1104,8 +1172,8 @@ _SECTION_NOTES = {
     "checkpoints": "The Orbax checkpoint store (the ledger of decisions lives inside it).",
     "service": "The running service: HTTP endpoints (/healthz, /readyz, /metrics, /status, /predict, /admin/*).",
     "publish": "Accepted models, published for a separate serving process.",
-    "scale": "One model over several local devices (GPUs): each step's batch split over them, the state\n"
-    "# (parameters, optimizer, EWC, replay buffer) replicated on each.",
+    "scale": "One model over several devices (GPUs), of one process or several: each step's batch split\n"
+    "# over them, the state (parameters, optimizer, EWC, replay buffer) replicated on each.",
 }
 _SECURITY_EXAMPLE = """\
 # SASL/SSL options for kafka-python (none for the embedded broker). A secret is read from

@@ -32,6 +32,7 @@ from flax import nnx
 from continuity import replay as replay_lib
 from continuity.config import ConfigError, labels_problem, replay_problem
 from continuity.learner import Classification, Learner, LearnerConfig, ModelConfig, ReplayConfig, Task, cnn, mlp
+from continuity.learner.devices import process_devices
 from continuity.learner.learner import ModelFactory
 from continuity.learner.schema import key_text, suggest
 from continuity.learner.tasks import MultiLabel, Regression
@@ -318,8 +319,11 @@ def learner_from_config(config: Config) -> Learner:
     (checked first: a bad model or optimizer is a ConfigError, exit status 2)."""
     check(config)
     factory, _ = service_model(config)
+    count = device_count(config)
+    # Joined ([scale] num_processes): one mesh over every process's devices.
+    devices: int | list[jax.Device] = process_devices(count) if jax.process_count() > 1 else count
     return build_learner(
-        config.learner, inputs=model_inputs(config), task=task_for(config), model=factory, devices=device_count(config)
+        config.learner, inputs=model_inputs(config), task=task_for(config), model=factory, devices=devices
     )
 
 

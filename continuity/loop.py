@@ -928,7 +928,7 @@ class TrainingLoop:
     def _open(self, good: _Good) -> _Reader:
         return _Reader(
             self.stream,
-            self.learner.batch_size,
+            self.learner.process_rows,  # batch_size, or this process's share of it (several processes)
             self.holdout,
             good.positions,
             good.segment_names,

@@ -18,11 +18,14 @@ one, handed over by the loop as each checkpoint of it is finalized (continuity/s
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,6 +57,7 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
         JsonLinesDeadLetters,
         KafkaDeadLetters,
         KafkaSource,
+        ProcessShare,
         make_codec,
     )
 
@@ -81,9 +85,18 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
         )
     settings = config.stream.kafka_settings()
     assigned = config.stream.kafka_settings(group=None)  # re-reading a range must not join the group
+    scale = config.scale
+    if scale.num_processes > 1:
+        # One of several processes: its share of the partitions, by assignment (stream/shares.py).
+        share = ProcessShare(scale.process_id, scale.num_processes)
 
-    def open_kafka(positions):
-        return KafkaSource(settings, start=positions)
+        def open_kafka(positions):
+            return KafkaSource(assigned, start=positions, share=share)
+
+    else:
+
+        def open_kafka(positions):
+            return KafkaSource(settings, start=positions)
 
     def open_range(positions):
         return KafkaSource(assigned, start=positions)
@@ -99,6 +112,17 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
         judge_idle_s=3.0,
         live=True,
     )
+
+
+def process_config(config: Config) -> Config:
+    """The config of process `scale.process_id` of several: process 0 keeps `checkpoints.dir` (so a
+    restart as one process resumes from it); process i > 0 keeps its store, dead letters and
+    quarantine beside it, in `<dir>.process-<i>` (its store holds its ledger of decisions only)."""
+    scale = config.scale
+    if scale.process_id == 0:
+        return config
+    directory = f"{config.checkpoints.dir.rstrip('/')}.process-{scale.process_id}"
+    return dataclasses.replace(config, checkpoints=dataclasses.replace(config.checkpoints, dir=directory))
 
 
 def open_store(config: Config):
@@ -166,6 +190,9 @@ class Service:
         progress_every_s: float | None = None,
         start_fresh: bool = False,
     ):
+        if config.scale.num_processes > 1:
+            config = process_config(config)
+            http = False  # not served by several processes yet (README, "Several processes")
         self.config = config
         self.stop_event = threading.Event()
         self.metrics = ServiceMetrics(self.metrics_state)
@@ -192,7 +219,14 @@ class Service:
 
             spec = published_spec(self.learner, model=service_model(config)[1], config_digest=config.digest())
             self.publisher = Publisher(config.publish.dir, spec)
-        self.loop = TrainingLoop(
+        loop_class: Callable[..., TrainingLoop] = TrainingLoop
+        if config.scale.num_processes > 1:  # one of several processes: the same loop, in lockstep rounds
+            from continuity.lockstep import Lockstep, LockstepLoop
+            from continuity.stream import ProcessShare
+
+            share = ProcessShare(config.scale.process_id, config.scale.num_processes)
+            loop_class = functools.partial(LockstepLoop, lockstep=Lockstep(self.learner), share=share)
+        self.loop = loop_class(
             self.stream,
             self.learner,
             self.store,

@@ -24,7 +24,10 @@ Given the devices of several processes (`jax.devices()` after `jax.distributed.i
 the mesh spans them: each process stacks only its share of each micro-batch's rows
 (`batch_size / processes`) and `put_stack` assembles the global batch from the shares
 (`jax.make_array_from_process_local_data`); every process must make the same calls in the
-same order. Only the learner does this so far: the service runs as one process.
+same order. The service runs as N such processes (`[scale] num_processes`): each joins, builds
+this mesh over the first `[scale] devices` of every process (`process_devices`), reads its share
+of the partitions, and moves in lockstep rounds so the dispatches are the same everywhere
+(continuity/lockstep.py).
 """
 
 from __future__ import annotations
@@ -57,6 +60,18 @@ def local_devices(devices: int | Sequence[jax.Device]) -> list[jax.Device]:
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"`devices` names a device twice. Got {chosen!r}.")
     return chosen
+
+
+def process_devices(count: int) -> list[jax.Device]:
+    """The first `count` local devices of every process (after `jax.distributed.initialize`), in
+    process order: the devices of one mesh over all processes, each feeding `count` of them."""
+    by_process: dict[int, list[jax.Device]] = {}
+    for device in jax.devices():
+        by_process.setdefault(device.process_index, []).append(device)
+    short = {p: len(d) for p, d in by_process.items() if len(d) < count}
+    if short:
+        raise ValueError(f"`devices` = {count} per process, but some processes have fewer: {short}.")
+    return [d for p in sorted(by_process) for d in sorted(by_process[p], key=lambda d: d.id)[:count]]
 
 
 class OneDevice:

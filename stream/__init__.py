@@ -43,6 +43,7 @@ from continuity.stream.kafka import (
 )
 from continuity.stream.recording import RecordingWriter, record_topic
 from continuity.stream.records import PartitionKey, PartitionPosition, PartitionRecords, Position, Positions, Record
+from continuity.stream.shares import EveryPartition, PartitionShare, ProcessShare
 from continuity.stream.sources import (
     FileSource,
     LostPosition,
@@ -64,6 +65,7 @@ __all__ = [
     "DeadLetter",
     "DeadLetterSink",
     "EmbeddedBroker",
+    "EveryPartition",
     "Example",
     "ExampleBlock",
     "FeatureSpec",
@@ -84,8 +86,10 @@ __all__ = [
     "PartitionKey",
     "PartitionPosition",
     "PartitionRecords",
+    "PartitionShare",
     "Position",
     "Positions",
+    "ProcessShare",
     "Record",
     "RecordingWriter",
     "ScenarioSource",

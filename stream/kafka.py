@@ -2,8 +2,9 @@
 
 KafkaSource never auto-commits. It either joins a consumer group (`group_id`, partitions
 assigned by the group) or reads explicit partitions (`partitions`, or every partition of
-the topics when `group_id` is None). On the first assignment of a partition it seeks to
-the saved start Position; partitions without one follow `auto_offset_reset`.
+the topics when `group_id` is None), of which it takes its `share` (stream/shares.py: all,
+or one process's p % N == i). On the first assignment of a partition it seeks to the saved
+start Position; partitions without one follow `auto_offset_reset`.
 
 Its rebalance listener keeps the shared `Ownership` current: a revoked partition's
 buffered and queued examples are dropped by the Batcher, and the positions actually
@@ -65,6 +66,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from continuity.stream.records import PartitionKey, PartitionPosition, PartitionRecords, Positions
+from continuity.stream.shares import EVERY_PARTITION, EveryPartition, PartitionShare
 from continuity.stream.sources import LOST_POSITION_ACTIONS, LostPosition, LostPositionsError, Source, SourceError
 
 if TYPE_CHECKING:
@@ -351,11 +353,17 @@ class KafkaSource(Source):
         start: Positions | None = None,
         until_end: bool = False,
         stop_requested: Callable[[], bool] | None = None,
+        share: PartitionShare = EVERY_PARTITION,
     ):
         super().__init__(start)
         if not settings.topics:
             raise KafkaSourceError("`topics` must name at least one topic")
+        if settings.group_id is not None and not isinstance(share, EveryPartition):
+            raise KafkaSourceError(
+                f"a share of the partitions ({share.describe()}) is read by assignment: give no `group_id`"
+            )
         self.settings = settings
+        self.share = share  # which of each topic's partitions it reads (without a group)
         self.until_end = until_end
         self.stop_requested = stop_requested or (lambda: False)
         self._consumer: KafkaConsumer | None = None
@@ -565,7 +573,9 @@ class KafkaSource(Source):
                 numbers = s.partitions
             else:
                 numbers = self._wait_for_partitions(consumer, topic)
-            tps.extend(TopicPartition(topic, p) for p in numbers)
+            tps.extend(TopicPartition(topic, p) for p in self.share.select(topic, numbers))
+        if not tps:
+            log.warning("kafka: %s: none of %s has such a partition; nothing to read", self.share.describe(), s.topics)
         consumer.assign(tps)
         self._on_assigned(consumer, tps)
 

@@ -40,6 +40,46 @@ def test_scale_devices_is_all_by_default_and_the_batch_must_divide_by_a_count(tm
             load_config(None, [f"scale.devices={bad}"])
 
 
+def test_one_process_is_the_default_and_several_need_a_coordinator_and_a_process_id_below_their_count():
+    scale = load_config(None).scale
+    assert (scale.coordinator, scale.num_processes, scale.process_id) == (None, 1, 0)
+    two = ["scale.num_processes=2", 'scale.coordinator="10.0.0.1:1234"']
+    assert load_config(None, [*two, "scale.process_id=1"]).scale.process_id == 1
+    with pytest.raises(ConfigError, match=r"\[scale\] coordinator: is required when num_processes > 1"):
+        load_config(None, ["scale.num_processes=2"])
+    with pytest.raises(
+        ConfigError, match=r"\[scale\] process_id \(from --set\): must be below num_processes = 2.*Got 2"
+    ):
+        load_config(None, [*two, "scale.process_id=2"])
+    with pytest.raises(
+        ConfigError, match=r'\[scale\] coordinator \(from --set\): must be "host:port".*Got \'10.0.0.1\''
+    ):
+        load_config(None, ['scale.coordinator="10.0.0.1"'])
+    with pytest.raises(ConfigError, match=r"\[learner\] batch_size: must divide by scale.num_processes = 3.*Got 32"):
+        load_config(None, ["scale.num_processes=3", 'scale.coordinator="h:1"'])
+    # The processes leave the digest alone: a checkpoint of 2 processes restores in 1.
+    assert load_config(None, [*two, "scale.process_id=1"]).digest() == load_config(None).digest()
+
+
+def test_the_process_keys_come_from_jax_environment_variables_when_the_config_leaves_them_out():
+    environ = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    scale = load_config(None, environ=environ).scale
+    assert (scale.coordinator, scale.num_processes, scale.process_id) == ("10.0.0.1:1234", 4, 3)
+    assert load_config(None, ["scale.process_id=1"], environ=environ).scale.process_id == 1  # --set wins
+    with pytest.raises(ConfigError, match=r"\[scale\] process_id: environment variable JAX_PROCESS_ID: expected an"):
+        load_config(None, environ={**environ, "JAX_PROCESS_ID": "first"})
+
+
+def test_serve_with_a_bad_process_id_is_one_line_and_exit_status_two(capsys):
+    code = main(["serve", "--set", "scale.num_processes=2", "--set", 'scale.coordinator="h:1"', "--process-id", "5"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "continuity: error: config: [scale] process_id (from --set): must be below num_processes = 2 "
+        "(processes count from 0). Got 5."
+    ]
+
+
 def test_the_device_count_leaves_the_config_digest_alone():
     # A checkpoint saved on 4 devices restores on 1 without a config-mismatch warning, as K does.
     assert load_config(None, ["scale.devices=4"]).digest() == load_config(None, ["scale.devices=1"]).digest()

@@ -25,6 +25,7 @@ from continuity.stream import (
     KafkaSource,
     MemoryDeadLetters,
     Positions,
+    ProcessShare,
     create_topic,
     encode_binary,
     free_port,
@@ -399,3 +400,50 @@ def test_unreachable_broker_is_retried_with_backoff_without_crashing(caplog):
         assert any("retry" in r.getMessage() for r in caplog.records)
     finally:
         ingest.stop()
+
+
+def test_two_process_shares_read_disjoint_partitions_and_one_reader_resumes_all_of_them_at_their_positions(
+    broker, topic_name
+):
+    """Process i of 2 reads partitions p % 2 == i by assignment (no group); a restart as one process,
+    from both processes' positions merged, reads every partition on from where its owner stopped."""
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 4)
+    codec = BinaryCodec(ID_SPEC)
+    n = 400
+    _produce(
+        broker.bootstrap,
+        topic,
+        [codec.encode(np.array([i, i]), i % 10) for i in range(n)],
+        partitions=[i % 4 for i in range(n)],
+    )
+    settings = KafkaSettings(broker.bootstrap, (topic,))
+    seen: list[int] = []
+    saved = Positions()
+    for process in (0, 1):
+        source = KafkaSource(settings, share=ProcessShare(process, 2))
+        batcher = Batcher(ID_SPEC, 16, ownership=source.ownership)
+        with Ingest(source, codec) as ingest:
+            part = _collect(ingest, batcher, 190)[:11]  # 176 of its 200 examples (so of both partitions), then stop
+        ids = _ids(part)
+        assert {i % 4 for i in ids} == {process, process + 2}  # its share, both of its partitions
+        assert {key.partition for key in part[-1].positions} == {process, process + 2}
+        seen += ids
+        saved = saved.merged(part[-1].positions)
+    assert len(saved) == 4  # every partition of every process
+    one = KafkaSource(settings, start=saved)
+    batcher = Batcher(ID_SPEC, 16, ownership=one.ownership, start=saved)
+    with Ingest(one, codec) as ingest:
+        rest = _ids(_collect(ingest, batcher, n - len(seen)))
+    assert sorted(seen + rest) == list(range(n))  # every record once: nothing skipped or read twice
+    assert batcher.positions == Positions({(topic, p): 100 for p in range(4)})
+
+
+def test_a_process_share_is_read_by_assignment_never_by_a_consumer_group(broker):
+    from continuity.stream import KafkaSourceError
+
+    with pytest.raises(KafkaSourceError, match="read by assignment: give no `group_id`"):
+        KafkaSource(KafkaSettings(broker.bootstrap, ("t",), group_id="g"), share=ProcessShare(0, 2))
+    with pytest.raises(ValueError, match=r"`process` must be in 0 \.\. processes - 1 = 1"):
+        ProcessShare(2, 2)
+    assert ProcessShare(1, 3).select("t", range(7)) == [1, 4]

@@ -22,6 +22,13 @@ UNSAVED_EXIT_STATUS = 5  # saves kept failing (a full disk): the last good model
 def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="run the always-on service: Kafka -> train -> guard -> checkpoint")
     add_config_arguments(serve)
+    serve.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        metavar="N",
+        help="this process, of [scale] num_processes training one model (sets scale.process_id)",
+    )
     _add_start_fresh(serve)
     serve.set_defaults(handler=run_serve)
 
@@ -107,10 +114,14 @@ def _quiet_orbax() -> None:
 
 
 def run_serve(args) -> int:
+    from continuity.config import load_config
+    from continuity.processes import join
     from continuity.service import Service, format_progress, format_summary
 
-    config = config_from_args(args)
+    overrides = [*(args.set or ()), *([] if args.process_id is None else [f"scale.process_id={args.process_id}"])]
+    config = load_config(args.config, overrides)
     _logging()
+    join(config.scale)  # several processes: before anything asks JAX for its devices
 
     def progress(p, lag):
         print(format_progress(p, lag), file=sys.stderr, flush=True)

@@ -1,0 +1,321 @@
+"""Several processes training one model: lockstep rounds (continuity/lockstep.py), each process
+reading its share of the partitions (stream/shares.py). The processes run as subprocesses joined
+by jax.distributed over gloo, each with one faked CPU device."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from continuity.checkpoints import CheckpointStore
+from continuity.cli import main
+from continuity.learner import Batch, Classification, LearnerConfig, ModelConfig, ReplayConfig
+from continuity.lockstep import Lockstep
+from continuity.loop import params_digest
+from continuity.stream import Batcher, Ingest, KafkaSettings, KafkaSource, Positions, create_topic
+from continuity.stream.ingest import IDLE, BatchStream
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _learner(k: int = 2):
+    from continuity.factory import build_learner
+
+    config = LearnerConfig(model=ModelConfig(kind="mlp", hidden=(8,)), batch_size=4, steps_per_dispatch=k)
+    return build_learner(config, inputs=jax.ShapeDtypeStruct((2,), np.float32), task=Classification(10))
+
+
+def _batch(value: float, rows: int = 4) -> Batch:
+    return Batch(np.full((rows, 2), value, np.float32), np.zeros(rows, np.int32), np.ones(rows, bool))
+
+
+def test_a_round_runs_the_fullest_process_s_stacks_and_the_others_pad_with_masked_micro_batches():
+    # Three processes had 3, 0 and 5 micro-batches ready: with K = 2 every one dispatches 3 stacks.
+    others = iter([[3, 12, 0, 0, 0], [0, 0, 1, 0, 0], [5, 20, 0, 0, 0]])
+    lockstep = Lockstep(_learner(), gather=lambda mine: np.stack([next(others) for _ in range(3)]))
+    agreement = lockstep.agree(3, 12, ended=False, stop=False)
+    assert (agreement.dispatches, agreement.rows, agreement.ended, agreement.stop, agreement.close) == (
+        3,
+        32,
+        False,
+        False,
+        False,
+    )
+    stacks = lockstep.stacks([_batch(1.0), _batch(2.0), _batch(3.0)], agreement)
+    assert len(stacks) == 3 and all(s.mask.shape == (2, 4) for s in stacks)
+    masks = np.concatenate([s.mask for s in stacks])
+    assert masks.sum(axis=1).tolist() == [4, 4, 4, 0, 0, 0]  # its 3, then 3 masked micro-batches
+    assert stacks[1].x[0, 0, 0] == 3.0
+
+
+def test_the_stream_ends_only_when_every_process_has_ended_with_nothing_left_and_one_stop_stops_all():
+    tables = iter(
+        [
+            [[0, 0, 1, 0, 0], [2, 8, 1, 0, 0]],  # one still has batches: not the end
+            [[0, 0, 1, 0, 0], [0, 0, 0, 0, 0]],  # one is still reading
+            [[0, 0, 1, 0, 0], [0, 0, 1, 0, 0]],
+            [[1, 4, 0, 0, 1], [0, 0, 0, 1, 0]],
+        ]
+    )
+    lockstep = Lockstep(_learner(), gather=lambda mine: np.array(next(tables)))
+    assert [lockstep.agree(0, 0, ended=True, stop=False).ended for _ in range(3)] == [False, False, True]
+    last = lockstep.agree(1, 4, ended=False, stop=False, close=True)
+    assert last.stop and last.close
+    assert lockstep.rounds == 4
+
+
+def test_every_process_s_positions_are_gathered_into_one_set():
+    mine = Positions({("t", 0): 5, ("t", 2): (7, 3)})
+    theirs = Positions({("t", 1): 9, ("t", 3): 1})
+
+    def gather(values):
+        if values.dtype == np.int64:  # the lengths
+            return np.array([[len(json.dumps(mine.to_json()))], [len(json.dumps(theirs.to_json()))]])
+        longest = len(values)
+        rows = []
+        for positions in (mine, theirs):
+            text = json.dumps(positions.to_json()).encode()
+            rows.append(np.frombuffer(text + b"\0" * (longest - len(text)), np.uint8))
+        return np.stack(rows)
+
+    assert Lockstep(_learner(), gather=gather).gather_positions(mine) == mine.merged(theirs)
+
+
+def test_held_out_rows_of_every_process_are_gathered_in_process_order():
+    # Process 0 held out 2 rows, process 1 three: both get the same five, padding dropped.
+    mine = {"x": np.array([[1.0, 1.0], [2.0, 2.0]], np.float32), "y": np.array([1, 2], np.int32)}
+    theirs = {"x": np.array([[3.0, 3.0], [4.0, 4.0], [5.0, 5.0]], np.float32), "y": np.array([3, 4, 5], np.int32)}
+
+    def gather(values):
+        if values.dtype == np.int64:
+            return np.array([[2], [3]])
+        longest = len(values)
+        leaf = "x" if values.ndim == 2 else "y"
+        padded = np.zeros((longest, *theirs[leaf].shape[1:]), theirs[leaf].dtype)
+        padded[:3] = theirs[leaf]
+        return np.stack([values, padded])
+
+    rows = Lockstep(_learner(), gather=gather).gather_rows(mine)
+    assert rows["y"].tolist() == [1, 2, 3, 4, 5]
+    assert rows["x"][:, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def _faked_one_device() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    }
+
+
+@pytest.mark.slow
+def test_two_processes_each_reading_two_of_four_partitions_train_every_record_once_in_lockstep_and_one_resumes(
+    broker, topic_name, tmp_path
+):
+    from continuity.stream import BinaryCodec, FeatureSpec, free_port, produce_records
+
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 4)
+    codec = BinaryCodec(FeatureSpec((2,), "float32", 10))
+    n = 600
+    for partition in range(4):  # uneven partitions: 50, 75, 100 and 125 records
+        ids = [i for i in range(n) if (i * 7) % 4 == partition][: 50 + 25 * partition]
+        produce_records(
+            broker.bootstrap, topic, [(None, codec.encode(np.array([i, i]), i % 10)) for i in ids], partition=partition
+        )
+    expected = sorted(i for p in range(4) for i in [i for i in range(n) if (i * 7) % 4 == p][: 50 + 25 * p])
+    port = free_port()
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "procs_worker.py"), str(port), str(p), "2", broker.bootstrap, topic]
+            + [str(tmp_path / "checkpoints")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_faked_one_device(),
+        )
+        for p in (0, 1)
+    ]
+    reports = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=240)
+        assert worker.returncode == 0, err[-3000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    assert [r["devices"] for r in reports] == [2, 2]  # one mesh over both processes' devices
+    for report in reports:
+        assert {i for i in report["ids"]} and all((i * 7) % 4 % 2 == report["process"] for i in report["ids"])
+    trained = sorted(reports[0]["ids"] + reports[1]["ids"])
+    held_out = sorted(reports[0]["held_out"] + reports[1]["held_out"])
+    assert held_out and sorted(trained + held_out) == expected  # every record once: trained or held out
+    # The global totals count every trained row once; both processes hold the same model.
+    assert reports[0]["fresh_rows"] == reports[1]["fresh_rows"] == len(trained)
+    # The probe's rows, gathered: the same on both processes, every process's held-out rows.
+    assert reports[0]["probe"] == reports[1]["probe"] and sorted(reports[0]["probe"]) == held_out
+    assert reports[0]["digest"] == reports[1]["digest"]
+    assert reports[0]["rounds"] == reports[1]["rounds"]
+    ends = {p: 50 + 25 * p for p in range(4)}
+    for report in reports:  # every partition of every process, gathered
+        assert {e["partition"]: e["offset"] for e in report["positions"]} == ends
+    # Process 0 checkpointed the model alone; both put what it restored on the mesh.
+    assert reports[0]["restored_digest"] == reports[1]["restored_digest"] == reports[0]["digest"]
+
+    # A restart as ONE process resumes every partition at the position the two saved.
+    more = {p: [1000 + 10 * p + j for j in range(10)] for p in range(4)}
+    for p, ids in more.items():
+        produce_records(
+            broker.bootstrap, topic, [(None, codec.encode(np.array([i, i]), i % 10)) for i in ids], partition=p
+        )
+    with CheckpointStore(tmp_path / "checkpoints", create=False) as store:
+        saved = store.restore(store.last_good(), state_like=_worker_learner().init(0))
+    assert params_digest(saved.state) == reports[0]["digest"]
+    start = Positions.from_json(saved.metadata["positions"])
+    source = KafkaSource(KafkaSettings(broker.bootstrap, (topic,)), start=start, until_end=True)
+    batcher = Batcher(codec.spec, 16, ownership=source.ownership, start=start)
+    rest = []
+    with Ingest(source, codec) as ingest:
+        stream = BatchStream(ingest, batcher, max_wait_s=0.1)
+        while (batch := stream.next()) is not None:
+            if batch is not IDLE:
+                rest.extend(int(v) for v in batch.x[batch.mask][:, 0])
+    assert sorted(rest) == sorted(i for ids in more.values() for i in ids)  # the new records, and only them
+    assert main(["checkpoints", "list", "--dir", str(tmp_path / "checkpoints")]) == 0
+
+
+def _worker_like():
+    """The state tests/procs_service.py trains, on one device (its config's learner)."""
+    from procs_service import settings
+
+    from continuity.config import load_config
+    from continuity.service import build_learner
+
+    return build_learner(load_config(None, settings("h:1", "t", "unused"))).init(0)
+
+
+def _worker_learner():
+    """The learner tests/procs_worker.py trains, on one device."""
+    from continuity.factory import build_learner
+
+    config = LearnerConfig(
+        model=ModelConfig(kind="mlp", hidden=(16,)),
+        batch_size=16,
+        replay=ReplayConfig(capacity=64, batch_size=8),
+        steps_per_dispatch=2,
+    )
+    return build_learner(config, inputs=jax.ShapeDtypeStruct((2,), np.float32), task=Classification(10))
+
+
+def _ledger_chains(entries: list[dict], ends: dict[int, int]) -> None:
+    """The accepted checkpoints' windows follow each other without gap or overlap up to `ends`."""
+    reached: dict[int, int] = {}
+    for entry in entries:
+        if entry["event"] != "accept":
+            continue
+        start = {p["partition"]: p["offset"] for p in entry["from"]}
+        assert start == {k: v for k, v in reached.items() if k in start}, (start, reached)
+        reached = {p["partition"]: p["offset"] for p in entry["positions"]}
+    assert reached == ends
+
+
+@pytest.mark.slow
+def test_two_serving_processes_over_four_partitions_train_one_model_in_lockstep_windows_and_checkpoint_every_partition(
+    broker, topic_name, tmp_path
+):
+    from continuity.checkpoints.ledger import Ledger
+    from continuity.stream import BinaryCodec, FeatureSpec, free_port, produce_records
+
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 4)
+    codec = BinaryCodec(FeatureSpec((2,), "float32", 10))
+    ends = {p: 60 + 30 * p for p in range(4)}  # 60, 90, 120 and 150 records
+    for p, count in ends.items():
+        records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(1000 * p, 1000 * p + count)]
+        produce_records(broker.bootstrap, topic, records, partition=p)
+    port = free_port()
+    directory = tmp_path / "checkpoints"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "procs_service.py"), str(port), str(p), "2"]
+            + [broker.bootstrap, topic, str(directory)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_faked_one_device(),
+        )
+        for p in (0, 1)
+    ]
+    reports = []
+    for p, worker in enumerate(workers):
+        out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-3000:]
+        assert f"process {p} of 2 joined at 127.0.0.1:{port}: 1 device(s) here, 2 in all" in err
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    summaries = [r["summary"] for r in reports]
+    assert reports[0]["digest"] == reports[1]["digest"]  # one model
+    assert summaries[0]["windows"] == summaries[1]["windows"] >= 2  # windows closed at the same steps
+    assert summaries[0]["examples_trained"] == summaries[1]["examples_trained"]
+    everything = sum(ends.values())
+    assert 0.8 * everything < summaries[0]["examples_trained"] < everything  # all but the held-out ~10%
+    for summary in summaries:  # every partition of every process, in both stores
+        assert summary["positions"] == {f"{topic}/{p}": end for p, end in ends.items()}
+    _ledger_chains(Ledger(directory / "ledger.jsonl").read(), ends)  # process 0's store holds the model
+    with CheckpointStore(directory, create=False) as store:
+        assert [info.condition for info in store.list()] == ["intact"] * len(store.numbers())
+        assert params_digest(store.restore(store.last_good(), state_like=_worker_like()).state) == reports[1]["digest"]
+    # Process 1 judged the same windows (its ledger of decisions) and saved no arrays.
+    judged = [Ledger(d / "ledger.jsonl").read() for d in (directory, tmp_path / "checkpoints.process-1")]
+    assert [e["to"] for e in judged[0] if e["event"] == "probe"] == [
+        e["to"] for e in judged[1] if e["event"] == "probe"
+    ]
+    assert CheckpointStore(tmp_path / "checkpoints.process-1", create=False).numbers() == []
+    # A restart as ONE process from process 0's store resumes every partition at its saved position.
+    for p in range(4):
+        records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(1000 * p + 500, 1000 * p + 510)]
+        produce_records(broker.bootstrap, topic, records, partition=p)
+    from procs_service import settings
+
+    from continuity.config import load_config
+    from continuity.service import Service
+
+    one = Service(load_config(None, settings(broker.bootstrap, topic, str(directory))), idle_timeout_s=4.0, http=False)
+    summary = one.run()
+    assert summary.restored_from is not None
+    after = {p: end + 10 for p, end in ends.items()}
+    assert summary.positions == {f"{topic}/{p}": end for p, end in after.items()}
+    assert 0 < summary.examples_trained <= 40  # the new records only (less what was held out)
+    _ledger_chains(Ledger(directory / "ledger.jsonl").read(), after)
+    assert main(["checkpoints", "list", "--dir", str(directory)]) == 0
+
+    # Two processes again, on the store the one process moved on: process 1 takes process 0's restore.
+    for p in range(4):
+        records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(1000 * p + 600, 1000 * p + 605)]
+        produce_records(broker.bootstrap, topic, records, partition=p)
+    port = free_port()
+    again = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "procs_service.py"), str(port), str(p), "2"]
+            + [broker.bootstrap, topic, str(directory)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_faked_one_device(),
+        )
+        for p in (0, 1)
+    ]
+    final = []
+    for worker in again:
+        out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err[-3000:]
+        final.append(json.loads(out.strip().splitlines()[-1]))
+    assert final[0]["digest"] == final[1]["digest"]
+    assert final[0]["summary"]["restored_from"] == final[1]["summary"]["restored_from"] == summary.last_checkpoint
+    last = {f"{topic}/{p}": end + 15 for p, end in ends.items()}
+    assert final[0]["summary"]["positions"] == final[1]["summary"]["positions"] == last
+    _ledger_chains(Ledger(directory / "ledger.jsonl").read(), {p: end + 15 for p, end in ends.items()})
