@@ -109,7 +109,10 @@ def test_a_full_disk_costs_no_training_leaves_no_leftovers_and_saves_resume_when
     )
     assert result.returncode == 0, result.stderr[-3000:]
     while_full, summary = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
-    assert while_full == {"leftovers_while_full": [], "numbers_while_full": []}  # failed saves left nothing
+    assert while_full["numbers_while_full"] == []  # no failed save became a checkpoint
+    # A failed save's array writes can outlive its error and recreate its temporary directory
+    # for a while: the store sweeps such a directory before the next save and when it closes.
+    late_while_full = {int(name.split(".")[0]) for name in while_full["leftovers_while_full"]}
     assert summary["checkpoint_failures"] >= 3 and summary["unsaved"] is None
     assert summary["examples_trained"] == TOTAL  # training never stopped
     assert summary["digest"] == reference  # and trained exactly what an uninterrupted run trains
@@ -120,6 +123,10 @@ def test_a_full_disk_costs_no_training_leaves_no_leftovers_and_saves_resume_when
         failed = [e["checkpoint"] for e in ledger if e["event"] == "save_failed"]
         removed = [e["checkpoint"] for e in ledger if e["event"] == "delete" and e["reason"] == "failed save"]
         assert len(failed) == summary["checkpoint_failures"] and removed == failed
+        swept = {
+            e["checkpoint"] for e in ledger if e["event"] == "delete" and e["reason"] == "late writes of a failed save"
+        }
+        assert late_while_full <= swept <= set(failed)  # only failed saves' leftovers, every one swept
         assert "File too large" in next(e for e in ledger if e["event"] == "save_failed")["error"]
         assert not set(failed) & set(store.numbers())
         # The surviving lineage skips the failed numbers and still covers the stream once.
