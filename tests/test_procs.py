@@ -116,11 +116,36 @@ def _faked_one_device() -> dict[str, str]:
     }
 
 
+def _two_processes(script: str, *arguments, timeout: float) -> tuple[int, list[dict], list[str]]:
+    """Run tests/<script> as processes 0 and 1 of 2 (one faked device each, joined at a free
+    port): the port, each one's last stdout line as JSON, and each one's stderr."""
+    from continuity.stream import free_port
+
+    port = free_port()
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / script), str(port), str(p), "2", *map(str, arguments)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_faked_one_device(),
+        )
+        for p in (0, 1)
+    ]
+    reports, errors = [], []
+    for worker in workers:
+        out, err = worker.communicate(timeout=timeout)
+        assert worker.returncode == 0, err[-3000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+        errors.append(err)
+    return port, reports, errors
+
+
 @pytest.mark.slow
 def test_two_processes_each_reading_two_of_four_partitions_train_every_record_once_in_lockstep_and_one_resumes(
     broker, topic_name, tmp_path
 ):
-    from continuity.stream import BinaryCodec, FeatureSpec, free_port, produce_records
+    from continuity.stream import BinaryCodec, FeatureSpec, produce_records
 
     topic = topic_name()
     create_topic(broker.bootstrap, topic, 4)
@@ -132,23 +157,7 @@ def test_two_processes_each_reading_two_of_four_partitions_train_every_record_on
             broker.bootstrap, topic, [(None, codec.encode(np.array([i, i]), i % 10)) for i in ids], partition=partition
         )
     expected = sorted(i for p in range(4) for i in [i for i in range(n) if (i * 7) % 4 == p][: 50 + 25 * p])
-    port = free_port()
-    workers = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "procs_worker.py"), str(port), str(p), "2", broker.bootstrap, topic]
-            + [str(tmp_path / "checkpoints")],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_faked_one_device(),
-        )
-        for p in (0, 1)
-    ]
-    reports = []
-    for worker in workers:
-        out, err = worker.communicate(timeout=240)
-        assert worker.returncode == 0, err[-3000:]
-        reports.append(json.loads(out.strip().splitlines()[-1]))
+    _, reports, _ = _two_processes("procs_worker.py", broker.bootstrap, topic, tmp_path / "checkpoints", timeout=240)
     assert [r["devices"] for r in reports] == [2, 2]  # one mesh over both processes' devices
     for report in reports:
         assert {i for i in report["ids"]} and all((i * 7) % 4 % 2 == report["process"] for i in report["ids"])
@@ -229,7 +238,7 @@ def test_two_serving_processes_over_four_partitions_train_one_model_in_lockstep_
     broker, topic_name, tmp_path
 ):
     from continuity.checkpoints.ledger import Ledger
-    from continuity.stream import BinaryCodec, FeatureSpec, free_port, produce_records
+    from continuity.stream import BinaryCodec, FeatureSpec, produce_records
 
     topic = topic_name()
     create_topic(broker.bootstrap, topic, 4)
@@ -238,25 +247,10 @@ def test_two_serving_processes_over_four_partitions_train_one_model_in_lockstep_
     for p, count in ends.items():
         records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(1000 * p, 1000 * p + count)]
         produce_records(broker.bootstrap, topic, records, partition=p)
-    port = free_port()
     directory = tmp_path / "checkpoints"
-    workers = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "procs_service.py"), str(port), str(p), "2"]
-            + [broker.bootstrap, topic, str(directory)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_faked_one_device(),
-        )
-        for p in (0, 1)
-    ]
-    reports = []
-    for p, worker in enumerate(workers):
-        out, err = worker.communicate(timeout=300)
-        assert worker.returncode == 0, err[-3000:]
+    port, reports, errors = _two_processes("procs_service.py", broker.bootstrap, topic, directory, timeout=300)
+    for p, err in enumerate(errors):
         assert f"process {p} of 2 joined at 127.0.0.1:{port}: 1 device(s) here, 2 in all" in err
-        reports.append(json.loads(out.strip().splitlines()[-1]))
     summaries = [r["summary"] for r in reports]
     assert reports[0]["digest"] == reports[1]["digest"]  # one model
     assert summaries[0]["windows"] == summaries[1]["windows"] >= 2  # windows closed at the same steps
@@ -297,23 +291,7 @@ def test_two_serving_processes_over_four_partitions_train_one_model_in_lockstep_
     for p in range(4):
         records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(1000 * p + 600, 1000 * p + 605)]
         produce_records(broker.bootstrap, topic, records, partition=p)
-    port = free_port()
-    again = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "procs_service.py"), str(port), str(p), "2"]
-            + [broker.bootstrap, topic, str(directory)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_faked_one_device(),
-        )
-        for p in (0, 1)
-    ]
-    final = []
-    for worker in again:
-        out, err = worker.communicate(timeout=300)
-        assert worker.returncode == 0, err[-3000:]
-        final.append(json.loads(out.strip().splitlines()[-1]))
+    _, final, _ = _two_processes("procs_service.py", broker.bootstrap, topic, directory, timeout=300)
     assert final[0]["digest"] == final[1]["digest"]
     assert final[0]["summary"]["restored_from"] == final[1]["summary"]["restored_from"] == summary.last_checkpoint
     last = {f"{topic}/{p}": end + 15 for p, end in ends.items()}
