@@ -116,9 +116,8 @@ def _faked_one_device() -> dict[str, str]:
     }
 
 
-def _two_processes(script: str, *arguments, timeout: float) -> tuple[int, list[dict], list[str]]:
-    """Run tests/<script> as processes 0 and 1 of 2 (one faked device each, joined at a free
-    port): the port, each one's last stdout line as JSON, and each one's stderr."""
+def _start_two(script: str, *arguments) -> tuple[int, list[subprocess.Popen]]:
+    """Start tests/<script> as processes 0 and 1 of 2 (one faked device each, joined at a free port)."""
     from continuity.stream import free_port
 
     port = free_port()
@@ -132,6 +131,13 @@ def _two_processes(script: str, *arguments, timeout: float) -> tuple[int, list[d
         )
         for p in (0, 1)
     ]
+    return port, workers
+
+
+def _two_processes(script: str, *arguments, timeout: float) -> tuple[int, list[dict], list[str]]:
+    """Run tests/<script> as processes 0 and 1 of 2: the port, each one's last stdout line as JSON,
+    and each one's stderr."""
+    port, workers = _start_two(script, *arguments)
     reports, errors = [], []
     for worker in workers:
         out, err = worker.communicate(timeout=timeout)
@@ -139,6 +145,22 @@ def _two_processes(script: str, *arguments, timeout: float) -> tuple[int, list[d
         reports.append(json.loads(out.strip().splitlines()[-1]))
         errors.append(err)
     return port, reports, errors
+
+
+def _two_free_ports() -> int:
+    """A port P free with P + 1: process i of two serves HTTP on P + i."""
+    import socket
+
+    from continuity.stream import free_port
+
+    while True:
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
 
 
 @pytest.mark.slow
@@ -248,9 +270,29 @@ def test_two_serving_processes_over_four_partitions_train_one_model_in_lockstep_
         records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(1000 * p, 1000 * p + count)]
         produce_records(broker.bootstrap, topic, records, partition=p)
     directory = tmp_path / "checkpoints"
-    port, reports, errors = _two_processes("procs_service.py", broker.bootstrap, topic, directory, timeout=300)
+    http = _two_free_ports()
+    port, reports, errors = _two_processes(
+        "procs_service.py", broker.bootstrap, topic, directory, f"service.http_port={http}", timeout=300
+    )
     for p, err in enumerate(errors):
         assert f"process {p} of 2 joined at 127.0.0.1:{port}: 1 device(s) here, 2 in all" in err
+    # HTTP: process i on port + i; each serves /healthz and /metrics (labelled with its process);
+    # /status, /predict and the admin endpoints only on process 0, process 1 naming it.
+    for p, report in enumerate(reports):
+        answers = report["http"]
+        assert answers["GET /healthz"] == [200, "ok\n"]
+        assert (
+            answers["GET /metrics"][0] == 200
+            and f'continuity_examples_trained_total{{process="{p}"}}' in answers["GET /metrics"][1]
+        )
+    assert f"HTTP on http://127.0.0.1:{http}\n" in errors[0] and f"HTTP on http://127.0.0.1:{http + 1}\n" in errors[1]
+    assert reports[0]["http"]["GET /status"][0] == 200
+    assert reports[0]["http"]["POST /admin/checkpoint"][0] == 403  # served: disabled without a token
+    assert reports[0]["http"]["POST /predict"][0] in (400, 503)  # served: no instances, or no model yet
+    for request in ("GET /status", "POST /admin/checkpoint", "POST /predict"):
+        status, body = reports[1]["http"][request]
+        assert status == 409, request
+        assert f"process 0 of 2 serves it, on port {http} of its host" in json.loads(body)["error"]
     summaries = [r["summary"] for r in reports]
     assert reports[0]["digest"] == reports[1]["digest"]  # one model
     assert summaries[0]["windows"] == summaries[1]["windows"] >= 2  # windows closed at the same steps
