@@ -339,3 +339,96 @@ def test_two_serving_processes_over_four_partitions_train_one_model_in_lockstep_
     last = {f"{topic}/{p}": end + 15 for p, end in ends.items()}
     assert final[0]["summary"]["positions"] == final[1]["summary"]["positions"] == last
     _ledger_chains(Ledger(directory / "ledger.jsonl").read(), {p: end + 15 for p, end in ends.items()})
+
+
+def _held_out(topic: str, ends: dict[int, int]) -> int:
+    """How many of the records [0, end) of each partition tests/procs_service.py's config holds out for
+    the probe (the holdout hashes each record's partition and offset)."""
+    from procs_service import settings
+
+    from continuity.config import load_config
+    from continuity.stream import ExampleBlock, Holdout
+
+    config = load_config(None, settings("h:1", topic, "unused"))
+    holdout = Holdout(config.probe.holdout_fraction, salt=config.service.seed)
+    held = 0
+    for partition, n in ends.items():
+        rows = np.arange(n)
+        block = ExampleBlock(
+            topic,
+            partition,
+            np.zeros((n, 2), np.float32),
+            np.zeros(n, np.int32),
+            rows.astype(np.int32),
+            np.zeros(n, np.int32),
+            rows.astype(np.int64),
+            np.ones(n, np.int32),
+            [None] * n,
+            [None] * n,
+        )
+        held += int(holdout.select(block).sum())
+    return held
+
+
+def _wait_for_accept(ledger: Path, timeout: float) -> None:
+    """Until process 0's ledger records an accepted (checkpointed) window."""
+    import time
+
+    from continuity.checkpoints.ledger import Ledger
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ledger.exists() and any(e["event"] == "accept" for e in Ledger(ledger).read()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no accepted window in {ledger} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_stream_stops_the_other_unsaved_and_a_restart_of_both_trains_every_record_once(
+    broker, topic_name, tmp_path
+):
+    import signal
+
+    from continuity.checkpoints.ledger import Ledger
+    from continuity.processes import PEER_LOST_EXIT_STATUS
+    from continuity.stream import BinaryCodec, FeatureSpec, produce_records
+
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 4)
+    codec = BinaryCodec(FeatureSpec((2,), "float32", 10))
+    ends = {p: 400 + 100 * p for p in range(4)}
+    for p, count in ends.items():
+        records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(10_000 * p, 10_000 * p + count)]
+        produce_records(broker.bootstrap, topic, records, partition=p)
+    directory = tmp_path / "checkpoints"
+    _, workers = _start_two("procs_service.py", broker.bootstrap, topic, directory)
+    try:
+        _wait_for_accept(directory / "ledger.jsonl", timeout=240)
+        workers[1].send_signal(signal.SIGKILL)
+        out, err = workers[0].communicate(timeout=120)  # it stops on its own
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    assert workers[0].returncode == PEER_LOST_EXIT_STATUS, err[-3000:]
+    lost = [line for line in err.splitlines() if "lost process 1" in line]
+    assert len(lost) == 1 and lost[0].startswith("continuity: process 0 of 2: lost process 1 (")
+    assert "stopping without saving" in lost[0] and "summary" not in out  # no report: it did not finish
+    entries = Ledger(directory / "ledger.jsonl").read()
+    assert not [e for e in entries if e["event"] == "stop"]  # it stopped as it was, nothing more saved
+    accepted = [e for e in entries if e["event"] == "accept"]
+    killed_at = {p["partition"]: p["offset"] for p in accepted[-1]["positions"]}
+    assert killed_at != ends  # mid-stream
+
+    # Both again: they resume at process 0's last checkpoint and run to the end of every partition.
+    _, reports, _ = _two_processes("procs_service.py", broker.bootstrap, topic, directory, timeout=300)
+    assert reports[0]["digest"] == reports[1]["digest"]
+    for report in reports:
+        assert report["summary"]["restored_from"] == accepted[-1]["checkpoint"]
+        assert report["summary"]["positions"] == {f"{topic}/{p}": end for p, end in ends.items()}
+    entries = Ledger(directory / "ledger.jsonl").read()
+    _ledger_chains(entries, ends)  # every partition, without gap or overlap
+    last = [e for e in entries if e["event"] == "accept"][-1]
+    # Every record trained exactly once in the final model's lineage, but those held out for the probe.
+    assert last["lineage_examples"] == sum(ends.values()) - _held_out(topic, ends)
