@@ -432,3 +432,79 @@ def test_a_process_killed_mid_stream_stops_the_other_unsaved_and_a_restart_of_bo
     last = [e for e in entries if e["event"] == "accept"][-1]
     # Every record trained exactly once in the final model's lineage, but those held out for the probe.
     assert last["lineage_examples"] == sum(ends.values()) - _held_out(topic, ends)
+
+
+def _decisions(ledger: list[dict]) -> list[tuple]:
+    """The guard's decisions in a ledger, as every process of a run must take them: each window's
+    verdict (over every partition), rollback and quarantine (whose positions are the process's own)."""
+    same = {"probe": ("window", "to", "verdict"), "rollback": ("window", "scopes", "fired"), "quarantine": ("reason",)}
+    return [
+        (e["event"], *(json.dumps(e.get(k), sort_keys=True) for k in same[e["event"]]))
+        for e in ledger
+        if e["event"] in same
+    ]
+
+
+def _quadrants(rng, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n points of the square [-1, 1)^2, labelled by their quadrant (4 classes)."""
+    x = rng.uniform(-1, 1, (n, 2)).astype(np.float32)
+    return x, (x[:, 0] > 0).astype(np.int32) + 2 * (x[:, 1] > 0).astype(np.int32)
+
+
+@pytest.mark.slow
+def test_a_poisoned_partition_of_process_1_is_rolled_back_on_both_processes_and_quarantined_by_process_1(
+    broker, topic_name, tmp_path
+):
+    from continuity.checkpoints.ledger import Ledger
+    from continuity.stream import BinaryCodec, FeatureSpec, produce_records
+
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 4)
+    codec = BinaryCodec(FeatureSpec((2,), "float32", 4))
+    rng = np.random.default_rng(0)
+    clean, poisoned = 800, range(800, 1200)  # partition 3: 800 clean, 400 mislabelled, 400 clean
+    ends = {0: clean, 1: clean, 2: clean, 3: 1600}
+    for p, count in ends.items():
+        x, y = _quadrants(rng, count)
+        if p == 3:  # a broken labeler: every label of the stretch moved to the next class
+            y[poisoned.start : poisoned.stop] = (y[poisoned.start : poisoned.stop] + 1) % 4
+        produce_records(
+            broker.bootstrap, topic, [(None, codec.encode(x[i], int(y[i]))) for i in range(count)], partition=p
+        )
+    directory = tmp_path / "checkpoints"
+    guarded = [
+        "stream.num_classes=4",
+        "learner.learning_rate=0.02",
+        "probe.enabled=true",
+        "probe.every_examples=400",
+        "probe.window_examples=40",
+        "probe.max_retries=0",
+        "probe.tolerance=0.05",  # the probe is small (40 rows a window): a drop of 0.05 already counts
+    ]
+    _, reports, _ = _two_processes("procs_service.py", broker.bootstrap, topic, directory, *guarded, timeout=400)
+    summaries = [r["summary"] for r in reports]
+    assert reports[0]["digest"] == reports[1]["digest"]
+    for summary in summaries:  # training went on to the end of every partition
+        assert summary["positions"] == {f"{topic}/{p}": end for p, end in ends.items()}
+    assert summaries[0]["rollbacks"] == summaries[1]["rollbacks"] >= 1
+    # The same verdicts, rollbacks and quarantines on both processes, window by window.
+    ledgers = [Ledger(d / "ledger.jsonl").read() for d in (directory, tmp_path / "checkpoints.process-1")]
+    decisions = [_decisions(ledger) for ledger in ledgers]
+    assert decisions[0] == decisions[1] and "quarantine" in {event for event, *_ in decisions[0]}
+    for process, ledger in enumerate(ledgers):  # each quarantined its own partitions' records of the window
+        for entry in (e for e in ledger if e["event"] == "quarantine"):
+            assert {p["partition"] % 2 for p in entry["to"]} == {process}
+    # Process 1 owns partition 3: it wrote the poisoned records it read; process 0 wrote none of its.
+    quarantined = [
+        [json.loads(line) for line in (d / "quarantine.jsonl").read_text().splitlines()]
+        if (d / "quarantine.jsonl").exists()
+        else []
+        for d in (directory, tmp_path / "checkpoints.process-1")
+    ]
+    assert all(r["partition"] % 2 == 0 for r in quarantined[0])
+    mine = [r["offset"] for r in quarantined[1] if r["partition"] == 3]
+    assert all(r["partition"] % 2 == 1 for r in quarantined[1]) and any(o in poisoned for o in mine)
+    # Training continued: a window after the last quarantine was accepted.
+    entries = Ledger(directory / "ledger.jsonl").read()
+    last_quarantine = max(i for i, e in enumerate(entries) if e["event"] == "quarantine")
+    assert any(e["event"] == "accept" for e in entries[last_quarantine:])
