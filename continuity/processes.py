@@ -76,7 +76,7 @@ def join(scale: ScaleConfig, *, timeout_s: int = JOIN_TIMEOUT_S) -> bool:
 
 def exit_on_peer_lost(error: PeerLost) -> NoReturn:
     """Print `error` as one line and exit PEER_LOST_EXIT_STATUS at once: not through the interpreter's
-    exit, whose jax.distributed shutdown waits at a barrier for the dead peer (minutes)."""
+    exit, whose jax.distributed shutdown (atexit) would wait at a barrier the dead peer never reaches."""
     import os
     import sys
 

@@ -107,6 +107,16 @@ def test_held_out_rows_of_every_process_are_gathered_in_process_order():
     assert rows["x"][:, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
 
 
+def test_a_collective_that_lost_its_peer_is_told_from_other_errors():
+    from continuity.lockstep import _peer_failure
+
+    gloo = (
+        "UNKNOWN: Gloo AllGather failed: [gloo/transport/tcp/pair.cc:547] Connection closed by peer [127.0.0.1]:51329"
+    )
+    assert _peer_failure(ValueError(gloo))
+    assert not _peer_failure(ValueError("operands could not be broadcast together with shapes (3,) (4,)"))
+
+
 def _faked_one_device() -> dict[str, str]:
     return {
         **os.environ,
