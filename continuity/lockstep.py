@@ -238,8 +238,8 @@ class LockstepLoop(TrainingLoop):
     Not run over processes (each needs what only one process holds): the window checks on
     the window's sampled rows (off), an excision or split of a regressed window (the whole
     window is retried or quarantined), the EWC Fisher from recent rows when replay is off,
-    operator requests (no admin endpoints), and a halt on lost positions (one process would
-    stop alone: the others wait at the next round).
+    an operator's rollback (refused: `request`), and a halt on lost positions (one process
+    would stop alone: the others wait at the next round).
     """
 
     def __init__(self, stream, learner: Learner, store, *, lockstep: Lockstep, share, guard, **kwargs):
@@ -258,6 +258,18 @@ class LockstepLoop(TrainingLoop):
             if not _peer_failure(error):
                 raise
             raise PeerLost(_peer_lost_message(error)) from None
+
+    def request(self, kind: str, *, timeout_s: float = 60.0, **args) -> dict:
+        """Operator requests, on process 0 (the only one serving the admin endpoints): a checkpoint,
+        pin or unpin touches process 0's store alone, as every save does; a rollback would move process
+        0's model alone, so it is refused with what to do instead."""
+        if kind == "rollback":
+            raise ValueError(
+                "a rollback over HTTP is not run by several processes (it would move process 0's model alone): "
+                "stop every process, run `continuity rollback --dir <checkpoints.dir>` on process 0's store, "
+                "then start them again"
+            )
+        return super().request(kind, timeout_s=timeout_s, **args)
 
     def stopping(self) -> bool:
         """Only what every process knows: a stop agreed at a round, or the examples limit (counted over

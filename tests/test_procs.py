@@ -117,6 +117,14 @@ def test_a_collective_that_lost_its_peer_is_told_from_other_errors():
     assert not _peer_failure(ValueError("operands could not be broadcast together with shapes (3,) (4,)"))
 
 
+def test_an_operator_rollback_over_http_is_refused_by_several_processes_with_what_to_do_instead():
+    from continuity.lockstep import LockstepLoop
+
+    loop = LockstepLoop.__new__(LockstepLoop)  # refused before the loop is asked anything
+    with pytest.raises(ValueError, match=r"stop every process, run `continuity rollback --dir"):
+        loop.request("rollback", to=3, reason="operator")
+
+
 def _faked_one_device() -> dict[str, str]:
     return {
         **os.environ,
