@@ -493,6 +493,8 @@ def test_a_poisoned_partition_of_process_1_is_rolled_back_on_both_processes_and_
     guarded = [
         "stream.num_classes=4",
         "learner.learning_rate=0.02",
+        "replay.capacity=0",  # no replayed rows or EWC penalty to hold the model where it was: the
+        "ewc.enabled=false",  # mislabelled stretch damages it whichever partitions its windows mix
         "probe.enabled=true",
         "probe.every_examples=400",
         "probe.window_examples=40",
