@@ -168,10 +168,10 @@ def run_reliability(out: Path) -> list[str]:
 def run_scale(out: Path) -> list[str]:
     from continuity.benchmarks.scale import format_result, run_scale_benchmark
 
-    result = run_scale_benchmark()
+    result = run_scale_benchmark(processes=(1, 2))
     (out / "scale.json").write_text(json.dumps(result, indent=2))
     return [
-        "### one model over 1, 2, 4 devices (faked CPU devices where fewer)",
+        "### one model over 1, 2, 4 devices, in one process and in 2 (faked CPU devices where fewer)",
         "",
         "```",
         format_result(result),

@@ -16,6 +16,12 @@ batch`, and:
   dispatch, as the loop does), `repeats` times; the median gives `step_seconds` (one update)
   and `examples_per_second`; compilations after warm-up are counted (0 expected).
 
+With `processes` P > 1 a case of N devices runs as P processes (subprocesses joined by
+jax.distributed over gloo on 127.0.0.1), each with N / P (faked where too few) local devices
+and feeding N / P x per-device batch rows of every step: one model over all processes' devices,
+as `serve` trains with [scale] num_processes. Its one-device reference trains the whole
+global batch in each process; `step_seconds` is process 0's.
+
 Faked CPU devices share the machine's cores, so no speed-up is possible on them: there the
 figure of merit is the overhead, the per-example cost of an N-device step against the
 one-device step's (`per_example_cost_vs_1_device`; target <= 1.3 at N = 4). On a host with N
@@ -39,7 +45,7 @@ import numpy as np
 SHAPE, CLASSES = (8, 8, 1), 10
 
 
-def _learner(devices: int, batch_size: int, k: int):
+def _learner(devices: int, batch_size: int, k: int, *, processes: int = 1):
     from continuity.factory import learner_for
     from continuity.learner import EWCConfig, LearnerConfig, ModelConfig, ReplayConfig
 
@@ -55,27 +61,47 @@ def _learner(devices: int, batch_size: int, k: int):
         return one
     from continuity.factory import build_learner
 
+    if processes > 1:  # the first N / P local devices of every process, one mesh
+        from continuity.learner.devices import process_devices
+
+        return build_learner(config, inputs=one.inputs, task=one.task, devices=process_devices(devices // processes))
     return build_learner(config, inputs=one.inputs, task=one.task, devices=devices)
 
 
-def run_case(devices: int, *, per_device_batch: int, k: int, steps: int, repeats: int, check_dispatches: int) -> dict:
-    """One device count, in this process (whose JAX must see `devices` devices)."""
+def run_case(
+    devices: int,
+    *,
+    per_device_batch: int,
+    k: int,
+    steps: int,
+    repeats: int,
+    check_dispatches: int,
+    processes: int = 1,
+    process_id: int = 0,
+) -> dict:
+    """One device count, in this process (whose JAX must see `devices` devices, or `devices /
+    processes` of them once joined with the other processes)."""
     import jax
 
     from continuity.benchmarks.step import random_batches
-    from continuity.learner import compilation_count
+    from continuity.learner import Batch, compilation_count
 
     batch_size = devices * per_device_batch
-    learner = _learner(devices, batch_size, k)
+    learner = _learner(devices, batch_size, k, processes=processes)
     rng = np.random.default_rng(0)
-    pool = random_batches(rng, batch_size, SHAPE, CLASSES)
-    stacks = [learner.stack([pool[(i + j) % len(pool)] for j in range(k)]) for i in range(16)]
+    pool = random_batches(rng, batch_size, SHAPE, CLASSES)  # the global batches, the same in every process
+    rows = slice(process_id * learner.process_rows, (process_id + 1) * learner.process_rows)
+    mine = [Batch(b.x[rows], b.y[rows], b.mask[rows]) for b in pool]  # this process's rows of each
+    stacks = [learner.stack([mine[(i + j) % len(mine)] for j in range(k)]) for i in range(16)]
+    whole = [[pool[(i + j) % len(pool)] for j in range(k)] for i in range(16)]
 
     def params_after(model, nudge: float = 0.0) -> list[np.ndarray]:
         state = model.init(0)
         state = state.replace(params=jax.tree.map(lambda p: p * (1 + nudge), state.params))
+        own = model is learner and processes > 1  # the mesh of several processes: this process's rows
         for i in range(check_dispatches):
-            state, _ = model.train_steps(state, model.put_stack(stacks[i % len(stacks)]))
+            stack = stacks[i % len(stacks)] if own else model.stack(whole[i % len(whole)])
+            state, _ = model.train_steps(state, model.put_stack(stack))
         return [np.asarray(leaf) for leaf in jax.tree.leaves(state.params)]
 
     def largest_difference(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -111,7 +137,7 @@ def run_case(devices: int, *, per_device_batch: int, k: int, steps: int, repeats
     device = jax.local_devices()[0]
     return {
         "devices": devices,
-        "processes": 1,
+        "processes": processes,
         "batch_size": batch_size,
         "per_device_batch": per_device_batch,
         "examples_per_second": batch_size / step_seconds,
@@ -144,9 +170,41 @@ def _case_environment(devices: int, present: int) -> tuple[dict[str, str], bool]
     return env, True
 
 
+def _case_command(devices: int, options: list[str]) -> list[str]:
+    return [sys.executable, "-m", "continuity.benchmarks.scale", "--case", str(devices), *options]
+
+
+def _run_processes(devices: int, processes: int, options: list[str], env: dict[str, str]) -> dict:
+    """One case as `processes` subprocesses joined at a free port on 127.0.0.1: process 0's result."""
+    from continuity.stream import free_port
+
+    port = free_port()
+    workers = [
+        subprocess.Popen(
+            _case_command(
+                devices, [*options, "--processes", str(processes), "--process-id", str(p), "--port", str(port)]
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for p in range(processes)
+    ]
+    outputs = [worker.communicate() for worker in workers]
+    for p, (worker, (_, err)) in enumerate(zip(workers, outputs)):
+        if worker.returncode != 0:
+            raise RuntimeError(
+                f"process {p} of the {processes}-process {devices}-device case failed (exit {worker.returncode}): "
+                f"{err.strip()[-2000:]}"
+            )
+    return json.loads(outputs[0][0].strip().splitlines()[-1])
+
+
 def run_scale_benchmark(
     devices: Sequence[int] = (1, 2, 4),
     *,
+    processes: Sequence[int] = (1,),
     per_device_batch: int = 32,
     steps_per_dispatch: int = 8,
     steps: int = 256,
@@ -154,20 +212,26 @@ def run_scale_benchmark(
     check_dispatches: int = 32,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict:
+    """Every device count in `devices` as one process, then as each count P > 1 of `processes` that
+    divides it (N / P devices in each of P processes)."""
     runs = []
     present = _local_devices()
+    options = ["--per-device-batch", str(per_device_batch), "--steps-per-dispatch", str(steps_per_dispatch)]
+    options += ["--steps", str(steps), "--repeats", str(repeats), "--check-dispatches", str(check_dispatches)]
     for count in devices:
         env, faked = _case_environment(count, present)
         progress(f"{count} device(s){' (faked CPU devices)' if faked else ''} ...")
-        command = [sys.executable, "-m", "continuity.benchmarks.scale", "--case", str(count)]
-        command += ["--per-device-batch", str(per_device_batch), "--steps-per-dispatch", str(steps_per_dispatch)]
-        command += ["--steps", str(steps), "--repeats", str(repeats), "--check-dispatches", str(check_dispatches)]
-        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        done = subprocess.run(_case_command(count, options), capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
             raise RuntimeError(
                 f"the {count}-device case failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}"
             )
         runs.append({**json.loads(done.stdout.strip().splitlines()[-1]), "faked_devices": faked})
+    for group in (p for p in processes if p > 1):
+        for count in (n for n in devices if n % group == 0):
+            env, _ = _case_environment(count // group, 0)  # CPU processes over gloo, N / P faked devices each
+            progress(f"{count} device(s) as {group} processes x {count // group} (faked CPU devices) ...")
+            runs.append({**_run_processes(count, group, options, env), "faked_devices": True})
     one = next((r for r in runs if r["devices"] == 1), None)
     for run in runs:
         # Seconds per example on N devices against one device's: 1.0 is free scaling on shared
@@ -193,15 +257,16 @@ def format_result(result: dict) -> str:
     lines = [
         f"per-device batch {result['per_device_batch']}, K = {result['steps_per_dispatch']}, "
         f"params compared after {result['check_updates']} updates",
-        "devices     examples/s  step ms  cost/example vs 1 (wall, CPU)  max param diff vs 1 device "
+        "devices (processes)  examples/s  step ms  cost/example vs 1 (wall, CPU)  max param diff vs 1 device "
         "(1 device vs itself nudged 1e-7)  recompiles",
     ]
     for run in result["runs"]:
         cost, cpu = run["per_example_cost_vs_1_device"], run["per_example_cpu_cost_vs_1_device"]
         costs = "-" if cost is None else f"{cost:.2f}, {cpu:.2f}"
         nudged = run["max_param_diff_1_device_nudged_1e-7"]
+        where = f"{run['devices']:>3} ({run['processes']}){' faked' if run['faked_devices'] else ''}"
         lines.append(
-            f"{run['devices']:>3}{' (faked)' if run['faked_devices'] else '':<8} {run['examples_per_second']:>11,.0f} "
+            f"{where:<19} {run['examples_per_second']:>11,.0f} "
             f"{run['step_seconds'] * 1e3:>8.3f}  {costs:>30}  {run['max_param_diff_vs_1_device']:>12.2e} ({nudged:.2e})"
             f"{run['compilations_after_warmup']:>30}"
         )
@@ -216,7 +281,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--repeats", type=int, required=True)
     parser.add_argument("--check-dispatches", type=int, required=True)
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--process-id", type=int, default=0)
+    parser.add_argument("--port", type=int, default=0, help="the coordinator's port on 127.0.0.1 (--processes > 1)")
     args = parser.parse_args(argv)
+    if args.processes > 1:
+        from continuity.config import ScaleConfig
+        from continuity.processes import join
+
+        join(
+            ScaleConfig(coordinator=f"127.0.0.1:{args.port}", num_processes=args.processes, process_id=args.process_id)
+        )
     result = run_case(
         args.case,
         per_device_batch=args.per_device_batch,
@@ -224,8 +299,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps=args.steps,
         repeats=args.repeats,
         check_dispatches=args.check_dispatches,
+        processes=args.processes,
+        process_id=args.process_id,
     )
-    print(json.dumps(result))
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ loopback without a token is refused outright, so admin actions are never open to
 network. Errors are JSON `{"error": message}`; the token is never logged. HEAD is
 answered as GET, without the body.
 
+One of several processes training one model (`[scale] num_processes`) serves /healthz,
+/readyz and /metrics itself; /status, /predict and the admin endpoints act on (or report)
+the model as a whole, so only process 0 serves them, and process i > 0 answers them with
+409 naming where process 0 serves them (`ServiceHTTP(refer_to=...)`).
+
 No client can hold the service's threads: at most `max_connections` connections are
 served at once (one thread each). A connection gets `header_timeout_s` in all to send its
 request line and headers (also the most a kept-alive connection may idle) and
@@ -136,6 +141,7 @@ class ServiceHTTP:
         host: str = "127.0.0.1",
         port: int = 8080,
         admin_token: str | None = None,
+        refer_to: str | None = None,
         max_connections: int = MAX_CONNECTIONS,
         header_timeout_s: float = HEADER_TIMEOUT_S,
         body_timeout_s: float = BODY_TIMEOUT_S,
@@ -155,6 +161,7 @@ class ServiceHTTP:
         self.host = host
         self.port = port
         self._token = admin_token
+        self.refer_to = refer_to  # None: serves everything; else where /status, /predict and admin are served
         self.max_connections = max_connections
         self.header_timeout_s = header_timeout_s
         self.body_timeout_s = body_timeout_s
@@ -377,6 +384,8 @@ class _Handler(BaseHTTPRequestHandler):
             "/status": self._status,
         }
         path = self.path.split("?", 1)[0]
+        if path == "/status" and self._referred(path):
+            return
         if path in routes:
             routes[path]()
         elif path in _ADMIN or path == "/predict":
@@ -389,6 +398,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
+        if (path in _ADMIN or path == "/predict") and self._referred(path):
+            return
         if path in _ADMIN:
             self._admin(path)
         elif path == "/predict":
@@ -397,6 +408,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._method_not_allowed("GET")
         else:
             self._not_found(path)
+
+    def _referred(self, path: str) -> bool:
+        """True, with 409 sent, when another process serves `path` (this is process i > 0 of several)."""
+        refer_to = self.server.service.refer_to
+        if refer_to is None:
+            return False
+        self._discard_body()
+        self._send_json(HTTPStatus.CONFLICT, {"error": f"{path} is not served here: {refer_to}"})
+        return True
 
     # ---------------------------------------------------------------- read-only endpoints
 

@@ -17,6 +17,10 @@ Decisions taken from the agreement are the same everywhere because the agreement
 windows close on the global row count at a round's end, and a stop asked of one process
 (SIGTERM) stops all of them at the same round.
 
+A dead peer fails the next collective (the round's all-gather, or the step's own all-reduce
+over the mesh) on every other process; `LockstepLoop.run` turns that failure into `PeerLost`
+naming the peer, before anything more is saved (continuity/processes.py).
+
 The global micro-batches' composition depends on when records arrived, so a multi-process
 run is exactly-once per partition but not bit-reproducible across runs (a one-process
 replay of a recording is).
@@ -34,7 +38,8 @@ import numpy as np
 from continuity.learner import Batch as TrainBatch
 from continuity.learner import Learner
 from continuity.learner.learner import feature_rows
-from continuity.loop import TrainingLoop, _Good
+from continuity.loop import RunSummary, TrainingLoop, _Good
+from continuity.processes import PeerLost
 from continuity.stream import NO_SEGMENT, Positions
 from continuity.stream.ingest import IDLE
 
@@ -179,6 +184,28 @@ class Lockstep:
         return merged
 
 
+# What a collective with a dead peer raises: gloo's lost connection (CPU), NCCL's or the
+# coordination service's error (the message is all XLA gives; its type is a plain ValueError).
+_PEER_FAILURES = ("Gloo", "Connection closed by peer", "Connection reset by peer", "NCCL", "coordination service")
+
+
+def _peer_failure(error: BaseException) -> bool:
+    return any(marker in str(error) for marker in _PEER_FAILURES)
+
+
+def _peer_lost_message(error: BaseException) -> str:
+    """One line naming the peer (with two processes, the other one) and what the collective said."""
+    import jax
+
+    me, count = jax.process_index(), jax.process_count()
+    peer = f"process {1 - me}" if count == 2 else "another process"
+    detail = " ".join(str(error).split())[:200]
+    return (
+        f"process {me} of {count}: lost {peer} ({detail}); stopping without saving: the last checkpoint is "
+        "the resume point. Restart every process."
+    )
+
+
 def _zeros_like(x):
     if isinstance(x, dict):
         return {name: np.zeros_like(np.asarray(value)) for name, value in x.items()}
@@ -211,8 +238,8 @@ class LockstepLoop(TrainingLoop):
     Not run over processes (each needs what only one process holds): the window checks on
     the window's sampled rows (off), an excision or split of a regressed window (the whole
     window is retried or quarantined), the EWC Fisher from recent rows when replay is off,
-    operator requests (no admin endpoints), and a halt on lost positions (one process would
-    stop alone: the others wait at the next round).
+    an operator's rollback (refused: `request`), and a halt on lost positions (one process
+    would stop alone: the others wait at the next round).
     """
 
     def __init__(self, stream, learner: Learner, store, *, lockstep: Lockstep, share, guard, **kwargs):
@@ -220,6 +247,29 @@ class LockstepLoop(TrainingLoop):
         self.lockstep = lockstep
         self.share = share
         self._agreed_stop = False  # a stop some process asked for, agreed at a round
+
+    def run(self) -> RunSummary:
+        """The loop's run; a collective that failed because a peer died is `PeerLost` naming it."""
+        try:
+            return super().run()
+        except PeerLost:
+            raise
+        except Exception as error:
+            if not _peer_failure(error):
+                raise
+            raise PeerLost(_peer_lost_message(error)) from None
+
+    def request(self, kind: str, *, timeout_s: float = 60.0, **args) -> dict:
+        """Operator requests, on process 0 (the only one serving the admin endpoints): a checkpoint,
+        pin or unpin touches process 0's store alone, as every save does; a rollback would move process
+        0's model alone, so it is refused with what to do instead."""
+        if kind == "rollback":
+            raise ValueError(
+                "a rollback over HTTP is not run by several processes (it would move process 0's model alone): "
+                "stop every process, run `continuity rollback --dir <checkpoints.dir>` on process 0's store, "
+                "then start them again"
+            )
+        return super().request(kind, timeout_s=timeout_s, **args)
 
     def stopping(self) -> bool:
         """Only what every process knows: a stop agreed at a round, or the examples limit (counted over

@@ -395,13 +395,19 @@ class ServiceMetrics:
 
     `service_state` is called at each scrape for what the service knows live (readiness,
     whether the stream reads, when the newest checkpoint was saved); without it those
-    read as not ready, not reading, unknown.
+    read as not ready, not reading, unknown. `labels` go on every sample: one of several
+    processes training one model exports `process="<i>"`, so Prometheus tells them apart.
     """
 
     def __init__(
-        self, service_state: Callable[[], ServiceState] | None = None, metrics: tuple[MetricSpec, ...] = METRICS
+        self,
+        service_state: Callable[[], ServiceState] | None = None,
+        metrics: tuple[MetricSpec, ...] = METRICS,
+        *,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self._specs = metrics
+        self._labels = dict(labels or {})
         self._service_state = service_state or ServiceState
         self._lock = threading.Lock()
         self._folded = _Folded(states={spec.name: spec.start() for spec in self._specs})
@@ -426,7 +432,10 @@ class ServiceMetrics:
             folded = self._folded  # replaced whole by observe: the snapshot and its folded states belong together
         reading = Reading(folded.progress, folded.lag, self._service_state())
         for spec in self._specs:
-            yield spec.family(reading, folded.states[spec.name])
+            family = spec.family(reading, folded.states[spec.name])
+            if self._labels:
+                family.samples = [s._replace(labels={**self._labels, **s.labels}) for s in family.samples]
+            yield family
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples: what the registry checks names against."""

@@ -5,11 +5,23 @@ calls `join` before anything asks JAX for its devices, and JAX's coordinator (pr
 at `coordinator`) then forms one set of devices of every process, which the learner's mesh
 spans (learner/devices.py). On CPU the processes' collectives go over gloo (XLA's CPU
 client has no other cross-process transport); GPUs use NCCL, which JAX picks itself.
+
+A dead peer: the others must not wait for it forever. A process killed outright closes its
+connections, and the next collective of every other one fails at once (gloo: "Connection
+closed by peer"); the lockstep loop turns that into `PeerLost` (continuity/lockstep.py), and
+`serve` prints one line naming the peer and exits with PEER_LOST_EXIT_STATUS without saving
+anything (the last checkpoint stays the resume point). A peer that stops without closing its
+connections (its host down, the network cut) stops sending heartbeats to JAX's coordination
+service, which after `HEARTBEAT_TIMEOUT_S` aborts every other process (exit 134, JAX's line
+"Terminating process because the JAX distributed service detected fatal errors"). If the
+coordinator itself (process 0) dies, JAX's client aborts every other process at once the same
+way: it cannot go on without the coordinator.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import NoReturn
 
 from continuity.config import ScaleConfig
 from continuity.errors import UsageError
@@ -17,6 +29,13 @@ from continuity.errors import UsageError
 log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 300  # how long a process waits for all the others at the coordinator (JAX's own default)
+HEARTBEAT_TIMEOUT_S = 30  # a process silent this long is dead: JAX aborts the others (its default is 100)
+PEER_LOST_EXIT_STATUS = 6  # `serve`: a peer process died; nothing saved, restart every process
+
+
+class PeerLost(RuntimeError):
+    """Another process of the mesh died: a collective with it failed. Nothing more can be trained or
+    saved (every step and checkpoint needs every process); the message names the peer."""
 
 
 def join(scale: ScaleConfig, *, timeout_s: int = JOIN_TIMEOUT_S) -> bool:
@@ -36,6 +55,7 @@ def join(scale: ScaleConfig, *, timeout_s: int = JOIN_TIMEOUT_S) -> bool:
             num_processes=scale.num_processes,
             process_id=scale.process_id,
             initialization_timeout=timeout_s,
+            heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
         )
     except (RuntimeError, ValueError) as error:
         detail = " ".join(str(error).split())[:300]
@@ -52,3 +72,15 @@ def join(scale: ScaleConfig, *, timeout_s: int = JOIN_TIMEOUT_S) -> bool:
         len(jax.devices()),
     )
     return True
+
+
+def exit_on_peer_lost(error: PeerLost) -> NoReturn:
+    """Print `error` as one line and exit PEER_LOST_EXIT_STATUS at once: not through the interpreter's
+    exit, whose jax.distributed shutdown (atexit) would wait at a barrier the dead peer never reaches."""
+    import os
+    import sys
+
+    print(f"continuity: {error}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(PEER_LOST_EXIT_STATUS)

@@ -115,14 +115,27 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
 
 
 def process_config(config: Config) -> Config:
-    """The config of process `scale.process_id` of several: process 0 keeps `checkpoints.dir` (so a
-    restart as one process resumes from it); process i > 0 keeps its store, dead letters and
-    quarantine beside it, in `<dir>.process-<i>` (its store holds its ledger of decisions only)."""
+    """The config of process `scale.process_id` of several: process i serves HTTP on `service.http_port
+    + i` (0 stays 0: a free port), so processes sharing a host never collide; process 0 keeps
+    `checkpoints.dir` (so a restart as one process resumes from it); process i > 0 keeps its store,
+    dead letters and quarantine beside it, in `<dir>.process-<i>` (its store holds its ledger of
+    decisions only)."""
     scale = config.scale
     if scale.process_id == 0:
         return config
+    port = config.service.http_port
+    service = dataclasses.replace(config.service, http_port=port + scale.process_id if port else 0)
     directory = f"{config.checkpoints.dir.rstrip('/')}.process-{scale.process_id}"
-    return dataclasses.replace(config, checkpoints=dataclasses.replace(config.checkpoints, dir=directory))
+    return dataclasses.replace(
+        config, service=service, checkpoints=dataclasses.replace(config.checkpoints, dir=directory)
+    )
+
+
+def process_zero_url(config: Config) -> str:
+    """Where process 0 of several serves /status, /predict and the admin endpoints, as process i > 0
+    names it in a refusal: process 0 listens on `service.http_port` of its own host."""
+    port = config.service.http_port
+    return f"process 0 of {config.scale.num_processes} serves it, on port {port or '(a free one)'} of its host"
 
 
 def open_store(config: Config):
@@ -190,12 +203,15 @@ class Service:
         progress_every_s: float | None = None,
         start_fresh: bool = False,
     ):
-        if config.scale.num_processes > 1:
+        scale = config.scale
+        self._refer_to = None  # process i > 0 of several: where /status, /predict and admin are served
+        if scale.num_processes > 1:
+            self._refer_to = process_zero_url(config) if scale.process_id else None
             config = process_config(config)
-            http = False  # not served by several processes yet (README, "Several processes")
         self.config = config
         self.stop_event = threading.Event()
-        self.metrics = ServiceMetrics(self.metrics_state)
+        labels = {"process": str(scale.process_id)} if scale.num_processes > 1 else None
+        self.metrics = ServiceMetrics(self.metrics_state, labels=labels)
         self._deadline = None if max_seconds is None else time.monotonic() + max_seconds
         self._progress_printer = progress
         self._last_progress: Progress | None = None
@@ -253,6 +269,7 @@ class Service:
                 host=config.service.http_host,
                 port=config.service.http_port,
                 admin_token=config.service.admin_token,
+                refer_to=self._refer_to,
             )
 
     # ---- running ---------------------------------------------------------------------------

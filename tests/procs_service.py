@@ -1,8 +1,10 @@
 """One of several `continuity serve` processes (jax.distributed over gloo) run as a Service until its
 stream is idle; the parent (tests/test_procs.py) starts them.
 
-`python tests/procs_service.py PORT PROCESS PROCESSES BOOTSTRAP TOPIC DIR` prints JSON: {"process",
-"summary" (the RunSummary), "digest" (the final model's params)}.
+`python tests/procs_service.py PORT PROCESS PROCESSES BOOTSTRAP TOPIC DIR [SETTING ...]` (SETTINGs as
+--set takes them) prints JSON: {"process", "summary" (the RunSummary), "digest" (the final model's
+params), "http" (with service.http_port set: what its own endpoints answered once up, by request)}.
+A peer that dies ends it as it ends `serve`: one line and exit status 6, nothing saved.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import dataclasses
 import json
 import logging
 import sys
+import urllib.error
+import urllib.request
 
 from continuity.config import load_config
-from continuity.processes import join
+from continuity.processes import PeerLost, exit_on_peer_lost, join
 
 
 def settings(bootstrap: str, topic: str, directory: str) -> list[str]:
@@ -44,6 +48,7 @@ def main() -> None:
             f"scale.num_processes={processes}",
             f'scale.coordinator="127.0.0.1:{port}"',
             f"scale.process_id={process}",
+            *sys.argv[7:],
         ],
     )
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
@@ -51,14 +56,39 @@ def main() -> None:
     from continuity.loop import params_digest
     from continuity.service import Service
 
-    service = Service(config, idle_timeout_s=4.0, http=False)
-    summary = service.run()
+    http = any(s.startswith("service.http_port=") for s in sys.argv[7:])
+    service = Service(config, idle_timeout_s=4.0, http=http)
+    answers: dict[str, tuple[int, str]] = {}
+    try:
+        summary = service.run(lambda url: answers.update(_ask(url)))
+    except PeerLost as error:
+        exit_on_peer_lost(error)
     report = {
         "process": process,
         "summary": dataclasses.asdict(summary),
         "digest": params_digest(service.loop.final_state),
+        "http": answers,
     }
     print(json.dumps(report, default=str), flush=True)
+
+
+def _ask(url: str) -> dict[str, tuple[int, str]]:
+    """What this process's endpoints answer: {"GET /healthz": (status, body), ...}."""
+    answers = {}
+    for method, path in [
+        ("GET", "/healthz"),
+        ("GET", "/metrics"),
+        ("GET", "/status"),
+        ("POST", "/admin/checkpoint"),
+        ("POST", "/predict"),
+    ]:
+        request = urllib.request.Request(url + path, method=method, data=b"{}" if method == "POST" else None)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                answers[f"{method} {path}"] = (response.status, response.read().decode())
+        except urllib.error.HTTPError as error:
+            answers[f"{method} {path}"] = (error.code, error.read().decode())
+    return answers
 
 
 if __name__ == "__main__":

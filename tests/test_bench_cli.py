@@ -112,13 +112,19 @@ def test_bench_step_times_k_k1_and_the_plain_scanned_step_with_zero_compilations
     assert result["speedup_over_k1"] == pytest.approx(result["samples_per_second"] / result["k1_samples_per_second"])
 
 
-def test_bench_scale_runs_each_device_count_in_its_own_process_and_compares_it_with_one_device(tmp_path, capsys):
+def test_bench_scale_runs_each_device_count_in_its_own_process_and_as_two_processes_and_compares_with_one_device(
+    tmp_path, capsys
+):
     out = tmp_path / "scale.json"
-    command = ["bench", "scale", "--devices", "1,2", "--steps-per-dispatch", "2", "--steps", "8", "--repeats", "1"]
-    assert main([*command, "--check-dispatches", "4", "--json", str(out)]) == 0
+    command = ["bench", "scale", "--devices", "1,2", "--processes", "1,2", "--steps-per-dispatch", "2", "--steps", "8"]
+    assert main([*command, "--repeats", "1", "--check-dispatches", "4", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    one, two = result["runs"]
+    one, two, two_processes = result["runs"]
     assert (one["devices"], two["devices"]) == (1, 2) and one["processes"] == two["processes"] == 1
+    # 2 devices as 2 processes of one faked device each, over gloo: the same model as on one device.
+    assert (two_processes["devices"], two_processes["processes"], two_processes["batch_size"]) == (2, 2, 64)
+    assert two_processes["compilations_after_warmup"] == 0 and two_processes["faked_devices"]
+    assert 0.0 <= two_processes["max_param_diff_vs_1_device"] < 1e-5
     assert (one["batch_size"], two["batch_size"]) == (32, 64)  # the per-device batch is fixed
     import jax
 
@@ -130,7 +136,8 @@ def test_bench_scale_runs_each_device_count_in_its_own_process_and_compares_it_w
     assert one["max_param_diff_vs_1_device"] == 0.0
     assert 0.0 <= two["max_param_diff_vs_1_device"] < 1e-5  # the same model, up to float rounding
     assert two["per_example_cost_vs_1_device"] == pytest.approx((two["step_seconds"] / 64) / (one["step_seconds"] / 32))
-    assert ("2 (faked)" in capsys.readouterr().out) == faked
+    table = capsys.readouterr().out
+    assert ("  2 (1) faked" in table) == faked and "  2 (2) faked" in table
 
 
 @pytest.mark.parametrize("devices", ["0,1", "1,1", "two"])

@@ -193,3 +193,56 @@ def test_the_image_installs_the_pinned_dependencies_in_a_layer_before_the_code()
     (install,) = [(i, args) for i, args in runs if "pip install --no-deps ." in args]
     assert install[0] > max(i for i, _ in copies)
     assert "constraints.txt" not in (REPO / ".dockerignore").read_text().split()
+
+
+# ---------------------------------------------------------------------------- two processes, one model
+
+
+@pytest.fixture(scope="module")
+def scale_compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.scale.yml").read_text())
+
+
+def test_the_scale_file_runs_two_processes_of_one_config_instead_of_the_single_service(compose, scale_compose):
+    services = scale_compose["services"]
+    assert services["continuity"]["profiles"] == ["single"]  # off unless asked for
+    processes = [services["continuity-0"], services["continuity-1"]]
+    assert [s["command"] for s in processes] == [["--process-id", "0"], ["--process-id", "1"]]
+    assert {s["image"] for s in processes} == {compose["services"]["continuity"]["image"]}  # one image, built once
+    assert processes[0]["build"] == compose["services"]["continuity"]["build"] and "build" not in processes[1]
+    configs = [[m for m in _mounts(s) if m["type"] == "bind"] for s in processes]
+    assert configs[0] == configs[1] and configs[0][0]["read_only"] is True
+    assert (REPO / configs[0][0]["source"]).resolve() == REPO / "deploy" / "continuity.scale.toml"
+    assert "continuity-0" in services["continuity-1"]["depends_on"]
+    assert int(services["kafka"]["environment"]["KAFKA_NUM_PARTITIONS"]) % 2 == 0  # as many for each process
+
+
+def test_the_scale_config_loads_as_either_process_and_each_serves_its_port_and_keeps_its_store(scale_compose):
+    from continuity.config import load_config
+    from continuity.service import process_config
+
+    path = REPO / "deploy" / "continuity.scale.toml"
+    services = scale_compose["services"]
+    for i in (0, 1):
+        config = process_config(
+            load_config(path, [f"scale.process_id={i}"], environ={"CONTINUITY_ADMIN_TOKEN": "t0ken"})
+        )
+        assert config.scale.num_processes == 2 and config.scale.coordinator.split(":")[0] == "continuity-0"
+        service = services[f"continuity-{i}"]
+        port = config.service.http_port
+        assert port == 8080 + i and service["ports"] == [f"127.0.0.1:{port}:{port}"]
+        assert f"127.0.0.1:{port}/healthz" in " ".join(service["healthcheck"]["test"])
+        (store,) = [m for m in _mounts(service) if m["type"] == "volume"]
+        assert store["target"] == config.checkpoints.dir  # process 0: the model; process 1: its ledger
+    assert services["continuity-0"]["hostname"] == "continuity-0"
+    volumes = {m["source"] for i in (0, 1) for m in _mounts(services[f"continuity-{i}"]) if m["type"] == "volume"}
+    assert volumes == {"checkpoints", "checkpoints-1"}
+
+
+def test_prometheus_scrapes_both_processes_in_the_scale_file(scale_compose):
+    (flag,) = [a for a in scale_compose["services"]["prometheus"]["command"] if a.startswith("--config.file=")]
+    local = REPO / "deploy" / "prometheus" / Path(flag.split("=", 1)[1]).name
+    scrape = yaml.safe_load(local.read_text())
+    (job,) = scrape["scrape_configs"]
+    assert job["static_configs"] == [{"targets": ["continuity-0:8080", "continuity-1:8081"]}]
+    assert all((local.parent / rules).is_file() for rules in scrape["rule_files"])

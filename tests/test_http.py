@@ -195,6 +195,26 @@ def test_admin_disabled_without_a_configured_token(controller):
     assert controller.calls == []
 
 
+def test_process_1_of_several_serves_health_and_labelled_metrics_but_refers_status_predict_and_admin_to_process_0(
+    controller,
+):
+    refer_to = "process 0 of 2 serves it, on port 8080 of its host"
+    metrics = ServiceMetrics(labels={"process": "1"})
+    metrics.observe(_progress(), {"digits/1": 3})
+    with ServiceHTTP(controller, metrics, port=0, admin_token=TOKEN, refer_to=refer_to) as http:
+        assert _get(http.url + "/healthz")[::2] == (200, b"ok\n")
+        assert _get(http.url + "/readyz")[0] == 503  # its own readiness
+        status, _, body = _get(http.url + "/metrics")
+        samples = [s for family in text_string_to_metric_families(body.decode()) for s in family.samples]
+        assert status == 200 and samples and all(s.labels.get("process") == "1" for s in samples)
+        status, _, body = _get(http.url + "/status")
+        assert status == 409 and json.loads(body)["error"] == f"/status is not served here: {refer_to}"
+        for path in ("/admin/rollback", "/admin/checkpoint", "/predict"):
+            status, answer = _post(http.url + path, {"to": 2}, TOKEN)
+            assert status == 409 and answer["error"] == f"{path} is not served here: {refer_to}"
+    assert controller.calls == []
+
+
 @pytest.mark.parametrize(
     "body, status, words",
     [

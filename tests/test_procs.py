@@ -107,6 +107,24 @@ def test_held_out_rows_of_every_process_are_gathered_in_process_order():
     assert rows["x"][:, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
 
 
+def test_a_collective_that_lost_its_peer_is_told_from_other_errors():
+    from continuity.lockstep import _peer_failure
+
+    gloo = (
+        "UNKNOWN: Gloo AllGather failed: [gloo/transport/tcp/pair.cc:547] Connection closed by peer [127.0.0.1]:51329"
+    )
+    assert _peer_failure(ValueError(gloo))
+    assert not _peer_failure(ValueError("operands could not be broadcast together with shapes (3,) (4,)"))
+
+
+def test_an_operator_rollback_over_http_is_refused_by_several_processes_with_what_to_do_instead():
+    from continuity.lockstep import LockstepLoop
+
+    loop = LockstepLoop.__new__(LockstepLoop)  # refused before the loop is asked anything
+    with pytest.raises(ValueError, match=r"stop every process, run `continuity rollback --dir"):
+        loop.request("rollback", to=3, reason="operator")
+
+
 def _faked_one_device() -> dict[str, str]:
     return {
         **os.environ,
@@ -116,9 +134,8 @@ def _faked_one_device() -> dict[str, str]:
     }
 
 
-def _two_processes(script: str, *arguments, timeout: float) -> tuple[int, list[dict], list[str]]:
-    """Run tests/<script> as processes 0 and 1 of 2 (one faked device each, joined at a free
-    port): the port, each one's last stdout line as JSON, and each one's stderr."""
+def _start_two(script: str, *arguments) -> tuple[int, list[subprocess.Popen]]:
+    """Start tests/<script> as processes 0 and 1 of 2 (one faked device each, joined at a free port)."""
     from continuity.stream import free_port
 
     port = free_port()
@@ -132,6 +149,13 @@ def _two_processes(script: str, *arguments, timeout: float) -> tuple[int, list[d
         )
         for p in (0, 1)
     ]
+    return port, workers
+
+
+def _two_processes(script: str, *arguments, timeout: float) -> tuple[int, list[dict], list[str]]:
+    """Run tests/<script> as processes 0 and 1 of 2: the port, each one's last stdout line as JSON,
+    and each one's stderr."""
+    port, workers = _start_two(script, *arguments)
     reports, errors = [], []
     for worker in workers:
         out, err = worker.communicate(timeout=timeout)
@@ -139,6 +163,22 @@ def _two_processes(script: str, *arguments, timeout: float) -> tuple[int, list[d
         reports.append(json.loads(out.strip().splitlines()[-1]))
         errors.append(err)
     return port, reports, errors
+
+
+def _two_free_ports() -> int:
+    """A port P free with P + 1: process i of two serves HTTP on P + i."""
+    import socket
+
+    from continuity.stream import free_port
+
+    while True:
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
 
 
 @pytest.mark.slow
@@ -248,9 +288,29 @@ def test_two_serving_processes_over_four_partitions_train_one_model_in_lockstep_
         records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(1000 * p, 1000 * p + count)]
         produce_records(broker.bootstrap, topic, records, partition=p)
     directory = tmp_path / "checkpoints"
-    port, reports, errors = _two_processes("procs_service.py", broker.bootstrap, topic, directory, timeout=300)
+    http = _two_free_ports()
+    port, reports, errors = _two_processes(
+        "procs_service.py", broker.bootstrap, topic, directory, f"service.http_port={http}", timeout=300
+    )
     for p, err in enumerate(errors):
         assert f"process {p} of 2 joined at 127.0.0.1:{port}: 1 device(s) here, 2 in all" in err
+    # HTTP: process i on port + i; each serves /healthz and /metrics (labelled with its process);
+    # /status, /predict and the admin endpoints only on process 0, process 1 naming it.
+    for p, report in enumerate(reports):
+        answers = report["http"]
+        assert answers["GET /healthz"] == [200, "ok\n"]
+        assert (
+            answers["GET /metrics"][0] == 200
+            and f'continuity_examples_trained_total{{process="{p}"}}' in answers["GET /metrics"][1]
+        )
+    assert f"HTTP on http://127.0.0.1:{http}\n" in errors[0] and f"HTTP on http://127.0.0.1:{http + 1}\n" in errors[1]
+    assert reports[0]["http"]["GET /status"][0] == 200
+    assert reports[0]["http"]["POST /admin/checkpoint"][0] == 403  # served: disabled without a token
+    assert reports[0]["http"]["POST /predict"][0] in (400, 503)  # served: no instances, or no model yet
+    for request in ("GET /status", "POST /admin/checkpoint", "POST /predict"):
+        status, body = reports[1]["http"][request]
+        assert status == 409, request
+        assert f"process 0 of 2 serves it, on port {http} of its host" in json.loads(body)["error"]
     summaries = [r["summary"] for r in reports]
     assert reports[0]["digest"] == reports[1]["digest"]  # one model
     assert summaries[0]["windows"] == summaries[1]["windows"] >= 2  # windows closed at the same steps
@@ -297,3 +357,174 @@ def test_two_serving_processes_over_four_partitions_train_one_model_in_lockstep_
     last = {f"{topic}/{p}": end + 15 for p, end in ends.items()}
     assert final[0]["summary"]["positions"] == final[1]["summary"]["positions"] == last
     _ledger_chains(Ledger(directory / "ledger.jsonl").read(), {p: end + 15 for p, end in ends.items()})
+
+
+def _held_out(topic: str, ends: dict[int, int]) -> int:
+    """How many of the records [0, end) of each partition tests/procs_service.py's config holds out for
+    the probe (the holdout hashes each record's partition and offset)."""
+    from procs_service import settings
+
+    from continuity.config import load_config
+    from continuity.stream import ExampleBlock, Holdout
+
+    config = load_config(None, settings("h:1", topic, "unused"))
+    holdout = Holdout(config.probe.holdout_fraction, salt=config.service.seed)
+    held = 0
+    for partition, n in ends.items():
+        rows = np.arange(n)
+        block = ExampleBlock(
+            topic,
+            partition,
+            np.zeros((n, 2), np.float32),
+            np.zeros(n, np.int32),
+            rows.astype(np.int32),
+            np.zeros(n, np.int32),
+            rows.astype(np.int64),
+            np.ones(n, np.int32),
+            [None] * n,
+            [None] * n,
+        )
+        held += int(holdout.select(block).sum())
+    return held
+
+
+def _wait_for_accept(ledger: Path, timeout: float) -> None:
+    """Until process 0's ledger records an accepted (checkpointed) window."""
+    import time
+
+    from continuity.checkpoints.ledger import Ledger
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ledger.exists() and any(e["event"] == "accept" for e in Ledger(ledger).read()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no accepted window in {ledger} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_stream_stops_the_other_unsaved_and_a_restart_of_both_trains_every_record_once(
+    broker, topic_name, tmp_path
+):
+    import signal
+
+    from continuity.checkpoints.ledger import Ledger
+    from continuity.processes import PEER_LOST_EXIT_STATUS
+    from continuity.stream import BinaryCodec, FeatureSpec, produce_records
+
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 4)
+    codec = BinaryCodec(FeatureSpec((2,), "float32", 10))
+    ends = {p: 400 + 100 * p for p in range(4)}
+    for p, count in ends.items():
+        records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(10_000 * p, 10_000 * p + count)]
+        produce_records(broker.bootstrap, topic, records, partition=p)
+    directory = tmp_path / "checkpoints"
+    _, workers = _start_two("procs_service.py", broker.bootstrap, topic, directory)
+    try:
+        _wait_for_accept(directory / "ledger.jsonl", timeout=240)
+        workers[1].send_signal(signal.SIGKILL)
+        out, err = workers[0].communicate(timeout=120)  # it stops on its own
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    assert workers[0].returncode == PEER_LOST_EXIT_STATUS, err[-3000:]
+    lost = [line for line in err.splitlines() if "lost process 1" in line]
+    assert len(lost) == 1 and lost[0].startswith("continuity: process 0 of 2: lost process 1 (")
+    assert "stopping without saving" in lost[0] and "summary" not in out  # no report: it did not finish
+    entries = Ledger(directory / "ledger.jsonl").read()
+    assert not [e for e in entries if e["event"] == "stop"]  # it stopped as it was, nothing more saved
+    accepted = [e for e in entries if e["event"] == "accept"]
+    killed_at = {p["partition"]: p["offset"] for p in accepted[-1]["positions"]}
+    assert killed_at != ends  # mid-stream
+
+    # Both again: they resume at process 0's last checkpoint and run to the end of every partition.
+    _, reports, _ = _two_processes("procs_service.py", broker.bootstrap, topic, directory, timeout=300)
+    assert reports[0]["digest"] == reports[1]["digest"]
+    for report in reports:
+        assert report["summary"]["restored_from"] == accepted[-1]["checkpoint"]
+        assert report["summary"]["positions"] == {f"{topic}/{p}": end for p, end in ends.items()}
+    entries = Ledger(directory / "ledger.jsonl").read()
+    _ledger_chains(entries, ends)  # every partition, without gap or overlap
+    last = [e for e in entries if e["event"] == "accept"][-1]
+    # Every record trained exactly once in the final model's lineage, but those held out for the probe.
+    assert last["lineage_examples"] == sum(ends.values()) - _held_out(topic, ends)
+
+
+def _decisions(ledger: list[dict]) -> list[tuple]:
+    """The guard's decisions in a ledger, as every process of a run must take them: each window's
+    verdict (over every partition), rollback and quarantine (whose positions are the process's own)."""
+    same = {"probe": ("window", "to", "verdict"), "rollback": ("window", "scopes", "fired"), "quarantine": ("reason",)}
+    return [
+        (e["event"], *(json.dumps(e.get(k), sort_keys=True) for k in same[e["event"]]))
+        for e in ledger
+        if e["event"] in same
+    ]
+
+
+def _quadrants(rng, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n points of the square [-1, 1)^2, labelled by their quadrant (4 classes)."""
+    x = rng.uniform(-1, 1, (n, 2)).astype(np.float32)
+    return x, (x[:, 0] > 0).astype(np.int32) + 2 * (x[:, 1] > 0).astype(np.int32)
+
+
+@pytest.mark.slow
+def test_a_poisoned_partition_of_process_1_is_rolled_back_on_both_processes_and_quarantined_by_process_1(
+    broker, topic_name, tmp_path
+):
+    from continuity.checkpoints.ledger import Ledger
+    from continuity.stream import BinaryCodec, FeatureSpec, produce_records
+
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 4)
+    codec = BinaryCodec(FeatureSpec((2,), "float32", 4))
+    rng = np.random.default_rng(0)
+    clean, poisoned = 800, range(800, 1200)  # partition 3: 800 clean, 400 mislabelled, 400 clean
+    ends = {0: clean, 1: clean, 2: clean, 3: 1600}
+    for p, count in ends.items():
+        x, y = _quadrants(rng, count)
+        if p == 3:  # a broken labeler: every label of the stretch moved to the next class
+            y[poisoned.start : poisoned.stop] = (y[poisoned.start : poisoned.stop] + 1) % 4
+        produce_records(
+            broker.bootstrap, topic, [(None, codec.encode(x[i], int(y[i]))) for i in range(count)], partition=p
+        )
+    directory = tmp_path / "checkpoints"
+    guarded = [
+        "stream.num_classes=4",
+        "learner.learning_rate=0.02",
+        "replay.capacity=0",  # no replayed rows or EWC penalty to hold the model where it was: the
+        "ewc.enabled=false",  # mislabelled stretch damages it whichever partitions its windows mix
+        "probe.enabled=true",
+        "probe.every_examples=400",
+        "probe.window_examples=40",
+        "probe.max_retries=0",
+        "probe.tolerance=0.05",  # the probe is small (40 rows a window): a drop of 0.05 already counts
+    ]
+    _, reports, _ = _two_processes("procs_service.py", broker.bootstrap, topic, directory, *guarded, timeout=400)
+    summaries = [r["summary"] for r in reports]
+    assert reports[0]["digest"] == reports[1]["digest"]
+    for summary in summaries:  # training went on to the end of every partition
+        assert summary["positions"] == {f"{topic}/{p}": end for p, end in ends.items()}
+    assert summaries[0]["rollbacks"] == summaries[1]["rollbacks"] >= 1
+    # The same verdicts, rollbacks and quarantines on both processes, window by window.
+    ledgers = [Ledger(d / "ledger.jsonl").read() for d in (directory, tmp_path / "checkpoints.process-1")]
+    decisions = [_decisions(ledger) for ledger in ledgers]
+    assert decisions[0] == decisions[1] and "quarantine" in {event for event, *_ in decisions[0]}
+    for process, ledger in enumerate(ledgers):  # each quarantined its own partitions' records of the window
+        for entry in (e for e in ledger if e["event"] == "quarantine"):
+            assert {p["partition"] % 2 for p in entry["to"]} == {process}
+    # Process 1 owns partition 3: it wrote the poisoned records it read; process 0 wrote none of its.
+    quarantined = [
+        [json.loads(line) for line in (d / "quarantine.jsonl").read_text().splitlines()]
+        if (d / "quarantine.jsonl").exists()
+        else []
+        for d in (directory, tmp_path / "checkpoints.process-1")
+    ]
+    assert all(r["partition"] % 2 == 0 for r in quarantined[0])
+    mine = [r["offset"] for r in quarantined[1] if r["partition"] == 3]
+    assert all(r["partition"] % 2 == 1 for r in quarantined[1]) and any(o in poisoned for o in mine)
+    # Training continued: a window after the last quarantine was accepted.
+    entries = Ledger(directory / "ledger.jsonl").read()
+    last_quarantine = max(i for i, e in enumerate(entries) if e["event"] == "quarantine")
+    assert any(e["event"] == "accept" for e in entries[last_quarantine:])

@@ -122,6 +122,13 @@ def register(subparsers) -> None:
         metavar="N,N,...",
         help="device counts, each run in its own process (faked CPU devices where too few) (default 1,2,4)",
     )
+    scale.add_argument(
+        "--processes",
+        type=device_counts,
+        default=(1,),
+        metavar="P,P,...",
+        help="also run each device count N that P divides as P processes of N/P devices, over gloo (default 1)",
+    )
     scale.add_argument("--per-device-batch", type=positive_int, default=32, help="rows per device per step")
     scale.add_argument(
         "--steps-per-dispatch", type=positive_int, default=8, metavar="K", help="updates per dispatch (default 8)"
@@ -231,6 +238,7 @@ def run_scale(args) -> int:
 
     result = run_scale_benchmark(
         args.devices,
+        processes=args.processes,
         per_device_batch=args.per_device_batch,
         steps_per_dispatch=args.steps_per_dispatch,
         steps=args.steps,

@@ -115,7 +115,7 @@ def _quiet_orbax() -> None:
 
 def run_serve(args) -> int:
     from continuity.config import load_config
-    from continuity.processes import join
+    from continuity.processes import PeerLost, exit_on_peer_lost, join
     from continuity.service import Service, format_progress, format_summary
 
     overrides = [*(args.set or ()), *([] if args.process_id is None else [f"scale.process_id={args.process_id}"])]
@@ -136,7 +136,10 @@ def run_serve(args) -> int:
             flush=True,
         )
 
-    summary = service.run(announce)
+    try:
+        summary = service.run(announce)
+    except PeerLost as error:  # one of several processes died: this one stops too, saving nothing
+        exit_on_peer_lost(error)
     print(format_summary(summary))
     return exit_status(summary)
 
