@@ -39,12 +39,15 @@ def _shard_keys(key: jax.Array, shards: int) -> jax.Array:
 
 
 def sharded(policy: ReplayPolicy, shards: int) -> ReplayPolicy:
-    """`shards` copies of `policy` (its capacity per shard), each fed its own block of every batch."""
+    """`shards` copies of `policy` (its capacity per shard), each fed its own block of every batch
+    (one shard: the policy itself)."""
     if not isinstance(shards, numbers.Integral) or isinstance(shards, bool) or shards < 1:
         raise ValueError(f"Replay `shards` must be an integer >= 1. Got {shards!r}.")
     if policy.shards != 1:
         raise ValueError(f"the replay policy is sharded already ({policy.shards} shards).")
     shards = int(shards)
+    if shards == 1:
+        return policy
 
     @functools.wraps(policy.init)
     def init(example, label, buckets: int = 1) -> ReplayState:
