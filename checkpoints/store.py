@@ -564,7 +564,7 @@ class CheckpointStore:
         if not verified:
             logger.warning("checkpoint %d was saved without content digests: restored unverified", number)
         state = restored["state"]
-        if reshaped:
+        if reshape is not None and reshaped:
             state = self._reshaped(number, reshape, state, target)
         elif spanning:
             state = jax.tree.map(

@@ -36,6 +36,7 @@ of the partitions, and moves in lockstep rounds so the dispatches are the same e
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -178,18 +179,11 @@ class ReplayPerDevice(DataParallel):
 
     def __init__(self, devices: Sequence[jax.Device]):
         super().__init__(devices)
-        shards, same = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS)), self.replicated
-        self.state = LearnerState(
-            step=same,
-            rng=same,
-            params=same,
-            opt_state=same,
-            replay=shards,
-            ewc=same,
-            skipped_updates=same,
-            nonfinite_rows=same,
-            totals=same,
-        )
+        # A tree of shardings, a prefix of the state's: the replay buffer's leaves split on their
+        # leading (shard) axis, every other field replicated.
+        layout: dict[str, Any] = {field.name: self.replicated for field in dataclasses.fields(LearnerState)}
+        layout["replay"] = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+        self.state = LearnerState(**layout)
 
 
 Placement = OneDevice | DataParallel

@@ -107,7 +107,7 @@ def reshard(state: ReplayState, shards: int) -> ReplayState:
     """
     old = shard_count(state)
     lead = (lambda leaf: np.asarray(leaf)) if old > 1 else (lambda leaf: np.asarray(leaf)[None])
-    host = ReplayState(*(jax.tree.map(lead, field) for field in state))
+    host: Any = ReplayState(*(jax.tree.map(lead, field) for field in state))  # NumPy leaves
     total = host.bucket.shape[0] * host.bucket.shape[1]
     if total % shards:
         raise ValueError(f"a replay buffer of {total} slots cannot be split into {shards} equal shards.")
@@ -145,7 +145,7 @@ def reshard(state: ReplayState, shards: int) -> ReplayState:
     bucket = dealt(host.bucket)
     sizes = np.array([len(index) for index in deal], np.int32)
     counts = np.stack([np.bincount(bucket[s, : sizes[s]], minlength=buckets) for s in range(shards)])
-    out = ReplayState(
+    fields: dict[str, Any] = dict(
         x=jax.tree.map(dealt, host.x),
         y=dealt(host.y),
         bucket=bucket,
@@ -157,4 +157,5 @@ def reshard(state: ReplayState, shards: int) -> ReplayState:
         cursor=(sizes % per if host.cursor.any() else np.zeros(shards)).astype(np.int32),
         full_classes=np.broadcast_to(host.full_classes.any(axis=0), (shards, buckets)).copy(),
     )
+    out = ReplayState(**fields)
     return out if shards > 1 else ReplayState(*(jax.tree.map(lambda leaf: leaf[0], field) for field in out))
