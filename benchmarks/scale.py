@@ -16,6 +16,10 @@ batch`, and:
   dispatch, as the loop does), `repeats` times; the median gives `step_seconds` (one update)
   and `examples_per_second`; compilations after warm-up are counted (0 expected).
 
+`--replay replicated,sharded` runs each device count (above one) with each replay layout
+([scale] replay_layout): "sharded" splits the buffer per device (1000 / N rows each), so its
+`max_param_diff_vs_1_device` is not rounding but training on other replayed rows.
+
 Faked CPU devices share the machine's cores, so no speed-up is possible on them: there the
 figure of merit is the overhead, the per-example cost of an N-device step against the
 one-device step's (`per_example_cost_vs_1_device`; target <= 1.3 at N = 4). On a host with N
@@ -39,7 +43,7 @@ import numpy as np
 SHAPE, CLASSES = (8, 8, 1), 10
 
 
-def _learner(devices: int, batch_size: int, k: int):
+def _learner(devices: int, batch_size: int, k: int, replay: str = "replicated"):
     from continuity.factory import learner_for
     from continuity.learner import EWCConfig, LearnerConfig, ModelConfig, ReplayConfig
 
@@ -55,18 +59,27 @@ def _learner(devices: int, batch_size: int, k: int):
         return one
     from continuity.factory import build_learner
 
-    return build_learner(config, inputs=one.inputs, task=one.task, devices=devices)
+    return build_learner(config, inputs=one.inputs, task=one.task, devices=devices, replay=replay)
 
 
-def run_case(devices: int, *, per_device_batch: int, k: int, steps: int, repeats: int, check_dispatches: int) -> dict:
-    """One device count, in this process (whose JAX must see `devices` devices)."""
+def run_case(
+    devices: int,
+    *,
+    per_device_batch: int,
+    k: int,
+    steps: int,
+    repeats: int,
+    check_dispatches: int,
+    replay: str = "replicated",
+) -> dict:
+    """One device count and replay layout, in this process (whose JAX must see `devices` devices)."""
     import jax
 
     from continuity.benchmarks.step import random_batches
     from continuity.learner import compilation_count
 
     batch_size = devices * per_device_batch
-    learner = _learner(devices, batch_size, k)
+    learner = _learner(devices, batch_size, k, replay)
     rng = np.random.default_rng(0)
     pool = random_batches(rng, batch_size, SHAPE, CLASSES)
     stacks = [learner.stack([pool[(i + j) % len(pool)] for j in range(k)]) for i in range(16)]
@@ -112,6 +125,7 @@ def run_case(devices: int, *, per_device_batch: int, k: int, steps: int, repeats
     return {
         "devices": devices,
         "processes": 1,
+        "replay": replay,
         "batch_size": batch_size,
         "per_device_batch": per_device_batch,
         "examples_per_second": batch_size / step_seconds,
@@ -152,14 +166,17 @@ def run_scale_benchmark(
     steps: int = 256,
     repeats: int = 3,
     check_dispatches: int = 32,
+    replays: Sequence[str] = ("replicated",),
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict:
     runs = []
     present = _local_devices()
-    for count in devices:
+    # Each replay layout ([scale] replay_layout) per device count; one device has only one.
+    cases = [(count, layout) for count in devices for layout in (replays if count > 1 else replays[:1])]
+    for count, layout in cases:
         env, faked = _case_environment(count, present)
-        progress(f"{count} device(s){' (faked CPU devices)' if faked else ''} ...")
-        command = [sys.executable, "-m", "continuity.benchmarks.scale", "--case", str(count)]
+        progress(f"{count} device(s){' (faked CPU devices)' if faked else ''}, replay {layout} ...")
+        command = [sys.executable, "-m", "continuity.benchmarks.scale", "--case", str(count), "--replay", layout]
         command += ["--per-device-batch", str(per_device_batch), "--steps-per-dispatch", str(steps_per_dispatch)]
         command += ["--steps", str(steps), "--repeats", str(repeats), "--check-dispatches", str(check_dispatches)]
         done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -193,7 +210,7 @@ def format_result(result: dict) -> str:
     lines = [
         f"per-device batch {result['per_device_batch']}, K = {result['steps_per_dispatch']}, "
         f"params compared after {result['check_updates']} updates",
-        "devices     examples/s  step ms  cost/example vs 1 (wall, CPU)  max param diff vs 1 device "
+        "devices  replay          examples/s  step ms  cost/example vs 1 (wall, CPU)  max param diff vs 1 device "
         "(1 device vs itself nudged 1e-7)  recompiles",
     ]
     for run in result["runs"]:
@@ -201,7 +218,8 @@ def format_result(result: dict) -> str:
         costs = "-" if cost is None else f"{cost:.2f}, {cpu:.2f}"
         nudged = run["max_param_diff_1_device_nudged_1e-7"]
         lines.append(
-            f"{run['devices']:>3}{' (faked)' if run['faked_devices'] else '':<8} {run['examples_per_second']:>11,.0f} "
+            f"{run['devices']:>3}{' (faked)' if run['faked_devices'] else '':<8} {run.get('replay', 'replicated'):<10}"
+            f" {run['examples_per_second']:>11,.0f} "
             f"{run['step_seconds'] * 1e3:>8.3f}  {costs:>30}  {run['max_param_diff_vs_1_device']:>12.2e} ({nudged:.2e})"
             f"{run['compilations_after_warmup']:>30}"
         )
@@ -216,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--repeats", type=int, required=True)
     parser.add_argument("--check-dispatches", type=int, required=True)
+    parser.add_argument("--replay", choices=("replicated", "sharded"), default="replicated")
     args = parser.parse_args(argv)
     result = run_case(
         args.case,
@@ -224,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps=args.steps,
         repeats=args.repeats,
         check_dispatches=args.check_dispatches,
+        replay=args.replay,
     )
     print(json.dumps(result))
 
