@@ -13,7 +13,9 @@ cost of a dispatch is then paid once per K updates. Each update is exactly one
 `train_step`; a micro-batch without a row to train (a short stack's padding) changes nothing.
 
 With `devices` > 1 the same step runs data-parallel over a mesh of local devices: each
-batch's rows split over them, the state replicated (learner/devices.py).
+batch's rows split over them, the state replicated (learner/devices.py), or, given a replay
+policy split into one shard per device (`replay.sharded`), all but the replay buffer: each
+device then joins its own fresh rows with its own replayed ones, so no row moves between devices.
 
 A non-finite loss or gradient costs only the rows behind it: the step finds the fresh
 rows whose loss or input is non-finite, masks them out and computes the update again
@@ -147,7 +149,8 @@ class Learner:
     `inputs`: one example's features, a `jax.ShapeDtypeStruct` or a dict of them; batches
     must match (integer features stay integers all the way into the model).
     `replay`: a policy from `continuity.replay`, or None; `replay_batch_size` rows of it
-    join every step's loss; `asymmetric` applies ER-ACE where the task has classes.
+    join every step's loss; a policy of several shards (`replay.sharded`) needs one per device,
+    and `replay_batch_size` must divide by them; `asymmetric` applies ER-ACE where the task has classes.
     `ewc`: an `EWCConfig` (online EWC, Schwarz et al. 2018), or None for no penalty.
 
     `steps_per_dispatch`: micro-batches per `train_steps` dispatch (K); `stack` pads a
