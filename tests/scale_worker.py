@@ -5,11 +5,13 @@ trains the same stacks on one device and on a mesh of all of them, and prints JS
 "max_param", "compiles_after_first", "examples", and the one-device params evaluated on one
 device and on the mesh: "evaluated", "same_outcomes", "max_loss_diff", "accuracy"}.
 
-`python tests/scale_worker.py DISPATCHES PORT PROCESS_ID PROCESSES`: one of several processes
+`python tests/scale_worker.py DISPATCHES PORT PROCESS_ID PROCESSES [sharded]`: one of several processes
 (jax.distributed over gloo, coordinator 127.0.0.1:PORT) training one model over all their
 devices, each feeding its share of every micro-batch's rows; prints {"process",
 "devices", "digest", "max_param_diff" (against one device on the whole batches),
-"compiles_after_first", "examples" (one device's, the processes')}.
+"compiles_after_first", "examples" (one device's, the processes'), "shards_held" (with a replay
+buffer sharded over the devices: for each shard on this process's devices, the devices whose rows
+it holds)}.
 
 `python tests/scale_worker.py sharded DISPATCHES DIR`: the replay buffer split over the devices
 (sharded_replay), checkpoints in DIR.
@@ -97,12 +99,12 @@ def share(stack: Batch, process: int, processes: int) -> Batch:
     return Batch(stack.x[:, part], stack.y[:, part], stack.mask[:, part])
 
 
-def several_processes(dispatches: int, port: int, process: int, processes: int) -> None:
+def several_processes(dispatches: int, port: int, process: int, processes: int, replay: str = "replicated") -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=processes, process_id=process)
     host = stacks(dispatches)
     one, _, examples_one = train(1, host)
-    model = learner(jax.devices())  # every process's devices: one mesh over them all
+    model = learner(jax.devices(), replay)  # every process's devices: one mesh over them all
     state = model.init(0)
     recompiles = 0
     for i, stack in enumerate(host):
@@ -117,6 +119,18 @@ def several_processes(dispatches: int, port: int, process: int, processes: int) 
     many = jax.tree.map(np.asarray, state.params)
     from continuity.loop import params_digest
 
+    # A sharded buffer: which devices' rows each shard this process holds came from.
+    devices = len(jax.devices())
+    device_of = {
+        row.tobytes(): r // (BATCH // devices) for stack in host for batch in stack.x for r, row in enumerate(batch)
+    }
+    sizes = {shard.index[0].start: int(np.asarray(shard.data)[0]) for shard in state.replay.size.addressable_shards}
+    held = {
+        shard.index[0].start: sorted({device_of[row.tobytes()] for row in np.asarray(shard.data)[0][: sizes[i]]})
+        for shard in state.replay.x.addressable_shards
+        if (i := shard.index[0].start) is not None
+    }
+
     report = {
         "process": process,
         "devices": len(jax.devices()),
@@ -126,6 +140,7 @@ def several_processes(dispatches: int, port: int, process: int, processes: int) 
         ),
         "compiles_after_first": recompiles,
         "examples": [examples_one, int(totals.fresh_rows)],
+        "shards_held": {str(k): v for k, v in sorted(held.items())} if replay == "sharded" else None,
     }
     print(json.dumps(report), flush=True)
     jax.distributed.shutdown()
@@ -232,7 +247,7 @@ def main() -> None:
         sharded_replay(int(sys.argv[2]), sys.argv[3])
         return
     if len(sys.argv) > 2:
-        several_processes(*(int(a) for a in sys.argv[1:5]))
+        several_processes(*(int(a) for a in sys.argv[1:5]), *sys.argv[5:6])
         return
     host = stacks(int(sys.argv[1]))
     devices = len(jax.local_devices())
