@@ -328,3 +328,34 @@ def test_a_stream_replayed_on_four_devices_twice_gives_identical_checkpoints_tha
     assert one.metadata["learner_step"] == a.metadata["learner_step"]
     for x, y in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(a.state.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_a_buffer_sharded_over_four_devices_resumes_on_one_device_with_its_examples_re_dealt(
+    tmp_path,
+):
+    first, both = (record_scenario(tmp_path / f"{n}.parquet", segments=n, seed=2) for n in (1, 2))
+    config = tmp_path / "sharded.toml"
+    config.write_text(
+        "[model]\nhidden = [64]\n[probe]\nevery_examples = 700\n[checkpoints]\nevery_seconds = 0\n"
+        '[scale]\ndevices = 4\nreplay_layout = "sharded"\n'
+    )
+    out = tmp_path / "store"
+    command = ["replay", str(first), "--config", str(config), "--out", str(out), "--json", str(tmp_path / "a.json")]
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from continuity.cli import main; sys.exit(main(sys.argv[1:]))", *command],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_faked(FOUR_DEVICES),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = json.loads((tmp_path / "a.json").read_text())
+    # The same store, one device (one buffer): the checkpoint restores, its buffer re-dealt, and the
+    # second segment trains on from the saved position.
+    command = ["replay", str(both), "--config", str(config), "--set", "scale.devices=1", "--out", str(out)]
+    assert main([*command, "--json", str(tmp_path / "b.json")]) == 0
+    resumed = json.loads((tmp_path / "b.json").read_text())
+    assert resumed["restored_from"] == sharded["last_checkpoint"] is not None
+    assert resumed["examples_trained"] > 0 and resumed["rollbacks"] == 0
+    assert resumed["positions"]["digits/0"] > sharded["positions"]["digits/0"]
