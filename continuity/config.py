@@ -750,7 +750,9 @@ class Config:
         stream into another directory, or serving it from another broker, gives the same
         digest (and, with it, bit-identical checkpoint metadata). So are
         `learner.steps_per_dispatch` (K updates per dispatch train the same model as one) and
-        `[scale]` (a batch split over devices trains it too, up to the order of float sums).
+        `[scale]` (a batch split over devices trains it too, up to the order of float sums; a
+        replay buffer sharded over them replays other rows, but its checkpoints restore onto any
+        device count and layout, the held examples re-dealt).
         `config check` prints it; the service saves it in every checkpoint.
         """
         stream = self.stream

@@ -247,7 +247,9 @@ class Learner:
         optax transformation does not say what it is). A training loop digests it when it is
         not told the config the learner was built from. `steps_per_dispatch` and `devices`
         are left out: K updates per dispatch, or a batch split over devices, train the same
-        model as one (up to the order of float sums)."""
+        model as one (up to the order of float sums). So is a replay buffer's split into
+        shards (the policy and its total capacity stay): a checkpoint restores onto any
+        layout, its examples re-dealt (`relayout`)."""
 
         def shapes(tree) -> list[str]:
             leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
