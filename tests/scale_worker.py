@@ -120,16 +120,16 @@ def several_processes(dispatches: int, port: int, process: int, processes: int, 
     from continuity.loop import params_digest
 
     # A sharded buffer: which devices' rows each shard this process holds came from.
-    devices = len(jax.devices())
-    device_of = {
-        row.tobytes(): r // (BATCH // devices) for stack in host for batch in stack.x for r, row in enumerate(batch)
-    }
-    sizes = {shard.index[0].start: int(np.asarray(shard.data)[0]) for shard in state.replay.size.addressable_shards}
-    held = {
-        shard.index[0].start: sorted({device_of[row.tobytes()] for row in np.asarray(shard.data)[0][: sizes[i]]})
-        for shard in state.replay.x.addressable_shards
-        if (i := shard.index[0].start) is not None
-    }
+    held: dict[int, list[int]] = {}
+    if replay == "sharded":
+        devices = len(jax.devices())
+        device_of = {
+            row.tobytes(): r // (BATCH // devices) for stack in host for batch in stack.x for r, row in enumerate(batch)
+        }
+        size = {s.index[0].start: int(np.asarray(s.data)[0]) for s in state.replay.size.addressable_shards}
+        for shard in state.replay.x.addressable_shards:
+            first = shard.index[0].start
+            held[first] = sorted({device_of[row.tobytes()] for row in np.asarray(shard.data)[0][: size[first]]})
 
     report = {
         "process": process,
