@@ -22,6 +22,11 @@ and feeding N / P x per-device batch rows of every step: one model over all proc
 as `serve` trains with [scale] num_processes. Its one-device reference trains the whole
 global batch in each process; `step_seconds` is process 0's.
 
+`--replay replicated,sharded` runs each device count (above one) with each replay layout
+([scale] replay_layout): "sharded" splits the buffer per device (1000 / N rows each), so its
+`max_param_diff_vs_1_device` is not rounding but training on other replayed rows. The cases
+of several processes keep the replicated layout.
+
 Faked CPU devices share the machine's cores, so no speed-up is possible on them: there the
 figure of merit is the overhead, the per-example cost of an N-device step against the
 one-device step's (`per_example_cost_vs_1_device`; target <= 1.3 at N = 4). On a host with N
@@ -45,7 +50,7 @@ import numpy as np
 SHAPE, CLASSES = (8, 8, 1), 10
 
 
-def _learner(devices: int, batch_size: int, k: int, *, processes: int = 1):
+def _learner(devices: int, batch_size: int, k: int, *, processes: int = 1, replay: str = "replicated"):
     from continuity.factory import learner_for
     from continuity.learner import EWCConfig, LearnerConfig, ModelConfig, ReplayConfig
 
@@ -64,8 +69,10 @@ def _learner(devices: int, batch_size: int, k: int, *, processes: int = 1):
     if processes > 1:  # the first N / P local devices of every process, one mesh
         from continuity.learner.devices import process_devices
 
-        return build_learner(config, inputs=one.inputs, task=one.task, devices=process_devices(devices // processes))
-    return build_learner(config, inputs=one.inputs, task=one.task, devices=devices)
+        return build_learner(
+            config, inputs=one.inputs, task=one.task, devices=process_devices(devices // processes), replay=replay
+        )
+    return build_learner(config, inputs=one.inputs, task=one.task, devices=devices, replay=replay)
 
 
 def run_case(
@@ -78,16 +85,17 @@ def run_case(
     check_dispatches: int,
     processes: int = 1,
     process_id: int = 0,
+    replay: str = "replicated",
 ) -> dict:
-    """One device count, in this process (whose JAX must see `devices` devices, or `devices /
-    processes` of them once joined with the other processes)."""
+    """One device count and replay layout, in this process (whose JAX must see `devices` devices,
+    or `devices / processes` of them once joined with the other processes)."""
     import jax
 
     from continuity.benchmarks.step import random_batches
     from continuity.learner import Batch, compilation_count
 
     batch_size = devices * per_device_batch
-    learner = _learner(devices, batch_size, k, processes=processes)
+    learner = _learner(devices, batch_size, k, processes=processes, replay=replay)
     rng = np.random.default_rng(0)
     pool = random_batches(rng, batch_size, SHAPE, CLASSES)  # the global batches, the same in every process
     rows = slice(process_id * learner.process_rows, (process_id + 1) * learner.process_rows)
@@ -138,6 +146,7 @@ def run_case(
     return {
         "devices": devices,
         "processes": processes,
+        "replay": replay,
         "batch_size": batch_size,
         "per_device_batch": per_device_batch,
         "examples_per_second": batch_size / step_seconds,
@@ -210,6 +219,7 @@ def run_scale_benchmark(
     steps: int = 256,
     repeats: int = 3,
     check_dispatches: int = 32,
+    replays: Sequence[str] = ("replicated",),
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict:
     """Every device count in `devices` as one process, then as each count P > 1 of `processes` that
@@ -218,10 +228,13 @@ def run_scale_benchmark(
     present = _local_devices()
     options = ["--per-device-batch", str(per_device_batch), "--steps-per-dispatch", str(steps_per_dispatch)]
     options += ["--steps", str(steps), "--repeats", str(repeats), "--check-dispatches", str(check_dispatches)]
-    for count in devices:
+    # Each replay layout ([scale] replay_layout) per device count; one device has only one.
+    cases = [(count, layout) for count in devices for layout in (replays if count > 1 else replays[:1])]
+    for count, layout in cases:
         env, faked = _case_environment(count, present)
-        progress(f"{count} device(s){' (faked CPU devices)' if faked else ''} ...")
-        done = subprocess.run(_case_command(count, options), capture_output=True, text=True, env=env, check=False)
+        progress(f"{count} device(s){' (faked CPU devices)' if faked else ''}, replay {layout} ...")
+        command = _case_command(count, [*options, "--replay", layout])
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
             raise RuntimeError(
                 f"the {count}-device case failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}"
@@ -257,8 +270,8 @@ def format_result(result: dict) -> str:
     lines = [
         f"per-device batch {result['per_device_batch']}, K = {result['steps_per_dispatch']}, "
         f"params compared after {result['check_updates']} updates",
-        "devices (processes)  examples/s  step ms  cost/example vs 1 (wall, CPU)  max param diff vs 1 device "
-        "(1 device vs itself nudged 1e-7)  recompiles",
+        "devices (processes)  replay      examples/s  step ms  cost/example vs 1 (wall, CPU)  "
+        "max param diff vs 1 device (1 device vs itself nudged 1e-7)  recompiles",
     ]
     for run in result["runs"]:
         cost, cpu = run["per_example_cost_vs_1_device"], run["per_example_cpu_cost_vs_1_device"]
@@ -266,7 +279,7 @@ def format_result(result: dict) -> str:
         nudged = run["max_param_diff_1_device_nudged_1e-7"]
         where = f"{run['devices']:>3} ({run['processes']}){' faked' if run['faked_devices'] else ''}"
         lines.append(
-            f"{where:<19} {run['examples_per_second']:>11,.0f} "
+            f"{where:<19}  {run.get('replay', 'replicated'):<10} {run['examples_per_second']:>11,.0f} "
             f"{run['step_seconds'] * 1e3:>8.3f}  {costs:>30}  {run['max_param_diff_vs_1_device']:>12.2e} ({nudged:.2e})"
             f"{run['compilations_after_warmup']:>30}"
         )
@@ -284,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--port", type=int, default=0, help="the coordinator's port on 127.0.0.1 (--processes > 1)")
+    parser.add_argument("--replay", choices=("replicated", "sharded"), default="replicated")
     args = parser.parse_args(argv)
     if args.processes > 1:
         from continuity.config import ScaleConfig
@@ -301,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_dispatches=args.check_dispatches,
         processes=args.processes,
         process_id=args.process_id,
+        replay=args.replay,
     )
     print(json.dumps(result), flush=True)
 

@@ -510,7 +510,14 @@ class CheckpointStore:
         return None
 
     @_locked
-    def restore(self, number: int, *, state_like, probe_like: Mapping | None = None) -> Restored:
+    def restore(
+        self,
+        number: int,
+        *,
+        state_like,
+        probe_like: Mapping | None = None,
+        reshape: Callable[[Any], Any] | None = None,
+    ) -> Restored:
         """Reads checkpoint `number` back, checking every array against its saved digest.
 
         `state_like` gives the target structure, shapes and dtypes (concrete arrays or
@@ -520,15 +527,24 @@ class CheckpointStore:
         that cannot be read, or whose bytes changed since they were saved, raises
         CorruptCheckpointError. One saved without digests (schema 1) restores unverified,
         with a warning.
+
+        `reshape`: for a target whose leaves have other shapes than the saved ones (the same
+        leaves laid out otherwise: a replay buffer saved over another number of devices), called
+        with the state as saved, in host NumPy arrays, after its digests are checked; it returns
+        the state in `state_like`'s shapes, which is put where `state_like`'s arrays are.
         """
+        import jax
+
         self._require(number)
         ocp = self._ocp
-        self._check_target(number, state_like)
-        spanning = _spans_processes(state_like)
+        reshaped = reshape is not None and self._other_shapes(number, state_like)
+        target = state_like
+        if reshaped:  # read as saved, to host; reshaped below
+            state_like = self._saved_like(number, state_like)
+        else:
+            self._check_target(number, state_like)
+        spanning = not reshaped and _spans_processes(state_like)
         if spanning:  # arrays over several processes' devices: read to host, then put where `state_like` is
-            import jax
-
-            target = state_like
             state_like = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), state_like)
         items = {"state": ocp.args.StandardRestore(state_like), "meta": ocp.args.JsonRestore()}
         has_probe = (self._step_directory(number) / "probe").is_dir()
@@ -548,7 +564,9 @@ class CheckpointStore:
         if not verified:
             logger.warning("checkpoint %d was saved without content digests: restored unverified", number)
         state = restored["state"]
-        if spanning:
+        if reshape is not None and reshaped:
+            state = self._reshaped(number, reshape, state, target)
+        elif spanning:
             state = jax.tree.map(
                 lambda host, like: jax.make_array_from_callback(host.shape, like.sharding, lambda index: host[index]),
                 state,
@@ -577,6 +595,7 @@ class CheckpointStore:
         state_like,
         probe_like: Mapping | None = None,
         on_skip: Callable[[int, CorruptCheckpointError], None] | None = None,
+        reshape: Callable[[Any], Any] | None = None,
     ) -> Restored | None:
         """What a (re)start restores: the head, else the newest good checkpoint.
 
@@ -594,7 +613,7 @@ class CheckpointStore:
             try:
                 if self._read_metadata(number).get("status") != "good":
                     continue
-                return self.restore(number, state_like=state_like, probe_like=probe_like)
+                return self.restore(number, state_like=state_like, probe_like=probe_like, reshape=reshape)
             except CorruptCheckpointError as error:
                 if on_skip is None:
                     logger.warning("%s; skipping it for the previous good checkpoint", error)
@@ -880,6 +899,38 @@ class CheckpointStore:
         except Exception as error:
             raise CorruptCheckpointError(number, error) from error
         return jax.tree.map(np.asarray, restored)
+
+    def _other_shapes(self, number: int, state_like) -> bool:
+        """True when `state_like` has the saved leaves, some of them in other shapes."""
+        saved, wanted = _leaf_signatures(self._state_metadata(number)), _leaf_signatures(state_like)
+        return set(saved) == set(wanted) and any(saved[path][0] != wanted[path][0] for path in saved)
+
+    def _saved_like(self, number: int, state_like):
+        """`state_like`'s tree with host zeros in the saved shapes and dtypes: a target that reads as saved."""
+        import jax
+
+        saved = _leaf_signatures(self._state_metadata(number))
+        paths = [path for path, _ in integrity.leaves_by_path(state_like)]
+        return jax.tree.unflatten(jax.tree.structure(state_like), [np.zeros(*saved[path]) for path in paths])
+
+    @staticmethod
+    def _reshaped(number: int, reshape: Callable[[Any], Any], state, target):
+        """`reshape(state)`, checked against `target`'s shapes and put where its arrays are."""
+        import jax
+
+        state = reshape(state)
+        got, wanted = _leaf_signatures(state), _leaf_signatures(target)
+        wrong = [path for path in wanted if got.get(path, (None,))[0] != wanted[path][0]]
+        if wrong:
+            raise ValueError(f"checkpoint {number} reshaped does not match `state_like`: {', '.join(wrong[:5])}")
+
+        def put(host, like):
+            host = np.asarray(host, getattr(like, "dtype", None))
+            if isinstance(like, jax.Array):
+                return jax.make_array_from_callback(host.shape, like.sharding, lambda index: host[index])
+            return host
+
+        return jax.tree.map(put, state, target)
 
     def _check_target(self, number: int, state_like) -> None:
         """ValueError when `state_like` cannot be the restore target of `number`'s state.

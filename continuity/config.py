@@ -522,15 +522,40 @@ SCALE_ENVIRONMENT = {
 }
 
 
+def sharded_replay_problem(learner: LearnerConfig, layout: str, devices: int) -> ConfigProblem | None:
+    """A replay buffer split over `devices` devices ([scale] replay = "sharded") needs its capacity and
+    its per-step draw to divide by them: each device holds and replays an equal share."""
+    replay = learner.replay
+    if layout != "sharded" or devices == 1 or not replay.enabled:
+        return None
+    for key, value, what in (("capacity", replay.capacity, "examples"), ("batch_size", replay.batch_size, "rows")):
+        if value % devices:
+            return ConfigProblem(
+                f'must divide by the {devices} devices with scale.replay_layout = "sharded" (each holds and replays '
+                f"{key} / devices {what}). Got {value}.",
+                f"learner.replay.{key}",
+            )
+    return None
+
+
 @section("scale")
 class ScaleConfig:
     """How many devices and processes train the one model (data-parallel: each step's batch split over them)."""
 
     # learner/devices.py: the batch's rows are split over a mesh of the devices, the state
-    # (parameters, optimizer, EWC, the replay buffer) is replicated, and XLA sums the gradient.
+    # (parameters, optimizer, EWC) is replicated, and XLA sums the gradient.
     devices: Annotated[Literal["all"] | Int, BeforeValidator(_device_count)] = Field(
         default="all",
         description='local devices to train over: "all", or a count (learner.batch_size must divide by it)',
+    )
+    # replay/sharded.py. "replicated": every device holds the whole buffer and the fresh rows are
+    # gathered into every copy, so N devices train the same model as one. "sharded": each device
+    # holds capacity / devices examples, inserts its own rows and replays its share from them (no
+    # collective, 1/N of the memory), but replays other rows than one device would. One device:
+    # no difference. Default replicated: the cost it saves was within noise here (BENCHMARKS.md).
+    replay_layout: Literal["replicated", "sharded"] = Field(
+        default="replicated",
+        description='"replicated" (every device holds all of replay.capacity) or "sharded" (capacity / devices each)',
     )
     # Several processes (hosts) start jax.distributed with these before the learner is built;
     # the mesh then spans every process's devices (README, "Scaling out").
@@ -674,6 +699,10 @@ class Config:
                 f"Got {learner.batch_size}.",
                 "learner.batch_size",
             )
+        if devices != "all":
+            problem = sharded_replay_problem(learner, self.scale.replay_layout, devices * processes)
+            if problem is not None:
+                raise problem
         if stream.inputs and stream.codec == "binary":
             raise ConfigProblem(
                 'named inputs need codec = "json" (the binary wire format carries one array). Got codec = "binary".',
@@ -721,7 +750,9 @@ class Config:
         stream into another directory, or serving it from another broker, gives the same
         digest (and, with it, bit-identical checkpoint metadata). So are
         `learner.steps_per_dispatch` (K updates per dispatch train the same model as one) and
-        `[scale]` (a batch split over devices trains it too, up to the order of float sums).
+        `[scale]` (a batch split over devices trains it too, up to the order of float sums; a
+        replay buffer sharded over them replays other rows, but its checkpoints restore onto any
+        device count and layout, the held examples re-dealt).
         `config check` prints it; the service saves it in every checkpoint.
         """
         stream = self.stream
@@ -1173,7 +1204,8 @@ _SECTION_NOTES = {
     "service": "The running service: HTTP endpoints (/healthz, /readyz, /metrics, /status, /predict, /admin/*).",
     "publish": "Accepted models, published for a separate serving process.",
     "scale": "One model over several devices (GPUs), of one process or several: each step's batch split\n"
-    "# over them, the state (parameters, optimizer, EWC, replay buffer) replicated on each.",
+    "# over them, the state (parameters, optimizer, EWC) replicated on each, the replay buffer too\n"
+    '# unless replay_layout = "sharded".',
 }
 _SECURITY_EXAMPLE = """\
 # SASL/SSL options for kafka-python (none for the embedded broker). A secret is read from

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from continuity import replay as replay_lib
-from continuity.config import ConfigError, labels_problem, replay_problem
+from continuity.config import ConfigError, labels_problem, replay_problem, sharded_replay_problem
 from continuity.learner import Classification, Learner, LearnerConfig, ModelConfig, ReplayConfig, Task, cnn, mlp
 from continuity.learner.devices import process_devices
 from continuity.learner.learner import ModelFactory
@@ -171,16 +171,23 @@ def build_learner(
     task: Task,
     model: ModelFactory | None = None,
     devices: int | Sequence[jax.Device] = 1,
+    replay: str = "replicated",
 ) -> Learner:
     """A Learner for examples like `inputs` (a jax.ShapeDtypeStruct, or a dict of them) and `task`;
-    `model` replaces the factory [model] describes; `devices` local devices train it data-parallel."""
+    `model` replaces the factory [model] describes; `devices` local devices train it data-parallel,
+    their replay buffer `replay` = "replicated" on each, or "sharded" over them ([scale] replay_layout)."""
+    count = devices if isinstance(devices, int) else len(devices)
+    policy = build_replay(config.replay)
+    if policy is not None and replay == "sharded" and count > 1:
+        # capacity and replay.batch_size divide by the devices: config.py checks it (sharded_replay_problem)
+        policy = replay_lib.sharded(replay_lib.make(config.replay.kind, config.replay.capacity // count), count)
     return Learner(
         model or build_model(config.model),
         build_optimizer(config),
         task,
         inputs=inputs,
         batch_size=config.batch_size,
-        replay=build_replay(config.replay),
+        replay=policy,
         replay_batch_size=config.replay.batch_size,
         asymmetric=config.replay.asymmetric,
         ewc=config.ewc if config.ewc.enabled else None,
@@ -311,6 +318,9 @@ def device_count(config: Config) -> int:
             f"{prefix}: [learner] batch_size: must divide by the {count} device(s) [scale] devices = "
             f"{wanted!r} trains over. Got {config.learner.batch_size}."
         )
+    problem = sharded_replay_problem(config.learner, config.scale.replay_layout, count * config.scale.num_processes)
+    if problem is not None:
+        raise ConfigError(f"{prefix}: [replay] {(problem.key or '').rsplit('.', 1)[-1]}: {problem.detail}")
     return count
 
 
@@ -323,7 +333,12 @@ def learner_from_config(config: Config) -> Learner:
     # Joined ([scale] num_processes): one mesh over every process's devices.
     devices: int | list[jax.Device] = process_devices(count) if jax.process_count() > 1 else count
     return build_learner(
-        config.learner, inputs=model_inputs(config), task=task_for(config), model=factory, devices=devices
+        config.learner,
+        inputs=model_inputs(config),
+        task=task_for(config),
+        model=factory,
+        devices=devices,
+        replay=config.scale.replay_layout,
     )
 
 

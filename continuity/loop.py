@@ -823,7 +823,9 @@ class TrainingLoop:
         if number is None:
             raise LookupError("there is no good checkpoint to roll back to")
         try:
-            restored = self.store.restore(number, state_like=self.learner.init(self.seed))
+            restored = self.store.restore(
+                number, state_like=self.learner.init(self.seed), reshape=self.learner.relayout
+            )
         except CorruptCheckpointError as error:
             raise ValueError(f"{error}; nothing was changed: roll back to another checkpoint") from None
         self.store.set_head(number, reason=reason)
@@ -861,7 +863,8 @@ class TrainingLoop:
             log.warning("%s; trying the previous good checkpoint", error)
             skipped.append(f"{number}: {error.reason}")
 
-        restored = self.store.restore_latest(state_like=fresh, on_skip=on_skip)
+        # A replay buffer saved over another device count or layout is re-dealt to this one's.
+        restored = self.store.restore_latest(state_like=fresh, on_skip=on_skip, reshape=learner.relayout)
         if restored is None and self.store.numbers() and not self.start_fresh:
             found = "; ".join(skipped) if skipped else "none is good and not abandoned"
             raise NoUsableCheckpointError(

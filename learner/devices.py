@@ -15,10 +15,14 @@ state is still donated, and nothing recompiles after the first dispatch.
 Evaluation (the probe, the guard's checks) splits its fixed-size chunks of rows over the
 devices the same way, each device scoring its share with the replicated parameters.
 
-The replay buffer is replicated, not sharded: every device holds all of it and samples the
+The replay buffer is replicated by default: every device holds all of it and samples the
 same rows, so training is the one-device arithmetic on the same global batch (up to the
 order of the gradient's float sums) and `replay.capacity` means what it means on one device.
-A buffer sharded per device (each sampling its own shard) is a follow-up.
+Each step then gathers the fresh rows of every device into every copy (an all-gather).
+`ReplayPerDevice` holds a buffer split per device instead (`replay.sharded`, one shard per
+device, its leading shard axis on `data`): each device inserts its own rows into its shard
+and samples its share of the replayed rows from it, with no collective; `replay.capacity` is
+then the total, capacity / devices per device, and the rows replayed are not one device's.
 
 Given the devices of several processes (`jax.devices()` after `jax.distributed.initialize`),
 the mesh spans them: each process stacks only its share of each micro-batch's rows
@@ -32,12 +36,15 @@ of the partitions, and moves in lockstep rounds so the dispatches are the same e
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from continuity.learner.state import LearnerState
 
 DATA_AXIS = "data"
 
@@ -119,14 +126,16 @@ class DataParallel:
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self._rows = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))  # a micro-batch: (B, ...)
         self._stacked_rows = NamedSharding(self.mesh, PartitionSpec(None, DATA_AXIS))  # a stack: (K, B, ...)
+        # Where the learner state's leaves live (a prefix of the state's tree): all replicated.
+        self.state: Any = self.replicated
 
     def put_state(self, state):
-        return jax.device_put(state, self.replicated)
+        return jax.device_put(state, self.state if isinstance(state, LearnerState) else self.replicated)
 
     def jit_fresh(self, fresh: Callable) -> Callable:
-        # Built replicated on every device of the mesh, from host values every process holds
-        # alike (a process cannot put an array onto another process's devices).
-        jitted = jax.jit(fresh, out_shardings=self.replicated)
+        # Built on the devices of the mesh, from host values every process holds alike (a process
+        # cannot put an array onto another process's devices).
+        jitted = jax.jit(fresh, out_shardings=self.state)
         return lambda params, rng: jitted(jax.tree.map(np.asarray, params), np.asarray(rng))
 
     def put_rows(self, rows):
@@ -147,24 +156,48 @@ class DataParallel:
 
     def jit_step(self, step: Callable, *, stacked: bool) -> Callable:
         rows = self._stacked_rows if stacked else self._rows
-        # Outputs pinned replicated: left to the partitioner, a leaf could come back sharded,
-        # and the next call, given another sharding, would compile again.
+        # Outputs pinned where the state lives: left to the partitioner, a leaf could come back
+        # sharded otherwise, and the next call, given another sharding, would compile again.
         return jax.jit(
             step,
-            in_shardings=(self.replicated, rows),
-            out_shardings=(self.replicated, self.replicated),
+            in_shardings=(self.state, rows),
+            out_shardings=(self.state, self.replicated),
             donate_argnums=(0,),
         )
 
     def jit_update(self, update: Callable, *, outputs: int = 1) -> Callable:
-        out: Any = self.replicated if outputs == 1 else (self.replicated,) * outputs
+        """The state is the last of `outputs`; any before it are replicated."""
+        out: Any = self.state if outputs == 1 else (*(self.replicated,) * (outputs - 1), self.state)
         return jax.jit(update, out_shardings=out, donate_argnums=(0,))
+
+
+class ReplayPerDevice(DataParallel):
+    """A data-parallel mesh whose replay buffer is split per device: the buffer's leading shard
+    axis (`replay.sharded`, one shard per device) on the `data` axis, the rest replicated. Row r
+    of a micro-batch is on device r // (B / devices), the rows shard r // (B / devices) takes, so
+    inserting and sampling stay on each device."""
+
+    def __init__(self, devices: Sequence[jax.Device]):
+        super().__init__(devices)
+        # A tree of shardings, a prefix of the state's: the replay buffer's leaves split on their
+        # leading (shard) axis, every other field replicated.
+        layout: dict[str, Any] = {field.name: self.replicated for field in dataclasses.fields(LearnerState)}
+        layout["replay"] = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+        self.state = LearnerState(**layout)
 
 
 Placement = OneDevice | DataParallel
 
 
-def placement(devices: int | Sequence[jax.Device]) -> Placement:
-    """One device when `devices` names one (the plain path), else a data-parallel mesh."""
+def placement(devices: int | Sequence[jax.Device], *, replay_shards: int = 1) -> Placement:
+    """One device when `devices` names one (the plain path), else a data-parallel mesh; with a
+    replay buffer of `replay_shards` > 1 shards, one per device, a mesh that holds them so."""
     chosen = local_devices(devices)
-    return OneDevice(chosen[0]) if len(chosen) == 1 else DataParallel(chosen)
+    if replay_shards > 1 and replay_shards != len(chosen):
+        raise ValueError(
+            f"a replay buffer split per device must have one shard per device: {len(chosen)} device(s), "
+            f"{replay_shards} shards."
+        )
+    if len(chosen) == 1:
+        return OneDevice(chosen[0])
+    return ReplayPerDevice(chosen) if replay_shards > 1 else DataParallel(chosen)

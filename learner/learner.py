@@ -13,7 +13,9 @@ cost of a dispatch is then paid once per K updates. Each update is exactly one
 `train_step`; a micro-batch without a row to train (a short stack's padding) changes nothing.
 
 With `devices` > 1 the same step runs data-parallel over a mesh of local devices: each
-batch's rows split over them, the state replicated (learner/devices.py).
+batch's rows split over them, the state replicated (learner/devices.py), or, given a replay
+policy split into one shard per device (`replay.sharded`), all but the replay buffer: each
+device then joins its own fresh rows with its own replayed ones, so no row moves between devices.
 
 A non-finite loss or gradient costs only the rows behind it: the step finds the fresh
 rows whose loss or input is non-finite, masks them out and computes the update again
@@ -48,7 +50,7 @@ from continuity.learner.fisher import model_fisher
 from continuity.learner.state import Batch, LearnerState, StepTotals
 from continuity.learner.tasks import Task
 from continuity.learner.threefry import unroll_on_cpu
-from continuity.replay import ReplayPolicy
+from continuity.replay import ReplayPolicy, ReplayState, reshard
 from continuity.replay.state import rows_where
 
 # Rows per evaluation dispatch: whole probes in large chunks (~20% faster than 512 on the
@@ -147,7 +149,8 @@ class Learner:
     `inputs`: one example's features, a `jax.ShapeDtypeStruct` or a dict of them; batches
     must match (integer features stay integers all the way into the model).
     `replay`: a policy from `continuity.replay`, or None; `replay_batch_size` rows of it
-    join every step's loss; `asymmetric` applies ER-ACE where the task has classes.
+    join every step's loss; a policy of several shards (`replay.sharded`) needs one per device,
+    and `replay_batch_size` must divide by them; `asymmetric` applies ER-ACE where the task has classes.
     `ewc`: an `EWCConfig` (online EWC, Schwarz et al. 2018), or None for no penalty.
 
     `steps_per_dispatch`: micro-batches per `train_steps` dispatch (K); `stack` pads a
@@ -187,7 +190,12 @@ class Learner:
             raise ValueError(f"`steps_per_dispatch` must be an integer >= 1. Got {steps_per_dispatch!r}.")
         if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
             raise ValueError(f"`optimizer` must be an optax.GradientTransformation. Got {optimizer!r}.")
-        self.placement = placement(devices)
+        self.placement = placement(devices, replay_shards=replay.shards if replay is not None else 1)
+        if replay is not None and replay_batch_size % replay.shards:
+            raise ValueError(
+                f"`replay_batch_size` must divide by the replay buffer's {replay.shards} shards: each device "
+                f"replays its share from its own. Got {replay_batch_size}."
+            )
         if batch_size % self.placement.count:
             raise ValueError(
                 f"`batch_size` must divide by the number of devices ({self.placement.count}): each gets "
@@ -239,7 +247,9 @@ class Learner:
         optax transformation does not say what it is). A training loop digests it when it is
         not told the config the learner was built from. `steps_per_dispatch` and `devices`
         are left out: K updates per dispatch, or a batch split over devices, train the same
-        model as one (up to the order of float sums)."""
+        model as one (up to the order of float sums). So is a replay buffer's split into
+        shards (the policy and its total capacity stay): a checkpoint restores onto any
+        layout, its examples re-dealt (`relayout`)."""
 
         def shapes(tree) -> list[str]:
             leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -270,6 +280,14 @@ class Learner:
         # Committed to the learner's device(s), as restored checkpoints are: jit keys its cache
         # on that, so a fresh and a restored state share one compiled step.
         return self.placement.put_state(state)
+
+    def relayout(self, state: LearnerState) -> LearnerState:
+        """A host copy of a state saved with its replay buffer in another layout (over another
+        number of devices, or the other of replicated and sharded), the held examples re-dealt
+        to this learner's (`replay.reshard`): what a checkpoint store's `reshape` restores with."""
+        if self.replay is None or state.replay is None:
+            return state
+        return state.replace(replay=reshard(cast(ReplayState, state.replay), self.replay.shards))
 
     def _fresh_state(self, params, rng) -> LearnerState:
         task = self.task
@@ -438,30 +456,28 @@ class Learner:
     def _gradients(self, state: LearnerState, x, y, rows, replayed) -> _Gradients:
         """Loss and gradients over the fresh `rows` of (x, y) (others zeroed), the replayed rows and EWC."""
         task = self.task
-        fresh_rows = rows.shape[0]
+        groups = self.replay.shards if self.replay is not None else 1
         if replayed is not None:
             replay_x, replay_y, replay_valid = replayed
-            x_all = jax.tree.map(lambda fresh, old: jnp.concatenate([fresh, old.astype(fresh.dtype)]), x, replay_x)
-            y_all = jnp.concatenate([y, replay_y])
+            x_all = jax.tree.map(lambda fresh, old: _join_rows(fresh, old.astype(fresh.dtype), groups), x, replay_x)
         else:
-            x_all, y_all = x, y
+            x_all = x
 
         present = task.classes_present(y, rows) if replayed is not None and self.asymmetric else None
 
         def loss_fn(params):
             outputs = self.logits(params, x_all)
-            fresh_outputs = outputs[:fresh_rows]
-            if present is not None:
-                fresh_outputs = task.only_present(fresh_outputs, present)
+            scored, replay_outputs = _split_rows(outputs, rows.shape[0], groups)
+            fresh_outputs = task.only_present(scored, present) if present is not None else scored
             fresh_losses = task.example_losses(fresh_outputs, y)
             fresh_loss = _masked_mean(fresh_losses, rows)
             replay_loss = (
-                _masked_mean(task.example_losses(outputs[fresh_rows:], y_all[fresh_rows:]), replay_valid)
+                _masked_mean(task.example_losses(replay_outputs, replay_y), replay_valid)
                 if replayed is not None
                 else jnp.zeros(())
             )
             # Scored with the params before this step's update: the test of test-then-train.
-            outcomes = jnp.where(rows, task.outcomes(outputs[:fresh_rows], y, fresh_losses).astype(jnp.float32), 0.0)
+            outcomes = jnp.where(rows, task.outcomes(scored, y, fresh_losses).astype(jnp.float32), 0.0)
             score = jnp.sum(outcomes)
             return fresh_loss + replay_loss, (fresh_loss, replay_loss, score, outcomes, fresh_losses)
 
@@ -575,6 +591,31 @@ class Learner:
         x = jax.tree.map(lambda leaf, spec: _pad_rows(np.asarray(leaf, spec.dtype)[:n], n), x, self.inputs)
         mask = np.arange(n) < len(y)
         return self._consolidate(state, x, _pad_rows(y, n), mask)
+
+
+def _join_rows(fresh: jax.Array, replayed: jax.Array, groups: int) -> jax.Array:
+    """The fresh rows then the replayed ones, as one batch for one forward pass. With a replay
+    buffer split per device (`groups` shards), each device's fresh rows are followed by its own
+    replayed rows (group g: fresh block g, replayed block g), so the joined batch splits over the
+    devices as its parts do and no row moves between them."""
+    if groups == 1:
+        return jnp.concatenate([fresh, replayed])
+
+    def blocks(a):
+        return a.reshape((groups, a.shape[0] // groups, *a.shape[1:]))
+
+    joined = jnp.concatenate([blocks(fresh), blocks(replayed)], axis=1)
+    return joined.reshape((fresh.shape[0] + replayed.shape[0], *fresh.shape[1:]))
+
+
+def _split_rows(joined: jax.Array, fresh: int, groups: int) -> tuple[jax.Array, jax.Array]:
+    """`_join_rows` undone: (the fresh rows, the replayed rows) of `joined` (`fresh` of them fresh)."""
+    if groups == 1:
+        return joined[:fresh], joined[fresh:]
+    blocks = joined.reshape((groups, joined.shape[0] // groups, *joined.shape[1:]))
+    per = fresh // groups
+    merge = lambda a: a.reshape((-1, *a.shape[2:]))  # noqa: E731
+    return merge(blocks[:, :per]), merge(blocks[:, per:])
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -9,6 +9,7 @@ from continuity.replay.class_balanced import class_balanced
 from continuity.replay.fifo import fifo
 from continuity.replay.policies import REPLAY_KINDS, make
 from continuity.replay.reservoir import reservoir
+from continuity.replay.sharded import reshard, shard_count, sharded
 from continuity.replay.state import ReplayPolicy, ReplayState
 
 __all__ = [
@@ -19,4 +20,7 @@ __all__ = [
     "fifo",
     "make",
     "reservoir",
+    "reshard",
+    "shard_count",
+    "sharded",
 ]

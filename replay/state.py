@@ -74,12 +74,16 @@ class ReplayPolicy(NamedTuple):
     sample(state, key, n) -> (x[n, ...], y[n, ...], valid[n] bool)
         n is a static Python int. Uniform with replacement over the filled slots; never
         returns an empty slot. An empty buffer gives zeros with valid all False.
+    capacity: the examples it holds in all.
+    shards: 1, or the shards of a buffer split per device (replay/sharded.py), every state
+        leaf then with a leading shard axis.
     """
 
     init: Callable[..., ReplayState]
     add: Callable[..., ReplayState]
     sample: Callable[..., tuple[Any, jax.Array, jax.Array]]
     capacity: int
+    shards: int = 1
 
 
 def check_capacity(capacity) -> int:

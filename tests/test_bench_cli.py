@@ -140,6 +140,21 @@ def test_bench_scale_runs_each_device_count_in_its_own_process_and_as_two_proces
     assert ("  2 (1) faked" in table) == faked and "  2 (2) faked" in table
 
 
+@pytest.mark.slow
+def test_bench_scale_runs_a_replay_buffer_sharded_over_the_devices_as_a_case_of_its_own(tmp_path):
+    out = tmp_path / "scale.json"
+    command = ["bench", "scale", "--devices", "2", "--replay", "replicated,sharded", "--steps-per-dispatch", "2"]
+    assert main([*command, "--steps", "8", "--repeats", "1", "--check-dispatches", "4", "--json", str(out)]) == 0
+    replicated, sharded = json.loads(out.read_text())["runs"]
+    assert (replicated["replay"], sharded["replay"]) == ("replicated", "sharded")
+    assert replicated["devices"] == sharded["devices"] == 2 and sharded["compilations_after_warmup"] == 0
+    # Replicated: one device's model up to rounding; sharded: other rows replayed, another model.
+    assert replicated["max_param_diff_vs_1_device"] < 1e-5 < sharded["max_param_diff_vs_1_device"]
+    with pytest.raises(SystemExit) as caught:
+        main(["bench", "scale", "--replay", "split"])
+    assert caught.value.code == 2
+
+
 @pytest.mark.parametrize("devices", ["0,1", "1,1", "two"])
 def test_bench_scale_refuses_device_counts_that_are_not_distinct_positive_integers(devices, capsys):
     with pytest.raises(SystemExit) as caught:

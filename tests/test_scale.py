@@ -15,6 +15,7 @@ import optax
 import pytest
 from conftest import record_scenario
 
+from continuity import replay
 from continuity.checkpoints import CheckpointStore
 from continuity.cli import main
 from continuity.config import ConfigError, load_config
@@ -80,6 +81,36 @@ def test_serve_with_a_bad_process_id_is_one_line_and_exit_status_two(capsys):
     ]
 
 
+def test_a_sharded_replay_buffer_needs_a_capacity_and_a_draw_that_divide_by_the_devices(capsys):
+    sharded = ["scale.devices=4", 'scale.replay_layout="sharded"']
+    assert load_config(None).scale.replay_layout == "replicated"
+    assert load_config(None, [*sharded, "replay.capacity=1000"]).scale.replay_layout == "sharded"
+    with pytest.raises(
+        ConfigError, match=r"\[replay\] capacity \(from --set\): must divide by the 4 devices.*Got 1002"
+    ):
+        load_config(None, [*sharded, "replay.capacity=1002"])
+    with pytest.raises(ConfigError, match=r"\[replay\] batch_size \(from --set\): must divide by the 4 devices.*Got 6"):
+        load_config(None, [*sharded, "replay.capacity=1000", "replay.batch_size=6"])
+    # Two processes of 2 devices: 4 shards.
+    two = ["scale.num_processes=2", 'scale.coordinator="h:1"', "scale.devices=2", 'scale.replay_layout="sharded"']
+    with pytest.raises(ConfigError, match=r"\[replay\] capacity.*the 4 devices"):
+        load_config(None, [*two, "replay.capacity=1002"])
+    assert load_config(None, [*sharded, "replay.capacity=0", "replay.batch_size=6"]).learner.replay.enabled is False
+    with pytest.raises(ConfigError, match=r"\[scale\] replay_layout.*must be one of 'replicated', 'sharded'"):
+        load_config(None, ['scale.replay_layout="split"'])
+    # The layout leaves the digest alone: a checkpoint restores onto either, its buffer re-dealt.
+    assert (
+        load_config(None, [*sharded, "replay.capacity=1000"]).digest()
+        == load_config(None, ["replay.capacity=1000"]).digest()
+    )
+
+
+def test_a_learner_refuses_a_replay_buffer_without_one_shard_per_device():
+    policy = replay.sharded(replay.reservoir(8), 2)
+    with pytest.raises(ValueError, match=r"one shard per device: 1 device\(s\), 2 shards"):
+        Learner(mlp, optax.sgd(0.1), Classification(3), inputs=_spec(), batch_size=8, replay=policy)
+
+
 def test_the_device_count_leaves_the_config_digest_alone():
     # A checkpoint saved on 4 devices restores on 1 without a config-mismatch warning, as K does.
     assert load_config(None, ["scale.devices=4"]).digest() == load_config(None, ["scale.devices=1"]).digest()
@@ -124,15 +155,15 @@ def test_four_devices_train_and_evaluate_the_same_model_as_one_on_the_same_globa
     assert report["max_loss_diff"] < 1e-5 and report["accuracy"] > 0.3  # a trained model (chance: 0.1)
 
 
-@pytest.mark.slow
-def test_two_processes_of_two_devices_train_one_model_each_feeding_half_of_every_batch():
-    # jax.distributed over gloo on this machine: 2 processes x 2 faked CPU devices, one mesh of 4.
+def _two_processes(dispatches: int, *layout: str) -> list[dict]:
+    """Each worker's report: 2 processes x 2 faked CPU devices, jax.distributed over gloo, one mesh of 4."""
     from continuity.stream import free_port
 
     port = free_port()
     workers = [
         subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "scale_worker.py"), "40", str(port), str(process), "2"],
+            [sys.executable, str(REPO / "tests" / "scale_worker.py"), str(dispatches), str(port), str(process), "2"]
+            + list(layout),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -146,11 +177,66 @@ def test_two_processes_of_two_devices_train_one_model_each_feeding_half_of_every
         assert worker.returncode == 0, err[-3000:]
         reports.append(json.loads(out.strip().splitlines()[-1]))
     assert [r["process"] for r in reports] == [0, 1] and {r["devices"] for r in reports} == {4}
+    return reports
+
+
+@pytest.mark.slow
+def test_two_processes_of_two_devices_train_one_model_each_feeding_half_of_every_batch():
+    reports = _two_processes(40)
     assert reports[0]["digest"] == reports[1]["digest"]  # one model, the same bits on every process
     for report in reports:  # every row trained once: the global totals are one device's on the whole batches
         assert report["examples"][1] == report["examples"][0] > 0
     assert all(r["max_param_diff"] < 1e-5 for r in reports)  # the one-device model on the whole batches
     assert all(r["compiles_after_first"] == 0 for r in reports)
+
+
+@pytest.mark.slow
+def test_a_replay_buffer_sharded_over_two_processes_keeps_each_shard_on_the_process_that_feeds_its_device():
+    reports = _two_processes(20, "sharded")
+    assert reports[0]["digest"] == reports[1]["digest"]  # still one model
+    assert all(r["compiles_after_first"] == 0 and r["examples"][1] == r["examples"][0] > 0 for r in reports)
+    # Process 0 feeds devices 0 and 1 and holds their shards, process 1 devices 2 and 3.
+    assert [r["shards_held"] for r in reports] == [{"0": [0], "1": [1]}, {"2": [2], "3": [3]}]
+
+
+@pytest.mark.slow
+def test_a_replay_buffer_sharded_over_four_devices_keeps_each_devices_rows_and_restores_onto_any_count(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "scale_worker.py"), "sharded", "20", str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_faked(FOUR_DEVICES),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4 and report["compiles_after_first"] == 0 and report["examples"] > 0
+    # Each shard is full (64 = 256 / 4) of rows fed to its own device only.
+    assert report["shard_sizes"] == [64] * 4
+    assert report["shards_hold_their_devices_rows"] == [[0], [1], [2], [3]]
+    assert report["accuracy"] > 0.3  # it trains (chance: 0.1), on other replayed rows than one device:
+    assert report["max_param_diff_vs_1_device"] > 1e-4
+    # No row crosses between devices: the replicated buffer gathers the fresh rows (features among
+    # them) into every copy; the sharded one gathers only the per-row metrics the host reads, (K, B).
+    collectives = report["collectives"]
+    assert "f32[32,8,8,1]" in collectives["replicated"]["all-gather"]
+    assert sorted(collectives["sharded"]["all-gather"]) == ["f32[4,32]", "pred[4,32]"]
+    assert "collective-permute" not in collectives["sharded"]
+    # Saved and restored onto the same mesh: every leaf back, the shards on their devices, and the
+    # next dispatch the same as without the round trip, with no compile.
+    assert report["restored_same"] and report["restored_spec"] and report["resumes_exactly"]
+    assert report["compiles_on_restore"] == 0
+    # Onto one device (one buffer) and onto 2 devices (2 shards): every held example re-dealt, the
+    # examples offered still counted, and training goes on.
+    for name, shards in (("one_device", 1), ("two_devices", 2)):
+        assert report["elsewhere"][name] == {
+            "same_examples": True,
+            "shards": shards,
+            "seen": report["seen"],
+            "trained": True,
+        }
+    # A restore not told how to re-deal names the leaves that differ.
+    assert "replay/bucket: checkpoint shape (4, 64), state_like (256,)" in report["refused_without_reshape"]
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +248,7 @@ def recording(tmp_path_factory) -> Path:
 _REPLAY_TWICE = """
 import json, sys
 import jax, numpy as np
+from continuity import replay
 from continuity.checkpoints import CheckpointStore
 from continuity.cli import main
 from continuity.config import load_config
@@ -241,3 +328,34 @@ def test_a_stream_replayed_on_four_devices_twice_gives_identical_checkpoints_tha
     assert one.metadata["learner_step"] == a.metadata["learner_step"]
     for x, y in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(a.state.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_a_buffer_sharded_over_four_devices_resumes_on_one_device_with_its_examples_re_dealt(
+    tmp_path,
+):
+    first, both = (record_scenario(tmp_path / f"{n}.parquet", segments=n, seed=2) for n in (1, 2))
+    config = tmp_path / "sharded.toml"
+    config.write_text(
+        "[model]\nhidden = [64]\n[probe]\nevery_examples = 700\n[checkpoints]\nevery_seconds = 0\n"
+        '[scale]\ndevices = 4\nreplay_layout = "sharded"\n'
+    )
+    out = tmp_path / "store"
+    command = ["replay", str(first), "--config", str(config), "--out", str(out), "--json", str(tmp_path / "a.json")]
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from continuity.cli import main; sys.exit(main(sys.argv[1:]))", *command],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_faked(FOUR_DEVICES),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = json.loads((tmp_path / "a.json").read_text())
+    # The same store, one device (one buffer): the checkpoint restores, its buffer re-dealt, and the
+    # second segment trains on from the saved position.
+    command = ["replay", str(both), "--config", str(config), "--set", "scale.devices=1", "--out", str(out)]
+    assert main([*command, "--json", str(tmp_path / "b.json")]) == 0
+    resumed = json.loads((tmp_path / "b.json").read_text())
+    assert resumed["restored_from"] == sharded["last_checkpoint"] is not None
+    assert resumed["examples_trained"] > 0 and resumed["rollbacks"] == 0
+    assert resumed["positions"]["digits/0"] > sharded["positions"]["digits/0"]

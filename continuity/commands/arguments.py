@@ -26,6 +26,14 @@ def device_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
+def replay_layouts(text: str) -> tuple[str, ...]:
+    """[scale] replay_layout values written `replicated,sharded`: each once."""
+    layouts = tuple(part.strip() for part in text.split(","))
+    if not set(layouts) <= {"replicated", "sharded"} or len(set(layouts)) != len(layouts):
+        raise argparse.ArgumentTypeError(f"expected replay layouts like replicated,sharded, got {text!r}")
+    return layouts
+
+
 def rate(text: str) -> float:
     """A positive rate per second, written `200` or `200/s`."""
     raw = text[:-2] if text.endswith("/s") else text

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from continuity.benchmarks import STRATEGIES
 from continuity.benchmarks.guard_suite import SUITE_STREAMS
-from continuity.commands.arguments import add_set_argument, device_counts, positive_int
+from continuity.commands.arguments import add_set_argument, device_counts, positive_int, replay_layouts
 from continuity.commands.ingest import add_ingest_parser
 from continuity.stream.damage import DAMAGE_KINDS, PLACEMENTS
 from continuity.stream.drift import DRIFT_SCENARIOS
@@ -141,6 +141,14 @@ def register(subparsers) -> None:
         default=32,
         help="dispatches trained on N devices and on one before comparing params (default 32)",
     )
+    scale.add_argument(
+        "--replay",
+        type=replay_layouts,
+        default=("replicated",),
+        metavar="LAYOUT,...",
+        help="replay layouts ([scale] replay_layout) each device count runs with: replicated, sharded "
+        "(default replicated)",
+    )
     scale.add_argument("--json", type=Path, default=None, metavar="PATH")
     scale.set_defaults(handler=run_scale)
 
@@ -244,6 +252,7 @@ def run_scale(args) -> int:
         steps=args.steps,
         repeats=args.repeats,
         check_dispatches=args.check_dispatches,
+        replays=args.replay,
         progress=_progress,
     )
     print(format_result(result))
