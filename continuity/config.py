@@ -699,6 +699,13 @@ class Config:
                 f"Got {learner.batch_size}.",
                 "learner.batch_size",
             )
+        if processes > 1 and self.scale.replay_layout == "sharded" and learner.replay.enabled:
+            raise ConfigProblem(
+                'is "sharded", which serve does not run over several processes yet (process 0 saves the model '
+                'alone and cannot read the other processes\' shards): use "replicated" with scale.num_processes = '
+                f"{processes}.",
+                "scale.replay_layout",
+            )
         if devices != "all":
             problem = sharded_replay_problem(learner, self.scale.replay_layout, devices * processes)
             if problem is not None:

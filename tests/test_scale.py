@@ -91,10 +91,11 @@ def test_a_sharded_replay_buffer_needs_a_capacity_and_a_draw_that_divide_by_the_
         load_config(None, [*sharded, "replay.capacity=1002"])
     with pytest.raises(ConfigError, match=r"\[replay\] batch_size \(from --set\): must divide by the 4 devices.*Got 6"):
         load_config(None, [*sharded, "replay.capacity=1000", "replay.batch_size=6"])
-    # Two processes of 2 devices: 4 shards.
+    # Several processes: serve does not shard the buffer over them (process 0 saves alone).
     two = ["scale.num_processes=2", 'scale.coordinator="h:1"', "scale.devices=2", 'scale.replay_layout="sharded"']
-    with pytest.raises(ConfigError, match=r"\[replay\] capacity.*the 4 devices"):
-        load_config(None, [*two, "replay.capacity=1002"])
+    with pytest.raises(ConfigError, match=r"\[scale\] replay_layout.*not run over several processes.*replicated"):
+        load_config(None, [*two, "replay.capacity=1000"])
+    assert load_config(None, [*two, "replay.capacity=0"]).scale.num_processes == 2  # no buffer, nothing to shard
     assert load_config(None, [*sharded, "replay.capacity=0", "replay.batch_size=6"]).learner.replay.enabled is False
     with pytest.raises(ConfigError, match=r"\[scale\] replay_layout.*must be one of 'replicated', 'sharded'"):
         load_config(None, ['scale.replay_layout="split"'])
