@@ -202,6 +202,13 @@ class Learner:
                 f"batch_size / devices rows. Got batch_size={batch_size}."
             )
         self.process_rows = batch_size // self.placement.processes  # the rows this process stacks
+        # How the step joins fresh and replayed rows into one forward pass: in one block per device
+        # (device d's fresh rows, then its share of the replayed ones) wherever the draw divides
+        # by the devices, so the joined batch splits over the mesh as its parts already lie and no
+        # row moves between devices (a sharded buffer's rows are on their device; a replicated
+        # buffer's are on every one). Else, and on one device, fresh rows then replayed ones.
+        count = self.placement.count
+        self._row_groups = count if replay is not None and count > 1 and replay_batch_size % count == 0 else 1
         self.task = task
         self.inputs = _feature_specs(inputs)
         self.batch_size = batch_size
@@ -456,7 +463,7 @@ class Learner:
     def _gradients(self, state: LearnerState, x, y, rows, replayed) -> _Gradients:
         """Loss and gradients over the fresh `rows` of (x, y) (others zeroed), the replayed rows and EWC."""
         task = self.task
-        groups = self.replay.shards if self.replay is not None else 1
+        groups = self._row_groups
         if replayed is not None:
             replay_x, replay_y, replay_valid = replayed
             x_all = jax.tree.map(lambda fresh, old: _join_rows(fresh, old.astype(fresh.dtype), groups), x, replay_x)
@@ -594,8 +601,8 @@ class Learner:
 
 
 def _join_rows(fresh: jax.Array, replayed: jax.Array, groups: int) -> jax.Array:
-    """The fresh rows then the replayed ones, as one batch for one forward pass. With a replay
-    buffer split per device (`groups` shards), each device's fresh rows are followed by its own
+    """The fresh rows then the replayed ones, as one batch for one forward pass. With `groups`
+    > 1 (one per device of a mesh), each device's fresh rows are followed by its share of the
     replayed rows (group g: fresh block g, replayed block g), so the joined batch splits over the
     devices as its parts do and no row moves between them."""
     if groups == 1:

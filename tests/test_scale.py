@@ -223,6 +223,9 @@ def test_a_replay_buffer_sharded_over_four_devices_keeps_each_devices_rows_and_r
     assert "f32[32,8,8,1]" in collectives["replicated"]["all-gather"]
     assert sorted(collectives["sharded"]["all-gather"]) == ["f32[4,32]", "pred[4,32]"]
     assert "collective-permute" not in collectives["sharded"]
+    # Either layout joins each device's fresh rows with its own share of the replayed ones, so
+    # the joined batch is never re-split over the devices.
+    assert "collective-permute" not in collectives["replicated"]
     # Saved and restored onto the same mesh: every leaf back, the shards on their devices, and the
     # next dispatch the same as without the round trip, with no compile.
     assert report["restored_same"] and report["restored_spec"] and report["resumes_exactly"]
