@@ -67,6 +67,7 @@ def main() -> None:
         "process": process,
         "summary": dataclasses.asdict(summary),
         "digest": params_digest(service.loop.final_state),
+        "devices": service.learner.placement.count,  # the mesh's, over every process
         "http": answers,
     }
     print(json.dumps(report, default=str), flush=True)

@@ -125,17 +125,17 @@ def test_an_operator_rollback_over_http_is_refused_by_several_processes_with_wha
         loop.request("rollback", to=3, reason="operator")
 
 
-def _faked_one_device() -> dict[str, str]:
+def _faked_devices(count: int) -> dict[str, str]:
     return {
         **os.environ,
         "PYTHONPATH": str(REPO),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}",
     }
 
 
-def _start_two(script: str, *arguments) -> tuple[int, list[subprocess.Popen]]:
-    """Start tests/<script> as processes 0 and 1 of 2 (one faked device each, joined at a free port)."""
+def _start_two(script: str, *arguments, devices: int = 1) -> tuple[int, list[subprocess.Popen]]:
+    """Start tests/<script> as processes 0 and 1 of 2 (`devices` faked devices each, joined at a free port)."""
     from continuity.stream import free_port
 
     port = free_port()
@@ -145,17 +145,17 @@ def _start_two(script: str, *arguments) -> tuple[int, list[subprocess.Popen]]:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=_faked_one_device(),
+            env=_faked_devices(devices),
         )
         for p in (0, 1)
     ]
     return port, workers
 
 
-def _two_processes(script: str, *arguments, timeout: float) -> tuple[int, list[dict], list[str]]:
+def _two_processes(script: str, *arguments, timeout: float, devices: int = 1) -> tuple[int, list[dict], list[str]]:
     """Run tests/<script> as processes 0 and 1 of 2: the port, each one's last stdout line as JSON,
     and each one's stderr."""
-    port, workers = _start_two(script, *arguments)
+    port, workers = _start_two(script, *arguments, devices=devices)
     reports, errors = [], []
     for worker in workers:
         out, err = worker.communicate(timeout=timeout)
@@ -420,7 +420,8 @@ def test_a_process_killed_mid_stream_stops_the_other_unsaved_and_a_restart_of_bo
         records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(10_000 * p, 10_000 * p + count)]
         produce_records(broker.bootstrap, topic, records, partition=p)
     directory = tmp_path / "checkpoints"
-    _, workers = _start_two("procs_service.py", broker.bootstrap, topic, directory)
+    # 2 processes x 2 devices: one mesh of 4, each process feeding its 2 devices.
+    _, workers = _start_two("procs_service.py", broker.bootstrap, topic, directory, devices=2)
     try:
         _wait_for_accept(directory / "ledger.jsonl", timeout=240)
         workers[1].send_signal(signal.SIGKILL)
@@ -440,9 +441,10 @@ def test_a_process_killed_mid_stream_stops_the_other_unsaved_and_a_restart_of_bo
     assert killed_at != ends  # mid-stream
 
     # Both again: they resume at process 0's last checkpoint and run to the end of every partition.
-    _, reports, _ = _two_processes("procs_service.py", broker.bootstrap, topic, directory, timeout=300)
+    _, reports, _ = _two_processes("procs_service.py", broker.bootstrap, topic, directory, timeout=300, devices=2)
     assert reports[0]["digest"] == reports[1]["digest"]
     for report in reports:
+        assert report["devices"] == 4
         assert report["summary"]["restored_from"] == accepted[-1]["checkpoint"]
         assert report["summary"]["positions"] == {f"{topic}/{p}": end for p, end in ends.items()}
     entries = Ledger(directory / "ledger.jsonl").read()
