@@ -112,14 +112,13 @@ def test_bench_step_times_k_k1_and_the_plain_scanned_step_with_zero_compilations
     assert result["speedup_over_k1"] == pytest.approx(result["samples_per_second"] / result["k1_samples_per_second"])
 
 
-def test_bench_scale_runs_each_device_count_in_its_own_process_and_as_two_processes_and_compares_with_one_device(
-    tmp_path, capsys
-):
+def test_bench_scale_runs_each_device_count_and_replay_layout_in_its_own_process_and_as_two_processes(tmp_path, capsys):
     out = tmp_path / "scale.json"
-    command = ["bench", "scale", "--devices", "1,2", "--processes", "1,2", "--steps-per-dispatch", "2", "--steps", "8"]
-    assert main([*command, "--repeats", "1", "--check-dispatches", "4", "--json", str(out)]) == 0
+    command = ["bench", "scale", "--devices", "1,2", "--processes", "1,2", "--replay", "replicated,sharded"]
+    command += ["--steps-per-dispatch", "2", "--steps", "8", "--repeats", "1", "--check-dispatches", "4"]
+    assert main([*command, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    one, two, two_processes = result["runs"]
+    one, two, sharded, two_processes = result["runs"]
     assert (one["devices"], two["devices"]) == (1, 2) and one["processes"] == two["processes"] == 1
     # 2 devices as 2 processes of one faked device each, over gloo: the same model as on one device.
     assert (two_processes["devices"], two_processes["processes"], two_processes["batch_size"]) == (2, 2, 64)
@@ -136,20 +135,15 @@ def test_bench_scale_runs_each_device_count_in_its_own_process_and_as_two_proces
     assert one["max_param_diff_vs_1_device"] == 0.0
     assert 0.0 <= two["max_param_diff_vs_1_device"] < 1e-5  # the same model, up to float rounding
     assert two["per_example_cost_vs_1_device"] == pytest.approx((two["step_seconds"] / 64) / (one["step_seconds"] / 32))
+    # The replay buffer sharded over the 2 devices: a case of its own, which replays other rows
+    # (each device from its shard), so another model than one device's.
+    assert (two["replay"], sharded["replay"], two_processes["replay"]) == ("replicated", "sharded", "replicated")
+    assert sharded["devices"] == 2 and sharded["max_param_diff_vs_1_device"] > 1e-5
     table = capsys.readouterr().out
-    assert ("  2 (1) faked" in table) == faked and "  2 (2) faked" in table
+    assert ("  2 (1) faked" in table) == faked and "  2 (2) faked" in table and "sharded" in table
 
 
-@pytest.mark.slow
-def test_bench_scale_runs_a_replay_buffer_sharded_over_the_devices_as_a_case_of_its_own(tmp_path):
-    out = tmp_path / "scale.json"
-    command = ["bench", "scale", "--devices", "2", "--replay", "replicated,sharded", "--steps-per-dispatch", "2"]
-    assert main([*command, "--steps", "8", "--repeats", "1", "--check-dispatches", "4", "--json", str(out)]) == 0
-    replicated, sharded = json.loads(out.read_text())["runs"]
-    assert (replicated["replay"], sharded["replay"]) == ("replicated", "sharded")
-    assert replicated["devices"] == sharded["devices"] == 2 and sharded["compilations_after_warmup"] == 0
-    # Replicated: one device's model up to rounding; sharded: other rows replayed, another model.
-    assert replicated["max_param_diff_vs_1_device"] < 1e-5 < sharded["max_param_diff_vs_1_device"]
+def test_bench_scale_refuses_an_unknown_replay_layout():
     with pytest.raises(SystemExit) as caught:
         main(["bench", "scale", "--replay", "split"])
     assert caught.value.code == 2
