@@ -3,9 +3,8 @@
 Every test gets one of three markers: `kafka` (it uses the broker fixture), `slow` (marked where
 it is defined: anything that runs something whole and takes seconds for it: the CLI or the
 service end to end, the training loop over a stream, a subprocess, a property search, a model
-trained to a target figure, a Monte-Carlo estimate of a rate) or else `unit`. Within a file
-the fast part runs first, so a broken invariant shows up early; `pytest -m unit` runs it
-alone. The few files that take longest are collected first (`_LONGEST_FIRST`).
+trained to a target figure, a Monte-Carlo estimate of a rate) or else `unit`. The fast part
+runs first, so a broken invariant shows up early: `pytest -m unit` runs it alone.
 """
 
 from __future__ import annotations
@@ -35,20 +34,6 @@ from continuity.stream.broker import SHORT_HEARTBEAT_INTERVAL_MS, SHORT_SESSION_
 
 _ORDER = ("unit", "kafka", "slow")
 
-# `make test` hands whole files to its workers in collection order (xdist's --dist loadfile),
-# each worker taking the next file when it is done. A file of minutes started last runs alone
-# while the other worker idles, so the files that take longest (two-process runs, subprocess
-# benchmarks, the service end to end) are collected first: longest-processing-time-first.
-_LONGEST_FIRST = (
-    "test_procs.py",
-    "test_bench_cli.py",
-    "test_scale.py",
-    "test_loop.py",
-    "test_service.py",
-    "test_guard_suite.py",
-    "test_chaos.py",
-)
-
 # The embedded broker holds a consumer-group join for about half the session timeout; the
 # library default is Apache Kafka's 45 s, so every group consumer in the tests uses the short one.
 SHORT_SESSION = {"session_timeout_ms": SHORT_SESSION_TIMEOUT_MS, "heartbeat_interval_ms": SHORT_HEARTBEAT_INTERVAL_MS}
@@ -66,15 +51,8 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.kafka)
         if item.get_closest_marker("kafka") is None and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.unit)
-    # Stable: the longest files first, then within a category files and tests keep their order.
-    items.sort(
-        key=lambda item: (_file_rank(item), next(i for i, name in enumerate(_ORDER) if item.get_closest_marker(name)))
-    )
-
-
-def _file_rank(item) -> int:
-    name = item.path.name
-    return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+    # Stable: within a category, files and tests keep their order.
+    items.sort(key=lambda item: next(i for i, name in enumerate(_ORDER) if item.get_closest_marker(name)))
 
 
 @pytest.fixture(scope="session")
