@@ -165,6 +165,14 @@ def _two_processes(script: str, *arguments, timeout: float, devices: int = 1) ->
     return port, reports, errors
 
 
+def _four_partitions(broker, topic: str, *, classes: int):
+    """`topic` created with 4 partitions, and the codec its records are written with (2 features)."""
+    from continuity.stream import BinaryCodec, FeatureSpec
+
+    create_topic(broker.bootstrap, topic, 4)
+    return topic, BinaryCodec(FeatureSpec((2,), "float32", classes))
+
+
 def _two_free_ports() -> int:
     """A port P free with P + 1: process i of two serves HTTP on P + i."""
     import socket
@@ -185,11 +193,9 @@ def _two_free_ports() -> int:
 def test_two_processes_each_reading_two_of_four_partitions_train_every_record_once_in_lockstep_and_one_resumes(
     broker, topic_name, tmp_path
 ):
-    from continuity.stream import BinaryCodec, FeatureSpec, produce_records
+    from continuity.stream import produce_records
 
-    topic = topic_name()
-    create_topic(broker.bootstrap, topic, 4)
-    codec = BinaryCodec(FeatureSpec((2,), "float32", 10))
+    topic, codec = _four_partitions(broker, topic_name(), classes=10)
     n = 600
     for partition in range(4):  # uneven partitions: 50, 75, 100 and 125 records
         ids = [i for i in range(n) if (i * 7) % 4 == partition][: 50 + 25 * partition]
@@ -278,11 +284,9 @@ def test_two_serving_processes_over_four_partitions_train_one_model_in_lockstep_
     broker, topic_name, tmp_path
 ):
     from continuity.checkpoints.ledger import Ledger
-    from continuity.stream import BinaryCodec, FeatureSpec, produce_records
+    from continuity.stream import produce_records
 
-    topic = topic_name()
-    create_topic(broker.bootstrap, topic, 4)
-    codec = BinaryCodec(FeatureSpec((2,), "float32", 10))
+    topic, codec = _four_partitions(broker, topic_name(), classes=10)
     ends = {p: 60 + 30 * p for p in range(4)}  # 60, 90, 120 and 150 records
     for p, count in ends.items():
         records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(1000 * p, 1000 * p + count)]
@@ -399,11 +403,9 @@ def test_a_process_killed_mid_stream_stops_the_other_unsaved_and_a_restart_of_bo
 
     from continuity.checkpoints.ledger import Ledger
     from continuity.processes import PEER_LOST_EXIT_STATUS
-    from continuity.stream import BinaryCodec, FeatureSpec, produce_records
+    from continuity.stream import produce_records
 
-    topic = topic_name()
-    create_topic(broker.bootstrap, topic, 4)
-    codec = BinaryCodec(FeatureSpec((2,), "float32", 10))
+    topic, codec = _four_partitions(broker, topic_name(), classes=10)
     ends = {p: 400 + 100 * p for p in range(4)}
     for p, count in ends.items():
         records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(10_000 * p, 10_000 * p + count)]
@@ -474,11 +476,9 @@ def test_a_poisoned_partition_of_process_1_is_rolled_back_on_both_processes_and_
     broker, topic_name, tmp_path
 ):
     from continuity.checkpoints.ledger import Ledger
-    from continuity.stream import BinaryCodec, FeatureSpec, produce_records
+    from continuity.stream import produce_records
 
-    topic = topic_name()
-    create_topic(broker.bootstrap, topic, 4)
-    codec = BinaryCodec(FeatureSpec((2,), "float32", 4))
+    topic, codec = _four_partitions(broker, topic_name(), classes=4)
     rng = np.random.default_rng(0)
     clean, poisoned = 800, range(800, 1200)  # partition 3: 800 clean, 400 mislabelled, 400 clean
     ends = {0: clean, 1: clean, 2: clean, 3: 1600}

@@ -133,18 +133,23 @@ def _spec():
     return jax.ShapeDtypeStruct((4,), np.float32)
 
 
-@pytest.mark.slow
-def test_four_devices_train_and_evaluate_the_same_model_as_one_on_the_same_global_batch_with_no_recompiles():
-    # 75 dispatches of K = 4: 298 updates, with padding rows, a short last stack and a consolidation.
+def _four_device_worker(*arguments: str) -> dict:
+    """tests/scale_worker.py with `arguments` on 4 faked CPU devices: its report (the last stdout line)."""
     result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "scale_worker.py"), "75"],
+        [sys.executable, str(REPO / "tests" / "scale_worker.py"), *arguments],
         capture_output=True,
         text=True,
         timeout=240,
         env=_faked(FOUR_DEVICES),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_four_devices_train_and_evaluate_the_same_model_as_one_on_the_same_global_batch_with_no_recompiles():
+    # 75 dispatches of K = 4: 298 updates, with padding rows, a short last stack and a consolidation.
+    report = _four_device_worker("75")
     assert report["devices"] == 4
     assert report["examples"][0] == report["examples"][1] > 0
     assert report["max_param"] > 0.1  # trained weights, not a model that stayed at zero
@@ -202,15 +207,7 @@ def test_a_replay_buffer_sharded_over_two_processes_keeps_each_shard_on_the_proc
 
 @pytest.mark.slow
 def test_a_replay_buffer_sharded_over_four_devices_keeps_each_devices_rows_and_restores_onto_any_count(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "scale_worker.py"), "sharded", "20", str(tmp_path / "store")],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=_faked(FOUR_DEVICES),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = _four_device_worker("sharded", "20", str(tmp_path / "store"))
     assert report["devices"] == 4 and report["compiles_after_first"] == 0 and report["examples"] > 0
     # Each shard is full (64 = 256 / 4) of rows fed to its own device only.
     assert report["shard_sizes"] == [64] * 4
