@@ -186,12 +186,19 @@ def _locked(method):
     return locked
 
 
+_OS_REASON = re.compile(r"[^:\"]*\[os_error_code='?\d+'?\]")
+
+
 def _first_line(text: str) -> str:
-    """The first line of an error message, at most ~300 characters: its start and its end, where
-    TensorStore puts the operating system's reason ("File too large [os_error_code='27']")."""
+    """The first line of an error message, at most ~300 characters: its start and the operating
+    system's reason ("File too large [os_error_code='27']"), which TensorStore puts at the end of
+    a write's error but in the middle of an open's (before a dump of the array's spec)."""
     line = text.strip().splitlines()[0] if text.strip() else ""
     line = line.split(" See full TensorStore details")[0]  # then a repr of a bound method, not a reason
-    return line if len(line) <= 300 else f"{line[:150]} ... {line[-140:]}"
+    if len(line) <= 300:
+        return line
+    reason = _OS_REASON.search(line, 150)
+    return f"{line[:150]} ... {reason.group(0).strip() if reason else line[-140:]}"
 
 
 def _leaf_signatures(tree) -> dict[str, tuple]:

@@ -22,6 +22,7 @@ from continuity.checkpoints import (
     Ledger,
     checkpoints_to_delete,
 )
+from continuity.checkpoints import store as store_module
 from continuity.checkpoints.integrity import leaves_by_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -775,6 +776,22 @@ _FULL_DISK = textwrap.dedent("""
         out["numbers"] = store.numbers()
     print(json.dumps(out))
 """)
+
+
+def test_a_long_save_error_keeps_its_start_and_the_operating_systems_reason():
+    # TensorStore's error for a failed open names the OS reason mid-line, then dumps the array's spec.
+    spec = '{"driver":"zarr","metadata":{"shape":[256,10]}' + ',"x":1' * 80 + "}"
+    opening = (
+        'OUT_OF_RANGE: Error opening "zarr" driver: Error writing "ewc.anchor.head.kernel/.zarray" in OCDBT '
+        'database at local file "/tmp/run/checkpoints/3.orbax-checkpoint-tmp/": Failed to write 189 bytes to '
+        f"file 4: File too large [os_error_code='27'] [source locations='x.cc:1'] [tensorstore_spec='{spec}']"
+    )
+    line = store_module._first_line(opening + "\nsecond line")
+    assert len(line) <= 300 and line.startswith('OUT_OF_RANGE: Error opening "zarr"')
+    assert line.endswith("File too large [os_error_code='27']")
+    writing = 'OUT_OF_RANGE: Error writing local file "/tmp/a": ' + "x" * 300 + ": No space left [os_error_code=28]"
+    assert store_module._first_line(writing).endswith("No space left [os_error_code=28]")
+    assert store_module._first_line("short") == "short"
 
 
 @pytest.mark.slow  # a subprocess
