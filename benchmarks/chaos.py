@@ -557,11 +557,13 @@ class ChaosRun:
         """Flip one byte of a state file of the newest good checkpoint, while no service runs."""
         from continuity.checkpoints import CheckpointStore
 
+        # The one the next start restores: a save the kill cut off right after Orbax finalized it
+        # has no files manifest yet ("unverified", not "intact") and is still what a start reads.
         with CheckpointStore(self.directory, create=False) as store:
-            good = [info.number for info in store.list() if info.status == "good" and info.condition == "intact"]
-        if len(good) < 2:  # the one before must be there to restore
+            newest = store.last_good()
+            good = [info.number for info in store.list() if info.status == "good" and info.condition != "corrupt"]
+        if newest is None or not any(number < newest for number in good):  # the one before must be there to restore
             raise ChaosFailure(f"too few checkpoints to corrupt one ({good}): make the stream longer")
-        newest = good[-1]
         files = sorted(
             (p for p in (self.directory / str(newest) / "state").rglob("*") if p.is_file()),
             key=lambda p: (p.stat().st_size, str(p)),
