@@ -15,7 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 # Spread over the machine's cores a test file at a time (pytest-xdist): a file's fixtures
 # (a recorded stream, a reference run) are built once, and each worker starts its own broker.
-PYTEST_PARALLEL := -n auto --dist loadfile
+# One worker more than cores: the tests wait (group joins, idle timeouts, subprocesses joining
+# and compiling) for about a third of their time, which a third worker fills on 2 cores
+# (568-615 s with 2 workers, 367 s with 3: BENCHMARKS.md, "The test suite").
+PYTEST_WORKERS  := $(shell python3 -c 'import os; print(len(os.sched_getaffinity(0)) + 1)')
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
 
 test: $(STAMP) prometheus-tools
 	$(PYTHON) -m pytest $(PYTEST_PARALLEL)

@@ -86,6 +86,7 @@ def run_pipeline_benchmark(
     progress=None,
     overrides: tuple[str, ...] = (),
     compare_k1: bool = False,
+    idle_timeout_s: float = IDLE_TIMEOUT_S,
 ) -> dict:
     from continuity.benchmarks.ingest import _bare_loop
     from continuity.config import load_config
@@ -114,7 +115,7 @@ def run_pipeline_benchmark(
             "service.progress_every_s=0.25",
         ]
         config = load_config(None, [*base, f'checkpoints.dir="{Path(scratch) / "ck"}"', *overrides])
-        result = _through_the_service(config, say, warmup_examples, rss_from)
+        result = _through_the_service(config, say, warmup_examples, rss_from, idle_timeout_s)
         if compare_k1 and config.learner.steps_per_dispatch != 1:
             say("again at learner.steps_per_dispatch = 1, from the topic's start (another consumer group)")
             k1 = load_config(
@@ -127,7 +128,7 @@ def run_pipeline_benchmark(
                     "learner.steps_per_dispatch=1",
                 ],
             )
-            result["k1"] = _through_the_service(k1, say, warmup_examples, rss_from)
+            result["k1"] = _through_the_service(k1, say, warmup_examples, rss_from, idle_timeout_s)
     limit = min(ingest_rate, result["step_limit_examples_per_s"])
     summary = {
         "records": records,
@@ -142,7 +143,7 @@ def run_pipeline_benchmark(
     return summary
 
 
-def _through_the_service(config, say, warmup_examples: int, rss_from: int) -> dict:
+def _through_the_service(config, say, warmup_examples: int, rss_from: int, idle_timeout_s: float) -> dict:
     """The train step's rate alone, then `Service` over the whole topic: its steady-state rate and memory."""
     from continuity.service import Service
 
@@ -158,7 +159,7 @@ def _through_the_service(config, say, warmup_examples: int, rss_from: int) -> di
                 f"rss {_rss_bytes() / 2**20:,.0f} MiB"
             )
 
-    service = Service(config, http=False, idle_timeout_s=IDLE_TIMEOUT_S, progress=on_progress)
+    service = Service(config, http=False, idle_timeout_s=idle_timeout_s, progress=on_progress)
     summary = service.run()
     snapshots.append((time.perf_counter(), summary.examples_trained, _rss_bytes()))
     # Steady state: past the warm-up, and before the last examples were trained: snapshots are
@@ -178,6 +179,7 @@ def _through_the_service(config, say, warmup_examples: int, rss_from: int) -> di
         "pipeline_examples_per_s": pipeline_rate,
         "guard_seconds": summary.guard_seconds,
         "wall_seconds": summary.wall_seconds,
+        "idle_timeout_s": idle_timeout_s,
         "windows": summary.windows,
         "rss_at_rss_from_mib": None if rss_start is None else rss_start / 2**20,
         "rss_at_end_mib": rss_end / 2**20,
@@ -195,7 +197,8 @@ def format_result(result: dict) -> str:
             f"pipeline       {result['pipeline_examples_per_s']:>12,.0f} examples/s through the service "
             f"(ratio to the lower limit {result['ratio_to_lower_limit']:.2f}; target >= 0.7)",
             f"guard          {result['guard_seconds']:.1f} s over {result['windows']} windows, the first with its "
-            f"compilations ({result['wall_seconds']:.1f} s in all, with the {IDLE_TIMEOUT_S:.0f} s idle timeout)",
+            f"compilations ({result['wall_seconds']:.1f} s in all, "
+            f"with the {result['idle_timeout_s']:g} s idle timeout)",
             f"memory         rss {result['rss_at_rss_from_mib'] or float('nan'):,.0f} MiB"
             f" -> {result['rss_at_end_mib']:,.0f} MiB "
             f"({'n/a' if growth is None else f'{100 * growth:+.1f}%'}; target < +5%)",

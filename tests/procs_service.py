@@ -57,7 +57,7 @@ def main() -> None:
     from continuity.service import Service
 
     http = any(s.startswith("service.http_port=") for s in sys.argv[7:])
-    service = Service(config, idle_timeout_s=4.0, http=http)
+    service = Service(config, idle_timeout_s=2.0, http=http)  # every record is produced before it starts
     answers: dict[str, tuple[int, str]] = {}
     try:
         summary = service.run(lambda url: answers.update(_ask(url)))

@@ -5,10 +5,11 @@ trains the same stacks on one device and on a mesh of all of them, and prints JS
 "max_param", "compiles_after_first", "examples", and the one-device params evaluated on one
 device and on the mesh: "evaluated", "same_outcomes", "max_loss_diff", "accuracy"}.
 
-`python tests/scale_worker.py DISPATCHES PORT PROCESS_ID PROCESSES [sharded]`: one of several processes
-(jax.distributed over gloo, coordinator 127.0.0.1:PORT) training one model over all their
-devices, each feeding its share of every micro-batch's rows; prints {"process",
-"devices", "digest", "max_param_diff" (against one device on the whole batches),
+`python tests/scale_worker.py PORT PROCESS_ID PROCESSES DISPATCHES:LAYOUT ...`: one of several
+processes (jax.distributed over gloo, coordinator 127.0.0.1:PORT) training one model over all their
+devices, each feeding its share of every micro-batch's rows, once per DISPATCHES:LAYOUT (the replay
+layout, replicated or sharded; one join serves them all); prints a list with one report per run:
+{"process", "devices", "digest", "max_param_diff" (against one device on the whole batches),
 "compiles_after_first", "examples" (one device's, the processes'), "shards_held" (with a replay
 buffer sharded over the devices: for each shard on this process's devices, the devices whose rows
 it holds)}.
@@ -99,9 +100,15 @@ def share(stack: Batch, process: int, processes: int) -> Batch:
     return Batch(stack.x[:, part], stack.y[:, part], stack.mask[:, part])
 
 
-def several_processes(dispatches: int, port: int, process: int, processes: int, replay: str = "replicated") -> None:
+def several_processes(port: int, process: int, processes: int, runs: list[tuple[int, str]]) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=processes, process_id=process)
+    reports = [_one_model(dispatches, process, processes, replay) for dispatches, replay in runs]
+    print(json.dumps(reports), flush=True)
+    jax.distributed.shutdown()
+
+
+def _one_model(dispatches: int, process: int, processes: int, replay: str) -> dict:
     host = stacks(dispatches)
     one, _, examples_one = train(1, host)
     model = learner(jax.devices(), replay)  # every process's devices: one mesh over them all
@@ -131,7 +138,7 @@ def several_processes(dispatches: int, port: int, process: int, processes: int, 
             first = shard.index[0].start
             held[first] = sorted({device_of[row.tobytes()] for row in np.asarray(shard.data)[0][: size[first]]})
 
-    report = {
+    return {
         "process": process,
         "devices": len(jax.devices()),
         "digest": params_digest(state),
@@ -142,8 +149,6 @@ def several_processes(dispatches: int, port: int, process: int, processes: int, 
         "examples": [examples_one, int(totals.fresh_rows)],
         "shards_held": {str(k): v for k, v in sorted(held.items())} if replay == "sharded" else None,
     }
-    print(json.dumps(report), flush=True)
-    jax.distributed.shutdown()
 
 
 def _collectives(model: Learner, stack: Batch) -> dict:
@@ -247,7 +252,8 @@ def main() -> None:
         sharded_replay(int(sys.argv[2]), sys.argv[3])
         return
     if len(sys.argv) > 2:
-        several_processes(*(int(a) for a in sys.argv[1:5]), *sys.argv[5:6])
+        runs = [(int(dispatches), layout) for dispatches, layout in (run.split(":") for run in sys.argv[4:])]
+        several_processes(*(int(a) for a in sys.argv[1:4]), runs)
         return
     host = stacks(int(sys.argv[1]))
     devices = len(jax.local_devices())

@@ -160,7 +160,9 @@ def test_bench_scale_refuses_device_counts_that_are_not_distinct_positive_intege
 def test_bench_pipeline_trains_everything_it_produced_at_the_default_k_and_at_k1():
     from continuity.benchmarks.pipeline import EXAMPLES_PER_RECORD, format_result, run_pipeline_benchmark
 
-    result = run_pipeline_benchmark(examples=16 * EXAMPLES_PER_RECORD, warmup_examples=0, rss_from=0, compare_k1=True)
+    result = run_pipeline_benchmark(
+        examples=16 * EXAMPLES_PER_RECORD, warmup_examples=0, rss_from=0, compare_k1=True, idle_timeout_s=1.5
+    )
     held_out = 0.1  # the default holdout share goes to the probe, not to training
     assert result["examples"] == pytest.approx(16 * EXAMPLES_PER_RECORD * (1 - held_out), rel=0.05)
     assert result["steps_per_dispatch"] == 8 and result["k1"]["examples"] == result["examples"]

@@ -342,7 +342,7 @@ def test_two_serving_processes_over_four_partitions_train_one_model_in_lockstep_
     from continuity.config import load_config
     from continuity.service import Service
 
-    one = Service(load_config(None, settings(broker.bootstrap, topic, str(directory))), idle_timeout_s=4.0, http=False)
+    one = Service(load_config(None, settings(broker.bootstrap, topic, str(directory))), idle_timeout_s=2.0, http=False)
     summary = one.run()
     assert summary.restored_from is not None
     after = {p: end + 10 for p, end in ends.items()}

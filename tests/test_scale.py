@@ -161,15 +161,15 @@ def test_four_devices_train_and_evaluate_the_same_model_as_one_on_the_same_globa
     assert report["max_loss_diff"] < 1e-5 and report["accuracy"] > 0.3  # a trained model (chance: 0.1)
 
 
-def _two_processes(dispatches: int, *layout: str) -> list[dict]:
-    """Each worker's report: 2 processes x 2 faked CPU devices, jax.distributed over gloo, one mesh of 4."""
+def _two_processes(*runs: str) -> list[list[dict]]:
+    """Each worker's reports, one per run ("DISPATCHES:LAYOUT"): 2 processes x 2 faked CPU devices,
+    jax.distributed over gloo, one mesh of 4, joined once for every run."""
     from continuity.stream import free_port
 
     port = free_port()
     workers = [
         subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "scale_worker.py"), str(dispatches), str(port), str(process), "2"]
-            + list(layout),
+            [sys.executable, str(REPO / "tests" / "scale_worker.py"), str(port), str(process), "2", *runs],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -182,27 +182,25 @@ def _two_processes(dispatches: int, *layout: str) -> list[dict]:
         out, err = worker.communicate(timeout=240)
         assert worker.returncode == 0, err[-3000:]
         reports.append(json.loads(out.strip().splitlines()[-1]))
-    assert [r["process"] for r in reports] == [0, 1] and {r["devices"] for r in reports} == {4}
+    for process, runs_of_process in enumerate(reports):
+        assert [r["process"] for r in runs_of_process] == [process] * len(runs)
+        assert {r["devices"] for r in runs_of_process} == {4}
     return reports
 
 
 @pytest.mark.slow
-def test_two_processes_of_two_devices_train_one_model_each_feeding_half_of_every_batch():
-    reports = _two_processes(40)
-    assert reports[0]["digest"] == reports[1]["digest"]  # one model, the same bits on every process
-    for report in reports:  # every row trained once: the global totals are one device's on the whole batches
-        assert report["examples"][1] == report["examples"][0] > 0
-    assert all(r["max_param_diff"] < 1e-5 for r in reports)  # the one-device model on the whole batches
-    assert all(r["compiles_after_first"] == 0 for r in reports)
-
-
-@pytest.mark.slow
-def test_a_replay_buffer_sharded_over_two_processes_keeps_each_shard_on_the_process_that_feeds_its_device():
-    reports = _two_processes(20, "sharded")
-    assert reports[0]["digest"] == reports[1]["digest"]  # still one model
-    assert all(r["compiles_after_first"] == 0 and r["examples"][1] == r["examples"][0] > 0 for r in reports)
+def test_two_processes_of_two_devices_train_one_model_with_a_replicated_or_a_sharded_replay_buffer():
+    """Each process feeds half of every batch's rows; the replicated buffer's model is the one-device
+    model on the whole batches, the sharded one keeps each shard on the process feeding its device."""
+    (replicated_0, sharded_0), (replicated_1, sharded_1) = _two_processes("40:replicated", "20:sharded")
+    for reports in ([replicated_0, replicated_1], [sharded_0, sharded_1]):
+        assert reports[0]["digest"] == reports[1]["digest"]  # one model, the same bits on every process
+        for report in reports:  # every row trained once: the global totals are one device's on the whole batches
+            assert report["examples"][1] == report["examples"][0] > 0
+            assert report["compiles_after_first"] == 0
+    assert replicated_0["max_param_diff"] < 1e-5 and replicated_1["max_param_diff"] < 1e-5
     # Process 0 feeds devices 0 and 1 and holds their shards, process 1 devices 2 and 3.
-    assert [r["shards_held"] for r in reports] == [{"0": [0], "1": [1]}, {"2": [2], "3": [3]}]
+    assert [sharded_0["shards_held"], sharded_1["shards_held"]] == [{"0": [0], "1": [1]}, {"2": [2], "3": [3]}]
 
 
 @pytest.mark.slow
