@@ -186,7 +186,7 @@ def _locked(method):
     return locked
 
 
-_OS_REASON = re.compile(r"[^:\"]*\[os_error_code='?\d+'?\]")
+_OS_REASON = re.compile(r"[^:\"]{0,120}\[os_error_code='?\d+'?\]")
 
 
 def _first_line(text: str) -> str:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from continuity.stream.broker import EmbeddedBroker, answers_metadata, free_port
 
 
@@ -42,7 +44,8 @@ def test_broker_dies_with_the_process_that_started_it():
 def test_continuity_broker_command_runs_in_the_foreground_until_interrupted():
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "continuity.cli", "broker", "--port", str(port)],
+        # faulthandler: a SIGABRT prints where each thread is (below, if SIGINT does not end it)
+        [sys.executable, "-X", "faulthandler", "-m", "continuity.cli", "broker", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -50,10 +53,15 @@ def test_continuity_broker_command_runs_in_the_foreground_until_interrupted():
     try:
         assert _wait(lambda: answers_metadata("127.0.0.1", port, timeout_s=0.2), 60)
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=20)
+        try:
+            output, _ = process.communicate(timeout=60)  # read as it waits: a full pipe would block it
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            output, _ = process.communicate(timeout=30)
+            pytest.fail(f"`continuity broker` still ran 60 s after SIGINT; where it was:\n{output[-6000:]}")
         assert not answers_metadata("127.0.0.1", port, timeout_s=0.3)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert f"127.0.0.1:{port}" in process.stdout.read()
+    assert process.returncode == 0 and f"127.0.0.1:{port}" in output
