@@ -192,10 +192,19 @@ class EmbeddedBroker:
                 process.wait()
 
     def wait(self) -> int:
-        """Block until the broker exits (foreground use); returns its exit status."""
+        """Block until the broker exits (foreground use); returns its exit status.
+
+        Waits in slices, never in one bare waitpid: a SIGINT the kernel hands to another thread
+        (numpy's, say) runs its Python handler, Ctrl-C's KeyboardInterrupt, only once the main
+        thread runs Python again, and a bare waitpid would keep it blocked until the broker exits.
+        """
         if self._process is None:
             raise BrokerError("the broker is not running")
-        return self._process.wait()
+        while True:
+            try:
+                return self._process.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                continue
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

@@ -41,6 +41,30 @@ def test_broker_dies_with_the_process_that_started_it():
     assert _wait(lambda: not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2])
 
 
+_INTERRUPTED_ON_ANOTHER_THREAD = """
+import signal, threading, time
+from continuity.stream.broker import EmbeddedBroker
+with EmbeddedBroker() as broker:
+    def interrupt():
+        time.sleep(0.3)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # this thread, not the main one
+    threading.Thread(target=interrupt, daemon=True).start()
+    try:
+        broker.wait()
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+"""
+
+
+def test_a_sigint_the_kernel_hands_another_thread_still_stops_the_foreground_broker():
+    # A process-directed SIGINT (Ctrl-C, `kill -INT`) may land on any thread that does not block
+    # it; its Python handler then waits for the main thread, which must not sit in a bare waitpid.
+    result = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_ON_ANOTHER_THREAD], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "interrupted", result.stderr[-2000:]
+
+
 def test_continuity_broker_command_runs_in_the_foreground_until_interrupted():
     port = free_port()
     process = subprocess.Popen(
