@@ -56,11 +56,22 @@ with EmbeddedBroker() as broker:
 """
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """Runs in the child before exec: SIGINT's default action, which Python replaces with its
+    KeyboardInterrupt. A suite started in the background by a non-interactive shell (`make test &`)
+    inherits SIGINT ignored, and Python leaves an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_a_sigint_the_kernel_hands_another_thread_still_stops_the_foreground_broker():
     # A process-directed SIGINT (Ctrl-C, `kill -INT`) may land on any thread that does not block
     # it; its Python handler then waits for the main thread, which must not sit in a bare waitpid.
     result = subprocess.run(
-        [sys.executable, "-c", _INTERRUPTED_ON_ANOTHER_THREAD], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", _INTERRUPTED_ON_ANOTHER_THREAD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
     assert result.returncode == 0 and result.stdout.strip() == "interrupted", result.stderr[-2000:]
 
@@ -73,6 +84,7 @@ def test_continuity_broker_command_runs_in_the_foreground_until_interrupted():
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
     try:
         assert _wait(lambda: answers_metadata("127.0.0.1", port, timeout_s=0.2), 60)
