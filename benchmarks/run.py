@@ -182,8 +182,8 @@ def run_scale(out: Path) -> list[str]:
 
 # The best of a short search on seed 100 (BENCHMARKS.md, "Prequential accuracy"), per stream.
 PREQUENTIAL_TUNED: dict[str, tuple[str, ...]] = {
-    "sea": ("learner.learning_rate=0.003", "learner.batch_size=8", 'replay.kind="fifo"', "replay.capacity=200"),
-    "hyperplane": ("learner.learning_rate=0.01", "learner.batch_size=8", 'replay.kind="fifo"'),
+    "sea": ("learner.learning_rate=0.01", "learner.batch_size=8", 'replay.kind="fifo"', "model.hidden=[32,32]"),
+    "hyperplane": ("learner.learning_rate=0.01", "learner.batch_size=8", 'replay.kind="fifo"', "model.hidden=[16,16]"),
     "rbf-drift": ("learner.batch_size=8", 'replay.kind="fifo"'),
     "agrawal": ("learner.learning_rate=0.01", "learner.batch_size=8", 'replay.kind="fifo"'),
 }
