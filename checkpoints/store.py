@@ -51,7 +51,14 @@ from continuity.checkpoints import integrity
 from continuity.checkpoints.ledger import Ledger, to_json_value
 from continuity.checkpoints.lock import StoreLock
 from continuity.checkpoints.retention import checkpoints_to_delete
-from continuity.checkpoints.store_file import STORE_FILE, StoreFile, StoreFileError, rebuild, unreadable_message
+from continuity.checkpoints.store_file import (
+    STORE_FILE,
+    StoreFile,
+    StoreFileError,
+    first_line,
+    rebuild,
+    unreadable_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +87,7 @@ class CorruptCheckpointError(RuntimeError):
     @staticmethod
     def describe(error: BaseException) -> str:
         """One line for a library's error: its type and the first line of its message."""
-        return f"{type(error).__name__}: {_first_line(str(error))}"
+        return f"{type(error).__name__}: {first_line(str(error))}"
 
 
 class CheckpointSaveError(RuntimeError):
@@ -184,21 +191,6 @@ def _locked(method):
             return method(self, *args, **kwargs)
 
     return locked
-
-
-_OS_REASON = re.compile(r"[^:\"]{0,120}\[os_error_code='?\d+'?\]")
-
-
-def _first_line(text: str) -> str:
-    """The first line of an error message, at most ~300 characters: its start and the operating
-    system's reason ("File too large [os_error_code='27']"), which TensorStore puts at the end of
-    a write's error but in the middle of an open's (before a dump of the array's spec)."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    line = line.split(" See full TensorStore details")[0]  # then a repr of a bound method, not a reason
-    if len(line) <= 300:
-        return line
-    reason = _OS_REASON.search(line, 150)
-    return f"{line[:150]} ... {reason.group(0).strip() if reason else line[-140:]}"
 
 
 def _leaf_signatures(tree) -> dict[str, tuple]:
@@ -396,10 +388,10 @@ class CheckpointStore:
                 self._file.write(self._store_path)
             except OSError as error:
                 self._file.head, self._file.reserved = before
-                self._ledger.append("save_failed", error=f"{type(error).__name__}: {_first_line(str(error))}")
+                self._ledger.append("save_failed", error=f"{type(error).__name__}: {first_line(str(error))}")
                 raise CheckpointSaveError(
                     f"saving checkpoint {number} in {self.directory} failed: cannot write {STORE_FILE} "
-                    f"({type(error).__name__}: {_first_line(str(error))})"
+                    f"({type(error).__name__}: {first_line(str(error))})"
                 ) from error
             self._metadata[number] = saved
         self._next = number + 1
@@ -435,7 +427,7 @@ class CheckpointStore:
             try:
                 self._retain()
             except Exception as error:  # noqa: BLE001 - retention frees space; failing it must not fail the save
-                logger.warning("retention after checkpoint %d failed: %s", number, _first_line(str(error)))
+                logger.warning("retention after checkpoint %d failed: %s", number, first_line(str(error)))
 
     def _discard_failed(self, number: int) -> None:
         """Remove whatever a failed save of `number` left (its temporary directory, or a half-finalized one)."""
@@ -461,10 +453,10 @@ class CheckpointStore:
         except Exception as error:
             with self._lock:
                 self._metadata.pop(number, None)
-            self._ledger.append("save_failed", checkpoint=number, error=_first_line(str(error)))
+            self._ledger.append("save_failed", checkpoint=number, error=first_line(str(error)))
             raise CheckpointSaveError(
                 f"saving checkpoint {number} in {self.directory} failed: "
-                f"{type(error).__name__}: {_first_line(str(error))}"
+                f"{type(error).__name__}: {first_line(str(error))}"
             ) from error
 
     def close(self) -> None:

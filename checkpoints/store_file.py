@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ class StoreFile:
         except FileNotFoundError:
             raise
         except (OSError, ValueError, TypeError, UnicodeDecodeError) as error:
-            raise StoreFileError(unreadable_message(path, _first_line(str(error)))) from None
+            raise StoreFileError(unreadable_message(path, first_line(str(error)))) from None
 
     @classmethod
     def from_json(cls, data) -> StoreFile:
@@ -157,6 +158,16 @@ def _is_number(value, minimum: int = 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def _first_line(text: str) -> str:
+_OS_REASON = re.compile(r"[^:\"]{0,120}\[os_error_code='?\d+'?\]")
+
+
+def first_line(text: str) -> str:
+    """The first line of an error message, at most ~300 characters: its start and the operating
+    system's reason ("File too large [os_error_code='27']"), which TensorStore puts at the end of
+    a write's error but in the middle of an open's (before a dump of the array's spec)."""
     line = text.strip().splitlines()[0] if text.strip() else ""
-    return line[:300]
+    line = line.split(" See full TensorStore details")[0]  # then a repr of a bound method, not a reason
+    if len(line) <= 300:
+        return line
+    reason = _OS_REASON.search(line, 150)
+    return f"{line[:150]} ... {reason.group(0).strip() if reason else line[-140:]}"

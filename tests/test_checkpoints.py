@@ -786,12 +786,12 @@ def test_a_long_save_error_keeps_its_start_and_the_operating_systems_reason():
         'database at local file "/tmp/run/checkpoints/3.orbax-checkpoint-tmp/": Failed to write 189 bytes to '
         f"file 4: File too large [os_error_code='27'] [source locations='x.cc:1'] [tensorstore_spec='{spec}']"
     )
-    line = store_module._first_line(opening + "\nsecond line")
+    line = store_module.first_line(opening + "\nsecond line")
     assert len(line) <= 300 and line.startswith('OUT_OF_RANGE: Error opening "zarr"')
     assert line.endswith("File too large [os_error_code='27']")
     writing = 'OUT_OF_RANGE: Error writing local file "/tmp/a": ' + "x" * 300 + ": No space left [os_error_code=28]"
-    assert store_module._first_line(writing).endswith("No space left [os_error_code=28]")
-    assert store_module._first_line("short") == "short"
+    assert store_module.first_line(writing).endswith("No space left [os_error_code=28]")
+    assert store_module.first_line("short") == "short"
 
 
 @pytest.mark.slow  # a subprocess
