@@ -4,9 +4,14 @@ Three topics on one broker (the embedded Tansu unless `bootstrap` is given), eac
 to the end by both readers, `repeats` times, in one process; the median is reported:
 - `binary_single`: one 8x8x1 float32 example per binary record (records/s);
 - `binary_batched`: `examples_per_record` examples per binary record (examples/s);
-- `json`: one example per JSON record (records/s);
+- `json`: one example per JSON record (records/s), decoded where the service decodes it
+  by default (`stream.decoder = "auto"`: a decoder process given 2+ cores);
+- `json_thread`: the same records decoded in the ingest thread (`decoder = "thread"`), for
+  comparison (and `fields_20_thread` likewise);
 - `fields_20`: named-field JSON events through a 20-field spec (`FIELDS_20`: twelve
-  numbers, six of them standardised, six categoricals, a token list, the label).
+  numbers, six of them standardised, six categoricals, a token list, the label), decoded
+  as the service does by default.
+CPU seconds are the benchmark process's, every thread, plus its decoder process's.
 Targets: binary single >= 0.8 x the bare loop; batched examples/s >= 10 x the
 single-example rate; JSON single >= 0.8 x binary single (pipeline records/s); the
 20-field events >= 50,000 examples/s.
@@ -14,13 +19,19 @@ single-example rate; JSON single >= 0.8 x binary single (pipeline records/s); th
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from continuity.stream.decoder_process import Decoder
 
 SHAPE = (8, 8, 1)
 NUM_CLASSES = 10
@@ -95,6 +106,14 @@ def _bare_loop(bootstrap: str, topic: str, expected: int, max_poll_records: int)
     return elapsed, cpu
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """CPU seconds (user + system) of process `pid` so far (Linux /proc); 0.0 for None."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _pipeline(
     bootstrap: str,
     topic: str,
@@ -103,10 +122,12 @@ def _pipeline(
     batch_size: int,
     max_poll_records: int,
     dtype: str = "float32",
+    decoder: Decoder = "auto",
 ) -> tuple[float, float]:
-    """(wall, CPU) seconds for KafkaSource + Ingest (decode thread) + Batcher to deliver `expected_examples`."""
+    """(wall, CPU) seconds for KafkaSource + Ingest + Batcher to deliver `expected_examples`."""
     from continuity.stream.batcher import Batcher
-    from continuity.stream.codecs import FeatureSpec, make_codec
+    from continuity.stream.codecs import FeatureSpec
+    from continuity.stream.decoder_process import decoding_codec
     from continuity.stream.fields import FieldSpec
     from continuity.stream.ingest import Ingest
     from continuity.stream.kafka import KafkaSettings, KafkaSource
@@ -116,11 +137,14 @@ def _pipeline(
     fields = FieldSpec.from_dict(FIELDS_20) if codec_name == "fields" else None
     settings = KafkaSettings(bootstrap, (topic,), partitions=(0,), max_poll_records=max_poll_records)
     source = KafkaSource(settings, start=Positions({(topic, 0): 0}))
-    ingest = Ingest(source, make_codec(codec_name, spec, fields=fields))
+    codec = decoding_codec(codec_name, spec, fields=fields, decoder=decoder)
+    ingest = Ingest(source, codec)
     batcher = Batcher(spec, batch_size, ownership=source.ownership)
     source.open()  # connection set-up is outside the timing, as for the bare loop
+    codec.start()  # so is a decoder process's start
+    child = getattr(codec, "pid", None)
     delivered = 0
-    started, cpu = time.perf_counter(), time.process_time()
+    started, cpu = time.perf_counter(), time.process_time() + _cpu_seconds(child)
     with ingest:
         while delivered < expected_examples:
             # The last, partial batch is flushed (padded) as soon as its examples are in.
@@ -131,7 +155,8 @@ def _pipeline(
             block = ingest.get(timeout_s=1.0)
             if block is not None:
                 batcher.add(block)
-        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        elapsed, cpu = time.perf_counter() - started, time.process_time() + _cpu_seconds(child) - cpu
+    codec.close()
     if ingest.stats.dead_letters:
         raise RuntimeError(f"benchmark records were dead-lettered: {ingest.stats.dead_letters}")
     return elapsed, cpu
@@ -163,6 +188,8 @@ def run_ingest_benchmark(
     # uint8 wire features (digits have 17 grey levels): a quarter of float32's bytes, which
     # matters because the batched case is bound by bytes moved, not by records.
     x8 = (x * 16).astype(np.uint8)
+    json_records = [encode_json(x[i], int(y[i])) for i in range(records)]
+    events = fields_20_events(records, rng)
     xb8 = (xb * 16).astype(np.uint8)
     cases = {
         "binary_single": ("binary", [encode_binary(x[i], y[i]) for i in range(records)], 1, "float32"),
@@ -179,9 +206,15 @@ def run_ingest_benchmark(
             examples_per_record,
             "uint8",
         ),
-        "json": ("json", [encode_json(x[i], int(y[i])) for i in range(records)], 1, "float32"),
-        "fields_20": ("fields", fields_20_events(records, rng), 1, "float32"),
+        "json": ("json", json_records, 1, "float32"),
+        "json_thread": ("json", json_records, 1, "float32"),
+        "fields_20": ("fields", events, 1, "float32"),
+        "fields_20_thread": ("fields", events, 1, "float32"),
     }
+    decoders: dict[str, Decoder] = {
+        "json_thread": "thread",
+        "fields_20_thread": "thread",
+    }  # every other case decodes where the service would
     broker = None
     if bootstrap is None:
         broker = EmbeddedBroker().start()
@@ -212,7 +245,16 @@ def run_ingest_benchmark(
                 wall_s, cpu_s = _bare_loop(bootstrap, topic, n, max_poll_records)
                 bare.append(wall_s)
                 bare_cpu.append(cpu_s)
-                wall_s, cpu_s = _pipeline(bootstrap, topic, codec, n * per_record, batch_size, max_poll_records, dtype)
+                wall_s, cpu_s = _pipeline(
+                    bootstrap,
+                    topic,
+                    codec,
+                    n * per_record,
+                    batch_size,
+                    max_poll_records,
+                    dtype,
+                    decoders.get(name, "auto"),
+                )
                 piped.append(wall_s)
                 piped_cpu.append(cpu_s)
                 say(
@@ -224,6 +266,7 @@ def run_ingest_benchmark(
             bare_cpu_s, piped_cpu_s = statistics.median(bare_cpu), statistics.median(piped_cpu)
             result["cases"][name] = {
                 "codec": codec,
+                "decoder": decoders.get(name, "auto"),
                 "wire_dtype": dtype,
                 "records": n,
                 "examples_per_record": per_record,

@@ -140,6 +140,13 @@ class StreamConfig:
         default="binary",
         description='"binary", "json" or "fields" (named-field events, [stream.fields]; wire formats: see README)',
     )
+    # stream/decoder_process.py: JSON parsing in the ingest thread shares the interpreter lock
+    # with kafka-python's record parsing; a process of its own runs beside it.
+    decoder: Literal["auto", "thread", "process"] = Field(
+        default="auto",
+        description='where records are decoded: "thread" (the ingest thread), "process" (a child process, off the '
+        'consumer\'s interpreter lock) or "auto" (a process for "json" and "fields" given 2+ cores, else the thread)',
+    )
     feature_shape: PositiveInts = Field(
         default=(8, 8, 1), min_length=1, max_length=8, description="one example's features"
     )
@@ -756,7 +763,8 @@ class Config:
         Paths, addresses, ports, timeouts and secrets are left out, so replaying the same
         stream into another directory, or serving it from another broker, gives the same
         digest (and, with it, bit-identical checkpoint metadata). So are
-        `learner.steps_per_dispatch` (K updates per dispatch train the same model as one) and
+        `learner.steps_per_dispatch` (K updates per dispatch train the same model as one),
+        `stream.decoder` (a decoder process decodes every record as the ingest thread would) and
         `[scale]` (a batch split over devices trains it too, up to the order of float sums; a
         replay buffer sharded over them replays other rows, but its checkpoints restore onto any
         device count and layout, the held examples re-dealt).

@@ -58,11 +58,13 @@ def build_stream(config: Config, *, recording: Path | None = None, idle_timeout_
         KafkaDeadLetters,
         KafkaSource,
         ProcessShare,
-        make_codec,
     )
+    from continuity.stream.decoder_process import decoding_codec
 
     # Labels as the task has them; the "fields" codec also takes the [stream.fields] spec.
-    codec = make_codec(config.stream.codec, feature_spec(config), fields=config.stream.field_spec())
+    codec = decoding_codec(
+        config.stream.codec, feature_spec(config), fields=config.stream.field_spec(), decoder=config.stream.decoder
+    )
     Path(config.checkpoints.dir).mkdir(parents=True, exist_ok=True)
     dead_letters: DeadLetterSink
     if config.stream.dead_letters == "topic":
@@ -295,6 +297,7 @@ class Service:
                 self.http.stop()
             if self.publisher is not None:
                 self.publisher.close()  # the last accepted model is published before the run returns
+            self.stream.codec.close()  # a decoder process ends with the run
             self.store.close()
             restore()
 

@@ -56,6 +56,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -307,6 +308,22 @@ class Codec:
 
     def decode(self, records: PartitionRecords) -> tuple[ExampleBlock, list[DeadLetter]]:
         raise NotImplementedError
+
+    def submit(self, records: PartitionRecords) -> Future:
+        """`decode(records)` as a future: done already here; a codec decoding elsewhere returns at once
+        (stream.decoder_process). The ingest thread submits and goes back to polling."""
+        future: Future = Future()
+        try:
+            future.set_result(self.decode(records))
+        except Exception as error:  # noqa: BLE001 - re-raised by the future's result(), in the caller
+            future.set_exception(error)
+        return future
+
+    def start(self) -> None:
+        """Readies decoding ahead of the first record (starts a decoder process); nothing here."""
+
+    def close(self) -> None:
+        """Releases what decoding holds (a decoder process); nothing here."""
 
     def encode(self, x, y, *, segment: str | None = None, key: str | None = None) -> bytes:
         raise NotImplementedError

@@ -6,12 +6,15 @@
         for batch in batches(ingest, batcher):
             ...  # train; checkpoint batch.positions; source.commit(batch.positions)
 
-The thread overlaps Kafka I/O and decoding with the caller's compute. The queue is
-bounded (`queue_blocks`), so a slow consumer applies back-pressure instead of growing
-memory. Every block is stamped with the ownership generation at poll time, so blocks of
-partitions revoked meanwhile are dropped by the Batcher. Bad records go to the dead-letter
-sink and are counted; they never stop the thread. An unexpected error in the thread is
-re-raised in the caller by `get`.
+The thread overlaps Kafka I/O and decoding with the caller's compute. It submits each
+run of records to the codec (`Codec.submit`): decoded right there, or, by a decoder process
+(stream/decoder_process.py), elsewhere while the thread polls on; `get` hands the blocks
+out in poll order either way. The queue is bounded (`queue_blocks`), so a slow consumer
+applies back-pressure instead of growing memory. Every block is stamped with the ownership
+generation at poll time, so blocks of partitions revoked meanwhile are dropped by the
+Batcher. Bad records go to the dead-letter sink (from `get`, before their block can be
+trained) and are counted; they never stop the thread. An unexpected error in the thread or
+in decoding is re-raised in the caller by `get`.
 
 Threading: `get`, `batches` and `stop` are for one consumer thread.
 """
@@ -23,6 +26,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import NamedTuple
 
 from continuity.stream.batcher import Batch, Batcher
 from continuity.stream.codecs import Codec
@@ -34,6 +39,15 @@ from continuity.stream.sources import LostPositionsError, Source
 log = logging.getLogger(__name__)
 
 _END = object()
+
+
+class _Decoding(NamedTuple):
+    """A polled run on its way: its decoding (a future) and what the poll knew of it."""
+
+    future: Future
+    generation: int  # the ownership generation at poll time (stream.batcher.Ownership)
+    end: PartitionPosition  # where to resume once the run is delivered: after its last record
+    records: int
 
 
 class IngestStats:
@@ -68,6 +82,7 @@ class Ingest:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._ended = False
+        self._head: _Decoding | object | None = None  # taken from the queue, its decoding not yet done
 
     def start(self) -> Ingest:
         if self._thread is None:
@@ -94,15 +109,11 @@ class Ingest:
                 generation = source.ownership.generation
                 self.stats.polls += 1
                 for run in runs:
-                    block, letters = self.codec.decode(run)
-                    block.generation = generation
-                    block.end = PartitionPosition(int(run.offsets[-1]) + 1, 0)
-                    for letter in letters:
-                        self.dead_letters.put(letter)
-                    self.stats.records += len(run)
-                    self.stats.examples += len(block)
-                    self.stats.dead_letters += len(letters)
-                    if not self._put(block):
+                    # A decoder process returns at once: polling goes on while the run decodes.
+                    decoding = _Decoding(
+                        self.codec.submit(run), generation, PartitionPosition(int(run.offsets[-1]) + 1, 0), len(run)
+                    )
+                    if not self._put(decoding):
                         return
                 if not runs and source.finished:
                     self._put(_END)
@@ -116,21 +127,38 @@ class Ingest:
             self._put(_END)
 
     def get(self, timeout_s: float | None = None) -> ExampleBlock | None:
-        """The next block; None on timeout or once the source is finished (see `ended`)."""
+        """The next block; None on timeout or once the source is finished (see `ended`).
+
+        Its dead letters go to the sink here, before any of its examples can be trained (and
+        their positions committed). A decoding error is raised here."""
         if self._thread is None:
             self.start()
         if self._ended:
             return None
-        try:
-            item = self._queue.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
-        if item is _END:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if self._head is None:
+            try:
+                self._head = self._queue.get(timeout=timeout_s)
+            except queue.Empty:
+                return None
+        if not isinstance(self._head, _Decoding):  # _END
             self._ended = True
             if self._error is not None:
                 raise self._error
             return None
-        return item
+        decoding = self._head
+        try:
+            block, letters = decoding.future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            return None
+        self._head = None
+        block.generation, block.end = decoding.generation, decoding.end
+        for letter in letters:
+            self.dead_letters.put(letter)
+        self.stats.records += decoding.records
+        self.stats.examples += len(block)
+        self.stats.dead_letters += len(letters)
+        return block
 
     @property
     def ended(self) -> bool:

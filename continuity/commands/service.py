@@ -113,10 +113,20 @@ def _quiet_orbax() -> None:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
+DECODER_LOST = 7  # the decoder process died (stream/decoder_process.py)
+
+
+def decoder_lost(error: Exception) -> int:
+    """One line and exit status 7: the decoder process died; nothing past the last checkpoint was committed."""
+    print(f"continuity: error: {error}", file=sys.stderr)
+    return DECODER_LOST
+
+
 def run_serve(args) -> int:
     from continuity.config import load_config
     from continuity.processes import PeerLost, exit_on_peer_lost, join
     from continuity.service import Service, format_progress, format_summary
+    from continuity.stream.decoder_process import DecoderProcessError
 
     overrides = [*(args.set or ()), *([] if args.process_id is None else [f"scale.process_id={args.process_id}"])]
     config = load_config(args.config, overrides)
@@ -140,12 +150,15 @@ def run_serve(args) -> int:
         summary = service.run(announce)
     except PeerLost as error:  # one of several processes died: this one stops too, saving nothing
         exit_on_peer_lost(error)
+    except DecoderProcessError as error:
+        return decoder_lost(error)
     print(format_summary(summary))
     return exit_status(summary)
 
 
 def run_replay(args) -> int:
     from continuity.service import Service, format_summary
+    from continuity.stream.decoder_process import DecoderProcessError
 
     config = config_from_args(args)
     _quiet_orbax()
@@ -156,7 +169,10 @@ def run_replay(args) -> int:
     service = Service(
         config, recording=args.recording, http=False, progress=bar, progress_every_s=0.5, start_fresh=args.start_fresh
     )
-    summary = service.run()
+    try:
+        summary = service.run()
+    except DecoderProcessError as error:
+        return decoder_lost(error)
     bar.finish(summary)
     print(format_summary(summary))
     if args.json is not None:  # the summary's fields, prequential_accuracy among them
