@@ -51,7 +51,7 @@ class _Decoding(NamedTuple):
 
 
 class IngestStats:
-    """Counters (written by the ingest thread; read anywhere)."""
+    """Counters: `polls` by the ingest thread; records, examples and dead letters as `get` hands them out."""
 
     def __init__(self):
         self.records = 0
