@@ -57,6 +57,24 @@ def _put_rows(batch: np.ndarray, given: np.ndarray, *, start: int, count: int) -
     batch[start : start + count] = given[:count]
 
 
+def _read_only_rows(rows: int):
+    """A function: the first `rows` rows of an array, as a read-only view."""
+
+    def view(array: np.ndarray) -> np.ndarray:
+        head = array[:rows]
+        head.flags.writeable = False
+        return head
+
+    return view
+
+
+def _padding(like: ExampleBlock, rows: int) -> tuple[Features, np.ndarray, np.ndarray, np.ndarray]:
+    """x, y, segment and held_out of `rows` padding rows, shaped and typed as `like`'s examples (as decoded)."""
+    x = map_features(lambda a: np.zeros((rows, *a.shape[1:]), a.dtype), like.x)
+    y = np.zeros((rows, *like.y.shape[1:]), like.y.dtype)
+    return x, y, np.full((rows,), NO_SEGMENT, np.int32), np.zeros((rows,), bool)
+
+
 def _mix64(h: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser (Steele et al. 2014), vectorised on uint64; wraps by design."""
     with np.errstate(over="ignore"):
@@ -247,14 +265,19 @@ class Batcher:
 
     def _take(self) -> Batch:
         B = self.batch_size  # noqa: N806 - the batch dimension, as in the shapes below
-        # Shapes and dtypes as decoded (what the codec's spec says): the first block's.
-        first = self._buffer[0][0]
-        x = map_features(lambda a: np.zeros((B, *a.shape[1:]), a.dtype), first.x)
-        y = np.zeros((B, *first.y.shape[1:]), first.y.dtype)
-        mask = np.zeros((B,), bool)
-        segment = np.full((B,), NO_SEGMENT, np.int32)
-        held_out = np.zeros((B,), bool)
-        filled = 0
+        block, ids, chosen = self._buffer[0]
+        if len(block) >= B:
+            # One block fills the batch (a batched record, a large poll): its rows as views, not
+            # copies. Every consumer of a batch copies what it keeps (the stack of K, the probe's
+            # rows, the window sample); the views are read-only, so one that wrote would fail
+            # loudly instead of changing rows of the block a later batch takes.
+            x, y = map_features(_read_only_rows(B), block.x), _read_only_rows(B)(block.y)
+            segment, held_out = ids[block.record[:B]], _read_only_rows(B)(chosen)
+            filled = B
+            self._advance(B)
+        else:  # rows copied in from one block or more, the rest padding
+            x, y, segment, held_out = _padding(block, B)
+            filled = 0
         while self._buffer and (filled < B or len(self._buffer[0][0]) == 0):
             block, ids, chosen = self._buffer[0]
             n = min(B - filled, len(block))
@@ -264,15 +287,21 @@ class Batcher:
                 segment[filled : filled + n] = ids[block.record[:n]]
                 held_out[filled : filled + n] = chosen[:n]
                 filled += n
-            key = PartitionKey(block.topic, block.partition)
-            if n == len(block):
-                self._buffer.popleft()
-                end = block.position_at_end()
-                if end is not None:
-                    self._positions[key] = end
-            else:
-                self._positions[key] = block.position_after(n - 1)
-                self._buffer[0] = (block.slice(n, len(block)), ids, chosen[n:])
-            self._buffered -= n
+            self._advance(n)
+        mask = np.zeros((B,), bool)
         mask[:filled] = True
         return Batch(x, y, mask, segment, Positions(self._positions), filled, held_out)
+
+    def _advance(self, n: int) -> None:
+        """The first buffered block's first `n` examples are batched: drop them, move its position."""
+        block, ids, chosen = self._buffer[0]
+        key = PartitionKey(block.topic, block.partition)
+        if n == len(block):
+            self._buffer.popleft()
+            end = block.position_at_end()
+            if end is not None:
+                self._positions[key] = end
+        else:
+            self._positions[key] = block.position_after(n - 1)
+            self._buffer[0] = (block.slice(n, len(block)), ids, chosen[n:])
+        self._buffered -= n
