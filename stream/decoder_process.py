@@ -1,17 +1,19 @@
 """A codec that decodes in a process of its own, off the consumer's interpreter lock.
 
 Why: kafka-python parses every fetched record in Python on the ingest thread (~10 us a
-record), and parsing a JSON record takes another 6-8 us; in one process both hold the same
+record), and parsing a JSON record takes another 5-8 us; in one process both hold the same
 interpreter lock, so they add up and JSON ingest ran at about half the binary rate. Here the
-ingest thread only sends each poll's raw records down a pipe (one pickle, C speed) and goes
-back to polling while a child process parses them: the two run on two cores.
+ingest thread only sends each poll's raw records down a socket (one pickle, C speed) and
+goes back to polling while a child process parses them: the two run on two cores. It costs
+CPU (the records cross the socket), so it pays where a core is free: on 2 cores shared with
+the broker, 1.03-1.26x the thread's rate (BENCHMARKS.md, "Ingest").
 
     codec = decoding_codec("json", spec, decoder="process")
     future = codec.submit(records)     # returns at once
     block, letters = future.result()   # what codec.decode(records) returns in-process
 
 Semantics are the in-process codec's, exactly:
-- Order: one child serves requests in the order they were sent (one pipe each way), so a
+- Order: one child serves requests in the order they were sent (over one socket), so a
   decode, a `state(positions)` or a `restore(state)` sees exactly the decodes submitted
   before it, as the in-process codec's lock gives. A codec with state (the `fields` codec's
   standardisation statistics) keeps it in the child; `state` and `restore` are requests.
@@ -55,8 +57,8 @@ log = logging.getLogger(__name__)
 Decoder = Literal["auto", "thread", "process"]
 DECODERS: tuple[str, ...] = ("auto", "thread", "process")
 
-# Codecs whose per-record parsing is worth a process: JSON text (6-8 us a record against
-# the binary codec's ~0.6 us, which a pipe's round trip would only slow down).
+# Codecs whose per-record parsing is worth a process: JSON text (5-8 us a record against
+# the binary codec's ~0.6 us, which the socket's round trip would only slow down).
 PARSING_CODECS = frozenset({"json", "fields"})
 
 
@@ -168,6 +170,7 @@ class _Child:
         self.connection = Connection(os.dup(ours.fileno()))
         self.pending: deque[Future] = deque()
         self.gone: DecoderProcessError | None = None
+        self.ending = threading.Lock()  # `gone` set and `pending` failed at once: no future is left behind
         self.closing = False
         self.connection.send(recipe)
         self.receiver = threading.Thread(target=self._receive, name="continuity-decoder-replies", daemon=True)
@@ -176,10 +179,11 @@ class _Child:
 
     def request(self, kind: str, argument) -> Future:
         future: Future = Future()
-        if self.gone is not None:
-            future.set_exception(self.gone)
-            return future
-        self.pending.append(future)
+        with self.ending:
+            if self.gone is not None:
+                future.set_exception(self.gone)
+                return future
+            self.pending.append(future)
         try:
             self.connection.send((kind, argument))
         except OSError:  # the child is gone: the receiver fails what is pending, this future too
@@ -225,21 +229,22 @@ class _Child:
                 "what it was decoding was not trained or committed: a restart resumes from the last checkpoint"
             )
             log.error("%s", gone)
-        self.gone = gone
-        while self.pending:
-            self.pending.popleft().set_exception(gone)
+        with self.ending:
+            self.gone = gone
+            while self.pending:
+                self.pending.popleft().set_exception(gone)
 
 
 def _exit_status(code: int | None) -> str:
     if code is None:
-        return "still running, its pipe closed"
+        return "still running, its socket closed"
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exit status {code}"
 
 
 def _serve(connection: Connection) -> None:
-    """The child: build the codec the first message describes, then serve requests until the pipe closes."""
+    """The child: build the codec the first message describes, then serve requests until the socket closes."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a service manager's SIGTERM to the group: the parent stops us
     try:
         name, spec, fields = connection.recv()
@@ -264,7 +269,7 @@ def _serve(connection: Connection) -> None:
 
 
 def _picklable(error: Exception) -> Exception:
-    """`error` if it crosses the pipe intact, else a RuntimeError with its text."""
+    """`error` if it crosses the socket intact, else a RuntimeError with its text."""
     try:
         pickle.loads(pickle.dumps(error))
         return error
