@@ -1,7 +1,7 @@
 """Ingest throughput: a bare kafka-python poll loop vs KafkaSource + decode + batch, same topic.
 
-Three topics on one broker (the embedded Tansu unless `bootstrap` is given), each read
-to the end by both readers, `repeats` times, in one process; the median is reported:
+One topic per case on one broker (the embedded Tansu unless `bootstrap` is given), each
+read to the end by both readers, `repeats` times, in one process; the median is reported:
 - `binary_single`: one 8x8x1 float32 example per binary record (records/s);
 - `binary_batched`: `examples_per_record` examples per binary record (examples/s);
 - `json`: one example per JSON record (records/s), decoded where the service decodes it
@@ -211,10 +211,8 @@ def run_ingest_benchmark(
         "fields_20": ("fields", events, 1, "float32"),
         "fields_20_thread": ("fields", events, 1, "float32"),
     }
-    decoders: dict[str, Decoder] = {
-        "json_thread": "thread",
-        "fields_20_thread": "thread",
-    }  # every other case decodes where the service would
+    # Every other case decodes where the service would ("auto").
+    decoders: dict[str, Decoder] = {"json_thread": "thread", "fields_20_thread": "thread"}
     broker = None
     if bootstrap is None:
         broker = EmbeddedBroker().start()

@@ -57,15 +57,11 @@ def _put_rows(batch: np.ndarray, given: np.ndarray, *, start: int, count: int) -
     batch[start : start + count] = given[:count]
 
 
-def _read_only_rows(rows: int):
-    """A function: the first `rows` rows of an array, as a read-only view."""
-
-    def view(array: np.ndarray) -> np.ndarray:
-        head = array[:rows]
-        head.flags.writeable = False
-        return head
-
-    return view
+def _read_only_head(array: np.ndarray, *, rows: int) -> np.ndarray:
+    """The first `rows` rows of `array`, as a read-only view."""
+    head = array[:rows]
+    head.flags.writeable = False
+    return head
 
 
 def _padding(like: ExampleBlock, rows: int) -> tuple[Features, np.ndarray, np.ndarray, np.ndarray]:
@@ -271,8 +267,9 @@ class Batcher:
             # copies. Every consumer of a batch copies what it keeps (the stack of K, the probe's
             # rows, the window sample); the views are read-only, so one that wrote would fail
             # loudly instead of changing rows of the block a later batch takes.
-            x, y = map_features(_read_only_rows(B), block.x), _read_only_rows(B)(block.y)
-            segment, held_out = ids[block.record[:B]], _read_only_rows(B)(chosen)
+            head = functools.partial(_read_only_head, rows=B)
+            x, y = map_features(head, block.x), head(block.y)
+            segment, held_out = ids[block.record[:B]], head(chosen)
             filled = B
             self._advance(B)
         else:  # rows copied in from one block or more, the rest padding

@@ -192,7 +192,10 @@ class _Child:
 
     def close(self) -> None:
         self.closing = True
-        self.socket.shutdown(socket.SHUT_RDWR)  # the child reads EOF and exits; our receiver wakes
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)  # the child reads EOF and exits; our receiver wakes
+        except OSError:  # the child is gone already
+            pass
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
