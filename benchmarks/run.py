@@ -183,7 +183,14 @@ def run_scale(out: Path) -> list[str]:
 # The best of a short search on seed 100 (BENCHMARKS.md, "Prequential accuracy"), per stream.
 PREQUENTIAL_TUNED: dict[str, tuple[str, ...]] = {
     "sea": ("learner.learning_rate=0.01", "learner.batch_size=8", 'replay.kind="fifo"', "model.hidden=[32,32]"),
-    "hyperplane": ("learner.learning_rate=0.01", "learner.batch_size=8", 'replay.kind="fifo"', "model.hidden=[16,16]"),
+    "hyperplane": (
+        "learner.learning_rate=0.005",
+        "learner.batch_size=2",
+        'replay.kind="fifo"',
+        "replay.asymmetric=false",
+        "model.hidden=[8,8]",
+        "probe.holdout_fraction=0.02",
+    ),
     "rbf-drift": ("learner.batch_size=8", 'replay.kind="fifo"'),
     "agrawal": ("learner.learning_rate=0.01", "learner.batch_size=8", 'replay.kind="fifo"'),
 }

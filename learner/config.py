@@ -47,7 +47,7 @@ class ModelConfig:
     kind: Literal["mlp", "cnn"] = Field(
         default="mlp", description='a preset: "mlp" or "cnn" (cnn: [H, W, C] features); not used with factory'
     )
-    hidden: PositiveInts = Field(default=(256, 256), min_length=1, description="mlp: hidden layer widths")
+    hidden: PositiveInts = Field(default=(256, 256), description="mlp: hidden layer widths ([] for a linear model)")
     channels: PositiveInts = Field(
         default=(32, 64), min_length=1, description="cnn: 3x3 conv widths, each followed by 2x2 pooling"
     )
@@ -110,9 +110,13 @@ class ReplayConfig:
     # ER-ACE (Caccia et al. 2022): fresh rows' cross-entropy only over the classes present
     # in the fresh batch, so learning new classes does not push old classes' logits down;
     # replayed rows use all classes. Changes nothing when every batch holds every class.
-    # Ignored by tasks without classes (Task.classes_present).
+    # Ignored by tasks without classes (Task.classes_present). With few classes and small
+    # batches, a batch often holds one class, and its fresh rows then teach nothing (their
+    # loss over one logit is 0): turn it off there (BENCHMARKS.md, "Prequential accuracy").
     asymmetric: Bool = Field(
-        default=True, description="ER-ACE (Caccia et al. 2022): fresh rows' loss only over the classes they contain"
+        default=True,
+        description="ER-ACE (Caccia et al. 2022): fresh rows' loss only over the classes they contain "
+        "(false for few classes and small batches)",
     )
 
     @property

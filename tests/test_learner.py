@@ -204,6 +204,35 @@ def test_learning_reduces_the_loss():
     assert float(last["fresh_loss"]) < 0.5 * float(first["fresh_loss"])
 
 
+def test_an_mlp_without_hidden_layers_is_a_logistic_regression_that_learns_with_replay_and_ewc():
+    from continuity.factory import learner_for
+    from continuity.learner import count_parameters
+
+    config = LearnerConfig(
+        model=ModelConfig(hidden=()),
+        learning_rate=0.05,
+        batch_size=16,
+        replay=ReplayConfig(kind="fifo", capacity=64, batch_size=8),
+        ewc=EWCConfig(enabled=True, strength=10.0),
+    )
+    learner = learner_for(config, (6,), 2)
+    state = learner.init(0)
+    assert count_parameters(state.params) == 6 * 2 + 2  # one dense layer: a kernel and a bias
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=6)
+    x = rng.normal(size=(1600, 6)).astype(np.float32)
+    y = (x @ w > 0).astype(np.int32)  # linearly separable
+    for s in range(0, 800, 16):
+        state, _ = learner.train_step(state, Batch(x[s : s + 16], y[s : s + 16], np.ones(16, bool)))
+    state = learner.consolidate(state)  # the Fisher of a model with no hidden layer
+    assert float(sum(jnp.sum(f) for f in jax.tree.leaves(state.ewc.fisher))) > 0
+    for s in range(800, 1200, 16):
+        state, metrics = learner.train_step(state, Batch(x[s : s + 16], y[s : s + 16], np.ones(16, bool)))
+    assert float(metrics["ewc_penalty"]) > 0
+    held_out = learner.evaluate(state.params, x[1200:], y[1200:])
+    assert held_out.accuracy > 0.9
+
+
 def _optimizer(config):
     from continuity.factory import build_optimizer
 
