@@ -21,6 +21,9 @@ Semantics are the in-process codec's, exactly:
   (its traceback in the child is attached as a note). The child's death fails every pending
   and later request with `DecoderProcessError`, naming its exit status: the service stops,
   and its positions, committed only after training, lose nothing.
+- Hangs: a child that answers nothing for `answer_within_s` while a request waits (120 s:
+  a poll of the largest records decodes in about a second) is killed and treated as dead,
+  so a stopped or wedged child stops the service with that error instead of stalling it.
 - Lifetime: the child runs in a session of its own (a Ctrl-C at the terminal reaches only
   the parent, which shuts down in order), ignores SIGTERM, and exits when its socket
   closes: on `close()`, at the parent's exit, or when the parent is killed (the kernel
@@ -40,6 +43,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -56,6 +60,10 @@ log = logging.getLogger(__name__)
 
 Decoder = Literal["auto", "thread", "process"]
 DECODERS: tuple[str, ...] = ("auto", "thread", "process")
+
+# No answer to a request for this long means the child is wedged or stopped (SIGSTOP, a frozen
+# cgroup): a poll's decode takes well under a second even for the largest records.
+ANSWER_WITHIN_S = 120.0
 
 # Codecs whose per-record parsing is worth a process: JSON text (5-8 us a record against
 # the binary codec's ~0.6 us, which the socket's round trip would only slow down).
@@ -96,12 +104,13 @@ class ProcessCodec(Codec):
     Threading: `submit`, `decode`, `state`, `restore` and `close` may be called from any thread.
     """
 
-    def __init__(self, name: str, spec: FeatureSpec, *, fields=None):
+    def __init__(self, name: str, spec: FeatureSpec, *, fields=None, answer_within_s: float = ANSWER_WITHIN_S):
         local = make_codec(name, spec, fields=fields)  # checks the arguments here; encodes; never decodes
         super().__init__(local.spec)
         self.name = local.name
         self._local = local
         self._recipe = (name, spec, fields)
+        self._answer_within_s = answer_within_s
         self._lock = threading.Lock()  # one request on the socket at a time, queued in the order sent
         self._child: _Child | None = None
 
@@ -143,7 +152,7 @@ class ProcessCodec(Codec):
 
     def _started(self) -> _Child:
         if self._child is None:
-            self._child = _Child(self._recipe, self.name)
+            self._child = _Child(self._recipe, self.name, self._answer_within_s)
         return self._child
 
 
@@ -151,11 +160,13 @@ class _Child:
     """One decoder process: its Popen, our end of its socket, and the thread resolving its replies.
 
     Requests are written under the owner's lock; replies come back in the same order, so the
-    receiving thread resolves the oldest pending future with each.
+    receiving thread resolves the oldest pending future with each, and kills a child that
+    leaves the oldest unanswered for `answer_within_s`.
     """
 
-    def __init__(self, recipe: tuple, codec_name: str):
+    def __init__(self, recipe: tuple, codec_name: str, answer_within_s: float):
         self.codec_name = codec_name
+        self.answer_within_s = answer_within_s
         ours, theirs = socket.socketpair()
         with theirs:
             # Its own session: a Ctrl-C at the terminal reaches the parent, which shuts down in order.
@@ -168,8 +179,10 @@ class _Child:
         # The child holds the only other end: its exit is our EOF, and ours (even a SIGKILL) is its.
         self.socket = ours  # kept to shut down: that wakes a blocked recv, which closing the fd would not
         self.connection = Connection(os.dup(ours.fileno()))
-        self.pending: deque[Future] = deque()
+        self.pending: deque[tuple[Future, float]] = deque()  # and when each was sent (time.monotonic)
         self.gone: DecoderProcessError | None = None
+        self.answered_at = time.monotonic()  # the child's last reply (or its start)
+        self.wedged = False  # killed for answering nothing while requests waited
         self.ending = threading.Lock()  # `gone` set and `pending` failed at once: no future is left behind
         self.closing = False
         self.connection.send(recipe)
@@ -183,7 +196,7 @@ class _Child:
             if self.gone is not None:
                 future.set_exception(self.gone)
                 return future
-            self.pending.append(future)
+            self.pending.append((future, time.monotonic()))
         try:
             self.connection.send((kind, argument))
         except OSError:  # the child is gone: the receiver fails what is pending, this future too
@@ -210,10 +223,14 @@ class _Child:
         pid = self.process.pid
         while True:
             try:
+                if not self.connection.poll(1.0):
+                    self._kill_if_wedged()
+                    continue
                 reply = self.connection.recv()
             except (EOFError, OSError):
                 break
-            future = self.pending.popleft()
+            self.answered_at = time.monotonic()
+            future, _ = self.pending.popleft()
             if reply[0] == "ok":
                 future.set_result(reply[1])
             else:
@@ -227,15 +244,30 @@ class _Child:
                 code: int | None = self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 code = None
+            what = (
+                f"answered nothing for {self.answer_within_s:g} s and was killed"
+                if self.wedged
+                else f"died ({_exit_status(code)})"
+            )
             gone = DecoderProcessError(
-                f"the decoder process {pid} ({self.codec_name!r} codec) died ({_exit_status(code)}); "
+                f"the decoder process {pid} ({self.codec_name!r} codec) {what}; "
                 "what it was decoding was not trained or committed: a restart resumes from the last checkpoint"
             )
             log.error("%s", gone)
         with self.ending:
             self.gone = gone
             while self.pending:
-                self.pending.popleft().set_exception(gone)
+                self.pending.popleft()[0].set_exception(gone)
+
+    def _kill_if_wedged(self) -> None:
+        """SIGKILL the child when it has answered nothing for `answer_within_s` while a request
+        waited (since that request was sent, or since the reply before it): its socket then
+        closes, and the loop fails every request as for any death. Called only when no reply
+        is waiting to be read, so a parent that was itself stopped never kills a child that
+        had answered meanwhile."""
+        if self.pending and time.monotonic() - max(self.pending[0][1], self.answered_at) > self.answer_within_s:
+            self.wedged = True
+            self.process.kill()
 
 
 def _exit_status(code: int | None) -> str:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import Future
 
 import numpy as np
 import orjson
@@ -137,6 +138,43 @@ def test_a_killed_decoder_process_fails_pending_and_later_decodes_with_a_clear_e
         json_process.submit(run_of(json_records(10))).result(timeout=10)
 
 
+def test_a_stopped_decoder_process_is_killed_and_its_decodes_fail_instead_of_waiting_forever():
+    codec = ProcessCodec("json", SPEC, answer_within_s=1.5)
+    try:
+        codec.decode(run_of(json_records(10)))
+        pid = codec.pid
+        os.kill(pid, signal.SIGSTOP)  # alive, never answering: as a wedged child would be
+        started = time.monotonic()
+        with pytest.raises(DecoderProcessError, match=r"\('json' codec\) answered nothing for 1.5 s and was killed"):
+            codec.submit(run_of(json_records(10))).result(timeout=30)
+        assert time.monotonic() - started < 15
+        with pytest.raises(ProcessLookupError):  # killed and reaped
+            os.kill(pid, 0)
+    finally:
+        codec.close()
+
+
+def test_the_hang_clock_runs_from_the_childs_last_answer_not_from_when_a_queued_request_was_sent():
+    codec = ProcessCodec("json", SPEC, answer_within_s=3.0)
+    try:
+        codec.start()
+        child = codec._child
+        assert child is not None
+        queued: Future = Future()
+        # A request sent 10 s ago that waited behind others, the last of which was answered just now.
+        with child.ending:
+            child.pending.append((queued, time.monotonic() - 10))
+        child.answered_at = time.monotonic()
+        child._kill_if_wedged()
+        assert not child.wedged and child.process.poll() is None  # busy, not wedged
+        child.answered_at -= 10  # nothing answered for 10 s while it waited
+        child._kill_if_wedged()
+        with pytest.raises(DecoderProcessError, match="answered nothing for 3 s and was killed"):
+            queued.result(timeout=30)
+    finally:
+        codec.close()
+
+
 def test_the_decoder_process_exits_when_its_parent_is_killed(tmp_path):
     parent = subprocess.Popen(
         [
@@ -228,7 +266,13 @@ def test_ingest_through_a_decoder_process_delivers_the_thread_decoders_blocks_an
         assert (a.generation, a.end) == (b.generation, b.end)
 
 
-def test_replay_stops_with_status_7_and_one_line_when_its_decoder_process_dies(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "signal_number, said",
+    [(signal.SIGKILL, "died (killed by SIGKILL)"), (signal.SIGSTOP, "answered nothing for 2 s and was killed")],
+)
+def test_replay_stops_with_status_7_and_one_line_when_its_decoder_process_dies_or_hangs(
+    tmp_path, capsys, monkeypatch, signal_number, said
+):
     from test_fields import SPEC_TABLE, _fields_toml, record
     from test_fields import events as agrawal_events
 
@@ -243,12 +287,14 @@ def test_replay_stops_with_status_7_and_one_line_when_its_decoder_process_dies(t
     )
     submit = ProcessCodec.submit
 
-    def submit_once_killed(self, records):
-        self.start()
-        os.kill(self.pid, signal.SIGKILL)
+    def submit_to_a_signalled_child(self, records):
+        if self._child is None:
+            self._answer_within_s = 2.0
+            self.start()
+            os.kill(self.pid, signal_number)
         return submit(self, records)
 
-    monkeypatch.setattr(ProcessCodec, "submit", submit_once_killed)
+    monkeypatch.setattr(ProcessCodec, "submit", submit_to_a_signalled_child)
     assert main(["replay", str(recording), "--config", str(config), "--out", str(tmp_path / "out")]) == 7
     lines = capsys.readouterr().err.strip().splitlines()
-    assert "decoder process" in lines[-1] and "('fields' codec) died (killed by SIGKILL)" in lines[-1]
+    assert "decoder process" in lines[-1] and f"('fields' codec) {said}" in lines[-1]
