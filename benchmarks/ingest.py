@@ -1,7 +1,9 @@
 """Ingest throughput: a bare kafka-python poll loop vs KafkaSource + decode + batch, same topic.
 
 One topic per case on one broker (the embedded Tansu unless `bootstrap` is given), each
-read to the end by both readers, `repeats` times, in one process; the median is reported:
+read to the end by both readers, `repeats` times in one process, every case's repeat r
+before any case's repeat r + 1 (so the cases' ratios compare readings close in time); the
+median is reported:
 - `binary_single`: one 8x8x1 float32 example per binary record (records/s);
 - `binary_batched`: `examples_per_record` examples per binary record (examples/s);
 - `json`: one example per JSON record (records/s), decoded where the service decodes it
@@ -233,19 +235,26 @@ def run_ingest_benchmark(
         "cases": {},
     }
     try:
-        for name, (codec, values, per_record, dtype) in cases.items():
-            topic = f"bench-{name}-{run_id}"
-            say(f"{name}: producing {len(values)} records to {topic}")
-            _produce(bootstrap, topic, values)
-            n = len(values)
-            bare, piped, bare_cpu, piped_cpu = [], [], [], []
-            for r in range(repeats):  # interleaved: both readers see the same load
-                wall_s, cpu_s = _bare_loop(bootstrap, topic, n, max_poll_records)
-                bare.append(wall_s)
-                bare_cpu.append(cpu_s)
+        topics = {}
+        for name, (_, values, _, _) in cases.items():
+            topics[name] = f"bench-{name}-{run_id}"
+            say(f"{name}: producing {len(values)} records to {topics[name]}")
+            _produce(bootstrap, topics[name], values)
+        times: dict[str, dict[str, list[float]]] = {
+            name: {"bare": [], "piped": [], "bare_cpu": [], "piped_cpu": []} for name in cases
+        }
+        # Repeat r of every case before repeat r + 1 of any: the ratios between cases (JSON / binary)
+        # then compare readings taken minutes apart at most, not a whole run apart, on a machine
+        # whose load comes and goes.
+        for r in range(repeats):
+            for name, (codec, values, per_record, dtype) in cases.items():
+                n, t = len(values), times[name]
+                wall_s, cpu_s = _bare_loop(bootstrap, topics[name], n, max_poll_records)
+                t["bare"].append(wall_s)
+                t["bare_cpu"].append(cpu_s)
                 wall_s, cpu_s = _pipeline(
                     bootstrap,
-                    topic,
+                    topics[name],
                     codec,
                     n * per_record,
                     batch_size,
@@ -253,15 +262,18 @@ def run_ingest_benchmark(
                     dtype,
                     decoders.get(name, "auto"),
                 )
-                piped.append(wall_s)
-                piped_cpu.append(cpu_s)
+                t["piped"].append(wall_s)
+                t["piped_cpu"].append(cpu_s)
                 say(
-                    f"{name}: repeat {r + 1}/{repeats}: bare {n / bare[-1]:,.0f} records/s, "
-                    f"pipeline {n / piped[-1]:,.0f} records/s ({n * per_record / piped[-1]:,.0f} examples/s; "
-                    f"{n * per_record / piped_cpu[-1]:,.0f} per CPU second)"
+                    f"{name}: repeat {r + 1}/{repeats}: bare {n / t['bare'][-1]:,.0f} records/s, "
+                    f"pipeline {n / wall_s:,.0f} records/s ({n * per_record / wall_s:,.0f} examples/s; "
+                    f"{n * per_record / cpu_s:,.0f} per CPU second)"
                 )
+        for name, (codec, values, per_record, dtype) in cases.items():
+            n, t = len(values), times[name]
+            bare, piped = t["bare"], t["piped"]
             bare_s, piped_s = statistics.median(bare), statistics.median(piped)
-            bare_cpu_s, piped_cpu_s = statistics.median(bare_cpu), statistics.median(piped_cpu)
+            bare_cpu_s, piped_cpu_s = statistics.median(t["bare_cpu"]), statistics.median(t["piped_cpu"])
             result["cases"][name] = {
                 "codec": codec,
                 "decoder": decoders.get(name, "auto"),
@@ -277,8 +289,8 @@ def run_ingest_benchmark(
                 "pipeline_examples_per_cpu_s": n * per_record / piped_cpu_s,
                 "bare_seconds": bare,
                 "pipeline_seconds": piped,
-                "bare_cpu_seconds": bare_cpu,
-                "pipeline_cpu_seconds": piped_cpu,
+                "bare_cpu_seconds": t["bare_cpu"],
+                "pipeline_cpu_seconds": t["piped_cpu"],
             }
     finally:
         if broker is not None:

@@ -237,3 +237,35 @@ def test_bench_prequential_writes_its_figures_and_replay_of_the_same_records_rep
     assert replayed["prequential_accuracy"] == result["prequential_accuracy"]
     assert replayed["prequential_examples"] == result["prequential_examples"]
     assert f"{result['prequential_accuracy']:.3f}" in capsys.readouterr().out.split("prequential accuracy")[1]
+
+
+def test_bench_ingest_reads_every_case_to_the_end_interleaved_and_reports_the_issue_targets(broker):
+    from continuity.benchmarks.ingest import format_result, run_ingest_benchmark
+
+    progress: list[str] = []
+    result = run_ingest_benchmark(
+        records=300,
+        batched_records=4,
+        examples_per_record=16,
+        repeats=2,
+        bootstrap=broker.bootstrap,
+        progress=progress.append,
+    )
+    cases = result["cases"]
+    assert set(cases) == {
+        "binary_single",
+        "binary_batched",
+        "binary_single_uint8",
+        "binary_batched_uint8",
+        "json",
+        "json_thread",
+        "fields_20",
+        "fields_20_thread",
+    }
+    assert cases["json"]["decoder"] == "auto" and cases["json_thread"]["decoder"] == "thread"
+    assert all(len(case["pipeline_seconds"]) == 2 and case["pipeline_examples_per_s"] > 0 for case in cases.values())
+    # Every case's first repeat comes before any case's second.
+    repeats = [line.split(": repeat ")[1][0] for line in progress if ": repeat " in line]
+    assert repeats == ["1"] * len(cases) + ["2"] * len(cases)
+    assert set(result["targets"]) >= {"json_single_vs_binary_single", "fields_20_examples_per_s"}
+    assert "target json_single_vs_binary_single" in format_result(result)
