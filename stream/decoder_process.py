@@ -161,7 +161,7 @@ class _Child:
 
     Requests are written under the owner's lock; replies come back in the same order, so the
     receiving thread resolves the oldest pending future with each, and kills a child that
-    leaves the oldest unanswered for `answer_within_s`.
+    answers nothing for `answer_within_s` while a request waits (`_kill_if_wedged`).
     """
 
     def __init__(self, recipe: tuple, codec_name: str, answer_within_s: float):
