@@ -12,6 +12,6 @@ export PYTHONPATH=/tmp/site:$PWD
 run() { echo "=== $*"; timeout "$1" python3 -c 'import sys; from continuity.cli import main; sys.exit(main(sys.argv[1:]))' "${@:2}"; echo "rc=$?"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__)" | tee -a "$OUT/gpu.txt"
-run 150 bench step --steps-per-dispatch 8 --batch-size 32 --json "$OUT/step_b32_k8.json"
+run 150 bench step --steps-per-dispatch 8 --batch-size 32 --profile /tmp/trace --json "$OUT/step_b32_k8.json"
 run 150 bench step --steps-per-dispatch 8 --batch-size 256 --json "$OUT/step_b256_k8.json"
 run 200 bench pipeline --examples 300000 --compare-k1 --json "$OUT/pipeline.json"

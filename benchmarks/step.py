@@ -14,8 +14,15 @@ device right before its dispatch, as the loop does. Each is timed over `steps` u
 
 from __future__ import annotations
 
+import gzip
+import json
+import re
 import statistics
 import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +81,10 @@ def run_step_benchmark(
     steps: int = 512,
     repeats: int = 5,
     seed: int = 0,
+    profile: Path | None = None,
 ) -> dict:
-    """`steps`: updates per timed repeat, rounded up to whole stacks of `steps_per_dispatch`."""
+    """`steps`: updates per timed repeat, rounded up to whole stacks of `steps_per_dispatch`.
+    `profile`: a directory to trace one more repeat of the continual step at K into (`step_profile`)."""
     example_shape, num_classes = (8, 8, 1), 10
     k = steps_per_dispatch
     dispatches = -(-steps // k)
@@ -159,6 +168,13 @@ def run_step_benchmark(
     jax.block_until_ready(states["k"])
     compiles_after_warmup = compilation_count() - compiles_before
 
+    traced = None
+    if profile is not None:
+        # The compiled program names what each traced kernel computes (its ops' metadata); the
+        # step is a jax.jit function (Placement.jit_update), typed as a plain callable.
+        jitted: Any = learners["k"].train_steps
+        program = jitted.lower(states["k"], jax.device_put(stacks["k"][0], device)).compile().as_text()
+        traced = step_profile(profile, runs["k"], dispatches * k, program=program)
     rows = {"plain": batch_size * dispatches * k, "k": batch_size * dispatches * k, "k1": batch_size * steps}
     rate = {name: rows[name] / statistics.median(seconds[name]) for name in runs}
     # On a loaded machine wall time mostly measures the other processes; CPU time per example
@@ -189,4 +205,51 @@ def run_step_benchmark(
         "backend": jax.default_backend(),
         "device": str(device.device_kind),
         "skipped_updates": int(states["k"].skipped_updates),
+        **({"profile": traced} if traced is not None else {}),
     }
+
+
+def step_profile(directory: Path, run: Callable[[], None], updates: int, *, program: str = "", top: int = 30) -> dict:
+    """Trace `run` (`updates` continual updates) with `jax.profiler` into `directory`, and sum the
+    trace's events by name: on a GPU its kernels and copies, on the CPU XLA's thunks, beside the
+    runtime's own spans (Python frames left out). The `top` by time, per update, as the step-time
+    profile of BENCHMARKS.md, each with the op it computes where `program` (the compiled HLO's
+    text) names it; the trace itself opens in Perfetto (ui.perfetto.dev) or TensorBoard."""
+    # An instruction's metadata says which JAX op made it: "jit(_train_steps)/while/body/.../dot_general".
+    ops = {name: op.rsplit("closed_call/", 1)[-1] for name, op in _OP_NAMES.findall(program)}
+    directory.mkdir(parents=True, exist_ok=True)
+    before = set(directory.rglob("perfetto_trace.json.gz"))
+    jax.profiler.start_trace(str(directory), create_perfetto_trace=True)
+    try:
+        run()
+    finally:
+        jax.profiler.stop_trace()
+    (trace,) = set(directory.rglob("perfetto_trace.json.gz")) - before
+    with gzip.open(trace) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    seconds: Counter = Counter()
+    calls: Counter = Counter()
+    computes: dict[str, str] = {}
+    for event in events:
+        name = event.get("name", "")
+        if event.get("ph") == "X" and not name.startswith("$"):  # "$...": the Python tracer's frames
+            seconds[name] += event.get("dur", 0) / 1e6
+            calls[name] += 1
+            computes.setdefault(name, ops.get(event.get("args", {}).get("hlo_op", name), ""))
+    return {
+        "trace": str(trace),
+        "updates": updates,
+        "top": [
+            {
+                "name": name,
+                "op": computes[name],
+                "us_per_update": 1e6 * total / updates,
+                "calls_per_update": calls[name] / updates,
+            }
+            for name, total in seconds.most_common(top)
+        ],
+    }
+
+
+_OP_NAMES = re.compile(r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"")

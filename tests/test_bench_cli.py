@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,6 +207,24 @@ def test_make_bench_step_part_writes_its_json_and_a_table_of_the_figures_it_meas
     row = lines[-2].split(" | ")
     assert lines[0].startswith("### bench step (batch 32, K = 8,")
     assert row[1] == f"{result['samples_per_second']:,.0f}" and row[3] == f"{result['ratio']:.2f}"
+
+
+def test_bench_step_profile_traces_the_continual_step_and_prints_where_its_time_went(tmp_path, monkeypatch, capsys):
+    import functools
+
+    from continuity.benchmarks import step
+
+    monkeypatch.setattr(step, "run_step_benchmark", functools.partial(step.run_step_benchmark, hidden=(16,)))
+    out, traces = tmp_path / "step.json", tmp_path / "trace"
+    command = ["bench", "step", "--steps", "16", "--repeats", "1", "--profile", str(traces), "--json", str(out)]
+    assert main(command) == 0
+    traced = json.loads(out.read_text())["profile"]
+    assert traced["updates"] == 16 and Path(traced["trace"]).is_file() and traces in Path(traced["trace"]).parents
+    top = traced["top"]
+    assert top and all(op["us_per_update"] > 0 and not op["name"].startswith("$") for op in top)
+    assert any(op["calls_per_update"] >= 1 for op in top)  # the step's own kernels, once or more per update
+    printed = capsys.readouterr().out
+    assert "where the continual step's time went (16 updates traced" in printed and top[0]["name"] in printed
 
 
 def test_bench_prequential_writes_its_figures_and_replay_of_the_same_records_reports_the_same(tmp_path, capsys):

@@ -51,6 +51,13 @@ def register(subparsers) -> None:
     step.add_argument("--steps", type=positive_int, default=512, help="updates per timed repeat")
     step.add_argument("--repeats", type=positive_int, default=5)
     step.add_argument("--json", type=Path, default=None, metavar="PATH")
+    step.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="trace one more repeat of the continual step into DIR (jax.profiler) and print where its time went",
+    )
     step.set_defaults(handler=run_step)
 
     guard = kinds.add_parser(
@@ -222,6 +229,7 @@ def run_step(args) -> int:
         steps_per_dispatch=args.steps_per_dispatch,
         steps=args.steps,
         repeats=args.repeats,
+        profile=args.profile,
     )
     k = result["steps_per_dispatch"]
     print(
@@ -237,6 +245,15 @@ def run_step(args) -> int:
         f"{cpu['samples_per_cpu_second']:,.0f} (ratio {cpu['ratio']:.2f}), at K = 1 "
         f"{cpu['k1_samples_per_cpu_second']:,.0f} (K = {k}: {cpu['speedup_over_k1']:.2f} x)"
     )
+    if "profile" in result:
+        traced = result["profile"]
+        print(f"where the continual step's time went ({traced['updates']} updates traced; {traced['trace']}):")
+        for op in traced["top"]:
+            computes = f"  ({op['op']})" if op["op"] else ""
+            print(
+                f"  {op['us_per_update']:9.1f} us/update  {op['calls_per_update']:6.2f} calls/update  "
+                f"{op['name']}{computes}"
+            )
     _write_json(args.json, result)
     return 0
 
