@@ -171,7 +171,7 @@ def run_step_benchmark(
     traced = None
     if profile is not None:
         # The compiled program names what each traced kernel computes (its ops' metadata); the
-        # step is a jax.jit function (Placement.jit_update), typed as a plain callable.
+        # step is a jax.jit function (the placement's jit_step), typed as a plain callable.
         jitted: Any = learners["k"].train_steps
         program = jitted.lower(states["k"], jax.device_put(stacks["k"][0], device)).compile().as_text()
         traced = step_profile(profile, runs["k"], dispatches * k, program=program)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
@@ -48,7 +49,7 @@ from continuity.learner.config import EWCConfig
 from continuity.learner.devices import placement
 from continuity.learner.fisher import model_fisher
 from continuity.learner.state import Batch, LearnerState, StepTotals
-from continuity.learner.tasks import Task
+from continuity.learner.tasks import Classification, Task
 from continuity.learner.threefry import unroll_on_cpu
 from continuity.replay import ReplayPolicy, ReplayState, reshard
 from continuity.replay.state import rows_where
@@ -59,6 +60,8 @@ from continuity.replay.state import rows_where
 EVAL_BATCH, EVAL_BATCH_SMALL = 2048, 512
 unroll_on_cpu()  # the same random bits in fewer kernels (learner/threefry.py)
 FISHER_CHUNK = 32
+
+log = logging.getLogger(__name__)
 
 ModelFactory = Callable[..., nnx.Module]  # factory(rngs=, inputs=, outputs=) -> nnx.Module
 
@@ -216,6 +219,8 @@ class Learner:
         self.replay = replay
         self.replay_batch_size = replay_batch_size
         self.asymmetric = asymmetric
+        if replay is not None and asymmetric and isinstance(task, Classification):
+            _warn_of_one_class_batches(task.num_classes, batch_size)
         self.ewc = ewc
         self.steps_per_dispatch = steps_per_dispatch
         self._factory = None if isinstance(model, nnx.Module) else model
@@ -598,6 +603,22 @@ class Learner:
         x = jax.tree.map(lambda leaf, spec: _pad_rows(np.asarray(leaf, spec.dtype)[:n], n), x, self.inputs)
         mask = np.arange(n) < len(y)
         return self._consolidate(state, x, _pad_rows(y, n), mask)
+
+
+def _warn_of_one_class_batches(classes: int, batch_size: int) -> None:
+    """ER-ACE scores a batch's fresh rows over the classes present in it, so a batch of one class
+    teaches its fresh rows nothing (their loss over one logit is 0). Warn where that is common:
+    few classes, small batches (BENCHMARKS.md, "Prequential accuracy")."""
+    share = float(classes) ** (1 - batch_size)  # balanced classes; more batches of one when unbalanced
+    if share >= 0.01:
+        log.warning(
+            "ER-ACE (replay.asymmetric) with %d classes and batches of %d: about 1 batch in %d holds one class "
+            "(more if the classes are unbalanced), and its fresh rows then teach nothing; "
+            "set replay.asymmetric = false (asymmetric=False in the library) to train on them",
+            classes,
+            batch_size,
+            round(1 / share),
+        )
 
 
 def _join_rows(fresh: jax.Array, replayed: jax.Array, groups: int) -> jax.Array:

@@ -233,6 +233,28 @@ def test_an_mlp_without_hidden_layers_is_a_logistic_regression_that_learns_with_
     assert held_out.accuracy > 0.9
 
 
+@pytest.mark.parametrize(
+    "classes, batch, asymmetric, warned",
+    [(2, 4, True, "about 1 batch in 8 holds one class"), (2, 4, False, None), (10, 8, True, None), (2, 8, True, None)],
+)
+def test_er_ace_warns_when_batches_of_one_class_are_common(caplog, classes, batch, asymmetric, warned):
+    Learner(
+        functools.partial(mlp, hidden=(4,)),
+        optax.sgd(0.1),
+        Classification(classes),
+        inputs=INPUTS,
+        batch_size=batch,
+        replay=replay.make("fifo", 16),
+        replay_batch_size=2,
+        asymmetric=asymmetric,
+    )
+    said = [r.getMessage() for r in caplog.records if "ER-ACE" in r.getMessage()]
+    if warned is None:
+        assert not said
+    else:
+        assert len(said) == 1 and warned in said[0] and "replay.asymmetric = false" in said[0]
+
+
 def _optimizer(config):
     from continuity.factory import build_optimizer
 
