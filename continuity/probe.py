@@ -55,7 +55,10 @@ def _mix(values: np.ndarray) -> np.ndarray:
 
 
 def _tree(f, *trees, is_leaf=None):
-    """`f` over the leaves of one or more feature trees (an array, or a dict of arrays)."""
+    """`f` over the leaves of one or more feature trees (an array, or a dict of arrays); one array
+    without a walk of the tree (the probe takes rows every batch: a walk costs more than the rows)."""
+    if not isinstance(trees[0], dict):
+        return f(*trees)
     return jax.tree.map(f, *trees, is_leaf=is_leaf)
 
 

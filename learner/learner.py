@@ -653,6 +653,8 @@ def _round_up(n: int, multiple: int) -> int:
 def feature_rows(x, index):
     """The rows `index` selects of features `x` (an array, or a dict of arrays): one helper for
     the learner, the loop and the probe store."""
+    if not isinstance(x, dict):  # one array: no walk of a tree (the loop takes rows every batch)
+        return x[index]
     return jax.tree.map(lambda a: a[index], x)
 
 
