@@ -41,6 +41,9 @@ from continuity.learner import (
     count_parameters,
 )
 
+# An HLO instruction and the JAX op its metadata names: `%ynn_fusion.20 = ... op_name="jit(...)/dot_general"`.
+_OP_NAMES = re.compile(r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"")
+
 
 def random_batches(rng: np.random.Generator, batch_size: int, example_shape, num_classes: int, count: int = 16):
     """`count` distinct full micro-batches of random inputs and labels, for timing a step."""
@@ -250,6 +253,3 @@ def step_profile(directory: Path, run: Callable[[], None], updates: int, *, prog
             for name, total in seconds.most_common(top)
         ],
     }
-
-
-_OP_NAMES = re.compile(r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"")
