@@ -63,6 +63,7 @@ from continuity.learner.schema import (
     suggest,
 )
 from continuity.stream.codecs import DTYPE_CODES, FeatureSpec, FieldSpec
+from continuity.stream.decoder_process import Decoder
 from continuity.stream.kafka import KAFKA_SESSION_TIMEOUT_MS, SECURITY_OPTIONS, KafkaSettings, redact
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ class StreamConfig:
     )
     # stream/decoder_process.py: JSON parsing in the ingest thread shares the interpreter lock
     # with kafka-python's record parsing; a process of its own runs beside it.
-    decoder: Literal["auto", "thread", "process"] = Field(
+    decoder: Decoder = Field(
         default="auto",
         description='where records are decoded: "thread" (the ingest thread), "process" (a child process, off the '
         'consumer\'s interpreter lock) or "auto" (a process for "json" and "fields" given 2+ cores, else the thread)',
