@@ -2,14 +2,15 @@
 
 On one topic of the embedded broker (batched binary records, uint8 features):
 - the ingest limit: a bare kafka-python poll loop reading the topic (examples/s);
-- the compute limit: the service's own jitted train step on host batches, alone (examples/s);
+- the compute limit: the service's own jitted train step on host batches, alone (examples
+  trained/s, a batch's held-out share left untrained as in the service);
 - the pipeline: `Service` (the code `continuity serve` runs: Kafka source, decode thread,
   batcher, train step, guard, checkpoints) training the whole topic, its steady-state rate
   measured from the first progress snapshot past `warmup_examples` to the last one before
   the stream ran out. The records are a stationary, learnable stream (a fixed random linear
   teacher labels uint8 features): the steady state, where the guard accepts every window.
-Target: pipeline >= 0.7 x the lower limit. Memory: resident set size when `rss_from`
-examples are trained vs at the end; target growth under 5%.
+Target: pipeline >= 0.8 x the lower limit (issue 13; 0.7 x before it). Memory: resident set
+size when `rss_from` examples are trained vs at the end; target growth under 5%.
 
 The service trains `learner.steps_per_dispatch` (K) micro-batches per dispatch, as
 configured; `compare_k1` runs it again on the same topic (another consumer group, another
@@ -18,6 +19,7 @@ checkpoint directory) at K = 1, so the two rates come from one run.
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -46,9 +48,14 @@ def _rss_bytes() -> int:
     return 0
 
 
-def _step_rate(config, steps: int = 320) -> float:
-    """Examples/s of the service's train step alone: full stacks of K host micro-batches, each
-    put on the device before its dispatch as the loop does; `steps` updates."""
+def _step_rate(config, steps: int = 320, repeats: int = 5) -> float:
+    """Trained examples/s of the service's train step alone: full stacks of K host micro-batches,
+    each put on the device before its dispatch as the loop does; the median of `repeats` timings
+    of `steps` updates (one short timing swung 33-49k/s on the shared 2-core machine).
+
+    Its unit is the pipeline's: examples trained. In the service a batch's rows include the
+    ones held out for the probe (`probe.holdout_fraction`, masked out of training), so the
+    batches here hold out as many, at random, and only their trained rows are counted."""
     import jax
 
     from continuity.learner import Batch
@@ -62,20 +69,24 @@ def _step_rate(config, steps: int = 320) -> float:
         Batch(
             rng.integers(0, 17, (batch_size, *SHAPE)).astype(np.float32),
             rng.integers(0, 10, batch_size).astype(np.int32),
-            np.ones(batch_size, bool),
+            rng.random(batch_size) >= config.probe.holdout_fraction,
         )
         for _ in range(8)
     ]
     stacks = [learner.stack([pool[(i + j) % len(pool)] for j in range(k)]) for i in range(len(pool))]
+    trained = [sum(int(pool[(i + j) % len(pool)].mask.sum()) for j in range(k)) for i in range(len(pool))]
     for stack in stacks:
         state, _ = learner.train_steps(state, learner.put_stack(stack))
     jax.block_until_ready(state)
     dispatches = -(-steps // k)
-    started = time.perf_counter()
-    for i in range(dispatches):
-        state, _ = learner.train_steps(state, learner.put_stack(stacks[i % len(stacks)]))
-    jax.block_until_ready(state)
-    return dispatches * k * batch_size / (time.perf_counter() - started)
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for i in range(dispatches):
+            state, _ = learner.train_steps(state, learner.put_stack(stacks[i % len(stacks)]))
+        jax.block_until_ready(state)
+        rates.append(sum(trained[i % len(stacks)] for i in range(dispatches)) / (time.perf_counter() - started))
+    return statistics.median(rates)
 
 
 def run_pipeline_benchmark(
@@ -195,7 +206,7 @@ def format_result(result: dict) -> str:
             f"compute limit  {result['step_limit_examples_per_s']:>12,.0f} examples/s (train step alone, "
             f"K = {result['steps_per_dispatch']} updates per dispatch)",
             f"pipeline       {result['pipeline_examples_per_s']:>12,.0f} examples/s through the service "
-            f"(ratio to the lower limit {result['ratio_to_lower_limit']:.2f}; target >= 0.7)",
+            f"(ratio to the lower limit {result['ratio_to_lower_limit']:.2f}; target >= 0.8)",
             f"guard          {result['guard_seconds']:.1f} s over {result['windows']} windows, the first with its "
             f"compilations ({result['wall_seconds']:.1f} s in all, "
             f"with the {result['idle_timeout_s']:g} s idle timeout)",

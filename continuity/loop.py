@@ -1065,8 +1065,12 @@ class TrainingLoop:
     def _hold_out(probe: ProbeStore, segment_names: list, batch) -> None:
         rows = np.flatnonzero(batch.held_out)
         ids = batch.segment[rows]
-        for segment_id in np.unique(ids):
-            chosen = rows[ids == segment_id]
+        # Most batches hold out rows of one segment (or none): no grouping to do then.
+        if len(ids) and (ids == ids[0]).all():
+            groups = [(ids[0], rows)]
+        else:
+            groups = [(segment_id, rows[ids == segment_id]) for segment_id in np.unique(ids)]
+        for segment_id, chosen in groups:
             if segment_id == NO_SEGMENT:
                 probe.add_unsegmented(feature_rows(batch.x, chosen), batch.y[chosen])
             else:

@@ -17,6 +17,7 @@ Threading: NOT thread-safe; the service loop owns it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import zlib
@@ -112,28 +113,35 @@ class ProbeStore:
             raise ValueError(f"segment {segment!r} is the golden probe; stream examples cannot join it.")
         if segment not in self._x:
             self._open(segment)
-        bx, by = self._x[segment], self._y[segment]
         seen = self._seen[segment]
         n = len(y)
-        arrivals = np.arange(seen, seen + n, dtype=np.uint64)
-        # slot for arrival i (0-based): i while the reservoir fills, else hash mod (i + 1).
-        salt = np.uint64(self.seed * 0x9E3779B97F4A7C15 % 2**64) ^ np.uint64(_name_hash(segment))
-        draws = _mix(arrivals ^ salt) % (arrivals + np.uint64(1))
-        slots = np.where(arrivals < self.per_segment, arrivals, draws).astype(np.int64)
-        keep = slots < self.per_segment
-        # Later arrivals overwrite earlier ones in the same slot, as sequential algorithm R would:
-        # of each slot's arrivals only the last is written (one vectorised scatter).
-        kept = np.flatnonzero(keep)[::-1]
-        _, last = np.unique(slots[kept], return_index=True)
-        winners = kept[last]
+        if seen + n <= self.per_segment:  # still filling: arrival i goes to slot i, each kept
+            slots = np.arange(seen, seen + n)
+            winners = slice(None)
+        else:
+            arrivals = np.arange(seen, seen + n, dtype=np.uint64)
+            # slot for arrival i (0-based): i while the reservoir fills, else hash mod (i + 1).
+            draws = _mix(arrivals ^ _salt(self.seed, segment)) % (arrivals + np.uint64(1))
+            slots = np.where(arrivals < self.per_segment, arrivals, draws).astype(np.int64)
+            kept = np.flatnonzero(slots < self.per_segment)
+            if len(kept) > 1:
+                # Later arrivals overwrite earlier ones in the same slot, as sequential algorithm R
+                # would: of each slot's arrivals only the last is written (one vectorised scatter).
+                kept = kept[::-1]
+                _, last = np.unique(slots[kept], return_index=True)
+                kept = kept[last]
+            winners = kept
+        self._seen[segment] = seen + n
+        targets = slots[winners]
+        if not len(targets):  # past the fill most arrivals are not kept: nothing to write
+            return
 
         def write(stored, given):
-            stored[slots[winners]] = np.asarray(given)[winners]
+            stored[targets] = np.asarray(given)[winners]
 
-        _tree(write, bx, x)
-        by[slots[winners]] = np.asarray(y)[winners]
-        self._serial[segment][slots[winners]] = _new_serials(len(winners))
-        self._seen[segment] = seen + n
+        _tree(write, self._x[segment], x)
+        self._y[segment][targets] = np.asarray(y)[winners]
+        self._serial[segment][targets] = _new_serials(len(targets))
 
     def add_unsegmented(self, x: np.ndarray, y: np.ndarray) -> None:
         """Examples whose records carry no segment: consecutive windows of `window_examples` held-out examples.
@@ -281,5 +289,7 @@ def load_golden(path: str | Path) -> tuple:
         return (named or data["x"]), data["y"]
 
 
-def _name_hash(name: str) -> int:
-    return zlib.crc32(name.encode("utf-8"))
+@functools.lru_cache(maxsize=1024)
+def _salt(seed: int, segment: str) -> np.uint64:
+    """The hash salt of one segment's reservoir draws (asked for every batch a segment gets)."""
+    return np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64) ^ np.uint64(zlib.crc32(segment.encode("utf-8")))

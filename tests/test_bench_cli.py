@@ -172,6 +172,23 @@ def test_bench_pipeline_trains_everything_it_produced_at_the_default_k_and_at_k1
     assert "ratio to the lower limit" in printed and "at K = 1" in printed
 
 
+def test_bench_pipelines_compute_limit_counts_trained_examples_as_the_pipeline_does(monkeypatch):
+    """The compute limit is in the pipeline's unit: a batch's held-out rows take a slot in the
+    step but are not trained, so they are not counted (a clock ticking 1 s per reading makes
+    the rate the number counted)."""
+    import itertools
+
+    from continuity.benchmarks import pipeline
+    from continuity.config import load_config
+
+    config = load_config(None, ["learner.steps_per_dispatch=4", "probe.holdout_fraction=0.25"])
+    ticks = itertools.count()
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: float(next(ticks)))
+    counted = pipeline._step_rate(config, steps=8, repeats=1)  # two dispatches of 4 x 32 rows
+    rows = 2 * 4 * config.learner.batch_size
+    assert counted < rows and counted == pytest.approx(rows * 0.75, rel=0.2)
+
+
 def test_bench_guard_runs_a_damaged_stream_four_ways_and_writes_the_figures_the_issue_names(tmp_path, capsys):
     out = tmp_path / "guard.json"
     arguments = ["bench", "guard", "--scenario", "permuted-digits", "--segments", "3", "--poison-kind", "constant"]

@@ -143,3 +143,24 @@ def test_the_guards_rule_lets_a_drop_within_the_tolerance_through_and_catches_on
     beyond = judge_beyond_tolerance(good, losing(75), ids, ["a", "b", "c"], tolerance=0.2, alpha=0.01)
     assert beyond.regressed and beyond.regressed_scopes == ["b"] and beyond.test == "tango"
     assert beyond.fired()[0]["test"] == "tango" and beyond.fired()[0]["scope"] == "b"
+
+
+def test_offering_examples_in_chunks_keeps_what_offering_them_one_at_a_time_keeps():
+    """The vectorised reservoir (a batch's held-out rows at once, fill and replacement alike) is
+    sequential algorithm R: any chunking of the same arrivals leaves the same examples in the same slots."""
+    x, y = _examples(700)
+    one_at_a_time = ProbeStore(INPUTS, LABELS, per_segment=64, seed=5)
+    for i in range(len(y)):
+        one_at_a_time.add("s", x[i : i + 1], y[i : i + 1])
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        chunked = ProbeStore(INPUTS, LABELS, per_segment=64, seed=5)
+        start = 0
+        while start < len(y):
+            size = int(rng.choice([0, 1, 2, 3, 7, 64, 100]))
+            chunked.add("s", x[start : start + size], y[start : start + size])
+            start += size
+        xs, ys, _ = chunked.examples()
+        xo, yo, _ = one_at_a_time.examples()
+        assert np.array_equal(xs, xo) and np.array_equal(ys, yo)
+        assert chunked._seen == one_at_a_time._seen == {"s": 700}
