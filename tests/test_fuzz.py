@@ -1,5 +1,5 @@
-"""Property-based fuzzing: whatever the bytes, a codec decodes or dead-letters every record, and the
-config loader loads or raises ConfigError; nothing else ever escapes.
+"""Property-based fuzzing: whatever the bytes, a codec (binary, json, fields) decodes or dead-letters
+every record, and the config loader loads or raises ConfigError; nothing else ever escapes.
 
 The suite runs a modest number of examples per property. `make fuzz` runs the same properties
 with CONTINUITY_FUZZ_EXAMPLES examples each (several records per example) and prints how many
@@ -298,3 +298,103 @@ def test_config_arbitrary_files_load_or_are_a_config_error(text, environ):
 @given(text=toml_documents(), overrides=st.lists(set_strings, max_size=3), environ=environments)
 def test_config_arbitrary_toml_and_set_strings_load_or_are_a_config_error(text, overrides, environ):
     _load(text, overrides, environ)
+
+
+# ---------------------------------------------------------------------------- named-field events
+
+FIELDS_SPEC = {
+    "label": "label",
+    "label_classes": ["no", "yes", "maybe"],
+    "segment": "concept",
+    "key": "user",
+    "standardize_every": 4,
+    "amount": {"kind": "numeric", "standardize": True},
+    "age": {"kind": "numeric", "default": 30.0},
+    "country": {"kind": "categorical", "vocabulary": ["DE", "FR", 3]},
+    "device": {"kind": "categorical", "buckets": 8, "encoding": "one_hot"},
+    "city": {"kind": "categorical", "buckets": 16, "default": "nowhere"},
+    "words": {"kind": "tokens", "length": 3, "buckets": 32},
+    "tags": {"kind": "tokens", "length": 2, "vocabulary": ["a", "b"], "optional": True},
+}
+# A record that parses is rejected naming its field: "field 'amount': missing".
+EVENT_FIELDS = ("label", "concept", "user", "amount", "age", "country", "device", "city", "words", "tags")
+FIELD_KINDS = {"empty value", "bad bytes", "bad JSON"} | {f"field {name!r}" for name in EVENT_FIELDS}
+
+
+def _fields_codec():
+    from continuity.stream.fields import FieldsCodec, FieldSpec
+
+    return FieldsCodec(FieldSpec.from_dict(FIELDS_SPEC), FeatureSpec((1,), "float32", 3))
+
+
+@st.composite
+def near_valid_events(draw) -> bytes:
+    """An event shaped like FIELDS_SPEC's, each field possibly hostile, absent or joined by others."""
+    fine = {
+        "label": st.sampled_from(["no", "yes", "maybe"]),
+        "concept": texts,
+        "user": texts,
+        "amount": st.floats(-1e6, 1e6),
+        "age": st.integers(0, 120),
+        "country": st.sampled_from(["DE", "FR", 3]),
+        "device": texts,
+        "city": texts,
+        "words": st.lists(texts, max_size=5),
+        "tags": st.lists(st.sampled_from(["a", "b", "c"]), max_size=3),
+    }
+    event = {}
+    for name, values in fine.items():
+        choice = draw(st.integers(0, 9))
+        if choice == 0:
+            continue  # absent
+        event[name] = draw(json_values if choice == 1 else (hostile_numbers if choice == 2 else values))
+    if draw(st.integers(0, 4)) == 0:
+        event[draw(texts)] = draw(json_values)
+    return _dump(event, draw(st.booleans()))
+
+
+def _decode_fields(values: list) -> None:
+    codec = _fields_codec()
+    records = _records(values)
+    RAN["fields"] += len(values)
+    try:
+        block, letters = codec.decode(records)
+    except BaseException:
+        ESCAPED["fields"] += 1
+        raise
+    lettered = [letter.record.position.offset for letter in letters]
+    decoded = set(block.offsets.tolist())
+    assert len(set(lettered)) == len(lettered) and decoded.isdisjoint(lettered)
+    assert decoded | set(lettered) == set(range(len(values)))  # none lost
+    for letter in letters:
+        assert letter.kind in FIELD_KINDS and "\n" not in letter.reason, letter.reason
+    n = len(block)
+    for name, (shape, dtype) in codec.fields.inputs().items():
+        array = block.x[name]
+        assert array.shape == (n, *shape) and array.dtype == np.dtype(dtype), name
+        if array.dtype.kind == "f":
+            assert np.isfinite(array).all(), name
+    assert ((block.x["country"] >= 0) & (block.x["country"] < 4)).all()
+    assert ((block.x["words"] >= 0) & (block.x["words"] < 33)).all()
+    assert ((block.y >= 0) & (block.y < 3)).all()
+    for text in (*block.segments, *(k.decode("utf-8") for k in block.keys if k is not None)):
+        if text is not None:
+            text.encode("utf-8")  # strict UTF-8: no lone surrogates
+
+
+@_settings(200)
+@given(values=st.lists(st.binary(max_size=64), min_size=1, max_size=8))
+def test_fields_arbitrary_bytes_are_decoded_or_dead_lettered(values):
+    _decode_fields(values)
+
+
+@_settings(200)
+@given(docs=st.lists(st.tuples(json_values, st.booleans()), min_size=1, max_size=8))
+def test_fields_arbitrary_documents_are_decoded_or_dead_lettered(docs):
+    _decode_fields([_dump(doc, ascii_only) for doc, ascii_only in docs])
+
+
+@_settings(300)
+@given(values=st.lists(near_valid_events(), min_size=1, max_size=8))
+def test_fields_near_valid_events_with_hostile_values_are_decoded_or_dead_lettered(values):
+    _decode_fields(values)
