@@ -395,6 +395,7 @@ class KafkaSource(Source):
         # Reachability: since when no broker connection is up (None: up); whether fetching
         # is paused until fresh metadata shows the same topics; missing and empty topics.
         self._disconnected_since: float | None = None
+        self._connected_once = False  # this consumer has had a broker connection up (see _watch_connection)
         self._unreachable_since: float | None = None
         self._unreachable_logged = 0.0
         self._recheck = False
@@ -508,6 +509,7 @@ class KafkaSource(Source):
                     consumer.close(autocommit=False)
                     return
                 self._consumer = consumer
+                self._connected_once = False
             self._backoff.reset()
             if self._unreachable_since is not None:
                 log.warning(
@@ -1009,7 +1011,13 @@ class KafkaSource(Source):
         if not _broker_connected(consumer):
             if self._disconnected_since is None:
                 self._disconnected_since = now
-            if not self._recheck:
+            # kafka-python connects to the partition leader at the first fetch: until then a new
+            # consumer is connecting, not cut off, and its topics were checked on the metadata it
+            # was made with (`_on_assigned`). A connection lost, or none made within
+            # UNREACHABLE_AFTER_S, is an outage. (Taking the first for one cost every start a
+            # metadata request held back by kafka-python's retry backoff: ~0.1 s.)
+            outage = self._connected_once or now - self._disconnected_since >= UNREACHABLE_AFTER_S
+            if outage and not self._recheck:
                 self._recheck = True
                 consumer.pause(*consumer.assignment())
             if self._unreachable_since is None and now - self._disconnected_since >= UNREACHABLE_AFTER_S:
@@ -1025,6 +1033,7 @@ class KafkaSource(Source):
                 )
         else:
             self._disconnected_since = None
+            self._connected_once = True
         if not self._recheck and self._unchecked and now >= self._recheck_after:
             self._check_unchecked(consumer)
         if not self._recheck or now < self._recheck_after:

@@ -99,6 +99,33 @@ def test_produce_consume_round_trip(broker, topic_name, codec_cls, per_record):
     assert got[-1].positions == Positions({(topic, 0): len(values)})
 
 
+def test_a_new_sources_first_poll_reads_without_taking_its_first_connection_for_an_outage(
+    broker, topic_name, monkeypatch
+):
+    """kafka-python connects at the first fetch: a new consumer is connecting, not cut off, so its
+    first poll neither pauses nor asks for fresh metadata (which kafka-python holds back ~0.1 s)."""
+    from continuity.stream import kafka
+
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 1)
+    _produce(broker.bootstrap, topic, [encode_binary(np.zeros((1, 8, 8, 1), np.float32), np.zeros(1, np.int32))] * 5)
+    refreshed = []
+    real = kafka._refresh_metadata
+    monkeypatch.setattr(kafka, "_refresh_metadata", lambda *a, **k: refreshed.append(a) or real(*a, **k))
+    source = KafkaSource(KafkaSettings(broker.bootstrap, (topic,), partitions=(0,)), start=Positions({(topic, 0): 0}))
+    try:
+        source.open()
+        got = 0
+        deadline = time.monotonic() + 30
+        while got < 5 and time.monotonic() < deadline:
+            got += sum(len(run.values) for run in source.poll(1.0))
+        assert got == 5 and refreshed == [] and not source._recheck
+        source.poll(0.1)
+        assert source._connected_once  # from now on a lost connection is an outage at once
+    finally:
+        source.close()
+
+
 def test_seek_to_saved_positions_resumes_exactly_after_the_last_record(broker, topic_name):
     topic = topic_name()
     create_topic(broker.bootstrap, topic, 2)

@@ -400,3 +400,37 @@ def test_the_idle_timeout_counts_from_when_the_source_can_first_read_not_through
         got = list(batches(ingest, Batcher(SPEC, 16), idle_timeout_s=0.3, max_wait_s=0.05))
     ys = np.concatenate([b.y[b.mask] for b in got])
     assert np.array_equal(ys, np.concatenate([s.train_y for s in scenario.segments]))  # all of it, after the join
+
+
+def test_a_consumer_not_connected_yet_is_an_outage_only_past_unreachable_after_s_or_once_it_was_connected(monkeypatch):
+    """A new consumer connects at its first fetch: until UNREACHABLE_AFTER_S without a connection
+    it is connecting (nothing paused, no metadata asked for); a connection lost after one was up
+    is an outage at once, paused until fresh metadata shows the same topics."""
+    from continuity.stream import kafka
+
+    source = kafka.KafkaSource(kafka.KafkaSettings("localhost:1", ("t",), partitions=(0,)))
+    paused: list = []
+    consumer = SimpleNamespace(pause=lambda *tps: paused.extend(tps), assignment=lambda: {"t-0"})
+    clock = [1000.0]
+    connected = [False]
+    refreshes: list = []
+    monkeypatch.setattr(kafka.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(kafka, "_broker_connected", lambda _consumer: connected[0])
+    monkeypatch.setattr(kafka, "_refresh_metadata", lambda *a, **k: refreshes.append(a) is None and False)
+
+    source._watch_connection(consumer)
+    clock[0] += kafka.UNREACHABLE_AFTER_S / 2
+    source._watch_connection(consumer)
+    assert not source._recheck and paused == [] and refreshes == []
+    clock[0] += kafka.UNREACHABLE_AFTER_S / 2
+    source._watch_connection(consumer)  # never connected in a whole UNREACHABLE_AFTER_S: an outage
+    assert source._recheck and paused == ["t-0"] and len(refreshes) == 1
+
+    source = kafka.KafkaSource(kafka.KafkaSettings("localhost:1", ("t",), partitions=(0,)))
+    paused.clear()
+    refreshes.clear()
+    connected[0] = True
+    source._watch_connection(consumer)
+    connected[0] = False
+    source._watch_connection(consumer)  # lost after it was up: at once
+    assert source._recheck and paused == ["t-0"] and len(refreshes) == 1
