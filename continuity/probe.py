@@ -131,17 +131,16 @@ class ProbeStore:
                 _, last = np.unique(slots[kept], return_index=True)
                 kept = kept[last]
             winners = kept
-        self._seen[segment] = seen + n
         targets = slots[winners]
-        if not len(targets):  # past the fill most arrivals are not kept: nothing to write
-            return
+        if len(targets):  # past the fill most arrivals are not kept: nothing to write
 
-        def write(stored, given):
-            stored[targets] = np.asarray(given)[winners]
+            def write(stored, given):
+                stored[targets] = np.asarray(given)[winners]
 
-        _tree(write, self._x[segment], x)
-        self._y[segment][targets] = np.asarray(y)[winners]
-        self._serial[segment][targets] = _new_serials(len(targets))
+            _tree(write, self._x[segment], x)
+            self._y[segment][targets] = np.asarray(y)[winners]
+            self._serial[segment][targets] = _new_serials(len(targets))
+        self._seen[segment] = seen + n
 
     def add_unsegmented(self, x: np.ndarray, y: np.ndarray) -> None:
         """Examples whose records carry no segment: consecutive windows of `window_examples` held-out examples.
