@@ -115,6 +115,7 @@ class ProbeStore:
             self._open(segment)
         seen = self._seen[segment]
         n = len(y)
+        winners: slice | np.ndarray  # the rows of (x, y) written, in the order of `slots[winners]`
         if seen + n <= self.per_segment:  # still filling: arrival i goes to slot i, each kept
             slots = np.arange(seen, seen + n)
             winners = slice(None)
