@@ -72,8 +72,9 @@ def _records(values: list) -> PartitionRecords:
     return PartitionRecords("t", 0, list(values), [None] * len(values), offsets, offsets)
 
 
-def _decode_all(target: str, codec, values: list) -> None:
-    """Decode `values`; check that each record is decoded or dead-lettered, once, and the block is sound."""
+def _decoded(target: str, codec, values: list, kinds: set[str]):
+    """Decode `values`; check that each record is decoded or dead-lettered, once, with a reason of
+    one line and a known kind; the block."""
     records = _records(values)
     RAN[target] += len(values)
     try:
@@ -86,7 +87,13 @@ def _decode_all(target: str, codec, values: list) -> None:
     assert len(set(lettered)) == len(lettered) and decoded.isdisjoint(lettered)
     assert decoded | set(lettered) == set(range(len(values)))  # none lost
     for letter in letters:
-        assert letter.kind in KINDS and "\n" not in letter.reason, letter.reason
+        assert letter.kind in kinds and "\n" not in letter.reason, letter.reason
+    return block
+
+
+def _decode_all(target: str, codec, values: list) -> None:
+    """Decode `values`; check that each record is decoded or dead-lettered, once, and the block is sound."""
+    block = _decoded(target, codec, values, KINDS)
     spec = codec.spec
     assert block.x.dtype == np.float32 and block.x.shape == (len(block), *spec.shape)
     assert np.isfinite(block.x).all()
@@ -355,19 +362,7 @@ def near_valid_events(draw) -> bytes:
 
 def _decode_fields(values: list) -> None:
     codec = _fields_codec()
-    records = _records(values)
-    RAN["fields"] += len(values)
-    try:
-        block, letters = codec.decode(records)
-    except BaseException:
-        ESCAPED["fields"] += 1
-        raise
-    lettered = [letter.record.position.offset for letter in letters]
-    decoded = set(block.offsets.tolist())
-    assert len(set(lettered)) == len(lettered) and decoded.isdisjoint(lettered)
-    assert decoded | set(lettered) == set(range(len(values)))  # none lost
-    for letter in letters:
-        assert letter.kind in FIELD_KINDS and "\n" not in letter.reason, letter.reason
+    block = _decoded("fields", codec, values, FIELD_KINDS)
     n = len(block)
     for name, (shape, dtype) in codec.fields.inputs().items():
         array = block.x[name]
