@@ -1144,6 +1144,8 @@ class KafkaSource(Source):
             self._act_on_lost(consumer, [])  # what the listener or the reconnect check found
             self._flush_commit()
             fetched = consumer.poll(timeout_ms=int(timeout_s * 1000))
+            if not self._connected_once and _broker_connected(consumer):
+                self._connected_once = True  # from now on a lost connection is an outage at once
         except NoOffsetForPartitionError as error:
             self._start_unpositioned(consumer, error.args[0] if error.args else ())
             return []
