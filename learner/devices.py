@@ -86,6 +86,7 @@ class OneDevice:
 
     def __init__(self, device: jax.Device):
         self.device = device
+        self.platform = device.platform  # "cpu", "gpu", "tpu": what the step is compiled for
         self.count = 1
         self.processes = 1
 
@@ -119,6 +120,7 @@ class DataParallel:
 
     def __init__(self, devices: Sequence[jax.Device]):
         self.mesh = Mesh(np.array(list(devices)), (DATA_AXIS,))
+        self.platform = devices[0].platform
         self.count = len(devices)
         # Devices of several processes (after jax.distributed.initialize): each process then
         # feeds its own rows of every micro-batch, and every process runs the same dispatches.

@@ -233,6 +233,7 @@ class Learner:
         if replay is not None:  # its checks, now rather than at the first init()
             jax.eval_shape(lambda: replay.init(self.inputs, task.labels, task.replay_buckets))
         place = self.placement
+        self._update_or_keep = _update_or_keep_by_branch if place.platform == "cpu" else _update_or_keep_by_select
         self.train_step = place.jit_step(self._train_step, stacked=False)
         self.train_steps = place.jit_step(self._train_steps, stacked=True)
         self._fresh = place.jit_fresh(self._fresh_state)  # built once: a new jit per init() would recompile
@@ -376,9 +377,10 @@ class Learner:
 
         A batch with no row to train changes nothing at all: no parameter, optimizer or replay
         change, no step (so no randomness) consumed, no totals; its metrics are zeros, `finite`
-        True. It is still computed and then selected away, not branched around: the step is
-        one straight line of kernels (a branch costs a host round trip per update on a GPU,
-        and copies of the state on the CPU: BENCHMARKS.md, issue 13)."""
+        True. It is still computed, then selected away (`jnp.where`), not branched around: the
+        step is one straight line of kernels (a branch costs a host round trip per update on a
+        GPU: BENCHMARKS.md, issue 13). The optimizer's update alone is branched around on the
+        CPU, where selecting it costs copies of its moments (`_update_or_keep_by_branch`)."""
         task = self.task
         key = jax.random.fold_in(state.rng, state.step)
         sample_key, insert_key = jax.random.split(key)
@@ -410,13 +412,9 @@ class Learner:
         step = jax.lax.cond(finite(first), lambda first: first, without_nonfinite_rows, first)
         ok = finite(step)
         update = ok & has_rows
-        updates, opt_state = self.optimizer.update(step.grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         # A step still non-finite without its bad rows, or one without rows, changes nothing but
         # the counters.
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(update, n, o), new, old)  # noqa: E731
-        params = keep(params, state.params)
-        opt_state = keep(opt_state, state.opt_state)
+        params, opt_state = self._update_or_keep(update, self._apply, step.grads, state.params, state.opt_state)
         masked = jnp.sum(mask & ~step.rows, dtype=jnp.int32)
         replay_state = (
             # masked rows are never inserted; adding no row leaves the buffer as it was
@@ -465,6 +463,11 @@ class Learner:
         )
         return new_state, metrics
 
+    def _apply(self, grads, params, opt_state):
+        """The optimizer's update of `params` by `grads`: (new params, new optimizer state)."""
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
     def _gradients(self, state: LearnerState, x, y, rows, replayed) -> _Gradients:
         """Loss and gradients over the fresh `rows` of (x, y) (others zeroed), the replayed rows and EWC."""
         task = self.task
@@ -497,10 +500,10 @@ class Learner:
             loss_fn, has_aux=True
         )(state.params)
         if self.ewc is not None:
-            # The penalty's gradient is analytic (ewc.penalty_gradient), added rather than
+            # The penalty's gradient is analytic (ewc.penalty_and_gradient), added rather than
             # differentiated: the same figures, fewer kernels.
-            penalty = ewc_lib.penalty(state.params, state.ewc)
-            grads = jax.tree.map(jnp.add, grads, ewc_lib.penalty_gradient(state.params, state.ewc))
+            penalty, pull = ewc_lib.penalty_and_gradient(state.params, state.ewc)
+            grads = jax.tree.map(jnp.add, grads, pull)
         else:
             penalty = jnp.zeros(())
         return _Gradients(
@@ -603,6 +606,27 @@ class Learner:
         x = jax.tree.map(lambda leaf, spec: _pad_rows(np.asarray(leaf, spec.dtype)[:n], n), x, self.inputs)
         mask = np.arange(n) < len(y)
         return self._consolidate(state, x, _pad_rows(y, n), mask)
+
+
+Apply = Callable[[Any, Any, Any], tuple[Any, Any]]  # (grads, params, opt_state) -> (params, opt_state)
+
+
+def _update_or_keep_by_branch(update: jax.Array, apply: Apply, grads, params, opt_state) -> tuple[Any, Any]:
+    """`apply(grads, params, opt_state)` where `update` is set, else (params, opt_state) as they
+    are: on the CPU, under a `lax.cond`. Computing both and selecting, as on a GPU, makes XLA's
+    CPU backend recompute the optimizer's new moments in two kernels (one per selected tree),
+    both reading the old moments while one overwrites them in place: it copies every moment,
+    every update (~8% of the default step: 0.77 -> 0.84 x the plain step, BENCHMARKS.md)."""
+    return jax.lax.cond(update, apply, lambda _, params, opt_state: (params, opt_state), grads, params, opt_state)
+
+
+def _update_or_keep_by_select(update: jax.Array, apply: Apply, grads, params, opt_state) -> tuple[Any, Any]:
+    """`_update_or_keep_by_branch`'s result, computed and selected (`jnp.where`): on a GPU, whose
+    `lax.cond` sends its predicate to the host and back every update (BENCHMARKS.md, issue 13),
+    one straight line of kernels."""
+    new_params, new_opt_state = apply(grads, params, opt_state)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(update, n, o), new, old)  # noqa: E731
+    return keep(new_params, params), keep(new_opt_state, opt_state)
 
 
 def _warn_of_one_class_batches(classes: int, batch_size: int) -> None:
