@@ -51,9 +51,8 @@ def penalty_and_gradient(params: Params, ewc: EWCState) -> tuple[jax.Array, Para
     The train step adds the gradient to the loss's instead of differentiating the penalty:
     the same figures (autodiff's (F * strength / 2) * (2 * (theta - anchor)) rounds alike, the
     halving and doubling being exact) in one element-wise kernel per parameter. The penalty
-    is then 1/2 sum g * (theta - anchor), from the pull the gradient already made: on the CPU
-    XLA then fuses the two, and the default step is ~5% faster than with a sum of F * (theta -
-    anchor)^2 of its own (BENCHMARKS.md, issue 13).
+    is then 1/2 sum g * (theta - anchor), from the pull the gradient already made (as fast in
+    the step as a sum of F * (theta - anchor)^2 of its own: BENCHMARKS.md, issue 13).
     """
 
     def pull(p, a, f):

@@ -616,7 +616,7 @@ def _update_or_keep_by_branch(update: jax.Array, apply: Apply, grads, params, op
     are: on the CPU, under a `lax.cond`. Computing both and selecting, as on a GPU, makes XLA's
     CPU backend recompute the optimizer's new moments in two kernels (one per selected tree),
     both reading the old moments while one overwrites them in place: it copies every moment,
-    every update (~8% of the default step: 0.77 -> 0.84 x the plain step, BENCHMARKS.md)."""
+    every update (`bench step`'s continual step 66-68k -> 70-76k samples/s, BENCHMARKS.md)."""
     return jax.lax.cond(update, apply, lambda _, params, opt_state: (params, opt_state), grads, params, opt_state)
 
 

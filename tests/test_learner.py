@@ -22,6 +22,7 @@ from continuity.learner import (
     compilation_count,
     mlp,
 )
+from continuity.learner import learner as learner_module
 
 SHAPE, CLASSES, B = (4, 4, 1), 5, 8
 INPUTS = jax.ShapeDtypeStruct(SHAPE, jnp.float32)
@@ -421,6 +422,28 @@ def test_k_updates_per_dispatch_train_bit_identical_to_one_update_per_dispatch()
         np.testing.assert_array_equal(a, c)
     assert int(eight.step) == 18 and int(eight.nonfinite_rows) == 1  # the empty batch took no step
     assert metrics["examples"].shape == (8,) and metrics["examples"][3:].sum() == 0  # the short stack's padding
+
+
+def test_the_gpus_selected_update_keeps_the_state_as_the_cpus_branched_update_does():
+    """On the CPU a step that must change nothing skips the optimizer's update under a
+    `lax.cond`; on a GPU it computes the update and selects the old state back
+    (`_update_or_keep_by_select`). Both, run here on the CPU over an empty micro-batch, a
+    non-finite row and a step skipped whole (a NaN Fisher), end in the same state to the bit."""
+
+    def trained(learner):
+        state, _ = _by_stacks(learner, _stream_with_an_empty_batch_and_a_nan_row())
+        nan_fisher = state.ewc._replace(fisher=jax.tree.map(lambda f: f * np.nan, state.ewc.fisher))
+        state, metrics = learner.train_steps(state.replace(ewc=nan_fisher), learner.stack(list(_batches(2, seed=5))))
+        assert not bool(metrics["finite"][:2].any())  # the two updates skipped; the rest is padding
+        return state
+
+    branched = _learner(steps_per_dispatch=8)
+    selected = _learner(steps_per_dispatch=8)
+    selected._update_or_keep = learner_module._update_or_keep_by_select  # what a GPU's learner picks
+    one, other = trained(branched), trained(selected)
+    assert int(one.skipped_updates) == 2 and int(one.step) == 20
+    for a, b in zip(_leaves(one), _leaves(other)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_an_all_padding_micro_batch_changes_nothing_in_the_state():
