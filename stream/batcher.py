@@ -53,15 +53,15 @@ class Batch(NamedTuple):
         return self.mask & ~self.held_out
 
 
-def _put_rows(batch: np.ndarray, given: np.ndarray, *, start: int, count: int) -> None:
-    batch[start : start + count] = given[:count]
+def _put_rows(batch: np.ndarray, given: np.ndarray, *, start: int, rows: slice) -> None:
+    batch[start : start + rows.stop - rows.start] = given[rows]
 
 
-def _read_only_head(array: np.ndarray, *, rows: int) -> np.ndarray:
-    """The first `rows` rows of `array`, as a read-only view."""
-    head = array[:rows]
-    head.flags.writeable = False
-    return head
+def _read_only_rows(array: np.ndarray, *, rows: slice) -> np.ndarray:
+    """`array[rows]`, as a read-only view."""
+    view = array[rows]
+    view.flags.writeable = False
+    return view
 
 
 def _padding(like: ExampleBlock, rows: int) -> tuple[Features, np.ndarray, np.ndarray, np.ndarray]:
@@ -187,6 +187,9 @@ class Batcher:
             self.segment_id(name)
         # (block, segment ids per record, held-out flag per example)
         self._buffer: deque[tuple[ExampleBlock, np.ndarray, np.ndarray]] = deque()
+        # Examples of the first buffered block already batched: a block that fills several
+        # batches (a batched record, a large poll) is read from here on, not sliced per batch.
+        self._start = 0
         self._buffered = 0
         self._seen_generation = self.ownership.generation
         self.examples_in = 0
@@ -235,12 +238,15 @@ class Batcher:
 
     def _drop_not_owned(self) -> None:
         kept: deque[tuple[ExampleBlock, np.ndarray, np.ndarray]] = deque()
-        for block, ids, chosen in self._buffer:
+        for i, (block, ids, chosen) in enumerate(self._buffer):
             if self.ownership.accepts(block.topic, block.partition, block.generation):
                 kept.append((block, ids, chosen))
             else:
-                self._buffered -= len(block)
-                self.examples_dropped += len(block)
+                unbatched = len(block) - (self._start if i == 0 else 0)  # the first is read from _start on
+                self._buffered -= unbatched
+                self.examples_dropped += unbatched
+                if i == 0:
+                    self._start = 0  # the block after it is read from its beginning
         self._buffer = kept
         self._seen_generation = self.ownership.generation
 
@@ -262,27 +268,31 @@ class Batcher:
     def _take(self) -> Batch:
         B = self.batch_size  # noqa: N806 - the batch dimension, as in the shapes below
         block, ids, chosen = self._buffer[0]
-        if len(block) >= B:
+        start = self._start
+        if len(block) - start >= B:
             # One block fills the batch (a batched record, a large poll): its rows as views, not
             # copies. Every consumer of a batch copies what it keeps (the stack of K, the probe's
             # rows, the window sample); the views are read-only, so one that wrote would fail
             # loudly instead of changing rows of the block a later batch takes.
-            head = functools.partial(_read_only_head, rows=B)
-            x, y = map_features(head, block.x), head(block.y)
-            segment, held_out = ids[block.record[:B]], head(chosen)
+            rows = slice(start, start + B)
+            view = functools.partial(_read_only_rows, rows=rows)
+            x, y = map_features(view, block.x), view(block.y)
+            segment, held_out = ids[block.record[rows]], view(chosen)
             filled = B
             self._advance(B)
         else:  # rows copied in from one block or more, the rest padding
             x, y, segment, held_out = _padding(block, B)
             filled = 0
-        while self._buffer and (filled < B or len(self._buffer[0][0]) == 0):
+        while self._buffer and (filled < B or len(self._buffer[0][0]) == self._start):
             block, ids, chosen = self._buffer[0]
-            n = min(B - filled, len(block))
+            start = self._start
+            n = min(B - filled, len(block) - start)
             if n:
-                map_features(functools.partial(_put_rows, start=filled, count=n), x, block.x)
-                y[filled : filled + n] = block.y[:n]
-                segment[filled : filled + n] = ids[block.record[:n]]
-                held_out[filled : filled + n] = chosen[:n]
+                rows = slice(start, start + n)
+                map_features(functools.partial(_put_rows, start=filled, rows=rows), x, block.x)
+                y[filled : filled + n] = block.y[rows]
+                segment[filled : filled + n] = ids[block.record[rows]]
+                held_out[filled : filled + n] = chosen[rows]
                 filled += n
             self._advance(n)
         mask = np.zeros((B,), bool)
@@ -290,15 +300,17 @@ class Batcher:
         return Batch(x, y, mask, segment, Positions(self._positions), filled, held_out)
 
     def _advance(self, n: int) -> None:
-        """The first buffered block's first `n` examples are batched: drop them, move its position."""
-        block, ids, chosen = self._buffer[0]
+        """The first buffered block's next `n` examples are batched: move past them and its position."""
+        block = self._buffer[0][0]
         key = PartitionKey(block.topic, block.partition)
-        if n == len(block):
+        stop = self._start + n
+        if stop == len(block):
             self._buffer.popleft()
+            self._start = 0
             end = block.position_at_end()
             if end is not None:
                 self._positions[key] = end
         else:
-            self._positions[key] = block.position_after(n - 1)
-            self._buffer[0] = (block.slice(n, len(block)), ids, chosen[n:])
+            self._positions[key] = block.position_after(stop - 1)
+            self._start = stop
         self._buffered -= n

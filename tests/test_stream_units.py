@@ -22,6 +22,7 @@ from continuity.stream import (
     JsonLinesDeadLetters,
     KafkaSettings,
     KafkaSourceError,
+    Ownership,
     PartitionPosition,
     PartitionRecords,
     Positions,
@@ -212,6 +213,39 @@ def test_a_batch_that_ends_a_block_moves_its_positions_past_the_empty_blocks_aft
     assert len(letters) == 1 and batch.size == 8 and batch.mask.all()
     assert np.array_equal(batch.x, x) and np.array_equal(batch.y, y)
     assert batch.positions == Positions({("t", 0): 9}) and len(batcher) == 0
+
+
+def test_a_block_read_over_several_batches_keeps_its_rows_positions_and_holdout_in_order():
+    """A block that fills several batches is read on from where the last batch stopped (a batched
+    record, a large poll): every row once, in order, each batch's positions after its last row."""
+    batcher = Batcher(SPEC, 8, holdout=Holdout(0.3, salt=1))
+    block, x, y = _block(27)
+    chosen = Holdout(0.3, salt=1).select(block)
+    batcher.add(block)
+    batches = [batcher.next_batch() for _ in range(3)]
+    assert batcher.next_batch() is None and len(batcher) == 3
+    batches.append(batcher.next_batch(flush=True))
+    assert [b.size for b in batches] == [8, 8, 8, 3]
+    assert [b.positions[("t", 0)].offset for b in batches] == [8, 16, 24, 27]
+    assert np.array_equal(np.concatenate([b.x[: b.size] for b in batches]), x)
+    assert np.array_equal(np.concatenate([b.y[: b.size] for b in batches]), y)
+    assert np.array_equal(np.concatenate([b.held_out[: b.size] for b in batches]), chosen)
+    assert not batches[0].x.flags.writeable  # a full batch of one block: a read-only view of it
+
+
+def test_revoking_a_partly_batched_block_drops_only_its_rows_not_yet_batched():
+    ownership = Ownership([("t", 0), ("t", 1)])
+    batcher = Batcher(SPEC, 8, ownership=ownership)
+    first, _, _ = _block(20, partition=0)
+    second, x, _ = _block(8, partition=1, first_offset=100)
+    batcher.add(first)
+    batcher.add(second)
+    assert batcher.next_batch().positions[("t", 0)].offset == 8  # 12 of the first block left
+    ownership.revoke([("t", 0)])
+    batch = batcher.next_batch()
+    assert batcher.examples_dropped == 12 and len(batcher) == 0
+    assert batch.size == 8 and np.array_equal(batch.x, x)  # the next block, read from its start
+    assert batch.positions[("t", 1)].offset == 108
 
 
 def test_holdout_is_deterministic_and_close_to_its_fraction():

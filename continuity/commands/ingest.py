@@ -100,7 +100,12 @@ def add_ingest_parser(bench_subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the result here")
     parser.add_argument("--records", type=positive_int, default=50_000, help="single-example records per topic")
-    parser.add_argument("--batched-records", type=positive_int, default=400, help="batched records per topic")
+    parser.add_argument(
+        "--batched-records",
+        type=positive_int,
+        default=2000,
+        help="batched records per topic (a read long enough that the reader's start does not show)",
+    )
     parser.add_argument("--examples-per-record", type=positive_int, default=256)
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--repeats", type=positive_int, default=3)
