@@ -79,13 +79,14 @@ def _step_rate(config, steps: int = 320, repeats: int = 5) -> float:
         state, _ = learner.train_steps(state, learner.put_stack(stack))
     jax.block_until_ready(state)
     dispatches = -(-steps // k)
+    trained_per_timing = sum(trained[i % len(stacks)] for i in range(dispatches))
     rates = []
     for _ in range(repeats):
         started = time.perf_counter()
         for i in range(dispatches):
             state, _ = learner.train_steps(state, learner.put_stack(stacks[i % len(stacks)]))
         jax.block_until_ready(state)
-        rates.append(sum(trained[i % len(stacks)] for i in range(dispatches)) / (time.perf_counter() - started))
+        rates.append(trained_per_timing / (time.perf_counter() - started))
     return statistics.median(rates)
 
 
