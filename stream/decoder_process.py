@@ -3,10 +3,10 @@
 Why: kafka-python parses every fetched record in Python on the ingest thread (~10 us a
 record), and parsing a JSON record takes another 5-8 us; in one process both hold the same
 interpreter lock, so they add up and JSON ingest ran at about half the binary rate. Here the
-ingest thread only sends each poll's raw records down a socket (one pickle, C speed) and
-goes back to polling while a child process parses them: the two run on two cores. It costs
-CPU (the records cross the socket), so it pays where a core is free: on 2 cores shared with
-the broker, 1.03-1.26x the thread's rate (BENCHMARKS.md, "Ingest").
+ingest thread only queues each poll's raw records for a socket (a sender thread pickles and
+writes them) and goes back to polling while a child process parses them: the two run on two
+cores. It costs CPU (the records cross the socket), so it pays where a core is free: on 2
+cores shared with the broker, 1.1-1.2x the thread's rate for JSON (BENCHMARKS.md, "Ingest").
 
     codec = decoding_codec("json", spec, decoder="process")
     future = codec.submit(records)     # returns at once
@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import queue
 import signal
 import socket
 import subprocess
@@ -120,9 +121,9 @@ class ProcessCodec(Codec):
         return self._child.process.pid if self._child is not None else None
 
     def start(self) -> None:
-        """Starts the child now rather than at the first request (a broken install fails here)."""
-        with self._lock:
-            self._started()
+        """Starts the child now rather than at the first request, and waits until it can decode
+        (a broken install fails here, and the interpreter's start is not in the first decode's time)."""
+        self._request("ping", None).result()
 
     def encode(self, x, y, *, segment=None, key=None) -> bytes:
         return self._local.encode(x, y, segment=segment, key=key)
@@ -157,11 +158,15 @@ class ProcessCodec(Codec):
 
 
 class _Child:
-    """One decoder process: its Popen, our end of its socket, and the thread resolving its replies.
+    """One decoder process: its Popen, our end of its socket, and the threads writing its
+    requests and resolving its replies.
 
-    Requests are written under the owner's lock; replies come back in the same order, so the
-    receiving thread resolves the oldest pending future with each, and kills a child that
-    answers nothing for `answer_within_s` while a request waits (`_kill_if_wedged`).
+    Requests are queued under the owner's lock and written, in that order, by a sender
+    thread: a poll's records (megabytes) fill the socket's buffer while the child is still
+    decoding the poll before, and the ingest thread polls on instead of waiting for it to
+    read them. Replies come back in the same order, so the receiving thread resolves the
+    oldest pending future with each, and kills a child that answers nothing for
+    `answer_within_s` while a request waits (`_kill_if_wedged`).
     """
 
     def __init__(self, recipe: tuple, codec_name: str, answer_within_s: float):
@@ -185,7 +190,10 @@ class _Child:
         self.wedged = False  # killed for answering nothing while requests waited
         self.ending = threading.Lock()  # `gone` set and `pending` failed at once: no future is left behind
         self.closing = False
-        self.connection.send(recipe)
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()  # requests for the sender, then None to end it
+        self.outbox.put(recipe)
+        self.sender = threading.Thread(target=self._send, name="continuity-decoder-requests", daemon=True)
+        self.sender.start()
         self.receiver = threading.Thread(target=self._receive, name="continuity-decoder-replies", daemon=True)
         self.receiver.start()
         log.debug("decoder process %d started for the %r codec", self.process.pid, codec_name)
@@ -197,16 +205,23 @@ class _Child:
                 future.set_exception(self.gone)
                 return future
             self.pending.append((future, time.monotonic()))
-        try:
-            self.connection.send((kind, argument))
-        except OSError:  # the child is gone: the receiver fails what is pending, this future too
-            pass
+        self.outbox.put((kind, argument))
         return future
+
+    def _send(self) -> None:
+        """Writes the queued requests in order until `close` (or a write fails: the child is
+        gone, and the receiver fails what is pending)."""
+        while (request := self.outbox.get()) is not None:
+            try:
+                self.connection.send(request)
+            except OSError:
+                return
 
     def close(self) -> None:
         self.closing = True
+        self.outbox.put(None)
         try:
-            self.socket.shutdown(socket.SHUT_RDWR)  # the child reads EOF and exits; our receiver wakes
+            self.socket.shutdown(socket.SHUT_RDWR)  # the child reads EOF and exits; our threads wake
         except OSError:  # the child is gone already
             pass
         try:
@@ -214,6 +229,7 @@ class _Child:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.sender.join(timeout=10)
         self.receiver.join(timeout=10)
         self.connection.close()
         self.socket.close()
@@ -286,7 +302,12 @@ def _serve(connection: Connection) -> None:
     except (EOFError, OSError):
         return
     codec = make_codec(name, spec, fields=fields)
-    serve: dict[str, Callable] = {"decode": codec.decode, "state": codec.state, "restore": codec.restore}
+    serve: dict[str, Callable] = {
+        "decode": codec.decode,
+        "state": codec.state,
+        "restore": codec.restore,
+        "ping": lambda _: None,  # `ProcessCodec.start`: ready
+    }
     while True:
         try:
             kind, argument = connection.recv()

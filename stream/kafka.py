@@ -81,6 +81,12 @@ KAFKA_HEARTBEAT_INTERVAL_MS = 3000
 
 REMIND_EVERY_S = 60.0  # a condition that lasts (a missing topic, an unreachable broker) is logged again this often
 UNREACHABLE_AFTER_S = 1.0  # no broker connection for this long: the broker is unreachable (not a reconnect blip)
+# kafka-python 3.0.12's poll can miss a fetch response that lands while it starts: its
+# fetcher drains the buffer, then finds the fetch already done and dropped from the ones it
+# waits on, calls itself idle, and sleeps `retry_backoff_ms` (100 ms) with the records
+# buffered (`Fetcher.fetch_records`). KafkaSource polls it in slices this long, so such a
+# stall ends after one slice and the next slice returns the records.
+POLL_SLICE_S = 0.01
 
 SECURITY_OPTIONS = frozenset(
     {
@@ -1143,7 +1149,7 @@ class KafkaSource(Source):
             self._watch_connection(consumer)
             self._act_on_lost(consumer, [])  # what the listener or the reconnect check found
             self._flush_commit()
-            fetched = consumer.poll(timeout_ms=int(timeout_s * 1000))
+            fetched = self._poll_in_slices(consumer, timeout_s)
             if not self._connected_once and _broker_connected(consumer):
                 self._connected_once = True  # from now on a lost connection is an outage at once
         except NoOffsetForPartitionError as error:
@@ -1203,6 +1209,16 @@ class KafkaSource(Source):
             self._positions[key] = int(run.offsets[-1]) + 1
             runs.append(run)
         return runs
+
+    def _poll_in_slices(self, consumer, timeout_s: float) -> dict:
+        """`consumer.poll` for up to `timeout_s`, in slices of `POLL_SLICE_S` (see there): what
+        the first slice that fetched anything returned, or {} once the time is up."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            fetched = consumer.poll(timeout_ms=max(0, int(min(remaining, POLL_SLICE_S) * 1000)))
+            if fetched or remaining <= POLL_SLICE_S or self.stop_requested():
+                return fetched
 
     @property
     def generation(self) -> int:

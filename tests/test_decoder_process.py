@@ -129,6 +129,32 @@ def test_an_error_in_the_child_is_raised_in_the_caller_with_the_childs_traceback
         codec.close()
 
 
+def test_submitting_more_than_the_socket_holds_returns_while_the_child_is_busy(json_process):
+    json_process.start()
+    here = make_codec("json", SPEC)
+    big = run_of(json_records(2000) * 20)  # ~3 MB of records: far beyond a socket's buffer
+    os.kill(json_process.pid, signal.SIGSTOP)  # busy: reading nothing
+    try:
+        started = time.monotonic()
+        future = json_process.submit(big)
+        assert time.monotonic() - started < 2.0  # the ingest thread is not held until the child reads
+        assert not future.done()
+    finally:
+        os.kill(json_process.pid, signal.SIGCONT)
+    same_decoding(future.result(timeout=60), here.decode(big))
+
+
+def test_start_waits_for_the_child_and_fails_when_it_cannot_start(monkeypatch):
+    """`start` returns once the child answers, so a broken install fails there, not at the first decode."""
+    monkeypatch.setattr(decoder_module.sys, "executable", "/bin/false")  # an interpreter that exits at once
+    broken = ProcessCodec("json", SPEC)
+    try:
+        with pytest.raises(DecoderProcessError, match=r"died \(exit status 1\)"):
+            broken.start()
+    finally:
+        broken.close()
+
+
 def test_a_killed_decoder_process_fails_pending_and_later_decodes_with_a_clear_error(json_process):
     json_process.decode(run_of(json_records(10)))
     os.kill(json_process.pid, signal.SIGKILL)

@@ -473,3 +473,31 @@ def test_a_consumer_not_connected_yet_is_an_outage_only_past_unreachable_after_s
     connected[0] = False
     source._watch_connection(consumer)  # lost after it was up: at once
     assert source._recheck and paused == ["t-0"] and len(refreshes) == 1
+
+
+class _RacingConsumer:
+    """A kafka-python consumer whose first poll comes back empty at once, as 3.0.12's does when a
+    fetch response lands while the poll starts (it then sleeps `retry_backoff_ms`, records buffered)."""
+
+    def __init__(self, fetched: dict):
+        self.fetched = fetched
+        self.timeouts_ms: list[int] = []
+
+    def poll(self, timeout_ms: int) -> dict:
+        self.timeouts_ms.append(timeout_ms)
+        return self.fetched if len(self.timeouts_ms) > 1 else {}
+
+
+def test_kafka_source_polls_again_within_its_wait_when_a_poll_comes_back_empty_early():
+    from continuity.stream.kafka import POLL_SLICE_S, KafkaSettings, KafkaSource
+
+    source = KafkaSource(KafkaSettings("127.0.0.1:1", ("t",)))
+    consumer = _RacingConsumer({"tp": ["record"]})
+    assert source._poll_in_slices(consumer, 0.5) == {"tp": ["record"]}
+    assert len(consumer.timeouts_ms) == 2
+    assert max(consumer.timeouts_ms) <= POLL_SLICE_S * 1000  # a missed response costs one slice, not the wait
+
+    quiet = _RacingConsumer({})
+    started = time.monotonic()
+    assert source._poll_in_slices(quiet, 0.05) == {}
+    assert time.monotonic() - started < 1.0 and len(quiet.timeouts_ms) >= 2
