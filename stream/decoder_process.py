@@ -190,8 +190,9 @@ class _Child:
         self.wedged = False  # killed for answering nothing while requests waited
         self.ending = threading.Lock()  # `gone` set and `pending` failed at once: no future is left behind
         self.closing = False
-        self.outbox: queue.SimpleQueue = queue.SimpleQueue()  # requests for the sender, then None to end it
-        self.outbox.put(recipe)
+        # Requests pickled, for the sender to write; then None to end it.
+        self.outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.outbox.put(_pickled(recipe))
         self.sender = threading.Thread(target=self._send, name="continuity-decoder-requests", daemon=True)
         self.sender.start()
         self.receiver = threading.Thread(target=self._receive, name="continuity-decoder-replies", daemon=True)
@@ -199,21 +200,24 @@ class _Child:
         log.debug("decoder process %d started for the %r codec", self.process.pid, codec_name)
 
     def request(self, kind: str, argument) -> Future:
+        # Pickled here: what cannot be pickled fails this call, before it is pending (where
+        # a request never sent would take the reply meant for the next).
+        payload = _pickled((kind, argument))
         future: Future = Future()
         with self.ending:
             if self.gone is not None:
                 future.set_exception(self.gone)
                 return future
             self.pending.append((future, time.monotonic()))
-        self.outbox.put((kind, argument))
+        self.outbox.put(payload)
         return future
 
     def _send(self) -> None:
         """Writes the queued requests in order until `close` (or a write fails: the child is
         gone, and the receiver fails what is pending)."""
-        while (request := self.outbox.get()) is not None:
+        while (payload := self.outbox.get()) is not None:
             try:
-                self.connection.send(request)
+                self.connection.send_bytes(payload)
             except OSError:
                 return
 
@@ -284,6 +288,11 @@ class _Child:
         if self.pending and time.monotonic() - max(self.pending[0][1], self.answered_at) > self.answer_within_s:
             self.wedged = True
             self.process.kill()
+
+
+def _pickled(message) -> bytes:
+    """`message` as `Connection.send` would write it (`Connection.recv` reads it back)."""
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _exit_status(code: int | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -142,6 +143,14 @@ def test_submitting_more_than_the_socket_holds_returns_while_the_child_is_busy(j
     finally:
         os.kill(json_process.pid, signal.SIGCONT)
     same_decoding(future.result(timeout=60), here.decode(big))
+
+
+def test_a_request_that_cannot_be_pickled_fails_alone_and_the_next_gets_its_own_answer(json_process):
+    here = make_codec("json", SPEC)
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        json_process.restore({"unpicklable": lambda: None})
+    run = run_of(json_records(20))
+    same_decoding(json_process.decode(run), here.decode(run))
 
 
 def test_start_waits_for_the_child_and_fails_when_it_cannot_start(monkeypatch):
