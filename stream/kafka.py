@@ -84,8 +84,10 @@ UNREACHABLE_AFTER_S = 1.0  # no broker connection for this long: the broker is u
 # kafka-python 3.0.12's poll can miss a fetch response that lands while it starts: its
 # fetcher drains the buffer, then finds the fetch already done and dropped from the ones it
 # waits on, calls itself idle, and sleeps `retry_backoff_ms` (100 ms) with the records
-# buffered (`Fetcher.fetch_records`). KafkaSource polls it in slices this long, so such a
-# stall ends after one slice and the next slice returns the records.
+# buffered (`Fetcher.fetch_records`). While records flow (the last poll returned some),
+# KafkaSource polls it in slices this long, so such a stall ends after one slice and the
+# next slice returns the records. A quiet stream is polled in one piece (a slice costs
+# ~0.4 ms of CPU: slicing a quiet stream's polls took an idle source from ~1.5% to ~5% of a core).
 POLL_SLICE_S = 0.01
 
 SECURITY_OPTIONS = frozenset(
@@ -402,6 +404,7 @@ class KafkaSource(Source):
         # is paused until fresh metadata shows the same topics; missing and empty topics.
         self._disconnected_since: float | None = None
         self._connected_once = False  # this consumer has had a broker connection up (see _watch_connection)
+        self._flowing = False  # the last poll returned records: poll in slices (POLL_SLICE_S)
         self._unreachable_since: float | None = None
         self._unreachable_logged = 0.0
         self._recheck = False
@@ -1149,7 +1152,7 @@ class KafkaSource(Source):
             self._watch_connection(consumer)
             self._act_on_lost(consumer, [])  # what the listener or the reconnect check found
             self._flush_commit()
-            fetched = self._poll_in_slices(consumer, timeout_s)
+            fetched = self._poll_consumer(consumer, timeout_s)
             if not self._connected_once and _broker_connected(consumer):
                 self._connected_once = True  # from now on a lost connection is an outage at once
         except NoOffsetForPartitionError as error:
@@ -1210,15 +1213,21 @@ class KafkaSource(Source):
             runs.append(run)
         return runs
 
-    def _poll_in_slices(self, consumer, timeout_s: float) -> dict:
-        """`consumer.poll` for up to `timeout_s`, in slices of `POLL_SLICE_S` (see there): what
-        the first slice that fetched anything returned, or {} once the time is up."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            fetched = consumer.poll(timeout_ms=max(0, int(min(remaining, POLL_SLICE_S) * 1000)))
-            if fetched or remaining <= POLL_SLICE_S or self.stop_requested():
-                return fetched
+    def _poll_consumer(self, consumer, timeout_s: float) -> dict:
+        """`consumer.poll` for up to `timeout_s`: in slices of `POLL_SLICE_S` while records flow
+        (see there), in one piece on a quiet stream. What the first call that fetched anything
+        returned, or {} once the time is up."""
+        if not self._flowing:
+            fetched = consumer.poll(timeout_ms=int(timeout_s * 1000))
+        else:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                remaining = deadline - time.monotonic()
+                fetched = consumer.poll(timeout_ms=max(0, int(min(remaining, POLL_SLICE_S) * 1000)))
+                if fetched or remaining <= POLL_SLICE_S or self.stop_requested():
+                    break
+        self._flowing = bool(fetched)
+        return fetched
 
     @property
     def generation(self) -> int:

@@ -476,28 +476,33 @@ def test_a_consumer_not_connected_yet_is_an_outage_only_past_unreachable_after_s
 
 
 class _RacingConsumer:
-    """A kafka-python consumer whose first poll comes back empty at once, as 3.0.12's does when a
-    fetch response lands while the poll starts (it then sleeps `retry_backoff_ms`, records buffered)."""
+    """A kafka-python consumer whose polls return `answers` in turn (then nothing). An empty answer
+    between two full ones is 3.0.12's early empty poll, when a fetch response lands while the
+    poll starts (it then sleeps `retry_backoff_ms`, the records buffered)."""
 
-    def __init__(self, fetched: dict):
-        self.fetched = fetched
+    def __init__(self, *answers: dict):
+        self.answers = list(answers)
         self.timeouts_ms: list[int] = []
 
     def poll(self, timeout_ms: int) -> dict:
         self.timeouts_ms.append(timeout_ms)
-        return self.fetched if len(self.timeouts_ms) > 1 else {}
+        return self.answers.pop(0) if self.answers else {}
 
 
-def test_kafka_source_polls_again_within_its_wait_when_a_poll_comes_back_empty_early():
+def test_kafka_source_polls_again_within_its_wait_when_a_flowing_streams_poll_comes_back_empty_early():
     from continuity.stream.kafka import POLL_SLICE_S, KafkaSettings, KafkaSource
 
     source = KafkaSource(KafkaSettings("127.0.0.1:1", ("t",)))
-    consumer = _RacingConsumer({"tp": ["record"]})
-    assert source._poll_in_slices(consumer, 0.5) == {"tp": ["record"]}
-    assert len(consumer.timeouts_ms) == 2
-    assert max(consumer.timeouts_ms) <= POLL_SLICE_S * 1000  # a missed response costs one slice, not the wait
+    consumer = _RacingConsumer({"tp": ["first"]}, {}, {"tp": ["second"]})
+    assert source._poll_consumer(consumer, 0.5) == {"tp": ["first"]}  # quiet until now: one call
+    assert consumer.timeouts_ms == [500]
+    assert source._poll_consumer(consumer, 0.5) == {"tp": ["second"]}  # flowing: the empty poll retried
+    assert len(consumer.timeouts_ms) == 3
+    assert max(consumer.timeouts_ms[1:]) <= POLL_SLICE_S * 1000  # a missed response costs one slice
 
-    quiet = _RacingConsumer({})
     started = time.monotonic()
-    assert source._poll_in_slices(quiet, 0.05) == {}
-    assert time.monotonic() - started < 1.0 and len(quiet.timeouts_ms) >= 2
+    assert source._poll_consumer(consumer, 0.05) == {}  # nothing more: the whole wait, in slices
+    assert time.monotonic() - started < 1.0 and len(consumer.timeouts_ms) >= 5
+    calls = len(consumer.timeouts_ms)
+    assert source._poll_consumer(consumer, 0.5) == {}  # quiet again: polled in one piece
+    assert consumer.timeouts_ms[calls:] == [500]
