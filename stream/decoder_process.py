@@ -66,6 +66,11 @@ DECODERS: tuple[str, ...] = get_args(Decoder)
 # cgroup): a poll's decode takes well under a second even for the largest records.
 ANSWER_WITHIN_S = 120.0
 
+# Requests queued for the child's socket, at most: the child reads the next poll's records
+# while it decodes one, and a submit beyond these waits, so what waits in memory is a few
+# polls, not the ingest queue's worth.
+SEND_AHEAD = 2
+
 # Codecs whose per-record parsing is worth a process: JSON text (5-9 us a record against
 # the binary codec's ~0.6 us, which the socket's round trip would only slow down).
 PARSING_CODECS = frozenset({"json", "fields"})
@@ -164,9 +169,10 @@ class _Child:
     Requests are queued under the owner's lock and written, in that order, by a sender
     thread: a poll's records (megabytes) fill the socket's buffer while the child is still
     decoding the poll before, and the ingest thread polls on instead of waiting for it to
-    read them. Replies come back in the same order, so the receiving thread resolves the
-    oldest pending future with each, and kills a child that answers nothing for
-    `answer_within_s` while a request waits (`_kill_if_wedged`).
+    read them (up to `SEND_AHEAD` requests not yet written; then `request` waits). Replies
+    come back in the same order, so the receiving thread resolves the oldest pending future
+    with each, and kills a child that answers nothing for `answer_within_s` while a request
+    waits (`_kill_if_wedged`).
     """
 
     def __init__(self, recipe: tuple, codec_name: str, answer_within_s: float):
@@ -190,9 +196,10 @@ class _Child:
         self.wedged = False  # killed for answering nothing while requests waited
         self.ending = threading.Lock()  # `gone` set and `pending` failed at once: no future is left behind
         self.closing = False
+        self.connection.send(recipe)  # small: the socket's buffer takes it at once
         # Requests pickled, for the sender to write; then None to end it.
         self.outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self.outbox.put(_pickled(recipe))
+        self.room = threading.BoundedSemaphore(SEND_AHEAD)  # taken by `request`, given back once written
         self.sender = threading.Thread(target=self._send, name="continuity-decoder-requests", daemon=True)
         self.sender.start()
         self.receiver = threading.Thread(target=self._receive, name="continuity-decoder-replies", daemon=True)
@@ -204,8 +211,12 @@ class _Child:
         # a request never sent would take the reply meant for the next).
         payload = _pickled((kind, argument))
         future: Future = Future()
+        while not (roomy := self.room.acquire(timeout=0.1)) and self.gone is None:
+            pass  # the child is behind: wait, unless it is gone (then the receiver set `gone`)
         with self.ending:
             if self.gone is not None:
+                if roomy:
+                    self.room.release()
                 future.set_exception(self.gone)
                 return future
             self.pending.append((future, time.monotonic()))
@@ -220,6 +231,7 @@ class _Child:
                 self.connection.send_bytes(payload)
             except OSError:
                 return
+            self.room.release()
 
     def close(self) -> None:
         self.closing = True

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from concurrent.futures import Future
 
@@ -130,19 +131,24 @@ def test_an_error_in_the_child_is_raised_in_the_caller_with_the_childs_traceback
         codec.close()
 
 
-def test_submitting_more_than_the_socket_holds_returns_while_the_child_is_busy(json_process):
+def test_submits_beyond_the_socket_return_while_the_child_is_busy_up_to_the_send_ahead_bound(json_process):
     json_process.start()
     here = make_codec("json", SPEC)
     big = run_of(json_records(2000) * 20)  # ~3 MB of records: far beyond a socket's buffer
     os.kill(json_process.pid, signal.SIGSTOP)  # busy: reading nothing
     try:
         started = time.monotonic()
-        future = json_process.submit(big)
+        futures = [json_process.submit(big) for _ in range(decoder_module.SEND_AHEAD)]
         assert time.monotonic() - started < 2.0  # the ingest thread is not held until the child reads
-        assert not future.done()
+        one_more: Future = Future()
+        threading.Thread(target=lambda: one_more.set_result(json_process.submit(big)), daemon=True).start()
+        with pytest.raises(TimeoutError):  # beyond the bound it waits: memory holds a few polls at most
+            one_more.result(timeout=1.0)
     finally:
         os.kill(json_process.pid, signal.SIGCONT)
-    same_decoding(future.result(timeout=60), here.decode(big))
+    futures.append(one_more.result(timeout=60))
+    for future in futures:
+        same_decoding(future.result(timeout=60), here.decode(big))
 
 
 def test_a_request_that_cannot_be_pickled_fails_alone_and_the_next_gets_its_own_answer(json_process):
