@@ -3,8 +3,8 @@
 Why: kafka-python parses every fetched record in Python on the ingest thread (~10 us a
 record), and parsing a JSON record takes another 5-8 us; in one process both hold the same
 interpreter lock, so they add up and JSON ingest ran at about half the binary rate. Here the
-ingest thread only queues each poll's raw records for a socket (a sender thread pickles and
-writes them) and goes back to polling while a child process parses them: the two run on two
+ingest thread only pickles each poll's raw records and queues them for a socket (a sender
+thread writes them) and goes back to polling while a child process parses them: the two run on two
 cores. It costs CPU (the records cross the socket), so it pays where a core is free: on 2
 cores shared with the broker, 1.1-1.2x the thread's rate for JSON (BENCHMARKS.md, "Ingest").
 
@@ -303,7 +303,7 @@ class _Child:
 
 
 def _pickled(message) -> bytes:
-    """`message` as `Connection.send` would write it (`Connection.recv` reads it back)."""
+    """`message` pickled for `Connection.send_bytes` (`Connection.recv` unpickles it)."""
     return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
