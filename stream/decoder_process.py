@@ -4,9 +4,10 @@ Why: kafka-python parses every fetched record in Python on the ingest thread (~1
 record), and parsing a JSON record takes another 5-8 us; in one process both hold the same
 interpreter lock, so they add up and JSON ingest ran at about half the binary rate. Here the
 ingest thread only pickles each poll's raw records and queues them for a socket (a sender
-thread writes them) and goes back to polling while a child process parses them: the two run on two
-cores. It costs CPU (the records cross the socket), so it pays where a core is free: on 2
-cores shared with the broker, 1.1-1.2x the thread's rate for JSON (BENCHMARKS.md, "Ingest").
+thread writes them) and goes back to polling while a child process parses them: the two run
+on two cores. It costs CPU (the records cross the socket), so it pays where a core is free:
+on 2 cores shared with the broker, 1.1-1.3x the thread's rate for JSON, 1.3-1.5x for the
+20-field events (BENCHMARKS.md, "Ingest").
 
     codec = decoding_codec("json", spec, decoder="process")
     future = codec.submit(records)     # returns at once
