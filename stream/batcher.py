@@ -215,7 +215,7 @@ class Batcher:
     @property
     def positions(self) -> Positions:
         """Where to resume: everything before these positions was delivered or accounted for."""
-        return Positions(self._positions)
+        return Positions.of_checked(self._positions)
 
     def __len__(self) -> int:
         """Examples buffered (not yet batched)."""
@@ -297,7 +297,7 @@ class Batcher:
             self._advance(n)
         mask = np.zeros((B,), bool)
         mask[:filled] = True
-        return Batch(x, y, mask, segment, Positions(self._positions), filled, held_out)
+        return Batch(x, y, mask, segment, Positions.of_checked(self._positions), filled, held_out)
 
     def _advance(self, n: int) -> None:
         """The first buffered block's next `n` examples are batched: move past them and its position."""

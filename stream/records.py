@@ -74,6 +74,15 @@ class Positions(Mapping):
             parsed[PartitionKey(topic, int(partition))] = position
         self._data = parsed
 
+    @classmethod
+    def of_checked(cls, data: dict[PartitionKey, PartitionPosition]) -> Positions:
+        """A copy of `data`, not checked again: for a dict whose keys and values are already
+        PartitionKey and PartitionPosition (a Batcher's own, copied once per batch, where
+        checking it again was ~1.3 us of a ~9 us batch)."""
+        positions = cls.__new__(cls)
+        positions._data = dict(data)
+        return positions
+
     def __getitem__(self, key) -> PartitionPosition:
         return self._data[PartitionKey(*key)]
 

@@ -506,3 +506,13 @@ def test_kafka_source_polls_again_within_its_wait_when_a_flowing_streams_poll_co
     calls = len(consumer.timeouts_ms)
     assert source._poll_consumer(consumer, 0.5) == {}  # quiet again: polled in one piece
     assert consumer.timeouts_ms[calls:] == [500]
+
+
+def test_positions_of_a_checked_dict_equal_the_checked_ones_and_are_a_snapshot():
+    from continuity.stream.records import PartitionKey, PartitionPosition, Positions
+
+    own = {PartitionKey("t", 0): PartitionPosition(42, 3), PartitionKey("u", 1): PartitionPosition(7, 0)}
+    positions = Positions.of_checked(own)
+    assert positions == Positions(own) and positions.offset("t", 0) == 42
+    own[PartitionKey("t", 0)] = PartitionPosition(50, 0)  # the Batcher moves on after a batch
+    assert positions[("t", 0)] == PartitionPosition(42, 3)
