@@ -35,6 +35,7 @@ from continuity.stream.ingest import Ingest, batches
 from continuity.stream.kafka import (
     KafkaLogLimit,
     KafkaSettings,
+    KafkaSlowStepNote,
     KafkaSource,
     KafkaSourceError,
     TopicIdentity,
@@ -77,6 +78,7 @@ __all__ = [
     "KafkaDeadLetters",
     "KafkaLogLimit",
     "KafkaSettings",
+    "KafkaSlowStepNote",
     "KafkaSource",
     "KafkaSourceError",
     "LostPosition",

@@ -57,6 +57,7 @@ be called from any thread: it queues the positions and the polling thread commit
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -247,6 +248,35 @@ class KafkaLogLimit(logging.Filter):
                 record.args = ()
                 self._held_back_before = 0
             return True
+
+
+class KafkaSlowStepNote(logging.Filter):
+    """Rewords kafka-python's "Task ... ran for 0.25s (>0.100s threshold). It is blocking the
+    event loop -- likely a tight sync loop inside a coroutine" warning, which sends an
+    operator looking for a bug that is not there.
+
+    kafka-python's network thread times each step of its coroutines. In this service such a
+    step runs long because it waits for the interpreter lock: it reads a fetch 4 KB a `recv`,
+    and takes the lock back after each one from the threads training and decoding. (Those
+    steps took 0.25-0.30 s with the interpreter's 5 ms switch interval, 0.14-0.17 s with 1
+    ms: BENCHMARKS.md, "Ingest".) The record stays a warning with what was measured; it
+    matters only as it nears the consumer's session timeout, which is when the group would
+    count this consumer as gone. Attach it to a handler, as `KafkaLogLimit`."""
+
+    _STEP = re.compile(r"ran for ([0-9.]+)s \(>([0-9.]+)s threshold\)\. It is blocking the event loop")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "kafka.net.selector":
+            return True
+        found = self._STEP.search(record.getMessage())
+        if found is not None:
+            record.msg = (
+                f"kafka-python's network thread took {float(found[1]):.2f} s over one step (its threshold "
+                f"{float(found[2]):g} s), most likely waiting for the interpreter lock while training and "
+                "decoding hold it; harmless unless it nears the consumer's session timeout"
+            )
+            record.args = ()
+        return True
 
 
 # ---- kafka-python internals (see the module docstring) ------------------------------------------

@@ -381,6 +381,32 @@ def test_kafka_log_limit_lets_a_few_kafka_lines_a_minute_through_and_says_how_ma
     assert limit.filter(later) and later.getMessage() == "again"
 
 
+def test_kafka_pythons_slow_step_warning_is_reworded_and_other_lines_pass_as_they_are():
+    import logging
+
+    from continuity.stream import KafkaSlowStepNote
+
+    def record(name: str, message: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, message, (), None)
+
+    note = KafkaSlowStepNote()
+    # kafka-python 3.0.12's own words (kafka/net/selector.py), formatted as it formats them
+    slow = record(
+        "kafka.net.selector",
+        "Task <kafka.net.selector.Task object at 0x7f> ran for 0.299s (>0.100s threshold). It is blocking the "
+        "event loop -- likely a tight sync loop inside a coroutine. Other pollers will time out.",
+    )
+    assert note.filter(slow) and slow.levelno == logging.WARNING
+    assert slow.getMessage() == (
+        "kafka-python's network thread took 0.30 s over one step (its threshold 0.1 s), most likely waiting "
+        "for the interpreter lock while training and decoding hold it; harmless unless it nears the "
+        "consumer's session timeout"
+    )
+    for other in (record("kafka.net.selector", "Wakeup socket returned empty. Rebuilding."), record("root", "ran")):
+        before = other.getMessage()
+        assert note.filter(other) and other.getMessage() == before
+
+
 def test_a_lost_position_says_which_partition_where_and_why():
     from continuity.stream import LostPosition, LostPositionsError
 

@@ -94,7 +94,7 @@ def exit_status(summary) -> int:
 
 
 def _logging() -> None:
-    from continuity.stream import KafkaLogLimit
+    from continuity.stream import KafkaLogLimit, KafkaSlowStepNote
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("kafka", "jax"):  # their INFO lines would drown the progress report
@@ -102,6 +102,8 @@ def _logging() -> None:
     # kafka-python logs every failed reconnect (~1,300 lines in 10 minutes without a broker); the
     # progress line says "broker unreachable for N s" instead. A few lines a minute still show.
     for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, KafkaSlowStepNote) for f in handler.filters):
+            handler.addFilter(KafkaSlowStepNote())  # a misleading warning reworded (see there)
         if not any(isinstance(f, KafkaLogLimit) for f in handler.filters):
             handler.addFilter(KafkaLogLimit())
     _quiet_orbax()
