@@ -101,11 +101,11 @@ def _logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # kafka-python logs every failed reconnect (~1,300 lines in 10 minutes without a broker); the
     # progress line says "broker unreachable for N s" instead. A few lines a minute still show.
+    # KafkaSlowStepNote rewords a misleading warning (see there) before the limit counts it.
     for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, KafkaSlowStepNote) for f in handler.filters):
-            handler.addFilter(KafkaSlowStepNote())  # a misleading warning reworded (see there)
-        if not any(isinstance(f, KafkaLogLimit) for f in handler.filters):
-            handler.addFilter(KafkaLogLimit())
+        for kind in (KafkaSlowStepNote, KafkaLogLimit):
+            if not any(isinstance(f, kind) for f in handler.filters):
+                handler.addFilter(kind())
     _quiet_orbax()
 
 
