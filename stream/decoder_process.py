@@ -197,7 +197,10 @@ class _Child:
         self.wedged = False  # killed for answering nothing while requests waited
         self.ending = threading.Lock()  # `gone` set and `pending` failed at once: no future is left behind
         self.closing = False
-        self.connection.send(recipe)  # small: the socket's buffer takes it at once
+        try:
+            self.connection.send(recipe)  # small: the socket's buffer takes it at once
+        except OSError:  # the child died at once: the receiver's EOF fails every request, naming its exit
+            pass
         # Requests pickled, for the sender to write; then None to end it.
         self.outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.room = threading.BoundedSemaphore(SEND_AHEAD)  # taken by `request`, given back once written

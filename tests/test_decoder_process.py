@@ -159,9 +159,21 @@ def test_a_request_that_cannot_be_pickled_fails_alone_and_the_next_gets_its_own_
     same_decoding(json_process.decode(run), here.decode(run))
 
 
-def test_start_waits_for_the_child_and_fails_when_it_cannot_start(monkeypatch):
-    """`start` returns once the child answers, so a broken install fails there, not at the first decode."""
+class _ExitedPopen(subprocess.Popen):
+    """A Popen that returns only once its process has exited: a child dead before its first message."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.wait()
+
+
+@pytest.mark.parametrize("dead_before_the_recipe", [False, True])
+def test_start_waits_for_the_child_and_fails_when_it_cannot_start(monkeypatch, dead_before_the_recipe):
+    """`start` returns once the child answers, so a broken install fails there, not at the first decode,
+    with the child's exit status, also when the child is gone before the codec's recipe is sent."""
     monkeypatch.setattr(decoder_module.sys, "executable", "/bin/false")  # an interpreter that exits at once
+    if dead_before_the_recipe:
+        monkeypatch.setattr(decoder_module.subprocess, "Popen", _ExitedPopen)
     broken = ProcessCodec("json", SPEC)
     try:
         with pytest.raises(DecoderProcessError, match=r"died \(exit status 1\)"):
