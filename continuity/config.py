@@ -576,6 +576,15 @@ class ScaleConfig:
     process_id: Int = Field(
         default=0, ge=0, description="this process, 0 .. num_processes - 1 (or serve --process-id, $JAX_PROCESS_ID)"
     )
+    # continuity/peerwatch.py: a peer alive but stuck (a hung disk; its heartbeats still come)
+    # would hold the others at their next collective for ever. Must exceed the slowest checkpoint
+    # save or restore, which the others wait out at their next collective too.
+    peer_timeout_s: Annotated[Float, Finite()] = Field(
+        default=600.0,
+        gt=0,
+        description="several processes: how long one waits at a collective for a peer that does not come, "
+        "then exits 6 naming it",
+    )
 
     def __post_init__(self):
         if self.process_id >= self.num_processes:

@@ -19,7 +19,9 @@ windows close on the global row count at a round's end, and a stop asked of one 
 
 A dead peer fails the next collective (the round's all-gather, or the step's own all-reduce
 over the mesh) on every other process; `LockstepLoop.run` turns that failure into `PeerLost`
-naming the peer, before anything more is saved (continuity/processes.py).
+naming the peer, before anything more is saved (continuity/processes.py). A peer alive but
+stuck, or stopped on its own, fails nothing: every wait on the others is watched instead
+(`PeerWatch`, continuity/peerwatch.py), which ends it naming the peer.
 
 The global micro-batches' composition depends on when records arrived, so a multi-process
 run is exactly-once per partition but not bit-reproducible across runs (a one-process
@@ -31,6 +33,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -39,6 +42,7 @@ from continuity.learner import Batch as TrainBatch
 from continuity.learner import Learner
 from continuity.learner.learner import feature_rows
 from continuity.loop import RunSummary, TrainingLoop, _Good
+from continuity.peerwatch import PeerWatch
 from continuity.processes import PeerLost
 from continuity.stream import NO_SEGMENT, Positions
 from continuity.stream.ingest import IDLE
@@ -66,7 +70,10 @@ class Agreement:
 
 
 class Lockstep:
-    """Rounds for one of several processes: poll, agree, then the agreed number of dispatches."""
+    """Rounds for one of several processes: poll, agree, then the agreed number of dispatches.
+
+    `watch`: what bounds each wait on the others (every collective here goes through `waiting`);
+    None waits as long as the collective does."""
 
     def __init__(
         self,
@@ -75,16 +82,29 @@ class Lockstep:
         round_s: float = ROUND_S,
         max_dispatches: int = MAX_DISPATCHES,
         gather: Callable[[np.ndarray], np.ndarray] = process_allgather,
+        watch: PeerWatch | None = None,
     ):
         self.learner = learner
         self.round_s = round_s
         self.max_batches = max_dispatches * learner.steps_per_dispatch
         self._gather = gather
+        self.watch = watch
         self.rounds = 0
+
+    def waiting(self, what: str) -> AbstractContextManager:
+        """Around a wait on every process (`what` names it for a peer that does not come)."""
+        return nullcontext() if self.watch is None else self.watch.waiting(what)
+
+    def busy(self, what: str) -> None:
+        """Names this process's own work, for the others that wait on it meanwhile."""
+        if self.watch is not None:
+            self.watch.busy(what)
 
     def agree(self, batches: int, rows: int, *, ended: bool, stop: bool, close: bool = False) -> Agreement:
         """The round's one collective: this process's counts in, everyone's agreement out."""
-        table = self._gather(np.array([batches, rows, int(ended), int(stop), int(close)], np.int64)).reshape(-1, 5)
+        counts = np.array([batches, rows, int(ended), int(stop), int(close)], np.int64)
+        with self.waiting(f"round {self.rounds + 1}'s agreement"):
+            table = self._gather(counts).reshape(-1, 5)
         most = int(table[:, 0].max())
         k = self.learner.steps_per_dispatch
         self.rounds += 1
@@ -136,27 +156,29 @@ class Lockstep:
 
         leaves = jax.tree.leaves(rows)
         count = len(leaves[0]) if leaves else 0
-        counts = self._gather(np.array([count], np.int64)).reshape(-1)
-        longest = int(counts.max())
+        with self.waiting("the window's held-out rows"):
+            counts = self._gather(np.array([count], np.int64)).reshape(-1)
+            longest = int(counts.max())
 
-        def gathered(leaf):
-            leaf = np.asarray(leaf)
-            padded = np.zeros((longest, *leaf.shape[1:]), leaf.dtype)
-            padded[:count] = leaf
-            table = self._gather(padded).reshape(len(counts), longest, *leaf.shape[1:])
-            return np.concatenate([table[p, :n] for p, n in enumerate(counts)])
+            def gathered(leaf):
+                leaf = np.asarray(leaf)
+                padded = np.zeros((longest, *leaf.shape[1:]), leaf.dtype)
+                padded[:count] = leaf
+                table = self._gather(padded).reshape(len(counts), longest, *leaf.shape[1:])
+                return np.concatenate([table[p, :n] for p, n in enumerate(counts)])
 
-        return jax.tree.map(gathered, rows)
+            return jax.tree.map(gathered, rows)
 
     def broadcast_bytes(self, data: bytes) -> bytes:
         """Process 0's `data` on every process (the others pass anything). Two broadcasts."""
         from jax.experimental import multihost_utils
 
-        length = int(np.asarray(multihost_utils.broadcast_one_to_all(np.array([len(data)], np.int64)))[0])
-        padded = np.zeros(length, np.uint8)
-        if data:
-            padded[: len(data)] = np.frombuffer(data, np.uint8)[:length]
-        return np.asarray(multihost_utils.broadcast_one_to_all(padded)).tobytes()
+        with self.waiting("process 0's restored checkpoint"):
+            length = int(np.asarray(multihost_utils.broadcast_one_to_all(np.array([len(data)], np.int64)))[0])
+            padded = np.zeros(length, np.uint8)
+            if data:
+                padded[: len(data)] = np.frombuffer(data, np.uint8)[:length]
+            return np.asarray(multihost_utils.broadcast_one_to_all(padded)).tobytes()
 
     @staticmethod
     def from_process_zero(tree):
@@ -167,19 +189,20 @@ class Lockstep:
 
         return multihost_utils.broadcast_one_to_all(tree)
 
-    def gather_json(self, text: str) -> list[str]:
-        """Every process's `text`, in process order. Two small all-gathers (the lengths, then the
-        padded bytes)."""
+    def gather_json(self, text: str, *, what: str) -> list[str]:
+        """Every process's `text`, in process order (`what` it is, for the watch). Two small
+        all-gathers (the lengths, then the padded bytes)."""
         data = np.frombuffer(text.encode(), np.uint8)
-        longest = int(self._gather(np.array([len(data)], np.int64)).max())
-        padded = np.zeros(longest, np.uint8)
-        padded[: len(data)] = data
-        return [bytes(row).rstrip(b"\0").decode() for row in self._gather(padded).reshape(-1, longest)]
+        with self.waiting(what):
+            longest = int(self._gather(np.array([len(data)], np.int64)).max())
+            padded = np.zeros(longest, np.uint8)
+            padded[: len(data)] = data
+            return [bytes(row).rstrip(b"\0").decode() for row in self._gather(padded).reshape(-1, longest)]
 
     def gather_positions(self, positions: Positions) -> Positions:
         """Every process's positions merged (each gives its own partitions'): what a checkpoint saves."""
         merged = Positions()
-        for text in self.gather_json(json.dumps(positions.to_json())):
+        for text in self.gather_json(json.dumps(positions.to_json()), what="the window's positions"):
             merged = merged.merged(Positions.from_json(text))
         return merged
 
@@ -249,15 +272,31 @@ class LockstepLoop(TrainingLoop):
         self._agreed_stop = False  # a stop some process asked for, agreed at a round
 
     def run(self) -> RunSummary:
-        """The loop's run; a collective that failed because a peer died is `PeerLost` naming it."""
+        """The loop's run; a collective that failed because a peer died is `PeerLost` naming it. A
+        stop of this process alone (lost positions, saves failing, an error) is said to the others
+        first, who would wait for it at their next collective: they stop too, naming it."""
+        watch = self.lockstep.watch
         try:
-            return super().run()
+            summary = super().run()
         except PeerLost:
             raise
         except Exception as error:
             if not _peer_failure(error):
+                self._say_stopped(f"{type(error).__name__}: {' '.join(str(error).split())[:150]}")
                 raise
             raise PeerLost(_peer_lost_message(error)) from None
+        finally:
+            if watch is not None:
+                watch.close()
+        if summary.stopped_on_lost_positions:
+            self._say_stopped("saved positions the broker no longer has, with stream.on_lost_positions = 'halt'")
+        elif summary.unsaved:
+            self._say_stopped(f"checkpoint saves kept failing: {summary.unsaved}"[:200])
+        return summary
+
+    def _say_stopped(self, why: str) -> None:
+        if self.lockstep.watch is not None:
+            self.lockstep.watch.stopped(why)  # published at once, closed watch or not
 
     def request(self, kind: str, *, timeout_s: float = 60.0, **args) -> dict:
         """Operator requests, on process 0 (the only one serving the admin endpoints): a checkpoint,
@@ -287,6 +326,7 @@ class LockstepLoop(TrainingLoop):
 
         self._restored = None
         if jax.process_index() == 0:
+            self.lockstep.busy("restoring its store's newest good checkpoint")
             state, good = super()._restore_or_start()
             self.lockstep.broadcast_bytes(_pack(self._restored, state))
             return state, good
@@ -308,6 +348,7 @@ class LockstepLoop(TrainingLoop):
         import jax
 
         if jax.process_index() == 0:
+            self.lockstep.busy("saving a checkpoint")
             super()._checkpoint(good, quarantined=quarantined)
             return
         if good is not self._saved:
@@ -354,11 +395,13 @@ class LockstepLoop(TrainingLoop):
                 len(batches), rows_here, ended=done_here, stop=self._asked_to_stop(), close=close
             )
             self._agreed_stop = self._agreed_stop or agreement.stop
-            for stack in lockstep.stacks(batches, agreement):
-                state = self._dispatch_stack(state, stack)
-            trained += agreement.rows
-            self.summary.examples_trained += agreement.rows  # over all processes: every one stops alike
-            self._maybe_report(state, good)
+            # The steps' all-reduces wait on every process too, wherever their results are read.
+            with lockstep.waiting(f"round {lockstep.rounds}'s steps"):
+                for stack in lockstep.stacks(batches, agreement):
+                    state = self._dispatch_stack(state, stack)
+                trained += agreement.rows
+                self.summary.examples_trained += agreement.rows  # over all processes: every one stops alike
+                self._maybe_report(state, good)
             if agreement.ended:
                 ended = True
                 break
@@ -383,7 +426,10 @@ class LockstepLoop(TrainingLoop):
         import jax
 
         lockstep = self.lockstep
-        names = [json.loads(text) for text in lockstep.gather_json(json.dumps(list(segment_names)))]
+        names = [
+            json.loads(text)
+            for text in lockstep.gather_json(json.dumps(list(segment_names)), what="the window's segment names")
+        ]
         if held:
             x = jax.tree.map(lambda *parts: np.concatenate(parts), *(h[0] for h in held))
             y = np.concatenate([h[1] for h in held])

@@ -15,7 +15,8 @@ connections (its host down, the network cut) stops sending heartbeats to JAX's c
 service, which after `HEARTBEAT_TIMEOUT_S` aborts every other process (exit 134, JAX's line
 "Terminating process because the JAX distributed service detected fatal errors"). If the
 coordinator itself (process 0) dies, JAX's client aborts every other process at once the same
-way: it cannot go on without the coordinator.
+way: it cannot go on without the coordinator. A peer alive but stuck, or stopped on its own,
+fails nothing: continuity/peerwatch.py bounds the others' wait for it and names it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 300  # how long a process waits for all the others at the coordinator (JAX's own default)
 HEARTBEAT_TIMEOUT_S = 30  # a process silent this long is dead: JAX aborts the others (its default is 100)
-PEER_LOST_EXIT_STATUS = 6  # `serve`: a peer process died; nothing saved, restart every process
+PEER_LOST_EXIT_STATUS = (
+    6  # `serve`: a peer process died (or is stuck, or stopped); nothing saved, restart every process
+)
 
 
 class PeerLost(RuntimeError):

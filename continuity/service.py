@@ -240,10 +240,12 @@ class Service:
         loop_class: Callable[..., TrainingLoop] = TrainingLoop
         if config.scale.num_processes > 1:  # one of several processes: the same loop, in lockstep rounds
             from continuity.lockstep import Lockstep, LockstepLoop
+            from continuity.peerwatch import PeerWatch
             from continuity.stream import ProcessShare
 
             share = ProcessShare(config.scale.process_id, config.scale.num_processes)
-            loop_class = functools.partial(LockstepLoop, lockstep=Lockstep(self.learner), share=share)
+            lockstep = Lockstep(self.learner, watch=PeerWatch(config.scale.peer_timeout_s))
+            loop_class = functools.partial(LockstepLoop, lockstep=lockstep, share=share)
         self.loop = loop_class(
             self.stream,
             self.learner,

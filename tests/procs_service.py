@@ -5,6 +5,9 @@ stream is idle; the parent (tests/test_procs.py) starts them.
 --set takes them) prints JSON: {"process", "summary" (the RunSummary), "digest" (the final model's
 params), "http" (with service.http_port set: what its own endpoints answered once up, by request)}.
 A peer that dies ends it as it ends `serve`: one line and exit status 6, nothing saved.
+
+With $HANG_LEDGER_AT set to PROCESS:EVENT (e.g. "1:probe"), that process's ledger hangs at the first
+write of EVENT, as on a hung disk: its main thread blocks for ever while JAX's heartbeats go on.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
+import threading
 import urllib.error
 import urllib.request
 
@@ -56,6 +61,9 @@ def main() -> None:
     from continuity.loop import params_digest
     from continuity.service import Service
 
+    hang_process, _, hang_event = os.environ.get("HANG_LEDGER_AT", "").partition(":")
+    if hang_process == str(process):
+        _hang_ledger_at(hang_event)
     http = any(s.startswith("service.http_port=") for s in sys.argv[7:])
     service = Service(config, idle_timeout_s=2.0, http=http)  # every record is produced before it starts
     answers: dict[str, tuple[int, str]] = {}
@@ -71,6 +79,20 @@ def main() -> None:
         "http": answers,
     }
     print(json.dumps(report, default=str), flush=True)
+
+
+def _hang_ledger_at(event: str) -> None:
+    from continuity.checkpoints.ledger import Ledger
+
+    append = Ledger.append
+
+    def hanging(self, name, **fields):
+        if name == event:
+            print(f"hanging at the ledger's {event!r}", file=sys.stderr, flush=True)
+            threading.Event().wait()
+        return append(self, name, **fields)
+
+    Ledger.append = hanging  # type: ignore[method-assign]
 
 
 def _ask(url: str) -> dict[str, tuple[int, str]]:

@@ -134,8 +134,11 @@ def _faked_devices(count: int) -> dict[str, str]:
     }
 
 
-def _start_two(script: str, *arguments, devices: int = 1) -> tuple[int, list[subprocess.Popen]]:
-    """Start tests/<script> as processes 0 and 1 of 2 (`devices` faked devices each, joined at a free port)."""
+def _start_two(
+    script: str, *arguments, devices: int = 1, env: dict[str, str] | None = None
+) -> tuple[int, list[subprocess.Popen]]:
+    """Start tests/<script> as processes 0 and 1 of 2 (`devices` faked devices each, joined at a free port;
+    `env`: more environment variables for both)."""
     from continuity.stream import free_port
 
     port = free_port()
@@ -145,7 +148,7 @@ def _start_two(script: str, *arguments, devices: int = 1) -> tuple[int, list[sub
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=_faked_devices(devices),
+            env={**_faked_devices(devices), **(env or {})},
         )
         for p in (0, 1)
     ]
@@ -452,6 +455,49 @@ def test_a_process_killed_mid_stream_stops_the_other_unsaved_and_a_restart_of_bo
     last = [e for e in entries if e["event"] == "accept"][-1]
     # Every record trained exactly once in the final model's lineage, but those held out for the probe.
     assert last["lineage_examples"] == sum(ends.values()) - _held_out(topic, ends)
+
+
+@pytest.mark.slow
+def test_a_process_stuck_with_its_heartbeats_going_on_is_named_by_the_other_which_stops_unsaved_in_bounded_time(
+    broker, topic_name, tmp_path
+):
+    """Process 1's ledger hangs at its first window's verdict, as on a hung disk: nothing fails and JAX's
+    heartbeats go on, so only the watch can end process 0's wait at its next collective."""
+    import signal
+
+    from continuity.checkpoints.ledger import Ledger
+    from continuity.processes import PEER_LOST_EXIT_STATUS
+    from continuity.stream import produce_records
+
+    topic, codec = _four_partitions(broker, topic_name(), classes=10)
+    for p in range(4):
+        records = [(None, codec.encode(np.array([i, i]), i % 10)) for i in range(1000 * p, 1000 * p + 150)]
+        produce_records(broker.bootstrap, topic, records, partition=p)
+    directory = tmp_path / "checkpoints"
+    _, workers = _start_two(
+        "procs_service.py",
+        broker.bootstrap,
+        topic,
+        directory,
+        "scale.peer_timeout_s=4",
+        env={"HANG_LEDGER_AT": "1:probe"},
+    )
+    try:
+        out, err = workers[0].communicate(timeout=240)
+        hung = workers[1].wait(timeout=60)  # JAX aborts it once process 0, its coordinator, is gone
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    assert workers[0].returncode == PEER_LOST_EXIT_STATUS, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("continuity: process 0 of 2: process 1 (")]
+    assert len(said) == 1, err[-3000:]
+    assert "has not reached round " in said[0] and "but stuck" in said[0]  # the round after the window it hung in
+    assert "raise [scale] peer_timeout_s (now 4 s); stopping without saving" in said[0]
+    assert "summary" not in out
+    assert hung == -signal.SIGABRT
+    accepted = [e for e in Ledger(directory / "ledger.jsonl").read() if e["event"] == "accept"]
+    assert len(accepted) == 1  # the window process 1 hung in is the last one either saved
 
 
 def _decisions(ledger: list[dict]) -> list[tuple]:
