@@ -182,12 +182,17 @@ class PeerWatch:
         waited = self._clock() - since
         if waited < CHECK_AFTER_S:
             return None
-        words = self._read()
+        words, unread = self._read()
         for peer, word in sorted(words.items()):
             if word.stopped:
                 return self._line(f"process {peer} stopped ({word.stopped}) while this one waited at {what}")
         if waited < self.timeout_s:
             return None
+        if unread:
+            return self._line(
+                f"no answer from every process at {what} (collective #{entered}) in {waited:.0f} s, and the "
+                f"others' words could not be read ({unread})"
+            )
         behind = sorted(peer for peer, word in words.items() if word.entered < entered)
         if not behind:
             return self._line(
@@ -208,19 +213,19 @@ class PeerWatch:
             "resume point. Restart every process."
         )
 
-    def _read(self) -> dict[int, Word]:
-        """Every other process's word (Word() for one that has said nothing yet)."""
+    def _read(self) -> tuple[dict[int, Word], str]:
+        """Every other process's word (Word() for one that has said nothing yet), and why they could not
+        be read ("" when they were)."""
         words = {peer: Word() for peer in range(self.count) if peer != self.me}
         try:
             entries = self.store.key_value_dir_get(STATUS_DIRECTORY)
         except RuntimeError as error:  # the coordination service's (JaxRuntimeError), e.g. once it is gone
-            log.debug("could not read the other processes' words: %s", error)
-            return words
+            return words, " ".join(str(error).split())[:200]
         for key, text in entries:
             suffix = key.rsplit("/", 1)[-1]
             if suffix.isdigit() and int(suffix) in words:
                 words[int(suffix)] = Word.from_text(text)
-        return words
+        return words, ""
 
     def _publish(self) -> None:
         with self._changed:

@@ -125,7 +125,25 @@ def test_this_process_s_word_is_what_it_last_entered_and_is_busy_with_and_garbag
         assert Word.from_text(garbage) == Word()
     _says(store, 0, Word(1, "x"))
     store.values[f"{STATUS_DIRECTORY}other"] = "not a process"  # another program's key under the directory
-    assert watch._read() == {0: Word(1, "x"), 2: Word()}
+    assert watch._read() == ({0: Word(1, "x"), 2: Word()}, "")
+
+
+def test_a_wait_whose_peers_cannot_be_read_ends_at_the_timeout_saying_so_not_blaming_a_peer():
+    class Gone(Store):
+        def key_value_dir_get(self, key):
+            raise RuntimeError("UNAVAILABLE: failed to connect to all addresses")
+
+    clock = Clock()
+    watch = _watch(Gone(), clock, count=2, timeout_s=30)
+    with watch.waiting("round 4's agreement"):
+        clock.now += 10
+        assert watch.check() is None
+        clock.now += 21
+        line = watch.check()
+    assert line is not None and line.startswith(
+        "process 0 of 2: no answer from every process at round 4's agreement (collective #1) in 31 s, and the "
+        "others' words could not be read (UNAVAILABLE: failed to connect to all addresses)"
+    )
 
 
 def test_the_watch_thread_ends_a_wait_on_a_stuck_peer_and_leaves_one_that_ends_in_time_alone(monkeypatch):
