@@ -261,8 +261,9 @@ class LockstepLoop(TrainingLoop):
     Not run over processes (each needs what only one process holds): the window checks on
     the window's sampled rows (off), an excision or split of a regressed window (the whole
     window is retried or quarantined), the EWC Fisher from recent rows when replay is off,
-    an operator's rollback (refused: `request`), and a halt on lost positions (one process
-    would stop alone: the others wait at the next round).
+    an operator's rollback (refused: `request`), and a halt on lost positions at one agreed
+    round (the process that finds them stops alone, saying so: the others' watch stops them
+    at their next collective).
     """
 
     def __init__(self, stream, learner: Learner, store, *, lockstep: Lockstep, share, guard, **kwargs):
