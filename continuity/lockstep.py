@@ -403,6 +403,7 @@ class LockstepLoop(TrainingLoop):
                 trained += agreement.rows
                 self.summary.examples_trained += agreement.rows  # over all processes: every one stops alike
                 self._maybe_report(state, good)
+            self._collect_save()  # process 0's save finished meanwhile (a quiet stream may have no next window)
             if agreement.ended:
                 ended = True
                 break

@@ -1013,6 +1013,9 @@ class TrainingLoop:
                 break
             if batch is IDLE:  # a quiet live stream: wait on, checking for stop, requests and saves due
                 state = self._dispatch(state, stack, reader.batcher.segment_names)
+                # A save finished meanwhile is taken now, not at the next record: its model served,
+                # its positions committed, or its failure retried.
+                self._collect_save()
                 if trained and judge_idle_s is not None and time.monotonic() - last_batch > judge_idle_s:
                     break
                 if not trained and self._checkpoint_due(good):

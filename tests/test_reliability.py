@@ -175,6 +175,57 @@ def test_failed_saves_are_retried_with_backoff_in_one_line_each_and_offsets_neve
     assert len([e for e in ledger if e["event"] == "save_failed"]) == 4
 
 
+class _QuietAfterRecordingSource(_CommitRecordingSource):
+    """A live stream: the recording's records, then nothing more for as long as it is read."""
+
+    read_all: ClassVar[bool] = False
+
+    def poll(self, timeout_s: float = 0.1):
+        runs = super().poll(timeout_s)
+        type(self).read_all = type(self).read_all or super().finished
+        return runs
+
+    @property
+    def finished(self) -> bool:
+        return False
+
+
+def test_a_stream_gone_quiet_still_takes_its_last_save_committing_and_serving_it_without_another_record(
+    recording, tmp_path
+):
+    import dataclasses
+    import threading
+    import time
+
+    _QuietAfterRecordingSource.commits, _QuietAfterRecordingSource.read_all = [], False
+    served: list[int] = []
+    stop = threading.Event()
+    loop = build_loop(recording, tmp_path, source=_QuietAfterRecordingSource, live=True, stop=stop.is_set)
+    loop.stream = dataclasses.replace(loop.stream, judge_idle_s=0.2)
+    loop.on_accepted = lambda model: served.append(model.checkpoint)
+    runner = threading.Thread(target=loop.run)
+    runner.start()
+    try:
+        deadline, seen, still_since = time.monotonic() + 120, None, time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - still_since < 5:
+            now_seen = (_QuietAfterRecordingSource.read_all, loop.summary.examples_trained, loop.good_number)
+            if now_seen != seen:  # reading, training or saving: not quiet yet
+                seen, still_since = now_seen, time.monotonic()
+            time.sleep(0.1)
+        saved = loop._saved  # the last window's, judged and saved once the stream went quiet
+        while time.monotonic() < deadline and not (served and served[-1] == saved.number):
+            time.sleep(0.1)
+        served_then, committed = list(served), list(_QuietAfterRecordingSource.commits)
+    finally:
+        stop.set()
+        runner.join(timeout=60)
+        loop.store.close()
+    # The last checkpoint, saved while the stream was quiet, is served and its positions committed.
+    assert seen is not None and seen[0] and seen[2] == saved.number
+    assert served_then and served_then[-1] == saved.number
+    assert committed and committed[-1] == saved.positions
+
+
 def test_saves_failing_longer_than_max_unsaved_seconds_stop_the_run_cleanly(recording, tmp_path):
     _CommitRecordingSource.commits = []
     loop = build_loop(
