@@ -408,6 +408,9 @@ class KafkaSource(Source):
         self._closed = False
         self._open_lock = threading.Lock()
         self._first_assignment_done: set = set()
+        # Partitions first assigned without a saved position: kafka-python starts them at the
+        # group's committed offset if it has one (told once, `_note_group_starts`), else we do.
+        self._unpositioned_first: set[PartitionKey] = set()
         self._pending_skip: dict[PartitionKey, PartitionPosition] = {}
         self._end_offsets: dict[PartitionKey, int] | None = None
         self._commit_lock = threading.Lock()
@@ -681,6 +684,8 @@ class KafkaSource(Source):
             self._first_assignment_done.add(key)
             saved = self.start.get(key)
             if saved is None:
+                with self._state_lock:
+                    self._unpositioned_first.add(key)
                 continue
             _seek(consumer, tp, saved.offset)
             self._positions[key] = saved.offset
@@ -1029,6 +1034,8 @@ class KafkaSource(Source):
         tps = list(tps)
         if not tps:  # kafka-python's seek_to_*() without partitions means every assigned one
             return
+        with self._state_lock:
+            self._unpositioned_first -= {PartitionKey(tp.topic, tp.partition) for tp in tps}
         if self.settings.auto_offset_reset == "earliest":
             consumer.seek_to_beginning(*tps)
         else:
@@ -1038,6 +1045,37 @@ class KafkaSource(Source):
             sorted(f"{tp.topic}/{tp.partition}" for tp in tps),
             "log start" if self.settings.auto_offset_reset == "earliest" else "log end",
         )
+
+    def _note_group_starts(self, consumer, fetched: dict) -> None:
+        """Say where kafka-python started a partition without a saved position: at the consumer group's
+        committed offset. That is progress this model did not make (another member's, or a model whose
+        checkpoints are gone): the records before it are never trained by this one, so it is said loudly."""
+        from kafka import TopicPartition
+
+        started, gone = {}, set()
+        with self._state_lock:
+            waiting = sorted(self._unpositioned_first)
+        for key in waiting:
+            tp = TopicPartition(key.topic, key.partition)
+            state = consumer._subscription.assignment.get(tp)
+            if state is None:  # revoked before it was read
+                gone.add(key)
+            elif fetched.get(tp):  # the poll read on already: where it started
+                started[key] = fetched[tp][0].offset
+            elif consumer._subscription.has_valid_position(tp):
+                started[key] = state.position.offset
+        with self._state_lock:
+            self._unpositioned_first -= gone | set(started)
+        if started:
+            log.warning(
+                "kafka: %s have no saved position; starting where the consumer group %r committed, at %s: what "
+                "another member or an earlier model reached. This model never trains the records before them "
+                "(another stream.group, or none, starts at stream.auto_offset_reset = %r)",
+                sorted(f"{k.topic}/{k.partition}" for k in started),
+                self.settings.group_id,
+                {f"{k.topic}/{k.partition}": offset for k, offset in started.items()},
+                self.settings.auto_offset_reset,
+            )
 
     # -- reachability
     def _watch_connection(self, consumer) -> None:
@@ -1185,6 +1223,8 @@ class KafkaSource(Source):
             fetched = self._poll_consumer(consumer, timeout_s)
             if not self._connected_once and _broker_connected(consumer):
                 self._connected_once = True  # from now on a lost connection is an outage at once
+            if self._unpositioned_first:
+                self._note_group_starts(consumer, fetched)
         except NoOffsetForPartitionError as error:
             self._start_unpositioned(consumer, error.args[0] if error.args else ())
             return []

@@ -153,6 +153,37 @@ def test_seek_to_saved_positions_resumes_exactly_after_the_last_record(broker, t
     assert rest_batcher.positions == Positions({(topic, 0): 60, (topic, 1): 6})
 
 
+def test_a_partition_without_a_saved_position_starting_at_the_group_s_commit_is_said_loudly(
+    broker, topic_name, caplog
+):
+    """A fresh model in a group that committed before (another member, or a model whose checkpoints are
+    gone) starts where the group got to: the records before are never trained by it, so it is said."""
+    import logging
+
+    topic = topic_name()
+    create_topic(broker.bootstrap, topic, 1)
+    codec = BinaryCodec(ID_SPEC)
+    _produce(broker.bootstrap, topic, [codec.encode(np.array([i, i]), i % 10) for i in range(100)])
+    from kafka.structs import OffsetAndMetadata
+
+    earlier = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=f"g-{topic}", enable_auto_commit=False)
+    earlier.assign([TopicPartition(topic, 0)])
+    earlier.commit({TopicPartition(topic, 0): OffsetAndMetadata(60, "", -1)})  # what the group got to
+    earlier.close(autocommit=False)
+    settings = KafkaSettings(broker.bootstrap, (topic,), group_id=f"g-{topic}", **SHORT_SESSION)
+    fresh = KafkaSource(settings)
+    with caplog.at_level(logging.INFO, logger="continuity.stream.kafka"), Ingest(fresh, codec) as ingest:
+        ids = _ids(_collect(ingest, Batcher(ID_SPEC, 16, ownership=fresh.ownership), 40))
+    assert ids == list(range(60, 100))
+    said = [r.getMessage() for r in caplog.records if "have no saved position" in r.getMessage()]
+    assert said == [
+        f"kafka: ['{topic}/0'] have no saved position; starting where the consumer group 'g-{topic}' committed, at "
+        f"{{'{topic}/0': 60}}: what another member or an earlier model reached. This model never trains the records "
+        "before them (another stream.group, or none, starts at stream.auto_offset_reset = 'earliest')"
+    ]
+    assert [r.levelno for r in caplog.records if "have no saved position" in r.getMessage()] == [logging.WARNING]
+
+
 def test_a_group_member_rewinds_in_place_to_saved_positions(broker, topic_name):
     """A rollback or retry moves the live consumer back (no new group member): every example
     from the saved positions on is delivered again, inside a half-delivered batched record too."""
