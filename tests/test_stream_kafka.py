@@ -153,9 +153,7 @@ def test_seek_to_saved_positions_resumes_exactly_after_the_last_record(broker, t
     assert rest_batcher.positions == Positions({(topic, 0): 60, (topic, 1): 6})
 
 
-def test_a_partition_without_a_saved_position_starting_at_the_group_s_commit_is_said_loudly(
-    broker, topic_name, caplog
-):
+def test_a_partition_without_a_saved_position_starting_at_the_group_s_commit_is_said_loudly(broker, topic_name, caplog):
     """A fresh model in a group that committed before (another member, or a model whose checkpoints are
     gone) starts where the group got to: the records before are never trained by it, so it is said."""
     import logging
