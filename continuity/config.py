@@ -64,7 +64,13 @@ from continuity.learner.schema import (
 )
 from continuity.stream.codecs import DTYPE_CODES, FeatureSpec, FieldSpec
 from continuity.stream.decoder_process import Decoder
-from continuity.stream.kafka import KAFKA_SESSION_TIMEOUT_MS, SECURITY_OPTIONS, KafkaSettings, redact
+from continuity.stream.kafka import (
+    KAFKA_SESSION_TIMEOUT_MS,
+    SECURITY_OPTIONS,
+    KafkaSettings,
+    redact,
+    topic_name_problem,
+)
 
 if TYPE_CHECKING:
     from continuity.detectors import WindowCheckConfig
@@ -229,6 +235,9 @@ class StreamConfig:
         # These fields' checks the loader runs with the file's names (topics, bootstrap).
         if not all(self.topics):
             raise ConfigProblem(f"must be a non-empty list of topic names. Got {list(self.topics)!r}.", "topics")
+        for name in self.topics:
+            if topic_name_problem(name) is not None:
+                raise ConfigProblem(f"must hold Kafka topic names. {topic_name_problem(name)}.", "topics")
         if self.fields:
             from continuity.stream.fields import FieldSpec as EventSpec  # numpy only: no JAX here
 

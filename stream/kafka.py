@@ -113,6 +113,17 @@ SECURITY_OPTIONS = frozenset(
 _SECRET_OPTIONS = frozenset({"sasl_plain_password", "ssl_password", "sasl_oauth_token_provider", "ssl_context"})
 
 
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+
+
+def topic_name_problem(name: str) -> str | None:
+    """What makes `name` no Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -, not "." or ".."), or None.
+    Checked where a name comes in: some brokers accept others on produce, yet no consumer can read them."""
+    if _TOPIC_NAME.fullmatch(name) and name not in (".", ".."):
+        return None
+    return f"{name!r} is not a Kafka topic name: 1 to 249 characters of a-z A-Z 0-9 . _ - (not '.' or '..')"
+
+
 class KafkaSourceError(SourceError):
     """Kafka settings are invalid (the message names the field)."""
 
@@ -454,6 +465,11 @@ class KafkaSource(Source):
         return {topic: identity.to_json() for topic, identity in dict(self._expected).items()}
 
     # -- readiness
+    @property
+    def opened(self) -> bool:
+        """`open` made a consumer (it may have lost its broker since: `ready` says)."""
+        return self._consumer is not None
+
     @property
     def ready(self) -> bool:
         """Connected, no broker outage, no halt, and at least one partition assigned."""

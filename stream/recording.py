@@ -8,11 +8,12 @@ groups of `row_group_records`, so memory stays bounded however long the recordin
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from continuity.stream.kafka import KafkaSettings, KafkaSource
+from continuity.stream.kafka import KafkaSettings, KafkaSource, KafkaSourceError
 from continuity.stream.records import PartitionRecords
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,23 @@ def recording_schema():
 
 
 class RecordingWriter:
-    """Appends PartitionRecords to a Parquet file; `close()` finishes it."""
+    """Appends PartitionRecords to a Parquet file; `close()` finishes it.
+
+    The file is written beside `path` under a temporary name and renamed onto `path` only when
+    finished: a recording that fails (or is killed) half-way never replaces a file already there,
+    nor leaves a torn one under its name. As a context manager, an exception discards it (`abort`).
+    """
 
     def __init__(self, path: str | Path, *, row_group_records: int = 10_000):
         import pyarrow.parquet as pq
 
         self.path = Path(path)
+        if self.path.is_dir():
+            raise IsADirectoryError(f"{str(self.path)!r} is a directory, not a recording file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.row_group_records = row_group_records
-        self._writer = pq.ParquetWriter(self.path, recording_schema())
+        self._partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        self._writer = pq.ParquetWriter(self._partial, recording_schema())
         self._pending: list[PartitionRecords] = []
         self._pending_rows = 0
         self.records = 0
@@ -75,14 +84,26 @@ class RecordingWriter:
         self._writer.write_table(table)
 
     def close(self) -> None:
+        """Finish the file and put it under its name (replacing what was there)."""
         self._flush()
         self._writer.close()
+        os.replace(self._partial, self.path)
+
+    def abort(self) -> None:
+        """Discard what was written: the file under `path`, if any, stays as it was."""
+        try:
+            self._writer.close()
+        finally:
+            self._partial.unlink(missing_ok=True)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc_info):
-        self.close()
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def record_topic(
@@ -94,48 +115,65 @@ def record_topic(
     max_records: int | None = None,
     idle_timeout_s: float | None = None,
     progress: Callable[[int], None] | None = None,
+    connect_timeout_s: float = 60.0,
 ) -> int:
     """Copy raw records of `settings.topics` to a Parquet file; returns how many were written.
 
     Stops at the end offsets seen at start (`until_end`), after `max_records`, after
     `idle_timeout_s` without records, or on KeyboardInterrupt (the file is still finished).
+    A broker not reached (or a topic not found) in `connect_timeout_s` is a KafkaSourceError,
+    raised before the file is touched: a file already at `out` is replaced only by a finished one.
     """
     settings = KafkaSettings(
         **{**settings.__dict__, "auto_offset_reset": "earliest" if from_beginning else "latest", "group_id": None}
     )
-    source = KafkaSource(settings, until_end=until_end)
+    give_up_at = time.monotonic() + connect_timeout_s
+    source = KafkaSource(
+        settings, until_end=until_end, stop_requested=lambda: not source.opened and time.monotonic() > give_up_at
+    )
+    try:
+        source.open()
+    except BaseException:
+        source.close()
+        raise
+    if not source.opened:
+        source.close()
+        raise KafkaSourceError(
+            f"could not start reading {', '.join(map(repr, settings.topics))} from {settings.bootstrap} within "
+            f"{connect_timeout_s:.0f} s: is the broker running, and does the topic exist?"
+        )
     written = 0
     last = time.monotonic()
-    with RecordingWriter(out) as writer:
-        try:
-            source.open()
-            while True:
-                if max_records is not None and written >= max_records:
-                    break
-                runs = source.poll(0.2)
-                for run in runs:
-                    if max_records is not None and written + len(run) > max_records:
-                        keep = max_records - written
-                        run = PartitionRecords(
-                            run.topic,
-                            run.partition,
-                            run.values[:keep],
-                            run.keys[:keep],
-                            run.offsets[:keep],
-                            run.timestamps_ms[:keep],
-                        )
-                    writer.write(run)
-                    written += len(run)
-                if runs:
-                    last = time.monotonic()
-                    if progress is not None:
-                        progress(written)
-                elif source.finished:
-                    break
-                elif idle_timeout_s is not None and time.monotonic() - last > idle_timeout_s:
-                    break
-        except KeyboardInterrupt:
-            log.info("recording interrupted after %d records", written)
-        finally:
-            source.close()
+    try:
+        with RecordingWriter(out) as writer:
+            try:
+                while True:
+                    if max_records is not None and written >= max_records:
+                        break
+                    runs = source.poll(0.2)
+                    for run in runs:
+                        if max_records is not None and written + len(run) > max_records:
+                            keep = max_records - written
+                            run = PartitionRecords(
+                                run.topic,
+                                run.partition,
+                                run.values[:keep],
+                                run.keys[:keep],
+                                run.offsets[:keep],
+                                run.timestamps_ms[:keep],
+                            )
+                        writer.write(run)
+                        written += len(run)
+                    if runs:
+                        last = time.monotonic()
+                        if progress is not None:
+                            progress(written)
+                    elif source.finished:
+                        break
+                    elif idle_timeout_s is not None and time.monotonic() - last > idle_timeout_s:
+                        break
+            except KeyboardInterrupt:
+                log.info("recording interrupted after %d records", written)
+    finally:
+        source.close()
     return written

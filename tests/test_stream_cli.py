@@ -93,3 +93,59 @@ def test_cli_usage_errors_are_one_line(broker, capsys):
         == 2
     )
     assert "binary" in capsys.readouterr().err
+
+
+def test_a_record_that_cannot_reach_its_broker_gives_up_in_time_in_one_line_and_leaves_the_file_as_it_was(
+    tmp_path, capsys
+):
+    import time
+
+    out = tmp_path / "earlier.parquet"
+    out.write_bytes(b"an earlier recording")
+    started = time.monotonic()
+    argv = ["record", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--out", str(out), "--connect-timeout", "2"]
+    assert main([*argv, "--until-end"]) == 2
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "continuity: error: could not start reading 't' from 127.0.0.1:1 within 2 s: is the broker running, and "
+        "does the topic exist?"
+    )
+    assert out.read_bytes() == b"an earlier recording"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.parquet"]  # nothing half-written beside it
+
+
+def test_a_recording_that_fails_half_way_leaves_the_file_there_as_it_was_and_a_finished_one_replaces_it(tmp_path):
+    from continuity.stream import PartitionRecords, RecordingWriter
+
+    out = tmp_path / "stream.parquet"
+    out.write_bytes(b"an earlier recording")
+    run = PartitionRecords("t", 0, [b"v"], [None], np.array([0]), np.array([0]))
+    with pytest.raises(RuntimeError), RecordingWriter(out) as writer:
+        writer.write(run)
+        raise RuntimeError("the broker went away")
+    assert out.read_bytes() == b"an earlier recording"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stream.parquet"]
+    with RecordingWriter(out) as writer:
+        writer.write(run)
+    assert len(FileSource(out).poll()[0]) == 1
+
+
+@pytest.mark.parametrize("name", ["", "bad topic/name", "..", "x" * 250])
+def test_a_topic_name_kafka_cannot_read_is_refused_in_one_line(name, capsys, tmp_path):
+    for argv in (
+        ["produce", "--bootstrap", "127.0.0.1:1", "--topic", name, "--scenario", "split-digits"],
+        ["record", "--bootstrap", "127.0.0.1:1", "--topic", name, "--out", str(tmp_path / "r.parquet"), "--until-end"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert (
+            err.strip()
+            .splitlines()[-1]
+            .endswith("is not a Kafka topic name: 1 to 249 characters of a-z A-Z 0-9 . _ - (not '.' or '..')")
+        )
+    assert main(["config", "check", "--set", f"stream.topics=[{name!r}]".replace("'", '"')]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("is not a Kafka topic name" in err or (not name and "non-empty list" in err))

@@ -15,6 +15,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def topic(text: str) -> str:
+    """A Kafka topic name (stream.kafka.topic_name_problem)."""
+    from continuity.stream.kafka import topic_name_problem
+
+    problem = topic_name_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def device_counts(text: str) -> tuple[int, ...]:
     """Device counts written `1,2,4`: positive integers, each once."""
     try:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from continuity.commands.arguments import port, positive_int, rate
+from continuity.commands.arguments import port, positive_int, rate, topic
 from continuity.errors import UsageError
 from continuity.stream.drift import DRIFT_SCENARIOS
 from continuity.stream.scenarios import REGRESSION_SCENARIOS, SCENARIOS
@@ -24,7 +24,7 @@ def register(subparsers) -> None:
         "produce", help="write a synthetic scenario's stream (digits scenarios, drift streams) to a Kafka topic"
     )
     produce.add_argument("--bootstrap", required=True, metavar="HOST:PORT")
-    produce.add_argument("--topic", required=True)
+    produce.add_argument("--topic", required=True, type=topic)
     produce.add_argument(
         "--scenario",
         required=True,
@@ -84,12 +84,19 @@ def register(subparsers) -> None:
 
     record = subparsers.add_parser("record", help="record a topic's raw records to a Parquet file")
     record.add_argument("--bootstrap", required=True, metavar="HOST:PORT")
-    record.add_argument("--topic", required=True)
+    record.add_argument("--topic", required=True, type=topic)
     record.add_argument("--out", required=True, type=Path, metavar="FILE")
     record.add_argument("--from-beginning", action="store_true", help="start at the earliest offset (default: newest)")
     stop = record.add_mutually_exclusive_group()
     stop.add_argument("--until-end", action="store_true", help="stop at the end offsets seen at start")
     stop.add_argument("--max-records", type=positive_int, default=None, metavar="N")
+    record.add_argument(
+        "--connect-timeout",
+        type=positive_int,
+        default=60,
+        metavar="SECONDS",
+        help="give up when the broker or topic is not reached in this long (default 60); the file is left as it was",
+    )
     record.set_defaults(handler=run_record)
 
 
@@ -262,6 +269,7 @@ def run_record(args) -> int:
             until_end=args.until_end,
             max_records=args.max_records,
             progress=None,
+            connect_timeout_s=args.connect_timeout,
         )
     except KafkaSourceError as error:
         raise UsageError(str(error)) from None
@@ -269,6 +277,8 @@ def run_record(args) -> int:
         raise UsageError(
             f"cannot read {args.topic!r} from {args.bootstrap} ({type(error).__name__}: {error})"
         ) from None
+    except OSError as error:  # the file: a directory, a read-only place, a full disk (nothing replaced)
+        raise UsageError(f"cannot write the recording {str(args.out)!r}: {error.strerror or error}") from None
     print(json.dumps({"out": str(args.out), "records": written}))
     return 0
 
