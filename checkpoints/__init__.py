@@ -15,6 +15,7 @@ from continuity.checkpoints.store import (
     CorruptCheckpointError,
     ReadOnlyStoreError,
     Restored,
+    StoreAccessError,
     Verification,
 )
 from continuity.checkpoints.store_file import StoreFileError
@@ -32,6 +33,7 @@ __all__ = [
     "Ledger",
     "ReadOnlyStoreError",
     "Restored",
+    "StoreAccessError",
     "StoreFileError",
     "StoreLockedError",
     "Verification",

@@ -32,6 +32,7 @@ owner removes such leftovers when it opens the store and right after a save fail
 from __future__ import annotations
 
 import builtins
+import errno
 import functools
 import logging
 import os
@@ -49,7 +50,7 @@ import numpy as np
 
 from continuity.checkpoints import integrity
 from continuity.checkpoints.ledger import Ledger, to_json_value
-from continuity.checkpoints.lock import StoreLock
+from continuity.checkpoints.lock import StoreLock, StoreLockedError
 from continuity.checkpoints.retention import checkpoints_to_delete
 from continuity.checkpoints.store_file import (
     STORE_FILE,
@@ -96,6 +97,14 @@ class CheckpointSaveError(RuntimeError):
 
 class ReadOnlyStoreError(RuntimeError):
     """A change asked of a store opened for reading (it does not hold the directory's lock)."""
+
+
+class StoreAccessError(OSError):
+    """The store's directory cannot be used at all: it is a file, or may not be created, locked or read."""
+
+    def __init__(self, directory: Path, error: OSError):
+        where = f" ({error.filename})" if error.filename and str(error.filename) != str(directory) else ""
+        super().__init__(error.errno, f"cannot use {directory} as a checkpoint store: {error.strerror or error}{where}")
 
 
 @dataclass(frozen=True)
@@ -236,18 +245,27 @@ class CheckpointStore:
         self.owner = create if owner is None else owner
         self.repaired: str | None = None  # what a repair at opening rebuilt, if one ran
         self._store_path = self.directory / STORE_FILE
-        if create:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        elif not self.directory.is_dir():
-            raise CheckpointNotFoundError(f"no checkpoint store at {self.directory}: no such directory")
-        self._ownership = StoreLock(self.directory) if self.owner else None
-        if self._ownership is not None:
-            self._ownership.acquire()  # before anything is read: the owner's view is the only one that changes
+        try:
+            if self.directory.exists() and not self.directory.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(self.directory))
+            if create:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            elif not self.directory.is_dir():
+                raise CheckpointNotFoundError(f"no checkpoint store at {self.directory}: no such directory")
+            self._ownership = StoreLock(self.directory) if self.owner else None
+            if self._ownership is not None:
+                self._ownership.acquire()  # before anything is read: the owner's view is the only one that changes
+        except (StoreLockedError, CheckpointNotFoundError):
+            raise
+        except OSError as error:  # a file in its place, no permission, a lock file that is a directory
+            raise StoreAccessError(self.directory, error) from None
         try:
             self._open(repair)
-        except BaseException:
+        except BaseException as error:
             if self._ownership is not None:
                 self._ownership.release()
+            if isinstance(error, OSError) and not isinstance(error, CheckpointNotFoundError):
+                raise StoreAccessError(self.directory, error) from None  # e.g. its ledger unreadable
             raise
 
     def _open(self, repair: bool) -> None:

@@ -69,6 +69,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `... | head`: the reader is gone, and so is anything more to say
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, as a shell's command would
+    except OSError as error:
+        # The file system or the network refused (a path that is a file, no permission, a full
+        # disk): one line naming what and where, not a traceback of where it surfaced.
+        print(f"continuity: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's own flush at exit does not fail on the closed pipe again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -145,10 +145,12 @@ def open_store(config: Config):
 
     Another live process owning the directory is a UsageError naming it (pid, host).
     """
-    from continuity.checkpoints import CheckpointStore, StoreLockedError
+    from continuity.checkpoints import CheckpointStore, StoreAccessError, StoreLockedError
 
     try:
         store = CheckpointStore(config.checkpoints.dir, keep_last=config.checkpoints.keep_last, repair=True)
+    except StoreAccessError as error:
+        raise UsageError(f"{error.strerror} (checkpoints.dir)") from None
     except StoreLockedError as error:
         raise UsageError(
             f"{error}; stop it first, or give this service another checkpoints.dir "
@@ -286,13 +288,18 @@ class Service:
     def run(self, announce=None) -> RunSummary:
         """Run until the stream ends, a stop signal, or the time limit; `announce(url)` once HTTP is up."""
         restore = self._install_signal_handlers()
-        if self.http is not None:
-            self.http.start()
-            self.store.describe_owner(url=self.http.url)  # so a refused `continuity rollback --dir` can say where to go
-            log.info("HTTP on %s", self.http.url)
-            if announce is not None:
-                announce(self.http.url)
         try:
+            if self.http is not None:
+                try:
+                    self.http.start()
+                except OSError as error:  # the port taken, the host unknown: what the config said
+                    raise UsageError(
+                        f"{error.strerror} (service.http_host, service.http_port; port 0 picks a free one)"
+                    ) from None
+                self.store.describe_owner(url=self.http.url)  # so a refused `continuity rollback --dir` can say where
+                log.info("HTTP on %s", self.http.url)
+                if announce is not None:
+                    announce(self.http.url)
             return self.loop.run()
         finally:
             if self.http is not None:

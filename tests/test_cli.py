@@ -178,3 +178,61 @@ def test_config_check_prints_the_digest_saved_in_checkpoints_written_from_that_c
     assert started[0]["config_digest"] == digest
     # One schema key: the store's, for the whole JSON item.
     assert all(m["schema_version"] == SCHEMA_VERSION and "schema" not in m for m in saved)
+
+
+def test_a_store_the_file_system_will_not_let_be_used_is_one_line_never_a_traceback(store_dir, tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a store")
+    assert main(["checkpoints", "list", "--dir", str(a_file)]) == 2
+    assert capsys.readouterr().err == f"continuity: error: cannot use {a_file} as a checkpoint store: not a directory\n"
+    (store_dir / "store.lock").unlink()
+    (store_dir / "store.lock").mkdir()  # what an operator's mistake or a broken volume leaves
+    assert main(["checkpoints", "pin", "2", "--dir", str(store_dir)]) == 2
+    assert capsys.readouterr().err == (
+        f"continuity: error: pin refused: cannot use {store_dir} as a checkpoint store: Is a directory "
+        f"({store_dir / 'store.lock'})\n"
+    )
+    (store_dir / "store.lock").rmdir()
+    (store_dir / "ledger.jsonl").unlink()
+    (store_dir / "ledger.jsonl").mkdir()  # found later than the store's opening: the command's last resort
+    assert main(["checkpoints", "list", "--dir", str(store_dir)]) == 1
+    assert capsys.readouterr().err == f"continuity: error: [Errno 21] Is a directory: '{store_dir / 'ledger.jsonl'}'\n"
+
+
+def test_serve_on_a_taken_http_port_or_with_a_file_for_its_store_is_one_line_and_status_2(tmp_path, capsys):
+    import socket
+
+    common = ["serve", "--set", 'stream.bootstrap="127.0.0.1:1"']
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a store")
+    assert main([*common, "--set", f'checkpoints.dir="{a_file}"']) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"continuity: error: cannot use {a_file} as a checkpoint store: not a directory (checkpoints.dir)"
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        store = tmp_path / "checkpoints"
+        assert main([*common, "--set", f'checkpoints.dir="{store}"', "--set", f"service.http_port={port}"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"continuity: error: cannot serve HTTP on 127.0.0.1:{port}: Address already in use (service.http_host, "
+        "service.http_port; port 0 picks a free one)"
+    )
+    with CheckpointStore(store, keep_last=3):  # the refused service let its store go
+        pass
+
+
+def test_output_cut_short_by_its_reader_ends_quietly():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "from continuity.cli import main; raise SystemExit(main(['config', 'example']))"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    child.stdout.close()  # `| head -0`: nobody reads
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 141, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err

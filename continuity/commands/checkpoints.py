@@ -193,10 +193,12 @@ def _checkpoint_number(text: str) -> int:
 
 def open_store(directory: Path):
     """The store at `directory` for reading (no lock: a service may own it); errors as UsageError."""
-    from continuity.checkpoints import CheckpointNotFoundError, CheckpointStore
+    from continuity.checkpoints import CheckpointNotFoundError, CheckpointStore, StoreAccessError
 
     try:
         return CheckpointStore(directory, create=False)
+    except StoreAccessError as error:
+        raise UsageError(error.strerror) from None
     except CheckpointNotFoundError as error:
         raise UsageError(str(error)) from None
     except ValueError as error:  # StoreFileError: an unreadable store.json (the message says how to repair it)
@@ -205,10 +207,12 @@ def open_store(directory: Path):
 
 def open_owned_store(directory: Path, *, action: str, token_env: str = DEFAULT_TOKEN_ENV, repair: bool = False):
     """The store at `directory`, owned (locked) for a change; a UsageError saying who holds it when another does."""
-    from continuity.checkpoints import CheckpointNotFoundError, CheckpointStore, StoreLockedError
+    from continuity.checkpoints import CheckpointNotFoundError, CheckpointStore, StoreAccessError, StoreLockedError
 
     try:
         return CheckpointStore(directory, create=False, owner=True, repair=repair)
+    except StoreAccessError as error:
+        raise UsageError(f"{action} refused: {error.strerror}") from None
     except StoreLockedError as error:
         url = error.holder.get("url")
         raise UsageError(
