@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _drop_late_callbacks_into_closed_loops()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -77,6 +78,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         # disk): one line naming what and where, not a traceback of where it surfaced.
         print(f"continuity: error: {error}", file=sys.stderr)
         return 1
+
+
+def _drop_late_callbacks_into_closed_loops() -> None:
+    """Orbax reads and writes through TensorStore on an asyncio loop of its own. When it gives up (a
+    damaged checkpoint, a full disk) it closes that loop while TensorStore still finishes reads or
+    writes it had started, whose callbacks then fail with "Event loop is closed": reported as
+    unraisable, a traceback per array, a screenful after the one line that said what went wrong.
+    The failure itself was raised and reported already; only these echoes are dropped."""
+    default = sys.unraisablehook
+    if getattr(default, "drops_closed_loop_echoes", False):
+        return  # installed by an earlier call
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        default(unraisable)
+
+    hook.drops_closed_loop_echoes = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _silence_stdout() -> None:

@@ -236,3 +236,24 @@ def test_output_cut_short_by_its_reader_ends_quietly():
     _, err = child.communicate(timeout=120)
     assert child.returncode == 141, err.decode()
     assert b"Traceback" not in err and b"BrokenPipeError" not in err
+
+
+def test_late_callbacks_into_a_closed_event_loop_are_not_echoed_and_other_unraisable_errors_still_are():
+    """What TensorStore's late callbacks raise after Orbax closed its loop on a damaged checkpoint (a
+    traceback per array, after the one line that said what is wrong), simulated by objects whose
+    finalizer raises: the CLI's hook drops that one error and passes on every other."""
+    import subprocess
+    import sys
+
+    script = (
+        "from continuity.cli import _drop_late_callbacks_into_closed_loops as install\n"
+        "install(); install()\n"
+        "class Late:\n"
+        "    def __init__(self, message): self.message = message\n"
+        "    def __del__(self): raise RuntimeError(self.message)\n"
+        "Late('Event loop is closed'); Late('something else broke')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert "Event loop is closed" not in done.stderr
+    assert done.stderr.count("RuntimeError: something else broke") == 1
