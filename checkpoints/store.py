@@ -72,6 +72,10 @@ EXPORT_SUFFIXES = (".msgpack", ".npz")
 _UNFINALIZED = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
+def _raise(error: BaseException):
+    raise error
+
+
 class CheckpointNotFoundError(FileNotFoundError):
     """No such store directory, or no such checkpoint number in it."""
 
@@ -105,6 +109,9 @@ class StoreAccessError(OSError):
     def __init__(self, directory: Path, error: OSError):
         where = f" ({error.filename})" if error.filename and str(error.filename) != str(directory) else ""
         super().__init__(error.errno, f"cannot use {directory} as a checkpoint store: {error.strerror or error}{where}")
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # without OSError's "[Errno N]": the line a user reads
 
 
 @dataclass(frozen=True)
@@ -553,6 +560,7 @@ class CheckpointStore:
         import jax
 
         self._require(number)
+        self._require_readable(number)
         ocp = self._ocp
         reshaped = reshape is not None and self._other_shapes(number, state_like)
         target = state_like
@@ -869,6 +877,18 @@ class CheckpointStore:
         if condition == "intact" and "integrity" not in metadata:
             condition, problem = "unverified", "saved without content digests"
         return CheckpointInfo(number, metadata, condition=condition, problem=problem, **marks)
+
+    def _require_readable(self, number: int) -> None:
+        """StoreAccessError when the process may not read all of checkpoint `number`. Orbax reports an
+        unreadable file as a checkpoint it cannot make sense of, which a restore would take for
+        corruption and abandon for good: a permission fixed later would not bring it back."""
+        try:
+            for directory, _, files in os.walk(self._step_directory(number), onerror=_raise):
+                for name in [directory, *(os.path.join(directory, f) for f in files)]:
+                    if not os.access(name, os.R_OK | os.X_OK if name == directory else os.R_OK):
+                        raise PermissionError(errno.EACCES, "Permission denied", name)
+        except OSError as error:
+            raise StoreAccessError(self.directory, error) from None
 
     def _state_metadata(self, number: int, item: str = "state"):
         """The saved tree of `item` with Orbax's per-leaf metadata (string keys, lists for tuples)."""

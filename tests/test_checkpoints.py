@@ -324,6 +324,28 @@ def test_rollback_head_abandons_newer_checkpoints_and_numbers_keep_increasing(tm
         assert store.newest_good() == 5
 
 
+def test_a_checkpoint_this_process_may_not_read_is_not_taken_for_corruption_nor_abandoned(tmp_path, monkeypatch):
+    """A permission fixed later must find the checkpoint still there: a read refused is not a corrupt one."""
+    import os
+
+    from continuity.checkpoints import StoreAccessError
+
+    with CheckpointStore(tmp_path, keep_last=5) as store:
+        for i in range(2):
+            store.save(_small_state(i), {}, {"status": "good"})
+    unreadable = tmp_path / "2" / "state"
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != unreadable and access(path, mode))
+    with CheckpointStore(tmp_path, keep_last=5) as store:
+        with pytest.raises(StoreAccessError) as refused:
+            store.restore_latest(state_like=_small_like())
+        assert str(refused.value) == f"cannot use {tmp_path} as a checkpoint store: Permission denied ({unreadable})"
+        assert not [info.number for info in store.list() if info.abandoned]
+    monkeypatch.undo()  # the permission fixed
+    with CheckpointStore(tmp_path, keep_last=5) as store:
+        assert store.restore_latest(state_like=_small_like()).number == 2
+
+
 # ---------------------------------------------------------------------------- corruption and crashes
 
 
