@@ -48,6 +48,7 @@ from continuity.learner.schema import (
     SECTION_CONFIG,
     Bool,
     ConfigProblem,
+    Count,
     Finite,
     Float,
     Int,
@@ -308,8 +309,8 @@ class ProbeConfig:
         lt=1,
         description="share of the stream held out for the probe (chosen by hashing the record key)",
     )
-    per_segment: Int = Field(default=200, ge=1, description="probe examples kept per segment (reservoir)")
-    max_segments: Int = Field(default=64, ge=1, description="beyond this the oldest segment is dropped")
+    per_segment: Count = Field(default=200, ge=1, description="probe examples kept per segment (reservoir)")
+    max_segments: Count = Field(default=64, ge=1, description="beyond this the oldest segment is dropped")
     # At the default holdout (10%) and cadence (probe.every_examples 50,000) that is one segment
     # per judged window, so the probe reaches back 64 windows and the reference models meet few
     # rows they have not seen.
@@ -322,7 +323,7 @@ class ProbeConfig:
         default=None, description="optional .npz with arrays x, y: a fixed probe segment", examples=["golden-probe.npz"]
     )
     # Reporting only: it decides no model, so it is left out of the config digest.
-    prequential_window: Int = Field(
+    prequential_window: Count = Field(
         default=1_000,
         ge=1,
         description="prequential (test-then-train) accuracy: also shown over the last this many trained examples",
@@ -396,7 +397,7 @@ class GuardConfig:
     )
     # The window checks (continuity.detectors): rows of each window sampled and tested for damage
     # against accepted windows.
-    window_sample: Int = Field(
+    window_sample: Count = Field(
         default=512, ge=0, description="rows of each window the window checks test (damage in the data itself); 0 = off"
     )
     # Measured: clean windows rise at most ~0.2, damaged blocks 0.5-0.9.
@@ -500,7 +501,7 @@ class ServiceConfig:
         lt=2**32,
         description="model init and probe selection; same records + config + seed = same checkpoints",
     )
-    predict_max_rows: Int = Field(default=256, ge=1, description="rows (instances) one POST /predict may carry")
+    predict_max_rows: Count = Field(default=256, ge=1, description="rows (instances) one POST /predict may carry")
 
     def __post_init__(self):
         # The admin endpoints roll the model back: anyone who can reach them controls the service.

@@ -22,6 +22,7 @@ from pydantic import Field
 from continuity.learner.schema import (
     Bool,
     ConfigProblem,
+    Count,
     Float,
     Int,
     OptionalFloat,
@@ -104,9 +105,9 @@ class ReplayConfig:
     kind: Literal["reservoir", "class_balanced", "fifo"] = Field(
         default="reservoir", description='"reservoir", "class_balanced" (classification only) or "fifo"'
     )
-    capacity: Int = Field(default=0, ge=0, description="examples kept; 0 = no replay")
+    capacity: Count = Field(default=0, ge=0, description="examples kept; 0 = no replay")
     # Half a default fresh batch by default in the library (BENCHMARKS.md).
-    batch_size: Int = Field(default=16, ge=1, description="replayed examples mixed into every step")
+    batch_size: Count = Field(default=16, ge=1, description="replayed examples mixed into every step")
     # ER-ACE (Caccia et al. 2022): fresh rows' cross-entropy only over the classes present
     # in the fresh batch, so learning new classes does not push old classes' logits down;
     # replayed rows use all classes. Changes nothing when every batch holds every class.
@@ -145,7 +146,7 @@ class EWCConfig:
         default=4.0, ge=1, description="lambda <- min(strength_max, lambda * boost) on each regression"
     )
     gamma: Float = Field(default=0.9, ge=0, le=1, description="Fisher discount: F <- gamma F + F_new")
-    fisher_samples: Int = Field(default=256, ge=1, description="examples per Fisher refresh (from replay, or given)")
+    fisher_samples: Count = Field(default=256, ge=1, description="examples per Fisher refresh (from replay, or given)")
 
     def __post_init__(self):
         if not 0 <= self.strength_min <= self.strength <= self.strength_max:
@@ -179,10 +180,10 @@ class LearnerConfig:
     clip_global_norm: OptionalFloat = Field(
         default=None, gt=0, description="clip each update's gradients to this global norm", examples=[1.0]
     )
-    batch_size: Int = Field(
+    batch_size: Count = Field(
         default=32, ge=1, description="fresh examples per step (fixed shape: a short batch is padded and masked)"
     )
-    steps_per_dispatch: Int = Field(default=8, ge=1, description="train updates per dispatch to the device")
+    steps_per_dispatch: Count = Field(default=8, ge=1, description="train updates per dispatch to the device")
     optimizer_args: dict[str, Any] = Field(
         default_factory=dict,
         description="the optimizer's other keyword arguments (optax's names)",

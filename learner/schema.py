@@ -30,12 +30,17 @@ _Section = TypeVar("_Section")
 
 # Scalars are strict (a TOML string "32" is not an integer, 1 is not a boolean); arrays are
 # TOML arrays. Every float is finite: a NaN or an infinity is never a setting.
+# No count, size or shape needs more than int32 holds; past it JAX cannot even make the array, and
+# the error it gives names no setting. Fields that size arrays declare it (`le=INT_MAX`); a bound
+# in `Int` itself would replace a field's own `le` (pydantic keeps the last).
+INT_MAX = 2**31 - 1
 Int = Annotated[int, Strict()]
+Count = Annotated[int, Strict(), annotated_types.Le(INT_MAX)]  # sizes an array: at most INT_MAX
 Float = Annotated[float, Strict(), AllowInfNan(False)]
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
 Ints = tuple[Int, ...]
-PositiveInts = tuple[Annotated[int, Strict(), annotated_types.Gt(0)], ...]
+PositiveInts = tuple[Annotated[int, Strict(), annotated_types.Gt(0), annotated_types.Le(INT_MAX)], ...]
 
 
 def _empty_is_none(value):
@@ -173,6 +178,8 @@ def bounds(info: FieldInfo, value) -> str:
             high = f"{item.lt})"
         elif isinstance(item, annotated_types.Le):
             high = f"{item.le}]"
+    if high == f"{INT_MAX}]" and isinstance(value, int) and value <= INT_MAX:
+        high = None  # the cap every integer has (`Int`) is not what this value broke: leave it unsaid
     finite = any(isinstance(item, Finite) for item in metadata)
     if low and high:
         if low.startswith("[") and high.endswith("]") and all(isinstance(v, int) for v in (value,)):

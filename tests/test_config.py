@@ -180,6 +180,11 @@ def test_wrong_type(tmp_path, text, key, expected, received):
         ("[checkpoints]\nevery_seconds = -1\n", "[checkpoints] every_seconds", "must be >= 0"),
         ("[probe]\nevery_seconds = -5\n", "[probe] every_seconds", "must be a finite number >= 0. Got -5."),
         ("[ewc]\nstrength = 1.0\n", "[ewc]", "strength_min <= strength"),
+        # Sizes of arrays past int32: JAX could not make them, with an error that names no setting.
+        ("[learner]\nbatch_size = 99999999999999999999\n", "[learner] batch_size", "must be in 1..2147483647."),
+        ("[replay]\ncapacity = 3000000000\n", "[replay] capacity", "must be in 0..2147483647. Got 3000000000."),
+        ("[probe]\nwindow_sample = 2147483648\n", "[probe] window_sample", "must be in 0..2147483647."),
+        ("[stream]\nfeature_shape = [3000000000]\n", "[stream] feature_shape", "positive integers"),
     ],
 )
 def test_out_of_range(tmp_path, text, key, detail):
