@@ -154,6 +154,13 @@ def build_optimizer(config: LearnerConfig) -> optax.GradientTransformation:
             ("learner", "optimizer"),
             f"optax.{name}(...) is a {type(transformation).__name__}, not an optimizer (a GradientTransformation)",
         )
+    try:  # traced only: arguments of the wrong type fail here, naming the setting, not in the first step
+        tiny = {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
+        jax.eval_shape(lambda p: transformation.update(p, transformation.init(p), p), tiny)
+    except Exception as error:  # noqa: BLE001 - whatever optax raised on the user's arguments
+        raise FactoryError(
+            ("learner", "optimizer_args"), f"optax.{name} fails with them: {_error_line(error)}"
+        ) from None
     if config.clip_global_norm is not None:
         transformation = optax.chain(optax.clip_by_global_norm(config.clip_global_norm), transformation)
     return transformation

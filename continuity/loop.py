@@ -882,7 +882,10 @@ class TrainingLoop:
                 seed=self.seed,
             )
             if self.probe_config.golden:
-                probe.add_golden(*load_golden(self.probe_config.golden))
+                try:
+                    probe.add_golden(*load_golden(self.probe_config.golden))
+                except (OSError, ValueError) as error:  # missing, not a .npz, arrays not the model's
+                    raise UsageError(f"probe.golden: {error}") from None
             self.ledger.append("start", fresh=True, seed=self.seed, config_digest=self.digest)
             return fresh, _Good(None, probe, Positions(), [], 0)
         state, good = self._from_restored(restored)

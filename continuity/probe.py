@@ -279,7 +279,13 @@ def load_golden(path: str | Path) -> tuple:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"golden probe file {str(path)!r} does not exist.")
-    with np.load(path) as data:
+    try:
+        data = np.load(path)  # allow_pickle=False: a file of objects is refused, never run
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"golden probe file {str(path)!r} is not a .npz of arrays ({error})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"golden probe file {str(path)!r} is a single .npy array, not a .npz holding 'x' and 'y'")
+    with data:
         named = {key[2:]: data[key] for key in data if key.startswith("x.")}
         if ("x" not in data and not named) or "y" not in data:
             raise ValueError(

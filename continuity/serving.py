@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from continuity.errors import UsageError
 from continuity.learner import Learner
 from continuity.stream.codecs import FeatureSpec, FieldSpec, JsonCodec
 
@@ -160,6 +161,14 @@ class Publisher:
 
     def __init__(self, directory: str | Path, spec: dict):
         self.directory = Path(directory)
+        try:  # a place that cannot take models is the config's to fix, at start, not a failure per model
+            if self.directory.exists() and not self.directory.is_dir():
+                raise NotADirectoryError(20, "a file, not a directory")
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(
+                f"publish.dir: cannot publish models in {str(self.directory)!r} ({error.strerror})"
+            ) from None
         self.spec = spec  # what every published model shares: inputs, task, model, config digest
         self._next: AcceptedModel | None = None
         self._wake = threading.Condition()
@@ -195,7 +204,9 @@ class Publisher:
                 model, self._next, self._busy = self._next, None, True
             try:
                 self.write(model)
-            except Exception:  # a full disk must not stop training: say so, keep serving
+            except OSError as error:  # a full disk must not stop training: say so in a line, keep serving
+                log.error("publishing checkpoint %s to %s failed: %s", model.checkpoint, self.directory, error)
+            except Exception:  # not the file system's doing: with its traceback
                 log.exception("publishing checkpoint %s to %s failed", model.checkpoint, self.directory)
             finally:
                 with self._wake:

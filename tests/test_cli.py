@@ -257,3 +257,24 @@ def test_late_callbacks_into_a_closed_event_loop_are_not_echoed_and_other_unrais
     assert done.returncode == 0
     assert "Event loop is closed" not in done.stderr
     assert done.stderr.count("RuntimeError: something else broke") == 1
+
+
+@pytest.mark.slow  # a replay to its start
+@pytest.mark.parametrize(
+    ("setting", "said"),
+    [
+        ("learner.optimizer_args={b1=[1, 2]}", "[learner] optimizer_args: optax.adam fails with them: TypeError"),
+        ('probe.golden="{tmp}/missing.npz"', "probe.golden: golden probe file '{tmp}/missing.npz' does not exist."),
+        ('probe.golden="{tmp}/stream.parquet"', "probe.golden: golden probe file '{tmp}/stream.parquet' is not a .npz"),
+        ('publish.dir="{tmp}/stream.parquet"', "publish.dir: cannot publish models in '{tmp}/stream.parquet' (a file,"),
+    ],
+)
+def test_settings_that_pass_the_config_check_but_cannot_work_stop_the_start_in_one_line(
+    tmp_path, capsys, setting, said
+):
+    recording = record_scenario(tmp_path / "stream.parquet", segments=1, seed=0)
+    argv = ["replay", str(recording), "--set", setting.replace("{tmp}", str(tmp_path)), "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("continuity: error: ") and said.replace("{tmp}", str(tmp_path)) in err[-1]
+    assert not any("Traceback" in line for line in err)
