@@ -878,6 +878,11 @@ class CheckpointStore:
             condition, problem = "unverified", "saved without content digests"
         return CheckpointInfo(number, metadata, condition=condition, problem=problem, **marks)
 
+    def _holds_a_checkpoint(self, number: int) -> bool:
+        """Whether directory `number` has any part a save writes (a damaged checkpoint still has some)."""
+        directory = self._step_directory(number)
+        return any((directory / part).exists() for part in ("_CHECKPOINT_METADATA", "files.json", "state", "meta"))
+
     def _require_readable(self, number: int) -> None:
         """StoreAccessError when the process may not read all of checkpoint `number`. Orbax reports an
         unreadable file as a checkpoint it cannot make sense of, which a restore would take for
@@ -1017,6 +1022,13 @@ class CheckpointStore:
         doomed = checkpoints_to_delete(
             numbers, keep_last=self.keep_last, last_good=self.last_good(), pinned=self._file.pinned
         )
+        foreign = [n for n in doomed if not self._holds_a_checkpoint(n)]
+        if foreign:  # a directory an operator put there under a number's name: not ours to delete
+            logger.warning(
+                "retention leaves %s alone: named like checkpoints, but holding none",
+                ", ".join(str(self._step_directory(n)) for n in foreign),
+            )
+            doomed = [n for n in doomed if n not in foreign]
         for number in doomed:
             status = self._status(number)
             self._manager.delete(number)

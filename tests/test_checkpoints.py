@@ -292,6 +292,23 @@ def test_retention_never_deletes_the_last_good_or_a_pinned_checkpoint(tmp_path):
     assert events.count("save") == 8 and "pin" in events and "unpin" in events
 
 
+def test_retention_leaves_a_directory_named_like_a_checkpoint_but_holding_none_alone(tmp_path, caplog):
+    import logging
+
+    with CheckpointStore(tmp_path, keep_last=2) as store:
+        store.save(_small_state(1), {}, {"status": "good"})
+        store.wait()
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "notes.txt").write_text("an operator's")
+    with caplog.at_level(logging.WARNING), CheckpointStore(tmp_path, keep_last=2) as store:
+        for i in range(3):
+            store.save(_small_state(i), {}, {"status": "good"})
+            store.wait()
+    assert (tmp_path / "0" / "notes.txt").read_text() == "an operator's"
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [0, 3, 4]
+    assert f"retention leaves {tmp_path / '0'} alone: named like checkpoints, but holding none" in caplog.text
+
+
 def test_rollback_head_abandons_newer_checkpoints_and_numbers_keep_increasing(tmp_path):
     with CheckpointStore(tmp_path, keep_last=5) as store:
         for i in range(4):
