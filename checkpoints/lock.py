@@ -84,6 +84,34 @@ class StoreLock:
         self._write()
         return self
 
+    def still_held(self) -> bool:
+        """Whether the file at `path` is still the one this holds the flock on. An operator (or a
+        clean-up job) that removed it, or the whole directory, left the lock on a file nobody
+        else can see: a second writer would take a new one and both would write."""
+        if self._fd is None:
+            return False
+        try:
+            on_disk = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self._fd)
+        return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
+    def take_again(self) -> None:
+        """Lock the file now at `path` (made anew if gone), keeping what this holder said of itself;
+        StoreLockedError when another process took it meanwhile."""
+        described = {k: v for k, v in self._holder.items() if k not in ("pid", "host", "command", "since")}
+        lost, self._fd = self._fd, None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.acquire()
+        except BaseException:
+            self._fd = lost  # still ours, for what it is worth: release() closes it
+            raise
+        if lost is not None:
+            os.close(lost)
+        self.describe(**described)
+
     def describe(self, **fields) -> None:
         """Add to what the lock file says about its holder (e.g. url=the service's HTTP address)."""
         if self._fd is None:

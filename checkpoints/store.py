@@ -50,7 +50,7 @@ import numpy as np
 
 from continuity.checkpoints import integrity
 from continuity.checkpoints.ledger import Ledger, to_json_value
-from continuity.checkpoints.lock import StoreLock, StoreLockedError
+from continuity.checkpoints.lock import StoreLock, StoreLockedError, describe_holder
 from continuity.checkpoints.retention import checkpoints_to_delete
 from continuity.checkpoints.store_file import (
     STORE_FILE,
@@ -395,6 +395,7 @@ class CheckpointStore:
         self._check_open()
         self._check_owner("saving")
         self.wait()
+        self._keep_ownership()
         number = self._next
         saved = to_json_value(dict(metadata), where="metadata")
         saved.update(schema_version=SCHEMA_VERSION, checkpoint=number, saved_at=time.time())
@@ -877,6 +878,28 @@ class CheckpointStore:
         if condition == "intact" and "integrity" not in metadata:
             condition, problem = "unverified", "saved without content digests"
         return CheckpointInfo(number, metadata, condition=condition, problem=problem, **marks)
+
+    def _keep_ownership(self) -> None:
+        """Before a save: the lock file must still be the one this store locked. Removed (with the whole
+        directory, perhaps), it is taken again, said loudly; taken by another process meanwhile, this
+        store saves nothing more (CheckpointSaveError): two writers would undo each other's work."""
+        if self._ownership is None or self._ownership.still_held():
+            return
+        try:
+            self._ownership.take_again()
+        except StoreLockedError as error:
+            raise CheckpointSaveError(
+                f"not saving in {self.directory}: its store.lock was removed, and {describe_holder(error.holder)} "
+                "has locked it since; stop one of the two"
+            ) from None
+        except OSError as error:
+            raise CheckpointSaveError(f"not saving in {self.directory}: cannot lock it again ({error})") from None
+        missing = [n for n in sorted(self._metadata) if not self._step_directory(n).exists()]
+        logger.warning(
+            "%s/store.lock was removed while this store owned it (checkpoints missing now: %s); locked it again",
+            self.directory,
+            ", ".join(map(str, missing)) or "none",
+        )
 
     def _holds_a_checkpoint(self, number: int) -> bool:
         """Whether directory `number` has any part a save writes (a damaged checkpoint still has some)."""

@@ -309,6 +309,39 @@ def test_retention_leaves_a_directory_named_like_a_checkpoint_but_holding_none_a
     assert f"retention leaves {tmp_path / '0'} alone: named like checkpoints, but holding none" in caplog.text
 
 
+def test_a_lock_file_removed_under_its_owner_is_taken_again_at_the_next_save_or_refuses_a_second_writer(
+    tmp_path, caplog
+):
+    import logging
+
+    from continuity.checkpoints import StoreLockedError
+
+    with CheckpointStore(tmp_path / "a", keep_last=5) as owner:
+        owner.save(_small_state(1), {}, {"status": "good"})
+        owner.wait()
+        (tmp_path / "a" / "store.lock").unlink()  # a clean-up job, an operator
+        with caplog.at_level(logging.WARNING):
+            owner.save(_small_state(2), {}, {"status": "good"})
+            owner.wait()
+        assert "store.lock was removed while this store owned it (checkpoints missing now: none); locked it again" in (
+            caplog.text
+        )
+        with pytest.raises(StoreLockedError):  # the lock a second writer would find is held again
+            CheckpointStore(tmp_path / "a")
+
+    with CheckpointStore(tmp_path / "b", keep_last=5) as first:
+        first.save(_small_state(1), {}, {"status": "good"})
+        first.wait()
+        (tmp_path / "b" / "store.lock").unlink()
+        with CheckpointStore(tmp_path / "b", keep_last=5) as second:  # it found no lock: it owns the store now
+            with pytest.raises(CheckpointSaveError, match=r"its store.lock was removed, and .* has locked it since"):
+                first.save(_small_state(2), {}, {"status": "good"})
+            assert second.save(_small_state(3), {}, {"status": "good"}) == 2
+            second.wait()
+    # The first wrote nothing more: 2 is the second's.
+    assert sorted(int(p.name) for p in (tmp_path / "b").iterdir() if p.name.isdigit()) == [1, 2]
+
+
 def test_rollback_head_abandons_newer_checkpoints_and_numbers_keep_increasing(tmp_path):
     with CheckpointStore(tmp_path, keep_last=5) as store:
         for i in range(4):
