@@ -103,6 +103,9 @@ class _Keep(enum.Enum):
     GROUP = enum.auto()  # kafka_settings(group=...) not given: use StreamConfig.group
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config holding more is not one a person wrote: refused before it is read
+
+
 def _one_topic(value):
     return (value,) if isinstance(value, str) else value  # `--set stream.topics=digits` means one topic
 
@@ -978,6 +981,11 @@ class _Loader:
     def read(self) -> dict:
         if self.path is None:
             return {}
+        if self.path.exists() and not self.path.is_dir() and not self.path.is_file():
+            # A FIFO would block the read for ever, /dev/zero would fill the memory.
+            return self._fail("is not a regular file (a pipe or device?), expected a TOML file")
+        if self.path.is_file() and self.path.stat().st_size > MAX_CONFIG_BYTES:
+            return self._fail(f"is {self.path.stat().st_size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:

@@ -197,6 +197,17 @@ def test_bad_toml_names_the_line(tmp_path):
     assert "invalid TOML" in message and "line 3" in message
 
 
+def test_a_pipe_a_device_or_a_file_too_big_to_be_a_config_is_refused_before_it_is_read(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # reading it would wait for a writer for ever
+    assert error_of(fifo) == f"config {fifo}: is not a regular file (a pipe or device?), expected a TOML file"
+    assert error_of(Path("/dev/zero")).endswith("is not a regular file (a pipe or device?), expected a TOML file")
+    big = write(tmp_path, "# " + "x" * (1 << 20) + "\n")
+    assert error_of(big).endswith("bytes; a config is at most 1,048,576")
+
+
 def test_missing_file(tmp_path):
     missing = tmp_path / "nope.toml"
     assert error_of(missing) == f"config {missing}: no such file"
