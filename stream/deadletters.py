@@ -55,6 +55,8 @@ class DeadLetterSink:
         self.counts: Counter = Counter()
 
     def put(self, letter: DeadLetter) -> None:
+        if self._kept_already(letter):
+            return
         with self._lock:
             self.total += 1
             self.counts[letter.kind] += 1
@@ -74,6 +76,10 @@ class DeadLetterSink:
                 letter.reason,
             )
         self._write(letter)
+
+    def _kept_already(self, letter: DeadLetter) -> bool:
+        """Whether this sink holds `letter` from before (a record read again: the sink says)."""
+        return False
 
     def _write(self, letter: DeadLetter) -> None:  # pragma: no cover - overridden
         pass
@@ -113,18 +119,45 @@ def letter_to_json(letter: DeadLetter) -> dict:
 
 
 class JsonLinesDeadLetters(DeadLetterSink):
-    """Appends dead letters to a JSON-lines file (flushed after every letter: they are rare)."""
+    """Appends dead letters to a JSON-lines file (flushed after every letter: they are rare).
+
+    Each letter is kept once. Records after the last checkpoint are read again after a restart
+    (or a rollback), and with them their dead letters; a partition's letter at or before the
+    newest one the file holds for it, by offset and timestamp, is one it has. (A topic recreated
+    starts its offsets again, at later timestamps: its letters are new.)
+    """
 
     def __init__(self, path: str | Path, *, noun: str = "dead letter"):
         super().__init__(noun=noun)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._newest: dict[tuple[str, int], tuple[int, int]] = {}  # (topic, partition): (offset, timestamp_ms)
+        if self.path.is_file():
+            for kept in read_dead_letters(self.path):
+                self._note(kept.get("topic"), kept.get("partition"), kept.get("offset"), kept.get("timestamp_ms"))
         self._file = self.path.open("a", encoding="utf-8")
+        if self._file.tell() and not _ends_a_line(self.path):
+            self._file.write("\n")  # after a line torn by a crash: the next letter starts a line of its own
+
+    def _note(self, topic, partition, offset, timestamp_ms) -> None:
+        if not (isinstance(topic, str) and all(isinstance(v, int) for v in (partition, offset, timestamp_ms))):
+            return  # a line of another shape: nothing to go by
+        key = (topic, partition)
+        offset_was, timestamp_was = self._newest.get(key, (-1, -1))
+        self._newest[key] = (max(offset, offset_was), max(timestamp_ms, timestamp_was))
+
+    def _kept_already(self, letter: DeadLetter) -> bool:
+        position = letter.record.position
+        with self._lock:
+            newest = self._newest.get((position.topic, position.partition))
+        return newest is not None and position.offset <= newest[0] and letter.record.timestamp_ms <= newest[1]
 
     def _write(self, letter: DeadLetter) -> None:
+        record = letter.record
         with self._lock:
             self._file.write(json.dumps(letter_to_json(letter)) + "\n")
             self._file.flush()
+            self._note(record.position.topic, record.position.partition, record.position.offset, record.timestamp_ms)
 
     def close(self) -> None:
         with self._lock:
@@ -133,9 +166,23 @@ class JsonLinesDeadLetters(DeadLetterSink):
 
 
 def read_dead_letters(path: str | Path) -> list[dict]:
-    """The entries of a JSON-lines dead-letter file."""
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The entries of a JSON-lines dead-letter file (a line torn by a crash mid-write is left out)."""
+    entries = []
+    with Path(path).open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                entries.append(entry)
+    return entries
+
+
+def _ends_a_line(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
 
 
 class KafkaDeadLetters(DeadLetterSink):

@@ -356,6 +356,30 @@ def test_json_lines_dead_letter_file(tmp_path):
     assert [r["offset"] for r in rows] == [0, 1] and sink.counts == {"bad JSON": 1, "label out of range": 1}
 
 
+def test_a_dead_letter_file_keeps_each_letter_once_across_restarts_yet_takes_a_recreated_topics_anew(tmp_path):
+    """After a restart the records after the last checkpoint are read again, bad ones included."""
+    path = tmp_path / "dlq.jsonl"
+    codec = JsonCodec(SPEC)
+    _, letters = codec.decode(_records([b"{", b"[", b"}"]))  # offsets 0, 1, 2; timestamps 0, 10, 20
+    sink = JsonLinesDeadLetters(path)
+    for letter in letters[:2]:
+        sink.put(letter)
+    sink.close()
+    with path.open("a") as torn:
+        torn.write('{"topic": "t", "partit')  # a crash mid-write
+    again = JsonLinesDeadLetters(path)  # restarted: reads from the checkpoint, before offset 0
+    for letter in letters:
+        again.put(letter)
+    assert again.total == 1 and again.counts == {"bad JSON": 1}  # offset 2 alone is new
+    # The topic recreated: offsets from 0 again, at later timestamps.
+    _, recreated = codec.decode(_records([b"{"]))
+    later = recreated[0]._replace(record=recreated[0].record._replace(timestamp_ms=1_000))
+    again.put(later)
+    again.close()
+    offsets = [(r["offset"], r["timestamp_ms"]) for r in read_dead_letters(path)]
+    assert offsets == [(0, 0), (1, 10), (2, 20), (0, 1_000)]
+
+
 def test_kafka_log_limit_lets_a_few_kafka_lines_a_minute_through_and_says_how_many_it_held_back():
     import logging
 
