@@ -216,6 +216,9 @@ class FileSource(Source):
 
     Memory is bounded by `read_rows` records. Rows before the start Positions of their
     partition are skipped; a partition without a start position is read from its first row.
+    A partition's offsets must rise, as a log's do (`record` writes them so): one that goes
+    back is a damaged or forged file, refused (SourceError), since positions saved from it
+    would send the next replay back over records already trained.
     """
 
     def __init__(self, path: str | Path, *, start: Positions | None = None, read_rows: int = 4096):
@@ -227,6 +230,7 @@ class FileSource(Source):
         self._batches: Iterator[Any] | None = None
         self._finished = False
         self._skipped: set = set()
+        self._last: dict[tuple[str, int], int] = {}  # (topic, partition): the last offset read
 
     def open(self) -> None:
         import pyarrow.parquet as pq
@@ -268,9 +272,27 @@ class FileSource(Source):
                 self.start,
                 self._skipped,
             )
+            for run in runs:
+                self._check_rising(run)
             if runs:
                 return runs
         return []
+
+    def _check_rising(self, run: PartitionRecords) -> None:
+        key = (run.topic, run.partition)
+        offsets = run.offsets
+        last = self._last.get(key)
+        if (last is not None and len(offsets) and offsets[0] <= last) or (
+            len(offsets) > 1 and (np.diff(offsets) <= 0).any()
+        ):
+            previous = np.concatenate([[last] if last is not None else [], offsets]).astype(np.int64)
+            at = int(np.flatnonzero(np.diff(previous) <= 0)[0])
+            raise SourceError(
+                f"recorded stream {str(self.path)!r}: {run.topic}/{run.partition} goes back from offset "
+                f"{int(previous[at])} to {int(previous[at + 1])}; a log's offsets only rise (a damaged or edited file?)"
+            )
+        if len(offsets):
+            self._last[key] = int(offsets[-1])
 
     @property
     def finished(self) -> bool:

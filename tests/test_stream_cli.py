@@ -149,3 +149,26 @@ def test_a_topic_name_kafka_cannot_read_is_refused_in_one_line(name, capsys, tmp
     assert main(["config", "check", "--set", f"stream.topics=[{name!r}]".replace("'", '"')]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("is not a Kafka topic name" in err or (not name and "non-empty list" in err))
+
+
+def test_a_recording_whose_offsets_go_back_is_refused_before_anything_trains_and_by_the_file_source(tmp_path, capsys):
+    """Positions saved from it would send the next replay back over records already trained."""
+    from continuity.stream import PartitionRecords, RecordingWriter, SourceError
+
+    codec = make_codec("binary", FeatureSpec((2,), "float32", 10))
+    values = [codec.encode(np.array([i, i]), i % 10) for i in range(6)]
+    path = tmp_path / "edited.parquet"
+    with RecordingWriter(path) as writer:
+        for offsets in ([0, 1, 2], [5, 4, 3]):  # the second run goes back: 2 -> 5 -> 4
+            writer.write(PartitionRecords("t", 0, values[:3], [None] * 3, np.array(offsets), np.zeros(3, np.int64)))
+    argv = ["replay", str(path), "--set", "stream.feature_shape=[2]", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"continuity: error: recorded stream '{path}': t/0 goes back from offset 5 to 4 at row 4; a log's offsets "
+        "only rise (a damaged or edited file?)"
+    )
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    source = FileSource(path, read_rows=2)
+    with pytest.raises(SourceError, match="t/0 goes back from offset 5 to 4"):
+        while not source.finished:
+            source.poll()

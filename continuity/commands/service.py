@@ -187,16 +187,37 @@ def _recorded_ends(path: Path) -> dict:
     """{(topic, partition): (first offset, end offset)} of a recording, for the progress bar."""
     import pyarrow.parquet as pq
 
+    import numpy as np
+    import pyarrow.compute as pc
+
     if not path.is_file():
         raise UsageError(f"recorded stream {str(path)!r} does not exist")
     try:
-        table = pq.read_table(path, columns=["topic", "partition", "offset"])
+        names = set(pq.read_schema(path).names)
     except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
         raise UsageError(f"{str(path)!r} is not a Parquet recording ({type(error).__name__})") from None
+    missing = sorted({"topic", "partition", "offset", "timestamp_ms", "key", "value"} - names)
+    if missing:
+        raise UsageError(f"{str(path)!r} is not a continuity recording: missing columns {missing}")
+    table = pq.read_table(path, columns=["topic", "partition", "offset"])
+    # A log's offsets only rise; a file where one goes back (damaged, edited) would make a replay's
+    # saved positions send the next one back over records already trained: refused before any is.
+    topic = pc.dictionary_encode(table.column("topic")).combine_chunks().indices.to_numpy(zero_copy_only=False)
+    key = topic.astype(np.int64) << 32 | table.column("partition").to_numpy().astype(np.int64)
+    offsets = table.column("offset").to_numpy()
+    order = np.argsort(key, kind="stable")
+    back = np.flatnonzero((key[order][1:] == key[order][:-1]) & (np.diff(offsets[order]) <= 0))
+    if back.size:
+        row = order[back[0] + 1]
+        raise UsageError(
+            f"recorded stream {str(path)!r}: {table.column('topic')[row]}/{table.column('partition')[row]} goes back "
+            f"from offset {offsets[order[back[0]]]} to {offsets[row]} at row {row}; a log's offsets only rise "
+            "(a damaged or edited file?)"
+        )
     ends = {}
     grouped = table.group_by(["topic", "partition"]).aggregate([("offset", "min"), ("offset", "max")])
-    for row in grouped.to_pylist():
-        ends[(row["topic"], row["partition"])] = (row["offset_min"], row["offset_max"] + 1)
+    for entry in grouped.to_pylist():
+        ends[(entry["topic"], entry["partition"])] = (entry["offset_min"], entry["offset_max"] + 1)
     return ends
 
 
