@@ -185,10 +185,9 @@ def run_replay(args) -> int:
 
 def _recorded_ends(path: Path) -> dict:
     """{(topic, partition): (first offset, end offset)} of a recording, for the progress bar."""
-    import pyarrow.parquet as pq
-
     import numpy as np
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
     if not path.is_file():
         raise UsageError(f"recorded stream {str(path)!r} does not exist")
