@@ -31,7 +31,9 @@ request line and headers (also the most a kept-alive connection may idle) and
 64 KiB), however slowly the bytes trickle in. When
 every slot is taken, a new connection takes the slot of the one that has waited longest
 for its headers (a slow or idle client, closed); if none is waiting, it gets 503 at once.
-A body that is not a JSON object, or is nested too deep, is 400.
+A body that is not a JSON object, or is nested too deep, is 400; so is a Content-Length
+that is not one plain number (negative, or two that differ). Requests the stdlib's parser
+refuses (an unknown method, a malformed request line, oversized headers) are JSON errors too.
 
 `rollback_over_http` is the client side that `continuity rollback` uses; it raises
 `ServiceUnreachable` when nothing listens, so the CLI can fall back to the directory.
@@ -245,6 +247,11 @@ class _Server(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    # The listen queue holds connections until the one accept thread takes them. socketserver's
+    # 5 overflows at a burst of clients (a scrape fleet, a retry storm), and the kernel drops what
+    # it cannot hold: those clients hang in SYN retries, and the 503 beyond `max_connections`
+    # never engages. The kernel caps this at net.core.somaxconn.
+    request_queue_size = 128
     service: ServiceHTTP
 
     def __init__(self, address, handler, *, max_connections: int):
@@ -373,6 +380,27 @@ class _Handler(BaseHTTPRequestHandler):
         parsed = super().parse_request()  # reads the headers
         self.server.waiting(self.connection, False)
         return parsed
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib parser's refusals (a malformed request line, an unknown method, oversized headers) as JSON.
+
+        Every other error of this API is `{"error": ...}`; the stdlib's would be an HTML page.
+        The connection closes after it, as the stdlib's does: what is left of the request is unread.
+        """
+        status = HTTPStatus(code)
+        if status == HTTPStatus.NOT_IMPLEMENTED:
+            message = f"{message}; this API answers GET, HEAD and POST"
+        elif status == HTTPStatus.REQUEST_URI_TOO_LONG:
+            message = "the request line (method, path and version) must be at most 65536 bytes"
+        text = message or status.phrase
+        if explain:  # the stdlib gives one for the header limits: which was exceeded
+            text = f"{text}: {explain}"
+        if self.request_version == "HTTP/0.9":
+            # The stdlib's default until a request line parses; as such it would send the body
+            # without a status line or headers. Clients of this API speak HTTP/1.x.
+            self.request_version = "HTTP/1.0"
+        self.log_error("code %d, message %s", code, text)
+        self._send_json(status, {"error": text}, {"Connection": "close"})
 
     # ---------------------------------------------------------------- routing
 
@@ -507,40 +535,51 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = orjson.loads(raw)  # bounded nesting, unlike json: a deep body is a 400, not a RecursionError
         except orjson.JSONDecodeError as error:
+            try:
+                raw.decode()  # orjson calls bad UTF-8 "surrogates not allowed", which misleads
+            except UnicodeDecodeError as bad:
+                raise _BadRequest(
+                    f"the request body is not valid UTF-8 (byte {bad.start} is 0x{raw[bad.start]:02x}); "
+                    f"it must be {what} in UTF-8"
+                ) from None
             raise _BadRequest(f"the request body must be {what}: {error}") from None
         if not isinstance(body, dict):
             raise _BadRequest(f"the request body must be {what}, got {type(body).__name__}")
         return body
 
     def _content_length(self, limit: int = MAX_BODY_BYTES) -> int:
+        """The body's length: 0 without a Content-Length, else its one plain decimal value.
+
+        Where the body ends must be beyond doubt: a proxy in front that read another length
+        than ours (the other of two headers, or `1_0`, which `int` reads as 10) would pass
+        bytes we take for a next request (request smuggling). So anything else is 400, and
+        the connection closes after the answer, unread.
+        """
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise _BadRequest("send the body with a Content-Length, not chunked", HTTPStatus.LENGTH_REQUIRED)
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
+        values = [value.strip() for value in self.headers.get_all("Content-Length", [])]
+        if len(set(values)) > 1:
             self.close_connection = True
-            raise _BadRequest("Content-Length must be an integer") from None
-        if length < 0 or length > limit:
+            raise _BadRequest(f"conflicting Content-Length headers {values}; send one")
+        value = values[0] if values else "0"
+        if not (value.isascii() and value.isdigit()):
+            self.close_connection = True
+            raise _BadRequest(f"Content-Length must be the body's size in bytes (digits only), got {value!r}")
+        digits = value.lstrip("0") or "0"
+        if len(digits) > len(str(limit)) or int(digits) > limit:  # int() refuses 4300 digits and more
             self.close_connection = True
             raise _BadRequest(
-                f"the request body must be at most {limit} bytes, got {length}",
+                f"the request body must be at most {limit} bytes, got {digits if len(digits) < 30 else 'more'}",
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
             )
-        return length
+        return int(digits)
 
     def _discard_body(self) -> None:
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if 0 <= length <= MAX_BODY_BYTES:
-            try:
-                self._read_body(length)
-            except _BadRequest:
-                pass  # the answer to come says what was wrong; the connection closes after it
-        else:
-            self.close_connection = True
+            self._read_body(self._content_length())
+        except _BadRequest:
+            pass  # the answer to come is about the request, not its body; the connection closes after it
 
     def _read_body(self, length: int) -> bytes:
         self._reads.deadline = time.monotonic() + self.server.service.body_timeout_s
@@ -613,6 +652,20 @@ class _BadRequest(Exception):
         self.status = status
 
 
+def _checkpoint_number(body: dict, key: str) -> int:
+    """`body[key]` as a checkpoint number, or _BadRequest saying what it must be."""
+    number = body.get(key)
+    if isinstance(number, float) and abs(number) >= 2**64:
+        # orjson reads an integer beyond 64 bits as a float: "got 1e+20" would puzzle whoever
+        # sent 100000000000000000000.
+        raise _BadRequest(
+            f'"{key}" must be a checkpoint number (a positive integer), got one out of range (beyond 64 bits)'
+        )
+    if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+        raise _BadRequest(f'"{key}" must be a checkpoint number (a positive integer), got {number!r}')
+    return number
+
+
 def _rollback(controller: ServiceController, body: dict) -> dict:
     unknown = sorted(set(body) - {"to", "last_good", "reason"})
     if unknown:
@@ -622,8 +675,8 @@ def _rollback(controller: ServiceController, body: dict) -> dict:
         raise _BadRequest(f'"last_good" must be true or false, got {last_good!r}')
     if (to is None) == (not last_good):
         raise _BadRequest('a rollback needs exactly one of {"to": CHECKPOINT} or {"last_good": true}')
-    if to is not None and (not isinstance(to, int) or isinstance(to, bool) or to < 1):
-        raise _BadRequest(f'"to" must be a checkpoint number (a positive integer), got {to!r}')
+    if to is not None:
+        to = _checkpoint_number(body, "to")
     reason = body.get("reason", DEFAULT_REASON)
     if not isinstance(reason, str) or not reason.strip():
         raise _BadRequest(f'"reason" must be a non-empty string, got {reason!r}')
@@ -640,10 +693,7 @@ def _pin(controller: ServiceController, body: dict, *, pinned: bool = True) -> d
     unknown = sorted(set(body) - {"checkpoint"})
     if unknown:
         raise _BadRequest(f'unknown keys {unknown}; a pin takes {{"checkpoint": N}}')
-    number = body.get("checkpoint")
-    if not isinstance(number, int) or isinstance(number, bool) or number < 1:
-        raise _BadRequest(f'"checkpoint" must be a checkpoint number (a positive integer), got {number!r}')
-    return controller.request_pin(number, pinned)
+    return controller.request_pin(_checkpoint_number(body, "checkpoint"), pinned)
 
 
 def _unpin(controller: ServiceController, body: dict) -> dict:

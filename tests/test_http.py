@@ -280,6 +280,32 @@ def _closed_by_peer(connection: socket.socket) -> bool:
         return True
 
 
+def _exchange(port: int, request: bytes) -> bytes:
+    """Send raw `request` bytes and read every byte answered until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(request)
+        answer = b""
+        try:
+            while chunk := connection.recv(65536):
+                answer += chunk
+        except ConnectionResetError:  # closed with request bytes unread: what came before still counts
+            pass
+    return answer
+
+
+def _responses(answer: bytes) -> list[tuple[int, dict, bytes]]:
+    """The (status, headers, body) of each HTTP/1.1 response in `answer`, in order."""
+    responses = []
+    while answer:
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+        length = int(headers.get("content-length", len(rest)))
+        responses.append((int(status_line.split()[1]), headers, rest[:length]))
+        answer = rest[length:]
+    return responses
+
+
 def test_slow_header_clients_beyond_the_cap_neither_stop_a_normal_client_nor_pile_up_threads(controller, capfd):
     with ServiceHTTP(controller, ServiceMetrics(), port=0, max_connections=4) as http:
         threads_before = threading.active_count()
@@ -360,6 +386,104 @@ def test_a_connection_beyond_the_cap_gets_503_when_every_slot_is_busy():
         for thread in busy:
             thread.join()
         assert _get(http.url + "/healthz")[0] == 200
+
+
+def test_a_burst_of_100_connections_at_once_is_answered_every_one(service):
+    # The accept thread takes connections one at a time; the kernel's listen queue holds the
+    # rest meanwhile. One it cannot hold is dropped silently: that client waits out SYN
+    # retries (1 s, 3 s, ...) or hangs, and the 503 beyond `max_connections` never engages.
+    clients = 100
+    start = threading.Barrier(clients)
+    answers = []
+
+    def client() -> None:
+        start.wait()
+        try:
+            # 3 s: a liveness bound; an answered burst takes a fraction of a second.
+            with socket.create_connection(("127.0.0.1", service.port), timeout=3) as connection:
+                connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: burst\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while chunk := connection.recv(4096):
+                    answer += chunk
+            answers.append(answer.split(b"\r\n", 1)[0])
+        except OSError as error:  # reset, refused or timed out
+            answers.append(repr(error).encode())
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    tally = {answer: answers.count(answer) for answer in answers}
+    assert len(answers) == clients and set(tally) <= {b"HTTP/1.1 200 OK", b"HTTP/1.1 503 Service Unavailable"}, tally
+
+
+@pytest.mark.parametrize(
+    "request_bytes, status, words",
+    [
+        (b"PUT /admin/rollback HTTP/1.1\r\nHost: x\r\n\r\n", 501, "PUT"),
+        (b"DELETE /status HTTP/1.1\r\nHost: x\r\n\r\n", 501, "GET, HEAD and POST"),
+        (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 501, "OPTIONS"),
+        (b"garbage\r\n\r\n", 400, "garbage"),
+        (b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n", 505, "9.9"),
+        (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "65536 bytes"),
+        (b"GET /healthz HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n", 431, "more than 100 headers"),
+        (b"GET /healthz HTTP/1.1\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", 431, "line too long"),
+    ],
+    ids=["PUT", "DELETE", "OPTIONS", "garbage", "HTTP/9.9", "long path", "many headers", "long header"],
+)
+def test_requests_the_http_parser_refuses_get_json_errors_with_their_status(service, request_bytes, status, words):
+    [(got, headers, body)] = _responses(_exchange(service.port, request_bytes))
+    assert (got, headers["content-type"], headers["connection"]) == (status, "application/json", "close")
+    assert words.lower() in json.loads(body)["error"].lower()
+
+
+@pytest.mark.parametrize(
+    "lengths, words",
+    [
+        (b"Content-Length: -5\r\n", "Content-Length"),
+        (b"Content-Length: abc\r\n", "Content-Length"),
+        (b"Content-Length: 1_0\r\n", "Content-Length"),  # int() reads 10; a proxy in front would not
+        (b"Content-Length: 2\r\nContent-Length: 13\r\n", "conflicting Content-Length"),
+    ],
+    ids=["negative", "not a number", "underscore", "conflicting"],
+)
+def test_a_content_length_that_is_not_one_plain_number_is_400_and_closes_the_connection(
+    service, controller, lengths, words
+):
+    request = (
+        b"POST /admin/rollback HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n%s\r\n"
+        b'{"to": 2}\r\n\r\n'
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    ) % (TOKEN.encode(), lengths)
+    responses = _responses(_exchange(service.port, request))
+    assert [status for status, _, _ in responses] == [400]  # nothing after it is read as a request
+    assert words in json.loads(responses[0][2])["error"]
+    assert controller.calls == []
+
+
+def test_conflicting_content_lengths_on_a_refused_request_close_the_connection_before_what_follows(service, controller):
+    smuggled = (
+        b"POST /admin/checkpoint HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n"
+        b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    request = (
+        b"POST /admin/checkpoint HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+        b"Content-Length: " + str(len(smuggled)).encode() + b"\r\n\r\n" + smuggled
+    )
+    responses = _responses(_exchange(service.port, request))
+    assert [status for status, _, _ in responses] == [401]
+    assert controller.calls == []  # the bytes one header calls a body never ran as a request
+
+
+def test_a_body_that_is_not_utf8_or_holds_an_integer_beyond_64_bits_is_400_saying_so(service, controller):
+    status, answer = _post(service.url + "/admin/rollback", token=TOKEN, raw=b"\xff\xfe")
+    assert status == 400 and "not valid UTF-8" in answer["error"] and "surrogates" not in answer["error"]
+    for path, key in (("/admin/rollback", "to"), ("/admin/pin", "checkpoint")):
+        raw = b'{"%s": 99999999999999999999}' % key.encode()
+        status, answer = _post(service.url + path, token=TOKEN, raw=raw)
+        assert status == 400 and "out of range" in answer["error"] and "e+20" not in answer["error"], answer
+    assert controller.calls == []
 
 
 def test_a_deeply_nested_admin_body_is_400_not_500(service, controller):
