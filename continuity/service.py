@@ -140,8 +140,9 @@ def process_zero_url(config: Config) -> str:
     return f"process 0 of {config.scale.num_processes} serves it, on port {port or '(a free one)'} of its host"
 
 
-def open_store(config: Config):
+def open_store(config: Config, *, command: str = "continuity serve"):
     """The service's checkpoint store, owned (locked) by this process; a garbled store.json is rebuilt.
+    `command` is what another process refused the directory is told holds it.
 
     Another live process owning the directory is a UsageError naming it (pid, host).
     """
@@ -156,7 +157,7 @@ def open_store(config: Config):
             f"{error}; stop it first, or give this service another checkpoints.dir "
             "(operator actions on a running service go through it: `continuity rollback --url ...`)"
         ) from None
-    store.describe_owner(command="continuity serve")  # what a refused process names (not "cli.py")
+    store.describe_owner(command=command)  # what a refused process names (not "cli.py")
     return store
 
 
@@ -219,7 +220,8 @@ class Service:
         self._deadline = None if max_seconds is None else time.monotonic() + max_seconds
         self._progress_printer = progress
         self._last_progress: Progress | None = None
-        self.store = open_store(config)  # first: nothing else may touch a directory another process owns
+        # First: nothing else may touch a directory another process owns.
+        self.store = open_store(config, command="continuity replay" if recording is not None else "continuity serve")
         self.checkpoint_clock = CheckpointClock(self.store)
         try:
             self._build(recording, idle_timeout_s, max_examples, http, progress_every_s, start_fresh)

@@ -278,3 +278,17 @@ def test_settings_that_pass_the_config_check_but_cannot_work_stop_the_start_in_o
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("continuity: error: ") and said.replace("{tmp}", str(tmp_path)) in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_store_a_replay_holds_is_refused_naming_the_replay_not_a_service(tmp_path, capsys):
+    from continuity.config import load_config
+    from continuity.service import Service
+
+    recording = record_scenario(tmp_path / "stream.parquet", segments=1, seed=0)
+    config = load_config(None, [f'checkpoints.dir="{tmp_path / "run"}"'])
+    service = Service(config, recording=recording, http=False)
+    try:
+        assert main(["checkpoints", "pin", "1", "--dir", str(tmp_path / "run")]) == 2
+    finally:
+        service.store.close()
+    assert "is in use by `continuity replay` (pid " in capsys.readouterr().err
