@@ -396,12 +396,12 @@ class LockstepLoop(TrainingLoop):
                 len(batches), rows_here, ended=done_here, stop=self._asked_to_stop(), close=close
             )
             self._agreed_stop = self._agreed_stop or agreement.stop
-            # The steps' all-reduces wait on every process too, wherever their results are read.
-            with lockstep.waiting(f"round {lockstep.rounds}'s steps"):
-                for stack in lockstep.stacks(batches, agreement):
-                    state = self._dispatch_stack(state, stack)
-                trained += agreement.rows
-                self.summary.examples_trained += agreement.rows  # over all processes: every one stops alike
+            for stack in lockstep.stacks(batches, agreement):  # compiled and dispatched here: this process's work
+                state = self._dispatch_stack(state, stack)
+            trained += agreement.rows
+            self.summary.examples_trained += agreement.rows  # over all processes: every one stops alike
+            # A report reads the steps' results, which wait on every process's part of their all-reduces.
+            with lockstep.waiting(f"round {lockstep.rounds}'s step results"):
                 self._maybe_report(state, good)
             self._collect_save()  # process 0's save finished meanwhile (a quiet stream may have no next window)
             if agreement.ended:
