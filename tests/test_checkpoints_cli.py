@@ -182,3 +182,16 @@ def test_installed_command_exits_2_with_one_stderr_line(store_dir):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "no checkpoint 12" in result.stderr, result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("argv", [["checkpoints", "repair"], ["checkpoints", "pin", "1"], ["rollback", "--last-good"]])
+def test_a_change_to_a_directory_that_holds_nothing_of_a_store_is_refused_and_writes_nothing_there(
+    tmp_path, capsys, argv
+):
+    directory = tmp_path / "notes"
+    directory.mkdir()
+    (directory / "notes.txt").write_text("an operator's")
+    assert main([*argv, "--dir", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{directory} is no checkpoint store" in err
+    assert sorted(p.name for p in directory.iterdir()) == ["notes.txt"]
