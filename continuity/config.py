@@ -106,6 +106,20 @@ class _Keep(enum.Enum):
 MAX_CONFIG_BYTES = 1 << 20  # a config holding more is not one a person wrote: refused before it is read
 
 
+def _bootstrap(value):
+    """`bootstrap` as given: "host:port", or several joined by commas (what kafka-python takes)."""
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",")]
+        if all(_is_host_port(part) for part in parts):
+            return value
+    raise ValueError(f'must be "host:port", or several joined by commas (e.g. "10.0.0.1:9092"). Got {value!r}.')
+
+
+def _is_host_port(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host.strip() and port.isdigit() and 0 < int(port) < 65536)
+
+
 def _one_topic(value):
     return (value,) if isinstance(value, str) else value  # `--set stream.topics=digits` means one topic
 
@@ -133,9 +147,8 @@ class StreamConfig:
     source: Literal["kafka", "file"] = Field(
         default="kafka", description='"kafka", or "file" for a recorded Parquet stream (`continuity replay FILE`)'
     )
-    bootstrap: Str = Field(
+    bootstrap: Annotated[Str, BeforeValidator(_bootstrap)] = Field(
         default="127.0.0.1:9092",
-        pattern=r"\S",
         description="host:port[,host:port]; `continuity broker --port 9092` runs the embedded broker",
     )
     topics: Annotated[tuple[Str, ...], BeforeValidator(_one_topic)] = Field(

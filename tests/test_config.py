@@ -185,6 +185,9 @@ def test_wrong_type(tmp_path, text, key, expected, received):
         ("[replay]\ncapacity = 3000000000\n", "[replay] capacity", "must be in 0..2147483647. Got 3000000000."),
         ("[probe]\nwindow_sample = 2147483648\n", "[probe] window_sample", "must be in 0..2147483647."),
         ("[stream]\nfeature_shape = [3000000000]\n", "[stream] feature_shape", "positive integers"),
+        ('[stream]\nbootstrap = "   "\n', "[stream] bootstrap", 'must be "host:port", or several joined by commas'),
+        ('[stream]\nbootstrap = "kafka-1"\n', "[stream] bootstrap", "Got 'kafka-1'."),
+        ('[stream]\nbootstrap = "kafka-1:9092,"\n', "[stream] bootstrap", "Got 'kafka-1:9092,'."),
     ],
 )
 def test_out_of_range(tmp_path, text, key, detail):
