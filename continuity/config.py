@@ -540,10 +540,8 @@ def _host_port(value):
     """`coordinator` as given: "host:port" with a port number, or none."""
     if value is None or value == "":
         return None
-    if isinstance(value, str):
-        host, sep, port = value.rpartition(":")
-        if sep and host and port.isdigit() and 0 < int(port) < 65536:
-            return value
+    if isinstance(value, str) and _is_host_port(value):
+        return value
     raise ValueError(f'must be "host:port" (process 0\'s address, e.g. "10.0.0.1:1234"). Got {value!r}.')
 
 

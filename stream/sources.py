@@ -36,6 +36,17 @@ from continuity.stream.batcher import Ownership
 from continuity.stream.codecs import Codec
 from continuity.stream.records import PartitionKey, PartitionPosition, PartitionRecords, Positions
 
+RECORDING_COLUMNS = ("topic", "partition", "offset", "timestamp_ms", "key", "value")  # a recording's Parquet columns
+
+
+def offsets_go_back(path, topic: str, partition: int, before: int, after: int, *, row: int | None = None) -> str:
+    """The one line for a recording whose offsets go back (FileSource finds it; `replay` before anything runs)."""
+    where = f" at row {row}" if row is not None else ""
+    return (
+        f"recorded stream {str(path)!r}: {topic}/{partition} goes back from offset {before} to {after}{where}; "
+        "a log's offsets only rise (a damaged or edited file?)"
+    )
+
 
 class SourceError(ValueError):
     """A source was configured wrongly or its input cannot be read."""
@@ -242,12 +253,10 @@ class FileSource(Source):
         except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a non-Parquet file
             raise SourceError(f"{str(self.path)!r} is not a Parquet recording: {error}") from None
         names = set(self._file.schema_arrow.names)
-        missing = {"topic", "partition", "offset", "timestamp_ms", "key", "value"} - names
+        missing = set(RECORDING_COLUMNS) - names
         if missing:
             raise SourceError(f"{str(self.path)!r} is not a continuity recording: missing columns {sorted(missing)}")
-        self._batches = self._file.iter_batches(
-            batch_size=self.read_rows, columns=["topic", "partition", "offset", "timestamp_ms", "key", "value"]
-        )
+        self._batches = self._file.iter_batches(batch_size=self.read_rows, columns=list(RECORDING_COLUMNS))
 
     def poll(self, timeout_s: float = 0.1) -> list[PartitionRecords]:
         if self._batches is None:
@@ -280,19 +289,14 @@ class FileSource(Source):
 
     def _check_rising(self, run: PartitionRecords) -> None:
         key = (run.topic, run.partition)
-        offsets = run.offsets
         last = self._last.get(key)
-        if (last is not None and len(offsets) and offsets[0] <= last) or (
-            len(offsets) > 1 and (np.diff(offsets) <= 0).any()
-        ):
-            previous = np.concatenate([[last] if last is not None else [], offsets]).astype(np.int64)
-            at = int(np.flatnonzero(np.diff(previous) <= 0)[0])
-            raise SourceError(
-                f"recorded stream {str(self.path)!r}: {run.topic}/{run.partition} goes back from offset "
-                f"{int(previous[at])} to {int(previous[at + 1])}; a log's offsets only rise (a damaged or edited file?)"
-            )
-        if len(offsets):
-            self._last[key] = int(offsets[-1])
+        seen = run.offsets if last is None else np.concatenate([[last], run.offsets])
+        back = np.flatnonzero(np.diff(seen) <= 0)
+        if back.size:
+            at = int(back[0])
+            raise SourceError(offsets_go_back(self.path, run.topic, run.partition, int(seen[at]), int(seen[at + 1])))
+        if len(seen):
+            self._last[key] = int(seen[-1])
 
     @property
     def finished(self) -> bool:

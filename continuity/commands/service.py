@@ -189,13 +189,15 @@ def _recorded_ends(path: Path) -> dict:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from continuity.stream.sources import RECORDING_COLUMNS, offsets_go_back
+
     if not path.is_file():
         raise UsageError(f"recorded stream {str(path)!r} does not exist")
     try:
         names = set(pq.read_schema(path).names)
     except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
         raise UsageError(f"{str(path)!r} is not a Parquet recording ({type(error).__name__})") from None
-    missing = sorted({"topic", "partition", "offset", "timestamp_ms", "key", "value"} - names)
+    missing = sorted(set(RECORDING_COLUMNS) - names)
     if missing:
         raise UsageError(f"{str(path)!r} is not a continuity recording: missing columns {missing}")
     table = pq.read_table(path, columns=["topic", "partition", "offset"])
@@ -207,12 +209,9 @@ def _recorded_ends(path: Path) -> dict:
     order = np.argsort(key, kind="stable")
     back = np.flatnonzero((key[order][1:] == key[order][:-1]) & (np.diff(offsets[order]) <= 0))
     if back.size:
-        row = order[back[0] + 1]
-        raise UsageError(
-            f"recorded stream {str(path)!r}: {table.column('topic')[row]}/{table.column('partition')[row]} goes back "
-            f"from offset {offsets[order[back[0]]]} to {offsets[row]} at row {row}; a log's offsets only rise "
-            "(a damaged or edited file?)"
-        )
+        before, row = order[back[0]], order[back[0] + 1]
+        topic_name, partition = table.column("topic")[row].as_py(), table.column("partition")[row].as_py()
+        raise UsageError(offsets_go_back(path, topic_name, partition, offsets[before], offsets[row], row=row))
     ends = {}
     grouped = table.group_by(["topic", "partition"]).aggregate([("offset", "min"), ("offset", "max")])
     for entry in grouped.to_pylist():
