@@ -50,7 +50,7 @@ import numpy as np
 
 from continuity.checkpoints import integrity
 from continuity.checkpoints.ledger import Ledger, to_json_value
-from continuity.checkpoints.lock import StoreLock, StoreLockedError, describe_holder
+from continuity.checkpoints.lock import LOCK_FILE, StoreLock, StoreLockedError, describe_holder
 from continuity.checkpoints.retention import checkpoints_to_delete
 from continuity.checkpoints.store_file import (
     STORE_FILE,
@@ -74,6 +74,12 @@ _UNFINALIZED = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 def _raise(error: BaseException):
     raise error
+
+
+def _holds_a_store(directory: Path) -> bool:
+    """Whether `directory` has anything of a store: its files, or a checkpoint's numbered directory."""
+    marks = (STORE_FILE, LEDGER_FILE, LOCK_FILE)
+    return any((directory / mark).exists() for mark in marks) or any(e.name.isdigit() for e in directory.iterdir())
 
 
 class CheckpointNotFoundError(FileNotFoundError):
@@ -259,6 +265,12 @@ class CheckpointStore:
                 self.directory.mkdir(parents=True, exist_ok=True)
             elif not self.directory.is_dir():
                 raise CheckpointNotFoundError(f"no checkpoint store at {self.directory}: no such directory")
+            elif self.owner and not _holds_a_store(self.directory):
+                # Its lock and a rebuilt store.json would make one of a mistyped path.
+                raise CheckpointNotFoundError(
+                    f"{self.directory} is no checkpoint store (no {STORE_FILE}, {LEDGER_FILE}, {LOCK_FILE} or "
+                    "checkpoint directories in it)"
+                )
             self._ownership = StoreLock(self.directory) if self.owner else None
             if self._ownership is not None:
                 self._ownership.acquire()  # before anything is read: the owner's view is the only one that changes

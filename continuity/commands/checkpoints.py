@@ -209,7 +209,6 @@ def open_owned_store(directory: Path, *, action: str, token_env: str = DEFAULT_T
     """The store at `directory`, owned (locked) for a change; a UsageError saying who holds it when another does."""
     from continuity.checkpoints import CheckpointNotFoundError, CheckpointStore, StoreAccessError, StoreLockedError
 
-    _require_a_store(Path(directory), action)
     try:
         return CheckpointStore(directory, create=False, owner=True, repair=repair)
     except StoreAccessError as error:
@@ -224,25 +223,6 @@ def open_owned_store(directory: Path, *, action: str, token_env: str = DEFAULT_T
         raise UsageError(str(error)) from None
     except ValueError as error:  # StoreFileError
         raise UsageError(str(error)) from None
-
-
-def _require_a_store(directory: Path, action: str) -> None:
-    """A change writes into the directory (its lock, a rebuilt store.json): refuse one that holds
-    nothing of a store, a mistyped path say, rather than make one of it."""
-    if not directory.is_dir():
-        return  # CheckpointStore says what it is instead
-    marks = ("store.json", "ledger.jsonl", "store.lock")
-    try:
-        found = any((directory / mark).exists() for mark in marks) or any(
-            entry.name.isdigit() for entry in directory.iterdir()
-        )
-    except OSError:
-        return  # unreadable: CheckpointStore says so
-    if not found:
-        raise UsageError(
-            f"{action} refused: {directory} is no checkpoint store (no store.json, ledger.jsonl, store.lock or "
-            "checkpoint directories in it)"
-        )
 
 
 def _require_checkpoints(store) -> None:
