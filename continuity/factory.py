@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -294,7 +295,8 @@ def _module(factory: ModelFactory, inputs, outputs: int) -> nnx.Module:
 def check(config: Config) -> None:
     """What the config module cannot check without JAX and the user's code: the model builds
     (`jax.eval_shape`), optax has the optimizer and takes its arguments, the wire format can
-    carry the task's labels. Raises a one-line ConfigError naming the key."""
+    carry the task's labels, the replay buffer fits in memory. Raises a one-line ConfigError
+    naming the key."""
     prefix = f"config {config.source_path}" if config.source_path else "config"
     try:
         build_optimizer(config.learner)
@@ -305,7 +307,7 @@ def check(config: Config) -> None:
         feature_spec(config)
     except ValueError as error:
         raise ConfigError(f"{prefix}: [learner] task: {_error_line(error)}") from None
-    device_count(config)
+    check_replay_memory(config, device_count(config))
 
 
 def device_count(config: Config) -> int:
@@ -329,6 +331,74 @@ def device_count(config: Config) -> int:
     if problem is not None:
         raise ConfigError(f"{prefix}: [replay] {(problem.key or '').rsplit('.', 1)[-1]}: {problem.detail}")
     return count
+
+
+def check_replay_memory(config: Config, count: int) -> None:
+    """A ConfigError naming replay.capacity when the replay buffer alone needs more memory than
+    the devices that hold it have (`count` local ones: on the CPU all in this machine's memory,
+    a copy each unless sharded; on an accelerator, one device's share in its memory).
+
+    Checked before anything is allocated: JAX would otherwise fail at the first state with a
+    RESOURCE_EXHAUSTED traceback. Only what surely cannot fit is refused (the buffer against
+    all the memory there is, not what is free now); the training loop reports a failed
+    allocation in one line too."""
+    policy = build_replay(config.learner.replay)
+    if policy is None:
+        return
+    task = task_for(config)
+    total = replay_lib.buffer_bytes(policy, model_inputs(config), task.labels, task.replay_buckets)
+    shards = count * config.scale.num_processes if config.scale.replay_layout == "sharded" else 1
+    device = jax.local_devices()[0]
+    if device.platform == "cpu":
+        need, have = total // shards * count, host_memory()
+        where = "this machine's memory" + (f" (a copy on each of {count} devices)" if shards == 1 < count else "")
+    else:
+        need, have = total // shards, device_memory(device)
+        where = f"one {device.platform} device's memory ({device.device_kind})"
+    if have is None or need <= have:
+        return
+    capacity = policy.capacity
+    prefix = f"config {config.source_path}" if config.source_path else "config"
+    raise ConfigError(
+        f"{prefix}: [replay] capacity: a replay buffer of {capacity:,} examples needs {byte_size(need)} "
+        f"({byte_size(need // capacity)} an example), more than the {byte_size(have)} of {where}: at most "
+        f"~{have * capacity // need:,} examples fit, fewer beside the model and its batches. Got {capacity}."
+    )
+
+
+def host_memory() -> int | None:
+    """This machine's physical memory, or its container's limit (cgroup v2 or v1) where lower; None if unknown."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):  # not a POSIX system that says
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # v2 says "max" when unlimited
+            limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def device_memory(device: jax.Device) -> int | None:
+    """The bytes an accelerator lets JAX allocate (its memory_stats' bytes_limit); None where it does not say."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        return None
+    limit = (stats or {}).get("bytes_limit")
+    return int(limit) if limit else None
+
+
+def byte_size(count: int) -> str:
+    """`count` bytes for a reader: 264.0 GB, 12.5 MB, 264 bytes."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return f"{count} bytes"
 
 
 def learner_from_config(config: Config) -> Learner:

@@ -75,6 +75,7 @@ import numpy as np
 from continuity.checkpoints import CheckpointSaveError, CheckpointStore, CorruptCheckpointError
 from continuity.detectors import WindowSample
 from continuity.errors import UsageError
+from continuity.factory import byte_size
 from continuity.guard import Guard, GuardConfig
 from continuity.learner import Batch as TrainBatch
 from continuity.learner import Learner, StepTotals
@@ -82,6 +83,7 @@ from continuity.learner.learner import feature_rows
 from continuity.prequential import PrequentialFigures, PrequentialTracker
 from continuity.probe import ProbeConfig, ProbeStore, load_golden
 from continuity.regression import Verdict
+from continuity.replay import buffer_bytes
 from continuity.serving import AcceptedModel
 from continuity.stream import (
     NO_SEGMENT,
@@ -856,7 +858,12 @@ class TrainingLoop:
 
     def _restore_or_start(self):
         learner = self.learner
-        fresh = learner.init(self.seed)
+        try:
+            fresh = learner.init(self.seed)
+        except jax.errors.JaxRuntimeError as error:
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            raise UsageError(_state_does_not_fit(learner, error)) from None
         skipped: list[str] = []
 
         def on_skip(number: int, error: CorruptCheckpointError) -> None:
@@ -1307,6 +1314,23 @@ def copy_range(
     if timed_out:
         log.error("quarantine copy timed out after %.0f s; partitions not fully copied: %s", timeout_s, sorted(stop_at))
     return copied
+
+
+def _state_does_not_fit(learner: Learner, error: jax.errors.JaxRuntimeError) -> str:
+    """One line for a first state the device's memory cannot hold: what JAX said, and the replay
+    buffer's part in it (what replay.capacity decides; the config check refuses a buffer that
+    surely cannot fit, this is what slips past it: memory taken by others, a limit not known)."""
+    said = " ".join(str(error).split("\n", 1)[0].split()).rstrip(".")
+    line = f"cannot allocate the learner's first state ({said})"
+    replay = learner.replay
+    if replay is None:
+        return f"{line}: the model and its optimizer state do not fit"
+    task = learner.task
+    needs = byte_size(buffer_bytes(replay, learner.inputs, task.labels, task.replay_buckets))
+    return (
+        f"{line}: its replay buffer of replay.capacity = {replay.capacity:,} examples takes {needs}: "
+        "lower replay.capacity"
+    )
 
 
 def _span(numbers: list[int]) -> str:

@@ -10,12 +10,13 @@ from continuity.replay.fifo import fifo
 from continuity.replay.policies import REPLAY_KINDS, make
 from continuity.replay.reservoir import reservoir
 from continuity.replay.sharded import reshard, shard_count, sharded
-from continuity.replay.state import ReplayPolicy, ReplayState
+from continuity.replay.state import ReplayPolicy, ReplayState, buffer_bytes
 
 __all__ = [
     "REPLAY_KINDS",
     "ReplayPolicy",
     "ReplayState",
+    "buffer_bytes",
     "class_balanced",
     "fifo",
     "make",

@@ -149,6 +149,13 @@ def make_init(capacity: int, *, min_buckets: int = 1) -> Callable[..., ReplaySta
     return init
 
 
+def buffer_bytes(policy: ReplayPolicy, example, label, buckets: int = 1) -> int:
+    """The bytes `policy.init(example, label, buckets)` allocates, counted without allocating them
+    (`jax.eval_shape`): what a capacity costs, for checking it against memory before a buffer is built."""
+    shapes = jax.eval_shape(lambda: policy.init(example, label, buckets))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+
+
 def rows_where(mask: jax.Array, value: jax.Array, other) -> jax.Array:
     """`value` where the row's `mask` is set, else `other`, for rows of any shape (mask: shape (B,))."""
     return jnp.where(mask.reshape(mask.shape + (1,) * (value.ndim - 1)), value, jnp.asarray(other, value.dtype))

@@ -280,6 +280,24 @@ def test_settings_that_pass_the_config_check_but_cannot_work_stop_the_start_in_o
     assert not any("Traceback" in line for line in err)
 
 
+@pytest.mark.slow  # a replay to its start
+def test_a_first_state_the_memory_cannot_hold_is_one_line_and_status_2_naming_replay_capacity(
+    tmp_path, capsys, monkeypatch
+):
+    """What slips past the config's memory check (here: no memory figure to check against) fails at
+    the first allocation in one line naming replay.capacity, not JAX's RESOURCE_EXHAUSTED traceback."""
+    monkeypatch.setattr("continuity.factory.host_memory", lambda: None, raising=False)
+    recording = record_scenario(tmp_path / "stream.parquet", segments=1, seed=0)
+    huge = ["--set", "replay.capacity=1000000000", "--set", "stream.feature_shape=[4096]"]  # 16.4 TB
+    assert main(["replay", str(recording), *huge, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("continuity: error: cannot allocate the learner's first state (RESOURCE_EXHAUSTED")
+    assert err[-1].endswith(
+        "): its replay buffer of replay.capacity = 1,000,000,000 examples takes 16.4 TB: lower replay.capacity"
+    )
+    assert not any("Traceback" in line for line in err)
+
+
 def test_a_store_a_replay_holds_is_refused_naming_the_replay_not_a_service(tmp_path, capsys):
     from continuity.config import load_config
     from continuity.service import Service

@@ -272,3 +272,22 @@ def test_the_published_description_of_the_mlp_over_events_rebuilds_the_model_the
     trained = learner_from_config(config).init(0).params
     shapes = jax.tree.map(lambda a: a.shape, nnx_.to_pure_dict(nnx_.state(rebuilt, nnx_.Param)))
     assert shapes == jax.tree.map(lambda a: a.shape, trained)
+
+
+def test_a_replay_buffer_larger_than_the_memory_is_one_line_exit_2_naming_replay_capacity_before_allocating(
+    tmp_path, capsys, monkeypatch
+):
+    # 10**9 examples of 4,096 floats: 16.4 TB, more than any machine the tests run on.
+    err = check_fails(tmp_path, capsys, "[replay]\ncapacity = 1_000_000_000\n[stream]\nfeature_shape = [4096]\n")
+    assert err.startswith(
+        f"continuity: error: config {tmp_path / 'c.toml'}: [replay] capacity: a replay buffer of 1,000,000,000 "
+        "examples needs 16.4 TB (16.4 kB an example), more than the "
+    )
+    assert "of this machine's memory: at most ~" in err and err.endswith("Got 1000000000.\n")
+
+    # The figures, on a machine said to have 1 GB: 10**7 rows of 64 floats, a label and a bucket.
+    monkeypatch.setattr("continuity.factory.host_memory", lambda: 10**9)
+    err = check_fails(tmp_path, capsys, "[replay]\ncapacity = 10_000_000\n")
+    assert "needs 2.6 GB (264 bytes an example), more than the 1.0 GB of this machine's memory: at most " in err
+    assert "~3,787,878 examples fit, fewer beside the model and its batches. Got 10000000." in err
+    assert main(["config", "check", "--set", "replay.capacity=3_000_000"]) == 0

@@ -242,6 +242,10 @@ def test_memory_is_bounded(kind, targets, named):
     assert int(state.size) == CAPACITY and int(state.seen) == 6 * BATCH
     shapes = jax.tree.map(lambda a: (a.shape, a.dtype), initial)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), state) == shapes
+    # What a capacity costs is known before a buffer is built (the config's memory check uses it).
+    features, label = (NAMED_FEATURES if named else FEATURES), (TARGET_LABEL if targets else CLASS_LABEL)
+    held = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    assert replay.buffer_bytes(policy, features, label, 1 if targets else NUM_CLASSES) == held
 
 
 @CONTRACT
