@@ -32,6 +32,7 @@ owner removes such leftovers when it opens the store and right after a save fail
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import functools
 import logging
@@ -118,6 +119,36 @@ class StoreAccessError(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)  # without OSError's "[Errno N]": the line a user reads
+
+
+class ExportDestinationError(OSError):
+    """`export_params` cannot write its file where it was asked: a file in the way of its directory,
+    no permission, a read-only or full disk. The message names the destination, not the store."""
+
+    def __init__(self, out: Path, error: OSError, temporary: Path):
+        reason = error.strerror or str(error)
+        named = {str(name) for name in (error.filename, error.filename2) if name} - {str(out)}
+        in_the_way = _file_in_the_way(out.parent)
+        if in_the_way is not None:
+            reason = f"{in_the_way} is a file, not a directory"
+        elif out.is_dir():
+            reason = "it is a directory (name a file in it)"
+        elif str(temporary) in named:  # the file written first, then renamed: name where it was
+            reason = f"{reason} (writing in {out.parent})"
+        elif named:
+            reason = f"{reason} ({', '.join(sorted(named))})"
+        super().__init__(error.errno, f"cannot export to {out}: {reason}")
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # without OSError's "[Errno N]": the line a user reads
+
+
+def _file_in_the_way(directory: Path) -> Path | None:
+    """The nearest of `directory` and its parents that exists and is not a directory, if any."""
+    for candidate in (directory, *directory.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 @dataclass(frozen=True)
@@ -770,17 +801,22 @@ class CheckpointStore:
         if out.suffix not in EXPORT_SUFFIXES:
             raise ValueError(f"`out` must end in one of {', '.join(EXPORT_SUFFIXES)}. Got {str(out)!r}.")
         params = self._read_params(number, params_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
         temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as handle:
-            if out.suffix == ".msgpack":
-                from flax import serialization
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "wb") as handle:
+                if out.suffix == ".msgpack":
+                    from flax import serialization
 
-                handle.write(serialization.msgpack_serialize(params))
-            else:
-                arrays: dict[str, Any] = dict(integrity.leaves_by_path(params))
-                np.savez(handle, **arrays)
-        os.replace(temporary, out)
+                    handle.write(serialization.msgpack_serialize(params))
+                else:
+                    arrays: dict[str, Any] = dict(integrity.leaves_by_path(params))
+                    np.savez(handle, **arrays)
+            os.replace(temporary, out)
+        except OSError as error:
+            with contextlib.suppress(OSError):  # a part written before the disk filled
+                temporary.unlink(missing_ok=True)
+            raise ExportDestinationError(out, error, temporary) from None
         return out
 
     @_locked

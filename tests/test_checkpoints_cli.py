@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,32 @@ def test_export_writes_params_only(store_dir, tmp_path, capsys):
     with np.load(out) as npz:
         assert sorted(npz.files) == ["dense/b", "dense/w"]
         np.testing.assert_array_equal(npz["dense/w"], np.full((3, 2), 2, np.float32))
+
+
+@pytest.mark.parametrize(
+    ("destination", "reason"),
+    [
+        ("afile/p.npz", "{tmp}/afile is a file, not a directory"),
+        ("afile/deeper/p.msgpack", "{tmp}/afile is a file, not a directory"),
+        ("adir.npz", "it is a directory (name a file in it)"),
+        pytest.param(
+            "readonly/p.npz",
+            "Permission denied (writing in {tmp}/readonly)",
+            marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory"),
+        ),
+    ],
+)
+def test_an_export_that_cannot_be_written_names_the_destination_and_why_not_the_store(
+    store_dir, tmp_path, capsys, destination, reason
+):
+    (tmp_path / "afile").write_text("in the way")
+    (tmp_path / "adir.npz").mkdir()
+    (tmp_path / "readonly").mkdir(mode=0o555)
+    out = tmp_path / destination
+    assert main(["checkpoints", "export", "3", "--dir", str(store_dir), "--out", str(out)]) == 2
+    said = reason.format(tmp=tmp_path)
+    assert capsys.readouterr().err == f"continuity: error: cannot export to {out}: {said}\n"
+    assert not list(tmp_path.glob("**/.*.tmp"))  # nothing half-written left behind
 
 
 def test_rollback_to_and_last_good(store_dir, capsys):

@@ -232,11 +232,18 @@ def _require_checkpoints(store) -> None:
 
 def _call(function, *args, **kwargs):
     """Runs a store operation, turning what a user can fix into one-line UsageErrors."""
-    from continuity.checkpoints import CheckpointNotFoundError, CorruptCheckpointError
+    from continuity.checkpoints import (
+        CheckpointNotFoundError,
+        CorruptCheckpointError,
+        ExportDestinationError,
+        StoreAccessError,
+    )
 
     try:
         return function(*args, **kwargs)
     except (CheckpointNotFoundError, CorruptCheckpointError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    except (ExportDestinationError, StoreAccessError) as error:  # each names the path it could not use
         raise UsageError(str(error)) from None
     except OSError as error:  # a full or read-only disk
         raise UsageError(f"cannot write to the checkpoint directory: {error}") from None
