@@ -84,14 +84,7 @@ class Ledger:
 
     def append(self, event: str, **fields: Any) -> dict:
         """Appends one event and returns the record written ("event" and "time" added)."""
-        if not isinstance(event, str) or not event:
-            raise ValueError(f"`event` must be a non-empty string. Got {event!r}.")
-        reserved = {"event", "time"} & set(fields)
-        if reserved:
-            raise ValueError(f"ledger fields {sorted(reserved)} are set by the ledger itself; rename them.")
-        record = {"event": event, "time": time.time()}
-        record.update({name: to_json_value(value, where=name) for name, value in fields.items()})
-        line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+        record, line = self._line(event, fields)
         with self._lock:
             self._held.append(line)
             try:
@@ -103,6 +96,32 @@ class Ledger:
                     del self._held[0]
                     self._dropped += 1
         return record
+
+    def append_or_raise(self, event: str, **fields: Any) -> dict:
+        """`append`, except that a line the file system refuses is not held: the OSError is raised
+        and the file is left as it was. For a one-shot command (`checkpoints verify`), whose
+        process ends before a held line could be written (a store on a read-only mount, or
+        another user's): it tells its user the line was not recorded instead of dropping it."""
+        record, line = self._line(event, fields)
+        with self._lock:
+            self._held.append(line)
+            try:
+                self._write_held()
+            except OSError:
+                self._held.pop()
+                raise
+        return record
+
+    @staticmethod
+    def _line(event: str, fields: dict[str, Any]) -> tuple[dict, str]:
+        if not isinstance(event, str) or not event:
+            raise ValueError(f"`event` must be a non-empty string. Got {event!r}.")
+        reserved = {"event", "time"} & set(fields)
+        if reserved:
+            raise ValueError(f"ledger fields {sorted(reserved)} are set by the ledger itself; rename them.")
+        record = {"event": event, "time": time.time()}
+        record.update({name: to_json_value(value, where=name) for name, value in fields.items()})
+        return record, json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
 
     def _write_held(self) -> None:
         """Write every held line, in order, in one write; they stay held if it fails."""

@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,15 @@ class ExportDestinationError(OSError):
         return str(self.strerror)  # without OSError's "[Errno N]": the line a user reads
 
 
+def _cannot_write(error: OSError) -> str:
+    """Why a store refused a write, in a user's words: read-only, or what the file system said."""
+    if error.errno == errno.EROFS:
+        return "the store is on a read-only file system"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return "the store is read-only to this process (no permission to write its ledger)"
+    return str(error.strerror or error)
+
+
 def _file_in_the_way(directory: Path) -> Path | None:
     """The nearest of `directory` and its parents that exists and is not a directory, if any."""
     for candidate in (directory, *directory.parents):
@@ -186,6 +195,8 @@ class Verification:
     detail: str  # the reason when corrupt or unverified; what was checked when ok
     arrays: int = 0
     bytes: int = 0
+    # Why the finding is not in the ledger (a store this process may not write); None once recorded.
+    unrecorded: str | None = None
 
 
 @dataclass(frozen=True)
@@ -704,11 +715,18 @@ class CheckpointStore:
         """Reads checkpoint `number`'s arrays back (as NumPy, no target needed) and checks them against its digests.
 
         Records what it found in the ledger (an append-only "verify" event, safe beside
-        the owner), so `list` shows a corruption found here.
+        the owner), so `list` shows a corruption found here. On a store this process may not
+        write (a read-only mount, another user's) the finding is returned all the same, with
+        `unrecorded` saying why it is not in the ledger; the ledger is left as it was.
         """
         self._require(number)
         verification = self._verify(number)
-        self._ledger.append("verify", checkpoint=number, result=verification.result, detail=verification.detail)
+        try:
+            self._ledger.append_or_raise(
+                "verify", checkpoint=number, result=verification.result, detail=verification.detail
+            )
+        except OSError as error:
+            return replace(verification, unrecorded=_cannot_write(error))
         return verification
 
     def _verify(self, number: int) -> Verification:

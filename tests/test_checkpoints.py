@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -656,6 +658,60 @@ def test_verify_reads_every_array_back_and_reports_one_line_per_checkpoint(tmp_p
 
     assert shown["params_sha256"] == params_sha256(_random_state(3)) and len(shown["state_digest"]) == 64
     assert shown["condition"] == "intact" and shown["problem"] is None
+
+
+@contextlib.contextmanager
+def _read_only(directory: Path):
+    """`directory` (a store) made read-only to this process: modes 555 and 444, and for root, whom
+    modes do not stop, its ledger immutable (chattr +i). Skips the test where neither holds."""
+    ledger = directory / "ledger.jsonl"
+    modes = {path: path.stat().st_mode for path in [directory, *directory.rglob("*")]}
+    immutable = False
+    try:
+        for path in modes:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        if os.geteuid() == 0 and shutil.which("chattr"):
+            immutable = subprocess.run(["chattr", "+i", str(ledger)], capture_output=True).returncode == 0
+        try:
+            open(ledger, "ab").close()
+        except OSError:
+            yield
+        else:
+            pytest.skip("this process writes the store whatever its modes (root, and no chattr +i here)")
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(ledger)], check=True)
+        for path, mode in modes.items():
+            path.chmod(mode)
+
+
+def test_verify_on_a_store_it_may_not_write_reports_every_finding_says_none_is_recorded_and_loses_no_line(
+    tmp_path, capsys
+):
+    from continuity.cli import main
+
+    with CheckpointStore(tmp_path) as store:
+        for seed in (1, 2, 3):
+            store.save(_random_state(seed), {}, {"status": "good"})
+        store.wait()
+    _flip_bytes_in_the_largest_state_file(tmp_path / "2")
+    ledger = tmp_path / "ledger.jsonl"
+    written = ledger.read_bytes()
+    with _read_only(tmp_path):
+        assert main(["checkpoints", "verify", "--dir", str(tmp_path)]) == 1
+        captured = capsys.readouterr()
+        assert ledger.read_bytes() == written
+    lines = captured.out.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("checkpoint 1: ok") and lines[2].startswith("checkpoint 3: ok")
+    assert lines[1].startswith("checkpoint 2: corrupt: state array params/w does not match its digest")
+    assert captured.err == (
+        f"continuity: verify could not record the findings above in {ledger}: the store is read-only to this "
+        "process (no permission to write its ledger); the store was left as it was\n"
+    )
+    # Writable again: the next verify records its findings, as ever.
+    assert main(["checkpoints", "verify", "2", "--dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == ""
+    assert ledger.read_bytes().startswith(written) and ledger.read_text().count('"event":"verify"') == 1
 
 
 @pytest.mark.filterwarnings(

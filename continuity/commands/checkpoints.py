@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -553,16 +554,27 @@ def run_diff(args) -> int:
 
 
 def run_verify(args) -> int:
-    """One line per checkpoint; exit 1 when any is corrupt (each finding also goes to the ledger)."""
+    """One line per checkpoint; exit 1 when any is corrupt (each finding also goes to the ledger, or, on a
+    store this process may not write, a line on stderr says the findings are not recorded there)."""
     store = open_store(store_directory(args))
     try:
         _require_checkpoints(store)
         numbers = [args.checkpoint] if args.checkpoint is not None else store.numbers()
-        corrupt = 0
+        corrupt, unrecorded = 0, []
         for number in numbers:
             verification = _call(store.verify, number)
             corrupt += verification.result == "corrupt"
+            if verification.unrecorded is not None:
+                unrecorded.append(verification.unrecorded)
             print(format_verification(verification), flush=True)
+        if unrecorded:
+            which = "the findings above" if len(unrecorded) == len(numbers) else f"{len(unrecorded)} of the findings"
+            print(
+                f"continuity: verify could not record {which} in {store.ledger.path}: {unrecorded[0]}; "
+                "the store was left as it was",
+                file=sys.stderr,
+                flush=True,
+            )
         return CORRUPT_EXIT_STATUS if corrupt else 0
     finally:
         store.close()
