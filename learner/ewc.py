@@ -40,27 +40,36 @@ def init(params: Params, strength: float) -> EWCState:
     )
 
 
+Total = Callable[[jax.Array], jax.Array]  # an array -> the sum of its elements, a scalar
+
+
 def penalty(params: Params, ewc: EWCState) -> jax.Array:
     """strength / 2 * sum F (theta - anchor)^2 over every parameter (Kirkpatrick 2017, eq. 3)."""
-    return penalty_and_gradient(params, ewc)[0]
+    return penalty_and_pulled(params, ewc, jax.tree.map(jnp.zeros_like, params))[0]
 
 
-def penalty_and_gradient(params: Params, ewc: EWCState) -> tuple[jax.Array, Params]:
-    """The penalty and its gradient, each leaf's pull g = strength * F * (theta - anchor) made once.
+def penalty_and_pulled(
+    params: Params, ewc: EWCState, grads: Params, total: Total = jnp.sum
+) -> tuple[jax.Array, Params]:
+    """The penalty, and `grads` plus its gradient: g + strength * F * (theta - anchor) per leaf.
 
-    The train step adds the gradient to the loss's instead of differentiating the penalty:
-    the same figures (autodiff's (F * strength / 2) * (2 * (theta - anchor)) rounds alike, the
-    halving and doubling being exact) in one element-wise kernel per parameter. The penalty
-    is then 1/2 sum g * (theta - anchor), from the pull the gradient already made (as fast in
-    the step as a sum of F * (theta - anchor)^2 of its own: BENCHMARKS.md, issue 13).
+    The train step adds the penalty's gradient to the loss's instead of differentiating the
+    penalty: the same figures (autodiff's (F * strength / 2) * (2 * (theta - anchor)) rounds
+    alike, the halving and doubling being exact) in fewer kernels. Each leaf's pull is written
+    twice, once into the gradient's sum and once into the penalty's, and kept apart (an
+    optimization barrier, so XLA does not merge the two back into one array with two readers):
+    each becomes one element-wise pass over the leaf, where a shared pull made XLA's CPU
+    backend run four (the difference, the pull, the sum, the add; BENCHMARKS.md, issue 13).
+    `total` sums a leaf's elements (the learner's choice for its device).
     """
 
     def pull(p, a, f):
         return ewc.strength * f * (p - a)
 
-    gradient = jax.tree.map(pull, params, ewc.anchor, ewc.fisher)
-    terms = jax.tree.map(lambda g, p, a: jnp.sum(g * (p - a)), gradient, params, ewc.anchor)
-    return 0.5 * jnp.sum(jnp.stack(jax.tree.leaves(terms))), gradient
+    pulled = jax.tree.map(lambda g, p, a, f: g + pull(p, a, f), grads, params, ewc.anchor, ewc.fisher)
+    params, anchor, fisher = jax.lax.optimization_barrier((params, ewc.anchor, ewc.fisher))
+    terms = jax.tree.map(lambda p, a, f: total(pull(p, a, f) * (p - a)), params, anchor, fisher)
+    return 0.5 * jnp.sum(jnp.stack(jax.tree.leaves(terms))), pulled
 
 
 ExampleNLL = Callable[[jax.Array, jax.Array], jax.Array]  # (outputs, labels) -> per-example NLL (Task.nll)

@@ -234,6 +234,7 @@ class Learner:
             jax.eval_shape(lambda: replay.init(self.inputs, task.labels, task.replay_buckets))
         place = self.placement
         self._update_or_keep = _update_or_keep_by_branch if place.platform == "cpu" else _update_or_keep_by_select
+        self._total = _total_by_matvec if place.platform == "cpu" else jnp.sum
         self.train_step = place.jit_step(self._train_step, stacked=False)
         self.train_steps = place.jit_step(self._train_steps, stacked=True)
         self._fresh = place.jit_fresh(self._fresh_state)  # built once: a new jit per init() would recompile
@@ -500,10 +501,9 @@ class Learner:
             loss_fn, has_aux=True
         )(state.params)
         if self.ewc is not None:
-            # The penalty's gradient is analytic (ewc.penalty_and_gradient), added rather than
+            # The penalty's gradient is analytic (ewc.penalty_and_pulled), added rather than
             # differentiated: the same figures, fewer kernels.
-            penalty, pull = ewc_lib.penalty_and_gradient(state.params, state.ewc)
-            grads = jax.tree.map(jnp.add, grads, pull)
+            penalty, grads = ewc_lib.penalty_and_pulled(state.params, state.ewc, grads, self._total)
         else:
             penalty = jnp.zeros(())
         return _Gradients(
@@ -515,7 +515,7 @@ class Learner:
             outcomes,
             fresh_losses,
             grads,
-            optax.tree.norm(grads),
+            jnp.sqrt(sum(self._total(jnp.square(g)) for g in jax.tree.leaves(grads))),
             rows,
         )
 
@@ -627,6 +627,18 @@ def _update_or_keep_by_select(update: jax.Array, apply: Apply, grads, params, op
     new_params, new_opt_state = apply(grads, params, opt_state)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(update, n, o), new, old)  # noqa: E731
     return keep(new_params, params), keep(new_opt_state, opt_state)
+
+
+def _total_by_matvec(x: jax.Array) -> jax.Array:
+    """The sum of `x`'s elements, its rows first summed by a matrix-vector product with ones: on
+    the CPU, where XLA's reduction of a 256 x 256 leaf to one number took ~3 x the time of that
+    product (30 vs 10-15 us with two threads; a single thread ran both at ~10 us), twice an
+    update (the EWC penalty, the gradient's norm: BENCHMARKS.md, issue 13). The sum is the same
+    up to the order of its additions, which only the reported penalty and norm see."""
+    if x.ndim < 2 or x.size == 0:
+        return jnp.sum(x)
+    rows = x.reshape(-1, x.shape[-1])
+    return jnp.sum(rows @ jnp.ones(rows.shape[-1], rows.dtype))
 
 
 def _warn_of_one_class_batches(classes: int, batch_size: int) -> None:
