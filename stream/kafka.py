@@ -320,9 +320,12 @@ def _refresh_metadata(consumer, timeout_ms: int, *, all_topics: bool = False) ->
     """Fresh cluster metadata (the consumer's topics, or every topic); False when none came within the timeout.
 
     KafkaConsumer._fetch_all_topic_metadata with a timeout: `topics()` waits forever on a
-    broker that is down.
+    broker that is down. A broker that answers for one topic it does not have (asked for
+    the consumer's topics, one of them) fails kafka-python's future with that topic's error
+    after the metadata was updated: an answer all the same, so the cache is fresh (it lacks
+    that topic), and a broker that came back without the topic is not taken for one still down.
     """
-    from kafka.errors import KafkaError
+    from kafka.errors import KafkaError, UnknownTopicOrPartitionError
 
     cluster = consumer._cluster
     stash = cluster.need_all_topic_metadata
@@ -330,7 +333,9 @@ def _refresh_metadata(consumer, timeout_ms: int, *, all_topics: bool = False) ->
         cluster.need_all_topic_metadata = all_topics or stash
         future = cluster.request_update()
         consumer._net.run(consumer._manager.wait_for, future, timeout_ms)
-        return bool(future.succeeded())
+        return bool(future.succeeded() or isinstance(future.exception, UnknownTopicOrPartitionError))
+    except UnknownTopicOrPartitionError:
+        return True
     except KafkaError:
         return False
     finally:
@@ -1142,6 +1147,9 @@ class KafkaSource(Source):
             )
         self._unreachable_since = self._disconnected_since = None
         self._recheck = False
+        # A broker back without a topic (an empty one on the old one's address) is reachable,
+        # and the topic is missing: said as such, not as an outage or an empty assignment.
+        self._warn_missing(consumer)
         # Every subscribed topic, not only those assigned now: a consumer that lost its group
         # membership in the outage holds no assignment yet, and its rejoin must not hand it a
         # recreated topic's partitions before they were checked.

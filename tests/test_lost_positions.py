@@ -220,6 +220,34 @@ def test_a_broker_replaced_while_the_source_reads_halts_it_before_a_record_of_th
     assert [action for action, _ in reports] == ["halt"]
 
 
+def test_a_broker_back_without_the_topic_is_said_to_lack_it_not_to_be_unreachable(brokers, caplog):
+    settings = _settings(f"127.0.0.1:{brokers.port}", group="continuity")
+    broker = brokers.start()
+    create_topic(broker.bootstrap, TOPIC, 1)
+    _produce(broker.bootstrap, "old", 20, one_batch_each=False)
+    source, reports = _restarted(settings, Positions(), None)
+    caplog.set_level(logging.WARNING, logger="continuity.stream.kafka")
+    try:
+        assert len(_read(source, until=20)) == 20
+        broker.stop()
+        deadline = time.monotonic() + 15
+        while "broker unreachable" not in (source.state_note() or ""):
+            assert time.monotonic() < deadline, "the source did not notice the broker was gone"
+            _read(source, seconds=0.2)
+        brokers.start()  # back, empty: it answers, and has no such topic
+        deadline = time.monotonic() + 15
+        while source.state_note() != f"topic {TOPIC!r} does not exist":
+            assert time.monotonic() < deadline, f"the source still says {source.state_note()!r}"
+            assert _read(source, seconds=0.2) == []
+        assert not source.ready
+    finally:
+        source.close()
+    assert reports == []  # nothing of the topic known yet: nothing judged lost
+    said = [r.getMessage() for r in caplog.records if "does not exist" in r.getMessage()]
+    assert said and f"topic {TOPIC!r} does not exist on" in said[0]
+    assert "create it with the partition count you want, or check the name" in said[0]
+
+
 class _Poller:
     """Polls a source on a thread of its own, as the ingest thread does (open() may wait there)."""
 
