@@ -16,6 +16,7 @@ from continuity.factory import learner_for
 from continuity.learner import Classification, Learner, MultiLabel, Regression, ewc
 from continuity.learner.config import EWCConfig, LearnerConfig, ModelConfig
 from continuity.learner.fisher import dense_leaves, exact_dense_layers
+from continuity.learner.learner import _total_by_matvec
 
 
 def _tiny_tree(rng):
@@ -42,6 +43,31 @@ def test_penalty_and_gradient_equal_the_formula_by_hand():
     for name in ("w", "b"):
         by_hand = 3.0 * np.asarray(fisher[name]) * (np.asarray(params[name]) - np.asarray(anchor[name]))
         np.testing.assert_allclose(np.asarray(grads[name]), by_hand, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("total", [jnp.sum, _total_by_matvec], ids=["sum", "matvec"])
+def test_the_steps_penalty_and_pulled_gradient_equal_the_formula_by_hand(total):
+    # What the train step uses: the loss's gradient plus strength * F * (theta - anchor), and
+    # the penalty summed by the device's total (a matrix-vector product on the CPU).
+    rng = np.random.default_rng(2)
+    params, anchor, grads = _tiny_tree(rng), _tiny_tree(rng), _tiny_tree(rng)
+    fisher = jax.tree.map(jnp.abs, _tiny_tree(rng))
+    state = ewc.EWCState(anchor=anchor, fisher=fisher, strength=jnp.float32(3.0))
+
+    penalty, pulled = jax.jit(ewc.penalty_and_pulled, static_argnums=3)(params, state, grads, total)
+
+    assert float(penalty) == pytest.approx(float(ewc.penalty(params, state)), rel=1e-6)
+    for name in ("w", "b"):
+        by_hand = np.asarray(grads[name]) + 3.0 * np.asarray(fisher[name]) * (
+            np.asarray(params[name]) - np.asarray(anchor[name])
+        )
+        np.testing.assert_allclose(np.asarray(pulled[name]), by_hand, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (0, 4), (3, 4), (2, 3, 4)])
+def test_the_cpu_total_by_matrix_vector_product_is_the_sum(shape):
+    x = jnp.asarray(np.random.default_rng(3).normal(size=shape), jnp.float32)
+    assert float(jax.jit(_total_by_matvec)(x)) == pytest.approx(float(jnp.sum(x)), rel=1e-5, abs=1e-6)
 
 
 def test_penalty_is_zero_before_any_consolidation():
