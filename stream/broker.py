@@ -62,6 +62,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def listen_problem(host: str, port: int) -> str | None:
+    """Why nothing could listen on host:port (not an address of this machine, taken, not
+    allowed), or None. Tansu panics on these, in a Rust backtrace, so the address is tried
+    here first and let go at once."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds
+            sock.bind(address)
+    except OSError as error:  # socket.gaierror included: a host name that does not resolve
+        return error.strerror or str(error)
+    return None
+
+
 def answers_metadata(host: str, port: int, timeout_s: float = 1.0) -> bool:
     """Whether a Kafka broker at host:port answers a Metadata (v0) request.
 
@@ -153,6 +167,9 @@ class EmbeddedBroker:
     def start(self) -> EmbeddedBroker:
         if self.running:
             return self
+        problem = listen_problem(self.host, self.port)
+        if problem is not None:
+            raise BrokerError(f"cannot listen on {self.host}:{self.port}: {problem}")
         output = subprocess.DEVNULL if self.quiet else None
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "warn")

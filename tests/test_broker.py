@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -101,3 +102,28 @@ def test_continuity_broker_command_runs_in_the_foreground_until_interrupted():
             process.kill()
             process.wait()
     assert process.returncode == 0 and f"127.0.0.1:{port}" in output
+
+
+@pytest.mark.parametrize(
+    ("host", "taken", "reason"),
+    [
+        ("192.0.2.1", False, "Cannot assign requested address"),  # TEST-NET-1: no machine's own address
+        ("127.0.0.1", True, "Address already in use"),  # something that is not a Kafka broker holds it
+    ],
+    ids=["not-this-machines-address", "port-taken"],
+)
+def test_continuity_broker_where_it_cannot_listen_is_one_line_and_status_2_not_tansus_panic(host, taken, reason):
+    with socket.socket() as holder:
+        port = free_port()
+        if taken:
+            holder.bind((host, port))
+            holder.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "continuity.cli", "broker", "--host", host, "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [f"continuity: error: cannot listen on {host}:{port}: {reason}"]
+    assert "panicked" not in result.stderr + result.stdout
