@@ -631,7 +631,7 @@ def _update_or_keep_by_select(update: jax.Array, apply: Apply, grads, params, op
 
 def _total_by_matvec(x: jax.Array) -> jax.Array:
     """The sum of `x`'s elements, its rows first summed by a matrix-vector product with ones: on
-    the CPU, where XLA's reduction of a 256 x 256 leaf to one number took ~3 x the time of that
+    the CPU, where XLA's reduction of a 256 x 256 leaf to one number took 2-3 x the time of that
     product (30 vs 10-15 us with two threads; a single thread ran both at ~10 us), twice an
     update (the EWC penalty, the gradient's norm: BENCHMARKS.md, issue 13). The sum is the same
     up to the order of its additions, which only the reported penalty and norm see."""
