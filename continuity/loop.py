@@ -529,9 +529,10 @@ class TrainingLoop:
             self._fail_pending_requests()
         self.summary.last_checkpoint = self.good_number  # not a save that failed
         if good is not self._finalized and self.summary.unsaved is None:
+            failures = self.summary.checkpoint_failures
             self.summary.unsaved = (
                 f"the last good model (positions {good.positions.to_json()}) is not checkpointed: saving failed "
-                f"{self.summary.checkpoint_failures} times; a restart resumes from {self._resume_point()}"
+                f"{'once' if failures == 1 else f'{failures} times'}; a restart resumes from {self._resume_point()}"
             )
         self.summary.stopped = self._stop()
         self.summary.dead_letters = self.stream.dead_letters.total

@@ -67,13 +67,19 @@ def listen_problem(host: str, port: int) -> str | None:
     allowed), or None. Tansu panics on these, in a Rust backtrace, so the address is tried
     here first and let go at once."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds
-            sock.bind(address)
-    except OSError as error:  # socket.gaierror included: a host name that does not resolve
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as error:  # socket.gaierror: a host name that does not resolve
         return error.strerror or str(error)
-    return None
+    problems = []
+    for family, kind, proto, _, address in addresses:  # "localhost": ::1 and 127.0.0.1; one is enough
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds
+                sock.bind(address)
+            return None
+        except OSError as error:
+            problems.append(error.strerror or str(error))
+    return problems[0] if problems else "no address"
 
 
 def answers_metadata(host: str, port: int, timeout_s: float = 1.0) -> bool:
