@@ -957,7 +957,7 @@ def _parse_value(text: str):
     """A `--set` value: a TOML value if it parses as one (1, 0.5, true, [1, 2], "x"), else the text itself."""
     try:
         parsed = tomllib.loads(f"value = {text}")
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # RecursionError: arrays nested thousands deep
         return text.strip()
     if set(parsed) != {"value"}:  # `1\nother = 2`: not one value
         return text.strip()
@@ -1006,11 +1006,14 @@ class _Loader:
         except OSError as error:
             return self._fail(f"cannot read: {error.strerror or error}")
         try:
-            return tomllib.loads(data.decode("utf-8"))
+            # utf-8-sig: a byte order mark (as some Windows editors save) is not part of the text
+            return tomllib.loads(data.decode("utf-8-sig"))
         except UnicodeDecodeError as error:
             return self._fail(f"not UTF-8 text (byte {error.start})")
         except tomllib.TOMLDecodeError as error:
             return self._fail(f"invalid TOML: {_one_line(str(error))}")
+        except RecursionError:  # tomllib parses nested arrays and inline tables by recursion
+            return self._fail("invalid TOML: arrays or inline tables nested too deeply")
 
     def unknown_section(self, name: str, prefix: str) -> ConfigError:
         return ConfigError(

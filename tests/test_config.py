@@ -200,6 +200,21 @@ def test_bad_toml_names_the_line(tmp_path):
     assert "invalid TOML" in message and "line 3" in message
 
 
+def test_arrays_or_inline_tables_nested_thousands_deep_are_invalid_toml_not_a_recursion_error(tmp_path):
+    arrays = write(tmp_path, "[learner]\nbatch_size = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert error_of(arrays) == f"config {arrays}: invalid TOML: arrays or inline tables nested too deeply"
+    tables = write(tmp_path, "[learner]\nbatch_size = " + "{a = " * 100_000 + "}" * 100_000 + "\n", "t.toml")
+    assert error_of(tables).endswith("invalid TOML: arrays or inline tables nested too deeply")
+    deep = "[" * 50_000 + "]" * 50_000  # as --set's value: not a TOML value, so the text itself
+    assert "[learner] batch_size (from --set): expected an integer" in error_of(None, [f"learner.batch_size={deep}"])
+
+
+def test_a_config_saved_with_a_utf8_byte_order_mark_loads_as_without_one(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[learner]\nbatch_size = 8\n")
+    assert load_config(path, environ={}).learner.batch_size == 8
+
+
 def test_a_pipe_a_device_or_a_file_too_big_to_be_a_config_is_refused_before_it_is_read(tmp_path):
     import os
 
