@@ -73,6 +73,7 @@ DEFAULT_STANDARDIZE_EVERY = 512
 _MAX_RUNS = 4096  # decoded runs kept per partition between checkpointed states (for rewinds)
 _PARSE_CHUNK = 256  # records parsed at a time (FieldsCodec._parse_poll)
 _HASH_CACHE = 1 << 16  # distinct values whose hash a field remembers (the cache restarts beyond)
+MAX_BUCKETS = 2**31 - 1  # ids are int32: hashed ids lie below `buckets`
 
 
 class FieldSpecError(ValueError):
@@ -254,9 +255,12 @@ def _parse_field(name: str, table) -> Field:
         where,
         "give either `vocabulary` (a list of values) or `buckets` (hashed ids), one of them.",
     )
+    if buckets is not None:
+        _positive_int(buckets, where, "buckets", 2)
+        _check(
+            buckets <= MAX_BUCKETS, where, f"`buckets` must be at most {MAX_BUCKETS} (ids are int32). Got {buckets}."
+        )
     if kind == "categorical":
-        if buckets is not None:
-            _positive_int(buckets, where, "buckets", 2)
         encoding = table.get("encoding", "embedding")
         _check(
             encoding in ENCODINGS,
@@ -272,8 +276,6 @@ def _parse_field(name: str, table) -> Field:
             )
             default = str(default)
         return CategoricalField(name, vocabulary, buckets, encoding, default)
-    if buckets is not None:
-        _positive_int(buckets, where, "buckets", 2)
     length = _positive_int(table.get("length"), where, "length")
     optional = table.get("optional", False)
     _check(isinstance(optional, bool), where, f"`optional` must be true or false. Got {optional!r}.")

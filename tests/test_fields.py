@@ -107,6 +107,8 @@ def test_the_spec_describes_the_model_inputs_it_produces_without_jax():
         ({"label": 3}, "`label` must name the label field"),
         ({"labels": "y"}, "unknown setting(s) ['labels']"),
         ({"concept": {"kind": "numeric"}}, "field 'concept': is the label, key or segment field"),
+        ({"car": {"kind": "categorical", "buckets": 2**31}}, "field 'car': `buckets` must be at most 2147483647"),
+        ({"words": {"kind": "tokens", "length": 2, "buckets": 10**20}}, "field 'words': `buckets` must be at most"),
     ],
 )
 def test_an_invalid_spec_is_an_error_naming_the_field_and_what_is_wrong(change, named):
@@ -127,6 +129,15 @@ def test_an_invalid_spec_in_a_config_file_is_one_line_with_the_table_prefix(tmp_
     path.write_text('[stream]\ncodec = "binary"\n[stream.fields]\nlabel = "y"\n[stream.fields.age]\nkind = "numeric"\n')
     with pytest.raises(ConfigError, match='codec: must be "fields" when a'):
         load_config(path)
+
+
+def test_the_most_buckets_a_spec_allows_give_int32_ids_in_range():
+    table = {**SPEC_TABLE, "zipcode": {"kind": "categorical", "buckets": 2**31 - 1}}
+    table["words"] = {"kind": "tokens", "length": 4, "buckets": 2**31 - 1}
+    coder = FieldsCodec(FieldSpec.from_dict(table), FeatureSpec((1,), "float32", 2))
+    block, letters = coder.decode(run_of([orjson.dumps(e) for e in events(20)]))
+    assert not letters and len(block) == 20
+    assert (block.x["zipcode"] >= 0).all() and (block.x["words"] >= 0).all()
 
 
 def test_a_config_with_a_spec_round_trips_through_its_toml_and_digests_the_spec(tmp_path):
