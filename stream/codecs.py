@@ -63,7 +63,7 @@ from typing import NamedTuple
 import numpy as np
 import orjson
 
-from continuity.stream.deadletters import DeadLetter
+from continuity.stream.deadletters import DeadLetter, shown
 from continuity.stream.examples import ExampleBlock
 from continuity.stream.records import PartitionRecords
 
@@ -546,7 +546,7 @@ class JsonCodec(Codec):
                 raise _Reject(f"bad label: expected a list of {length} class ids, got {got}")
             for v in y:
                 if isinstance(v, bool) or not isinstance(v, int):
-                    raise _Reject(f"bad label: expected integer class ids, got {v!r}")
+                    raise _Reject(f"bad label: expected integer class ids, got {shown(v)}")
                 if not 0 <= v < spec.num_classes:  # type: ignore[operator]  # label_shape requires num_classes
                     raise _Reject(f"label out of range: {v} not in [0, {spec.num_classes})")
             return y

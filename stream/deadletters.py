@@ -28,6 +28,27 @@ from continuity.stream.records import Record
 log = logging.getLogger(__name__)
 
 
+SHOWN_CHARS = 60  # how much of a rejected value a reason quotes
+
+
+def shown(value) -> str:
+    """`value` as a reason quotes it: its repr, cut to SHOWN_CHARS characters with its length after.
+
+    A reason is one line in the log, the dead-letter file and a Kafka header: a label sent as a
+    10 MB string or a list of a million items is named by its start, not copied whole.
+    """
+    text = repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    if isinstance(value, list):
+        size = f"a list of {len(value):,}"
+    elif isinstance(value, dict):
+        size = f"an object of {len(value):,} field{'' if len(value) == 1 else 's'}"
+    else:
+        size = f"{len(value if isinstance(value, str) else text):,} characters"
+    return f"{text[:SHOWN_CHARS]}... ({size})"
+
+
 class DeadLetter(NamedTuple):
     """A record that was rejected, and why (`reason` is one line, starting with its kind)."""
 

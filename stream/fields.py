@@ -61,7 +61,7 @@ import numpy as np
 import orjson
 
 from continuity.stream.codecs import Codec, FeatureSpec, _apply_skip
-from continuity.stream.deadletters import DeadLetter
+from continuity.stream.deadletters import DeadLetter, shown
 from continuity.stream.examples import ExampleBlock
 from continuity.stream.records import PartitionRecords, Positions
 
@@ -768,7 +768,9 @@ class FieldsCodec(Codec):
             with np.errstate(over="ignore", invalid="ignore"):
                 finite = np.isfinite(values.astype(np.float32))
             for j in np.flatnonzero(~finite):
-                bad.setdefault(int(j), f"field {spec_field.name!r}: non-finite: {column[j]!r} is not a float32 number")
+                bad.setdefault(
+                    int(j), f"field {spec_field.name!r}: non-finite: {shown(column[j])} is not a float32 number"
+                )
             arrays.append(values)
         return np.stack(arrays, axis=1) if arrays else np.zeros((n, 0))
 
@@ -854,7 +856,7 @@ class FieldsCodec(Codec):
             for j, value in enumerate(column):
                 found = ids.get(value) if type(value) is str else None
                 if found is None:
-                    reason = "missing" if value is None else f"unknown label {value!r} (not in label_classes)"
+                    reason = "missing" if value is None else f"unknown label {shown(value)} (not in label_classes)"
                     bad.setdefault(j, f"field {name!r}: {reason}")
                     found = 0
                 named.append(found)
@@ -869,7 +871,7 @@ class FieldsCodec(Codec):
                     fixed.append(value)
                     continue
                 want = "an integer class id" if classes is not None else "a number"
-                reason = "missing" if value is None else f"expected {want}, got {value!r}"
+                reason = "missing" if value is None else f"expected {want}, got {shown(value)}"
                 bad.setdefault(j, f"field {name!r}: {reason}")
                 fixed.append(0)
             column = fixed
@@ -881,7 +883,7 @@ class FieldsCodec(Codec):
             with np.errstate(over="ignore", invalid="ignore"):
                 targets = numbers.astype(np.float32).reshape(n)
             for row in np.flatnonzero(~np.isfinite(targets)):
-                bad.setdefault(int(row), f"field {name!r}: non-finite: regression target {column[int(row)]!r}")
+                bad.setdefault(int(row), f"field {name!r}: non-finite: regression target {shown(column[int(row)])}")
             return targets
         try:
             ids_seen = np.asarray(column, np.int64).reshape(n)

@@ -110,6 +110,17 @@ def test_a_binary_segment_or_key_that_is_not_strict_utf8_is_a_dead_letter():
             assert letter.kind == "bad bytes" and "UTF-8" in letter.reason, (raw, field)
 
 
+def test_a_huge_string_among_multi_label_ids_is_quoted_by_its_start_not_copied_whole():
+    spec = FeatureSpec((2, 2), "float32", 2, label_shape=(3,))
+    codec = JsonCodec(spec)
+    good = [json.dumps({"x": ROW, "y": [0, 1, 0]}).encode() for _ in range(2)]
+    poison = json.dumps({"x": ROW, "y": [0, "x" * 10_000_000, 1]}).encode()
+    block, letters = codec.decode(_records([good[0], poison, good[1]]))
+    assert list(block.offsets) == [0, 2] and len(letters) == 1
+    assert letters[0].reason.startswith("bad label: expected integer class ids, got 'xxxx")
+    assert len(letters[0].reason) < 200, letters[0].reason[:300]
+
+
 def test_a_nan_literal_is_bad_json():
     letter, _ = _decode_between_good_ones(JsonCodec(SPEC), b'{"x": [1, 2, 3, NaN], "y": 1}')
     assert letter.kind == "bad JSON"

@@ -217,6 +217,24 @@ def test_every_malformed_record_is_dead_lettered_with_its_field_and_the_rest_dec
     assert all(len(array) == 4 for array in block.x.values())
 
 
+def test_a_huge_label_value_is_quoted_by_its_start_in_the_reason_not_copied_whole():
+    named = FieldsCodec(
+        FieldSpec.from_dict({**SPEC_TABLE, "label_classes": ["no", "yes"]}), FeatureSpec((1,), "float32", 2)
+    )
+    regression = FieldsCodec(FieldSpec.from_dict(SPEC_TABLE), FeatureSpec((1,), "float32", None))
+    for coder, fine, hostile, reason in [
+        (codec(), 1, "x" * 10_000_000, "field 'label': expected an integer class id, got 'xxxx"),
+        (codec(), 1, list(range(1_000_000)), "got [0, 1, 2,"),
+        (named, "no", "y" * 10_000_000, "field 'label': unknown label 'yyyy"),
+        (regression, 0.5, ["z"] * 1_000_000, "field 'label': expected a number, got ['z', "),
+    ]:
+        labels = [fine, hostile, fine]
+        values = [orjson.dumps({**event, "label": label}) for event, label in zip(events(3), labels)]
+        block, letters = coder.decode(run_of(values))
+        assert block.offsets.tolist() == [0, 2] and len(letters) == 1
+        assert reason in letters[0].reason and len(letters[0].reason) < 200, letters[0].reason[:300]
+
+
 def test_missing_optional_fields_take_their_defaults():
     sample = events(3)
     del sample[0]["loan"], sample[1]["words"]
