@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from continuity.cli import main
+from continuity.commands.inspect import draft_config
 from continuity.config import ConfigError, load_config
 from continuity.stream import FeatureSpec, Positions, RecordingWriter
 from continuity.stream import fields as fields_module
@@ -341,6 +342,54 @@ def test_inspect_prints_a_config_that_loads_and_decodes_the_sampled_records(tmp_
     block, letters = coder.decode(run_of(values[:200]))
     assert not letters and len(block) == 200
     assert set(block.x) == set(config.stream.field_spec().inputs())
+
+
+def test_inspect_drafts_from_what_the_codec_reads_and_its_draft_dead_letters_none_of_those_records(tmp_path, capsys):
+    sample = events(60)
+    for i, event in enumerate(sample):
+        event["clicked_before"] = i % 3 == 0  # booleans: numbers to the codec, never a category
+        event["é"] = float(i)  # a key TOML cannot take bare
+        event["segment"] = {"id": i}  # not text: no segment (the codec would refuse every record)
+        event["empty"] = []  # token lists, every one empty
+        event["concept"] = "concept-1\n[evil]\nx = 1" if i == 7 else event["concept"]  # cannot end its comment
+    values = [orjson.dumps(e) for e in sample]
+    values[3] = values[3].replace(b'"salary":', b'"salary":NaN,"was":', 1)  # Python's json reads these two,
+    values[5] = b"\xef\xbb\xbf" + values[5]  # the codec refuses them
+    recording = tmp_path / "events.parquet"
+    record(recording, values)
+    assert main(["inspect", "--file", str(recording)]) == 0
+    draft = capsys.readouterr().out
+    assert "# 2 of the 60 records sampled are not a JSON object the fields codec reads" in draft
+    path = tmp_path / "draft.toml"
+    path.write_text(draft)
+    config = load_config(path, environ={})
+    from continuity.factory import feature_spec
+    from continuity.stream import make_codec
+
+    spec = config.stream.field_spec()
+    assert spec.segment == "concept"
+    assert [f.name for f in spec.numeric][-2:] == ["clicked_before", "é"]
+    coder = make_codec("fields", feature_spec(config), fields=spec)
+    block, letters = coder.decode(run_of([v for i, v in enumerate(values) if i not in (3, 5)]))
+    assert not letters and len(block) == 58
+
+
+def test_inspect_drafts_labels_the_codec_can_take():
+    def draft(labels) -> str:
+        return draft_config([{"amount": float(i), "label": y} for i, y in enumerate(labels)], source="test")
+
+    huge = draft([0, 1, 10**12])  # not num_classes = 1000000000001
+    assert 'task = "regression"' in huge and "num_classes =" not in huge
+    assert "num_classes = 2" in draft([0, 1, -1]) and "1 labels below 0 would be dead-lettered" in draft([0, 1, -1])
+    mixed = draft([0, 1, 1, "yes"])
+    assert "num_classes = 2" in mixed and "1 of 4 labels are of another type" in mixed and "regression" not in mixed
+
+
+def test_inspect_of_a_recording_without_records_says_so(tmp_path, capsys):
+    recording = tmp_path / "empty.parquet"
+    RecordingWriter(recording).close()
+    assert main(["inspect", "--file", str(recording)]) == 2
+    assert capsys.readouterr().err == f"continuity: error: recording {recording} holds no records to sample\n"
 
 
 def test_inspect_without_a_topic_is_one_clear_line(capsys):

@@ -3,21 +3,26 @@
 The draft is a `[stream]` section with `codec = "fields"` and a `[stream.fields]` spec
 (stream/fields.py), each line commented with what was seen, so a user starts from their
 own events instead of a blank page:
-- numbers -> numeric, standardised (the observed range in the comment); integers with
-  few distinct values -> categorical with that vocabulary (order may not matter);
+- numbers (booleans too) -> numeric, standardised (the observed range in the comment); integers
+  with few distinct values -> categorical with that vocabulary (order may not matter);
 - strings with few distinct values -> categorical vocabulary; many -> hashed buckets;
 - lists of strings -> tokens, `length` the observed 95th percentile of list lengths;
 - a field named like a label (label, y, target, clicked, ...) -> the label; `segment`
   or `concept` -> the segment; a field missing from some records gets a default.
+Records are parsed as the codec parses them (orjson), and values it would refuse (NaN, a
+number beyond float32, a label of another type) are counted, not drafted from: a draft
+does not describe records its codec dead-letters.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 from continuity.commands.arguments import positive_int
 from continuity.errors import UsageError
@@ -28,6 +33,13 @@ KEY_NAMES = ("key",)
 VOCABULARY_MAX = 50  # distinct strings a vocabulary lists; more are hashed
 INTEGER_CATEGORIES_MAX = 12  # integers with at most this many distinct values are drafted as categories
 TOKEN_VOCABULARY_MAX = 200
+CLASS_IDS_MAX = 1000  # integer labels up to this are drafted as class ids; larger ones as a regression target
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# What the fields codec parses (orjson); Python's json would also take NaN, Infinity, 1e400 and lone surrogates.
+READABLE = (
+    "a JSON object the fields codec reads (bad JSON, NaN or Infinity, a number beyond a double, "
+    "a lone surrogate, a byte order mark and bytes that are not UTF-8 are not)"
+)
 
 
 def register(subparsers) -> None:
@@ -46,20 +58,37 @@ def run_inspect(args) -> int:
     if args.bootstrap is not None and not args.topic:
         raise UsageError("--bootstrap needs --topic: the topic to sample")
     values = _sample_file(args.file, args.records) if args.file is not None else _sample_kafka(args)
+    where = f"recording {args.file}" if args.file is not None else f"topic {args.topic!r}"
+    if not values:
+        raise UsageError(f"{where} holds no records to sample")
+    events = parse_events(values)
+    refused = len(values) - len(events)
+    if not events:
+        raise UsageError(f"none of the {len(values)} records sampled from {where} is {READABLE}")
+    notes = [f"{refused} of the {len(values)} records sampled are not {READABLE}: they would be dead-lettered"]
+    print(
+        draft_config(
+            events,
+            source=f"{len(events)} events of {where}",
+            topic=args.topic,
+            bootstrap=args.bootstrap,
+            notes=notes if refused else (),
+        )
+    )
+    return 0
+
+
+def parse_events(values: list) -> list[dict]:
+    """The records that parse as JSON objects exactly as the fields codec parses them (orjson)."""
     events = []
     for value in values:
         try:
-            event = json.loads(value) if value else None
-        except ValueError:
+            event = orjson.loads(value) if value else None
+        except orjson.JSONDecodeError:
             continue
-        if isinstance(event, dict):
+        if type(event) is dict:
             events.append(event)
-    where = f"recording {args.file}" if args.file is not None else f"topic {args.topic!r}"
-    if not events:
-        raise UsageError(f"no JSON object among the {len(values)} records sampled from {where}")
-    topic = args.topic
-    print(draft_config(events, source=f"{len(events)} events of {where}", topic=topic, bootstrap=args.bootstrap))
-    return 0
+    return events
 
 
 def _sample_file(path: Path, limit: int) -> list:
@@ -114,6 +143,17 @@ def _toml(value) -> str:
     return json.dumps(value)  # a JSON string, number, bool or list of them is valid TOML
 
 
+def _toml_key(name: str) -> str:
+    """`name` as a TOML key: bare where TOML allows (ASCII letters, digits, _ and -), else quoted."""
+    bare = name.replace("_", "").replace("-", "")
+    return name if bare.isalnum() and name.isascii() else _toml(name)
+
+
+def _quoted(text: str) -> str:
+    """`text` for a comment: as a TOML string (a newline in it cannot end the comment), cut to 40 characters."""
+    return _toml(text if len(text) <= 40 else text[:40] + "...")
+
+
 def _number_kind(values: list) -> bool:
     return all(type(v) in (int, float, bool) for v in values)
 
@@ -122,18 +162,29 @@ def _text(value) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def draft_config(events: list[dict], *, source: str, topic: str | None = None, bootstrap: str | None = None) -> str:
-    """A commented `[stream]` + `[stream.fields]` draft for `events` (dicts parsed from JSON records)."""
+def draft_config(
+    events: list[dict],
+    *,
+    source: str,
+    topic: str | None = None,
+    bootstrap: str | None = None,
+    notes: Sequence[str] = (),
+) -> str:
+    """A commented `[stream]` + `[stream.fields]` draft for `events` (dicts parsed from JSON records);
+    `notes` are comment lines under the first."""
     names: list[str] = []
     for event in events:
         names.extend(name for name in event if name not in names)
     seen = {name: [e[name] for e in events if e.get(name) is not None] for name in names}
     total = len(events)
     label = next((name for name in LABEL_NAMES if name in seen), None)
-    segment = next((name for name in SEGMENT_NAMES if name in seen and name != label), None)
-    key = next((name for name in KEY_NAMES if name in seen and name not in (label, segment)), None)
+    # The codec takes a segment or key of strings (integers as text); another is no segment or key.
+    texts = {name for name in seen if all(type(v) in (str, int) for v in seen[name])}
+    segment = next((name for name in SEGMENT_NAMES if name in texts and name != label), None)
+    key = next((name for name in KEY_NAMES if name in texts and name not in (label, segment)), None)
     header = [
         f"# Draft from {source} (`continuity inspect`). Check every line: it says what was seen.",
+        *(f"# {note}" for note in notes),
         "[stream]",
         'codec = "fields"',
     ]
@@ -147,25 +198,35 @@ def draft_config(events: list[dict], *, source: str, topic: str | None = None, b
         settings.append('label = "FIELD"  # no field is named like a label (label, y, target, clicked, ...): name it')
     else:
         values = seen[label]
-        if values and all(type(v) in (int, bool) for v in values):
-            classes = sorted({int(v) for v in values})
-            settings.append(f"label = {_toml(label)}  # class ids: saw {_span(classes)}")
-            header.append(f"num_classes = {max(2, classes[-1] + 1)}  # label ids seen: {_span(classes)}")
-        elif values and all(isinstance(v, str) for v in values):
-            counts = Counter(values)
-            classes = sorted(counts)
-            settings.append(f"label = {_toml(label)}  # strings: {len(classes)} distinct labels")
+        strings = [v for v in values if type(v) is str]
+        numbers = [v for v in values if type(v) in (int, float, bool)]
+        # The codec takes one kind of label: strings (label_classes) or numbers; the other is dead-lettered.
+        kept = strings if len(strings) > len(numbers) else numbers
+        refused = len(values) - len(kept)
+        note = f"; {refused} of {len(values)} labels are of another type and would be dead-lettered" if refused else ""
+        ids = sorted({int(v) for v in kept if type(v) in (int, bool)})
+        if kept is numbers and numbers and len(ids) == len(set(numbers)) and ids[-1] < CLASS_IDS_MAX:
+            negative = sum(1 for v in numbers if v < 0)
+            if negative:
+                note += f"; {negative} labels below 0 would be dead-lettered"
+            settings.append(f"label = {_toml(label)}  # class ids: saw {_span(ids)}{note}")
+            header.append(f"num_classes = {max(2, ids[-1] + 1)}  # label ids seen: {_span(ids)}")
+        elif kept is strings and strings:
+            classes = sorted(set(strings))
+            settings.append(f"label = {_toml(label)}  # strings: {len(classes)} distinct labels{note}")
             settings.append(f"label_classes = {_toml(classes)}  # ids 0..{len(classes) - 1} in this order")
             header.append(f"num_classes = {len(classes)}")
         else:
-            settings.append(f"label = {_toml(label)}  # numbers: a regression target")
+            big = f" (integers up to {ids[-1]}: too many for class ids)" if ids and ids[-1] >= CLASS_IDS_MAX else ""
+            settings.append(f"label = {_toml(label)}  # numbers: a regression target{big}{note}")
             header.append("# num_classes is left out: learner.task is regression")
             learner = ["", "[learner]", 'task = "regression"  # the label is a number']
     if key is not None:
         settings.append(f"key = {_toml(key)}  # the record key (the probe's hold-out hash)")
     if segment is not None:
         distinct = sorted({_text(v) for v in seen[segment]})
-        settings.append(f"segment = {_toml(segment)}  # {len(distinct)} segments seen: {', '.join(distinct[:5])}")
+        shown = ", ".join(map(_quoted, distinct[:5]))
+        settings.append(f"segment = {_toml(segment)}  # {len(distinct)} segments seen: {shown}")
     tables: list[str] = []
     for name in names:
         if name in (label, segment, key):
@@ -184,12 +245,13 @@ def _span(values: list) -> str:
 def _field_draft(name: str, values: list, total: int) -> list[str]:
     missing = total - len(values)
     note = f"; missing in {missing} of {total}" if missing else ""
-    table = ["", f"[stream.fields.{name if name.replace('_', '').replace('-', '').isalnum() else _toml(name)}]"]
+    table = ["", f"[stream.fields.{_toml_key(name)}]"]
     if not values:
         return [f"# field {name!r}: always null or missing in the sample; left out"]
     if _number_kind(values):
         distinct = sorted(set(values))
-        integers = all(type(v) in (int, bool) for v in values)
+        # Booleans are numbers to the codec (0 and 1), never categories: a categorical field refuses them.
+        integers = all(type(v) is int for v in values)
         if integers and len(distinct) <= INTEGER_CATEGORIES_MAX:
             table += [
                 f'kind = "categorical"  # integers with {len(distinct)} distinct values{note}; '
@@ -199,9 +261,16 @@ def _field_draft(name: str, values: list, total: int) -> list[str]:
             if missing:
                 table.append(f"default = {int(Counter(values).most_common(1)[0][0])}  # the most common value")
             return table
-        array = np.asarray(values, np.float64)
+        array = np.asarray([float(v) for v in values], np.float64)
+        fits = np.abs(array) <= FLOAT32_MAX  # the codec dead-letters a number beyond float32
+        if not fits.any():
+            return [f"# field {name!r}: left out (every number seen is beyond float32, which the codec refuses)"]
+        if not fits.all():
+            note += f"; {int((~fits).sum())} beyond float32 (those records would be dead-lettered)"
+        array = array[fits]
+        booleans = "booleans as 0 and 1, " if any(type(v) is bool for v in values) else ""
         table += [
-            f'kind = "numeric"  # saw {array.min():.6g}..{array.max():.6g}, mean {array.mean():.6g}{note}',
+            f'kind = "numeric"  # {booleans}saw {array.min():.6g}..{array.max():.6g}, mean {array.mean():.6g}{note}',
             "standardize = true  # by running mean and std (kept in checkpoints)",
         ]
         if missing:
@@ -233,7 +302,9 @@ def _field_draft(name: str, values: list, total: int) -> list[str]:
             f'kind = "tokens"  # lists of {lengths.min()}..{lengths.max()} tokens, 95th percentile {length}{note}',
             f"length = {length}",
         ]
-        if len(tokens) <= TOKEN_VOCABULARY_MAX:
+        if not tokens:
+            table.append(f"buckets = {1 << 12}  # every list seen was empty: hashed")
+        elif len(tokens) <= TOKEN_VOCABULARY_MAX:
             table.append(f"vocabulary = {_toml(sorted(tokens))}  # {len(tokens)} distinct tokens")
         else:
             table.append(f"buckets = {1 << max(12, int(np.ceil(np.log2(4 * len(tokens)))))}  # {len(tokens)} distinct")
