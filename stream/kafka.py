@@ -1405,10 +1405,10 @@ def produce_records(
     started = time.monotonic()
     try:
         for key, value in records:
-            if rate:
-                ahead = sent / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
+            # A minute at most per sleep: a rate of one record a century waits as asked, where one
+            # sleep that long is beyond what time.sleep takes (OverflowError).
+            while rate and (ahead := sent / rate - (time.monotonic() - started)) > 0:
+                time.sleep(min(ahead, 60.0))
             producer.send(topic, value=value, key=key, partition=partition)
             sent += 1
             if progress is not None and sent % progress_every == 0:

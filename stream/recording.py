@@ -48,6 +48,9 @@ class RecordingWriter:
         self.path = Path(path)
         if self.path.is_dir():
             raise IsADirectoryError(f"{str(self.path)!r} is a directory, not a recording file")
+        if self.path.exists() and not self.path.is_file():
+            # Finishing renames onto `path`: a device (/dev/null), a pipe or a socket there would be replaced.
+            raise FileExistsError(f"{str(self.path)!r} is not a regular file (a device, pipe or socket)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.row_group_records = row_group_records
         self._partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")

@@ -131,6 +131,50 @@ def test_a_recording_that_fails_half_way_leaves_the_file_there_as_it_was_and_a_f
     assert len(FileSource(out).poll()[0]) == 1
 
 
+def test_a_recording_onto_a_pipe_or_device_is_refused_and_leaves_it_there(tmp_path):
+    import os
+    import stat
+
+    from continuity.stream import PartitionRecords, RecordingWriter
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # finishing renames onto the path: it would replace the pipe (as root, /dev/null too)
+    with pytest.raises(FileExistsError, match="is not a regular file"), RecordingWriter(fifo) as writer:
+        writer.write(PartitionRecords("t", 0, [b"v"], [None], np.array([0]), np.array([0])))
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+
+
+def test_produce_refuses_a_partition_count_beyond_int32_and_more_examples_than_memory_in_one_line(capsys):
+    argv = ["produce", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--scenario", "sea"]
+    with pytest.raises(SystemExit) as exit_info:  # Kafka's protocol carries the count as an int32
+        main([*argv, "--partitions", str(2**31)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith("expected a partition count in 1..2147483647, got 2147483648\n")
+    assert main([*argv, "--examples", str(10**13)]) == 2  # 218 TiB of features, before the broker is asked
+    assert capsys.readouterr().err == (
+        "continuity: error: --examples 10,000,000,000,000: the stream does not fit in this machine's memory; "
+        "produce fewer\n"
+    )
+
+
+def test_a_rate_of_one_record_an_age_sleeps_a_minute_at_a_time_not_an_overflowing_sleep(
+    broker, topic_name, monkeypatch
+):
+    from continuity.stream import kafka
+
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        raise KeyboardInterrupt  # Ctrl-C at the first wait
+
+    monkeypatch.setattr(kafka.time, "sleep", sleep)
+    with pytest.raises(KeyboardInterrupt):
+        kafka.produce_records(broker.bootstrap, topic_name(), [(None, b"1"), (None, b"2")], rate=1e-300)
+    assert slept == [60.0]
+
+
 @pytest.mark.parametrize("name", ["", "bad topic/name", "..", "x" * 250])
 def test_a_topic_name_kafka_cannot_read_is_refused_in_one_line(name, capsys, tmp_path):
     for argv in (

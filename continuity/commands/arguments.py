@@ -15,6 +15,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def partitions(text: str) -> int:
+    """A topic's partition count: Kafka's protocol carries it as an int32."""
+    value = positive_int(text)
+    if value > 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"expected a partition count in 1..2147483647, got {value}")
+    return value
+
+
 def topic(text: str) -> str:
     """A Kafka topic name (stream.kafka.topic_name_problem)."""
     from continuity.stream.kafka import topic_name_problem

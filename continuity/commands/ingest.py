@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from continuity.commands.arguments import port, positive_int, rate, topic
+from continuity.commands.arguments import partitions, port, positive_int, rate, topic
 from continuity.errors import UsageError
 from continuity.stream.drift import DRIFT_SCENARIOS
 from continuity.stream.scenarios import REGRESSION_SCENARIOS, SCENARIOS
@@ -54,7 +54,7 @@ def register(subparsers) -> None:
     )
     produce.add_argument("--seed", type=int, default=0)
     produce.add_argument(
-        "--partitions", type=positive_int, default=1, help="partitions when creating the topic (default 1)"
+        "--partitions", type=partitions, default=1, help="partitions when creating the topic (default 1)"
     )
     produce.add_argument(
         "--examples-per-record",
@@ -157,10 +157,17 @@ def run_produce(args) -> int:
 
     from continuity.stream.kafka import create_topic, produce_records
 
-    if args.scenario in DRIFT_SCENARIOS:
-        records, total, codec, segments = _drift_records(args)
-    else:
-        records, total, codec, segments = _scenario_records(args)
+    try:
+        if args.scenario in DRIFT_SCENARIOS:
+            records, total, codec, segments = _drift_records(args)
+        else:
+            records, total, codec, segments = _scenario_records(args)
+    except MemoryError:  # a drift stream is generated whole before it is sent
+        if args.examples is None:
+            raise
+        raise UsageError(
+            f"--examples {args.examples:,}: the stream does not fit in this machine's memory; produce fewer"
+        ) from None
     try:
         created = create_topic(args.bootstrap, args.topic, args.partitions)
     except KafkaError as error:
