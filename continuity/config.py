@@ -106,8 +106,9 @@ class _Keep(enum.Enum):
 MAX_CONFIG_BYTES = 1 << 20  # a config holding more is not one a person wrote: refused before it is read
 
 
-def _bootstrap(value):
-    """`bootstrap` as given: "host:port", or several joined by commas (what kafka-python takes)."""
+def checked_bootstrap(value):
+    """`bootstrap` as given: "host:port", or several joined by commas (what kafka-python takes).
+    Also the `--bootstrap` arguments' check (commands.arguments.bootstrap)."""
     if isinstance(value, str):
         parts = [part.strip() for part in value.split(",")]
         if all(_is_host_port(part) for part in parts):
@@ -147,7 +148,7 @@ class StreamConfig:
     source: Literal["kafka", "file"] = Field(
         default="kafka", description='"kafka", or "file" for a recorded Parquet stream (`continuity replay FILE`)'
     )
-    bootstrap: Annotated[Str, BeforeValidator(_bootstrap)] = Field(
+    bootstrap: Annotated[Str, BeforeValidator(checked_bootstrap)] = Field(
         default="127.0.0.1:9092",
         description="host:port[,host:port]; `continuity broker --port 9092` runs the embedded broker",
     )

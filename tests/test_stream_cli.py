@@ -216,3 +216,29 @@ def test_a_recording_whose_offsets_go_back_is_refused_before_anything_trains_and
     with pytest.raises(SourceError, match="t/0 goes back from offset 5 to 4"):
         while not source.finished:
             source.poll()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["produce", "--topic", "t"],
+        ["record", "--topic", "t", "--out", "r.parquet"],
+        ["inspect", "--topic", "t"],
+        ["bench", "ingest"],
+    ],
+    ids=["produce", "record", "inspect", "bench-ingest"],
+)
+@pytest.mark.parametrize("bootstrap", ["notaport", "host:", "host:99999", "a:9092,"])
+def test_a_bootstrap_that_is_not_host_port_is_refused_at_once_as_the_config_refuses_it(argv, bootstrap, capsys):
+    # Without the check, a typo waited out kafka-python's ~30 s timeout before one line said so.
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--bootstrap", bootstrap])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(
+            f'argument --bootstrap: must be "host:port", or several joined by commas (e.g. "10.0.0.1:9092"). '
+            f"Got {bootstrap!r}."
+        )
+    )

@@ -23,6 +23,17 @@ def partitions(text: str) -> int:
     return value
 
 
+def bootstrap(text: str) -> str:
+    """A broker's "host:port", or several joined by commas, checked as the config checks
+    `stream.bootstrap`: without it a typo waits out kafka-python's timeout (~30 s)."""
+    from continuity.config import checked_bootstrap
+
+    try:
+        return checked_bootstrap(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def topic(text: str) -> str:
     """A Kafka topic name (stream.kafka.topic_name_problem)."""
     from continuity.stream.kafka import topic_name_problem

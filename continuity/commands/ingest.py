@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from continuity.commands.arguments import partitions, port, positive_int, rate, topic
+from continuity.commands.arguments import bootstrap, partitions, port, positive_int, rate, topic
 from continuity.errors import UsageError
 from continuity.stream.drift import DRIFT_SCENARIOS
 from continuity.stream.scenarios import REGRESSION_SCENARIOS, SCENARIOS
@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     produce = subparsers.add_parser(
         "produce", help="write a synthetic scenario's stream (digits scenarios, drift streams) to a Kafka topic"
     )
-    produce.add_argument("--bootstrap", required=True, metavar="HOST:PORT")
+    produce.add_argument("--bootstrap", type=bootstrap, required=True, metavar="HOST:PORT")
     produce.add_argument("--topic", required=True, type=topic)
     produce.add_argument(
         "--scenario",
@@ -83,7 +83,7 @@ def register(subparsers) -> None:
     produce.set_defaults(handler=run_produce)
 
     record = subparsers.add_parser("record", help="record a topic's raw records to a Parquet file")
-    record.add_argument("--bootstrap", required=True, metavar="HOST:PORT")
+    record.add_argument("--bootstrap", type=bootstrap, required=True, metavar="HOST:PORT")
     record.add_argument("--topic", required=True, type=topic)
     record.add_argument("--out", required=True, type=Path, metavar="FILE")
     record.add_argument("--from-beginning", action="store_true", help="start at the earliest offset (default: newest)")
@@ -117,7 +117,11 @@ def add_ingest_parser(bench_subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument(
-        "--bootstrap", default=None, metavar="HOST:PORT", help="an existing broker (default: start the embedded one)"
+        "--bootstrap",
+        type=bootstrap,
+        default=None,
+        metavar="HOST:PORT",
+        help="an existing broker (default: start the embedded one)",
     )
     parser.set_defaults(handler=run_bench_ingest)
     return parser

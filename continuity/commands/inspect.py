@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from continuity.commands.arguments import positive_int
+from continuity.commands.arguments import bootstrap, positive_int
 from continuity.errors import UsageError
 
 LABEL_NAMES = ("label", "y", "target", "clicked", "class", "outcome", "is_fraud", "converted")
@@ -47,7 +47,9 @@ def register(subparsers) -> None:
         "inspect", help="sample named-field JSON events and print a draft [stream.fields] config for them"
     )
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--bootstrap", metavar="HOST:PORT", help="read the topic from this broker (with --topic)")
+    where.add_argument(
+        "--bootstrap", type=bootstrap, metavar="HOST:PORT", help="read the topic from this broker (with --topic)"
+    )
     where.add_argument("--file", type=Path, metavar="FILE", help="a recording (`continuity record`) instead")
     parser.add_argument("--topic", help="the topic to sample (required with --bootstrap)")
     parser.add_argument("--records", type=positive_int, default=1000, help="records to sample (default 1,000)")
