@@ -45,7 +45,8 @@ class RecordingWriter:
     def __init__(self, path: str | Path, *, row_group_records: int = 10_000):
         import pyarrow.parquet as pq
 
-        self.path = Path(path)
+        # Through a symbolic link to where it points: the finishing rename would replace the link.
+        self.path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
         if self.path.is_dir():
             raise IsADirectoryError(f"{str(self.path)!r} is a directory, not a recording file")
         if self.path.exists() and not self.path.is_file():

@@ -145,6 +145,21 @@ def test_a_recording_onto_a_pipe_or_device_is_refused_and_leaves_it_there(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
 
 
+def test_a_recording_through_a_symbolic_link_is_written_where_it_points_and_the_link_stays(tmp_path):
+    import pyarrow.parquet as pq
+
+    from continuity.stream import PartitionRecords, RecordingWriter
+
+    target, link = tmp_path / "data" / "stream.parquet", tmp_path / "latest.parquet"
+    target.parent.mkdir()
+    target.write_bytes(b"an older recording")
+    link.symlink_to(target)
+    with RecordingWriter(link) as writer:
+        writer.write(PartitionRecords("t", 0, [b"v"], [None], np.array([7]), np.array([0])))
+    assert link.is_symlink() and link.resolve() == target
+    assert pq.read_table(target).column("offset").to_pylist() == [7]
+
+
 def test_produce_refuses_a_partition_count_beyond_int32_and_more_examples_than_memory_in_one_line(capsys):
     argv = ["produce", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--scenario", "sea"]
     with pytest.raises(SystemExit) as exit_info:  # Kafka's protocol carries the count as an int32
@@ -241,4 +256,16 @@ def test_a_bootstrap_that_is_not_host_port_is_refused_at_once_as_the_config_refu
             f'argument --bootstrap: must be "host:port", or several joined by commas (e.g. "10.0.0.1:9092"). '
             f"Got {bootstrap!r}."
         )
+    )
+
+
+def test_produce_to_an_existing_topic_says_its_partitions_stay_as_they_are(broker, topic_name, capsys):
+    topic = topic_name()
+    argv = ["produce", "--bootstrap", broker.bootstrap, "--topic", topic, "--scenario", "sea", "--examples", "20"]
+    assert main([*argv, "--partitions", "2"]) == 0
+    assert f"created topic {topic!r};" in capsys.readouterr().err
+    assert main([*argv, "--partitions", "3"]) == 0
+    assert (
+        f"using existing topic {topic!r} (its partitions as they are: --partitions 3 applies to a new topic);"
+        in capsys.readouterr().err
     )

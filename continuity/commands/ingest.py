@@ -178,8 +178,13 @@ def run_produce(args) -> int:
         raise UsageError(
             f"cannot reach Kafka at {args.bootstrap} ({type(error).__name__}); is the broker running?"
         ) from None
+    unchanged = (
+        ""
+        if created or args.partitions == 1
+        else f" (its partitions as they are: --partitions {args.partitions} applies to a new topic)"
+    )
     _err(
-        f"{'created' if created else 'using existing'} topic {args.topic!r}; "
+        f"{'created' if created else 'using existing'} topic {args.topic!r}{unchanged}; "
         f"producing {total} {codec} records of scenario {args.scenario!r} ({len(segments)} segments)"
     )
 
