@@ -110,18 +110,23 @@ class ReadOnlyStoreError(RuntimeError):
     """A change asked of a store opened for reading (it does not hold the directory's lock)."""
 
 
-class StoreAccessError(OSError):
+class _PathError(OSError):
+    """An OSError whose message is the line a user reads: it names the path and why, so `str` leaves
+    out OSError's "[Errno N]" prefix."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class StoreAccessError(_PathError):
     """The store's directory cannot be used at all: it is a file, or may not be created, locked or read."""
 
     def __init__(self, directory: Path, error: OSError):
         where = f" ({error.filename})" if error.filename and str(error.filename) != str(directory) else ""
         super().__init__(error.errno, f"cannot use {directory} as a checkpoint store: {error.strerror or error}{where}")
 
-    def __str__(self) -> str:
-        return str(self.strerror)  # without OSError's "[Errno N]": the line a user reads
 
-
-class ExportDestinationError(OSError):
+class ExportDestinationError(_PathError):
     """`export_params` cannot write its file where it was asked: a file in the way of its directory,
     no permission, a read-only or full disk. The message names the destination, not the store."""
 
@@ -138,9 +143,6 @@ class ExportDestinationError(OSError):
         elif named:
             reason = f"{reason} ({', '.join(sorted(named))})"
         super().__init__(error.errno, f"cannot export to {out}: {reason}")
-
-    def __str__(self) -> str:
-        return str(self.strerror)  # without OSError's "[Errno N]": the line a user reads
 
 
 def _cannot_write(error: OSError) -> str:

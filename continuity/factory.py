@@ -297,7 +297,7 @@ def check(config: Config) -> None:
     (`jax.eval_shape`), optax has the optimizer and takes its arguments, the wire format can
     carry the task's labels, the replay buffer fits in memory. Raises a one-line ConfigError
     naming the key."""
-    prefix = f"config {config.source_path}" if config.source_path else "config"
+    prefix = _config_prefix(config)
     try:
         build_optimizer(config.learner)
         check_model(config)
@@ -310,10 +310,15 @@ def check(config: Config) -> None:
     check_replay_memory(config, device_count(config))
 
 
+def _config_prefix(config: Config) -> str:
+    """How a ConfigError line starts: "config PATH" for a file, "config" for defaults and --set alone."""
+    return f"config {config.source_path}" if config.source_path else "config"
+
+
 def device_count(config: Config) -> int:
     """How many local devices [scale] devices names ("all": every one JAX sees); a ConfigError
     when there are not that many, or when learner.batch_size does not divide by them."""
-    prefix = f"config {config.source_path}" if config.source_path else "config"
+    prefix = _config_prefix(config)
     available = jax.local_devices()
     wanted = config.scale.devices
     count = len(available) if wanted == "all" else wanted
@@ -358,7 +363,7 @@ def check_replay_memory(config: Config, count: int) -> None:
     if have is None or need <= have:
         return
     capacity = policy.capacity
-    prefix = f"config {config.source_path}" if config.source_path else "config"
+    prefix = _config_prefix(config)
     raise ConfigError(
         f"{prefix}: [replay] capacity: a replay buffer of {capacity:,} examples needs {byte_size(need)} "
         f"({byte_size(need // capacity)} an example), more than the {byte_size(have)} of {where}: at most "

@@ -242,9 +242,14 @@ def _call(function, *args, **kwargs):
 
     try:
         return function(*args, **kwargs)
-    except (CheckpointNotFoundError, CorruptCheckpointError, ValueError) as error:
-        raise UsageError(str(error)) from None
-    except (ExportDestinationError, StoreAccessError) as error:  # each names the path it could not use
+    # An export destination or store that cannot be used names its path itself.
+    except (
+        CheckpointNotFoundError,
+        CorruptCheckpointError,
+        ValueError,
+        ExportDestinationError,
+        StoreAccessError,
+    ) as error:
         raise UsageError(str(error)) from None
     except OSError as error:  # a full or read-only disk
         raise UsageError(f"cannot write to the checkpoint directory: {error}") from None
