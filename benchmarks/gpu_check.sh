@@ -13,5 +13,8 @@ run() { echo "=== $*"; timeout "$1" python3 -c 'import sys; from continuity.cli 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__)" | tee -a "$OUT/gpu.txt"
 run 150 bench step --steps-per-dispatch 8 --batch-size 32 --profile /tmp/trace --json "$OUT/step_b32_k8.json"
+# The trace (Perfetto) and the compiled step it names, where $OUT brings them back (two folders down at most).
+find /tmp/trace -name perfetto_trace.json.gz -exec cp {} "$OUT/" \;
+find /tmp/trace -name train_steps.hlo.txt -exec gzip -c {} \; > "$OUT/train_steps.hlo.txt.gz"
 run 150 bench step --steps-per-dispatch 8 --batch-size 256 --json "$OUT/step_b256_k8.json"
 run 200 bench pipeline --examples 300000 --compare-k1 --json "$OUT/pipeline.json"

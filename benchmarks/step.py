@@ -178,6 +178,10 @@ def run_step_benchmark(
         jitted: Any = learners["k"].train_steps
         program = jitted.lower(states["k"], jax.device_put(stacks["k"][0], device)).compile().as_text()
         traced = step_profile(profile, runs["k"], dispatches * k, program=program)
+        # Beside the trace, the compiled program it names: which fusion holds which ops.
+        program_path = Path(traced["trace"]).with_name("train_steps.hlo.txt")
+        program_path.write_text(program)
+        traced["program"] = str(program_path)
     rows = {"plain": batch_size * dispatches * k, "k": batch_size * dispatches * k, "k1": batch_size * steps}
     rate = {name: rows[name] / statistics.median(seconds[name]) for name in runs}
     # On a loaded machine wall time mostly measures the other processes; CPU time per example
@@ -212,6 +216,28 @@ def run_step_benchmark(
     }
 
 
+def device_activity(events: list[dict], updates: int) -> dict | None:
+    """What a trace's device rows say per update: how many kernels and copies ran there, and
+    their durations summed. On a GPU a small model's update is bound by the count of its
+    kernels, each ~1-2 us, more than by their arithmetic (BENCHMARKS.md, issue 13), so these
+    two figures are what a change to the step is judged by there. None where the trace has no
+    device rows (the CPU's thunks run on host threads)."""
+    devices = {
+        event["pid"]
+        for event in events
+        if event.get("ph") == "M"
+        and event.get("name") == "process_name"
+        and str(event.get("args", {}).get("name", "")).startswith("/device:")
+    }
+    ran = [event for event in events if event.get("ph") == "X" and event.get("pid") in devices]
+    if not ran:
+        return None
+    return {
+        "kernels_per_update": len(ran) / updates,
+        "busy_us_per_update": sum(event.get("dur", 0) for event in ran) / updates,
+    }
+
+
 def step_profile(directory: Path, run: Callable[[], None], updates: int, *, program: str = "", top: int = 30) -> dict:
     """Trace `run` (`updates` continual updates) with `jax.profiler` into `directory`, and sum the
     trace's events by name: on a GPU its kernels and copies, on the CPU XLA's thunks, beside the
@@ -240,9 +266,11 @@ def step_profile(directory: Path, run: Callable[[], None], updates: int, *, prog
             seconds[name] += event.get("dur", 0) / 1e6
             calls[name] += 1
             computes.setdefault(name, ops.get(event.get("args", {}).get("hlo_op", name), ""))
+    device = device_activity(events, updates)
     return {
         "trace": str(trace),
         "updates": updates,
+        **({"device": device} if device is not None else {}),
         "top": [
             {
                 "name": name,

@@ -379,8 +379,8 @@ class Learner:
         A batch with no row to train changes nothing at all: no parameter, optimizer or replay
         change, no step (so no randomness) consumed, no totals; its metrics are zeros, `finite`
         True. It is still computed, then selected away (`jnp.where`), not branched around: the
-        step is one straight line of kernels (a branch costs a host round trip per update on a
-        GPU: BENCHMARKS.md, issue 13). The optimizer's update alone is branched around on the
+        step is one straight line of kernels, as the change that made it ~2 x faster on an
+        H200 left it (BENCHMARKS.md, issue 13). The optimizer's update alone is branched around on the
         CPU, where selecting it costs copies of its moments (`_update_or_keep_by_branch`)."""
         task = self.task
         key = jax.random.fold_in(state.rng, state.step)
@@ -621,9 +621,10 @@ def _update_or_keep_by_branch(update: jax.Array, apply: Apply, grads, params, op
 
 
 def _update_or_keep_by_select(update: jax.Array, apply: Apply, grads, params, opt_state) -> tuple[Any, Any]:
-    """`_update_or_keep_by_branch`'s result, computed and selected (`jnp.where`): on a GPU, whose
-    `lax.cond` sends its predicate to the host and back every update (BENCHMARKS.md, issue 13),
-    one straight line of kernels."""
+    """`_update_or_keep_by_branch`'s result, computed and selected (`jnp.where`): on a GPU. There
+    XLA's command buffers take a `lax.cond`'s branch on the device, yet the branched update
+    measured slower than this select on an H200 (0.58 against 0.59-0.64 x the plain step,
+    BENCHMARKS.md, issue 13)."""
     new_params, new_opt_state = apply(grads, params, opt_state)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(update, n, o), new, old)  # noqa: E731
     return keep(new_params, params), keep(new_opt_state, opt_state)

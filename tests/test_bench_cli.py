@@ -237,11 +237,27 @@ def test_bench_step_profile_traces_the_continual_step_and_prints_where_its_time_
     assert main(command) == 0
     traced = json.loads(out.read_text())["profile"]
     assert traced["updates"] == 16 and Path(traced["trace"]).is_file() and traces in Path(traced["trace"]).parents
+    assert "HloModule" in Path(traced["program"]).read_text()  # the compiled step the trace's names refer to
     top = traced["top"]
     assert top and all(op["us_per_update"] > 0 and not op["name"].startswith("$") for op in top)
     assert any(op["calls_per_update"] >= 1 for op in top)  # the step's own kernels, once or more per update
     printed = capsys.readouterr().out
     assert "where the continual step's time went (16 updates traced" in printed and top[0]["name"] in printed
+    assert "device" not in traced and "on the device" not in printed  # the CPU's thunks run on host threads
+
+
+def test_a_profiles_device_activity_counts_the_kernels_and_copies_on_device_rows_per_update():
+    from continuity.benchmarks.step import device_activity
+
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/host:CPU"}},
+        *({"ph": "X", "pid": 1, "tid": 14, "name": f"fusion_{i}", "dur": 1.5} for i in range(6)),
+        {"ph": "X", "pid": 1, "tid": 15, "name": "MemcpyH2D", "dur": 3.0},
+        {"ph": "X", "pid": 7, "tid": 2, "name": "cuGraphLaunch", "dur": 50.0},  # the host's, not counted
+    ]
+    assert device_activity(events, updates=2) == {"kernels_per_update": 3.5, "busy_us_per_update": 6.0}
+    assert device_activity([e for e in events if e["pid"] == 7], updates=2) is None
 
 
 def test_bench_prequential_writes_its_figures_and_replay_of_the_same_records_reports_the_same(tmp_path, capsys):

@@ -248,6 +248,12 @@ def run_step(args) -> int:
     if "profile" in result:
         traced = result["profile"]
         print(f"where the continual step's time went ({traced['updates']} updates traced; {traced['trace']}):")
+        if "device" in traced:
+            device = traced["device"]
+            print(
+                f"  on the device: {device['kernels_per_update']:.1f} kernels and copies per update, "
+                f"{device['busy_us_per_update']:.1f} us of them"
+            )
         for op in traced["top"]:
             computes = f"  ({op['op']})" if op["op"] else ""
             print(
