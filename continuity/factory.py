@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -253,8 +254,10 @@ def feature_spec(config: Config) -> FeatureSpec:
     )
 
 
-def check_model(config: Config) -> None:
-    """Build the model once, abstractly: FactoryError naming [model] factory or [model] kwargs."""
+def check_model(config: Config) -> Any:
+    """Build the model once, abstractly: FactoryError naming [model] factory or [model] kwargs.
+    Returns its parameters' shapes and dtypes (a tree of `jax.ShapeDtypeStruct`), what the
+    memory check sizes the learner's state by."""
     model = config.learner.model
     factory, _ = service_model(config)
     inputs, outputs = model_inputs(config), task_for(config).outputs
@@ -271,12 +274,11 @@ def check_model(config: Config) -> None:
     key = ("model", "factory") if model.factory is not None else ("model", "kind")
     name = model.factory or model.kind
     try:
-        built = jax.eval_shape(lambda: nnx.state(_module(factory, inputs, outputs)))
+        return jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(_module(factory, inputs, outputs), nnx.Param)))
     except _NotAModule as error:
         raise FactoryError(key, f"{name} must return an nnx.Module. Got {error.kind}.") from None
     except Exception as error:  # noqa: BLE001 - the user's model failing to build: name it, one line
         raise FactoryError(key, f"building {name} failed: {_error_line(error)}") from None
-    del built
 
 
 class _NotAModule(Exception):
@@ -300,14 +302,14 @@ def check(config: Config) -> None:
     prefix = _config_prefix(config)
     try:
         build_optimizer(config.learner)
-        check_model(config)
+        params = check_model(config)
     except FactoryError as error:
         raise ConfigError(f"{prefix}: {error}") from None
     try:
         feature_spec(config)
     except ValueError as error:
         raise ConfigError(f"{prefix}: [learner] task: {_error_line(error)}") from None
-    check_replay_memory(config, device_count(config))
+    check_memory(config, device_count(config), params)
 
 
 def _config_prefix(config: Config) -> str:
@@ -338,36 +340,82 @@ def device_count(config: Config) -> int:
     return count
 
 
-def check_replay_memory(config: Config, count: int) -> None:
-    """A ConfigError naming replay.capacity when the replay buffer alone needs more memory than
-    the devices that hold it have (`count` local ones: on the CPU all in this machine's memory,
-    a copy each unless sharded; on an accelerator, one device's share in its memory).
+def check_memory(config: Config, count: int, params: Any) -> None:
+    """A ConfigError when the learner's state surely cannot fit in the memory of the devices
+    that hold it (`count` local ones: on the CPU all in this machine's memory, a copy each; on
+    an accelerator, one device's in its memory): naming the model when its own state does not
+    fit (`params`: the parameters' shapes, from `check_model`), else replay.capacity when the
+    replay buffer does not fit beside it (sharded, each device holds its share).
 
     Checked before anything is allocated: JAX would otherwise fail at the first state with a
-    RESOURCE_EXHAUSTED traceback. Only what surely cannot fit is refused (the buffer against
-    all the memory there is, not what is free now); the training loop reports a failed
-    allocation in one line too."""
+    RESOURCE_EXHAUSTED traceback, or, for a model too large to initialise, leave the first read
+    of the state waiting forever (JAX 0.10). Only what surely cannot fit is refused (against all
+    the memory there is, not what is free now, and without the step's own buffers); the
+    training loop reports a failed allocation in one line too."""
+    device = jax.local_devices()[0]
+    copies = count if device.platform == "cpu" else 1
+    if device.platform == "cpu":
+        have = host_memory()
+        where = "this machine's memory" + (f" (a copy on each of {count} devices)" if count > 1 else "")
+    else:
+        have = device_memory(device)
+        where = f"one {device.platform} device's memory ({device.device_kind})"
+    if have is None:
+        return
+    model = model_state_bytes(config, params) * copies
+    prefix = _config_prefix(config)
+    if model > have:
+        raise ConfigError(f"{prefix}: {_model_too_large(config, params, model, have, where)}")
     policy = build_replay(config.learner.replay)
     if policy is None:
         return
     task = task_for(config)
     total = replay_lib.buffer_bytes(policy, model_inputs(config), task.labels, task.replay_buckets)
     shards = count * config.scale.num_processes if config.scale.replay_layout == "sharded" else 1
-    device = jax.local_devices()[0]
-    if device.platform == "cpu":
-        need, have = total // shards * count, host_memory()
-        where = "this machine's memory" + (f" (a copy on each of {count} devices)" if shards == 1 < count else "")
-    else:
-        need, have = total // shards, device_memory(device)
-        where = f"one {device.platform} device's memory ({device.device_kind})"
-    if have is None or need <= have:
+    need = total // shards * copies
+    if model + need <= have:
         return
     capacity = policy.capacity
-    prefix = _config_prefix(config)
     raise ConfigError(
         f"{prefix}: [replay] capacity: a replay buffer of {capacity:,} examples needs {byte_size(need)} "
-        f"({byte_size(need // capacity)} an example), more than the {byte_size(have)} of {where}: at most "
-        f"~{have * capacity // need:,} examples fit, fewer beside the model and its batches. Got {capacity}."
+        f"({byte_size(need // capacity)} an example), more than the {byte_size(have)} of {where} holds beside "
+        f"the model's state ({byte_size(model)}): at most ~{(have - model) * capacity // need:,} examples fit, "
+        f"fewer beside the step's batches. Got {capacity}."
+    )
+
+
+def model_state_bytes(config: Config, params: Any) -> int:
+    """The bytes of the learner's state that grow with the model (`params`: its parameters'
+    shapes): the parameters, the optimizer's state for them (Adam: two moments) and EWC's anchor
+    and Fisher (held whether or not EWC is on). Each of the learner's devices holds all of it."""
+    optimizer_state = jax.eval_shape(build_optimizer(config.learner).init, params)
+    return 3 * tree_bytes(params) + tree_bytes(optimizer_state)
+
+
+def tree_bytes(tree: Any) -> int:
+    """The bytes a tree of arrays (or of their `jax.ShapeDtypeStruct`s) takes."""
+    return sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
+
+
+def _model_too_large(config: Config, params: Any, need: int, have: int, where: str) -> str:
+    """The line for a model whose state cannot fit: the key that sized it, its parameter count,
+    and its largest parameter (an embedding table of [stream.fields] buckets, a wide layer)."""
+    model = config.learner.model
+    value: object
+    if model.factory is not None:
+        key, value = ("kwargs", model.kwargs) if model.kwargs else ("factory", model.factory)
+    elif model.kind == "mlp":
+        key, value = "hidden", list(model.hidden)
+    else:
+        key, value = "kind", model.kind
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    count = sum(int(np.prod(leaf.shape)) for _, leaf in leaves)
+    path, largest = max(leaves, key=lambda item: int(np.prod(item[1].shape)) * np.dtype(item[1].dtype).itemsize)
+    shape = f"{np.dtype(largest.dtype).name}{list(largest.shape)}"
+    return (
+        f"[model] {key}: the model's {count:,} parameters (the largest {jax.tree_util.keystr(path)}: {shape}) "
+        f"with their optimizer state and EWC's anchor and Fisher need {byte_size(need)}, more than the "
+        f"{byte_size(have)} of {where}. Got {value}."
     )
 
 

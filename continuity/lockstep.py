@@ -415,9 +415,7 @@ class LockstepLoop(TrainingLoop):
 
     def _dispatch_stack(self, state, stack: TrainBatch):
         on_device = self.learner.put_stack(stack)
-        tick = time.perf_counter()
-        state, metrics = self.learner.train_steps(state, on_device)
-        self._step_seconds.append(time.perf_counter() - tick)
+        state, metrics = self._train_stack(state, on_device)
         # The rows' segments differ between processes: the prequential figures count them unsegmented.
         segments = np.full(np.shape(metrics["row_trained"]), NO_SEGMENT, np.int32)
         self.prequential.record(metrics["row_outcomes"], metrics["row_trained"], segments, [])

@@ -63,6 +63,7 @@ import hashlib
 import json
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -75,7 +76,7 @@ import numpy as np
 from continuity.checkpoints import CheckpointSaveError, CheckpointStore, CorruptCheckpointError
 from continuity.detectors import WindowSample
 from continuity.errors import UsageError
-from continuity.factory import byte_size
+from continuity.factory import byte_size, tree_bytes
 from continuity.guard import Guard, GuardConfig
 from continuity.learner import Batch as TrainBatch
 from continuity.learner import Learner, StepTotals
@@ -83,7 +84,6 @@ from continuity.learner.learner import feature_rows
 from continuity.prequential import PrequentialFigures, PrequentialTracker
 from continuity.probe import ProbeConfig, ProbeStore, load_golden
 from continuity.regression import Verdict
-from continuity.replay import buffer_bytes
 from continuity.serving import AcceptedModel
 from continuity.stream import (
     NO_SEGMENT,
@@ -428,6 +428,7 @@ class TrainingLoop:
         self.summary = RunSummary()
         self._last_report: dict = {}
         self._step_seconds: list[float] = []
+        self._stepped = False  # the run's first dispatch waited for (`_train_stack`)
         self._requests: queue.Queue[_Request] = queue.Queue()
         self.ready = threading.Event()  # set once restored and reading
         self.reader: _Reader | None = None
@@ -862,7 +863,7 @@ class TrainingLoop:
         try:
             fresh = learner.init(self.seed)
         except jax.errors.JaxRuntimeError as error:
-            if "RESOURCE_EXHAUSTED" not in str(error):
+            if not _out_of_memory(error):
                 raise
             raise UsageError(_state_does_not_fit(learner, error)) from None
         skipped: list[str] = []
@@ -978,11 +979,30 @@ class TrainingLoop:
         segments = np.full((self.learner.steps_per_dispatch, self.learner.batch_size), NO_SEGMENT, np.int32)
         segments[: len(stack)] = [ids for _, ids in stack]
         stack.clear()
-        tick = time.perf_counter()
-        state, metrics = self.learner.train_steps(state, on_device)
-        self._step_seconds.append(time.perf_counter() - tick)
+        state, metrics = self._train_stack(state, on_device)
         self.prequential.record(metrics["row_outcomes"], metrics["row_trained"], segments, segment_names)
         return state
+
+    def _train_stack(self, state, on_device):
+        """One dispatch of `Learner.train_steps`, timed. The run's first is waited for: a step
+        whose buffers the memory cannot hold fails there in one line, where a later read of
+        one of its outputs would wait forever (JAX 0.10). Its shapes never change, so one
+        check covers the run (short of memory others take meanwhile)."""
+        tick = time.perf_counter()
+        state, metrics = self.learner.train_steps(state, on_device)
+        if not self._stepped:
+            self._stepped = True
+            try:
+                jax.block_until_ready((state, metrics))
+            except jax.errors.JaxRuntimeError as error:
+                if not _out_of_memory(error):
+                    raise
+                raise UsageError(
+                    f"the train step cannot allocate its buffers ({_jax_said(error)}): lower learner.batch_size "
+                    "or learner.steps_per_dispatch, or use a smaller model"
+                ) from None
+        self._step_seconds.append(time.perf_counter() - tick)
+        return state, metrics
 
     def _train_window(self, state, reader: _Reader, probe: ProbeStore, good: _Good):
         """Train until a window's worth of examples, the end of the stream, or stop.
@@ -1317,19 +1337,36 @@ def copy_range(
     return copied
 
 
-def _state_does_not_fit(learner: Learner, error: jax.errors.JaxRuntimeError) -> str:
-    """One line for a first state the device's memory cannot hold: what JAX said, and the replay
-    buffer's part in it (what replay.capacity decides; the config check refuses a buffer that
-    surely cannot fit, this is what slips past it: memory taken by others, a limit not known)."""
+def _out_of_memory(error: jax.errors.JaxRuntimeError) -> bool:
+    """A failed allocation: said at once (RESOURCE_EXHAUSTED), or by a computation whose input
+    failed to allocate ("INTERNAL: Error dispatching computation: ... Out of memory ...")."""
+    return "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error)
+
+
+def _jax_said(error: jax.errors.JaxRuntimeError) -> str:
+    """JAX's error in one line, without the "Error dispatching computation: " each computation
+    downstream of a failed allocation adds."""
     said = " ".join(str(error).split("\n", 1)[0].split()).rstrip(".")
-    line = f"cannot allocate the learner's first state ({said})"
-    replay = learner.replay
-    if replay is None:
-        return f"{line}: the model and its optimizer state do not fit"
-    task = learner.task
-    needs = byte_size(buffer_bytes(replay, learner.inputs, task.labels, task.replay_buckets))
+    return re.sub(r"^(INTERNAL: )?(Error dispatching computation: )+", "", said)
+
+
+def _state_does_not_fit(learner: Learner, error: jax.errors.JaxRuntimeError) -> str:
+    """One line for a first state the device's memory cannot hold: what JAX said, and the part
+    that takes most of it: the replay buffer (what replay.capacity decides) or the model's own
+    (its parameters, optimizer state and EWC's anchor and Fisher). The config check refuses a
+    state that surely cannot fit; this is what slips past it: memory taken by others, a limit
+    not known."""
+    line = f"cannot allocate the learner's first state ({_jax_said(error)})"
+    shapes = learner.state_shapes()
+    replay, whole = learner.replay, tree_bytes(shapes)
+    held = tree_bytes(shapes.replay) if replay is not None else 0
+    if replay is None or 2 * held < whole:
+        return (
+            f"{line}: the model's part of it (its parameters, their optimizer state, EWC's anchor and "
+            f"Fisher) takes {byte_size(whole - held)}: a smaller model"
+        )
     return (
-        f"{line}: its replay buffer of replay.capacity = {replay.capacity:,} examples takes {needs}: "
+        f"{line}: its replay buffer of replay.capacity = {replay.capacity:,} examples takes {byte_size(held)}: "
         "lower replay.capacity"
     )
 

@@ -291,9 +291,18 @@ class Learner:
         # Built under jit so every leaf is its own buffer: eager constructors may share one
         # array between leaves (a zero counter, say), and donation refuses a buffer twice.
         state = self._fresh(params, jax.random.PRNGKey(seed))
+        # Waited for here, once: a state the memory cannot hold raises its allocation error now,
+        # where the caller can say so; a later read of one of its scalars would wait forever
+        # instead (JAX 0.10, an output of a computation whose input failed to allocate).
+        jax.block_until_ready(state)
         # Committed to the learner's device(s), as restored checkpoints are: jit keys its cache
         # on that, so a fresh and a restored state share one compiled step.
         return self.placement.put_state(state)
+
+    def state_shapes(self) -> LearnerState:
+        """A fresh state's shapes and dtypes (`jax.ShapeDtypeStruct` leaves), nothing allocated:
+        what each part of it (the model's, the replay buffer's) takes in memory."""
+        return jax.eval_shape(self._fresh_state, self._param_shapes, jax.ShapeDtypeStruct((2,), jnp.uint32))
 
     def relayout(self, state: LearnerState) -> LearnerState:
         """A host copy of a state saved with its replay buffer in another layout (over another

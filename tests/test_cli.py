@@ -281,6 +281,55 @@ def test_settings_that_pass_the_config_check_but_cannot_work_stop_the_start_in_o
 
 
 @pytest.mark.slow  # a replay to its start
+def test_a_model_the_memory_cannot_hold_fails_at_its_first_state_in_one_line_not_a_wait_forever(
+    tmp_path, capsys, monkeypatch
+):
+    """A model past the config's memory check (no memory figure to check against) fails at its
+    first state in one line naming the model's part, exit 2: it used to leave the loop waiting
+    forever on its first read of the state (JAX 0.10 never readies the outputs of a computation
+    whose input failed to allocate)."""
+    monkeypatch.setattr("continuity.factory.host_memory", lambda: None, raising=False)
+    recording = record_scenario(tmp_path / "stream.parquet", segments=1, seed=0)
+    huge = ["--set", "model.hidden=[10000000,10000000]"]  # 400 TB: no machine allocates it
+    assert main(["replay", str(recording), *huge, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("continuity: error: cannot allocate the learner's first state (Out of memory")
+    assert err[-1].endswith(
+        "): the model's part of it (its parameters, their optimizer state, EWC's anchor and Fisher) takes "
+        "2,000.0 TB: a smaller model"
+    )
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.slow  # a replay to its first step
+def test_a_train_step_whose_buffers_the_memory_cannot_hold_fails_at_the_first_dispatch_in_one_line(
+    tmp_path, capsys, monkeypatch
+):
+    """A state that fits and a step that does not (here: a step that also returns a 400 TB
+    array): the run's first dispatch is waited for, so the failed allocation is one line and
+    exit 2, not a loop waiting forever on its first read of the step's outputs."""
+    import jax.numpy as jnp
+
+    from continuity.learner.learner import Learner
+
+    real = Learner._train_steps
+
+    def with_a_huge_output(self, state, batches):
+        state, metrics = real(self, state, batches)
+        wide = jnp.ones(10**7, jnp.float32)
+        return state, {**metrics, "huge": jnp.outer(wide, wide)}
+
+    monkeypatch.setattr(Learner, "_train_steps", with_a_huge_output)
+    recording = record_scenario(tmp_path / "stream.parquet", segments=1, seed=0)
+    assert main(["replay", str(recording), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("continuity: error: the train step cannot allocate its buffers (")
+    assert "Out of memory" in err[-1]
+    assert err[-1].endswith("): lower learner.batch_size or learner.steps_per_dispatch, or use a smaller model")
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.slow  # a replay to its start
 def test_a_first_state_the_memory_cannot_hold_is_one_line_and_status_2_naming_replay_capacity(
     tmp_path, capsys, monkeypatch
 ):

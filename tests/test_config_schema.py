@@ -283,11 +283,28 @@ def test_a_replay_buffer_larger_than_the_memory_is_one_line_exit_2_naming_replay
         f"continuity: error: config {tmp_path / 'c.toml'}: [replay] capacity: a replay buffer of 1,000,000,000 "
         "examples needs 16.4 TB (16.4 kB an example), more than the "
     )
-    assert "of this machine's memory: at most ~" in err and err.endswith("Got 1000000000.\n")
+    assert "of this machine's memory holds beside the model's state (" in err and err.endswith("Got 1000000000.\n")
 
-    # The figures, on a machine said to have 1 GB: 10**7 rows of 64 floats, a label and a bucket.
+    # The figures, on a machine said to have 1 GB: 10**7 rows of 64 floats, a label and a bucket,
+    # beside the default MLP's state: 85,002 float32 parameters, three times (the parameters, EWC's
+    # anchor and Fisher), Adam's two moments of them and its int32 step count: 1,700,044 bytes.
     monkeypatch.setattr("continuity.factory.host_memory", lambda: 10**9)
     err = check_fails(tmp_path, capsys, "[replay]\ncapacity = 10_000_000\n")
-    assert "needs 2.6 GB (264 bytes an example), more than the 1.0 GB of this machine's memory: at most " in err
-    assert "~3,787,878 examples fit, fewer beside the model and its batches. Got 10000000." in err
+    assert (
+        "needs 2.6 GB (264 bytes an example), more than the 1.0 GB of this machine's memory holds beside the "
+        "model's state (1.7 MB): at most " in err
+    )
+    assert f"~{(10**9 - 1_700_044) * 10**7 // (264 * 10**7):,} examples fit, fewer beside the step's batches." in err
+    assert err.endswith("Got 10000000.\n")
     assert main(["config", "check", "--set", "replay.capacity=3_000_000"]) == 0
+
+
+def test_a_model_whose_state_cannot_fit_in_memory_is_one_line_exit_2_naming_it_before_allocating(tmp_path, capsys):
+    # 10**14 parameters: 400 TB each copy, more than any machine's memory or address space.
+    err = check_fails(tmp_path, capsys, "[model]\nhidden = [10_000_000, 10_000_000]\n")
+    assert err.startswith(
+        f"continuity: error: config {tmp_path / 'c.toml'}: [model] hidden: the model's 100,000,760,000,010 "
+        "parameters (the largest ['hidden'][1]['kernel']: float32[10000000, 10000000]) with their optimizer "
+        "state and EWC's anchor and Fisher need 2,000.0 TB, more than the "
+    )
+    assert err.endswith("of this machine's memory. Got [10000000, 10000000].\n")
