@@ -400,20 +400,27 @@ def tree_bytes(tree: Any) -> int:
 def _model_too_large(config: Config, params: Any, need: int, have: int, where: str) -> str:
     """The line for a model whose state cannot fit: the key that sized it, its parameter count,
     and its largest parameter (an embedding table of [stream.fields] buckets, a wide layer)."""
-    model = config.learner.model
-    value: object
-    if model.factory is not None:
-        key, value = ("kwargs", model.kwargs) if model.kwargs else ("factory", model.factory)
-    elif model.kind == "mlp":
-        key, value = "hidden", list(model.hidden)
-    else:
-        key, value = "kind", model.kind
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     count = sum(int(np.prod(leaf.shape)) for _, leaf in leaves)
     path, largest = max(leaves, key=lambda item: int(np.prod(item[1].shape)) * np.dtype(item[1].dtype).itemsize)
     shape = f"{np.dtype(largest.dtype).name}{list(largest.shape)}"
+    model = config.learner.model
+    events = config.stream.field_spec()
+    names = [getattr(entry, "key", None) for entry in path]
+    value: object
+    if model.factory is None and events is not None and names[0] == "embeddings":
+        # The preset's table for one named field: sized by that field's buckets (or vocabulary).
+        field = next(f for f in events.fields if f.name == names[1])
+        option = "buckets" if getattr(field, "buckets", None) else "vocabulary"
+        key, value = f"[stream.fields.{field.name}] {option}", getattr(field, option)
+    elif model.factory is not None:
+        key, value = ("[model] kwargs", model.kwargs) if model.kwargs else ("[model] factory", model.factory)
+    elif model.kind == "mlp":
+        key, value = "[model] hidden", list(model.hidden)
+    else:
+        key, value = "[model] kind", model.kind
     return (
-        f"[model] {key}: the model's {count:,} parameters (the largest {jax.tree_util.keystr(path)}: {shape}) "
+        f"{key}: the model's {count:,} parameters (the largest {jax.tree_util.keystr(path)}: {shape}) "
         f"with their optimizer state and EWC's anchor and Fisher need {byte_size(need)}, more than the "
         f"{byte_size(have)} of {where}. Got {value}."
     )

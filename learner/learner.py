@@ -631,8 +631,8 @@ def _update_or_keep_by_branch(update: jax.Array, apply: Apply, grads, params, op
 
 def _update_or_keep_by_select(update: jax.Array, apply: Apply, grads, params, opt_state) -> tuple[Any, Any]:
     """`_update_or_keep_by_branch`'s result, computed and selected (`jnp.where`): on a GPU. There
-    XLA's command buffers take a `lax.cond`'s branch on the device, yet the branched update
-    measured slower than this select on an H200 (0.58 against 0.59-0.64 x the plain step,
+    XLA's command buffers take a `lax.cond`'s branch on the device, and the branched update
+    measured no faster than this select on an H200 (0.58 against 0.59-0.64 x the plain step,
     BENCHMARKS.md, issue 13)."""
     new_params, new_opt_state = apply(grads, params, opt_state)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(update, n, o), new, old)  # noqa: E731

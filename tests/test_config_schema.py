@@ -308,3 +308,16 @@ def test_a_model_whose_state_cannot_fit_in_memory_is_one_line_exit_2_naming_it_b
         "state and EWC's anchor and Fisher need 2,000.0 TB, more than the "
     )
     assert err.endswith("of this machine's memory. Got [10000000, 10000000].\n")
+
+    # Named-field events: the preset's embedding table for a field is what its buckets size (640 GB).
+    fields = (
+        '[stream]\ncodec = "fields"\nnum_classes = 2\n'
+        '[stream.fields]\nlabel = "clicked"\nlabel_classes = ["no", "yes"]\n'
+        '[stream.fields.city]\nkind = "categorical"\nbuckets = 2_000_000_000\n'
+    )
+    err = check_fails(tmp_path, capsys, fields)
+    assert err.startswith(
+        f"continuity: error: config {tmp_path / 'c.toml'}: [stream.fields.city] buckets: the model's "
+    )
+    assert "(the largest ['embeddings']['city']['embedding']: float32[2000000000, 16])" in err
+    assert err.endswith("Got 2000000000.\n")
