@@ -40,8 +40,7 @@ import numpy as np
 
 from continuity.learner import Batch as TrainBatch
 from continuity.learner import Learner
-from continuity.learner.learner import feature_rows
-from continuity.loop import RunSummary, TrainingLoop, _Good
+from continuity.loop import RunSummary, TrainingLoop, _Good, add_held_out, held_out_rows, join_held_out
 from continuity.peerwatch import PeerWatch
 from continuity.processes import PeerLost
 from continuity.stream import NO_SEGMENT, Positions
@@ -381,8 +380,7 @@ class LockstepLoop(TrainingLoop):
             batches = []
             for batch in polled:
                 if batch.held_out.any():
-                    rows = np.flatnonzero(batch.held_out)
-                    held.append((feature_rows(batch.x, rows), batch.y[rows], batch.segment[rows]))
+                    held.append(held_out_rows(batch))
                 batches.append(TrainBatch(batch.x, batch.y, batch.train_mask))
             rows_here = sum(int(b.mask.sum()) for b in batches)
             now = time.monotonic()
@@ -431,9 +429,7 @@ class LockstepLoop(TrainingLoop):
             for text in lockstep.gather_json(json.dumps(list(segment_names)), what="the window's segment names")
         ]
         if held:
-            x = jax.tree.map(lambda *parts: np.concatenate(parts), *(h[0] for h in held))
-            y = np.concatenate([h[1] for h in held])
-            ids = np.concatenate([h[2] for h in held]).astype(np.int32)
+            x, y, ids = join_held_out(held)
         else:
             x = _zeros_of(self.learner.inputs, 0)
             labels = self.learner.task.labels
@@ -444,13 +440,7 @@ class LockstepLoop(TrainingLoop):
             mine = rows["process"] == process
             segment = rows["segment"][mine]
             xs = jax.tree.map(lambda leaf, mine=mine: leaf[mine], rows["x"])
-            ys = rows["y"][mine]
-            for segment_id in np.unique(segment):
-                chosen = np.flatnonzero(segment == segment_id)
-                if segment_id == NO_SEGMENT:
-                    probe.add_unsegmented(feature_rows(xs, chosen), ys[chosen])
-                else:
-                    probe.add(process_names[segment_id], feature_rows(xs, chosen), ys[chosen])
+            add_held_out(probe, process_names, xs, rows["y"][mine], segment)
 
 
 def _pack(restored, state) -> bytes:

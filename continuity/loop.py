@@ -1017,6 +1017,9 @@ class TrainingLoop:
         """
         trained = 0
         stack: list[tuple[TrainBatch, np.ndarray]] = []  # gathered, not yet dispatched, with their segment ids
+        # The window's held-out rows, added to the probe at its close (nothing reads it sooner):
+        # one add per segment a window rather than a dozen NumPy calls per batch.
+        held: list[tuple] = []
         steps_per_dispatch = self.learner.steps_per_dispatch
         positions = good.positions
         ended = False
@@ -1061,7 +1064,7 @@ class TrainingLoop:
                     break
                 continue
             if batch.held_out.any():
-                self._hold_out(probe, reader.batcher.segment_names, batch)
+                held.append(held_out_rows(batch))
             mask = batch.train_mask
             rows = int(mask.sum())
             if sampled:
@@ -1085,6 +1088,9 @@ class TrainingLoop:
         state = self._dispatch(
             state, stack, reader.batcher.segment_names
         )  # the window's last stack, short where the boundary fell
+        if held:
+            x, y, ids = join_held_out(held)
+            add_held_out(probe, reader.batcher.segment_names, x, y, ids)
         recent_examples = (
             (
                 jax.tree.map(lambda *parts: np.concatenate(parts), *(x for x, _ in recent)),
@@ -1094,21 +1100,6 @@ class TrainingLoop:
             else None
         )
         return state, positions, ended, recent_examples
-
-    @staticmethod
-    def _hold_out(probe: ProbeStore, segment_names: list, batch) -> None:
-        rows = np.flatnonzero(batch.held_out)
-        ids = batch.segment[rows]
-        # Most batches hold out rows of one segment (or none): no grouping to do then.
-        if len(ids) and (ids == ids[0]).all():
-            groups = [(ids[0], rows)]
-        else:
-            groups = [(segment_id, rows[ids == segment_id]) for segment_id in np.unique(ids)]
-        for segment_id, chosen in groups:
-            if segment_id == NO_SEGMENT:
-                probe.add_unsegmented(feature_rows(batch.x, chosen), batch.y[chosen])
-            else:
-                probe.add(segment_names[segment_id], feature_rows(batch.x, chosen), batch.y[chosen])
 
     def _checkpoint_due(self, good: _Good) -> bool:
         """True when `good` is not checkpointed yet, `checkpoint_every_s` has passed since the last save,
@@ -1335,6 +1326,34 @@ def copy_range(
     if timed_out:
         log.error("quarantine copy timed out after %.0f s; partitions not fully copied: %s", timeout_s, sorted(stop_at))
     return copied
+
+
+def held_out_rows(batch) -> tuple:
+    """A batch's held-out rows: (features, labels, segment ids), copies."""
+    rows = np.flatnonzero(batch.held_out)
+    return feature_rows(batch.x, rows), batch.y[rows], batch.segment[rows]
+
+
+def join_held_out(held: list[tuple]) -> tuple:
+    """`held_out_rows` of several batches as one (features, labels, segment ids), in order."""
+    x = jax.tree.map(lambda *parts: np.concatenate(parts), *(h[0] for h in held))
+    return x, np.concatenate([h[1] for h in held]), np.concatenate([h[2] for h in held]).astype(np.int32)
+
+
+def add_held_out(probe: ProbeStore, segment_names: list, x, y: np.ndarray, ids: np.ndarray) -> None:
+    """Held-out rows into the probe: each segment's (ids index `segment_names`; NO_SEGMENT:
+    the probe's own windows) in the order they arrived, segments in the order they first
+    came. A segment's reservoir sees the same arrivals as when its rows were added batch by
+    batch; what can differ is only which segment the probe drops first past its
+    `max_segments`, when more than that many are open in one window."""
+    _, first = np.unique(ids, return_index=True)
+    segments = ids[np.sort(first)]
+    for segment_id in segments:
+        chosen = np.flatnonzero(ids == segment_id) if len(segments) > 1 else np.arange(len(ids))
+        if segment_id == NO_SEGMENT:
+            probe.add_unsegmented(feature_rows(x, chosen), y[chosen])
+        else:
+            probe.add(segment_names[segment_id], feature_rows(x, chosen), y[chosen])
 
 
 def _out_of_memory(error: jax.errors.JaxRuntimeError) -> bool:

@@ -164,3 +164,42 @@ def test_offering_examples_in_chunks_keeps_what_offering_them_one_at_a_time_keep
         xo, yo, _ = one_at_a_time.examples()
         assert np.array_equal(xs, xo) and np.array_equal(ys, yo)
         assert chunked._seen == one_at_a_time._seen == {"s": 700}
+
+
+def test_a_windows_held_out_rows_added_at_once_fill_the_probe_as_batch_by_batch_adds_do():
+    """The loop adds a window's held-out rows at its close (`add_held_out`): two named segments
+    interleaved batch by batch and rows without a segment end in the same reservoirs, counts and
+    windows as when each batch's rows were added as it came."""
+    from types import SimpleNamespace
+
+    from continuity.loop import add_held_out, held_out_rows, join_held_out
+    from continuity.stream import NO_SEGMENT
+
+    rng = np.random.default_rng(0)
+    names = ["a", "b"]
+    batches = []
+    for i in range(60):  # far past each reservoir's 20 slots and the 40-example windows
+        x, y = _examples(16, i * 16)
+        segment = np.full(16, [0, 1, NO_SEGMENT][i % 3], np.int32)
+        segment[:3] = 1 - (i % 2)  # a few rows of the other named segment in every batch
+        batches.append(SimpleNamespace(x=x, y=y, segment=segment, held_out=rng.random(16) < 0.4))
+
+    def store():
+        return ProbeStore(INPUTS, LABELS, per_segment=20, window_examples=40, seed=5)
+
+    one_by_one, at_once = store(), store()
+    for batch in batches:
+        add_held_out(one_by_one, names, *join_held_out([held_out_rows(batch)]))
+    add_held_out(at_once, names, *join_held_out([held_out_rows(batch) for batch in batches]))
+
+    def by_segment(probe):  # each segment's examples and count, whatever order they were opened in
+        arrays, meta = probe.to_arrays()
+        kept = {name: (arrays[f"s{i}"], seen) for i, (name, seen) in enumerate(zip(meta["segments"], meta["seen"]))}
+        return kept, meta["unsegmented_seen"]
+
+    (expected, expected_unsegmented), (got, got_unsegmented) = by_segment(one_by_one), by_segment(at_once)
+    assert sorted(got) == sorted(expected) and len(got) > 3 and got_unsegmented == expected_unsegmented > 0
+    for name, (arrays, seen) in expected.items():
+        assert got[name][1] == seen
+        np.testing.assert_array_equal(got[name][0]["x"], arrays["x"])
+        np.testing.assert_array_equal(got[name][0]["y"], arrays["y"])
