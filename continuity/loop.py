@@ -493,6 +493,7 @@ class TrainingLoop:
                 # The state's counter rolls back with the state; the run's total counts every window once.
                 window_start_nonfinite = int(state.nonfinite_rows)
                 state, positions, ended, recent = self._train_window(state, reader, probe, good)
+                self._ready(state)
                 self.summary.nonfinite_rows += int(state.nonfinite_rows) - window_start_nonfinite
                 trained = self.summary.examples_trained - window_start_examples
                 if not trained and self._excision is not None and (ended or _reached(positions, self._excision.end)):
@@ -992,17 +993,24 @@ class TrainingLoop:
         state, metrics = self.learner.train_steps(state, on_device)
         if not self._stepped:
             self._stepped = True
-            try:
-                jax.block_until_ready((state, metrics))
-            except jax.errors.JaxRuntimeError as error:
-                if not _out_of_memory(error):
-                    raise
-                raise UsageError(
-                    f"the train step cannot allocate its buffers ({_jax_said(error)}): lower learner.batch_size "
-                    "or learner.steps_per_dispatch, or use a smaller model"
-                ) from None
+            self._ready((state, metrics))
         self._step_seconds.append(time.perf_counter() - tick)
         return state, metrics
+
+    @staticmethod
+    def _ready(tree) -> None:
+        """Wait for the dispatches that make `tree`. One that failed raises here: a read of one
+        of its outputs would wait forever instead (JAX 0.10). A step that ran out of memory is
+        one line: at the first dispatch its shapes do not fit; later, others took the memory."""
+        try:
+            jax.block_until_ready(tree)
+        except jax.errors.JaxRuntimeError as error:
+            if not _out_of_memory(error):
+                raise
+            raise UsageError(
+                f"the train step cannot allocate its buffers ({_jax_said(error)}): lower learner.batch_size "
+                "or learner.steps_per_dispatch, use a smaller model, or free the device's memory"
+            ) from None
 
     def _train_window(self, state, reader: _Reader, probe: ProbeStore, good: _Good):
         """Train until a window's worth of examples, the end of the stream, or stop.
@@ -1245,6 +1253,7 @@ class TrainingLoop:
         when, since_examples = self._progress_clock
         seconds = time.monotonic() - when
         if seconds >= self.progress_every_s:
+            self._ready(state)  # the snapshot reads from it
             on_progress(self._progress(state, good, since_examples, seconds))
             self._progress_clock = (time.monotonic(), self.summary.examples_trained)
 

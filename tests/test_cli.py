@@ -280,6 +280,9 @@ def test_settings_that_pass_the_config_check_but_cannot_work_stop_the_start_in_o
     assert not any("Traceback" in line for line in err)
 
 
+# A regression here waits forever inside JAX, where a signal cannot interrupt it: the thread
+# method ends the worker instead.
+@pytest.mark.timeout(120, method="thread")
 @pytest.mark.slow  # a replay to its start
 def test_a_model_the_memory_cannot_hold_fails_at_its_first_state_in_one_line_not_a_wait_forever(
     tmp_path, capsys, monkeypatch
@@ -301,6 +304,9 @@ def test_a_model_the_memory_cannot_hold_fails_at_its_first_state_in_one_line_not
     assert not any("Traceback" in line for line in err)
 
 
+# A regression here waits forever inside JAX, where a signal cannot interrupt it: the thread
+# method ends the worker instead.
+@pytest.mark.timeout(120, method="thread")
 @pytest.mark.slow  # a replay to its first step
 def test_a_train_step_whose_buffers_the_memory_cannot_hold_fails_at_the_first_dispatch_in_one_line(
     tmp_path, capsys, monkeypatch
@@ -325,8 +331,48 @@ def test_a_train_step_whose_buffers_the_memory_cannot_hold_fails_at_the_first_di
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("continuity: error: the train step cannot allocate its buffers (")
     assert "Out of memory" in err[-1]
-    assert err[-1].endswith("): lower learner.batch_size or learner.steps_per_dispatch, or use a smaller model")
+    assert err[-1].endswith(
+        "): lower learner.batch_size or learner.steps_per_dispatch, use a smaller model, or free the device's memory"
+    )
     assert not any("Traceback" in line for line in err)
+
+
+# A regression here waits forever inside JAX, where a signal cannot interrupt it: the thread
+# method ends the worker instead.
+@pytest.mark.timeout(120, method="thread")
+@pytest.mark.slow  # a replay through a few dispatches
+def test_a_dispatch_that_runs_out_of_memory_mid_run_ends_it_in_one_line_not_a_wait_forever(
+    tmp_path, capsys, monkeypatch
+):
+    """Memory others take while the service runs: a later dispatch fails to allocate. Its outputs
+    would never be ready to read (JAX 0.10), and the loop waited forever at the window's close;
+    it now ends the run in one line, exit 2."""
+    import jax
+    import jax.numpy as jnp
+
+    from continuity.learner.learner import Learner
+
+    wide = jnp.ones(10**7, jnp.float32)  # its outer product: 400 TB, a failed allocation
+    failed = jax.jit(lambda a: (jnp.outer(a, a), jnp.zeros((), jnp.int32)))(wide)[1]
+    real_init = Learner.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        steps, calls = self.train_steps, []
+
+        def train_steps(state, batches):
+            state, metrics = steps(state, batches)
+            calls.append(1)
+            return (state.replace(nonfinite_rows=failed) if len(calls) == 3 else state), metrics
+
+        self.train_steps = train_steps
+
+    monkeypatch.setattr(Learner, "__init__", init)
+    recording = record_scenario(tmp_path / "stream.parquet", segments=1, seed=0)
+    assert main(["replay", str(recording), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("continuity: error: the train step cannot allocate its buffers (")
+    assert "Out of memory" in err[-1] and not any("Traceback" in line for line in err)
 
 
 @pytest.mark.slow  # a replay to its start
@@ -359,3 +405,18 @@ def test_a_store_a_replay_holds_is_refused_naming_the_replay_not_a_service(tmp_p
     finally:
         service.store.close()
     assert "is in use by `continuity replay` (pid " in capsys.readouterr().err
+
+
+def test_a_replay_stopped_by_an_error_ends_its_progress_bar_line_so_the_error_has_its_own(capsys):
+    from types import SimpleNamespace
+
+    from continuity.commands.service import _ProgressBar
+    from continuity.stream import Positions
+
+    bar = _ProgressBar({("t", 0): (0, 100)})
+    bar.break_line()  # nothing drawn: nothing to end
+    assert capsys.readouterr().err == ""
+    bar(SimpleNamespace(positions=Positions({}), examples_per_second=10.0, rollbacks=0), None)
+    bar.break_line()
+    drawn = capsys.readouterr().err
+    assert drawn.startswith("\r[") and drawn.endswith("rollbacks 0  \n") and drawn.count("\n") == 1

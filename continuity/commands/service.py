@@ -174,7 +174,11 @@ def run_replay(args) -> int:
     try:
         summary = service.run()
     except DecoderProcessError as error:
+        bar.break_line()
         return decoder_lost(error)
+    except BaseException:
+        bar.break_line()  # the error's line starts on a line of its own
+        raise
     bar.finish(summary)
     print(format_summary(summary))
     if args.json is not None:  # the summary's fields, prequential_accuracy among them
@@ -225,6 +229,7 @@ class _ProgressBar:
     def __init__(self, ends: dict):
         self.ends = ends
         self.total = sum(end - first for first, end in ends.values()) or 1
+        self.drawn = False  # a line drawn and not yet ended
 
     def _done(self, positions) -> int:
         done = 0
@@ -242,6 +247,14 @@ class _ProgressBar:
             f"records  {progress.examples_per_second:,.0f} examples/s  rollbacks {progress.rollbacks}  "
         )
         sys.stderr.flush()
+        self.drawn = True
+
+    def break_line(self) -> None:
+        """End the bar's line, if one was drawn: a run stopped by an error says so on its own line."""
+        if self.drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.drawn = False
 
     def finish(self, summary) -> None:
         sys.stderr.write(
