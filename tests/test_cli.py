@@ -14,6 +14,10 @@ from conftest import record_scenario
 from continuity.checkpoints import SCHEMA_VERSION, CheckpointStore
 from continuity.cli import main
 
+# A test of a run that once waited forever inside JAX, where pytest-timeout's signal cannot
+# interrupt it: should it regress, the thread method ends the worker instead of CI's budget.
+ENDS_A_HANG = pytest.mark.timeout(120, method="thread")
+
 
 def _state(w: np.ndarray, step: int) -> dict:
     return {
@@ -280,9 +284,7 @@ def test_settings_that_pass_the_config_check_but_cannot_work_stop_the_start_in_o
     assert not any("Traceback" in line for line in err)
 
 
-# A regression here waits forever inside JAX, where a signal cannot interrupt it: the thread
-# method ends the worker instead.
-@pytest.mark.timeout(120, method="thread")
+@ENDS_A_HANG
 @pytest.mark.slow  # a replay to its start
 def test_a_model_the_memory_cannot_hold_fails_at_its_first_state_in_one_line_not_a_wait_forever(
     tmp_path, capsys, monkeypatch
@@ -304,9 +306,7 @@ def test_a_model_the_memory_cannot_hold_fails_at_its_first_state_in_one_line_not
     assert not any("Traceback" in line for line in err)
 
 
-# A regression here waits forever inside JAX, where a signal cannot interrupt it: the thread
-# method ends the worker instead.
-@pytest.mark.timeout(120, method="thread")
+@ENDS_A_HANG
 @pytest.mark.slow  # a replay to its first step
 def test_a_train_step_whose_buffers_the_memory_cannot_hold_fails_at_the_first_dispatch_in_one_line(
     tmp_path, capsys, monkeypatch
@@ -337,9 +337,7 @@ def test_a_train_step_whose_buffers_the_memory_cannot_hold_fails_at_the_first_di
     assert not any("Traceback" in line for line in err)
 
 
-# A regression here waits forever inside JAX, where a signal cannot interrupt it: the thread
-# method ends the worker instead.
-@pytest.mark.timeout(120, method="thread")
+@ENDS_A_HANG
 @pytest.mark.slow  # a replay through a few dispatches
 def test_a_dispatch_that_runs_out_of_memory_mid_run_ends_it_in_one_line_not_a_wait_forever(
     tmp_path, capsys, monkeypatch
