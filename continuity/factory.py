@@ -33,7 +33,18 @@ from flax import nnx
 
 from continuity import replay as replay_lib
 from continuity.config import ConfigError, labels_problem, replay_problem, sharded_replay_problem
-from continuity.learner import Classification, Learner, LearnerConfig, ModelConfig, ReplayConfig, Task, cnn, mlp
+from continuity.learner import (
+    Classification,
+    Learner,
+    LearnerConfig,
+    ModelConfig,
+    ReplayConfig,
+    Task,
+    cnn,
+    count_parameters,
+    mlp,
+    tree_bytes,
+)
 from continuity.learner.devices import process_devices
 from continuity.learner.learner import ModelFactory
 from continuity.learner.schema import key_text, suggest
@@ -392,17 +403,10 @@ def model_state_bytes(config: Config, params: Any) -> int:
     return 3 * tree_bytes(params) + tree_bytes(optimizer_state)
 
 
-def tree_bytes(tree: Any) -> int:
-    """The bytes a tree of arrays (or of their `jax.ShapeDtypeStruct`s) takes."""
-    return sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
-
-
 def _model_too_large(config: Config, params: Any, need: int, have: int, where: str) -> str:
     """The line for a model whose state cannot fit: the key that sized it, its parameter count,
     and its largest parameter (an embedding table of [stream.fields] buckets, a wide layer)."""
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    count = sum(int(np.prod(leaf.shape)) for _, leaf in leaves)
-    path, largest = max(leaves, key=lambda item: int(np.prod(item[1].shape)) * np.dtype(item[1].dtype).itemsize)
+    path, largest = max(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda item: tree_bytes(item[1]))
     shape = f"{np.dtype(largest.dtype).name}{list(largest.shape)}"
     model = config.learner.model
     events = config.stream.field_spec()
@@ -420,7 +424,8 @@ def _model_too_large(config: Config, params: Any, need: int, have: int, where: s
     else:
         key, value = "[model] kind", model.kind
     return (
-        f"{key}: the model's {count:,} parameters (the largest {jax.tree_util.keystr(path)}: {shape}) "
+        f"{key}: the model's {count_parameters(params):,} parameters "
+        f"(the largest {jax.tree_util.keystr(path)}: {shape}) "
         f"with their optimizer state and EWC's anchor and Fisher need {byte_size(need)}, more than the "
         f"{byte_size(have)} of {where}. Got {value}."
     )

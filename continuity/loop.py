@@ -76,10 +76,10 @@ import numpy as np
 from continuity.checkpoints import CheckpointSaveError, CheckpointStore, CorruptCheckpointError
 from continuity.detectors import WindowSample
 from continuity.errors import UsageError
-from continuity.factory import byte_size, tree_bytes
+from continuity.factory import byte_size
 from continuity.guard import Guard, GuardConfig
 from continuity.learner import Batch as TrainBatch
-from continuity.learner import Learner, StepTotals
+from continuity.learner import Learner, StepTotals, tree_bytes
 from continuity.learner.learner import feature_rows
 from continuity.prequential import PrequentialFigures, PrequentialTracker
 from continuity.probe import ProbeConfig, ProbeStore, load_golden
@@ -1099,14 +1099,7 @@ class TrainingLoop:
         if held:
             x, y, ids = join_held_out(held)
             add_held_out(probe, reader.batcher.segment_names, x, y, ids)
-        recent_examples = (
-            (
-                jax.tree.map(lambda *parts: np.concatenate(parts), *(x for x, _ in recent)),
-                np.concatenate([y for _, y in recent]),
-            )
-            if recent
-            else None
-        )
+        recent_examples = _concatenated(recent) if recent else None
         return state, positions, ended, recent_examples
 
     def _checkpoint_due(self, good: _Good) -> bool:
@@ -1345,8 +1338,13 @@ def held_out_rows(batch) -> tuple:
 
 def join_held_out(held: list[tuple]) -> tuple:
     """`held_out_rows` of several batches as one (features, labels, segment ids), in order."""
-    x = jax.tree.map(lambda *parts: np.concatenate(parts), *(h[0] for h in held))
-    return x, np.concatenate([h[1] for h in held]), np.concatenate([h[2] for h in held]).astype(np.int32)
+    x, y, ids = _concatenated(held)
+    return x, y, ids.astype(np.int32)
+
+
+def _concatenated(parts: list) -> Any:
+    """Trees of host arrays of one structure, joined along their rows, in order."""
+    return jax.tree.map(lambda *leaves: np.concatenate(leaves), *parts)
 
 
 def add_held_out(probe: ProbeStore, segment_names: list, x, y: np.ndarray, ids: np.ndarray) -> None:

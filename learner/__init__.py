@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from continuity.learner.config import EWCConfig, LearnerConfig, ModelConfig, ReplayConfig
     from continuity.learner.ewc import EWCState
     from continuity.learner.learner import Evaluation, Learner, ModelFactory
-    from continuity.learner.models import cnn, count_parameters, mlp
+    from continuity.learner.models import cnn, count_parameters, mlp, tree_bytes
     from continuity.learner.state import Batch, LearnerState, StepTotals
     from continuity.learner.tasks import CORRECT, LOSS, Classification, MultiLabel, Outcome, Regression, Task
 
@@ -31,6 +31,7 @@ _HOMES = {
     "cnn": "models",
     "count_parameters": "models",
     "mlp": "models",
+    "tree_bytes": "models",
     "Batch": "state",
     "LearnerState": "state",
     "StepTotals": "state",
@@ -66,6 +67,7 @@ __all__ = [
     "compilation_count",
     "count_parameters",
     "mlp",
+    "tree_bytes",
 ]
 
 

@@ -20,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -148,4 +149,11 @@ def _outputs(outputs) -> int:
 
 
 def count_parameters(params) -> int:
-    return sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(params))
+    """The parameters' count, of arrays or of their `jax.ShapeDtypeStruct`s."""
+    return sum(int(leaf.size) for leaf in jax.tree.leaves(params))
+
+
+def tree_bytes(tree) -> int:
+    """The bytes a tree of arrays (or of their `jax.ShapeDtypeStruct`s, counted without
+    allocating) takes: what a model's state costs in memory."""
+    return sum(int(leaf.size) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
