@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,6 +48,7 @@ from continuity.learner.devices import process_devices
 from continuity.learner.learner import ModelFactory
 from continuity.learner.schema import key_text, suggest
 from continuity.learner.tasks import MultiLabel, Regression
+from continuity.memory import byte_size, host_memory
 from continuity.stream.codecs import FeatureSpec
 
 if TYPE_CHECKING:
@@ -431,23 +431,6 @@ def _model_too_large(config: Config, params: Any, need: int, have: int, where: s
     )
 
 
-def host_memory() -> int | None:
-    """This machine's physical memory, or its container's limit (cgroup v2 or v1) where lower; None if unknown."""
-    limits = []
-    try:
-        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):  # not a POSIX system that says
-        pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():  # v2 says "max" when unlimited
-            limits.append(int(text))
-    return min(limits) if limits else None
-
-
 def device_memory(device: jax.Device) -> int | None:
     """The bytes an accelerator lets JAX allocate (its memory_stats' bytes_limit); None where it does not say."""
     try:
@@ -456,14 +439,6 @@ def device_memory(device: jax.Device) -> int | None:
         return None
     limit = (stats or {}).get("bytes_limit")
     return int(limit) if limit else None
-
-
-def byte_size(count: int) -> str:
-    """`count` bytes for a reader: 264.0 GB, 12.5 MB, 264 bytes."""
-    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if count >= scale:
-            return f"{count / scale:,.1f} {unit}"
-    return f"{count} bytes"
 
 
 def learner_from_config(config: Config) -> Learner:

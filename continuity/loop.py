@@ -76,11 +76,11 @@ import numpy as np
 from continuity.checkpoints import CheckpointSaveError, CheckpointStore, CorruptCheckpointError
 from continuity.detectors import WindowSample
 from continuity.errors import UsageError
-from continuity.factory import byte_size
 from continuity.guard import Guard, GuardConfig
 from continuity.learner import Batch as TrainBatch
 from continuity.learner import Learner, StepTotals, tree_bytes
 from continuity.learner.learner import feature_rows
+from continuity.memory import byte_size
 from continuity.prequential import PrequentialFigures, PrequentialTracker
 from continuity.probe import ProbeConfig, ProbeStore, load_golden
 from continuity.regression import Verdict

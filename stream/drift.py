@@ -69,6 +69,7 @@ changes no input, and no test split depends on the length of the stream.
 from __future__ import annotations
 
 import json
+import tracemalloc
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -257,6 +258,26 @@ class DriftGenerator(ABC):
         for array in (stream.label, stream.truth, stream.concept, *stream.columns.values(), *stream.state.values()):
             array.flags.writeable = False
         return stream
+
+    def peak_bytes(self, examples: int, *, sample: int = 20_000) -> int:
+        """About the most memory `stream(examples)` holds at once, in bytes: the peak of a
+        `sample`-example draw (numpy reports its buffers to tracemalloc), scaled. A stream is
+        drawn whole, each array at full length, so the scale is linear; a draw far past memory
+        can then be refused before it starts instead of killed by the kernel halfway."""
+        sample = max(sample, self.concept_count)
+        tracing = tracemalloc.is_tracing()
+        if not tracing:
+            tracemalloc.start()
+        try:
+            self.stream(self.concept_count)  # what a first draw allocates once (caches) is not per example
+            tracemalloc.reset_peak()
+            before, _ = tracemalloc.get_traced_memory()
+            self.stream(sample)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            if not tracing:
+                tracemalloc.stop()
+        return (peak - before) * examples // sample
 
     @abstractmethod
     def _draw(self, examples: int, seed: int, blocks: tuple[tuple[int, int], ...]) -> DriftStream: ...

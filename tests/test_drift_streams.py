@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -66,6 +67,20 @@ def test_every_drift_stream_is_the_same_bit_for_bit_for_the_same_seed_and_anothe
     for k in range(len(first.blocks)):
         assert first.held_out(k, 50).truth.tobytes() == again.held_out(k, 50).truth.tobytes()
     assert first.arrays().x.tobytes() != other.arrays().x.tobytes()
+
+
+@pytest.mark.parametrize("name", DRIFT_SCENARIOS)
+def test_peak_bytes_is_within_a_tenth_of_what_drawing_the_stream_takes_at_its_peak(name):
+    """`produce` refuses a draw past memory on this estimate (test_stream_cli), so it must be near."""
+    generator = make_generator(name, drift="gradual") if name in ("sea", "agrawal") else make_generator(name)
+    estimate = generator.peak_bytes(200_000)
+    tracemalloc.start()
+    try:
+        generator.stream(200_000, seed=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert 0.9 * peak <= estimate <= 1.1 * peak
 
 
 def test_sea_labels_class_0_exactly_when_f1_plus_f2_is_at_most_the_concepts_theta_before_noise():

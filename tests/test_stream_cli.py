@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -166,11 +167,32 @@ def test_produce_refuses_a_partition_count_beyond_int32_and_more_examples_than_m
         main([*argv, "--partitions", str(2**31)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.endswith("expected a partition count in 1..2147483647, got 2147483648\n")
-    assert main([*argv, "--examples", str(10**13)]) == 2  # 218 TiB of features, before the broker is asked
-    assert capsys.readouterr().err == (
-        "continuity: error: --examples 10,000,000,000,000: the stream does not fit in this machine's memory; "
-        "produce fewer\n"
+    assert main([*argv, "--examples", str(10**13)]) == 2  # hundreds of TB, before the broker is asked
+    err = capsys.readouterr().err
+    assert err.startswith("continuity: error: --examples 10,000,000,000,000: the 'sea' stream is drawn whole")
+    assert err.count("\n") == 1 and "produce fewer" in err
+
+
+def test_produce_refuses_a_drift_stream_whose_draw_would_not_fit_in_memory_before_drawing_it(capsys, monkeypatch):
+    """Arrays each small enough for numpy's own check can still add up past memory, where the
+    kernel kills the draw partway: the draw's size is measured on a sample and refused first."""
+    from continuity.stream.drift import DriftGenerator, make_generator
+
+    need = make_generator("rbf-drift").peak_bytes(1_000_000)
+    monkeypatch.setattr("continuity.memory.host_memory", lambda: need // 2)
+    drawn = []  # the lengths of the streams drawn
+    draw = DriftGenerator.stream
+    monkeypatch.setattr(
+        DriftGenerator, "stream", lambda self, examples, **kw: drawn.append(examples) or draw(self, examples, **kw)
     )
+    argv = ["produce", "--bootstrap", "127.0.0.1:1", "--topic", "t", "--scenario", "rbf-drift"]
+    assert main([*argv, "--examples", "1000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--examples 1,000,000: the 'rbf-drift' stream is drawn whole before it is sent" in err
+    fills = int(re.search(r"the draw alone fills it at ~([\d,]+)\)", err).group(1).replace(",", ""))
+    assert 490_000 <= fills <= 510_000  # half the memory the draw needs: about half the examples
+    assert drawn and max(drawn) < 1_000_000  # only the samples were drawn
 
 
 def test_a_rate_of_one_record_an_age_sleeps_a_minute_at_a_time_not_an_overflowing_sleep(

@@ -253,7 +253,10 @@ def _drift_records(args) -> tuple[Iterator[tuple[bytes, bytes]], int, str, list[
     if codec == "events" and args.examples_per_record > 1:
         raise UsageError("--examples-per-record > 1 needs --codec binary")
     try:
-        stream = make_generator(args.scenario, **given).stream(args.examples or DEFAULT_EXAMPLES, seed=args.seed)
+        generator = make_generator(args.scenario, **given)
+        examples = args.examples or DEFAULT_EXAMPLES
+        _check_draw_fits(args.scenario, generator, examples)
+        stream = generator.stream(examples, seed=args.seed)
         if codec == "events":
             return stream.records(), len(stream), codec, list(stream.concepts)
         # The array encoding, segment by concept block, exactly as the guard's ScenarioSource reads it
@@ -266,6 +269,24 @@ def _drift_records(args) -> tuple[Iterator[tuple[bytes, bytes]], int, str, list[
     except (ValueError, SourceError, CodecError) as error:
         raise UsageError(str(error)) from None
     return (source.encode_record(i) for i in range(len(source))), len(source), codec, list(stream.concepts)
+
+
+def _check_draw_fits(scenario: str, generator, examples: int) -> None:
+    """A UsageError when drawing `examples` of the stream would need more than this machine's
+    memory: the stream is drawn whole before it is sent, and a draw past memory is otherwise
+    killed by the kernel partway (numpy's own MemoryError comes only for one array too large)."""
+    from continuity.memory import byte_size, host_memory
+
+    have = host_memory()
+    if have is None:
+        return
+    need = generator.peak_bytes(examples)
+    if need > have:
+        raise UsageError(
+            f"--examples {examples:,}: the {scenario!r} stream is drawn whole before it is sent and would "
+            f"need about {byte_size(need)}, more than this machine's {byte_size(have)}; produce fewer "
+            f"(the draw alone fills it at ~{have * examples // need:,})"
+        )
 
 
 def run_record(args) -> int:
