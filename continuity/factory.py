@@ -377,21 +377,52 @@ def check_memory(config: Config, count: int, params: Any) -> None:
     prefix = _config_prefix(config)
     if model > have:
         raise ConfigError(f"{prefix}: {_model_too_large(config, params, model, have, where)}")
+    task = task_for(config)
+    # A dispatch's stack is held at least twice: on the host and on the device (the next one's
+    # copy goes out while the last trains). The loop holds more, so this refuses only the surely too large.
+    stacks = 2 * stack_bytes(config, task)
+    if model + stacks > have:
+        raise ConfigError(f"{prefix}: {_stacks_too_large(config, stacks, model, have, where)}")
     policy = build_replay(config.learner.replay)
     if policy is None:
         return
-    task = task_for(config)
     total = replay_lib.buffer_bytes(policy, model_inputs(config), task.labels, task.replay_buckets)
     shards = count * config.scale.num_processes if config.scale.replay_layout == "sharded" else 1
     need = total // shards * copies
-    if model + need <= have:
+    if model + stacks + need <= have:
         return
     capacity = policy.capacity
     raise ConfigError(
         f"{prefix}: [replay] capacity: a replay buffer of {capacity:,} examples needs {byte_size(need)} "
         f"({byte_size(need // capacity)} an example), more than the {byte_size(have)} of {where} holds beside "
-        f"the model's state ({byte_size(model)}): at most ~{(have - model) * capacity // need:,} examples fit, "
-        f"fewer beside the step's batches. Got {capacity}."
+        f"the model's state and a dispatch's batches ({byte_size(model + stacks)}): at most "
+        f"~{(have - model - stacks) * capacity // need:,} examples fit. Got {capacity}."
+    )
+
+
+def stack_bytes(config: Config, task: Task) -> int:
+    """The bytes of one dispatch's stack: `learner.steps_per_dispatch` micro-batches of this
+    process's share of `learner.batch_size` rows, each row its features, label and mask."""
+    row = tree_bytes((model_inputs(config), task.labels)) + 1
+    rows = config.learner.batch_size // config.scale.num_processes
+    return config.learner.steps_per_dispatch * rows * row
+
+
+def _stacks_too_large(config: Config, stacks: int, model: int, have: int, where: str) -> str:
+    """The line for a dispatch's batches that cannot fit: the key that sized them (steps per
+    dispatch, unless one micro-batch alone is too large: then the batch size) and how many would."""
+    learner = config.learner
+    one = stacks // learner.steps_per_dispatch  # a micro-batch, held twice
+    if learner.steps_per_dispatch > 1 and model + one <= have:
+        key, value, fit = "steps_per_dispatch", learner.steps_per_dispatch, (have - model) // one
+    else:
+        key, value, fit = "batch_size", learner.batch_size, max(0, (have - model) * learner.batch_size // stacks)
+    batches = f"{learner.steps_per_dispatch:,} micro-batches" if learner.steps_per_dispatch > 1 else "one micro-batch"
+    return (
+        f"[learner] {key}: a dispatch's {batches} of {learner.batch_size:,} "
+        f"examples, held on the host and on the device, take {byte_size(stacks)}, more than the "
+        f"{byte_size(have)} of {where} holds beside the model's state ({byte_size(model)}): "
+        f"at most ~{fit:,} fit. Got {value}."
     )
 
 

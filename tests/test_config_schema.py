@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -283,20 +284,48 @@ def test_a_replay_buffer_larger_than_the_memory_is_one_line_exit_2_naming_replay
         f"continuity: error: config {tmp_path / 'c.toml'}: [replay] capacity: a replay buffer of 1,000,000,000 "
         "examples needs 16.4 TB (16.4 kB an example), more than the "
     )
-    assert "of this machine's memory holds beside the model's state (" in err and err.endswith("Got 1000000000.\n")
+    assert "of this machine's memory holds beside the model's state and a dispatch's batches (" in err
+    assert err.endswith("Got 1000000000.\n")
 
     # The figures, on a machine said to have 1 GB: 10**7 rows of 64 floats, a label and a bucket,
-    # beside the default MLP's state: 85,002 float32 parameters, three times (the parameters, EWC's
-    # anchor and Fisher), Adam's two moments of them and its int32 step count: 1,700,044 bytes.
+    # beside the default MLP's state (85,002 float32 parameters, three times: the parameters, EWC's
+    # anchor and Fisher; Adam's two moments of them and its int32 step count: 1,700,044 bytes) and
+    # a dispatch's stack held twice (8 micro-batches of 32 rows of 64 floats, a label and a mask).
     monkeypatch.setattr("continuity.factory.host_memory", lambda: 10**9)
     err = check_fails(tmp_path, capsys, "[replay]\ncapacity = 10_000_000\n")
+    beside = 1_700_044 + 2 * 8 * 32 * (64 * 4 + 4 + 1)
     assert (
         "needs 2.6 GB (264 bytes an example), more than the 1.0 GB of this machine's memory holds beside the "
-        "model's state (1.7 MB): at most " in err
+        "model's state and a dispatch's batches (1.8 MB): at most " in err
     )
-    assert f"~{(10**9 - 1_700_044) * 10**7 // (264 * 10**7):,} examples fit, fewer beside the step's batches." in err
-    assert err.endswith("Got 10000000.\n")
+    fit = int(re.search(r"at most ~([\d,]+) examples fit\. Got 10000000\.\n$", err).group(1).replace(",", ""))
+    assert abs(fit - (10**9 - beside) // 264) <= 1  # the buffer's few bytes of counters aside
     assert main(["config", "check", "--set", "replay.capacity=3_000_000"]) == 0
+
+
+def test_a_dispatch_whose_batches_cannot_fit_in_memory_is_one_line_exit_2_naming_the_key_that_sized_them(
+    tmp_path, capsys, monkeypatch
+):
+    """Steps per dispatch (or the batch size, when one micro-batch alone is too large) set past
+    memory would fail at the first stack the loop builds; the check refuses it first."""
+    monkeypatch.setattr("continuity.factory.host_memory", lambda: 10**9)  # a machine said to have 1 GB
+    row = 64 * 4 + 4 + 1  # 64 float32 features, an int32 label, a bool mask
+    model = 1_700_044  # the default MLP's state (the replay test above)
+    err = check_fails(tmp_path, capsys, "[learner]\nsteps_per_dispatch = 10_000_000\n")
+    assert err.startswith(
+        f"continuity: error: config {tmp_path / 'c.toml'}: [learner] steps_per_dispatch: a dispatch's "
+        "10,000,000 micro-batches of 32 examples, held on the host and on the device, take 167.0 GB, more than "
+        "the 1.0 GB of this machine's memory holds beside the model's state (1.7 MB): "
+    )
+    assert err.endswith(f"at most ~{(10**9 - model) // (2 * 32 * row):,} fit. Got 10000000.\n")
+
+    err = check_fails(tmp_path, capsys, "[learner]\nbatch_size = 100_000_000\n")
+    assert err.startswith(
+        f"continuity: error: config {tmp_path / 'c.toml'}: [learner] batch_size: a dispatch's 8 micro-batches "
+        "of 100,000,000 examples, held on the host and on the device, take 417.6 GB, more than "
+    )
+    assert err.endswith(f"at most ~{(10**9 - model) // (2 * 8 * row):,} fit. Got 100000000.\n")
+    assert main(["config", "check", "--set", "learner.steps_per_dispatch=10_000"]) == 0  # 167 MB: fits
 
 
 def test_a_model_whose_state_cannot_fit_in_memory_is_one_line_exit_2_naming_it_before_allocating(tmp_path, capsys):
