@@ -183,7 +183,12 @@ class LearnerConfig:
     batch_size: Count = Field(
         default=32, ge=1, description="fresh examples per step (fixed shape: a short batch is padded and masked)"
     )
-    steps_per_dispatch: Count = Field(default=8, ge=1, description="train updates per dispatch to the device")
+    steps_per_dispatch: Count = Field(
+        default=8,
+        ge=1,
+        description="train updates per dispatch to the device (a quiet stream's shorter stack is padded: "
+        "each dispatch computes all K)",
+    )
     optimizer_args: dict[str, Any] = Field(
         default_factory=dict,
         description="the optimizer's other keyword arguments (optax's names)",
