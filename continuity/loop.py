@@ -98,6 +98,7 @@ from continuity.stream import (
     PartitionKey,
     Positions,
     Source,
+    SourceError,
 )
 from continuity.stream.ingest import IDLE, BatchStream
 
@@ -515,16 +516,21 @@ class TrainingLoop:
                 if (ended and self._excision is None) or self.stopping():
                     break
             self._checkpoint(good)  # the last good model, if accepted since the last checkpoint
-        except LostPositionsError:
-            # The source logged and recorded them, and read nothing of those partitions. The window
-            # in progress is dropped unjudged (its state was donated to it: use the good copy).
-            self.summary.stopped_on_lost_positions = True
+        except SourceError as error:
+            # The source stopped in words: positions the broker no longer has (it logged and recorded
+            # them, and read nothing of those partitions), a damaged recording, a topic gone. The
+            # window in progress is dropped unjudged (its state was donated to it: use the good copy).
+            lost = isinstance(error, LostPositionsError)
+            self.summary.stopped_on_lost_positions = lost
             if self.guard.last_good is not None:  # run() marks the starting model good first
                 state = self.guard.last_good
             self.prequential.restore(good.prequential)
             self._checkpoint(good)  # the last accepted model, as any stop saves it; no position moves
             if self.on_progress is not None:  # the metrics see the stop before the service ends
                 self.on_progress(self._progress(state, good, self.summary.examples_trained, 1.0))
+            if not lost:  # the caller reports it, once `finally` below has finalized the save
+                self.ledger.append("source_failed", error=str(error), positions=good.positions.to_json())
+                raise
         finally:
             self._collect_save(wait=True)  # the last save is finalized (or failed) before anything is committed
             reader.close()

@@ -34,7 +34,7 @@ from continuity.stream.codecs import Codec
 from continuity.stream.deadletters import DeadLetterSink, MemoryDeadLetters
 from continuity.stream.examples import ExampleBlock
 from continuity.stream.records import PartitionPosition
-from continuity.stream.sources import LostPositionsError, Source
+from continuity.stream.sources import Source, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,9 @@ class Ingest:
                 if not runs and source.finished:
                     self._put(_END)
                     return
-        except LostPositionsError as error:  # the source logged it; the caller decides (no traceback)
+        except SourceError as error:
+            # Said in words by the source (lost positions, which it also logged; a damaged
+            # recording; a topic that is not there): the caller reports it, without a traceback.
             self._error = error
             self._put(_END)
         except BaseException as error:

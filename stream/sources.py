@@ -222,6 +222,13 @@ def split_runs(
     return runs
 
 
+def parquet_reason(error: BaseException) -> str:
+    """pyarrow's error as one line: its lines joined, characters that do not print escaped (a
+    damaged page's junk shows in its messages), without a final period."""
+    text = " ".join(str(error).split())
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text).rstrip(".")
+
+
 class FileSource(Source):
     """Replays a recorded Parquet stream in recorded order, reading one row batch at a time.
 
@@ -242,6 +249,7 @@ class FileSource(Source):
         self._finished = False
         self._skipped: set = set()
         self._last: dict[tuple[str, int], int] = {}  # (topic, partition): the last offset read
+        self._rows_read = 0  # the file's rows read so far, skipped ones included
 
     def open(self) -> None:
         import pyarrow.parquet as pq
@@ -270,6 +278,14 @@ class FileSource(Source):
             except StopIteration:
                 self._finished = True
                 break
+            except Exception as error:  # noqa: BLE001 - pyarrow's errors for a damaged page: OSError, ArrowInvalid, ...
+                # A row group whose bytes were damaged (a bad disk, a partial copy): the rows before
+                # it were read and are trained; the reader stops here, in words.
+                raise SourceError(
+                    f"recording {str(self.path)!r} is damaged after its first {self._rows_read:,} records: "
+                    f"{parquet_reason(error)}"
+                ) from None
+            self._rows_read += batch.num_rows
             topics = batch.column("topic").to_pylist()
             runs = split_runs(
                 topics,

@@ -262,6 +262,67 @@ def test_serve_and_replay_exit_5_in_one_line_when_checkpoints_cannot_be_saved(re
     assert len(lines) == 1 and "is not checkpointed" in lines[0]
 
 
+# ---------------------------------------------------------------------------- recordings that rot
+
+
+def _damaged_copy(recording: Path, out: Path, column: str, group: int) -> None:
+    """`recording` rewritten in row groups of 4,096 rows (what the file source reads at a time),
+    with the first page header of `column` in row group `group` overwritten with junk."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(recording), out, row_group_size=4096)
+    metadata = pq.ParquetFile(out).metadata.row_group(group)
+    chunk = next(c for c in (metadata.column(i) for i in range(metadata.num_columns)) if c.path_in_schema == column)
+    data = bytearray(out.read_bytes())
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data[start : start + 64] = b"\xff" * 64  # no reader takes this for a page header
+    out.write_bytes(bytes(data))
+
+
+def test_a_damaged_recording_trains_up_to_the_damage_saves_and_stops_in_one_line_exit_2_and_resumes_when_whole(
+    recording, tmp_path, capsys
+):
+    damaged = tmp_path / "damaged.parquet"
+    _damaged_copy(recording, damaged, "value", 1)
+    before = 4096  # the first row group, whole
+    run = tmp_path / "run"
+    settings = ["--set", "probe.every_examples=1000", "--set", "checkpoints.every_seconds=3600"]
+    assert main(["replay", str(damaged), "--out", str(run), *settings]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("continuity:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"continuity: error: recording {str(damaged)!r} is damaged after its first {before:,} records: "
+    )
+    assert lines[0].endswith("; the run stopped there: a restart resumes from the last checkpoint")
+
+    # What was trained before the damage and accepted is saved, though no save was due yet.
+    ledger = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    (failed,) = [e for e in ledger if e["event"] == "source_failed"]
+    saved = Positions.from_json(failed["positions"]).offset("digits", 0)
+    assert 0 < saved <= before and any(e["event"] == "save" for e in ledger)
+
+    # The recording made whole again: the replay resumes there and trains the rest, each example once.
+    assert main(["replay", str(recording), "--out", str(run), *settings]) == 0
+    ledger = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    (restore,) = [e for e in ledger if e["event"] == "restore"]
+    assert Positions.from_json(restore["positions"]).offset("digits", 0) == saved
+    chain = accepted_chain(ledger, max(e["checkpoint"] for e in ledger if e["event"] == "accept"))
+    _assert_trained_once(chain)
+
+
+def test_a_recording_whose_offsets_cannot_be_read_is_refused_in_one_line_exit_2_before_training(
+    recording, tmp_path, capsys
+):
+    damaged = tmp_path / "damaged.parquet"
+    _damaged_copy(recording, damaged, "offset", 1)
+    assert main(["replay", str(damaged), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"continuity: error: recording {str(damaged)!r} is damaged: its offsets cannot be read (")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "run" / "ledger.jsonl").exists()
+
+
 # ---------------------------------------------------------------------------- checkpoints that rot
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from continuity.commands.arguments import positive_int
 from continuity.config import add_config_arguments, config_from_args
@@ -124,11 +125,18 @@ def decoder_lost(error: Exception) -> int:
     return DECODER_LOST
 
 
+def source_failed(error: Exception) -> NoReturn:
+    """One line and exit status 2: the source stopped the run in words (a damaged recording, a
+    topic gone); what was trained past the last checkpoint is not committed."""
+    raise UsageError(f"{error}; the run stopped there: a restart resumes from the last checkpoint")
+
+
 def run_serve(args) -> int:
     from continuity.config import load_config
     from continuity.processes import PeerLost, exit_on_peer_lost, join
     from continuity.service import Service, format_progress, format_summary
     from continuity.stream.decoder_process import DecoderProcessError
+    from continuity.stream.sources import SourceError
 
     overrides = [*(args.set or ()), *([] if args.process_id is None else [f"scale.process_id={args.process_id}"])]
     config = load_config(args.config, overrides)
@@ -154,6 +162,8 @@ def run_serve(args) -> int:
         exit_on_peer_lost(error)
     except DecoderProcessError as error:
         return decoder_lost(error)
+    except SourceError as error:
+        source_failed(error)
     print(format_summary(summary))
     return exit_status(summary)
 
@@ -161,6 +171,7 @@ def run_serve(args) -> int:
 def run_replay(args) -> int:
     from continuity.service import Service, format_summary
     from continuity.stream.decoder_process import DecoderProcessError
+    from continuity.stream.sources import SourceError
 
     config = config_from_args(args)
     _quiet_orbax()
@@ -176,6 +187,9 @@ def run_replay(args) -> int:
     except DecoderProcessError as error:
         bar.break_line()
         return decoder_lost(error)
+    except SourceError as error:
+        bar.break_line()
+        source_failed(error)
     except BaseException:
         bar.break_line()  # the error's line starts on a line of its own
         raise
@@ -193,7 +207,7 @@ def _recorded_ends(path: Path) -> dict:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from continuity.stream.sources import RECORDING_COLUMNS, offsets_go_back
+    from continuity.stream.sources import RECORDING_COLUMNS, offsets_go_back, parquet_reason
 
     if not path.is_file():
         raise UsageError(f"recorded stream {str(path)!r} does not exist")
@@ -204,7 +218,12 @@ def _recorded_ends(path: Path) -> dict:
     missing = sorted(set(RECORDING_COLUMNS) - names)
     if missing:
         raise UsageError(f"{str(path)!r} is not a continuity recording: missing columns {missing}")
-    table = pq.read_table(path, columns=["topic", "partition", "offset"])
+    try:
+        table = pq.read_table(path, columns=["topic", "partition", "offset"])
+    except Exception as error:  # noqa: BLE001 - pyarrow's errors for a damaged page: OSError, ArrowInvalid, ...
+        raise UsageError(
+            f"recording {str(path)!r} is damaged: its offsets cannot be read ({parquet_reason(error)})"
+        ) from None
     # A log's offsets only rise; a file where one goes back (damaged, edited) would make a replay's
     # saved positions send the next one back over records already trained: refused before any is.
     topic = pc.dictionary_encode(table.column("topic")).combine_chunks().indices.to_numpy(zero_copy_only=False)
