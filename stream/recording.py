@@ -55,7 +55,8 @@ class RecordingWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.row_group_records = row_group_records
         self._partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
-        self._writer = pq.ParquetWriter(self._partial, recording_schema())
+        # Each page carries its CRC: a byte changed on disk later is found when read, not trained on.
+        self._writer = pq.ParquetWriter(self._partial, recording_schema(), write_page_checksum=True)
         self._pending: list[PartitionRecords] = []
         self._pending_rows = 0
         self.records = 0

@@ -257,7 +257,8 @@ class FileSource(Source):
         if not self.path.is_file():
             raise SourceError(f"recorded stream {str(self.path)!r} does not exist")
         try:
-            self._file = pq.ParquetFile(self.path)
+            # Pages written with a CRC (`continuity record` writes one) are checked as they are read.
+            self._file = pq.ParquetFile(self.path, page_checksum_verification=True)
         except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a non-Parquet file
             raise SourceError(f"{str(self.path)!r} is not a Parquet recording: {error}") from None
         names = set(self._file.schema_arrow.names)

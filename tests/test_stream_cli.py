@@ -255,6 +255,30 @@ def test_a_recording_whose_offsets_go_back_is_refused_before_anything_trains_and
             source.poll()
 
 
+def test_a_byte_changed_in_a_recorded_page_is_found_by_its_crc_not_trained_on(tmp_path):
+    """`record` writes each page's CRC and the file source checks it: without it a changed byte in
+    a value can decompress without error into other features, trained on as if recorded."""
+    import pyarrow.parquet as pq
+
+    from continuity.stream import PartitionRecords, RecordingWriter, SourceError
+
+    codec = make_codec("binary", FeatureSpec((64,), "float32", 10))
+    values = [codec.encode(np.full(64, i, np.float32), i % 10) for i in range(200)]
+    path = tmp_path / "stream.parquet"
+    with RecordingWriter(path) as writer:
+        writer.write(PartitionRecords("t", 0, values, [None] * 200, np.arange(200), np.zeros(200, np.int64)))
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    chunk = next(c for c in (group.column(i) for i in range(group.num_columns)) if c.path_in_schema == "value")
+    data = bytearray(path.read_bytes())
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data[start + chunk.total_compressed_size // 2] ^= 0x01  # one bit, mid-chunk
+    path.write_bytes(bytes(data))
+    source = FileSource(path)
+    with pytest.raises(SourceError, match=r"is damaged after its first 0 records: .*CRC checksum verification failed"):
+        while not source.finished:
+            source.poll()
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -219,7 +219,7 @@ def _recorded_ends(path: Path) -> dict:
     if missing:
         raise UsageError(f"{str(path)!r} is not a continuity recording: missing columns {missing}")
     try:
-        table = pq.read_table(path, columns=["topic", "partition", "offset"])
+        table = pq.read_table(path, columns=["topic", "partition", "offset"], page_checksum_verification=True)
     except Exception as error:  # noqa: BLE001 - pyarrow's errors for a damaged page: OSError, ArrowInvalid, ...
         raise UsageError(
             f"recording {str(path)!r} is damaged: its offsets cannot be read ({parquet_reason(error)})"
