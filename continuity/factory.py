@@ -378,8 +378,8 @@ def check_memory(config: Config, count: int, params: Any) -> None:
     if model > have:
         raise ConfigError(f"{prefix}: {_model_too_large(config, params, model, have, where)}")
     task = task_for(config)
-    # A dispatch's stack is held at least twice: on the host and on the device (the next one's
-    # copy goes out while the last trains). The loop holds more, so this refuses only the surely too large.
+    # Two dispatches' stacks at once at least: the one training and the next, put on the device
+    # while it trains. The loop holds more (the host's copies), so this refuses only the surely too large.
     stacks = 2 * stack_bytes(config, task)
     if model + stacks > have:
         raise ConfigError(f"{prefix}: {_stacks_too_large(config, stacks, model, have, where)}")
@@ -412,7 +412,7 @@ def _stacks_too_large(config: Config, stacks: int, model: int, have: int, where:
     """The line for a dispatch's batches that cannot fit: the key that sized them (steps per
     dispatch, unless one micro-batch alone is too large: then the batch size) and how many would."""
     learner = config.learner
-    one = stacks // learner.steps_per_dispatch  # a micro-batch, held twice
+    one = stacks // learner.steps_per_dispatch  # a micro-batch, twice
     if learner.steps_per_dispatch > 1 and model + one <= have:
         key, value, fit = "steps_per_dispatch", learner.steps_per_dispatch, (have - model) // one
     else:
@@ -420,7 +420,7 @@ def _stacks_too_large(config: Config, stacks: int, model: int, have: int, where:
     batches = f"{learner.steps_per_dispatch:,} micro-batches" if learner.steps_per_dispatch > 1 else "one micro-batch"
     return (
         f"[learner] {key}: a dispatch's {batches} of {learner.batch_size:,} "
-        f"examples, held on the host and on the device, take {byte_size(stacks)}, more than the "
+        f"examples, two dispatches at once, take {byte_size(stacks)}, more than the "
         f"{byte_size(have)} of {where} holds beside the model's state ({byte_size(model)}): "
         f"at most ~{fit:,} fit. Got {value}."
     )

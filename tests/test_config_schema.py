@@ -314,7 +314,7 @@ def test_a_dispatch_whose_batches_cannot_fit_in_memory_is_one_line_exit_2_naming
     err = check_fails(tmp_path, capsys, "[learner]\nsteps_per_dispatch = 10_000_000\n")
     assert err.startswith(
         f"continuity: error: config {tmp_path / 'c.toml'}: [learner] steps_per_dispatch: a dispatch's "
-        "10,000,000 micro-batches of 32 examples, held on the host and on the device, take 167.0 GB, more than "
+        "10,000,000 micro-batches of 32 examples, two dispatches at once, take 167.0 GB, more than "
         "the 1.0 GB of this machine's memory holds beside the model's state (1.7 MB): "
     )
     assert err.endswith(f"at most ~{(10**9 - model) // (2 * 32 * row):,} fit. Got 10000000.\n")
@@ -322,7 +322,7 @@ def test_a_dispatch_whose_batches_cannot_fit_in_memory_is_one_line_exit_2_naming
     err = check_fails(tmp_path, capsys, "[learner]\nbatch_size = 100_000_000\n")
     assert err.startswith(
         f"continuity: error: config {tmp_path / 'c.toml'}: [learner] batch_size: a dispatch's 8 micro-batches "
-        "of 100,000,000 examples, held on the host and on the device, take 417.6 GB, more than "
+        "of 100,000,000 examples, two dispatches at once, take 417.6 GB, more than "
     )
     assert err.endswith(f"at most ~{(10**9 - model) // (2 * 8 * row):,} fit. Got 100000000.\n")
     assert main(["config", "check", "--set", "learner.steps_per_dispatch=10_000"]) == 0  # 167 MB: fits
