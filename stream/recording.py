@@ -89,15 +89,23 @@ class RecordingWriter:
         self._writer.write_table(table)
 
     def close(self) -> None:
-        """Finish the file and put it under its name (replacing what was there)."""
-        self._flush()
-        self._writer.close()
+        """Finish the file and put it under its name (replacing what was there). A finish that
+        fails (a full disk refusing the last row group) discards it, as `abort` does."""
+        try:
+            self._flush()
+            self._writer.close()
+        except BaseException:
+            self.abort()
+            raise
         os.replace(self._partial, self.path)
 
     def abort(self) -> None:
-        """Discard what was written: the file under `path`, if any, stays as it was."""
+        """Discard what was written: the file under `path`, if any, stays as it was, and the
+        temporary file is gone (on a full disk too, where it would hold the space it took)."""
         try:
             self._writer.close()
+        except Exception:  # noqa: BLE001 - a full disk refuses the close too; the file goes all the same
+            pass
         finally:
             self._partial.unlink(missing_ok=True)
 

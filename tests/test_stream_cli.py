@@ -132,6 +132,30 @@ def test_a_recording_that_fails_half_way_leaves_the_file_there_as_it_was_and_a_f
     assert len(FileSource(out).poll()[0]) == 1
 
 
+def test_a_recording_the_disk_cannot_finish_leaves_no_temporary_file_behind(tmp_path, monkeypatch):
+    """A full disk refusing the last row group (at `close`): the temporary file would otherwise
+    keep the space it took, on the disk that is full."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from continuity.stream import PartitionRecords, RecordingWriter
+
+    out = tmp_path / "stream.parquet"
+    out.write_bytes(b"an earlier recording")
+
+    def no_space(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer = RecordingWriter(out)
+    writer.write(PartitionRecords("t", 0, [b"v"], [None], np.array([0]), np.array([0])))
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", no_space)  # the last row group, written at close
+    with pytest.raises(OSError, match="No space left"):
+        writer.close()
+    assert out.read_bytes() == b"an earlier recording"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stream.parquet"]
+
+
 def test_a_recording_onto_a_pipe_or_device_is_refused_and_leaves_it_there(tmp_path):
     import os
     import stat
