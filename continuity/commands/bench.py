@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from continuity.benchmarks import STRATEGIES
 from continuity.benchmarks.guard_suite import SUITE_STREAMS
 from continuity.commands.arguments import add_set_argument, device_counts, positive_int, replay_layouts
 from continuity.commands.ingest import add_ingest_parser
+from continuity.commands.results import write_json
 from continuity.stream.damage import DAMAGE_KINDS, PLACEMENTS
 from continuity.stream.drift import DRIFT_SCENARIOS
 from continuity.stream.scenarios import GUARD_EVERY_EXAMPLES, SCENARIOS
@@ -186,8 +186,7 @@ def register(subparsers) -> None:
 def _write_json(path: Path | None, result: dict) -> None:
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(path, result)
     print(f"wrote {path}")
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from continuity.commands.arguments import bootstrap, partitions, port, positive_int, rate, topic
+from continuity.commands.results import write_json
 from continuity.errors import UsageError
 from continuity.stream.drift import DRIFT_SCENARIOS
 from continuity.stream.scenarios import REGRESSION_SCENARIOS, SCENARIOS
@@ -334,7 +335,6 @@ def run_bench_ingest(args) -> int:
     )
     print(format_result(result))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 from continuity.commands.arguments import positive_int
+from continuity.commands.results import write_json
 from continuity.config import add_config_arguments, config_from_args
 from continuity.errors import UsageError
 
@@ -196,8 +196,7 @@ def run_replay(args) -> int:
     bar.finish(summary)
     print(format_summary(summary))
     if args.json is not None:  # the summary's fields, prequential_accuracy among them
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+        write_json(args.json, summary.to_json())
     return exit_status(summary)
 
 
