@@ -103,7 +103,6 @@ def run_demo(*, out: Path, seconds: int, segments: int = 6, seed: int = 0) -> in
     quarantined = read_dead_letters(config.quarantine_file) if config.quarantine_file.exists() else []
     tallies = tally_quarantines(events, quarantined, codec, poisoned)
     title = f"Continuity demo: permuted-digits, {segments} segments, segment {poison} poisoned"
-    write_png(events, out / "report.png", title, tallies=tallies)
     intro = (
         f"A drifting stream of {len(source):,} records (one new pixel permutation per segment) was produced "
         f"to an embedded Kafka-compatible broker. Segment {poison} is a broken upstream labeler: inputs drawn "
@@ -114,16 +113,20 @@ def run_demo(*, out: Path, seconds: int, segments: int = 6, seed: int = 0) -> in
         f"rows beyond {config.guard.window_tolerance} over accepted windows), at a false-alarm rate of "
         f"{config.guard.alpha} per window; on a regression it rolled back and reacted ({config.guard.on_regression})."
     )
-    write_markdown(
-        events,
-        out / "report.md",
-        title=title,
-        summary=summary.to_json(),
-        intro=intro,
-        final_accuracy=final,
-        checkpoint_table=table,
-        tallies=tallies,
-    )
+    try:
+        write_png(events, out / "report.png", title, tallies=tallies)
+        write_markdown(
+            events,
+            out / "report.md",
+            title=title,
+            summary=summary.to_json(),
+            intro=intro,
+            final_accuracy=final,
+            checkpoint_table=table,
+            tallies=tallies,
+        )
+    except OSError as error:  # a full disk: the run above still went as its summary says
+        raise OSError(f"cannot write the demo's report in {out}: {error.strerror or error}") from None
     print(table)
     say(f"wrote {out / 'report.md'} and {out / 'report.png'}")
     return 0

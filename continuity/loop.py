@@ -1153,6 +1153,7 @@ class TrainingLoop:
         if good.codec_state is not None:  # running feature statistics: a restart decodes as this run did
             metadata["codec"] = good.codec_state
         try:
+            self._letters_written()
             good.number = self.store.save(state, arrays, metadata)
         except CheckpointSaveError as error:
             self._save_failed(error)
@@ -1174,6 +1175,15 @@ class TrainingLoop:
             accuracy=report.get("accuracy"),
             quarantined=quarantined,
         )
+
+    def _letters_written(self) -> None:
+        """A CheckpointSaveError while dead letters or quarantined records are held in memory (their
+        file refusing writes: a full disk): the checkpoint would commit positions past records kept
+        nowhere else, so it waits and is retried as any failed save is."""
+        for sink in (self.stream.dead_letters, self.stream.quarantine):
+            unwritten = sink.unwritten()
+            if unwritten is not None:
+                raise CheckpointSaveError(f"checkpoint not saved: {unwritten}")
 
     def _collect_save(self, *, wait: bool = False) -> None:
         """Take the pending save's outcome: once finalized, commit its positions; if it failed, plan a retry.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import threading
 from collections import Counter
 from pathlib import Path
@@ -108,6 +109,13 @@ class DeadLetterSink:
     def flush(self) -> None:
         pass
 
+    def unwritten(self) -> str | None:
+        """Why letters received are not yet kept where they go (held in memory while a full disk
+        refuses them; a sink holding some tries writing them first), or None. A checkpoint waits
+        while there is a reason: positions committed past a record kept only in memory would
+        lose it at the next crash. Quick: it never waits on a network."""
+        return None
+
     def close(self) -> None:
         self.flush()
 
@@ -140,13 +148,21 @@ def letter_to_json(letter: DeadLetter) -> dict:
 
 
 class JsonLinesDeadLetters(DeadLetterSink):
-    """Appends dead letters to a JSON-lines file (flushed after every letter: they are rare).
+    """Appends dead letters to a JSON-lines file (written as each comes: they are rare).
 
     Each letter is kept once. Records after the last checkpoint are read again after a restart
     (or a rollback), and with them their dead letters; a partition's letter at or before the
     newest one the file holds for it, by offset and timestamp, is one it has. (A topic recreated
     starts its offsets again, at later timestamps: its letters are new.)
+
+    A full disk does not stop the service: what the file system refuses is held in memory, in
+    order (a line it took part of goes on where it stopped), and written before the next letter
+    once it takes writes again; one error is logged per spell. Meanwhile `unwritten` says so
+    and checkpoints wait (the loop's saves fail and retry), so no position is committed past a
+    letter not on disk. Beyond `MAX_HELD_BYTES` held, the next letter raises the OSError.
     """
+
+    MAX_HELD_BYTES = 256 * 2**20
 
     def __init__(self, path: str | Path, *, noun: str = "dead letter"):
         super().__init__(noun=noun)
@@ -156,9 +172,11 @@ class JsonLinesDeadLetters(DeadLetterSink):
         if self.path.is_file():
             for kept in read_dead_letters(self.path):
                 self._note(kept.get("topic"), kept.get("partition"), kept.get("offset"), kept.get("timestamp_ms"))
-        self._file = self.path.open("a", encoding="utf-8")
-        if self._file.tell() and not _ends_a_line(self.path):
-            self._file.write("\n")  # after a line torn by a crash: the next letter starts a line of its own
+        torn = self.path.is_file() and self.path.stat().st_size > 0 and not _ends_a_line(self.path)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # After a line torn by a crash, the next letter starts a line of its own.
+        self._held = bytearray(b"\n" if torn else b"")  # bytes the file system has not taken yet, in order
+        self._refused: OSError | None = None  # the spell's first refusal, while there is one
 
     def _note(self, topic, partition, offset, timestamp_ms) -> None:
         if not (isinstance(topic, str) and all(isinstance(v, int) for v in (partition, offset, timestamp_ms))):
@@ -175,15 +193,52 @@ class JsonLinesDeadLetters(DeadLetterSink):
 
     def _write(self, letter: DeadLetter) -> None:
         record = letter.record
+        line = (json.dumps(letter_to_json(letter)) + "\n").encode("utf-8")
         with self._lock:
-            self._file.write(json.dumps(letter_to_json(letter)) + "\n")
-            self._file.flush()
+            if self._refused is not None and len(self._held) + len(line) > self.MAX_HELD_BYTES:
+                raise OSError(
+                    f"{self.path}: cannot write {self.noun}s ({self._refused.strerror or self._refused}) and "
+                    f"{len(self._held):,} bytes of them are held in memory already"
+                )
+            self._held += line
             self._note(record.position.topic, record.position.partition, record.position.offset, record.timestamp_ms)
+            self._write_held()
+
+    def _write_held(self) -> None:
+        """Write what is held, in order, as far as the file system takes it (the caller holds the lock)."""
+        if self._fd is None:
+            return
+        try:
+            while self._held:
+                del self._held[: os.write(self._fd, self._held)]
+        except OSError as error:
+            if self._refused is None:  # the first refusal of a spell: say so once
+                log.error("%s: cannot write (%s); holding %ss in memory until it can", self.path, error, self.noun)
+                self._refused = error
+            return
+        if self._refused is not None:
+            log.warning("%s: writable again; wrote the %ss held", self.path, self.noun)
+            self._refused = None
+
+    def flush(self) -> None:
+        with self._lock:
+            self._write_held()
+
+    def unwritten(self) -> str | None:
+        with self._lock:
+            self._write_held()
+            if not self._held:
+                return None
+            refused = self._refused
+        why = f" ({refused.strerror or refused})" if refused is not None else ""
+        return f"{self.noun}s not yet written to {self.path}{why} are held in memory"
 
     def close(self) -> None:
         with self._lock:
-            if not self._file.closed:
-                self._file.close()
+            self._write_held()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 def read_dead_letters(path: str | Path) -> list[dict]:

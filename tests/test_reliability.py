@@ -243,6 +243,35 @@ def test_saves_failing_longer_than_max_unsaved_seconds_stop_the_run_cleanly(reco
         assert store.numbers() == []
 
 
+def test_checkpoints_wait_while_dead_letters_are_held_in_memory_and_go_on_once_they_are_written(
+    recording, tmp_path, caplog
+):
+    """Dead letters held while their file's disk is full: no checkpoint commits positions past
+    them (the saves fail and retry, training goes on); once written, checkpoints follow."""
+    _CommitRecordingSource.commits = []
+    loop = build_loop(recording, tmp_path, source=_CommitRecordingSource, save_retry_s=(0.01, 0.01))
+    held = ["dead letters not yet written to dead-letters.jsonl (No space left on device) are held in memory"]
+    loop.stream.dead_letters.unwritten = lambda: held[0]  # type: ignore[method-assign]
+    original = loop._train_window
+    windows = []
+
+    def train_window(*args, **kwargs):  # the disk has room again after the third window
+        windows.append(1)
+        if len(windows) == 4:
+            held[0] = None
+        return original(*args, **kwargs)
+
+    loop._train_window = train_window  # type: ignore[method-assign]
+    summary = loop.run()
+    loop.store.close()
+    assert summary.examples_trained == TOTAL and summary.checkpoint_failures >= 2 and summary.unsaved is None
+    assert "checkpoint not saved: dead letters not yet written to dead-letters.jsonl" in caplog.text
+    ledger = [json.loads(line) for line in (tmp_path / "checkpoints" / "ledger.jsonl").read_text().splitlines()]
+    accepts = [e for e in ledger if e["event"] == "accept"]
+    assert accepts and min(e["lineage_examples"] for e in accepts) > 1000  # none of the first windows' saves
+    assert len(_CommitRecordingSource.commits) >= 1  # and then positions were committed
+
+
 def test_serve_and_replay_exit_5_in_one_line_when_checkpoints_cannot_be_saved(recording, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(CheckpointStore, "_write", _no_space)
     config = tmp_path / "replay.toml"

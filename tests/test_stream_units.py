@@ -380,6 +380,43 @@ def test_a_dead_letter_file_keeps_each_letter_once_across_restarts_yet_takes_a_r
     assert offsets == [(0, 0), (1, 10), (2, 20), (0, 1_000)]
 
 
+def test_a_dead_letter_file_on_a_full_disk_holds_its_letters_in_order_and_writes_them_whole_once_it_can(
+    tmp_path, monkeypatch, caplog
+):
+    """A full disk must not stop the service: the letters wait in memory (`unwritten` says so,
+    and checkpoints wait on it), then reach the file whole, in order, each once."""
+    import errno
+    import os
+
+    from continuity.stream import deadletters
+
+    path = tmp_path / "dlq.jsonl"
+    _, letters = JsonCodec(SPEC).decode(_records([b"{", b"[", b"}", b"{{"]))
+    sink = JsonLinesDeadLetters(path)
+    sink.put(letters[0])
+    assert sink.unwritten() is None
+    write, room = os.write, [30]  # the disk takes 30 more bytes, then nothing: a line torn mid-way
+
+    def full_disk(fd, data):
+        if not room[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        taken = min(room[0], len(data))
+        room[0] -= taken
+        return write(fd, bytes(data[:taken]))
+
+    monkeypatch.setattr(deadletters.os, "write", full_disk)
+    sink.put(letters[1])  # no error: held
+    sink.put(letters[2])
+    assert sink.unwritten() == f"dead letters not yet written to {path} (No space left on device) are held in memory"
+    assert caplog.text.count("cannot write") == 1  # once for the spell, not once a letter
+    monkeypatch.setattr(deadletters.os, "write", write)  # room again
+    sink.put(letters[3])
+    assert sink.unwritten() is None and "writable again" in caplog.text
+    sink.close()
+    assert [r["offset"] for r in read_dead_letters(path)] == [0, 1, 2, 3]
+    assert len(path.read_text().splitlines()) == 4  # the torn line went on where it stopped
+
+
 def test_kafka_log_limit_lets_a_few_kafka_lines_a_minute_through_and_says_how_many_it_held_back():
     import logging
 

@@ -285,4 +285,5 @@ class _ProgressBar:
 def run_demo(args) -> int:
     from continuity.demo import run_demo as demo
 
+    _quiet_orbax()
     return demo(out=args.out, seconds=args.seconds, segments=args.segments)
