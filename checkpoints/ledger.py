@@ -20,7 +20,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -154,22 +154,35 @@ class Ledger:
         that a later append started after) and is skipped, with a warning when it is
         not the last line.
         """
+        return list(self.events())
+
+    def events(self, *kinds: str) -> Iterator[dict]:
+        """The events, oldest first, read a line at a time; with `kinds`, only events of those
+        kinds. A service writes a window's probe event every few seconds for as long as it runs
+        (hundreds of MB a day), so what looks for a few kinds must not parse, or hold, them all:
+        a line this ledger wrote starts with its kind (`{"event":"skip",...`) and is parsed only
+        when it is one asked for. Torn lines are skipped as `read` says."""
+        wanted = tuple(json.dumps({"event": kind}, separators=(",", ":"))[:-1] + "," for kind in kinds)
         try:
-            text = self.path.read_text(encoding="utf-8", errors="replace")
+            handle = open(self.path, "rb")
         except FileNotFoundError:
-            return []
-        lines = text.split("\n")
-        events = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                final = number == len(lines) or (number == len(lines) - 1 and not lines[-1])
-                if not final:
-                    logger.warning("%s: skipping torn line %d", self.path, number)
-                continue
-            if isinstance(record, dict):
-                events.append(record)
-        return events
+            return
+        with handle:
+            number, pending = 0, None  # the last line that did not parse, reported once one follows it
+            for raw in handle:
+                number += 1
+                if pending is not None:
+                    logger.warning("%s: skipping torn line %d", self.path, pending)
+                    pending = None
+                line = raw.decode("utf-8", errors="replace")
+                if not line.strip():
+                    continue
+                if wanted and line.startswith('{"event":') and not line.startswith(wanted):
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    pending = number  # a torn line: said only when it is not the last
+                    continue
+                if isinstance(record, dict) and (not kinds or record.get("event") in kinds):
+                    yield record

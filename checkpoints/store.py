@@ -916,7 +916,7 @@ class CheckpointStore:
     def _findings(self) -> dict[int, str]:
         """{number: why} for checkpoints the ledger says a restore or `verify` found corrupt (latest word wins)."""
         found: dict[int, str] = {}
-        for event in self._ledger.read():
+        for event in self._ledger.events("skip", "verify"):
             number = event.get("checkpoint")
             if not isinstance(number, int):
                 continue

@@ -126,6 +126,30 @@ def test_ledger_ignores_a_torn_line_and_keeps_appending_after_it(tmp_path):
     assert Ledger(tmp_path / "missing.jsonl").read() == []
 
 
+def test_ledger_events_of_some_kinds_parse_only_those_lines_in_order_and_skip_torn_ones(tmp_path, monkeypatch, caplog):
+    """What looks for a few kinds (a store's corruption findings, read at each `info`) must not
+    parse a service's every probe event: hundreds of MB a day."""
+    from continuity.checkpoints import ledger as ledger_module
+
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(path)
+    for number in range(1, 4):
+        ledger.append("probe", window=number, detail="x" * 1000)
+        ledger.append("skip" if number == 2 else "verify", checkpoint=number, result="ok")
+    with open(path, "a") as handle:
+        handle.write('{"event":"verify","checkp\n')  # a crash mid-write, then more lines
+    ledger.append("skipped_not_skip", checkpoint=9)  # a kind that only starts like a wanted one
+    ledger.append("verify", checkpoint=4, result="corrupt")
+    parsed = []
+    loads = ledger_module.json.loads
+    monkeypatch.setattr(ledger_module.json, "loads", lambda text, *a, **k: parsed.append(text) or loads(text, *a, **k))
+    events = list(ledger.events("skip", "verify"))
+    assert [(e["event"], e["checkpoint"]) for e in events] == [("verify", 1), ("skip", 2), ("verify", 3), ("verify", 4)]
+    assert not any('"event":"probe"' in text for text in parsed)  # probe lines were never parsed
+    assert caplog.text.count("skipping torn line") == 1
+    assert [e["event"] for e in ledger.read()].count("probe") == 3  # all kinds, as before
+
+
 # ---------------------------------------------------------------------------- retention rule
 
 
