@@ -195,6 +195,11 @@ class JsonLinesDeadLetters(DeadLetterSink):
         record = letter.record
         line = (json.dumps(letter_to_json(letter)) + "\n").encode("utf-8")
         with self._lock:
+            if self._fd is None:  # closed: a letter held now would be lost, not kept
+                at = record.position
+                raise ValueError(
+                    f"{self.path} is closed: {self.noun} {at.topic}/{at.partition}@{at.offset} cannot be kept"
+                )
             if self._refused is not None and len(self._held) + len(line) > self.MAX_HELD_BYTES:
                 raise OSError(
                     f"{self.path}: cannot write {self.noun}s ({self._refused.strerror or self._refused}) and "

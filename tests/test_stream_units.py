@@ -391,7 +391,7 @@ def test_a_dead_letter_file_on_a_full_disk_holds_its_letters_in_order_and_writes
     from continuity.stream import deadletters
 
     path = tmp_path / "dlq.jsonl"
-    _, letters = JsonCodec(SPEC).decode(_records([b"{", b"[", b"}", b"{{"]))
+    _, letters = JsonCodec(SPEC).decode(_records([b"{", b"[", b"}", b"{{", b"]"]))
     sink = JsonLinesDeadLetters(path)
     sink.put(letters[0])
     assert sink.unwritten() is None
@@ -415,6 +415,8 @@ def test_a_dead_letter_file_on_a_full_disk_holds_its_letters_in_order_and_writes
     sink.close()
     assert [r["offset"] for r in read_dead_letters(path)] == [0, 1, 2, 3]
     assert len(path.read_text().splitlines()) == 4  # the torn line went on where it stopped
+    with pytest.raises(ValueError, match="is closed: dead letter t/0@4 cannot be kept"):
+        sink.put(letters[4])  # not held where nothing would ever write it
 
 
 def test_kafka_log_limit_lets_a_few_kafka_lines_a_minute_through_and_says_how_many_it_held_back():
