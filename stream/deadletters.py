@@ -22,7 +22,7 @@ import os
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from continuity.stream.records import Record
 
@@ -267,16 +267,29 @@ def _ends_a_line(path: Path) -> bool:
 
 
 class KafkaDeadLetters(DeadLetterSink):
-    """Sends dead letters to `<topic>.dlq` on the same cluster (asynchronous; `flush` waits)."""
+    """Sends dead letters to `<topic>.dlq` on the same cluster (asynchronous; `flush` waits).
 
-    def __init__(self, bootstrap: str, *, suffix: str = ".dlq", **client_options):
+    A letter counts as kept once the broker acknowledged it. Until then `unwritten` says so (it
+    waits `ack_wait_s` at most) and checkpoints wait, so no position is committed past a letter
+    a crash would lose; a send that failed (the producer's own retries given up) is sent again.
+    """
+
+    def __init__(self, bootstrap: str, *, suffix: str = ".dlq", ack_wait_s: float = 0.5, **client_options):
         super().__init__()
         from kafka import KafkaProducer  # imported here: file sinks must not need a cluster
 
         self.suffix = suffix
+        self.bootstrap = bootstrap
+        self.ack_wait_s = ack_wait_s
         self._producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=50, **client_options)
+        self._sent: list[tuple[DeadLetter, Any]] = []  # letters not yet acknowledged, with their send's future
 
     def _write(self, letter: DeadLetter) -> None:
+        future = self._send(letter)
+        with self._lock:
+            self._sent.append((letter, future))
+
+    def _send(self, letter: DeadLetter):
         record = letter.record
         position = record.position
         headers = [
@@ -285,10 +298,43 @@ class KafkaDeadLetters(DeadLetterSink):
             ("dlq.partition", str(position.partition).encode("ascii")),
             ("dlq.offset", str(position.offset).encode("ascii")),
         ]
-        self._producer.send(position.topic + self.suffix, value=record.value or b"", key=record.key, headers=headers)
+        return self._producer.send(
+            position.topic + self.suffix, value=record.value or b"", key=record.key, headers=headers
+        )
 
     def flush(self) -> None:
         self._producer.flush()
+
+    def unwritten(self) -> str | None:
+        from kafka.errors import KafkaTimeoutError
+
+        with self._lock:
+            sent, self._sent = self._sent, []
+        if not sent:
+            return None
+        try:
+            self._producer.flush(timeout=self.ack_wait_s)
+        except KafkaTimeoutError:
+            pass
+        waiting: list[tuple[DeadLetter, Any]] = []
+        failed: list[BaseException] = []
+        for letter, future in sent:
+            if not future.is_done:
+                waiting.append((letter, future))
+            elif future.failed():
+                failed.append(future.exception)
+                waiting.append((letter, self._send(letter)))  # kept: sent again
+        with self._lock:
+            self._sent[:0] = waiting
+        if not waiting:
+            return None
+        why = f" (the last send failed: {failed[-1]!r}; sent again)" if failed else ""
+        count = (
+            f"1 {self.noun} sent to {self.bootstrap} is"
+            if len(waiting) == 1
+            else f"{len(waiting)} {self.noun}s sent to {self.bootstrap} are"
+        )
+        return f"{count} not acknowledged yet{why}"
 
     def close(self) -> None:
         self._producer.flush()

@@ -419,6 +419,47 @@ def test_a_dead_letter_file_on_a_full_disk_holds_its_letters_in_order_and_writes
         sink.put(letters[4])  # not held where nothing would ever write it
 
 
+def test_a_dead_letter_topic_holds_checkpoints_until_the_broker_acknowledged_each_letter_and_resends_a_failed_one(
+    monkeypatch,
+):
+    """Sends are asynchronous: a checkpoint committed before the broker took a letter would lose
+    it in a crash, and a send the producer gave up on would lose it outright."""
+    import kafka
+    from kafka.errors import KafkaTimeoutError, RequestTimedOutError
+    from kafka.future import Future
+
+    from continuity.stream.deadletters import KafkaDeadLetters
+
+    class Producer:  # kafka-python's KafkaProducer as far as the sink uses it; acks are given by hand
+        def __init__(self, **_config):
+            self.sent: list[tuple[str, Future]] = []
+
+        def send(self, topic, *, value, key, headers):
+            self.sent.append((topic, future := Future()))
+            return future
+
+        def flush(self, timeout=None):
+            if any(not future.is_done for _, future in self.sent):
+                raise KafkaTimeoutError("flush timed out")
+
+    monkeypatch.setattr(kafka, "KafkaProducer", Producer)
+    sink = KafkaDeadLetters("broker:9092", ack_wait_s=0.01)
+    assert sink.unwritten() is None  # nothing sent
+    _, letters = JsonCodec(SPEC).decode(_records([b"{", b"["]))
+    for letter in letters:
+        sink.put(letter)
+    producer = sink._producer
+    assert sink.unwritten() == "2 dead letters sent to broker:9092 are not acknowledged yet"
+    producer.sent[0][1].success(None)
+    producer.sent[1][1].failure(RequestTimedOutError("delivery timed out"))
+    reason = sink.unwritten()
+    assert reason is not None and reason.startswith("1 dead letter sent to broker:9092 is not acknowledged yet")
+    assert "RequestTimedOutError" in reason and "sent again" in reason
+    assert [topic for topic, _ in producer.sent] == ["t.dlq"] * 3  # the failed one, sent again
+    producer.sent[2][1].success(None)
+    assert sink.unwritten() is None
+
+
 def test_kafka_log_limit_lets_a_few_kafka_lines_a_minute_through_and_says_how_many_it_held_back():
     import logging
 
