@@ -284,6 +284,16 @@ def test_settings_that_pass_the_config_check_but_cannot_work_stop_the_start_in_o
     assert not any("Traceback" in line for line in err)
 
 
+def _replay_fails_in_one_line(tmp_path, capsys, *arguments: str) -> str:
+    """`replay` of a one-segment recording with `arguments`: it must exit 2 without a traceback;
+    returns its last line on stderr (the error)."""
+    recording = record_scenario(tmp_path / "stream.parquet", segments=1, seed=0)
+    assert main(["replay", str(recording), *arguments, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in err)
+    return err[-1]
+
+
 @ENDS_A_HANG
 @pytest.mark.slow  # a replay to its start
 def test_a_model_the_memory_cannot_hold_fails_at_its_first_state_in_one_line_not_a_wait_forever(
@@ -294,16 +304,13 @@ def test_a_model_the_memory_cannot_hold_fails_at_its_first_state_in_one_line_not
     forever on its first read of the state (JAX 0.10 never readies the outputs of a computation
     whose input failed to allocate)."""
     monkeypatch.setattr("continuity.factory.host_memory", lambda: None, raising=False)
-    recording = record_scenario(tmp_path / "stream.parquet", segments=1, seed=0)
     huge = ["--set", "model.hidden=[10000000,10000000]"]  # 400 TB: no machine allocates it
-    assert main(["replay", str(recording), *huge, "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("continuity: error: cannot allocate the learner's first state (Out of memory")
-    assert err[-1].endswith(
+    line = _replay_fails_in_one_line(tmp_path, capsys, *huge)
+    assert line.startswith("continuity: error: cannot allocate the learner's first state (Out of memory")
+    assert line.endswith(
         "): the model's part of it (its parameters, their optimizer state, EWC's anchor and Fisher) takes "
         "2,000.0 TB: a smaller model"
     )
-    assert not any("Traceback" in line for line in err)
 
 
 @ENDS_A_HANG
@@ -326,15 +333,12 @@ def test_a_train_step_whose_buffers_the_memory_cannot_hold_fails_at_the_first_di
         return state, {**metrics, "huge": jnp.outer(wide, wide)}
 
     monkeypatch.setattr(Learner, "_train_steps", with_a_huge_output)
-    recording = record_scenario(tmp_path / "stream.parquet", segments=1, seed=0)
-    assert main(["replay", str(recording), "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("continuity: error: the train step cannot allocate its buffers (")
-    assert "Out of memory" in err[-1]
-    assert err[-1].endswith(
+    line = _replay_fails_in_one_line(tmp_path, capsys)
+    assert line.startswith("continuity: error: the train step cannot allocate its buffers (")
+    assert "Out of memory" in line
+    assert line.endswith(
         "): lower learner.batch_size or learner.steps_per_dispatch, use a smaller model, or free the device's memory"
     )
-    assert not any("Traceback" in line for line in err)
 
 
 @ENDS_A_HANG
@@ -366,11 +370,9 @@ def test_a_dispatch_that_runs_out_of_memory_mid_run_ends_it_in_one_line_not_a_wa
         self.train_steps = train_steps
 
     monkeypatch.setattr(Learner, "__init__", init)
-    recording = record_scenario(tmp_path / "stream.parquet", segments=1, seed=0)
-    assert main(["replay", str(recording), "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("continuity: error: the train step cannot allocate its buffers (")
-    assert "Out of memory" in err[-1] and not any("Traceback" in line for line in err)
+    line = _replay_fails_in_one_line(tmp_path, capsys)
+    assert line.startswith("continuity: error: the train step cannot allocate its buffers (")
+    assert "Out of memory" in line
 
 
 @pytest.mark.slow  # a replay to its start
@@ -380,15 +382,12 @@ def test_a_first_state_the_memory_cannot_hold_is_one_line_and_status_2_naming_re
     """What slips past the config's memory check (here: no memory figure to check against) fails at
     the first allocation in one line naming replay.capacity, not JAX's RESOURCE_EXHAUSTED traceback."""
     monkeypatch.setattr("continuity.factory.host_memory", lambda: None, raising=False)
-    recording = record_scenario(tmp_path / "stream.parquet", segments=1, seed=0)
     huge = ["--set", "replay.capacity=1000000000", "--set", "stream.feature_shape=[4096]"]  # 16.4 TB
-    assert main(["replay", str(recording), *huge, "--out", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("continuity: error: cannot allocate the learner's first state (RESOURCE_EXHAUSTED")
-    assert err[-1].endswith(
+    line = _replay_fails_in_one_line(tmp_path, capsys, *huge)
+    assert line.startswith("continuity: error: cannot allocate the learner's first state (RESOURCE_EXHAUSTED")
+    assert line.endswith(
         "): its replay buffer of replay.capacity = 1,000,000,000 examples takes 16.4 TB: lower replay.capacity"
     )
-    assert not any("Traceback" in line for line in err)
 
 
 def test_a_store_a_replay_holds_is_refused_naming_the_replay_not_a_service(tmp_path, capsys):
