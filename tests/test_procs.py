@@ -428,14 +428,18 @@ def test_a_process_killed_mid_stream_stops_the_other_unsaved_and_a_restart_of_bo
     # its next collective fails (PeerLost: one line, status 6), or JAX's coordination service,
     # which process 0 hosts, sees process 1's connection gone and aborts it (SIGABRT, JAX's line).
     # Under load process 0 may be far from its next collective (saving, polling) when the
-    # service notices first.
+    # service notices first. Killed in the middle of a collective's transfer, process 1 leaves
+    # process 0 a short message, on which XLA's CPU collectives abort rather than raise.
     assert workers[0].returncode in (PEER_LOST_EXIT_STATUS, -signal.SIGABRT), err[-3000:]
     if workers[0].returncode == PEER_LOST_EXIT_STATUS:
         lost = [line for line in err.splitlines() if "lost process 1" in line]
         assert len(lost) == 1 and lost[0].startswith("continuity: process 0 of 2: lost process 1 (")
         assert "stopping without saving" in lost[0]
     else:
-        assert "Terminating process because the JAX distributed service detected fatal errors" in err
+        assert (
+            "Terminating process because the JAX distributed service detected fatal errors" in err
+            or "Received data size doesn't match expected size" in err
+        ), err[-3000:]
     assert "summary" not in out  # no report: it did not finish
     entries = Ledger(directory / "ledger.jsonl").read()
     assert not [e for e in entries if e["event"] == "stop"]  # it stopped as it was, nothing more saved
